@@ -1,0 +1,592 @@
+//! The continuous-batching engine: a step function with no threads and no IO.
+//!
+//! Requests are added and cancelled at any time; each [`Engine::step`] schedules
+//! one decode token for every running sequence and fills the rest of the
+//! per-step token budget with prefill chunks (running sequences first, then
+//! waiting ones by priority and arrival), runs one batched forward, samples, and
+//! returns the new tokens with their text and finish reasons. When the KV pool
+//! runs dry the newest running sequence is preempted (its blocks freed, its
+//! tokens recomputed later); a sequence that cannot fit even alone ends with an
+//! error, never a crash.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::error::{KernelError, Result};
+use crate::kv::KvCache;
+use crate::model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
+use crate::tokenizer::{StreamDecoder, TokenId, Tokenizer};
+
+/// A request's id, chosen by the caller.
+pub type RequestId = u64;
+
+/// Engine limits.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineConfig {
+    /// Most tokens (decode + prefill) one step runs.
+    pub max_step_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Longest sequence (prompt + output); capped by the model's context.
+    pub max_context: usize,
+    /// Bytes the KV pool may use.
+    pub kv_budget_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_step_tokens: 512,
+            max_running: 256,
+            max_context: 8192,
+            kv_budget_bytes: 1 << 30,
+        }
+    }
+}
+
+/// A generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Caller-chosen id, unique among live requests.
+    pub id: RequestId,
+    /// Prompt tokens (BOS included if wanted).
+    pub prompt: Vec<TokenId>,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+    /// Higher runs first when admission has to choose.
+    pub priority: u8,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+    /// Cancelled by the caller.
+    Cancelled,
+    /// The engine could not run it (the message says why).
+    Error(String),
+}
+
+/// What one step produced for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepEvent {
+    /// The request.
+    pub id: RequestId,
+    /// The token generated this step, if any (absent for a stop token).
+    pub token: Option<TokenId>,
+    /// Text that became final this step.
+    pub text: String,
+    /// Log-probability of the token, when asked for.
+    pub logprob: Option<TokenLogprob>,
+    /// Set on the request's last event.
+    pub finish: Option<FinishReason>,
+}
+
+struct Sequence {
+    id: RequestId,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<TokenId>,
+    prompt_len: usize,
+    /// Positions in the KV cache.
+    computed: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    /// Text held back because it may begin a stop string.
+    held: String,
+    priority: u8,
+    arrival: u64,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Steps run.
+    pub steps: u64,
+    /// Prompt tokens processed (recomputation included).
+    pub prefill_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Sequences preempted for lack of KV blocks.
+    pub preemptions: u64,
+}
+
+/// The batching engine over one full model.
+pub struct Engine {
+    model: Arc<Gemma3>,
+    tokenizer: Arc<Tokenizer>,
+    kv: KvCache,
+    cfg: EngineConfig,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    arrivals: u64,
+    stats: EngineStats,
+    /// Events for requests that ended outside a step (cancel, rejection).
+    pending: Vec<StepEvent>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("waiting", &self.waiting.len())
+            .field("running", &self.running.len())
+            .field("kv", &self.kv)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine over a model that holds all layers.
+    pub fn new(
+        model: Arc<Gemma3>,
+        tokenizer: Arc<Tokenizer>,
+        mut cfg: EngineConfig,
+    ) -> Result<Self> {
+        if !model.is_first() || !model.is_last() {
+            return Err(KernelError::BadInput(
+                "the engine needs a model with all layers; shards are driven by the pipeline"
+                    .into(),
+            ));
+        }
+        cfg.max_context = cfg.max_context.min(model.config().context_length).max(1);
+        cfg.max_step_tokens = cfg.max_step_tokens.max(1);
+        cfg.max_running = cfg.max_running.max(1);
+        let kv = model.new_kv_cache(cfg.kv_budget_bytes);
+        Ok(Self {
+            model,
+            tokenizer,
+            kv,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            arrivals: 0,
+            stats: EngineStats::default(),
+            pending: Vec::new(),
+        })
+    }
+
+    /// The engine's limits (after capping to the model).
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Gemma3> {
+        &self.model
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Requests waiting for admission.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests running.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// KV blocks in use and in all.
+    pub fn kv_usage(&self) -> (usize, usize) {
+        let t = self.kv.total_blocks();
+        (t - self.kv.free_blocks(), t)
+    }
+
+    /// Whether a step would do anything.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty() || !self.pending.is_empty()
+    }
+
+    /// Queues a request. Fails at once for requests that can never run.
+    pub fn add_request(&mut self, req: Request) -> Result<()> {
+        if req.prompt.is_empty() {
+            return Err(KernelError::Rejected("the prompt is empty".into()));
+        }
+        if req.prompt.len() >= self.cfg.max_context {
+            return Err(KernelError::Rejected(format!(
+                "the prompt has {} tokens; the context holds {}",
+                req.prompt.len(),
+                self.cfg.max_context
+            )));
+        }
+        let vocab = self.model.config().vocab as u32;
+        if let Some(bad) = req.prompt.iter().find(|&&t| t >= vocab) {
+            return Err(KernelError::Rejected(format!(
+                "token {bad} is outside the vocabulary"
+            )));
+        }
+        if self.contains(req.id) {
+            return Err(KernelError::Rejected(format!(
+                "request {} already exists",
+                req.id
+            )));
+        }
+        let need = req.prompt.len().div_ceil(crate::kv::KV_BLOCK_TOKENS);
+        if need > self.kv.total_blocks() {
+            return Err(KernelError::Rejected(format!(
+                "the prompt needs {need} KV blocks; the pool has {}",
+                self.kv.total_blocks()
+            )));
+        }
+        self.arrivals += 1;
+        let seed = req.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.arrivals;
+        let seq = Sequence {
+            id: req.id,
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt,
+            computed: 0,
+            sampler: Sampler::new(req.params, seed),
+            decoder: StreamDecoder::new(),
+            held: String::new(),
+            priority: req.priority,
+            arrival: self.arrivals,
+        };
+        self.enqueue(seq);
+        Ok(())
+    }
+
+    fn enqueue(&mut self, seq: Sequence) {
+        // by priority (high first), then arrival
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| {
+                (w.priority, std::cmp::Reverse(w.arrival))
+                    < (seq.priority, std::cmp::Reverse(seq.arrival))
+            })
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+    }
+
+    fn contains(&self, id: RequestId) -> bool {
+        self.running.iter().any(|s| s.id == id) || self.waiting.iter().any(|s| s.id == id)
+    }
+
+    /// Cancels a request; its blocks are freed and the next step reports it
+    /// with [`FinishReason::Cancelled`]. Returns whether it was known.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let found = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i);
+            true
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i);
+            true
+        } else {
+            false
+        };
+        if found {
+            self.kv.release(id);
+            self.pending.push(StepEvent {
+                id,
+                token: None,
+                text: String::new(),
+                logprob: None,
+                finish: Some(FinishReason::Cancelled),
+            });
+        }
+        found
+    }
+
+    /// Runs one step and returns what it produced.
+    pub fn step(&mut self) -> Result<Vec<StepEvent>> {
+        let mut events = std::mem::take(&mut self.pending);
+        let plan = self.schedule(&mut events);
+        if plan.is_empty() {
+            return Ok(events);
+        }
+        self.stats.steps += 1;
+        let chunks: Vec<Chunk> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                Chunk {
+                    seq: s.id,
+                    pos: s.computed,
+                    input: ChunkInput::Tokens(s.tokens[s.computed..s.computed + n].to_vec()),
+                    want_logits: s.computed + n == s.tokens.len(),
+                }
+            })
+            .collect();
+        let outs = self.model.forward(&chunks, &mut self.kv)?;
+        let mut finished = Vec::new();
+        for (&(i, n), out) in plan.iter().zip(outs) {
+            let s = &mut self.running[i];
+            let was_prefill = s.computed < s.prompt_len;
+            s.computed += n;
+            if was_prefill {
+                self.stats.prefill_tokens +=
+                    n.min(s.prompt_len.saturating_sub(s.computed - n)) as u64;
+            }
+            let ChunkOutput::Logits(Some(mut logits)) = out else {
+                continue; // a prefill chunk that did not reach the end
+            };
+            let (tok, logprob) = s.sampler.sample(&mut logits);
+            self.stats.generated_tokens += 1;
+            let ev = Self::accept(&self.tokenizer, s, tok, logprob, self.cfg.max_context);
+            if ev.finish.is_some() {
+                finished.push(i);
+            }
+            events.push(ev);
+        }
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let s = self.running.remove(i);
+            self.kv.release(s.id);
+        }
+        Ok(events)
+    }
+
+    /// Applies a sampled token: stop checks, text, finish reason.
+    fn accept(
+        tokenizer: &Tokenizer,
+        s: &mut Sequence,
+        tok: TokenId,
+        logprob: Option<TokenLogprob>,
+        max_context: usize,
+    ) -> StepEvent {
+        let params = s.sampler.params();
+        let stop_tok = params.stop_tokens.contains(&tok);
+        let mut ev = StepEvent {
+            id: s.id,
+            token: None,
+            text: String::new(),
+            logprob,
+            finish: None,
+        };
+        if stop_tok {
+            ev.text = std::mem::take(&mut s.held) + &s.decoder.finish();
+            ev.finish = Some(FinishReason::Stop);
+            return ev;
+        }
+        s.tokens.push(tok);
+        ev.token = Some(tok);
+        let delta = s.decoder.push(tokenizer, tok);
+        s.held.push_str(&delta);
+        let stops = &params.stop_strings;
+        if let Some(at) = stops.iter().filter_map(|st| s.held.find(st.as_str())).min() {
+            ev.text = s.held[..at].to_string();
+            s.held.clear();
+            ev.finish = Some(FinishReason::Stop);
+            return ev;
+        }
+        let out_of_room = s.generated() >= params.max_tokens || s.tokens.len() >= max_context;
+        if out_of_room {
+            ev.text = std::mem::take(&mut s.held) + &s.decoder.finish();
+            ev.finish = Some(FinishReason::Length);
+            return ev;
+        }
+        // hold back the longest tail that could still begin a stop string
+        let keep = stops
+            .iter()
+            .map(|st| longest_prefix_suffix(&s.held, st))
+            .max()
+            .unwrap_or(0);
+        let cut = s.held.len() - keep;
+        ev.text = s.held[..cut].to_string();
+        s.held.drain(..cut);
+        ev
+    }
+
+    /// Chooses this step's chunks as (running index, tokens), admitting and
+    /// preempting as the budget and the KV pool allow.
+    fn schedule(&mut self, events: &mut Vec<StepEvent>) -> Vec<(usize, usize)> {
+        let mut budget = self.cfg.max_step_tokens;
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        // 1. one token for every sequence that is decoding
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let (id, computed, len) = {
+                let s = &self.running[i];
+                (s.id, s.computed, s.tokens.len())
+            };
+            if computed + 1 != len {
+                i += 1;
+                continue;
+            }
+            if self.kv.reserve(id, computed + 1).is_ok() {
+                plan.push((i, 1));
+                budget -= 1;
+                i += 1;
+                continue;
+            }
+            // no free block: preempt the newest running sequence (maybe this one)
+            let newest = (0..self.running.len())
+                .max_by_key(|&j| self.running[j].arrival)
+                .expect("running is not empty");
+            let s = self.running.remove(newest);
+            self.kv.release(s.id);
+            fix_plan(&mut plan, newest);
+            if newest == i && self.running.is_empty() {
+                events.push(Self::too_big(s.id));
+            } else {
+                self.requeue(s);
+            }
+            if newest < i {
+                i -= 1;
+            }
+        }
+        // 2. prefill chunks of running sequences
+        for i in 0..self.running.len() {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.running[i];
+            if s.computed + 1 >= s.tokens.len() || plan.iter().any(|p| p.0 == i) {
+                continue;
+            }
+            let (id, computed, left) = (s.id, s.computed, s.tokens.len() - s.computed);
+            if let Some(n) = self.reserve_chunk(id, computed, left.min(budget)) {
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        // 3. admit waiting sequences
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(s) = self.waiting.front() else { break };
+            let (id, computed, left) = (s.id, s.computed, s.tokens.len() - s.computed);
+            let Some(n) = self.reserve_chunk(id, computed, left.min(budget)) else {
+                break;
+            };
+            let s = self.waiting.pop_front().expect("front exists");
+            self.running.push(s);
+            plan.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        // 4. nothing could run for lack of blocks: free the newest sequence so
+        // the others progress, or fail one that cannot fit even alone
+        if plan.is_empty() && !self.running.is_empty() {
+            let newest = (0..self.running.len())
+                .max_by_key(|&j| self.running[j].arrival)
+                .expect("running is not empty");
+            let s = self.running.remove(newest);
+            self.kv.release(s.id);
+            if self.running.is_empty() {
+                events.push(Self::too_big(s.id));
+            } else {
+                self.requeue(s);
+            }
+        } else if plan.is_empty() && self.running.is_empty() {
+            if let Some(s) = self.waiting.pop_front() {
+                events.push(Self::too_big(s.id));
+            }
+        }
+        plan
+    }
+
+    /// Reserves blocks for up to `want` more positions, halving the chunk
+    /// until it fits; `None` when not even one position fits.
+    fn reserve_chunk(&mut self, id: RequestId, computed: usize, want: usize) -> Option<usize> {
+        let mut n = want;
+        while n > 0 {
+            if self.kv.reserve(id, computed + n).is_ok() {
+                return Some(n);
+            }
+            n /= 2;
+        }
+        None
+    }
+
+    fn too_big(id: RequestId) -> StepEvent {
+        StepEvent {
+            id,
+            token: None,
+            text: String::new(),
+            logprob: None,
+            finish: Some(FinishReason::Error(
+                "the KV cache is too small for this sequence".into(),
+            )),
+        }
+    }
+
+    fn requeue(&mut self, mut s: Sequence) {
+        self.stats.preemptions += 1;
+        s.computed = 0;
+        self.enqueue(s);
+    }
+}
+
+/// Drops the plan entry of a removed running index and shifts the later ones.
+fn fix_plan(plan: &mut Vec<(usize, usize)>, removed: usize) {
+    plan.retain(|p| p.0 != removed);
+    for p in plan.iter_mut() {
+        if p.0 > removed {
+            p.0 -= 1;
+        }
+    }
+}
+
+/// Length of the longest proper prefix of `stop` that `text` ends with.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    let max = stop.len().saturating_sub(1).min(text.len());
+    (1..=max)
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && text.ends_with(&stop[..n])
+        })
+        .unwrap_or(0)
+}
+
+/// Per-request results collected from events, for callers that do not stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Completion {
+    /// Generated tokens.
+    pub tokens: Vec<TokenId>,
+    /// Generated text.
+    pub text: String,
+    /// Log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Why it ended.
+    pub finish: Option<FinishReason>,
+}
+
+impl Engine {
+    /// Runs steps until every current request has finished; returns their results.
+    pub fn run_to_completion(&mut self) -> Result<HashMap<RequestId, Completion>> {
+        let mut out: HashMap<RequestId, Completion> = HashMap::new();
+        while self.has_work() {
+            for ev in self.step()? {
+                let c = out.entry(ev.id).or_default();
+                c.tokens.extend(ev.token);
+                c.text.push_str(&ev.text);
+                c.logprobs.extend(ev.logprob);
+                if ev.finish.is_some() {
+                    c.finish = ev.finish;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_prefix_suffix;
+
+    #[test]
+    fn stop_prefixes_are_found() {
+        assert_eq!(longest_prefix_suffix("hello wo", "world"), 2);
+        assert_eq!(longest_prefix_suffix("hello", "world"), 0);
+        assert_eq!(longest_prefix_suffix("ab", "abc"), 2);
+        assert_eq!(longest_prefix_suffix("xé", "éa"), 2);
+    }
+}

@@ -1,0 +1,317 @@
+//! Reading GGUF files: header and metadata through candle's hardened reader,
+//! tensor data with our own bounds checks, and the Gemma 3 hyper-parameters.
+//!
+//! Every length in a hostile file is checked against the file's real size before
+//! anything is allocated, so a bad file is a [`KernelError`], never a panic or an
+//! allocation beyond the file's size.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::GgmlDType;
+
+use crate::error::{KernelError, Result};
+use crate::quant::{tensor_bytes, QMatrix};
+
+/// Architectures this runtime runs.
+pub const SUPPORTED_ARCHITECTURES: &str = "gemma3";
+/// RoPE base of Gemma 3's sliding-window layers (not stored in GGUF files).
+pub const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
+/// Every `GEMMA3_SWA_PATTERN`-th layer is global; the others use the sliding window.
+pub const GEMMA3_SWA_PATTERN: usize = 6;
+/// Upper bound on any hyper-parameter that sizes a buffer; larger values are hostile.
+const MAX_DIM: usize = 1 << 24;
+
+/// An open GGUF file: its parsed header and a handle for tensor data.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    file_len: u64,
+    reader: BufReader<File>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Opens and parses the header of `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let io = |source| KernelError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let content = Content::read(&mut reader).map_err(|e| KernelError::InvalidGguf {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if content.tensor_data_offset > file_len {
+            return Err(KernelError::InvalidGguf {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "tensor data starts at {} past the end of the file ({file_len} bytes)",
+                    content.tensor_data_offset
+                ),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file_len,
+            reader,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A metadata value, if present.
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    /// A metadata value that must be present.
+    pub fn meta_req(&self, key: &str) -> Result<&Value> {
+        self.meta(key).ok_or_else(|| KernelError::BadMetadata {
+            key: key.into(),
+            reason: "missing".into(),
+        })
+    }
+
+    /// A required unsigned metadata value bounded by a sane maximum.
+    pub fn meta_usize(&self, key: &str) -> Result<usize> {
+        let v = self.meta_req(key)?;
+        let n = match v {
+            Value::U8(x) => *x as u64,
+            Value::U16(x) => *x as u64,
+            Value::U32(x) => *x as u64,
+            Value::U64(x) => *x,
+            Value::I8(x) if *x >= 0 => *x as u64,
+            Value::I16(x) if *x >= 0 => *x as u64,
+            Value::I32(x) if *x >= 0 => *x as u64,
+            Value::I64(x) if *x >= 0 => *x as u64,
+            other => {
+                return Err(KernelError::BadMetadata {
+                    key: key.into(),
+                    reason: format!(
+                        "expected an unsigned integer, found {:?}",
+                        other.value_type()
+                    ),
+                })
+            }
+        };
+        if n == 0 || n > MAX_DIM as u64 {
+            return Err(KernelError::BadMetadata {
+                key: key.into(),
+                reason: format!("value {n} is out of range 1..={MAX_DIM}"),
+            });
+        }
+        Ok(n as usize)
+    }
+
+    /// A required float metadata value.
+    pub fn meta_f32(&self, key: &str) -> Result<f32> {
+        match self.meta_req(key)? {
+            Value::F32(x) => Ok(*x),
+            Value::F64(x) => Ok(*x as f32),
+            other => Err(KernelError::BadMetadata {
+                key: key.into(),
+                reason: format!("expected a float, found {:?}", other.value_type()),
+            }),
+        }
+    }
+
+    /// A required string metadata value.
+    pub fn meta_str(&self, key: &str) -> Result<&str> {
+        match self.meta_req(key)? {
+            Value::String(s) => Ok(s),
+            other => Err(KernelError::BadMetadata {
+                key: key.into(),
+                reason: format!("expected a string, found {:?}", other.value_type()),
+            }),
+        }
+    }
+
+    /// Shape (outermost first) and type of a tensor.
+    pub fn tensor_info(&self, name: &str) -> Result<&TensorInfo> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| KernelError::MissingTensor { name: name.into() })
+    }
+
+    /// Whether the file has a tensor of this name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Reads the raw bytes of a tensor after checking they lie inside the file.
+    pub fn tensor_data(&mut self, name: &str) -> Result<(Vec<usize>, GgmlDType, Vec<u8>)> {
+        let info = self.tensor_info(name)?;
+        let dims = info.shape.dims().to_vec();
+        let dtype = info.ggml_dtype;
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |a, d| a.checked_mul(*d))
+            .filter(|e| *e > 0);
+        let size = elems.and_then(|e| tensor_bytes(dtype, e));
+        let start = self.content.tensor_data_offset.checked_add(info.offset);
+        let (Some(size), Some(start)) = (size, start) else {
+            return Err(KernelError::InvalidGguf {
+                path: self.path.clone(),
+                reason: format!("tensor {name} has an impossible shape {dims:?} for {dtype:?}"),
+            });
+        };
+        let end = start.checked_add(size as u64).unwrap_or(u64::MAX);
+        if end > self.file_len {
+            return Err(KernelError::TensorOutOfBounds {
+                name: name.into(),
+                start,
+                end,
+                file_len: self.file_len,
+            });
+        }
+        let io = |source| KernelError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.reader.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut buf = vec![0u8; size];
+        self.reader.read_exact(&mut buf).map_err(io)?;
+        Ok((dims, dtype, buf))
+    }
+
+    /// Loads a 2-D weight `[rows, cols]`, checking the expected shape.
+    pub fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+        let (dims, dtype, bytes) = self.tensor_data(name)?;
+        if dims != [rows, cols] {
+            return Err(KernelError::WrongShape {
+                name: name.into(),
+                found: dims,
+                expected: vec![rows, cols],
+            });
+        }
+        QMatrix::from_bytes(name, dtype, rows, cols, &bytes)
+    }
+
+    /// Loads a 1-D f32 vector of length `len` (norm weights).
+    pub fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let (dims, dtype, bytes) = self.tensor_data(name)?;
+        if dims != [len] {
+            return Err(KernelError::WrongShape {
+                name: name.into(),
+                found: dims,
+                expected: vec![len],
+            });
+        }
+        let m = QMatrix::from_bytes(name, dtype, 1, len, &bytes)?;
+        let mut out = vec![0f32; len];
+        m.row_f32(0, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Gemma 3 hyper-parameters, read from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GemmaConfig {
+    /// Vocabulary size (rows of the embedding).
+    pub vocab: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// MLP inner width.
+    pub ffn: usize,
+    /// RMS norm epsilon.
+    pub rms_eps: f32,
+    /// RoPE base of the global layers.
+    pub rope_global: f32,
+    /// RoPE base of the sliding-window layers.
+    pub rope_local: f32,
+    /// Sliding window (tokens) of the local layers.
+    pub sliding_window: usize,
+    /// Every `swa_pattern`-th layer is global.
+    pub swa_pattern: usize,
+    /// Trained context length.
+    pub context_length: usize,
+}
+
+impl GemmaConfig {
+    /// Reads and checks the hyper-parameters of a Gemma 3 GGUF.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let arch = f.meta_str("general.architecture")?;
+        if arch != "gemma3" {
+            return Err(KernelError::UnsupportedArchitecture {
+                found: arch.to_string(),
+                supported: SUPPORTED_ARCHITECTURES,
+            });
+        }
+        let hidden = f.meta_usize("gemma3.embedding_length")?;
+        let heads = f.meta_usize("gemma3.attention.head_count")?;
+        let kv_heads = f.meta_usize("gemma3.attention.head_count_kv")?;
+        let head_dim = f.meta_usize("gemma3.attention.key_length")?;
+        let value_dim = f.meta_usize("gemma3.attention.value_length")?;
+        if value_dim != head_dim || heads % kv_heads != 0 || head_dim % 2 != 0 {
+            return Err(KernelError::BadMetadata {
+                key: "gemma3.attention".into(),
+                reason: format!(
+                    "heads {heads}, kv heads {kv_heads}, key {head_dim}, value {value_dim} are inconsistent"
+                ),
+            });
+        }
+        let vocab = match f.meta("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => a.len(),
+            _ => f.tensor_info("token_embd.weight")?.shape.dims()[0],
+        };
+        let sliding_window = f
+            .meta_usize("gemma3.attention.sliding_window")
+            .unwrap_or(usize::MAX);
+        Ok(Self {
+            vocab,
+            hidden,
+            layers: f.meta_usize("gemma3.block_count")?,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn: f.meta_usize("gemma3.feed_forward_length")?,
+            rms_eps: f.meta_f32("gemma3.attention.layer_norm_rms_epsilon")?,
+            rope_global: f.meta_f32("gemma3.rope.freq_base").unwrap_or(1_000_000.0),
+            rope_local: GEMMA3_LOCAL_ROPE_BASE,
+            sliding_window,
+            swa_pattern: GEMMA3_SWA_PATTERN,
+            context_length: f.meta_usize("gemma3.context_length")?,
+        })
+    }
+
+    /// Whether layer `l` attends through the sliding window.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        (layer + 1) % self.swa_pattern != 0
+    }
+
+    /// Width of all key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Width of all query heads together.
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}

@@ -1,0 +1,78 @@
+//! # weft-kernels
+//!
+//! weft's model runtime: it loads a Gemma 3 GGUF, tokenizes, and runs any
+//! contiguous range of layers over a batch of sequences at different
+//! positions, with a paged KV cache, sampling and a continuous-batching engine.
+//! It knows nothing of HTTP, peers or placement.
+//!
+//! ## Layout
+//!
+//! - [`gguf`]: reading GGUF files (bounds-checked) and the model hyper-parameters.
+//! - [`quant`]: quantized weight matrices and their products (our AVX2 Q5_0
+//!   kernel, candle's for the rest).
+//! - [`tokenizer`]: SentencePiece-style tokenizer, streaming detokenizer, chat template.
+//! - [`kv`]: the paged KV cache (block pool with a byte budget, block tables).
+//! - [`model`]: the Gemma 3 forward over a layer range and a batch of chunks.
+//! - [`sampling`]: greedy / temperature / top-k / top-p / min-p, penalties, seeds, log-probs.
+//! - [`engine`]: the continuous-batching step function (no threads, no IO).
+//! - [`backend`]: the device seam (CPU; CUDA behind the `cuda` feature) and thread count.
+//! - [`testing`]: writes a tiny random-weight Gemma-3-shaped GGUF for tests.
+//! - [`error`]: the crate's error type.
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod kv;
+pub mod model;
+pub mod quant;
+pub mod sampling;
+pub mod testing;
+pub mod tokenizer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use backend::{set_threads, Backend};
+pub use engine::{
+    Completion, Engine, EngineConfig, EngineStats, FinishReason, Request, RequestId, StepEvent,
+};
+pub use error::{KernelError, Result};
+pub use gguf::{GemmaConfig, GgufFile};
+pub use kv::{KvCache, SeqId, KV_BLOCK_TOKENS};
+pub use model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
+pub use sampling::{Sampler, SamplingParams, TokenLogprob};
+pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
+
+/// A model and its tokenizer, loaded from one GGUF file.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    /// The weights (of the requested layer range).
+    pub model: Arc<Gemma3>,
+    /// The tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+/// Loads layers `range` (all when `None`) and the tokenizer from `path` on `backend`.
+pub fn load(
+    path: &Path,
+    range: Option<std::ops::Range<usize>>,
+    backend: Backend,
+) -> Result<LoadedModel> {
+    backend.ensure_available()?;
+    let mut f = GgufFile::open(path)?;
+    let cfg = GemmaConfig::from_gguf(&f)?;
+    let tokenizer = Tokenizer::from_gguf(&f)?;
+    if tokenizer.vocab_size() != cfg.vocab {
+        return Err(KernelError::Tokenizer(format!(
+            "{} tokens for a model with {} embedding rows",
+            tokenizer.vocab_size(),
+            cfg.vocab
+        )));
+    }
+    let model = Gemma3::from_gguf(&mut f, cfg, range)?;
+    Ok(LoadedModel {
+        model: Arc::new(model),
+        tokenizer: Arc::new(tokenizer),
+    })
+}

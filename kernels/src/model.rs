@@ -1,0 +1,586 @@
+//! Gemma 3 forward over a contiguous layer range, for a batch of sequences at
+//! different positions.
+//!
+//! One [`Gemma3::forward`] call runs one engine step: every chunk is a run of
+//! consecutive positions of one sequence (a prefill chunk, or a single decode
+//! token). All rows of all chunks go through each projection together, so the
+//! weights are read once per step, not once per sequence. Attention reads the
+//! paged [`KvCache`].
+//!
+//! A shard `[a, b)` takes token ids when `a = 0` and hidden states otherwise; it
+//! returns hidden states, or logits when `b` is the last layer. Pipeline shards
+//! on different nodes run these ranges and pass the hidden states on.
+
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::utils::barrier_pool;
+
+use crate::error::{KernelError, Result};
+use crate::gguf::{GemmaConfig, GgufFile};
+use crate::kv::{KvCache, SeqId, KV_BLOCK_TOKENS};
+use crate::quant::{dot_f32, QMatrix, SharedMut};
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    q: QMatrix,
+    k: QMatrix,
+    v: QMatrix,
+    o: QMatrix,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    post_attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+    post_ffw_norm: Vec<f32>,
+    sliding: bool,
+}
+
+/// What a chunk feeds into the shard.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChunkInput {
+    /// Token ids (the first shard).
+    Tokens(Vec<u32>),
+    /// Hidden states, `rows × hidden` (every later shard).
+    Hidden(Vec<f32>),
+}
+
+impl ChunkInput {
+    fn rows(&self, hidden: usize) -> usize {
+        match self {
+            ChunkInput::Tokens(t) => t.len(),
+            ChunkInput::Hidden(h) => h.len() / hidden.max(1),
+        }
+    }
+}
+
+/// Consecutive positions of one sequence in one step.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Position of the first row.
+    pub pos: usize,
+    /// Its input.
+    pub input: ChunkInput,
+    /// Whether the last shard should return logits for this chunk's last row.
+    pub want_logits: bool,
+}
+
+/// What the shard returns for one chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChunkOutput {
+    /// Hidden states of every row, `rows × hidden` (not the last shard).
+    Hidden(Vec<f32>),
+    /// Logits of the last row (the last shard), when asked for.
+    Logits(Option<Vec<f32>>),
+}
+
+/// A loaded Gemma 3 shard.
+pub struct Gemma3 {
+    cfg: GemmaConfig,
+    range: Range<usize>,
+    embed: Option<QMatrix>,
+    output: Option<QMatrix>,
+    output_norm: Option<Vec<f32>>,
+    layers: Vec<Layer>,
+    inv_freq_local: f32,
+    inv_freq_global: f32,
+}
+
+impl std::fmt::Debug for Gemma3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gemma3")
+            .field("range", &self.range)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Gemma3 {
+    /// Loads layers `range` of the model in `path` (all layers: `0..cfg.layers`).
+    pub fn load(path: &Path, range: Option<Range<usize>>) -> Result<Self> {
+        let mut f = GgufFile::open(path)?;
+        let cfg = GemmaConfig::from_gguf(&f)?;
+        Self::from_gguf(&mut f, cfg, range)
+    }
+
+    /// Loads a shard from an open file.
+    pub fn from_gguf(
+        f: &mut GgufFile,
+        cfg: GemmaConfig,
+        range: Option<Range<usize>>,
+    ) -> Result<Self> {
+        let range = range.unwrap_or(0..cfg.layers);
+        if range.start >= range.end || range.end > cfg.layers {
+            return Err(KernelError::BadLayerRange {
+                start: range.start,
+                end: range.end,
+                layers: cfg.layers,
+            });
+        }
+        let (h, q, kv, ffn, hd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn, cfg.head_dim);
+        let first = range.start == 0;
+        let last = range.end == cfg.layers;
+        let tied = !f.has_tensor("output.weight");
+        let embed = if first || (last && tied) {
+            Some(f.matrix("token_embd.weight", cfg.vocab, h)?)
+        } else {
+            None
+        };
+        let output = if last && !tied {
+            Some(f.matrix("output.weight", cfg.vocab, h)?)
+        } else {
+            None
+        };
+        let output_norm = if last {
+            Some(f.vector("output_norm.weight", h)?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(range.len());
+        for l in range.clone() {
+            let n = |s: &str| format!("blk.{l}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: f.vector(&n("attn_norm"), h)?,
+                q: f.matrix(&n("attn_q"), q, h)?,
+                k: f.matrix(&n("attn_k"), kv, h)?,
+                v: f.matrix(&n("attn_v"), kv, h)?,
+                o: f.matrix(&n("attn_output"), h, q)?,
+                q_norm: f.vector(&n("attn_q_norm"), hd)?,
+                k_norm: f.vector(&n("attn_k_norm"), hd)?,
+                post_attn_norm: f.vector(&n("post_attention_norm"), h)?,
+                ffn_norm: f.vector(&n("ffn_norm"), h)?,
+                gate: f.matrix(&n("ffn_gate"), ffn, h)?,
+                up: f.matrix(&n("ffn_up"), ffn, h)?,
+                down: f.matrix(&n("ffn_down"), h, ffn)?,
+                post_ffw_norm: f.vector(&n("post_ffw_norm"), h)?,
+                sliding: cfg.is_sliding(l),
+            });
+        }
+        let theta_scale = |base: f32| base.powf(-2.0 / hd as f32);
+        Ok(Self {
+            inv_freq_local: theta_scale(cfg.rope_local),
+            inv_freq_global: theta_scale(cfg.rope_global),
+            cfg,
+            range,
+            embed,
+            output,
+            output_norm,
+            layers,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &GemmaConfig {
+        &self.cfg
+    }
+
+    /// The layers this shard runs.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// Whether this shard takes token ids.
+    pub fn is_first(&self) -> bool {
+        self.range.start == 0
+    }
+
+    /// Whether this shard produces logits.
+    pub fn is_last(&self) -> bool {
+        self.range.end == self.cfg.layers
+    }
+
+    /// A KV cache for this shard's layers within `budget_bytes`.
+    pub fn new_kv_cache(&self, budget_bytes: usize) -> KvCache {
+        KvCache::with_budget(self.range.len(), self.cfg.kv_dim(), budget_bytes)
+    }
+
+    /// Bytes of weights held by this shard.
+    pub fn weight_bytes(&self) -> usize {
+        let vecs = |l: &Layer| {
+            4 * (l.attn_norm.len()
+                + l.q_norm.len()
+                + l.k_norm.len()
+                + l.post_attn_norm.len()
+                + l.ffn_norm.len()
+                + l.post_ffw_norm.len())
+        };
+        self.layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|m| m.size_in_bytes())
+                    .sum::<usize>()
+                    + vecs(l)
+            })
+            .sum::<usize>()
+            + self.embed.as_ref().map_or(0, |m| m.size_in_bytes())
+            + self.output.as_ref().map_or(0, |m| m.size_in_bytes())
+    }
+
+    /// Runs one step for `chunks`. The cache must already hold blocks for every
+    /// position written (see [`KvCache::reserve`]).
+    pub fn forward(&self, chunks: &[Chunk], kv: &mut KvCache) -> Result<Vec<ChunkOutput>> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden;
+        if kv.layers() != self.layers.len() || kv.kv_dim() != cfg.kv_dim() {
+            return Err(KernelError::BadInput(
+                "KV cache does not match this shard".into(),
+            ));
+        }
+        // Gather the input rows.
+        let mut rows: Vec<(usize, usize)> = Vec::new(); // (chunk, pos)
+        for (ci, c) in chunks.iter().enumerate() {
+            let n = c.input.rows(h);
+            if n == 0 {
+                return Err(KernelError::BadInput(format!(
+                    "chunk of sequence {} is empty",
+                    c.seq
+                )));
+            }
+            let end = c.pos + n;
+            if end > kv.blocks(c.seq)?.len() * KV_BLOCK_TOKENS {
+                return Err(KernelError::BadInput(format!(
+                    "sequence {} has no KV room for positions up to {end}",
+                    c.seq
+                )));
+            }
+            if c.pos > kv.seq_len(c.seq) {
+                return Err(KernelError::BadInput(format!(
+                    "sequence {} jumps from {} to position {}",
+                    c.seq,
+                    kv.seq_len(c.seq),
+                    c.pos
+                )));
+            }
+            rows.extend((c.pos..end).map(|p| (ci, p)));
+        }
+        let t = rows.len();
+        let mut x = vec![0f32; t * h];
+        let mut r = 0;
+        for c in chunks {
+            match (&c.input, self.is_first()) {
+                (ChunkInput::Tokens(toks), true) => {
+                    let embed = self.embed.as_ref().ok_or_else(|| {
+                        KernelError::BadInput("first shard without embedding".into())
+                    })?;
+                    let scale = (h as f32).sqrt();
+                    for &tok in toks {
+                        if tok as usize >= cfg.vocab {
+                            return Err(KernelError::BadInput(format!(
+                                "token {tok} outside vocabulary of {}",
+                                cfg.vocab
+                            )));
+                        }
+                        let row = &mut x[r * h..(r + 1) * h];
+                        embed.row_f32(tok as usize, row)?;
+                        row.iter_mut().for_each(|v| *v *= scale);
+                        r += 1;
+                    }
+                }
+                (ChunkInput::Hidden(hs), false) => {
+                    if hs.len() % h != 0 {
+                        return Err(KernelError::BadInput(format!(
+                            "hidden input of {} values is not a multiple of {h}",
+                            hs.len()
+                        )));
+                    }
+                    let n = hs.len() / h;
+                    x[r * h..(r + n) * h].copy_from_slice(hs);
+                    r += n;
+                }
+                (ChunkInput::Tokens(_), false) => {
+                    return Err(KernelError::BadInput(format!(
+                        "shard {:?} takes hidden states, not tokens",
+                        self.range
+                    )))
+                }
+                (ChunkInput::Hidden(_), true) => {
+                    return Err(KernelError::BadInput(
+                        "the first shard takes tokens, not hidden states".into(),
+                    ))
+                }
+            }
+        }
+
+        // RoPE tables per row for both bases.
+        let half = cfg.head_dim / 2;
+        let rope = |scale: f32| -> Vec<(f32, f32)> {
+            let mut out = Vec::with_capacity(t * half);
+            for &(_, p) in &rows {
+                let mut theta = p as f32;
+                for _ in 0..half {
+                    out.push(theta.sin_cos());
+                    theta *= scale;
+                }
+            }
+            out
+        };
+        let rope_local = rope(self.inv_freq_local);
+        let rope_global = rope(self.inv_freq_global);
+
+        let mut scratch = Scratch::new(t, cfg);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let tables = if layer.sliding {
+                &rope_local
+            } else {
+                &rope_global
+            };
+            self.layer_forward(li, layer, chunks, &rows, &mut x, tables, kv, &mut scratch)?;
+        }
+        for c in chunks {
+            let n = c.input.rows(h);
+            kv.set_len(c.seq, c.pos + n);
+        }
+
+        // Outputs.
+        let mut outs = Vec::with_capacity(chunks.len());
+        if !self.is_last() {
+            let mut r = 0;
+            for c in chunks {
+                let n = c.input.rows(h);
+                outs.push(ChunkOutput::Hidden(x[r * h..(r + n) * h].to_vec()));
+                r += n;
+            }
+            return Ok(outs);
+        }
+        let norm = self
+            .output_norm
+            .as_ref()
+            .expect("last shard has an output norm");
+        let head = self
+            .output
+            .as_ref()
+            .or(self.embed.as_ref())
+            .expect("last shard has an output projection");
+        let mut last_rows = Vec::new();
+        let mut r = 0;
+        for c in chunks {
+            let n = c.input.rows(h);
+            if c.want_logits {
+                let mut row = x[(r + n - 1) * h..(r + n) * h].to_vec();
+                rms_norm(&mut row, norm, cfg.rms_eps);
+                last_rows.push(row);
+            }
+            r += n;
+        }
+        let m = last_rows.len();
+        let lhs: Vec<f32> = last_rows.concat();
+        let mut logits = vec![0f32; m * cfg.vocab];
+        head.matmul(m, &lhs, &mut logits)?;
+        let mut it = logits.chunks_exact(cfg.vocab);
+        for c in chunks {
+            outs.push(ChunkOutput::Logits(if c.want_logits {
+                it.next().map(|l| l.to_vec())
+            } else {
+                None
+            }));
+        }
+        Ok(outs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        li: usize,
+        layer: &Layer,
+        chunks: &[Chunk],
+        rows: &[(usize, usize)],
+        x: &mut [f32],
+        rope: &[(f32, f32)],
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, hd, t) = (cfg.hidden, cfg.head_dim, rows.len());
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let eps = cfg.rms_eps;
+        let half = hd / 2;
+
+        // attention block
+        s.normed.copy_from_slice(x);
+        for row in s.normed.chunks_exact_mut(h) {
+            rms_norm(row, &layer.attn_norm, eps);
+        }
+        layer.q.matmul(t, &s.normed, &mut s.q)?;
+        layer.k.matmul(t, &s.normed, &mut s.k)?;
+        layer.v.matmul(t, &s.normed, &mut s.v)?;
+        let q_scale = 1.0 / (hd as f32).sqrt();
+        for r in 0..t {
+            let tab = &rope[r * half..(r + 1) * half];
+            for head in s.q[r * qd..(r + 1) * qd].chunks_exact_mut(hd) {
+                rms_norm(head, &layer.q_norm, eps);
+                apply_rope(head, tab);
+                head.iter_mut().for_each(|v| *v *= q_scale);
+            }
+            for head in s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd) {
+                rms_norm(head, &layer.k_norm, eps);
+                apply_rope(head, tab);
+            }
+            let (ci, p) = rows[r];
+            kv.write(
+                li,
+                chunks[ci].seq,
+                p,
+                &s.k[r * kvd..(r + 1) * kvd],
+                &s.v[r * kvd..(r + 1) * kvd],
+            )?;
+        }
+        let window = if layer.sliding {
+            cfg.sliding_window
+        } else {
+            usize::MAX
+        };
+        attention(cfg, kv, li, chunks, rows, &s.q, &mut s.attn, window)?;
+        layer.o.matmul(t, &s.attn, &mut s.proj)?;
+        for (xr, pr) in x.chunks_exact_mut(h).zip(s.proj.chunks_exact_mut(h)) {
+            rms_norm(pr, &layer.post_attn_norm, eps);
+            xr.iter_mut().zip(pr.iter()).for_each(|(a, b)| *a += b);
+        }
+
+        // MLP block
+        s.normed.copy_from_slice(x);
+        for row in s.normed.chunks_exact_mut(h) {
+            rms_norm(row, &layer.ffn_norm, eps);
+        }
+        layer.gate.matmul(t, &s.normed, &mut s.gate)?;
+        layer.up.matmul(t, &s.normed, &mut s.up)?;
+        s.gate
+            .iter_mut()
+            .zip(s.up.iter())
+            .for_each(|(g, u)| *g = gelu_tanh(*g) * u);
+        layer.down.matmul(t, &s.gate, &mut s.proj)?;
+        for (xr, pr) in x.chunks_exact_mut(h).zip(s.proj.chunks_exact_mut(h)) {
+            rms_norm(pr, &layer.post_ffw_norm, eps);
+            xr.iter_mut().zip(pr.iter()).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+}
+
+/// Per-step buffers, sized once for all layers.
+struct Scratch {
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(t: usize, cfg: &GemmaConfig) -> Self {
+        Self {
+            normed: vec![0.0; t * cfg.hidden],
+            q: vec![0.0; t * cfg.q_dim()],
+            k: vec![0.0; t * cfg.kv_dim()],
+            v: vec![0.0; t * cfg.kv_dim()],
+            attn: vec![0.0; t * cfg.q_dim()],
+            proj: vec![0.0; t * cfg.hidden],
+            gate: vec![0.0; t * cfg.ffn],
+            up: vec![0.0; t * cfg.ffn],
+        }
+    }
+}
+
+/// `x ← x / rms(x) · w`; the sum of squares is taken in f64 as ggml does.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let ss: f64 = x.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+    let mean = (ss / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * scale * w);
+}
+
+/// NeoX-style rotation: element `i` pairs with `i + d/2`.
+fn apply_rope(x: &mut [f32], tab: &[(f32, f32)]) {
+    let half = x.len() / 2;
+    let (a, b) = x.split_at_mut(half);
+    for ((x0, x1), (sin, cos)) in a.iter_mut().zip(b.iter_mut()).zip(tab) {
+        let (u, v) = (*x0, *x1);
+        *x0 = u * cos - v * sin;
+        *x1 = v * cos + u * sin;
+    }
+}
+
+/// GELU with the tanh approximation, as Gemma uses.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// Causal attention of every row over its sequence's cached positions, with an
+/// optional sliding window. Work items are (row, head) pairs on the pool.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    cfg: &GemmaConfig,
+    kv: &KvCache,
+    li: usize,
+    chunks: &[Chunk],
+    rows: &[(usize, usize)],
+    q: &[f32],
+    out: &mut [f32],
+    window: usize,
+) -> Result<()> {
+    let (hd, heads, kvd) = (cfg.head_dim, cfg.heads, cfg.kv_dim());
+    let group = heads / cfg.kv_heads;
+    let (kc, vc) = kv.layer(li);
+    let tables: Vec<&[u32]> = chunks
+        .iter()
+        .map(|c| kv.blocks(c.seq))
+        .collect::<Result<_>>()?;
+    let dst = SharedMut(out.as_mut_ptr());
+    let items = rows.len() * heads;
+    let qd = cfg.q_dim();
+    barrier_pool().execute_chunked(items, move |range| {
+        let dst = dst;
+        let mut scores: Vec<f32> = Vec::new();
+        let mut acc = vec![0f32; hd];
+        for item in range {
+            let (r, head) = (item / heads, item % heads);
+            let (ci, p) = rows[r];
+            let table = tables[ci];
+            let lo = (p + 1).saturating_sub(window);
+            let kvh = head / group;
+            let qv = &q[r * qd + head * hd..r * qd + (head + 1) * hd];
+            let slot = |pos: usize| {
+                (table[pos / KV_BLOCK_TOKENS] as usize * KV_BLOCK_TOKENS + pos % KV_BLOCK_TOKENS)
+                    * kvd
+                    + kvh * hd
+            };
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for pos in lo..=p {
+                let o = slot(pos);
+                let sc = dot_f32(qv, &kc[o..o + hd]);
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            for (i, pos) in (lo..=p).enumerate() {
+                let o = slot(pos);
+                let w = scores[i] * inv;
+                acc.iter_mut()
+                    .zip(&vc[o..o + hd])
+                    .for_each(|(a, v)| *a += w * v);
+            }
+            // SAFETY: each (row, head) slice of `out` is written by exactly one item.
+            unsafe {
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.0.add(r * qd + head * hd), hd);
+            }
+        }
+    });
+    Ok(())
+}

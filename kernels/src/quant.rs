@@ -1,0 +1,476 @@
+//! Quantized weight matrices and their matrix products on the CPU.
+//!
+//! A [`QMatrix`] is a GGUF weight of shape `[rows = out_features, cols = in_features]`.
+//! `matmul` multiplies a batch of activation rows by its transpose. K-quants and
+//! Q8_0 use candle's AVX2 dot products; Q5_0 (which candle only has as a scalar
+//! loop, and which holds most of the default model's layer weights) uses our own
+//! AVX2 kernel below. All products run on candle's CPU worker pool, whose size
+//! [`crate::set_threads`] fixes.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QuantizedType};
+use candle_core::utils::barrier_pool;
+use half::f16;
+
+use crate::error::{KernelError, Result};
+
+/// Elements per Q8_0 / Q5_0 block.
+pub const QK: usize = 32;
+/// Output columns one pool work item computes in our own kernels.
+const COLS_PER_ITEM: usize = 16;
+
+/// One Q8_0 block: a scale and 32 signed bytes (34 bytes, as in GGUF).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; QK],
+}
+
+/// One Q5_0 block: a scale, the 32 high bits, and 32 low nibbles (22 bytes, as in GGUF).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ5_0 {
+    pub d: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+
+enum Storage {
+    /// Our own Q5_0 kernels.
+    Q5_0(Vec<BlockQ5_0>),
+    /// Everything else through candle's CPU quantized types.
+    Candle(Box<dyn QuantizedType>),
+    /// Plain f32 (norm-sized or test weights).
+    F32(Vec<f32>),
+}
+
+/// A weight matrix `[rows, cols]` in its GGUF quantization.
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+    storage: Storage,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({}x{} {:?})", self.rows, self.cols, self.dtype)
+    }
+}
+
+/// Bytes a tensor of `elems` elements of `dtype` occupies, or `None` when the
+/// count is not a whole number of blocks.
+pub fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
+    let bs = dtype.block_size();
+    if elems % bs != 0 {
+        return None;
+    }
+    (elems / bs).checked_mul(dtype.type_size())
+}
+
+impl QMatrix {
+    /// Wraps raw GGUF tensor bytes. `name` is for error messages.
+    pub fn from_bytes(
+        name: &str,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        let unsupported = || KernelError::UnsupportedTensorType {
+            name: name.to_string(),
+            dtype: format!("{dtype:?}"),
+        };
+        if cols % dtype.block_size() != 0 {
+            return Err(KernelError::WrongShape {
+                name: name.to_string(),
+                found: vec![rows, cols],
+                expected: vec![rows, cols.div_ceil(dtype.block_size()) * dtype.block_size()],
+            });
+        }
+        let expected = rows
+            .checked_mul(cols)
+            .and_then(|e| tensor_bytes(dtype, e))
+            .ok_or_else(unsupported)?;
+        if bytes.len() != expected {
+            return Err(KernelError::InvalidGguf {
+                path: name.into(),
+                reason: format!("tensor holds {} bytes, expected {expected}", bytes.len()),
+            });
+        }
+        let storage = match dtype {
+            GgmlDType::Q5_0 => {
+                let n = bytes.len() / std::mem::size_of::<BlockQ5_0>();
+                let mut blocks = Vec::with_capacity(n);
+                for chunk in bytes.chunks_exact(std::mem::size_of::<BlockQ5_0>()) {
+                    let mut qh = [0u8; 4];
+                    qh.copy_from_slice(&chunk[2..6]);
+                    let mut qs = [0u8; QK / 2];
+                    qs.copy_from_slice(&chunk[6..22]);
+                    blocks.push(BlockQ5_0 {
+                        d: f16::from_le_bytes([chunk[0], chunk[1]]),
+                        qh,
+                        qs,
+                    });
+                }
+                Storage::Q5_0(blocks)
+            }
+            GgmlDType::F32 => Storage::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            GgmlDType::Q8_0
+            | GgmlDType::Q4_0
+            | GgmlDType::Q4_1
+            | GgmlDType::Q5_1
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+            | GgmlDType::F16
+            | GgmlDType::BF16 => Storage::Candle(dtype.from_data(Cow::Borrowed(bytes))),
+            _ => return Err(unsupported()),
+        };
+        Ok(Self {
+            rows,
+            cols,
+            dtype,
+            storage,
+        })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The GGUF quantization of this matrix.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// Bytes of weight data held.
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Q5_0(b) => b.len() * std::mem::size_of::<BlockQ5_0>(),
+            Storage::Candle(q) => q.storage_size_in_bytes(),
+            Storage::F32(v) => v.len() * 4,
+        }
+    }
+
+    /// `dst[m, rows] = lhs[m, cols] · selfᵀ`.
+    pub fn matmul(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        debug_assert_eq!(lhs.len(), m * self.cols);
+        debug_assert_eq!(dst.len(), m * self.rows);
+        if m == 0 {
+            return Ok(());
+        }
+        match &self.storage {
+            Storage::Q5_0(w) => {
+                matmul_q5_0(m, self.cols, self.rows, lhs, w, dst);
+                Ok(())
+            }
+            Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
+            Storage::F32(w) => {
+                matmul_f32(m, self.cols, self.rows, lhs, w, dst);
+                Ok(())
+            }
+        }
+    }
+
+    /// Dequantizes row `row` into `out` (embedding lookup).
+    pub fn row_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        debug_assert_eq!(out.len(), self.cols);
+        if row >= self.rows {
+            return Err(KernelError::BadInput(format!(
+                "row {row} out of range for {} rows",
+                self.rows
+            )));
+        }
+        match &self.storage {
+            Storage::Q5_0(w) => {
+                let bpr = self.cols / QK;
+                for (b, o) in w[row * bpr..(row + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    dequant_q5_0(b, o);
+                }
+            }
+            Storage::F32(w) => out.copy_from_slice(&w[row * self.cols..(row + 1) * self.cols]),
+            Storage::Candle(q) => {
+                let rows = q.embedding(&[row as u32], self.rows, self.cols)?;
+                match rows {
+                    candle_core::CpuStorage::F32(v) => out.copy_from_slice(&v[..self.cols]),
+                    _ => {
+                        return Err(KernelError::BadInput(
+                            "embedding of a quantized row did not return f32".into(),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dequant_q5_0(b: &BlockQ5_0, out: &mut [f32]) {
+    let d = b.d.to_f32();
+    let qh = u32::from_le_bytes(b.qh);
+    for j in 0..QK / 2 {
+        let h0 = ((qh >> j) & 1) << 4;
+        let h1 = ((qh >> (j + 16)) & 1) << 4;
+        let x0 = ((b.qs[j] & 0x0f) as u32 | h0) as i32 - 16;
+        let x1 = ((b.qs[j] >> 4) as u32 | h1) as i32 - 16;
+        out[j] = x0 as f32 * d;
+        out[j + QK / 2] = x1 as f32 * d;
+    }
+}
+
+/// Quantizes one activation row to Q8_0 the way ggml does (round half away from zero).
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (xs, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        o.d = f16::from_f32(d);
+        for (q, v) in o.qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+        }
+    }
+}
+
+/// A raw pointer that may cross to pool workers; each worker writes disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: users guarantee that concurrent workers write disjoint ranges.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+fn matmul_q5_0(m: usize, k: usize, n: usize, lhs: &[f32], w: &[BlockQ5_0], dst: &mut [f32]) {
+    let bpr = k / QK;
+    let zero = BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; QK],
+    };
+    let mut lhs_q = vec![zero; m * bpr];
+    for r in 0..m {
+        quantize_row_q8_0(&lhs[r * k..(r + 1) * k], &mut lhs_q[r * bpr..(r + 1) * bpr]);
+    }
+    let out = SharedMut(dst.as_mut_ptr());
+    let items = n.div_ceil(COLS_PER_ITEM);
+    let lhs_q = &lhs_q;
+    barrier_pool().execute_chunked(items, move |range| {
+        let out = out;
+        for item in range {
+            let c0 = item * COLS_PER_ITEM;
+            let c1 = (c0 + COLS_PER_ITEM).min(n);
+            for r in 0..m {
+                let y = &lhs_q[r * bpr..(r + 1) * bpr];
+                for c in c0..c1 {
+                    let v = vec_dot_q5_0_q8_0(&w[c * bpr..(c + 1) * bpr], y);
+                    // SAFETY: (r, c) is written by exactly one work item.
+                    unsafe { *out.0.add(r * n + c) = v };
+                }
+            }
+        }
+    });
+}
+
+fn matmul_f32(m: usize, k: usize, n: usize, lhs: &[f32], w: &[f32], dst: &mut [f32]) {
+    for r in 0..m {
+        let x = &lhs[r * k..(r + 1) * k];
+        for c in 0..n {
+            dst[r * n + c] = dot_f32(x, &w[c * k..(c + 1) * k]);
+        }
+    }
+}
+
+/// f32 dot product written so the compiler vectorizes it.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let ca = a.chunks_exact(L);
+    let cb = b.chunks_exact(L);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..L {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Dot product of a Q5_0 row with a Q8_0 activation row.
+#[inline]
+pub fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // SAFETY: the target features this function needs are enabled at compile time.
+        unsafe { avx2::vec_dot_q5_0_q8_0(x, y) }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        vec_dot_q5_0_q8_0_scalar(x, y)
+    }
+}
+
+/// The reference (scalar) Q5_0 · Q8_0 dot product.
+pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0f32;
+    for (b, q) in x.iter().zip(y) {
+        let qh = u32::from_le_bytes(b.qh);
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let h0 = ((qh >> j) & 1) << 4;
+            let h1 = ((qh >> (j + 16)) & 1) << 4;
+            let x0 = ((b.qs[j] & 0x0f) as u32 | h0) as i32 - 16;
+            let x1 = ((b.qs[j] >> 4) as u32 | h1) as i32 - 16;
+            s += x0 * q.qs[j] as i32 + x1 * q.qs[j + QK / 2] as i32;
+        }
+        sum += s as f32 * b.d.to_f32() * q.d.to_f32();
+    }
+    sum
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+mod avx2 {
+    use super::{BlockQ5_0, BlockQ8_0};
+    use std::arch::x86_64::*;
+
+    /// Spreads the 32 bits of `qh` to 32 bytes: byte j is 0x10 when bit j is set.
+    #[inline(always)]
+    unsafe fn high_bits(qh: u32) -> __m256i {
+        let v = _mm256_set1_epi32(qh as i32);
+        // byte j takes byte j/8 of qh
+        let shuf = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        );
+        let bytes = _mm256_shuffle_epi8(v, shuf);
+        let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+        let n = x.len().min(y.len());
+        let mut acc = _mm256_setzero_ps();
+        let low = _mm256_set1_epi8(0x0f);
+        let sixteen = _mm256_set1_epi8(16);
+        let ones = _mm256_set1_epi16(1);
+        for i in 0..n {
+            let bx = x.get_unchecked(i);
+            let by = y.get_unchecked(i);
+            let d = _mm256_set1_ps(bx.d.to_f32() * by.d.to_f32());
+            let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
+            // positions 0..16 are the low nibbles, 16..32 the high nibbles
+            let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+            let q = _mm256_or_si256(nib, high_bits(u32::from_le_bytes(bx.qh)));
+            let xs = _mm256_sub_epi8(q, sixteen);
+            let ys = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
+            // |x| * sign(y, x) keeps maddubs' unsigned×signed form
+            let ax = _mm256_sign_epi8(xs, xs);
+            let sy = _mm256_sign_epi8(ys, xs);
+            let p16 = _mm256_maddubs_epi16(ax, sy);
+            let p32 = _mm256_madd_epi16(p16, ones);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc);
+        }
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let lo = _mm256_castps256_ps128(acc);
+        let s = _mm_add_ps(hi, lo);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: &mut u64) -> f32 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn avx2_q5_0_matches_scalar_on_random_blocks() {
+        let mut s = 0x1234_5678_9abc_def1u64;
+        let blocks = 40;
+        let x: Vec<BlockQ5_0> = (0..blocks)
+            .map(|_| {
+                let mut b = BlockQ5_0 {
+                    d: f16::from_f32(rng(&mut s)),
+                    qh: [0; 4],
+                    qs: [0; 16],
+                };
+                for v in b.qh.iter_mut().chain(b.qs.iter_mut()) {
+                    *v = (rng(&mut s) * 127.0 + 128.0) as u8;
+                }
+                b
+            })
+            .collect();
+        let act: Vec<f32> = (0..blocks * QK).map(|_| rng(&mut s)).collect();
+        let mut y = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; QK]
+            };
+            blocks
+        ];
+        quantize_row_q8_0(&act, &mut y);
+        let fast = vec_dot_q5_0_q8_0(&x, &y);
+        let slow = vec_dot_q5_0_q8_0_scalar(&x, &y);
+        assert!(
+            (fast - slow).abs() <= 1e-3 * slow.abs().max(1.0),
+            "{fast} vs {slow}"
+        );
+        // and the dequantized f32 product agrees up to activation quantization
+        let mut deq = vec![0f32; blocks * QK];
+        for (b, o) in x.iter().zip(deq.chunks_exact_mut(QK)) {
+            dequant_q5_0(b, o);
+        }
+        let exact = dot_f32(&deq, &act);
+        assert!(
+            (fast - exact).abs() <= 0.02 * exact.abs().max(1.0),
+            "{fast} vs {exact}"
+        );
+    }
+}

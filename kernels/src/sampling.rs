@@ -1,0 +1,429 @@
+//! Choosing the next token: greedy, temperature, top-k, top-p, min-p,
+//! repetition / frequency / presence penalties, a seeded generator (same seed,
+//! same tokens), and log-probabilities of the chosen token.
+
+use std::collections::HashMap;
+
+use crate::tokenizer::TokenId;
+
+/// Candidates kept before an exact top-p pass falls back to a full sort.
+const TOP_P_FAST_CANDIDATES: usize = 512;
+/// Most alternatives reported per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// How one request samples and when it stops.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1: all).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the best one (0: none).
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of tokens already generated (1: off).
+    pub repetition_penalty: f32,
+    /// Subtract this × the count of each token already generated.
+    pub frequency_penalty: f32,
+    /// Subtract this from every token already generated.
+    pub presence_penalty: f32,
+    /// Seed of the generator; `None` draws one.
+    pub seed: Option<u64>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Tokens that end the generation (not part of the output).
+    pub stop_tokens: Vec<TokenId>,
+    /// Strings that end the generation (cut from the output).
+    pub stop_strings: Vec<String>,
+    /// Report the chosen token's log-probability.
+    pub logprobs: bool,
+    /// Also report this many most likely alternatives.
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+            max_tokens: 256,
+            stop_tokens: Vec::new(),
+            stop_strings: Vec::new(),
+            logprobs: false,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding of up to `max_tokens`.
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            max_tokens,
+            ..Self::default()
+        }
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || self.top_k == 1
+    }
+}
+
+/// A token with its log-probability and, if asked, the best alternatives.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprob {
+    /// The chosen token.
+    pub token: TokenId,
+    /// Its log-probability under the (penalized) model distribution.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// A small, seedable generator (xoshiro256**), so runs repeat exactly.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    /// A generator from a seed (expanded with SplitMix64).
+    pub fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            x ^ (x >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The sampling state of one sequence.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    counts: HashMap<TokenId, u32>,
+}
+
+impl Sampler {
+    /// A sampler; `fallback_seed` is used when the params carry none.
+    pub fn new(params: SamplingParams, fallback_seed: u64) -> Self {
+        let rng = Rng::new(params.seed.unwrap_or(fallback_seed));
+        Self {
+            params,
+            rng,
+            counts: HashMap::new(),
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Records a token as generated (for the penalties).
+    pub fn observe(&mut self, tok: TokenId) {
+        *self.counts.entry(tok).or_default() += 1;
+    }
+
+    fn penalize(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
+            return;
+        }
+        for (&tok, &n) in &self.counts {
+            let Some(l) = logits.get_mut(tok as usize) else {
+                continue;
+            };
+            if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+            *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+        }
+    }
+
+    /// Picks the next token from `logits` (the slice is used as scratch).
+    pub fn sample(&mut self, logits: &mut [f32]) -> (TokenId, Option<TokenLogprob>) {
+        self.penalize(logits);
+        let tok = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
+        let lp = self
+            .params
+            .logprobs
+            .then(|| logprob_of(logits, tok, self.params.top_logprobs));
+        self.observe(tok);
+        (tok, lp)
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> TokenId {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // candidates as (token, unnormalized probability)
+        let mut cands: Vec<(TokenId, f32)> = Vec::new();
+        let min_w = if p.min_p > 0.0 { p.min_p } else { 0.0 };
+        let mut total = 0f64;
+        for (i, &l) in logits.iter().enumerate() {
+            let w = ((l - max) * inv_t).exp();
+            total += w as f64;
+            if w >= min_w && w > 0.0 {
+                cands.push((i as TokenId, w));
+            }
+        }
+        let by_weight =
+            |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && cands.len() > p.top_k {
+            cands.select_nth_unstable_by(p.top_k - 1, by_weight);
+            cands.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 && p.top_p > 0.0 {
+            let mass: f64 = if p.top_k > 0 || min_w > 0.0 {
+                cands.iter().map(|c| c.1 as f64).sum()
+            } else {
+                total
+            };
+            let target = p.top_p as f64 * mass;
+            let mut keep = None;
+            if cands.len() > TOP_P_FAST_CANDIDATES {
+                let mut head = cands.clone();
+                head.select_nth_unstable_by(TOP_P_FAST_CANDIDATES - 1, by_weight);
+                head.truncate(TOP_P_FAST_CANDIDATES);
+                head.sort_unstable_by(by_weight);
+                if let Some(n) = prefix_reaching(&head, target) {
+                    head.truncate(n);
+                    keep = Some(head);
+                }
+            }
+            cands = match keep {
+                Some(k) => k,
+                None => {
+                    cands.sort_unstable_by(by_weight);
+                    let n = prefix_reaching(&cands, target).unwrap_or(cands.len());
+                    cands.truncate(n);
+                    cands
+                }
+            };
+        }
+        if cands.is_empty() {
+            return argmax(logits);
+        }
+        cands.sort_unstable_by(by_weight);
+        let sum: f64 = cands.iter().map(|c| c.1 as f64).sum();
+        let mut u = self.rng.uniform() * sum;
+        for &(t, w) in &cands {
+            u -= w as f64;
+            if u < 0.0 {
+                return t;
+            }
+        }
+        cands[cands.len() - 1].0
+    }
+}
+
+fn prefix_reaching(sorted: &[(TokenId, f32)], target: f64) -> Option<usize> {
+    let mut acc = 0f64;
+    for (i, c) in sorted.iter().enumerate() {
+        acc += c.1 as f64;
+        if acc >= target {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Index of the largest logit (the lowest index on ties).
+pub fn argmax(logits: &[f32]) -> TokenId {
+    let mut best = 0;
+    let mut bv = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > bv {
+            bv = v;
+            best = i;
+        }
+    }
+    best as TokenId
+}
+
+/// Log-softmax of `tok` and the `top` best alternatives.
+pub fn logprob_of(logits: &[f32], tok: TokenId, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+    let top = top.min(MAX_TOP_LOGPROBS);
+    let mut best: Vec<(TokenId, f32)> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<(TokenId, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as TokenId, l))
+            .collect();
+        let k = top.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+        idx.truncate(k);
+        idx.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        best = idx.into_iter().map(|(i, _)| (i, lp(i as usize))).collect();
+    }
+    TokenLogprob {
+        token: tok,
+        logprob: lp(tok as usize),
+        top: best,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect()
+    }
+
+    #[test]
+    fn greedy_takes_the_best() {
+        let mut s = Sampler::new(SamplingParams::greedy(4), 0);
+        let mut l = logits();
+        let best = argmax(&l);
+        assert_eq!(s.sample(&mut l).0, best);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let params = SamplingParams {
+            temperature: 1.5,
+            top_p: 0.95,
+            seed: Some(42),
+            ..SamplingParams::default()
+        };
+        let run = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone(), 0);
+            (0..50)
+                .map(|_| s.sample(&mut logits()).0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(&params), run(&params));
+        let other = SamplingParams {
+            seed: Some(43),
+            ..params.clone()
+        };
+        assert_ne!(run(&params), run(&other));
+    }
+
+    #[test]
+    fn top_k_and_min_p_restrict_the_choice() {
+        let l = logits();
+        let mut sorted: Vec<usize> = (0..l.len()).collect();
+        sorted.sort_by(|a, b| l[*b].total_cmp(&l[*a]));
+        let top3: Vec<TokenId> = sorted[..3].iter().map(|&i| i as TokenId).collect();
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 5.0,
+                top_k: 3,
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
+            0,
+        );
+        for _ in 0..100 {
+            assert!(top3.contains(&s.sample(&mut l.clone()).0));
+        }
+        // min_p 0.9 at temperature 1: only tokens within ln(1/0.9) of the best
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                min_p: 0.9,
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
+            0,
+        );
+        let best = l[sorted[0]];
+        for _ in 0..100 {
+            let t = s.sample(&mut l.clone()).0;
+            assert!(l[t as usize] >= best - 0.106, "{}", l[t as usize]);
+        }
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let mut l = vec![0.0f32; 10];
+        l[3] = 5.0;
+        l[4] = 4.9;
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 1.0,
+                ..SamplingParams::greedy(10)
+            },
+            0,
+        );
+        assert_eq!(s.sample(&mut l.clone()).0, 3);
+        assert_eq!(s.sample(&mut l.clone()).0, 4);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..SamplingParams::greedy(10)
+            },
+            0,
+        );
+        assert_eq!(s.sample(&mut l.clone()).0, 3);
+        assert_eq!(s.sample(&mut l.clone()).0, 4);
+    }
+
+    #[test]
+    fn logprobs_are_normalized() {
+        let l = logits();
+        let lp = logprob_of(&l, 5, 5);
+        assert_eq!(lp.top.len(), 5);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let total: f64 = l
+            .iter()
+            .enumerate()
+            .map(|(i, _)| (logprob_of(&l, i as u32, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-3, "{total}");
+    }
+}

@@ -1,0 +1,231 @@
+//! Test support: writes a tiny random-weight Gemma-3-shaped GGUF.
+//!
+//! Same tensor names and quantizations as the real default model (Q5_0, Q8_0,
+//! Q4_K, Q6_K), a few layers (one global, the rest sliding with a short
+//! window), and a small SentencePiece-style vocabulary with byte fallback,
+//! control and user-defined tokens, so tests exercise every code path in
+//! milliseconds.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+use crate::sampling::Rng;
+
+/// Shape of the tiny model.
+#[derive(Debug, Clone)]
+pub struct TinyModelSpec {
+    /// Transformer blocks (every 6th is global).
+    pub layers: usize,
+    /// Sliding window of the local layers.
+    pub sliding_window: usize,
+    /// Trained context length.
+    pub context_length: usize,
+    /// Weight seed.
+    pub seed: u64,
+}
+
+impl Default for TinyModelSpec {
+    fn default() -> Self {
+        Self {
+            layers: 6,
+            sliding_window: 8,
+            context_length: 1024,
+            seed: 7,
+        }
+    }
+}
+
+/// Residual width of the tiny model.
+pub const TINY_HIDDEN: usize = 256;
+/// MLP width of the tiny model.
+pub const TINY_FFN: usize = 512;
+/// Head width of the tiny model.
+pub const TINY_HEAD_DIM: usize = 64;
+/// Query heads of the tiny model.
+pub const TINY_HEADS: usize = 4;
+
+/// The tiny model's vocabulary: specials, `\n` (user-defined), 256 bytes, and pieces.
+pub fn tiny_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
+    let mut pieces: Vec<String> = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut kinds = vec![3, 3, 3, 2, 3, 3];
+    pieces.push("\n".into());
+    kinds.push(4);
+    for b in 0..256 {
+        pieces.push(format!("<0x{b:02X}>"));
+        kinds.push(6);
+    }
+    let mut normal: Vec<String> = Vec::new();
+    for c in 'a'..='z' {
+        normal.push(c.to_string());
+        normal.push(format!("\u{2581}{c}"));
+    }
+    for w in [
+        "he",
+        "ll",
+        "llo",
+        "\u{2581}he",
+        "\u{2581}hello",
+        "\u{2581}the",
+        "th",
+        "in",
+        "er",
+        "on",
+        "\u{2581}wor",
+        "ld",
+        "\u{2581}world",
+        "é",
+        "\u{2581}",
+        "user",
+        "model",
+    ] {
+        normal.push(w.to_string());
+    }
+    let first_normal = pieces.len();
+    pieces.extend(normal);
+    kinds.resize(pieces.len(), 1);
+    let mut i = 0;
+    while pieces.len() < 512 {
+        pieces.push(format!("<unused{i}>"));
+        kinds.push(5);
+        i += 1;
+    }
+    // longer pieces score higher, so merges prefer them
+    let scores = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i >= first_normal && kinds[i] == 1 {
+                p.chars().count() as f32 - i as f32 * 1e-3
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    (pieces, scores, kinds)
+}
+
+fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((rng.uniform() as f32) * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+fn quantized(
+    rng: &mut Rng,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    dtype: GgmlDType,
+) -> Result<QTensor> {
+    let t = Tensor::from_vec(random(rng, rows * cols, scale), (rows, cols), &Device::Cpu)?;
+    Ok(QTensor::quantize(&t, dtype)?)
+}
+
+fn norm(rng: &mut Rng, n: usize) -> Result<QTensor> {
+    let v: Vec<f32> = random(rng, n, 0.1).into_iter().map(|x| 1.0 + x).collect();
+    let t = Tensor::from_vec(v, n, &Device::Cpu)?;
+    Ok(QTensor::quantize(&t, GgmlDType::F32)?)
+}
+
+/// Writes the tiny model to `path`.
+pub fn write_tiny_model(path: &Path, spec: &TinyModelSpec) -> Result<()> {
+    let mut rng = Rng::new(spec.seed);
+    let (pieces, scores, kinds) = tiny_vocab();
+    let vocab = pieces.len();
+    let (h, f, hd, nh) = (TINY_HIDDEN, TINY_FFN, TINY_HEAD_DIM, TINY_HEADS);
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        (
+            "token_embd.weight".into(),
+            quantized(&mut rng, vocab, h, 1.0, GgmlDType::Q8_0)?,
+        ),
+        ("output_norm.weight".into(), norm(&mut rng, h)?),
+    ];
+    let w = 0.08;
+    for l in 0..spec.layers {
+        let n = |s: &str| format!("blk.{l}.{s}.weight");
+        tensors.push((n("attn_norm"), norm(&mut rng, h)?));
+        tensors.push((
+            n("attn_q"),
+            quantized(&mut rng, nh * hd, h, w, GgmlDType::Q5_0)?,
+        ));
+        tensors.push((n("attn_k"), quantized(&mut rng, hd, h, w, GgmlDType::Q5_0)?));
+        tensors.push((n("attn_v"), quantized(&mut rng, hd, h, w, GgmlDType::Q8_0)?));
+        tensors.push((
+            n("attn_output"),
+            quantized(&mut rng, h, nh * hd, w, GgmlDType::Q4K)?,
+        ));
+        tensors.push((n("attn_q_norm"), norm(&mut rng, hd)?));
+        tensors.push((n("attn_k_norm"), norm(&mut rng, hd)?));
+        tensors.push((n("post_attention_norm"), norm(&mut rng, h)?));
+        tensors.push((n("ffn_norm"), norm(&mut rng, h)?));
+        tensors.push((
+            n("ffn_gate"),
+            quantized(&mut rng, f, h, w, GgmlDType::Q5_0)?,
+        ));
+        tensors.push((n("ffn_up"), quantized(&mut rng, f, h, w, GgmlDType::Q5_0)?));
+        tensors.push((n("ffn_down"), quantized(&mut rng, h, f, w, GgmlDType::Q6K)?));
+        tensors.push((n("post_ffw_norm"), norm(&mut rng, h)?));
+    }
+    let u32v = |v: usize| Value::U32(v as u32);
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("gemma3".into())),
+        ("general.name", Value::String("weft tiny test model".into())),
+        ("gemma3.context_length", u32v(spec.context_length)),
+        ("gemma3.embedding_length", u32v(h)),
+        ("gemma3.block_count", u32v(spec.layers)),
+        ("gemma3.feed_forward_length", u32v(f)),
+        ("gemma3.attention.head_count", u32v(nh)),
+        ("gemma3.attention.head_count_kv", u32v(1)),
+        ("gemma3.attention.key_length", u32v(hd)),
+        ("gemma3.attention.value_length", u32v(hd)),
+        ("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+        ("gemma3.rope.freq_base", Value::F32(1_000_000.0)),
+        ("gemma3.attention.sliding_window", u32v(spec.sliding_window)),
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(pieces.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(kinds.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", u32v(2)),
+        ("tokenizer.ggml.eos_token_id", u32v(1)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+        ("tokenizer.ggml.add_space_prefix", Value::Bool(false)),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|source| {
+        crate::KernelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?);
+    gguf_file::write(&mut file, &meta_refs, &tensor_refs)?;
+    use std::io::Write;
+    file.flush().map_err(|source| crate::KernelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
