@@ -7,8 +7,8 @@ Needs `pip install llama-cpp-python` (it builds llama.cpp from source, about
 16 minutes on 2 cores). CI does not run this: it compares against the
 committed JSON. For every prompt it records llama.cpp's token ids, its greedy
 continuation, and at each generated position the gap between the two best
-logits, so a test can accept either token where llama.cpp itself was at a
-near-tie.
+logits, and its five best tokens with their logits, so a test can tell a real
+divergence from llama.cpp's own near-ties.
 """
 import hashlib
 import json
@@ -60,13 +60,14 @@ def main():
         ids = llm.tokenize(text.encode(), add_bos=not special, special=special)
         llm.reset()
         llm.eval(ids)
-        greedy, gaps = [], []
+        greedy, gaps, top5 = [], [], []
         for _ in range(GEN_TOKENS):
             logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
             order = np.argsort(-logits, kind="stable")
             tok = int(order[0])
             greedy.append(tok)
             gaps.append(float(logits[order[0]] - logits[order[1]]))
+            top5.append([[int(t), round(float(logits[t]), 4)] for t in order[:5]])
             if tok in (1, 106):
                 break
             llm.eval([tok])
@@ -77,6 +78,7 @@ def main():
             "ids": ids,
             "greedy": greedy,
             "top2_gap": gaps,
+            "top5": top5,
             "greedy_text": llm.detokenize(greedy).decode("utf-8", errors="replace"),
         })
         print(name, len(ids), "tokens ->", repr(prompts[-1]["greedy_text"][:60]), file=sys.stderr)

@@ -173,7 +173,7 @@ impl GgufFile {
                 reason: format!("tensor {name} has an impossible shape {dims:?} for {dtype:?}"),
             });
         };
-        let end = start.checked_add(size as u64).unwrap_or(u64::MAX);
+        let end = start.saturating_add(size as u64);
         if end > self.file_len {
             return Err(KernelError::TensorOutOfBounds {
                 name: name.into(),

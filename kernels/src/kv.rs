@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use half::f16;
+
 use crate::error::{KernelError, Result};
 
 /// Token positions per KV block.
@@ -31,9 +33,9 @@ pub struct KvCache {
     kv_dim: usize,
     total_blocks: usize,
     /// Per layer: `[block][slot][kv_dim]` keys.
-    k: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
     /// Per layer: `[block][slot][kv_dim]` values.
-    v: Vec<Vec<f32>>,
+    v: Vec<Vec<f16>>,
     free: Vec<u32>,
     tables: HashMap<SeqId, BlockTable>,
 }
@@ -52,8 +54,8 @@ impl std::fmt::Debug for KvCache {
 impl KvCache {
     /// Bytes one block takes for `layers` layers of width `kv_dim`.
     pub fn block_bytes(layers: usize, kv_dim: usize) -> usize {
-        // keys and values, f32
-        2 * layers * KV_BLOCK_TOKENS * kv_dim * std::mem::size_of::<f32>()
+        // keys and values, f16 (as llama.cpp keeps them)
+        2 * layers * KV_BLOCK_TOKENS * kv_dim * std::mem::size_of::<f16>()
     }
 
     /// A pool of as many blocks as `budget_bytes` holds (at least one).
@@ -69,8 +71,8 @@ impl KvCache {
             layers,
             kv_dim,
             total_blocks: blocks,
-            k: (0..layers).map(|_| vec![0f32; per_layer]).collect(),
-            v: (0..layers).map(|_| vec![0f32; per_layer]).collect(),
+            k: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
             // hand out low block numbers first
             free: (0..blocks as u32).rev().collect(),
             tables: HashMap::new(),
@@ -174,8 +176,12 @@ impl KvCache {
     ) -> Result<()> {
         let off = self.slot(seq, pos)?;
         let d = self.kv_dim;
-        self.k[layer][off..off + d].copy_from_slice(k);
-        self.v[layer][off..off + d].copy_from_slice(v);
+        for (dst, src) in self.k[layer][off..off + d].iter_mut().zip(k) {
+            *dst = f16::from_f32(*src);
+        }
+        for (dst, src) in self.v[layer][off..off + d].iter_mut().zip(v) {
+            *dst = f16::from_f32(*src);
+        }
         Ok(())
     }
 
@@ -195,7 +201,7 @@ impl KvCache {
     }
 
     /// Keys and values of local layer `layer`, `[block][slot][kv_dim]`.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    pub fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
         (&self.k[layer], &self.v[layer])
     }
 
@@ -246,8 +252,9 @@ mod tests {
         kv.write(0, 7, 33, &[1.0, 2.0], &[3.0, 4.0]).unwrap();
         let b = kv.blocks(7).unwrap()[2] as usize;
         let off = (b * KV_BLOCK_TOKENS + 1) * 2;
-        assert_eq!(&kv.layer(0).0[off..off + 2], &[1.0, 2.0]);
-        assert_eq!(&kv.layer(0).1[off..off + 2], &[3.0, 4.0]);
+        let f = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        assert_eq!(f(&kv.layer(0).0[off..off + 2]), [1.0, 2.0]);
+        assert_eq!(f(&kv.layer(0).1[off..off + 2]), [3.0, 4.0]);
         assert!(kv.write(0, 7, 48, &[0.0; 2], &[0.0; 2]).is_err());
         assert!(kv.write(0, 8, 0, &[0.0; 2], &[0.0; 2]).is_err());
     }

@@ -15,6 +15,8 @@ use std::ops::Range;
 use std::path::Path;
 
 use candle_core::utils::barrier_pool;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::{KernelError, Result};
 use crate::gguf::{GemmaConfig, GgufFile};
@@ -452,7 +454,7 @@ impl Gemma3 {
         s.gate
             .iter_mut()
             .zip(s.up.iter())
-            .for_each(|(g, u)| *g = gelu_tanh(*g) * u);
+            .for_each(|(g, u)| *g = gelu_ggml(*g) * u);
         layer.down.matmul(t, &s.gate, &mut s.proj)?;
         for (xr, pr) in x.chunks_exact_mut(h).zip(s.proj.chunks_exact_mut(h)) {
             rms_norm(pr, &layer.post_ffw_norm, eps);
@@ -515,6 +517,20 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
+/// GELU as ggml's CPU backend computes it: through an f16 table (input and
+/// output rounded to f16), exact outside ±10. Matching it keeps greedy tokens
+/// equal to llama.cpp's.
+#[inline]
+pub fn gelu_ggml(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        f16::from_f32(gelu_tanh(f16::from_f32(x).to_f32())).to_f32()
+    }
+}
+
 /// Causal attention of every row over its sequence's cached positions, with an
 /// optional sliding window. Work items are (row, head) pairs on the pool.
 #[allow(clippy::too_many_arguments)]
@@ -542,13 +558,21 @@ fn attention(
         let dst = dst;
         let mut scores: Vec<f32> = Vec::new();
         let mut acc = vec![0f32; hd];
+        let mut qh = vec![0f32; hd];
+        let mut row = vec![0f32; hd];
         for item in range {
             let (r, head) = (item / heads, item % heads);
             let (ci, p) = rows[r];
             let table = tables[ci];
             let lo = (p + 1).saturating_sub(window);
             let kvh = head / group;
-            let qv = &q[r * qd + head * hd..r * qd + (head + 1) * hd];
+            // the query is rounded to f16 for the dot with the f16 keys, as llama.cpp does
+            for (d, s) in qh
+                .iter_mut()
+                .zip(&q[r * qd + head * hd..r * qd + (head + 1) * hd])
+            {
+                *d = f16::from_f32(*s).to_f32();
+            }
             let slot = |pos: usize| {
                 (table[pos / KV_BLOCK_TOKENS] as usize * KV_BLOCK_TOKENS + pos % KV_BLOCK_TOKENS)
                     * kvd
@@ -558,23 +582,24 @@ fn attention(
             let mut max = f32::NEG_INFINITY;
             for pos in lo..=p {
                 let o = slot(pos);
-                let sc = dot_f32(qv, &kc[o..o + hd]);
+                kc[o..o + hd].convert_to_f32_slice(&mut row);
+                let sc = dot_f32(&qh, &row);
                 max = max.max(sc);
                 scores.push(sc);
             }
-            let mut sum = 0f32;
+            let mut sum = 0f64;
             for sc in scores.iter_mut() {
                 *sc = (*sc - max).exp();
-                sum += *sc;
+                sum += *sc as f64;
             }
-            let inv = 1.0 / sum;
+            let inv = (1.0 / sum) as f32;
             acc.iter_mut().for_each(|a| *a = 0.0);
             for (i, pos) in (lo..=p).enumerate() {
                 let o = slot(pos);
-                let w = scores[i] * inv;
-                acc.iter_mut()
-                    .zip(&vc[o..o + hd])
-                    .for_each(|(a, v)| *a += w * v);
+                vc[o..o + hd].convert_to_f32_slice(&mut row);
+                // attention weights meet the f16 values as f16
+                let w = f16::from_f32(scores[i] * inv).to_f32();
+                acc.iter_mut().zip(&row).for_each(|(a, v)| *a += w * v);
             }
             // SAFETY: each (row, head) slice of `out` is written by exactly one item.
             unsafe {

@@ -43,6 +43,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 enum Storage {
     /// Our own Q5_0 kernels.
     Q5_0(Vec<BlockQ5_0>),
+    /// Our own Q8_0 kernels.
+    Q8_0(Vec<BlockQ8_0>),
     /// Everything else through candle's CPU quantized types.
     Candle(Box<dyn QuantizedType>),
     /// Plain f32 (norm-sized or test weights).
@@ -120,14 +122,28 @@ impl QMatrix {
                 }
                 Storage::Q5_0(blocks)
             }
+            GgmlDType::Q8_0 => Storage::Q8_0(
+                bytes
+                    .chunks_exact(std::mem::size_of::<BlockQ8_0>())
+                    .map(|c| {
+                        let mut qs = [0i8; QK];
+                        for (q, b) in qs.iter_mut().zip(&c[2..34]) {
+                            *q = *b as i8;
+                        }
+                        BlockQ8_0 {
+                            d: f16::from_le_bytes([c[0], c[1]]),
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ),
             GgmlDType::F32 => Storage::F32(
                 bytes
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
             ),
-            GgmlDType::Q8_0
-            | GgmlDType::Q4_0
+            GgmlDType::Q4_0
             | GgmlDType::Q4_1
             | GgmlDType::Q5_1
             | GgmlDType::Q2K
@@ -166,6 +182,7 @@ impl QMatrix {
     pub fn size_in_bytes(&self) -> usize {
         match &self.storage {
             Storage::Q5_0(b) => b.len() * std::mem::size_of::<BlockQ5_0>(),
+            Storage::Q8_0(b) => b.len() * std::mem::size_of::<BlockQ8_0>(),
             Storage::Candle(q) => q.storage_size_in_bytes(),
             Storage::F32(v) => v.len() * 4,
         }
@@ -180,7 +197,11 @@ impl QMatrix {
         }
         match &self.storage {
             Storage::Q5_0(w) => {
-                matmul_q5_0(m, self.cols, self.rows, lhs, w, dst);
+                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst, vec_dot_q5_0_q8_0);
+                Ok(())
+            }
+            Storage::Q8_0(w) => {
+                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst, vec_dot_q8_0_q8_0);
                 Ok(())
             }
             Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
@@ -208,6 +229,18 @@ impl QMatrix {
                     .zip(out.chunks_exact_mut(QK))
                 {
                     dequant_q5_0(b, o);
+                }
+            }
+            Storage::Q8_0(w) => {
+                let bpr = self.cols / QK;
+                for (b, o) in w[row * bpr..(row + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    let d = b.d.to_f32();
+                    o.iter_mut()
+                        .zip(&b.qs)
+                        .for_each(|(o, q)| *o = *q as f32 * d);
                 }
             }
             Storage::F32(w) => out.copy_from_slice(&w[row * self.cols..(row + 1) * self.cols]),
@@ -240,15 +273,16 @@ fn dequant_q5_0(b: &BlockQ5_0, out: &mut [f32]) {
     }
 }
 
-/// Quantizes one activation row to Q8_0 the way ggml does (round half away from zero).
+/// Quantizes one activation row to Q8_0 exactly as ggml's CPU backend does
+/// (scale `127 / max`, round half to even), so products match llama.cpp's.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     for (xs, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         o.d = f16::from_f32(d);
         for (q, v) in o.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
         }
     }
 }
@@ -261,7 +295,17 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
-fn matmul_q5_0(m: usize, k: usize, n: usize, lhs: &[f32], w: &[BlockQ5_0], dst: &mut [f32]) {
+/// Products of weights whose dot type is Q8_0: the activations are quantized
+/// once, then column tiles are spread over the pool.
+fn matmul_q8_act<W: Sync>(
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs: &[f32],
+    w: &[W],
+    dst: &mut [f32],
+    dot: fn(&[W], &[BlockQ8_0]) -> f32,
+) {
     let bpr = k / QK;
     let zero = BlockQ8_0 {
         d: f16::ZERO,
@@ -282,7 +326,7 @@ fn matmul_q5_0(m: usize, k: usize, n: usize, lhs: &[f32], w: &[BlockQ5_0], dst: 
             for r in 0..m {
                 let y = &lhs_q[r * bpr..(r + 1) * bpr];
                 for c in c0..c1 {
-                    let v = vec_dot_q5_0_q8_0(&w[c * bpr..(c + 1) * bpr], y);
+                    let v = dot(&w[c * bpr..(c + 1) * bpr], y);
                     // SAFETY: (r, c) is written by exactly one work item.
                     unsafe { *out.0.add(r * n + c) = v };
                 }
@@ -342,6 +386,43 @@ pub fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
     }
 }
 
+/// Dot product of a Q8_0 row with a Q8_0 activation row.
+#[inline]
+pub fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // SAFETY: the target features this function needs are enabled at compile time.
+        unsafe { avx2::vec_dot_q8_0_q8_0(x, y) }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        vec_dot_q8_0_q8_0_scalar(x, y)
+    }
+}
+
+/// The reference (scalar) Q8_0 · Q8_0 dot product.
+pub fn vec_dot_q8_0_q8_0_scalar(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| {
+            let s: i32 =
+                a.qs.iter()
+                    .zip(&b.qs)
+                    .map(|(p, q)| *p as i32 * *q as i32)
+                    .sum();
+            s as f32 * a.d.to_f32() * b.d.to_f32()
+        })
+        .sum()
+}
+
 /// The reference (scalar) Q5_0 · Q8_0 dot product.
 pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
     let mut sum = 0f32;
@@ -387,12 +468,46 @@ mod avx2 {
     }
 
     #[inline(always)]
+    unsafe fn hsum(acc: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let lo = _mm256_castps256_ps128(acc);
+        let s = _mm_add_ps(hi, lo);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Signed bytes `x · y` summed in pairs to 8 i32 lanes, as floats.
+    #[inline(always)]
+    unsafe fn dot_i8(xs: __m256i, ys: __m256i) -> __m256 {
+        // |x| * sign(y, x) keeps maddubs' unsigned×signed form
+        let ax = _mm256_sign_epi8(xs, xs);
+        let sy = _mm256_sign_epi8(ys, xs);
+        let p16 = _mm256_maddubs_epi16(ax, sy);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+        let n = x.len().min(y.len());
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..n {
+            let bx = x.get_unchecked(i);
+            let by = y.get_unchecked(i);
+            let d = _mm256_set1_ps(bx.d.to_f32() * by.d.to_f32());
+            let xs = _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i);
+            let ys = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
+            acc = _mm256_fmadd_ps(d, dot_i8(xs, ys), acc);
+        }
+        hsum(acc)
+    }
+
+    #[inline(always)]
     pub(super) unsafe fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
         let n = x.len().min(y.len());
         let mut acc = _mm256_setzero_ps();
         let low = _mm256_set1_epi8(0x0f);
         let sixteen = _mm256_set1_epi8(16);
-        let ones = _mm256_set1_epi16(1);
         for i in 0..n {
             let bx = x.get_unchecked(i);
             let by = y.get_unchecked(i);
@@ -403,19 +518,9 @@ mod avx2 {
             let q = _mm256_or_si256(nib, high_bits(u32::from_le_bytes(bx.qh)));
             let xs = _mm256_sub_epi8(q, sixteen);
             let ys = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
-            // |x| * sign(y, x) keeps maddubs' unsigned×signed form
-            let ax = _mm256_sign_epi8(xs, xs);
-            let sy = _mm256_sign_epi8(ys, xs);
-            let p16 = _mm256_maddubs_epi16(ax, sy);
-            let p32 = _mm256_madd_epi16(p16, ones);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc);
+            acc = _mm256_fmadd_ps(d, dot_i8(xs, ys), acc);
         }
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let lo = _mm256_castps256_ps128(acc);
-        let s = _mm_add_ps(hi, lo);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+        hsum(acc)
     }
 }
 

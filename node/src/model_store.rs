@@ -225,8 +225,7 @@ impl PartFetcher for PipFetcher {
             let err = String::from_utf8_lossy(&out.stderr);
             let detail = err
                 .lines()
-                .filter(|l| !l.trim().is_empty())
-                .last()
+                .rfind(|l| !l.trim().is_empty())
                 .unwrap_or("pip failed")
                 .to_string();
             return Err(StoreError::Network {
