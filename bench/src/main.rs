@@ -1,1 +1,170 @@
-fn main() {}
+//! # weft-bench
+//!
+//! Benchmarks (not tests). `weft-bench runtime` measures the model runtime on
+//! one thread count and prints one JSON object; `scripts/bench_runtime.sh` runs
+//! it beside llama.cpp (`bench/llamacpp_bench.py`) and writes the comparison
+//! table to `bench/results/`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use weft_kernels::{Backend, Engine, EngineConfig, LoadedModel, Request, SamplingParams};
+use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
+
+/// weft's benchmarks.
+#[derive(Parser, Debug)]
+#[command(name = "weft-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Model runtime speed on one thread count: load, prefill, decode at several batch sizes, peak RSS.
+    Runtime(RuntimeArgs),
+}
+
+#[derive(Parser, Debug)]
+struct RuntimeArgs {
+    /// Model source (default: the default model, fetched if needed).
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// CPU threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Tokens decoded per sequence.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Concurrent sequences for the aggregate measurements.
+    #[arg(long, value_delimiter = ',', default_value = "4,16,64")]
+    batches: Vec<usize>,
+    /// KV budget in bytes.
+    #[arg(long, default_value_t = 2 << 30)]
+    kv_budget: usize,
+}
+
+#[derive(Serialize)]
+struct RuntimeReport {
+    engine: &'static str,
+    threads: usize,
+    model_bytes: u64,
+    verify_s: f64,
+    load_s: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    aggregate_decode_tokens_per_s: Vec<(usize, f64)>,
+    peak_rss_bytes: u64,
+    kv_budget_bytes: usize,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Runtime(a) => runtime(a),
+    }
+}
+
+/// Distinct, deterministic prompt tokens (no special tokens).
+fn prompt_tokens(n: usize, salt: usize) -> Vec<u32> {
+    let mut v = vec![2u32];
+    v.extend((0..n.saturating_sub(1)).map(|i| 1000 + ((i * 7919 + salt * 104_729) % 20_000) as u32));
+    v
+}
+
+fn engine(lm: &LoadedModel, kv_budget: usize) -> Result<Engine> {
+    Ok(Engine::new(
+        lm.model.clone(),
+        lm.tokenizer.clone(),
+        EngineConfig { kv_budget_bytes: kv_budget, max_running: 256, max_step_tokens: 512, ..EngineConfig::default() },
+    )?)
+}
+
+/// Runs `n` sequences of `prompt` tokens each for `decode` greedy tokens; returns
+/// tokens/s over the steps where every sequence was decoding.
+fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usize) -> Result<f64> {
+    let mut e = engine(lm, kv)?;
+    for i in 0..n {
+        // no stop tokens: every sequence runs its full length
+        let params = SamplingParams { max_tokens: decode, ..SamplingParams::greedy(decode) };
+        e.add_request(Request { id: i as u64, prompt: prompt_tokens(prompt, i), params, priority: 0 })?;
+    }
+    // prefill (and the first token) outside the timed region
+    while e.stats().generated_tokens < n as u64 {
+        e.step()?;
+    }
+    let start_tokens = e.stats().generated_tokens;
+    let t = Instant::now();
+    while e.has_work() {
+        e.step()?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok((e.stats().generated_tokens - start_tokens) as f64 / secs)
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn runtime(a: RuntimeArgs) -> Result<()> {
+    weft_kernels::set_threads(a.threads);
+    let src = ModelSource::parse(&a.model)?;
+    let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
+    // the page cache is warm now; time the sha256 check every load does, then the load
+    let t = Instant::now();
+    let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
+    let verify_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let lm = weft_kernels::load(&stored.path, None, Backend::Cpu).context("loading the model")?;
+    let load_s = t.elapsed().as_secs_f64();
+    let lm = LoadedModel { model: Arc::clone(&lm.model), tokenizer: lm.tokenizer };
+
+    // prefill: one long prompt, timed to its first token
+    let mut e = engine(&lm, a.kv_budget)?;
+    e.add_request(Request { id: 0, prompt: prompt_tokens(8, 99), params: SamplingParams::greedy(2), priority: 0 })?;
+    e.run_to_completion()?; // warm-up
+    let mut e = engine(&lm, a.kv_budget)?;
+    e.add_request(Request {
+        id: 1,
+        prompt: prompt_tokens(a.prefill_tokens, 1),
+        params: SamplingParams::greedy(1),
+        priority: 0,
+    })?;
+    let t = Instant::now();
+    e.run_to_completion()?;
+    let prefill = a.prefill_tokens as f64 / t.elapsed().as_secs_f64();
+
+    let decode = decode_rate(&lm, 1, 16, a.decode_tokens * 2, a.kv_budget)?;
+    let mut agg = Vec::new();
+    for &n in &a.batches {
+        agg.push((n, decode_rate(&lm, n, 16, a.decode_tokens, a.kv_budget)?));
+    }
+    let report = RuntimeReport {
+        engine: "weft",
+        threads: a.threads,
+        model_bytes: stored.bytes,
+        verify_s,
+        load_s,
+        prefill_tokens_per_s: prefill,
+        decode_tokens_per_s: decode,
+        aggregate_decode_tokens_per_s: agg,
+        peak_rss_bytes: peak_rss(),
+        kv_budget_bytes: a.kv_budget,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

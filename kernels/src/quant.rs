@@ -37,6 +37,15 @@ pub struct BlockQ5_0 {
     pub qs: [u8; QK / 2],
 }
 
+/// A Q8_0-quantized activation block with its scale already in f32 (the
+/// f16-rounded value ggml stores, so products are the same).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct ActQ8 {
+    pub d: f32,
+    pub qs: [i8; QK],
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 
@@ -197,11 +206,11 @@ impl QMatrix {
         }
         match &self.storage {
             Storage::Q5_0(w) => {
-                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst, vec_dot_q5_0_q8_0);
+                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst);
                 Ok(())
             }
             Storage::Q8_0(w) => {
-                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst, vec_dot_q8_0_q8_0);
+                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst);
                 Ok(())
             }
             Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
@@ -274,13 +283,13 @@ fn dequant_q5_0(b: &BlockQ5_0, out: &mut [f32]) {
 }
 
 /// Quantizes one activation row to Q8_0 exactly as ggml's CPU backend does
-/// (scale `127 / max`, round half to even), so products match llama.cpp's.
-pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+/// (scale `127 / max`, round half to even, scale stored as f16), so products
+/// match llama.cpp's.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [ActQ8]) {
     for (xs, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        o.d = f16::from_f32(d);
+        o.d = f16::from_f32(amax / 127.0).to_f32();
         for (q, v) in o.qs.iter_mut().zip(xs) {
             *q = (v * id).round_ties_even() as i8;
         }
@@ -295,22 +304,51 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
+/// Weight blocks whose dot partner is a Q8_0 activation block.
+pub trait Q8Dot: Copy + Sync {
+    /// Sums of one weight row with `R` activation rows.
+    fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R];
+}
+
+impl Q8Dot for BlockQ8_0 {
+    #[inline]
+    fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        {
+            // SAFETY: the target features this needs are enabled at compile time.
+            unsafe { avx2::dot_rows_q8_0(w, ys) }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        {
+            ys.map(|y| vec_dot_q8_0_q8_0_scalar(w, y))
+        }
+    }
+}
+
+impl Q8Dot for BlockQ5_0 {
+    #[inline]
+    fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        {
+            // SAFETY: the target features this needs are enabled at compile time.
+            unsafe { avx2::dot_rows_q5_0(w, ys) }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        {
+            ys.map(|y| vec_dot_q5_0_q8_0_scalar(w, y))
+        }
+    }
+}
+
+/// Activation rows handled together, so each weight block is unpacked once per group.
+const ROW_GROUP: usize = 4;
+
 /// Products of weights whose dot type is Q8_0: the activations are quantized
-/// once, then column tiles are spread over the pool.
-fn matmul_q8_act<W: Sync>(
-    m: usize,
-    k: usize,
-    n: usize,
-    lhs: &[f32],
-    w: &[W],
-    dst: &mut [f32],
-    dot: fn(&[W], &[BlockQ8_0]) -> f32,
-) {
+/// once, then column tiles are spread over the pool; within a tile, rows go
+/// in groups of [`ROW_GROUP`] over each weight row.
+fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, n: usize, lhs: &[f32], w: &[W], dst: &mut [f32]) {
     let bpr = k / QK;
-    let zero = BlockQ8_0 {
-        d: f16::ZERO,
-        qs: [0; QK],
-    };
+    let zero = ActQ8 { d: 0.0, qs: [0; QK] };
     let mut lhs_q = vec![zero; m * bpr];
     for r in 0..m {
         quantize_row_q8_0(&lhs[r * k..(r + 1) * k], &mut lhs_q[r * bpr..(r + 1) * bpr]);
@@ -318,17 +356,27 @@ fn matmul_q8_act<W: Sync>(
     let out = SharedMut(dst.as_mut_ptr());
     let items = n.div_ceil(COLS_PER_ITEM);
     let lhs_q = &lhs_q;
+    let y = move |r: usize| &lhs_q[r * bpr..(r + 1) * bpr];
     barrier_pool().execute_chunked(items, move |range| {
         let out = out;
+        // SAFETY (all writes below): (r, c) is written by exactly one work item.
+        let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * n + c) = v };
         for item in range {
             let c0 = item * COLS_PER_ITEM;
             let c1 = (c0 + COLS_PER_ITEM).min(n);
-            for r in 0..m {
-                let y = &lhs_q[r * bpr..(r + 1) * bpr];
+            let mut r = 0;
+            while r + ROW_GROUP <= m {
                 for c in c0..c1 {
-                    let v = dot(&w[c * bpr..(c + 1) * bpr], y);
-                    // SAFETY: (r, c) is written by exactly one work item.
-                    unsafe { *out.0.add(r * n + c) = v };
+                    let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], [y(r), y(r + 1), y(r + 2), y(r + 3)]);
+                    for (i, v) in s.into_iter().enumerate() {
+                        put(r + i, c, v);
+                    }
+                }
+                r += ROW_GROUP;
+            }
+            for r in r..m {
+                for c in c0..c1 {
+                    put(r, c, W::dot_rows(&w[c * bpr..(c + 1) * bpr], [y(r)])[0]);
                 }
             }
         }
@@ -366,65 +414,29 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 /// Dot product of a Q5_0 row with a Q8_0 activation row.
 #[inline]
-pub fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        // SAFETY: the target features this function needs are enabled at compile time.
-        unsafe { avx2::vec_dot_q5_0_q8_0(x, y) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        vec_dot_q5_0_q8_0_scalar(x, y)
-    }
+pub fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
+    BlockQ5_0::dot_rows(x, [y])[0]
 }
 
 /// Dot product of a Q8_0 row with a Q8_0 activation row.
 #[inline]
-pub fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        // SAFETY: the target features this function needs are enabled at compile time.
-        unsafe { avx2::vec_dot_q8_0_q8_0(x, y) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        vec_dot_q8_0_q8_0_scalar(x, y)
-    }
+pub fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[ActQ8]) -> f32 {
+    BlockQ8_0::dot_rows(x, [y])[0]
 }
 
 /// The reference (scalar) Q8_0 · Q8_0 dot product.
-pub fn vec_dot_q8_0_q8_0_scalar(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+pub fn vec_dot_q8_0_q8_0_scalar(x: &[BlockQ8_0], y: &[ActQ8]) -> f32 {
     x.iter()
         .zip(y)
         .map(|(a, b)| {
-            let s: i32 =
-                a.qs.iter()
-                    .zip(&b.qs)
-                    .map(|(p, q)| *p as i32 * *q as i32)
-                    .sum();
-            s as f32 * a.d.to_f32() * b.d.to_f32()
+            let s: i32 = a.qs.iter().zip(&b.qs).map(|(p, q)| *p as i32 * *q as i32).sum();
+            s as f32 * (a.d.to_f32() * b.d)
         })
         .sum()
 }
 
 /// The reference (scalar) Q5_0 · Q8_0 dot product.
-pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
     let mut sum = 0f32;
     for (b, q) in x.iter().zip(y) {
         let qh = u32::from_le_bytes(b.qh);
@@ -436,7 +448,7 @@ pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
             let x1 = ((b.qs[j] >> 4) as u32 | h1) as i32 - 16;
             s += x0 * q.qs[j] as i32 + x1 * q.qs[j + QK / 2] as i32;
         }
-        sum += s as f32 * b.d.to_f32() * q.d.to_f32();
+        sum += s as f32 * (b.d.to_f32() * q.d);
     }
     sum
 }
@@ -447,7 +459,7 @@ pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{BlockQ5_0, BlockQ8_0};
+    use super::{ActQ8, BlockQ5_0, BlockQ8_0};
     use std::arch::x86_64::*;
 
     /// Spreads the 32 bits of `qh` to 32 bytes: byte j is 0x10 when bit j is set.
@@ -477,50 +489,50 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Signed bytes `x · y` summed in pairs to 8 i32 lanes, as floats.
     #[inline(always)]
-    unsafe fn dot_i8(xs: __m256i, ys: __m256i) -> __m256 {
-        // |x| * sign(y, x) keeps maddubs' unsigned×signed form
-        let ax = _mm256_sign_epi8(xs, xs);
-        let sy = _mm256_sign_epi8(ys, xs);
-        let p16 = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
-    }
-
-    #[inline(always)]
-    pub(super) unsafe fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-        let n = x.len().min(y.len());
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..n {
-            let bx = x.get_unchecked(i);
-            let by = y.get_unchecked(i);
-            let d = _mm256_set1_ps(bx.d.to_f32() * by.d.to_f32());
-            let xs = _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i);
-            let ys = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d, dot_i8(xs, ys), acc);
+    unsafe fn rows<const R: usize>(
+        n: usize,
+        ys: &[&[ActQ8]; R],
+        mut unpack: impl FnMut(usize) -> (__m256i, f32),
+    ) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..n {
+            let (xs, dx) = unpack(b);
+            let ax = _mm256_sign_epi8(xs, xs);
+            for r in 0..R {
+                let y = ys[r].get_unchecked(b);
+                let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                // |x| * sign(y, x) keeps maddubs' unsigned×signed form
+                let p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(yv, xs));
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * y.d), p, acc[r]);
+            }
         }
-        hsum(acc)
+        acc.map(|a| hsum(a))
     }
 
     #[inline(always)]
-    pub(super) unsafe fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
-        let n = x.len().min(y.len());
-        let mut acc = _mm256_setzero_ps();
+    pub(super) unsafe fn dot_rows_q8_0<const R: usize>(x: &[BlockQ8_0], ys: [&[ActQ8]; R]) -> [f32; R] {
+        let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+        rows(n, &ys, |b| {
+            let bx = x.get_unchecked(b);
+            (_mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i), bx.d.to_f32())
+        })
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn dot_rows_q5_0<const R: usize>(x: &[BlockQ5_0], ys: [&[ActQ8]; R]) -> [f32; R] {
+        let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
         let low = _mm256_set1_epi8(0x0f);
         let sixteen = _mm256_set1_epi8(16);
-        for i in 0..n {
-            let bx = x.get_unchecked(i);
-            let by = y.get_unchecked(i);
-            let d = _mm256_set1_ps(bx.d.to_f32() * by.d.to_f32());
+        rows(n, &ys, |b| {
+            let bx = x.get_unchecked(b);
             let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
             // positions 0..16 are the low nibbles, 16..32 the high nibbles
             let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
             let q = _mm256_or_si256(nib, high_bits(u32::from_le_bytes(bx.qh)));
-            let xs = _mm256_sub_epi8(q, sixteen);
-            let ys = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d, dot_i8(xs, ys), acc);
-        }
-        hsum(acc)
+            (_mm256_sub_epi8(q, sixteen), bx.d.to_f32())
+        })
     }
 }
 
@@ -553,13 +565,7 @@ mod tests {
             })
             .collect();
         let act: Vec<f32> = (0..blocks * QK).map(|_| rng(&mut s)).collect();
-        let mut y = vec![
-            BlockQ8_0 {
-                d: f16::ZERO,
-                qs: [0; QK]
-            };
-            blocks
-        ];
+        let mut y = vec![ActQ8 { d: 0.0, qs: [0; QK] }; blocks];
         quantize_row_q8_0(&act, &mut y);
         let fast = vec_dot_q5_0_q8_0(&x, &y);
         let slow = vec_dot_q5_0_q8_0_scalar(&x, &y);
@@ -577,5 +583,40 @@ mod tests {
             (fast - exact).abs() <= 0.02 * exact.abs().max(1.0),
             "{fast} vs {exact}"
         );
+    }
+
+    #[test]
+    fn grouped_rows_match_the_scalar_reference_for_every_type() {
+        let mut s = 99u64;
+        let (rows, cols, m) = (37, 64, 6);
+        // random Q5_0 and Q8_0 weight bytes with sane scales
+        let mut q5 = Vec::new();
+        let mut q8 = Vec::new();
+        for _ in 0..rows * cols / QK {
+            q5.extend(f16::from_f32(rng(&mut s) * 0.1).to_le_bytes());
+            q5.extend((0..20).map(|_| (rng(&mut s) * 127.0 + 128.0) as u8));
+            q8.extend(f16::from_f32(rng(&mut s) * 0.1).to_le_bytes());
+            q8.extend((0..32).map(|_| (rng(&mut s) * 127.0) as i8 as u8));
+        }
+        let x: Vec<f32> = (0..m * cols).map(|_| rng(&mut s)).collect();
+        for (dtype, bytes) in [(GgmlDType::Q5_0, q5), (GgmlDType::Q8_0, q8)] {
+            let w = QMatrix::from_bytes("w", dtype, rows, cols, &bytes).unwrap();
+            let mut y = vec![0f32; m * rows];
+            w.matmul(m, &x, &mut y).unwrap();
+            let bpr = cols / QK;
+            for r in 0..m {
+                let mut xq = vec![ActQ8 { d: 0.0, qs: [0; QK] }; bpr];
+                quantize_row_q8_0(&x[r * cols..(r + 1) * cols], &mut xq);
+                for c in 0..rows {
+                    let exact = match &w.storage {
+                        Storage::Q5_0(b) => vec_dot_q5_0_q8_0_scalar(&b[c * bpr..(c + 1) * bpr], &xq),
+                        Storage::Q8_0(b) => vec_dot_q8_0_q8_0_scalar(&b[c * bpr..(c + 1) * bpr], &xq),
+                        _ => unreachable!(),
+                    };
+                    let got = y[r * rows + c];
+                    assert!((got - exact).abs() <= 1e-4 * exact.abs().max(1.0), "{dtype:?} ({r},{c}): {got} vs {exact}");
+                }
+            }
+        }
     }
 }
