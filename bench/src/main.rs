@@ -6,7 +6,6 @@
 //! table to `bench/results/`.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,7 +74,9 @@ fn main() -> Result<()> {
 /// Distinct, deterministic prompt tokens (no special tokens).
 fn prompt_tokens(n: usize, salt: usize) -> Vec<u32> {
     let mut v = vec![2u32];
-    v.extend((0..n.saturating_sub(1)).map(|i| 1000 + ((i * 7919 + salt * 104_729) % 20_000) as u32));
+    v.extend(
+        (0..n.saturating_sub(1)).map(|i| 1000 + ((i * 7919 + salt * 104_729) % 20_000) as u32),
+    );
     v
 }
 
@@ -83,7 +84,12 @@ fn engine(lm: &LoadedModel, kv_budget: usize) -> Result<Engine> {
     Ok(Engine::new(
         lm.model.clone(),
         lm.tokenizer.clone(),
-        EngineConfig { kv_budget_bytes: kv_budget, max_running: 256, max_step_tokens: 512, ..EngineConfig::default() },
+        EngineConfig {
+            kv_budget_bytes: kv_budget,
+            max_running: 256,
+            max_step_tokens: 512,
+            ..EngineConfig::default()
+        },
     )?)
 }
 
@@ -93,8 +99,16 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
     let mut e = engine(lm, kv)?;
     for i in 0..n {
         // no stop tokens: every sequence runs its full length
-        let params = SamplingParams { max_tokens: decode, ..SamplingParams::greedy(decode) };
-        e.add_request(Request { id: i as u64, prompt: prompt_tokens(prompt, i), params, priority: 0 })?;
+        let params = SamplingParams {
+            max_tokens: decode,
+            ..SamplingParams::greedy(decode)
+        };
+        e.add_request(Request {
+            id: i as u64,
+            prompt: prompt_tokens(prompt, i),
+            params,
+            priority: 0,
+        })?;
     }
     // prefill (and the first token) outside the timed region
     while e.stats().generated_tokens < n as u64 {
@@ -113,9 +127,11 @@ fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -123,7 +139,7 @@ fn peak_rss() -> u64 {
 fn runtime(a: RuntimeArgs) -> Result<()> {
     weft_kernels::set_threads(a.threads);
     let src = ModelSource::parse(&a.model)?;
-    let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
+    ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
     // the page cache is warm now; time the sha256 check every load does, then the load
     let t = Instant::now();
     let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
@@ -131,22 +147,34 @@ fn runtime(a: RuntimeArgs) -> Result<()> {
     let t = Instant::now();
     let lm = weft_kernels::load(&stored.path, None, Backend::Cpu).context("loading the model")?;
     let load_s = t.elapsed().as_secs_f64();
-    let lm = LoadedModel { model: Arc::clone(&lm.model), tokenizer: lm.tokenizer };
+    let lm = LoadedModel {
+        model: Arc::clone(&lm.model),
+        tokenizer: lm.tokenizer,
+    };
 
-    // prefill: one long prompt, timed to its first token
-    let mut e = engine(&lm, a.kv_budget)?;
-    e.add_request(Request { id: 0, prompt: prompt_tokens(8, 99), params: SamplingParams::greedy(2), priority: 0 })?;
-    e.run_to_completion()?; // warm-up
-    let mut e = engine(&lm, a.kv_budget)?;
-    e.add_request(Request {
-        id: 1,
-        prompt: prompt_tokens(a.prefill_tokens, 1),
-        params: SamplingParams::greedy(1),
-        priority: 0,
-    })?;
-    let t = Instant::now();
-    e.run_to_completion()?;
-    let prefill = a.prefill_tokens as f64 / t.elapsed().as_secs_f64();
+    // warm-up, then prefill: one long prompt, timed to its first token
+    {
+        let mut e = engine(&lm, a.kv_budget)?;
+        e.add_request(Request {
+            id: 0,
+            prompt: prompt_tokens(8, 99),
+            params: SamplingParams::greedy(2),
+            priority: 0,
+        })?;
+        e.run_to_completion()?;
+    }
+    let prefill = {
+        let mut e = engine(&lm, a.kv_budget)?;
+        e.add_request(Request {
+            id: 1,
+            prompt: prompt_tokens(a.prefill_tokens, 1),
+            params: SamplingParams::greedy(1),
+            priority: 0,
+        })?;
+        let t = Instant::now();
+        e.run_to_completion()?;
+        a.prefill_tokens as f64 / t.elapsed().as_secs_f64()
+    };
 
     let decode = decode_rate(&lm, 1, 16, a.decode_tokens * 2, a.kv_budget)?;
     let mut agg = Vec::new();

@@ -19,7 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         let w = f.matrix(name, rows, cols)?;
         for (mi, m) in [1usize, 16].into_iter().enumerate() {
-            let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
             let mut y = vec![0f32; m * rows];
             w.matmul(m, &x, &mut y)?;
             let reps = 20;
@@ -29,7 +31,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
             total[mi] += ms * times as f64;
-            println!("{name:28} {:?} m={m:3} {ms:8.3} ms  x{times} per token step", w.dtype());
+            println!(
+                "{name:28} {:?} m={m:3} {ms:8.3} ms  x{times} per token step",
+                w.dtype()
+            );
         }
     }
     println!("per step: m=1 {:.2} ms, m=16 {:.2} ms", total[0], total[1]);

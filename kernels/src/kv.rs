@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::error::{KernelError, Result};
 
@@ -32,10 +33,11 @@ pub struct KvCache {
     layers: usize,
     kv_dim: usize,
     total_blocks: usize,
-    /// Per layer: `[block][slot][kv_dim]` keys.
-    k: Vec<Vec<f16>>,
-    /// Per layer: `[block][slot][kv_dim]` values.
-    v: Vec<Vec<f16>>,
+    /// Per layer: `[block][slot][kv_dim]` keys, f16 bits. Held as `u16` so the
+    /// pool is allocated zeroed by the OS and costs memory only where written.
+    k: Vec<Vec<u16>>,
+    /// Per layer: `[block][slot][kv_dim]` values, f16 bits.
+    v: Vec<Vec<u16>>,
     free: Vec<u32>,
     tables: HashMap<SeqId, BlockTable>,
 }
@@ -71,8 +73,8 @@ impl KvCache {
             layers,
             kv_dim,
             total_blocks: blocks,
-            k: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            v: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            k: (0..layers).map(|_| vec![0u16; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![0u16; per_layer]).collect(),
             // hand out low block numbers first
             free: (0..blocks as u32).rev().collect(),
             tables: HashMap::new(),
@@ -176,12 +178,12 @@ impl KvCache {
     ) -> Result<()> {
         let off = self.slot(seq, pos)?;
         let d = self.kv_dim;
-        for (dst, src) in self.k[layer][off..off + d].iter_mut().zip(k) {
-            *dst = f16::from_f32(*src);
-        }
-        for (dst, src) in self.v[layer][off..off + d].iter_mut().zip(v) {
-            *dst = f16::from_f32(*src);
-        }
+        self.k[layer][off..off + d]
+            .reinterpret_cast_mut::<f16>()
+            .convert_from_f32_slice(k);
+        self.v[layer][off..off + d]
+            .reinterpret_cast_mut::<f16>()
+            .convert_from_f32_slice(v);
         Ok(())
     }
 
@@ -202,7 +204,10 @@ impl KvCache {
 
     /// Keys and values of local layer `layer`, `[block][slot][kv_dim]`.
     pub fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
-        (&self.k[layer], &self.v[layer])
+        (
+            self.k[layer].reinterpret_cast::<f16>(),
+            self.v[layer].reinterpret_cast::<f16>(),
+        )
     }
 
     /// Width of one position's keys.

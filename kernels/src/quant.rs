@@ -313,12 +313,20 @@ pub trait Q8Dot: Copy + Sync {
 impl Q8Dot for BlockQ8_0 {
     #[inline]
     fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
         {
             // SAFETY: the target features this needs are enabled at compile time.
             unsafe { avx2::dot_rows_q8_0(w, ys) }
         }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
         {
             ys.map(|y| vec_dot_q8_0_q8_0_scalar(w, y))
         }
@@ -328,12 +336,20 @@ impl Q8Dot for BlockQ8_0 {
 impl Q8Dot for BlockQ5_0 {
     #[inline]
     fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
         {
             // SAFETY: the target features this needs are enabled at compile time.
             unsafe { avx2::dot_rows_q5_0(w, ys) }
         }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
         {
             ys.map(|y| vec_dot_q5_0_q8_0_scalar(w, y))
         }
@@ -341,14 +357,17 @@ impl Q8Dot for BlockQ5_0 {
 }
 
 /// Activation rows handled together, so each weight block is unpacked once per group.
-const ROW_GROUP: usize = 4;
+const ROW_GROUP: usize = 8;
 
 /// Products of weights whose dot type is Q8_0: the activations are quantized
 /// once, then column tiles are spread over the pool; within a tile, rows go
 /// in groups of [`ROW_GROUP`] over each weight row.
 fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, n: usize, lhs: &[f32], w: &[W], dst: &mut [f32]) {
     let bpr = k / QK;
-    let zero = ActQ8 { d: 0.0, qs: [0; QK] };
+    let zero = ActQ8 {
+        d: 0.0,
+        qs: [0; QK],
+    };
     let mut lhs_q = vec![zero; m * bpr];
     for r in 0..m {
         quantize_row_q8_0(&lhs[r * k..(r + 1) * k], &mut lhs_q[r * bpr..(r + 1) * bpr]);
@@ -367,12 +386,25 @@ fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, n: usize, lhs: &[f32], w: &[W], d
             let mut r = 0;
             while r + ROW_GROUP <= m {
                 for c in c0..c1 {
-                    let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], [y(r), y(r + 1), y(r + 2), y(r + 3)]);
+                    let ys: [&[ActQ8]; ROW_GROUP] = std::array::from_fn(|i| y(r + i));
+                    let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], ys);
                     for (i, v) in s.into_iter().enumerate() {
                         put(r + i, c, v);
                     }
                 }
                 r += ROW_GROUP;
+            }
+            while r + 4 <= m {
+                for c in c0..c1 {
+                    let s = W::dot_rows(
+                        &w[c * bpr..(c + 1) * bpr],
+                        [y(r), y(r + 1), y(r + 2), y(r + 3)],
+                    );
+                    for (i, v) in s.into_iter().enumerate() {
+                        put(r + i, c, v);
+                    }
+                }
+                r += 4;
             }
             for r in r..m {
                 for c in c0..c1 {
@@ -429,7 +461,11 @@ pub fn vec_dot_q8_0_q8_0_scalar(x: &[BlockQ8_0], y: &[ActQ8]) -> f32 {
     x.iter()
         .zip(y)
         .map(|(a, b)| {
-            let s: i32 = a.qs.iter().zip(&b.qs).map(|(p, q)| *p as i32 * *q as i32).sum();
+            let s: i32 =
+                a.qs.iter()
+                    .zip(&b.qs)
+                    .map(|(p, q)| *p as i32 * *q as i32)
+                    .sum();
             s as f32 * (a.d.to_f32() * b.d)
         })
         .sum()
@@ -512,16 +548,25 @@ mod avx2 {
     }
 
     #[inline(always)]
-    pub(super) unsafe fn dot_rows_q8_0<const R: usize>(x: &[BlockQ8_0], ys: [&[ActQ8]; R]) -> [f32; R] {
+    pub(super) unsafe fn dot_rows_q8_0<const R: usize>(
+        x: &[BlockQ8_0],
+        ys: [&[ActQ8]; R],
+    ) -> [f32; R] {
         let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
         rows(n, &ys, |b| {
             let bx = x.get_unchecked(b);
-            (_mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i), bx.d.to_f32())
+            (
+                _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
+                bx.d.to_f32(),
+            )
         })
     }
 
     #[inline(always)]
-    pub(super) unsafe fn dot_rows_q5_0<const R: usize>(x: &[BlockQ5_0], ys: [&[ActQ8]; R]) -> [f32; R] {
+    pub(super) unsafe fn dot_rows_q5_0<const R: usize>(
+        x: &[BlockQ5_0],
+        ys: [&[ActQ8]; R],
+    ) -> [f32; R] {
         let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
         let low = _mm256_set1_epi8(0x0f);
         let sixteen = _mm256_set1_epi8(16);
@@ -565,7 +610,13 @@ mod tests {
             })
             .collect();
         let act: Vec<f32> = (0..blocks * QK).map(|_| rng(&mut s)).collect();
-        let mut y = vec![ActQ8 { d: 0.0, qs: [0; QK] }; blocks];
+        let mut y = vec![
+            ActQ8 {
+                d: 0.0,
+                qs: [0; QK]
+            };
+            blocks
+        ];
         quantize_row_q8_0(&act, &mut y);
         let fast = vec_dot_q5_0_q8_0(&x, &y);
         let slow = vec_dot_q5_0_q8_0_scalar(&x, &y);
@@ -605,16 +656,29 @@ mod tests {
             w.matmul(m, &x, &mut y).unwrap();
             let bpr = cols / QK;
             for r in 0..m {
-                let mut xq = vec![ActQ8 { d: 0.0, qs: [0; QK] }; bpr];
+                let mut xq = vec![
+                    ActQ8 {
+                        d: 0.0,
+                        qs: [0; QK]
+                    };
+                    bpr
+                ];
                 quantize_row_q8_0(&x[r * cols..(r + 1) * cols], &mut xq);
                 for c in 0..rows {
                     let exact = match &w.storage {
-                        Storage::Q5_0(b) => vec_dot_q5_0_q8_0_scalar(&b[c * bpr..(c + 1) * bpr], &xq),
-                        Storage::Q8_0(b) => vec_dot_q8_0_q8_0_scalar(&b[c * bpr..(c + 1) * bpr], &xq),
+                        Storage::Q5_0(b) => {
+                            vec_dot_q5_0_q8_0_scalar(&b[c * bpr..(c + 1) * bpr], &xq)
+                        }
+                        Storage::Q8_0(b) => {
+                            vec_dot_q8_0_q8_0_scalar(&b[c * bpr..(c + 1) * bpr], &xq)
+                        }
                         _ => unreachable!(),
                     };
                     let got = y[r * rows + c];
-                    assert!((got - exact).abs() <= 1e-4 * exact.abs().max(1.0), "{dtype:?} ({r},{c}): {got} vs {exact}");
+                    assert!(
+                        (got - exact).abs() <= 1e-4 * exact.abs().max(1.0),
+                        "{dtype:?} ({r},{c}): {got} vs {exact}"
+                    );
                 }
             }
         }
