@@ -6,14 +6,35 @@ import platform
 import subprocess
 import sys
 
+import statistics
+
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 model_bytes = int(sys.argv[2])
-by = {(r["engine"], r["threads"]): r for r in rows}
+runs = {}
+for r in rows:
+    runs.setdefault((r["engine"], r["threads"]), []).append(r)
+
+
+def median_run(rs):
+    """One report whose every figure is the median over the repeats."""
+    out = dict(rs[0])
+    for key in ("load_s", "verify_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in rs)
+    ns = [n for n, _ in rs[0]["aggregate_decode_tokens_per_s"]]
+    out["aggregate_decode_tokens_per_s"] = [
+        [n, statistics.median(dict((a, b) for a, b in r["aggregate_decode_tokens_per_s"])[n] for r in rs)] for n in ns
+    ]
+    out["repeats"] = len(rs)
+    return out
+
+
+by = {k: median_run(v) for k, v in runs.items()}
 threads = sorted({r["threads"] for r in rows})
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 print(f"# Model runtime: weft vs llama.cpp\n")
 print(f"Default model (Gemma 3 270M Q4_K_M, {model_bytes / 2**20:.1f} MiB), {cpu}, {platform.machine()}, "
-      f"`scripts/bench_runtime.sh`; llama.cpp through llama-cpp-python {next((r.get('llama_cpp_python') for r in rows if r.get('llama_cpp_python')), '?')}.\n")
+      f"`scripts/bench_runtime.sh`, median of {min(len(v) for v in runs.values())} alternating runs per engine; llama.cpp through llama-cpp-python {next((r.get('llama_cpp_python') for r in rows if r.get('llama_cpp_python')), '?')}.\n")
 print("| threads | metric | weft | llama.cpp | weft / llama.cpp |")
 print("|---|---|---|---|---|")
 for t in threads:

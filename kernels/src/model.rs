@@ -408,8 +408,7 @@ impl Gemma3 {
         for row in s.normed.chunks_exact_mut(h) {
             rms_norm(row, &layer.attn_norm, eps);
         }
-        layer.q.matmul(t, &s.normed, &mut s.q)?;
-        layer.k.matmul(t, &s.normed, &mut s.k)?;
+        QMatrix::matmul_pair(&layer.q, &layer.k, t, &s.normed, &mut s.q, &mut s.k)?;
         layer.v.matmul(t, &s.normed, &mut s.v)?;
         let q_scale = 1.0 / (hd as f32).sqrt();
         for r in 0..t {
@@ -449,8 +448,7 @@ impl Gemma3 {
         for row in s.normed.chunks_exact_mut(h) {
             rms_norm(row, &layer.ffn_norm, eps);
         }
-        layer.gate.matmul(t, &s.normed, &mut s.gate)?;
-        layer.up.matmul(t, &s.normed, &mut s.up)?;
+        QMatrix::matmul_pair(&layer.gate, &layer.up, t, &s.normed, &mut s.gate, &mut s.up)?;
         s.gate
             .iter_mut()
             .zip(s.up.iter())

@@ -206,17 +206,40 @@ impl QMatrix {
         }
         match &self.storage {
             Storage::Q5_0(w) => {
-                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst);
+                matmul_q8_act(m, self.cols, lhs, &mut [(w, self.rows, dst)]);
                 Ok(())
             }
             Storage::Q8_0(w) => {
-                matmul_q8_act(m, self.cols, self.rows, lhs, w, dst);
+                matmul_q8_act(m, self.cols, lhs, &mut [(w, self.rows, dst)]);
                 Ok(())
             }
             Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
             Storage::F32(w) => {
                 matmul_f32(m, self.cols, self.rows, lhs, w, dst);
                 Ok(())
+            }
+        }
+    }
+
+    /// `dst_a = lhs · aᵀ` and `dst_b = lhs · bᵀ` for two matrices taking the
+    /// same input: one activation quantization and one pool dispatch when
+    /// both are Q5_0 or both Q8_0.
+    pub fn matmul_pair(a: &Self, b: &Self, m: usize, lhs: &[f32], dst_a: &mut [f32], dst_b: &mut [f32]) -> Result<()> {
+        if a.cols != b.cols {
+            return Err(KernelError::BadInput(format!("paired products take {} and {} inputs", a.cols, b.cols)));
+        }
+        match (&a.storage, &b.storage) {
+            (Storage::Q5_0(wa), Storage::Q5_0(wb)) if m > 0 => {
+                matmul_q8_act(m, a.cols, lhs, &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)]);
+                Ok(())
+            }
+            (Storage::Q8_0(wa), Storage::Q8_0(wb)) if m > 0 => {
+                matmul_q8_act(m, a.cols, lhs, &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)]);
+                Ok(())
+            }
+            _ => {
+                a.matmul(m, lhs, dst_a)?;
+                b.matmul(m, lhs, dst_b)
             }
         }
     }
@@ -361,8 +384,10 @@ const ROW_GROUP: usize = 8;
 
 /// Products of weights whose dot type is Q8_0: the activations are quantized
 /// once, then column tiles are spread over the pool; within a tile, rows go
-/// in groups of [`ROW_GROUP`] over each weight row.
-fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, n: usize, lhs: &[f32], w: &[W], dst: &mut [f32]) {
+/// in groups of [`ROW_GROUP`] over each weight row. Several matrices that take
+/// the same input (`parts`: weights, output columns, destination) share the
+/// quantization and one pool dispatch.
+fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, lhs: &[f32], parts: &mut [(&[W], usize, &mut [f32])]) {
     let bpr = k / QK;
     let zero = ActQ8 {
         d: 0.0,
@@ -372,16 +397,20 @@ fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, n: usize, lhs: &[f32], w: &[W], d
     for r in 0..m {
         quantize_row_q8_0(&lhs[r * k..(r + 1) * k], &mut lhs_q[r * bpr..(r + 1) * bpr]);
     }
-    let out = SharedMut(dst.as_mut_ptr());
-    let items = n.div_ceil(COLS_PER_ITEM);
-    let lhs_q = &lhs_q;
+    // (part, first column) of every work item
+    let mut items: Vec<(usize, usize)> = Vec::new();
+    for (p, (_, n, _)) in parts.iter().enumerate() {
+        items.extend((0..n.div_ceil(COLS_PER_ITEM)).map(|i| (p, i * COLS_PER_ITEM)));
+    }
+    let outs: Vec<(&[W], usize, SharedMut)> =
+        parts.iter_mut().map(|(w, n, d)| (*w, *n, SharedMut(d.as_mut_ptr()))).collect();
+    let (lhs_q, items, outs) = (&lhs_q, &items, &outs);
     let y = move |r: usize| &lhs_q[r * bpr..(r + 1) * bpr];
-    barrier_pool().execute_chunked(items, move |range| {
-        let out = out;
-        // SAFETY (all writes below): (r, c) is written by exactly one work item.
-        let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * n + c) = v };
-        for item in range {
-            let c0 = item * COLS_PER_ITEM;
+    barrier_pool().execute_chunked(items.len(), move |range| {
+        for &(p, c0) in &items[range] {
+            let (w, n, out) = outs[p];
+            // SAFETY (all writes below): (r, c) of a part is written by exactly one work item.
+            let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * n + c) = v };
             let c1 = (c0 + COLS_PER_ITEM).min(n);
             let mut r = 0;
             while r + ROW_GROUP <= m {
@@ -396,10 +425,7 @@ fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, n: usize, lhs: &[f32], w: &[W], d
             }
             while r + 4 <= m {
                 for c in c0..c1 {
-                    let s = W::dot_rows(
-                        &w[c * bpr..(c + 1) * bpr],
-                        [y(r), y(r + 1), y(r + 2), y(r + 3)],
-                    );
+                    let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], [y(r), y(r + 1), y(r + 2), y(r + 3)]);
                     for (i, v) in s.into_iter().enumerate() {
                         put(r + i, c, v);
                     }
