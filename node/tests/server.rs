@@ -1,0 +1,681 @@
+//! `weft up` as a user meets it: the binary on a free port with the tiny test
+//! model, spoken to over HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
+
+/// How long a node may take to start and load the tiny model.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+struct Node {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny-gemma.gguf");
+    write_tiny_model(&p, &TinyModelSpec::default()).unwrap();
+    p
+}
+
+/// Starts `weft up` with extra TOML lines; waits until it is ready.
+fn start(extra_toml: &str) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!("addr = \"127.0.0.1:0\"\nmodel = \"{}\"\nthreads = 1\nkv_budget = 67108864\ngrace_s = 20\n{extra_toml}", model.display()),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .env("WEFT_CACHE_DIR", dir.path().join("cache"))
+        .env_remove("WEFT_ADDR")
+        .env_remove("WEFT_MODEL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let first = lines.next().expect("weft up prints its address").unwrap();
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("an http:// URL on the first line")
+        .to_string();
+    std::thread::spawn(move || for _ in lines {});
+    let node = Node {
+        child,
+        base,
+        _dir: dir,
+    };
+    wait_ready(&node, true);
+    node
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+fn wait_ready(node: &Node, want: bool) {
+    let deadline = Instant::now() + START_DEADLINE;
+    let c = client();
+    loop {
+        let ok = c
+            .get(format!("{}/readyz", node.base))
+            .send()
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        if ok == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "readyz never became {want}");
+        std::thread::yield_now();
+    }
+}
+
+fn post(node: &Node, path: &str, body: &Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", node.base))
+        .json(body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// The data payloads of an SSE response, in order.
+fn sse(node: &Node, path: &str, body: &Value) -> Vec<String> {
+    let r = client()
+        .post(format!("{}{path}", node.base))
+        .json(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text().unwrap();
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+fn assert_error(status: u16, body: &Value, want: u16) {
+    assert_eq!(status, want, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(body["error"]["type"].is_string(), "{body}");
+}
+
+#[test]
+fn endpoints_answer_as_openai_does() {
+    let n = start("");
+    let c = client();
+    assert_eq!(
+        c.get(format!("{}/healthz", n.base))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    let models: Value = c
+        .get(format!("{}/v1/models", n.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-gemma");
+
+    let (st, v) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "hello world", "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(
+        v["usage"]["total_tokens"],
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + 5
+    );
+    let whole = v["choices"][0]["text"].as_str().unwrap().to_string();
+
+    // the same request streamed gives the same text, chunk by chunk, then [DONE]
+    let events = sse(
+        &n,
+        "/v1/completions",
+        &json!({"model": "default", "prompt": "hello world", "max_tokens": 5, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, whole);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    // chat, whole and streamed
+    let body = json!({"model": "tiny-gemma", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (st, v) = post(&n, "/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let events = sse(&n, "/v1/chat/completions", &sbody);
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(
+        content,
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+
+    // seeds repeat
+    let seeded = json!({"model": "tiny-gemma", "prompt": "the", "max_tokens": 8, "temperature": 1.5, "seed": 11});
+    assert_eq!(
+        post(&n, "/v1/completions", &seeded).1["choices"],
+        post(&n, "/v1/completions", &seeded).1["choices"]
+    );
+
+    let metrics = c
+        .get(format!("{}/metrics", n.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for name in [
+        "weft_requests_total{model=\"tiny-gemma\",status=\"200\",criticality=\"standard\"}",
+        "weft_time_to_first_token_seconds_bucket",
+        "weft_inter_token_seconds_count",
+        "weft_generated_tokens_total",
+        "weft_queue_depth",
+        "weft_kv_blocks_total",
+        "weft_worker_restarts_total 0",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
+    }
+}
+
+#[test]
+fn bad_input_gets_openai_errors_and_the_node_stays_up() {
+    let n = start("max_context = 64\nmax_body_bytes = 4096\nmax_tokens_limit = 100\ndefault_max_tokens = 16\n");
+    let c = client();
+    let raw = |body: Vec<u8>| {
+        let r = c
+            .post(format!("{}/v1/completions", n.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    let (st, v) = raw(b"{not json".to_vec());
+    assert_error(st, &v, 400);
+    let (st, v) = raw(b"{\"model\": \"tiny-gemma\", \"prompt\": \"\xff\xfe\"}".to_vec());
+    assert_error(st, &v, 400);
+    let (st, v) = raw(vec![b' '; 5000]);
+    assert_error(st, &v, 413);
+    let cases = [
+        (json!({"prompt": "x"}), 400),                       // missing model
+        (json!({"model": "tiny-gemma", "prompt": 42}), 400), // wrong type
+        (json!({"model": "gpt-9", "prompt": "x"}), 404),     // unknown model
+        (
+            json!({"model": "tiny-gemma", "prompt": "a ".repeat(200)}),
+            400,
+        ), // over the context
+        (
+            json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 101}),
+            400,
+        ), // over max_tokens
+        (json!({"model": "tiny-gemma", "prompt": "x", "n": 2}), 400),
+        (
+            json!({"model": "tiny-gemma", "prompt": "x", "weft": {"criticality": "urgent"}}),
+            400,
+        ),
+        (
+            json!({"model": "tiny-gemma", "prompt": "x", "temperature": -1}),
+            400,
+        ),
+    ];
+    for (body, want) in cases {
+        let (st, v) = post(&n, "/v1/completions", &body);
+        assert_error(st, &v, want);
+    }
+    let (st, v) = post(
+        &n,
+        "/v1/chat/completions",
+        &json!({"model": "tiny-gemma", "messages": []}),
+    );
+    assert_error(st, &v, 400);
+    let r = c
+        .post(format!("{}/v1/completions", n.base))
+        .header("x-weft-criticality", "whenever")
+        .json(&json!({"model": "tiny-gemma", "prompt": "x"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (st, v) = post(&n, "/v1/nothing", &json!({}));
+    assert_error(st, &v, 404);
+    // still serving
+    let (st, _) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(st, 200);
+}
+
+#[test]
+fn api_keys_and_tenant_limits() {
+    let n = start(
+        "[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n\"sk-beta-00002\" = \"beta\"\n[tenants.beta]\ntokens_per_minute = 30\n",
+    );
+    let c = client();
+    let body = json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 3});
+    let r = c
+        .post(format!("{}/v1/completions", n.base))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(format!("{}/v1/completions", n.base))
+        .bearer_auth("sk-wrong-0000")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().unwrap()["error"]["code"],
+        "invalid_api_key"
+    );
+    let r = c
+        .post(format!("{}/v1/completions", n.base))
+        .bearer_auth("sk-alpha-0001")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // beta has 30 tokens a minute: a few requests use them up
+    let mut refused = None;
+    for i in 0..10 {
+        let r = c
+            .post(format!("{}/v1/completions", n.base))
+            .bearer_auth("sk-beta-00002")
+            .json(&body)
+            .send()
+            .unwrap();
+        if r.status() == 429 {
+            assert!(r.headers().contains_key("retry-after"));
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    assert!(refused.is_some_and(|i| i >= 1), "beta was never limited");
+    // alpha is not affected
+    let r = c
+        .post(format!("{}/v1/completions", n.base))
+        .bearer_auth("sk-alpha-0001")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn concurrent_limit_per_tenant() {
+    let n = start("max_running = 1\n[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n[tenants.alpha]\nmax_concurrent = 1\n");
+    let base = n.base.clone();
+    let long = std::thread::spawn(move || {
+        client()
+            .post(format!("{base}/v1/completions"))
+            .bearer_auth("sk-alpha-0001")
+            .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 400}))
+            .send()
+            .unwrap()
+            .status()
+    });
+    // wait until the long request is in flight
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let m = client()
+            .get(format!("{}/metrics", n.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        if m.contains("weft_inflight_requests 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    let r = client()
+        .post(format!("{}/v1/completions", n.base))
+        .bearer_auth("sk-alpha-0001")
+        .json(&json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 1}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(long.join().unwrap(), 200);
+}
+
+#[test]
+fn critical_requests_go_first_and_sheddable_are_shed_under_overload() {
+    let n = start("max_running = 1\nmax_queue = 4\n");
+    let base = n.base.clone();
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut handles = Vec::new();
+    // one long request occupies the single running slot
+    let send = |tag: &'static str,
+                crit: &'static str,
+                max: u32,
+                order: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>| {
+        let base = base.clone();
+        std::thread::spawn(move || {
+            let r = client()
+                .post(format!("{base}/v1/completions"))
+                .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": max, "weft": {"criticality": crit}}))
+                .send()
+                .unwrap();
+            let st = r.status().as_u16();
+            if st == 200 {
+                order.lock().unwrap().push(tag);
+            }
+            (tag, st, r.headers().get("retry-after").is_some())
+        })
+    };
+    handles.push(send("first", "standard", 300, order.clone()));
+    let wait_for = |pred: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let m = client()
+                .get(format!("{}/metrics", n.base))
+                .send()
+                .unwrap()
+                .text()
+                .unwrap();
+            if pred(&m) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{m}");
+            std::thread::yield_now();
+        }
+    };
+    wait_for(&|m| m.contains("weft_inflight_requests 1"));
+    handles.push(send("standard", "standard", 5, order.clone()));
+    handles.push(send("standard2", "standard", 5, order.clone()));
+    wait_for(&|m| m.contains("weft_inflight_requests 3"));
+    handles.push(send("critical", "critical", 5, order.clone()));
+    wait_for(&|m| m.contains("weft_inflight_requests 4") && m.contains("weft_queue_depth 3"));
+    // the queue is at the shedding mark (half of max_queue): sheddable is refused at once
+    let r = client()
+        .post(format!("{}/v1/completions", n.base))
+        .header("x-weft-criticality", "sheddable")
+        .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    for h in handles {
+        let (tag, st, _) = h.join().unwrap();
+        assert_eq!(st, 200, "{tag}");
+    }
+    let order = order.lock().unwrap().clone();
+    let pos = |t| order.iter().position(|x| *x == t).unwrap();
+    assert!(
+        pos("critical") < pos("standard") && pos("critical") < pos("standard2"),
+        "{order:?}"
+    );
+}
+
+#[test]
+fn deadlines_cancel_with_a_clear_error() {
+    let n = start("");
+    let (st, v) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 4000, "weft": {"deadline_ms": 50}}),
+    );
+    assert_error(st, &v, 504);
+    assert_eq!(v["error"]["code"], "deadline_exceeded");
+    let events = sse(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 4000, "stream": true, "weft": {"deadline_ms": 50}}),
+    );
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "deadline_exceeded");
+}
+
+#[test]
+fn workers_are_sandboxed() {
+    let n = start("");
+    let v: Value = client()
+        .get(format!("{}/readyz", n.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let c = &v["worker"]["confinement"];
+    assert_eq!(
+        c["pid"], 1,
+        "the engine runs as PID 1 of its own namespace: {v}"
+    );
+    assert_ne!(c["uid"], 0, "the worker is not root: {v}");
+    assert_eq!(c["no_new_privs"], true);
+    assert_eq!(
+        v["worker"]["reached_node"], false,
+        "the worker has no network: {v}"
+    );
+}
+
+#[test]
+fn a_killed_worker_fails_its_streams_and_comes_back() {
+    let n = start("");
+    let base = n.base.clone();
+    let stream = std::thread::spawn(move || {
+        let r = client()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 3000, "stream": true}))
+            .send()
+            .unwrap();
+        r.text().unwrap()
+    });
+    let deadline = Instant::now() + START_DEADLINE;
+    let pid = loop {
+        let m = client()
+            .get(format!("{}/metrics", n.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        if m.contains("weft_inflight_requests 1") {
+            let v: Value = client()
+                .get(format!("{}/readyz", n.base))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            break v["worker"]["pid"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    };
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let text = stream.join().unwrap();
+    assert!(text.contains("worker_lost"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    wait_ready(&n, true);
+    let (st, _) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(st, 200);
+    let m = client()
+        .get(format!("{}/metrics", n.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(m.contains("weft_worker_restarts_total 1"), "{m}");
+}
+
+#[test]
+fn thirty_two_concurrent_streams_each_get_their_own_text() {
+    let n = start("");
+    let prompts: Vec<String> = (0..32).map(|i| format!("the {i} world")).collect();
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            post(
+                &n,
+                "/v1/completions",
+                &json!({"model": "tiny-gemma", "prompt": p, "max_tokens": 12, "temperature": 0}),
+            )
+            .1["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let base = n.base.clone();
+            std::thread::spawn(move || {
+                let r = client()
+                    .post(format!("{base}/v1/completions"))
+                    .json(&json!({"model": "tiny-gemma", "prompt": p, "max_tokens": 12, "temperature": 0, "stream": true}))
+                    .send()
+                    .unwrap();
+                let text = r.text().unwrap();
+                let mut out = String::new();
+                for e in text.split("\n\n").filter(|e| !e.is_empty()) {
+                    let d = e.strip_prefix("data: ").unwrap();
+                    if d != "[DONE]" {
+                        let v: Value = serde_json::from_str(d).unwrap();
+                        out.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    for (h, want) in handles.into_iter().zip(expected) {
+        assert_eq!(h.join().unwrap(), want);
+    }
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let mut n = start("");
+    let base = n.base.clone();
+    let stream = std::thread::spawn(move || {
+        client()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 200, "stream": true}))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    });
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let m = client()
+            .get(format!("{}/metrics", n.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        if m.contains("weft_inflight_requests 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    Command::new("kill")
+        .args(["-TERM", &n.child.id().to_string()])
+        .status()
+        .unwrap();
+    let text = stream.join().unwrap();
+    assert!(
+        text.contains("\"finish_reason\":\"length\""),
+        "the stream finished normally: {text}"
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let status = n.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        client().get(format!("{}/healthz", n.base)).send().is_err(),
+        "no longer accepting"
+    );
+}
