@@ -3,107 +3,69 @@
 //! SIGINT stops accepting, lets in-flight requests finish within the grace
 //! period, stops the worker and returns.
 
-use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::api::{router, AppState};
 use crate::config::NodeConfig;
 use crate::model_store::{ModelSource, ModelStore, PipFetcher};
 use crate::worker::supervisor::{Supervisor, WorkerSpec};
 
-/// How long the server waits for connections to close after the grace period.
+/// How long cancelled requests get to send their error events after the grace period.
 const FINAL_CLOSE: Duration = Duration::from_secs(5);
 
-/// A connection that holds one of the listener's slots while open.
-pub struct CappedStream {
-    io: TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for CappedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CappedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// A TCP listener that stops accepting while `max` connections are open.
-pub struct CappedListener {
-    inner: TcpListener,
-    slots: Arc<Semaphore>,
-}
-
-impl CappedListener {
-    /// Wraps a bound listener.
-    pub fn new(inner: TcpListener, max: usize) -> Self {
-        Self {
-            inner,
-            slots: Arc::new(Semaphore::new(max)),
-        }
-    }
-}
-
-impl axum::serve::Listener for CappedListener {
-    type Io = CappedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok(permit) = self.slots.clone().acquire_owned().await else {
-                std::future::pending::<()>().await;
-                continue;
-            };
-            match self.inner.accept().await {
-                Ok((io, addr)) => {
-                    let _ = io.set_nodelay(true);
-                    return (
-                        CappedStream {
-                            io,
-                            _permit: permit,
-                        },
-                        addr,
-                    );
-                }
+/// Accepts connections until `stop` turns true: at most `max_conn` open at
+/// once (the rest wait in the kernel's backlog), each with a deadline for its
+/// request headers, each watched by the returned graceful-shutdown handle.
+async fn accept_loop(
+    listener: TcpListener,
+    max_conn: usize,
+    header_timeout: Duration,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> GracefulShutdown {
+    let slots = Arc::new(Semaphore::new(max_conn));
+    let graceful = GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let io = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((io, _)) => io,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
-            }
-        }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let _ = io.set_nodelay(true);
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app.clone()))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
     }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
+    graceful
 }
 
 async fn shutdown_signal() {
@@ -152,6 +114,7 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
     let model_id = source.model_id();
     let grace = Duration::from_secs(cfg.grace_s);
     let max_conn = cfg.max_connections;
+    let read_timeout_s = cfg.read_timeout_s;
     let state = AppState::new(cfg, model_id.clone(), tokenizer, supervisor.clone());
     let app = router(state);
     println!("weft serving {model_id} on http://{bound}  (ready at http://{bound}/readyz once the model is loaded)");
@@ -165,26 +128,16 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
-    let mut graceful_rx = stop_rx.clone();
-    let server = axum::serve(CappedListener::new(listener, max_conn), app).with_graceful_shutdown(
-        async move {
-            let _ = graceful_rx.wait_for(|s| *s).await;
-        },
-    );
-    let mut grace_rx = stop_rx;
-    let grace_over = async move {
-        let _ = grace_rx.wait_for(|s| *s).await;
-        tokio::time::sleep(grace).await;
-    };
-    let server = std::future::IntoFuture::into_future(server);
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r?,
-        _ = grace_over => {
-            tracing::warn!("grace period over: cancelling the requests still running");
-            supervisor.shutdown();
-            let _ = tokio::time::timeout(FINAL_CLOSE, &mut server).await;
-        }
+    let header_timeout = Duration::from_secs(read_timeout_s);
+    let graceful = accept_loop(listener, max_conn, header_timeout, app, stop_rx).await;
+    // the listener is closed; in-flight requests get the grace period, then
+    // stopping the worker ends the rest with an error event each
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(grace, &mut drained).await.is_err() {
+        tracing::warn!("grace period over: cancelling the requests still running");
+        supervisor.shutdown();
+        let _ = tokio::time::timeout(FINAL_CLOSE, &mut drained).await;
     }
     supervisor.shutdown();
     Ok(())

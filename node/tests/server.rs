@@ -679,3 +679,89 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
         "no longer accepting"
     );
 }
+
+#[test]
+fn slow_clients_and_too_many_connections_cannot_pin_the_server() {
+    use std::io::{Read, Write};
+    let n = start("read_timeout_s = 1\nmax_connections = 2\n");
+    let addr = n.base.trim_start_matches("http://").to_string();
+    // a client that never finishes its headers is disconnected
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let closed = match slow.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => {
+            String::from_utf8_lossy(&buf).contains("408")
+                || slow.read(&mut buf).map_or(true, |n| n == 0)
+        }
+        Err(e) => {
+            e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut
+        }
+    };
+    assert!(closed, "a client stuck in its headers was not disconnected");
+    drop(slow);
+    // two connections in use: a third is not served until one closes
+    let a = std::net::TcpStream::connect(&addr).unwrap();
+    let b = std::net::TcpStream::connect(&addr).unwrap();
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    // connections a and b are accepted but idle; they hold both slots
+    let deadline = Instant::now() + START_DEADLINE;
+    let mut refused = false;
+    while Instant::now() < deadline {
+        if quick.get(format!("{}/healthz", n.base)).send().is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a third connection was served while two were open");
+    drop(a);
+    drop(b);
+    assert_eq!(
+        client()
+            .get(format!("{}/healthz", n.base))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_sequence() {
+    let n = start("");
+    let base = n.base.clone();
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    // the client gives up long before 3000 tokens
+    let r = quick
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 3000}))
+        .send();
+    assert!(r.is_err());
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let m = client()
+            .get(format!("{}/metrics", n.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        if m.contains("weft_inflight_requests 0") && m.contains("weft_kv_blocks_used 0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned request kept running:\n{m}"
+        );
+        std::thread::yield_now();
+    }
+}
