@@ -27,10 +27,29 @@ struct Cli {
 enum Command {
     /// Model runtime speed on one thread count: load, prefill, decode at several batch sizes, peak RSS.
     Runtime(RuntimeArgs),
+    /// The HTTP API path against the engine driven directly: time to first
+    /// token, per-token overhead, and 64 concurrent streams.
+    Api(ApiArgs),
 }
 
 #[derive(Parser, Debug)]
-struct RuntimeArgs {
+struct ApiArgs {
+    /// CPU threads (engine and worker alike).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Tokens per stream.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Concurrent streams for the aggregate measurement.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Repeats of the single-stream measurement.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+#[derive(Parser, Debug)]
+pub(crate) struct RuntimeArgs {
     /// Model source (default: the default model, fetched if needed).
     #[arg(long, default_value = "default")]
     model: String,
@@ -68,6 +87,7 @@ struct RuntimeReport {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Runtime(a) => runtime(a),
+        Command::Api(a) => api::run(a),
     }
 }
 
@@ -122,6 +142,8 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
     let secs = t.elapsed().as_secs_f64();
     Ok((e.stats().generated_tokens - start_tokens) as f64 / secs)
 }
+
+mod api;
 
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
