@@ -12,7 +12,8 @@ use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
 
 use crate::ApiArgs;
 
-const PROMPT: &str = "Write a short story about a lighthouse keeper who finds a message in a bottle.";
+const PROMPT: &str =
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.";
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -23,9 +24,22 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Engine in-process: (ttft s, inter-token gaps s) for one greedy stream.
-fn engine_stream(lm: &weft_kernels::LoadedModel, prompt: &[u32], tokens: usize) -> Result<(f64, Vec<f64>)> {
-    let mut e = Engine::new(lm.model.clone(), lm.tokenizer.clone(), EngineConfig::default())?;
-    e.add_request(Request { id: 1, prompt: prompt.to_vec(), params: SamplingParams::greedy(tokens), priority: 1 })?;
+fn engine_stream(
+    lm: &weft_kernels::LoadedModel,
+    prompt: &[u32],
+    tokens: usize,
+) -> Result<(f64, Vec<f64>)> {
+    let mut e = Engine::new(
+        lm.model.clone(),
+        lm.tokenizer.clone(),
+        EngineConfig::default(),
+    )?;
+    e.add_request(Request {
+        id: 1,
+        prompt: prompt.to_vec(),
+        params: SamplingParams::greedy(tokens),
+        priority: 1,
+    })?;
     let t0 = Instant::now();
     let mut last = None;
     let mut ttft = 0.0;
@@ -46,10 +60,27 @@ fn engine_stream(lm: &weft_kernels::LoadedModel, prompt: &[u32], tokens: usize) 
 }
 
 /// Engine in-process: tokens/s with `n` sequences decoding together.
-fn engine_aggregate(lm: &weft_kernels::LoadedModel, prompt: &[u32], n: usize, tokens: usize) -> Result<f64> {
-    let mut e = Engine::new(lm.model.clone(), lm.tokenizer.clone(), EngineConfig { max_running: n, ..EngineConfig::default() })?;
+fn engine_aggregate(
+    lm: &weft_kernels::LoadedModel,
+    prompt: &[u32],
+    n: usize,
+    tokens: usize,
+) -> Result<f64> {
+    let mut e = Engine::new(
+        lm.model.clone(),
+        lm.tokenizer.clone(),
+        EngineConfig {
+            max_running: n,
+            ..EngineConfig::default()
+        },
+    )?;
     for i in 0..n {
-        e.add_request(Request { id: i as u64, prompt: prompt.to_vec(), params: SamplingParams::greedy(tokens), priority: 1 })?;
+        e.add_request(Request {
+            id: i as u64,
+            prompt: prompt.to_vec(),
+            params: SamplingParams::greedy(tokens),
+            priority: 1,
+        })?;
     }
     let t0 = Instant::now();
     while e.has_work() {
@@ -59,7 +90,11 @@ fn engine_aggregate(lm: &weft_kernels::LoadedModel, prompt: &[u32], n: usize, to
 }
 
 /// One streamed request through the API: (ttft s, inter-token gaps s, tokens).
-fn api_stream(client: &reqwest::blocking::Client, base: &str, tokens: usize) -> Result<(f64, Vec<f64>, usize)> {
+fn api_stream(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    tokens: usize,
+) -> Result<(f64, Vec<f64>, usize)> {
     let t0 = Instant::now();
     let r = client
         .post(format!("{base}/v1/completions"))
@@ -72,13 +107,18 @@ fn api_stream(client: &reqwest::blocking::Client, base: &str, tokens: usize) -> 
     let mut n = 0;
     for line in BufReader::new(r).lines() {
         let line = line?;
-        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if data == "[DONE]" {
             break;
         }
         let v: serde_json::Value = serde_json::from_str(data)?;
         // an event per token whose text is complete (English text: every token)
-        if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
             let now = Instant::now();
             match last {
                 None => ttft = now.duration_since(t0).as_secs_f64(),
@@ -93,7 +133,8 @@ fn api_stream(client: &reqwest::blocking::Client, base: &str, tokens: usize) -> 
 
 pub(crate) fn run(a: ApiArgs) -> Result<()> {
     weft_kernels::set_threads(a.threads);
-    let stored = ModelStore::default_location().resolve(&ModelSource::parse("default")?, &PipFetcher::default())?;
+    let stored = ModelStore::default_location()
+        .resolve(&ModelSource::parse("default")?, &PipFetcher::default())?;
     let lm = weft_kernels::load(&stored.path, None, Backend::Cpu)?;
     let prompt = lm.tokenizer.encode(PROMPT, true, false);
 
@@ -111,7 +152,14 @@ pub(crate) fn run(a: ApiArgs) -> Result<()> {
     // the API: `weft up` next to this binary
     let weft = std::env::current_exe()?.with_file_name("weft");
     let mut child = Command::new(&weft)
-        .args(["up", "--addr", "127.0.0.1:0", "--threads", &a.threads.to_string(), "--model"])
+        .args([
+            "up",
+            "--addr",
+            "127.0.0.1:0",
+            "--threads",
+            &a.threads.to_string(),
+            "--model",
+        ])
         .arg(&stored.path)
         .env("WEFT_LOG", "warn")
         .stdout(Stdio::piped())
@@ -120,10 +168,20 @@ pub(crate) fn run(a: ApiArgs) -> Result<()> {
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let first = lines.next().context("weft up printed nothing")??;
     std::thread::spawn(move || for _ in lines {});
-    let base = first.split_whitespace().find(|w| w.starts_with("http://")).context("no URL")?.to_string();
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .context("no URL")?
+        .to_string();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !client.get(format!("{base}/readyz")).send().is_ok_and(|r| r.status().is_success()) {
+    while !client
+        .get(format!("{base}/readyz"))
+        .send()
+        .is_ok_and(|r| r.status().is_success())
+    {
         anyhow::ensure!(Instant::now() < deadline, "weft up never became ready");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -144,7 +202,9 @@ pub(crate) fn run(a: ApiArgs) -> Result<()> {
     let mut agg_tokens = 0;
     let mut agg_gaps = Vec::new();
     for h in handles {
-        let (_, g, n) = h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        let (_, g, n) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
         agg_tokens += n;
         agg_gaps.extend(g);
     }

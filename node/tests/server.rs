@@ -392,7 +392,7 @@ fn concurrent_limit_per_tenant() {
         client()
             .post(format!("{base}/v1/completions"))
             .bearer_auth("sk-alpha-0001")
-            .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 400}))
+            .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 4000}))
             .send()
             .unwrap()
             .status()
@@ -447,7 +447,8 @@ fn critical_requests_go_first_and_sheddable_are_shed_under_overload() {
             (tag, st, r.headers().get("retry-after").is_some())
         })
     };
-    handles.push(send("first", "standard", 300, order.clone()));
+    // (the tiny model's context ends it after about 1,000 tokens)
+    handles.push(send("first", "standard", 4000, order.clone()));
     let wait_for = |pred: &dyn Fn(&str) -> bool| {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
@@ -642,7 +643,7 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let stream = std::thread::spawn(move || {
         client()
             .post(format!("{base}/v1/completions"))
-            .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 200, "stream": true}))
+            .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 4000, "stream": true}))
             .send()
             .unwrap()
             .text()

@@ -40,8 +40,25 @@ pub struct WorkerArgs {
     pub probe: Option<String>,
 }
 
-/// Runs the worker until the node closes the socket.
+/// Runs the worker until the node closes the socket. A node that went away
+/// mid-write (broken pipe) is a normal end, not an error.
 pub fn run(args: WorkerArgs) -> Result<()> {
+    match serve(args) {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    || c.downcast_ref::<super::protocol::FrameError>().is_some_and(|f| {
+                        matches!(f, super::protocol::FrameError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
+                    })
+            }) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn serve(args: WorkerArgs) -> Result<()> {
     if std::env::var_os(sandbox::SANDBOXED_ENV).is_some() {
         sandbox::enter_pid_namespace().context("entering the PID namespace")?;
     }
