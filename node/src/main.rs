@@ -12,7 +12,7 @@ use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
 
 /// weft: an edge-to-cloud inference fabric for AI agents.
 #[derive(Parser, Debug)]
-#[command(name = "weft", version, about, long_about = None)]
+#[command(name = "weft", version, about = "weft: an edge-to-cloud inference fabric for AI agents", long_about = None)]
 struct Cli {
     /// Log format: text or json.
     #[arg(long, global = true, env = "WEFT_LOG_FORMAT")]
