@@ -399,6 +399,8 @@ impl Q8Dot for BlockQ5_0 {
     }
 }
 
+/// Activation rows one work item covers at most (a block that stays in cache).
+const ROW_BLOCK: usize = 64;
 /// Activation rows handled together, so each weight block is unpacked once per group.
 const ROW_GROUP: usize = 8;
 
@@ -422,10 +424,14 @@ fn matmul_q8_act<W: Q8Dot>(
     for r in 0..m {
         quantize_row_q8_0(&lhs[r * k..(r + 1) * k], &mut lhs_q[r * bpr..(r + 1) * bpr]);
     }
-    // (part, first column) of every work item
-    let mut items: Vec<(usize, usize)> = Vec::new();
-    for (p, (_, n, _)) in parts.iter().enumerate() {
-        items.extend((0..n.div_ceil(COLS_PER_ITEM)).map(|i| (p, i * COLS_PER_ITEM)));
+    // (part, first column, first row) of every work item: row blocks outer,
+    // so a worker keeps one block of quantized activations hot while it walks
+    // the weight columns
+    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    for r0 in (0..m).step_by(ROW_BLOCK) {
+        for (p, (_, n, _)) in parts.iter().enumerate() {
+            items.extend((0..n.div_ceil(COLS_PER_ITEM)).map(|i| (p, i * COLS_PER_ITEM, r0)));
+        }
     }
     let outs: Vec<(&[W], usize, SharedMut)> = parts
         .iter_mut()
@@ -434,13 +440,14 @@ fn matmul_q8_act<W: Q8Dot>(
     let (lhs_q, items, outs) = (&lhs_q, &items, &outs);
     let y = move |r: usize| &lhs_q[r * bpr..(r + 1) * bpr];
     barrier_pool().execute_chunked(items.len(), move |range| {
-        for &(p, c0) in &items[range] {
+        for &(p, c0, r0) in &items[range] {
             let (w, n, out) = outs[p];
             // SAFETY (all writes below): (r, c) of a part is written by exactly one work item.
             let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * n + c) = v };
             let c1 = (c0 + COLS_PER_ITEM).min(n);
-            let mut r = 0;
-            while r + ROW_GROUP <= m {
+            let r_end = (r0 + ROW_BLOCK).min(m);
+            let mut r = r0;
+            while r + ROW_GROUP <= r_end {
                 for c in c0..c1 {
                     let ys: [&[ActQ8]; ROW_GROUP] = std::array::from_fn(|i| y(r + i));
                     let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], ys);
@@ -450,7 +457,7 @@ fn matmul_q8_act<W: Q8Dot>(
                 }
                 r += ROW_GROUP;
             }
-            while r + 4 <= m {
+            while r + 4 <= r_end {
                 for c in c0..c1 {
                     let s = W::dot_rows(
                         &w[c * bpr..(c + 1) * bpr],
@@ -462,7 +469,7 @@ fn matmul_q8_act<W: Q8Dot>(
                 }
                 r += 4;
             }
-            for r in r..m {
+            for r in r..r_end {
                 for c in c0..c1 {
                     put(r, c, W::dot_rows(&w[c * bpr..(c + 1) * bpr], [y(r)])[0]);
                 }
