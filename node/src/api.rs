@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use weft_kernels::{ChatMessage, FinishReason, SamplingParams, TokenLogprob, Tokenizer};
+use weft_placement::{AdmissionPolicy, Criticality, NodeLoad};
 
 use crate::config::NodeConfig;
 use crate::metrics::{Gauges, Metrics};
@@ -33,45 +34,6 @@ const MAX_TOP_LOGPROBS: u32 = 20;
 const RETRY_AFTER_S: u64 = 1;
 /// Length of the tokens-per-minute window.
 const TPM_WINDOW: Duration = Duration::from_secs(60);
-
-/// How important a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Criticality {
-    /// Served first, refused last.
-    Critical,
-    /// The default.
-    Standard,
-    /// Refused first under overload.
-    Sheddable,
-}
-
-impl Criticality {
-    fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "critical" => Some(Self::Critical),
-            "standard" => Some(Self::Standard),
-            "sheddable" => Some(Self::Sheddable),
-            _ => None,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Critical => "critical",
-            Self::Standard => "standard",
-            Self::Sheddable => "sheddable",
-        }
-    }
-
-    fn priority(self) -> u8 {
-        match self {
-            Self::Critical => 2,
-            Self::Standard => 1,
-            Self::Sheddable => 0,
-        }
-    }
-}
 
 /// An OpenAI-shaped error.
 #[derive(Debug)]
@@ -659,23 +621,16 @@ fn admit(s: &Arc<AppState>, job: &Job) -> Result<Ticket, ApiError> {
             "the model worker is not ready; retry shortly",
         ));
     }
-    let waiting = s.supervisor.stats().waiting.max(
-        s.supervisor
-            .inflight()
-            .saturating_sub(s.supervisor.stats().running),
-    );
-    let q = s.cfg.max_queue;
-    let limit = match job.criticality {
-        Criticality::Sheddable => q.div_ceil(2),
-        Criticality::Standard => q,
-        Criticality::Critical => q * 2,
-    };
-    if waiting >= limit {
-        return Err(too_many(format!(
-            "the node is overloaded ({waiting} requests waiting); {} requests are refused first",
-            job.criticality.as_str()
-        )));
+    // requests handed to the worker but not yet seen running count as waiting
+    let stats = s.supervisor.stats();
+    let waiting = stats
+        .waiting
+        .max(s.supervisor.inflight().saturating_sub(stats.running));
+    AdmissionPolicy {
+        max_queue: s.cfg.max_queue,
     }
+    .admit(job.criticality, NodeLoad { waiting })
+    .map_err(|r| too_many(r.to_string()))?;
     let limits = s.cfg.limits(&job.tenant);
     let mut tenants = s.tenants.lock().unwrap_or_else(|e| e.into_inner());
     let u = tenants.entry(job.tenant.clone()).or_default();

@@ -5,5 +5,16 @@
 //! record, and the utility model. Pure and deterministic: no tokio, sockets,
 //! files, clocks or global RNG; time and randomness are arguments.
 //!
-//! Nothing lives here yet: the placement issue fills it.
+//! ## Layout
+//!
+//! - [`intent`]: criticality, deadline and cost budget of a request.
+//! - [`admission`]: which requests a saturated node refuses, sheddable first.
+//!
+//! The solver, the router and the utility model come with the placement issue.
 #![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod intent;
+
+pub use admission::{AdmissionPolicy, NodeLoad, Refusal};
+pub use intent::{Criticality, Intent};
