@@ -48,6 +48,9 @@ pub fn child_setup(
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
             "prctl(PDEATHSIG)",
         )?;
+        // own process group: a Ctrl-C at the terminal reaches only the node,
+        // which drains its requests before it stops the worker
+        check(libc::setpgid(0, 0), "setpgid")?;
         if sandbox {
             check(
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
