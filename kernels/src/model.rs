@@ -587,8 +587,9 @@ fn attention(
         let dst = dst;
         let (mut kbuf, mut vbuf): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
         let mut scores: Vec<f32> = Vec::new();
-        let mut qh = vec![0f32; hd];
-        let mut acc = vec![0f32; hd];
+        let mut qbuf: Vec<f32> = Vec::new();
+        let mut acc: Vec<f32> = Vec::new();
+        let mut queries: Vec<(usize, usize, usize, usize)> = Vec::new();
         for &(ci, g, r0, r1) in &items[range] {
             let table = tables[ci];
             let (p_first, p_last) = (rows[r0].1, rows[r1 - 1].1);
@@ -605,42 +606,70 @@ fn attention(
                 kc[o..o + hd].convert_to_f32_slice(&mut kbuf[at..at + hd]);
                 vc[o..o + hd].convert_to_f32_slice(&mut vbuf[at..at + hd]);
             }
+            // every query of the block: (row, head, first and last visible slot)
+            queries.clear();
             for (r, &(_, p)) in rows.iter().enumerate().take(r1).skip(r0) {
-                let first = (p + 1).saturating_sub(window) - lo;
-                let last = p - lo;
                 for head in g * group..(g + 1) * group {
-                    let qrow = &q[r * qd + head * hd..r * qd + (head + 1) * hd];
-                    for (d, s) in qh.iter_mut().zip(qrow) {
-                        *d = f16::from_f32(*s).to_f32();
+                    queries.push((r, head, (p + 1).saturating_sub(window) - lo, p - lo));
+                }
+            }
+            let nq = queries.len();
+            // the queries meet the f16 keys as f16
+            qbuf.resize(nq * hd, 0.0);
+            for (qi, &(r, head, _, _)) in queries.iter().enumerate() {
+                let src = &q[r * qd + head * hd..r * qd + (head + 1) * hd];
+                for (d, v) in qbuf[qi * hd..(qi + 1) * hd].iter_mut().zip(src) {
+                    *d = f16::from_f32(*v).to_f32();
+                }
+            }
+            // scores: each key row is loaded once for all queries that see it
+            scores.clear();
+            scores.resize(nq * span, f32::NEG_INFINITY);
+            for j in 0..span {
+                let krow = &kbuf[j * hd..(j + 1) * hd];
+                for (qi, &(_, _, first, last)) in queries.iter().enumerate() {
+                    if (first..=last).contains(&j) {
+                        scores[qi * span + j] = dot_f32(&qbuf[qi * hd..(qi + 1) * hd], krow);
                     }
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for j in first..=last {
-                        let sc = dot_f32(&qh, &kbuf[j * hd..(j + 1) * hd]);
-                        max = max.max(sc);
-                        scores.push(sc);
-                    }
-                    let mut sum = 0f64;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc as f64;
-                    }
-                    let inv = (1.0 / sum) as f32;
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for (i, j) in (first..=last).enumerate() {
-                        let w = f16::from_f32(scores[i] * inv).to_f32();
-                        acc.iter_mut()
-                            .zip(&vbuf[j * hd..(j + 1) * hd])
+                }
+            }
+            // softmax per query; the weights meet the f16 values as f16
+            for (qi, &(_, _, first, last)) in queries.iter().enumerate() {
+                let row = &mut scores[qi * span + first..qi * span + last + 1];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for sc in row.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for sc in row.iter_mut() {
+                    *sc = f16::from_f32(*sc * inv).to_f32();
+                }
+            }
+            // weighted values: each value row is loaded once for all queries
+            acc.clear();
+            acc.resize(nq * hd, 0.0);
+            for j in 0..span {
+                let vrow = &vbuf[j * hd..(j + 1) * hd];
+                for (qi, &(_, _, first, last)) in queries.iter().enumerate() {
+                    if (first..=last).contains(&j) {
+                        let w = scores[qi * span + j];
+                        acc[qi * hd..(qi + 1) * hd]
+                            .iter_mut()
+                            .zip(vrow)
                             .for_each(|(a, v)| *a += w * v);
                     }
-                    // SAFETY: each (row, head) slice of `out` is written by exactly one item.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            acc.as_ptr(),
-                            dst.0.add(r * qd + head * hd),
-                            hd,
-                        );
-                    }
+                }
+            }
+            for (qi, &(r, head, _, _)) in queries.iter().enumerate() {
+                // SAFETY: each (row, head) slice of `out` is written by exactly one item.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        acc[qi * hd..].as_ptr(),
+                        dst.0.add(r * qd + head * hd),
+                        hd,
+                    );
                 }
             }
         }
