@@ -353,51 +353,36 @@ pub trait Q8Dot: Copy + Sync {
     fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R];
 }
 
-impl Q8Dot for BlockQ8_0 {
-    #[inline]
-    fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            // SAFETY: the target features this needs are enabled at compile time.
-            unsafe { avx2::dot_rows_q8_0(w, ys) }
+/// Implements [`Q8Dot`] for a block type with its AVX2 kernel and scalar reference.
+macro_rules! q8_dot {
+    ($block:ty, $avx2:ident, $scalar:ident) => {
+        impl Q8Dot for $block {
+            #[inline]
+            fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
+                #[cfg(all(
+                    target_arch = "x86_64",
+                    target_feature = "avx2",
+                    target_feature = "fma"
+                ))]
+                {
+                    // SAFETY: the target features this needs are enabled at compile time.
+                    unsafe { avx2::$avx2(w, ys) }
+                }
+                #[cfg(not(all(
+                    target_arch = "x86_64",
+                    target_feature = "avx2",
+                    target_feature = "fma"
+                )))]
+                {
+                    ys.map(|y| $scalar(w, y))
+                }
+            }
         }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        {
-            ys.map(|y| vec_dot_q8_0_q8_0_scalar(w, y))
-        }
-    }
+    };
 }
 
-impl Q8Dot for BlockQ5_0 {
-    #[inline]
-    fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            // SAFETY: the target features this needs are enabled at compile time.
-            unsafe { avx2::dot_rows_q5_0(w, ys) }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        {
-            ys.map(|y| vec_dot_q5_0_q8_0_scalar(w, y))
-        }
-    }
-}
+q8_dot!(BlockQ8_0, dot_rows_q8_0, vec_dot_q8_0_q8_0_scalar);
+q8_dot!(BlockQ5_0, dot_rows_q5_0, vec_dot_q5_0_q8_0_scalar);
 
 /// Activation rows one work item covers at most (a block that stays in cache).
 const ROW_BLOCK: usize = 64;

@@ -93,6 +93,24 @@ fn wait_ready(node: &Node, want: bool) {
     }
 }
 
+/// Waits until the node's /metrics text satisfies `pred`; returns that text.
+fn wait_metrics(node: &Node, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let m = client()
+            .get(format!("{}/metrics", node.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        if pred(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "metrics never matched:\n{m}");
+        std::thread::yield_now();
+    }
+}
+
 fn post(node: &Node, path: &str, body: &Value) -> (u16, Value) {
     let r = client()
         .post(format!("{}{path}", node.base))
@@ -398,20 +416,7 @@ fn concurrent_limit_per_tenant() {
             .status()
     });
     // wait until the long request is in flight
-    let deadline = Instant::now() + START_DEADLINE;
-    loop {
-        let m = client()
-            .get(format!("{}/metrics", n.base))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        if m.contains("weft_inflight_requests 1") {
-            break;
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::yield_now();
-    }
+    wait_metrics(&n, |m| m.contains("weft_inflight_requests 1"));
     let r = client()
         .post(format!("{}/v1/completions", n.base))
         .bearer_auth("sk-alpha-0001")
@@ -449,28 +454,14 @@ fn critical_requests_go_first_and_sheddable_are_shed_under_overload() {
     };
     // (the tiny model's context ends it after about 1,000 tokens)
     handles.push(send("first", "standard", 4000, order.clone()));
-    let wait_for = |pred: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            let m = client()
-                .get(format!("{}/metrics", n.base))
-                .send()
-                .unwrap()
-                .text()
-                .unwrap();
-            if pred(&m) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{m}");
-            std::thread::yield_now();
-        }
-    };
-    wait_for(&|m| m.contains("weft_inflight_requests 1"));
+    wait_metrics(&n, |m| m.contains("weft_inflight_requests 1"));
     handles.push(send("standard", "standard", 5, order.clone()));
     handles.push(send("standard2", "standard", 5, order.clone()));
-    wait_for(&|m| m.contains("weft_inflight_requests 3"));
+    wait_metrics(&n, |m| m.contains("weft_inflight_requests 3"));
     handles.push(send("critical", "critical", 5, order.clone()));
-    wait_for(&|m| m.contains("weft_inflight_requests 4") && m.contains("weft_queue_depth 3"));
+    wait_metrics(&n, |m| {
+        m.contains("weft_inflight_requests 4") && m.contains("weft_queue_depth 3")
+    });
     // the queue is at the shedding mark (half of max_queue): sheddable is refused at once
     let r = client()
         .post(format!("{}/v1/completions", n.base))
@@ -546,26 +537,14 @@ fn a_killed_worker_fails_its_streams_and_comes_back() {
             .unwrap();
         r.text().unwrap()
     });
-    let deadline = Instant::now() + START_DEADLINE;
-    let pid = loop {
-        let m = client()
-            .get(format!("{}/metrics", n.base))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        if m.contains("weft_inflight_requests 1") {
-            let v: Value = client()
-                .get(format!("{}/readyz", n.base))
-                .send()
-                .unwrap()
-                .json()
-                .unwrap();
-            break v["worker"]["pid"].as_u64().unwrap();
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::yield_now();
-    };
+    wait_metrics(&n, |m| m.contains("weft_inflight_requests 1"));
+    let v: Value = client()
+        .get(format!("{}/readyz", n.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let pid = v["worker"]["pid"].as_u64().unwrap();
     Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
@@ -649,20 +628,7 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
             .text()
             .unwrap()
     });
-    let deadline = Instant::now() + START_DEADLINE;
-    loop {
-        let m = client()
-            .get(format!("{}/metrics", n.base))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        if m.contains("weft_inflight_requests 1") {
-            break;
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::yield_now();
-    }
+    wait_metrics(&n, |m| m.contains("weft_inflight_requests 1"));
     Command::new("kill")
         .args(["-TERM", &n.child.id().to_string()])
         .status()
@@ -748,21 +714,8 @@ fn a_client_that_disconnects_cancels_its_sequence() {
         .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 3000}))
         .send();
     assert!(r.is_err());
-    let deadline = Instant::now() + START_DEADLINE;
-    loop {
-        let m = client()
-            .get(format!("{}/metrics", n.base))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        if m.contains("weft_inflight_requests 0") && m.contains("weft_kv_blocks_used 0") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned request kept running:\n{m}"
-        );
-        std::thread::yield_now();
-    }
+    // the abandoned request stops running and gives its KV blocks back
+    wait_metrics(&n, |m| {
+        m.contains("weft_inflight_requests 0") && m.contains("weft_kv_blocks_used 0")
+    });
 }

@@ -112,18 +112,24 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Fram
     Ok(())
 }
 
-/// Reads one frame (blocking).
-pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
+/// The body length announced by a frame header, or why it is refused.
+fn frame_len(read: std::io::Result<()>, header: [u8; 4]) -> Result<usize, FrameError> {
+    match read {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let n = u32::from_le_bytes(len) as usize;
+    let n = u32::from_le_bytes(header) as usize;
     if n > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(n));
     }
+    Ok(n)
+}
+
+/// Reads one frame (blocking).
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    let n = frame_len(r.read_exact(&mut len), len)?;
     let mut body = vec![0u8; n];
     r.read_exact(&mut body)?;
     Ok(serde_json::from_slice(&body)?)
@@ -135,20 +141,11 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
 ) -> Result<T, FrameError> {
     use tokio::io::AsyncReadExt;
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let n = u32::from_le_bytes(len) as usize;
-    if n > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(n));
-    }
+    let n = frame_len(r.read_exact(&mut len).await.map(|_| ()), len)?;
     let mut body = vec![0u8; n];
     r.read_exact(&mut body).await?;
     Ok(serde_json::from_slice(&body)?)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
