@@ -229,3 +229,15 @@ pub fn write_tiny_model(path: &Path, spec: &TinyModelSpec) -> Result<()> {
     })?;
     Ok(())
 }
+
+/// ‖a − b‖ / ‖a‖, in f64 (for comparing logits or hidden states).
+pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    num / den
+}

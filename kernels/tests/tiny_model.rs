@@ -157,22 +157,8 @@ fn layer_shards_chained_equal_the_whole_model() {
             }
         }
         let logits = logits.unwrap();
-        let num: f64 = whole
-            .iter()
-            .zip(&logits)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let den: f64 = whole
-            .iter()
-            .map(|x| (*x as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!(
-            num / den <= 1e-4,
-            "split at {k}: relative error {}",
-            num / den
-        );
+        let err = weft_kernels::testing::relative_error(&whole, &logits);
+        assert!(err <= 1e-4, "split at {k}: relative error {err}");
     }
     // a middle shard refuses tokens and the first refuses hidden states
     let mid = Gemma3::load(&t.path, Some(2..4)).unwrap();

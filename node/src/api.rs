@@ -480,7 +480,8 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
     let r = async {
         let tenant = authenticate(&s, &headers)?;
         let body: CompletionBody = read_body(&s, req).await?;
-        let (mut params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
+        let (params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
+        let intent = (criticality, deadline);
         let text = match body.prompt {
             PromptField::Text(t) => t,
             PromptField::Texts(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
@@ -490,28 +491,18 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
                 )
             }
         };
-        if let Some(n) = body.logprobs {
-            if n > MAX_TOP_LOGPROBS {
-                return Err(
-                    ApiError::bad(format!("logprobs must be at most {MAX_TOP_LOGPROBS}"))
-                        .param("logprobs"),
-                );
-            }
-            params.logprobs = true;
-            params.top_logprobs = n as usize;
-        }
+        let logprobs = body.logprobs.map(|n| (n, "logprobs"));
         let prompt = s.tokenizer.encode(&text, true, false);
-        check_prompt(&s, &prompt)?;
-        Ok(Job {
-            kind: Kind::Completion,
+        job(
+            &s,
+            Kind::Completion,
             tenant,
             prompt,
             params,
-            criticality,
-            deadline,
-            stream: body.common.stream,
-            include_usage: body.common.stream_options.is_some_and(|o| o.include_usage),
-        })
+            intent,
+            &body.common,
+            logprobs,
+        )
     }
     .await;
     respond(s, r).await
@@ -521,7 +512,8 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
     let r = async {
         let tenant = authenticate(&s, &headers)?;
         let body: ChatBody = read_body(&s, req).await?;
-        let (mut params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
+        let (params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
+        let intent = (criticality, deadline);
         if body.messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty").param("messages"));
         }
@@ -556,32 +548,61 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
                 content,
             });
         }
-        if body.logprobs {
-            let n = body.top_logprobs.unwrap_or(0);
-            if n > MAX_TOP_LOGPROBS {
-                return Err(ApiError::bad(format!(
-                    "top_logprobs must be at most {MAX_TOP_LOGPROBS}"
-                ))
-                .param("top_logprobs"));
-            }
-            params.logprobs = true;
-            params.top_logprobs = n as usize;
-        }
+        let logprobs = body
+            .logprobs
+            .then(|| (body.top_logprobs.unwrap_or(0), "top_logprobs"));
         let prompt = s.tokenizer.encode_chat(&messages);
-        check_prompt(&s, &prompt)?;
-        Ok(Job {
-            kind: Kind::Chat,
+        job(
+            &s,
+            Kind::Chat,
             tenant,
             prompt,
             params,
-            criticality,
-            deadline,
-            stream: body.common.stream,
-            include_usage: body.common.stream_options.is_some_and(|o| o.include_usage),
-        })
+            intent,
+            &body.common,
+            logprobs,
+        )
     }
     .await;
     respond(s, r).await
+}
+
+/// The last checks common to both endpoints: log-probabilities (`(alternatives,
+/// field name)` when asked), the prompt's length; then the job.
+#[allow(clippy::too_many_arguments)]
+fn job(
+    s: &AppState,
+    kind: Kind,
+    tenant: String,
+    prompt: Vec<u32>,
+    mut params: SamplingParams,
+    (criticality, deadline): (Criticality, Option<Instant>),
+    common: &Common,
+    logprobs: Option<(u32, &'static str)>,
+) -> Result<Job, ApiError> {
+    if let Some((n, field)) = logprobs {
+        if n > MAX_TOP_LOGPROBS {
+            return Err(
+                ApiError::bad(format!("{field} must be at most {MAX_TOP_LOGPROBS}")).param(field),
+            );
+        }
+        params.logprobs = true;
+        params.top_logprobs = n as usize;
+    }
+    check_prompt(s, &prompt)?;
+    Ok(Job {
+        kind,
+        tenant,
+        prompt,
+        params,
+        criticality,
+        deadline,
+        stream: common.stream,
+        include_usage: common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    })
 }
 
 /// Holds a tenant's concurrency slot and cancels an unfinished request when

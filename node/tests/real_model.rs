@@ -293,21 +293,7 @@ fn real_model_layer_splits_equal_the_whole_model() {
             want_logits: true,
         };
         let split = logits_of(b.forward(&[c], &mut kb).unwrap());
-        let num: f64 = whole
-            .iter()
-            .zip(&split)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let den: f64 = whole
-            .iter()
-            .map(|x| (*x as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!(
-            num / den <= 1e-4,
-            "split at {k}: relative error {}",
-            num / den
-        );
+        let err = weft_kernels::testing::relative_error(&whole, &split);
+        assert!(err <= 1e-4, "split at {k}: relative error {err}");
     }
 }
