@@ -30,6 +30,8 @@ enum Command {
     /// The HTTP API path against the engine driven directly: time to first
     /// token, per-token overhead, and 64 concurrent streams.
     Api(ApiArgs),
+    /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios.
+    Sim(sim::SimArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -88,6 +90,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Runtime(a) => runtime(a),
         Command::Api(a) => api::run(a),
+        Command::Sim(a) => sim::run(a),
     }
 }
 
@@ -144,6 +147,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
 }
 
 mod api;
+pub mod sim;
 
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")

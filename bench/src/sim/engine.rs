@@ -1,0 +1,485 @@
+//! The discrete-event core shared by every scenario: nodes with batch slots
+//! and a queue (priority or FIFO), links with round-trip time, bandwidth and
+//! congestion, periodic load reports, and a policy that picks a node for each
+//! request from what it could know (the last report plus its own sends).
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+
+use weft_placement::{Criticality, NodeState};
+
+/// Virtual time in milliseconds.
+pub type Ms = f64;
+
+/// One node as the simulator runs it.
+#[derive(Debug, Clone)]
+pub struct SimNode {
+    /// The site (zone) it is at.
+    pub site: usize,
+    /// Batch slots.
+    pub slots: u32,
+    /// Aggregate tokens/s at full batch; each slot runs at `tokens_per_s / slots`.
+    pub tokens_per_s: f64,
+    /// Serve critical requests first (else one FIFO).
+    pub priority: bool,
+    /// Price per token.
+    pub cost_per_token: f64,
+    /// Joules per token.
+    pub energy_per_token_j: f64,
+}
+
+/// One request.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Where it came from (site).
+    pub origin: usize,
+    /// The issuing agent (closed-loop workloads), if any.
+    pub agent: Option<usize>,
+    /// Its class.
+    pub class: Criticality,
+    /// Its deadline (ms), if any.
+    pub deadline_ms: Option<f64>,
+    /// Real work in tokens (unknown to policies).
+    pub work: f64,
+    /// Work a node or router could expect (from the request's fields).
+    pub expected_work: f64,
+    /// Bytes on the wire each way in total.
+    pub bytes: f64,
+    /// When it was issued.
+    pub issued: Ms,
+    /// The model (index), for scenarios with several.
+    pub model: usize,
+}
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    /// The request's index.
+    pub job: usize,
+    /// End-to-end latency (ms); `None` when refused.
+    pub latency_ms: Option<f64>,
+    /// Where it ran.
+    pub node: Option<usize>,
+    /// Its class.
+    pub class: Criticality,
+    /// Its origin site.
+    pub origin: usize,
+    /// Issue time.
+    pub issued: Ms,
+}
+
+/// The network between sites: round trip, bandwidth, and a congestion model
+/// per destination site (queueing on its ingress link).
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// Round trip (ms) from site a to site b: `rtt[a][b]`.
+    pub rtt: Vec<Vec<f64>>,
+    /// Bytes/s from site a to site b.
+    pub bandwidth: Vec<Vec<f64>>,
+    /// Requests in flight from other sites each site's ingress link carries
+    /// before its delay doubles (`None`: never congests).
+    pub ingress_capacity: Vec<Option<f64>>,
+}
+
+impl Network {
+    /// Multiplier on the round trip into `site` with `inflight` remote
+    /// requests there: 1 / (1 - load), load capped at 0.95.
+    pub fn congestion(&self, site: usize, inflight: u32) -> f64 {
+        match self.ingress_capacity[site] {
+            Some(cap) => 1.0 / (1.0 - (inflight as f64 / (2.0 * cap)).min(0.95)),
+            None => 1.0,
+        }
+    }
+
+    /// One-way delay (ms) of `bytes` from `a` to `b` at congestion `factor`.
+    pub fn one_way(&self, a: usize, b: usize, bytes: f64, factor: f64) -> f64 {
+        self.rtt[a][b] / 2.0 * factor + bytes / self.bandwidth[a][b].max(1.0) * 1000.0
+    }
+}
+
+/// A node's state in the last report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Report {
+    /// Running requests.
+    pub running: u32,
+    /// Waiting requests.
+    pub queued: u32,
+    /// Expected remaining work of the running ones.
+    pub running_tokens: f64,
+    /// Expected work of the waiting ones.
+    pub queued_tokens: f64,
+    /// Of those, critical.
+    pub queued_critical_tokens: f64,
+}
+
+/// What a scheduler at one site has sent each node since the last report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sent {
+    /// Requests.
+    pub count: u32,
+    /// Their expected work.
+    pub tokens: f64,
+    /// Of it, critical.
+    pub critical_tokens: f64,
+}
+
+/// What a policy sees when it chooses.
+pub struct View<'a> {
+    /// The nodes.
+    pub nodes: &'a [SimNode],
+    /// Their last reports.
+    pub reports: &'a [Report],
+    /// Sends by this request's origin since those reports.
+    pub sent: &'a [Sent],
+    /// Age of the reports (ms).
+    pub report_age_ms: f64,
+    /// The network.
+    pub network: &'a Network,
+    /// Remote requests in flight per site, as last reported.
+    pub site_inflight: &'a [u32],
+    /// Now.
+    pub now: Ms,
+}
+
+impl View<'_> {
+    /// The router's view of node `n`: its report plus this origin's sends.
+    pub fn node_state(&self, n: usize, holds_model: bool) -> NodeState {
+        let node = &self.nodes[n];
+        let r = &self.reports[n];
+        let s = &self.sent[n];
+        // Sends since the report fill free slots first, then the queue.
+        let total = r.running + r.queued + s.count;
+        let running = total.min(node.slots);
+        let queued = total - running;
+        let mean = if s.count > 0 {
+            s.tokens / s.count as f64
+        } else {
+            0.0
+        };
+        let moved = running - r.running.min(running);
+        NodeState {
+            node: weft_placement::NodeId(n as u32),
+            holds_model,
+            running,
+            queued,
+            slots: node.slots,
+            running_tokens: r.running_tokens + moved as f64 * mean,
+            queued_tokens: r.queued_tokens + (s.tokens - moved as f64 * mean).max(0.0),
+            queued_critical_tokens: r.queued_critical_tokens + s.critical_tokens,
+            tokens_per_s: node.tokens_per_s,
+            sequence_tokens_per_s: node.tokens_per_s / node.slots as f64,
+            free_kv_tokens: u64::MAX,
+            report_age_ms: self.report_age_ms,
+            cost_per_token: node.cost_per_token,
+            energy_per_token_j: node.energy_per_token_j,
+        }
+    }
+
+    /// Congestion factor into site `s` as last reported.
+    pub fn congestion(&self, s: usize) -> f64 {
+        self.network.congestion(s, self.site_inflight[s])
+    }
+}
+
+/// Chooses a node for a request, or refuses it.
+pub trait Policy {
+    /// The node for `job`, or `None` to refuse it.
+    fn choose(&mut self, job: &Job, view: &View<'_>) -> Option<usize>;
+    /// Told when a request it routed finished (for learners).
+    fn observe(&mut self, _job: &Job, _node: usize, _latency_ms: f64) {}
+}
+
+/// Where new requests come from.
+pub trait Workload {
+    /// Requests to issue at the start, with their issue times.
+    fn initial(&mut self) -> Vec<(Ms, Job)>;
+    /// A request finished (or was refused) at `now`: the next one from the
+    /// same source, if any (closed loop).
+    fn next(&mut self, _done: &Job, _now: Ms) -> Option<(Ms, Job)> {
+        None
+    }
+    /// A request was issued at `now`: the next one from the same source, if
+    /// any (open loop).
+    fn issued(&mut self, _job: &Job, _now: Ms) -> Option<(Ms, Job)> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    Issue(usize),
+    Arrive(usize),
+    Finish(usize),
+    Respond(usize),
+    Report,
+}
+
+struct Timed {
+    at: Ms,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Timed {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Timed {}
+impl PartialOrd for Timed {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Timed {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // a min-heap on (time, sequence)
+        o.at.total_cmp(&self.at).then(o.seq.cmp(&self.seq))
+    }
+}
+
+struct NodeRun {
+    running: u32,
+    queues: [VecDeque<usize>; 3],
+    running_jobs: Vec<(usize, Ms)>,
+}
+
+/// Runs `workload` through `policy` until `end`; returns every completion
+/// of a request issued before `end`.
+pub struct Sim {
+    nodes: Vec<SimNode>,
+    network: Network,
+    report_every_ms: Ms,
+    sites: usize,
+}
+
+struct JobRun {
+    job: Job,
+    node: usize,
+    back_ms: Ms,
+    started: Ms,
+}
+
+impl Sim {
+    /// A simulator of `nodes` on `network`, with load reports every `report_every_ms`.
+    pub fn new(nodes: Vec<SimNode>, network: Network, report_every_ms: Ms) -> Self {
+        let sites = network.rtt.len();
+        Self {
+            nodes,
+            network,
+            report_every_ms,
+            sites,
+        }
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[SimNode] {
+        &self.nodes
+    }
+
+    /// Runs until virtual time `end`.
+    pub fn run(
+        &self,
+        workload: &mut dyn Workload,
+        policy: &mut dyn Policy,
+        end: Ms,
+    ) -> Vec<Completion> {
+        let n = self.nodes.len();
+        let mut heap = BinaryHeap::new();
+        let mut seq = 0u64;
+        let mut push = |heap: &mut BinaryHeap<Timed>, at: Ms, event: Event| {
+            seq += 1;
+            heap.push(Timed { at, seq, event });
+        };
+        let mut jobs: Vec<JobRun> = Vec::new();
+        for (at, job) in workload.initial() {
+            jobs.push(JobRun {
+                job,
+                node: usize::MAX,
+                back_ms: 0.0,
+                started: 0.0,
+            });
+            push(&mut heap, at, Event::Issue(jobs.len() - 1));
+        }
+        push(&mut heap, 0.0, Event::Report);
+        let mut runs: Vec<NodeRun> = (0..n)
+            .map(|_| NodeRun {
+                running: 0,
+                queues: Default::default(),
+                running_jobs: Vec::new(),
+            })
+            .collect();
+        let mut reports = vec![Report::default(); n];
+        let mut sent = vec![vec![Sent::default(); n]; self.sites];
+        let mut last_report = 0.0;
+        let mut inflight_remote = vec![0u32; self.sites];
+        let mut reported_inflight = vec![0u32; self.sites];
+        let mut out = Vec::new();
+
+        while let Some(Timed { at: now, event, .. }) = heap.pop() {
+            if now > end {
+                break;
+            }
+            match event {
+                Event::Report => {
+                    for (i, r) in runs.iter().enumerate() {
+                        let mut rep = Report {
+                            running: r.running,
+                            queued: r.queues.iter().map(|q| q.len() as u32).sum(),
+                            ..Report::default()
+                        };
+                        for &(j, started) in &r.running_jobs {
+                            let rate = self.nodes[i].tokens_per_s / self.nodes[i].slots as f64;
+                            let done = (now - started) / 1000.0 * rate;
+                            rep.running_tokens += (jobs[j].job.expected_work - done).max(0.0);
+                        }
+                        for (p, q) in r.queues.iter().enumerate() {
+                            let t: f64 = q.iter().map(|&j| jobs[j].job.expected_work).sum();
+                            rep.queued_tokens += t;
+                            if p == 2 {
+                                rep.queued_critical_tokens += t;
+                            }
+                        }
+                        reports[i] = rep;
+                    }
+                    for s in &mut sent {
+                        s.iter_mut().for_each(|x| *x = Sent::default());
+                    }
+                    reported_inflight.copy_from_slice(&inflight_remote);
+                    last_report = now;
+                    push(&mut heap, now + self.report_every_ms, Event::Report);
+                }
+                Event::Issue(j) => {
+                    if let Some((at, next)) = workload.issued(&jobs[j].job, now) {
+                        jobs.push(JobRun {
+                            job: next,
+                            node: usize::MAX,
+                            back_ms: 0.0,
+                            started: 0.0,
+                        });
+                        push(&mut heap, at, Event::Issue(jobs.len() - 1));
+                    }
+                    let job = &jobs[j].job;
+                    let view = View {
+                        nodes: &self.nodes,
+                        reports: &reports,
+                        sent: &sent[job.origin],
+                        report_age_ms: now - last_report,
+                        network: &self.network,
+                        site_inflight: &reported_inflight,
+                        now,
+                    };
+                    match policy.choose(job, &view) {
+                        Some(node) => {
+                            let site = self.nodes[node].site;
+                            let s = &mut sent[job.origin][node];
+                            s.count += 1;
+                            s.tokens += job.expected_work;
+                            if job.class == Criticality::Critical {
+                                s.critical_tokens += job.expected_work;
+                            }
+                            let factor = self.network.congestion(site, inflight_remote[site]);
+                            let remote = site != job.origin;
+                            if remote {
+                                inflight_remote[site] += 1;
+                            }
+                            let go =
+                                self.network
+                                    .one_way(job.origin, site, job.bytes / 2.0, factor);
+                            jobs[j].node = node;
+                            jobs[j].back_ms = go;
+                            push(&mut heap, now + go, Event::Arrive(j));
+                        }
+                        None => {
+                            let job = jobs[j].job.clone();
+                            out.push(Completion {
+                                job: j,
+                                latency_ms: None,
+                                node: None,
+                                class: job.class,
+                                origin: job.origin,
+                                issued: job.issued,
+                            });
+                            if let Some((at, next)) = workload.next(&job, now) {
+                                jobs.push(JobRun {
+                                    job: next,
+                                    node: usize::MAX,
+                                    back_ms: 0.0,
+                                    started: 0.0,
+                                });
+                                push(&mut heap, at, Event::Issue(jobs.len() - 1));
+                            }
+                        }
+                    }
+                }
+                Event::Arrive(j) => {
+                    let node = jobs[j].node;
+                    let r = &mut runs[node];
+                    if r.running < self.nodes[node].slots {
+                        r.running += 1;
+                        r.running_jobs.push((j, now));
+                        jobs[j].started = now;
+                        let t = self.service_ms(node, &jobs[j].job);
+                        push(&mut heap, now + t, Event::Finish(j));
+                    } else {
+                        let p = if self.nodes[node].priority {
+                            jobs[j].job.class.priority() as usize
+                        } else {
+                            0
+                        };
+                        r.queues[p].push_back(j);
+                    }
+                }
+                Event::Finish(j) => {
+                    let node = jobs[j].node;
+                    let r = &mut runs[node];
+                    r.running -= 1;
+                    r.running_jobs.retain(|&(x, _)| x != j);
+                    if let Some(next) = r.queues.iter_mut().rev().find_map(|q| q.pop_front()) {
+                        r.running += 1;
+                        r.running_jobs.push((next, now));
+                        jobs[next].started = now;
+                        let t = self.service_ms(node, &jobs[next].job);
+                        push(&mut heap, now + t, Event::Finish(next));
+                    }
+                    let site = self.nodes[node].site;
+                    let job = &jobs[j].job;
+                    if site != job.origin {
+                        inflight_remote[site] -= 1;
+                    }
+                    // the response takes the path the request took
+                    push(&mut heap, now + jobs[j].back_ms, Event::Respond(j));
+                }
+                Event::Respond(j) => {
+                    let job = jobs[j].job.clone();
+                    let node = jobs[j].node;
+                    let latency = now - job.issued;
+                    policy.observe(&job, node, latency);
+                    out.push(Completion {
+                        job: j,
+                        latency_ms: Some(latency),
+                        node: Some(node),
+                        class: job.class,
+                        origin: job.origin,
+                        issued: job.issued,
+                    });
+                    if let Some((at, next)) = workload.next(&job, now) {
+                        jobs.push(JobRun {
+                            job: next,
+                            node: usize::MAX,
+                            back_ms: 0.0,
+                            started: 0.0,
+                        });
+                        push(&mut heap, at, Event::Issue(jobs.len() - 1));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn service_ms(&self, node: usize, job: &Job) -> Ms {
+        let n = &self.nodes[node];
+        job.work / (n.tokens_per_s / n.slots as f64) * 1000.0
+    }
+}

@@ -1,0 +1,83 @@
+//! What is served and what is asked for: models (their size per layer, compute
+//! and KV per token) and demand (requests per second per site and model).
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::SiteId;
+
+/// Index of a model in the solver's model list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ModelId(pub u32);
+
+impl std::fmt::Display for ModelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "model{}", self.0)
+    }
+}
+
+/// Bytes of text per token on the wire (prompt in, completion out).
+pub const WIRE_BYTES_PER_TOKEN: f64 = 4.0;
+
+/// A model as placement sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Its name (for records).
+    pub name: String,
+    /// Transformer layers.
+    pub layers: u32,
+    /// Weight bytes of one layer.
+    pub bytes_per_layer: u64,
+    /// Bytes every shard holds besides its layers (embeddings, output head).
+    pub shared_bytes: u64,
+    /// Compute of one token relative to a node's `tokens_per_s`.
+    pub compute_per_token: f64,
+    /// KV-cache bytes of one token of context.
+    pub kv_bytes_per_token: u64,
+    /// Activation bytes passed between shards per token.
+    pub hidden_bytes_per_token: u64,
+}
+
+impl ModelSpec {
+    /// Bytes a node needs to hold `layers` layers.
+    pub fn shard_bytes(&self, layers: u32) -> u64 {
+        self.shared_bytes + self.bytes_per_layer * layers as u64
+    }
+
+    /// Bytes of a whole replica.
+    pub fn total_bytes(&self) -> u64 {
+        self.shard_bytes(self.layers)
+    }
+}
+
+/// Steady demand for one model from agents at one site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Demand {
+    /// Where the agents are.
+    pub site: SiteId,
+    /// What they call.
+    pub model: ModelId,
+    /// Requests per second.
+    pub requests_per_s: f64,
+    /// Mean prompt tokens.
+    pub prompt_tokens: f64,
+    /// Mean completion tokens.
+    pub output_tokens: f64,
+    /// Deadline of a typical request (ms), if any.
+    pub deadline_ms: Option<f64>,
+}
+
+impl Demand {
+    /// Bytes per second this demand puts on the wire when served elsewhere.
+    pub fn wire_bytes_per_s(&self) -> f64 {
+        self.requests_per_s * (self.prompt_tokens + self.output_tokens) * WIRE_BYTES_PER_TOKEN
+    }
+
+    /// Tokens per second of unit compute it needs; prompt tokens cost
+    /// `prefill_share` of a decoded token (prefill runs as one batch).
+    pub fn work_tokens_per_s(&self, model: &ModelSpec, prefill_share: f64) -> f64 {
+        self.requests_per_s
+            * (self.output_tokens + self.prompt_tokens * prefill_share)
+            * model.compute_per_token
+    }
+}

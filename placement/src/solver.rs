@@ -1,0 +1,771 @@
+//! The placement solver: which node holds which model, whole or as a chain of
+//! layer-range shards, within every node's memory and compute.
+//!
+//! The objective is the price of bytes crossing edge-core links, plus a
+//! penalty per expected deadline miss and per unit of unserved demand, plus
+//! the price of moving weights, amortised over [`SolverConfig::amortize_s`].
+//! The solver is greedy and deterministic: it keeps what the current placement
+//! already holds, serves each demand at its own site when that is worth the
+//! weights it moves, and otherwise spills to the nearest site with room
+//! (edge sites of the same region first, then the cloud). Every replica carries
+//! the reasons it exists.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PlacementError, Result};
+use crate::model::{Demand, ModelId, ModelSpec, WIRE_BYTES_PER_TOKEN};
+use crate::topology::{LinkClass, NodeId, SiteId, SiteKind, Topology};
+
+/// Tunables of the objective.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SolverConfig {
+    /// Share of each node's compute left free for bursts.
+    pub headroom: f64,
+    /// Cost of a prompt token relative to a decoded token.
+    pub prefill_share: f64,
+    /// Seconds over which moving weights is amortised against traffic.
+    pub amortize_s: f64,
+    /// Price of one expected deadline miss.
+    pub miss_penalty: f64,
+    /// Price of one request per second that no replica can take.
+    pub unserved_penalty: f64,
+    /// Sites a demand may spill to, nearest first.
+    pub max_spill_sites: usize,
+}
+
+impl Default for SolverConfig {
+    fn default() -> Self {
+        Self {
+            headroom: 0.2,
+            prefill_share: 0.05,
+            amortize_s: 3600.0,
+            miss_penalty: 1e-3,
+            unserved_penalty: 1e-2,
+            max_spill_sites: 32,
+        }
+    }
+}
+
+/// One node's part of a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// The node.
+    pub node: NodeId,
+    /// The layers it runs.
+    pub layers: Range<u32>,
+}
+
+/// Why a replica is where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "kebab-case")]
+pub enum Reason {
+    /// The current placement already held it; keeping it moves nothing.
+    Kept,
+    /// Demand at this site; serving it here keeps its bytes off the core.
+    LocalDemand {
+        /// Requests/s it takes at placement time.
+        requests_per_s: f64,
+        /// Edge-core bytes/s it saves against serving from the cloud.
+        core_bytes_per_s_saved: f64,
+        /// Weight bytes moved to place it.
+        moved_bytes: u64,
+    },
+    /// Demand from another site that its own site had no room or reason to
+    /// serve.
+    Spill {
+        /// Where the demand is.
+        from: SiteId,
+        /// The path it takes.
+        class: LinkClass,
+    },
+    /// The whole model fits no single node, so it is split by free memory.
+    Sharded {
+        /// Bytes of the whole model.
+        model_bytes: u64,
+        /// The most any node at the site had free.
+        largest_free_bytes: u64,
+    },
+}
+
+/// A whole model, served by one chain of shards at one site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replica {
+    /// The model.
+    pub model: ModelId,
+    /// The site all its shards are at.
+    pub site: SiteId,
+    /// Its shards, first layers first; one shard is a whole replica.
+    pub shards: Vec<Shard>,
+    /// Why it is here.
+    pub reasons: Vec<Reason>,
+}
+
+/// Where every model is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Replicas in a stable order (model, then site, then first node).
+    pub replicas: Vec<Replica>,
+}
+
+impl Placement {
+    /// Whether `node` holds any layer of `model`.
+    pub fn holds(&self, node: NodeId, model: ModelId) -> bool {
+        self.replicas
+            .iter()
+            .any(|r| r.model == model && r.shards.iter().any(|s| s.node == node))
+    }
+
+    /// Weight bytes each node holds, indexed by node.
+    pub fn memory_used(&self, topology: &Topology, models: &[ModelSpec]) -> Vec<u64> {
+        let mut used = vec![0u64; topology.nodes.len()];
+        for r in &self.replicas {
+            if let Some(m) = models.get(r.model.0 as usize) {
+                for s in &r.shards {
+                    if let Some(u) = used.get_mut(s.node.0 as usize) {
+                        *u += m.shard_bytes(s.layers.end - s.layers.start);
+                    }
+                }
+            }
+        }
+        used
+    }
+}
+
+/// Why a replica of the current placement is not in the new one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "kebab-case")]
+pub enum DropReason {
+    /// No site asks for its model any more.
+    NoDemand,
+    /// A node it used is gone.
+    NodeGone {
+        /// The node.
+        node: NodeId,
+    },
+    /// Its model is gone or its layers no longer cover the model.
+    Invalid,
+    /// It no longer fits the node's memory.
+    OverMemory {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// Demand routed to a replica in the plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// Index into the demand list.
+    pub demand: usize,
+    /// Index into the plan's replicas.
+    pub replica: usize,
+    /// Requests/s sent there.
+    pub requests_per_s: f64,
+    /// Expected latency of one request there (ms).
+    pub expected_ms: f64,
+}
+
+/// The objective's terms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanCost {
+    /// Request bytes/s crossing edge-core links.
+    pub core_bytes_per_s: f64,
+    /// Requests/s expected to miss their deadline.
+    pub misses_per_s: f64,
+    /// Requests/s no replica can take.
+    pub unserved_per_s: f64,
+    /// Weight bytes moved from the current placement.
+    pub moved_bytes: u64,
+    /// Of those, bytes that cross edge-core links.
+    pub moved_core_bytes: u64,
+    /// The total price over the amortisation horizon.
+    pub objective: f64,
+}
+
+/// A new placement, what was dropped from the old one, and how demand is spread.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The placement.
+    pub placement: Placement,
+    /// Replicas of the current placement that were removed, and why.
+    pub dropped: Vec<(Replica, DropReason)>,
+    /// Demand spread over replicas.
+    pub allocations: Vec<Allocation>,
+    /// The objective's terms.
+    pub cost: PlanCost,
+}
+
+/// Plans a placement for `demand` over `topology`, starting from `current`.
+pub fn solve(
+    topology: &Topology,
+    models: &[ModelSpec],
+    demand: &[Demand],
+    current: &Placement,
+    config: &SolverConfig,
+) -> Result<Plan> {
+    validate(topology, models, demand)?;
+    let mut s = Solver::new(topology, models, demand, current, config);
+    s.keep_current();
+    let mut order: Vec<usize> = (0..demand.len()).collect();
+    // Biggest demand first: it gains most from a local replica. Ties by site
+    // and model so the order never depends on the input's order beyond that.
+    order.sort_by(|&a, &b| {
+        let wa = s.work(a);
+        let wb = s.work(b);
+        wb.total_cmp(&wa)
+            .then(demand[a].site.cmp(&demand[b].site))
+            .then(demand[a].model.cmp(&demand[b].model))
+            .then(a.cmp(&b))
+    });
+    for d in order {
+        s.serve(d);
+    }
+    Ok(s.finish())
+}
+
+fn validate(topology: &Topology, models: &[ModelSpec], demand: &[Demand]) -> Result<()> {
+    for (i, m) in models.iter().enumerate() {
+        if m.layers == 0 || !(m.compute_per_token.is_finite() && m.compute_per_token > 0.0) {
+            return Err(PlacementError::InvalidModel {
+                model: ModelId(i as u32),
+                why: "a model needs at least one layer and positive compute per token",
+            });
+        }
+    }
+    for d in demand {
+        if d.site.0 as usize >= topology.sites.len() {
+            return Err(PlacementError::UnknownSite { site: d.site });
+        }
+        if d.model.0 as usize >= models.len() {
+            return Err(PlacementError::UnknownModel { model: d.model });
+        }
+    }
+    Ok(())
+}
+
+struct Solver<'a> {
+    topology: &'a Topology,
+    models: &'a [ModelSpec],
+    demand: &'a [Demand],
+    current: &'a Placement,
+    config: &'a SolverConfig,
+    free_mem: Vec<u64>,
+    free_work: Vec<f64>,
+    replicas: Vec<Replica>,
+    /// Replicas by (site, model), in creation order.
+    at: HashMap<(SiteId, ModelId), Vec<usize>>,
+    /// Layers each node held before, by (node, model).
+    held: HashMap<(NodeId, ModelId), Range<u32>>,
+    dropped: Vec<(Replica, DropReason)>,
+    allocations: Vec<Allocation>,
+    cost: PlanCost,
+    demanded: Vec<bool>,
+    spill_sites: HashMap<SiteId, Vec<SiteId>>,
+}
+
+impl<'a> Solver<'a> {
+    fn new(
+        topology: &'a Topology,
+        models: &'a [ModelSpec],
+        demand: &'a [Demand],
+        current: &'a Placement,
+        config: &'a SolverConfig,
+    ) -> Self {
+        let mut demanded = vec![false; models.len()];
+        for d in demand {
+            if d.requests_per_s > 0.0 {
+                demanded[d.model.0 as usize] = true;
+            }
+        }
+        let mut held = HashMap::new();
+        for r in &current.replicas {
+            for s in &r.shards {
+                held.insert((s.node, r.model), s.layers.clone());
+            }
+        }
+        Self {
+            topology,
+            models,
+            demand,
+            current,
+            config,
+            free_mem: topology.nodes.iter().map(|n| n.memory_bytes).collect(),
+            free_work: topology
+                .nodes
+                .iter()
+                .map(|n| n.tokens_per_s * (1.0 - config.headroom))
+                .collect(),
+            replicas: Vec::new(),
+            at: HashMap::new(),
+            held,
+            dropped: Vec::new(),
+            allocations: Vec::new(),
+            cost: PlanCost::default(),
+            demanded,
+            spill_sites: HashMap::new(),
+        }
+    }
+
+    fn work(&self, d: usize) -> f64 {
+        let d = &self.demand[d];
+        d.work_tokens_per_s(&self.models[d.model.0 as usize], self.config.prefill_share)
+    }
+
+    fn keep_current(&mut self) {
+        for r in &self.current.replicas {
+            match self.check_current(r) {
+                Ok(()) => {
+                    let m = &self.models[r.model.0 as usize];
+                    for s in &r.shards {
+                        self.free_mem[s.node.0 as usize] -=
+                            m.shard_bytes(s.layers.end - s.layers.start);
+                    }
+                    let mut kept = r.clone();
+                    kept.reasons = vec![Reason::Kept];
+                    self.push_replica(kept);
+                }
+                Err(why) => self.dropped.push((r.clone(), why)),
+            }
+        }
+    }
+
+    fn check_current(&self, r: &Replica) -> Result<(), DropReason> {
+        let Some(m) = self.models.get(r.model.0 as usize) else {
+            return Err(DropReason::Invalid);
+        };
+        if !self.demanded[r.model.0 as usize] {
+            return Err(DropReason::NoDemand);
+        }
+        let mut next = 0;
+        for s in &r.shards {
+            let Some(node) = self.topology.nodes.get(s.node.0 as usize) else {
+                return Err(DropReason::NodeGone { node: s.node });
+            };
+            if node.site != r.site || s.layers.start != next || s.layers.end <= s.layers.start {
+                return Err(DropReason::Invalid);
+            }
+            next = s.layers.end;
+            let need = m.shard_bytes(s.layers.end - s.layers.start);
+            if need > self.free_mem[s.node.0 as usize] {
+                return Err(DropReason::OverMemory { node: s.node });
+            }
+        }
+        if next != m.layers {
+            return Err(DropReason::Invalid);
+        }
+        Ok(())
+    }
+
+    fn push_replica(&mut self, r: Replica) -> usize {
+        let i = self.replicas.len();
+        self.at.entry((r.site, r.model)).or_default().push(i);
+        self.replicas.push(r);
+        i
+    }
+
+    /// Work tokens/s the replica can still take.
+    fn spare(&self, r: usize) -> f64 {
+        let r = &self.replicas[r];
+        let layers = self.models[r.model.0 as usize].layers as f64;
+        r.shards
+            .iter()
+            .map(|s| {
+                let frac = (s.layers.end - s.layers.start) as f64 / layers;
+                self.free_work[s.node.0 as usize].max(0.0) / frac
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    fn take(&mut self, r: usize, work: f64) {
+        let layers = self.models[self.replicas[r].model.0 as usize].layers as f64;
+        for s in &self.replicas[r].shards {
+            let frac = (s.layers.end - s.layers.start) as f64 / layers;
+            self.free_work[s.node.0 as usize] -= work * frac;
+        }
+    }
+
+    /// Expected latency (ms) of one request of demand `d` on replica `r`.
+    fn expected_ms(&self, d: &Demand, r: usize) -> f64 {
+        let r = &self.replicas[r];
+        let m = &self.models[r.model.0 as usize];
+        let link = self.topology.link(d.site, r.site);
+        let local = self.topology.link(r.site, r.site);
+        let bytes = (d.prompt_tokens + d.output_tokens) * WIRE_BYTES_PER_TOKEN;
+        let mut per_token_s = 0.0;
+        for s in &r.shards {
+            let frac = (s.layers.end - s.layers.start) as f64 / m.layers as f64;
+            per_token_s +=
+                frac * m.compute_per_token / self.topology.node(s.node).sequence_tokens_per_s();
+        }
+        let hops = (r.shards.len() - 1) as f64 * local.rtt_ms;
+        let tokens = d.output_tokens + d.prompt_tokens * self.config.prefill_share;
+        link.rtt_ms
+            + link.transfer_ms(bytes)
+            + tokens * per_token_s * 1000.0
+            + hops * d.output_tokens.max(1.0)
+    }
+
+    fn allocate(&mut self, di: usize, r: usize, work: f64, per_request_work: f64) {
+        let d = &self.demand[di];
+        self.take(r, work);
+        let rps = work / per_request_work;
+        let expected_ms = self.expected_ms(d, r);
+        let class = self.topology.link(d.site, self.replicas[r].site).class;
+        if class.crosses_core() {
+            self.cost.core_bytes_per_s +=
+                rps * (d.prompt_tokens + d.output_tokens) * WIRE_BYTES_PER_TOKEN;
+        }
+        if d.deadline_ms.is_some_and(|dl| expected_ms > dl) {
+            self.cost.misses_per_s += rps;
+        }
+        self.allocations.push(Allocation {
+            demand: di,
+            replica: r,
+            requests_per_s: rps,
+            expected_ms,
+        });
+    }
+
+    fn serve(&mut self, di: usize) {
+        let d = &self.demand[di];
+        if d.requests_per_s <= 0.0 {
+            return;
+        }
+        let total = self.work(di);
+        let per_request = total / d.requests_per_s;
+        let mut left = total;
+        let (site, model) = (d.site, d.model);
+        left = self.use_existing(di, site, model, left, per_request);
+        while left > per_request * 1e-6 {
+            let Some(r) = self.place_local(di, left) else {
+                break;
+            };
+            left = self.fill(di, r, left, per_request);
+        }
+        if left > per_request * 1e-6 {
+            for s in self.spill_order(site) {
+                left = self.use_existing(di, s, model, left, per_request);
+                while left > per_request * 1e-6 {
+                    let Some(r) = self.place_at(s, model) else {
+                        break;
+                    };
+                    let class = self.topology.link(site, s).class;
+                    self.replicas[r]
+                        .reasons
+                        .push(Reason::Spill { from: site, class });
+                    left = self.fill(di, r, left, per_request);
+                }
+                if left <= per_request * 1e-6 {
+                    break;
+                }
+            }
+        }
+        if left > per_request * 1e-6 {
+            self.cost.unserved_per_s += left / per_request;
+        }
+    }
+
+    fn fill(&mut self, di: usize, r: usize, left: f64, per_request: f64) -> f64 {
+        let w = self.spare(r).min(left);
+        if w <= 0.0 {
+            return left;
+        }
+        self.allocate(di, r, w, per_request);
+        left - w
+    }
+
+    fn use_existing(
+        &mut self,
+        di: usize,
+        site: SiteId,
+        model: ModelId,
+        mut left: f64,
+        per_request: f64,
+    ) -> f64 {
+        let Some(list) = self.at.get(&(site, model)).cloned() else {
+            return left;
+        };
+        for r in list {
+            if left <= per_request * 1e-6 {
+                break;
+            }
+            let w = self.spare(r).min(left);
+            if w > 0.0 {
+                self.allocate(di, r, w, per_request);
+                left -= w;
+            }
+        }
+        left
+    }
+
+    /// Places a replica at the demand's own site if that is worth the move.
+    fn place_local(&mut self, di: usize, left: f64) -> Option<usize> {
+        let d = &self.demand[di];
+        let (site, model) = (d.site, d.model);
+        let m = &self.models[model.0 as usize];
+        let share = left / self.work(di);
+        let rps = d.requests_per_s * share;
+        let mut saved = 0.0;
+        if self.topology.site(site).kind == SiteKind::Edge {
+            saved = d.wire_bytes_per_s() * share;
+            // What the nearest alternative would cost instead: its bytes over
+            // the core, and its misses if the core is too far for the deadline.
+            let core_price = self.topology.defaults.cost_per_byte(LinkClass::EdgeToCore);
+            let remote = saved * self.config.amortize_s * core_price;
+            let miss = match d.deadline_ms {
+                Some(dl) if self.remote_floor_ms(d) > dl => {
+                    rps * self.config.amortize_s * self.config.miss_penalty
+                }
+                _ => 0.0,
+            };
+            let move_cost = m.total_bytes() as f64 * self.weight_price(site, model);
+            if move_cost >= remote + miss {
+                return None;
+            }
+        }
+        let r = self.place_at(site, model)?;
+        let moved = self.moved_bytes(r);
+        self.replicas[r].reasons.push(Reason::LocalDemand {
+            requests_per_s: rps,
+            core_bytes_per_s_saved: saved,
+            moved_bytes: moved,
+        });
+        Some(r)
+    }
+
+    /// The least latency a request from `d.site` could see from the nearest
+    /// cloud site: round trip plus its tokens on the fastest cloud node.
+    fn remote_floor_ms(&self, d: &Demand) -> f64 {
+        let m = &self.models[d.model.0 as usize];
+        let mut best = f64::INFINITY;
+        for (i, s) in self.topology.sites.iter().enumerate() {
+            if s.kind != SiteKind::Cloud {
+                continue;
+            }
+            let sid = SiteId(i as u32);
+            let fastest = self
+                .topology
+                .nodes_at(sid)
+                .iter()
+                .map(|&n| self.topology.node(n).sequence_tokens_per_s())
+                .fold(0.0, f64::max);
+            if fastest <= 0.0 {
+                continue;
+            }
+            let link = self.topology.link(d.site, sid);
+            let ms = link.rtt_ms + d.output_tokens * m.compute_per_token / fastest * 1000.0;
+            best = best.min(ms);
+        }
+        best
+    }
+
+    /// Price per weight byte of bringing `model` to `site`: free if a node
+    /// there holds it already, else over the core.
+    fn weight_price(&self, site: SiteId, model: ModelId) -> f64 {
+        self.topology
+            .defaults
+            .cost_per_byte(self.weight_source(site, model))
+    }
+
+    /// The path weights of `model` take to reach `site`: local if a node
+    /// there holds (or held) it, else from the core.
+    fn weight_source(&self, site: SiteId, model: ModelId) -> LinkClass {
+        let here = self.at.get(&(site, model)).is_some_and(|v| !v.is_empty())
+            || self
+                .topology
+                .nodes_at(site)
+                .iter()
+                .any(|&n| self.held.contains_key(&(n, model)));
+        if here {
+            LinkClass::Local
+        } else if self.topology.site(site).kind == SiteKind::Edge {
+            LinkClass::EdgeToCore
+        } else {
+            LinkClass::CoreToCore
+        }
+    }
+
+    /// Weight bytes replica `r` needs that its nodes did not hold before.
+    fn moved_bytes(&self, r: usize) -> u64 {
+        let r = &self.replicas[r];
+        let m = &self.models[r.model.0 as usize];
+        let mut moved = 0;
+        for s in &r.shards {
+            match self.held.get(&(s.node, r.model)) {
+                Some(had) => {
+                    let overlap = s
+                        .layers
+                        .end
+                        .min(had.end)
+                        .saturating_sub(s.layers.start.max(had.start));
+                    moved += m.bytes_per_layer * u64::from(s.layers.end - s.layers.start - overlap);
+                }
+                None => moved += m.shard_bytes(s.layers.end - s.layers.start),
+            }
+        }
+        moved
+    }
+
+    /// Places a new replica of `model` at `site`: whole on the node with the
+    /// most spare compute that fits it, else sharded over the nodes with the
+    /// most free memory.
+    fn place_at(&mut self, site: SiteId, model: ModelId) -> Option<usize> {
+        let m = &self.models[model.0 as usize];
+        let need = m.total_bytes();
+        let nodes = self.topology.nodes_at(site);
+        let whole = nodes
+            .iter()
+            .copied()
+            .filter(|n| self.free_mem[n.0 as usize] >= need && self.free_work[n.0 as usize] > 0.0)
+            .max_by(|a, b| {
+                self.free_work[a.0 as usize]
+                    .total_cmp(&self.free_work[b.0 as usize])
+                    .then(b.cmp(a))
+            });
+        let (shards, reasons) = match whole {
+            Some(n) => (
+                vec![Shard {
+                    node: n,
+                    layers: 0..m.layers,
+                }],
+                Vec::new(),
+            ),
+            None => {
+                let shards = self.split(site, m)?;
+                let largest = nodes
+                    .iter()
+                    .map(|n| self.free_mem[n.0 as usize])
+                    .max()
+                    .unwrap_or(0);
+                (
+                    shards,
+                    vec![Reason::Sharded {
+                        model_bytes: need,
+                        largest_free_bytes: largest,
+                    }],
+                )
+            }
+        };
+        for s in &shards {
+            self.free_mem[s.node.0 as usize] -= m.shard_bytes(s.layers.end - s.layers.start);
+        }
+        let source = self.weight_source(site, model);
+        let r = self.push_replica(Replica {
+            model,
+            site,
+            shards,
+            reasons,
+        });
+        let moved = self.moved_bytes(r);
+        self.cost.moved_bytes += moved;
+        if source.crosses_core() {
+            self.cost.moved_core_bytes += moved;
+        }
+        Some(r)
+    }
+
+    /// Layer ranges over the site's nodes with the most free memory, each
+    /// taking as many layers as fit; `None` if the site cannot hold the model.
+    fn split(&self, site: SiteId, m: &ModelSpec) -> Option<Vec<Shard>> {
+        let mut nodes: Vec<NodeId> = self
+            .topology
+            .nodes_at(site)
+            .iter()
+            .copied()
+            .filter(|n| {
+                self.free_work[n.0 as usize] > 0.0
+                    && self.free_mem[n.0 as usize] >= m.shard_bytes(1)
+            })
+            .collect();
+        nodes.sort_by(|a, b| {
+            self.free_mem[b.0 as usize]
+                .cmp(&self.free_mem[a.0 as usize])
+                .then(a.cmp(b))
+        });
+        let mut shards = Vec::new();
+        let mut next = 0;
+        for n in nodes {
+            if next == m.layers {
+                break;
+            }
+            let fit = (self.free_mem[n.0 as usize] - m.shared_bytes) / m.bytes_per_layer.max(1);
+            let take = (fit.min(u64::from(m.layers - next))) as u32;
+            if take == 0 {
+                continue;
+            }
+            shards.push(Shard {
+                node: n,
+                layers: next..next + take,
+            });
+            next += take;
+        }
+        (next == m.layers).then_some(shards)
+    }
+
+    /// Sites a demand at `site` may spill to: edge sites of its region, then
+    /// cloud sites, each group nearest first, at most `max_spill_sites`.
+    fn spill_order(&mut self, site: SiteId) -> Vec<SiteId> {
+        if let Some(v) = self.spill_sites.get(&site) {
+            return v.clone();
+        }
+        let here = self.topology.site(site);
+        let mut edge = Vec::new();
+        let mut cloud = Vec::new();
+        for (i, s) in self.topology.sites.iter().enumerate() {
+            let id = SiteId(i as u32);
+            if id == site {
+                continue;
+            }
+            let rtt = self.topology.link(site, id).rtt_ms;
+            match s.kind {
+                SiteKind::Edge if here.kind == SiteKind::Edge && s.region == here.region => {
+                    edge.push((rtt, id))
+                }
+                SiteKind::Cloud => cloud.push((rtt, id)),
+                _ => {}
+            }
+        }
+        edge.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        cloud.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // Keep room for the cloud: it is the spill of last resort.
+        let n = self.config.max_spill_sites;
+        let clouds = cloud.len().min(n / 2).max(cloud.len().min(1));
+        edge.truncate(n.saturating_sub(clouds));
+        cloud.truncate(n - edge.len().min(n));
+        let v: Vec<SiteId> = edge.into_iter().chain(cloud).map(|(_, s)| s).collect();
+        self.spill_sites.insert(site, v.clone());
+        v
+    }
+
+    fn finish(mut self) -> Plan {
+        // Stable order: model, site, first node; allocations follow the renumbering.
+        let mut idx: Vec<usize> = (0..self.replicas.len()).collect();
+        idx.sort_by_key(|&i| {
+            let r = &self.replicas[i];
+            (r.model, r.site, r.shards[0].node, r.shards[0].layers.start)
+        });
+        let mut new_of = vec![0; idx.len()];
+        for (new, &old) in idx.iter().enumerate() {
+            new_of[old] = new;
+        }
+        let replicas: Vec<Replica> = idx.iter().map(|&i| self.replicas[i].clone()).collect();
+        for a in &mut self.allocations {
+            a.replica = new_of[a.replica];
+        }
+        let core_price = self.topology.defaults.cost_per_byte(LinkClass::EdgeToCore);
+        let c = &mut self.cost;
+        c.objective = c.core_bytes_per_s * self.config.amortize_s * core_price
+            + (c.misses_per_s * self.config.miss_penalty
+                + c.unserved_per_s * self.config.unserved_penalty)
+                * self.config.amortize_s
+            + c.moved_core_bytes as f64 * core_price;
+        Plan {
+            placement: Placement { replicas },
+            dropped: self.dropped,
+            allocations: self.allocations,
+            cost: self.cost,
+        }
+    }
+}
