@@ -3,7 +3,9 @@
 //! Benchmarks (not tests). `weft-bench runtime` measures the model runtime on
 //! one thread count and prints one JSON object; `scripts/bench_runtime.sh` runs
 //! it beside llama.cpp (`bench/llamacpp_bench.py`) and writes the comparison
-//! table to `bench/results/`.
+//! table to `bench/results/`. `weft-bench sim paper|edge|scale` runs the
+//! discrete-event simulator (see the library's `sim` module) over the real
+//! solver and router.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -30,7 +32,8 @@ enum Command {
     /// The HTTP API path against the engine driven directly: time to first
     /// token, per-token overhead, and 64 concurrent streams.
     Api(ApiArgs),
-    /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios.
+    /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
+    /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
 }
 
@@ -147,7 +150,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
 }
 
 mod api;
-pub mod sim;
+use weft_bench::sim;
 
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -16,7 +16,7 @@
 //! - [`router`]: [`route`] ranks the nodes that could take a request and
 //!   returns a [`Decision`] with every candidate's terms (the intent log).
 //! - [`utility`]: the utility of an outcome and the online [`Learner`].
-//! - [`error`]: [`PlacementError`].
+//! - [`error`]: the crate error, [`PlacementError`].
 #![forbid(unsafe_code)]
 
 pub mod admission;

@@ -209,18 +209,22 @@ pub fn solve(
     let mut s = Solver::new(topology, models, demand, current, config);
     s.keep_current();
     let mut order: Vec<usize> = (0..demand.len()).collect();
-    // Biggest demand first: it gains most from a local replica. Ties by site
-    // and model so the order never depends on the input's order beyond that.
+    // Demand that puts the most bytes on the wire per unit of compute first:
+    // its local replica keeps the most bytes off the core per node it uses.
+    // Ties by site and model, so only the demand itself decides the order.
     order.sort_by(|&a, &b| {
-        let wa = s.work(a);
-        let wb = s.work(b);
-        wb.total_cmp(&wa)
+        s.density(b)
+            .total_cmp(&s.density(a))
             .then(demand[a].site.cmp(&demand[b].site))
             .then(demand[a].model.cmp(&demand[b].model))
             .then(a.cmp(&b))
     });
-    for d in order {
-        s.serve(d);
+    // First every site serves its own demand, so a hot spot cannot take its
+    // neighbours' room before their own agents are served; then what is
+    // left spills, nearest site first.
+    let mut left: Vec<f64> = order.iter().map(|&d| s.serve_local(d)).collect();
+    for (i, &d) in order.iter().enumerate() {
+        left[i] = s.spill(d, left[i]);
     }
     Ok(s.finish())
 }
@@ -263,6 +267,8 @@ struct Solver<'a> {
     cost: PlanCost,
     demanded: Vec<bool>,
     spill_sites: HashMap<SiteId, Vec<SiteId>>,
+    /// Cloud sites with the single-sequence rate of their fastest node.
+    clouds: Vec<(SiteId, f64)>,
 }
 
 impl<'a> Solver<'a> {
@@ -305,6 +311,22 @@ impl<'a> Solver<'a> {
             cost: PlanCost::default(),
             demanded,
             spill_sites: HashMap::new(),
+            clouds: topology
+                .sites
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.kind == SiteKind::Cloud)
+                .map(|(i, _)| {
+                    let sid = SiteId(i as u32);
+                    let fastest = topology
+                        .nodes_at(sid)
+                        .iter()
+                        .map(|&n| topology.node(n).sequence_tokens_per_s())
+                        .fold(0.0, f64::max);
+                    (sid, fastest)
+                })
+                .filter(|&(_, f)| f > 0.0)
+                .collect(),
         }
     }
 
@@ -428,43 +450,60 @@ impl<'a> Solver<'a> {
         });
     }
 
-    fn serve(&mut self, di: usize) {
+    /// Request bytes per unit of compute.
+    fn density(&self, d: usize) -> f64 {
+        self.demand[d].wire_bytes_per_s() / self.work(d).max(1e-12)
+    }
+
+    /// Serves demand `di` at its own site; returns the work left over.
+    fn serve_local(&mut self, di: usize) -> f64 {
         let d = &self.demand[di];
         if d.requests_per_s <= 0.0 {
-            return;
+            return 0.0;
         }
         let total = self.work(di);
         let per_request = total / d.requests_per_s;
-        let mut left = total;
         let (site, model) = (d.site, d.model);
-        left = self.use_existing(di, site, model, left, per_request);
+        let mut left = self.use_existing(di, site, model, total, per_request);
         while left > per_request * 1e-6 {
             let Some(r) = self.place_local(di, left) else {
                 break;
             };
             left = self.fill(di, r, left, per_request);
         }
-        if left > per_request * 1e-6 {
-            for s in self.spill_order(site) {
-                left = self.use_existing(di, s, model, left, per_request);
-                while left > per_request * 1e-6 {
-                    let Some(r) = self.place_at(s, model) else {
-                        break;
-                    };
-                    let class = self.topology.link(site, s).class;
-                    self.replicas[r]
-                        .reasons
-                        .push(Reason::Spill { from: site, class });
-                    left = self.fill(di, r, left, per_request);
-                }
-                if left <= per_request * 1e-6 {
+        left
+    }
+
+    /// Spills `left` work of demand `di` to other sites, nearest first;
+    /// what no site can take is unserved.
+    fn spill(&mut self, di: usize, mut left: f64) -> f64 {
+        let d = &self.demand[di];
+        if left <= 0.0 || d.requests_per_s <= 0.0 {
+            return 0.0;
+        }
+        let per_request = self.work(di) / d.requests_per_s;
+        let (site, model) = (d.site, d.model);
+        for s in self.spill_order(site) {
+            if left <= per_request * 1e-6 {
+                break;
+            }
+            left = self.use_existing(di, s, model, left, per_request);
+            while left > per_request * 1e-6 {
+                let Some(r) = self.place_at(s, model) else {
                     break;
-                }
+                };
+                let class = self.topology.link(site, s).class;
+                self.replicas[r]
+                    .reasons
+                    .push(Reason::Spill { from: site, class });
+                left = self.fill(di, r, left, per_request);
             }
         }
         if left > per_request * 1e-6 {
             self.cost.unserved_per_s += left / per_request;
+            return left;
         }
+        0.0
     }
 
     fn fill(&mut self, di: usize, r: usize, left: f64, per_request: f64) -> f64 {
@@ -539,26 +578,13 @@ impl<'a> Solver<'a> {
     /// cloud site: round trip plus its tokens on the fastest cloud node.
     fn remote_floor_ms(&self, d: &Demand) -> f64 {
         let m = &self.models[d.model.0 as usize];
-        let mut best = f64::INFINITY;
-        for (i, s) in self.topology.sites.iter().enumerate() {
-            if s.kind != SiteKind::Cloud {
-                continue;
-            }
-            let sid = SiteId(i as u32);
-            let fastest = self
-                .topology
-                .nodes_at(sid)
-                .iter()
-                .map(|&n| self.topology.node(n).sequence_tokens_per_s())
-                .fold(0.0, f64::max);
-            if fastest <= 0.0 {
-                continue;
-            }
-            let link = self.topology.link(d.site, sid);
-            let ms = link.rtt_ms + d.output_tokens * m.compute_per_token / fastest * 1000.0;
-            best = best.min(ms);
-        }
-        best
+        self.clouds
+            .iter()
+            .map(|&(sid, fastest)| {
+                self.topology.link(d.site, sid).rtt_ms
+                    + d.output_tokens * m.compute_per_token / fastest * 1000.0
+            })
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// Price per weight byte of bringing `model` to `site`: free if a node
@@ -684,22 +710,50 @@ impl<'a> Solver<'a> {
                 .cmp(&self.free_mem[a.0 as usize])
                 .then(a.cmp(b))
         });
-        let mut shards = Vec::new();
-        let mut next = 0;
+        // Take nodes until their room covers the model, then share the
+        // layers in proportion to each one's room, so the chain's stages
+        // are balanced rather than one full node and a sliver.
+        let mut chosen: Vec<(NodeId, u32)> = Vec::new();
+        let mut room = 0u32;
         for n in nodes {
-            if next == m.layers {
+            if room >= m.layers {
                 break;
             }
             let fit = (self.free_mem[n.0 as usize] - m.shared_bytes) / m.bytes_per_layer.max(1);
-            let take = (fit.min(u64::from(m.layers - next))) as u32;
-            if take == 0 {
+            let fit = fit.min(u64::from(m.layers)) as u32;
+            if fit > 0 {
+                chosen.push((n, fit));
+                room += fit;
+            }
+        }
+        if room < m.layers {
+            return None;
+        }
+        let mut take: Vec<u32> = chosen
+            .iter()
+            .map(|&(_, fit)| (u64::from(m.layers) * u64::from(fit) / u64::from(room)) as u32)
+            .collect();
+        let mut short = m.layers - take.iter().sum::<u32>();
+        while short > 0 {
+            // rounding left a few layers: give them to nodes with room left
+            for (t, &(_, fit)) in take.iter_mut().zip(&chosen) {
+                if short > 0 && *t < fit {
+                    *t += 1;
+                    short -= 1;
+                }
+            }
+        }
+        let mut shards = Vec::new();
+        let mut next = 0;
+        for (&(n, _), &t) in chosen.iter().zip(&take) {
+            if t == 0 {
                 continue;
             }
             shards.push(Shard {
                 node: n,
-                layers: next..next + take,
+                layers: next..next + t,
             });
-            next += take;
+            next += t;
         }
         (next == m.layers).then_some(shards)
     }

@@ -4,8 +4,10 @@
 //! request from what it could know (the last report plus its own sends).
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use weft_placement::{Criticality, NodeState};
 
 /// Virtual time in milliseconds.
@@ -26,6 +28,10 @@ pub struct SimNode {
     pub cost_per_token: f64,
     /// Joules per token.
     pub energy_per_token_j: f64,
+    /// Extra milliseconds per output token for each model it serves as the
+    /// head of a shard chain (hidden states hop between shards); empty or 0
+    /// for whole replicas.
+    pub hop_ms_per_token: Vec<f64>,
 }
 
 /// One request.
@@ -49,23 +55,19 @@ pub struct Job {
     pub issued: Ms,
     /// The model (index), for scenarios with several.
     pub model: usize,
+    /// Output tokens (for per-token hop delays).
+    pub tokens: f64,
 }
 
 /// What happened to one request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Completion {
-    /// The request's index.
-    pub job: usize,
+    /// The request.
+    pub job: Job,
     /// End-to-end latency (ms); `None` when refused.
     pub latency_ms: Option<f64>,
     /// Where it ran.
     pub node: Option<usize>,
-    /// Its class.
-    pub class: Criticality,
-    /// Its origin site.
-    pub origin: usize,
-    /// Issue time.
-    pub issued: Ms,
 }
 
 /// The network between sites: round trip, bandwidth, and a congestion model
@@ -79,6 +81,9 @@ pub struct Network {
     /// Requests in flight from other sites each site's ingress link carries
     /// before its delay doubles (`None`: never congests).
     pub ingress_capacity: Vec<Option<f64>>,
+    /// Mean of an exponential extra one-way delay (ms) from site a to site b:
+    /// the tail of a wide-area path (empty: none).
+    pub jitter_ms: Vec<Vec<f64>>,
 }
 
 impl Network {
@@ -129,8 +134,8 @@ pub struct View<'a> {
     pub nodes: &'a [SimNode],
     /// Their last reports.
     pub reports: &'a [Report],
-    /// Sends by this request's origin since those reports.
-    pub sent: &'a [Sent],
+    /// Sends by this request's origin since those reports, by node.
+    pub sent: &'a HashMap<usize, Sent>,
     /// Age of the reports (ms).
     pub report_age_ms: f64,
     /// The network.
@@ -146,7 +151,7 @@ impl View<'_> {
     pub fn node_state(&self, n: usize, holds_model: bool) -> NodeState {
         let node = &self.nodes[n];
         let r = &self.reports[n];
-        let s = &self.sent[n];
+        let s = &self.sent.get(&n).copied().unwrap_or_default();
         // Sends since the report fill free slots first, then the queue.
         let total = r.running + r.queued + s.count;
         let running = total.min(node.slots);
@@ -251,6 +256,7 @@ pub struct Sim {
     network: Network,
     report_every_ms: Ms,
     sites: usize,
+    seed: u64,
 }
 
 struct JobRun {
@@ -261,14 +267,16 @@ struct JobRun {
 }
 
 impl Sim {
-    /// A simulator of `nodes` on `network`, with load reports every `report_every_ms`.
-    pub fn new(nodes: Vec<SimNode>, network: Network, report_every_ms: Ms) -> Self {
+    /// A simulator of `nodes` on `network`, with load reports every
+    /// `report_every_ms`; `seed` drives the network's jitter.
+    pub fn new(nodes: Vec<SimNode>, network: Network, report_every_ms: Ms, seed: u64) -> Self {
         let sites = network.rtt.len();
         Self {
             nodes,
             network,
             report_every_ms,
             sites,
+            seed,
         }
     }
 
@@ -310,11 +318,12 @@ impl Sim {
             })
             .collect();
         let mut reports = vec![Report::default(); n];
-        let mut sent = vec![vec![Sent::default(); n]; self.sites];
+        let mut sent: Vec<HashMap<usize, Sent>> = vec![HashMap::new(); self.sites];
         let mut last_report = 0.0;
         let mut inflight_remote = vec![0u32; self.sites];
         let mut reported_inflight = vec![0u32; self.sites];
         let mut out = Vec::new();
+        let mut rng = StdRng::seed_from_u64(self.seed);
 
         while let Some(Timed { at: now, event, .. }) = heap.pop() {
             if now > end {
@@ -343,7 +352,7 @@ impl Sim {
                         reports[i] = rep;
                     }
                     for s in &mut sent {
-                        s.iter_mut().for_each(|x| *x = Sent::default());
+                        s.clear();
                     }
                     reported_inflight.copy_from_slice(&inflight_remote);
                     last_report = now;
@@ -372,7 +381,7 @@ impl Sim {
                     match policy.choose(job, &view) {
                         Some(node) => {
                             let site = self.nodes[node].site;
-                            let s = &mut sent[job.origin][node];
+                            let s = sent[job.origin].entry(node).or_default();
                             s.count += 1;
                             s.tokens += job.expected_work;
                             if job.class == Criticality::Critical {
@@ -383,9 +392,17 @@ impl Sim {
                             if remote {
                                 inflight_remote[site] += 1;
                             }
-                            let go =
+                            let mut go =
                                 self.network
                                     .one_way(job.origin, site, job.bytes / 2.0, factor);
+                            if let Some(&mean) = self
+                                .network
+                                .jitter_ms
+                                .get(job.origin)
+                                .and_then(|r| r.get(site))
+                            {
+                                go += super::exp(&mut rng, mean);
+                            }
                             jobs[j].node = node;
                             jobs[j].back_ms = go;
                             push(&mut heap, now + go, Event::Arrive(j));
@@ -393,12 +410,9 @@ impl Sim {
                         None => {
                             let job = jobs[j].job.clone();
                             out.push(Completion {
-                                job: j,
+                                job: job.clone(),
                                 latency_ms: None,
                                 node: None,
-                                class: job.class,
-                                origin: job.origin,
-                                issued: job.issued,
                             });
                             if let Some((at, next)) = workload.next(&job, now) {
                                 jobs.push(JobRun {
@@ -456,12 +470,9 @@ impl Sim {
                     let latency = now - job.issued;
                     policy.observe(&job, node, latency);
                     out.push(Completion {
-                        job: j,
+                        job: job.clone(),
                         latency_ms: Some(latency),
                         node: Some(node),
-                        class: job.class,
-                        origin: job.origin,
-                        issued: job.issued,
                     });
                     if let Some((at, next)) = workload.next(&job, now) {
                         jobs.push(JobRun {
@@ -480,6 +491,7 @@ impl Sim {
 
     fn service_ms(&self, node: usize, job: &Job) -> Ms {
         let n = &self.nodes[node];
-        job.work / (n.tokens_per_s / n.slots as f64) * 1000.0
+        let hop = n.hop_ms_per_token.get(job.model).copied().unwrap_or(0.0);
+        job.work / (n.tokens_per_s / n.slots as f64) * 1000.0 + hop * job.tokens
     }
 }

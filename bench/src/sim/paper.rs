@@ -130,6 +130,7 @@ fn nodes(count: usize, priority: bool) -> Vec<SimNode> {
             priority,
             cost_per_token: 0.0,
             energy_per_token_j: 0.0,
+            hop_ms_per_token: Vec::new(),
         })
         .collect()
 }
@@ -152,6 +153,7 @@ fn network() -> Network {
         rtt,
         bandwidth: vec![vec![1.25e8; ZONES]; ZONES],
         ingress_capacity: INGRESS_CAPACITY.iter().map(|&c| Some(c)).collect(),
+        jitter_ms: Vec::new(),
     }
 }
 
@@ -183,6 +185,7 @@ impl Agents {
             bytes: TASK_BYTES,
             issued: at,
             model: 0,
+            tokens: 0.0,
         }
     }
 }
@@ -413,7 +416,7 @@ pub fn learning(
         profiles.iter().map(|(_, p)| *p).collect(),
     ));
     for (name, ps) in runs {
-        let sim = super::engine::Sim::new(nodes(node_count, true), network(), REPORT_MS);
+        let sim = super::engine::Sim::new(nodes(node_count, true), network(), REPORT_MS, seed);
         let mut workload = Agents {
             count: agents,
             rng: StdRng::seed_from_u64(seed),
@@ -438,6 +441,7 @@ pub fn simulate(
         nodes(node_count, kind != PolicyKind::RoundRobin),
         network(),
         REPORT_MS,
+        seed,
     );
     let mut workload = Agents {
         count: agents,
@@ -477,9 +481,9 @@ fn summarise(
 ) -> Vec<Row> {
     let mut crit = Vec::new();
     let mut batch = Vec::new();
-    for c in done.iter().filter(|c| c.issued >= warmup) {
+    for c in done.iter().filter(|c| c.job.issued >= warmup) {
         if let Some(l) = c.latency_ms {
-            if c.class == Criticality::Critical {
+            if c.job.class == Criticality::Critical {
                 crit.push(l);
             } else {
                 batch.push(l);
@@ -602,13 +606,15 @@ and workload for every series."
         "simulated time (s)",
         "mean utility",
         &curve,
+        None,
     )?;
     super::plot::lines(
         &dir.join("paper.png"),
         "Mean task latency vs concurrent agents (50 nodes, 20% critical)",
         "concurrent agents",
-        "mean latency (ms)",
+        "mean latency (ms, axis stops at 400)",
         &series,
+        Some(400.0),
     )?;
     Ok(rows)
 }

@@ -44,13 +44,15 @@ fn font_ready() -> bool {
     })
 }
 
-/// Draws `series` (name, points) as lines with markers into `path`.
+/// Draws `series` (name, points) as lines with markers into `path`; with
+/// `y_max`, the y axis stops there and higher points are clipped.
 pub fn lines(
     path: &Path,
     title: &str,
     x_label: &str,
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
+    y_max: Option<f64>,
 ) -> Result<()> {
     if !font_ready() {
         eprintln!(
@@ -60,12 +62,31 @@ pub fn lines(
         return Ok(());
     }
     let pts = series.iter().flat_map(|(_, v)| v.iter());
-    let (mut x0, mut x1, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, 0.0f64);
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
     for &(x, y) in pts {
         x0 = x0.min(x);
         x1 = x1.max(x);
+        y0 = y0.min(y);
         y1 = y1.max(y);
     }
+    if let Some(m) = y_max {
+        y1 = y1.min(m);
+    }
+    // start at zero unless every value sits far from it (utilities do)
+    let y0 = if y0 >= 0.0 && y0 < 0.5 * y1 {
+        0.0
+    } else {
+        y0 - (y1 - y0).abs() * 0.05
+    };
+    let series: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, v)| (n.clone(), v.iter().map(|&(x, y)| (x, y.min(y1))).collect()))
+        .collect();
     if !x0.is_finite() {
         return Ok(());
     }
@@ -78,7 +99,10 @@ pub fn lines(
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(72)
-        .build_cartesian_2d(x0 - span * 0.02..x1 + span * 0.02, 0.0..y1 * 1.08 + 1e-9)
+        .build_cartesian_2d(
+            x0 - span * 0.02..x1 + span * 0.02,
+            y0..y1 + (y1 - y0).abs() * 0.08 + 1e-9,
+        )
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
