@@ -46,6 +46,7 @@ impl Criticality {
 
 /// A request's intent.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Intent {
     /// How critical it is.
     pub criticality: Criticality,

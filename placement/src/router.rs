@@ -31,7 +31,8 @@ pub struct RouteRequest {
 }
 
 /// A node's last report, plus what the router's caller has sent it since.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NodeState {
     /// The node.
     pub node: NodeId,
@@ -71,7 +72,8 @@ impl NodeState {
 }
 
 /// The path from the request's origin to a candidate.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LinkEstimate {
     /// Measured round trip (ms).
     pub rtt_ms: f64,
@@ -94,6 +96,7 @@ pub struct Candidate {
 
 /// Tunables of the router.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RouterConfig {
     /// The utility of an outcome.
     pub utility: UtilityWeights,

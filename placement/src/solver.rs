@@ -21,6 +21,7 @@ use crate::topology::{LinkClass, NodeId, SiteId, SiteKind, Topology};
 
 /// Tunables of the objective.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SolverConfig {
     /// Share of each node's compute left free for bursts.
     pub headroom: f64,
@@ -488,7 +489,7 @@ impl<'a> Solver<'a> {
                 break;
             }
             left = self.use_existing(di, s, model, left, per_request);
-            while left > per_request * 1e-6 {
+            while left > per_request * 1e-6 && self.worth_placing(di, s, left) {
                 let Some(r) = self.place_at(s, model) else {
                     break;
                 };
@@ -539,31 +540,44 @@ impl<'a> Solver<'a> {
         left
     }
 
+    /// Whether a new replica of demand `di`'s model at edge site `site`,
+    /// taking `left` of its work, is worth the weights it moves: against
+    /// serving that share from the cloud, it saves the share's bytes over
+    /// the core and, when the cloud is too far for the deadline, its misses.
+    /// Cloud sites are always worth it: they are the last resort.
+    fn worth_placing(&self, di: usize, site: SiteId, left: f64) -> bool {
+        if self.topology.site(site).kind != SiteKind::Edge {
+            return true;
+        }
+        let d = &self.demand[di];
+        let m = &self.models[d.model.0 as usize];
+        let share = left / self.work(di);
+        let core_price = self.topology.defaults.cost_per_byte(LinkClass::EdgeToCore);
+        let remote = d.wire_bytes_per_s() * share * self.config.amortize_s * core_price;
+        let miss = match d.deadline_ms {
+            Some(dl) if self.remote_floor_ms(d) > dl => {
+                d.requests_per_s * share * self.config.amortize_s * self.config.miss_penalty
+            }
+            _ => 0.0,
+        };
+        let move_cost = m.total_bytes() as f64 * self.weight_price(site, d.model);
+        move_cost < remote + miss
+    }
+
     /// Places a replica at the demand's own site if that is worth the move.
     fn place_local(&mut self, di: usize, left: f64) -> Option<usize> {
         let d = &self.demand[di];
         let (site, model) = (d.site, d.model);
-        let m = &self.models[model.0 as usize];
+        if !self.worth_placing(di, site, left) {
+            return None;
+        }
         let share = left / self.work(di);
         let rps = d.requests_per_s * share;
-        let mut saved = 0.0;
-        if self.topology.site(site).kind == SiteKind::Edge {
-            saved = d.wire_bytes_per_s() * share;
-            // What the nearest alternative would cost instead: its bytes over
-            // the core, and its misses if the core is too far for the deadline.
-            let core_price = self.topology.defaults.cost_per_byte(LinkClass::EdgeToCore);
-            let remote = saved * self.config.amortize_s * core_price;
-            let miss = match d.deadline_ms {
-                Some(dl) if self.remote_floor_ms(d) > dl => {
-                    rps * self.config.amortize_s * self.config.miss_penalty
-                }
-                _ => 0.0,
-            };
-            let move_cost = m.total_bytes() as f64 * self.weight_price(site, model);
-            if move_cost >= remote + miss {
-                return None;
-            }
-        }
+        let saved = if self.topology.site(site).kind == SiteKind::Edge {
+            d.wire_bytes_per_s() * share
+        } else {
+            0.0
+        };
         let r = self.place_at(site, model)?;
         let moved = self.moved_bytes(r);
         self.replicas[r].reasons.push(Reason::LocalDemand {

@@ -13,7 +13,9 @@ use crate::error::{PlacementError, Result};
 pub struct SiteId(pub u32);
 
 /// Index of a node in [`Topology::nodes`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct NodeId(pub u32);
 
@@ -80,10 +82,13 @@ impl Node {
 pub const SINGLE_SEQUENCE_SHARE: f64 = 0.25;
 
 /// The kind of path between two sites; each class has its own price per byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum LinkClass {
     /// Within one site.
+    #[default]
     Local,
     /// Between edge sites of one region.
     EdgeToEdge,
@@ -145,6 +150,7 @@ impl Link {
 
 /// Link parameters for each class, used where no explicit link is given.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LinkDefaults {
     /// Round-trip time per class (ms), in [`LinkClass::ALL`] order.
     pub rtt_ms: [f64; 4],
@@ -159,7 +165,7 @@ impl Default for LinkDefaults {
         Self {
             rtt_ms: [0.5, 10.0, 60.0, 30.0],
             bandwidth_bytes_per_s: [1.25e9, 1.25e8, 2.5e6, 1.25e9],
-            cost_per_byte: [0.0, 1e-10, 9e-9, 2e-9],
+            cost_per_byte: [0.0, 1e-11, 9e-11, 2e-11],
         }
     }
 }
@@ -171,8 +177,9 @@ impl LinkDefaults {
     }
 }
 
-/// Sites, nodes and links.
+/// Sites, nodes and links. Deserializing checks it as [`Topology::new`] does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "TopologySpec")]
 pub struct Topology {
     /// All sites; a [`SiteId`] indexes this.
     pub sites: Vec<Site>,
@@ -186,6 +193,28 @@ pub struct Topology {
     pub links: BTreeMap<(SiteId, SiteId), (f64, f64)>,
     #[serde(skip)]
     by_site: Vec<Vec<NodeId>>,
+}
+
+/// A topology as written in a file, before it is checked and indexed.
+#[derive(Deserialize)]
+struct TopologySpec {
+    sites: Vec<Site>,
+    nodes: Vec<Node>,
+    #[serde(default)]
+    defaults: LinkDefaults,
+    #[serde(default, with = "pair_map")]
+    links: BTreeMap<(SiteId, SiteId), (f64, f64)>,
+}
+
+impl TryFrom<TopologySpec> for Topology {
+    type Error = PlacementError;
+
+    fn try_from(s: TopologySpec) -> Result<Self> {
+        let mut t = Topology::new(s.sites, s.nodes, s.defaults)?;
+        t.links = s.links;
+        t.index()?;
+        Ok(t)
+    }
 }
 
 impl Topology {

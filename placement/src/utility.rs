@@ -8,6 +8,7 @@ use crate::intent::Criticality;
 
 /// Weights and scales of the utility.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct UtilityWeights {
     /// Weight of the latency term.
     pub latency: f64,

@@ -661,7 +661,7 @@ Assumptions: {edges} edge sites in two regions ({GATEWAYS_PER_SITE} gateways eac
 weights, {GATEWAY_SLOTS} slots) and one cloud region ({CLOUD_NODES} nodes, {cl} GiB, {CLOUD_SLOTS} \
 slots); every slot decodes {SLOT_TOKENS_PER_S} unit-compute tokens/s at the edge and in the cloud \
 alike; link classes, round trips, bandwidths and prices are `LinkDefaults::default()` (edge-core \
-60 ms, 20 Mbit/s, 9e-9 per byte; edge-edge 10 ms; local 0.5 ms), plus exponential extra delay on \
+60 ms, 20 Mbit/s, 9e-11 per byte, i.e. $0.09/GB; edge-edge 10 ms; local 0.5 ms), plus exponential extra delay on \
 wide-area paths (mean {WAN_JITTER_MS} ms one way edge-core, {METRO_JITTER_MS} ms edge-edge). Four \
 models (270M-, 4B-, 12B- and 27B-class by size and compute); per unit of site weight the edge asks \
 20, 5, 0.5 and 0.2 requests/s of them, site weights {SITE_WEIGHTS:?} (site 0 is a hot spot), and \
