@@ -51,7 +51,7 @@ impl Default for SolverConfig {
 }
 
 /// One node's part of a replica.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Shard {
     /// The node.
     pub node: NodeId,
@@ -67,7 +67,7 @@ pub enum Reason {
     Kept,
     /// Demand at this site; serving it here keeps its bytes off the core.
     LocalDemand {
-        /// Requests/s it takes at placement time.
+        /// Requests/s of the demand still unserved when it was placed.
         requests_per_s: f64,
         /// Edge-core bytes/s it saves against serving from the cloud.
         core_bytes_per_s_saved: f64,
@@ -198,7 +198,16 @@ pub struct Plan {
     pub cost: PlanCost,
 }
 
+/// Rounds of re-solving from its own answer before the solver settles.
+pub const MAX_ROUNDS: usize = 8;
+
 /// Plans a placement for `demand` over `topology`, starting from `current`.
+///
+/// Greedy placement interleaves placing and allocating, so the replicas it
+/// ends with can leave room it did not see while it worked. The solver
+/// therefore re-solves from its own answer until nothing more moves (at
+/// most [`MAX_ROUNDS`] rounds): the plan it returns is a fixed point, and
+/// planning again for the same demand moves nothing.
 pub fn solve(
     topology: &Topology,
     models: &[ModelSpec],
@@ -207,6 +216,57 @@ pub fn solve(
     config: &SolverConfig,
 ) -> Result<Plan> {
     validate(topology, models, demand)?;
+    let shape = |r: &Replica| (r.model, r.site, r.shards.clone());
+    let original: std::collections::HashSet<_> = current.replicas.iter().map(shape).collect();
+    let mut reasons: HashMap<(ModelId, SiteId, Vec<Shard>), Vec<Reason>> = HashMap::new();
+    let mut plan = solve_once(topology, models, demand, current, config);
+    let (mut moved, mut moved_core) = (plan.cost.moved_bytes, plan.cost.moved_core_bytes);
+    let mut dropped = std::mem::take(&mut plan.dropped);
+    let settled = |p: &Plan| {
+        p.placement
+            .replicas
+            .iter()
+            .all(|r| r.reasons == [Reason::Kept])
+    };
+    let mut rounds = 1;
+    loop {
+        for r in &plan.placement.replicas {
+            if r.reasons != [Reason::Kept] {
+                reasons.entry(shape(r)).or_insert_with(|| r.reasons.clone());
+            }
+        }
+        if settled(&plan) || rounds == MAX_ROUNDS {
+            break;
+        }
+        let next = solve_once(topology, models, demand, &plan.placement, config);
+        dropped.extend(next.dropped.iter().cloned());
+        moved += next.cost.moved_bytes;
+        moved_core += next.cost.moved_core_bytes;
+        plan = next;
+        rounds += 1;
+    }
+    for r in &mut plan.placement.replicas {
+        if !original.contains(&shape(r)) {
+            if let Some(why) = reasons.get(&shape(r)) {
+                r.reasons = why.clone();
+            }
+        }
+    }
+    plan.dropped = dropped;
+    let core_price = topology.defaults.cost_per_byte(LinkClass::EdgeToCore);
+    plan.cost.objective += (moved_core as f64 - plan.cost.moved_core_bytes as f64) * core_price;
+    plan.cost.moved_bytes = moved;
+    plan.cost.moved_core_bytes = moved_core;
+    Ok(plan)
+}
+
+fn solve_once(
+    topology: &Topology,
+    models: &[ModelSpec],
+    demand: &[Demand],
+    current: &Placement,
+    config: &SolverConfig,
+) -> Plan {
     let mut s = Solver::new(topology, models, demand, current, config);
     s.keep_current();
     let mut order: Vec<usize> = (0..demand.len()).collect();
@@ -225,9 +285,12 @@ pub fn solve(
     // left spills, nearest site first.
     let mut left: Vec<f64> = order.iter().map(|&d| s.serve_local(d)).collect();
     for (i, &d) in order.iter().enumerate() {
+        s.pool(d, left[i]);
+    }
+    for (i, &d) in order.iter().enumerate() {
         left[i] = s.spill(d, left[i]);
     }
-    Ok(s.finish())
+    s.finish()
 }
 
 fn validate(topology: &Topology, models: &[ModelSpec], demand: &[Demand]) -> Result<()> {
@@ -270,6 +333,9 @@ struct Solver<'a> {
     spill_sites: HashMap<SiteId, Vec<SiteId>>,
     /// Cloud sites with the single-sequence rate of their fastest node.
     clouds: Vec<(SiteId, f64)>,
+    /// Request bytes/s per (region, model) that edge sites could not serve
+    /// locally: what a replica shared by the region would keep off the core.
+    pooled: HashMap<(u32, ModelId), f64>,
 }
 
 impl<'a> Solver<'a> {
@@ -312,6 +378,7 @@ impl<'a> Solver<'a> {
             cost: PlanCost::default(),
             demanded,
             spill_sites: HashMap::new(),
+            pooled: HashMap::new(),
             clouds: topology
                 .sites
                 .iter()
@@ -484,6 +551,9 @@ impl<'a> Solver<'a> {
         }
         let per_request = self.work(di) / d.requests_per_s;
         let (site, model) = (d.site, d.model);
+        let start = left;
+        // a neighbour's spill may have placed a replica here since
+        left = self.use_existing(di, site, model, left, per_request);
         for s in self.spill_order(site) {
             if left <= per_request * 1e-6 {
                 break;
@@ -500,11 +570,25 @@ impl<'a> Solver<'a> {
                 left = self.fill(di, r, left, per_request);
             }
         }
+        self.pool(di, -(start - left.max(0.0)));
         if left > per_request * 1e-6 {
             self.cost.unserved_per_s += left / per_request;
             return left;
         }
         0.0
+    }
+
+    /// Adds (or, negative, removes) `work` of edge demand `di` to its
+    /// region's pool of traffic that no local replica serves.
+    fn pool(&mut self, di: usize, work: f64) {
+        let d = &self.demand[di];
+        let site = self.topology.site(d.site);
+        if site.kind != SiteKind::Edge || work == 0.0 {
+            return;
+        }
+        let bytes = work * self.density(di);
+        let e = self.pooled.entry((site.region, d.model)).or_insert(0.0);
+        *e = (*e + bytes).max(0.0);
     }
 
     fn fill(&mut self, di: usize, r: usize, left: f64, per_request: f64) -> f64 {
@@ -546,14 +630,33 @@ impl<'a> Solver<'a> {
     /// the core and, when the cloud is too far for the deadline, its misses.
     /// Cloud sites are always worth it: they are the last resort.
     fn worth_placing(&self, di: usize, site: SiteId, left: f64) -> bool {
-        if self.topology.site(site).kind != SiteKind::Edge {
+        let here = self.topology.site(site);
+        if here.kind != SiteKind::Edge {
             return true;
         }
         let d = &self.demand[di];
         let m = &self.models[d.model.0 as usize];
         let share = left / self.work(di);
+        let mut bytes = d.wire_bytes_per_s() * share;
+        if site != d.site {
+            // A replica at a neighbour serves the whole region's leftover
+            // traffic for the model, as far as the node's compute reaches.
+            let pooled = self
+                .pooled
+                .get(&(here.region, d.model))
+                .copied()
+                .unwrap_or(0.0);
+            let reach = self
+                .topology
+                .nodes_at(site)
+                .iter()
+                .map(|n| self.free_work[n.0 as usize])
+                .fold(0.0, f64::max)
+                * self.density(di);
+            bytes = bytes.max(pooled.min(reach));
+        }
         let core_price = self.topology.defaults.cost_per_byte(LinkClass::EdgeToCore);
-        let remote = d.wire_bytes_per_s() * share * self.config.amortize_s * core_price;
+        let remote = bytes * self.config.amortize_s * core_price;
         let miss = match d.deadline_ms {
             Some(dl) if self.remote_floor_ms(d) > dl => {
                 d.requests_per_s * share * self.config.amortize_s * self.config.miss_penalty

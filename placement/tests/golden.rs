@@ -55,7 +55,9 @@ fn output(input: &Input) -> Value {
             demand,
             current,
             config,
-        } => serde_json::to_value(solve(topology, models, demand, current, config).unwrap()).unwrap(),
+        } => {
+            serde_json::to_value(solve(topology, models, demand, current, config).unwrap()).unwrap()
+        }
     }
 }
 
@@ -69,12 +71,16 @@ fn golden_cases_match() {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
-    assert!(files.len() >= 10, "golden cases are missing from {}", dir.display());
+    assert!(
+        files.len() >= 10,
+        "golden cases are missing from {}",
+        dir.display()
+    );
     let mut failed = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        let mut case: Case = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let mut case: Case =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         let got = output(&case.input);
         if bless {
             case.expect = got;
@@ -88,5 +94,9 @@ fn golden_cases_match() {
             ));
         }
     }
-    assert!(failed.is_empty(), "golden mismatches:\n{}", failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "golden mismatches:\n{}",
+        failed.join("\n")
+    );
 }
