@@ -52,8 +52,8 @@ fn instance(rng: &mut StdRng, ample: bool) -> Instance {
         })
         .collect();
     let mut nodes = Vec::new();
-    for s in 0..sites.len() {
-        let cloud = sites[s].kind == SiteKind::Cloud;
+    for (s, site) in sites.iter().enumerate() {
+        let cloud = site.kind == SiteKind::Cloud;
         for _ in 0..rng.random_range(1..=4) {
             let memory_bytes = if cloud && ample {
                 models.iter().map(|m| m.total_bytes()).sum::<u64>() + GIB
