@@ -615,39 +615,39 @@ pub fn run(a: &EdgeArgs) -> Result<Vec<EdgeRow>> {
             format!("{:.4}", r.cost),
         ]);
     }
-    let mut notes = notes(a);
-    notes += "\n\n| policy | requests completed | refused | weight bytes moved over edge-core (one-time) |\n|---|---|---|---|\n";
-    for r in &rows {
-        notes += &format!(
-            "| {} | {} | {} | {} |\n",
-            r.policy, r.completed, r.refused, r.weight_core_bytes
-        );
-    }
     write_table(
         dir,
         "edge",
         "sim edge: edge sites and one cloud region",
-        &notes,
+        &notes(a),
         &table,
     )?;
-    let series: Vec<(String, Vec<(f64, f64)>)> = rows
+    let mut more = String::from(
+        "\n| policy | requests completed | refused | weight bytes moved over edge-core (one-time) |\n|---|---|---|---|\n",
+    );
+    for r in &rows {
+        more += &format!(
+            "| {} | {} | {} | {} |\n",
+            r.policy, r.completed, r.refused, r.weight_core_bytes
+        );
+    }
+    let md = dir.join("edge.md");
+    let text = std::fs::read_to_string(&md)? + &more;
+    std::fs::write(md, text)?;
+    let series: Vec<(String, Vec<f64>)> = rows
         .iter()
         .map(|r| {
             (
-                r.policy.to_string(),
-                r.p95_ms
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| (i as f64, v))
-                    .collect(),
+                format!("{} ({:.2e} edge-core bytes)", r.policy, r.core_bytes),
+                r.p95_ms.to_vec(),
             )
         })
         .collect();
-    super::plot::lines(
+    super::plot::bars(
         &dir.join("edge.png"),
-        "p95 latency by class (0 critical, 1 standard, 2 sheddable)",
-        "class",
-        "p95 latency (ms, axis stops at 3000)",
+        "sim edge: p95 latency by class (bars stop at 3 s)",
+        "p95 latency (ms)",
+        &["critical", "standard", "sheddable"],
         &series,
         Some(3000.0),
     )?;

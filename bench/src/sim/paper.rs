@@ -607,6 +607,7 @@ and workload for every series."
         "mean utility",
         &curve,
         None,
+        super::plot::SeriesLabelPosition::LowerRight,
     )?;
     super::plot::lines(
         &dir.join("paper.png"),
@@ -615,6 +616,7 @@ and workload for every series."
         "mean latency (ms, axis stops at 400)",
         &series,
         Some(400.0),
+        super::plot::SeriesLabelPosition::UpperLeft,
     )?;
     Ok(rows)
 }

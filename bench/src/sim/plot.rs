@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, Result};
+pub use plotters::prelude::SeriesLabelPosition;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
@@ -53,6 +54,7 @@ pub fn lines(
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
     y_max: Option<f64>,
+    legend: SeriesLabelPosition,
 ) -> Result<()> {
     if !font_ready() {
         eprintln!(
@@ -127,7 +129,83 @@ pub fn lines(
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 15))
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Draws grouped bars into `path`: one group per entry of `groups`, one bar
+/// per series in each group; with `y_max`, taller bars are clipped there.
+pub fn bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[&str],
+    series: &[(String, Vec<f64>)],
+    y_max: Option<f64>,
+) -> Result<()> {
+    if !font_ready() {
+        eprintln!(
+            "no TrueType font found (set WEFT_PLOT_FONT); skipping {}",
+            path.display()
+        );
+        return Ok(());
+    }
+    let top = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(0.0f64, f64::max);
+    let top = y_max.map_or(top, |m| top.min(m)) * 1.1 + 1e-9;
+    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let n = groups.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..n, 0.0..top)
+        .map_err(|e| err(&e))?;
+    let labels: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&|x: &f64| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 && i < labels.len() {
+                labels[i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    let k = series.len().max(1) as f64;
+    let width = 0.8 / k;
+    for (si, (name, v)) in series.iter().enumerate() {
+        let c = COLORS[si % COLORS.len()];
+        let rects = v.iter().enumerate().map(|(g, &y)| {
+            let x0 = g as f64 + 0.1 + si as f64 * width;
+            Rectangle::new([(x0, 0.0), (x0 + width * 0.9, y.min(top))], c.filled())
+        });
+        chart
+            .draw_series(rects)
+            .map_err(|e| err(&e))?
+            .label(name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;

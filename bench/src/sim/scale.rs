@@ -327,19 +327,28 @@ impl Policy for ScaleRouter<'_> {
     }
 }
 
-/// Runs the scenario and writes `scale.md`, `scale.csv` and `scale.json`.
-pub fn run(a: &ScaleArgs) -> Result<ScaleReport> {
-    let wall = Instant::now();
-    let dir = a.common.out_dir()?;
-    let mut rng = StdRng::seed_from_u64(a.common.seed);
+/// The scenario's fabric and demand.
+pub struct Fabric {
+    /// Sites and nodes.
+    pub topology: Topology,
+    /// The models.
+    pub models: Vec<ModelSpec>,
+    /// Mean output tokens per model.
+    pub outputs: Vec<f64>,
+    /// Demand per (edge site, model).
+    pub demand: Vec<Demand>,
+}
+
+/// Builds the fabric and the demand of `agents` agents (seeded).
+pub fn fabric(seed: u64, agents: usize) -> Fabric {
+    let mut rng = StdRng::seed_from_u64(seed);
     let t = topology();
     let ms = models();
-    let specs: Vec<ModelSpec> = ms.iter().map(|m| m.0.clone()).collect();
     let favs = favourites(&mut rng);
     let edge_sites: Vec<usize> = (0..t.sites.len())
         .filter(|&s| t.sites[s].kind == SiteKind::Edge)
         .collect();
-    let per_site = a.agents as f64 / edge_sites.len() as f64 / AGENT_PERIOD_S;
+    let per_site = agents as f64 / edge_sites.len() as f64 / AGENT_PERIOD_S;
     let mut demand = Vec::new();
     for &s in &edge_sites {
         for &(m, share) in &favs[t.sites[s].region as usize] {
@@ -353,11 +362,34 @@ pub fn run(a: &ScaleArgs) -> Result<ScaleReport> {
             });
         }
     }
-    let config = SolverConfig {
+    Fabric {
+        topology: t,
+        outputs: ms.iter().map(|m| m.1).collect(),
+        models: ms.into_iter().map(|m| m.0).collect(),
+        demand,
+    }
+}
+
+/// The solver's settings here: weights amortised over a day.
+pub fn solver_config() -> SolverConfig {
+    SolverConfig {
         amortize_s: 86_400.0,
         prefill_share: PREFILL_SHARE,
         ..SolverConfig::default()
-    };
+    }
+}
+
+/// Runs the scenario and writes `scale.md`, `scale.csv` and `scale.json`.
+pub fn run(a: &ScaleArgs) -> Result<ScaleReport> {
+    let wall = Instant::now();
+    let dir = a.common.out_dir()?;
+    let Fabric {
+        topology: t,
+        models: specs,
+        outputs,
+        demand,
+    } = fabric(a.common.seed, a.agents);
+    let config = solver_config();
     let t0 = Instant::now();
     let plan = solve(&t, &specs, &demand, &Placement::default(), &config)?;
     let solve_s = t0.elapsed().as_secs_f64();
@@ -441,7 +473,7 @@ pub fn run(a: &ScaleArgs) -> Result<ScaleReport> {
             )
         })
         .collect();
-    let out: Vec<f64> = ms.iter().map(|m| m.1).collect();
+    let out = outputs;
     let compute: Vec<f64> = specs.iter().map(|m| m.compute_per_token).collect();
     let mut workload = Streams {
         streams,
