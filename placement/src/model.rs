@@ -48,6 +48,17 @@ impl ModelSpec {
     pub fn total_bytes(&self) -> u64 {
         self.shard_bytes(self.layers)
     }
+
+    /// KV-cache bytes one layer needs for `kv_tokens` tokens of context.
+    pub fn kv_bytes_per_layer(&self, kv_tokens: u64) -> u64 {
+        self.kv_bytes_per_token * kv_tokens / u64::from(self.layers.max(1))
+    }
+
+    /// Memory a node needs to run `layers` layers with room for `kv_tokens`
+    /// tokens of context: weights plus those layers' share of the KV cache.
+    pub fn shard_memory(&self, layers: u32, kv_tokens: u64) -> u64 {
+        self.shard_bytes(layers) + self.kv_bytes_per_layer(kv_tokens) * u64::from(layers)
+    }
 }
 
 /// Steady demand for one model from agents at one site.

@@ -35,6 +35,9 @@ pub struct SolverConfig {
     pub unserved_penalty: f64,
     /// Sites a demand may spill to, nearest first.
     pub max_spill_sites: usize,
+    /// Tokens of context each replica keeps KV-cache memory for (its
+    /// concurrent sequences times their context), on top of its weights.
+    pub kv_reserve_tokens: u64,
 }
 
 impl Default for SolverConfig {
@@ -46,6 +49,7 @@ impl Default for SolverConfig {
             miss_penalty: 1e-3,
             unserved_penalty: 1e-2,
             max_spill_sites: 32,
+            kv_reserve_tokens: 16_384,
         }
     }
 }
@@ -84,7 +88,7 @@ pub enum Reason {
     },
     /// The whole model fits no single node, so it is split by free memory.
     Sharded {
-        /// Bytes of the whole model.
+        /// Memory the whole model needs (weights and KV reserve).
         model_bytes: u64,
         /// The most any node at the site had free.
         largest_free_bytes: u64,
@@ -119,14 +123,20 @@ impl Placement {
             .any(|r| r.model == model && r.shards.iter().any(|s| s.node == node))
     }
 
-    /// Weight bytes each node holds, indexed by node.
-    pub fn memory_used(&self, topology: &Topology, models: &[ModelSpec]) -> Vec<u64> {
+    /// Memory each node gives to its shards (weights plus `kv_tokens` of
+    /// KV cache per replica), indexed by node.
+    pub fn memory_used(
+        &self,
+        topology: &Topology,
+        models: &[ModelSpec],
+        kv_tokens: u64,
+    ) -> Vec<u64> {
         let mut used = vec![0u64; topology.nodes.len()];
         for r in &self.replicas {
             if let Some(m) = models.get(r.model.0 as usize) {
                 for s in &r.shards {
                     if let Some(u) = used.get_mut(s.node.0 as usize) {
-                        *u += m.shard_bytes(s.layers.end - s.layers.start);
+                        *u += m.shard_memory(s.layers.end - s.layers.start, kv_tokens);
                     }
                 }
             }
@@ -409,8 +419,10 @@ impl<'a> Solver<'a> {
                 Ok(()) => {
                     let m = &self.models[r.model.0 as usize];
                     for s in &r.shards {
-                        self.free_mem[s.node.0 as usize] -=
-                            m.shard_bytes(s.layers.end - s.layers.start);
+                        self.free_mem[s.node.0 as usize] -= m.shard_memory(
+                            s.layers.end - s.layers.start,
+                            self.config.kv_reserve_tokens,
+                        );
                     }
                     let mut kept = r.clone();
                     kept.reasons = vec![Reason::Kept];
@@ -437,7 +449,7 @@ impl<'a> Solver<'a> {
                 return Err(DropReason::Invalid);
             }
             next = s.layers.end;
-            let need = m.shard_bytes(s.layers.end - s.layers.start);
+            let need = m.shard_memory(s.layers.end - s.layers.start, self.config.kv_reserve_tokens);
             if need > self.free_mem[s.node.0 as usize] {
                 return Err(DropReason::OverMemory { node: s.node });
             }
@@ -756,7 +768,8 @@ impl<'a> Solver<'a> {
     /// most free memory.
     fn place_at(&mut self, site: SiteId, model: ModelId) -> Option<usize> {
         let m = &self.models[model.0 as usize];
-        let need = m.total_bytes();
+        let kv = self.config.kv_reserve_tokens;
+        let need = m.shard_memory(m.layers, kv);
         let nodes = self.topology.nodes_at(site);
         let whole = nodes
             .iter()
@@ -792,7 +805,7 @@ impl<'a> Solver<'a> {
             }
         };
         for s in &shards {
-            self.free_mem[s.node.0 as usize] -= m.shard_bytes(s.layers.end - s.layers.start);
+            self.free_mem[s.node.0 as usize] -= m.shard_memory(s.layers.end - s.layers.start, kv);
         }
         let source = self.weight_source(site, model);
         let r = self.push_replica(Replica {
@@ -819,7 +832,8 @@ impl<'a> Solver<'a> {
             .copied()
             .filter(|n| {
                 self.free_work[n.0 as usize] > 0.0
-                    && self.free_mem[n.0 as usize] >= m.shard_bytes(1)
+                    && self.free_mem[n.0 as usize]
+                        >= m.shard_memory(1, self.config.kv_reserve_tokens)
             })
             .collect();
         nodes.sort_by(|a, b| {
@@ -836,7 +850,8 @@ impl<'a> Solver<'a> {
             if room >= m.layers {
                 break;
             }
-            let fit = (self.free_mem[n.0 as usize] - m.shared_bytes) / m.bytes_per_layer.max(1);
+            let per_layer = m.bytes_per_layer + m.kv_bytes_per_layer(self.config.kv_reserve_tokens);
+            let fit = (self.free_mem[n.0 as usize] - m.shared_bytes) / per_layer.max(1);
             let fit = fit.min(u64::from(m.layers)) as u32;
             if fit > 0 {
                 chosen.push((n, fit));

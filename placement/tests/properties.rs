@@ -47,7 +47,7 @@ fn instance(rng: &mut StdRng, ample: bool) -> Instance {
             bytes_per_layer: rng.random_range(10..=300) * MIB,
             shared_bytes: rng.random_range(0..=1024) * MIB,
             compute_per_token: rng.random_range(0.2..5.0),
-            kv_bytes_per_token: 0,
+            kv_bytes_per_token: rng.random_range(0..=200_000),
             hidden_bytes_per_token: 0,
         })
         .collect();
@@ -56,7 +56,11 @@ fn instance(rng: &mut StdRng, ample: bool) -> Instance {
         let cloud = site.kind == SiteKind::Cloud;
         for _ in 0..rng.random_range(1..=4) {
             let memory_bytes = if cloud && ample {
-                models.iter().map(|m| m.total_bytes()).sum::<u64>() + GIB
+                models
+                    .iter()
+                    .map(|m| m.shard_memory(m.layers, SolverConfig::default().kv_reserve_tokens))
+                    .sum::<u64>()
+                    + GIB
             } else if cloud {
                 rng.random_range(20..=80) * GIB
             } else {
@@ -115,7 +119,9 @@ fn plan(i: &Instance, current: &Placement, c: &SolverConfig) -> Plan {
 }
 
 fn check_plan(i: &Instance, p: &Plan, c: &SolverConfig, seed: u64) {
-    let used = p.placement.memory_used(&i.topology, &i.models);
+    let used = p
+        .placement
+        .memory_used(&i.topology, &i.models, c.kv_reserve_tokens);
     for (n, (&u, node)) in used.iter().zip(&i.topology.nodes).enumerate() {
         assert!(
             u <= node.memory_bytes,

@@ -86,36 +86,45 @@ struct Served {
 }
 
 fn models() -> Vec<Served> {
-    let m = |name: &str, layers, mb_per_layer: u64, shared_mb: u64, c| ModelSpec {
+    // KV bytes per token: layers x 2 (K and V) x KV heads x head dim x 2 bytes,
+    // as Gemma 3 270M / 4B / 12B / 27B have them (no sliding-window saving).
+    let m = |name: &str, layers, mb_per_layer: u64, shared_mb: u64, c, kv| ModelSpec {
         name: name.into(),
         layers,
         bytes_per_layer: mb_per_layer << 20,
         shared_bytes: shared_mb << 20,
         compute_per_token: c,
-        kv_bytes_per_token: 0,
+        kv_bytes_per_token: kv,
         hidden_bytes_per_token: 0,
     };
     vec![
         Served {
-            spec: m("small (270M-class)", 18, 12, 40, 0.25),
+            spec: m("small (270M-class)", 18, 12, 40, 0.25, 18 * 2 * 256 * 2),
             edge_rate: 20.0,
             cloud_rate: 4.0,
             output_tokens: 32.0,
         },
         Served {
-            spec: m("medium (4B-class)", 34, 70, 400, 1.0),
+            spec: m("medium (4B-class)", 34, 70, 400, 1.0, 34 * 2 * 4 * 256 * 2),
             edge_rate: 5.0,
             cloud_rate: 2.0,
             output_tokens: 96.0,
         },
         Served {
-            spec: m("large (12B-class)", 48, 150, 800, 3.0),
+            spec: m("large (12B-class)", 48, 150, 800, 3.0, 48 * 2 * 8 * 256 * 2),
             edge_rate: 0.5,
             cloud_rate: 1.0,
             output_tokens: 128.0,
         },
         Served {
-            spec: m("huge (27B-class)", 62, 250, 1500, 5.0),
+            spec: m(
+                "huge (27B-class)",
+                62,
+                250,
+                1500,
+                5.0,
+                62 * 2 * 16 * 128 * 2,
+            ),
             edge_rate: 0.2,
             cloud_rate: 0.5,
             output_tokens: 160.0,
@@ -233,9 +242,10 @@ fn cloud_placement(t: &Topology, models: &[ModelSpec], cloud: SiteId) -> Placeme
     Placement { replicas }
 }
 
-/// Every edge site holds every model that fits, most requested first: whole
-/// on the gateway with the most free memory, else split over the site's
-/// gateways by free memory; plus the cloud placement.
+/// Every edge site holds every model that fits (weights and the solver's
+/// default KV reserve), most requested first: whole on the gateway with the
+/// most free memory, else split over the site's gateways by free memory;
+/// plus the cloud placement.
 fn naive_placement(t: &Topology, models: &[ModelSpec], cloud: SiteId) -> Placement {
     let mut p = cloud_placement(t, models, cloud);
     let mut free: Vec<u64> = t.nodes.iter().map(|n| n.memory_bytes).collect();
@@ -247,7 +257,8 @@ fn naive_placement(t: &Topology, models: &[ModelSpec], cloud: SiteId) -> Placeme
         for (m, spec) in models.iter().enumerate() {
             let mut nodes: Vec<NodeId> = t.nodes_at(site).to_vec();
             nodes.sort_by(|a, b| free[b.0 as usize].cmp(&free[a.0 as usize]).then(a.cmp(b)));
-            let shards = if free[nodes[0].0 as usize] >= spec.total_bytes() {
+            let kv = SolverConfig::default().kv_reserve_tokens;
+            let shards = if free[nodes[0].0 as usize] >= spec.shard_memory(spec.layers, kv) {
                 vec![Shard {
                     node: nodes[0],
                     layers: 0..spec.layers,
@@ -256,8 +267,8 @@ fn naive_placement(t: &Topology, models: &[ModelSpec], cloud: SiteId) -> Placeme
                 let mut shards = Vec::new();
                 let mut next = 0;
                 for &n in &nodes {
-                    let f =
-                        free[n.0 as usize].saturating_sub(spec.shared_bytes) / spec.bytes_per_layer;
+                    let f = free[n.0 as usize].saturating_sub(spec.shared_bytes)
+                        / (spec.bytes_per_layer + spec.kv_bytes_per_layer(kv));
                     let take = (f as u32).min(spec.layers - next);
                     if take > 0 {
                         shards.push(Shard {
@@ -273,7 +284,7 @@ fn naive_placement(t: &Topology, models: &[ModelSpec], cloud: SiteId) -> Placeme
                 shards
             };
             for sh in &shards {
-                free[sh.node.0 as usize] -= spec.shard_bytes(sh.layers.end - sh.layers.start);
+                free[sh.node.0 as usize] -= spec.shard_memory(sh.layers.end - sh.layers.start, kv);
             }
             p.replicas.push(Replica {
                 model: ModelId(m as u32),

@@ -101,10 +101,10 @@ fn models() -> Vec<(ModelSpec, f64)> {
     (0..MODELS)
         .map(|i| {
             // 60% small, 30% medium, 10% large
-            let (layers, mb, shared, c, out) = match i % 10 {
-                0..=5 => (18, 12, 40, 0.25, 32.0),
-                6..=8 => (34, 70, 400, 1.0, 96.0),
-                _ => (48, 150, 800, 3.0, 128.0),
+            let (layers, mb, shared, c, out, kv) = match i % 10 {
+                0..=5 => (18, 12, 40, 0.25, 32.0, 18 * 2 * 256 * 2),
+                6..=8 => (34, 70, 400, 1.0, 96.0, 34 * 2 * 4 * 256 * 2),
+                _ => (48, 150, 800, 3.0, 128.0, 48 * 2 * 8 * 256 * 2),
             };
             (
                 ModelSpec {
@@ -113,7 +113,7 @@ fn models() -> Vec<(ModelSpec, f64)> {
                     bytes_per_layer: mb << 20,
                     shared_bytes: shared << 20,
                     compute_per_token: c,
-                    kv_bytes_per_token: 0,
+                    kv_bytes_per_token: kv,
                     hidden_bytes_per_token: 0,
                 },
                 out,
