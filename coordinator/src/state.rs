@@ -1,0 +1,373 @@
+//! The replicated state machine: members, models, placement epochs and
+//! revoked credentials. Every replica applies the same committed commands in
+//! the same order and reaches the same state; a command that does not fit
+//! the state (a stale epoch, a plan over a member's memory) is refused the
+//! same way everywhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use weft_placement::{
+    solve, Demand, LinkDefaults, ModelSpec, Node, NodeId, Placement, PlanCost, Site, SiteId,
+    SiteKind, SolverConfig, Topology,
+};
+
+use crate::error::{CoordinatorError, Result};
+
+/// A node of the fabric as the coordinators know it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id (unique in the cluster, never 0).
+    pub id: u64,
+    /// Its name, for people.
+    pub name: String,
+    /// The site it is at.
+    pub site: String,
+    /// Edge or cloud.
+    pub kind: SiteKind,
+    /// The region of its site.
+    pub region: u32,
+    /// Bytes it offers for weights and KV cache.
+    pub memory_bytes: u64,
+    /// Aggregate tokens/s at full batch.
+    pub tokens_per_s: f64,
+    /// Sequences it batches.
+    pub slots: u32,
+    /// Whether it has an accelerator.
+    pub accelerator: bool,
+    /// Price per token.
+    pub cost_per_token: f64,
+    /// Where peers reach it.
+    pub address: String,
+}
+
+/// A model the fabric serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Its source (`default`, a PyPI package, `hf:` name or path).
+    pub source: String,
+    /// sha256 of the GGUF file.
+    pub sha256: String,
+    /// Its shape for placement (its `name` is the model's name).
+    pub spec: ModelSpec,
+}
+
+/// One committed placement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementEpoch {
+    /// 1, 2, 3, ... in commit order.
+    pub epoch: u64,
+    /// Member ids in the order the placement's `NodeId`s index.
+    pub members: Vec<u64>,
+    /// Model names in the order the placement's `ModelId`s index.
+    pub models: Vec<String>,
+    /// Where every model runs.
+    pub placement: Placement,
+    /// The objective's terms when it was planned.
+    pub cost: PlanCost,
+    /// Aggregate demand (requests/s) it was planned for.
+    pub demand_rps: f64,
+}
+
+/// A change to the control state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Command {
+    /// Adds a member or updates it.
+    PutMember(Member),
+    /// Removes a member.
+    RemoveMember {
+        /// Its id.
+        id: u64,
+    },
+    /// Adds a model or updates it.
+    PutModel(ModelRecord),
+    /// Removes a model.
+    RemoveModel {
+        /// Its name.
+        name: String,
+    },
+    /// Commits a new placement epoch.
+    CommitPlacement(PlacementEpoch),
+    /// Revokes a credential (by fingerprint): its holder is refused from now on.
+    Revoke {
+        /// The credential's fingerprint.
+        fingerprint: String,
+    },
+}
+
+impl Command {
+    /// The command as a log entry's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("commands always serialize")
+    }
+
+    /// A command from a log entry's bytes.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        serde_json::from_slice(b).map_err(|e| CoordinatorError::Codec {
+            what: "command",
+            why: e.to_string(),
+        })
+    }
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Applied {
+    /// The state changed.
+    Done,
+    /// The command was refused, the same way on every replica.
+    Refused(String),
+}
+
+/// The control state every coordinator holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControlState {
+    /// Members by id.
+    pub members: BTreeMap<u64, Member>,
+    /// Models by name.
+    pub models: BTreeMap<String, ModelRecord>,
+    /// The latest committed placement, if any.
+    pub placement: Option<PlacementEpoch>,
+    /// Revoked credential fingerprints.
+    pub revoked: BTreeSet<String>,
+    /// Index of the last log entry applied.
+    pub applied_index: u64,
+}
+
+impl ControlState {
+    /// The current epoch (0 before the first placement).
+    pub fn epoch(&self) -> u64 {
+        self.placement.as_ref().map_or(0, |p| p.epoch)
+    }
+
+    /// Applies `cmd`, committed at log index `index`.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Applied {
+        self.applied_index = index;
+        match cmd {
+            Command::PutMember(m) => {
+                if m.id == 0 {
+                    return Applied::Refused("member id 0 is reserved".into());
+                }
+                self.members.insert(m.id, m.clone());
+            }
+            Command::RemoveMember { id } => {
+                if self.members.remove(id).is_none() {
+                    return Applied::Refused(format!("no member {id}"));
+                }
+            }
+            Command::PutModel(m) => {
+                self.models.insert(m.spec.name.clone(), m.clone());
+            }
+            Command::RemoveModel { name } => {
+                if self.models.remove(name).is_none() {
+                    return Applied::Refused(format!("no model {name}"));
+                }
+            }
+            Command::CommitPlacement(p) => {
+                if let Err(why) = self.check_epoch(p) {
+                    return Applied::Refused(why);
+                }
+                self.placement = Some(p.clone());
+            }
+            Command::Revoke { fingerprint } => {
+                self.revoked.insert(fingerprint.clone());
+            }
+        }
+        Applied::Done
+    }
+
+    /// Why `p` cannot be the next epoch, if it cannot: it must follow the
+    /// current epoch, name only current members and models, and keep every
+    /// member within its memory.
+    pub fn check_epoch(&self, p: &PlacementEpoch) -> Result<(), String> {
+        if p.epoch != self.epoch() + 1 {
+            return Err(format!(
+                "epoch {} is stale: the current epoch is {}",
+                p.epoch,
+                self.epoch()
+            ));
+        }
+        let mut used = vec![0u64; p.members.len()];
+        for r in &p.placement.replicas {
+            let name = p
+                .models
+                .get(r.model.0 as usize)
+                .ok_or_else(|| format!("replica of unknown model {}", r.model))?;
+            let model = self
+                .models
+                .get(name)
+                .ok_or_else(|| format!("model {name} is not registered"))?;
+            for s in &r.shards {
+                let i = s.node.0 as usize;
+                let id = p
+                    .members
+                    .get(i)
+                    .ok_or_else(|| format!("shard on unknown node {}", s.node))?;
+                if !self.members.contains_key(id) {
+                    return Err(format!("member {id} is not in the cluster"));
+                }
+                used[i] += model.spec.shard_bytes(s.layers.end - s.layers.start);
+            }
+        }
+        for (i, &u) in used.iter().enumerate() {
+            let m = &self.members[&p.members[i]];
+            if u > m.memory_bytes {
+                return Err(format!(
+                    "member {} would hold {u} bytes of weights, over its {}",
+                    m.id, m.memory_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The topology of the current members (sites sorted by name, nodes by
+    /// id) and the member id of each node.
+    pub fn topology(&self) -> (Topology, Vec<u64>) {
+        let mut site_names: Vec<&str> = self.members.values().map(|m| m.site.as_str()).collect();
+        site_names.sort_unstable();
+        site_names.dedup();
+        let sites: Vec<Site> = site_names
+            .iter()
+            .map(|name| {
+                let m = self
+                    .members
+                    .values()
+                    .find(|m| m.site == *name)
+                    .expect("site has a member");
+                Site {
+                    kind: m.kind,
+                    region: m.region,
+                }
+            })
+            .collect();
+        let nodes: Vec<Node> = self
+            .members
+            .values()
+            .map(|m| Node {
+                site: SiteId(
+                    site_names
+                        .binary_search(&m.site.as_str())
+                        .expect("known site") as u32,
+                ),
+                memory_bytes: m.memory_bytes,
+                tokens_per_s: m.tokens_per_s.max(1e-3),
+                slots: m.slots.max(1),
+                accelerator: m.accelerator,
+                cost_per_token: m.cost_per_token,
+            })
+            .collect();
+        let ids = self.members.keys().copied().collect();
+        let t = Topology::new(sites, nodes, LinkDefaults::default())
+            .expect("member sites are consistent by construction");
+        (t, ids)
+    }
+
+    /// Whether a new plan is due: membership or the model set changed since
+    /// the last epoch, or aggregate demand moved by more than `band` (a
+    /// fraction) from what it was planned for.
+    pub fn needs_replan(&self, demand_rps: f64, band: f64) -> bool {
+        let Some(p) = &self.placement else {
+            return !self.members.is_empty() && !self.models.is_empty();
+        };
+        let ids: Vec<u64> = self.members.keys().copied().collect();
+        let models: Vec<String> = self.models.keys().cloned().collect();
+        if ids != p.members || models != p.models {
+            return true;
+        }
+        let base = p.demand_rps.max(1e-9);
+        ((demand_rps - p.demand_rps) / base).abs() > band
+    }
+
+    /// The next epoch for `demand` (by site name and model name), planned
+    /// with `weft-placement` from the current placement.
+    pub fn plan_next(
+        &self,
+        demand: &[(String, String, Demand)],
+        config: &SolverConfig,
+    ) -> PlacementEpoch {
+        let (topology, ids) = self.topology();
+        let names: Vec<String> = self.models.keys().cloned().collect();
+        let specs: Vec<ModelSpec> = self.models.values().map(|m| m.spec.clone()).collect();
+        let mut site_names: Vec<&str> = self.members.values().map(|m| m.site.as_str()).collect();
+        site_names.sort_unstable();
+        site_names.dedup();
+        let demand: Vec<Demand> = demand
+            .iter()
+            .filter_map(|(site, model, d)| {
+                let s = site_names.binary_search(&site.as_str()).ok()?;
+                let m = names.binary_search(model).ok()?;
+                Some(Demand {
+                    site: SiteId(s as u32),
+                    model: weft_placement::ModelId(m as u32),
+                    ..d.clone()
+                })
+            })
+            .collect();
+        let current = self.current_in(&ids, &names, &topology);
+        let plan = solve(&topology, &specs, &demand, &current, config)
+            .expect("topology and demand are built consistent");
+        PlacementEpoch {
+            epoch: self.epoch() + 1,
+            members: ids,
+            models: names,
+            placement: plan.placement,
+            cost: plan.cost,
+            demand_rps: demand.iter().map(|d| d.requests_per_s).sum(),
+        }
+    }
+
+    /// The current placement re-indexed to `ids` and `names`, dropping
+    /// replicas whose members or models are gone.
+    fn current_in(&self, ids: &[u64], names: &[String], t: &Topology) -> Placement {
+        let Some(p) = &self.placement else {
+            return Placement::default();
+        };
+        let mut out = Placement::default();
+        'replica: for r in &p.placement.replicas {
+            let Some(m) = p
+                .models
+                .get(r.model.0 as usize)
+                .and_then(|n| names.binary_search(n).ok())
+            else {
+                continue;
+            };
+            let mut shards = Vec::new();
+            for s in &r.shards {
+                let Some(i) = p
+                    .members
+                    .get(s.node.0 as usize)
+                    .and_then(|id| ids.binary_search(id).ok())
+                else {
+                    continue 'replica;
+                };
+                shards.push(weft_placement::Shard {
+                    node: NodeId(i as u32),
+                    layers: s.layers.clone(),
+                });
+            }
+            let site = t.node(shards[0].node).site;
+            out.replicas.push(weft_placement::Replica {
+                model: weft_placement::ModelId(m as u32),
+                site,
+                shards,
+                reasons: r.reasons.clone(),
+            });
+        }
+        out
+    }
+
+    /// The state as snapshot bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the state always serializes")
+    }
+
+    /// A state from snapshot bytes.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        serde_json::from_slice(b).map_err(|e| CoordinatorError::Codec {
+            what: "snapshot",
+            why: e.to_string(),
+        })
+    }
+}
