@@ -371,3 +371,128 @@ impl ControlState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, site: &str, memory_gib: u64) -> Member {
+        Member {
+            id,
+            name: format!("n{id}"),
+            site: site.into(),
+            kind: if site.starts_with("cloud") {
+                SiteKind::Cloud
+            } else {
+                SiteKind::Edge
+            },
+            region: 0,
+            memory_bytes: memory_gib << 30,
+            tokens_per_s: 2000.0,
+            slots: 8,
+            accelerator: true,
+            cost_per_token: 1e-8,
+            address: String::new(),
+        }
+    }
+
+    fn model(name: &str, layers: u32, mib_per_layer: u64) -> ModelRecord {
+        ModelRecord {
+            source: "default".into(),
+            sha256: String::new(),
+            spec: ModelSpec {
+                name: name.into(),
+                layers,
+                bytes_per_layer: mib_per_layer << 20,
+                shared_bytes: 0,
+                compute_per_token: 1.0,
+                kv_bytes_per_token: 0,
+                hidden_bytes_per_token: 0,
+            },
+        }
+    }
+
+    fn demand(site: &str, model: &str, rps: f64) -> (String, String, Demand) {
+        (
+            site.into(),
+            model.into(),
+            Demand {
+                site: SiteId(0),
+                model: weft_placement::ModelId(0),
+                requests_per_s: rps,
+                prompt_tokens: 1000.0,
+                output_tokens: 64.0,
+                deadline_ms: None,
+            },
+        )
+    }
+
+    fn state() -> ControlState {
+        let mut s = ControlState::default();
+        for (i, c) in [
+            Command::PutMember(member(7, "edge-a", 4)),
+            Command::PutMember(member(9, "cloud", 40)),
+            Command::PutModel(model("small", 18, 14)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_eq!(s.apply(i as u64 + 1, c), Applied::Done);
+        }
+        s
+    }
+
+    #[test]
+    fn a_planned_epoch_applies_and_a_stale_or_oversized_one_is_refused() {
+        let mut s = state();
+        assert!(s.needs_replan(10.0, 0.2), "no placement yet");
+        let p = s.plan_next(&[demand("edge-a", "small", 20.0)], &SolverConfig::default());
+        assert_eq!(p.epoch, 1);
+        assert!(!p.placement.replicas.is_empty());
+        assert_eq!(
+            s.apply(4, &Command::CommitPlacement(p.clone())),
+            Applied::Done
+        );
+        assert_eq!(s.epoch(), 1);
+        // the same epoch again is stale
+        assert!(
+            matches!(s.apply(5, &Command::CommitPlacement(p.clone())), Applied::Refused(w) if w.contains("stale"))
+        );
+        // a plan that puts the model on a member too small for it
+        let mut big = p.clone();
+        big.epoch = 2;
+        s.members.get_mut(&7).unwrap().memory_bytes = 1 << 20;
+        let on_seven = big.members.iter().position(|&id| id == 7).unwrap();
+        big.placement.replicas[0].shards[0].node = NodeId(on_seven as u32);
+        assert!(
+            matches!(s.apply(6, &Command::CommitPlacement(big)), Applied::Refused(w) if w.contains("over its"))
+        );
+        assert_eq!(s.epoch(), 1);
+    }
+
+    #[test]
+    fn replanning_waits_for_a_change_beyond_the_band() {
+        let mut s = state();
+        let p = s.plan_next(&[demand("edge-a", "small", 20.0)], &SolverConfig::default());
+        s.apply(4, &Command::CommitPlacement(p));
+        assert!(!s.needs_replan(22.0, 0.2), "10% is inside the band");
+        assert!(s.needs_replan(30.0, 0.2), "50% is outside it");
+        s.apply(5, &Command::PutMember(member(11, "edge-b", 4)));
+        assert!(s.needs_replan(20.0, 0.2), "a new member");
+        // the next plan keeps what was placed: nothing moves
+        let next = s.plan_next(&[demand("edge-a", "small", 20.0)], &SolverConfig::default());
+        assert_eq!(next.epoch, 2);
+        assert_eq!(next.cost.moved_bytes, 0, "{:?}", next.cost);
+    }
+
+    #[test]
+    fn commands_and_state_round_trip_through_bytes() {
+        let s = state();
+        assert_eq!(ControlState::decode(&s.encode()).unwrap(), s);
+        let c = Command::Revoke {
+            fingerprint: "f".into(),
+        };
+        assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+        assert!(Command::decode(b"{not json").is_err());
+    }
+}
