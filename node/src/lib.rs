@@ -15,10 +15,14 @@
 //! - [`worker`]: the node/worker protocol, the worker process, the supervisor.
 //! - [`sandbox`]: namespaces and limits for worker processes (the only `unsafe`).
 //! - [`serve`]: `weft up`: listener with a connection cap, graceful shutdown.
+//! - [`cluster`]: the control plane's IO: cluster credentials (CA, join
+//!   tokens, mutual TLS), the QUIC transport between members, and the driver
+//!   that runs a `weft-coordinator` member over it.
 //! - `src/main.rs`: the `weft` binary and its subcommands.
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod model_store;

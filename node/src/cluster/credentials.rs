@@ -1,0 +1,908 @@
+//! Cluster credentials: a cluster CA, join tokens, node certificates, and
+//! the TLS configurations that admit only holders of a certificate from the
+//! CA that is not revoked.
+//!
+//! - `weft cluster init` makes the CA ([`ClusterCa::init`]); its key stays
+//!   with the coordinators.
+//! - `weft cluster join-token` makes a token ([`ClusterCa::issue_token`]):
+//!   an expiry and a nonce, authenticated with a key derived from the CA key,
+//!   plus the CA's fingerprint so the joiner can pin the CA before it has it.
+//! - A joining node sends the token and a certificate request; a coordinator
+//!   checks the token and signs ([`ClusterCa::sign_request`]).
+//! - Every connection is mutual TLS 1.3 under the CA; a certificate whose
+//!   fingerprint is in the replicated revocation list is refused.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use hmac::{Hmac, Mac};
+use rand_core::{OsRng, RngCore};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsName, RootCertStore, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// ALPN of weft's cluster protocol.
+pub const ALPN: &[u8] = b"weft/1";
+/// Validity of a node certificate (days).
+pub const NODE_CERT_DAYS: i64 = 365;
+/// Validity of a join token unless told otherwise (seconds).
+pub const DEFAULT_TOKEN_TTL_S: u64 = 24 * 3600;
+/// Most bytes of a node name.
+pub const MAX_NODE_NAME: usize = 63;
+
+/// Why a credential was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// Files could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `init` found a CA already there.
+    #[error("{0} already holds a cluster CA; refusing to overwrite it")]
+    Exists(PathBuf),
+    /// Certificate or key material did not parse or sign.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// The token is malformed, forged, or for another cluster.
+    #[error("invalid join token: {0}")]
+    BadToken(&'static str),
+    /// The token has expired.
+    #[error("the join token expired {0} s ago")]
+    Expired(u64),
+    /// A node name outside `[a-z0-9-]{1,63}`.
+    #[error("invalid node name {0:?}: use 1-63 lowercase letters, digits and dashes")]
+    BadName(String),
+}
+
+type Result<T, E = CredentialError> = std::result::Result<T, E>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CredentialError + '_ {
+    move |source| CredentialError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn cert_err(e: impl std::fmt::Display) -> CredentialError {
+    CredentialError::Certificate(e.to_string())
+}
+
+/// SHA-256 of a DER certificate, lowercase hex: how certificates are named
+/// in the revocation list.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
+    let (_, body) = pem
+        .split_once("-----BEGIN CERTIFICATE-----")
+        .ok_or_else(|| cert_err("no certificate in PEM"))?;
+    let (b64, _) = body
+        .split_once("-----END CERTIFICATE-----")
+        .ok_or_else(|| cert_err("unterminated certificate PEM"))?;
+    let b64: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
+    base64_decode(&b64).ok_or_else(|| cert_err("bad base64 in certificate PEM"))
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        })
+    };
+    let bytes = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= val(c)? << (18 - 6 * i);
+        }
+        let n = chunk.len() * 6 / 8;
+        for i in 0..n {
+            out.push((acc >> (16 - 8 * i)) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Checks a node name: 1-63 of `[a-z0-9-]`, not starting with a dash.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NODE_NAME
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CredentialError::BadName(name.to_string()))
+    }
+}
+
+/// The DNS name a node's certificate carries (and peers dial it by).
+pub fn dns_name(node: &str) -> String {
+    format!("{node}.weft")
+}
+
+/// What a token says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenClaims {
+    /// Fingerprint of the cluster CA.
+    pub ca: String,
+    /// Unix time it expires.
+    pub expires: u64,
+    /// Random, so every token differs.
+    pub nonce: String,
+}
+
+impl TokenClaims {
+    /// Reads a token's claims without checking it (a joiner cannot: it pins
+    /// the CA with them).
+    pub fn peek(token: &str) -> Result<Self> {
+        let mut parts = token.split('.');
+        let (Some("weft1"), Some(payload), Some(_mac), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(CredentialError::BadToken("not a weft join token"));
+        };
+        let bytes = hex::decode(payload).map_err(|_| CredentialError::BadToken("bad encoding"))?;
+        serde_json::from_slice(&bytes).map_err(|_| CredentialError::BadToken("bad claims"))
+    }
+}
+
+/// The cluster CA (certificate and key), kept by the coordinators.
+pub struct ClusterCa {
+    cert_pem: String,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    der: Vec<u8>,
+}
+
+impl ClusterCa {
+    const CERT: &'static str = "ca.pem";
+    const KEY: &'static str = "ca.key";
+
+    /// Creates a CA named `cluster` in `dir` (which must not hold one).
+    pub fn init(dir: &Path, cluster: &str) -> Result<Self> {
+        let cert_path = dir.join(Self::CERT);
+        if cert_path.exists() {
+            return Err(CredentialError::Exists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("weft cluster CA {cluster}"));
+        dn.push(DnType::OrganizationName, "weft");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time_now();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key).map_err(cert_err)?;
+        let key_path = dir.join(Self::KEY);
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
+        Self::load(dir)
+    }
+
+    /// Loads the CA from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cert_path = dir.join(Self::CERT);
+        let key_path = dir.join(Self::KEY);
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(cert_err)?;
+        let params = CertificateParams::from_ca_cert_pem(&cert_pem).map_err(cert_err)?;
+        // re-creating the certificate object from its own parameters and key
+        // gives the issuer name and key identifier every issued cert carries
+        let cert = params.self_signed(&key).map_err(cert_err)?;
+        let der = pem_to_der(&cert_pem)?;
+        Ok(Self {
+            cert_pem,
+            cert,
+            key,
+            der,
+        })
+    }
+
+    /// The CA certificate (PEM), which every node trusts.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA's fingerprint.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.der)
+    }
+
+    fn token_key(&self) -> Vec<u8> {
+        let mut h = Sha256::new();
+        h.update(b"weft join token v1");
+        h.update(self.key.serialize_der());
+        h.finalize().to_vec()
+    }
+
+    fn mac(&self, payload: &[u8]) -> Vec<u8> {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.token_key()).expect("any key length");
+        m.update(payload);
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// A join token valid for `ttl_s` seconds from `now_unix`.
+    pub fn issue_token(&self, now_unix: u64, ttl_s: u64) -> String {
+        let mut nonce = [0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let claims = TokenClaims {
+            ca: self.fingerprint(),
+            expires: now_unix + ttl_s,
+            nonce: hex::encode(nonce),
+        };
+        let payload = serde_json::to_vec(&claims).expect("claims serialize");
+        format!(
+            "weft1.{}.{}",
+            hex::encode(&payload),
+            hex::encode(self.mac(&payload))
+        )
+    }
+
+    /// Checks a token: ours, untampered, unexpired.
+    pub fn check_token(&self, token: &str, now_unix: u64) -> Result<TokenClaims> {
+        let claims = TokenClaims::peek(token)?;
+        let mut parts = token.split('.').skip(1);
+        let payload = hex::decode(parts.next().unwrap_or_default())
+            .map_err(|_| CredentialError::BadToken("bad encoding"))?;
+        let mac = hex::decode(parts.next().unwrap_or_default())
+            .map_err(|_| CredentialError::BadToken("bad encoding"))?;
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.token_key()).expect("any key length");
+        m.update(&payload);
+        m.verify_slice(&mac)
+            .map_err(|_| CredentialError::BadToken("it was not issued by this cluster"))?;
+        if claims.ca != self.fingerprint() {
+            return Err(CredentialError::BadToken("it names another cluster CA"));
+        }
+        if claims.expires < now_unix {
+            return Err(CredentialError::Expired(now_unix - claims.expires));
+        }
+        Ok(claims)
+    }
+
+    fn node_params(node: &str) -> Result<CertificateParams> {
+        check_name(node)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::DnsName(
+            dns_name(node).try_into().map_err(cert_err)?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time_now();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(NODE_CERT_DAYS);
+        params.use_authority_key_identifier_extension = true;
+        Ok(params)
+    }
+
+    /// Signs a node's certificate request for `node`. Only the request's
+    /// public key is used; name, validity and usages are ours.
+    pub fn sign_request(&self, csr_pem: &str, node: &str) -> Result<String> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err)?;
+        csr.params = Self::node_params(node)?;
+        Ok(csr
+            .signed_by(&self.cert, &self.key)
+            .map_err(cert_err)?
+            .pem())
+    }
+
+    /// A complete identity for `node`, issued directly (for coordinators,
+    /// which hold the CA).
+    pub fn issue_identity(&self, node: &str) -> Result<NodeIdentity> {
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let cert = Self::node_params(node)?
+            .signed_by(&key, &self.cert, &self.key)
+            .map_err(cert_err)?;
+        NodeIdentity::from_pem(node, &cert.pem(), &key.serialize_pem(), &self.cert_pem)
+    }
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// A new key and a certificate request for `node` (what a joiner sends).
+pub fn new_request(node: &str) -> Result<(String, String)> {
+    check_name(node)?;
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let params = CertificateParams::new(vec![dns_name(node)]).map_err(cert_err)?;
+    let csr = params.serialize_request(&key).map_err(cert_err)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(cert_err)?))
+}
+
+/// Fingerprints of revoked certificates, shared with the TLS verifiers and
+/// updated as revocations commit.
+#[derive(Debug, Clone, Default)]
+pub struct Revoked(Arc<RwLock<BTreeSet<String>>>);
+
+impl Revoked {
+    /// Replaces the list.
+    pub fn set(&self, fingerprints: impl IntoIterator<Item = String>) {
+        *self.0.write().expect("revocation lock") = fingerprints.into_iter().collect();
+    }
+
+    /// Whether `der` is revoked.
+    pub fn contains(&self, der: &[u8]) -> bool {
+        self.0
+            .read()
+            .expect("revocation lock")
+            .contains(&fingerprint(der))
+    }
+}
+
+/// A node's certificate, key and the CA it trusts.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    /// The node's name.
+    pub name: String,
+    /// Its certificate (PEM).
+    pub cert_pem: String,
+    /// Its private key (PEM).
+    pub key_pem: String,
+    /// The cluster CA (PEM).
+    pub ca_pem: String,
+    cert_der: Vec<u8>,
+    ca_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("name", &self.name)
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeIdentity {
+    const CERT: &'static str = "node.pem";
+    const KEY: &'static str = "node.key";
+    const CA: &'static str = "ca.pem";
+    const NAME: &'static str = "name";
+
+    /// An identity from PEM strings.
+    pub fn from_pem(name: &str, cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<Self> {
+        check_name(name)?;
+        KeyPair::from_pem(key_pem).map_err(cert_err)?;
+        Ok(Self {
+            name: name.to_string(),
+            cert_der: pem_to_der(cert_pem)?,
+            ca_der: pem_to_der(ca_pem)?,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            ca_pem: ca_pem.to_string(),
+        })
+    }
+
+    /// Writes the identity into `dir` (the key readable by its owner only).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let key = dir.join(Self::KEY);
+        if key.exists() {
+            std::fs::remove_file(&key).map_err(io(&key))?;
+        }
+        write_private(&key, self.key_pem.as_bytes())?;
+        for (name, body) in [
+            (Self::CERT, &self.cert_pem),
+            (Self::CA, &self.ca_pem),
+            (Self::NAME, &self.name),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, body).map_err(io(&p))?;
+        }
+        Ok(())
+    }
+
+    /// Reads an identity saved in `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let read = |n: &str| {
+            let p = dir.join(n);
+            std::fs::read_to_string(&p).map_err(io(&p))
+        };
+        Self::from_pem(
+            read(Self::NAME)?.trim(),
+            &read(Self::CERT)?,
+            &read(Self::KEY)?,
+            &read(Self::CA)?,
+        )
+    }
+
+    /// Whether `dir` holds an identity.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(Self::CERT).exists() && dir.join(Self::KEY).exists()
+    }
+
+    /// This node's certificate fingerprint.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.cert_der)
+    }
+
+    fn roots(&self) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca_der.clone()))
+            .expect("the CA certificate parses");
+        Arc::new(roots)
+    }
+
+    fn chain_and_key(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let key = KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
+        let key = PrivateKeyDer::try_from(key.serialize_der()).map_err(cert_err)?;
+        Ok((
+            vec![
+                CertificateDer::from(self.cert_der.clone()),
+                CertificateDer::from(self.ca_der.clone()),
+            ],
+            key,
+        ))
+    }
+
+    /// TLS for accepting: peers must show a certificate from the CA that is
+    /// not revoked, except that `allow_anonymous` lets a joiner in without
+    /// one (the caller then accepts only a join request on it).
+    pub fn server_config(
+        &self,
+        revoked: &Revoked,
+        allow_anonymous: bool,
+    ) -> Result<rustls::ServerConfig> {
+        let provider = provider();
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots(),
+            provider.clone(),
+        );
+        let inner = if allow_anonymous {
+            inner.allow_unauthenticated()
+        } else {
+            inner
+        }
+        .build()
+        .map_err(cert_err)?;
+        let verifier = Arc::new(RevokingClientVerifier {
+            inner,
+            revoked: revoked.clone(),
+        });
+        let (chain, key) = self.chain_and_key()?;
+        let mut c = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cert_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(cert_err)?;
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(c)
+    }
+
+    /// TLS for dialling a peer: its certificate must come from the CA and not
+    /// be revoked; ours goes along.
+    pub fn client_config(&self, revoked: &Revoked) -> Result<rustls::ClientConfig> {
+        let provider = provider();
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(cert_err)?;
+        let verifier = Arc::new(RevokingServerVerifier {
+            inner,
+            revoked: revoked.clone(),
+        });
+        let (chain, key) = self.chain_and_key()?;
+        let mut c = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cert_err)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(chain, key)
+            .map_err(cert_err)?;
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(c)
+    }
+}
+
+/// TLS for a joiner, which has no certificate yet: the server must show a
+/// chain that ends in a CA with the fingerprint the token pins.
+pub fn joiner_client_config(ca_fingerprint: &str) -> Result<rustls::ClientConfig> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin: ca_fingerprint.to_string(),
+        provider: provider.clone(),
+    });
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(cert_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(c)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug)]
+struct RevokingClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Revoked,
+}
+
+impl ClientCertVerifier for RevokingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[TlsName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.revoked.contains(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct RevokingServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    revoked: Revoked,
+}
+
+impl ServerCertVerifier for RevokingServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.revoked.contains(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.pin)
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_900_000_000;
+
+    /// Runs a TLS handshake in memory; the first error either side raises.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+        name: &str,
+    ) -> Result<(), String> {
+        let mut c = rustls::ClientConnection::new(
+            Arc::new(client),
+            ServerName::try_from(name.to_string()).unwrap(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| e.to_string())?;
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()
+                .map_err(|e| format!("server: {e}"))?;
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()
+                .map_err(|e| format!("client: {e}"))?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                // the server's verdict on the client's certificate comes last
+                let mut buf = Vec::new();
+                c.write_tls(&mut buf).unwrap();
+                s.read_tls(&mut &buf[..]).unwrap();
+                s.process_new_packets()
+                    .map_err(|e| format!("server: {e}"))?;
+                return Ok(());
+            }
+        }
+        Err("handshake did not finish".into())
+    }
+
+    fn joined(ca: &ClusterCa, name: &str) -> NodeIdentity {
+        let (key, csr) = new_request(name).unwrap();
+        let cert = ca.sign_request(&csr, name).unwrap();
+        NodeIdentity::from_pem(name, &cert, &key, ca.cert_pem()).unwrap()
+    }
+
+    #[test]
+    fn ca_files_are_created_once_and_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(dir.path(), "test").unwrap();
+        assert!(matches!(
+            ClusterCa::init(dir.path(), "test"),
+            Err(CredentialError::Exists(_))
+        ));
+        let again = ClusterCa::load(dir.path()).unwrap();
+        assert_eq!(ca.fingerprint(), again.fingerprint());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the CA key is readable by others: {mode:o}"
+        );
+    }
+
+    #[test]
+    fn tokens_are_checked_for_forgery_cluster_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(&dir.path().join("a"), "a").unwrap();
+        let other = ClusterCa::init(&dir.path().join("b"), "b").unwrap();
+        let t = ca.issue_token(NOW, 3600);
+        let claims = ca.check_token(&t, NOW + 10).unwrap();
+        assert_eq!(claims.ca, ca.fingerprint());
+        assert_eq!(TokenClaims::peek(&t).unwrap(), claims);
+        assert_ne!(t, ca.issue_token(NOW, 3600), "tokens carry a nonce");
+        assert!(matches!(
+            ca.check_token(&t, NOW + 3601),
+            Err(CredentialError::Expired(1))
+        ));
+        assert!(matches!(
+            other.check_token(&t, NOW),
+            Err(CredentialError::BadToken(_))
+        ));
+        // change one claim (a later expiry) and keep the MAC
+        let mut parts: Vec<String> = t.split('.').map(String::from).collect();
+        let mut c: TokenClaims = serde_json::from_slice(&hex::decode(&parts[1]).unwrap()).unwrap();
+        c.expires += 1_000_000;
+        parts[1] = hex::encode(serde_json::to_vec(&c).unwrap());
+        assert!(matches!(
+            ca.check_token(&parts.join("."), NOW),
+            Err(CredentialError::BadToken(_))
+        ));
+        assert!(ca.check_token("garbage", NOW).is_err());
+    }
+
+    #[test]
+    fn members_of_one_cluster_connect_and_strangers_or_revoked_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(&dir.path().join("a"), "a").unwrap();
+        let stranger_ca = ClusterCa::init(&dir.path().join("b"), "b").unwrap();
+        let a = ca.issue_identity("node-a").unwrap();
+        let b = joined(&ca, "node-b");
+        let stranger = stranger_ca.issue_identity("node-c").unwrap();
+        let revoked = Revoked::default();
+        let server = |id: &NodeIdentity| id.server_config(&revoked, false).unwrap();
+        let client = |id: &NodeIdentity| id.client_config(&revoked).unwrap();
+
+        handshake(client(&b), server(&a), &dns_name("node-a")).unwrap();
+        handshake(client(&a), server(&b), &dns_name("node-b")).unwrap();
+        // a certificate from another CA, either way round
+        assert!(handshake(client(&stranger), server(&a), &dns_name("node-a")).is_err());
+        assert!(handshake(client(&a), server(&stranger), &dns_name("node-c")).is_err());
+        // the wrong name for the server
+        assert!(handshake(client(&b), server(&a), &dns_name("node-x")).is_err());
+        // no client certificate at all
+        let anon = joiner_client_config(&ca.fingerprint()).unwrap();
+        assert!(handshake(anon.clone(), server(&a), &dns_name("node-a")).is_err());
+        // ...unless the server lets joiners in
+        handshake(
+            anon,
+            a.server_config(&revoked, true).unwrap(),
+            &dns_name("node-a"),
+        )
+        .unwrap();
+        // a joiner pinning another CA refuses the server
+        let wrong_pin = joiner_client_config(&stranger_ca.fingerprint()).unwrap();
+        assert!(handshake(
+            wrong_pin,
+            a.server_config(&revoked, true).unwrap(),
+            &dns_name("node-a")
+        )
+        .is_err());
+        // revoke b: refused as a client and as a server
+        revoked.set([b.fingerprint()]);
+        let e = handshake(client(&b), server(&a), &dns_name("node-a")).unwrap_err();
+        assert!(e.contains("Revoked") || e.contains("revoked"), "{e}");
+        assert!(handshake(client(&a), server(&b), &dns_name("node-b")).is_err());
+    }
+
+    #[test]
+    fn identities_save_and_load_and_names_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(&dir.path().join("ca"), "a").unwrap();
+        let id = joined(&ca, "edge-gw-1");
+        id.save(&dir.path().join("id")).unwrap();
+        let back = NodeIdentity::load(&dir.path().join("id")).unwrap();
+        assert_eq!(back.fingerprint(), id.fingerprint());
+        assert_eq!(back.name, "edge-gw-1");
+        for bad in ["", "UPPER", "-dash", "has space", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+            assert!(new_request(bad).is_err());
+        }
+        // a request is signed for the name the coordinator gives, not the one asked
+        let (_, csr) = new_request("asks-for-this").unwrap();
+        let cert = ca.sign_request(&csr, "gets-this").unwrap();
+        let der = pem_to_der(&cert).unwrap();
+        let text = String::from_utf8_lossy(&der);
+        assert!(text.contains("gets-this.weft") && !text.contains("asks-for-this"));
+    }
+}
