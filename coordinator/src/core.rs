@@ -48,6 +48,8 @@ impl CoordinatorConfig {
 pub struct AppliedEntry {
     /// Its index.
     pub index: u64,
+    /// The context its proposer attached (to match a reply to it).
+    pub context: Vec<u8>,
     /// Its term.
     pub term: u64,
     /// The command, for normal entries that carry one.
@@ -221,12 +223,19 @@ impl Coordinator {
 
     /// Proposes `cmd`; it is applied everywhere once committed.
     pub fn propose(&mut self, cmd: &Command) -> Result<()> {
+        self.propose_with(Vec::new(), cmd)
+    }
+
+    /// Proposes `cmd` with a `context` that comes back with it in
+    /// [`AppliedEntry::context`] (raft may still drop a proposal, for
+    /// example when leadership changes; the caller times out).
+    pub fn propose_with(&mut self, context: Vec<u8>, cmd: &Command) -> Result<()> {
         if !self.is_leader() {
             return Err(CoordinatorError::NotLeader {
                 leader: self.leader(),
             });
         }
-        let r = self.raw.propose(Vec::new(), cmd.encode());
+        let r = self.raw.propose(context, cmd.encode());
         self.after_input();
         r.map_err(Into::into)
     }
@@ -362,6 +371,7 @@ impl Coordinator {
             self.state.applied_index = e.index;
             out.applied.push(AppliedEntry {
                 index: e.index,
+                context: e.context.to_vec(),
                 term: e.term,
                 command,
                 result,

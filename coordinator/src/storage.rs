@@ -6,11 +6,11 @@
 //! Backends: [`DirDisk`] (files in a directory) and [`MemDisk`] (memory that
 //! outlives a simulated crash, for the deterministic harness).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -31,7 +31,7 @@ pub struct Recovered {
 
 /// Where the log goes to survive a crash. Every call returns only when what
 /// it wrote is durable.
-pub trait Durable {
+pub trait Durable: Send {
     /// Writes `entries`, replacing any entries from `entries[0].index` on.
     fn append(&mut self, entries: &[Entry]) -> io::Result<()>;
     /// Writes the hard state.
@@ -48,7 +48,7 @@ pub trait Durable {
 /// A durable store kept in memory: a clone is a handle to the same "disk",
 /// so a test can drop a member (a crash) and start it again from it.
 #[derive(Debug, Clone, Default)]
-pub struct MemDisk(Rc<RefCell<Recovered>>);
+pub struct MemDisk(Arc<Mutex<Recovered>>);
 
 impl MemDisk {
     /// An empty disk.
@@ -66,22 +66,25 @@ fn replace_from(log: &mut Vec<Entry>, entries: &[Entry]) {
 
 impl Durable for MemDisk {
     fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
-        replace_from(&mut self.0.borrow_mut().entries, entries);
+        replace_from(
+            &mut self.0.lock().expect("memory disk lock").entries,
+            entries,
+        );
         Ok(())
     }
 
     fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()> {
-        self.0.borrow_mut().hard_state = hs.clone();
+        self.0.lock().expect("memory disk lock").hard_state = hs.clone();
         Ok(())
     }
 
     fn set_conf_state(&mut self, cs: &ConfState) -> io::Result<()> {
-        self.0.borrow_mut().conf_state = cs.clone();
+        self.0.lock().expect("memory disk lock").conf_state = cs.clone();
         Ok(())
     }
 
     fn save_snapshot(&mut self, snap: &Snapshot, replace_log: bool) -> io::Result<()> {
-        let mut r = self.0.borrow_mut();
+        let mut r = self.0.lock().expect("memory disk lock");
         let index = snap.get_metadata().index;
         r.entries.retain(|e| !replace_log && e.index > index);
         r.snapshot = snap.clone();
@@ -89,7 +92,7 @@ impl Durable for MemDisk {
     }
 
     fn load(&mut self) -> io::Result<Recovered> {
-        Ok(self.0.borrow().clone())
+        Ok(self.0.lock().expect("memory disk lock").clone())
     }
 }
 

@@ -101,3 +101,17 @@ fn only_the_leader_takes_proposals() {
     let e = c.propose(&Command::RemoveMember { id: 1 }).unwrap_err();
     assert!(e.to_string().contains("not the leader"), "{e}");
 }
+
+#[test]
+fn a_read_index_comes_back_once_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = open(dir.path(), 1000);
+    lead(&mut c);
+    c.propose(&Command::PutMember(member(5))).unwrap();
+    c.process().unwrap();
+    c.read_index(b"r1".to_vec());
+    let out = c.process().unwrap();
+    assert_eq!(out.reads.len(), 1, "{:?}", out.reads);
+    assert_eq!(out.reads[0].0, b"r1");
+    assert!(out.reads[0].1 <= c.state().applied_index);
+}

@@ -9,15 +9,16 @@ const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 /// Bucket bounds (seconds) for the gap between tokens.
 const ITL_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
 
+/// A cumulative histogram in Prometheus form.
 #[derive(Debug, Clone, Default)]
-struct Histogram {
+pub(crate) struct Histogram {
     counts: Vec<u64>,
     sum: f64,
     count: u64,
 }
 
 impl Histogram {
-    fn observe(&mut self, bounds: &[f64], v: f64) {
+    pub(crate) fn observe(&mut self, bounds: &[f64], v: f64) {
         if self.counts.len() != bounds.len() {
             self.counts = vec![0; bounds.len()];
         }
@@ -30,7 +31,7 @@ impl Histogram {
         self.count += 1;
     }
 
-    fn render(&self, out: &mut String, name: &str, bounds: &[f64]) {
+    pub(crate) fn render(&self, out: &mut String, name: &str, bounds: &[f64]) {
         for (i, b) in bounds.iter().enumerate() {
             let _ = writeln!(
                 out,

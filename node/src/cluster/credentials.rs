@@ -516,6 +516,10 @@ impl NodeIdentity {
             .with_single_cert(chain, key)
             .map_err(cert_err)?;
         c.alpn_protocols = vec![ALPN.to_vec()];
+        // no resumption: a resumed session would skip the certificate check,
+        // and with it a revocation committed since
+        c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        c.send_tls13_tickets = 0;
         Ok(c)
     }
 
@@ -542,6 +546,7 @@ impl NodeIdentity {
             .with_client_auth_cert(chain, key)
             .map_err(cert_err)?;
         c.alpn_protocols = vec![ALPN.to_vec()];
+        c.resumption = rustls::client::Resumption::disabled();
         Ok(c)
     }
 }

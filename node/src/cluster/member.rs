@@ -1,0 +1,805 @@
+//! A coordinator member over the network: a `weft-coordinator` core driven
+//! by a tick timer, with raft messages and requests arriving over QUIC and
+//! every write fsynced before it is acknowledged ([`DirDisk`]).
+//!
+//! One task owns the core (no locks around raft); connection tasks feed it
+//! events, and one sender task per peer keeps a connection and ships raft
+//! batches, reporting lost ones back so raft retries.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+use weft_coordinator::{Applied, Command, Coordinator, CoordinatorConfig, DirDisk, Member};
+use weft_placement::{Demand, SolverConfig};
+
+use super::credentials::{ClusterCa, NodeIdentity, Revoked};
+use super::transport::{self, read_frame, write_frame, Reply, Request, StatusReport};
+use crate::metrics::Histogram;
+
+/// One founding coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its raft id (not 0).
+    pub id: u64,
+    /// Its node name (the name in its certificate).
+    pub name: String,
+    /// Its cluster address (UDP).
+    pub addr: SocketAddr,
+}
+
+/// How a coordinator member runs.
+#[derive(Debug, Clone)]
+pub struct MemberSettings {
+    /// This member's raft id.
+    pub id: u64,
+    /// Where it listens (UDP).
+    pub listen: SocketAddr,
+    /// Where its log, hard state and snapshots live.
+    pub data_dir: PathBuf,
+    /// The founding coordinators, this one included.
+    pub peers: Vec<Peer>,
+    /// One raft tick.
+    pub tick: Duration,
+    /// Ticks between re-planning checks on the leader.
+    pub replan_ticks: u64,
+    /// Relative change of aggregate demand that triggers a new plan.
+    pub replan_band: f64,
+    /// The solver's settings.
+    pub solver: SolverConfig,
+    /// How long a proposal may wait to commit.
+    pub propose_timeout: Duration,
+}
+
+impl MemberSettings {
+    /// Defaults for member `id` listening on `listen`.
+    pub fn new(id: u64, listen: SocketAddr, data_dir: PathBuf, peers: Vec<Peer>) -> Self {
+        Self {
+            id,
+            listen,
+            data_dir,
+            peers,
+            tick: Duration::from_millis(100),
+            replan_ticks: 10,
+            replan_band: 0.2,
+            solver: SolverConfig::default(),
+            propose_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Bucket bounds (seconds) of the commit-latency histogram.
+const COMMIT_BUCKETS: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// The control plane's metrics.
+#[derive(Debug, Default)]
+pub struct ControlMetrics {
+    inner: Mutex<ControlInner>,
+}
+
+#[derive(Debug, Default)]
+struct ControlInner {
+    term: u64,
+    is_leader: bool,
+    leader_changes: u64,
+    commit_index: u64,
+    log_entries: u64,
+    epoch: u64,
+    members: u64,
+    rejected_peers: u64,
+    commit_latency: Histogram,
+}
+
+impl ControlMetrics {
+    /// Prometheus text for these metrics.
+    pub fn render(&self) -> String {
+        let i = self.inner.lock().expect("metrics lock");
+        let mut out = String::new();
+        use std::fmt::Write;
+        for (name, help, v) in [
+            ("weft_raft_term", "current raft term", i.term),
+            (
+                "weft_raft_is_leader",
+                "1 if this member leads",
+                u64::from(i.is_leader),
+            ),
+            (
+                "weft_raft_leader_changes_total",
+                "leader changes seen",
+                i.leader_changes,
+            ),
+            (
+                "weft_raft_commit_index",
+                "last committed log index",
+                i.commit_index,
+            ),
+            (
+                "weft_raft_log_entries",
+                "log entries after the last snapshot",
+                i.log_entries,
+            ),
+            (
+                "weft_placement_epoch",
+                "latest committed placement epoch",
+                i.epoch,
+            ),
+            (
+                "weft_cluster_members",
+                "members in the control state",
+                i.members,
+            ),
+            (
+                "weft_cluster_rejected_peers_total",
+                "connections or messages refused for lacking valid credentials",
+                i.rejected_peers,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP weft_raft_commit_seconds proposal to commit on the leader\n# TYPE weft_raft_commit_seconds histogram"
+        );
+        i.commit_latency
+            .render(&mut out, "weft_raft_commit_seconds", COMMIT_BUCKETS);
+        out
+    }
+
+    /// Connections or messages refused so far.
+    pub fn rejected(&self) -> u64 {
+        self.inner.lock().expect("metrics lock").rejected_peers
+    }
+
+    fn reject(&self) {
+        self.inner.lock().expect("metrics lock").rejected_peers += 1;
+    }
+}
+
+enum Event {
+    Raft(Message),
+    Request {
+        req: Request,
+        peer: Option<String>,
+        reply: oneshot::Sender<Reply>,
+    },
+    Lost {
+        peer: u64,
+        snapshot: bool,
+    },
+    SnapshotSent {
+        peer: u64,
+    },
+}
+
+/// A running member.
+pub struct MemberHandle {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    /// Its metrics.
+    pub metrics: Arc<ControlMetrics>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<()>>,
+    endpoint: quinn::Endpoint,
+}
+
+impl MemberHandle {
+    /// Stops the member and waits for it.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        let r = self.task.await.context("coordinator task")?;
+        self.endpoint.close(0u32.into(), b"shutting down");
+        r
+    }
+}
+
+/// A member id from a node name (stable, never 0).
+pub fn member_id(name: &str) -> u64 {
+    let h = Sha256::digest(name.as_bytes());
+    u64::from_be_bytes(h[..8].try_into().expect("8 bytes")).max(1)
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Starts coordinator member `settings.id`. `ca` (the cluster CA with its
+/// key) lets it admit joiners; without it, joins are refused.
+pub async fn start(
+    settings: MemberSettings,
+    identity: NodeIdentity,
+    ca: Option<ClusterCa>,
+) -> Result<MemberHandle> {
+    let revoked = Revoked::default();
+    let disk = DirDisk::open(&settings.data_dir.join("raft"))
+        .with_context(|| format!("opening the raft log in {}", settings.data_dir.display()))?;
+    let founders: Vec<u64> = settings.peers.iter().map(|p| p.id).collect();
+    let seed = now_unix() ^ settings.id;
+    let core = Coordinator::open(
+        CoordinatorConfig::new(settings.id),
+        Box::new(disk),
+        &founders,
+        seed,
+    )?;
+    let endpoint = transport::endpoint(&identity, &revoked, settings.listen, ca.is_some())?;
+    let local_addr = endpoint.local_addr()?;
+    let metrics = Arc::new(ControlMetrics::default());
+    let (events_tx, events_rx) = mpsc::channel(4096);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let names: HashMap<u64, String> = settings
+        .peers
+        .iter()
+        .map(|p| (p.id, p.name.clone()))
+        .collect();
+    tokio::spawn(accept_loop(
+        endpoint.clone(),
+        events_tx.clone(),
+        names.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
+    let mut senders = HashMap::new();
+    for p in settings.peers.iter().filter(|p| p.id != settings.id) {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(peer_sender(
+            endpoint.clone(),
+            p.clone(),
+            rx,
+            events_tx.clone(),
+        ));
+        senders.insert(p.id, tx);
+    }
+    let driver = Driver {
+        core,
+        settings,
+        ca,
+        revoked,
+        metrics: metrics.clone(),
+        senders,
+        pending: HashMap::new(),
+        reads: VecDeque::new(),
+        next_ctx: 0,
+        demand: Vec::new(),
+        ticks: 0,
+        last_leader: None,
+    };
+    let task = tokio::spawn(driver.run(events_rx, shutdown_rx));
+    Ok(MemberHandle {
+        local_addr,
+        metrics,
+        shutdown,
+        task,
+        endpoint,
+    })
+}
+
+async fn accept_loop(
+    ep: quinn::Endpoint,
+    events: mpsc::Sender<Event>,
+    names: HashMap<u64, String>,
+    metrics: Arc<ControlMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = ep.accept() => i,
+            _ = shutdown.changed() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let events = events.clone();
+        let names = names.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    // failed handshakes: no or bad credentials
+                    tracing::debug!("refused a connection: {e}");
+                    metrics.reject();
+                    return;
+                }
+            };
+            serve_connection(conn, events, names, metrics).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    events: mpsc::Sender<Event>,
+    names: HashMap<u64, String>,
+    metrics: Arc<ControlMetrics>,
+) {
+    let peer = transport::peer_name(&conn);
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => {
+                let Ok(mut recv) = uni else { return };
+                // raft messages: only from the coordinator whose id they claim
+                while let Ok(Some(body)) = read_frame(&mut recv).await {
+                    let Ok(msg) = Message::parse_from_bytes(&body) else {
+                        metrics.reject();
+                        return;
+                    };
+                    if peer.is_none() || names.get(&msg.from) != peer.as_ref() {
+                        metrics.reject();
+                        conn.close(1u32.into(), b"raft messages from a non-coordinator");
+                        return;
+                    }
+                    if events.send(Event::Raft(msg)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            bi = conn.accept_bi() => {
+                let Ok((mut send, mut recv)) = bi else { return };
+                let events = events.clone();
+                let peer = peer.clone();
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let Ok(Some(body)) = read_frame(&mut recv).await else { return };
+                    let reply = match serde_json::from_slice::<Request>(&body) {
+                        Ok(req) if peer.is_none() && !matches!(req, Request::Join { .. }) => {
+                            metrics.reject();
+                            Reply::Error { message: "only a join request may come without credentials".into() }
+                        }
+                        Ok(req) => {
+                            let (tx, rx) = oneshot::channel();
+                            if events.send(Event::Request { req, peer: peer.clone(), reply: tx }).await.is_err() {
+                                return;
+                            }
+                            rx.await.unwrap_or(Reply::Error { message: "the coordinator stopped".into() })
+                        }
+                        Err(e) => Reply::Error { message: format!("bad request: {e}") },
+                    };
+                    let body = serde_json::to_vec(&reply).expect("replies serialize");
+                    if write_frame(&mut send, &body).await.is_ok() {
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn peer_sender(
+    ep: quinn::Endpoint,
+    peer: Peer,
+    mut batches: mpsc::Receiver<Vec<Message>>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut conn: Option<quinn::Connection> = None;
+    while let Some(batch) = batches.recv().await {
+        let snapshot = batch
+            .iter()
+            .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let sent = send_batch(&ep, &peer, &mut conn, &batch).await;
+        let event = match (sent, snapshot) {
+            (true, true) => Some(Event::SnapshotSent { peer: peer.id }),
+            (true, false) => None,
+            (false, s) => Some(Event::Lost {
+                peer: peer.id,
+                snapshot: s,
+            }),
+        };
+        if let Some(e) = event {
+            if events.send(e).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn send_batch(
+    ep: &quinn::Endpoint,
+    peer: &Peer,
+    conn: &mut Option<quinn::Connection>,
+    batch: &[Message],
+) -> bool {
+    for attempt in 0..2 {
+        if conn.as_ref().is_none_or(|c| c.close_reason().is_some()) {
+            let connecting = match ep.connect(peer.addr, &super::credentials::dns_name(&peer.name))
+            {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+            match tokio::time::timeout(Duration::from_secs(2), connecting).await {
+                Ok(Ok(c)) => *conn = Some(c),
+                _ => return false,
+            }
+        }
+        let c = conn.as_ref().expect("connected above");
+        let ok = async {
+            let mut s = c.open_uni().await.ok()?;
+            for m in batch {
+                let body = m.write_to_bytes().ok()?;
+                write_frame(&mut s, &body).await.ok()?;
+            }
+            s.finish().ok()
+        }
+        .await
+        .is_some();
+        if ok {
+            return true;
+        }
+        *conn = None;
+        if attempt == 1 {
+            break;
+        }
+    }
+    false
+}
+
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    since: Instant,
+    then: Then,
+}
+
+enum Then {
+    /// Reply `Committed`.
+    Committed,
+    /// Reply `Joined` with this certificate.
+    Joined { cert_pem: String, ca_pem: String },
+}
+
+struct Driver {
+    core: Coordinator,
+    settings: MemberSettings,
+    ca: Option<ClusterCa>,
+    revoked: Revoked,
+    metrics: Arc<ControlMetrics>,
+    senders: HashMap<u64, mpsc::Sender<Vec<Message>>>,
+    pending: HashMap<Vec<u8>, Pending>,
+    /// Reads waiting for their index to be applied: (index, reply).
+    reads: VecDeque<(Vec<u8>, Option<u64>, oneshot::Sender<Reply>)>,
+    next_ctx: u64,
+    demand: Vec<(String, String, Demand)>,
+    ticks: u64,
+    last_leader: Option<u64>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.core.tick();
+                    self.ticks += 1;
+                    self.expire();
+                    if self.ticks % self.settings.replan_ticks == 0 {
+                        self.maybe_replan();
+                    }
+                }
+                e = events.recv() => {
+                    let Some(e) = e else { return Ok(()) };
+                    self.event(e);
+                    // take whatever else is queued before processing once
+                    while let Ok(e) = events.try_recv() {
+                        self.event(e);
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+            self.process().await?;
+        }
+    }
+
+    fn peer(&self, id: Option<u64>) -> Option<&Peer> {
+        let id = id?;
+        self.settings.peers.iter().find(|p| p.id == id)
+    }
+
+    fn ctx(&mut self) -> Vec<u8> {
+        self.next_ctx += 1;
+        let mut c = self.settings.id.to_be_bytes().to_vec();
+        c.extend_from_slice(&self.next_ctx.to_be_bytes());
+        c
+    }
+
+    fn not_leader(&self) -> Reply {
+        let p = self.peer(self.core.leader());
+        Reply::NotLeader {
+            leader: p.map(|p| p.addr),
+            leader_name: p.map(|p| p.name.clone()),
+        }
+    }
+
+    fn propose(&mut self, cmd: &Command, reply: oneshot::Sender<Reply>, then: Then) {
+        if !self.core.is_leader() {
+            let _ = reply.send(self.not_leader());
+            return;
+        }
+        let ctx = self.ctx();
+        match self.core.propose_with(ctx.clone(), cmd) {
+            Ok(()) => {
+                self.pending.insert(
+                    ctx,
+                    Pending {
+                        reply,
+                        since: Instant::now(),
+                        then,
+                    },
+                );
+            }
+            Err(e) => {
+                let _ = reply.send(Reply::Error {
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Raft(m) => {
+                if let Err(e) = self.core.step(m) {
+                    tracing::warn!("raft step: {e}");
+                }
+            }
+            Event::Lost { peer, snapshot } => {
+                if snapshot {
+                    self.core.report_snapshot(peer, false);
+                } else {
+                    self.core.report_unreachable(peer);
+                }
+            }
+            Event::SnapshotSent { peer } => self.core.report_snapshot(peer, true),
+            Event::Request { req, peer, reply } => self.request(req, peer, reply),
+        }
+    }
+
+    fn request(&mut self, req: Request, peer: Option<String>, reply: oneshot::Sender<Reply>) {
+        match req {
+            Request::Propose { command } => self.propose(&command, reply, Then::Committed),
+            Request::Replan { demand } => {
+                if !self.core.is_leader() {
+                    let _ = reply.send(self.not_leader());
+                    return;
+                }
+                self.demand = demand;
+                let next = self
+                    .core
+                    .state()
+                    .plan_next(&self.demand, &self.settings.solver);
+                self.propose(&Command::CommitPlacement(next), reply, Then::Committed);
+            }
+            Request::Status => {
+                if !self.core.is_leader() {
+                    let _ = reply.send(self.not_leader());
+                    return;
+                }
+                let ctx = self.ctx();
+                self.core.read_index(ctx.clone());
+                self.reads.push_back((ctx, None, reply));
+            }
+            Request::Join {
+                token,
+                csr_pem,
+                mut member,
+            } => {
+                debug_assert!(peer.is_none() || peer.is_some());
+                let Some(ca) = &self.ca else {
+                    let _ = reply.send(Reply::Error {
+                        message: "this coordinator does not hold the cluster CA".into(),
+                    });
+                    return;
+                };
+                if !self.core.is_leader() {
+                    let _ = reply.send(self.not_leader());
+                    return;
+                }
+                let signed = ca
+                    .check_token(&token, now_unix())
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| {
+                        ca.sign_request(&csr_pem, &member.name)
+                            .map_err(|e| e.to_string())
+                    });
+                match signed {
+                    Ok(cert_pem) => {
+                        member.id = member_id(&member.name);
+                        let ca_pem = ca.cert_pem().to_string();
+                        self.propose(
+                            &Command::PutMember(member),
+                            reply,
+                            Then::Joined { cert_pem, ca_pem },
+                        );
+                    }
+                    Err(message) => {
+                        self.metrics.reject();
+                        let _ = reply.send(Reply::Error { message });
+                    }
+                }
+            }
+        }
+    }
+
+    fn maybe_replan(&mut self) {
+        if !self.core.is_leader() {
+            return;
+        }
+        let state = self.core.state();
+        let demand_rps: f64 = self.demand.iter().map(|d| d.2.requests_per_s).sum();
+        if state.needs_replan(demand_rps, self.settings.replan_band) {
+            let next = state.plan_next(&self.demand, &self.settings.solver);
+            if let Err(e) = self.core.propose(&Command::CommitPlacement(next)) {
+                tracing::debug!("re-plan not proposed: {e}");
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let timeout = self.settings.propose_timeout;
+        let late: Vec<Vec<u8>> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.since.elapsed() > timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in late {
+            if let Some(p) = self.pending.remove(&k) {
+                let _ = p.reply.send(Reply::Error {
+                    message: "not committed in time (leadership may have changed); retry".into(),
+                });
+            }
+        }
+        // reads whose leadership lapsed
+        if !self.core.is_leader() {
+            while let Some((_, _, r)) = self.reads.pop_front() {
+                let _ = r.send(self.not_leader());
+            }
+        }
+    }
+
+    async fn process(&mut self) -> Result<()> {
+        let out = self.core.process()?;
+        let mut by_peer: BTreeMap<u64, Vec<Message>> = BTreeMap::new();
+        for m in out.messages {
+            by_peer.entry(m.to).or_default().push(m);
+        }
+        for (to, batch) in by_peer {
+            match self.senders.get(&to) {
+                Some(tx) => {
+                    if tx.try_send(batch).is_err() {
+                        self.core.report_unreachable(to);
+                    }
+                }
+                None => self.core.report_unreachable(to),
+            }
+        }
+        for a in &out.applied {
+            if let Some(p) = self.pending.remove(&a.context) {
+                self.metrics
+                    .inner
+                    .lock()
+                    .expect("metrics lock")
+                    .commit_latency
+                    .observe(COMMIT_BUCKETS, p.since.elapsed().as_secs_f64());
+                let refused = match &a.result {
+                    Applied::Refused(why) => Some(why.clone()),
+                    Applied::Done => None,
+                };
+                let reply = match (p.then, refused) {
+                    (Then::Joined { cert_pem, ca_pem }, None) => Reply::Joined { cert_pem, ca_pem },
+                    (_, refused) => Reply::Committed {
+                        index: a.index,
+                        refused,
+                    },
+                };
+                let _ = p.reply.send(reply);
+            }
+        }
+        for (ctx, index) in out.reads {
+            if let Some(r) = self.reads.iter_mut().find(|r| r.0 == ctx) {
+                r.1 = Some(index);
+            }
+        }
+        let applied = self.core.state().applied_index;
+        while let Some((_, Some(index), _)) = self.reads.front() {
+            if *index > applied {
+                break;
+            }
+            let (_, _, reply) = self.reads.pop_front().expect("front exists");
+            let _ = reply.send(Reply::Status(Box::new(self.status())));
+        }
+        if !out.applied.is_empty() {
+            self.revoked.set(self.core.state().revoked.iter().cloned());
+        }
+        self.update_metrics();
+        Ok(())
+    }
+
+    fn status(&self) -> StatusReport {
+        StatusReport {
+            id: self.core.id(),
+            leader: self.core.leader(),
+            term: self.core.term(),
+            commit: self.core.commit_index(),
+            voters: self.core.voters(),
+            state: self.core.state().clone(),
+        }
+    }
+
+    fn update_metrics(&mut self) {
+        let leader = self.core.leader();
+        let mut m = self.metrics.inner.lock().expect("metrics lock");
+        if leader != self.last_leader {
+            if leader.is_some() {
+                m.leader_changes += 1;
+            }
+            self.last_leader = leader;
+        }
+        m.term = self.core.term();
+        m.is_leader = self.core.is_leader();
+        m.commit_index = self.core.commit_index();
+        m.log_entries = self.core.log_len() as u64;
+        m.epoch = self.core.state().epoch();
+        m.members = self.core.state().members.len() as u64;
+    }
+}
+
+/// Joins a cluster: sends `token` and a certificate request for `member`
+/// to the coordinator at `addr` (named `coordinator`), following a redirect
+/// to the leader once; returns the node's identity.
+pub async fn join(
+    addr: SocketAddr,
+    coordinator: &str,
+    token: &str,
+    member: Member,
+) -> Result<NodeIdentity> {
+    let claims = super::credentials::TokenClaims::peek(token)?;
+    let (key_pem, csr_pem) = super::credentials::new_request(&member.name)?;
+    let name = member.name.clone();
+    let req = Request::Join {
+        token: token.to_string(),
+        csr_pem,
+        member,
+    };
+    let ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))?;
+    let config = transport::joiner_config(&claims.ca)?;
+    let mut target = (addr, coordinator.to_string());
+    for _ in 0..3 {
+        match transport::request(&ep, Some(config.clone()), target.0, &target.1, &req).await? {
+            Reply::Joined { cert_pem, ca_pem } => {
+                if super::credentials::fingerprint(
+                    &rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes())
+                        .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+                        .unwrap_or_default(),
+                ) != claims.ca
+                {
+                    anyhow::bail!("the coordinator sent a CA that does not match the token");
+                }
+                return Ok(NodeIdentity::from_pem(&name, &cert_pem, &key_pem, &ca_pem)?);
+            }
+            Reply::NotLeader {
+                leader: Some(l),
+                leader_name: Some(n),
+            } => target = (l, n),
+            Reply::NotLeader { .. } => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Reply::Error { message } => anyhow::bail!("join refused: {message}"),
+            other => anyhow::bail!("unexpected reply to a join: {other:?}"),
+        }
+    }
+    anyhow::bail!("no coordinator leader answered the join")
+}

@@ -1,0 +1,259 @@
+//! QUIC between cluster members (quinn, mutual TLS under the cluster CA).
+//!
+//! Raft messages travel on unidirectional streams, one batch per stream;
+//! requests (join, propose, status) on bidirectional streams, one request
+//! and one reply each. Every frame is a 4-byte big-endian length and a body;
+//! bodies over [`MAX_FRAME`] are refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use serde::{Deserialize, Serialize};
+use weft_coordinator::{Command, ControlState, Member};
+
+use super::credentials::{NodeIdentity, Revoked};
+
+/// Largest frame accepted (a snapshot of the control state fits).
+pub const MAX_FRAME: usize = 64 << 20;
+/// A connection with no traffic for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alives on open connections.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// Why the transport failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// TLS or endpoint setup.
+    #[error("setting up QUIC: {0}")]
+    Setup(String),
+    /// The connection failed or was refused.
+    #[error("connecting to {addr}: {why}")]
+    Connect {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        why: String,
+    },
+    /// A stream broke or carried a bad frame.
+    #[error("stream: {0}")]
+    Stream(String),
+}
+
+type Result<T, E = TransportError> = std::result::Result<T, E>;
+
+/// A request on a bidirectional stream. (Externally tagged: the state it
+/// carries has integer map keys, which internally tagged enums cannot read.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Request {
+    /// A node without credentials asks to join with a token and a
+    /// certificate request; `member` describes it.
+    Join {
+        /// The join token.
+        token: String,
+        /// Certificate request (PEM).
+        csr_pem: String,
+        /// What the node offers.
+        member: Member,
+    },
+    /// Commit a command (members with credentials only).
+    Propose {
+        /// The command.
+        command: Command,
+    },
+    /// The control state, read linearizably through the leader's read index.
+    Status,
+    /// Plan a new placement epoch for this demand (by site and model name)
+    /// and commit it; the leader keeps re-planning for it as it changes.
+    Replan {
+        /// Demand per (site, model).
+        demand: Vec<(String, String, weft_placement::Demand)>,
+    },
+}
+
+/// The reply to a [`Request`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    /// Joined: the node's certificate and the CA.
+    Joined {
+        /// Certificate (PEM).
+        cert_pem: String,
+        /// The cluster CA (PEM).
+        ca_pem: String,
+    },
+    /// The command committed at this log index.
+    Committed {
+        /// Its index.
+        index: u64,
+        /// Refused by the state machine, with the reason, if it was.
+        refused: Option<String>,
+    },
+    /// The state as of a linearizable read.
+    Status(Box<StatusReport>),
+    /// This member cannot serve the request; try the leader.
+    NotLeader {
+        /// The leader's address, if known.
+        leader: Option<SocketAddr>,
+        /// The leader's node name (for its certificate), if known.
+        #[serde(default)]
+        leader_name: Option<String>,
+    },
+    /// Refused, with the reason.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// What `weft status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The answering coordinator's id.
+    pub id: u64,
+    /// The leader's id.
+    pub leader: Option<u64>,
+    /// The current term.
+    pub term: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// Voting coordinators.
+    pub voters: Vec<u64>,
+    /// The replicated state.
+    pub state: ControlState,
+}
+
+/// Writes one frame.
+pub async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<()> {
+    if body.len() > MAX_FRAME {
+        return Err(TransportError::Stream(format!(
+            "frame of {} bytes is over the {MAX_FRAME} limit",
+            body.len()
+        )));
+    }
+    send.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    send.write_all(body)
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(TransportError::Stream(e.to_string())),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(TransportError::Stream(format!(
+            "frame of {len} bytes is over the {MAX_FRAME} limit"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    Ok(Some(body))
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    Arc::new(t)
+}
+
+/// A QUIC endpoint: accepts members (and, with `allow_joiners`, joiners
+/// without a certificate) and dials members.
+pub fn endpoint(
+    identity: &NodeIdentity,
+    revoked: &Revoked,
+    listen: SocketAddr,
+    allow_joiners: bool,
+) -> Result<quinn::Endpoint> {
+    let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
+    let tls = identity
+        .server_config(revoked, allow_joiners)
+        .map_err(|e| setup(&e))?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport());
+    let mut ep = quinn::Endpoint::server(server, listen).map_err(|e| setup(&e))?;
+    ep.set_default_client_config(client_config(identity, revoked)?);
+    Ok(ep)
+}
+
+/// Client settings for dialling members with `identity`.
+pub fn client_config(identity: &NodeIdentity, revoked: &Revoked) -> Result<quinn::ClientConfig> {
+    let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
+    let tls = identity.client_config(revoked).map_err(|e| setup(&e))?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(transport());
+    Ok(c)
+}
+
+/// Client settings for a joiner, pinning the CA named in its token.
+pub fn joiner_config(ca_fingerprint: &str) -> Result<quinn::ClientConfig> {
+    let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
+    let tls = super::credentials::joiner_client_config(ca_fingerprint).map_err(|e| setup(&e))?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(transport());
+    Ok(c)
+}
+
+/// The node name in the peer's certificate, if it showed one.
+pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_string())
+}
+
+/// Sends one request to `addr` (server name `server`) and waits for the reply.
+pub async fn request(
+    ep: &quinn::Endpoint,
+    config: Option<quinn::ClientConfig>,
+    addr: SocketAddr,
+    server: &str,
+    req: &Request,
+) -> Result<Reply> {
+    let connecting = match config {
+        Some(c) => ep.connect_with(c, addr, &super::credentials::dns_name(server)),
+        None => ep.connect(addr, &super::credentials::dns_name(server)),
+    }
+    .map_err(|e| TransportError::Connect {
+        addr,
+        why: e.to_string(),
+    })?;
+    let conn = connecting.await.map_err(|e| TransportError::Connect {
+        addr,
+        why: e.to_string(),
+    })?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &serde_json::to_vec(req).expect("requests serialize"),
+    )
+    .await?;
+    send.finish()
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    let body = read_frame(&mut recv)
+        .await?
+        .ok_or_else(|| TransportError::Stream("no reply".into()))?;
+    conn.close(0u32.into(), b"done");
+    serde_json::from_slice(&body).map_err(|e| TransportError::Stream(e.to_string()))
+}
