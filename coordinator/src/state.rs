@@ -4,7 +4,7 @@
 //! the state (a stale epoch, a plan over a member's memory) is refused the
 //! same way everywhere.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use weft_placement::{
@@ -133,7 +133,14 @@ pub struct ControlState {
     pub revoked: BTreeSet<String>,
     /// Index of the last log entry applied.
     pub applied_index: u64,
+    /// The latest committed epochs, oldest first (at most
+    /// [`EPOCH_HISTORY`]): epoch number and the log index it committed at.
+    #[serde(default)]
+    pub history: VecDeque<(u64, u64)>,
 }
+
+/// Committed epochs remembered in [`ControlState::history`].
+pub const EPOCH_HISTORY: usize = 1024;
 
 impl ControlState {
     /// The current epoch (0 before the first placement).
@@ -169,6 +176,10 @@ impl ControlState {
                     return Applied::Refused(why);
                 }
                 self.placement = Some(p.clone());
+                self.history.push_back((p.epoch, index));
+                if self.history.len() > EPOCH_HISTORY {
+                    self.history.pop_front();
+                }
             }
             Command::Revoke { fingerprint } => {
                 self.revoked.insert(fingerprint.clone());

@@ -34,6 +34,64 @@ enum Command {
     /// Manage the model cache.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Cluster credentials: create the CA, issue identities and join tokens.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Run a node of a cluster (a coordinator when its config says so).
+    Node {
+        /// The node's cluster config (TOML; see the README).
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+    /// Show the cluster: leader, term, placement epoch, members and what
+    /// each holds (a linearizable read through the leader).
+    Status {
+        /// A node's cluster config (its identity and coordinators are used).
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Create a cluster CA in DIR/ca and an identity for the first
+    /// coordinator in DIR/identity.
+    Init {
+        /// The first coordinator's data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// The first coordinator's node name.
+        #[arg(long)]
+        name: String,
+        /// The cluster's name (shown in its CA).
+        #[arg(long, default_value = "weft")]
+        cluster: String,
+    },
+    /// Issue an identity (certificate and key) for another coordinator, into
+    /// DATA_DIR/identity.
+    Issue {
+        /// The CA directory.
+        #[arg(long)]
+        ca_dir: std::path::PathBuf,
+        /// The node name.
+        #[arg(long)]
+        name: String,
+        /// That node's data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
+    /// Print a join token for new nodes.
+    JoinToken {
+        /// The CA directory.
+        #[arg(long)]
+        ca_dir: std::path::PathBuf,
+        /// Seconds the token stays valid.
+        #[arg(long, default_value_t = weft_node::cluster::credentials::DEFAULT_TOKEN_TTL_S)]
+        ttl_s: u64,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -179,6 +237,28 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Cluster(c) => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            cluster(c)
+        }
+        Command::Node { config } => {
+            let cfg = weft_node::cluster::config::ClusterConfig::load(&config)?;
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "info");
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(weft_node::cluster::run::run_node(cfg, shutdown_signal()))
+        }
+        Command::Status { config, json } => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            let cfg = weft_node::cluster::config::ClusterConfig::load(&config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let s = rt.block_on(weft_node::cluster::run::status(&cfg))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", weft_node::cluster::run::status_table(&s));
+            }
+            Ok(())
+        }
         Command::Model(ModelCommand::List) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             let store = ModelStore::default_location();
@@ -261,6 +341,55 @@ fn generate(a: GenerateArgs) -> Result<()> {
                     (n.saturating_sub(1)) as f64 / (total - ttft).max(1e-9)
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn cluster(c: ClusterCommand) -> Result<()> {
+    use weft_node::cluster::credentials::ClusterCa;
+    match c {
+        ClusterCommand::Init {
+            data_dir,
+            name,
+            cluster,
+        } => {
+            let ca = ClusterCa::init(&data_dir.join("ca"), &cluster)?;
+            ca.issue_identity(&name)?.save(&data_dir.join("identity"))?;
+            println!("cluster CA created in {}", data_dir.join("ca").display());
+            println!("CA fingerprint {}", ca.fingerprint());
+            println!(
+                "identity for {name} in {}",
+                data_dir.join("identity").display()
+            );
+        }
+        ClusterCommand::Issue {
+            ca_dir,
+            name,
+            data_dir,
+        } => {
+            let ca = ClusterCa::load(&ca_dir)?;
+            ca.issue_identity(&name)?.save(&data_dir.join("identity"))?;
+            println!(
+                "identity for {name} in {}",
+                data_dir.join("identity").display()
+            );
+        }
+        ClusterCommand::JoinToken { ca_dir, ttl_s } => {
+            let ca = ClusterCa::load(&ca_dir)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            println!("{}", ca.issue_token(now, ttl_s));
         }
     }
     Ok(())

@@ -199,7 +199,10 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
     let before = admin.status(&peers).await;
     assert!(before.state.epoch() >= 3, "{:?}", before.state.placement);
     let placed = &before.state.placement.as_ref().unwrap().placement;
-    assert!(!placed.replicas.is_empty(), "demand at edge-a placed nothing");
+    assert!(
+        !placed.replicas.is_empty(),
+        "demand at edge-a placed nothing"
+    );
 
     // lose the leader: a new one within 3 s, with every acknowledged epoch
     let leader = before.leader.unwrap();

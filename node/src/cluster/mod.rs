@@ -4,7 +4,11 @@
 //!   mutual-TLS configurations with revocation.
 //! - [`transport`]: QUIC endpoints, frames, requests and replies.
 //! - [`member`]: a coordinator member over the network, and joining.
+//! - [`config`]: `weft node --config`: a node's place in the cluster.
+//! - [`run`]: `weft node` and `weft status`.
 
+pub mod config;
 pub mod credentials;
 pub mod member;
+pub mod run;
 pub mod transport;

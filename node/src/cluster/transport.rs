@@ -21,6 +21,8 @@ pub const MAX_FRAME: usize = 64 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alives on open connections.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// How long one attempt of a [`Caller`] waits before trying another member.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the transport failed.
 #[derive(Debug, thiserror::Error)]
@@ -256,4 +258,66 @@ pub async fn request(
         .ok_or_else(|| TransportError::Stream("no reply".into()))?;
     conn.close(0u32.into(), b"done");
     serde_json::from_slice(&body).map_err(|e| TransportError::Stream(e.to_string()))
+}
+
+/// Sends requests to coordinators as a credentialed member, following
+/// redirects to the leader.
+pub struct Caller {
+    ep: quinn::Endpoint,
+}
+
+impl Caller {
+    /// A caller with `identity`.
+    pub fn new(identity: &NodeIdentity) -> Result<Self> {
+        let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))
+            .map_err(|e| TransportError::Setup(e.to_string()))?;
+        ep.set_default_client_config(client_config(identity, &Revoked::default())?);
+        Ok(Self { ep })
+    }
+
+    /// Sends `req` to the coordinators in `peers` until one that can serve
+    /// it answers, or `deadline` passes. Retries on "not the leader", on
+    /// unreachable members and on proposals lost to a change of leader.
+    pub async fn ask(
+        &self,
+        peers: &[super::member::Peer],
+        req: &Request,
+        deadline: Duration,
+    ) -> Result<Reply> {
+        if peers.is_empty() {
+            return Err(TransportError::Stream("no coordinators to ask".into()));
+        }
+        let start = std::time::Instant::now();
+        let mut target = (peers[0].addr, peers[0].name.clone());
+        let mut next = 1;
+        let mut last = String::from("no answer");
+        while start.elapsed() < deadline {
+            let r = tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                request(&self.ep, None, target.0, &target.1, req),
+            )
+            .await;
+            match r {
+                Ok(Ok(Reply::NotLeader {
+                    leader: Some(a),
+                    leader_name: Some(n),
+                })) if a != target.0 => {
+                    target = (a, n);
+                    continue;
+                }
+                Ok(Ok(Reply::Error { message })) if message.contains("retry") => last = message,
+                Ok(Ok(Reply::NotLeader { .. })) => last = "no leader yet".into(),
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("{} did not answer in {ATTEMPT_TIMEOUT:?}", target.0),
+            }
+            let p = &peers[next % peers.len()];
+            next += 1;
+            target = (p.addr, p.name.clone());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(TransportError::Stream(format!(
+            "no coordinator served the request within {deadline:?}: {last}"
+        )))
+    }
 }

@@ -1,0 +1,266 @@
+//! `weft node --config FILE`: a node's place in a cluster, in TOML.
+//!
+//! ```toml
+//! [node]
+//! name = "coord-1"                  # its certificate name: [a-z0-9-]{1,63}
+//! data_dir = "/var/lib/weft/coord-1" # identity/, raft/ (and ca/ on coordinators)
+//! listen = "0.0.0.0:7100"           # cluster traffic (UDP, QUIC)
+//! metrics_addr = "127.0.0.1:9100"   # optional: /metrics and /healthz over HTTP
+//! site = "edge-a"
+//! kind = "edge"                     # or "cloud"
+//! region = 0
+//! memory_bytes = 8589934592
+//! tokens_per_s = 2000.0
+//! slots = 8
+//!
+//! [coordinator]                     # only on coordinators
+//! id = 1
+//! ca_dir = "/var/lib/weft/ca"       # optional: lets this member admit joiners
+//! peers = [
+//!   { id = 1, name = "coord-1", addr = "10.0.0.1:7100" },
+//!   { id = 2, name = "coord-2", addr = "10.0.0.2:7100" },
+//!   { id = 3, name = "coord-3", addr = "10.0.0.3:7100" },
+//! ]
+//!
+//! [join]                            # on other nodes, until they hold an identity
+//! token = "weft1...."
+//! coordinators = [ { id = 1, name = "coord-1", addr = "10.0.0.1:7100" } ]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use weft_coordinator::Member;
+use weft_placement::SiteKind;
+
+use super::credentials::check_name;
+use super::member::{member_id, Peer};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node.
+    pub node: NodeSection,
+    /// Present on coordinators.
+    pub coordinator: Option<CoordinatorSection>,
+    /// Present on nodes that join with a token.
+    pub join: Option<JoinSection>,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Its name.
+    pub name: String,
+    /// Its state directory.
+    pub data_dir: PathBuf,
+    /// Cluster address (UDP).
+    pub listen: SocketAddr,
+    /// HTTP address for `/metrics` and `/healthz`, if any.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Its site.
+    pub site: String,
+    /// Edge or cloud.
+    #[serde(default = "edge")]
+    pub kind: SiteKind,
+    /// Its region.
+    #[serde(default)]
+    pub region: u32,
+    /// Memory it offers for models (bytes).
+    pub memory_bytes: u64,
+    /// Aggregate decode tokens/s at full batch.
+    pub tokens_per_s: f64,
+    /// Sequences it batches.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Whether it has an accelerator.
+    #[serde(default)]
+    pub accelerator: bool,
+    /// Price per token.
+    #[serde(default)]
+    pub cost_per_token: f64,
+}
+
+fn edge() -> SiteKind {
+    SiteKind::Edge
+}
+
+fn default_slots() -> u32 {
+    8
+}
+
+/// `[coordinator]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// This member's raft id.
+    pub id: u64,
+    /// The cluster CA's directory, if this member admits joiners.
+    pub ca_dir: Option<PathBuf>,
+    /// The founding coordinators.
+    pub peers: Vec<Peer>,
+    /// Raft tick (ms).
+    #[serde(default = "default_tick")]
+    pub tick_ms: u64,
+}
+
+fn default_tick() -> u64 {
+    100
+}
+
+/// `[join]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinSection {
+    /// The join token.
+    pub token: String,
+    /// Coordinators to ask.
+    pub coordinators: Vec<Peer>,
+}
+
+impl ClusterConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Self =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        c.check()
+            .with_context(|| format!("checking {}", path.display()))?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<()> {
+        check_name(&self.node.name)?;
+        if self.node.memory_bytes == 0 || !(self.node.tokens_per_s > 0.0) {
+            bail!("[node] memory_bytes and tokens_per_s must be positive");
+        }
+        if let Some(c) = &self.coordinator {
+            if c.id == 0 {
+                bail!("[coordinator] id 0 is reserved");
+            }
+            let me = c.peers.iter().find(|p| p.id == c.id);
+            match me {
+                Some(p) if p.name == self.node.name => {}
+                Some(p) => bail!(
+                    "[coordinator] peer {} is named {:?}, but [node] name is {:?}",
+                    c.id,
+                    p.name,
+                    self.node.name
+                ),
+                None => bail!("[coordinator] peers must include this member (id {})", c.id),
+            }
+            let mut ids: Vec<u64> = c.peers.iter().map(|p| p.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() != c.peers.len() {
+                bail!("[coordinator] peer ids must be unique");
+            }
+            for p in &c.peers {
+                check_name(&p.name)?;
+            }
+        }
+        if self.coordinator.is_none() && self.join.is_none() && !self.has_identity() {
+            bail!(
+                "this node has no identity in {} and no [join] section: give it a join token",
+                self.identity_dir().display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the node's certificate and key live.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.node.data_dir.join("identity")
+    }
+
+    /// Whether the node already holds an identity.
+    pub fn has_identity(&self) -> bool {
+        super::credentials::NodeIdentity::exists(&self.identity_dir())
+    }
+
+    /// This node as a member of the control state.
+    pub fn member(&self) -> Member {
+        let n = &self.node;
+        Member {
+            id: member_id(&n.name),
+            name: n.name.clone(),
+            site: n.site.clone(),
+            kind: n.kind,
+            region: n.region,
+            memory_bytes: n.memory_bytes,
+            tokens_per_s: n.tokens_per_s,
+            slots: n.slots,
+            accelerator: n.accelerator,
+            cost_per_token: n.cost_per_token,
+            address: n.listen.to_string(),
+        }
+    }
+
+    /// Coordinators this node can ask.
+    pub fn coordinators(&self) -> Vec<Peer> {
+        match (&self.coordinator, &self.join) {
+            (Some(c), _) => c.peers.clone(),
+            (None, Some(j)) => j.coordinators.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ClusterConfig> {
+        let c: ClusterConfig = toml::from_str(s)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    const NODE: &str = r#"
+[node]
+name = "coord-1"
+data_dir = "/tmp/nowhere"
+listen = "127.0.0.1:7100"
+site = "edge-a"
+memory_bytes = 1000
+tokens_per_s = 10.0
+"#;
+
+    #[test]
+    fn a_coordinator_must_list_itself_under_its_own_name() {
+        let ok = format!(
+            "{NODE}\n[coordinator]\nid = 1\npeers = [{{ id = 1, name = \"coord-1\", addr = \"127.0.0.1:7100\" }}]\n"
+        );
+        let c = parse(&ok).unwrap();
+        assert_eq!(c.coordinators().len(), 1);
+        assert_eq!(c.member().name, "coord-1");
+        let missing = format!(
+            "{NODE}\n[coordinator]\nid = 2\npeers = [{{ id = 1, name = \"coord-1\", addr = \"127.0.0.1:7100\" }}]\n"
+        );
+        assert!(parse(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("include this member"));
+        let renamed = format!(
+            "{NODE}\n[coordinator]\nid = 1\npeers = [{{ id = 1, name = \"other\", addr = \"127.0.0.1:7100\" }}]\n"
+        );
+        assert!(parse(&renamed).unwrap_err().to_string().contains("named"));
+    }
+
+    #[test]
+    fn a_plain_node_needs_an_identity_or_a_token_and_typos_are_caught() {
+        assert!(parse(NODE).unwrap_err().to_string().contains("join token"));
+        let typo = NODE.replace("slots", "slot").replace("site =", "sight =");
+        assert!(parse(&typo).is_err());
+        let bad_name = NODE.replace("coord-1", "Coord 1");
+        assert!(parse(&format!(
+            "{bad_name}\n[join]\ntoken = \"t\"\ncoordinators = []\n"
+        ))
+        .is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! `weft node` and `weft status`: running a node of a cluster, and asking
+//! the coordinators how the cluster stands.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use weft_coordinator::Command;
+
+use super::config::ClusterConfig;
+use super::credentials::{ClusterCa, NodeIdentity};
+use super::member::{self, MemberSettings};
+use super::transport::{Caller, Reply, Request, StatusReport};
+
+/// How long `weft status` and registration wait for the coordinators.
+pub const ASK_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Runs the node until `shutdown` resolves: a coordinator member if the
+/// config says so; otherwise joins (once) and registers.
+pub async fn run_node(
+    cfg: ClusterConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let identity = match (cfg.has_identity(), &cfg.join, &cfg.coordinator) {
+        (true, _, _) => NodeIdentity::load(&cfg.identity_dir())?,
+        (false, Some(j), None) => {
+            let coordinator = j.coordinators.first().context("[join] lists no coordinators")?;
+            let id = member::join(coordinator.addr, &coordinator.name, &j.token, cfg.member())
+                .await
+                .context("joining the cluster")?;
+            id.save(&cfg.identity_dir())?;
+            tracing::info!(name = %id.name, "joined the cluster; identity saved");
+            id
+        }
+        (false, _, Some(_)) => bail!(
+            "coordinator {} has no identity in {}: create it with `weft cluster init` or `weft cluster issue`",
+            cfg.node.name,
+            cfg.identity_dir().display()
+        ),
+        (false, None, None) => bail!("no identity and no [join] section"),
+    };
+    if identity.name != cfg.node.name {
+        bail!(
+            "the identity in {} is for {:?}, but [node] name is {:?}",
+            cfg.identity_dir().display(),
+            identity.name,
+            cfg.node.name
+        );
+    }
+    let handle = match &cfg.coordinator {
+        Some(c) => {
+            let ca = match &c.ca_dir {
+                Some(d) => Some(
+                    ClusterCa::load(d)
+                        .with_context(|| format!("loading the CA from {}", d.display()))?,
+                ),
+                None => None,
+            };
+            let mut s = MemberSettings::new(
+                c.id,
+                cfg.node.listen,
+                cfg.node.data_dir.clone(),
+                c.peers.clone(),
+            );
+            s.tick = Duration::from_millis(c.tick_ms.max(1));
+            let h = member::start(s, identity.clone(), ca).await?;
+            tracing::info!(id = c.id, addr = %h.local_addr, "coordinator member started");
+            Some(h)
+        }
+        None => None,
+    };
+    let metrics = handle.as_ref().map(|h| h.metrics.clone());
+    if let Some(addr) = cfg.node.metrics_addr {
+        let m = metrics.clone();
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = m.clone();
+                    async move { m.map(|m| m.render()).unwrap_or_default() }
+                }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+    }
+    // make sure this node is a member of the control state
+    let register = {
+        let peers = cfg.coordinators();
+        let me = cfg.member();
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            let Ok(caller) = Caller::new(&identity) else {
+                return;
+            };
+            loop {
+                if let Ok(Reply::Status(s)) =
+                    caller.ask(&peers, &Request::Status, ASK_DEADLINE).await
+                {
+                    if s.state.members.get(&me.id) == Some(&me) {
+                        return;
+                    }
+                    let _ = caller
+                        .ask(
+                            &peers,
+                            &Request::Propose {
+                                command: Command::PutMember(me.clone()),
+                            },
+                            ASK_DEADLINE,
+                        )
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    shutdown.await;
+    register.abort();
+    if let Some(h) = handle {
+        h.stop().await?;
+    }
+    Ok(())
+}
+
+/// Asks the coordinators for the cluster's state (a linearizable read).
+pub async fn status(cfg: &ClusterConfig) -> Result<StatusReport> {
+    let identity = NodeIdentity::load(&cfg.identity_dir()).with_context(|| {
+        format!(
+            "this node has no identity in {}",
+            cfg.identity_dir().display()
+        )
+    })?;
+    let caller = Caller::new(&identity)?;
+    match caller
+        .ask(&cfg.coordinators(), &Request::Status, ASK_DEADLINE)
+        .await?
+    {
+        Reply::Status(s) => Ok(*s),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+/// `weft status` as a table.
+pub fn status_table(s: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "leader {}  term {}  commit {}  coordinators {:?}  placement epoch {}",
+        s.leader.map_or("none".to_string(), |l| l.to_string()),
+        s.term,
+        s.commit,
+        s.voters,
+        s.state.epoch()
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<20} {:<12} {:<6} {:>10} {:>10} {:>6}  {}",
+        "MEMBER", "SITE", "KIND", "MEMORY", "TOKENS/S", "SLOTS", "HOLDS"
+    );
+    let placement = s.state.placement.as_ref();
+    for m in s.state.members.values() {
+        let holds: Vec<String> = placement
+            .map(|p| {
+                let idx = p.members.iter().position(|&id| id == m.id);
+                p.placement
+                    .replicas
+                    .iter()
+                    .flat_map(|r| r.shards.iter().map(move |sh| (r.model, sh)))
+                    .filter(|(_, sh)| Some(sh.node.0 as usize) == idx)
+                    .map(|(model, sh)| {
+                        format!(
+                            "{}[{}..{})",
+                            p.models.get(model.0 as usize).map_or("?", String::as_str),
+                            sh.layers.start,
+                            sh.layers.end
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<20} {:<12} {:<6} {:>9}G {:>10.0} {:>6}  {}",
+            m.name,
+            m.site,
+            match m.kind {
+                weft_placement::SiteKind::Edge => "edge",
+                weft_placement::SiteKind::Cloud => "cloud",
+            },
+            m.memory_bytes >> 30,
+            m.tokens_per_s,
+            m.slots,
+            if holds.is_empty() {
+                "-".to_string()
+            } else {
+                holds.join(" ")
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nmodels: {}",
+        s.state
+            .models
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    out
+}

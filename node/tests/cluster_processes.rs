@@ -1,0 +1,405 @@
+//! Three `weft node` coordinator processes on loopback: they form a cluster
+//! from their configs; a stream of placement commits goes on while the
+//! leader is killed with SIGKILL; a new leader is there within 3 s and every
+//! acknowledged epoch survives; the killed member restarts from its disk and
+//! catches up; a node without valid credentials is refused and counted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weft_coordinator::{Command as Cmd, ModelRecord};
+use weft_node::cluster::credentials::ClusterCa;
+use weft_node::cluster::member::Peer;
+use weft_node::cluster::transport::{Caller, Reply, Request, StatusReport};
+use weft_placement::{Demand, ModelId, ModelSpec, SiteId};
+
+fn free_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Coordinators {
+    dir: tempfile::TempDir,
+    peers: Vec<Peer>,
+    metrics: Vec<SocketAddr>,
+    children: Vec<Option<Child>>,
+}
+
+impl Coordinators {
+    fn config(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("c{}.toml", i + 1))
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::File::create(self.dir.path().join(format!("c{}.log", i + 1))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["node", "--config"])
+            .arg(self.config(i))
+            .env("WEFT_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[i] = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        let mut c = self.children[i].take().unwrap();
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+    }
+
+    async fn metric(&self, i: usize, name: &str) -> Option<u64> {
+        let body = reqwest::get(format!("http://{}/metrics", self.metrics[i]))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("c{}.log", i + 1))).unwrap_or_default()
+    }
+}
+
+impl Drop for Coordinators {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn weft(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "weft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn setup() -> Coordinators {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    weft(&[
+        "cluster",
+        "init",
+        "--data-dir",
+        &d("c1"),
+        "--name",
+        "coord-1",
+    ]);
+    for i in [2, 3] {
+        weft(&[
+            "cluster",
+            "issue",
+            "--ca-dir",
+            &d("c1/ca"),
+            "--name",
+            &format!("coord-{i}"),
+            "--data-dir",
+            &d(&format!("c{i}")),
+        ]);
+    }
+    let peers: Vec<Peer> = (1..=3)
+        .map(|i| Peer {
+            id: i,
+            name: format!("coord-{i}"),
+            addr: free_udp(),
+        })
+        .collect();
+    let metrics: Vec<SocketAddr> = (0..3).map(|_| free_tcp()).collect();
+    let peer_list: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            format!(
+                "{{ id = {}, name = \"{}\", addr = \"{}\" }}",
+                p.id, p.name, p.addr
+            )
+        })
+        .collect();
+    for (i, p) in peers.iter().enumerate() {
+        let cfg = format!(
+            "[node]\nname = \"{}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nmetrics_addr = \"{}\"\nsite = \"edge-a\"\nmemory_bytes = 8589934592\ntokens_per_s = 2000.0\n\n[coordinator]\nid = {}\nca_dir = \"{}\"\npeers = [{}]\n",
+            p.name,
+            d(&format!("c{}", i + 1)),
+            p.addr,
+            metrics[i],
+            p.id,
+            d("c1/ca"),
+            peer_list.join(", ")
+        );
+        std::fs::write(dir.path().join(format!("c{}.toml", i + 1)), cfg).unwrap();
+    }
+    let mut c = Coordinators {
+        dir,
+        peers,
+        metrics,
+        children: vec![None, None, None],
+    };
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c
+}
+
+fn demand(rps: f64) -> Vec<(String, String, Demand)> {
+    vec![(
+        "edge-a".into(),
+        "small".into(),
+        Demand {
+            site: SiteId(0),
+            model: ModelId(0),
+            requests_per_s: rps,
+            prompt_tokens: 500.0,
+            output_tokens: 64.0,
+            deadline_ms: None,
+        },
+    )]
+}
+
+async fn status(caller: &Caller, peers: &[Peer]) -> StatusReport {
+    let r = caller
+        .ask(peers, &Request::Status, Duration::from_secs(20))
+        .await;
+    match r.unwrap_or_else(|e| panic!("status from {peers:?}: {e}")) {
+        Reply::Status(s) => *s,
+        other => panic!("status: {other:?}"),
+    }
+}
+
+fn ca(dir: &Path) -> ClusterCa {
+    ClusterCa::load(&dir.join("c1/ca")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
+    let mut c = setup();
+    let admin = Arc::new(Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap());
+    let peers = c.peers.clone();
+    // the cluster forms from the configs: every coordinator registers itself
+    let t = Instant::now();
+    loop {
+        let s = status(&admin, &peers).await;
+        if s.state.members.len() == 3 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "members: {:?}",
+            s.state.members.keys()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let model = ModelRecord {
+        source: "default".into(),
+        sha256: String::new(),
+        spec: ModelSpec {
+            name: "small".into(),
+            layers: 18,
+            bytes_per_layer: 12 << 20,
+            shared_bytes: 40 << 20,
+            compute_per_token: 0.25,
+            kv_bytes_per_token: 18 * 2 * 256 * 2,
+            hidden_bytes_per_token: 0,
+        },
+    };
+    let r = admin
+        .ask(
+            &peers,
+            &Request::Propose {
+                command: Cmd::PutModel(model),
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+
+    // a stream of placement commits, recording what was acknowledged
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let (admin, peers, acked, stop) =
+            (admin.clone(), peers.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rps = 10.0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rps *= 1.5;
+                if let Ok(Reply::Committed {
+                    index,
+                    refused: None,
+                }) = admin
+                    .ask(
+                        &peers,
+                        &Request::Replan {
+                            demand: demand(rps),
+                        },
+                        Duration::from_secs(10),
+                    )
+                    .await
+                {
+                    acked.lock().unwrap().push(index);
+                }
+            }
+        })
+    };
+    while acked.lock().unwrap().len() < 5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = status(&admin, &peers).await;
+    let leader = before.leader.unwrap() as usize - 1;
+    c.kill(leader);
+    let killed_at = Instant::now();
+    let rest: Vec<Peer> = peers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, p)| p.clone())
+        .collect();
+    // a survivor leads in a later term (read from its /metrics)
+    let elected = loop {
+        let mut found = false;
+        for i in (0..3).filter(|&i| i != leader) {
+            let leads = c.metric(i, "weft_raft_is_leader").await == Some(1);
+            let term = c.metric(i, "weft_raft_term").await.unwrap_or(0);
+            found |= leads && term > before.term;
+        }
+        if found {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "no new leader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("new leader {elected:?} after the kill");
+    assert!(
+        elected < Duration::from_secs(3),
+        "a new leader after {elected:?}"
+    );
+    // commits go on under the new leader
+    let n = acked.lock().unwrap().len();
+    let t = Instant::now();
+    while acked.lock().unwrap().len() < n + 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no commits after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stream.await.unwrap();
+    let after = status(&admin, &rest).await;
+    let history: Vec<u64> = after
+        .state
+        .history
+        .iter()
+        .map(|&(_, index)| index)
+        .collect();
+    for index in acked.lock().unwrap().iter() {
+        assert!(
+            history.contains(index),
+            "acknowledged epoch at index {index} is gone: {history:?}"
+        );
+    }
+
+    // the killed member restarts from its disk and catches up
+    c.spawn(leader);
+    let latest = after.state.epoch();
+    let t = Instant::now();
+    while c.metric(leader, "weft_placement_epoch").await != Some(latest) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "restarted member stuck:\n{}",
+            c.log(leader)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // strangers are refused and counted
+    let other = tempfile::tempdir().unwrap();
+    let stranger = Caller::new(
+        &ClusterCa::init(other.path(), "x")
+            .unwrap()
+            .issue_identity("intruder")
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(stranger
+        .ask(&peers, &Request::Status, Duration::from_secs(3))
+        .await
+        .is_err());
+    let t = Instant::now();
+    loop {
+        let mut rejected = 0;
+        for i in 0..3 {
+            rejected += c
+                .metric(i, "weft_cluster_rejected_peers_total")
+                .await
+                .unwrap_or(0);
+        }
+        if rejected > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the stranger was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a node with a forged token cannot join: `weft node` exits with the reason
+    let token = ca(c.dir.path()).issue_token(0, 1); // expired long ago
+    let cfg = c.dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"gw-9\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nsite = \"edge-b\"\nmemory_bytes = 1000000000\ntokens_per_s = 100.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n",
+            c.dir.path().join("gw").display(),
+            rest[0].name,
+            rest[0].addr
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["node", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expired"), "{err}");
+    // and `weft status` prints the table from a member's config
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["status", "--config"])
+        .arg(c.config((leader + 1) % 3))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("placement epoch") && table.contains("coord-1"),
+        "{table}"
+    );
+}
