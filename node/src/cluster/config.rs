@@ -136,7 +136,10 @@ impl ClusterConfig {
 
     fn check(&self) -> Result<()> {
         check_name(&self.node.name)?;
-        if self.node.memory_bytes == 0 || !(self.node.tokens_per_s > 0.0) {
+        if self.node.memory_bytes == 0
+            || !self.node.tokens_per_s.is_finite()
+            || self.node.tokens_per_s <= 0.0
+        {
             bail!("[node] memory_bytes and tokens_per_s must be positive");
         }
         if let Some(c) = &self.coordinator {

@@ -159,8 +159,8 @@ pub fn status_table(s: &StatusReport) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<20} {:<12} {:<6} {:>10} {:>10} {:>6}  {}",
-        "MEMBER", "SITE", "KIND", "MEMORY", "TOKENS/S", "SLOTS", "HOLDS"
+        "{:<20} {:<12} {:<6} {:>10} {:>10} {:>6}  HOLDS",
+        "MEMBER", "SITE", "KIND", "MEMORY", "TOKENS/S", "SLOTS"
     );
     let placement = s.state.placement.as_ref();
     for m in s.state.members.values() {
