@@ -32,6 +32,9 @@ enum Command {
     /// The HTTP API path against the engine driven directly: time to first
     /// token, per-token overhead, and 64 concurrent streams.
     Api(ApiArgs),
+    /// The control plane on loopback: commit latency and throughput with
+    /// three members, and the time to replace a stopped leader.
+    Control(control::ControlArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -94,6 +97,7 @@ fn main() -> Result<()> {
         Command::Runtime(a) => runtime(a),
         Command::Api(a) => api::run(a),
         Command::Sim(a) => sim::run(a),
+        Command::Control(a) => control::run(a),
     }
 }
 
@@ -150,6 +154,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
 }
 
 mod api;
+mod control;
 use weft_bench::sim;
 
 fn peak_rss() -> u64 {

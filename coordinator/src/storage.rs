@@ -291,6 +291,11 @@ impl Durable for DirDisk {
 /// The log as raft-rs sees it: memory in front of a [`Durable`] backend.
 pub struct LogStore {
     disk: Box<dyn Durable>,
+    /// The hard state as last written to disk. Term and vote are written
+    /// before raft acts on them; the commit index only when a snapshot
+    /// needs it (raft re-learns it from the leader after a restart), which
+    /// saves a file write and an fsync per commit.
+    durable_hs: HardState,
     /// Set when a peer needed a snapshot the latest one cannot serve (it
     /// predates the peer joining); the coordinator then takes a fresh one.
     wants_snapshot: Cell<bool>,
@@ -307,6 +312,7 @@ impl LogStore {
         Ok(Self {
             disk,
             wants_snapshot: Cell::new(false),
+            durable_hs: r.hard_state.clone(),
             hard_state: r.hard_state,
             conf_state: r.conf_state,
             snapshot: r.snapshot,
@@ -350,14 +356,22 @@ impl LogStore {
         Ok(())
     }
 
-    /// Stores the hard state (durably first).
+    /// Stores the hard state: durably first when the term or vote changed.
     pub fn set_hard_state(&mut self, hs: HardState) -> io::Result<()> {
-        self.disk.set_hard_state(&hs)?;
+        if hs.term != self.durable_hs.term || hs.vote != self.durable_hs.vote {
+            self.write_hard_state(&hs)?;
+        }
         self.hard_state = hs;
         Ok(())
     }
 
-    /// Moves the commit index (durably first).
+    fn write_hard_state(&mut self, hs: &HardState) -> io::Result<()> {
+        self.disk.set_hard_state(hs)?;
+        self.durable_hs = hs.clone();
+        Ok(())
+    }
+
+    /// Moves the commit index (in memory; see `durable_hs`).
     pub fn set_commit(&mut self, commit: u64) -> io::Result<()> {
         let mut hs = self.hard_state.clone();
         hs.commit = commit;
@@ -381,7 +395,8 @@ impl LogStore {
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
         self.set_conf_state(meta.get_conf_state().clone())?;
-        self.set_hard_state(hs)?;
+        self.write_hard_state(&hs)?;
+        self.hard_state = hs;
         self.entries.clear();
         self.snapshot = snap;
         Ok(())
@@ -399,9 +414,14 @@ impl LogStore {
         meta.index = index;
         meta.term = term;
         meta.set_conf_state(self.conf_state.clone());
-        self.disk
-            .save_snapshot(&snap, false)
-            .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        let store_err = |e: io::Error| raft::Error::Store(StorageError::Other(Box::new(e)));
+        self.disk.save_snapshot(&snap, false).map_err(store_err)?;
+        // a restart applies from the snapshot, so the commit index on disk
+        // must reach it
+        if self.durable_hs.commit < index {
+            let hs = self.hard_state.clone();
+            self.write_hard_state(&hs).map_err(store_err)?;
+        }
         self.entries.retain(|e| e.index > index);
         self.snapshot = snap;
         Ok(())

@@ -242,11 +242,16 @@ pub async fn start(
         .iter()
         .map(|p| (p.id, p.name.clone()))
         .collect();
+    let (revocations, revocations_rx) = watch::channel(0u64);
     tokio::spawn(accept_loop(
         endpoint.clone(),
         events_tx.clone(),
-        names.clone(),
-        metrics.clone(),
+        Gate {
+            names,
+            metrics: metrics.clone(),
+            revoked: revoked.clone(),
+            revocations: revocations_rx,
+        },
         shutdown_rx.clone(),
     ));
     let mut senders = HashMap::new();
@@ -269,6 +274,8 @@ pub async fn start(
         senders,
         pending: HashMap::new(),
         reads: VecDeque::new(),
+        revocations,
+        revoked_synced_at: 0,
         next_ctx: 0,
         demand: Vec::new(),
         ticks: 0,
@@ -284,11 +291,21 @@ pub async fn start(
     })
 }
 
+/// What every connection is checked against.
+#[derive(Clone)]
+struct Gate {
+    /// Coordinator names by raft id: only they may send raft messages.
+    names: HashMap<u64, String>,
+    metrics: Arc<ControlMetrics>,
+    revoked: Revoked,
+    /// Bumped when the revocation list changes.
+    revocations: watch::Receiver<u64>,
+}
+
 async fn accept_loop(
     ep: quinn::Endpoint,
     events: mpsc::Sender<Event>,
-    names: HashMap<u64, String>,
-    metrics: Arc<ControlMetrics>,
+    gate: Gate,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -298,32 +315,41 @@ async fn accept_loop(
         };
         let Some(incoming) = incoming else { return };
         let events = events.clone();
-        let names = names.clone();
-        let metrics = metrics.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
                     // failed handshakes: no or bad credentials
                     tracing::debug!("refused a connection: {e}");
-                    metrics.reject();
+                    gate.metrics.reject();
                     return;
                 }
             };
-            serve_connection(conn, events, names, metrics).await;
+            serve_connection(conn, events, gate).await;
         });
     }
 }
 
-async fn serve_connection(
-    conn: quinn::Connection,
-    events: mpsc::Sender<Event>,
-    names: HashMap<u64, String>,
-    metrics: Arc<ControlMetrics>,
-) {
+async fn serve_connection(conn: quinn::Connection, events: mpsc::Sender<Event>, gate: Gate) {
+    let Gate {
+        names,
+        metrics,
+        revoked,
+        mut revocations,
+    } = gate;
     let peer = transport::peer_name(&conn);
+    let cert = transport::peer_cert(&conn);
     loop {
         tokio::select! {
+            changed = revocations.changed() => {
+                // a revocation committed: drop the connection if it is this peer's
+                if changed.is_err() || cert.as_ref().is_some_and(|c| revoked.contains(c)) {
+                    metrics.reject();
+                    conn.close(2u32.into(), b"certificate revoked");
+                    return;
+                }
+            }
             uni = conn.accept_uni() => {
                 let Ok(mut recv) = uni else { return };
                 // raft messages: only from the coordinator whose id they claim
@@ -465,6 +491,10 @@ struct Driver {
     pending: HashMap<Vec<u8>, Pending>,
     /// Reads waiting for their index to be applied: (index, reply).
     reads: VecDeque<(Vec<u8>, Option<u64>, oneshot::Sender<Reply>)>,
+    /// Bumped when the revocation list changes, so connections re-check.
+    revocations: watch::Sender<u64>,
+    /// Applied index when the revocation list was last copied (0: never).
+    revoked_synced_at: u64,
     next_ctx: u64,
     demand: Vec<(String, String, Demand)>,
     ticks: u64,
@@ -721,8 +751,15 @@ impl Driver {
             let (_, _, reply) = self.reads.pop_front().expect("front exists");
             let _ = reply.send(Reply::Status(Box::new(self.status())));
         }
-        if !out.applied.is_empty() {
+        let revoked_now = out
+            .applied
+            .iter()
+            .any(|a| matches!(a.command, Some(Command::Revoke { .. })))
+            || out.installed_snapshot.is_some();
+        if revoked_now || (self.revoked_synced_at == 0 && !out.applied.is_empty()) {
             self.revoked.set(self.core.state().revoked.iter().cloned());
+            self.revocations.send_modify(|g| *g += 1);
+            self.revoked_synced_at = self.core.state().applied_index;
         }
         self.update_metrics();
         Ok(())

@@ -211,6 +211,15 @@ pub fn joiner_config(ca_fingerprint: &str) -> Result<quinn::ClientConfig> {
     Ok(c)
 }
 
+/// The peer's certificate (DER), if it showed one.
+pub fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    Some(certs.first()?.to_vec())
+}
+
 /// The node name in the peer's certificate, if it showed one.
 pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
     let certs = conn
@@ -242,6 +251,13 @@ pub async fn request(
         addr,
         why: e.to_string(),
     })?;
+    let reply = request_on(&conn, req).await;
+    conn.close(0u32.into(), b"done");
+    reply
+}
+
+/// Sends one request on an open connection and waits for the reply.
+pub async fn request_on(conn: &quinn::Connection, req: &Request) -> Result<Reply> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -256,7 +272,6 @@ pub async fn request(
     let body = read_frame(&mut recv)
         .await?
         .ok_or_else(|| TransportError::Stream("no reply".into()))?;
-    conn.close(0u32.into(), b"done");
     serde_json::from_slice(&body).map_err(|e| TransportError::Stream(e.to_string()))
 }
 
@@ -264,6 +279,8 @@ pub async fn request(
 /// redirects to the leader.
 pub struct Caller {
     ep: quinn::Endpoint,
+    /// Open connections by address, reused across requests.
+    conns: std::sync::Mutex<std::collections::HashMap<SocketAddr, quinn::Connection>>,
 }
 
 impl Caller {
@@ -272,7 +289,48 @@ impl Caller {
         let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))
             .map_err(|e| TransportError::Setup(e.to_string()))?;
         ep.set_default_client_config(client_config(identity, &Revoked::default())?);
-        Ok(Self { ep })
+        Ok(Self {
+            ep,
+            conns: Default::default(),
+        })
+    }
+
+    /// One request to one member, on a cached connection when there is one.
+    pub async fn call(&self, addr: SocketAddr, server: &str, req: &Request) -> Result<Reply> {
+        let cached = self
+            .conns
+            .lock()
+            .expect("connection cache")
+            .get(&addr)
+            .filter(|c| c.close_reason().is_none())
+            .cloned();
+        let conn = match cached {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .ep
+                    .connect(addr, &super::credentials::dns_name(server))
+                    .map_err(|e| TransportError::Connect {
+                        addr,
+                        why: e.to_string(),
+                    })?
+                    .await
+                    .map_err(|e| TransportError::Connect {
+                        addr,
+                        why: e.to_string(),
+                    })?;
+                self.conns
+                    .lock()
+                    .expect("connection cache")
+                    .insert(addr, c.clone());
+                c
+            }
+        };
+        let r = request_on(&conn, req).await;
+        if r.is_err() {
+            self.conns.lock().expect("connection cache").remove(&addr);
+        }
+        r
     }
 
     /// Sends `req` to the coordinators in `peers` until one that can serve
@@ -292,11 +350,14 @@ impl Caller {
         let mut next = 1;
         let mut last = String::from("no answer");
         while start.elapsed() < deadline {
-            let r = tokio::time::timeout(
-                ATTEMPT_TIMEOUT,
-                request(&self.ep, None, target.0, &target.1, req),
-            )
-            .await;
+            let r =
+                tokio::time::timeout(ATTEMPT_TIMEOUT, self.call(target.0, &target.1, req)).await;
+            if r.is_err() {
+                self.conns
+                    .lock()
+                    .expect("connection cache")
+                    .remove(&target.0);
+            }
             match r {
                 Ok(Ok(Reply::NotLeader {
                     leader: Some(a),
