@@ -14,7 +14,7 @@ use raft::{RawNode, StateRole};
 use slog::{o, Discard, Logger};
 
 use crate::error::{CoordinatorError, Result};
-use crate::state::{Applied, Command, ControlState};
+use crate::state::{Applied, Command, ControlState, CoordinatorRecord};
 use crate::storage::{Durable, LogStore};
 
 /// Tunables of one member.
@@ -244,6 +244,17 @@ impl Coordinator {
     /// Proposes adding (`add`) or removing a voting coordinator. The leader
     /// does not remove itself (transfer leadership first).
     pub fn change_voter(&mut self, id: u64, add: bool) -> Result<()> {
+        self.change_voter_with(id, add, None)
+    }
+
+    /// Like [`Coordinator::change_voter`], recording where the coordinator
+    /// is (`record`, for an addition) in [`ControlState::coordinators`].
+    pub fn change_voter_with(
+        &mut self,
+        id: u64,
+        add: bool,
+        record: Option<CoordinatorRecord>,
+    ) -> Result<()> {
         if !self.is_leader() {
             return Err(CoordinatorError::NotLeader {
                 leader: self.leader(),
@@ -254,8 +265,12 @@ impl Coordinator {
                 "the leader cannot remove itself; transfer leadership first".into(),
             ));
         }
+        let context = record
+            .map(|r| serde_json::to_vec(&r).expect("records serialize"))
+            .unwrap_or_default();
         let mut cc = ConfChange {
             node_id: id,
+            context: context.into(),
             ..ConfChange::default()
         };
         cc.set_change_type(if add {
@@ -360,6 +375,9 @@ impl Coordinator {
                     }
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.raw.mut_store().set_conf_state(cs)?;
+                    let add = cc.get_change_type() != ConfChangeType::RemoveNode;
+                    let record = serde_json::from_slice::<CoordinatorRecord>(&cc.context).ok();
+                    self.state.apply_voter_change(cc.node_id, add, record);
                     (None, Applied::Done)
                 }
                 EntryType::EntryConfChangeV2 => {

@@ -23,5 +23,7 @@ pub mod storage;
 
 pub use crate::core::{AppliedEntry, Coordinator, CoordinatorConfig, Output};
 pub use error::{CoordinatorError, Result};
-pub use state::{Applied, Command, ControlState, Member, ModelRecord, PlacementEpoch};
+pub use state::{
+    Applied, Command, ControlState, CoordinatorRecord, Member, ModelRecord, PlacementEpoch,
+};
 pub use storage::{DirDisk, Durable, LogStore, MemDisk, Recovered};

@@ -52,6 +52,18 @@ pub struct ModelRecord {
     pub spec: ModelSpec,
 }
 
+/// Where a coordinator added at run time can be reached (founders are in
+/// every member's configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorRecord {
+    /// Its raft id.
+    pub id: u64,
+    /// Its node name.
+    pub name: String,
+    /// Its cluster address.
+    pub addr: String,
+}
+
 /// One committed placement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlacementEpoch {
@@ -67,6 +79,10 @@ pub struct PlacementEpoch {
     pub cost: PlanCost,
     /// Aggregate demand (requests/s) it was planned for.
     pub demand_rps: f64,
+    /// The demand it was planned for, by (site, model) name: a new leader
+    /// re-plans from it until fresher load reports arrive.
+    #[serde(default)]
+    pub demand: Vec<(String, String, Demand)>,
 }
 
 /// A change to the control state.
@@ -137,12 +153,28 @@ pub struct ControlState {
     /// [`EPOCH_HISTORY`]): epoch number and the log index it committed at.
     #[serde(default)]
     pub history: VecDeque<(u64, u64)>,
+    /// Coordinators added at run time, by raft id (removed ones are dropped).
+    #[serde(default)]
+    pub coordinators: BTreeMap<u64, CoordinatorRecord>,
 }
 
 /// Committed epochs remembered in [`ControlState::history`].
 pub const EPOCH_HISTORY: usize = 1024;
 
 impl ControlState {
+    /// Records a change of the voting coordinators.
+    pub fn apply_voter_change(&mut self, id: u64, add: bool, record: Option<CoordinatorRecord>) {
+        match (add, record) {
+            (true, Some(r)) => {
+                self.coordinators.insert(id, r);
+            }
+            (true, None) => {}
+            (false, _) => {
+                self.coordinators.remove(&id);
+            }
+        }
+    }
+
     /// The current epoch (0 before the first placement).
     pub fn epoch(&self) -> u64 {
         self.placement.as_ref().map_or(0, |p| p.epoch)
@@ -298,6 +330,7 @@ impl ControlState {
         demand: &[(String, String, Demand)],
         config: &SolverConfig,
     ) -> PlacementEpoch {
+        let named_demand = demand;
         let (topology, ids) = self.topology();
         let names: Vec<String> = self.models.keys().cloned().collect();
         let specs: Vec<ModelSpec> = self.models.values().map(|m| m.spec.clone()).collect();
@@ -326,6 +359,7 @@ impl ControlState {
             placement: plan.placement,
             cost: plan.cost,
             demand_rps: demand.iter().map(|d| d.requests_per_s).sum(),
+            demand: named_demand.to_vec(),
         }
     }
 

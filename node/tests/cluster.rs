@@ -361,6 +361,90 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // a fourth coordinator is added at run time and catches up; then one is removed
+    let p4 = Peer {
+        id: 4,
+        name: "coord-4".into(),
+        addr: free_udp(),
+    };
+    let mut all = peers.clone();
+    all.push(p4.clone());
+    let dir4 = tempfile::tempdir().unwrap();
+    let mut s4 = MemberSettings::new(4, p4.addr, dir4.path().to_path_buf(), all.clone());
+    s4.tick = Duration::from_millis(50);
+    s4.bootstrap = false;
+    let h4 = member::start(s4, ca.issue_identity("coord-4").unwrap(), None)
+        .await
+        .unwrap();
+    let r = admin
+        .ask(
+            &peers,
+            &Request::AddCoordinator { peer: p4.clone() },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
+    let t = Instant::now();
+    loop {
+        let s = admin.status(&peers).await;
+        let latest = s.state.epoch();
+        let m = h4.metrics.render();
+        if s.voters.contains(&4) && m.contains(&format!("weft_placement_epoch {latest}\n")) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let brief = |m: &str| -> String {
+                m.lines()
+                    .filter(|l| {
+                        !l.starts_with('#') && !l.contains("bucket") && !l.contains("seconds")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            for h in handles.iter().flatten() {
+                eprintln!("member: {}", brief(&h.metrics.render()));
+            }
+            panic!(
+                "coord-4 not in: {:?} (latest {latest})\n{}",
+                s.voters,
+                brief(&m)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader = admin.status(&all).await.leader.unwrap();
+    let gone = [3, 2].into_iter().find(|&i| i != leader).unwrap();
+    let r = admin
+        .ask(
+            &all,
+            &Request::RemoveCoordinator { id: gone },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        matches!(r, Reply::Committed { .. }),
+        "removing {gone} (leader {leader}): {r:?}"
+    );
+    let t = Instant::now();
+    while admin.status(&all).await.voters.contains(&gone) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "coordinator {gone} was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = admin
+        .ask(
+            &all,
+            &Request::Replan {
+                demand: demand(5.0),
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    h4.stop().await.unwrap();
     for h in handles.into_iter().flatten() {
         h.stop().await.unwrap();
     }

@@ -106,6 +106,15 @@ pub struct CoordinatorSection {
     /// Raft tick (ms).
     #[serde(default = "default_tick")]
     pub tick_ms: u64,
+    /// Whether this member founds the group with `peers` (true for the
+    /// founders); a coordinator added later sets false and is added with
+    /// `AddCoordinator` from a running member.
+    #[serde(default = "yes")]
+    pub bootstrap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_tick() -> u64 {

@@ -58,6 +58,10 @@ pub struct MemberSettings {
     pub solver: SolverConfig,
     /// How long a proposal may wait to commit.
     pub propose_timeout: Duration,
+    /// Found the group with `peers` as its first voters (every founder
+    /// does); a member added at run time starts empty and is caught up by
+    /// the leader once a coordinator adds it.
+    pub bootstrap: bool,
 }
 
 impl MemberSettings {
@@ -73,6 +77,7 @@ impl MemberSettings {
             replan_band: 0.2,
             solver: SolverConfig::default(),
             propose_timeout: Duration::from_secs(5),
+            bootstrap: true,
         }
     }
 }
@@ -223,7 +228,11 @@ pub async fn start(
     let revoked = Revoked::default();
     let disk = DirDisk::open(&settings.data_dir.join("raft"))
         .with_context(|| format!("opening the raft log in {}", settings.data_dir.display()))?;
-    let founders: Vec<u64> = settings.peers.iter().map(|p| p.id).collect();
+    let founders: Vec<u64> = if settings.bootstrap {
+        settings.peers.iter().map(|p| p.id).collect()
+    } else {
+        Vec::new()
+    };
     let seed = now_unix() ^ settings.id;
     let core = Coordinator::open(
         CoordinatorConfig::new(settings.id),
@@ -237,41 +246,43 @@ pub async fn start(
     let (events_tx, events_rx) = mpsc::channel(4096);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
-    let names: HashMap<u64, String> = settings
-        .peers
-        .iter()
-        .map(|p| (p.id, p.name.clone()))
-        .collect();
+    // coordinators: the configured ones, and any the log added at run time
+    let mut peers = settings.peers.clone();
+    for r in core.state().coordinators.values() {
+        if let (false, Ok(addr)) = (peers.iter().any(|p| p.id == r.id), r.addr.parse()) {
+            peers.push(Peer {
+                id: r.id,
+                name: r.name.clone(),
+                addr,
+            });
+        }
+    }
+    let names: Names = Arc::new(std::sync::RwLock::new(
+        peers.iter().map(|p| (p.id, p.name.clone())).collect(),
+    ));
     let (revocations, revocations_rx) = watch::channel(0u64);
     tokio::spawn(accept_loop(
         endpoint.clone(),
         events_tx.clone(),
         Gate {
-            names,
+            names: names.clone(),
             metrics: metrics.clone(),
             revoked: revoked.clone(),
             revocations: revocations_rx,
         },
         shutdown_rx.clone(),
     ));
-    let mut senders = HashMap::new();
-    for p in settings.peers.iter().filter(|p| p.id != settings.id) {
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(peer_sender(
-            endpoint.clone(),
-            p.clone(),
-            rx,
-            events_tx.clone(),
-        ));
-        senders.insert(p.id, tx);
-    }
-    let driver = Driver {
+    let mut driver = Driver {
         core,
+        peers,
+        names,
+        endpoint: endpoint.clone(),
+        events: events_tx.clone(),
+        senders: HashMap::new(),
         settings,
         ca,
         revoked,
         metrics: metrics.clone(),
-        senders,
         pending: HashMap::new(),
         reads: VecDeque::new(),
         revocations,
@@ -281,6 +292,9 @@ pub async fn start(
         ticks: 0,
         last_leader: None,
     };
+    for p in driver.peers.clone() {
+        driver.ensure_sender(&p);
+    }
     let task = tokio::spawn(driver.run(events_rx, shutdown_rx));
     Ok(MemberHandle {
         local_addr,
@@ -291,11 +305,14 @@ pub async fn start(
     })
 }
 
+/// Coordinator names by raft id: only they may send raft messages.
+type Names = Arc<std::sync::RwLock<HashMap<u64, String>>>;
+
 /// What every connection is checked against.
 #[derive(Clone)]
 struct Gate {
-    /// Coordinator names by raft id: only they may send raft messages.
-    names: HashMap<u64, String>,
+    /// Coordinators by raft id.
+    names: Names,
     metrics: Arc<ControlMetrics>,
     revoked: Revoked,
     /// Bumped when the revocation list changes.
@@ -358,7 +375,8 @@ async fn serve_connection(conn: quinn::Connection, events: mpsc::Sender<Event>, 
                         metrics.reject();
                         return;
                     };
-                    if peer.is_none() || names.get(&msg.from) != peer.as_ref() {
+                    let from = names.read().expect("names lock").get(&msg.from).cloned();
+                    if peer.is_none() || from != peer {
                         metrics.reject();
                         conn.close(1u32.into(), b"raft messages from a non-coordinator");
                         return;
@@ -483,6 +501,11 @@ enum Then {
 
 struct Driver {
     core: Coordinator,
+    /// Every coordinator this member knows (configured and added).
+    peers: Vec<Peer>,
+    names: Names,
+    endpoint: quinn::Endpoint,
+    events: mpsc::Sender<Event>,
     settings: MemberSettings,
     ca: Option<ClusterCa>,
     revoked: Revoked,
@@ -535,7 +558,53 @@ impl Driver {
 
     fn peer(&self, id: Option<u64>) -> Option<&Peer> {
         let id = id?;
-        self.settings.peers.iter().find(|p| p.id == id)
+        self.peers.iter().find(|p| p.id == id)
+    }
+
+    /// Starts a sender task for `p` unless there is one (or it is us).
+    fn ensure_sender(&mut self, p: &Peer) {
+        if p.id == self.settings.id || self.senders.contains_key(&p.id) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(peer_sender(
+            self.endpoint.clone(),
+            p.clone(),
+            rx,
+            self.events.clone(),
+        ));
+        self.senders.insert(p.id, tx);
+    }
+
+    /// Follows a change of the voting coordinators: learns where added ones
+    /// are, stops sending to removed ones.
+    fn reconcile_coordinators(&mut self) {
+        let records = self.core.state().coordinators.clone();
+        for r in records.values() {
+            if self.peers.iter().any(|p| p.id == r.id) {
+                continue;
+            }
+            if let Ok(addr) = r.addr.parse() {
+                let p = Peer {
+                    id: r.id,
+                    name: r.name.clone(),
+                    addr,
+                };
+                self.names
+                    .write()
+                    .expect("names lock")
+                    .insert(p.id, p.name.clone());
+                self.peers.push(p.clone());
+                self.ensure_sender(&p);
+            }
+        }
+        let voters = self.core.voters();
+        self.senders.retain(|id, _| voters.contains(id));
+        for p in self.peers.clone() {
+            if voters.contains(&p.id) {
+                self.ensure_sender(&p);
+            }
+        }
     }
 
     fn ctx(&mut self) -> Vec<u8> {
@@ -612,6 +681,43 @@ impl Driver {
                     .plan_next(&self.demand, &self.settings.solver);
                 self.propose(&Command::CommitPlacement(next), reply, Then::Committed);
             }
+            Request::AddCoordinator { peer } => {
+                if !self.core.is_leader() {
+                    let _ = reply.send(self.not_leader());
+                    return;
+                }
+                let record = weft_coordinator::CoordinatorRecord {
+                    id: peer.id,
+                    name: peer.name.clone(),
+                    addr: peer.addr.to_string(),
+                };
+                let r = self.core.change_voter_with(peer.id, true, Some(record));
+                let _ = reply.send(match r {
+                    Ok(()) => Reply::Committed {
+                        index: 0,
+                        refused: None,
+                    },
+                    Err(e) => Reply::Error {
+                        message: e.to_string(),
+                    },
+                });
+            }
+            Request::RemoveCoordinator { id } => {
+                if !self.core.is_leader() {
+                    let _ = reply.send(self.not_leader());
+                    return;
+                }
+                let r = self.core.change_voter(id, false);
+                let _ = reply.send(match r {
+                    Ok(()) => Reply::Committed {
+                        index: 0,
+                        refused: None,
+                    },
+                    Err(e) => Reply::Error {
+                        message: e.to_string(),
+                    },
+                });
+            }
             Request::Status => {
                 if !self.core.is_leader() {
                     let _ = reply.send(self.not_leader());
@@ -668,6 +774,12 @@ impl Driver {
             return;
         }
         let state = self.core.state();
+        if self.demand.is_empty() {
+            // a new leader starts from the demand the last epoch was planned for
+            if let Some(p) = &state.placement {
+                self.demand = p.demand.clone();
+            }
+        }
         let demand_rps: f64 = self.demand.iter().map(|d| d.2.requests_per_s).sum();
         if state.needs_replan(demand_rps, self.settings.replan_band) {
             let next = state.plan_next(&self.demand, &self.settings.solver);
@@ -750,6 +862,9 @@ impl Driver {
             }
             let (_, _, reply) = self.reads.pop_front().expect("front exists");
             let _ = reply.send(Reply::Status(Box::new(self.status())));
+        }
+        if out.applied.iter().any(|a| a.command.is_none()) || out.installed_snapshot.is_some() {
+            self.reconcile_coordinators();
         }
         let revoked_now = out
             .applied

@@ -62,6 +62,7 @@ pub async fn run_node(
                 c.peers.clone(),
             );
             s.tick = Duration::from_millis(c.tick_ms.max(1));
+            s.bootstrap = c.bootstrap;
             let h = member::start(s, identity.clone(), ca).await?;
             tracing::info!(id = c.id, addr = %h.local_addr, "coordinator member started");
             Some(h)

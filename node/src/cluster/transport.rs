@@ -67,6 +67,18 @@ pub enum Request {
     },
     /// The control state, read linearizably through the leader's read index.
     Status,
+    /// Add a voting coordinator (it must already run with the cluster's
+    /// identity, started without bootstrapping). Accepted once proposed;
+    /// watch `Status` for it among the voters.
+    AddCoordinator {
+        /// Where it is.
+        peer: super::member::Peer,
+    },
+    /// Remove a voting coordinator (not the leader).
+    RemoveCoordinator {
+        /// Its raft id.
+        id: u64,
+    },
     /// Plan a new placement epoch for this demand (by site and model name)
     /// and commit it; the leader keeps re-planning for it as it changes.
     Replan {
