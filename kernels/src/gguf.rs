@@ -151,6 +151,37 @@ impl GgufFile {
             .ok_or_else(|| KernelError::MissingTensor { name: name.into() })
     }
 
+    /// Weight bytes per transformer layer (tensors named `blk.N.*`) and of
+    /// everything else (embeddings, output head, final norm): what placement
+    /// needs to size a replica or a layer-range shard.
+    pub fn weight_bytes(&self) -> Result<(Vec<u64>, u64)> {
+        let mut layers: Vec<u64> = Vec::new();
+        let mut shared = 0u64;
+        for (name, info) in &self.content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bytes = tensor_bytes(info.ggml_dtype, elems).ok_or_else(|| {
+                KernelError::UnsupportedTensorType {
+                    name: name.clone(),
+                    dtype: format!("{:?} with {elems} elements", info.ggml_dtype),
+                }
+            })? as u64;
+            let layer = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|n| n.parse::<usize>().ok());
+            match layer {
+                Some(i) => {
+                    if layers.len() <= i {
+                        layers.resize(i + 1, 0);
+                    }
+                    layers[i] += bytes;
+                }
+                None => shared += bytes,
+            }
+        }
+        Ok((layers, shared))
+    }
+
     /// Whether the file has a tensor of this name.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)

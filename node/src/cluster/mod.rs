@@ -6,9 +6,11 @@
 //! - [`member`]: a coordinator member over the network, and joining.
 //! - [`config`]: `weft node --config`: a node's place in the cluster.
 //! - [`run`]: `weft node` and `weft status`.
+//! - [`models`]: a model's shape for placement, read from its GGUF file.
 
 pub mod config;
 pub mod credentials;
 pub mod member;
+pub mod models;
 pub mod run;
 pub mod transport;

