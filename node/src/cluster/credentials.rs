@@ -484,6 +484,51 @@ impl NodeIdentity {
         ))
     }
 
+    /// Checks that `cert_der` is a node certificate from this cluster's CA,
+    /// not revoked, and returns the node name in it.
+    pub fn check_peer_cert(&self, cert_der: &[u8], revoked: &Revoked) -> Result<String> {
+        let inner =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots(), provider())
+                .build()
+                .map_err(cert_err)?;
+        let v = RevokingClientVerifier {
+            inner,
+            revoked: revoked.clone(),
+        };
+        v.verify_client_cert(
+            &CertificateDer::from(cert_der.to_vec()),
+            &[],
+            UnixTime::now(),
+        )
+        .map_err(cert_err)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(cert_err)?;
+        let name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or_else(|| cert_err("no common name"))?;
+        Ok(name.to_string())
+    }
+
+    /// Signs `msg` with this node's key (ECDSA P-256, ASN.1).
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>> {
+        let key = KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
+        let rng = ring::rand::SystemRandom::new();
+        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .map_err(cert_err)?;
+        Ok(kp.sign(&rng, msg).map_err(cert_err)?.as_ref().to_vec())
+    }
+
+    /// This node's certificate (DER).
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
     /// TLS for accepting: peers must show a certificate from the CA that is
     /// not revoked, except that `allow_anonymous` lets a joiner in without
     /// one (the caller then accepts only a join request on it).
@@ -746,6 +791,15 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// Checks an ECDSA P-256 signature by the key in `cert_der` over `msg`.
+pub fn verify_signature(cert_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<()> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(cert_err)?;
+    let key = cert.public_key().subject_public_key.data.to_vec();
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
+        .verify(msg, sig)
+        .map_err(|_| cert_err("bad signature"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -911,3 +965,4 @@ mod tests {
         assert!(text.contains("gets-this.weft") && !text.contains("asks-for-this"));
     }
 }
+

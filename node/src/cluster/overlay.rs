@@ -1,0 +1,362 @@
+//! The overlay (libp2p over QUIC): every node gossips a load report about
+//! every [`REPORT_EVERY`], and keeps a routing table of the reports it
+//! heard. A node silent for [`NODE_TIMEOUT`] leaves the table. Ping samples
+//! give round-trip times for the router's link estimates; peers are found by
+//! mDNS on a LAN and by static bootstrap addresses.
+//!
+//! Only credentialed nodes take part: every report is signed with the
+//! sender's cluster key and carries its certificate; a report whose
+//! certificate is not from the cluster CA, is revoked, names another node,
+//! or whose signature fails is rejected (gossipsub stops relaying it and
+//! scores the peer down) and counted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, mdns, ping, Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::credentials::{verify_signature, NodeIdentity, Revoked};
+
+/// How often a node gossips its load.
+pub const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// A node not heard from for this long leaves the routing table.
+pub const NODE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The gossip topic of load reports.
+pub const LOAD_TOPIC: &str = "weft/load/1";
+/// Largest gossip message accepted.
+pub const MAX_MESSAGE: usize = 64 << 10;
+
+/// What a node says about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Its node name.
+    pub node: String,
+    /// Its site.
+    pub site: String,
+    /// Where its data plane listens.
+    pub address: String,
+    /// Unix time of the report (ms), by the sender's clock.
+    pub at_unix_ms: u64,
+    /// Requests waiting.
+    pub queue_depth: u32,
+    /// Sequences decoding.
+    pub running: u32,
+    /// Aggregate decode tokens/s now.
+    pub tokens_per_s: f64,
+    /// KV-cache tokens free.
+    pub free_kv_tokens: u64,
+    /// Models (and layer ranges) loaded, e.g. `gemma[0..18)`.
+    pub models: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignedReport {
+    /// The report, as signed.
+    report: Vec<u8>,
+    /// The sender's certificate (DER).
+    cert: Vec<u8>,
+    /// ECDSA P-256 over `report`.
+    sig: Vec<u8>,
+}
+
+/// One node as the routing table knows it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its latest report.
+    pub report: LoadReport,
+    /// When that report arrived here.
+    pub seen: Instant,
+    /// Its overlay peer id.
+    pub peer: PeerId,
+}
+
+/// Live nodes and measured round trips.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Entry>,
+    /// Round trips by peer.
+    pub rtt: HashMap<PeerId, Duration>,
+}
+
+impl RoutingTable {
+    /// Round trip to `node`, if measured.
+    pub fn rtt_to(&self, node: &str) -> Option<Duration> {
+        self.rtt.get(&self.nodes.get(node)?.peer).copied()
+    }
+}
+
+/// The overlay's counters.
+#[derive(Debug, Default)]
+pub struct OverlayMetrics {
+    /// Reports accepted.
+    pub accepted: AtomicU64,
+    /// Reports rejected (bad or missing credentials, bad signature).
+    pub rejected: AtomicU64,
+    /// Connected peers.
+    pub peers: AtomicU64,
+}
+
+/// How the overlay runs.
+#[derive(Debug, Clone)]
+pub struct OverlaySettings {
+    /// Listen address, e.g. `/ip4/0.0.0.0/udp/7300/quic-v1`.
+    pub listen: Multiaddr,
+    /// Peers to dial at start (and again while disconnected).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+}
+
+/// A running overlay.
+pub struct Overlay {
+    /// The routing table, updated as reports arrive and expire.
+    pub table: Arc<RwLock<RoutingTable>>,
+    /// Counters.
+    pub metrics: Arc<OverlayMetrics>,
+    /// This node's overlay peer id.
+    pub peer_id: PeerId,
+    /// Where it listens (once bound).
+    pub listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    report: watch::Sender<LoadReport>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Overlay {
+    /// Replaces the report this node gossips.
+    pub fn set_report(&self, r: LoadReport) {
+        let _ = self.report.send(r);
+    }
+
+    /// Stops the overlay.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Starts the overlay for `identity`, gossiping `report` (its `node` is
+/// forced to the identity's name).
+pub async fn start(
+    settings: OverlaySettings,
+    identity: NodeIdentity,
+    revoked: Revoked,
+    report: LoadReport,
+) -> Result<Overlay> {
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let peer_id = key.public().to_peer_id();
+    let mdns_on = settings.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|key| {
+            let config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(250))
+                .validation_mode(ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(MAX_MESSAGE)
+                .build()
+                .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
+            let gossipsub =
+                gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)
+                    .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
+            let identify =
+                identify::Behaviour::new(identify::Config::new("/weft/1.0.0".into(), key.public()));
+            let ping =
+                ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(1)));
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    key.public().to_peer_id(),
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                gossipsub,
+                identify,
+                ping,
+                mdns: mdns.into(),
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("overlay: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    let topic = IdentTopic::new(LOAD_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .context("subscribing to load reports")?;
+    swarm
+        .listen_on(settings.listen.clone())
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    for a in &settings.bootstrap {
+        let _ = swarm.dial(a.clone());
+    }
+    let table = Arc::new(RwLock::new(RoutingTable::default()));
+    let metrics = Arc::new(OverlayMetrics::default());
+    let (report_tx, report_rx) = watch::channel(LoadReport {
+        node: identity.name.clone(),
+        ..report
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
+    let task = tokio::spawn(run(
+        swarm,
+        topic,
+        settings,
+        identity,
+        revoked,
+        table.clone(),
+        metrics.clone(),
+        report_rx,
+        stop_rx,
+        addrs_tx,
+    ));
+    Ok(Overlay {
+        table,
+        metrics,
+        peer_id,
+        listen_addrs,
+        report: report_tx,
+        stop,
+        task,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    topic: IdentTopic,
+    settings: OverlaySettings,
+    identity: NodeIdentity,
+    revoked: Revoked,
+    table: Arc<RwLock<RoutingTable>>,
+    metrics: Arc<OverlayMetrics>,
+    report: watch::Receiver<LoadReport>,
+    mut stop: watch::Receiver<bool>,
+    addrs: watch::Sender<Vec<Multiaddr>>,
+) {
+    let mut publish = tokio::time::interval(REPORT_EVERY);
+    let mut expire = tokio::time::interval(Duration::from_millis(100));
+    let mut redial = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = publish.tick() => {
+                let mut r = report.borrow().clone();
+                r.node = identity.name.clone();
+                r.at_unix_ms = now_ms();
+                // this node is in its own table too: it is a routing candidate
+                table.write().expect("routing table lock").nodes.insert(
+                    r.node.clone(),
+                    Entry { report: r.clone(), seen: Instant::now(), peer: *swarm.local_peer_id() },
+                );
+                let body = serde_json::to_vec(&r).expect("reports serialize");
+                let Ok(sig) = identity.sign(&body) else { continue };
+                let msg = SignedReport { report: body, cert: identity.cert_der().to_vec(), sig };
+                let bytes = serde_json::to_vec(&msg).expect("signed reports serialize");
+                // no peers yet is normal at start
+                let _ = swarm.behaviour_mut().gossipsub.publish(topic.clone(), bytes);
+            }
+            _ = expire.tick() => {
+                let mut t = table.write().expect("routing table lock");
+                t.nodes.retain(|_, e| e.seen.elapsed() < NODE_TIMEOUT);
+            }
+            _ = redial.tick() => {
+                if swarm.connected_peers().next().is_none() {
+                    for a in &settings.bootstrap {
+                        let _ = swarm.dial(a.clone());
+                    }
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { .. } => {
+                    let _ = addrs.send(swarm.listeners().cloned().collect());
+                }
+                SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
+                    metrics.peers.store(swarm.connected_peers().count() as u64, Ordering::Relaxed);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                })) => {
+                    let verdict = check(&message.data, &identity, &revoked);
+                    let acceptance = match verdict {
+                        Ok(r) => {
+                            if let Some(source) = message.source {
+                                let mut t = table.write().expect("routing table lock");
+                                t.nodes.insert(r.node.clone(), Entry { report: r, seen: Instant::now(), peer: source });
+                            }
+                            metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                            MessageAcceptance::Accept
+                        }
+                        Err(why) => {
+                            tracing::debug!(peer = %propagation_source, "rejected a load report: {why}");
+                            metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                            MessageAcceptance::Reject
+                        }
+                    };
+                    swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
+                    table.write().expect("routing table lock").rtt.insert(peer, rtt);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    for (peer, addr) in found {
+                        if !swarm.is_connected(&peer) {
+                            let _ = swarm.dial(addr);
+                        }
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// Checks a gossiped report: a cluster certificate, not revoked, naming the
+/// reporting node, and a good signature.
+fn check(data: &[u8], identity: &NodeIdentity, revoked: &Revoked) -> Result<LoadReport, String> {
+    let m: SignedReport =
+        serde_json::from_slice(data).map_err(|e| format!("not a signed report: {e}"))?;
+    let name = identity
+        .check_peer_cert(&m.cert, revoked)
+        .map_err(|e| e.to_string())?;
+    verify_signature(&m.cert, &m.report, &m.sig).map_err(|e| e.to_string())?;
+    let r: LoadReport =
+        serde_json::from_slice(&m.report).map_err(|e| format!("bad report: {e}"))?;
+    if r.node != name {
+        return Err(format!("a report for {:?} signed by {name:?}", r.node));
+    }
+    Ok(r)
+}
