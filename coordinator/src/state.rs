@@ -330,8 +330,37 @@ impl ControlState {
         demand: &[(String, String, Demand)],
         config: &SolverConfig,
     ) -> PlacementEpoch {
+        self.plan_next_without(demand, config, &BTreeSet::new())
+    }
+
+    /// Whether the current placement puts anything on a member in `down`.
+    pub fn placement_uses(&self, down: &BTreeSet<u64>) -> bool {
+        self.placement.as_ref().is_some_and(|p| {
+            p.placement.replicas.iter().any(|r| {
+                r.shards.iter().any(|s| {
+                    p.members
+                        .get(s.node.0 as usize)
+                        .is_some_and(|id| down.contains(id))
+                })
+            })
+        })
+    }
+
+    /// Like [`ControlState::plan_next`], with the members in `down` (not
+    /// heard from) given no memory: their replicas move elsewhere.
+    pub fn plan_next_without(
+        &self,
+        demand: &[(String, String, Demand)],
+        config: &SolverConfig,
+        down: &BTreeSet<u64>,
+    ) -> PlacementEpoch {
         let named_demand = demand;
-        let (topology, ids) = self.topology();
+        let (mut topology, ids) = self.topology();
+        for (i, id) in ids.iter().enumerate() {
+            if down.contains(id) {
+                topology.nodes[i].memory_bytes = 0;
+            }
+        }
         let names: Vec<String> = self.models.keys().cloned().collect();
         let specs: Vec<ModelSpec> = self.models.values().map(|m| m.spec.clone()).collect();
         let mut site_names: Vec<&str> = self.members.values().map(|m| m.site.as_str()).collect();

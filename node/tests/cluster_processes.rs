@@ -33,6 +33,8 @@ fn free_tcp() -> SocketAddr {
 struct Coordinators {
     dir: tempfile::TempDir,
     peers: Vec<Peer>,
+    /// Overlay (libp2p) addresses.
+    overlay: Vec<String>,
     metrics: Vec<SocketAddr>,
     children: Vec<Option<Child>>,
 }
@@ -130,6 +132,9 @@ fn setup() -> Coordinators {
         })
         .collect();
     let metrics: Vec<SocketAddr> = (0..3).map(|_| free_tcp()).collect();
+    let overlay: Vec<String> = (0..3)
+        .map(|_| format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp().port()))
+        .collect();
     let peer_list: Vec<String> = peers
         .iter()
         .map(|p| {
@@ -141,20 +146,23 @@ fn setup() -> Coordinators {
         .collect();
     for (i, p) in peers.iter().enumerate() {
         let cfg = format!(
-            "[node]\nname = \"{}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nmetrics_addr = \"{}\"\nsite = \"edge-a\"\nmemory_bytes = 8589934592\ntokens_per_s = 2000.0\n\n[coordinator]\nid = {}\nca_dir = \"{}\"\npeers = [{}]\n",
+            "[node]\nname = \"{}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nmetrics_addr = \"{}\"\nsite = \"edge-a\"\nmemory_bytes = 8589934592\ntokens_per_s = 2000.0\n\n[coordinator]\nid = {}\nca_dir = \"{}\"\npeers = [{}]\n\n[overlay]\nlisten = \"{}\"\nbootstrap = [\"{}\"]\nmdns = false\n",
             p.name,
             d(&format!("c{}", i + 1)),
             p.addr,
             metrics[i],
             p.id,
             d("c1/ca"),
-            peer_list.join(", ")
+            peer_list.join(", "),
+            overlay[i],
+            overlay[0],
         );
         std::fs::write(dir.path().join(format!("c{}.toml", i + 1)), cfg).unwrap();
     }
     let mut c = Coordinators {
         dir,
         peers,
+        overlay,
         metrics,
         children: vec![None, None, None],
     };
@@ -402,4 +410,142 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
         out.status.success() && table.contains("placement epoch") && table.contains("coord-1"),
         "{table}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move() {
+    let c = setup();
+    let admin = Arc::new(Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap());
+    let peers = c.peers.clone();
+    // a gateway at its own site joins with a token and gossips
+    let token = ca(c.dir.path()).issue_token(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        600,
+    );
+    let gw_cfg = c.dir.path().join("gw.toml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n",
+            c.dir.path().join("gw").display(),
+            free_udp(),
+            peers[0].name,
+            peers[0].addr,
+            c.overlay[0],
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(c.dir.path().join("gw.log")).unwrap();
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["node", "--config"])
+        .arg(&gw_cfg)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // every coordinator hears all four nodes
+    let t = Instant::now();
+    loop {
+        let mut all = true;
+        for i in 0..3 {
+            all &= c.metric(i, "weft_overlay_nodes").await == Some(4);
+        }
+        if all {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the overlay did not converge"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // demand at the gateway's site puts a replica on it
+    let model = ModelRecord {
+        source: "default".into(),
+        sha256: String::new(),
+        spec: ModelSpec {
+            name: "small".into(),
+            layers: 18,
+            bytes_per_layer: 12 << 20,
+            shared_bytes: 40 << 20,
+            compute_per_token: 0.25,
+            kv_bytes_per_token: 18 * 2 * 256 * 2,
+            hidden_bytes_per_token: 0,
+        },
+    };
+    let r = admin
+        .ask(
+            &peers,
+            &Request::Propose {
+                command: Cmd::PutModel(model),
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    let mut d = demand(100.0);
+    d[0].0 = "edge-b".into();
+    let r = admin
+        .ask(
+            &peers,
+            &Request::Replan { demand: d },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    let gw_id = weft_node::cluster::member::member_id("gw-1");
+    let on_gw = |s: &StatusReport| {
+        let p = s.state.placement.as_ref().unwrap();
+        p.placement.replicas.iter().any(|r| {
+            r.shards
+                .iter()
+                .any(|sh| p.members[sh.node.0 as usize] == gw_id)
+        })
+    };
+    let before = status(&admin, &peers).await;
+    assert!(
+        on_gw(&before),
+        "no replica on gw-1: {:?}",
+        before.state.placement
+    );
+
+    // kill it: it leaves every coordinator's routing table within 2 s...
+    gw.kill().unwrap();
+    gw.wait().unwrap();
+    let killed = Instant::now();
+    loop {
+        let mut gone = true;
+        for i in 0..3 {
+            gone &= c.metric(i, "weft_overlay_nodes").await == Some(3);
+        }
+        if gone {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "gw-1 stayed in the routing tables"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = killed.elapsed();
+    eprintln!("gw-1 left the routing tables {left:?} after the kill");
+    assert!(left < Duration::from_secs(2), "gw-1 left after {left:?}");
+    // ...and the leader moves its replica
+    let t = Instant::now();
+    loop {
+        let s = status(&admin, &peers).await;
+        if s.state.epoch() > before.state.epoch() && !on_gw(&s) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the placement still uses gw-1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

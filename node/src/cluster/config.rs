@@ -22,6 +22,11 @@
 //!   { id = 3, name = "coord-3", addr = "10.0.0.3:7100" },
 //! ]
 //!
+//! [overlay]                         # optional: gossip of load, failure detection
+//! listen = "/ip4/0.0.0.0/udp/7300/quic-v1"
+//! bootstrap = ["/ip4/10.0.0.1/udp/7300/quic-v1"]
+//! mdns = true
+//!
 //! [join]                            # on other nodes, until they hold an identity
 //! token = "weft1...."
 //! coordinators = [ { id = 1, name = "coord-1", addr = "10.0.0.1:7100" } ]
@@ -48,6 +53,22 @@ pub struct ClusterConfig {
     pub coordinator: Option<CoordinatorSection>,
     /// Present on nodes that join with a token.
     pub join: Option<JoinSection>,
+    /// The gossip overlay (load reports, failure detection); off if absent.
+    pub overlay: Option<OverlaySection>,
+}
+
+/// `[overlay]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlaySection {
+    /// libp2p listen address, e.g. `/ip4/0.0.0.0/udp/7300/quic-v1`.
+    pub listen: String,
+    /// Peers to dial (libp2p addresses).
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Find peers on the LAN with mDNS.
+    #[serde(default = "yes")]
+    pub mdns: bool,
 }
 
 /// `[node]`.

@@ -965,4 +965,3 @@ mod tests {
         assert!(text.contains("gets-this.weft") && !text.contains("asks-for-this"));
     }
 }
-

@@ -62,6 +62,9 @@ pub struct MemberSettings {
     /// does); a member added at run time starts empty and is caught up by
     /// the leader once a coordinator adds it.
     pub bootstrap: bool,
+    /// The overlay's routing table: members missing from it are down, and
+    /// the leader moves their replicas. `None`: no failure detection.
+    pub live: Option<Arc<std::sync::RwLock<super::overlay::RoutingTable>>>,
 }
 
 impl MemberSettings {
@@ -78,6 +81,7 @@ impl MemberSettings {
             solver: SolverConfig::default(),
             propose_timeout: Duration::from_secs(5),
             bootstrap: true,
+            live: None,
         }
     }
 }
@@ -291,6 +295,7 @@ pub async fn start(
         demand: Vec::new(),
         ticks: 0,
         last_leader: None,
+        started: Instant::now(),
     };
     for p in driver.peers.clone() {
         driver.ensure_sender(&p);
@@ -522,6 +527,7 @@ struct Driver {
     demand: Vec<(String, String, Demand)>,
     ticks: u64,
     last_leader: Option<u64>,
+    started: Instant,
 }
 
 impl Driver {
@@ -781,12 +787,36 @@ impl Driver {
             }
         }
         let demand_rps: f64 = self.demand.iter().map(|d| d.2.requests_per_s).sum();
-        if state.needs_replan(demand_rps, self.settings.replan_band) {
-            let next = state.plan_next(&self.demand, &self.settings.solver);
+        let down = self.down_members();
+        if state.needs_replan(demand_rps, self.settings.replan_band) || state.placement_uses(&down)
+        {
+            if !down.is_empty() {
+                tracing::info!(?down, "re-planning without members not heard from");
+            }
+            let next = state.plan_next_without(&self.demand, &self.settings.solver, &down);
             if let Err(e) = self.core.propose(&Command::CommitPlacement(next)) {
                 tracing::debug!("re-plan not proposed: {e}");
             }
         }
+    }
+
+    /// Members the overlay has not heard from (none until the overlay has
+    /// had time to hear everyone).
+    fn down_members(&self) -> std::collections::BTreeSet<u64> {
+        let Some(live) = &self.settings.live else {
+            return Default::default();
+        };
+        if self.started.elapsed() < super::overlay::NODE_TIMEOUT * 3 {
+            return Default::default();
+        }
+        let table = live.read().expect("routing table lock");
+        self.core
+            .state()
+            .members
+            .values()
+            .filter(|m| !table.nodes.contains_key(&m.name))
+            .map(|m| m.id)
+            .collect()
     }
 
     fn expire(&mut self) {

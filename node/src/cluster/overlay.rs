@@ -27,9 +27,9 @@ use tokio::sync::watch;
 use super::credentials::{verify_signature, NodeIdentity, Revoked};
 
 /// How often a node gossips its load.
-pub const REPORT_EVERY: Duration = Duration::from_millis(500);
+pub const REPORT_EVERY: Duration = Duration::from_millis(400);
 /// A node not heard from for this long leaves the routing table.
-pub const NODE_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const NODE_TIMEOUT: Duration = Duration::from_millis(1200);
 /// The gossip topic of load reports.
 pub const LOAD_TOPIC: &str = "weft/load/1";
 /// Largest gossip message accepted.
@@ -359,4 +359,35 @@ fn check(data: &[u8], identity: &NodeIdentity, revoked: &Revoked) -> Result<Load
         return Err(format!("a report for {:?} signed by {name:?}", r.node));
     }
     Ok(r)
+}
+
+/// Prometheus text for the overlay.
+pub fn render_metrics(table: &RwLock<RoutingTable>, m: &OverlayMetrics) -> String {
+    let nodes = table.read().expect("routing table lock").nodes.len();
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "weft_overlay_peers",
+            "connected overlay peers",
+            m.peers.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_overlay_nodes",
+            "nodes in the routing table (this one included)",
+            nodes as u64,
+        ),
+        (
+            "weft_overlay_reports_total",
+            "load reports accepted",
+            m.accepted.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_overlay_rejected_total",
+            "load reports rejected for bad or missing credentials",
+            m.rejected.load(Ordering::Relaxed),
+        ),
+    ] {
+        out += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+    }
+    out
 }

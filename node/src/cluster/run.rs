@@ -46,6 +46,34 @@ pub async fn run_node(
             cfg.node.name
         );
     }
+    let revoked = super::credentials::Revoked::default();
+    let overlay = match &cfg.overlay {
+        Some(o) => {
+            let settings = super::overlay::OverlaySettings {
+                listen: o
+                    .listen
+                    .parse()
+                    .with_context(|| format!("[overlay] listen {:?}", o.listen))?,
+                bootstrap: o
+                    .bootstrap
+                    .iter()
+                    .map(|a| {
+                        a.parse()
+                            .with_context(|| format!("[overlay] bootstrap {a:?}"))
+                    })
+                    .collect::<Result<_>>()?,
+                mdns: o.mdns,
+            };
+            let report = super::overlay::LoadReport {
+                site: cfg.node.site.clone(),
+                address: cfg.node.listen.to_string(),
+                tokens_per_s: cfg.node.tokens_per_s,
+                ..Default::default()
+            };
+            Some(super::overlay::start(settings, identity.clone(), revoked.clone(), report).await?)
+        }
+        None => None,
+    };
     let handle = match &cfg.coordinator {
         Some(c) => {
             let ca = match &c.ca_dir {
@@ -63,6 +91,7 @@ pub async fn run_node(
             );
             s.tick = Duration::from_millis(c.tick_ms.max(1));
             s.bootstrap = c.bootstrap;
+            s.live = overlay.as_ref().map(|o| o.table.clone());
             let h = member::start(s, identity.clone(), ca).await?;
             tracing::info!(id = c.id, addr = %h.local_addr, "coordinator member started");
             Some(h)
@@ -72,12 +101,22 @@ pub async fn run_node(
     let metrics = handle.as_ref().map(|h| h.metrics.clone());
     if let Some(addr) = cfg.node.metrics_addr {
         let m = metrics.clone();
+        let o = overlay
+            .as_ref()
+            .map(|o| (o.table.clone(), o.metrics.clone()));
         let app = axum::Router::new()
             .route(
                 "/metrics",
                 axum::routing::get(move || {
                     let m = m.clone();
-                    async move { m.map(|m| m.render()).unwrap_or_default() }
+                    let o = o.clone();
+                    async move {
+                        let mut out = m.map(|m| m.render()).unwrap_or_default();
+                        if let Some((table, om)) = o {
+                            out += &super::overlay::render_metrics(&table, &om);
+                        }
+                        out
+                    }
                 }),
             )
             .route("/healthz", axum::routing::get(|| async { "ok\n" }));
@@ -120,6 +159,9 @@ pub async fn run_node(
     };
     shutdown.await;
     register.abort();
+    if let Some(o) = overlay {
+        o.stop().await;
+    }
     if let Some(h) = handle {
         h.stop().await?;
     }
