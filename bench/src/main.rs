@@ -35,6 +35,8 @@ enum Command {
     /// The control plane on loopback: commit latency and throughput with
     /// three members, and the time to replace a stopped leader.
     Control(control::ControlArgs),
+    /// The gossip overlay: convergence and failure detection with many nodes.
+    Overlay(overlay::OverlayArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -98,6 +100,7 @@ fn main() -> Result<()> {
         Command::Api(a) => api::run(a),
         Command::Sim(a) => sim::run(a),
         Command::Control(a) => control::run(a),
+        Command::Overlay(a) => overlay::run(a),
     }
 }
 
@@ -155,6 +158,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
 
 mod api;
 mod control;
+mod overlay;
 use weft_bench::sim;
 
 fn peak_rss() -> u64 {
