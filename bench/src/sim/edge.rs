@@ -20,8 +20,8 @@ use weft_placement::{
     SiteKind, SolverConfig, Topology, WIRE_BYTES_PER_TOKEN,
 };
 
-use super::engine::{Job, Ms, Network, Policy, Sim, SimNode, View, Workload};
-use super::{exp, write_table, Common, Summary};
+use super::engine::{Job, Ms, Network, PoissonStreams, Policy, Sim, SimNode, View};
+use super::{write_table, Common, Summary};
 
 /// Gateways per edge site.
 pub const GATEWAYS_PER_SITE: usize = 2;
@@ -350,20 +350,21 @@ impl Streams {
     }
 }
 
-impl Workload for Streams {
-    fn initial(&mut self) -> Vec<(Ms, Job)> {
-        (0..self.streams.len())
-            .map(|s| {
-                let at = exp(&mut self.rng, 1.0 / self.streams[s].4);
-                self.job(s, at)
-            })
-            .collect()
+impl PoissonStreams for Streams {
+    fn streams(&self) -> usize {
+        self.streams.len()
     }
 
-    fn issued(&mut self, job: &Job, now: Ms) -> Option<(Ms, Job)> {
-        let s = job.agent?;
-        let at = now + exp(&mut self.rng, 1.0 / self.streams[s].4);
-        Some(self.job(s, at))
+    fn rate_per_ms(&self, s: usize) -> f64 {
+        self.streams[s].4
+    }
+
+    fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
+    fn job(&mut self, s: usize, at: Ms) -> (Ms, Job) {
+        Streams::job(self, s, at)
     }
 }
 

@@ -210,6 +210,39 @@ pub trait Workload {
     }
 }
 
+/// Open-loop sources: independent Poisson streams, each issuing its next
+/// request when the previous one is issued (Poisson agents add up to one
+/// Poisson stream, so a stream stands for many agents).
+pub trait PoissonStreams {
+    /// Number of streams.
+    fn streams(&self) -> usize;
+    /// Requests per ms of stream `s`.
+    fn rate_per_ms(&self, s: usize) -> f64;
+    /// The generator.
+    fn rng(&mut self) -> &mut StdRng;
+    /// A request of stream `s` issued at `at` (its `agent` is `Some(s)`).
+    fn job(&mut self, s: usize, at: Ms) -> (Ms, Job);
+}
+
+impl<T: PoissonStreams> Workload for T {
+    fn initial(&mut self) -> Vec<(Ms, Job)> {
+        (0..self.streams())
+            .map(|s| {
+                let rate = self.rate_per_ms(s);
+                let at = super::exp(self.rng(), 1.0 / rate);
+                self.job(s, at)
+            })
+            .collect()
+    }
+
+    fn issued(&mut self, job: &Job, now: Ms) -> Option<(Ms, Job)> {
+        let s = job.agent?;
+        let rate = self.rate_per_ms(s);
+        let at = now + super::exp(self.rng(), 1.0 / rate);
+        Some(self.job(s, at))
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Event {
     Issue(usize),
