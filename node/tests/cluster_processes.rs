@@ -336,9 +336,14 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
 
     // the killed member restarts from its disk and catches up
     c.spawn(leader);
-    let latest = after.state.epoch();
     let t = Instant::now();
-    while c.metric(leader, "weft_placement_epoch").await != Some(latest) {
+    loop {
+        // the leader may re-plan meanwhile (the killed member was down), so
+        // compare with the epoch now, not the one before the restart
+        let latest = status(&admin, &rest).await.state.epoch();
+        if c.metric(leader, "weft_placement_epoch").await == Some(latest) {
+            break;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(15),
             "restarted member stuck:\n{}",

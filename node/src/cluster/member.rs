@@ -939,6 +939,9 @@ impl Driver {
     }
 }
 
+/// How long a joining node keeps trying to reach a coordinator leader.
+pub const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Joins a cluster: sends `token` and a certificate request for `member`
 /// to the coordinator at `addr` (named `coordinator`), following a redirect
 /// to the leader once; returns the node's identity.
@@ -958,9 +961,22 @@ pub async fn join(
     };
     let ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))?;
     let config = transport::joiner_config(&claims.ca)?;
-    let mut target = (addr, coordinator.to_string());
-    for _ in 0..3 {
-        match transport::request(&ep, Some(config.clone()), target.0, &target.1, &req).await? {
+    let first = (addr, coordinator.to_string());
+    let mut target = first.clone();
+    // coordinators may still be electing a leader when a node starts
+    let deadline = Instant::now() + JOIN_PATIENCE;
+    while Instant::now() < deadline {
+        let reply =
+            match transport::request(&ep, Some(config.clone()), target.0, &target.1, &req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("join attempt at {}: {e}", target.0);
+                    target = first.clone();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+        match reply {
             Reply::Joined { cert_pem, ca_pem } => {
                 if super::credentials::fingerprint(
                     &rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes())
