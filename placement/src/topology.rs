@@ -297,6 +297,20 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// The path between two sites as the router takes it: round trip,
+    /// bandwidth, class, and the class's price per byte.
+    pub fn link_estimate(&self, a: SiteId, b: SiteId) -> crate::router::LinkEstimate {
+        let l = self.link(a, b);
+        crate::router::LinkEstimate {
+            rtt_ms: l.rtt_ms,
+            bandwidth_bytes_per_s: l.bandwidth_bytes_per_s,
+            class: l.class,
+            cost_per_byte: self.defaults.cost_per_byte(l.class),
+        }
+    }
+}
+
 fn ordered(a: SiteId, b: SiteId) -> (SiteId, SiteId) {
     if a <= b {
         (a, b)

@@ -15,9 +15,9 @@ use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use weft_placement::{
-    route, solve, Candidate, Criticality, Demand, Intent, LinkDefaults, LinkEstimate, ModelId,
-    ModelSpec, Node, NodeId, Placement, Replica, RouteRequest, RouterConfig, Shard, Site, SiteId,
-    SiteKind, SolverConfig, Topology, WIRE_BYTES_PER_TOKEN,
+    route, solve, Candidate, Criticality, Demand, Intent, LinkDefaults, ModelId, ModelSpec, Node,
+    NodeId, Placement, Replica, RouteRequest, RouterConfig, Shard, Site, SiteId, SiteKind,
+    SolverConfig, Topology, WIRE_BYTES_PER_TOKEN,
 };
 
 use super::engine::{Job, Ms, Network, PoissonStreams, Policy, Sim, SimNode, View};
@@ -398,15 +398,9 @@ impl Policy for Routed<'_> {
         }
         self.candidates.clear();
         for &n in heads {
-            let l = self.t.link(origin, self.t.nodes[n].site);
             self.candidates.push(Candidate {
                 state: view.node_state(n, true),
-                link: LinkEstimate {
-                    rtt_ms: l.rtt_ms,
-                    bandwidth_bytes_per_s: l.bandwidth_bytes_per_s,
-                    class: l.class,
-                    cost_per_byte: self.t.defaults.cost_per_byte(l.class),
-                },
+                link: self.t.link_estimate(origin, self.t.nodes[n].site),
             });
         }
         let req = RouteRequest {

@@ -332,15 +332,20 @@ impl Sim {
             seq += 1;
             heap.push(Timed { at, seq, event });
         };
-        let mut jobs: Vec<JobRun> = Vec::new();
-        for (at, job) in workload.initial() {
+        // a new request joins the job list and is issued at `at`
+        let new_job = |jobs: &mut Vec<JobRun>, job: Job| {
             jobs.push(JobRun {
                 job,
                 node: usize::MAX,
                 back_ms: 0.0,
                 started: 0.0,
             });
-            push(&mut heap, at, Event::Issue(jobs.len() - 1));
+            Event::Issue(jobs.len() - 1)
+        };
+        let mut jobs: Vec<JobRun> = Vec::new();
+        for (at, job) in workload.initial() {
+            let e = new_job(&mut jobs, job);
+            push(&mut heap, at, e);
         }
         push(&mut heap, 0.0, Event::Report);
         let mut runs: Vec<NodeRun> = (0..n)
@@ -393,13 +398,8 @@ impl Sim {
                 }
                 Event::Issue(j) => {
                     if let Some((at, next)) = workload.issued(&jobs[j].job, now) {
-                        jobs.push(JobRun {
-                            job: next,
-                            node: usize::MAX,
-                            back_ms: 0.0,
-                            started: 0.0,
-                        });
-                        push(&mut heap, at, Event::Issue(jobs.len() - 1));
+                        let e = new_job(&mut jobs, next);
+                        push(&mut heap, at, e);
                     }
                     let job = &jobs[j].job;
                     let view = View {
@@ -448,13 +448,8 @@ impl Sim {
                                 node: None,
                             });
                             if let Some((at, next)) = workload.next(&job, now) {
-                                jobs.push(JobRun {
-                                    job: next,
-                                    node: usize::MAX,
-                                    back_ms: 0.0,
-                                    started: 0.0,
-                                });
-                                push(&mut heap, at, Event::Issue(jobs.len() - 1));
+                                let e = new_job(&mut jobs, next);
+                                push(&mut heap, at, e);
                             }
                         }
                     }
@@ -508,13 +503,8 @@ impl Sim {
                         node: Some(node),
                     });
                     if let Some((at, next)) = workload.next(&job, now) {
-                        jobs.push(JobRun {
-                            job: next,
-                            node: usize::MAX,
-                            back_ms: 0.0,
-                            started: 0.0,
-                        });
-                        push(&mut heap, at, Event::Issue(jobs.len() - 1));
+                        let e = new_job(&mut jobs, next);
+                        push(&mut heap, at, e);
                     }
                 }
             }

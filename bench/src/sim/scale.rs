@@ -16,9 +16,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use weft_placement::{
-    route, solve, Candidate, Criticality, Demand, Intent, LinkDefaults, LinkEstimate, ModelId,
-    ModelSpec, Node, Placement, RouteRequest, RouterConfig, Site, SiteId, SiteKind, SolverConfig,
-    Topology, WIRE_BYTES_PER_TOKEN,
+    route, solve, Candidate, Criticality, Demand, Intent, LinkDefaults, ModelId, ModelSpec, Node,
+    Placement, RouteRequest, RouterConfig, Site, SiteId, SiteKind, SolverConfig, Topology,
+    WIRE_BYTES_PER_TOKEN,
 };
 
 use super::engine::{Job, Ms, Network, PoissonStreams, Policy, Sim, SimNode, View};
@@ -285,15 +285,9 @@ impl Policy for ScaleRouter<'_> {
         self.candidates.clear();
         let origin = SiteId(job.origin as u32);
         for &n in &self.picked {
-            let l = self.t.link(origin, self.t.nodes[n].site);
             self.candidates.push(Candidate {
                 state: view.node_state(n, true),
-                link: LinkEstimate {
-                    rtt_ms: l.rtt_ms,
-                    bandwidth_bytes_per_s: l.bandwidth_bytes_per_s,
-                    class: l.class,
-                    cost_per_byte: self.t.defaults.cost_per_byte(l.class),
-                },
+                link: self.t.link_estimate(origin, self.t.nodes[n].site),
             });
         }
         let req = RouteRequest {
