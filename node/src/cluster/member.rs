@@ -6,7 +6,7 @@
 //! events, and one sender task per peer keeps a connection and ships raft
 //! batches, reporting lost ones back so raft retries.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -288,7 +288,7 @@ pub async fn start(
         revoked,
         metrics: metrics.clone(),
         pending: HashMap::new(),
-        reads: VecDeque::new(),
+        reads: Vec::new(),
         revocations,
         revoked_synced_at: 0,
         next_ctx: 0,
@@ -504,6 +504,21 @@ enum Then {
     Joined { cert_pem: String, ca_pem: String },
 }
 
+/// A linearizable read in flight.
+struct Read {
+    ctx: Vec<u8>,
+    /// The commit index raft confirmed for it (none yet).
+    index: Option<u64>,
+    since: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// How long a read waits for raft to confirm leadership. Shorter than a
+/// caller's attempt, so the caller hears "retry" rather than silence: raft
+/// drops read requests it cannot serve (a new leader that has not yet
+/// committed in its term, a leader losing its quorum).
+const READ_TIMEOUT: Duration = Duration::from_millis(700);
+
 struct Driver {
     core: Coordinator,
     /// Every coordinator this member knows (configured and added).
@@ -517,8 +532,9 @@ struct Driver {
     metrics: Arc<ControlMetrics>,
     senders: HashMap<u64, mpsc::Sender<Vec<Message>>>,
     pending: HashMap<Vec<u8>, Pending>,
-    /// Reads waiting for their index to be applied: (index, reply).
-    reads: VecDeque<(Vec<u8>, Option<u64>, oneshot::Sender<Reply>)>,
+    /// Reads waiting for raft to confirm their index, then for that index
+    /// to be applied.
+    reads: Vec<Read>,
     /// Bumped when the revocation list changes, so connections re-check.
     revocations: watch::Sender<u64>,
     /// Applied index when the revocation list was last copied (0: never).
@@ -731,7 +747,12 @@ impl Driver {
                 }
                 let ctx = self.ctx();
                 self.core.read_index(ctx.clone());
-                self.reads.push_back((ctx, None, reply));
+                self.reads.push(Read {
+                    ctx,
+                    index: None,
+                    since: Instant::now(),
+                    reply,
+                });
             }
             Request::Join {
                 token,
@@ -834,11 +855,20 @@ impl Driver {
                 });
             }
         }
-        // reads whose leadership lapsed
+        // reads whose leadership lapsed, or that raft never confirmed
         if !self.core.is_leader() {
-            while let Some((_, _, r)) = self.reads.pop_front() {
-                let _ = r.send(self.not_leader());
+            for r in std::mem::take(&mut self.reads) {
+                let _ = r.reply.send(self.not_leader());
             }
+        }
+        let (late, waiting): (Vec<Read>, Vec<Read>) = std::mem::take(&mut self.reads)
+            .into_iter()
+            .partition(|r| r.index.is_none() && r.since.elapsed() > READ_TIMEOUT);
+        self.reads = waiting;
+        for r in late {
+            let _ = r.reply.send(Reply::Error {
+                message: "leadership not confirmed in time; retry".into(),
+            });
         }
     }
 
@@ -881,17 +911,17 @@ impl Driver {
             }
         }
         for (ctx, index) in out.reads {
-            if let Some(r) = self.reads.iter_mut().find(|r| r.0 == ctx) {
-                r.1 = Some(index);
+            if let Some(r) = self.reads.iter_mut().find(|r| r.ctx == ctx) {
+                r.index = Some(index);
             }
         }
         let applied = self.core.state().applied_index;
-        while let Some((_, Some(index), _)) = self.reads.front() {
-            if *index > applied {
-                break;
-            }
-            let (_, _, reply) = self.reads.pop_front().expect("front exists");
-            let _ = reply.send(Reply::Status(Box::new(self.status())));
+        let (ready, waiting): (Vec<Read>, Vec<Read>) = std::mem::take(&mut self.reads)
+            .into_iter()
+            .partition(|r| r.index.is_some_and(|i| i <= applied));
+        self.reads = waiting;
+        for r in ready {
+            let _ = r.reply.send(Reply::Status(Box::new(self.status())));
         }
         if out.applied.iter().any(|a| a.command.is_none()) || out.installed_snapshot.is_some() {
             self.reconcile_coordinators();
