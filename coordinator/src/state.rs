@@ -161,6 +161,57 @@ pub struct ControlState {
 /// Committed epochs remembered in [`ControlState::history`].
 pub const EPOCH_HISTORY: usize = 1024;
 
+/// One thing a member is assigned in an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    /// The model's name.
+    pub model: String,
+    /// The layers it runs.
+    pub layers: std::ops::Range<u32>,
+    /// Whether it is the whole model (a replica of one shard).
+    pub whole: bool,
+}
+
+impl std::fmt::Display for Holding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}[{}..{})",
+            self.model, self.layers.start, self.layers.end
+        )
+    }
+}
+
+impl PlacementEpoch {
+    /// What member `id` runs in this epoch, each model's shards in layer
+    /// order (a member may hold several replicas' shards of one model).
+    pub fn held_by(&self, id: u64) -> Vec<Holding> {
+        let Some(idx) = self.members.iter().position(|&m| m == id) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Holding> = self
+            .placement
+            .replicas
+            .iter()
+            .flat_map(|r| {
+                let whole = r.shards.len() == 1;
+                r.shards.iter().map(move |sh| (r.model, sh, whole))
+            })
+            .filter(|(_, sh, _)| sh.node.0 as usize == idx)
+            .filter_map(|(model, sh, whole)| {
+                Some(Holding {
+                    model: self.models.get(model.0 as usize)?.clone(),
+                    layers: sh.layers.clone(),
+                    whole,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.model, a.layers.start).cmp(&(&b.model, b.layers.start)));
+        out.dedup();
+        out
+    }
+}
+
 impl ControlState {
     /// Records a change of the voting coordinators.
     pub fn apply_voter_change(&mut self, id: u64, add: bool, record: Option<CoordinatorRecord>) {

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -91,48 +91,110 @@ struct TenantUse {
 }
 
 /// Everything the handlers share.
-pub struct AppState {
-    /// The node's settings.
-    pub cfg: NodeConfig,
-    /// The served model's id (its file stem).
+pub struct Served {
+    /// The model's id (what requests name).
     pub model_id: String,
     /// Its tokenizer.
     pub tokenizer: Arc<Tokenizer>,
-    /// The worker.
+    /// Its worker.
     pub supervisor: Supervisor,
+}
+
+/// What the API serves: the node's settings, the models it holds now (a
+/// cluster node adds and drops them as placement epochs change), metrics
+/// and tenants' use.
+pub struct AppState {
+    /// The node's settings.
+    pub cfg: NodeConfig,
     /// Metrics.
     pub metrics: Metrics,
+    /// Held models, the first one answering for `default`.
+    models: RwLock<Vec<Arc<Served>>>,
     tenants: Mutex<HashMap<String, TenantUse>>,
 }
 
 impl AppState {
-    /// Shared state for the router.
+    /// Shared state for the router, serving one model.
     pub fn new(
         cfg: NodeConfig,
         model_id: String,
         tokenizer: Arc<Tokenizer>,
         supervisor: Supervisor,
     ) -> Arc<Self> {
-        Arc::new(Self {
-            cfg,
+        let s = Self::empty(cfg);
+        s.hold(Served {
             model_id,
             tokenizer,
             supervisor,
+        });
+        s
+    }
+
+    /// Shared state for the router, serving nothing yet.
+    pub fn empty(cfg: NodeConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
             metrics: Metrics::default(),
+            models: RwLock::default(),
             tenants: Mutex::default(),
         })
     }
 
-    fn gauges(&self) -> Gauges {
-        let s = self.supervisor.stats();
-        Gauges {
-            queue_depth: s.waiting,
-            inflight: self.supervisor.inflight(),
-            kv_used: s.kv_used,
-            kv_total: s.kv_total,
-            worker_restarts: self.supervisor.restarts(),
-            ready: self.supervisor.is_ready(),
+    /// Serves `m` too (replacing a model of the same id).
+    pub fn hold(&self, m: Served) {
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        models.retain(|h| h.model_id != m.model_id);
+        models.push(Arc::new(m));
+    }
+
+    /// Stops serving `model_id`; requests already running finish. Returns
+    /// what was dropped.
+    pub fn drop_model(&self, model_id: &str) -> Option<Arc<Served>> {
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        let i = models.iter().position(|h| h.model_id == model_id)?;
+        Some(models.remove(i))
+    }
+
+    /// The models served now.
+    pub fn held(&self) -> Vec<Arc<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The model a request names (`default`: the first one held).
+    fn find(&self, name: &str) -> Option<Arc<Served>> {
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        if name == "default" {
+            return models.first().cloned();
         }
+        models.iter().find(|m| m.model_id == name).cloned()
+    }
+
+    /// The metrics label of a request that never reached a model.
+    fn any_model_id(&self) -> String {
+        self.find("default")
+            .map_or_else(|| "none".to_string(), |m| m.model_id.clone())
+    }
+
+    /// Load of all held models together.
+    pub fn gauges(&self) -> Gauges {
+        let held = self.held();
+        let mut g = Gauges {
+            ready: !held.is_empty(),
+            ..Default::default()
+        };
+        for m in &held {
+            let s = m.supervisor.stats();
+            g.queue_depth += s.waiting;
+            g.inflight += m.supervisor.inflight();
+            g.kv_used += s.kv_used;
+            g.kv_total += s.kv_total;
+            g.worker_restarts += m.supervisor.restarts();
+            g.ready &= m.supervisor.is_ready();
+        }
+        g
     }
 }
 
@@ -155,19 +217,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Ready when at least one model is held and every held model's worker
+/// serves. Shows the first model's worker (and every model's id).
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    let worker = match s.supervisor.confinement() {
-        Some((c, reached)) => {
-            json!({"pid": s.supervisor.worker_pid(), "confinement": c, "reached_node": reached, "restarts": s.supervisor.restarts()})
-        }
-        None => json!({"pid": s.supervisor.worker_pid(), "restarts": s.supervisor.restarts()}),
+    let held = s.held();
+    let Some(first) = held.first() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "why": "no model is held yet", "models": []})),
+        )
+            .into_response();
     };
-    if s.supervisor.is_ready() {
-        Json(json!({"status": "ready", "model": s.model_id, "worker": worker})).into_response()
+    let sup = &first.supervisor;
+    let worker = match sup.confinement() {
+        Some((c, reached)) => {
+            json!({"pid": sup.worker_pid(), "confinement": c, "reached_node": reached, "restarts": sup.restarts()})
+        }
+        None => json!({"pid": sup.worker_pid(), "restarts": sup.restarts()}),
+    };
+    let ids: Vec<&str> = held.iter().map(|m| m.model_id.as_str()).collect();
+    if held.iter().all(|m| m.supervisor.is_ready()) {
+        Json(json!({"status": "ready", "model": first.model_id, "models": ids, "worker": worker}))
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "worker": worker})),
+            Json(json!({"status": "not ready", "models": ids, "worker": worker})),
         )
             .into_response()
     }
@@ -188,7 +263,7 @@ async fn models(
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&s, &headers)?;
     Ok(Json(
-        json!({"object": "list", "data": [{"id": s.model_id, "object": "model", "created": 0, "owned_by": "weft"}]}),
+        json!({"object": "list", "data": s.held().iter().map(|m| json!({"id": m.model_id, "object": "model", "created": 0, "owned_by": "weft"})).collect::<Vec<_>>()}),
     ))
 }
 
@@ -319,6 +394,7 @@ struct Job {
     deadline: Option<Instant>,
     stream: bool,
     include_usage: bool,
+    model: Arc<Served>,
 }
 
 async fn read_body<T: for<'de> Deserialize<'de>>(
@@ -361,24 +437,37 @@ fn header_str<'a>(h: &'a HeaderMap, k: &str) -> Option<&'a str> {
     h.get(k).and_then(|v| v.to_str().ok())
 }
 
-/// Turns the common fields into sampling parameters and intent.
-fn prepare(
-    s: &AppState,
-    c: &Common,
-    headers: &HeaderMap,
-) -> Result<(SamplingParams, Criticality, Option<Instant>), ApiError> {
-    if c.model != s.model_id && c.model != "default" {
+/// What `prepare` makes of a request's common fields.
+struct Prepared {
+    params: SamplingParams,
+    intent: (Criticality, Option<Instant>),
+    model: Arc<Served>,
+}
+
+/// Turns the common fields into the model, sampling parameters and intent.
+fn prepare(s: &AppState, c: &Common, headers: &HeaderMap) -> Result<Prepared, ApiError> {
+    let Some(model) = s.find(&c.model) else {
+        let held: Vec<String> = s
+            .held()
+            .iter()
+            .map(|m| format!("`{}`", m.model_id))
+            .collect();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             format!(
-                "The model `{}` does not exist (this node serves `{}`).",
-                c.model, s.model_id
+                "The model `{}` does not exist (this node serves {}).",
+                c.model,
+                if held.is_empty() {
+                    "no model yet".to_string()
+                } else {
+                    held.join(", ")
+                }
             ),
         )
         .param("model")
         .code("model_not_found"));
-    }
+    };
     if c.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad("only n = 1 is supported").param("n"));
     }
@@ -451,16 +540,19 @@ fn prepare(
         presence_penalty: c.presence_penalty.unwrap_or(0.0),
         seed: c.seed,
         max_tokens: max_tokens as usize,
-        stop_tokens: s.tokenizer.stop_tokens(),
+        stop_tokens: model.tokenizer.stop_tokens(),
         stop_strings,
         logprobs: false,
         top_logprobs: 0,
     };
-    Ok((
+    Ok(Prepared {
         params,
-        criticality,
-        deadline_ms.map(|d| Instant::now() + Duration::from_millis(d)),
-    ))
+        intent: (
+            criticality,
+            deadline_ms.map(|d| Instant::now() + Duration::from_millis(d)),
+        ),
+        model,
+    })
 }
 
 fn check_prompt(s: &AppState, prompt: &[u32]) -> Result<(), ApiError> {
@@ -480,8 +572,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
     let r = async {
         let tenant = authenticate(&s, &headers)?;
         let body: CompletionBody = read_body(&s, req).await?;
-        let (params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
-        let intent = (criticality, deadline);
+        let prepared = prepare(&s, &body.common, &headers)?;
         let text = match body.prompt {
             PromptField::Text(t) => t,
             PromptField::Texts(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
@@ -492,14 +583,13 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
             }
         };
         let logprobs = body.logprobs.map(|n| (n, "logprobs"));
-        let prompt = s.tokenizer.encode(&text, true, false);
+        let prompt = prepared.model.tokenizer.encode(&text, true, false);
         job(
             &s,
             Kind::Completion,
             tenant,
             prompt,
-            params,
-            intent,
+            prepared,
             &body.common,
             logprobs,
         )
@@ -512,8 +602,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
     let r = async {
         let tenant = authenticate(&s, &headers)?;
         let body: ChatBody = read_body(&s, req).await?;
-        let (params, criticality, deadline) = prepare(&s, &body.common, &headers)?;
-        let intent = (criticality, deadline);
+        let prepared = prepare(&s, &body.common, &headers)?;
         if body.messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty").param("messages"));
         }
@@ -551,14 +640,13 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         let logprobs = body
             .logprobs
             .then(|| (body.top_logprobs.unwrap_or(0), "top_logprobs"));
-        let prompt = s.tokenizer.encode_chat(&messages);
+        let prompt = prepared.model.tokenizer.encode_chat(&messages);
         job(
             &s,
             Kind::Chat,
             tenant,
             prompt,
-            params,
-            intent,
+            prepared,
             &body.common,
             logprobs,
         )
@@ -569,14 +657,16 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
 
 /// The last checks common to both endpoints: log-probabilities (`(alternatives,
 /// field name)` when asked), the prompt's length; then the job.
-#[allow(clippy::too_many_arguments)]
 fn job(
     s: &AppState,
     kind: Kind,
     tenant: String,
     prompt: Vec<u32>,
-    mut params: SamplingParams,
-    (criticality, deadline): (Criticality, Option<Instant>),
+    Prepared {
+        mut params,
+        intent: (criticality, deadline),
+        model,
+    }: Prepared,
     common: &Common,
     logprobs: Option<(u32, &'static str)>,
 ) -> Result<Job, ApiError> {
@@ -602,6 +692,7 @@ fn job(
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage),
+        model,
     })
 }
 
@@ -609,6 +700,7 @@ fn job(
 /// dropped (the client went away, or the handler ended early).
 struct Ticket {
     state: Arc<AppState>,
+    model: Arc<Served>,
     tenant: String,
     id: Option<u64>,
     finished: bool,
@@ -617,7 +709,7 @@ struct Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let (Some(id), false) = (self.id, self.finished) {
-            self.state.supervisor.cancel(id);
+            self.model.supervisor.cancel(id);
         }
         let mut t = self.state.tenants.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(u) = t.get_mut(&self.tenant) {
@@ -635,7 +727,8 @@ fn too_many(message: impl Into<String>) -> ApiError {
 
 /// Tenant limits and overload shedding; on success the caller holds a slot.
 fn admit(s: &Arc<AppState>, job: &Job) -> Result<Ticket, ApiError> {
-    if !s.supervisor.is_ready() {
+    let sup = &job.model.supervisor;
+    if !sup.is_ready() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -643,10 +736,10 @@ fn admit(s: &Arc<AppState>, job: &Job) -> Result<Ticket, ApiError> {
         ));
     }
     // requests handed to the worker but not yet seen running count as waiting
-    let stats = s.supervisor.stats();
+    let stats = sup.stats();
     let waiting = stats
         .waiting
-        .max(s.supervisor.inflight().saturating_sub(stats.running));
+        .max(sup.inflight().saturating_sub(stats.running));
     AdmissionPolicy {
         max_queue: s.cfg.max_queue,
     }
@@ -684,6 +777,7 @@ fn admit(s: &Arc<AppState>, job: &Job) -> Result<Ticket, ApiError> {
     u.concurrent += 1;
     Ok(Ticket {
         state: s.clone(),
+        model: job.model.clone(),
         tenant: job.tenant.clone(),
         id: None,
         finished: false,
@@ -704,7 +798,8 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
     let job = match job {
         Ok(j) => j,
         Err(e) => {
-            s.metrics.request(&s.model_id, e.status.as_u16(), "unknown");
+            s.metrics
+                .request(&s.any_model_id(), e.status.as_u16(), "unknown");
             return e.into_response();
         }
     };
@@ -712,19 +807,20 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
     let mut ticket = match admit(&s, &job) {
         Ok(t) => t,
         Err(e) => {
-            s.metrics.request(&s.model_id, e.status.as_u16(), crit);
+            s.metrics
+                .request(&job.model.model_id, e.status.as_u16(), crit);
             return e.into_response();
         }
     };
     let prompt_tokens = job.prompt.len();
-    let (id, rx) = match s.supervisor.submit(
+    let (id, rx) = match job.model.supervisor.submit(
         job.prompt.clone(),
         job.params.clone(),
         job.criticality.priority(),
     ) {
         Ok(x) => x,
         Err(SubmitError::NotReady) => {
-            s.metrics.request(&s.model_id, 503, crit);
+            s.metrics.request(&job.model.model_id, 503, crit);
             return ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -746,7 +842,7 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        model: s.model_id.clone(),
+        model: job.model.model_id.clone(),
         kind: job.kind,
         prompt_tokens,
     };
@@ -851,7 +947,8 @@ async fn whole_response(
         let u = match next_update(&mut rx, job.deadline).await {
             Ok(u) => u,
             Err(e) => {
-                s.metrics.request(&s.model_id, e.status.as_u16(), crit);
+                s.metrics
+                    .request(&job.model.model_id, e.status.as_u16(), crit);
                 return e.into_response();
             }
         };
@@ -876,12 +973,12 @@ async fn whole_response(
             }
             Some(Update::Rejected(reason)) => {
                 ticket.finished = true;
-                s.metrics.request(&s.model_id, 400, crit);
+                s.metrics.request(&job.model.model_id, 400, crit);
                 return ApiError::bad(reason).into_response();
             }
             Some(Update::WorkerLost) | None => {
                 ticket.finished = true;
-                s.metrics.request(&s.model_id, 503, crit);
+                s.metrics.request(&job.model.model_id, 503, crit);
                 return worker_lost().into_response();
             }
         }
@@ -890,7 +987,7 @@ async fn whole_response(
     s.metrics.tokens(tokens as u64);
     record_tokens(&s, &job.tenant, tokens as u64);
     if let FinishReason::Error(msg) = &finish {
-        s.metrics.request(&s.model_id, 500, crit);
+        s.metrics.request(&job.model.model_id, 500, crit);
         return ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -898,18 +995,18 @@ async fn whole_response(
         )
         .into_response();
     }
-    s.metrics.request(&s.model_id, 200, crit);
+    s.metrics.request(&job.model.model_id, 200, crit);
     let choice = match meta.kind {
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": if job.params.logprobs { json!({"content": lps.iter().map(|l| chat_logprob(&s.tokenizer, l)).collect::<Vec<_>>()}) } else { Value::Null },
+            "logprobs": if job.params.logprobs { json!({"content": lps.iter().map(|l| chat_logprob(&job.model.tokenizer, l)).collect::<Vec<_>>()}) } else { Value::Null },
             "finish_reason": finish_str(&finish),
         }),
         Kind::Completion => json!({
             "index": 0,
             "text": text,
-            "logprobs": if job.params.logprobs { completion_logprobs(&s.tokenizer, &lps) } else { Value::Null },
+            "logprobs": if job.params.logprobs { completion_logprobs(&job.model.tokenizer, &lps) } else { Value::Null },
             "finish_reason": finish_str(&finish),
         }),
     };
@@ -1002,13 +1099,13 @@ fn stream_response(
                             Kind::Chat => json!({
                                 "index": 0,
                                 "delta": if text.is_empty() { json!({}) } else { json!({"content": text}) },
-                                "logprobs": logprob.map(|l| json!({"content": [chat_logprob(&s.tokenizer, &l)]})),
+                                "logprobs": logprob.map(|l| json!({"content": [chat_logprob(&job.model.tokenizer, &l)]})),
                                 "finish_reason": fin,
                             }),
                             Kind::Completion => json!({
                                 "index": 0,
                                 "text": text,
-                                "logprobs": logprob.map(|l| completion_logprobs(&s.tokenizer, &[l])),
+                                "logprobs": logprob.map(|l| completion_logprobs(&job.model.tokenizer, &[l])),
                                 "finish_reason": fin,
                             }),
                         };
@@ -1043,7 +1140,7 @@ fn stream_response(
         }
         s.metrics.tokens(tokens as u64);
         record_tokens(&s, &job.tenant, tokens as u64);
-        s.metrics.request(&s.model_id, status, crit);
+        s.metrics.request(&job.model.model_id, status, crit);
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         drop(ticket);
     });

@@ -106,6 +106,11 @@ impl Metrics {
         self.with(|m| m.generated_tokens += n);
     }
 
+    /// Tokens generated so far.
+    pub fn generated_tokens(&self) -> u64 {
+        self.with(|m| m.generated_tokens)
+    }
+
     /// The exposition text.
     pub fn render(&self, g: Gauges) -> String {
         let mut out = String::new();

@@ -78,6 +78,46 @@ async fn shutdown_signal() {
     }
 }
 
+/// Starts a worker for the model file at `model` with `cfg`'s engine
+/// settings.
+pub fn start_worker(cfg: &NodeConfig, model: PathBuf, probe: Option<String>) -> Supervisor {
+    Supervisor::start(WorkerSpec {
+        exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("weft")),
+        model,
+        threads: cfg.threads,
+        kv_budget: cfg.kv_budget,
+        max_context: cfg.max_context,
+        max_running: cfg.max_running,
+        sandbox: cfg.sandbox,
+        probe,
+    })
+}
+
+/// Serves `state`'s API on `listener` until `stop` turns true, then lets
+/// in-flight requests finish within the grace period; requests still
+/// running after it end with an error event when `on_grace_over` stops
+/// their workers.
+pub async fn serve_api(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    on_grace_over: impl FnOnce(),
+) {
+    let grace = Duration::from_secs(state.cfg.grace_s);
+    let max_conn = state.cfg.max_connections;
+    let header_timeout = Duration::from_secs(state.cfg.read_timeout_s);
+    let app = router(state);
+    let graceful = accept_loop(listener, max_conn, header_timeout, app, stop).await;
+    // the listener is closed; in-flight requests get the grace period
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(grace, &mut drained).await.is_err() {
+        tracing::warn!("grace period over: cancelling the requests still running");
+        on_grace_over();
+        let _ = tokio::time::timeout(FINAL_CLOSE, &mut drained).await;
+    }
+}
+
 /// Runs a node until SIGTERM or SIGINT.
 pub async fn up(cfg: NodeConfig) -> Result<()> {
     let addr = cfg.validate()?;
@@ -101,22 +141,9 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let bound = listener.local_addr()?;
-    let supervisor = Supervisor::start(WorkerSpec {
-        exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("weft")),
-        model: stored.path.clone(),
-        threads: cfg.threads,
-        kv_budget: cfg.kv_budget,
-        max_context: cfg.max_context,
-        max_running: cfg.max_running,
-        sandbox: cfg.sandbox,
-        probe: Some(bound.to_string()),
-    });
+    let supervisor = start_worker(&cfg, stored.path.clone(), Some(bound.to_string()));
     let model_id = source.model_id();
-    let grace = Duration::from_secs(cfg.grace_s);
-    let max_conn = cfg.max_connections;
-    let read_timeout_s = cfg.read_timeout_s;
     let state = AppState::new(cfg, model_id.clone(), tokenizer, supervisor.clone());
-    let app = router(state);
     println!("weft serving {model_id} on http://{bound}  (ready at http://{bound}/readyz once the model is loaded)");
     println!(
         "try:\n  curl http://{bound}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'"
@@ -128,17 +155,8 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
-    let header_timeout = Duration::from_secs(read_timeout_s);
-    let graceful = accept_loop(listener, max_conn, header_timeout, app, stop_rx).await;
-    // the listener is closed; in-flight requests get the grace period, then
-    // stopping the worker ends the rest with an error event each
-    let drained = graceful.shutdown();
-    tokio::pin!(drained);
-    if tokio::time::timeout(grace, &mut drained).await.is_err() {
-        tracing::warn!("grace period over: cancelling the requests still running");
-        supervisor.shutdown();
-        let _ = tokio::time::timeout(FINAL_CLOSE, &mut drained).await;
-    }
+    let s = supervisor.clone();
+    serve_api(listener, state, stop_rx, move || s.shutdown()).await;
     supervisor.shutdown();
     Ok(())
 }

@@ -27,6 +27,10 @@
 //! bootstrap = ["/ip4/10.0.0.1/udp/7300/quic-v1"]
 //! mdns = true
 //!
+//! [serve]                           # optional: serve what the placement assigns
+//! addr = "0.0.0.0:8080"             # the OpenAI-compatible API (as `weft up`)
+//! threads = 0                       # any `weft up` setting but `model`
+//!
 //! [join]                            # on other nodes, until they hold an identity
 //! token = "weft1...."
 //! coordinators = [ { id = 1, name = "coord-1", addr = "10.0.0.1:7100" } ]
@@ -55,6 +59,10 @@ pub struct ClusterConfig {
     pub join: Option<JoinSection>,
     /// The gossip overlay (load reports, failure detection); off if absent.
     pub overlay: Option<OverlaySection>,
+    /// Serving: the API and engine settings (as `weft up` takes them; the
+    /// models are the ones the placement assigns). Absent: this node holds
+    /// no models (a coordinator only).
+    pub serve: Option<crate::config::NodeConfig>,
 }
 
 /// `[overlay]`.
@@ -166,6 +174,9 @@ impl ClusterConfig {
 
     fn check(&self) -> Result<()> {
         check_name(&self.node.name)?;
+        if let Some(serve) = &self.serve {
+            serve.validate().context("[serve]")?;
+        }
         if self.node.memory_bytes == 0
             || !self.node.tokens_per_s.is_finite()
             || self.node.tokens_per_s <= 0.0

@@ -948,6 +948,25 @@ impl Driver {
             commit: self.core.commit_index(),
             voters: self.core.voters(),
             state: self.core.state().clone(),
+            load: self
+                .settings
+                .live
+                .as_ref()
+                .map(|t| {
+                    let t = t.read().expect("routing table lock");
+                    t.nodes
+                        .iter()
+                        .map(|(name, e)| {
+                            let live = super::transport::LiveLoad {
+                                report: e.report.clone(),
+                                age_ms: e.seen.elapsed().as_millis() as u64,
+                                rtt_ms: t.rtt_to(name).map(|d| d.as_secs_f64() * 1e3),
+                            };
+                            (name.clone(), live)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 

@@ -7,11 +7,13 @@
 //! - [`config`]: `weft node --config`: a node's place in the cluster.
 //! - [`run`]: `weft node` and `weft status`.
 //! - [`models`]: a model's shape for placement, read from its GGUF file.
+//! - [`holdings`]: loading what the placement assigns, serving it.
 //! - [`overlay`]: libp2p gossip of signed load reports, the routing table,
 //!   failure detection, RTT samples, mDNS and bootstrap peers.
 
 pub mod config;
 pub mod credentials;
+pub mod holdings;
 pub mod member;
 pub mod models;
 pub mod overlay;

@@ -157,7 +157,27 @@ pub async fn run_node(
             }
         })
     };
-    shutdown.await;
+    match &cfg.serve {
+        Some(serve) => {
+            let me = cfg.member();
+            let base = super::overlay::LoadReport {
+                site: cfg.node.site.clone(),
+                address: cfg.node.listen.to_string(),
+                ..Default::default()
+            };
+            hold_and_serve(
+                serve.clone(),
+                me.id,
+                base,
+                Caller::new(&identity)?,
+                cfg.coordinators(),
+                overlay.as_ref(),
+                shutdown,
+            )
+            .await?;
+        }
+        None => shutdown.await,
+    }
     register.abort();
     if let Some(o) = overlay {
         o.stop().await;
@@ -165,6 +185,76 @@ pub async fn run_node(
     if let Some(h) = handle {
         h.stop().await?;
     }
+    Ok(())
+}
+
+/// Serves the API and holds what the placement assigns to member `me`
+/// until `shutdown` resolves; gossips the node's live load if the overlay
+/// runs. Cut off from the coordinators, it keeps serving what it holds.
+async fn hold_and_serve(
+    serve: crate::config::NodeConfig,
+    me: u64,
+    base: super::overlay::LoadReport,
+    caller: Caller,
+    coordinators: Vec<member::Peer>,
+    overlay: Option<&super::overlay::Overlay>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    use super::holdings::{Holder, WATCH_EVERY};
+    let addr = serve.validate()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("[serve] cannot listen on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving the API for the models this node is assigned");
+    let app = crate::api::AppState::empty(serve);
+    let mut holder = Holder::new(
+        app.clone(),
+        me,
+        crate::model_store::ModelStore::default_location(),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api = tokio::spawn(crate::serve::serve_api(
+        listener,
+        app.clone(),
+        stop_rx,
+        || {},
+    ));
+    let mut watch = tokio::time::interval(WATCH_EVERY);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report = tokio::time::interval(super::overlay::REPORT_EVERY);
+    let mut cut_off = false;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = watch.tick() => {
+                match caller.ask(&coordinators, &Request::Status, WATCH_EVERY * 3).await {
+                    Ok(Reply::Status(s)) => {
+                        if cut_off {
+                            tracing::info!("coordinators reachable again");
+                            cut_off = false;
+                        }
+                        holder.apply(&s.state).await;
+                    }
+                    Ok(other) => tracing::warn!("unexpected answer to a status read: {other:?}"),
+                    Err(e) => {
+                        if !cut_off {
+                            tracing::warn!("coordinators unreachable; serving what this node holds: {e}");
+                            cut_off = true;
+                        }
+                    }
+                }
+            }
+            _ = report.tick() => {
+                if let Some(o) = overlay {
+                    o.set_report(holder.report(&base));
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = api.await;
+    holder.shutdown();
     Ok(())
 }
 
@@ -202,33 +292,44 @@ pub fn status_table(s: &StatusReport) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<20} {:<12} {:<6} {:>10} {:>10} {:>6}  HOLDS",
-        "MEMBER", "SITE", "KIND", "MEMORY", "TOKENS/S", "SLOTS"
+        "{:<20} {:<12} {:<6} {:>7} {:>10} {:>6} {:>6} {:>6} {:>8} {:>9} {:>7}  HOLDS",
+        "MEMBER",
+        "SITE",
+        "KIND",
+        "MEMORY",
+        "CAPACITY",
+        "SLOTS",
+        "QUEUE",
+        "RUN",
+        "TOK/S",
+        "FREE-KV",
+        "SEEN"
     );
     let placement = s.state.placement.as_ref();
     for m in s.state.members.values() {
         let holds: Vec<String> = placement
-            .map(|p| {
-                let idx = p.members.iter().position(|&id| id == m.id);
-                p.placement
-                    .replicas
-                    .iter()
-                    .flat_map(|r| r.shards.iter().map(move |sh| (r.model, sh)))
-                    .filter(|(_, sh)| Some(sh.node.0 as usize) == idx)
-                    .map(|(model, sh)| {
-                        format!(
-                            "{}[{}..{})",
-                            p.models.get(model.0 as usize).map_or("?", String::as_str),
-                            sh.layers.start,
-                            sh.layers.end
-                        )
-                    })
-                    .collect()
-            })
+            .map(|p| p.held_by(m.id).iter().map(|h| h.to_string()).collect())
             .unwrap_or_default();
+        let live = s.load.get(&m.name);
+        let (queue, running, rate, free, seen) = match live {
+            Some(l) => (
+                l.report.queue_depth.to_string(),
+                l.report.running.to_string(),
+                format!("{:.1}", l.report.tokens_per_s),
+                l.report.free_kv_tokens.to_string(),
+                format!("{:.1}s", l.age_ms as f64 / 1e3),
+            ),
+            None => (
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "never".into(),
+            ),
+        };
         let _ = writeln!(
             out,
-            "{:<20} {:<12} {:<6} {:>9}G {:>10.0} {:>6}  {}",
+            "{:<20} {:<12} {:<6} {:>6}G {:>10.0} {:>6} {:>6} {:>6} {:>8} {:>9} {:>7}  {}",
             m.name,
             m.site,
             match m.kind {
@@ -238,10 +339,23 @@ pub fn status_table(s: &StatusReport) -> String {
             m.memory_bytes >> 30,
             m.tokens_per_s,
             m.slots,
-            if holds.is_empty() {
-                "-".to_string()
-            } else {
-                holds.join(" ")
+            queue,
+            running,
+            rate,
+            free,
+            seen,
+            {
+                let planned = if holds.is_empty() {
+                    "-".to_string()
+                } else {
+                    holds.join(" ")
+                };
+                match live {
+                    Some(l) if l.report.models != holds => {
+                        format!("{planned}  (loaded: {})", l.report.models.join(" "))
+                    }
+                    _ => planned,
+                }
             }
         );
     }

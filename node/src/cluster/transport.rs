@@ -5,6 +5,7 @@
 //! and one reply each. Every frame is a 4-byte big-endian length and a body;
 //! bodies over [`MAX_FRAME`] are refused.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +138,21 @@ pub struct StatusReport {
     pub voters: Vec<u64>,
     /// The replicated state.
     pub state: ControlState,
+    /// Live load of the nodes the answering coordinator hears on the
+    /// overlay, by node name (empty without an overlay).
+    #[serde(default)]
+    pub load: BTreeMap<String, LiveLoad>,
+}
+
+/// A node's latest load report, as a coordinator heard it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveLoad {
+    /// The report.
+    pub report: super::overlay::LoadReport,
+    /// How long ago it arrived (ms).
+    pub age_ms: u64,
+    /// Round trip from the coordinator (ms), if measured.
+    pub rtt_ms: Option<f64>,
 }
 
 /// Writes one frame.

@@ -1,0 +1,224 @@
+//! What a node holds: it watches the committed placement epochs and loads
+//! what it is assigned, and stops what it no longer is. A whole replica is
+//! served through the node's OpenAI API by its own worker; a layer range of
+//! a sharded model is fetched and verified so the data plane can run it.
+//!
+//! Cut off from the coordinators, a node keeps what it holds (edge
+//! autonomy) and applies the latest epoch when it hears one again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use weft_coordinator::{ControlState, Holding, ModelRecord};
+
+use crate::api::{AppState, Served};
+use crate::model_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
+use crate::serve::start_worker;
+
+use super::overlay::LoadReport;
+
+/// How often a node asks for the latest epoch.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How long a dropped model's running requests get to finish.
+pub const DRAIN: Duration = Duration::from_secs(30);
+
+/// The models a node holds and serves.
+pub struct Holder {
+    app: Arc<AppState>,
+    me: u64,
+    store: ModelStore,
+    /// Whole models, served.
+    served: BTreeMap<String, Arc<Served>>,
+    /// Layer ranges fetched for the data plane.
+    staged: BTreeSet<String>,
+    /// Models that failed to load, with why (tried again on the next epoch).
+    failed: BTreeMap<String, String>,
+    epoch: u64,
+    /// Tokens generated, when last sampled, for the load report's rate.
+    tokens_at: (u64, Instant),
+}
+
+impl Holder {
+    /// A holder for member `me`, serving through `app`.
+    pub fn new(app: Arc<AppState>, me: u64, store: ModelStore) -> Self {
+        Self {
+            app,
+            me,
+            store,
+            served: BTreeMap::new(),
+            staged: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            epoch: 0,
+            tokens_at: (0, Instant::now()),
+        }
+    }
+
+    /// The epoch last applied (0: none).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// What it holds now, as the load report lists it: `name[a..b)`, with
+    /// ` (staged)` for layer ranges the data plane has not started.
+    pub fn holdings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.served.keys().cloned().collect();
+        out.extend(self.staged.iter().map(|s| format!("{s} (staged)")));
+        out
+    }
+
+    /// Loads what `state`'s latest epoch assigns to this node and stops
+    /// what it no longer assigns. A model that cannot be loaded is logged
+    /// and skipped; the others still load.
+    pub async fn apply(&mut self, state: &ControlState) {
+        let Some(epoch) = &state.placement else {
+            return;
+        };
+        if epoch.epoch == self.epoch {
+            return;
+        }
+        let want = epoch.held_by(self.me);
+        tracing::info!(
+            epoch = epoch.epoch,
+            assigned = ?want.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "applying placement epoch"
+        );
+        let whole: BTreeSet<&str> = want
+            .iter()
+            .filter(|h| h.whole)
+            .map(|h| h.model.as_str())
+            .collect();
+        // stop what is no longer assigned: no new requests, running ones drain
+        let gone: Vec<String> = self
+            .served
+            .keys()
+            .filter(|m| !whole.contains(m.as_str()))
+            .cloned()
+            .collect();
+        for m in gone {
+            if let Some(served) = self.served.remove(&m) {
+                self.app.drop_model(&m);
+                tracing::info!(model = %m, "no longer assigned: draining and stopping");
+                tokio::spawn(drain_and_stop(served));
+            }
+        }
+        self.staged.clear();
+        self.failed.clear();
+        for h in &want {
+            let Some(rec) = state.models.get(&h.model) else {
+                tracing::warn!(model = %h.model, "assigned a model the cluster has no record of");
+                continue;
+            };
+            if h.whole && self.served.contains_key(&h.model) {
+                continue;
+            }
+            match self.load(h, rec).await {
+                Ok(Some(served)) => {
+                    self.app.hold(Served {
+                        model_id: served.model_id.clone(),
+                        tokenizer: served.tokenizer.clone(),
+                        supervisor: served.supervisor.clone(),
+                    });
+                    self.served.insert(h.model.clone(), served);
+                }
+                Ok(None) => {
+                    self.staged.insert(h.to_string());
+                }
+                Err(e) => {
+                    tracing::error!(model = %h.model, "cannot load: {e:#}");
+                    self.failed.insert(h.model.clone(), format!("{e:#}"));
+                }
+            }
+        }
+        self.epoch = epoch.epoch;
+    }
+
+    /// Fetches and verifies `h`'s model; starts a worker if `h` is a whole
+    /// replica.
+    async fn load(&self, h: &Holding, rec: &ModelRecord) -> Result<Option<Arc<Served>>> {
+        let stored = fetch_verified(&self.store, rec).await?;
+        if !h.whole {
+            tracing::info!(holding = %h, "layer range fetched and verified for the data plane");
+            return Ok(None);
+        }
+        let path = stored.path.clone();
+        let tokenizer = tokio::task::spawn_blocking(move || -> Result<_> {
+            let gguf = weft_kernels::GgufFile::open(&path)?;
+            Ok(weft_kernels::Tokenizer::from_gguf(&gguf)?)
+        })
+        .await
+        .context("tokenizer task")??;
+        let supervisor = start_worker(&self.app.cfg, stored.path, None);
+        tracing::info!(model = %h.model, "worker started");
+        Ok(Some(Arc::new(Served {
+            model_id: h.model.clone(),
+            tokenizer: Arc::new(tokenizer),
+            supervisor,
+        })))
+    }
+
+    /// This node's load report now: queue, running, free KV, tokens/s since
+    /// the last report, what it holds. Others' fields are kept from `base`.
+    pub fn report(&mut self, base: &LoadReport) -> LoadReport {
+        let g = self.app.gauges();
+        let tokens = self.app.metrics.generated_tokens();
+        let (then, at) = self.tokens_at;
+        let secs = at.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            tokens.saturating_sub(then) as f64 / secs
+        } else {
+            0.0
+        };
+        self.tokens_at = (tokens, Instant::now());
+        LoadReport {
+            queue_depth: g.queue_depth as u32,
+            running: g.inflight.saturating_sub(g.queue_depth) as u32,
+            tokens_per_s: rate,
+            free_kv_tokens: (g.kv_total.saturating_sub(g.kv_used) * weft_kernels::KV_BLOCK_TOKENS)
+                as u64,
+            models: self.holdings(),
+            ..base.clone()
+        }
+    }
+
+    /// Stops every worker (the node is shutting down).
+    pub fn shutdown(&mut self) {
+        for (m, s) in std::mem::take(&mut self.served) {
+            self.app.drop_model(&m);
+            s.supervisor.shutdown();
+        }
+    }
+}
+
+/// Resolves `rec`'s source through the store and checks it is the file the
+/// cluster registered.
+async fn fetch_verified(store: &ModelStore, rec: &ModelRecord) -> Result<StoredModel> {
+    let source = ModelSource::parse(&rec.source)?;
+    let store = store.clone();
+    let stored =
+        tokio::task::spawn_blocking(move || store.resolve(&source, &PipFetcher::default()))
+            .await
+            .context("fetch task")??;
+    if stored.sha256 != rec.sha256 {
+        bail!(
+            "{} has sha256 {}, but the cluster registered {}: not serving it",
+            rec.source,
+            stored.sha256,
+            rec.sha256
+        );
+    }
+    Ok(stored)
+}
+
+/// Waits for a dropped model's running requests (at most [`DRAIN`]), then
+/// stops its worker.
+async fn drain_and_stop(served: Arc<Served>) {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while served.supervisor.inflight() > 0 && start.elapsed() < DRAIN {
+        tick.tick().await;
+    }
+    served.supervisor.shutdown();
+    tracing::info!(model = %served.model_id, "worker stopped");
+}
