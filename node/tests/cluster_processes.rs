@@ -3,6 +3,8 @@
 //! leader is killed with SIGKILL; a new leader is there within 3 s and every
 //! acknowledged epoch survives; the killed member restarts from its disk and
 //! catches up; a node without valid credentials is refused and counted.
+//! A node with a `[serve]` section loads and serves what the placement
+//! assigns it, reports its live load, and drops a model it loses.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -434,12 +436,13 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
     std::fs::write(
         &gw_cfg,
         format!(
-            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n",
+            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{}\"\nsandbox = false\nthreads = 1\n",
             c.dir.path().join("gw").display(),
             free_udp(),
             peers[0].name,
             peers[0].addr,
             c.overlay[0],
+            free_tcp(),
         ),
     )
     .unwrap();
@@ -468,19 +471,15 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // demand at the gateway's site puts a replica on it
-    let model = ModelRecord {
-        source: "default".into(),
-        sha256: String::new(),
-        spec: ModelSpec {
-            name: "small".into(),
-            layers: 18,
-            bytes_per_layer: 12 << 20,
-            shared_bytes: 40 << 20,
-            compute_per_token: 0.25,
-            kv_bytes_per_token: 18 * 2 * 256 * 2,
-            hidden_bytes_per_token: 0,
-        },
-    };
+    // a real (tiny) model file, so the gateway can load what it is assigned
+    let path = c.dir.path().join("small.gguf");
+    weft_kernels::testing::write_tiny_model(
+        &path,
+        &weft_kernels::testing::TinyModelSpec::default(),
+    )
+    .unwrap();
+    let model =
+        weft_node::cluster::models::model_record(path.to_str().unwrap(), Some("small")).unwrap();
     let r = admin
         .ask(
             &peers,
@@ -553,4 +552,205 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A gateway that joins with a token and serves: registered models are
+/// placed on it, it starts their workers and answers the API for them,
+/// gossips its live load (which `weft status` shows), and drains a model
+/// the placement takes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
+    let c = setup();
+    let token = ca(c.dir.path()).issue_token(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        600,
+    );
+    let api = free_tcp();
+    let gw_cfg = c.dir.path().join("gw.toml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
+            c.dir.path().join("gw").display(),
+            free_udp(),
+            c.peers[0].name,
+            c.peers[0].addr,
+            c.overlay[0],
+        ),
+    )
+    .unwrap();
+    let log_path = c.dir.path().join("gw.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["node", "--config"])
+        .arg(&gw_cfg)
+        .env("WEFT_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let gw_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // serving nothing yet: not ready, and says so
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let ready = loop {
+        if let Ok(r) = http.get(format!("http://{api}/readyz")).send().await {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no API:\n{}",
+            gw_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("no model is held"));
+
+    // register the model (its shape and sha256 read from the file) and
+    // plan for demand at the gateway's site
+    let model = c.dir.path().join("tiny.gguf");
+    weft_kernels::testing::write_tiny_model(
+        &model,
+        &weft_kernels::testing::TinyModelSpec::default(),
+    )
+    .unwrap();
+    let c1 = c.config(0);
+    let c1 = c1.to_str().unwrap();
+    weft(&[
+        "cluster",
+        "model-add",
+        "--config",
+        c1,
+        "--source",
+        model.to_str().unwrap(),
+        "--name",
+        "tiny",
+    ]);
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c1,
+        "--demand",
+        "edge-b:tiny:50:200:32",
+    ]);
+
+    // the gateway loads it and serves it
+    let t = Instant::now();
+    loop {
+        let r = http
+            .get(format!("http://{api}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "gw-1 never served the model:\n{}",
+            gw_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = http
+        .post(format!("http://{api}/v1/completions"))
+        .json(&serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    assert_eq!(v["model"], "tiny");
+
+    // its live load reaches `weft status`
+    let t = Instant::now();
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["status", "--json", "--config", c1])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let models = &s["load"]["gw-1"]["report"]["models"];
+        if models == &serde_json::json!(["tiny"]) {
+            assert!(
+                s["load"]["gw-1"]["report"]["free_kv_tokens"]
+                    .as_u64()
+                    .unwrap()
+                    > 0
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gw-1's load never showed the model: {}",
+            s["load"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["status", "--config", c1])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("gw-1"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("tiny[0..") && !row.contains("never"),
+        "{table}"
+    );
+
+    // demand gone: the replica is dropped and the gateway stops serving it
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c1,
+        "--demand",
+        "edge-b:tiny:0",
+    ]);
+    let t = Instant::now();
+    loop {
+        let v: serde_json::Value = http
+            .get(format!("http://{api}/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gw-1 still serves {v}:\n{}",
+            gw_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = http
+        .post(format!("http://{api}/v1/completions"))
+        .json(&serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let _ = gw.kill();
+    let _ = gw.wait();
 }

@@ -99,7 +99,8 @@ pub struct NodeSection {
     /// Its region.
     #[serde(default)]
     pub region: u32,
-    /// Memory it offers for models (bytes).
+    /// Memory it offers for models (bytes); offered only with a `[serve]`
+    /// section.
     pub memory_bytes: u64,
     /// Aggregate decode tokens/s at full batch.
     pub tokens_per_s: f64,
@@ -236,7 +237,12 @@ impl ClusterConfig {
             site: n.site.clone(),
             kind: n.kind,
             region: n.region,
-            memory_bytes: n.memory_bytes,
+            // a node that serves nothing offers nothing to the placement
+            memory_bytes: if self.serve.is_some() {
+                n.memory_bytes
+            } else {
+                0
+            },
             tokens_per_s: n.tokens_per_s,
             slots: n.slots,
             accelerator: n.accelerator,
