@@ -55,7 +55,7 @@ async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_hear_each_other_strangers_are_rejected_and_the_silent_leave() {
+async fn members_hear_each_other_strangers_are_rejected_the_silent_leave_and_goodbyes_are_heard() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ClusterCa::init(&dir.path().join("a"), "a").unwrap();
     let a = node(&ca, "node-a", vec![]).await;
@@ -100,14 +100,32 @@ async fn members_hear_each_other_strangers_are_rejected_and_the_silent_leave() {
     assert!(!names(&a).contains(&"node-x".to_string()));
     assert!(!names(&b).contains(&"node-x".to_string()));
 
-    // c goes silent: it leaves a's and b's tables within 2 s
-    c.stop().await;
+    // every node announced itself on the membership topic
+    wait_until("joined events", Duration::from_secs(10), || {
+        a.metrics.joined.load(std::sync::atomic::Ordering::Relaxed) >= 2
+    })
+    .await;
+
+    // c goes silent (a crash: no goodbye): it leaves a's and b's tables within 2 s
+    c.abort().await;
     let gone = wait_until("c leaves the tables", Duration::from_secs(5), || {
         !names(&a).contains(&"node-c".to_string()) && !names(&b).contains(&"node-c".to_string())
     })
     .await;
     assert!(gone < Duration::from_secs(2), "c left after {gone:?}");
+    assert_eq!(
+        a.metrics.leaving.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a crash is not a goodbye"
+    );
     stranger.stop().await;
-    a.stop().await;
+
+    // b stops cleanly: its goodbye takes it out of a's table
     b.stop().await;
+    wait_until("b's goodbye heard", Duration::from_secs(5), || {
+        a.metrics.leaving.load(std::sync::atomic::Ordering::Relaxed) == 1
+            && !names(&a).contains(&"node-b".to_string())
+    })
+    .await;
+    a.stop().await;
 }

@@ -4,7 +4,10 @@
 //! give round-trip times for the router's link estimates; peers are found by
 //! mDNS on a LAN and by static bootstrap addresses.
 //!
-//! Only credentialed nodes take part: every report is signed with the
+//! Nodes also announce themselves on a membership topic when they join and
+//! when they stop cleanly; a leaving node is dropped at once.
+//!
+//! Only credentialed nodes take part: every message is signed with the
 //! sender's cluster key and carries its certificate; a report whose
 //! certificate is not from the cluster CA, is revoked, names another node,
 //! or whose signature fails is rejected (gossipsub stops relaying it and
@@ -32,6 +35,10 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(400);
 pub const NODE_TIMEOUT: Duration = Duration::from_millis(1200);
 /// The gossip topic of load reports.
 pub const LOAD_TOPIC: &str = "weft/load/1";
+/// The gossip topic of membership events.
+pub const MEMBER_TOPIC: &str = "weft/members/1";
+/// How long a stopping node keeps its swarm running so its goodbye leaves.
+const GOODBYE: Duration = Duration::from_millis(300);
 /// Largest gossip message accepted.
 pub const MAX_MESSAGE: usize = 64 << 10;
 
@@ -56,6 +63,47 @@ pub struct LoadReport {
     pub free_kv_tokens: u64,
     /// Models (and layer ranges) loaded, e.g. `gemma[0..18)`.
     pub models: Vec<String>,
+}
+
+/// A change of membership a node announces about itself, signed like a
+/// load report: it joined the overlay, or it is leaving (stopping cleanly),
+/// so others drop it at once instead of waiting for [`NODE_TIMEOUT`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEvent {
+    /// The node.
+    pub node: String,
+    /// What happened.
+    pub kind: MemberEventKind,
+    /// Unix time (ms), by the sender's clock.
+    pub at_unix_ms: u64,
+}
+
+/// What a [`MemberEvent`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemberEventKind {
+    /// It joined the overlay.
+    Joined,
+    /// It is stopping.
+    Leaving,
+}
+
+/// Signed payloads on the overlay's topics.
+trait Signed: serde::de::DeserializeOwned {
+    /// The node it is about (must be the signer).
+    fn node(&self) -> &str;
+}
+
+impl Signed for LoadReport {
+    fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+impl Signed for MemberEvent {
+    fn node(&self) -> &str {
+        &self.node
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,6 +152,10 @@ pub struct OverlayMetrics {
     pub rejected: AtomicU64,
     /// Connected peers.
     pub peers: AtomicU64,
+    /// Membership events accepted: joined.
+    pub joined: AtomicU64,
+    /// Membership events accepted: leaving.
+    pub leaving: AtomicU64,
 }
 
 /// How the overlay runs.
@@ -138,9 +190,15 @@ impl Overlay {
         let _ = self.report.send(r);
     }
 
-    /// Stops the overlay.
+    /// Stops the overlay, telling the others this node is leaving.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Stops the overlay without a word, as a crash would.
+    pub async fn abort(self) {
+        self.task.abort();
         let _ = self.task.await;
     }
 }
@@ -213,6 +271,11 @@ pub async fn start(
         .subscribe(&topic)
         .context("subscribing to load reports")?;
     swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&IdentTopic::new(MEMBER_TOPIC))
+        .context("subscribing to membership events")?;
+    swarm
         .listen_on(settings.listen.clone())
         .with_context(|| format!("listening on {}", settings.listen))?;
     for a in &settings.bootstrap {
@@ -265,9 +328,26 @@ async fn run(
     let mut publish = tokio::time::interval(REPORT_EVERY);
     let mut expire = tokio::time::interval(Duration::from_millis(100));
     let mut redial = tokio::time::interval(Duration::from_secs(2));
+    let members = IdentTopic::new(MEMBER_TOPIC);
+    let mut announced = false;
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // say goodbye, and let it leave before the swarm goes
+                if let Some(bytes) = sign(&identity, &member_event(&identity, MemberEventKind::Leaving)) {
+                    if swarm.behaviour_mut().gossipsub.publish(members.clone(), bytes).is_ok() {
+                        let until = tokio::time::sleep(GOODBYE);
+                        tokio::pin!(until);
+                        loop {
+                            tokio::select! {
+                                _ = &mut until => break,
+                                _ = swarm.select_next_some() => {}
+                            }
+                        }
+                    }
+                }
+                return;
+            }
             _ = publish.tick() => {
                 let mut r = report.borrow().clone();
                 r.node = identity.name.clone();
@@ -277,12 +357,14 @@ async fn run(
                     r.node.clone(),
                     Entry { report: r.clone(), seen: Instant::now(), peer: *swarm.local_peer_id() },
                 );
-                let body = serde_json::to_vec(&r).expect("reports serialize");
-                let Ok(sig) = identity.sign(&body) else { continue };
-                let msg = SignedReport { report: body, cert: identity.cert_der().to_vec(), sig };
-                let bytes = serde_json::to_vec(&msg).expect("signed reports serialize");
+                let Some(bytes) = sign(&identity, &r) else { continue };
                 // no peers yet is normal at start
                 let _ = swarm.behaviour_mut().gossipsub.publish(topic.clone(), bytes);
+                if !announced {
+                    if let Some(bytes) = sign(&identity, &member_event(&identity, MemberEventKind::Joined)) {
+                        announced = swarm.behaviour_mut().gossipsub.publish(members.clone(), bytes).is_ok();
+                    }
+                }
             }
             _ = expire.tick() => {
                 let mut t = table.write().expect("routing table lock");
@@ -307,16 +389,32 @@ async fn run(
                     message_id,
                     message,
                 })) => {
-                    let verdict = check(&message.data, &identity, &revoked);
-                    let acceptance = match verdict {
-                        Ok(r) => {
+                    let verdict = if message.topic == members.hash() {
+                        check::<MemberEvent>(&message.data, &identity, &revoked).map(|e| {
+                            let mut t = table.write().expect("routing table lock");
+                            match e.kind {
+                                MemberEventKind::Joined => {
+                                    tracing::info!(node = %e.node, "joined the overlay");
+                                    metrics.joined.fetch_add(1, Ordering::Relaxed);
+                                }
+                                MemberEventKind::Leaving => {
+                                    tracing::info!(node = %e.node, "left the overlay");
+                                    t.nodes.remove(&e.node);
+                                    metrics.leaving.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        })
+                    } else {
+                        check::<LoadReport>(&message.data, &identity, &revoked).map(|r| {
                             if let Some(source) = message.source {
                                 let mut t = table.write().expect("routing table lock");
                                 t.nodes.insert(r.node.clone(), Entry { report: r, seen: Instant::now(), peer: source });
                             }
                             metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                            MessageAcceptance::Accept
-                        }
+                        })
+                    };
+                    let acceptance = match verdict {
+                        Ok(()) => MessageAcceptance::Accept,
                         Err(why) => {
                             tracing::debug!(peer = %propagation_source, "rejected a load report: {why}");
                             metrics.rejected.fetch_add(1, Ordering::Relaxed);
@@ -344,19 +442,38 @@ async fn run(
     }
 }
 
-/// Checks a gossiped report: a cluster certificate, not revoked, naming the
-/// reporting node, and a good signature.
-fn check(data: &[u8], identity: &NodeIdentity, revoked: &Revoked) -> Result<LoadReport, String> {
+fn member_event(identity: &NodeIdentity, kind: MemberEventKind) -> MemberEvent {
+    MemberEvent {
+        node: identity.name.clone(),
+        kind,
+        at_unix_ms: now_ms(),
+    }
+}
+
+/// `payload`, signed with this node's cluster key, with its certificate.
+fn sign(identity: &NodeIdentity, payload: &impl Serialize) -> Option<Vec<u8>> {
+    let body = serde_json::to_vec(payload).expect("overlay payloads serialize");
+    let sig = identity.sign(&body).ok()?;
+    let msg = SignedReport {
+        report: body,
+        cert: identity.cert_der().to_vec(),
+        sig,
+    };
+    Some(serde_json::to_vec(&msg).expect("signed payloads serialize"))
+}
+
+/// Checks a gossiped message: a cluster certificate, not revoked, naming
+/// the node the payload is about, and a good signature.
+fn check<T: Signed>(data: &[u8], identity: &NodeIdentity, revoked: &Revoked) -> Result<T, String> {
     let m: SignedReport =
-        serde_json::from_slice(data).map_err(|e| format!("not a signed report: {e}"))?;
+        serde_json::from_slice(data).map_err(|e| format!("not a signed message: {e}"))?;
     let name = identity
         .check_peer_cert(&m.cert, revoked)
         .map_err(|e| e.to_string())?;
     verify_signature(&m.cert, &m.report, &m.sig).map_err(|e| e.to_string())?;
-    let r: LoadReport =
-        serde_json::from_slice(&m.report).map_err(|e| format!("bad report: {e}"))?;
-    if r.node != name {
-        return Err(format!("a report for {:?} signed by {name:?}", r.node));
+    let r: T = serde_json::from_slice(&m.report).map_err(|e| format!("bad payload: {e}"))?;
+    if r.node() != name {
+        return Err(format!("a message about {:?} signed by {name:?}", r.node()));
     }
     Ok(r)
 }
@@ -383,8 +500,18 @@ pub fn render_metrics(table: &RwLock<RoutingTable>, m: &OverlayMetrics) -> Strin
         ),
         (
             "weft_overlay_rejected_total",
-            "load reports rejected for bad or missing credentials",
+            "overlay messages rejected for bad or missing credentials",
             m.rejected.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_overlay_joined_total",
+            "membership events heard: a node joined",
+            m.joined.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_overlay_leaving_total",
+            "membership events heard: a node left cleanly",
+            m.leaving.load(Ordering::Relaxed),
         ),
     ] {
         out += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
