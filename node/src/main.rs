@@ -46,9 +46,10 @@ enum Command {
     /// Show the cluster: leader, term, placement epoch, members and what
     /// each holds (a linearizable read through the leader).
     Status {
-        /// A node's cluster config (its identity and coordinators are used).
+        /// A node's cluster config (its identity and coordinators are used);
+        /// default: the state `weft up` keeps for 127.0.0.1:8080.
         #[arg(long)]
-        config: std::path::PathBuf,
+        config: Option<std::path::PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -272,6 +273,22 @@ fn main() -> Result<()> {
         }
         Command::Status { config, json } => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            let config = match config {
+                Some(c) => c,
+                None => {
+                    let addr = weft_node::config::DEFAULT_ADDR.parse()?;
+                    let path = weft_node::cluster::embedded::default_state_dir(&addr)
+                        .context("no data directory for weft up's state")?
+                        .join("cluster.toml");
+                    if !path.exists() {
+                        anyhow::bail!(
+                            "no --config given and no `weft up` state at {}: start `weft up`, or pass a node's cluster config",
+                            path.display()
+                        );
+                    }
+                    path
+                }
+            };
             let cfg = weft_node::cluster::config::ClusterConfig::load(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
             let s = rt.block_on(weft_node::cluster::run::status(&cfg))?;

@@ -143,12 +143,38 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
     let bound = listener.local_addr()?;
     let supervisor = start_worker(&cfg, stored.path.clone(), Some(bound.to_string()));
     let model_id = source.model_id();
+    let kv_budget = cfg.kv_budget;
     let state = AppState::new(cfg, model_id.clone(), tokenizer, supervisor.clone());
     println!("weft serving {model_id} on http://{bound}  (ready at http://{bound}/readyz once the model is loaded)");
     println!(
         "try:\n  curl http://{bound}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'"
     );
 
+    // the control plane of one: this node, its model, the epoch placing it here
+    let embedded = crate::cluster::embedded::start(
+        crate::cluster::embedded::default_state_dir(&addr),
+        crate::cluster::embedded::Served {
+            stored: &stored,
+            source: &state.cfg.model,
+            model_id: &model_id,
+            api: bound,
+            kv_budget,
+        },
+    )
+    .await;
+    let embedded = match embedded {
+        Ok(e) => {
+            println!(
+                "cluster state: weft status --config {}",
+                e.config_path.display()
+            );
+            Some(e)
+        }
+        Err(e) => {
+            tracing::warn!("the embedded coordinator did not start (serving anyway): {e:#}");
+            None
+        }
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -158,5 +184,8 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
     let s = supervisor.clone();
     serve_api(listener, state, stop_rx, move || s.shutdown()).await;
     supervisor.shutdown();
+    if let Some(e) = embedded {
+        e.stop().await?;
+    }
     Ok(())
 }

@@ -15,6 +15,8 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 struct Node {
     child: Child,
     base: String,
+    /// What it printed after its first line.
+    said: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -59,10 +61,17 @@ fn start(extra_toml: &str) -> Node {
         .find(|w| w.starts_with("http://"))
         .expect("an http:// URL on the first line")
         .to_string();
-    std::thread::spawn(move || for _ in lines {});
+    let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines_said = said.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            lines_said.lock().unwrap().push(l);
+        }
+    });
     let node = Node {
         child,
         base,
+        said,
         _dir: dir,
     };
     wait_ready(&node, true);
@@ -718,4 +727,59 @@ fn a_client_that_disconnects_cancels_its_sequence() {
     wait_metrics(&n, |m| {
         m.contains("weft_inflight_requests 0") && m.contains("weft_kv_blocks_used 0")
     });
+}
+
+/// `weft up` embeds a coordinator of one: `weft status` reads the node as
+/// it reads a cluster (the node as the member, its model, the placement
+/// epoch that puts the model on it).
+#[test]
+fn weft_up_keeps_its_state_in_a_coordinator_of_one() {
+    let node = start("");
+    let config = node
+        .said
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("cluster state: weft status --config ")
+                .map(str::to_string)
+        })
+        .expect("weft up names its cluster state");
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["status", "--json", "--config", &config])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["leader"], 1);
+    assert_eq!(s["voters"], json!([1]));
+    let members = s["state"]["members"].as_object().unwrap();
+    assert_eq!(members.len(), 1);
+    let me = members.values().next().unwrap();
+    assert_eq!(me["name"], "local");
+    assert_eq!(
+        me["address"].as_str().unwrap(),
+        node.base.trim_start_matches("http://")
+    );
+    assert!(
+        s["state"]["models"]["tiny-gemma"]["sha256"]
+            .as_str()
+            .unwrap()
+            .len()
+            == 64
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["status", "--config", &config])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("local"))
+        .unwrap_or_default();
+    assert!(row.contains("tiny-gemma[0.."), "{table}");
 }

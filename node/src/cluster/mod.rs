@@ -8,11 +8,13 @@
 //! - [`run`]: `weft node` and `weft status`.
 //! - [`models`]: a model's shape for placement, read from its GGUF file.
 //! - [`holdings`]: loading what the placement assigns, serving it.
+//! - [`embedded`]: `weft up`'s coordinator of one.
 //! - [`overlay`]: libp2p gossip of signed load reports, the routing table,
 //!   failure detection, RTT samples, mDNS and bootstrap peers.
 
 pub mod config;
 pub mod credentials;
+pub mod embedded;
 pub mod holdings;
 pub mod member;
 pub mod models;

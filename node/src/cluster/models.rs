@@ -6,7 +6,7 @@ use weft_coordinator::ModelRecord;
 use weft_kernels::{GemmaConfig, GgufFile};
 use weft_placement::ModelSpec;
 
-use crate::model_store::{ModelSource, ModelStore, PipFetcher};
+use crate::model_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
 
 /// Weight bytes of a model with `compute_per_token` 1.0: decoding is bound
 /// by reading the weights, so a token costs in proportion to them. A node's
@@ -18,6 +18,12 @@ pub const UNIT_COMPUTE_BYTES: f64 = (1u64 << 30) as f64;
 pub fn model_record(source: &str, name: Option<&str>) -> Result<ModelRecord> {
     let src = ModelSource::parse(source)?;
     let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
+    record_for(&stored, source, name)
+}
+
+/// Describes the verified model `stored`, fetched from `source`, for
+/// placement under `name` (default: the store's id for it).
+pub fn record_for(stored: &StoredModel, source: &str, name: Option<&str>) -> Result<ModelRecord> {
     let f = GgufFile::open(&stored.path)
         .with_context(|| format!("reading {}", stored.path.display()))?;
     let cfg = GemmaConfig::from_gguf(&f)?;
@@ -36,7 +42,7 @@ pub fn model_record(source: &str, name: Option<&str>) -> Result<ModelRecord> {
     };
     Ok(ModelRecord {
         source: source.to_string(),
-        sha256: stored.sha256,
+        sha256: stored.sha256.clone(),
         spec,
     })
 }
