@@ -446,6 +446,15 @@ struct Prepared {
 
 /// Turns the common fields into the model, sampling parameters and intent.
 fn prepare(s: &AppState, c: &Common, headers: &HeaderMap) -> Result<Prepared, ApiError> {
+    // demand is what is asked for, held here or not
+    let wanted = if c.model == "default" {
+        s.any_model_id()
+    } else {
+        c.model.clone()
+    };
+    if wanted != "none" {
+        s.metrics.wanted(&wanted);
+    }
     let Some(model) = s.find(&c.model) else {
         let held: Vec<String> = s
             .held()

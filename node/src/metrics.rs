@@ -49,10 +49,15 @@ impl Histogram {
 struct Inner {
     /// (model, status, criticality) → count
     requests: BTreeMap<(String, u16, String), u64>,
+    /// model → requests that named it (served here or not)
+    wanted: BTreeMap<String, u64>,
     generated_tokens: u64,
     ttft: Histogram,
     itl: Histogram,
 }
+
+/// Most distinct model names counted as demand.
+const MAX_WANTED: usize = 256;
 
 /// Gauges read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -104,6 +109,21 @@ impl Metrics {
     /// Counts generated tokens.
     pub fn tokens(&self, n: u64) {
         self.with(|m| m.generated_tokens += n);
+    }
+
+    /// Counts a request naming `model`, held here or not (demand).
+    pub fn wanted(&self, model: &str) {
+        self.with(|m| {
+            // names come from clients: keep the map bounded
+            if m.wanted.len() < MAX_WANTED || m.wanted.contains_key(model) {
+                *m.wanted.entry(model.into()).or_default() += 1;
+            }
+        });
+    }
+
+    /// Requests that named each model so far, held here or not.
+    pub fn wanted_by_model(&self) -> BTreeMap<String, u64> {
+        self.with(|m| m.wanted.clone())
     }
 
     /// Tokens generated so far.

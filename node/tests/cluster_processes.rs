@@ -685,13 +685,8 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
         );
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let models = &s["load"]["gw-1"]["report"]["models"];
-        if models == &serde_json::json!(["tiny"]) {
-            assert!(
-                s["load"]["gw-1"]["report"]["free_kv_tokens"]
-                    .as_u64()
-                    .unwrap()
-                    > 0
-            );
+        let free_kv = s["load"]["gw-1"]["report"]["free_kv_tokens"].as_u64();
+        if models == &serde_json::json!(["tiny"]) && free_kv > Some(0) {
             break;
         }
         assert!(
@@ -751,6 +746,103 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    let _ = gw.kill();
+    let _ = gw.wait();
+}
+
+/// Nobody plans for a model, but agents ask a gateway for it: the gateway
+/// reports the demand it sees, the leader places a replica there, and the
+/// gateway starts serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measured_demand_places_a_model_where_it_is_asked_for() {
+    let c = setup();
+    let token = ca(c.dir.path()).issue_token(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        600,
+    );
+    let api = free_tcp();
+    let gw_cfg = c.dir.path().join("gw.toml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
+            c.dir.path().join("gw").display(),
+            free_udp(),
+            c.peers[0].name,
+            c.peers[0].addr,
+            c.overlay[0],
+        ),
+    )
+    .unwrap();
+    let log_path = c.dir.path().join("gw.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["node", "--config"])
+        .arg(&gw_cfg)
+        .env("WEFT_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let model = c.dir.path().join("tiny.gguf");
+    weft_kernels::testing::write_tiny_model(
+        &model,
+        &weft_kernels::testing::TinyModelSpec::default(),
+    )
+    .unwrap();
+    let c1 = c.config(0);
+    let c1 = c1.to_str().unwrap();
+    weft(&[
+        "cluster",
+        "model-add",
+        "--config",
+        c1,
+        "--source",
+        model.to_str().unwrap(),
+        "--name",
+        "tiny",
+    ]);
+    // agents ask for it, about 10 a second, until one is answered
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut refused = 0;
+    loop {
+        tick.tick().await;
+        let r = http
+            .post(format!("http://{api}/v1/completions"))
+            .json(&serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 2}))
+            .send()
+            .await;
+        match r.map(|r| r.status().as_u16()) {
+            Ok(200) => break,
+            Ok(404) => refused += 1,
+            Ok(503) | Err(_) => {}
+            Ok(other) => panic!("status {other}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the demand never placed the model:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    assert!(refused > 0, "the model was served before anyone asked");
+    eprintln!("served after {:?} ({refused} refused first)", t.elapsed());
+    let s = status(
+        &Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap(),
+        &c.peers,
+    )
+    .await;
+    let p = s.state.placement.as_ref().unwrap();
+    let gw_id = weft_node::cluster::member::member_id("gw-1");
+    assert!(p.held_by(gw_id).iter().any(|h| h.model == "tiny"));
+    assert!(p
+        .demand
+        .iter()
+        .any(|d| d.0 == "edge-b" && d.1 == "tiny" && d.2.requests_per_s >= 0.5));
     let _ = gw.kill();
     let _ = gw.wait();
 }

@@ -38,6 +38,39 @@ pub struct Holder {
     epoch: u64,
     /// Tokens generated, when last sampled, for the load report's rate.
     tokens_at: (u64, Instant),
+    /// Requests by model when last sampled, and the smoothed rates.
+    requests_at: BTreeMap<String, u64>,
+    demand: BTreeMap<String, f64>,
+}
+
+/// Time constant of the smoothed request rates a node reports.
+pub const DEMAND_SMOOTHING: Duration = Duration::from_secs(5);
+
+/// Folds the requests counted over `dt` into the smoothed rates: an
+/// exponential average with time constant [`DEMAND_SMOOTHING`]. A model
+/// with no new requests decays toward zero.
+pub fn smooth_demand(
+    rates: &mut BTreeMap<String, f64>,
+    then: &BTreeMap<String, u64>,
+    now: &BTreeMap<String, u64>,
+    dt: Duration,
+) {
+    if dt.is_zero() {
+        return;
+    }
+    let a = 1.0 - (-dt.as_secs_f64() / DEMAND_SMOOTHING.as_secs_f64()).exp();
+    let models: BTreeSet<&String> = rates.keys().chain(now.keys()).collect();
+    let mut next = BTreeMap::new();
+    for m in models {
+        let n = now.get(m).copied().unwrap_or(0);
+        let inst = n.saturating_sub(then.get(m).copied().unwrap_or(0)) as f64 / dt.as_secs_f64();
+        let r = rates.get(m).copied().unwrap_or(0.0);
+        let v = r + a * (inst - r);
+        if v > 1e-3 {
+            next.insert(m.clone(), v);
+        }
+    }
+    *rates = next;
 }
 
 impl Holder {
@@ -52,6 +85,8 @@ impl Holder {
             failed: BTreeMap::new(),
             epoch: 0,
             tokens_at: (0, Instant::now()),
+            requests_at: BTreeMap::new(),
+            demand: BTreeMap::new(),
         }
     }
 
@@ -60,10 +95,21 @@ impl Holder {
         self.epoch
     }
 
-    /// What it holds now, as the load report lists it: `name[a..b)`, with
-    /// ` (staged)` for layer ranges the data plane has not started.
+    /// What it holds now, as the load report lists it: a served model by
+    /// name (` (loading)` until its worker is ready), a layer range as
+    /// `name[a..b) (staged)` until the data plane runs it.
     pub fn holdings(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.served.keys().cloned().collect();
+        let mut out: Vec<String> = self
+            .served
+            .iter()
+            .map(|(name, m)| {
+                if m.supervisor.is_ready() {
+                    name.clone()
+                } else {
+                    format!("{name} (loading)")
+                }
+            })
+            .collect();
         out.extend(self.staged.iter().map(|s| format!("{s} (staged)")));
         out
     }
@@ -171,6 +217,14 @@ impl Holder {
             0.0
         };
         self.tokens_at = (tokens, Instant::now());
+        let requests = self.app.metrics.wanted_by_model();
+        smooth_demand(
+            &mut self.demand,
+            &self.requests_at,
+            &requests,
+            at.elapsed().max(Duration::from_millis(1)),
+        );
+        self.requests_at = requests;
         LoadReport {
             queue_depth: g.queue_depth as u32,
             running: g.inflight.saturating_sub(g.queue_depth) as u32,
@@ -178,6 +232,7 @@ impl Holder {
             free_kv_tokens: (g.kv_total.saturating_sub(g.kv_used) * weft_kernels::KV_BLOCK_TOKENS)
                 as u64,
             models: self.holdings(),
+            demand: self.demand.clone(),
             ..base.clone()
         }
     }
@@ -221,4 +276,30 @@ async fn drain_and_stop(served: Arc<Served>) {
     }
     served.supervisor.shutdown();
     tracing::info!(model = %served.model_id, "worker stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothed_demand_follows_a_steady_rate_and_decays_when_it_stops() {
+        let mut rates = BTreeMap::new();
+        let mut count = 0u64;
+        let dt = Duration::from_millis(400);
+        // 10 requests/s for 30 s
+        for _ in 0..75 {
+            let then = BTreeMap::from([("m".to_string(), count)]);
+            count += 4;
+            let now = BTreeMap::from([("m".to_string(), count)]);
+            smooth_demand(&mut rates, &then, &now, dt);
+        }
+        assert!((rates["m"] - 10.0).abs() < 0.2, "{rates:?}");
+        // then nothing for 60 s: it drops out
+        let same = BTreeMap::from([("m".to_string(), count)]);
+        for _ in 0..150 {
+            smooth_demand(&mut rates, &same, &same, dt);
+        }
+        assert!(!rates.contains_key("m"), "{rates:?}");
+    }
 }

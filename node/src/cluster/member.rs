@@ -210,6 +210,48 @@ impl MemberHandle {
     }
 }
 
+/// Smoothed request rates below this are not planned for (noise).
+pub const MIN_MEASURED_RPS: f64 = 0.5;
+/// Prompt and output lengths assumed for measured demand.
+const MEASURED_TOKENS: (f64, f64) = (1000.0, 128.0);
+
+/// Demand the nodes measure (their load reports' request rates), summed
+/// by (site, model), for the pairs the operator did not plan for with
+/// `weft cluster replan` (an operator's figure is kept as given) and for
+/// models the cluster knows.
+pub fn measured_demand(
+    table: &super::overlay::RoutingTable,
+    pinned: &[(String, String, Demand)],
+    state: &weft_coordinator::ControlState,
+) -> Vec<(String, String, Demand)> {
+    let mut sums: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for e in table.nodes.values() {
+        for (model, rps) in &e.report.demand {
+            *sums
+                .entry((e.report.site.clone(), model.clone()))
+                .or_default() += rps;
+        }
+    }
+    sums.into_iter()
+        .filter(|((site, model), rps)| {
+            *rps >= MIN_MEASURED_RPS
+                && state.models.contains_key(model)
+                && !pinned.iter().any(|p| &p.0 == site && &p.1 == model)
+        })
+        .map(|((site, model), rps)| {
+            let d = Demand {
+                site: weft_placement::SiteId(0),
+                model: weft_placement::ModelId(0),
+                requests_per_s: rps,
+                prompt_tokens: MEASURED_TOKENS.0,
+                output_tokens: MEASURED_TOKENS.1,
+                deadline_ms: None,
+            };
+            (site, model, d)
+        })
+        .collect()
+}
+
 /// A member id from a node name (stable, never 0).
 pub fn member_id(name: &str) -> u64 {
     let h = Sha256::digest(name.as_bytes());
@@ -807,14 +849,20 @@ impl Driver {
                 self.demand = p.demand.clone();
             }
         }
-        let demand_rps: f64 = self.demand.iter().map(|d| d.2.requests_per_s).sum();
+        // what the operator planned for, and what the nodes measure elsewhere
+        let mut demand = self.demand.clone();
+        if let Some(live) = &self.settings.live {
+            let table = live.read().expect("routing table lock");
+            demand.extend(measured_demand(&table, &self.demand, state));
+        }
+        let demand_rps: f64 = demand.iter().map(|d| d.2.requests_per_s).sum();
         let down = self.down_members();
         if state.needs_replan(demand_rps, self.settings.replan_band) || state.placement_uses(&down)
         {
             if !down.is_empty() {
                 tracing::info!(?down, "re-planning without members not heard from");
             }
-            let next = state.plan_next_without(&self.demand, &self.settings.solver, &down);
+            let next = state.plan_next_without(&demand, &self.settings.solver, &down);
             if let Err(e) = self.core.propose(&Command::CommitPlacement(next)) {
                 tracing::debug!("re-plan not proposed: {e}");
             }

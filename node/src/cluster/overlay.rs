@@ -63,6 +63,9 @@ pub struct LoadReport {
     pub free_kv_tokens: u64,
     /// Models (and layer ranges) loaded, e.g. `gemma[0..18)`.
     pub models: Vec<String>,
+    /// Requests per second arriving at this node, by model (smoothed).
+    #[serde(default)]
+    pub demand: BTreeMap<String, f64>,
 }
 
 /// A change of membership a node announces about itself, signed like a
