@@ -199,6 +199,83 @@ async fn status(caller: &Caller, peers: &[Peer]) -> StatusReport {
     }
 }
 
+/// A gateway `gw-1` at site `edge-b`: joins with a fresh token, gossips on
+/// the overlay, and serves on its own API address.
+struct Gateway {
+    child: Child,
+    log: PathBuf,
+    api: SocketAddr,
+}
+
+impl Gateway {
+    fn start(c: &Coordinators) -> Self {
+        let token = ca(c.dir.path()).issue_token(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            600,
+        );
+        let api = free_tcp();
+        let cfg = c.dir.path().join("gw.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
+                c.dir.path().join("gw").display(),
+                free_udp(),
+                c.peers[0].name,
+                c.peers[0].addr,
+                c.overlay[0],
+            ),
+        )
+        .unwrap();
+        let log = c.dir.path().join("gw.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["node", "--config"])
+            .arg(&cfg)
+            .env("WEFT_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self { child, log, api }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the tiny model and registers it as `name` with `weft cluster
+/// model-add` (its shape and sha256 read from the file).
+fn register_tiny(c: &Coordinators, name: &str) {
+    let model = c.dir.path().join(format!("{name}.gguf"));
+    weft_kernels::testing::write_tiny_model(
+        &model,
+        &weft_kernels::testing::TinyModelSpec::default(),
+    )
+    .unwrap();
+    weft(&[
+        "cluster",
+        "model-add",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--source",
+        model.to_str().unwrap(),
+        "--name",
+        name,
+    ]);
+}
+
 fn ca(dir: &Path) -> ClusterCa {
     ClusterCa::load(&dir.join("c1/ca")).unwrap()
 }
@@ -425,35 +502,7 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
     let admin = Arc::new(Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap());
     let peers = c.peers.clone();
     // a gateway at its own site joins with a token and gossips
-    let token = ca(c.dir.path()).issue_token(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-        600,
-    );
-    let gw_cfg = c.dir.path().join("gw.toml");
-    std::fs::write(
-        &gw_cfg,
-        format!(
-            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{}\"\nsandbox = false\nthreads = 1\n",
-            c.dir.path().join("gw").display(),
-            free_udp(),
-            peers[0].name,
-            peers[0].addr,
-            c.overlay[0],
-            free_tcp(),
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(c.dir.path().join("gw.log")).unwrap();
-    let mut gw = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["node", "--config"])
-        .arg(&gw_cfg)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut gw = Gateway::start(&c);
     // every coordinator hears all four nodes
     let t = Instant::now();
     loop {
@@ -519,8 +568,8 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
     );
 
     // kill it: it leaves every coordinator's routing table within 2 s...
-    gw.kill().unwrap();
-    gw.wait().unwrap();
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
     let killed = Instant::now();
     loop {
         let mut gone = true;
@@ -561,38 +610,9 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
     let c = setup();
-    let token = ca(c.dir.path()).issue_token(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-        600,
-    );
-    let api = free_tcp();
-    let gw_cfg = c.dir.path().join("gw.toml");
-    std::fs::write(
-        &gw_cfg,
-        format!(
-            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
-            c.dir.path().join("gw").display(),
-            free_udp(),
-            c.peers[0].name,
-            c.peers[0].addr,
-            c.overlay[0],
-        ),
-    )
-    .unwrap();
-    let log_path = c.dir.path().join("gw.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut gw = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["node", "--config"])
-        .arg(&gw_cfg)
-        .env("WEFT_LOG", "info")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let gw_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let gw = Gateway::start(&c);
+    let api = gw.api;
+    let gw_log = || gw.log();
     // serving nothing yet: not ready, and says so
     let http = reqwest::Client::new();
     let t = Instant::now();
@@ -612,24 +632,9 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
 
     // register the model (its shape and sha256 read from the file) and
     // plan for demand at the gateway's site
-    let model = c.dir.path().join("tiny.gguf");
-    weft_kernels::testing::write_tiny_model(
-        &model,
-        &weft_kernels::testing::TinyModelSpec::default(),
-    )
-    .unwrap();
+    register_tiny(&c, "tiny");
     let c1 = c.config(0);
     let c1 = c1.to_str().unwrap();
-    weft(&[
-        "cluster",
-        "model-add",
-        "--config",
-        c1,
-        "--source",
-        model.to_str().unwrap(),
-        "--name",
-        "tiny",
-    ]);
     weft(&[
         "cluster",
         "replan",
@@ -746,8 +751,7 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let _ = gw.kill();
-    let _ = gw.wait();
+    drop(gw);
 }
 
 /// Nobody plans for a model, but agents ask a gateway for it: the gateway
@@ -756,55 +760,9 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measured_demand_places_a_model_where_it_is_asked_for() {
     let c = setup();
-    let token = ca(c.dir.path()).issue_token(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-        600,
-    );
-    let api = free_tcp();
-    let gw_cfg = c.dir.path().join("gw.toml");
-    std::fs::write(
-        &gw_cfg,
-        format!(
-            "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
-            c.dir.path().join("gw").display(),
-            free_udp(),
-            c.peers[0].name,
-            c.peers[0].addr,
-            c.overlay[0],
-        ),
-    )
-    .unwrap();
-    let log_path = c.dir.path().join("gw.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut gw = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["node", "--config"])
-        .arg(&gw_cfg)
-        .env("WEFT_LOG", "info")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let model = c.dir.path().join("tiny.gguf");
-    weft_kernels::testing::write_tiny_model(
-        &model,
-        &weft_kernels::testing::TinyModelSpec::default(),
-    )
-    .unwrap();
-    let c1 = c.config(0);
-    let c1 = c1.to_str().unwrap();
-    weft(&[
-        "cluster",
-        "model-add",
-        "--config",
-        c1,
-        "--source",
-        model.to_str().unwrap(),
-        "--name",
-        "tiny",
-    ]);
+    let gw = Gateway::start(&c);
+    let api = gw.api;
+    register_tiny(&c, "tiny");
     // agents ask for it, about 10 a second, until one is answered
     let http = reqwest::Client::new();
     let t = Instant::now();
@@ -826,7 +784,7 @@ async fn measured_demand_places_a_model_where_it_is_asked_for() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the demand never placed the model:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
+            gw.log()
         );
     }
     assert!(refused > 0, "the model was served before anyone asked");
@@ -843,6 +801,5 @@ async fn measured_demand_places_a_model_where_it_is_asked_for() {
         .demand
         .iter()
         .any(|d| d.0 == "edge-b" && d.1 == "tiny" && d.2.requests_per_s >= 0.5));
-    let _ = gw.kill();
-    let _ = gw.wait();
+    drop(gw);
 }
