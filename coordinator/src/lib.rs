@@ -24,6 +24,7 @@ pub mod storage;
 pub use crate::core::{AppliedEntry, Coordinator, CoordinatorConfig, Output};
 pub use error::{CoordinatorError, Result};
 pub use state::{
-    Applied, Command, ControlState, CoordinatorRecord, Holding, Member, ModelRecord, PlacementEpoch,
+    Applied, Command, ControlState, CoordinatorRecord, Holding, Member, ModelRecord,
+    PlacementEpoch, SiteLink,
 };
 pub use storage::{DirDisk, Durable, LogStore, MemDisk, Recovered};

@@ -83,6 +83,21 @@ pub struct PlacementEpoch {
     /// re-plans from it until fresher load reports arrive.
     #[serde(default)]
     pub demand: Vec<(String, String, Demand)>,
+    /// Round trips measured between sites that it was planned with (the
+    /// rest used the link-class defaults).
+    #[serde(default)]
+    pub links: Vec<SiteLink>,
+}
+
+/// A round trip measured between two sites (by name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteLink {
+    /// One site.
+    pub a: String,
+    /// The other.
+    pub b: String,
+    /// Round trip (ms).
+    pub rtt_ms: f64,
 }
 
 /// A change to the control state.
@@ -405,8 +420,45 @@ impl ControlState {
         config: &SolverConfig,
         down: &BTreeSet<u64>,
     ) -> PlacementEpoch {
-        let named_demand = demand;
+        self.plan_next_measured(demand, config, down, &[])
+    }
+
+    /// The topology of the current members with the measured round trips
+    /// in `links` in place of the class defaults (links naming sites that
+    /// have no member are ignored).
+    pub fn topology_measured(&self, links: &[SiteLink]) -> (Topology, Vec<u64>) {
         let (mut topology, ids) = self.topology();
+        let mut site_names: Vec<&str> = self.members.values().map(|m| m.site.as_str()).collect();
+        site_names.sort_unstable();
+        site_names.dedup();
+        for l in links {
+            let (Ok(a), Ok(b)) = (
+                site_names.binary_search(&l.a.as_str()),
+                site_names.binary_search(&l.b.as_str()),
+            ) else {
+                continue;
+            };
+            if a == b || !l.rtt_ms.is_finite() || l.rtt_ms < 0.0 {
+                continue;
+            }
+            let (a, b) = (SiteId(a as u32), SiteId(b as u32));
+            let bw = topology.link(a, b).bandwidth_bytes_per_s;
+            topology.set_link(a, b, l.rtt_ms, bw);
+        }
+        (topology, ids)
+    }
+
+    /// Like [`ControlState::plan_next_without`], planning with the round
+    /// trips measured between sites.
+    pub fn plan_next_measured(
+        &self,
+        demand: &[(String, String, Demand)],
+        config: &SolverConfig,
+        down: &BTreeSet<u64>,
+        links: &[SiteLink],
+    ) -> PlacementEpoch {
+        let named_demand = demand;
+        let (mut topology, ids) = self.topology_measured(links);
         for (i, id) in ids.iter().enumerate() {
             if down.contains(id) {
                 topology.nodes[i].memory_bytes = 0;
@@ -440,6 +492,7 @@ impl ControlState {
             cost: plan.cost,
             demand_rps: demand.iter().map(|d| d.requests_per_s).sum(),
             demand: named_demand.to_vec(),
+            links: links.to_vec(),
         }
     }
 
@@ -565,6 +618,49 @@ mod tests {
             assert_eq!(s.apply(i as u64 + 1, c), Applied::Done);
         }
         s
+    }
+
+    #[test]
+    fn measured_round_trips_replace_the_defaults_and_count_against_deadlines() {
+        let mut s = ControlState::default();
+        for (i, c) in [
+            // the edge site has no room: its demand is served from the cloud
+            Command::PutMember(member(7, "edge-a", 0)),
+            Command::PutMember(member(9, "cloud", 40)),
+            Command::PutModel(model("small", 18, 14)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_eq!(s.apply(i as u64 + 1, c), Applied::Done);
+        }
+        let mut d = demand("edge-a", "small", 20.0);
+        d.2.deadline_ms = Some(2000.0);
+        let slow = [SiteLink {
+            a: "cloud".into(),
+            b: "edge-a".into(),
+            rtt_ms: 3000.0,
+        }];
+        let (t, _) = s.topology_measured(&slow);
+        assert_eq!(t.link(SiteId(0), SiteId(1)).rtt_ms, 3000.0);
+        let cfg = SolverConfig::default();
+        let none = BTreeSet::new();
+        let default = s.plan_next_measured(std::slice::from_ref(&d), &cfg, &none, &[]);
+        let measured = s.plan_next_measured(std::slice::from_ref(&d), &cfg, &none, &slow);
+        assert_eq!(default.cost.misses_per_s, 0.0, "{:?}", default.cost);
+        assert!(
+            measured.cost.misses_per_s > 0.0,
+            "a 3 s round trip misses a 2 s deadline: {:?}",
+            measured.cost
+        );
+        assert_eq!(measured.links, slow);
+        // links naming unknown sites are ignored
+        let odd = [SiteLink {
+            a: "nowhere".into(),
+            b: "edge-a".into(),
+            rtt_ms: 1.0,
+        }];
+        assert_eq!(s.topology_measured(&odd).0, s.topology().0);
     }
 
     #[test]

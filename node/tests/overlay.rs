@@ -82,6 +82,19 @@ async fn members_hear_each_other_strangers_are_rejected_the_silent_leave_and_goo
         a.table.read().unwrap().rtt_to("node-b").is_some()
     })
     .await;
+    // nodes gossip what they measure, so a leader can estimate site links
+    wait_until(
+        "b's report carries its round trips",
+        Duration::from_secs(5),
+        || {
+            a.table.read().unwrap().nodes["node-b"]
+                .report
+                .rtt_ms
+                .get("node-a")
+                .is_some_and(|ms| *ms > 0.0 && *ms < 1000.0)
+        },
+    )
+    .await;
 
     // a node of another cluster connects and gossips, and is never listed
     let other = ClusterCa::init(&dir.path().join("b"), "b").unwrap();

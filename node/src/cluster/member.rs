@@ -252,6 +252,40 @@ pub fn measured_demand(
         .collect()
 }
 
+/// Round trips between sites from the nodes' reports: for every pair of
+/// different sites, the median of what their nodes measured to each other.
+pub fn measured_links(table: &super::overlay::RoutingTable) -> Vec<weft_coordinator::SiteLink> {
+    let mut samples: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for e in table.nodes.values() {
+        for (other, rtt) in &e.report.rtt_ms {
+            let Some(o) = table.nodes.get(other) else {
+                continue;
+            };
+            let (a, b) = (&e.report.site, &o.report.site);
+            if a == b || !rtt.is_finite() {
+                continue;
+            }
+            let key = if a < b {
+                (a.clone(), b.clone())
+            } else {
+                (b.clone(), a.clone())
+            };
+            samples.entry(key).or_default().push(*rtt);
+        }
+    }
+    samples
+        .into_iter()
+        .map(|((a, b), mut v)| {
+            v.sort_by(f64::total_cmp);
+            weft_coordinator::SiteLink {
+                a,
+                b,
+                rtt_ms: v[v.len() / 2],
+            }
+        })
+        .collect()
+}
+
 /// A member id from a node name (stable, never 0).
 pub fn member_id(name: &str) -> u64 {
     let h = Sha256::digest(name.as_bytes());
@@ -739,10 +773,13 @@ impl Driver {
                     return;
                 }
                 self.demand = demand;
-                let next = self
-                    .core
-                    .state()
-                    .plan_next(&self.demand, &self.settings.solver);
+                let links = self.measured_links();
+                let next = self.core.state().plan_next_measured(
+                    &self.demand,
+                    &self.settings.solver,
+                    &Default::default(),
+                    &links,
+                );
                 self.propose(&Command::CommitPlacement(next), reply, Then::Committed);
             }
             Request::AddCoordinator { peer } => {
@@ -851,6 +888,7 @@ impl Driver {
         }
         // what the operator planned for, and what the nodes measure elsewhere
         let mut demand = self.demand.clone();
+        let links = self.measured_links();
         if let Some(live) = &self.settings.live {
             let table = live.read().expect("routing table lock");
             demand.extend(measured_demand(&table, &self.demand, state));
@@ -862,11 +900,21 @@ impl Driver {
             if !down.is_empty() {
                 tracing::info!(?down, "re-planning without members not heard from");
             }
-            let next = state.plan_next_without(&demand, &self.settings.solver, &down);
+            let next = state.plan_next_measured(&demand, &self.settings.solver, &down, &links);
             if let Err(e) = self.core.propose(&Command::CommitPlacement(next)) {
                 tracing::debug!("re-plan not proposed: {e}");
             }
         }
+    }
+
+    /// Round trips between sites the nodes measured (none without an
+    /// overlay).
+    fn measured_links(&self) -> Vec<weft_coordinator::SiteLink> {
+        self.settings
+            .live
+            .as_ref()
+            .map(|t| measured_links(&t.read().expect("routing table lock")))
+            .unwrap_or_default()
     }
 
     /// Members the overlay has not heard from (none until the overlay has
@@ -1097,4 +1145,115 @@ pub async fn join(
         }
     }
     anyhow::bail!("no coordinator leader answered the join")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::overlay::{Entry, LoadReport, RoutingTable};
+
+    /// (node, site, round trips to others, demand by model)
+    type Said<'a> = (&'a str, &'a str, &'a [(&'a str, f64)], &'a [(&'a str, f64)]);
+
+    fn table(reports: &[Said]) -> RoutingTable {
+        let mut t = RoutingTable::default();
+        for (node, site, rtts, demand) in reports {
+            let report = LoadReport {
+                node: node.to_string(),
+                site: site.to_string(),
+                rtt_ms: rtts.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
+                demand: demand.iter().map(|(m, r)| (m.to_string(), *r)).collect(),
+                ..Default::default()
+            };
+            t.nodes.insert(
+                node.to_string(),
+                Entry {
+                    report,
+                    seen: Instant::now(),
+                    peer: libp2p::PeerId::random(),
+                },
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn site_round_trips_are_the_median_of_what_nodes_measured_across_sites() {
+        let t = table(&[
+            (
+                "a1",
+                "edge-a",
+                &[("a2", 0.1), ("c1", 40.0), ("c2", 44.0)],
+                &[],
+            ),
+            ("a2", "edge-a", &[("a1", 0.1), ("c1", 90.0)], &[]),
+            ("c1", "cloud", &[("a1", 41.0), ("gone", 5.0)], &[]),
+            ("c2", "cloud", &[], &[]),
+        ]);
+        let links = measured_links(&t);
+        // same-site samples and nodes no longer in the table are left out
+        assert_eq!(links.len(), 1, "{links:?}");
+        assert_eq!(
+            (links[0].a.as_str(), links[0].b.as_str()),
+            ("cloud", "edge-a")
+        );
+        // samples 40, 44, 90, 41: the upper median
+        assert_eq!(links[0].rtt_ms, 44.0);
+    }
+
+    #[test]
+    fn measured_demand_sums_by_site_keeps_operator_figures_and_drops_noise() {
+        let mut state = weft_coordinator::ControlState::default();
+        for name in ["m", "n"] {
+            state.models.insert(
+                name.into(),
+                weft_coordinator::ModelRecord {
+                    source: "default".into(),
+                    sha256: String::new(),
+                    spec: weft_placement::ModelSpec {
+                        name: name.into(),
+                        layers: 1,
+                        bytes_per_layer: 1,
+                        shared_bytes: 0,
+                        compute_per_token: 1.0,
+                        kv_bytes_per_token: 0,
+                        hidden_bytes_per_token: 0,
+                    },
+                },
+            );
+        }
+        let t = table(&[
+            (
+                "a1",
+                "edge-a",
+                &[],
+                &[("m", 2.0), ("n", 0.2), ("unknown", 9.0)],
+            ),
+            ("a2", "edge-a", &[], &[("m", 3.0)]),
+            ("b1", "edge-b", &[], &[("m", 4.0), ("n", 7.0)]),
+        ]);
+        let pinned = vec![(
+            "edge-b".to_string(),
+            "n".to_string(),
+            Demand {
+                site: weft_placement::SiteId(0),
+                model: weft_placement::ModelId(0),
+                requests_per_s: 1.0,
+                prompt_tokens: 1.0,
+                output_tokens: 1.0,
+                deadline_ms: None,
+            },
+        )];
+        let d: Vec<(String, String, f64)> = measured_demand(&t, &pinned, &state)
+            .into_iter()
+            .map(|(s, m, d)| (s, m, d.requests_per_s))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                ("edge-a".to_string(), "m".to_string(), 5.0),
+                ("edge-b".to_string(), "m".to_string(), 4.0),
+            ]
+        );
+    }
 }

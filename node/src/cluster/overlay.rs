@@ -66,6 +66,9 @@ pub struct LoadReport {
     /// Requests per second arriving at this node, by model (smoothed).
     #[serde(default)]
     pub demand: BTreeMap<String, f64>,
+    /// Round trips (ms) this node measured to other nodes, by name.
+    #[serde(default)]
+    pub rtt_ms: BTreeMap<String, f64>,
 }
 
 /// A change of membership a node announces about itself, signed like a
@@ -355,6 +358,14 @@ async fn run(
                 let mut r = report.borrow().clone();
                 r.node = identity.name.clone();
                 r.at_unix_ms = now_ms();
+                r.rtt_ms = {
+                    let t = table.read().expect("routing table lock");
+                    t.nodes
+                        .iter()
+                        .filter(|(n, _)| **n != r.node)
+                        .filter_map(|(n, e)| t.rtt.get(&e.peer).map(|d| (n.clone(), d.as_secs_f64() * 1e3)))
+                        .collect()
+                };
                 // this node is in its own table too: it is a routing candidate
                 table.write().expect("routing table lock").nodes.insert(
                     r.node.clone(),

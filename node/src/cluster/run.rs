@@ -359,6 +359,18 @@ pub fn status_table(s: &StatusReport) -> String {
             }
         );
     }
+    if let Some(p) = placement.filter(|p| !p.links.is_empty()) {
+        let links: Vec<String> = p
+            .links
+            .iter()
+            .map(|l| format!("{}-{} {:.1} ms", l.a, l.b, l.rtt_ms))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nplanned with measured round trips: {}",
+            links.join(", ")
+        );
+    }
     let _ = writeln!(
         out,
         "\nmodels: {}",
