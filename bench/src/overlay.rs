@@ -1,7 +1,9 @@
 //! `weft-bench overlay`: gossip convergence and failure detection with many
 //! overlay nodes in this process (libp2p QUIC on loopback, signed reports):
-//! the time from start until every node's routing table lists every node,
-//! and the time from stopping one node until no table lists it.
+//! the time from start until every node's routing table lists every node;
+//! the time from crashing one node (no goodbye) until each table drops it,
+//! the median table and the last; and the time from one node's clean stop
+//! (its goodbye on the membership topic) until no table lists it.
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,34 @@ pub struct OverlayArgs {
 struct OverlayReport {
     nodes: usize,
     convergence_ms: f64,
+    /// Crash until the median table dropped it.
+    failure_detection_p50_ms: f64,
+    /// Crash until the last table dropped it.
     failure_detection_ms: f64,
+    /// Clean stop until the last table dropped it.
+    goodbye_ms: f64,
+}
+
+/// Waits until no table in `nodes` lists `name`; returns when each table
+/// first did not, sorted.
+async fn dropped(nodes: &[Overlay], name: &str, since: Instant) -> Result<Vec<Duration>> {
+    let mut when: Vec<Option<Duration>> = vec![None; nodes.len()];
+    loop {
+        for (i, o) in nodes.iter().enumerate() {
+            if when[i].is_none() && !o.table.read().expect("routing table").nodes.contains_key(name) {
+                when[i] = Some(since.elapsed());
+            }
+        }
+        if when.iter().all(Option::is_some) {
+            let mut v: Vec<Duration> = when.into_iter().flatten().collect();
+            v.sort();
+            return Ok(v);
+        }
+        if since.elapsed() > Duration::from_secs(30) {
+            bail!("{name} stayed listed");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Runs the benchmark and prints one JSON object.
@@ -75,18 +104,16 @@ async fn run_async(a: OverlayArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    // a crash: no goodbye, the others notice its silence
     let victim = nodes.pop().expect("nodes");
     let t = Instant::now();
-    victim.stop().await;
-    let detection = loop {
-        if nodes.iter().all(|o| listed(o) == a.nodes - 1) {
-            break t.elapsed();
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the stopped node stayed listed");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    victim.abort().await;
+    let crash = dropped(&nodes, &format!("node-{}", a.nodes - 1), t).await?;
+    // a clean stop: its goodbye drops it at once
+    let leaver = nodes.pop().expect("nodes");
+    let t = Instant::now();
+    leaver.stop().await;
+    let goodbye = dropped(&nodes, &format!("node-{}", a.nodes - 2), t).await?;
     for o in nodes {
         o.stop().await;
     }
@@ -95,7 +122,9 @@ async fn run_async(a: OverlayArgs) -> Result<()> {
         serde_json::to_string(&OverlayReport {
             nodes: a.nodes,
             convergence_ms: convergence.as_secs_f64() * 1000.0,
-            failure_detection_ms: detection.as_secs_f64() * 1000.0,
+            failure_detection_p50_ms: crash[crash.len() / 2].as_secs_f64() * 1000.0,
+            failure_detection_ms: crash[crash.len() - 1].as_secs_f64() * 1000.0,
+            goodbye_ms: goodbye[goodbye.len() - 1].as_secs_f64() * 1000.0,
         })?
     );
     Ok(())
