@@ -39,7 +39,14 @@ async fn dropped(nodes: &[Overlay], name: &str, since: Instant) -> Result<Vec<Du
     let mut when: Vec<Option<Duration>> = vec![None; nodes.len()];
     loop {
         for (i, o) in nodes.iter().enumerate() {
-            if when[i].is_none() && !o.table.read().expect("routing table").nodes.contains_key(name) {
+            if when[i].is_none()
+                && !o
+                    .table
+                    .read()
+                    .expect("routing table")
+                    .nodes
+                    .contains_key(name)
+            {
                 when[i] = Some(since.elapsed());
             }
         }

@@ -111,6 +111,8 @@ pub struct AppState {
     /// Held models, the first one answering for `default`.
     models: RwLock<Vec<Arc<Served>>>,
     tenants: Mutex<HashMap<String, TenantUse>>,
+    /// Where admission decisions are recorded, if anywhere.
+    intent: Mutex<Option<crate::audit::IntentLog>>,
 }
 
 impl AppState {
@@ -137,7 +139,32 @@ impl AppState {
             metrics: Metrics::default(),
             models: RwLock::default(),
             tenants: Mutex::default(),
+            intent: Mutex::default(),
         })
+    }
+
+    /// Records every admission decision from now on in `log`.
+    pub fn set_intent_log(&self, log: crate::audit::IntentLog) {
+        *self.intent.lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
+    }
+
+    /// Appends a decision to the intent log, if there is one. A log that
+    /// cannot be written is reported, and serving goes on.
+    fn record(&self, record: Value) {
+        let mut g = self.intent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = g.as_mut() {
+            if let Err(e) = log.append(record) {
+                tracing::error!("intent log: {e}");
+            }
+        }
+    }
+
+    /// Forces the intent log to disk (on shutdown).
+    pub fn sync_intent_log(&self) {
+        let g = self.intent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Err(e)) = g.as_ref().map(|l| l.sync()) {
+            tracing::error!("intent log: {e}");
+        }
     }
 
     /// Serves `m` too (replacing a model of the same id).
@@ -813,9 +840,30 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
         }
     };
     let crit = job.criticality.as_str();
+    let received = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let decision = |id: Option<&str>, outcome: &str, reason: Option<&str>| {
+        json!({
+            "request_id": id,
+            "tenant": job.tenant,
+            "model": job.model.model_id,
+            "intent": {
+                "criticality": crit,
+                "deadline_ms": job.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+            },
+            "prompt_tokens": job.prompt.len(),
+            "node": "local",
+            "decision": outcome,
+            "reason": reason,
+            "queue_waiting": job.model.supervisor.stats().waiting,
+            "received_unix_ms": received,
+        })
+    };
     let mut ticket = match admit(&s, &job) {
         Ok(t) => t,
         Err(e) => {
+            s.record(decision(None, "refused", Some(&e.message)));
             s.metrics
                 .request(&job.model.model_id, e.status.as_u16(), crit);
             return e.into_response();
@@ -855,6 +903,7 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
         kind: job.kind,
         prompt_tokens,
     };
+    s.record(decision(Some(&meta.id), "admitted", None));
     if job.stream {
         stream_response(s, job, ticket, rx, meta)
     } else {

@@ -79,6 +79,11 @@ pub struct NodeConfig {
     pub api_keys: BTreeMap<String, String>,
     /// Limits per tenant name; `default` applies to tenants not listed.
     pub tenants: BTreeMap<String, TenantLimits>,
+    /// Directory of the intent log (every admission decision, hash-chained);
+    /// unset: `weft up` keeps it in its state directory, if it has one.
+    pub intent_log: Option<PathBuf>,
+    /// Size at which an intent-log file is closed and the next begun.
+    pub intent_log_file_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -101,6 +106,8 @@ impl Default for NodeConfig {
             log_format: "text".into(),
             api_keys: BTreeMap::new(),
             tenants: BTreeMap::new(),
+            intent_log: None,
+            intent_log_file_bytes: crate::audit::DEFAULT_MAX_FILE_BYTES,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`config`]: node settings from defaults, TOML, `WEFT_*` and flags, validated.
 //! - [`api`]: the OpenAI-compatible HTTP API, intent, API keys, tenant limits.
 //! - [`metrics`]: Prometheus counters and histograms.
+//! - [`audit`]: the hash-chained intent log and its verification.
 //! - [`worker`]: the node/worker protocol, the worker process, the supervisor.
 //! - [`sandbox`]: namespaces and limits for worker processes (the only `unsafe`).
 //! - [`serve`]: `weft up`: listener with a connection cap, graceful shutdown.
@@ -22,6 +23,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod cluster;
 pub mod config;
 pub mod metrics;

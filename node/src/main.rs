@@ -43,6 +43,9 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+    /// The intent log: check its hash chain.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Show the cluster: leader, term, placement epoch, members and what
     /// each holds (a linearizable read through the leader).
     Status {
@@ -53,6 +56,18 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Check that no line of an intent log was edited, removed or
+    /// reordered: a directory, or its files in order. Exits 1 at the first
+    /// broken link, naming the file and line.
+    Verify {
+        /// The log's directory, or files in chain order.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
     },
 }
 
@@ -271,6 +286,19 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(weft_node::cluster::run::run_node(cfg, shutdown_signal()))
         }
+        Command::Audit(AuditCommand::Verify { paths }) => match weft_node::audit::verify(&paths) {
+            Ok(v) => {
+                println!(
+                    "ok: {} lines from sequence {}, chain intact; head {}",
+                    v.lines, v.first_seq, v.head
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("intent log broken: {e}");
+                std::process::exit(1);
+            }
+        },
         Command::Status { config, json } => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             let config = match config {

@@ -144,12 +144,30 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
     let supervisor = start_worker(&cfg, stored.path.clone(), Some(bound.to_string()));
     let model_id = source.model_id();
     let kv_budget = cfg.kv_budget;
+    let intent_dir = cfg
+        .intent_log
+        .clone()
+        .or_else(|| crate::cluster::embedded::default_state_dir(&addr).map(|d| d.join("intent")));
+    let intent_file_bytes = cfg.intent_log_file_bytes;
     let state = AppState::new(cfg, model_id.clone(), tokenizer, supervisor.clone());
+    let mut intent_line = None;
+    if let Some(dir) = intent_dir {
+        let log = crate::audit::IntentLog::open(&dir, intent_file_bytes)
+            .with_context(|| format!("opening the intent log in {}", dir.display()))?;
+        state.set_intent_log(log);
+        intent_line = Some(format!(
+            "intent log: {} (check it with `weft audit verify`)",
+            dir.display()
+        ));
+    }
     println!("weft serving {model_id} on http://{bound}  (ready at http://{bound}/readyz once the model is loaded)");
     println!(
         "try:\n  curl http://{bound}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'"
     );
 
+    if let Some(l) = intent_line {
+        println!("{l}");
+    }
     // the control plane of one: this node, its model, the epoch placing it here
     let embedded = crate::cluster::embedded::start(
         crate::cluster::embedded::default_state_dir(&addr),
@@ -182,8 +200,9 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         let _ = stop_tx.send(true);
     });
     let s = supervisor.clone();
-    serve_api(listener, state, stop_rx, move || s.shutdown()).await;
+    serve_api(listener, state.clone(), stop_rx, move || s.shutdown()).await;
     supervisor.shutdown();
+    state.sync_intent_log();
     if let Some(e) = embedded {
         e.stop().await?;
     }

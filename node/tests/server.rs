@@ -783,3 +783,74 @@ fn weft_up_keeps_its_state_in_a_coordinator_of_one() {
         .unwrap_or_default();
     assert!(row.contains("tiny-gemma[0.."), "{table}");
 }
+
+/// Every admission decision lands in the intent log: `weft audit verify`
+/// passes on the real log and names the line after an edited one.
+#[test]
+fn the_intent_log_records_decisions_and_weft_audit_verify_catches_an_edit() {
+    let logs = tempfile::tempdir().unwrap();
+    let dir = logs.path().join("intent");
+    let mut node = start(&format!(
+        "intent_log = \"{}\"\nintent_log_file_bytes = 1000\n",
+        dir.display()
+    ));
+    for i in 0..6 {
+        let (st, _) = post(
+            &node,
+            "/v1/completions",
+            &json!({"model": "tiny-gemma", "prompt": format!("hello {i}"), "max_tokens": 2, "weft": {"criticality": "critical"}}),
+        );
+        assert_eq!(st, 200);
+    }
+    // a clean stop forces the log to disk
+    Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(node.child.wait().unwrap().success());
+    let verify = |path: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["audit", "verify"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&dir);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("ok: 6 lines"), "{said}");
+    // rotation: small files, one chain
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(files.len() > 1, "no rotation at 1000 bytes");
+    // each line is a decision with the request's intent
+    let first = dir.join("intent-000000.jsonl");
+    let text = std::fs::read_to_string(&first).unwrap();
+    let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["record"]["decision"], "admitted");
+    assert_eq!(line["record"]["intent"]["criticality"], "critical");
+    assert!(line["record"]["request_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("cmpl-"));
+    // an edited copy fails, naming the line after the edit
+    let copy = logs.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    let edited = copy.join("intent-000000.jsonl");
+    let t = std::fs::read_to_string(&edited).unwrap();
+    std::fs::write(&edited, t.replacen("\"critical\"", "\"sheddable\"", 1)).unwrap();
+    let out = verify(&copy);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("line 2") || err.contains("intent-000001"),
+        "{err}"
+    );
+}

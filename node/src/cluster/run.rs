@@ -167,6 +167,7 @@ pub async fn run_node(
             };
             hold_and_serve(
                 serve.clone(),
+                cfg.node.data_dir.clone(),
                 me.id,
                 base,
                 Caller::new(&identity)?,
@@ -191,8 +192,10 @@ pub async fn run_node(
 /// Serves the API and holds what the placement assigns to member `me`
 /// until `shutdown` resolves; gossips the node's live load if the overlay
 /// runs. Cut off from the coordinators, it keeps serving what it holds.
+#[allow(clippy::too_many_arguments)]
 async fn hold_and_serve(
     serve: crate::config::NodeConfig,
+    data_dir: std::path::PathBuf,
     me: u64,
     base: super::overlay::LoadReport,
     caller: Caller,
@@ -206,7 +209,14 @@ async fn hold_and_serve(
         .await
         .with_context(|| format!("[serve] cannot listen on {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "serving the API for the models this node is assigned");
+    let intent_dir = serve
+        .intent_log
+        .clone()
+        .unwrap_or_else(|| data_dir.join("intent"));
+    let log = crate::audit::IntentLog::open(&intent_dir, serve.intent_log_file_bytes)
+        .with_context(|| format!("opening the intent log in {}", intent_dir.display()))?;
     let app = crate::api::AppState::empty(serve);
+    app.set_intent_log(log);
     let mut holder = Holder::new(
         app.clone(),
         me,
@@ -255,6 +265,7 @@ async fn hold_and_serve(
     let _ = stop_tx.send(true);
     let _ = api.await;
     holder.shutdown();
+    app.sync_intent_log();
     Ok(())
 }
 
