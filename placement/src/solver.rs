@@ -636,11 +636,23 @@ impl<'a> Solver<'a> {
         left
     }
 
+    /// Whether some cloud node could hold a whole replica of `model`: the
+    /// fallback an edge replica is weighed against.
+    fn cloud_can_hold(&self, model: ModelId) -> bool {
+        let m = &self.models[model.0 as usize];
+        let need = m.shard_memory(m.layers, self.config.kv_reserve_tokens);
+        self.topology
+            .nodes
+            .iter()
+            .any(|n| self.topology.site(n.site).kind == SiteKind::Cloud && n.memory_bytes >= need)
+    }
+
     /// Whether a new replica of demand `di`'s model at edge site `site`,
     /// taking `left` of its work, is worth the weights it moves: against
     /// serving that share from the cloud, it saves the share's bytes over
-    /// the core and, when the cloud is too far for the deadline, its misses.
-    /// Cloud sites are always worth it: they are the last resort.
+    /// the core and, when the cloud is too far for the deadline, its misses;
+    /// with no cloud that could hold the model, the share would go
+    /// unserved. Cloud sites are always worth it: they are the last resort.
     fn worth_placing(&self, di: usize, site: SiteId, left: f64) -> bool {
         let here = self.topology.site(site);
         if here.kind != SiteKind::Edge {
@@ -675,8 +687,13 @@ impl<'a> Solver<'a> {
             }
             _ => 0.0,
         };
+        let unserved = if self.cloud_can_hold(d.model) {
+            0.0
+        } else {
+            d.requests_per_s * share * self.config.amortize_s * self.config.unserved_penalty
+        };
         let move_cost = m.total_bytes() as f64 * self.weight_price(site, d.model);
-        move_cost < remote + miss
+        move_cost < remote + miss + unserved
     }
 
     /// Places a replica at the demand's own site if that is worth the move.
