@@ -803,3 +803,106 @@ async fn measured_demand_places_a_model_where_it_is_asked_for() {
         .any(|d| d.0 == "edge-b" && d.1 == "tiny" && d.2.requests_per_s >= 0.5));
     drop(gw);
 }
+
+/// Edge autonomy: a gateway cut off from every coordinator keeps serving
+/// what it holds and keeps its intent log; when the coordinators come back
+/// (from their disks) it applies the epoch they committed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles() {
+    let mut c = setup();
+    let gw = Gateway::start(&c);
+    let api = gw.api;
+    register_tiny(&c, "tiny");
+    let c1 = c.config(0);
+    let c1 = c1.to_str().unwrap().to_string();
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        &c1,
+        "--demand",
+        "edge-b:tiny:50:200:32",
+    ]);
+    let http = reqwest::Client::new();
+    let complete = || {
+        http.post(format!("http://{api}/v1/completions"))
+            .json(&serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 2}))
+            .send()
+    };
+    let t = Instant::now();
+    while complete().await.map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never served:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // every coordinator dies: the gateway notices, and serves on
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let t = Instant::now();
+    while !gw.log().contains("coordinators unreachable") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no cut-off noticed:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..5 {
+        let r = complete().await.unwrap();
+        assert_eq!(r.status(), 200, "cut off, the gateway stopped serving");
+    }
+    // its intent log kept every decision
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["audit", "verify"])
+        .arg(c.dir.path().join("gw/intent"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    let n: u64 = said
+        .split_whitespace()
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap();
+    assert!(n >= 6, "{said}");
+
+    // the coordinators come back from their disks; the operator drops the
+    // demand; the gateway hears it and reconciles
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        &c1,
+        "--demand",
+        "edge-b:tiny:0",
+    ]);
+    let t = Instant::now();
+    loop {
+        let v: serde_json::Value = http
+            .get(format!("http://{api}/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not reconciled:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gw.log().contains("coordinators reachable again"));
+}
