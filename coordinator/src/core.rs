@@ -303,6 +303,13 @@ impl Coordinator {
         self.after_input();
     }
 
+    /// Whether a read would be served now: this member leads and has
+    /// committed an entry in its own term (raft drops reads before that).
+    pub fn can_serve_reads(&self) -> bool {
+        let r = &self.raw.raft;
+        self.is_leader() && r.raft_log.term(r.raft_log.committed).ok() == Some(r.term)
+    }
+
     /// Asks for a linearizable read; it shows up in [`Output::reads`] once
     /// the group has confirmed this member's view (read index).
     pub fn read_index(&mut self, ctx: Vec<u8>) {

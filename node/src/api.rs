@@ -113,6 +113,8 @@ pub struct AppState {
     tenants: Mutex<HashMap<String, TenantUse>>,
     /// Where admission decisions are recorded, if anywhere.
     intent: Mutex<Option<crate::audit::IntentLog>>,
+    /// Sends requests for models held elsewhere to a peer (cluster nodes).
+    forwarder: RwLock<Option<Arc<crate::dataplane::Forwarder>>>,
 }
 
 impl AppState {
@@ -140,7 +142,13 @@ impl AppState {
             models: RwLock::default(),
             tenants: Mutex::default(),
             intent: Mutex::default(),
+            forwarder: RwLock::default(),
         })
+    }
+
+    /// Forwards requests for models this node does not hold through `f`.
+    pub fn set_forwarder(&self, f: Arc<crate::dataplane::Forwarder>) {
+        *self.forwarder.write().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// Records every admission decision from now on in `log`.
@@ -424,10 +432,7 @@ struct Job {
     model: Arc<Served>,
 }
 
-async fn read_body<T: for<'de> Deserialize<'de>>(
-    s: &AppState,
-    req: Request,
-) -> Result<T, ApiError> {
+async fn read_bytes(s: &AppState, req: Request) -> Result<axum::body::Bytes, ApiError> {
     let limit = s.cfg.max_body_bytes;
     let read = axum::body::to_bytes(req.into_body(), limit);
     let bytes = match tokio::time::timeout(Duration::from_secs(s.cfg.read_timeout_s), read).await {
@@ -457,7 +462,69 @@ async fn read_body<T: for<'de> Deserialize<'de>>(
     if std::str::from_utf8(&bytes).is_err() {
         return Err(ApiError::bad("request body is not valid UTF-8"));
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+    Ok(bytes)
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// Sends a request for a model this node does not hold to a peer that
+/// does (`None`: serve it here, or refuse it here).
+async fn elsewhere(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    uri: &str,
+    bytes: &axum::body::Bytes,
+) -> Option<Response> {
+    let fwd = s
+        .forwarder
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()?;
+    let model = serde_json::from_slice::<Value>(bytes)
+        .ok()?
+        .get("model")?
+        .as_str()?
+        .to_string();
+    if s.find(&model).is_some() {
+        return None;
+    }
+    if let Err(e) = authenticate(s, headers) {
+        return Some(e.into_response());
+    }
+    let peer = fwd.pick(&model)?;
+    let hops = crate::dataplane::hops(headers);
+    let record = |outcome: &str, reason: Option<String>| {
+        json!({
+            "model": model,
+            "node": "local",
+            "decision": outcome,
+            "to": peer.name,
+            "hops": hops,
+            "reason": reason,
+            "intent": {
+                "criticality": header_str(headers, "x-weft-criticality"),
+                "deadline_ms": header_str(headers, "x-weft-deadline-ms"),
+            },
+        })
+    };
+    if hops >= crate::dataplane::MAX_HOPS {
+        let why = format!("forwarded {hops} times already; not forwarding again");
+        s.record(record("refused", Some(why.clone())));
+        return Some(ApiError::new(StatusCode::LOOP_DETECTED, "server_error", why).into_response());
+    }
+    match fwd.forward(&peer, uri, headers, bytes.clone(), hops).await {
+        Ok(r) => {
+            s.record(record("forwarded", None));
+            Some(r)
+        }
+        Err(e) => {
+            let why = format!("forwarding to {} failed: {e}", peer.name);
+            s.record(record("failed", Some(why.clone())));
+            Some(ApiError::new(StatusCode::BAD_GATEWAY, "server_error", why).into_response())
+        }
+    }
 }
 
 fn header_str<'a>(h: &'a HeaderMap, k: &str) -> Option<&'a str> {
@@ -605,9 +672,16 @@ fn check_prompt(s: &AppState, prompt: &[u32]) -> Result<(), ApiError> {
 }
 
 async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) -> Response {
+    let bytes = match read_bytes(&s, req).await {
+        Ok(b) => b,
+        Err(e) => return respond(s, Err(e)).await,
+    };
+    if let Some(r) = elsewhere(&s, &headers, "/v1/completions", &bytes).await {
+        return r;
+    }
     let r = async {
         let tenant = authenticate(&s, &headers)?;
-        let body: CompletionBody = read_body(&s, req).await?;
+        let body: CompletionBody = parse_body(&bytes)?;
         let prepared = prepare(&s, &body.common, &headers)?;
         let text = match body.prompt {
             PromptField::Text(t) => t,
@@ -635,9 +709,16 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
 }
 
 async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) -> Response {
+    let bytes = match read_bytes(&s, req).await {
+        Ok(b) => b,
+        Err(e) => return respond(s, Err(e)).await,
+    };
+    if let Some(r) = elsewhere(&s, &headers, "/v1/chat/completions", &bytes).await {
+        return r;
+    }
     let r = async {
         let tenant = authenticate(&s, &headers)?;
-        let body: ChatBody = read_body(&s, req).await?;
+        let body: ChatBody = parse_body(&bytes)?;
         let prepared = prepare(&s, &body.common, &headers)?;
         if body.messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty").param("messages"));

@@ -84,6 +84,10 @@ pub struct NodeConfig {
     pub intent_log: Option<PathBuf>,
     /// Size at which an intent-log file is closed and the next begun.
     pub intent_log_file_bytes: u64,
+    /// Cluster nodes: where peers' forwarded requests arrive (UDP, QUIC);
+    /// unset: the node's cluster address, unless it is a coordinator (whose
+    /// cluster address carries Raft), then none.
+    pub data_addr: Option<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -108,6 +112,7 @@ impl Default for NodeConfig {
             tenants: BTreeMap::new(),
             intent_log: None,
             intent_log_file_bytes: crate::audit::DEFAULT_MAX_FILE_BYTES,
+            data_addr: None,
         }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`api`]: the OpenAI-compatible HTTP API, intent, API keys, tenant limits.
 //! - [`metrics`]: Prometheus counters and histograms.
 //! - [`audit`]: the hash-chained intent log and its verification.
+//! - [`dataplane`]: forwarding requests to the peer that holds the model.
 //! - [`worker`]: the node/worker protocol, the worker process, the supervisor.
 //! - [`sandbox`]: namespaces and limits for worker processes (the only `unsafe`).
 //! - [`serve`]: `weft up`: listener with a connection cap, graceful shutdown.
@@ -26,6 +27,7 @@ pub mod api;
 pub mod audit;
 pub mod cluster;
 pub mod config;
+pub mod dataplane;
 pub mod metrics;
 pub mod model_store;
 pub mod sandbox;

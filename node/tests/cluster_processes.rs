@@ -199,8 +199,8 @@ async fn status(caller: &Caller, peers: &[Peer]) -> StatusReport {
     }
 }
 
-/// A gateway `gw-1` at site `edge-b`: joins with a fresh token, gossips on
-/// the overlay, and serves on its own API address.
+/// A gateway at site `edge-b`: joins with a fresh token, gossips on the
+/// overlay, and serves on its own API address.
 struct Gateway {
     child: Child,
     log: PathBuf,
@@ -209,6 +209,11 @@ struct Gateway {
 
 impl Gateway {
     fn start(c: &Coordinators) -> Self {
+        Self::start_as(c, "gw-1", 4 << 30)
+    }
+
+    /// `name`, offering `memory_bytes` to the placement.
+    fn start_as(c: &Coordinators, name: &str, memory_bytes: u64) -> Self {
         let token = ca(c.dir.path()).issue_token(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -217,12 +222,12 @@ impl Gateway {
             600,
         );
         let api = free_tcp();
-        let cfg = c.dir.path().join("gw.toml");
+        let cfg = c.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
             format!(
-                "[node]\nname = \"gw-1\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = 4294967296\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
-                c.dir.path().join("gw").display(),
+                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = {memory_bytes}\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
+                c.dir.path().join(name).display(),
                 free_udp(),
                 c.peers[0].name,
                 c.peers[0].addr,
@@ -230,7 +235,7 @@ impl Gateway {
             ),
         )
         .unwrap();
-        let log = c.dir.path().join("gw.log");
+        let log = c.dir.path().join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_weft"))
             .args(["node", "--config"])
@@ -859,7 +864,7 @@ async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles
     // its intent log kept every decision
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["audit", "verify"])
-        .arg(c.dir.path().join("gw/intent"))
+        .arg(c.dir.path().join("gw-1/intent"))
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
@@ -905,4 +910,124 @@ async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gw.log().contains("coordinators reachable again"));
+}
+
+/// A request for a model the gateway does not hold goes over the data plane
+/// to the peer that holds it: the same tokens as asking that peer, whole or
+/// streamed; the hop limit stops loops; the decision is in the intent log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
+    let c = setup();
+    let holder = Gateway::start_as(&c, "gw-1", 4 << 30);
+    // too small to be given the model
+    let front = Gateway::start_as(&c, "gw-2", 1);
+    register_tiny(&c, "tiny");
+    let c1 = c.config(0);
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c1.to_str().unwrap(),
+        "--demand",
+        "edge-b:tiny:50:200:32",
+    ]);
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"model": "tiny", "prompt": "hello there", "max_tokens": 8, "temperature": 0});
+    let ask = |api: SocketAddr, body: serde_json::Value| {
+        http.post(format!("http://{api}/v1/completions"))
+            .json(&body)
+            .send()
+    };
+    // the holder serves it; then the front forwards to it
+    let t = Instant::now();
+    let direct = loop {
+        if let Ok(r) = ask(holder.api, body.clone()).await {
+            if r.status() == 200 {
+                break r.json::<serde_json::Value>().await.unwrap();
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never served:\n{}",
+            holder.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let t = Instant::now();
+    let (via, served_by) = loop {
+        let Ok(r) = ask(front.api, body.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if r.status() == 200 {
+            let by = r
+                .headers()
+                .get("x-weft-served-by")
+                .map(|v| v.to_str().unwrap().to_string());
+            break (r.json::<serde_json::Value>().await.unwrap(), by);
+        }
+        assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never forwarded:\n{}",
+            front.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(served_by.as_deref(), Some("gw-1"));
+    assert_eq!(via["choices"][0]["text"], direct["choices"][0]["text"]);
+    assert_eq!(via["usage"], direct["usage"]);
+    // streamed through the front: the same text, to [DONE]
+    let mut streamed = body.clone();
+    streamed["stream"] = serde_json::json!(true);
+    let sse = ask(front.api, streamed)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let text: String = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            serde_json::from_str::<serde_json::Value>(d).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, direct["choices"][0]["text"].as_str().unwrap());
+    assert!(sse.trim_end().ends_with("data: [DONE]"));
+    // a request that has been forwarded too often is refused, not looped
+    let r = http
+        .post(format!("http://{}/v1/completions", front.api))
+        .header("x-weft-hops", "2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 508);
+    // the front's intent log holds the forwarding decisions, chained
+    drop(front);
+    let log_dir = c.dir.path().join("gw-2/intent");
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["audit", "verify"])
+        .arg(&log_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: String = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    assert!(
+        all.contains("\"decision\":\"forwarded\"") && all.contains("\"to\":\"gw-1\""),
+        "{all}"
+    );
+    assert!(all.contains("\"decision\":\"refused\""), "{all}");
 }

@@ -824,6 +824,14 @@ impl Driver {
                     let _ = reply.send(self.not_leader());
                     return;
                 }
+                if !self.core.can_serve_reads() {
+                    // a new leader: raft would drop the read until it has
+                    // committed in its term, which takes one round trip
+                    let _ = reply.send(Reply::Error {
+                        message: "the new leader has not committed in its term yet; retry".into(),
+                    });
+                    return;
+                }
                 let ctx = self.ctx();
                 self.core.read_index(ctx.clone());
                 self.reads.push(Read {

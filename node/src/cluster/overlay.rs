@@ -49,8 +49,11 @@ pub struct LoadReport {
     pub node: String,
     /// Its site.
     pub site: String,
-    /// Where its data plane listens.
+    /// Its cluster address.
     pub address: String,
+    /// Where its data plane takes forwarded requests (empty: it does not).
+    #[serde(default)]
+    pub data_address: String,
     /// Unix time of the report (ms), by the sender's clock.
     pub at_unix_ms: u64,
     /// Requests waiting.

@@ -165,8 +165,13 @@ pub async fn run_node(
                 address: cfg.node.listen.to_string(),
                 ..Default::default()
             };
+            let mut serve = serve.clone();
+            if serve.data_addr.is_none() && cfg.coordinator.is_none() {
+                serve.data_addr = Some(cfg.node.listen);
+            }
             hold_and_serve(
-                serve.clone(),
+                serve,
+                &identity,
                 cfg.node.data_dir.clone(),
                 me.id,
                 base,
@@ -195,6 +200,7 @@ pub async fn run_node(
 #[allow(clippy::too_many_arguments)]
 async fn hold_and_serve(
     serve: crate::config::NodeConfig,
+    identity: &NodeIdentity,
     data_dir: std::path::PathBuf,
     me: u64,
     base: super::overlay::LoadReport,
@@ -215,14 +221,39 @@ async fn hold_and_serve(
         .unwrap_or_else(|| data_dir.join("intent"));
     let log = crate::audit::IntentLog::open(&intent_dir, serve.intent_log_file_bytes)
         .with_context(|| format!("opening the intent log in {}", intent_dir.display()))?;
+    let data_addr = serve.data_addr;
     let app = crate::api::AppState::empty(serve);
     app.set_intent_log(log);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut base = base;
+    // the data plane: forward what others hold, take what peers forward
+    if let Some(o) = overlay {
+        app.set_forwarder(std::sync::Arc::new(crate::dataplane::Forwarder::new(
+            identity,
+            o.table.clone(),
+        )?));
+        if let Some(addr) = data_addr {
+            let ep = super::transport::endpoint(
+                identity,
+                &super::credentials::Revoked::default(),
+                addr,
+                false,
+            )
+            .with_context(|| format!("data plane on {addr}"))?;
+            base.data_address = ep.local_addr()?.to_string();
+            tracing::info!(addr = %base.data_address, "data plane listening");
+            tokio::spawn(crate::dataplane::serve(
+                ep,
+                crate::api::router(app.clone()),
+                stop_rx.clone(),
+            ));
+        }
+    }
     let mut holder = Holder::new(
         app.clone(),
         me,
         crate::model_store::ModelStore::default_location(),
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api = tokio::spawn(crate::serve::serve_api(
         listener,
         app.clone(),
