@@ -172,6 +172,7 @@ pub async fn run_node(
             hold_and_serve(
                 serve,
                 &identity,
+                &revoked,
                 cfg.node.data_dir.clone(),
                 me.id,
                 base,
@@ -201,6 +202,7 @@ pub async fn run_node(
 async fn hold_and_serve(
     serve: crate::config::NodeConfig,
     identity: &NodeIdentity,
+    revoked: &super::credentials::Revoked,
     data_dir: std::path::PathBuf,
     me: u64,
     base: super::overlay::LoadReport,
@@ -233,13 +235,8 @@ async fn hold_and_serve(
             o.table.clone(),
         )?));
         if let Some(addr) = data_addr {
-            let ep = super::transport::endpoint(
-                identity,
-                &super::credentials::Revoked::default(),
-                addr,
-                false,
-            )
-            .with_context(|| format!("data plane on {addr}"))?;
+            let ep = super::transport::endpoint(identity, revoked, addr, false)
+                .with_context(|| format!("data plane on {addr}"))?;
             base.data_address = ep.local_addr()?.to_string();
             tracing::info!(addr = %base.data_address, "data plane listening");
             tokio::spawn(crate::dataplane::serve(
@@ -275,6 +272,8 @@ async fn hold_and_serve(
                             tracing::info!("coordinators reachable again");
                             cut_off = false;
                         }
+                        // the replicated revocations reach the overlay and the data plane
+                        revoked.set(s.state.revoked.iter().cloned());
                         holder.apply(&s.state).await;
                     }
                     Ok(other) => tracing::warn!("unexpected answer to a status read: {other:?}"),
