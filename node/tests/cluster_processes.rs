@@ -251,6 +251,32 @@ impl Gateway {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until its API lists no model (it dropped what it held).
+    async fn wait_holding_nothing(&self, within: Duration) {
+        let http = reqwest::Client::new();
+        let t = Instant::now();
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("http://{}/v1/models", self.api))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["data"].as_array().unwrap().is_empty() {
+                return;
+            }
+            assert!(
+                t.elapsed() < within,
+                "{:?} still serves {v}:\n{}",
+                self.log,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Gateway {
@@ -729,26 +755,7 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
         "--demand",
         "edge-b:tiny:0",
     ]);
-    let t = Instant::now();
-    loop {
-        let v: serde_json::Value = http
-            .get(format!("http://{api}/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["data"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "gw-1 still serves {v}:\n{}",
-            gw_log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gw.wait_holding_nothing(Duration::from_secs(10)).await;
     let r = http
         .post(format!("http://{api}/v1/completions"))
         .json(&serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 4}))
@@ -889,26 +896,7 @@ async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles
         "--demand",
         "edge-b:tiny:0",
     ]);
-    let t = Instant::now();
-    loop {
-        let v: serde_json::Value = http
-            .get(format!("http://{api}/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["data"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "not reconciled:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gw.wait_holding_nothing(Duration::from_secs(30)).await;
     assert!(gw.log().contains("coordinators reachable again"));
 }
 

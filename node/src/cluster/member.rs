@@ -252,6 +252,19 @@ pub fn measured_demand(
         .collect()
 }
 
+/// The answer to a membership change: proposed (it commits later), or why not.
+fn proposed(r: weft_coordinator::Result<()>) -> Reply {
+    match r {
+        Ok(()) => Reply::Committed {
+            index: 0,
+            refused: None,
+        },
+        Err(e) => Reply::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
 /// Round trips between sites from the nodes' reports: for every pair of
 /// different sites, the median of what their nodes measured to each other.
 pub fn measured_links(table: &super::overlay::RoutingTable) -> Vec<weft_coordinator::SiteLink> {
@@ -793,15 +806,7 @@ impl Driver {
                     addr: peer.addr.to_string(),
                 };
                 let r = self.core.change_voter_with(peer.id, true, Some(record));
-                let _ = reply.send(match r {
-                    Ok(()) => Reply::Committed {
-                        index: 0,
-                        refused: None,
-                    },
-                    Err(e) => Reply::Error {
-                        message: e.to_string(),
-                    },
-                });
+                let _ = reply.send(proposed(r));
             }
             Request::RemoveCoordinator { id } => {
                 if !self.core.is_leader() {
@@ -809,15 +814,7 @@ impl Driver {
                     return;
                 }
                 let r = self.core.change_voter(id, false);
-                let _ = reply.send(match r {
-                    Ok(()) => Reply::Committed {
-                        index: 0,
-                        refused: None,
-                    },
-                    Err(e) => Reply::Error {
-                        message: e.to_string(),
-                    },
-                });
+                let _ = reply.send(proposed(r));
             }
             Request::Status => {
                 if !self.core.is_leader() {
