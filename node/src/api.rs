@@ -176,10 +176,11 @@ impl AppState {
     }
 
     /// Serves `m` too (replacing a model of the same id).
-    pub fn hold(&self, m: Served) {
+    pub fn hold(&self, m: impl Into<Arc<Served>>) {
+        let m = m.into();
         let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
         models.retain(|h| h.model_id != m.model_id);
-        models.push(Arc::new(m));
+        models.push(m);
     }
 
     /// Stops serving `model_id`; requests already running finish. Returns
@@ -482,11 +483,12 @@ async fn elsewhere(
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone()?;
-    let model = serde_json::from_slice::<Value>(bytes)
-        .ok()?
-        .get("model")?
-        .as_str()?
-        .to_string();
+    /// Only the field routing needs; the rest is parsed where it is served.
+    #[derive(Deserialize)]
+    struct Named {
+        model: String,
+    }
+    let model = serde_json::from_slice::<Named>(bytes).ok()?.model;
     if s.find(&model).is_some() {
         return None;
     }

@@ -144,10 +144,12 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
     let supervisor = start_worker(&cfg, stored.path.clone(), Some(bound.to_string()));
     let model_id = source.model_id();
     let kv_budget = cfg.kv_budget;
+    // weft up's state (coordinator of one, intent log), kept per address
+    let state_dir = crate::cluster::embedded::default_state_dir(&addr);
     let intent_dir = cfg
         .intent_log
         .clone()
-        .or_else(|| crate::cluster::embedded::default_state_dir(&addr).map(|d| d.join("intent")));
+        .or_else(|| state_dir.as_ref().map(|d| d.join("intent")));
     let intent_file_bytes = cfg.intent_log_file_bytes;
     let state = AppState::new(cfg, model_id.clone(), tokenizer, supervisor.clone());
     let mut intent_line = None;
@@ -170,7 +172,7 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
     }
     // the control plane of one: this node, its model, the epoch placing it here
     let embedded = crate::cluster::embedded::start(
-        crate::cluster::embedded::default_state_dir(&addr),
+        state_dir,
         crate::cluster::embedded::Served {
             stored: &stored,
             source: &state.cfg.model,

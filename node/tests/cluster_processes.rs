@@ -77,6 +77,26 @@ impl Coordinators {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// Waits until every member's metric `name` reads `want`; returns how
+    /// long that took.
+    async fn wait_metric_everywhere(&self, name: &str, want: u64, within: Duration) -> Duration {
+        let t = Instant::now();
+        loop {
+            let mut all = true;
+            for i in 0..self.peers.len() {
+                all &= self.metric(i, name).await == Some(want);
+            }
+            if all {
+                return t.elapsed();
+            }
+            assert!(
+                t.elapsed() < within,
+                "{name} never read {want} on every member"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("c{}.log", i + 1))).unwrap_or_default()
     }
@@ -535,21 +555,8 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
     // a gateway at its own site joins with a token and gossips
     let mut gw = Gateway::start(&c);
     // every coordinator hears all four nodes
-    let t = Instant::now();
-    loop {
-        let mut all = true;
-        for i in 0..3 {
-            all &= c.metric(i, "weft_overlay_nodes").await == Some(4);
-        }
-        if all {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the overlay did not converge"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.wait_metric_everywhere("weft_overlay_nodes", 4, Duration::from_secs(30))
+        .await;
     // demand at the gateway's site puts a replica on it
     // a real (tiny) model file, so the gateway can load what it is assigned
     let path = c.dir.path().join("small.gguf");
@@ -601,22 +608,9 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
     // kill it: it leaves every coordinator's routing table within 2 s...
     gw.child.kill().unwrap();
     gw.child.wait().unwrap();
-    let killed = Instant::now();
-    loop {
-        let mut gone = true;
-        for i in 0..3 {
-            gone &= c.metric(i, "weft_overlay_nodes").await == Some(3);
-        }
-        if gone {
-            break;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(10),
-            "gw-1 stayed in the routing tables"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left = killed.elapsed();
+    let left = c
+        .wait_metric_everywhere("weft_overlay_nodes", 3, Duration::from_secs(10))
+        .await;
     eprintln!("gw-1 left the routing tables {left:?} after the kill");
     assert!(left < Duration::from_secs(2), "gw-1 left after {left:?}");
     // ...and the leader moves its replica

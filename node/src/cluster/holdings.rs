@@ -161,11 +161,7 @@ impl Holder {
             }
             match self.load(h, rec).await {
                 Ok(Some(served)) => {
-                    self.app.hold(Served {
-                        model_id: served.model_id.clone(),
-                        tokenizer: served.tokenizer.clone(),
-                        supervisor: served.supervisor.clone(),
-                    });
+                    self.app.hold(served.clone());
                     self.served.insert(h.model.clone(), served);
                 }
                 Ok(None) => {
