@@ -591,7 +591,13 @@ enum Then {
     Committed,
     /// Reply `Joined` with this certificate.
     Joined { cert_pem: String, ca_pem: String },
+    /// An operator's re-plan proposing epoch `epoch`: if another plan
+    /// committed first (the re-planning loop's), plan again on top of it.
+    Replan { epoch: u64, tries: u32 },
 }
+
+/// Times an operator's re-plan is planned again after losing a race.
+const REPLAN_TRIES: u32 = 3;
 
 /// A linearizable read in flight.
 struct Read {
@@ -733,6 +739,23 @@ impl Driver {
         }
     }
 
+    /// Plans for the operator's demand from the current state and proposes it.
+    fn replan(&mut self, reply: oneshot::Sender<Reply>, tries: u32) {
+        let links = self.measured_links();
+        let next = self.core.state().plan_next_measured(
+            &self.demand,
+            &self.settings.solver,
+            &Default::default(),
+            &links,
+        );
+        let epoch = next.epoch;
+        self.propose(
+            &Command::CommitPlacement(next),
+            reply,
+            Then::Replan { epoch, tries },
+        );
+    }
+
     fn propose(&mut self, cmd: &Command, reply: oneshot::Sender<Reply>, then: Then) {
         if !self.core.is_leader() {
             let _ = reply.send(self.not_leader());
@@ -786,14 +809,7 @@ impl Driver {
                     return;
                 }
                 self.demand = demand;
-                let links = self.measured_links();
-                let next = self.core.state().plan_next_measured(
-                    &self.demand,
-                    &self.settings.solver,
-                    &Default::default(),
-                    &links,
-                );
-                self.propose(&Command::CommitPlacement(next), reply, Then::Committed);
+                self.replan(reply, 1);
             }
             Request::AddCoordinator { peer } => {
                 if !self.core.is_leader() {
@@ -1003,6 +1019,13 @@ impl Driver {
                 };
                 let reply = match (p.then, refused) {
                     (Then::Joined { cert_pem, ca_pem }, None) => Reply::Joined { cert_pem, ca_pem },
+                    (Then::Replan { epoch, tries }, Some(_))
+                        if tries < REPLAN_TRIES && self.core.state().epoch() >= epoch =>
+                    {
+                        // another plan took this epoch number first
+                        self.replan(p.reply, tries + 1);
+                        continue;
+                    }
                     (_, refused) => Reply::Committed {
                         index: a.index,
                         refused,
