@@ -58,6 +58,16 @@ pub struct Request {
     pub priority: u8,
 }
 
+/// What a request resumed on this engine had produced before (see
+/// [`Engine::add_resumed`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resume {
+    /// Tokens generated so far.
+    pub tokens: Vec<TokenId>,
+    /// Bytes of their text the client has already received.
+    pub text_bytes: usize,
+}
+
 /// Why a sequence ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
@@ -217,6 +227,16 @@ impl Engine {
 
     /// Queues a request. Fails at once for requests that can never run.
     pub fn add_request(&mut self, req: Request) -> Result<()> {
+        self.add_resumed(req, Resume::default())
+    }
+
+    /// Queues a request that already produced `resume.tokens` elsewhere (a
+    /// replica that failed mid-stream): the sequence goes on after them as
+    /// if it had generated them itself. They count against `max_tokens`,
+    /// the sampler has seen them (penalties, and one draw each for a seeded
+    /// sampler), and their text past `resume.text_bytes` (held back for a
+    /// possible stop string, or half a character) is still to come.
+    pub fn add_resumed(&mut self, req: Request, resume: Resume) -> Result<()> {
         if req.prompt.is_empty() {
             return Err(KernelError::Rejected("the prompt is empty".into()));
         }
@@ -246,9 +266,28 @@ impl Engine {
                 self.kv.total_blocks()
             )));
         }
+        if !resume.tokens.is_empty() {
+            if resume.tokens.len() >= req.params.max_tokens {
+                return Err(KernelError::Rejected(format!(
+                    "{} tokens already generated of max_tokens {}: nothing left to resume",
+                    resume.tokens.len(),
+                    req.params.max_tokens
+                )));
+            }
+            if req.prompt.len() + resume.tokens.len() >= self.cfg.max_context {
+                return Err(KernelError::Rejected(
+                    "the prompt and the resumed tokens fill the context".into(),
+                ));
+            }
+            if let Some(bad) = resume.tokens.iter().find(|&&t| t >= vocab) {
+                return Err(KernelError::Rejected(format!(
+                    "resumed token {bad} is outside the vocabulary"
+                )));
+            }
+        }
         self.arrivals += 1;
         let seed = req.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.arrivals;
-        let seq = Sequence {
+        let mut seq = Sequence {
             id: req.id,
             prompt_len: req.prompt.len(),
             tokens: req.prompt,
@@ -259,6 +298,15 @@ impl Engine {
             priority: req.priority,
             arrival: self.arrivals,
         };
+        let mut text = String::new();
+        for &t in &resume.tokens {
+            seq.tokens.push(t);
+            seq.sampler.replay(t);
+            text.push_str(&seq.decoder.push(&self.tokenizer, t));
+        }
+        if resume.text_bytes < text.len() && text.is_char_boundary(resume.text_bytes) {
+            seq.held = text[resume.text_bytes..].to_string();
+        }
         self.enqueue(seq);
         Ok(())
     }

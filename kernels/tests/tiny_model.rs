@@ -10,7 +10,7 @@ use std::sync::Arc;
 use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
 use weft_kernels::{
     load, Backend, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig, FinishReason, Gemma3,
-    KernelError, KvCache, LoadedModel, Request, SamplingParams, StreamDecoder,
+    KernelError, KvCache, LoadedModel, Request, Resume, SamplingParams, StreamDecoder,
 };
 
 struct Tiny {
@@ -596,4 +596,58 @@ fn the_engine_refuses_a_shard() {
     let t = tiny(TinyModelSpec::default());
     let shard = Arc::new(Gemma3::load(&t.path, Some(0..2)).unwrap());
     assert!(Engine::new(shard, t.lm.tokenizer.clone(), EngineConfig::default()).is_err());
+}
+
+#[test]
+fn a_resumed_sequence_continues_exactly_where_the_first_run_stopped() {
+    let t = tiny(TinyModelSpec::default());
+    let sampled = |seed: Option<u64>| SamplingParams {
+        temperature: if seed.is_some() { 5.0 } else { 0.0 },
+        seed,
+        ..greedy(24)
+    };
+    for seed in [None, Some(11)] {
+        let mut e = engine(&t.lm, 16 << 20);
+        let req = |id| Request {
+            id,
+            prompt: prompt(9, 4),
+            params: sampled(seed),
+            priority: 0,
+        };
+        e.add_request(req(1)).unwrap();
+        let whole = e.run_to_completion().unwrap().remove(&1).unwrap();
+        assert_eq!(whole.tokens.len(), 24);
+        for cut in [1, 10, 23] {
+            // what a client had seen when the first replica died: the tokens
+            // so far and their text
+            let text_bytes = t.lm.tokenizer.decode(&whole.tokens[..cut]).len();
+            let mut e = engine(&t.lm, 16 << 20);
+            e.add_resumed(
+                req(2),
+                Resume {
+                    tokens: whole.tokens[..cut].to_vec(),
+                    text_bytes,
+                },
+            )
+            .unwrap();
+            let rest = e.run_to_completion().unwrap().remove(&2).unwrap();
+            assert_eq!(
+                rest.tokens,
+                whole.tokens[cut..],
+                "seed {seed:?}, resumed after {cut}"
+            );
+            assert_eq!(
+                t.lm.tokenizer.decode(&whole.tokens[..cut]) + &rest.text,
+                whole.text,
+                "seed {seed:?}, resumed after {cut}: the text joins without a gap or a repeat"
+            );
+        }
+        // nothing left to generate is refused, not run past max_tokens
+        let mut e = engine(&t.lm, 16 << 20);
+        let all = Resume {
+            tokens: whole.tokens.clone(),
+            text_bytes: 0,
+        };
+        assert!(e.add_resumed(req(3), all).is_err());
+    }
 }

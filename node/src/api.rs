@@ -16,7 +16,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use weft_kernels::{ChatMessage, FinishReason, SamplingParams, TokenLogprob, Tokenizer};
@@ -339,6 +339,23 @@ struct IntentField {
     criticality: Option<String>,
     deadline_ms: Option<u64>,
     max_cost: Option<f64>,
+    /// Set by the node that failed a stream over to this one.
+    resume: Option<ResumeField>,
+}
+
+/// A stream that another replica began: its tokens so far, the bytes of
+/// their text the client has, and the stream's id and creation time, which
+/// this node keeps so the client sees one stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeField {
+    /// Tokens generated so far.
+    pub tokens: Vec<u32>,
+    /// Bytes of their text already sent.
+    pub text_bytes: usize,
+    /// The stream's id.
+    pub id: String,
+    /// Its creation time (Unix seconds).
+    pub created: u64,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -431,6 +448,13 @@ struct Job {
     stream: bool,
     include_usage: bool,
     model: Arc<Served>,
+    /// Continue a stream another replica began.
+    resume: Option<ResumeField>,
+    /// Put each chunk's token ids in it (a forwarding node asks, so it
+    /// can resume the stream elsewhere).
+    token_ids: bool,
+    /// The id the routing node gave the request, when it was forwarded.
+    routed_id: Option<String>,
 }
 
 async fn read_bytes(s: &AppState, req: Request) -> Result<axum::body::Bytes, ApiError> {
@@ -470,8 +494,9 @@ fn parse_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError>
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
 }
 
-/// Sends a request for a model this node does not hold to a peer that
-/// does (`None`: serve it here, or refuse it here).
+/// Routes a request on a cluster node: `None` serves it here (or lets the
+/// local checks refuse it); otherwise the answer came from a peer, or is
+/// the router's refusal. Every decision is in the intent log.
 async fn elsewhere(
     s: &Arc<AppState>,
     headers: &HeaderMap,
@@ -483,50 +508,177 @@ async fn elsewhere(
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone()?;
-    /// Only the field routing needs; the rest is parsed where it is served.
+    /// Only the fields routing needs; the rest is checked where it is served.
     #[derive(Deserialize)]
-    struct Named {
+    struct Routable {
         model: String,
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        #[serde(default)]
+        stream: bool,
+        weft: Option<IntentField>,
     }
-    let model = serde_json::from_slice::<Named>(bytes).ok()?.model;
-    if s.find(&model).is_some() {
+    let r = serde_json::from_slice::<Routable>(bytes).ok()?;
+    let held = s.find(&r.model).is_some();
+    let hops = crate::dataplane::hops(headers);
+    // a forwarded request was routed by the node that sent it
+    if hops > 0 && held {
         return None;
     }
-    if let Err(e) = authenticate(s, headers) {
-        return Some(e.into_response());
-    }
-    let peer = fwd.pick(&model)?;
-    let hops = crate::dataplane::hops(headers);
-    let record = |outcome: &str, reason: Option<String>| {
-        json!({
-            "model": model,
-            "node": "local",
-            "decision": outcome,
-            "to": peer.name,
-            "hops": hops,
-            "reason": reason,
-            "intent": {
-                "criticality": header_str(headers, "x-weft-criticality"),
-                "deadline_ms": header_str(headers, "x-weft-deadline-ms"),
-            },
-        })
+    let tenant = match authenticate(s, headers) {
+        Ok(t) => t,
+        Err(e) => return Some(e.into_response()),
+    };
+    let w = r.weft.as_ref();
+    let intent = weft_placement::Intent {
+        criticality: w
+            .and_then(|i| i.criticality.as_deref())
+            .or_else(|| header_str(headers, "x-weft-criticality"))
+            .and_then(Criticality::parse)
+            .unwrap_or(Criticality::Standard),
+        deadline_ms: w.and_then(|i| i.deadline_ms).or_else(|| {
+            header_str(headers, "x-weft-deadline-ms").and_then(|v| v.trim().parse().ok())
+        }),
+        max_cost: w.and_then(|i| i.max_cost),
+    };
+    let output = r
+        .max_completion_tokens
+        .or(r.max_tokens)
+        .unwrap_or(s.cfg.default_max_tokens as u64)
+        .min(u32::MAX as u64) as u32;
+    let prompt = (bytes.len() / crate::routing::PROMPT_BYTES_PER_TOKEN).max(1) as u32;
+    let config = weft_placement::RouterConfig {
+        admission: AdmissionPolicy {
+            max_queue: s.cfg.max_queue,
+        },
+        ..crate::routing::router_config()
+    };
+    let received = unix_ms();
+    let ask = crate::routing::Ask {
+        model: &r.model,
+        intent,
+        prompt_tokens: prompt,
+        output_tokens: output,
+    };
+    let routed = fwd.route(&ask, local_load(s, &r.model), &[], &config);
+    let request_id = header_str(headers, crate::dataplane::REQUEST_ID_HEADER)
+        .map(String::from)
+        .unwrap_or_else(new_request_id);
+    s.record(json!({
+        "request_id": request_id,
+        "tenant": tenant,
+        "model": r.model,
+        "intent": intent,
+        "prompt_tokens_estimate": prompt,
+        "max_tokens": output,
+        "hops": hops,
+        "decision": "routed",
+        "route": routed.record,
+        "received_unix_ms": received,
+        "decided_unix_ms": unix_ms(),
+    }));
+    let target = match routed.target {
+        Ok(crate::routing::Target::Local) => return None,
+        Ok(t) => t,
+        // no node serves it: the local checks say so
+        Err(weft_placement::Rejection::NoReplica) => return None,
+        Err(rej) => {
+            let e = refusal(&rej);
+            s.metrics
+                .request(&r.model, e.status.as_u16(), intent.criticality.as_str());
+            return Some(e.into_response());
+        }
     };
     if hops >= crate::dataplane::MAX_HOPS {
         let why = format!("forwarded {hops} times already; not forwarding again");
-        s.record(record("refused", Some(why.clone())));
+        s.record(json!({"request_id": request_id, "decision": "refused", "reason": why}));
         return Some(ApiError::new(StatusCode::LOOP_DETECTED, "server_error", why).into_response());
     }
-    match fwd.forward(&peer, uri, headers, bytes.clone(), hops).await {
-        Ok(r) => {
-            s.record(record("forwarded", None));
-            Some(r)
-        }
-        Err(e) => {
-            let why = format!("forwarding to {} failed: {e}", peer.name);
-            s.record(record("failed", Some(why.clone())));
+    let mut out = crate::dataplane::Outgoing::new(uri, headers, bytes.clone(), hops, r.stream);
+    out.headers.push((
+        crate::dataplane::REQUEST_ID_HEADER.into(),
+        request_id.clone(),
+    ));
+    let reroute = {
+        let (s, fwd, model) = (s.clone(), fwd.clone(), r.model.clone());
+        Box::new(move |failed: &[String]| {
+            let ask = crate::routing::Ask {
+                model: &model,
+                intent,
+                prompt_tokens: prompt,
+                output_tokens: output,
+            };
+            let routed = fwd.route(&ask, local_load(&s, &model), failed, &config);
+            s.record(json!({"request_id": request_id, "decision": "rerouted", "failed": failed, "route": routed.record}));
+            routed.target.ok()
+        })
+    };
+    let record = {
+        let s = s.clone();
+        Box::new(move |v: Value| s.record(v))
+    };
+    match fwd.forward(target, out, reroute, record).await {
+        Ok(resp) => Some(resp),
+        Err(why) => {
+            s.metrics
+                .request(&r.model, 502, intent.criticality.as_str());
             Some(ApiError::new(StatusCode::BAD_GATEWAY, "server_error", why).into_response())
         }
     }
+}
+
+/// This node's live load for `model`, if it serves it.
+fn local_load(s: &AppState, model: &str) -> Option<crate::routing::LocalLoad> {
+    let m = s.find(model)?;
+    if !m.supervisor.is_ready() {
+        return None;
+    }
+    let st = m.supervisor.stats();
+    Some(crate::routing::LocalLoad {
+        queued: st
+            .waiting
+            .max(m.supervisor.inflight().saturating_sub(st.running)) as u32,
+        running: st.running as u32,
+        free_kv_tokens: (st.kv_total.saturating_sub(st.kv_used) * weft_kernels::KV_BLOCK_TOKENS)
+            as u64,
+    })
+}
+
+/// The API error for a router's refusal.
+fn refusal(r: &weft_placement::Rejection) -> ApiError {
+    use weft_placement::Rejection as R;
+    match r {
+        R::Overloaded { .. } | R::WouldMissDeadline { .. } => too_many(r.to_string()),
+        R::DeadlineInfeasible { .. } => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", r.to_string())
+                .code("deadline_infeasible")
+        }
+        R::OverBudget { .. } => ApiError::bad(r.to_string()).code("over_budget"),
+        R::NoReplica | R::NoFreshReplica | R::NoKvRoom => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            r.to_string(),
+        )
+        .code("no_replica"),
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A request id for the intent log: unique enough across nodes and restarts.
+fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "req-{:x}-{:x}-{}",
+        unix_ms(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn header_str<'a>(h: &'a HeaderMap, k: &str) -> Option<&'a str> {
@@ -703,6 +855,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
             prompt,
             prepared,
             &body.common,
+            &headers,
             logprobs,
         )
     }
@@ -767,6 +920,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
             prompt,
             prepared,
             &body.common,
+            &headers,
             logprobs,
         )
     }
@@ -787,6 +941,7 @@ fn job(
         model,
     }: Prepared,
     common: &Common,
+    headers: &HeaderMap,
     logprobs: Option<(u32, &'static str)>,
 ) -> Result<Job, ApiError> {
     if let Some((n, field)) = logprobs {
@@ -799,6 +954,13 @@ fn job(
         params.top_logprobs = n as usize;
     }
     check_prompt(s, &prompt)?;
+    let resume = common.weft.as_ref().and_then(|w| w.resume.clone());
+    if resume.is_some() && !common.stream {
+        return Err(
+            ApiError::bad("weft.resume continues a stream: it needs stream: true")
+                .param("weft.resume"),
+        );
+    }
     Ok(Job {
         kind,
         tenant,
@@ -812,6 +974,9 @@ fn job(
             .as_ref()
             .is_some_and(|o| o.include_usage),
         model,
+        resume,
+        token_ids: headers.contains_key(crate::dataplane::TOKEN_IDS_HEADER),
+        routed_id: header_str(headers, crate::dataplane::REQUEST_ID_HEADER).map(String::from),
     })
 }
 
@@ -929,6 +1094,8 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
     let decision = |id: Option<&str>, outcome: &str, reason: Option<&str>| {
         json!({
             "request_id": id,
+            "routed_id": job.routed_id,
+            "resumed_after": job.resume.as_ref().map(|r| r.tokens.len()),
             "tenant": job.tenant,
             "model": job.model.model_id,
             "intent": {
@@ -957,6 +1124,13 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
         job.prompt.clone(),
         job.params.clone(),
         job.criticality.priority(),
+        job.resume
+            .as_ref()
+            .map(|r| weft_kernels::Resume {
+                tokens: r.tokens.clone(),
+                text_bytes: r.text_bytes,
+            })
+            .unwrap_or_default(),
     ) {
         Ok(x) => x,
         Err(SubmitError::NotReady) => {
@@ -971,17 +1145,23 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
     };
     ticket.id = Some(id);
     let meta = Meta {
-        id: format!(
-            "{}-{id}",
-            if job.kind == Kind::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            }
-        ),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        id: match &job.resume {
+            Some(r) => r.id.clone(),
+            None => format!(
+                "{}-{id}",
+                if job.kind == Kind::Chat {
+                    "chatcmpl"
+                } else {
+                    "cmpl"
+                }
+            ),
+        },
+        created: match &job.resume {
+            Some(r) => r.created,
+            None => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        },
         model: job.model.model_id.clone(),
         kind: job.kind,
         prompt_tokens,
@@ -1186,11 +1366,13 @@ fn stream_response(
                     .is_ok()
             }
         };
-        if meta.kind == Kind::Chat && !send(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))).await {
+        // a resumed stream's client has had its first chunk
+        if meta.kind == Kind::Chat && job.resume.is_none() && !send(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))).await {
             return;
         }
         let start = Instant::now();
         let mut last = start;
+        let resumed = job.resume.as_ref().map_or(0, |r| r.tokens.len());
         let mut tokens = 0usize;
         let status;
         loop {
@@ -1250,7 +1432,12 @@ fn stream_response(
                                 "finish_reason": fin,
                             }),
                         };
-                        if !send(chunk(choice)).await {
+                        let mut c = chunk(choice);
+                        if job.token_ids {
+                            c[crate::dataplane::TOKEN_IDS_FIELD] =
+                                json!(token.into_iter().collect::<Vec<_>>());
+                        }
+                        if !send(c).await {
                             // the client went away: the ticket cancels the request
                             status = 499;
                             break;
@@ -1260,7 +1447,7 @@ fn stream_response(
                         ticket.finished = true;
                         status = 200;
                         if job.include_usage {
-                            let _ = send(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [], "usage": meta.usage(tokens)})).await;
+                            let _ = send(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [], "usage": meta.usage(resumed + tokens)})).await;
                         }
                         break;
                     }

@@ -24,8 +24,9 @@ use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
 use crate::cluster::credentials::NodeIdentity;
-use crate::cluster::overlay::{RoutingTable, NODE_TIMEOUT};
+use crate::cluster::overlay::RoutingTable;
 use crate::cluster::transport::{self, read_frame, write_frame};
+use crate::routing::{self, Target};
 
 /// The header counting how often a request was forwarded.
 pub const HOPS_HEADER: &str = "x-weft-hops";
@@ -33,6 +34,15 @@ pub const HOPS_HEADER: &str = "x-weft-hops";
 pub const FROM_HEADER: &str = "x-weft-forwarded-by";
 /// The response header naming the node that served a forwarded request.
 pub const SERVED_BY_HEADER: &str = "x-weft-served-by";
+/// The request header asking for each streamed chunk's token ids (in
+/// [`TOKEN_IDS_FIELD`]), so the forwarding node can resume the stream on
+/// another replica.
+pub const TOKEN_IDS_HEADER: &str = "x-weft-token-ids";
+/// The header carrying the id the routing node gave a request, so the
+/// records of every node it passes share it.
+pub const REQUEST_ID_HEADER: &str = "x-weft-request-id";
+/// The chunk field holding its token ids.
+pub const TOKEN_IDS_FIELD: &str = "weft_tokens";
 /// Most times a request is forwarded.
 pub const MAX_HOPS: u32 = 2;
 /// How long connecting to a peer may take.
@@ -135,13 +145,16 @@ async fn answer(
     Ok(())
 }
 
-/// Forwards requests for models this node does not hold to peers that
-/// hold them, as the overlay's routing table says.
+/// Sends requests to the peers the router chooses, and keeps a forwarded
+/// stream going when its peer dies: the stream resumes on another replica
+/// from the tokens the client already has.
 pub struct Forwarder {
     ep: quinn::Endpoint,
     table: Arc<RwLock<RoutingTable>>,
     me: String,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// This node's API, for a stream that fails over to this node.
+    local: Mutex<Option<std::sync::Weak<crate::api::AppState>>>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -150,143 +163,499 @@ impl std::fmt::Debug for Forwarder {
     }
 }
 
-/// A peer a request can go to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Peer {
-    /// Its node name.
-    pub name: String,
-    /// Its data-plane address.
-    pub addr: SocketAddr,
+/// A request on its way to a peer.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The API path.
+    pub uri: String,
+    /// The headers that travel with it.
+    pub headers: Vec<(String, String)>,
+    /// The JSON body.
+    pub body: Bytes,
+    /// How often it was forwarded before.
+    pub hops: u32,
+    /// Whether it asks for a stream.
+    pub stream: bool,
 }
 
-impl Forwarder {
-    /// A forwarder dialling with `identity`, choosing peers from `table`.
-    pub fn new(identity: &NodeIdentity, table: Arc<RwLock<RoutingTable>>) -> anyhow::Result<Self> {
-        let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("an address"))?;
-        ep.set_default_client_config(transport::client_config(
-            identity,
-            &crate::cluster::credentials::Revoked::default(),
-        )?);
-        Ok(Self {
-            ep,
-            table,
-            me: identity.name.clone(),
-            conns: Mutex::default(),
-        })
-    }
-
-    /// The peer to send a request for `model` to: a fresh node other than
-    /// this one that serves the model (loaded and ready) and has a data-plane
-    /// address; the shortest queue first, then the shortest round trip.
-    pub fn pick(&self, model: &str) -> Option<Peer> {
-        let t = self.table.read().expect("routing table lock");
-        t.nodes
-            .iter()
-            .filter(|(name, e)| {
-                **name != self.me
-                    && e.seen.elapsed() < NODE_TIMEOUT
-                    && e.report.models.iter().any(|m| m == model)
-            })
-            .filter_map(|(name, e)| {
-                let addr = e.report.data_address.parse().ok()?;
-                let rtt = t.rtt_to(name).unwrap_or(Duration::MAX);
-                Some((e.report.queue_depth, rtt, name.clone(), addr))
-            })
-            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
-            .map(|(_, _, name, addr)| Peer { name, addr })
-    }
-
-    async fn connection(&self, peer: &Peer) -> anyhow::Result<quinn::Connection> {
-        if let Some(c) = self.conns.lock().expect("connections").get(&peer.addr) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        let connecting = self.ep.connect(
-            peer.addr,
-            &crate::cluster::credentials::dns_name(&peer.name),
-        )?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!("{} did not answer in {CONNECT_TIMEOUT:?}", peer.addr)
-            })??;
-        self.conns
-            .lock()
-            .expect("connections")
-            .insert(peer.addr, conn.clone());
-        Ok(conn)
-    }
-
-    /// Sends a request (`uri`, `headers`, `body`, already forwarded `hops`
-    /// times) to `peer`; its answer streams back as the response.
-    pub async fn forward(
-        &self,
-        peer: &Peer,
-        uri: &str,
-        headers: &HeaderMap,
-        body: Bytes,
-        hops: u32,
-    ) -> anyhow::Result<Response> {
-        let start = Instant::now();
-        let conn = self.connection(peer).await?;
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                self.conns.lock().expect("connections").remove(&peer.addr);
-                return Err(e.into());
-            }
-        };
-        let head = Head {
-            method: "POST".into(),
+impl Outgoing {
+    /// The request as it arrived: `uri`, the carried subset of `headers`.
+    pub fn new(uri: &str, headers: &HeaderMap, body: Bytes, hops: u32, stream: bool) -> Self {
+        Self {
             uri: uri.into(),
             headers: CARRIED
                 .iter()
                 .filter_map(|k| Some((k.to_string(), headers.get(*k)?.to_str().ok()?.to_string())))
                 .collect(),
-            hops: hops + 1,
-        };
-        write_frame(&mut send, &serde_json::to_vec(&head)?).await?;
-        write_frame(&mut send, &body).await?;
-        send.finish()?;
-        let reply: ReplyHead = serde_json::from_slice(
-            &read_frame(&mut recv)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("{} closed the stream", peer.name))?,
-        )?;
-        tracing::debug!(peer = %peer.name, took = ?start.elapsed(), status = reply.status, "forwarded");
+            body,
+            hops,
+            stream,
+        }
+    }
+}
+
+/// Chooses where a request goes next, given the nodes that failed it.
+pub type Reroute = Box<dyn Fn(&[String]) -> Option<Target> + Send + Sync>;
+/// Appends a record to the intent log.
+pub type Record = Box<dyn Fn(serde_json::Value) + Send + Sync>;
+
+/// How many replicas a request tries before it fails.
+const MAX_TRIES: usize = 4;
+/// A forwarded stream that sent tokens and then nothing for this long is
+/// taken as stalled and resumed elsewhere (a dead peer is noticed sooner,
+/// by its connection's idle timeout, [`DATA_IDLE_TIMEOUT`]).
+pub const STALL: Duration = Duration::from_secs(10);
+/// A data-plane connection with no packet from the peer for this long is
+/// dead; keep-alives go every [`DATA_KEEP_ALIVE`].
+pub const DATA_IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Keep-alive interval on data-plane connections.
+pub const DATA_KEEP_ALIVE: Duration = Duration::from_millis(200);
+
+type Chunks = mpsc::Receiver<Result<Bytes, std::io::Error>>;
+
+impl Forwarder {
+    /// A forwarder dialling with `identity`, choosing peers from `table`.
+    pub fn new(identity: &NodeIdentity, table: Arc<RwLock<RoutingTable>>) -> anyhow::Result<Self> {
+        let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("an address"))?;
+        let mut config =
+            transport::client_config(identity, &crate::cluster::credentials::Revoked::default())?;
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(
+            DATA_IDLE_TIMEOUT.try_into().expect("idle timeout fits"),
+        ));
+        t.keep_alive_interval(Some(DATA_KEEP_ALIVE));
+        config.transport_config(Arc::new(t));
+        ep.set_default_client_config(config);
+        Ok(Self {
+            ep,
+            table,
+            me: identity.name.clone(),
+            conns: Mutex::default(),
+            local: Mutex::default(),
+        })
+    }
+
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Lets streams fail over to this node's own API.
+    pub fn set_local(&self, app: &Arc<crate::api::AppState>) {
+        *self.local.lock().expect("local app") = Some(Arc::downgrade(app));
+    }
+
+    /// Routes `ask` over the live table (see [`routing::route_request`]).
+    pub fn route(
+        &self,
+        ask: &routing::Ask<'_>,
+        local: Option<routing::LocalLoad>,
+        exclude: &[String],
+        config: &weft_placement::RouterConfig,
+    ) -> routing::Routed {
+        let t = self.table.read().expect("routing table lock");
+        routing::route_request(
+            &t,
+            &self.me,
+            ask,
+            local,
+            exclude,
+            config,
+            &weft_placement::LinkDefaults::default(),
+        )
+    }
+
+    async fn connection(&self, name: &str, addr: SocketAddr) -> anyhow::Result<quinn::Connection> {
+        if let Some(c) = self.conns.lock().expect("connections").get(&addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let connecting = self
+            .ep
+            .connect(addr, &crate::cluster::credentials::dns_name(name))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| anyhow::anyhow!("{addr} did not answer in {CONNECT_TIMEOUT:?}"))??;
+        self.conns
+            .lock()
+            .expect("connections")
+            .insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `req` to `target`: its status, headers and body chunks.
+    async fn open(
+        &self,
+        target: &Target,
+        req: &Outgoing,
+        body: Bytes,
+    ) -> anyhow::Result<(ReplyHead, Chunks)> {
         let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-        tokio::spawn(async move {
-            loop {
-                match read_frame(&mut recv).await {
-                    Ok(Some(chunk)) => {
-                        if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
-                            return; // the client went away: dropping recv stops the peer
+        let mut headers = req.headers.clone();
+        if req.stream {
+            headers.push((TOKEN_IDS_HEADER.into(), "1".into()));
+        }
+        match target {
+            Target::Local => {
+                let app = self
+                    .local
+                    .lock()
+                    .expect("local app")
+                    .as_ref()
+                    .and_then(|w| w.upgrade())
+                    .ok_or_else(|| anyhow::anyhow!("this node's API is gone"))?;
+                let mut r = Request::builder().method("POST").uri(&req.uri);
+                for (k, v) in &headers {
+                    r = r.header(k, v);
+                }
+                let r = r
+                    .header(HOPS_HEADER, (req.hops + 1).to_string())
+                    .body(Body::from(body))?;
+                let resp = crate::api::router(app).oneshot(r).await?;
+                let (parts, mut body) = resp.into_parts();
+                let head = ReplyHead {
+                    status: parts.status.as_u16(),
+                    headers: parts
+                        .headers
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+                        .collect(),
+                };
+                tokio::spawn(async move {
+                    while let Some(frame) = body.frame().await {
+                        let item = match frame {
+                            Ok(f) => match f.into_data() {
+                                Ok(d) => Ok(d),
+                                Err(_) => continue,
+                            },
+                            Err(e) => Err(std::io::Error::other(e.to_string())),
+                        };
+                        if tx.send(item).await.is_err() {
+                            return;
                         }
                     }
-                    Ok(None) => return,
+                });
+                Ok((head, rx))
+            }
+            Target::Peer { name, addr } => {
+                let conn = self.connection(name, *addr).await?;
+                let (mut send, mut recv) = match conn.open_bi().await {
+                    Ok(s) => s,
                     Err(e) => {
-                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-                        return;
+                        self.conns.lock().expect("connections").remove(addr);
+                        return Err(e.into());
+                    }
+                };
+                let head = Head {
+                    method: "POST".into(),
+                    uri: req.uri.clone(),
+                    headers,
+                    hops: req.hops + 1,
+                };
+                write_frame(&mut send, &serde_json::to_vec(&head)?).await?;
+                write_frame(&mut send, &body).await?;
+                send.finish()?;
+                let reply: ReplyHead = serde_json::from_slice(
+                    &read_frame(&mut recv)
+                        .await?
+                        .ok_or_else(|| anyhow::anyhow!("{name} closed the stream"))?,
+                )?;
+                tokio::spawn(async move {
+                    loop {
+                        match read_frame(&mut recv).await {
+                            Ok(Some(chunk)) => {
+                                if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                                    return; // the client went away: dropping recv stops the peer
+                                }
+                            }
+                            Ok(None) => return,
+                            Err(e) => {
+                                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+                Ok((reply, rx))
+            }
+        }
+    }
+
+    /// Sends `req` to `first`, then to what `reroute` offers while replicas
+    /// fail; a stream that fails after its first tokens resumes on the next
+    /// replica without the client seeing a gap, a repeat or a restart. The
+    /// decisions go to `record`.
+    pub async fn forward(
+        self: &Arc<Self>,
+        first: Target,
+        req: Outgoing,
+        reroute: Reroute,
+        record: Record,
+    ) -> Result<Response, String> {
+        let mut failed: Vec<String> = Vec::new();
+        let mut target = first;
+        let mut why = String::new();
+        for _ in 0..MAX_TRIES {
+            let start = Instant::now();
+            match self.open(&target, &req, req.body.clone()).await {
+                Ok((head, rx)) => {
+                    tracing::debug!(to = %target_name(&target, &self.me), took = ?start.elapsed(), status = head.status, "forwarded");
+                    if !req.stream || head.status != 200 {
+                        match whole(head, rx).await {
+                            Ok(r) => return Ok(with_served_by(r, &target, &self.me)),
+                            Err(e) => why = e.to_string(),
+                        }
+                    } else {
+                        let (tx, out) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+                        let pump = Pump {
+                            fwd: self.clone(),
+                            req,
+                            reroute,
+                            record,
+                            out: tx,
+                            failed,
+                            state: StreamState::default(),
+                        };
+                        tokio::spawn(pump.run(target.clone(), rx));
+                        let mut resp = Response::new(Body::from_stream(
+                            tokio_stream::wrappers::ReceiverStream::new(out),
+                        ));
+                        set_head(&mut resp, head);
+                        return Ok(with_served_by(resp, &target, &self.me));
                     }
                 }
+                Err(e) => why = e.to_string(),
             }
-        });
-        let mut resp = Response::new(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ));
-        *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        for (k, v) in reply.headers {
-            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
-                if k != axum::http::header::CONTENT_LENGTH {
-                    resp.headers_mut().insert(k, v);
+            let name = target_name(&target, &self.me);
+            record(serde_json::json!({"decision": "forward-failed", "to": name, "reason": why}));
+            failed.push(name);
+            match reroute(&failed) {
+                Some(t) => target = t,
+                None => break,
+            }
+        }
+        Err(format!(
+            "no replica answered (tried {}): {why}",
+            failed.join(", ")
+        ))
+    }
+}
+
+fn target_name(t: &Target, me: &str) -> String {
+    match t {
+        Target::Local => me.to_string(),
+        Target::Peer { name, .. } => name.clone(),
+    }
+}
+
+fn set_head(resp: &mut Response, head: ReplyHead) {
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (k, v) in head.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            if k != axum::http::header::CONTENT_LENGTH {
+                resp.headers_mut().insert(k, v);
+            }
+        }
+    }
+}
+
+fn with_served_by(mut resp: Response, t: &Target, me: &str) -> Response {
+    resp.headers_mut().insert(
+        SERVED_BY_HEADER,
+        HeaderValue::try_from(target_name(t, me)).unwrap_or(HeaderValue::from_static("?")),
+    );
+    resp
+}
+
+/// A whole (not streamed) answer, read to its end: a peer that dies before
+/// the end is a failure to retry elsewhere, not half an answer.
+async fn whole(head: ReplyHead, mut rx: Chunks) -> anyhow::Result<Response> {
+    let mut body = Vec::new();
+    while let Some(c) = rx.recv().await {
+        body.extend_from_slice(&c?);
+    }
+    let mut resp = Response::new(Body::from(body));
+    set_head(&mut resp, head);
+    Ok(resp)
+}
+
+/// What the client of a forwarded stream has received so far.
+#[derive(Debug, Default)]
+struct StreamState {
+    tokens: Vec<u32>,
+    text_bytes: usize,
+    id: Option<String>,
+    created: Option<u64>,
+    /// Bytes of an event not yet complete.
+    buf: Vec<u8>,
+    /// `[DONE]` or an error event was passed on: the stream is over.
+    done: bool,
+}
+
+impl StreamState {
+    /// Takes the complete events out of the buffer, noting their tokens and
+    /// text and stripping the token ids: what to send to the client.
+    fn take_events(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event[..end]).into_owned();
+            let Some(data) = text.strip_prefix("data: ") else {
+                out.extend_from_slice(&event); // a comment or keep-alive
+                continue;
+            };
+            if data.trim() == "[DONE]" {
+                self.done = true;
+                out.extend_from_slice(&event);
+                continue;
+            }
+            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(data) else {
+                out.extend_from_slice(&event);
+                continue;
+            };
+            if v.get("error").is_some() {
+                // the replica refused or failed the request itself: that is
+                // the answer, not a reason to go elsewhere
+                self.done = true;
+            }
+            if let Some(ids) = v.as_object_mut().and_then(|o| o.remove(TOKEN_IDS_FIELD)) {
+                self.tokens.extend(
+                    ids.as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|t| t.as_u64())
+                        .map(|t| t as u32),
+                );
+            }
+            let choice = &v["choices"][0];
+            let delta = choice["delta"]["content"]
+                .as_str()
+                .or_else(|| choice["text"].as_str())
+                .unwrap_or("");
+            self.text_bytes += delta.len();
+            if self.id.is_none() {
+                self.id = v["id"].as_str().map(String::from);
+                self.created = v["created"].as_u64();
+            }
+            out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+        }
+        out
+    }
+}
+
+/// Carries a forwarded stream to its client, failing over to other
+/// replicas as they die.
+struct Pump {
+    fwd: Arc<Forwarder>,
+    req: Outgoing,
+    reroute: Reroute,
+    record: Record,
+    out: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    failed: Vec<String>,
+    state: StreamState,
+}
+
+impl Pump {
+    async fn run(mut self, mut target: Target, mut rx: Chunks) {
+        loop {
+            let next = if self.state.tokens.is_empty() {
+                rx.recv().await
+            } else {
+                match tokio::time::timeout(STALL, rx.recv()).await {
+                    Ok(n) => n,
+                    Err(_) => Some(Err(std::io::Error::other(format!(
+                        "no token for {STALL:?}"
+                    )))),
+                }
+            };
+            let why = match next {
+                Some(Ok(bytes)) => {
+                    self.state.buf.extend_from_slice(&bytes);
+                    let events = self.state.take_events();
+                    if !events.is_empty() && self.out.send(Ok(Bytes::from(events))).await.is_err() {
+                        return; // the client went away
+                    }
+                    if self.state.done {
+                        return;
+                    }
+                    continue;
+                }
+                Some(Err(e)) => e.to_string(),
+                None => "the stream ended without [DONE]".to_string(),
+            };
+            let died = Instant::now();
+            // half an event from the dead replica is dropped: its token was
+            // never sent, so the next replica produces it
+            self.state.buf.clear();
+            self.failed.push(target_name(&target, &self.fwd.me));
+            match self.resume(&why).await {
+                Some((t, r)) => {
+                    (self.record)(serde_json::json!({
+                        "decision": "resumed",
+                        "request_id": self.state.id,
+                        "from": self.failed.last(),
+                        "to": target_name(&t, &self.fwd.me),
+                        "reason": why,
+                        "tokens_sent": self.state.tokens.len(),
+                        "took_ms": died.elapsed().as_millis() as u64,
+                    }));
+                    target = t;
+                    rx = r;
+                }
+                None => {
+                    let msg = format!(
+                        "the stream failed after {} tokens and no replica could continue it ({why}; tried {})",
+                        self.state.tokens.len(),
+                        self.failed.join(", ")
+                    );
+                    (self.record)(serde_json::json!({
+                        "decision": "stream-failed",
+                        "request_id": self.state.id,
+                        "reason": msg,
+                    }));
+                    let err = serde_json::json!({"error": {"message": msg, "type": "server_error", "param": null, "code": "no_replica"}});
+                    let _ = self
+                        .out
+                        .send(Ok(Bytes::from(format!("data: {err}\n\ndata: [DONE]\n\n"))))
+                        .await;
+                    return;
                 }
             }
         }
-        resp.headers_mut().insert(
-            SERVED_BY_HEADER,
-            HeaderValue::try_from(peer.name.as_str()).unwrap_or(HeaderValue::from_static("?")),
-        );
-        Ok(resp)
+    }
+
+    /// Opens the stream again on the next replica that takes it, from the
+    /// tokens the client has.
+    async fn resume(&mut self, why: &str) -> Option<(Target, Chunks)> {
+        let mut body: serde_json::Value = serde_json::from_slice(&self.req.body).ok()?;
+        // once the client has the stream's first chunk, the next replica
+        // continues that stream (its id, no second opening chunk)
+        if self.state.id.is_some() {
+            if !body["weft"].is_object() {
+                body["weft"] = serde_json::json!({});
+            }
+            body["weft"]["resume"] = serde_json::json!({
+                "tokens": self.state.tokens,
+                "text_bytes": self.state.text_bytes,
+                "id": self.state.id,
+                "created": self.state.created,
+            });
+        }
+        let body = Bytes::from(body.to_string());
+        for _ in 0..MAX_TRIES {
+            let t = (self.reroute)(&self.failed)?;
+            let name = target_name(&t, &self.fwd.me);
+            match self.fwd.open(&t, &self.req, body.clone()).await {
+                Ok((head, rx)) if head.status == 200 => return Some((t, rx)),
+                Ok((head, _)) => {
+                    tracing::warn!(to = %name, status = head.status, "a replica refused the resumed stream");
+                }
+                Err(e) => tracing::warn!(to = %name, "resuming the stream failed: {e}"),
+            }
+            tracing::debug!(%why, "trying the next replica");
+            self.failed.push(name);
+        }
+        None
     }
 }

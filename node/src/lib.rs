@@ -30,6 +30,7 @@ pub mod config;
 pub mod dataplane;
 pub mod metrics;
 pub mod model_store;
+pub mod routing;
 pub mod sandbox;
 pub mod serve;
 pub mod worker;

@@ -1007,9 +1007,34 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
         .unwrap()
         .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
         .collect();
-    assert!(
-        all.contains("\"decision\":\"forwarded\"") && all.contains("\"to\":\"gw-1\""),
-        "{all}"
-    );
-    assert!(all.contains("\"decision\":\"refused\""), "{all}");
+    let records: Vec<serde_json::Value> = all
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .collect();
+    // each routing decision names every candidate with its terms
+    let routed = records
+        .iter()
+        .find(|r| r["decision"] == "routed" && r["route"]["choice"] == "gw-1")
+        .unwrap_or_else(|| panic!("no routing decision for gw-1:\n{all}"));
+    assert!(routed["request_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert_eq!(routed["intent"]["criticality"], "standard");
+    let cands = routed["route"]["candidates"].as_array().unwrap();
+    let chosen = cands.iter().find(|c| c["node"] == "gw-1").unwrap();
+    for term in [
+        "network_ms",
+        "wait_ms",
+        "compute_ms",
+        "stale_ms",
+        "expected_ms",
+        "utility",
+    ] {
+        assert!(chosen[term].is_number(), "{term} missing: {chosen}");
+    }
+    assert!(chosen.get("excluded").is_none(), "{chosen}");
+    let me = cands.iter().find(|c| c["node"] == "gw-2").unwrap();
+    assert_eq!(me["excluded"], "no-model", "{me}");
+    assert_eq!(routed["route"]["utility"], chosen["utility"]);
+    assert!(records.iter().any(|r| r["decision"] == "refused"), "{all}");
 }

@@ -32,10 +32,11 @@ impl std::fmt::Display for NodeId {
 }
 
 /// Where a site sits in the fabric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SiteKind {
     /// A gateway or on-premises cluster near the agents.
+    #[default]
     Edge,
     /// A cloud region (the core).
     Cloud,
@@ -125,7 +126,8 @@ impl LinkClass {
         self == LinkClass::EdgeToCore
     }
 
-    fn index(self) -> usize {
+    /// Its position in [`LinkClass::ALL`] (and in [`LinkDefaults`] arrays).
+    pub fn index(self) -> usize {
         self as usize
     }
 }

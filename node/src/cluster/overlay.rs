@@ -72,6 +72,21 @@ pub struct LoadReport {
     /// Round trips (ms) this node measured to other nodes, by name.
     #[serde(default)]
     pub rtt_ms: BTreeMap<String, f64>,
+    /// Its site's kind and region, for the class of the link to it.
+    #[serde(default)]
+    pub kind: weft_placement::SiteKind,
+    /// Its site's region.
+    #[serde(default)]
+    pub region: u32,
+    /// Sequences it batches.
+    #[serde(default)]
+    pub slots: u32,
+    /// Aggregate decode tokens/s at full batch (its configured capacity).
+    #[serde(default)]
+    pub capacity_tokens_per_s: f64,
+    /// Price per token.
+    #[serde(default)]
+    pub cost_per_token: f64,
 }
 
 /// A change of membership a node announces about itself, signed like a

@@ -64,12 +64,7 @@ pub async fn run_node(
                     .collect::<Result<_>>()?,
                 mdns: o.mdns,
             };
-            let report = super::overlay::LoadReport {
-                site: cfg.node.site.clone(),
-                address: cfg.node.listen.to_string(),
-                tokens_per_s: cfg.node.tokens_per_s,
-                ..Default::default()
-            };
+            let report = base_report(&cfg);
             Some(super::overlay::start(settings, identity.clone(), revoked.clone(), report).await?)
         }
         None => None,
@@ -160,11 +155,7 @@ pub async fn run_node(
     match &cfg.serve {
         Some(serve) => {
             let me = cfg.member();
-            let base = super::overlay::LoadReport {
-                site: cfg.node.site.clone(),
-                address: cfg.node.listen.to_string(),
-                ..Default::default()
-            };
+            let base = base_report(&cfg);
             let mut serve = serve.clone();
             if serve.data_addr.is_none() && cfg.coordinator.is_none() {
                 serve.data_addr = Some(cfg.node.listen);
@@ -193,6 +184,21 @@ pub async fn run_node(
         h.stop().await?;
     }
     Ok(())
+}
+
+/// The fields of this node's load reports that its configuration fixes.
+fn base_report(cfg: &ClusterConfig) -> super::overlay::LoadReport {
+    let n = &cfg.node;
+    super::overlay::LoadReport {
+        site: n.site.clone(),
+        address: n.listen.to_string(),
+        kind: n.kind,
+        region: n.region,
+        slots: n.slots,
+        capacity_tokens_per_s: n.tokens_per_s,
+        cost_per_token: n.cost_per_token,
+        ..Default::default()
+    }
 }
 
 /// Serves the API and holds what the placement assigns to member `me`
@@ -230,10 +236,9 @@ async fn hold_and_serve(
     let mut base = base;
     // the data plane: forward what others hold, take what peers forward
     if let Some(o) = overlay {
-        app.set_forwarder(std::sync::Arc::new(crate::dataplane::Forwarder::new(
-            identity,
-            o.table.clone(),
-        )?));
+        let fwd = std::sync::Arc::new(crate::dataplane::Forwarder::new(identity, o.table.clone())?);
+        fwd.set_local(&app);
+        app.set_forwarder(fwd);
         if let Some(addr) = data_addr {
             let ep = super::transport::endpoint(identity, revoked, addr, false)
                 .with_context(|| format!("data plane on {addr}"))?;

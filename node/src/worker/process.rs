@@ -130,13 +130,15 @@ fn serve(args: WorkerArgs) -> Result<()> {
                     prompt,
                     params,
                     priority,
+                    resume,
                 }) => {
-                    if let Err(e) = engine.add_request(Request {
+                    let req = Request {
                         id,
                         prompt,
                         params,
                         priority,
-                    }) {
+                    };
+                    if let Err(e) = engine.add_resumed(req, resume) {
                         write_frame(
                             &mut out,
                             &FromWorker::Rejected {

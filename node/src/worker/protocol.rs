@@ -3,10 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
-use weft_kernels::{FinishReason, SamplingParams, TokenLogprob};
+use weft_kernels::{FinishReason, Resume, SamplingParams, TokenLogprob};
 
 /// Largest frame either side accepts; a larger length is a protocol error.
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+fn is_fresh(r: &Resume) -> bool {
+    r.tokens.is_empty()
+}
 
 /// Node → worker.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -21,6 +25,9 @@ pub enum ToWorker {
         params: SamplingParams,
         /// Higher is admitted first.
         priority: u8,
+        /// What it produced on a replica that failed mid-stream.
+        #[serde(default, skip_serializing_if = "is_fresh")]
+        resume: Resume,
     },
     /// Stop a request (its client went away or its deadline passed).
     Cancel {
@@ -157,6 +164,10 @@ mod tests {
             prompt: vec![2, 3],
             params: SamplingParams::greedy(4),
             priority: 2,
+            resume: Resume {
+                tokens: vec![9],
+                text_bytes: 1,
+            },
         };
         let bytes = encode(&msg).unwrap();
         let back: ToWorker = read_frame(&mut bytes.as_slice()).unwrap();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
-use weft_kernels::{FinishReason, SamplingParams, TokenLogprob};
+use weft_kernels::{FinishReason, Resume, SamplingParams, TokenLogprob};
 
 use super::protocol::{encode, read_frame_async, FromWorker, ToWorker};
 use crate::sandbox::{self, Confinement};
@@ -194,6 +194,7 @@ impl Supervisor {
         prompt: Vec<u32>,
         params: SamplingParams,
         priority: u8,
+        resume: Resume,
     ) -> Result<(u64, mpsc::UnboundedReceiver<Update>), SubmitError> {
         let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = live.tx.clone().filter(|_| self.is_ready()) else {
@@ -207,6 +208,7 @@ impl Supervisor {
                 prompt,
                 params,
                 priority,
+                resume,
             })
             .is_err()
         {
@@ -321,10 +323,16 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
         Ok(Ok(FromWorker::Ready {
             confinement,
             reached_node,
+            kv_blocks,
             ..
         })) => {
             *shared.confinement.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((confinement, reached_node));
+            // a fresh worker: all of its cache is free
+            *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = WorkerStats {
+                kv_total: kv_blocks,
+                ..WorkerStats::default()
+            };
         }
         Ok(Ok(other)) => anyhow::bail!("worker spoke before it was ready: {other:?}"),
         Ok(Err(e)) => {
