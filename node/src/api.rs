@@ -930,6 +930,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
 
 /// The last checks common to both endpoints: log-probabilities (`(alternatives,
 /// field name)` when asked), the prompt's length; then the job.
+#[allow(clippy::too_many_arguments)]
 fn job(
     s: &AppState,
     kind: Kind,

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
 use crate::cluster::credentials::NodeIdentity;
-use crate::cluster::overlay::RoutingTable;
+use crate::cluster::overlay::{RoutingTable, NODE_TIMEOUT};
 use crate::cluster::transport::{self, read_frame, write_frame};
 use crate::routing::{self, Target};
 
@@ -202,14 +202,17 @@ pub type Record = Box<dyn Fn(serde_json::Value) + Send + Sync>;
 /// How many replicas a request tries before it fails.
 const MAX_TRIES: usize = 4;
 /// A forwarded stream that sent tokens and then nothing for this long is
-/// taken as stalled and resumed elsewhere (a dead peer is noticed sooner,
-/// by its connection's idle timeout, [`DATA_IDLE_TIMEOUT`]).
+/// taken as stalled and resumed elsewhere. A dead peer is noticed sooner:
+/// it leaves the gossip table ([`NODE_TIMEOUT`] after its last report),
+/// or its connection times out ([`DATA_IDLE_TIMEOUT`]).
 pub const STALL: Duration = Duration::from_secs(10);
 /// A data-plane connection with no packet from the peer for this long is
 /// dead; keep-alives go every [`DATA_KEEP_ALIVE`].
-pub const DATA_IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
+pub const DATA_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alive interval on data-plane connections.
-pub const DATA_KEEP_ALIVE: Duration = Duration::from_millis(200);
+pub const DATA_KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// How often a waiting stream checks that its peer is still in the table.
+const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 
 type Chunks = mpsc::Receiver<Result<Bytes, std::io::Error>>;
 
@@ -233,6 +236,20 @@ impl Forwarder {
             conns: Mutex::default(),
             local: Mutex::default(),
         })
+    }
+
+    /// Whether `t` is this node, or a peer whose reports still arrive.
+    fn alive(&self, t: &Target) -> bool {
+        match t {
+            Target::Local => true,
+            Target::Peer { name, .. } => self
+                .table
+                .read()
+                .expect("routing table lock")
+                .nodes
+                .get(name)
+                .is_some_and(|e| e.seen.elapsed() < NODE_TIMEOUT),
+        }
     }
 
     /// This node's name.
@@ -558,17 +575,24 @@ struct Pump {
 
 impl Pump {
     async fn run(mut self, mut target: Target, mut rx: Chunks) {
+        let mut last = Instant::now();
+        let mut check = tokio::time::interval(LIVENESS_EVERY);
         loop {
-            let next = if self.state.tokens.is_empty() {
-                rx.recv().await
-            } else {
-                match tokio::time::timeout(STALL, rx.recv()).await {
-                    Ok(n) => n,
-                    Err(_) => Some(Err(std::io::Error::other(format!(
-                        "no token for {STALL:?}"
-                    )))),
+            let next = tokio::select! {
+                n = rx.recv() => n,
+                _ = check.tick() => {
+                    if !self.fwd.alive(&target) {
+                        Some(Err(std::io::Error::other(format!(
+                            "{} left the routing table", target_name(&target, &self.fwd.me)
+                        ))))
+                    } else if !self.state.tokens.is_empty() && last.elapsed() > STALL {
+                        Some(Err(std::io::Error::other(format!("no token for {STALL:?}"))))
+                    } else {
+                        continue;
+                    }
                 }
             };
+            last = Instant::now();
             let why = match next {
                 Some(Ok(bytes)) => {
                     self.state.buf.extend_from_slice(&bytes);

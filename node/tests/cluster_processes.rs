@@ -1038,3 +1038,266 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
     assert_eq!(routed["route"]["utility"], chosen["utility"]);
     assert!(records.iter().any(|r| r["decision"] == "refused"), "{all}");
 }
+
+/// What a client made of one SSE stream: the text, the ids its chunks
+/// carried, and whether it ended with `[DONE]` and no error.
+#[derive(Debug, Default)]
+struct Streamed {
+    text: String,
+    ids: std::collections::BTreeSet<String>,
+    errors: Vec<String>,
+    done: bool,
+    served_by: String,
+}
+
+async fn stream_completion(
+    http: &reqwest::Client,
+    api: SocketAddr,
+    body: &serde_json::Value,
+    first_token: &tokio::sync::mpsc::UnboundedSender<String>,
+) -> Streamed {
+    let mut r = http
+        .post(format!("http://{api}/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    if r.status() != 200 {
+        panic!("{}: {}", r.status(), r.text().await.unwrap());
+    }
+    let mut out = Streamed {
+        served_by: r
+            .headers()
+            .get("x-weft-served-by")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut buf = String::new();
+    let mut told = false;
+    loop {
+        let chunk = match r.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                out.errors.push(format!("the connection broke: {e}"));
+                break;
+            }
+        };
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                out.done = true;
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            if v.get("error").is_some() {
+                out.errors.push(v["error"].to_string());
+                continue;
+            }
+            assert!(v.get("weft_tokens").is_none(), "token ids leaked: {v}");
+            out.ids.insert(v["id"].as_str().unwrap().to_string());
+            out.text
+                .push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+            if !told && !out.text.is_empty() {
+                told = true;
+                let _ = first_token.send(out.served_by.clone());
+            }
+        }
+    }
+    out
+}
+
+/// kill -9 of the node serving streams forwarded from the front: every one
+/// of 200 concurrent streams completes on the other replica with exactly
+/// the text a single node gives (no lost, repeated or restarted token),
+/// under its one stream id; the front's intent log records the resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_the_kill_of_their_serving_node() {
+    let c = setup();
+    let a = Gateway::start_as(&c, "gw-1", 4 << 30);
+    let b = Gateway::start_as(&c, "gw-3", 4 << 30);
+    let front = Gateway::start_as(&c, "gw-2", 1);
+    register_tiny(&c, "tiny");
+    // more demand than one node can serve: both get a replica
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--demand",
+        "edge-b:tiny:20000:200:64",
+    ]);
+    let http = reqwest::Client::new();
+    let prompts = [
+        "hello there",
+        "the quick brown fox",
+        "agents at the edge",
+        "one two three four",
+    ];
+    let max_tokens = 160;
+    let body = |p: &str, stream: bool| serde_json::json!({"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": stream});
+    let whole = |api: SocketAddr, p: &'static str| {
+        let http = http.clone();
+        let b = body(p, false);
+        async move {
+            let r = http
+                .post(format!("http://{api}/v1/completions"))
+                .json(&b)
+                .send()
+                .await
+                .ok()?;
+            if r.status() != 200 {
+                return None;
+            }
+            let v: serde_json::Value = r.json().await.ok()?;
+            Some(v["choices"][0]["text"].as_str()?.to_string())
+        }
+    };
+    // both replicas hold the model, serve it, and agree
+    let t = Instant::now();
+    for g in [&a, &b] {
+        loop {
+            let models: serde_json::Value =
+                match http.get(format!("http://{}/v1/models", g.api)).send().await {
+                    Ok(r) => r.json().await.unwrap(),
+                    Err(_) => serde_json::json!({"data": []}), // not listening yet
+                };
+            if models["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == "tiny")
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "{:?} never held the model: {models}\n{}",
+                g.log,
+                g.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut expected = Vec::new();
+    for p in prompts {
+        let want = loop {
+            if let (Some(x), Some(y)) = (whole(a.api, p).await, whole(b.api, p).await) {
+                assert_eq!(x, y, "the replicas disagree on {p:?}");
+                break x;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "both replicas never served:\n{}\n{}",
+                a.log(),
+                b.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(
+            want.len() > 100,
+            "too little text to tell a lost token: {want:?}"
+        );
+        expected.push(want);
+    }
+    // the front routes to them
+    let t = Instant::now();
+    while whole(front.api, prompts[0]).await.as_ref() != Some(&expected[0]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never forwarded:\n{}",
+            front.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // 200 streams through the front
+    let (tx, mut first_tokens) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (http, tx) = (http.clone(), tx.clone());
+        let b = body(prompts[i % prompts.len()], true);
+        let api = front.api;
+        tasks.push(tokio::spawn(async move {
+            stream_completion(&http, api, &b, &tx).await
+        }));
+    }
+    drop(tx);
+    // once streams on one replica are under way, kill it
+    let mut started = std::collections::HashMap::<String, usize>::new();
+    let victim = loop {
+        let by = first_tokens
+            .recv()
+            .await
+            .expect("no stream produced a token");
+        let n = started.entry(by.clone()).or_default();
+        *n += 1;
+        if *n >= 10 {
+            break by;
+        }
+    };
+    let killed_at = Instant::now();
+    let mut victim_gw = if victim == "gw-1" { a } else { b };
+    victim_gw.child.kill().unwrap();
+    victim_gw.child.wait().unwrap();
+    let mut on_victim = 0;
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let intent_log = || {
+        std::fs::read_dir(c.dir.path().join("gw-2/intent"))
+            .unwrap()
+            .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+            .collect::<String>()
+    };
+    for (i, s) in results.into_iter().enumerate() {
+        if !s.errors.is_empty() {
+            let reroutes: Vec<&str> = intent_log()
+                .lines()
+                .filter(|l| l.contains("rerouted"))
+                .take(3)
+                .map(String::from)
+                .collect::<Vec<_>>()
+                .leak()
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            panic!("stream {i}: {:?}\n{reroutes:#?}", s.errors);
+        }
+        assert!(s.done, "stream {i} did not end with [DONE]");
+        assert_eq!(s.ids.len(), 1, "stream {i} changed its id: {:?}", s.ids);
+        assert_eq!(
+            s.text,
+            expected[i % prompts.len()],
+            "stream {i} (served by {})",
+            s.served_by
+        );
+        if s.served_by == victim {
+            on_victim += 1;
+        }
+    }
+    assert!(on_victim >= 10, "only {on_victim} streams were on {victim}");
+    // the front logged each resume, on the surviving replica
+    drop(front);
+    let all = intent_log();
+    let resumed: Vec<serde_json::Value> = all
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .filter(|r| r["decision"] == "resumed")
+        .collect();
+    assert!(!resumed.is_empty(), "no resume logged:\n{all}");
+    for r in &resumed {
+        assert_eq!(r["from"], victim.as_str(), "{r}");
+        assert_ne!(r["to"], victim.as_str(), "{r}");
+    }
+    eprintln!(
+        "{on_victim} streams on {victim}, {} resumed mid-stream; all done {:?} after the kill",
+        resumed.len(),
+        killed_at.elapsed()
+    );
+}
