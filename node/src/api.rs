@@ -285,7 +285,11 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let mut r = s.metrics.render(s.gauges()).into_response();
+    let mut text = s.metrics.render(s.gauges());
+    if let Some(f) = s.forwarder.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        text += &f.render_metrics();
+    }
+    let mut r = text.into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),

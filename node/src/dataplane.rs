@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use crate::cluster::credentials::NodeIdentity;
 use crate::cluster::overlay::{RoutingTable, NODE_TIMEOUT};
 use crate::cluster::transport::{self, read_frame, write_frame};
 use crate::routing::{self, Target};
+use weft_placement::LinkClass;
 
 /// The header counting how often a request was forwarded.
 pub const HOPS_HEADER: &str = "x-weft-hops";
@@ -155,6 +157,8 @@ pub struct Forwarder {
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// This node's API, for a stream that fails over to this node.
     local: Mutex<Option<std::sync::Weak<crate::api::AppState>>>,
+    /// Bytes sent and received to peers, by link class.
+    bytes: Arc<[AtomicU64; 4]>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -235,6 +239,7 @@ impl Forwarder {
             me: identity.name.clone(),
             conns: Mutex::default(),
             local: Mutex::default(),
+            bytes: Arc::default(),
         })
     }
 
@@ -250,6 +255,25 @@ impl Forwarder {
                 .get(name)
                 .is_some_and(|e| e.seen.elapsed() < NODE_TIMEOUT),
         }
+    }
+
+    /// Bytes this node's forwarded requests and their answers carried, by
+    /// link class ([`LinkClass::ALL`] order).
+    pub fn bytes_by_class(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.bytes[i].load(Ordering::Relaxed))
+    }
+
+    /// The data plane's metrics, in Prometheus text.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::from(
+            "# HELP weft_dataplane_bytes_total Bytes of forwarded requests and their answers, by link class.\n# TYPE weft_dataplane_bytes_total counter\n",
+        );
+        for (c, n) in LinkClass::ALL.iter().zip(self.bytes_by_class()) {
+            let name = serde_json::to_value(c).ok();
+            let name = name.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
+            out += &format!("weft_dataplane_bytes_total{{link=\"{name}\"}} {n}\n");
+        }
+        out
     }
 
     /// This node's name.
@@ -355,7 +379,10 @@ impl Forwarder {
                 });
                 Ok((head, rx))
             }
-            Target::Peer { name, addr } => {
+            Target::Peer { name, addr, class } => {
+                let counter = self.bytes.clone();
+                let class = class.index();
+                counter[class].fetch_add(body.len() as u64, Ordering::Relaxed);
                 let conn = self.connection(name, *addr).await?;
                 let (mut send, mut recv) = match conn.open_bi().await {
                     Ok(s) => s,
@@ -382,6 +409,7 @@ impl Forwarder {
                     loop {
                         match read_frame(&mut recv).await {
                             Ok(Some(chunk)) => {
+                                counter[class].fetch_add(chunk.len() as u64, Ordering::Relaxed);
                                 if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                                     return; // the client went away: dropping recv stops the peer
                                 }

@@ -28,6 +28,7 @@ pub mod audit;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
+pub mod demo;
 pub mod metrics;
 pub mod model_store;
 pub mod routing;

@@ -57,6 +57,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a whole fabric on this machine (3 coordinators; two edge sites
+    /// and a cloud site with 2 nodes each), run an agent workload through
+    /// it on weft's placement and cloud-only, print the report, stop it.
+    Demo {
+        /// A reduced workload (a minute or so).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the report as DIR/demo.json.
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+        /// Model source: `default`, a known name, a .gguf path, or hf:org/repo/file.gguf.
+        #[arg(long, env = "WEFT_MODEL", default_value = "default")]
+        model: String,
+        /// Keep the fabric's configs, logs and intent logs (the path is printed).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -324,6 +341,33 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", weft_node::cluster::run::status_table(&s));
+            }
+            Ok(())
+        }
+        Command::Demo {
+            quick,
+            out,
+            model,
+            keep,
+        } => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            let opts = weft_node::demo::DemoOptions {
+                model,
+                quick,
+                out: out.clone(),
+                keep,
+                exe: std::env::current_exe().context("locating the weft binary")?,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(weft_node::demo::run(&opts))?;
+            print!("{}", weft_node::demo::table(&report));
+            if let Some(dir) = out {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join("demo.json");
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("report written to {}", path.display());
             }
             Ok(())
         }

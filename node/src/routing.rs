@@ -4,6 +4,10 @@
 //! queue wait, compute, staleness, cost, utility) or the reason it was
 //! excluded, and the whole decision goes to the intent log.
 //!
+//! When no replica has KV-cache room for a request right now, it is not
+//! refused: it goes to the replica expected to serve it soonest, whose
+//! engine queues it until blocks free up (the record says so).
+//!
 //! What the table does not carry is estimated: a waiting request is taken
 //! to decode [`TYPICAL_OUTPUT_TOKENS`], a running one to have half that
 //! left, and a prompt to be one token per [`PROMPT_BYTES_PER_TOKEN`] bytes
@@ -63,6 +67,8 @@ pub enum Target {
         name: String,
         /// Its data-plane address.
         addr: SocketAddr,
+        /// The class of the path to it.
+        class: LinkClass,
     },
 }
 
@@ -98,6 +104,11 @@ pub fn route_request(
         }
         let r = &e.report;
         let is_me = name == me;
+        let class = if is_me {
+            LinkClass::Local
+        } else {
+            LinkClass::between(&my_site, &site_of(Some(r)), r.site == my_site_name(mine))
+        };
         let target = if is_me {
             Target::Local
         } else {
@@ -105,6 +116,7 @@ pub fn route_request(
                 Ok(addr) => Target::Peer {
                     name: name.clone(),
                     addr,
+                    class,
                 },
                 Err(_) => continue,
             }
@@ -169,7 +181,18 @@ pub fn route_request(
         output_tokens: ask.output_tokens,
         compute_per_token: 1.0,
     };
-    let d = route(&req, &cands, config);
+    let mut d = route(&req, &cands, config);
+    let mut queued_for_kv = false;
+    if d.choice == Err(Rejection::NoKvRoom) {
+        // every replica's cache is full now: the request waits in the
+        // queue of the one expected to serve it soonest (its engine admits
+        // it when blocks free up) instead of being refused
+        for c in &mut cands {
+            c.state.free_kv_tokens = u64::MAX;
+        }
+        d = route(&req, &cands, config);
+        queued_for_kv = true;
+    }
     let scores: Vec<Value> = d
         .candidates
         .iter()
@@ -185,6 +208,7 @@ pub fn route_request(
         "choice": d.choice.as_ref().ok().map(|n| &names[n.0 as usize]),
         "rejected": d.choice.as_ref().err().map(|r| json!({"reason": r, "message": r.to_string()})),
         "utility": d.choice.is_ok().then_some(d.utility),
+        "queued_for_kv": queued_for_kv,
     });
     Routed { target, record }
 }

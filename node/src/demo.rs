@@ -1,0 +1,874 @@
+//! `weft demo`: a whole fabric on this machine, from one command.
+//!
+//! It starts 3 coordinator members and 6 nodes as `weft node` processes on
+//! loopback: two edge sites (`edge-a`, `edge-b`, one region: edge-edge
+//! links between them) with 2 nodes each and one cloud site with 2 nodes. It registers the model and gives the
+//! coordinators the agents' demand at the edge sites. Then it runs a
+//! synthetic agent workload (critical and sheddable, short and long
+//! prompts) through the edge gateways' APIs twice:
+//! 1. **weft**: the placement weft computes for that demand, and
+//! 2. **cloud-only**: the same demand pinned to the cloud site, so every
+//!    request crosses an edge-core link.
+//!
+//! The report gives the placement map, latency percentiles per class,
+//! tokens/s and the bytes that crossed edge-core links in each run (read
+//! from the nodes' `weft_dataplane_bytes_total` counters). Everything it
+//! started is stopped at the end, cleanly (SIGTERM, then SIGKILL after a
+//! grace period).
+//!
+//! The links here are loopback: no bandwidth limit or latency separates
+//! the "sites" (the report says so). The edge-core figures are the bytes
+//! that would cross those links.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::cluster::credentials::ClusterCa;
+
+/// The name the demo registers its model under.
+pub const MODEL: &str = "demo";
+
+/// What `weft demo` runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Model source (`default`, a .gguf path, ...).
+    pub model: String,
+    /// A reduced workload.
+    pub quick: bool,
+    /// Where to write `demo.json`, if anywhere.
+    pub out: Option<PathBuf>,
+    /// Keep the fabric's directory (configs, logs, intent logs).
+    pub keep: bool,
+    /// The `weft` binary to start nodes with.
+    pub exe: PathBuf,
+}
+
+/// The workload's shape.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Workload {
+    /// Requests per edge site.
+    pub requests_per_site: usize,
+    /// Agents sending at once, per site.
+    pub agents_per_site: usize,
+    /// Tokens each request asks for.
+    pub max_tokens: u32,
+    /// Lines of tool output in a long prompt.
+    pub long_prompt_lines: usize,
+}
+
+impl Workload {
+    fn for_mode(quick: bool) -> Self {
+        if quick {
+            Self {
+                requests_per_site: 8,
+                agents_per_site: 2,
+                max_tokens: 8,
+                long_prompt_lines: 6,
+            }
+        } else {
+            Self {
+                requests_per_site: 12,
+                agents_per_site: 3,
+                max_tokens: 24,
+                long_prompt_lines: 16,
+            }
+        }
+    }
+}
+
+/// The edge demand the operator forecasts, per edge site: agents with long
+/// contexts (`PROMPT_TOKENS`) and short answers. The placement weighs the
+/// edge-core bytes this traffic would cost over an hour against moving the
+/// weights to the edge once.
+const DEMAND_RPS: f64 = 4.0;
+const DEMAND_PROMPT_TOKENS: f64 = 6000.0;
+const DEMAND_OUTPUT_TOKENS: f64 = 32.0;
+
+/// One node of the demo fabric.
+#[derive(Debug, Clone)]
+struct DemoNode {
+    name: String,
+    site: &'static str,
+    api: SocketAddr,
+}
+
+/// The processes of the fabric; dropping it stops them all.
+struct Fabric {
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    exe: PathBuf,
+    coordinators: Vec<(String, Child)>,
+    nodes: Vec<(DemoNode, Child)>,
+    /// `c1.toml`: the config the demo uses to talk to the cluster.
+    admin: PathBuf,
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone)]
+struct Outcome {
+    class: &'static str,
+    status: u16,
+    latency_ms: f64,
+    tokens: u64,
+    served_by: String,
+    error: Option<String>,
+}
+
+/// A run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Requests sent.
+    pub requests: usize,
+    /// Requests that failed (not 200, and not a sheddable request shed).
+    pub errors: usize,
+    /// Sheddable requests refused under load (429).
+    pub shed: usize,
+    /// Wall time of the workload (s).
+    pub wall_s: f64,
+    /// Completion tokens over wall time.
+    pub tokens_per_s: f64,
+    /// Latency by class: count, p50, p95 (ms) of the requests served.
+    pub classes: BTreeMap<String, ClassFigures>,
+    /// Bytes of requests and answers that crossed edge-core links.
+    pub edge_core_bytes: u64,
+    /// Requests served by each node.
+    pub served_by: BTreeMap<String, usize>,
+    /// The first few errors, as the API gave them.
+    pub error_samples: Vec<String>,
+    /// Which node holds the model.
+    pub placement: BTreeMap<String, Vec<String>>,
+}
+
+/// Latency figures of one class.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassFigures {
+    /// Requests served.
+    pub served: usize,
+    /// Median latency (ms).
+    pub p50_ms: f64,
+    /// 95th percentile latency (ms).
+    pub p95_ms: f64,
+}
+
+/// The demo's report (`demo.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Model source.
+    pub model: String,
+    /// `quick` or `full`.
+    pub mode: &'static str,
+    /// The workload.
+    pub workload: Workload,
+    /// Requests in both runs.
+    pub requests: usize,
+    /// Errors in both runs.
+    pub errors: usize,
+    /// The run on weft's placement.
+    pub weft: RunReport,
+    /// The run with the model only in the cloud.
+    pub cloud_only: RunReport,
+    /// `1 - weft / cloud_only` edge-core bytes.
+    pub edge_core_reduction: f64,
+    /// Weight bytes weft's placement brought into edge sites (once per
+    /// placement, not per request; here they come from the local model
+    /// store).
+    pub weights_to_edge_bytes: u64,
+    /// What the links were.
+    pub links: &'static str,
+    /// Seconds from start to the report.
+    pub took_s: f64,
+}
+
+fn free_udp() -> Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn free_tcp() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("[demo] {}", msg.as_ref());
+}
+
+impl Fabric {
+    fn weft(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} {args:?}", self.exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "weft {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn spawn(&self, name: &str, config: &Path) -> Result<Child> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        Command::new(&self.exe)
+            .args(["node", "--config"])
+            .arg(config)
+            .env("WEFT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))
+    }
+
+    /// Writes the configs and starts 3 coordinators and 6 nodes.
+    fn start(opts: &DemoOptions) -> Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let tmp = if opts.keep {
+            let _ = tmp.keep(); // nothing removes it
+            None
+        } else {
+            Some(tmp)
+        };
+        let mut f = Fabric {
+            _tmp: tmp,
+            dir: dir.clone(),
+            exe: opts.exe.clone(),
+            coordinators: Vec::new(),
+            nodes: Vec::new(),
+            admin: dir.join("c1.toml"),
+        };
+        let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        f.weft(&[
+            "cluster",
+            "init",
+            "--data-dir",
+            &d("c1"),
+            "--name",
+            "coord-1",
+        ])?;
+        for i in [2, 3] {
+            f.weft(&[
+                "cluster",
+                "issue",
+                "--ca-dir",
+                &d("c1/ca"),
+                "--name",
+                &format!("coord-{i}"),
+                "--data-dir",
+                &d(&format!("c{i}")),
+            ])?;
+        }
+        let peers: Vec<(u64, String, SocketAddr)> = (1..=3)
+            .map(|i| Ok((i, format!("coord-{i}"), free_udp()?)))
+            .collect::<Result<_>>()?;
+        let overlay: Vec<String> = (0..3)
+            .map(|_| Ok(format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_udp()?.port())))
+            .collect::<Result<_>>()?;
+        let peer_list = peers
+            .iter()
+            .map(|(id, name, addr)| format!("{{ id = {id}, name = \"{name}\", addr = \"{addr}\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        for (i, (id, name, addr)) in peers.iter().enumerate() {
+            let cfg = format!(
+                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{addr}\"\nsite = \"cloud\"\nkind = \"cloud\"\nmemory_bytes = 1\ntokens_per_s = 1.0\n\n[coordinator]\nid = {id}\nca_dir = \"{}\"\npeers = [{peer_list}]\n\n[overlay]\nlisten = \"{}\"\nbootstrap = [\"{}\"]\nmdns = false\n",
+                d(&format!("c{}", i + 1)),
+                d("c1/ca"),
+                overlay[i],
+                overlay[0],
+            );
+            let path = dir.join(format!("c{}.toml", i + 1));
+            std::fs::write(&path, cfg)?;
+            f.coordinators.push((name.clone(), f.spawn(name, &path)?));
+        }
+        let ca = ClusterCa::load(&dir.join("c1/ca"))?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        // cloud nodes get both cores (the cloud-only run uses one of them;
+        // weft's runs one worker per edge site, a core each)
+        let sites: [(&str, &str, u32, u64, u32); 3] = [
+            ("edge-a", "edge", 1, 2 << 30, 1),
+            ("edge-b", "edge", 1, 2 << 30, 1),
+            ("cloud", "cloud", 0, 16 << 30, 2),
+        ];
+        for (site, kind, region, memory, threads) in sites {
+            for k in 1..=2 {
+                let name = format!("{site}-{k}");
+                let api = free_tcp()?;
+                let cfg = format!(
+                    "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = 2000.0\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = {threads}\nkv_budget = 268435456\nmax_queue = 64\n",
+                    d(&name),
+                    free_udp()?,
+                    ca.issue_token(now, 600),
+                    overlay[0],
+                );
+                let path = dir.join(format!("{name}.toml"));
+                std::fs::write(&path, cfg)?;
+                let child = f.spawn(&name, &path)?;
+                f.nodes.push((DemoNode { name, site, api }, child));
+            }
+        }
+        Ok(f)
+    }
+
+    /// `weft cluster …` against the coordinators, retried while they elect
+    /// a leader.
+    async fn admin(&self, args: &[&str], within: Duration) -> Result<String> {
+        let t = Instant::now();
+        loop {
+            let mut all = args.to_vec();
+            all.extend(["--config", self.admin.to_str().unwrap_or_default()]);
+            match self.weft(&all) {
+                Ok(out) => return Ok(out),
+                Err(e) if t.elapsed() > within => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+
+    /// Stops everything: SIGTERM, then SIGKILL after a grace period.
+    fn stop(&mut self) {
+        let mut all: Vec<(String, Child)> = self
+            .nodes
+            .drain(..)
+            .map(|(n, c)| (n.name, c))
+            .chain(self.coordinators.drain(..))
+            .collect();
+        for (_, c) in &all {
+            terminate(c);
+        }
+        let t = Instant::now();
+        for (name, c) in &mut all {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if t.elapsed() < Duration::from_secs(10) => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        say(format!("{name} did not stop in 10 s; killing it"));
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Asks a child to stop (SIGTERM): a node drains, says goodbye to the
+/// overlay and syncs its logs.
+#[allow(unsafe_code)]
+fn terminate(c: &Child) {
+    // SAFETY: kill(2) with a pid this process started and has not reaped
+    unsafe {
+        libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Which nodes hold which models now (their `/v1/models`; a node that
+/// does not answer is missing).
+async fn placement(http: &reqwest::Client, nodes: &[DemoNode]) -> BTreeMap<String, Vec<String>> {
+    let mut map = BTreeMap::new();
+    for n in nodes {
+        let held = async {
+            let v: Value = http
+                .get(format!("http://{}/v1/models", n.api))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(
+                v["data"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|m| m["id"].as_str().map(String::from))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        .await;
+        // a node that does not answer is left out
+        if let Some(held) = held {
+            map.insert(n.name.clone(), held);
+        }
+    }
+    map
+}
+
+/// The sum over nodes of their edge-core data-plane bytes.
+async fn edge_core_bytes(http: &reqwest::Client, nodes: &[DemoNode]) -> u64 {
+    let mut total = 0;
+    for n in nodes {
+        let Ok(r) = http.get(format!("http://{}/metrics", n.api)).send().await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("weft_dataplane_bytes_total{link=\"edge-to-core\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// Waits until `ready` holds for the placement, then until a request
+/// through every edge node is served.
+async fn wait_placed(
+    f: &Fabric,
+    http: &reqwest::Client,
+    what: &str,
+    ready: impl Fn(&BTreeMap<String, Vec<String>>, &[DemoNode]) -> bool,
+    probe: bool,
+    within: Duration,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let nodes: Vec<DemoNode> = f.nodes.iter().map(|(n, _)| n.clone()).collect();
+    let t = Instant::now();
+    let map = loop {
+        let map = placement(http, &nodes).await;
+        if ready(&map, &nodes) {
+            break map;
+        }
+        if t.elapsed() > within {
+            let tails: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("--- {} ---\n{}", n.name, f.log_tail(&n.name)))
+                .collect();
+            bail!(
+                "{what}: the placement was not served within {within:?} (holding now: {map:?})\n{}",
+                tails.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for n in nodes.iter().filter(|n| probe && n.site != "cloud") {
+        loop {
+            let r = http
+                .post(format!("http://{}/v1/completions", n.api))
+                .json(&json!({"model": MODEL, "prompt": "ping", "max_tokens": 1}))
+                .send()
+                .await;
+            if matches!(&r, Ok(r) if r.status() == 200) {
+                break;
+            }
+            if t.elapsed() > within {
+                bail!(
+                    "{what}: {} never served a request:\n{}",
+                    n.name,
+                    f.log_tail(&n.name)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    say(format!("{what}: placement served after {:.1} s", t.elapsed().as_secs_f64()));
+    Ok(map)
+}
+
+/// A prompt an agent might send: a short instruction, or a long one with
+/// a tool's output pasted in.
+fn prompt(site: &str, i: usize, lines: usize) -> String {
+    let ask = format!("Agent {i} at {site}: in one sentence, what should happen next with job {i}?");
+    if lines == 0 {
+        return ask;
+    }
+    let mut s = String::from("Tool output follows.\n");
+    for k in 0..lines {
+        s += &format!(
+            "[{k:02}] job {i} step {k}: read 128 records from sensor {} at {site}, 3 anomalies flagged, queue depth {}\n",
+            (i * 7 + k) % 13,
+            (i + k * 5) % 17
+        );
+    }
+    s + &ask
+}
+
+/// Runs the workload through the edge nodes' APIs.
+async fn run_workload(
+    http: &reqwest::Client,
+    nodes: &[DemoNode],
+    w: Workload,
+) -> (Vec<Outcome>, f64) {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for site in ["edge-a", "edge-b"] {
+        let gateways: Vec<SocketAddr> = nodes
+            .iter()
+            .filter(|n| n.site == site)
+            .map(|n| n.api)
+            .collect();
+        let gateway_names: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.site == site)
+            .map(|n| n.name.clone())
+            .collect();
+        let queue = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for agent in 0..w.agents_per_site {
+            let (http, queue, api, gateway_names) = (
+                http.clone(),
+                queue.clone(),
+                gateways[agent % gateways.len()],
+                gateway_names.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = queue.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= w.requests_per_site {
+                        return out;
+                    }
+                    let class = if i % 3 == 0 { "critical" } else { "sheddable" };
+                    let body = json!({
+                        "model": MODEL,
+                        "prompt": prompt(site, i, if i % 2 == 1 { w.long_prompt_lines } else { 0 }),
+                        "max_tokens": w.max_tokens,
+                        "temperature": 0,
+                        "weft": {"criticality": class},
+                    });
+                    let t = Instant::now();
+                    let r = http
+                        .post(format!("http://{api}/v1/completions"))
+                        .json(&body)
+                        .send()
+                        .await;
+                    let (status, served_by, v) = match r {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let by = r
+                                .headers()
+                                .get(crate::dataplane::SERVED_BY_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or(gateway_names[agent % gateway_names.len()].as_str())
+                                .to_string();
+                            let v: Value = r.json().await.unwrap_or(Value::Null);
+                            (status, by, v)
+                        }
+                        Err(e) => (0, String::new(), json!({"error": {"message": e.to_string()}})),
+                    };
+                    out.push(Outcome {
+                        class,
+                        status,
+                        latency_ms: t.elapsed().as_secs_f64() * 1e3,
+                        tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+                        served_by,
+                        error: (status != 200).then(|| {
+                            format!("{status}: {}", v["error"]["message"].as_str().unwrap_or("?"))
+                        }),
+                    });
+                }
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    (all, start.elapsed().as_secs_f64())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summarize(
+    outcomes: &[Outcome],
+    wall_s: f64,
+    bytes: u64,
+    placement: BTreeMap<String, Vec<String>>,
+) -> RunReport {
+    let mut classes = BTreeMap::new();
+    for class in ["critical", "sheddable"] {
+        let mut l: Vec<f64> = outcomes
+            .iter()
+            .filter(|o| o.class == class && o.status == 200)
+            .map(|o| o.latency_ms)
+            .collect();
+        l.sort_by(f64::total_cmp);
+        classes.insert(
+            class.to_string(),
+            ClassFigures {
+                served: l.len(),
+                p50_ms: percentile(&l, 50.0),
+                p95_ms: percentile(&l, 95.0),
+            },
+        );
+    }
+    let shed = outcomes
+        .iter()
+        .filter(|o| o.class == "sheddable" && o.status == 429)
+        .count();
+    let mut served_by = BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.status == 200) {
+        *served_by.entry(o.served_by.clone()).or_default() += 1;
+    }
+    let tokens: u64 = outcomes.iter().map(|o| o.tokens).sum();
+    RunReport {
+        requests: outcomes.len(),
+        errors: outcomes.iter().filter(|o| o.status != 200).count() - shed,
+        shed,
+        wall_s,
+        tokens_per_s: tokens as f64 / wall_s.max(1e-9),
+        classes,
+        edge_core_bytes: bytes,
+        served_by,
+        error_samples: outcomes
+            .iter()
+            .filter_map(|o| o.error.clone())
+            .take(3)
+            .collect(),
+        placement,
+    }
+}
+
+fn holders<'a>(map: &'a BTreeMap<String, Vec<String>>, nodes: &'a [DemoNode], site: &'a str) -> impl Iterator<Item = &'a DemoNode> + 'a {
+    nodes
+        .iter()
+        .filter(move |n| n.site == site && map.get(&n.name).is_some_and(|m| m.iter().any(|x| x == MODEL)))
+}
+
+/// Runs the demo; the fabric is stopped before it returns.
+pub async fn run(opts: &DemoOptions) -> Result<Report> {
+    let started = Instant::now();
+    let w = Workload::for_mode(opts.quick);
+    let within = if opts.quick {
+        Duration::from_secs(90)
+    } else {
+        Duration::from_secs(120)
+    };
+    say("starting 3 coordinators and 6 nodes (edge-a, edge-b, cloud) on loopback");
+    let mut f = Fabric::start(opts)?;
+    if opts.keep {
+        say(format!("configs and logs in {}", f.dir.display()));
+    }
+    let nodes: Vec<DemoNode> = f.nodes.iter().map(|(n, _)| n.clone()).collect();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    say(format!("registering the model ({})", opts.model));
+    f.admin(
+        &["cluster", "model-add", "--source", &opts.model, "--name", MODEL],
+        Duration::from_secs(60),
+    )
+    .await
+    .context("registering the model")?;
+    let model_bytes = {
+        let source = crate::model_store::ModelSource::parse(&opts.model)?;
+        crate::model_store::ModelStore::default_location()
+            .resolve(&source, &crate::model_store::PipFetcher::default())?
+            .bytes
+    };
+    let demand = |site: &str, rps: f64| {
+        format!("{site}:{MODEL}:{rps}:{DEMAND_PROMPT_TOKENS}:{DEMAND_OUTPUT_TOKENS}")
+    };
+
+    // 1. weft's placement for the agents' demand at the edge
+    say(format!(
+        "demand: {DEMAND_RPS} req/s per edge site, {DEMAND_PROMPT_TOKENS} prompt and {DEMAND_OUTPUT_TOKENS} output tokens each"
+    ));
+    f.admin(
+        &[
+            "cluster",
+            "replan",
+            "--demand",
+            &demand("edge-a", DEMAND_RPS),
+            "--demand",
+            &demand("edge-b", DEMAND_RPS),
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let map = wait_placed(
+        &f,
+        &http,
+        "weft",
+        |m, n| holders(m, n, "edge-a").next().is_some() && holders(m, n, "edge-b").next().is_some(),
+        true,
+        within,
+    )
+    .await?;
+    let weights_to_edge = ["edge-a", "edge-b"]
+        .iter()
+        .map(|s| holders(&map, &nodes, s).count() as u64)
+        .sum::<u64>()
+        * model_bytes;
+    say(format!(
+        "weft: {} requests from agents at 2 edge sites",
+        2 * w.requests_per_site
+    ));
+    let before = edge_core_bytes(&http, &nodes).await;
+    let (out, wall) = run_workload(&http, &nodes, w).await;
+    let weft = summarize(
+        &out,
+        wall,
+        edge_core_bytes(&http, &nodes).await - before,
+        map,
+    );
+
+    // 2. the same demand, served from the cloud only. The placement keeps
+    // replicas while their model has demand anywhere (it does not churn),
+    // so the demand goes to zero first and every replica is dropped; the
+    // edge sites stay pinned at zero, or the demand their nodes measured
+    // in the first run would bring replicas back to the edge (as it should).
+    say("cloud-only: dropping the placement, then the same demand pinned to the cloud site");
+    let (zero_a, zero_b) = (demand("edge-a", 0.0), demand("edge-b", 0.0));
+    f.admin(
+        &[
+            "cluster",
+            "replan",
+            "--demand",
+            &zero_a,
+            "--demand",
+            &zero_b,
+            "--demand",
+            &demand("cloud", 0.0),
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    wait_placed(
+        &f,
+        &http,
+        "no demand",
+        |m, n| m.len() == n.len() && m.values().all(|held| held.is_empty()),
+        false,
+        within,
+    )
+    .await?;
+    f.admin(
+        &[
+            "cluster",
+            "replan",
+            "--demand",
+            &zero_a,
+            "--demand",
+            &zero_b,
+            "--demand",
+            &demand("cloud", 2.0 * DEMAND_RPS),
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let map = wait_placed(
+        &f,
+        &http,
+        "cloud-only",
+        |m, n| {
+            holders(m, n, "cloud").next().is_some()
+                && holders(m, n, "edge-a").next().is_none()
+                && holders(m, n, "edge-b").next().is_none()
+        },
+        true,
+        within,
+    )
+    .await?;
+    let before = edge_core_bytes(&http, &nodes).await;
+    let (out, wall) = run_workload(&http, &nodes, w).await;
+    let cloud_only = summarize(
+        &out,
+        wall,
+        edge_core_bytes(&http, &nodes).await - before,
+        map,
+    );
+    say("stopping the fabric");
+    f.stop();
+    let reduction = if cloud_only.edge_core_bytes > 0 {
+        1.0 - weft.edge_core_bytes as f64 / cloud_only.edge_core_bytes as f64
+    } else {
+        0.0
+    };
+    Ok(Report {
+        model: opts.model.clone(),
+        mode: if opts.quick { "quick" } else { "full" },
+        workload: w,
+        requests: weft.requests + cloud_only.requests,
+        errors: weft.errors + cloud_only.errors,
+        weft,
+        cloud_only,
+        edge_core_reduction: reduction,
+        weights_to_edge_bytes: weights_to_edge,
+        links: "loopback (no bandwidth limit or added latency between sites)",
+        took_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The report as a table for people.
+pub fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "\nweft demo ({} workload, model {})", r.mode, r.model);
+    for (name, run) in [("weft", &r.weft), ("cloud-only", &r.cloud_only)] {
+        let _ = writeln!(s, "\n{name}: placement");
+        for (node, models) in &run.placement {
+            if !models.is_empty() {
+                let _ = writeln!(s, "  {node:<10} {}", models.join(", "));
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<11} {:>8} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>14}",
+        "run", "requests", "errors", "shed", "crit p50", "crit p95", "shed p50", "shed p95", "tok/s", "edge-core B"
+    );
+    for (name, run) in [("weft", &r.weft), ("cloud-only", &r.cloud_only)] {
+        let c = &run.classes["critical"];
+        let d = &run.classes["sheddable"];
+        let _ = writeln!(
+            s,
+            "{name:<11} {:>8} {:>6} {:>5} {:>7.0}ms {:>7.0}ms {:>7.0}ms {:>7.0}ms {:>8.1} {:>14}",
+            run.requests,
+            run.errors,
+            run.shed,
+            c.p50_ms,
+            c.p95_ms,
+            d.p50_ms,
+            d.p95_ms,
+            run.tokens_per_s,
+            run.edge_core_bytes
+        );
+    }
+    for (name, run) in [("weft", &r.weft), ("cloud-only", &r.cloud_only)] {
+        for e in &run.error_samples {
+            let _ = writeln!(s, "  {name} error: {e}");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nedge-core bytes: {:.1}% fewer with weft; served by: weft {:?}, cloud-only {:?}",
+        r.edge_core_reduction * 100.0,
+        r.weft.served_by,
+        r.cloud_only.served_by
+    );
+    let _ = writeln!(
+        s,
+        "weights brought to the edge once: {} bytes; links: {}; took {:.0} s",
+        r.weights_to_edge_bytes, r.links, r.took_s
+    );
+    s
+}
