@@ -37,6 +37,8 @@ enum Command {
     Control(control::ControlArgs),
     /// The gossip overlay: convergence and failure detection with many nodes.
     Overlay(overlay::OverlayArgs),
+    /// The failover gap: kill -9 of a replica under forwarded streams.
+    Failover(failover::FailoverArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -101,6 +103,7 @@ fn main() -> Result<()> {
         Command::Sim(a) => sim::run(a),
         Command::Control(a) => control::run(a),
         Command::Overlay(a) => overlay::run(a),
+        Command::Failover(a) => failover::run(a),
     }
 }
 
@@ -158,6 +161,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
 
 mod api;
 mod control;
+mod failover;
 mod overlay;
 use weft_bench::sim;
 

@@ -286,7 +286,12 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let mut text = s.metrics.render(s.gauges());
-    if let Some(f) = s.forwarder.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    if let Some(f) = s
+        .forwarder
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
         text += &f.render_metrics();
     }
     let mut r = text.into_response();

@@ -217,6 +217,13 @@ pub const DATA_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DATA_KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// How often a waiting stream checks that its peer is still in the table.
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
+/// A stream quiet this long whose peer's last report is older than
+/// [`SUSPECT_AGE`] (reports come every 400 ms) is taken as cut: it resumes
+/// before the peer leaves the table. A false alarm costs a resume, not a
+/// token.
+const SUSPECT_QUIET: Duration = Duration::from_millis(500);
+/// See [`SUSPECT_QUIET`].
+const SUSPECT_AGE: Duration = Duration::from_millis(700);
 
 type Chunks = mpsc::Receiver<Result<Bytes, std::io::Error>>;
 
@@ -243,8 +250,8 @@ impl Forwarder {
         })
     }
 
-    /// Whether `t` is this node, or a peer whose reports still arrive.
-    fn alive(&self, t: &Target) -> bool {
+    /// Whether `t` is this node, or a peer that reported within `age`.
+    fn reported_within(&self, t: &Target, age: Duration) -> bool {
         match t {
             Target::Local => true,
             Target::Peer { name, .. } => self
@@ -253,7 +260,7 @@ impl Forwarder {
                 .expect("routing table lock")
                 .nodes
                 .get(name)
-                .is_some_and(|e| e.seen.elapsed() < NODE_TIMEOUT),
+                .is_some_and(|e| e.seen.elapsed() < age),
         }
     }
 
@@ -609,9 +616,11 @@ impl Pump {
             let next = tokio::select! {
                 n = rx.recv() => n,
                 _ = check.tick() => {
-                    if !self.fwd.alive(&target) {
+                    let suspect = last.elapsed() > SUSPECT_QUIET
+                        && !self.fwd.reported_within(&target, SUSPECT_AGE);
+                    if suspect || !self.fwd.reported_within(&target, NODE_TIMEOUT) {
                         Some(Err(std::io::Error::other(format!(
-                            "{} left the routing table", target_name(&target, &self.fwd.me)
+                            "{} stopped reporting and its stream went quiet", target_name(&target, &self.fwd.me)
                         ))))
                     } else if !self.state.tokens.is_empty() && last.elapsed() > STALL {
                         Some(Err(std::io::Error::other(format!("no token for {STALL:?}"))))

@@ -275,7 +275,9 @@ impl Fabric {
             .collect::<Result<_>>()?;
         let peer_list = peers
             .iter()
-            .map(|(id, name, addr)| format!("{{ id = {id}, name = \"{name}\", addr = \"{addr}\" }}"))
+            .map(|(id, name, addr)| {
+                format!("{{ id = {id}, name = \"{name}\", addr = \"{addr}\" }}")
+            })
             .collect::<Vec<_>>()
             .join(", ");
         for (i, (id, name, addr)) in peers.iter().enumerate() {
@@ -292,12 +294,11 @@ impl Fabric {
         }
         let ca = ClusterCa::load(&dir.join("c1/ca"))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        // cloud nodes get both cores (the cloud-only run uses one of them;
-        // weft's runs one worker per edge site, a core each)
+        // every node the same: one worker thread (the machine has few cores)
         let sites: [(&str, &str, u32, u64, u32); 3] = [
             ("edge-a", "edge", 1, 2 << 30, 1),
             ("edge-b", "edge", 1, 2 << 30, 1),
-            ("cloud", "cloud", 0, 16 << 30, 2),
+            ("cloud", "cloud", 0, 16 << 30, 1),
         ];
         for (site, kind, region, memory, threads) in sites {
             for k in 1..=2 {
@@ -335,7 +336,8 @@ impl Fabric {
     }
 
     fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(8)..].join("\n")
     }
@@ -484,14 +486,18 @@ async fn wait_placed(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    say(format!("{what}: placement served after {:.1} s", t.elapsed().as_secs_f64()));
+    say(format!(
+        "{what}: placement served after {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
     Ok(map)
 }
 
 /// A prompt an agent might send: a short instruction, or a long one with
 /// a tool's output pasted in.
 fn prompt(site: &str, i: usize, lines: usize) -> String {
-    let ask = format!("Agent {i} at {site}: in one sentence, what should happen next with job {i}?");
+    let ask =
+        format!("Agent {i} at {site}: in one sentence, what should happen next with job {i}?");
     if lines == 0 {
         return ask;
     }
@@ -566,7 +572,11 @@ async fn run_workload(
                             let v: Value = r.json().await.unwrap_or(Value::Null);
                             (status, by, v)
                         }
-                        Err(e) => (0, String::new(), json!({"error": {"message": e.to_string()}})),
+                        Err(e) => (
+                            0,
+                            String::new(),
+                            json!({"error": {"message": e.to_string()}}),
+                        ),
                     };
                     out.push(Outcome {
                         class,
@@ -575,7 +585,10 @@ async fn run_workload(
                         tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
                         served_by,
                         error: (status != 200).then(|| {
-                            format!("{status}: {}", v["error"]["message"].as_str().unwrap_or("?"))
+                            format!(
+                                "{status}: {}",
+                                v["error"]["message"].as_str().unwrap_or("?")
+                            )
                         }),
                     });
                 }
@@ -647,10 +660,17 @@ fn summarize(
     }
 }
 
-fn holders<'a>(map: &'a BTreeMap<String, Vec<String>>, nodes: &'a [DemoNode], site: &'a str) -> impl Iterator<Item = &'a DemoNode> + 'a {
-    nodes
-        .iter()
-        .filter(move |n| n.site == site && map.get(&n.name).is_some_and(|m| m.iter().any(|x| x == MODEL)))
+fn holders<'a>(
+    map: &'a BTreeMap<String, Vec<String>>,
+    nodes: &'a [DemoNode],
+    site: &'a str,
+) -> impl Iterator<Item = &'a DemoNode> + 'a {
+    nodes.iter().filter(move |n| {
+        n.site == site
+            && map
+                .get(&n.name)
+                .is_some_and(|m| m.iter().any(|x| x == MODEL))
+    })
 }
 
 /// Runs the demo; the fabric is stopped before it returns.
@@ -673,7 +693,14 @@ pub async fn run(opts: &DemoOptions) -> Result<Report> {
         .build()?;
     say(format!("registering the model ({})", opts.model));
     f.admin(
-        &["cluster", "model-add", "--source", &opts.model, "--name", MODEL],
+        &[
+            "cluster",
+            "model-add",
+            "--source",
+            &opts.model,
+            "--name",
+            MODEL,
+        ],
         Duration::from_secs(60),
     )
     .await
@@ -834,7 +861,16 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(
         s,
         "\n{:<11} {:>8} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>14}",
-        "run", "requests", "errors", "shed", "crit p50", "crit p95", "shed p50", "shed p95", "tok/s", "edge-core B"
+        "run",
+        "requests",
+        "errors",
+        "shed",
+        "crit p50",
+        "crit p95",
+        "shed p50",
+        "shed p95",
+        "tok/s",
+        "edge-core B"
     );
     for (name, run) in [("weft", &r.weft), ("cloud-only", &r.cloud_only)] {
         let c = &run.classes["critical"];
@@ -871,4 +907,242 @@ pub fn table(r: &Report) -> String {
         r.weights_to_edge_bytes, r.links, r.took_s
     );
     s
+}
+
+/// What a failover measurement found: streams forwarded from an edge
+/// gateway to two replicas, one of which is killed with SIGKILL.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverReport {
+    /// Streams started.
+    pub streams: usize,
+    /// The node killed.
+    pub victim: String,
+    /// Streams that were on it, unfinished, when it died.
+    pub cut: usize,
+    /// Streams that ended with `[DONE]` and no error.
+    pub completed: usize,
+    /// Streams whose text equals the single-node answer.
+    pub exact: usize,
+    /// Per cut stream: the kill until its next token (ms), sorted.
+    pub gap_ms: Vec<f64>,
+    /// Median gap (ms).
+    pub p50_ms: f64,
+    /// 99th percentile gap (ms).
+    pub p99_ms: f64,
+}
+
+/// One stream as its client saw it.
+#[derive(Debug, Default)]
+struct Seen {
+    text: String,
+    served_by: String,
+    /// When each piece of text arrived.
+    arrivals: Vec<Instant>,
+    done: bool,
+    error: bool,
+}
+
+async fn watch_stream(
+    http: reqwest::Client,
+    api: SocketAddr,
+    body: Value,
+    started: tokio::sync::mpsc::UnboundedSender<String>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let Ok(mut r) = http
+        .post(format!("http://{api}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+    else {
+        seen.error = true;
+        return seen;
+    };
+    seen.served_by = r
+        .headers()
+        .get(crate::dataplane::SERVED_BY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mut buf = String::new();
+    while let Ok(Some(chunk)) = r.chunk().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                seen.done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+            if v.get("error").is_some() {
+                seen.error = true;
+            }
+            let piece = v["choices"][0]["text"].as_str().unwrap_or("");
+            if !piece.is_empty() {
+                if seen.arrivals.is_empty() {
+                    let _ = started.send(seen.served_by.clone());
+                }
+                seen.arrivals.push(Instant::now());
+                seen.text.push_str(piece);
+            }
+        }
+    }
+    seen
+}
+
+/// Measures the failover gap: `streams` streams from the edge-b gateways,
+/// forwarded to the two replicas at edge-a; once they are under way, the
+/// replica with the most streams is killed (SIGKILL). For each stream it
+/// cut, the gap is the time from the kill to the stream's next token.
+pub async fn failover(
+    opts: &DemoOptions,
+    streams: usize,
+    max_tokens: u32,
+) -> Result<FailoverReport> {
+    let mut f = Fabric::start(opts)?;
+    if opts.keep {
+        say(format!("configs and logs in {}", f.dir.display()));
+    }
+    let nodes: Vec<DemoNode> = f.nodes.iter().map(|(n, _)| n.clone()).collect();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    f.admin(
+        &[
+            "cluster",
+            "model-add",
+            "--source",
+            &opts.model,
+            "--name",
+            MODEL,
+        ],
+        Duration::from_secs(60),
+    )
+    .await
+    .context("registering the model")?;
+    // enough demand at edge-a for both of its nodes
+    f.admin(
+        &[
+            "cluster",
+            "replan",
+            "--demand",
+            &format!("edge-a:{MODEL}:60:1000:128"),
+            "--demand",
+            &format!("edge-b:{MODEL}:0"),
+            "--demand",
+            &format!("cloud:{MODEL}:0"),
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    wait_placed(
+        &f,
+        &http,
+        "failover",
+        |m, n| holders(m, n, "edge-a").count() == 2 && holders(m, n, "edge-b").next().is_none(),
+        true,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let prompts = [
+        "The agents at the edge gateway report",
+        "Write a short status line for job 17:",
+        "List three things a platform engineer checks first:",
+    ];
+    let body = |p: &str, stream: bool| json!({"model": MODEL, "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": stream});
+    let mut expected = Vec::new();
+    let holder = nodes
+        .iter()
+        .find(|n| n.name == "edge-a-1")
+        .context("edge-a-1")?;
+    for p in prompts {
+        let v: Value = http
+            .post(format!("http://{}/v1/completions", holder.api))
+            .json(&body(p, false))
+            .send()
+            .await?
+            .json()
+            .await?;
+        expected.push(
+            v["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    let fronts: Vec<SocketAddr> = nodes
+        .iter()
+        .filter(|n| n.site == "edge-b")
+        .map(|n| n.api)
+        .collect();
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..streams {
+        let b = body(prompts[i % prompts.len()], true);
+        tasks.push(tokio::spawn(watch_stream(
+            http.clone(),
+            fronts[i % fronts.len()],
+            b,
+            tx.clone(),
+        )));
+    }
+    drop(tx);
+    // kill once a quarter of the streams are under way on one replica
+    let mut on = BTreeMap::<String, usize>::new();
+    let victim = loop {
+        let by = started.recv().await.context("no stream produced a token")?;
+        let n = on.entry(by.clone()).or_default();
+        *n += 1;
+        if *n >= streams.div_ceil(4) {
+            break by;
+        }
+    };
+    let i = f
+        .nodes
+        .iter()
+        .position(|(n, _)| n.name == victim)
+        .with_context(|| format!("{victim} is not a demo node"))?;
+    let (_, mut child) = f.nodes.remove(i);
+    let killed = Instant::now();
+    child.kill()?;
+    let _ = child.wait();
+    say(format!("killed {victim}"));
+    let mut report = FailoverReport {
+        streams,
+        victim: victim.clone(),
+        cut: 0,
+        completed: 0,
+        exact: 0,
+        gap_ms: Vec::new(),
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+    };
+    for (i, t) in tasks.into_iter().enumerate() {
+        let s = t.await?;
+        if s.done && !s.error {
+            report.completed += 1;
+        }
+        if s.text == expected[i % prompts.len()] {
+            report.exact += 1;
+        }
+        if s.served_by == victim {
+            if let Some(next) = s.arrivals.iter().find(|a| **a > killed) {
+                // a stream that ended before the kill was not cut
+                if s.arrivals.first().is_some_and(|a| *a < killed) {
+                    report.cut += 1;
+                    report
+                        .gap_ms
+                        .push(next.duration_since(killed).as_secs_f64() * 1e3);
+                }
+            }
+        }
+    }
+    report.gap_ms.sort_by(f64::total_cmp);
+    report.p50_ms = percentile(&report.gap_ms, 50.0);
+    report.p99_ms = percentile(&report.gap_ms, 99.0);
+    f.stop();
+    Ok(report)
 }

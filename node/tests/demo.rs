@@ -39,12 +39,12 @@ fn weft_demo_runs_to_its_report() {
     assert!(left.is_empty(), "processes left running: {left:?}");
     let _ = std::fs::remove_dir_all(&fabric);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
     // the table names both runs
-    assert!(stdout.contains("weft") && stdout.contains("cloud-only"), "{stdout}");
+    assert!(
+        stdout.contains("weft") && stdout.contains("cloud-only"),
+        "{stdout}"
+    );
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("demo.json")).unwrap()).unwrap();
     assert_eq!(r["mode"], "quick");
@@ -71,7 +71,10 @@ fn weft_demo_runs_to_its_report() {
             .any(|(node, held)| node.starts_with(site) && !held.as_array().unwrap().is_empty())
     };
     assert!(placed("weft", "edge-a") && placed("weft", "edge-b"), "{r}");
-    assert!(placed("cloud_only", "cloud") && !placed("cloud_only", "edge-"), "{r}");
+    assert!(
+        placed("cloud_only", "cloud") && !placed("cloud_only", "edge-"),
+        "{r}"
+    );
     let weft = r["weft"]["edge_core_bytes"].as_u64().unwrap();
     let cloud = r["cloud_only"]["edge_core_bytes"].as_u64().unwrap();
     assert!(cloud > 0, "{r}");
