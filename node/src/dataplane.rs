@@ -217,10 +217,11 @@ pub const DATA_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DATA_KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// How often a waiting stream checks that its peer is still in the table.
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
-/// A stream quiet this long whose peer's last report is older than
-/// [`SUSPECT_AGE`] (reports come every 400 ms) is taken as cut: it resumes
-/// before the peer leaves the table. A false alarm costs a resume, not a
-/// token.
+/// A stream quiet this long (or 4 times its longest gap so far, if more)
+/// whose peer's last report is older than [`SUSPECT_AGE`] (reports come
+/// every 400 ms) is taken as cut: it resumes before the peer leaves the
+/// table. A false alarm costs a resume, not a token, and a suspected peer
+/// that still reports is tried again when no other replica is left.
 const SUSPECT_QUIET: Duration = Duration::from_millis(500);
 /// See [`SUSPECT_QUIET`].
 const SUSPECT_AGE: Duration = Duration::from_millis(700);
@@ -254,14 +255,20 @@ impl Forwarder {
     fn reported_within(&self, t: &Target, age: Duration) -> bool {
         match t {
             Target::Local => true,
-            Target::Peer { name, .. } => self
+            Target::Peer { name, .. } => self.name_reported_within(name, age),
+        }
+    }
+
+    /// Whether node `name` is this one or reported within `age`.
+    fn name_reported_within(&self, name: &str, age: Duration) -> bool {
+        name == self.me
+            || self
                 .table
                 .read()
                 .expect("routing table lock")
                 .nodes
                 .get(name)
-                .is_some_and(|e| e.seen.elapsed() < age),
-        }
+                .is_some_and(|e| e.seen.elapsed() < age)
     }
 
     /// Bytes this node's forwarded requests and their answers carried, by
@@ -611,12 +618,15 @@ struct Pump {
 impl Pump {
     async fn run(mut self, mut target: Target, mut rx: Chunks) {
         let mut last = Instant::now();
+        // the longest gap between chunks seen on this stream: a busy
+        // replica's steps are slow, and slow is not dead
+        let mut longest = Duration::ZERO;
         let mut check = tokio::time::interval(LIVENESS_EVERY);
         loop {
             let next = tokio::select! {
                 n = rx.recv() => n,
                 _ = check.tick() => {
-                    let suspect = last.elapsed() > SUSPECT_QUIET
+                    let suspect = last.elapsed() > SUSPECT_QUIET.max(longest * 4)
                         && !self.fwd.reported_within(&target, SUSPECT_AGE);
                     if suspect || !self.fwd.reported_within(&target, NODE_TIMEOUT) {
                         Some(Err(std::io::Error::other(format!(
@@ -629,9 +639,12 @@ impl Pump {
                     }
                 }
             };
-            last = Instant::now();
             let why = match next {
                 Some(Ok(bytes)) => {
+                    if !self.state.tokens.is_empty() {
+                        longest = longest.max(last.elapsed());
+                    }
+                    last = Instant::now();
                     self.state.buf.extend_from_slice(&bytes);
                     let events = self.state.take_events();
                     if !events.is_empty() && self.out.send(Ok(Bytes::from(events))).await.is_err() {
@@ -645,6 +658,8 @@ impl Pump {
                 Some(Err(e)) => e.to_string(),
                 None => "the stream ended without [DONE]".to_string(),
             };
+            last = Instant::now();
+            longest = Duration::ZERO;
             let died = Instant::now();
             // half an event from the dead replica is dropped: its token was
             // never sent, so the next replica produces it
@@ -705,7 +720,24 @@ impl Pump {
         }
         let body = Bytes::from(body.to_string());
         for _ in 0..MAX_TRIES {
-            let t = (self.reroute)(&self.failed)?;
+            // a replica suspected under load may still be alive: once every
+            // other one failed, those still reporting are candidates again
+            let t = match (self.reroute)(&self.failed) {
+                Some(t) => t,
+                None => {
+                    let dead: Vec<String> = self
+                        .failed
+                        .iter()
+                        .filter(|n| !self.fwd.name_reported_within(n, NODE_TIMEOUT))
+                        .cloned()
+                        .collect();
+                    if dead.len() == self.failed.len() {
+                        return None;
+                    }
+                    self.failed = dead;
+                    (self.reroute)(&self.failed)?
+                }
+            };
             let name = target_name(&t, &self.fwd.me);
             match self.fwd.open(&t, &self.req, body.clone()).await {
                 Ok((head, rx)) if head.status == 200 => return Some((t, rx)),
