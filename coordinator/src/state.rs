@@ -50,6 +50,14 @@ pub struct ModelRecord {
     pub sha256: String,
     /// Its shape for placement (its `name` is the model's name).
     pub spec: ModelSpec,
+    /// Size of the chunks peers send each other the file in (the last
+    /// one may be shorter); 0 when the record has no chunk list.
+    #[serde(default)]
+    pub chunk_bytes: u64,
+    /// sha256 of each chunk, in order: a node fetching the file from peers
+    /// checks every chunk as it arrives.
+    #[serde(default)]
+    pub chunk_sha256: Vec<String>,
 }
 
 /// Where a coordinator added at run time can be reached (founders are in
@@ -576,6 +584,8 @@ mod tests {
 
     fn model(name: &str, layers: u32, mib_per_layer: u64) -> ModelRecord {
         ModelRecord {
+            chunk_bytes: 0,
+            chunk_sha256: Vec::new(),
             source: "default".into(),
             sha256: String::new(),
             spec: ModelSpec {

@@ -102,6 +102,8 @@ fn fabric() -> (Vec<Member>, Vec<ModelRecord>) {
         address: format!("10.0.0.{id}:7000"),
     };
     let model = |name: &str, layers, mb: u64| ModelRecord {
+        chunk_bytes: 0,
+        chunk_sha256: Vec::new(),
         source: format!("hf:example/{name}.gguf"),
         sha256: "00".repeat(32),
         spec: ModelSpec {

@@ -146,6 +146,14 @@ impl AppState {
         })
     }
 
+    /// The data plane's forwarder, on a cluster node.
+    pub fn forwarder(&self) -> Option<Arc<crate::dataplane::Forwarder>> {
+        self.forwarder
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Forwards requests for models this node does not hold through `f`.
     pub fn set_forwarder(&self, f: Arc<crate::dataplane::Forwarder>) {
         *self.forwarder.write().unwrap_or_else(|e| e.into_inner()) = Some(f);

@@ -28,6 +28,7 @@ use crate::cluster::credentials::NodeIdentity;
 use crate::cluster::overlay::{RoutingTable, NODE_TIMEOUT};
 use crate::cluster::transport::{self, read_frame, write_frame};
 use crate::routing::{self, Target};
+use weft_coordinator::ModelRecord;
 use weft_placement::LinkClass;
 
 /// The header counting how often a request was forwarded.
@@ -80,21 +81,27 @@ pub fn hops(headers: &HeaderMap) -> u32 {
         .unwrap_or(0)
 }
 
-/// Serves forwarded requests arriving on `ep` through `app` until `stop`.
-pub async fn serve(ep: quinn::Endpoint, app: axum::Router, mut stop: watch::Receiver<bool>) {
+/// Serves forwarded requests arriving on `ep` through `app`, and chunks of
+/// the model files kept in `store`, until `stop`.
+pub async fn serve(
+    ep: quinn::Endpoint,
+    app: axum::Router,
+    store: std::path::PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let incoming = tokio::select! {
             i = ep.accept() => match i { Some(i) => i, None => return },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let app = app.clone();
+        let (app, store) = (app.clone(), store.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let peer = transport::peer_name(&conn).unwrap_or_default();
             while let Ok((send, recv)) = conn.accept_bi().await {
-                let (app, peer) = (app.clone(), peer.clone());
+                let (app, peer, store) = (app.clone(), peer.clone(), store.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = answer(app, &peer, send, recv).await {
+                    if let Err(e) = answer(app, &store, &peer, send, recv).await {
                         tracing::debug!(%peer, "forwarded request: {e}");
                     }
                 });
@@ -105,6 +112,7 @@ pub async fn serve(ep: quinn::Endpoint, app: axum::Router, mut stop: watch::Rece
 
 async fn answer(
     app: axum::Router,
+    store: &std::path::Path,
     peer: &str,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -115,6 +123,9 @@ async fn answer(
             .ok_or_else(|| anyhow::anyhow!("no request head"))?,
     )?;
     let body = read_frame(&mut recv).await?.unwrap_or_default();
+    if let Some(what) = head.uri.strip_prefix(CHUNK_PATH) {
+        return send_chunk(store, what, send).await;
+    }
     let mut req = Request::builder()
         .method(head.method.as_str())
         .uri(&head.uri);
@@ -147,6 +158,70 @@ async fn answer(
     Ok(())
 }
 
+/// Where a peer asks for a chunk of a model file:
+/// `/weft/chunk/<sha256>/<index>/<chunk bytes>`.
+const CHUNK_PATH: &str = "/weft/chunk/";
+/// Frames a chunk is sent in.
+const CHUNK_FRAME: usize = 1 << 20;
+
+/// Sends a chunk of a kept model file (`<store>/<sha256>.gguf`), or a 404
+/// head when this node does not keep it.
+async fn send_chunk(
+    store: &std::path::Path,
+    what: &str,
+    mut send: quinn::SendStream,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let parts: Vec<&str> = what.split('/').collect();
+    let parsed = match parts.as_slice() {
+        [sha, i, n] if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) => i
+            .parse::<u64>()
+            .ok()
+            .zip(n.parse::<u64>().ok())
+            .map(|(i, n)| (*sha, i, n)),
+        _ => None,
+    };
+    let file = match parsed {
+        Some((sha, _, n)) if n > 0 && n <= transport::MAX_FRAME as u64 * 4 => {
+            tokio::fs::File::open(store.join(format!("{sha}.gguf")))
+                .await
+                .ok()
+        }
+        _ => None,
+    };
+    let (Some(mut file), Some((_, index, n))) = (file, parsed) else {
+        let reply = ReplyHead {
+            status: 404,
+            headers: Vec::new(),
+        };
+        write_frame(&mut send, &serde_json::to_vec(&reply)?).await?;
+        send.finish()?;
+        return Ok(());
+    };
+    file.seek(std::io::SeekFrom::Start(index * n)).await?;
+    let mut left = n as usize;
+    write_frame(
+        &mut send,
+        &serde_json::to_vec(&ReplyHead {
+            status: 200,
+            headers: Vec::new(),
+        })?,
+    )
+    .await?;
+    let mut buf = vec![0u8; CHUNK_FRAME];
+    while left > 0 {
+        let want = left.min(CHUNK_FRAME);
+        let got = file.read(&mut buf[..want]).await?;
+        if got == 0 {
+            break; // the last chunk is shorter
+        }
+        write_frame(&mut send, &buf[..got]).await?;
+        left -= got;
+    }
+    send.finish()?;
+    Ok(())
+}
+
 /// Sends requests to the peers the router chooses, and keeps a forwarded
 /// stream going when its peer dies: the stream resumes on another replica
 /// from the tokens the client already has.
@@ -159,6 +234,9 @@ pub struct Forwarder {
     local: Mutex<Option<std::sync::Weak<crate::api::AppState>>>,
     /// Bytes sent and received to peers, by link class.
     bytes: Arc<[AtomicU64; 4]>,
+    /// Model chunks fetched from peers, and those that failed their check.
+    chunks: AtomicU64,
+    corrupt_chunks: AtomicU64,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -248,6 +326,8 @@ impl Forwarder {
             conns: Mutex::default(),
             local: Mutex::default(),
             bytes: Arc::default(),
+            chunks: AtomicU64::new(0),
+            corrupt_chunks: AtomicU64::new(0),
         })
     }
 
@@ -287,7 +367,149 @@ impl Forwarder {
             let name = name.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
             out += &format!("weft_dataplane_bytes_total{{link=\"{name}\"}} {n}\n");
         }
+        out += &format!(
+            "# HELP weft_model_chunks_fetched_total Model-file chunks fetched from peers and checked.\n# TYPE weft_model_chunks_fetched_total counter\nweft_model_chunks_fetched_total {}\n# HELP weft_model_chunks_corrupt_total Chunks from peers that failed their sha256 (fetched again elsewhere).\n# TYPE weft_model_chunks_corrupt_total counter\nweft_model_chunks_corrupt_total {}\n",
+            self.chunks.load(Ordering::Relaxed),
+            self.corrupt_chunks.load(Ordering::Relaxed)
+        );
         out
+    }
+
+    /// Peers that serve `model` (so keep its file), nearest first: by link
+    /// class, then round trip.
+    fn holders(&self, model: &str) -> Vec<Target> {
+        let t = self.table.read().expect("routing table lock");
+        let mine = t
+            .nodes
+            .get(&self.me)
+            .map(|e| e.report.clone())
+            .unwrap_or_default();
+        let me_site = weft_placement::Site {
+            kind: mine.kind,
+            region: mine.region,
+        };
+        let mut found: Vec<(usize, Duration, Target)> = t
+            .nodes
+            .iter()
+            .filter(|(name, e)| {
+                **name != self.me
+                    && e.seen.elapsed() < NODE_TIMEOUT
+                    && e.report.models.iter().any(|m| m == model)
+            })
+            .filter_map(|(name, e)| {
+                let addr = e.report.data_address.parse().ok()?;
+                let site = weft_placement::Site {
+                    kind: e.report.kind,
+                    region: e.report.region,
+                };
+                let class = LinkClass::between(&me_site, &site, e.report.site == mine.site);
+                let rtt = t.rtt_to(name).unwrap_or(Duration::MAX);
+                Some((
+                    class.index(),
+                    rtt,
+                    Target::Peer {
+                        name: name.clone(),
+                        addr,
+                        class,
+                    },
+                ))
+            })
+            .collect();
+        found.sort_by_key(|f| (f.0, f.1));
+        found.into_iter().map(|f| f.2).collect()
+    }
+
+    /// Fetches chunk `index` of the file `rec` describes from `peer`.
+    async fn fetch_chunk(
+        &self,
+        peer: &Target,
+        rec: &ModelRecord,
+        index: usize,
+    ) -> anyhow::Result<Vec<u8>> {
+        let Target::Peer { name, addr, class } = peer else {
+            anyhow::bail!("not a peer");
+        };
+        let conn = self.connection(name, *addr).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let head = Head {
+            method: "GET".into(),
+            uri: format!("{CHUNK_PATH}{}/{index}/{}", rec.sha256, rec.chunk_bytes),
+            headers: Vec::new(),
+            hops: 0,
+        };
+        write_frame(&mut send, &serde_json::to_vec(&head)?).await?;
+        write_frame(&mut send, &[]).await?;
+        send.finish()?;
+        let reply: ReplyHead = serde_json::from_slice(
+            &read_frame(&mut recv)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{name} closed the stream"))?,
+        )?;
+        anyhow::ensure!(
+            reply.status == 200,
+            "{name} does not keep the file ({})",
+            reply.status
+        );
+        let mut out = Vec::with_capacity(rec.chunk_bytes as usize);
+        while let Some(f) = read_frame(&mut recv).await? {
+            out.extend_from_slice(&f);
+            anyhow::ensure!(
+                out.len() as u64 <= rec.chunk_bytes,
+                "{name} sent more than a chunk"
+            );
+        }
+        self.bytes[class.index()].fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Fetches the file `rec` describes from the peers that serve `model`,
+    /// nearest first, into `dest`: every chunk is checked against its
+    /// sha256 in the cluster's record, and one that fails is fetched from
+    /// the next peer. Returns the peers it came from.
+    pub async fn fetch_model(
+        &self,
+        model: &str,
+        rec: &ModelRecord,
+        dest: &std::path::Path,
+    ) -> anyhow::Result<Vec<String>> {
+        use sha2::{Digest, Sha256};
+        use tokio::io::AsyncWriteExt;
+        let peers = self.holders(model);
+        anyhow::ensure!(!peers.is_empty(), "no peer serves {model}");
+        let part = dest.with_extension("gguf.part");
+        let mut file = tokio::fs::File::create(&part).await?;
+        let mut used = Vec::new();
+        for (i, want) in rec.chunk_sha256.iter().enumerate() {
+            let mut got = None;
+            for p in &peers {
+                let name = target_name(p, &self.me);
+                match self.fetch_chunk(p, rec, i).await {
+                    Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == *want => {
+                        self.chunks.fetch_add(1, Ordering::Relaxed);
+                        if !used.contains(&name) {
+                            used.push(name);
+                        }
+                        got = Some(bytes);
+                        break;
+                    }
+                    Ok(_) => {
+                        self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %name, chunk = i, "a model chunk failed its sha256 check; fetching it from another peer");
+                    }
+                    Err(e) => tracing::debug!(peer = %name, chunk = i, "chunk fetch failed: {e}"),
+                }
+            }
+            let Some(bytes) = got else {
+                drop(file);
+                let _ = tokio::fs::remove_file(&part).await;
+                anyhow::bail!("no peer had a good copy of chunk {i}");
+            };
+            file.write_all(&bytes).await?;
+        }
+        file.sync_all().await?;
+        drop(file);
+        tokio::fs::rename(&part, dest).await?;
+        Ok(used)
     }
 
     /// This node's name.

@@ -74,10 +74,10 @@ impl Workload {
             }
         } else {
             Self {
-                requests_per_site: 12,
+                requests_per_site: 10,
                 agents_per_site: 3,
                 max_tokens: 24,
-                long_prompt_lines: 16,
+                long_prompt_lines: 12,
             }
         }
     }

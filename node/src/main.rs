@@ -128,6 +128,10 @@ enum ClusterCommand {
         /// The name it is placed and routed under (default: the store's id).
         #[arg(long)]
         name: Option<String>,
+        /// Size of the sha256-checked chunks nodes fetch the file from each
+        /// other in.
+        #[arg(long, default_value_t = weft_node::cluster::models::DEFAULT_CHUNK_BYTES)]
+        chunk_bytes: u64,
     },
     /// Plan and commit a placement epoch for this demand; the leader keeps
     /// re-planning for it as membership changes.
@@ -500,8 +504,17 @@ fn cluster(c: ClusterCommand) -> Result<()> {
             config,
             source,
             name,
+            chunk_bytes,
         } => {
-            let record = weft_node::cluster::models::model_record(&source, name.as_deref())?;
+            let mut record = weft_node::cluster::models::model_record(&source, name.as_deref())?;
+            if chunk_bytes != record.chunk_bytes {
+                let src = weft_node::model_store::ModelSource::parse(&source)?;
+                let stored =
+                    ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
+                record.chunk_sha256 =
+                    weft_node::cluster::models::chunk_hashes(&stored.path, chunk_bytes)?;
+                record.chunk_bytes = chunk_bytes;
+            }
             let spec = record.spec.clone();
             let reply = ask_cluster(
                 &config,

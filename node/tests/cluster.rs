@@ -155,6 +155,8 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
         Command::PutMember(fabric_member("gw-1", "edge-a", 8)),
         Command::PutMember(fabric_member("cloud-1", "cloud", 80)),
         Command::PutModel(ModelRecord {
+            chunk_bytes: 0,
+            chunk_sha256: Vec::new(),
             source: "default".into(),
             sha256: String::new(),
             spec: ModelSpec {

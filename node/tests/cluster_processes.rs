@@ -257,10 +257,12 @@ impl Gateway {
         .unwrap();
         let log = c.dir.path().join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
+        // each node keeps its own model files, as on separate machines
         let child = Command::new(env!("CARGO_BIN_EXE_weft"))
             .args(["node", "--config"])
             .arg(&cfg)
             .env("WEFT_LOG", "info")
+            .env("WEFT_CACHE_DIR", c.dir.path().join(name).join("cache"))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -351,6 +353,8 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let model = ModelRecord {
+        chunk_bytes: 0,
+        chunk_sha256: Vec::new(),
         source: "default".into(),
         sha256: String::new(),
         spec: ModelSpec {
@@ -1300,4 +1304,143 @@ async fn streams_survive_the_kill_of_their_serving_node() {
         resumed.len(),
         killed_at.elapsed()
     );
+}
+
+/// Waits until the node at `api` lists `model`.
+async fn wait_holding(g: &Gateway, model: &str, within: Duration) {
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("http://{}/v1/models", g.api)).send().await {
+            let v: serde_json::Value = r.json().await.unwrap();
+            if v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == model)
+            {
+                return;
+            }
+        }
+        assert!(
+            t.elapsed() < within,
+            "{:?} never held {model}:\n{}",
+            g.log,
+            g.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A node assigned a model it lacks fetches it from the peers that serve
+/// it, in chunks checked against the cluster's record; a corrupt chunk from
+/// one peer is detected and fetched again from the other. The model's
+/// source is gone by then: the peers are the only way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_comes_from_peers_and_a_corrupt_chunk_is_fetched_again() {
+    let c = setup();
+    let a = Gateway::start_as(&c, "gw-1", 4 << 30);
+    let b = Gateway::start_as(&c, "gw-3", 4 << 30);
+    let model = c.dir.path().join("tiny.gguf");
+    weft_kernels::testing::write_tiny_model(
+        &model,
+        &weft_kernels::testing::TinyModelSpec::default(),
+    )
+    .unwrap();
+    let chunk = 1u64 << 20;
+    weft(&[
+        "cluster",
+        "model-add",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--source",
+        model.to_str().unwrap(),
+        "--name",
+        "tiny",
+        "--chunk-bytes",
+        &chunk.to_string(),
+    ]);
+    // demand for every node there is
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--demand",
+        "edge-b:tiny:20000:200:64",
+    ]);
+    wait_holding(&a, "tiny", Duration::from_secs(60)).await;
+    wait_holding(&b, "tiny", Duration::from_secs(60)).await;
+    // damage chunk 1 of gw-1's copy and chunk 2 of gw-3's (a new file over
+    // the old name: the source and the running workers keep theirs)
+    let sha = weft_node::model_store::sha256_file(&model, None).unwrap();
+    for (node, bad) in [("gw-1", 1u64), ("gw-3", 2)] {
+        let kept = c
+            .dir
+            .path()
+            .join(node)
+            .join(format!("cache/models/{sha}.gguf"));
+        let mut bytes = std::fs::read(&kept).unwrap();
+        bytes[(bad * chunk + 100) as usize] ^= 0xff;
+        let tmp = kept.with_extension("bad");
+        std::fs::write(&tmp, &bytes).unwrap();
+        std::fs::rename(&tmp, &kept).unwrap();
+    }
+    std::fs::rename(&model, model.with_extension("gone")).unwrap();
+    let late = Gateway::start_as(&c, "gw-4", 4 << 30);
+    wait_holding(&late, "tiny", Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    let metrics = http
+        .get(format!("http://{}/metrics", late.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let chunks = std::fs::metadata(model.with_extension("gone"))
+        .unwrap()
+        .len()
+        .div_ceil(chunk);
+    assert!(chunks >= 3, "{chunks} chunks");
+    assert_eq!(
+        metric("weft_model_chunks_fetched_total"),
+        chunks,
+        "{}",
+        late.log()
+    );
+    assert!(
+        metric("weft_model_chunks_corrupt_total") >= 1,
+        "{}",
+        late.log()
+    );
+    assert!(late.log().contains("failed its sha256 check"));
+    // and it serves what the others serve (a forwarded request is served
+    // where it lands)
+    let ask = |api: SocketAddr| {
+        let http = http.clone();
+        async move {
+            let v: serde_json::Value = http
+                .post(format!("http://{api}/v1/completions"))
+                .header("x-weft-hops", "1")
+                .json(&serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(ask(late.api).await, ask(a.api).await);
 }

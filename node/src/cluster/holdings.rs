@@ -179,7 +179,7 @@ impl Holder {
     /// Fetches and verifies `h`'s model; starts a worker if `h` is a whole
     /// replica.
     async fn load(&self, h: &Holding, rec: &ModelRecord) -> Result<Option<Arc<Served>>> {
-        let stored = fetch_verified(&self.store, rec).await?;
+        let stored = self.obtain(&h.model, rec).await?;
         if !h.whole {
             tracing::info!(holding = %h, "layer range fetched and verified for the data plane");
             return Ok(None);
@@ -239,6 +239,58 @@ impl Holder {
             self.app.drop_model(&m);
             s.supervisor.shutdown();
         }
+    }
+}
+
+impl Holder {
+    /// The verified file of `rec` in this node's store, as
+    /// `<store>/<sha256>.gguf` (where peers fetch it from): kept from
+    /// before, else fetched in sha256-checked chunks from the nearest peers
+    /// that hold `model`, else from its source.
+    async fn obtain(&self, model: &str, rec: &ModelRecord) -> Result<StoredModel> {
+        let keep = self.store.dir().join(format!("{}.gguf", rec.sha256));
+        if keep.exists() {
+            let (store, path, sha) = (self.store.clone(), keep.clone(), rec.sha256.clone());
+            match tokio::task::spawn_blocking(move || store.verify(&path, &sha)).await? {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    tracing::warn!(path = %keep.display(), "kept model file is damaged; fetching it again: {e}");
+                    let _ = std::fs::remove_file(&keep);
+                }
+            }
+        }
+        std::fs::create_dir_all(self.store.dir())
+            .with_context(|| format!("creating {}", self.store.dir().display()))?;
+        if let Some(fwd) = self.app.forwarder() {
+            if !rec.chunk_sha256.is_empty() {
+                match fwd.fetch_model(model, rec, &keep).await {
+                    Ok(from) => {
+                        tracing::info!(%model, peers = ?from, "model fetched from peers, every chunk checked");
+                        let (store, path, sha) =
+                            (self.store.clone(), keep.clone(), rec.sha256.clone());
+                        return Ok(
+                            tokio::task::spawn_blocking(move || store.verify(&path, &sha))
+                                .await??,
+                        );
+                    }
+                    Err(e) => {
+                        tracing::info!(%model, "not from peers ({e:#}); fetching it from its source")
+                    }
+                }
+            }
+        }
+        let stored = fetch_verified(&self.store, rec).await?;
+        // a copy peers can fetch: a hard link where the file system allows
+        if std::fs::hard_link(&stored.path, &keep).is_err() {
+            let part = keep.with_extension("gguf.part");
+            std::fs::copy(&stored.path, &part)
+                .and_then(|_| std::fs::rename(&part, &keep))
+                .with_context(|| format!("keeping a copy at {}", keep.display()))?;
+        }
+        Ok(StoredModel {
+            path: keep,
+            ..stored
+        })
     }
 }
 

@@ -1236,6 +1236,8 @@ mod tests {
             state.models.insert(
                 name.into(),
                 weft_coordinator::ModelRecord {
+                    chunk_bytes: 0,
+                    chunk_sha256: Vec::new(),
                     source: "default".into(),
                     sha256: String::new(),
                     spec: weft_placement::ModelSpec {

@@ -13,12 +13,43 @@ use crate::model_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
 /// `tokens_per_s` is quoted for such a model (1 GiB of weights).
 pub const UNIT_COMPUTE_BYTES: f64 = (1u64 << 30) as f64;
 
+/// Chunks peers send model files in, unless `weft cluster model-add
+/// --chunk-bytes` says otherwise.
+pub const DEFAULT_CHUNK_BYTES: u64 = 4 << 20;
+
 /// Fetches (if needed) and verifies `source`, and describes it for
 /// placement under `name` (default: the store's id for it).
 pub fn model_record(source: &str, name: Option<&str>) -> Result<ModelRecord> {
     let src = ModelSource::parse(source)?;
     let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
     record_for(&stored, source, name)
+}
+
+/// The sha256 of each `chunk_bytes` piece of the file at `path`.
+pub fn chunk_hashes(path: &std::path::Path, chunk_bytes: u64) -> Result<Vec<String>> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    anyhow::ensure!(chunk_bytes > 0, "chunks must be at least a byte");
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; chunk_bytes as usize];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = f.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            return Ok(out);
+        }
+        out.push(hex::encode(Sha256::digest(&buf[..filled])));
+        if filled < buf.len() {
+            return Ok(out);
+        }
+    }
 }
 
 /// Describes the verified model `stored`, fetched from `source`, for
@@ -44,6 +75,8 @@ pub fn record_for(stored: &StoredModel, source: &str, name: Option<&str>) -> Res
         source: source.to_string(),
         sha256: stored.sha256.clone(),
         spec,
+        chunk_bytes: DEFAULT_CHUNK_BYTES,
+        chunk_sha256: chunk_hashes(&stored.path, DEFAULT_CHUNK_BYTES)?,
     })
 }
 

@@ -247,6 +247,9 @@ async fn hold_and_serve(
             tokio::spawn(crate::dataplane::serve(
                 ep,
                 crate::api::router(app.clone()),
+                crate::model_store::ModelStore::default_location()
+                    .dir()
+                    .to_path_buf(),
                 stop_rx.clone(),
             ));
         }
