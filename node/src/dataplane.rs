@@ -72,6 +72,20 @@ struct ReplyHead {
     headers: Vec<(String, String)>,
 }
 
+impl ReplyHead {
+    /// The head of a response from the API.
+    fn of(parts: &axum::http::response::Parts) -> Self {
+        Self {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+                .collect(),
+        }
+    }
+}
+
 /// How often a request in `headers` was forwarded already.
 pub fn hops(headers: &HeaderMap) -> u32 {
     headers
@@ -138,14 +152,7 @@ async fn answer(
         .body(Body::from(body))?;
     let resp = app.oneshot(req).await?;
     let (parts, mut body) = resp.into_parts();
-    let reply = ReplyHead {
-        status: parts.status.as_u16(),
-        headers: parts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
-            .collect(),
-    };
+    let reply = ReplyHead::of(&parts);
     write_frame(&mut send, &serde_json::to_vec(&reply)?).await?;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
@@ -591,14 +598,7 @@ impl Forwarder {
                     .body(Body::from(body))?;
                 let resp = crate::api::router(app).oneshot(r).await?;
                 let (parts, mut body) = resp.into_parts();
-                let head = ReplyHead {
-                    status: parts.status.as_u16(),
-                    headers: parts
-                        .headers
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
-                        .collect(),
-                };
+                let head = ReplyHead::of(&parts);
                 tokio::spawn(async move {
                     while let Some(frame) = body.frame().await {
                         let item = match frame {

@@ -602,6 +602,20 @@ async fn run_workload(
     (all, start.elapsed().as_secs_f64())
 }
 
+/// Runs the workload on placement `map` and sums it up, with the
+/// edge-core bytes it cost.
+async fn measured_run(
+    http: &reqwest::Client,
+    nodes: &[DemoNode],
+    w: Workload,
+    map: BTreeMap<String, Vec<String>>,
+) -> RunReport {
+    let before = edge_core_bytes(http, nodes).await;
+    let (out, wall) = run_workload(http, nodes, w).await;
+    let bytes = edge_core_bytes(http, nodes).await - before;
+    summarize(&out, wall, bytes, map)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -749,14 +763,7 @@ pub async fn run(opts: &DemoOptions) -> Result<Report> {
         "weft: {} requests from agents at 2 edge sites",
         2 * w.requests_per_site
     ));
-    let before = edge_core_bytes(&http, &nodes).await;
-    let (out, wall) = run_workload(&http, &nodes, w).await;
-    let weft = summarize(
-        &out,
-        wall,
-        edge_core_bytes(&http, &nodes).await - before,
-        map,
-    );
+    let weft = measured_run(&http, &nodes, w, map).await;
 
     // 2. the same demand, served from the cloud only. The placement keeps
     // replicas while their model has demand anywhere (it does not churn),
@@ -815,14 +822,7 @@ pub async fn run(opts: &DemoOptions) -> Result<Report> {
         within,
     )
     .await?;
-    let before = edge_core_bytes(&http, &nodes).await;
-    let (out, wall) = run_workload(&http, &nodes, w).await;
-    let cloud_only = summarize(
-        &out,
-        wall,
-        edge_core_bytes(&http, &nodes).await - before,
-        map,
-    );
+    let cloud_only = measured_run(&http, &nodes, w, map).await;
     say("stopping the fabric");
     f.stop();
     let reduction = if cloud_only.edge_core_bytes > 0 {
