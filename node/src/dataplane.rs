@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
-use crate::cluster::credentials::NodeIdentity;
+use crate::cluster::credentials::{NodeIdentity, Revoked};
 use crate::cluster::overlay::{RoutingTable, NODE_TIMEOUT};
 use crate::cluster::transport::{self, read_frame, write_frame};
 use crate::routing::{self, Target};
@@ -48,6 +48,9 @@ pub const REQUEST_ID_HEADER: &str = "x-weft-request-id";
 pub const TOKEN_IDS_FIELD: &str = "weft_tokens";
 /// Most times a request is forwarded.
 pub const MAX_HOPS: u32 = 2;
+/// How often an open data-plane connection checks its peer's certificate
+/// against the replicated revocation list.
+const REVOCATION_CHECK: Duration = Duration::from_millis(250);
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Request headers that travel with a forwarded request.
@@ -101,6 +104,7 @@ pub async fn serve(
     ep: quinn::Endpoint,
     app: axum::Router,
     store: std::path::PathBuf,
+    revoked: Revoked,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -108,11 +112,29 @@ pub async fn serve(
             i = ep.accept() => match i { Some(i) => i, None => return },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let (app, store) = (app.clone(), store.clone());
+        let (app, store, revoked) = (app.clone(), store.clone(), revoked.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let peer = transport::peer_name(&conn).unwrap_or_default();
-            while let Ok((send, recv)) = conn.accept_bi().await {
+            let cert = transport::peer_cert(&conn);
+            let mut check = tokio::time::interval(REVOCATION_CHECK);
+            loop {
+                let (send, recv) = tokio::select! {
+                    bi = conn.accept_bi() => match bi {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    },
+                    // a revocation that lands while the connection is open
+                    // ends it, with whatever runs on it
+                    _ = check.tick() => {
+                        if cert.as_ref().is_some_and(|c| revoked.contains(c)) {
+                            tracing::warn!(%peer, "certificate revoked; closing its data-plane connection");
+                            conn.close(2u32.into(), b"certificate revoked");
+                            return;
+                        }
+                        continue;
+                    }
+                };
                 let (app, peer, store) = (app.clone(), peer.clone(), store.clone());
                 tokio::spawn(async move {
                     if let Err(e) = answer(app, &store, &peer, send, recv).await {

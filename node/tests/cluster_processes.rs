@@ -994,6 +994,35 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
         .await
         .unwrap();
     assert_eq!(r.status(), 508);
+    // revoking the front's certificate ends its open connection to the
+    // holder: it can no longer forward (nor connect again)
+    let front_id =
+        weft_node::cluster::credentials::NodeIdentity::load(&c.dir.path().join("gw-2/identity"))
+            .unwrap();
+    let admin = Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap();
+    let r = admin
+        .ask(
+            &c.peers,
+            &Request::Propose {
+                command: Cmd::Revoke {
+                    fingerprint: front_id.fingerprint(),
+                },
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
+    let t = Instant::now();
+    while ask(front.api, body.clone()).await.unwrap().status() == 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "still forwarding 15 s after its revocation:\n{}",
+            holder.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(holder.log().contains("closing its data-plane connection"));
     // the front's intent log holds the forwarding decisions, chained
     drop(front);
     let log_dir = c.dir.path().join("gw-2/intent");

@@ -250,6 +250,7 @@ async fn hold_and_serve(
                 crate::model_store::ModelStore::default_location()
                     .dir()
                     .to_path_buf(),
+                revoked.clone(),
                 stop_rx.clone(),
             ));
         }
