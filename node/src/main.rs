@@ -61,7 +61,7 @@ enum Command {
     /// and a cloud site with 2 nodes each), run an agent workload through
     /// it on weft's placement and cloud-only, print the report, stop it.
     Demo {
-        /// A reduced workload (a minute or so).
+        /// A reduced workload (about 30 s with the default model).
         #[arg(long)]
         quick: bool,
         /// Also write the report as DIR/demo.json.
