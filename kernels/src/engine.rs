@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::error::{KernelError, Result};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, SeqId};
 use crate::model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::{StreamDecoder, TokenId, Tokenizer};
@@ -130,9 +130,107 @@ pub struct EngineStats {
     pub preemptions: u64,
 }
 
-/// The batching engine over one full model.
+/// The layers after a head shard, wherever they run: every step the engine
+/// sends them the head's hidden states and gets back the last layer's
+/// logits. A [`LocalChain`] runs them in this process; the data plane runs
+/// them on other nodes.
+pub trait Downstream: Send {
+    /// Runs `chunks` (hidden-state input, positions as on the head) through
+    /// the rest of the model; one output per chunk, logits where asked.
+    fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>>;
+    /// Forgets sequence `seq` (finished, cancelled or preempted).
+    fn release(&mut self, seq: SeqId);
+}
+
+/// Downstream shards in this process, one after the other, each with its
+/// own KV cache.
+pub struct LocalChain {
+    stages: Vec<(Arc<Gemma3>, KvCache)>,
+}
+
+impl LocalChain {
+    /// The shards, in layer order (the first follows the head; the last
+    /// ends the model), each with a cache of `kv_budget_bytes`.
+    pub fn new(shards: Vec<Arc<Gemma3>>, kv_budget_bytes: usize) -> Result<Self> {
+        if shards.is_empty() || shards.iter().any(|s| s.is_first()) {
+            return Err(KernelError::BadInput(
+                "a downstream chain is one or more shards after the first".into(),
+            ));
+        }
+        for w in shards.windows(2) {
+            if w[0].range().end != w[1].range().start {
+                return Err(KernelError::BadInput(format!(
+                    "shards {:?} and {:?} are not consecutive",
+                    w[0].range(),
+                    w[1].range()
+                )));
+            }
+        }
+        if !shards.last().is_some_and(|s| s.is_last()) {
+            return Err(KernelError::BadInput(
+                "the last downstream shard must end the model".into(),
+            ));
+        }
+        Ok(Self {
+            stages: shards
+                .into_iter()
+                .map(|s| {
+                    let kv = s.new_kv_cache(kv_budget_bytes);
+                    (s, kv)
+                })
+                .collect(),
+        })
+    }
+}
+
+impl Downstream for LocalChain {
+    fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
+        let mut input: Vec<Chunk> = chunks.to_vec();
+        let mut outs = Vec::new();
+        for (shard, kv) in &mut self.stages {
+            let hidden = shard.config().hidden.max(1);
+            for c in &input {
+                let rows = match &c.input {
+                    ChunkInput::Hidden(h) => h.len() / hidden,
+                    ChunkInput::Tokens(t) => t.len(),
+                };
+                kv.reserve(c.seq, c.pos + rows)?;
+            }
+            outs = shard.forward(&input, kv)?;
+            if !shard.is_last() {
+                input = input
+                    .iter()
+                    .zip(&outs)
+                    .map(|(c, o)| match o {
+                        ChunkOutput::Hidden(h) => Ok(Chunk {
+                            seq: c.seq,
+                            pos: c.pos,
+                            input: ChunkInput::Hidden(h.clone()),
+                            want_logits: c.want_logits,
+                        }),
+                        ChunkOutput::Logits(_) => Err(KernelError::BadInput(
+                            "a middle shard returned logits".into(),
+                        )),
+                    })
+                    .collect::<Result<_>>()?;
+            }
+        }
+        Ok(outs)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        for (_, kv) in &mut self.stages {
+            kv.release(seq);
+        }
+    }
+}
+
+/// The batching engine over one full model, or over a head shard whose
+/// [`Downstream`] runs the rest.
 pub struct Engine {
     model: Arc<Gemma3>,
+    /// The layers after the head, when `model` is a head shard.
+    rest: Option<Box<dyn Downstream>>,
     tokenizer: Arc<Tokenizer>,
     kv: KvCache,
     cfg: EngineConfig,
@@ -173,6 +271,7 @@ impl Engine {
         let kv = model.new_kv_cache(cfg.kv_budget_bytes);
         Ok(Self {
             model,
+            rest: None,
             tokenizer,
             kv,
             cfg,
@@ -182,6 +281,47 @@ impl Engine {
             stats: EngineStats::default(),
             pending: Vec::new(),
         })
+    }
+
+    /// An engine over a chain: `head` holds the first layers (and the
+    /// embedding) and runs them here; `rest` runs the others and returns
+    /// the logits. Scheduling, sampling and the head's KV blocks are as for
+    /// a whole model.
+    pub fn new_chain(
+        head: Arc<Gemma3>,
+        rest: Box<dyn Downstream>,
+        tokenizer: Arc<Tokenizer>,
+        mut cfg: EngineConfig,
+    ) -> Result<Self> {
+        if !head.is_first() || head.is_last() {
+            return Err(KernelError::BadInput(
+                "a chain's head holds the first layers, not all of them".into(),
+            ));
+        }
+        cfg.max_context = cfg.max_context.min(head.config().context_length).max(1);
+        cfg.max_step_tokens = cfg.max_step_tokens.max(1);
+        cfg.max_running = cfg.max_running.max(1);
+        let kv = head.new_kv_cache(cfg.kv_budget_bytes);
+        Ok(Self {
+            model: head,
+            rest: Some(rest),
+            tokenizer,
+            kv,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            arrivals: 0,
+            stats: EngineStats::default(),
+            pending: Vec::new(),
+        })
+    }
+
+    /// Frees a sequence's KV blocks here and downstream.
+    fn release(&mut self, id: RequestId) {
+        self.kv.release(id);
+        if let Some(r) = self.rest.as_mut() {
+            r.release(id);
+        }
     }
 
     /// The engine's limits (after capping to the model).
@@ -341,7 +481,7 @@ impl Engine {
             false
         };
         if found {
-            self.kv.release(id);
+            self.release(id);
             self.pending.push(StepEvent {
                 id,
                 token: None,
@@ -373,7 +513,24 @@ impl Engine {
                 }
             })
             .collect();
-        let outs = self.model.forward(&chunks, &mut self.kv)?;
+        let mut outs = self.model.forward(&chunks, &mut self.kv)?;
+        if let Some(rest) = self.rest.as_mut() {
+            // the head's hidden states go down the chain; logits come back
+            let next: Vec<Chunk> = chunks
+                .into_iter()
+                .zip(outs)
+                .map(|(c, o)| match o {
+                    ChunkOutput::Hidden(h) => Ok(Chunk {
+                        input: ChunkInput::Hidden(h),
+                        ..c
+                    }),
+                    ChunkOutput::Logits(_) => Err(KernelError::BadInput(
+                        "the head shard returned logits".into(),
+                    )),
+                })
+                .collect::<Result<_>>()?;
+            outs = rest.forward(&next)?;
+        }
         let mut finished = Vec::new();
         for (&(i, n), out) in plan.iter().zip(outs) {
             let s = &mut self.running[i];
@@ -397,7 +554,7 @@ impl Engine {
         finished.sort_unstable();
         for i in finished.into_iter().rev() {
             let s = self.running.remove(i);
-            self.kv.release(s.id);
+            self.release(s.id);
         }
         Ok(events)
     }
@@ -480,7 +637,7 @@ impl Engine {
                 .max_by_key(|&j| self.running[j].arrival)
                 .expect("running is not empty");
             let s = self.running.remove(newest);
-            self.kv.release(s.id);
+            self.release(s.id);
             fix_plan(&mut plan, newest);
             if newest == i && self.running.is_empty() {
                 events.push(Self::too_big(s.id));
@@ -525,7 +682,7 @@ impl Engine {
                 .max_by_key(|&j| self.running[j].arrival)
                 .expect("running is not empty");
             let s = self.running.remove(newest);
-            self.kv.release(s.id);
+            self.release(s.id);
             if self.running.is_empty() {
                 events.push(Self::too_big(s.id));
             } else {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
 use weft_kernels::{
     load, Backend, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig, FinishReason, Gemma3,
-    KernelError, KvCache, LoadedModel, Request, Resume, SamplingParams, StreamDecoder,
+    KernelError, KvCache, LoadedModel, LocalChain, Request, Resume, SamplingParams, StreamDecoder,
 };
 
 struct Tiny {
@@ -650,4 +650,77 @@ fn a_resumed_sequence_continues_exactly_where_the_first_run_stopped() {
         };
         assert!(e.add_resumed(req(3), all).is_err());
     }
+}
+
+#[test]
+fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    let kv_dim = t.lm.model.config().kv_dim();
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(9 + i * 3, i as u32)).collect();
+    let submit = |e: &mut Engine| {
+        for (i, p) in prompts.iter().enumerate() {
+            e.add_request(Request {
+                id: i as u64,
+                prompt: p.clone(),
+                params: greedy(24),
+                priority: 0,
+            })
+            .unwrap();
+        }
+    };
+    let mut whole = engine(&t.lm, 1 << 26);
+    submit(&mut whole);
+    let whole = whole.run_to_completion().unwrap();
+    let shard = |r: std::ops::Range<usize>| Arc::new(Gemma3::load(&t.path, Some(r)).unwrap());
+    for cuts in [vec![2], vec![1, 4], vec![3, 5]] {
+        // a roomy head, then a head so small it preempts (and the chain
+        // recomputes downstream too)
+        let mut bounds = vec![0];
+        bounds.extend(&cuts);
+        bounds.push(n);
+        // 12 blocks of the head's layers: 192 positions for about 270
+        let small = 12 * KvCache::block_bytes(bounds[1], kv_dim);
+        for head_budget in [1usize << 26, small] {
+            let rest: Vec<Arc<Gemma3>> =
+                bounds[1..].windows(2).map(|w| shard(w[0]..w[1])).collect();
+            let chain = LocalChain::new(rest, 1 << 26).unwrap();
+            let mut e = Engine::new_chain(
+                shard(0..bounds[1]),
+                Box::new(chain),
+                t.lm.tokenizer.clone(),
+                EngineConfig {
+                    kv_budget_bytes: head_budget,
+                    max_step_tokens: 64,
+                    ..EngineConfig::default()
+                },
+            )
+            .unwrap();
+            submit(&mut e);
+            let out = e.run_to_completion().unwrap();
+            for i in 0..prompts.len() as u64 {
+                assert_eq!(out[&i].tokens.len(), 24);
+                assert_eq!(
+                    out[&i].tokens, whole[&i].tokens,
+                    "sequence {i}, layers cut at {cuts:?}, head budget {head_budget}"
+                );
+            }
+            if head_budget < 1 << 26 {
+                assert!(e.stats().preemptions > 0, "the small head did not preempt");
+            }
+        }
+    }
+    // a chain must start after the head and end the model
+    assert!(LocalChain::new(vec![shard(0..2)], 1 << 20).is_err());
+    assert!(LocalChain::new(vec![shard(2..4)], 1 << 20).is_err());
+    assert!(LocalChain::new(vec![shard(2..3), shard(4..n)], 1 << 20).is_err());
+    // and the head is the first shard, not the whole model
+    let rest = LocalChain::new(vec![shard(2..n)], 1 << 20).unwrap();
+    assert!(Engine::new_chain(
+        t.lm.model.clone(),
+        Box::new(rest),
+        t.lm.tokenizer.clone(),
+        EngineConfig::default()
+    )
+    .is_err());
 }
