@@ -254,24 +254,29 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// An engine over a model that holds all layers.
-    pub fn new(
-        model: Arc<Gemma3>,
-        tokenizer: Arc<Tokenizer>,
-        mut cfg: EngineConfig,
-    ) -> Result<Self> {
+    pub fn new(model: Arc<Gemma3>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Result<Self> {
         if !model.is_first() || !model.is_last() {
             return Err(KernelError::BadInput(
                 "the engine needs a model with all layers; shards are driven by the pipeline"
                     .into(),
             ));
         }
+        Ok(Self::build(model, None, tokenizer, cfg))
+    }
+
+    fn build(
+        model: Arc<Gemma3>,
+        rest: Option<Box<dyn Downstream>>,
+        tokenizer: Arc<Tokenizer>,
+        mut cfg: EngineConfig,
+    ) -> Self {
         cfg.max_context = cfg.max_context.min(model.config().context_length).max(1);
         cfg.max_step_tokens = cfg.max_step_tokens.max(1);
         cfg.max_running = cfg.max_running.max(1);
         let kv = model.new_kv_cache(cfg.kv_budget_bytes);
-        Ok(Self {
+        Self {
             model,
-            rest: None,
+            rest,
             tokenizer,
             kv,
             cfg,
@@ -280,7 +285,7 @@ impl Engine {
             arrivals: 0,
             stats: EngineStats::default(),
             pending: Vec::new(),
-        })
+        }
     }
 
     /// An engine over a chain: `head` holds the first layers (and the
@@ -291,29 +296,14 @@ impl Engine {
         head: Arc<Gemma3>,
         rest: Box<dyn Downstream>,
         tokenizer: Arc<Tokenizer>,
-        mut cfg: EngineConfig,
+        cfg: EngineConfig,
     ) -> Result<Self> {
         if !head.is_first() || head.is_last() {
             return Err(KernelError::BadInput(
                 "a chain's head holds the first layers, not all of them".into(),
             ));
         }
-        cfg.max_context = cfg.max_context.min(head.config().context_length).max(1);
-        cfg.max_step_tokens = cfg.max_step_tokens.max(1);
-        cfg.max_running = cfg.max_running.max(1);
-        let kv = head.new_kv_cache(cfg.kv_budget_bytes);
-        Ok(Self {
-            model: head,
-            rest: Some(rest),
-            tokenizer,
-            kv,
-            cfg,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            arrivals: 0,
-            stats: EngineStats::default(),
-            pending: Vec::new(),
-        })
+        Ok(Self::build(head, Some(rest), tokenizer, cfg))
     }
 
     /// Frees a sequence's KV blocks here and downstream.
