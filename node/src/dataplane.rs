@@ -448,6 +448,34 @@ impl Forwarder {
         found.into_iter().map(|f| f.2).collect()
     }
 
+    /// Opens a stream to peer `name`, sends `head` and `body`, and reads
+    /// the reply's head; the reply's body follows on the stream returned.
+    async fn exchange(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        head: &Head,
+        body: &[u8],
+    ) -> anyhow::Result<(ReplyHead, quinn::RecvStream)> {
+        let conn = self.connection(name, addr).await?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.conns.lock().expect("connections").remove(&addr);
+                return Err(e.into());
+            }
+        };
+        write_frame(&mut send, &serde_json::to_vec(head)?).await?;
+        write_frame(&mut send, body).await?;
+        send.finish()?;
+        let reply: ReplyHead = serde_json::from_slice(
+            &read_frame(&mut recv)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{name} closed the stream"))?,
+        )?;
+        Ok((reply, recv))
+    }
+
     /// Fetches chunk `index` of the file `rec` describes from `peer`.
     async fn fetch_chunk(
         &self,
@@ -458,22 +486,13 @@ impl Forwarder {
         let Target::Peer { name, addr, class } = peer else {
             anyhow::bail!("not a peer");
         };
-        let conn = self.connection(name, *addr).await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
         let head = Head {
             method: "GET".into(),
             uri: format!("{CHUNK_PATH}{}/{index}/{}", rec.sha256, rec.chunk_bytes),
             headers: Vec::new(),
             hops: 0,
         };
-        write_frame(&mut send, &serde_json::to_vec(&head)?).await?;
-        write_frame(&mut send, &[]).await?;
-        send.finish()?;
-        let reply: ReplyHead = serde_json::from_slice(
-            &read_frame(&mut recv)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("{name} closed the stream"))?,
-        )?;
+        let (reply, mut recv) = self.exchange(name, *addr, &head, &[]).await?;
         anyhow::ensure!(
             reply.status == 200,
             "{name} does not keep the file ({})",
@@ -641,28 +660,13 @@ impl Forwarder {
                 let counter = self.bytes.clone();
                 let class = class.index();
                 counter[class].fetch_add(body.len() as u64, Ordering::Relaxed);
-                let conn = self.connection(name, *addr).await?;
-                let (mut send, mut recv) = match conn.open_bi().await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        self.conns.lock().expect("connections").remove(addr);
-                        return Err(e.into());
-                    }
-                };
                 let head = Head {
                     method: "POST".into(),
                     uri: req.uri.clone(),
                     headers,
                     hops: req.hops + 1,
                 };
-                write_frame(&mut send, &serde_json::to_vec(&head)?).await?;
-                write_frame(&mut send, &body).await?;
-                send.finish()?;
-                let reply: ReplyHead = serde_json::from_slice(
-                    &read_frame(&mut recv)
-                        .await?
-                        .ok_or_else(|| anyhow::anyhow!("{name} closed the stream"))?,
-                )?;
+                let (reply, mut recv) = self.exchange(name, *addr, &head, &body).await?;
                 tokio::spawn(async move {
                     loop {
                         match read_frame(&mut recv).await {

@@ -687,24 +687,18 @@ fn holders<'a>(
     })
 }
 
-/// Runs the demo; the fabric is stopped before it returns.
-pub async fn run(opts: &DemoOptions) -> Result<Report> {
-    let started = Instant::now();
-    let w = Workload::for_mode(opts.quick);
-    let within = if opts.quick {
-        Duration::from_secs(90)
-    } else {
-        Duration::from_secs(120)
-    };
-    say("starting 3 coordinators and 6 nodes (edge-a, edge-b, cloud) on loopback");
-    let mut f = Fabric::start(opts)?;
+/// Starts the fabric and registers the model: the fabric, its nodes, and
+/// an HTTP client whose requests time out after `timeout`.
+async fn launch(
+    opts: &DemoOptions,
+    timeout: Duration,
+) -> Result<(Fabric, Vec<DemoNode>, reqwest::Client)> {
+    let f = Fabric::start(opts)?;
     if opts.keep {
         say(format!("configs and logs in {}", f.dir.display()));
     }
     let nodes: Vec<DemoNode> = f.nodes.iter().map(|(n, _)| n.clone()).collect();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()?;
+    let http = reqwest::Client::builder().timeout(timeout).build()?;
     say(format!("registering the model ({})", opts.model));
     f.admin(
         &[
@@ -719,6 +713,20 @@ pub async fn run(opts: &DemoOptions) -> Result<Report> {
     )
     .await
     .context("registering the model")?;
+    Ok((f, nodes, http))
+}
+
+/// Runs the demo; the fabric is stopped before it returns.
+pub async fn run(opts: &DemoOptions) -> Result<Report> {
+    let started = Instant::now();
+    let w = Workload::for_mode(opts.quick);
+    let within = if opts.quick {
+        Duration::from_secs(90)
+    } else {
+        Duration::from_secs(120)
+    };
+    say("starting 3 coordinators and 6 nodes (edge-a, edge-b, cloud) on loopback");
+    let (mut f, nodes, http) = launch(opts, Duration::from_secs(120)).await?;
     let model_bytes = {
         let source = crate::model_store::ModelSource::parse(&opts.model)?;
         crate::model_store::ModelStore::default_location()
@@ -1002,27 +1010,7 @@ pub async fn failover(
     streams: usize,
     max_tokens: u32,
 ) -> Result<FailoverReport> {
-    let mut f = Fabric::start(opts)?;
-    if opts.keep {
-        say(format!("configs and logs in {}", f.dir.display()));
-    }
-    let nodes: Vec<DemoNode> = f.nodes.iter().map(|(n, _)| n.clone()).collect();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()?;
-    f.admin(
-        &[
-            "cluster",
-            "model-add",
-            "--source",
-            &opts.model,
-            "--name",
-            MODEL,
-        ],
-        Duration::from_secs(60),
-    )
-    .await
-    .context("registering the model")?;
+    let (mut f, nodes, http) = launch(opts, Duration::from_secs(300)).await?;
     // enough demand at edge-a for both of its nodes
     f.admin(
         &[
