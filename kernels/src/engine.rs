@@ -142,10 +142,74 @@ pub trait Downstream: Send {
     fn release(&mut self, seq: SeqId);
 }
 
+/// One shard with its own KV cache: runs hidden states (or tokens, for a
+/// head) of any sequences through its layers. A node serving a layer range
+/// of a chain runs one; a [`LocalChain`] strings several together.
+pub struct Stage {
+    shard: Arc<Gemma3>,
+    kv: KvCache,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("range", &self.shard.range())
+            .field("kv", &self.kv)
+            .finish()
+    }
+}
+
+impl Stage {
+    /// `shard` with a KV cache of `kv_budget_bytes`.
+    pub fn new(shard: Arc<Gemma3>, kv_budget_bytes: usize) -> Self {
+        let kv = shard.new_kv_cache(kv_budget_bytes);
+        Self { shard, kv }
+    }
+
+    /// The shard.
+    pub fn shard(&self) -> &Arc<Gemma3> {
+        &self.shard
+    }
+
+    /// KV blocks in use and in all.
+    pub fn kv_usage(&self) -> (usize, usize) {
+        let t = self.kv.total_blocks();
+        (t - self.kv.free_blocks(), t)
+    }
+
+    /// Runs `chunks` through the shard: each chunk's rows are added to its
+    /// sequence's cache at `pos` (a sequence's first chunk starts at 0). A
+    /// cache too full for the step is an error, and nothing of the step is
+    /// kept for the sequences it had to grow.
+    pub fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
+        let hidden = self.shard.config().hidden.max(1);
+        for c in chunks {
+            let rows = match &c.input {
+                ChunkInput::Hidden(h) => h.len() / hidden,
+                ChunkInput::Tokens(t) => t.len(),
+            };
+            let have = self.kv.seq_len(c.seq);
+            if c.pos > have {
+                return Err(KernelError::BadInput(format!(
+                    "sequence {} continues at position {} but this shard has {have}",
+                    c.seq, c.pos
+                )));
+            }
+            self.kv.reserve(c.seq, c.pos + rows)?;
+        }
+        self.shard.forward(chunks, &mut self.kv)
+    }
+
+    /// Forgets sequence `seq`.
+    pub fn release(&mut self, seq: SeqId) {
+        self.kv.release(seq);
+    }
+}
+
 /// Downstream shards in this process, one after the other, each with its
 /// own KV cache.
 pub struct LocalChain {
-    stages: Vec<(Arc<Gemma3>, KvCache)>,
+    stages: Vec<Stage>,
 }
 
 impl LocalChain {
@@ -174,53 +238,56 @@ impl LocalChain {
         Ok(Self {
             stages: shards
                 .into_iter()
-                .map(|s| {
-                    let kv = s.new_kv_cache(kv_budget_bytes);
-                    (s, kv)
-                })
+                .map(|s| Stage::new(s, kv_budget_bytes))
                 .collect(),
         })
     }
 }
 
+/// The next shard's input: `chunks` with `outs` (a middle shard's hidden
+/// states) in place of their input.
+pub fn next_input(chunks: &[Chunk], outs: Vec<ChunkOutput>) -> Result<Vec<Chunk>> {
+    if chunks.len() != outs.len() {
+        return Err(KernelError::BadInput(format!(
+            "{} outputs for {} chunks",
+            outs.len(),
+            chunks.len()
+        )));
+    }
+    chunks
+        .iter()
+        .zip(outs)
+        .map(|(c, o)| match o {
+            ChunkOutput::Hidden(h) => Ok(Chunk {
+                seq: c.seq,
+                pos: c.pos,
+                input: ChunkInput::Hidden(h),
+                want_logits: c.want_logits,
+            }),
+            ChunkOutput::Logits(_) => Err(KernelError::BadInput(
+                "a shard before the last returned logits".into(),
+            )),
+        })
+        .collect()
+}
+
 impl Downstream for LocalChain {
     fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>> {
         let mut input: Vec<Chunk> = chunks.to_vec();
-        let mut outs = Vec::new();
-        for (shard, kv) in &mut self.stages {
-            let hidden = shard.config().hidden.max(1);
-            for c in &input {
-                let rows = match &c.input {
-                    ChunkInput::Hidden(h) => h.len() / hidden,
-                    ChunkInput::Tokens(t) => t.len(),
-                };
-                kv.reserve(c.seq, c.pos + rows)?;
+        let last = self.stages.len() - 1;
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            let outs = stage.forward(&input)?;
+            if i == last {
+                return Ok(outs);
             }
-            outs = shard.forward(&input, kv)?;
-            if !shard.is_last() {
-                input = input
-                    .iter()
-                    .zip(&outs)
-                    .map(|(c, o)| match o {
-                        ChunkOutput::Hidden(h) => Ok(Chunk {
-                            seq: c.seq,
-                            pos: c.pos,
-                            input: ChunkInput::Hidden(h.clone()),
-                            want_logits: c.want_logits,
-                        }),
-                        ChunkOutput::Logits(_) => Err(KernelError::BadInput(
-                            "a middle shard returned logits".into(),
-                        )),
-                    })
-                    .collect::<Result<_>>()?;
-            }
+            input = next_input(&input, outs)?;
         }
-        Ok(outs)
+        unreachable!("a chain has at least one stage")
     }
 
     fn release(&mut self, seq: SeqId) {
-        for (_, kv) in &mut self.stages {
-            kv.release(seq);
+        for s in &mut self.stages {
+            s.release(seq);
         }
     }
 }
@@ -506,20 +573,31 @@ impl Engine {
         let mut outs = self.model.forward(&chunks, &mut self.kv)?;
         if let Some(rest) = self.rest.as_mut() {
             // the head's hidden states go down the chain; logits come back
-            let next: Vec<Chunk> = chunks
-                .into_iter()
-                .zip(outs)
-                .map(|(c, o)| match o {
-                    ChunkOutput::Hidden(h) => Ok(Chunk {
-                        input: ChunkInput::Hidden(h),
-                        ..c
-                    }),
-                    ChunkOutput::Logits(_) => Err(KernelError::BadInput(
-                        "the head shard returned logits".into(),
-                    )),
-                })
-                .collect::<Result<_>>()?;
-            outs = rest.forward(&next)?;
+            let next = next_input(&chunks, outs)?;
+            match rest.forward(&next) {
+                Ok(o) if o.len() == next.len() => outs = o,
+                failed => {
+                    // the chain's caches no longer match the head's: every
+                    // running sequence ends with the reason
+                    let why = match failed {
+                        Err(e) => e.to_string(),
+                        Ok(o) => format!("{} outputs for {} chunks", o.len(), next.len()),
+                    };
+                    for s in std::mem::take(&mut self.running) {
+                        self.release(s.id);
+                        events.push(StepEvent {
+                            id: s.id,
+                            token: None,
+                            text: String::new(),
+                            logprob: None,
+                            finish: Some(FinishReason::Error(format!(
+                                "the model's later layers failed: {why}"
+                            ))),
+                        });
+                    }
+                    return Ok(events);
+                }
+            }
         }
         let mut finished = Vec::new();
         for (&(i, n), out) in plan.iter().zip(outs) {

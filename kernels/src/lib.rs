@@ -35,8 +35,8 @@ use std::sync::Arc;
 
 pub use backend::{set_threads, Backend};
 pub use engine::{
-    Completion, Downstream, Engine, EngineConfig, EngineStats, FinishReason, LocalChain, Request,
-    RequestId, Resume, StepEvent,
+    next_input, Completion, Downstream, Engine, EngineConfig, EngineStats, FinishReason,
+    LocalChain, Request, RequestId, Resume, Stage, StepEvent,
 };
 pub use error::{KernelError, Result};
 pub use gguf::{GemmaConfig, GgufFile};

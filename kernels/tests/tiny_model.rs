@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
 use weft_kernels::{
-    load, Backend, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig, FinishReason, Gemma3,
-    KernelError, KvCache, LoadedModel, LocalChain, Request, Resume, SamplingParams, StreamDecoder,
+    load, Backend, Chunk, ChunkInput, ChunkOutput, Downstream, Engine, EngineConfig, FinishReason,
+    Gemma3, KernelError, KvCache, LoadedModel, LocalChain, Request, Resume, SamplingParams,
+    StreamDecoder,
 };
 
 struct Tiny {
@@ -723,4 +724,71 @@ fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
         EngineConfig::default()
     )
     .is_err());
+}
+
+/// A chain whose later layers fail once (a node of it died): every running
+/// sequence ends with an error that says so, none hangs, and the engine
+/// then serves new requests exactly as before.
+#[test]
+fn a_failing_chain_ends_its_running_sequences_with_an_error_and_the_engine_goes_on() {
+    struct FailsOnce {
+        inner: LocalChain,
+        calls: usize,
+        fail_at: usize,
+    }
+    impl Downstream for FailsOnce {
+        fn forward(&mut self, chunks: &[Chunk]) -> weft_kernels::Result<Vec<ChunkOutput>> {
+            self.calls += 1;
+            if self.calls == self.fail_at {
+                return Err(weft_kernels::KernelError::BadInput("node gone".into()));
+            }
+            self.inner.forward(chunks)
+        }
+        fn release(&mut self, seq: u64) {
+            self.inner.release(seq)
+        }
+    }
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    let shard = |r: std::ops::Range<usize>| Arc::new(Gemma3::load(&t.path, Some(r)).unwrap());
+    let mut whole = engine(&t.lm, 1 << 26);
+    let ask = |id: u64, p: &[u32]| Request {
+        id,
+        prompt: p.to_vec(),
+        params: greedy(12),
+        priority: 0,
+    };
+    whole.add_request(ask(9, &prompt(11, 5))).unwrap();
+    let want = whole
+        .run_to_completion()
+        .unwrap()
+        .remove(&9)
+        .unwrap()
+        .tokens;
+    let mut e = Engine::new_chain(
+        shard(0..2),
+        Box::new(FailsOnce {
+            inner: LocalChain::new(vec![shard(2..n)], 1 << 26).unwrap(),
+            calls: 0,
+            fail_at: 3,
+        }),
+        t.lm.tokenizer.clone(),
+        EngineConfig::default(),
+    )
+    .unwrap();
+    e.add_request(ask(1, &prompt(10, 1))).unwrap();
+    e.add_request(ask(2, &prompt(12, 2))).unwrap();
+    let out = e.run_to_completion().unwrap();
+    for id in [1, 2] {
+        match &out[&id].finish {
+            Some(FinishReason::Error(why)) => assert!(why.contains("node gone"), "{why}"),
+            other => panic!("sequence {id} ended with {other:?}"),
+        }
+        assert!(out[&id].tokens.len() < 12);
+    }
+    assert_eq!(e.running(), 0);
+    assert_eq!(e.kv_usage().0, 0, "the failed sequences' blocks were kept");
+    e.add_request(ask(9, &prompt(11, 5))).unwrap();
+    let again = e.run_to_completion().unwrap();
+    assert_eq!(again[&9].tokens, want);
 }
