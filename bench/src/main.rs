@@ -39,6 +39,9 @@ enum Command {
     Overlay(overlay::OverlayArgs),
     /// The failover gap: kill -9 of a replica under forwarded streams.
     Failover(failover::FailoverArgs),
+    /// Decode tokens/s of a 2-node layer chain against one node holding the
+    /// whole model, side by side in one fabric.
+    Chain(chain::ChainArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -104,6 +107,7 @@ fn main() -> Result<()> {
         Command::Control(a) => control::run(a),
         Command::Overlay(a) => overlay::run(a),
         Command::Failover(a) => failover::run(a),
+        Command::Chain(a) => chain::run(a),
     }
 }
 
@@ -160,6 +164,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
 }
 
 mod api;
+mod chain;
 mod control;
 mod failover;
 mod overlay;

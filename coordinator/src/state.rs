@@ -206,6 +206,21 @@ impl std::fmt::Display for Holding {
 }
 
 impl PlacementEpoch {
+    /// For a chain of `model` whose first range member `id` runs: the
+    /// members after it with their layers, in order. `None` when `id`
+    /// heads no chain of `model` (a whole replica is no chain).
+    pub fn chain_after(&self, id: u64, model: &str) -> Option<Vec<(u64, std::ops::Range<u32>)>> {
+        let idx = self.members.iter().position(|&m| m == id)?;
+        let mid = self.models.iter().position(|m| m == model)?;
+        let r = self.placement.replicas.iter().find(|r| {
+            r.model.0 as usize == mid && r.shards.len() > 1 && r.shards[0].node.0 as usize == idx
+        })?;
+        r.shards[1..]
+            .iter()
+            .map(|sh| Some((*self.members.get(sh.node.0 as usize)?, sh.layers.clone())))
+            .collect()
+    }
+
     /// What member `id` runs in this epoch, each model's shards in layer
     /// order (a member may hold several replicas' shards of one model).
     pub fn held_by(&self, id: u64) -> Vec<Holding> {
@@ -671,6 +686,40 @@ mod tests {
             rtt_ms: 1.0,
         }];
         assert_eq!(s.topology_measured(&odd).0, s.topology().0);
+    }
+
+    #[test]
+    fn a_chains_head_learns_who_runs_the_rest_in_layer_order() {
+        let mut s = ControlState::default();
+        for (i, c) in [
+            // no edge node holds the model's 18 × 140 MiB, three together do
+            Command::PutMember(member(3, "edge-a", 1)),
+            Command::PutMember(member(5, "edge-a", 1)),
+            Command::PutMember(member(8, "edge-a", 1)),
+            Command::PutModel(model("big", 18, 140)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_eq!(s.apply(i as u64 + 1, c), Applied::Done);
+        }
+        let p = s.plan_next(&[demand("edge-a", "big", 1.0)], &SolverConfig::default());
+        let r = &p.placement.replicas[0];
+        assert_eq!(r.shards.len(), 3, "{:?}", p.placement);
+        let head = p.members[r.shards[0].node.0 as usize];
+        let rest = p.chain_after(head, "big").unwrap();
+        let want: Vec<(u64, std::ops::Range<u32>)> = r.shards[1..]
+            .iter()
+            .map(|sh| (p.members[sh.node.0 as usize], sh.layers.clone()))
+            .collect();
+        assert_eq!(rest, want);
+        assert_eq!(rest.last().unwrap().1.end, 18);
+        assert_eq!(rest[0].1.start, r.shards[0].layers.end);
+        // the others head nothing; nor does anyone for an unknown model
+        for (id, _) in &rest {
+            assert_eq!(p.chain_after(*id, "big"), None);
+        }
+        assert_eq!(p.chain_after(head, "other"), None);
     }
 
     #[test]

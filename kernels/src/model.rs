@@ -59,7 +59,7 @@ impl ChunkInput {
 }
 
 /// Consecutive positions of one sequence in one step.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Chunk {
     /// The sequence.
     pub seq: SeqId,

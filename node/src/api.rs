@@ -115,6 +115,9 @@ pub struct AppState {
     intent: Mutex<Option<crate::audit::IntentLog>>,
     /// Sends requests for models held elsewhere to a peer (cluster nodes).
     forwarder: RwLock<Option<Arc<crate::dataplane::Forwarder>>>,
+    /// Shard workers of the layer ranges this node runs for chains, by
+    /// `<model>/<first layer>/<end layer>`.
+    shards: RwLock<HashMap<String, Supervisor>>,
 }
 
 impl AppState {
@@ -143,7 +146,26 @@ impl AppState {
             tenants: Mutex::default(),
             intent: Mutex::default(),
             forwarder: RwLock::default(),
+            shards: RwLock::default(),
         })
+    }
+
+    /// The shard worker running `key` (`<model>/<first layer>/<end layer>`).
+    pub fn shard(&self, key: &str) -> Option<Supervisor> {
+        self.shards
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Runs `key`'s chain steps on `worker` from now on (`None`: no more).
+    pub fn set_shard(&self, key: &str, worker: Option<Supervisor>) {
+        let mut shards = self.shards.write().unwrap_or_else(|e| e.into_inner());
+        match worker {
+            Some(w) => shards.insert(key.to_string(), w),
+            None => shards.remove(key),
+        };
     }
 
     /// The data plane's forwarder, on a cluster node.

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
+use crate::chain::Hop;
 use crate::cluster::credentials::{NodeIdentity, Revoked};
 use crate::cluster::overlay::{RoutingTable, NODE_TIMEOUT};
 use crate::cluster::transport::{self, read_frame, write_frame};
@@ -98,21 +99,24 @@ pub fn hops(headers: &HeaderMap) -> u32 {
         .unwrap_or(0)
 }
 
-/// Serves forwarded requests arriving on `ep` through `app`, and chunks of
-/// the model files kept in `store`, until `stop`.
+/// Serves forwarded requests arriving on `ep` through `state`'s API, the
+/// chain steps of the layer ranges it runs, and chunks of the model files
+/// kept in `store`, until `stop`.
 pub async fn serve(
     ep: quinn::Endpoint,
-    app: axum::Router,
+    state: Arc<crate::api::AppState>,
     store: std::path::PathBuf,
     revoked: Revoked,
     mut stop: watch::Receiver<bool>,
 ) {
+    let app = crate::api::router(state.clone());
     loop {
         let incoming = tokio::select! {
             i = ep.accept() => match i { Some(i) => i, None => return },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let (app, store, revoked) = (app.clone(), store.clone(), revoked.clone());
+        let (app, store, revoked, state) =
+            (app.clone(), store.clone(), revoked.clone(), state.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let peer = transport::peer_name(&conn).unwrap_or_default();
@@ -135,9 +139,10 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let (app, peer, store) = (app.clone(), peer.clone(), store.clone());
+                let (app, peer, store, state) =
+                    (app.clone(), peer.clone(), store.clone(), state.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = answer(app, &store, &peer, send, recv).await {
+                    if let Err(e) = answer(app, &state, &store, &peer, send, recv).await {
                         tracing::debug!(%peer, "forwarded request: {e}");
                     }
                 });
@@ -148,6 +153,7 @@ pub async fn serve(
 
 async fn answer(
     app: axum::Router,
+    state: &Arc<crate::api::AppState>,
     store: &std::path::Path,
     peer: &str,
     mut send: quinn::SendStream,
@@ -161,6 +167,9 @@ async fn answer(
     let body = read_frame(&mut recv).await?.unwrap_or_default();
     if let Some(what) = head.uri.strip_prefix(CHUNK_PATH) {
         return send_chunk(store, what, send).await;
+    }
+    if let Some(what) = head.uri.strip_prefix(SHARD_PATH) {
+        return run_shard(state, what, &head, send, recv).await;
     }
     let mut req = Request::builder()
         .method(head.method.as_str())
@@ -185,6 +194,133 @@ async fn answer(
     }
     send.finish()?;
     Ok(())
+}
+
+/// Where a chain's previous node opens its stream of steps:
+/// `/weft/shard/<model>/<first layer>/<end layer>`; the nodes after this one
+/// ride in [`ROUTE_HEADER`].
+const SHARD_PATH: &str = "/weft/shard/";
+/// The header with the rest of a chain's route (JSON [`Hop`]s).
+const ROUTE_HEADER: &str = "x-weft-chain-route";
+/// Longest a chain step may take on the nodes after this one.
+const CHAIN_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Writes one chain message: its length, then frames of at most
+/// [`CHUNK_FRAME`] bytes.
+async fn write_blob(send: &mut quinn::SendStream, body: &[u8]) -> anyhow::Result<()> {
+    write_frame(send, &(body.len() as u64).to_le_bytes()).await?;
+    for part in body.chunks(CHUNK_FRAME) {
+        write_frame(send, part).await?;
+    }
+    Ok(())
+}
+
+/// Reads one chain message (`None`: the stream ended between messages).
+async fn read_blob(recv: &mut quinn::RecvStream) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(len) = read_frame(recv).await? else {
+        return Ok(None);
+    };
+    let len: [u8; 8] = len
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bad chain message length"))?;
+    let len = u64::from_le_bytes(len) as usize;
+    anyhow::ensure!(
+        len <= crate::worker::protocol::MAX_CHAIN_FRAME_BYTES,
+        "chain message of {len} bytes"
+    );
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let part = read_frame(recv)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("chain message cut short"))?;
+        out.extend_from_slice(&part);
+    }
+    anyhow::ensure!(out.len() == len, "chain message longer than announced");
+    Ok(Some(out))
+}
+
+/// Runs a chain's steps on this node's shard worker for the range in
+/// `what` (`<model>/<start>/<end>`), passing them on to the route's next
+/// node, until the previous node closes the stream.
+async fn run_shard(
+    state: &Arc<crate::api::AppState>,
+    what: &str,
+    head: &Head,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let refuse = |status: u16, why: String| ReplyHead {
+        status,
+        headers: vec![("x-weft-reason".into(), why)],
+    };
+    let route: Vec<Hop> = head
+        .headers
+        .iter()
+        .find(|(k, _)| k == ROUTE_HEADER)
+        .map(|(_, v)| serde_json::from_str(v))
+        .transpose()?
+        .unwrap_or_default();
+    let worker = match state.shard(what) {
+        Some(w) if w.is_ready() => Ok(w),
+        Some(_) => Err(refuse(503, format!("{what} is still loading"))),
+        None => Err(refuse(404, format!("this node does not run {what}"))),
+    };
+    let worker = match worker {
+        Ok(w) => w,
+        Err(r) => {
+            write_frame(&mut send, &serde_json::to_vec(&r)?).await?;
+            send.finish()?;
+            return Ok(());
+        }
+    };
+    write_frame(
+        &mut send,
+        &serde_json::to_vec(&ReplyHead {
+            status: 200,
+            headers: Vec::new(),
+        })?,
+    )
+    .await?;
+    let mut session = crate::chain::ShardSession::new(worker, route, state.forwarder());
+    while let Some(body) = read_blob(&mut recv).await? {
+        if let Some(reply) = session.handle(&body).await {
+            write_blob(&mut send, &reply).await?;
+        }
+    }
+    send.finish()?;
+    Ok(())
+}
+
+/// A chain's stream to the node after this one, open for as long as the
+/// chain runs.
+pub struct ChainSession {
+    to: String,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    bytes: Arc<[AtomicU64; 4]>,
+    class: usize,
+}
+
+impl ChainSession {
+    /// Sends a step down and waits for its reply.
+    pub async fn call(&mut self, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+        self.send(body).await?;
+        let reply = tokio::time::timeout(CHAIN_STEP_TIMEOUT, read_blob(&mut self.recv))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("{} did not answer within {CHAIN_STEP_TIMEOUT:?}", self.to)
+            })??
+            .ok_or_else(|| anyhow::anyhow!("{} closed the chain", self.to))?;
+        self.bytes[self.class].fetch_add(reply.len() as u64, Ordering::Relaxed);
+        Ok(reply)
+    }
+
+    /// Sends a message that has no reply.
+    pub async fn send(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        self.bytes[self.class].fetch_add(body.len() as u64, Ordering::Relaxed);
+        write_blob(&mut self.send, body).await
+    }
 }
 
 /// Where a peer asks for a chunk of a model file:
@@ -407,41 +543,23 @@ impl Forwarder {
     /// Peers that serve `model` (so keep its file), nearest first: by link
     /// class, then round trip.
     fn holders(&self, model: &str) -> Vec<Target> {
-        let t = self.table.read().expect("routing table lock");
-        let mine = t
-            .nodes
-            .get(&self.me)
-            .map(|e| e.report.clone())
-            .unwrap_or_default();
-        let me_site = weft_placement::Site {
-            kind: mine.kind,
-            region: mine.region,
+        let serving: Vec<(String, Duration)> = {
+            let t = self.table.read().expect("routing table lock");
+            t.nodes
+                .iter()
+                .filter(|(name, e)| {
+                    **name != self.me
+                        && e.seen.elapsed() < NODE_TIMEOUT
+                        && e.report.models.iter().any(|m| m == model)
+                })
+                .map(|(name, _)| (name.clone(), t.rtt_to(name).unwrap_or(Duration::MAX)))
+                .collect()
         };
-        let mut found: Vec<(usize, Duration, Target)> = t
-            .nodes
-            .iter()
-            .filter(|(name, e)| {
-                **name != self.me
-                    && e.seen.elapsed() < NODE_TIMEOUT
-                    && e.report.models.iter().any(|m| m == model)
-            })
-            .filter_map(|(name, e)| {
-                let addr = e.report.data_address.parse().ok()?;
-                let site = weft_placement::Site {
-                    kind: e.report.kind,
-                    region: e.report.region,
-                };
-                let class = LinkClass::between(&me_site, &site, e.report.site == mine.site);
-                let rtt = t.rtt_to(name).unwrap_or(Duration::MAX);
-                Some((
-                    class.index(),
-                    rtt,
-                    Target::Peer {
-                        name: name.clone(),
-                        addr,
-                        class,
-                    },
-                ))
+        let mut found: Vec<(usize, Duration, Target)> = serving
+            .into_iter()
+            .filter_map(|(name, rtt)| match self.target(&name)? {
+                t @ Target::Peer { class, .. } => Some((class.index(), rtt, t)),
+                Target::Local => None,
             })
             .collect();
         found.sort_by_key(|f| (f.0, f.1));
@@ -457,6 +575,20 @@ impl Forwarder {
         head: &Head,
         body: &[u8],
     ) -> anyhow::Result<(ReplyHead, quinn::RecvStream)> {
+        let (mut send, reply, recv) = self.open_stream(name, addr, head, body).await?;
+        send.finish()?;
+        Ok((reply, recv))
+    }
+
+    /// Opens a stream to peer `name`, sends `head` and `body`, and reads
+    /// the reply's head, leaving the stream open both ways.
+    async fn open_stream(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        head: &Head,
+        body: &[u8],
+    ) -> anyhow::Result<(quinn::SendStream, ReplyHead, quinn::RecvStream)> {
         let conn = self.connection(name, addr).await?;
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
@@ -467,13 +599,92 @@ impl Forwarder {
         };
         write_frame(&mut send, &serde_json::to_vec(head)?).await?;
         write_frame(&mut send, body).await?;
-        send.finish()?;
         let reply: ReplyHead = serde_json::from_slice(
             &read_frame(&mut recv)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("{name} closed the stream"))?,
         )?;
-        Ok((reply, recv))
+        Ok((send, reply, recv))
+    }
+
+    /// Opens a chain's stream to the first node of `route`, which runs its
+    /// range and passes each step on to the rest of `route`.
+    pub async fn open_chain(&self, route: &[Hop]) -> anyhow::Result<ChainSession> {
+        let first = route
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("an empty chain"))?;
+        let Some(Target::Peer { name, addr, class }) = self.target(&first.node) else {
+            anyhow::bail!(
+                "{} has no data-plane address in the gossip table",
+                first.node
+            );
+        };
+        let head = Head {
+            method: "CHAIN".into(),
+            uri: format!(
+                "{SHARD_PATH}{}/{}/{}",
+                first.model, first.layers.start, first.layers.end
+            ),
+            headers: vec![(ROUTE_HEADER.into(), serde_json::to_string(&route[1..])?)],
+            hops: 0,
+        };
+        let (send, reply, recv) = self.open_stream(&name, addr, &head, &[]).await?;
+        if reply.status != 200 {
+            let why = reply
+                .headers
+                .iter()
+                .find(|(k, _)| k == "x-weft-reason")
+                .map_or("", |(_, v)| v.as_str());
+            anyhow::bail!("{name} refused the chain ({}): {why}", reply.status);
+        }
+        Ok(ChainSession {
+            to: name,
+            send,
+            recv,
+            bytes: self.bytes.clone(),
+            class: class.index(),
+        })
+    }
+
+    /// Whether node `name` reported lately that it runs `holding` (as its
+    /// load report lists it).
+    pub fn reports_holding(&self, name: &str, holding: &str) -> bool {
+        self.table
+            .read()
+            .expect("routing table lock")
+            .nodes
+            .get(name)
+            .is_some_and(|e| {
+                e.seen.elapsed() < NODE_TIMEOUT && e.report.models.iter().any(|m| m == holding)
+            })
+    }
+
+    /// Peer `name` as a target: its data address and the link class to it.
+    fn target(&self, name: &str) -> Option<Target> {
+        let t = self.table.read().expect("routing table lock");
+        let mine = t
+            .nodes
+            .get(&self.me)
+            .map(|e| e.report.clone())
+            .unwrap_or_default();
+        let e = t.nodes.get(name)?;
+        let addr = e.report.data_address.parse().ok()?;
+        let class = LinkClass::between(
+            &weft_placement::Site {
+                kind: mine.kind,
+                region: mine.region,
+            },
+            &weft_placement::Site {
+                kind: e.report.kind,
+                region: e.report.region,
+            },
+            e.report.site == mine.site,
+        );
+        Some(Target::Peer {
+            name: name.to_string(),
+            addr,
+            class,
+        })
     }
 
     /// Fetches chunk `index` of the file `rec` describes from `peer`.

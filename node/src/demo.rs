@@ -99,6 +99,16 @@ struct DemoNode {
     api: SocketAddr,
 }
 
+/// A node of a fabric to start.
+struct NodeSpec {
+    name: String,
+    site: &'static str,
+    kind: &'static str,
+    region: u32,
+    /// Bytes it offers to the placement.
+    memory: u64,
+}
+
 /// The processes of the fabric; dropping it stops them all.
 struct Fabric {
     dir: PathBuf,
@@ -228,8 +238,30 @@ impl Fabric {
             .with_context(|| format!("starting {name}"))
     }
 
-    /// Writes the configs and starts 3 coordinators and 6 nodes.
+    /// Writes the configs and starts 3 coordinators and the demo's 6 nodes.
     fn start(opts: &DemoOptions) -> Result<Self> {
+        // every node the same: one worker thread (the machine has few cores)
+        let mut nodes = Vec::new();
+        for (site, kind, region, memory) in [
+            ("edge-a", "edge", 1, 2u64 << 30),
+            ("edge-b", "edge", 1, 2 << 30),
+            ("cloud", "cloud", 0, 16 << 30),
+        ] {
+            for k in 1..=2 {
+                nodes.push(NodeSpec {
+                    name: format!("{site}-{k}"),
+                    site,
+                    kind,
+                    region,
+                    memory,
+                });
+            }
+        }
+        Self::start_nodes(opts, &nodes)
+    }
+
+    /// Writes the configs and starts 3 coordinators and `nodes`.
+    fn start_nodes(opts: &DemoOptions, nodes: &[NodeSpec]) -> Result<Self> {
         let tmp = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let tmp = if opts.keep {
@@ -294,28 +326,27 @@ impl Fabric {
         }
         let ca = ClusterCa::load(&dir.join("c1/ca"))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        // every node the same: one worker thread (the machine has few cores)
-        let sites: [(&str, &str, u32, u64, u32); 3] = [
-            ("edge-a", "edge", 1, 2 << 30, 1),
-            ("edge-b", "edge", 1, 2 << 30, 1),
-            ("cloud", "cloud", 0, 16 << 30, 1),
-        ];
-        for (site, kind, region, memory, threads) in sites {
-            for k in 1..=2 {
-                let name = format!("{site}-{k}");
-                let api = free_tcp()?;
-                let cfg = format!(
-                    "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = 2000.0\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = {threads}\nkv_budget = 268435456\nmax_queue = 64\n",
-                    d(&name),
-                    free_udp()?,
-                    ca.issue_token(now, 600),
-                    overlay[0],
-                );
-                let path = dir.join(format!("{name}.toml"));
-                std::fs::write(&path, cfg)?;
-                let child = f.spawn(&name, &path)?;
-                f.nodes.push((DemoNode { name, site, api }, child));
-            }
+        for n in nodes {
+            let (name, site, kind, region, memory) = (&n.name, n.site, n.kind, n.region, n.memory);
+            let api = free_tcp()?;
+            let cfg = format!(
+                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = 2000.0\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 268435456\nmax_queue = 64\n",
+                d(name),
+                free_udp()?,
+                ca.issue_token(now, 600),
+                overlay[0],
+            );
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::write(&path, cfg)?;
+            let child = f.spawn(name, &path)?;
+            f.nodes.push((
+                DemoNode {
+                    name: name.clone(),
+                    site,
+                    api,
+                },
+                child,
+            ));
         }
         Ok(f)
     }
@@ -693,7 +724,19 @@ async fn launch(
     opts: &DemoOptions,
     timeout: Duration,
 ) -> Result<(Fabric, Vec<DemoNode>, reqwest::Client)> {
-    let f = Fabric::start(opts)?;
+    launch_nodes(opts, timeout, None).await
+}
+
+/// [`launch`] with these nodes instead of the demo's.
+async fn launch_nodes(
+    opts: &DemoOptions,
+    timeout: Duration,
+    nodes: Option<&[NodeSpec]>,
+) -> Result<(Fabric, Vec<DemoNode>, reqwest::Client)> {
+    let f = match nodes {
+        Some(n) => Fabric::start_nodes(opts, n)?,
+        None => Fabric::start(opts)?,
+    };
     if opts.keep {
         say(format!("configs and logs in {}", f.dir.display()));
     }
@@ -1131,6 +1174,201 @@ pub async fn failover(
     report.gap_ms.sort_by(f64::total_cmp);
     report.p50_ms = percentile(&report.gap_ms, 50.0);
     report.p99_ms = percentile(&report.gap_ms, 99.0);
+    f.stop();
+    Ok(report)
+}
+
+/// What a chain measurement found: one node serving the whole model beside
+/// a 2-node chain at another site, the same requests on each.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainReport {
+    /// The chain: `node[a..b)` in layer order.
+    pub chain: Vec<String>,
+    /// Concurrent streams per measurement.
+    pub streams: usize,
+    /// Decode tokens/s of each round, whole model on one node.
+    pub whole_tokens_per_s: Vec<f64>,
+    /// Decode tokens/s of each round, on the chain.
+    pub chain_tokens_per_s: Vec<f64>,
+    /// Whether every chain answer equalled the whole model's.
+    pub same_text: bool,
+}
+
+/// One round of `streams` identical greedy streams on `api`, served there
+/// (not routed on): aggregate decode tokens/s (tokens after each stream's
+/// first, over the time from the first first-token to the last token), and
+/// the texts.
+async fn decode_rate(
+    http: &reqwest::Client,
+    api: SocketAddr,
+    prompt: &str,
+    max_tokens: u32,
+    streams: usize,
+) -> Result<(f64, Vec<String>)> {
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let (http, body) = (http.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut r = http
+                .post(format!("http://{api}/v1/completions"))
+                // served here, as a request another node routed
+                .header(crate::dataplane::HOPS_HEADER, "1")
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status() == 200, "status {}", r.status());
+            let (mut first, mut last, mut tokens, mut text) = (None, None, 0u64, String::new());
+            let mut buf = String::new();
+            while let Some(chunk) = r.chunk().await? {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let event: String = buf.drain(..end + 2).collect();
+                    let Some(data) = event.trim_end().strip_prefix("data: ") else {
+                        continue;
+                    };
+                    let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+                    anyhow::ensure!(v.get("error").is_none(), "error event: {v}");
+                    if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                        tokens = n;
+                    }
+                    if let Some(t) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+                        first.get_or_insert_with(Instant::now);
+                        last = Some(Instant::now());
+                        text.push_str(t);
+                    }
+                }
+            }
+            Ok((first, last, tokens, text))
+        }));
+    }
+    let mut firsts = Vec::new();
+    let mut lasts = Vec::new();
+    let mut tokens = 0u64;
+    let mut texts = Vec::new();
+    for t in tasks {
+        let (f, l, n, text) = t.await??;
+        firsts.extend(f);
+        lasts.extend(l);
+        tokens += n.saturating_sub(1);
+        texts.push(text);
+    }
+    let (Some(f), Some(l)) = (firsts.iter().min(), lasts.iter().max()) else {
+        bail!("no tokens came back from {api}");
+    };
+    Ok((
+        tokens as f64 / l.duration_since(*f).as_secs_f64().max(1e-9),
+        texts,
+    ))
+}
+
+/// Measures decode tokens/s of a 2-node chain against one node: a fabric
+/// with two edge nodes that each have room for about half the model's
+/// layers (so the placement splits it over both) and a cloud node that
+/// holds it whole. Each round runs the same `streams` greedy streams of
+/// `max_tokens` on the whole model and then on the chain; every node has
+/// one worker thread.
+pub async fn chain(
+    opts: &DemoOptions,
+    max_tokens: u32,
+    streams: usize,
+    rounds: usize,
+) -> Result<ChainReport> {
+    let model = opts.model.clone();
+    let rec =
+        tokio::task::spawn_blocking(move || crate::cluster::models::model_record(&model, None))
+            .await??;
+    let half = rec.spec.layers.div_ceil(2);
+    let memory = rec.spec.shard_memory(
+        half,
+        weft_placement::SolverConfig::default().kv_reserve_tokens,
+    );
+    let node = |name: &str, site, kind, region, memory| NodeSpec {
+        name: name.into(),
+        site,
+        kind,
+        region,
+        memory,
+    };
+    let specs = [
+        node("edge-a-1", "edge-a", "edge", 1, memory),
+        node("edge-a-2", "edge-a", "edge", 1, memory),
+        node("cloud-1", "cloud", "cloud", 0, 16 << 30),
+    ];
+    let (mut f, nodes, http) = launch_nodes(opts, Duration::from_secs(600), Some(&specs)).await?;
+    f.admin(
+        &[
+            "cluster",
+            "replan",
+            "--demand",
+            &format!("edge-a:{MODEL}:1:200:64"),
+            "--demand",
+            &format!("cloud:{MODEL}:1:200:64"),
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let map = wait_placed(
+        &f,
+        &http,
+        "chain",
+        |m, n| holders(m, n, "edge-a").count() == 1 && holders(m, n, "cloud").count() == 1,
+        false,
+        Duration::from_secs(180),
+    )
+    .await?;
+    let head = holders(&map, &nodes, "edge-a")
+        .next()
+        .context("no chain head")?
+        .clone();
+    let whole = holders(&map, &nodes, "cloud")
+        .next()
+        .context("no whole replica")?
+        .clone();
+    let status: Value = serde_json::from_str(
+        &f.admin(&["status", "--json"], Duration::from_secs(30))
+            .await?,
+    )?;
+    let mut chain = Vec::new();
+    for n in nodes.iter().filter(|n| n.site == "edge-a") {
+        for m in status["load"][&n.name]["report"]["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            chain.push(format!("{}: {m}", n.name));
+        }
+    }
+    chain.sort();
+    say(format!(
+        "chain: {}; whole model on {}",
+        chain.join(", "),
+        whole.name
+    ));
+    let prompt = "Write a short status report for the edge gateway fleet:";
+    // warm both (first requests fault in weights and allocate caches)
+    for api in [whole.api, head.api] {
+        decode_rate(&http, api, prompt, 8, 1).await?;
+    }
+    let mut report = ChainReport {
+        chain,
+        streams,
+        whole_tokens_per_s: Vec::new(),
+        chain_tokens_per_s: Vec::new(),
+        same_text: true,
+    };
+    for round in 1..=rounds {
+        let (w, wt) = decode_rate(&http, whole.api, prompt, max_tokens, streams).await?;
+        let (c, ct) = decode_rate(&http, head.api, prompt, max_tokens, streams).await?;
+        report.same_text &= wt == ct;
+        say(format!(
+            "round {round}: whole {w:.1} tokens/s, chain {c:.1} tokens/s ({:.2}x)",
+            c / w
+        ));
+        report.whole_tokens_per_s.push(w);
+        report.chain_tokens_per_s.push(c);
+    }
     f.stop();
     Ok(report)
 }

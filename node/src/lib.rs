@@ -25,6 +25,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod chain;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;

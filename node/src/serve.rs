@@ -81,6 +81,19 @@ async fn shutdown_signal() {
 /// Starts a worker for the model file at `model` with `cfg`'s engine
 /// settings.
 pub fn start_worker(cfg: &NodeConfig, model: PathBuf, probe: Option<String>) -> Supervisor {
+    start_shard_worker(cfg, model, probe, None, None)
+}
+
+/// Starts a worker for `layers` of the model file at `model` (`None`: all
+/// of it): the head of a chain when `chain` says where the rest runs, else
+/// a shard that runs its layers for the data plane.
+pub fn start_shard_worker(
+    cfg: &NodeConfig,
+    model: PathBuf,
+    probe: Option<String>,
+    layers: Option<std::ops::Range<u32>>,
+    chain: Option<crate::worker::supervisor::ChainRoute>,
+) -> Supervisor {
     Supervisor::start(WorkerSpec {
         exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("weft")),
         model,
@@ -90,6 +103,8 @@ pub fn start_worker(cfg: &NodeConfig, model: PathBuf, probe: Option<String>) -> 
         max_running: cfg.max_running,
         sandbox: cfg.sandbox,
         probe,
+        layers,
+        chain,
     })
 }
 

@@ -1342,12 +1342,19 @@ async fn wait_holding(g: &Gateway, model: &str, within: Duration) {
     loop {
         if let Ok(r) = http.get(format!("http://{}/v1/models", g.api)).send().await {
             let v: serde_json::Value = r.json().await.unwrap();
-            if v["data"]
+            let listed = v["data"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|m| m["id"] == model)
-            {
+                .any(|m| m["id"] == model);
+            // listed from the moment it is assigned; served once its
+            // worker has loaded it
+            let ready = http
+                .get(format!("http://{}/readyz", g.api))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if listed && ready {
                 return;
             }
         }
@@ -1472,4 +1479,202 @@ async fn a_model_comes_from_peers_and_a_corrupt_chunk_is_fetched_again() {
         }
     };
     assert_eq!(ask(late.api).await, ask(a.api).await);
+}
+
+/// The greedy text `weft generate` gives for `prompt` on the model file at
+/// `path`, on one thread of this machine: what one node serves.
+fn generated(path: &Path, prompt: &str, max_tokens: usize) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["generate", "--threads", "1", "--max-tokens"])
+        .arg(max_tokens.to_string())
+        .arg("--model")
+        .arg(path)
+        .arg(prompt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.strip_suffix('\n').unwrap_or(&text).to_string()
+}
+
+/// `n` nodes at one site, none with room for the whole model and all of
+/// them together with just enough: the placement splits the model's layers
+/// over all `n`, the node with the first layers serves it, and the greedy
+/// text through any of them (forwarded to the head, streamed or not, many
+/// at once) is what one node gives. Then the last node is killed: a stream
+/// running on the chain ends with an error event, never a hang.
+async fn a_chain_of(n: usize) {
+    let c = setup();
+    register_tiny(&c, "tiny");
+    let path = c.dir.path().join("tiny.gguf");
+    let rec =
+        weft_node::cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
+    let layers = rec.spec.layers;
+    let per = layers.div_ceil(n as u32);
+    assert!(per < layers && per * (n as u32 - 1) < layers);
+    let mem = rec.spec.shard_memory(
+        per,
+        weft_placement::SolverConfig::default().kv_reserve_tokens,
+    );
+    let mut nodes: Vec<Gateway> = (1..=n)
+        .map(|i| Gateway::start_as(&c, &format!("gw-{i}"), mem))
+        .collect();
+    let c1 = c.config(0);
+    let c1 = c1.to_str().unwrap();
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c1,
+        "--demand",
+        "edge-b:tiny:1:200:32",
+    ]);
+    let prompts = [
+        "hello there",
+        "the quick brown fox",
+        "agents at the edge",
+        "one two",
+    ];
+    let max_tokens = 40;
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| generated(&path, p, max_tokens))
+        .collect();
+    assert!(expected.iter().all(|e| e.len() > 20), "{expected:?}");
+
+    // the chain forms: one head serving the model, the others each
+    // running a range, together every layer in order
+    let t = Instant::now();
+    let (head, ranges) = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["status", "--json", "--config", c1])
+            .output()
+            .unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut head = None;
+        let mut ranges = Vec::new();
+        for i in 1..=n {
+            let name = format!("gw-{i}");
+            for m in s["load"][&name]["report"]["models"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let m = m.as_str().unwrap();
+                if m.ends_with("(loading)") {
+                    continue;
+                }
+                if m == "tiny" {
+                    head = Some(i - 1);
+                } else if let Some(r) = m.strip_prefix("tiny[").and_then(|r| r.strip_suffix(')')) {
+                    let (a, b) = r.split_once("..").unwrap();
+                    ranges.push((a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap(), i - 1));
+                }
+            }
+        }
+        if let Some(h) = head.filter(|_| ranges.len() == n - 1) {
+            break (h, ranges);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "the chain never formed: {}\n{}",
+            s["load"],
+            nodes
+                .iter()
+                .map(|g| g.log())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let mut ranges = ranges;
+    ranges.sort();
+    assert!(ranges[0].0 > 0, "{ranges:?}");
+    for w in ranges.windows(2) {
+        assert_eq!(w[0].1, w[1].0, "ranges not consecutive: {ranges:?}");
+    }
+    let last = ranges.last().unwrap().2;
+    assert_eq!(ranges.last().unwrap().1, layers, "{ranges:?}");
+
+    let http = reqwest::Client::new();
+    let body = |p: &str, stream: bool| serde_json::json!({"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": stream});
+    let complete = |api: SocketAddr, p: &str| {
+        let (http, b) = (http.clone(), body(p, false));
+        async move {
+            let r = http
+                .post(format!("http://{api}/v1/completions"))
+                .json(&b)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(status, 200, "{v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    // every node answers with one node's text: the head itself, the others
+    // by forwarding to it
+    for (i, g) in nodes.iter().enumerate() {
+        let got = complete(g.api, prompts[i % prompts.len()]).await;
+        assert_eq!(
+            got,
+            expected[i % prompts.len()],
+            "through gw-{} (the head is gw-{}):\n{}",
+            i + 1,
+            head + 1,
+            nodes[head].log()
+        );
+    }
+    // many at once, batched on the head and down the chain, streamed
+    let front = nodes[(head + 1) % n].api;
+    let (tx, _first) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (http, tx) = (http.clone(), tx.clone());
+        let b = body(prompts[i % prompts.len()], true);
+        tasks.push(tokio::spawn(async move {
+            stream_completion(&http, front, &b, &tx).await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let s = t.await.unwrap();
+        assert!(s.done && s.errors.is_empty(), "stream {i}: {:?}", s.errors);
+        assert_eq!(s.text, expected[i % prompts.len()], "stream {i}");
+    }
+
+    // the last range's node dies mid-stream: the stream ends, with an error
+    let long = serde_json::json!({"model": "tiny", "prompt": prompts[0], "max_tokens": 4000, "temperature": 0, "stream": true});
+    let api = nodes[head].api;
+    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let http = http.clone();
+        async move { stream_completion(&http, api, &long, &tx).await }
+    });
+    first.recv().await.unwrap();
+    nodes[last].child.kill().unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("a stream on a broken chain hung")
+        .unwrap();
+    assert!(
+        !s.errors.is_empty(),
+        "no error event: {} chars of text",
+        s.text.len()
+    );
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_chain_gives_one_nodes_tokens() {
+    a_chain_of(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_chain_gives_one_nodes_tokens() {
+    a_chain_of(3).await;
 }

@@ -1,7 +1,10 @@
 //! What a node holds: it watches the committed placement epochs and loads
 //! what it is assigned, and stops what it no longer is. A whole replica is
-//! served through the node's OpenAI API by its own worker; a layer range of
-//! a sharded model is fetched and verified so the data plane can run it.
+//! served through the node's OpenAI API by its own worker. Of a model split
+//! over several nodes, the node with the first layers serves it the same
+//! way, with a head worker that sends each step down the chain; every other
+//! range runs in a shard worker that takes the chain's steps from the data
+//! plane (see [`crate::chain`]).
 //!
 //! Cut off from the coordinators, a node keeps what it holds (edge
 //! autonomy) and applies the latest epoch when it hears one again.
@@ -14,8 +17,10 @@ use anyhow::{bail, Context, Result};
 use weft_coordinator::{ControlState, Holding, ModelRecord};
 
 use crate::api::{AppState, Served};
+use crate::chain::Hop;
 use crate::model_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
-use crate::serve::start_worker;
+use crate::serve::start_shard_worker;
+use crate::worker::supervisor::{ChainRoute, Supervisor};
 
 use super::overlay::LoadReport;
 
@@ -29,10 +34,12 @@ pub struct Holder {
     app: Arc<AppState>,
     me: u64,
     store: ModelStore,
-    /// Whole models, served.
-    served: BTreeMap<String, Arc<Served>>,
-    /// Layer ranges fetched for the data plane.
-    staged: BTreeSet<String>,
+    /// Models served through the API (whole, or as a chain's head), with
+    /// the nodes that run the rest of a head's layers.
+    served: BTreeMap<String, (Arc<Served>, Vec<Hop>)>,
+    /// Shard workers of the later ranges of chains, by
+    /// `<model>/<first layer>/<end layer>`.
+    shards: BTreeMap<String, (Holding, Supervisor)>,
     /// Models that failed to load, with why (tried again on the next epoch).
     failed: BTreeMap<String, String>,
     epoch: u64,
@@ -81,7 +88,7 @@ impl Holder {
             me,
             store,
             served: BTreeMap::new(),
-            staged: BTreeSet::new(),
+            shards: BTreeMap::new(),
             failed: BTreeMap::new(),
             epoch: 0,
             tokens_at: (0, Instant::now()),
@@ -95,22 +102,39 @@ impl Holder {
         self.epoch
     }
 
-    /// What it holds now, as the load report lists it: a served model by
-    /// name (` (loading)` until its worker is ready), a layer range as
-    /// `name[a..b) (staged)` until the data plane runs it.
+    /// What it holds now, as the load report lists it: a served model (a
+    /// chain's head included) by name, a later layer range as
+    /// `name[a..b)`; either with ` (loading)` until its worker is ready,
+    /// and a head until every node after it reports its range ready.
     pub fn holdings(&self) -> Vec<String> {
+        let loading = |s: &Supervisor| if s.is_ready() { "" } else { " (loading)" };
+        let fwd = self.app.forwarder();
+        let chain_ready = |hops: &[Hop]| {
+            hops.iter().all(|h| {
+                fwd.as_ref().is_some_and(|f| {
+                    f.reports_holding(
+                        &h.node,
+                        &format!("{}[{}..{})", h.model, h.layers.start, h.layers.end),
+                    )
+                })
+            })
+        };
         let mut out: Vec<String> = self
             .served
             .iter()
-            .map(|(name, m)| {
-                if m.supervisor.is_ready() {
-                    name.clone()
+            .map(|(name, (m, hops))| {
+                if chain_ready(hops) {
+                    format!("{name}{}", loading(&m.supervisor))
                 } else {
                     format!("{name} (loading)")
                 }
             })
             .collect();
-        out.extend(self.staged.iter().map(|s| format!("{s} (staged)")));
+        out.extend(
+            self.shards
+                .values()
+                .map(|(h, w)| format!("{h}{}", loading(w))),
+        );
         out
     }
 
@@ -130,60 +154,126 @@ impl Holder {
             assigned = ?want.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "applying placement epoch"
         );
-        let whole: BTreeSet<&str> = want
-            .iter()
-            .filter(|h| h.whole)
-            .map(|h| h.model.as_str())
-            .collect();
-        // stop what is no longer assigned: no new requests, running ones drain
+        // served here: whole replicas, and chains this node heads (with
+        // who runs the rest); a whole replica wins over a head of the same
+        // model
+        let mut to_serve: BTreeMap<&str, (&Holding, Vec<Hop>)> = BTreeMap::new();
+        let mut to_run: BTreeMap<String, &Holding> = BTreeMap::new();
+        for h in &want {
+            if h.whole {
+                to_serve.insert(&h.model, (h, Vec::new()));
+            } else if h.layers.start == 0 {
+                let hops: Option<Vec<Hop>> = epoch.chain_after(self.me, &h.model).and_then(|r| {
+                    r.into_iter()
+                        .map(|(id, layers)| {
+                            Some(Hop {
+                                node: state.members.get(&id)?.name.clone(),
+                                model: h.model.clone(),
+                                layers,
+                            })
+                        })
+                        .collect()
+                });
+                match hops {
+                    Some(hops) if !to_serve.get(h.model.as_str()).is_some_and(|(w, _)| w.whole) => {
+                        to_serve.insert(&h.model, (h, hops));
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::warn!(holding = %h, "heads a chain whose other nodes are unknown")
+                    }
+                }
+            } else {
+                to_run.insert(shard_key(h), h);
+            }
+        }
+        // stop what is no longer assigned (or whose chain changed): no new
+        // requests, running ones drain
         let gone: Vec<String> = self
             .served
-            .keys()
-            .filter(|m| !whole.contains(m.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(m, (_, hops))| {
+                to_serve
+                    .get(m.as_str())
+                    .is_none_or(|(_, want)| want != hops)
+            })
+            .map(|(m, _)| m.clone())
             .collect();
         for m in gone {
-            if let Some(served) = self.served.remove(&m) {
+            if let Some((served, _)) = self.served.remove(&m) {
                 self.app.drop_model(&m);
                 tracing::info!(model = %m, "no longer assigned: draining and stopping");
                 tokio::spawn(drain_and_stop(served));
             }
         }
-        self.staged.clear();
+        let gone: Vec<String> = self
+            .shards
+            .keys()
+            .filter(|k| !to_run.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some((h, worker)) = self.shards.remove(&k) {
+                self.app.set_shard(&k, None);
+                worker.shutdown();
+                tracing::info!(holding = %h, "layer range no longer assigned: stopped");
+            }
+        }
         self.failed.clear();
-        for h in &want {
+        for (model, (h, hops)) in to_serve {
+            if self.served.contains_key(model) {
+                continue;
+            }
+            let Some(rec) = state.models.get(model) else {
+                tracing::warn!(%model, "assigned a model the cluster has no record of");
+                continue;
+            };
+            match self.serve(h, rec, hops.clone()).await {
+                Ok(served) => {
+                    self.app.hold(served.clone());
+                    self.served.insert(model.to_string(), (served, hops));
+                }
+                Err(e) => {
+                    tracing::error!(%model, "cannot load: {e:#}");
+                    self.failed.insert(model.to_string(), format!("{e:#}"));
+                }
+            }
+        }
+        for (key, h) in to_run {
+            if self.shards.contains_key(&key) {
+                continue;
+            }
             let Some(rec) = state.models.get(&h.model) else {
                 tracing::warn!(model = %h.model, "assigned a model the cluster has no record of");
                 continue;
             };
-            if h.whole && self.served.contains_key(&h.model) {
-                continue;
-            }
-            match self.load(h, rec).await {
-                Ok(Some(served)) => {
-                    self.app.hold(served.clone());
-                    self.served.insert(h.model.clone(), served);
-                }
-                Ok(None) => {
-                    self.staged.insert(h.to_string());
+            match self.obtain(&h.model, rec).await {
+                Ok(stored) => {
+                    let worker = start_shard_worker(
+                        &self.app.cfg,
+                        stored.path,
+                        None,
+                        Some(h.layers.clone()),
+                        None,
+                    );
+                    tracing::info!(holding = %h, "shard worker started for the data plane");
+                    self.app.set_shard(&key, Some(worker.clone()));
+                    self.shards.insert(key, (h.clone(), worker));
                 }
                 Err(e) => {
-                    tracing::error!(model = %h.model, "cannot load: {e:#}");
-                    self.failed.insert(h.model.clone(), format!("{e:#}"));
+                    tracing::error!(holding = %h, "cannot load: {e:#}");
+                    self.failed.insert(h.to_string(), format!("{e:#}"));
                 }
             }
         }
         self.epoch = epoch.epoch;
     }
 
-    /// Fetches and verifies `h`'s model; starts a worker if `h` is a whole
-    /// replica.
-    async fn load(&self, h: &Holding, rec: &ModelRecord) -> Result<Option<Arc<Served>>> {
+    /// Fetches and verifies `h`'s model and starts the worker that serves
+    /// it: of the whole model, or of a chain's head sending its steps down
+    /// `hops`.
+    async fn serve(&self, h: &Holding, rec: &ModelRecord, hops: Vec<Hop>) -> Result<Arc<Served>> {
         let stored = self.obtain(&h.model, rec).await?;
-        if !h.whole {
-            tracing::info!(holding = %h, "layer range fetched and verified for the data plane");
-            return Ok(None);
-        }
         let path = stored.path.clone();
         let tokenizer = tokio::task::spawn_blocking(move || -> Result<_> {
             let gguf = weft_kernels::GgufFile::open(&path)?;
@@ -191,13 +281,28 @@ impl Holder {
         })
         .await
         .context("tokenizer task")??;
-        let supervisor = start_worker(&self.app.cfg, stored.path, None);
+        let supervisor = if hops.is_empty() {
+            start_shard_worker(&self.app.cfg, stored.path, None, None, None)
+        } else {
+            let fwd = self
+                .app
+                .forwarder()
+                .context("heading a chain needs the data plane ([serve] data_addr)")?;
+            tracing::info!(holding = %h, chain = %crate::chain::route_text(&hops), "heading a chain");
+            start_shard_worker(
+                &self.app.cfg,
+                stored.path,
+                None,
+                Some(h.layers.clone()),
+                Some(ChainRoute { fwd, hops }),
+            )
+        };
         tracing::info!(model = %h.model, "worker started");
-        Ok(Some(Arc::new(Served {
+        Ok(Arc::new(Served {
             model_id: h.model.clone(),
             tokenizer: Arc::new(tokenizer),
             supervisor,
-        })))
+        }))
     }
 
     /// This node's load report now: queue, running, free KV, tokens/s since
@@ -235,9 +340,13 @@ impl Holder {
 
     /// Stops every worker (the node is shutting down).
     pub fn shutdown(&mut self) {
-        for (m, s) in std::mem::take(&mut self.served) {
+        for (m, (s, _)) in std::mem::take(&mut self.served) {
             self.app.drop_model(&m);
             s.supervisor.shutdown();
+        }
+        for (k, (_, w)) in std::mem::take(&mut self.shards) {
+            self.app.set_shard(&k, None);
+            w.shutdown();
         }
     }
 }
@@ -292,6 +401,11 @@ impl Holder {
             ..stored
         })
     }
+}
+
+/// How the data plane names a layer range: `<model>/<first>/<end>`.
+fn shard_key(h: &Holding) -> String {
+    format!("{}/{}/{}", h.model, h.layers.start, h.layers.end)
 }
 
 /// Resolves `rec`'s source through the store and checks it is the file the

@@ -246,7 +246,7 @@ async fn hold_and_serve(
             tracing::info!(addr = %base.data_address, "data plane listening");
             tokio::spawn(crate::dataplane::serve(
                 ep,
-                crate::api::router(app.clone()),
+                app.clone(),
                 crate::model_store::ModelStore::default_location()
                     .dir()
                     .to_path_buf(),

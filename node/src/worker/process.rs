@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
-use weft_kernels::{Backend, Engine, EngineConfig, Request};
+use weft_kernels::{Backend, Chunk, ChunkOutput, Engine, EngineConfig, KernelError, Request};
 
-use super::protocol::{read_frame, write_frame, FromWorker, ToWorker};
+use super::protocol::{encode_chain, read_any, write_frame, Frame, FromWorker, ToWorker};
 use crate::sandbox::{self, WORKER_FD};
 
 /// What a worker is told on its command line.
@@ -38,6 +38,69 @@ pub struct WorkerArgs {
     /// An address the worker tries to reach, to report its network isolation.
     #[arg(long)]
     pub probe: Option<String>,
+    /// The layers to run, `A..B` (default: all). From layer 0 it is a
+    /// chain's head: it serves requests and sends its hidden states to the
+    /// node; otherwise it runs the node's chain steps on its layers.
+    #[arg(long, value_parser = parse_layers)]
+    pub layers: Option<std::ops::Range<usize>>,
+}
+
+fn parse_layers(s: &str) -> Result<std::ops::Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not a layer range like 0..13"))?;
+    let a: usize = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: usize = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a >= b {
+        return Err(format!("{s:?} is an empty layer range"));
+    }
+    Ok(a..b)
+}
+
+/// How long a head waits for the rest of its chain to answer a step.
+const CHAIN_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The rest of a head worker's model, behind its node: each step goes out
+/// on the socket as a chain frame and the node's reply comes back on it.
+struct ViaNode {
+    out: UnixStream,
+    replies: mpsc::Receiver<(u64, Vec<u8>)>,
+    step: u64,
+}
+
+impl weft_kernels::Downstream for ViaNode {
+    fn forward(&mut self, chunks: &[Chunk]) -> weft_kernels::Result<Vec<ChunkOutput>> {
+        use crate::chain::{decode_reply, encode_message, Message};
+        self.step += 1;
+        let frame = encode_chain(
+            self.step,
+            &encode_message(&Message::Forward(chunks.to_vec())),
+        )
+        .map_err(|e| KernelError::BadInput(e.to_string()))?;
+        self.out
+            .write_all(&frame)
+            .map_err(|e| KernelError::BadInput(format!("the node went away: {e}")))?;
+        loop {
+            match self.replies.recv_timeout(CHAIN_STEP_TIMEOUT) {
+                Ok((step, body)) if step == self.step => {
+                    return decode_reply(&body).map_err(KernelError::BadInput)
+                }
+                Ok(_) => continue, // a late reply to a step already given up
+                Err(_) => {
+                    return Err(KernelError::BadInput(format!(
+                        "the chain did not answer within {CHAIN_STEP_TIMEOUT:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, seq: weft_kernels::SeqId) {
+        use crate::chain::{encode_message, Message};
+        if let Ok(frame) = encode_chain(0, &encode_message(&Message::Release(vec![seq]))) {
+            let _ = self.out.write_all(&frame);
+        }
+    }
 }
 
 /// Runs the worker until the node closes the socket. A node that went away
@@ -65,22 +128,34 @@ fn serve(args: WorkerArgs) -> Result<()> {
     // the node put our socket on WORKER_FD before exec
     let stream = socket()?;
     weft_kernels::set_threads(args.threads);
-    let lm = weft_kernels::load(&args.model, None, Backend::Cpu)
+    let lm = weft_kernels::load(&args.model, args.layers.clone(), Backend::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let mut engine = Engine::new(
-        lm.model,
-        lm.tokenizer,
-        EngineConfig {
-            kv_budget_bytes: args.kv_budget,
-            max_context: args.max_context,
-            max_step_tokens: args.max_step_tokens,
-            max_running: args.max_running,
-        },
-    )?;
     let reached_node = args
         .probe
         .as_deref()
         .is_some_and(|a| std::net::TcpStream::connect(a).is_ok());
+    if !lm.model.is_first() {
+        return serve_shard(stream, lm.model, args.kv_budget, reached_node);
+    }
+    let cfg = EngineConfig {
+        kv_budget_bytes: args.kv_budget,
+        max_context: args.max_context,
+        max_step_tokens: args.max_step_tokens,
+        max_running: args.max_running,
+    };
+    // chain steps' replies come on their own channel, so a head blocked on
+    // one still takes requests afterwards in order
+    let (chain_tx, chain_rx) = mpsc::channel::<(u64, Vec<u8>)>();
+    let mut engine = if lm.model.is_last() {
+        Engine::new(lm.model, lm.tokenizer, cfg)?
+    } else {
+        let rest = ViaNode {
+            out: stream.try_clone()?,
+            replies: chain_rx,
+            step: 0,
+        };
+        Engine::new_chain(lm.model, Box::new(rest), lm.tokenizer, cfg)?
+    };
     let mut out = BufWriter::new(stream.try_clone()?);
     let (_, kv_total) = engine.kv_usage();
     write_frame(
@@ -98,11 +173,14 @@ fn serve(args: WorkerArgs) -> Result<()> {
     std::thread::spawn(move || {
         let mut r = BufReader::new(stream);
         loop {
-            match read_frame::<ToWorker>(&mut r) {
-                Ok(m) => {
+            match read_any::<ToWorker>(&mut r) {
+                Ok(Frame::Msg(m)) => {
                     if tx.send(Some(m)).is_err() {
                         return;
                     }
+                }
+                Ok(Frame::Chain { step, body }) => {
+                    let _ = chain_tx.send((step, body));
                 }
                 Err(_) => {
                     let _ = tx.send(None);
@@ -154,6 +232,8 @@ fn serve(args: WorkerArgs) -> Result<()> {
             }
         }
         if engine.has_work() {
+            // a chain step goes out on the socket too: nothing half-written
+            out.flush()?;
             for ev in engine.step()? {
                 write_frame(
                     &mut out,
@@ -178,6 +258,62 @@ fn serve(args: WorkerArgs) -> Result<()> {
             )?;
         }
         out.flush()?;
+    }
+}
+
+/// A shard worker: runs the node's chain steps through its layers, one at
+/// a time, until the node closes the socket.
+fn serve_shard(
+    stream: UnixStream,
+    shard: std::sync::Arc<weft_kernels::Gemma3>,
+    kv_budget: usize,
+    reached_node: bool,
+) -> Result<()> {
+    use crate::chain::{decode_message, encode_reply, Message};
+    let mut stage = weft_kernels::Stage::new(shard, kv_budget);
+    let mut out = BufWriter::new(stream.try_clone()?);
+    write_frame(
+        &mut out,
+        &FromWorker::Ready {
+            context_length: stage.shard().config().context_length,
+            kv_blocks: stage.kv_usage().1,
+            confinement: sandbox::confinement(),
+            reached_node,
+        },
+    )?;
+    out.flush()?;
+    let mut r = BufReader::new(stream);
+    loop {
+        let (step, body) = match read_any::<ToWorker>(&mut r) {
+            Ok(Frame::Chain { step, body }) => (step, body),
+            Ok(Frame::Msg(_)) => continue, // requests go to heads, not shards
+            Err(super::protocol::FrameError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let reply = match decode_message(&body) {
+            Ok(Message::Release(seqs)) => {
+                for s in seqs {
+                    stage.release(s);
+                }
+                None
+            }
+            Ok(Message::Forward(chunks)) => Some(stage.forward(&chunks).map_err(|e| e.to_string())),
+            Err(e) => Some(Err(format!("bad chain step: {e}"))),
+        };
+        if let Some(reply) = reply {
+            out.write_all(&encode_chain(step, &encode_reply(&reply))?)?;
+            let (kv_used, kv_total) = stage.kv_usage();
+            write_frame(
+                &mut out,
+                &FromWorker::Stats {
+                    waiting: 0,
+                    running: 0,
+                    kv_used,
+                    kv_total,
+                },
+            )?;
+            out.flush()?;
+        }
     }
 }
 

@@ -5,8 +5,15 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use weft_kernels::{FinishReason, Resume, SamplingParams, TokenLogprob};
 
-/// Largest frame either side accepts; a larger length is a protocol error.
+/// Largest message frame either side accepts; a larger length is a
+/// protocol error.
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Largest chain frame (a step's hidden states or logits) either side
+/// accepts.
+pub const MAX_CHAIN_FRAME_BYTES: usize = 1 << 30;
+/// The first byte of a chain frame's payload; a message's JSON never
+/// starts with it.
+const CHAIN_TAG: u8 = 0xC1;
 
 fn is_fresh(r: &Resume) -> bool {
     r.tokens.is_empty()
@@ -84,6 +91,82 @@ pub enum FromWorker {
     },
 }
 
+/// A frame as read: a message, or a chain frame (a layer-sharded model's
+/// step: its id and the body [`crate::chain`] encodes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame<T> {
+    /// A JSON message.
+    Msg(T),
+    /// A chain step: a request to a shard (or from a head), or its reply.
+    /// Step 0 asks for no reply.
+    Chain {
+        /// The step it belongs to.
+        step: u64,
+        /// The encoded step.
+        body: Vec<u8>,
+    },
+}
+
+/// Encodes a chain frame.
+pub fn encode_chain(step: u64, body: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let n = 1 + 8 + body.len();
+    if n > MAX_CHAIN_FRAME_BYTES {
+        return Err(FrameError::TooLarge(n));
+    }
+    let mut out = Vec::with_capacity(n + 4);
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    out.push(CHAIN_TAG);
+    out.extend_from_slice(&step.to_le_bytes());
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
+/// A frame's payload (after its length) as a message or a chain frame.
+fn parse<T: for<'de> Deserialize<'de>>(body: Vec<u8>) -> Result<Frame<T>, FrameError> {
+    if body.first() == Some(&CHAIN_TAG) {
+        if body.len() < 9 {
+            return Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "short chain frame",
+            )));
+        }
+        let step = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
+        return Ok(Frame::Chain {
+            step,
+            body: body[9..].to_vec(),
+        });
+    }
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    Ok(Frame::Msg(serde_json::from_slice(&body)?))
+}
+
+/// Reads one frame of either kind (blocking).
+pub fn read_any<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<Frame<T>, FrameError> {
+    let mut len = [0u8; 4];
+    let n = frame_len(r.read_exact(&mut len), len, MAX_CHAIN_FRAME_BYTES)?;
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body)?;
+    parse(body)
+}
+
+/// Reads one frame of either kind from an async reader.
+pub async fn read_any_async<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Frame<T>, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    let n = frame_len(
+        r.read_exact(&mut len).await.map(|_| ()),
+        len,
+        MAX_CHAIN_FRAME_BYTES,
+    )?;
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await?;
+    parse(body)
+}
+
 /// Frame errors.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -120,14 +203,18 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Fram
 }
 
 /// The body length announced by a frame header, or why it is refused.
-fn frame_len(read: std::io::Result<()>, header: [u8; 4]) -> Result<usize, FrameError> {
+fn frame_len(
+    read: std::io::Result<()>,
+    header: [u8; 4],
+    limit: usize,
+) -> Result<usize, FrameError> {
     match read {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(e.into()),
     }
     let n = u32::from_le_bytes(header) as usize;
-    if n > MAX_FRAME_BYTES {
+    if n > limit {
         return Err(FrameError::TooLarge(n));
     }
     Ok(n)
@@ -136,7 +223,7 @@ fn frame_len(read: std::io::Result<()>, header: [u8; 4]) -> Result<usize, FrameE
 /// Reads one frame (blocking).
 pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
-    let n = frame_len(r.read_exact(&mut len), len)?;
+    let n = frame_len(r.read_exact(&mut len), len, MAX_FRAME_BYTES)?;
     let mut body = vec![0u8; n];
     r.read_exact(&mut body)?;
     Ok(serde_json::from_slice(&body)?)
@@ -148,7 +235,11 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
 ) -> Result<T, FrameError> {
     use tokio::io::AsyncReadExt;
     let mut len = [0u8; 4];
-    let n = frame_len(r.read_exact(&mut len).await.map(|_| ()), len)?;
+    let n = frame_len(
+        r.read_exact(&mut len).await.map(|_| ()),
+        len,
+        MAX_FRAME_BYTES,
+    )?;
     let mut body = vec![0u8; n];
     r.read_exact(&mut body).await?;
     Ok(serde_json::from_slice(&body)?)
@@ -182,6 +273,21 @@ mod tests {
             read_frame::<ToWorker>(&mut [].as_slice()),
             Err(FrameError::Closed)
         ));
+        // a chain frame passes whole, beside messages
+        let mut both = encode_chain(9, &[1, 2, 3]).unwrap();
+        both.extend(encode(&ToWorker::Cancel { id: 4 }).unwrap());
+        let mut r = both.as_slice();
+        assert_eq!(
+            read_any::<ToWorker>(&mut r).unwrap(),
+            Frame::Chain {
+                step: 9,
+                body: vec![1, 2, 3]
+            }
+        );
+        assert_eq!(
+            read_any::<ToWorker>(&mut r).unwrap(),
+            Frame::Msg(ToWorker::Cancel { id: 4 })
+        );
         let mut bad = 2u32.to_le_bytes().to_vec();
         bad.extend_from_slice(b"{]");
         assert!(matches!(

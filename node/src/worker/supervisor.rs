@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use weft_kernels::{FinishReason, Resume, SamplingParams, TokenLogprob};
 
-use super::protocol::{encode, read_frame_async, FromWorker, ToWorker};
+use super::protocol::{encode, encode_chain, read_any_async, Frame, FromWorker, ToWorker};
 use crate::sandbox::{self, Confinement};
 
 /// First wait before restarting a worker that died.
@@ -45,6 +45,32 @@ pub struct WorkerSpec {
     pub sandbox: bool,
     /// An address the worker tries to reach to report its isolation.
     pub probe: Option<String>,
+    /// The layers it runs (`None`: all of them).
+    pub layers: Option<std::ops::Range<u32>>,
+    /// For the head of a chain: where the later layers run.
+    pub chain: Option<ChainRoute>,
+}
+
+/// Where a head worker's steps go: the data plane, down the route.
+#[derive(Clone)]
+pub struct ChainRoute {
+    /// The data plane.
+    pub fwd: Arc<crate::dataplane::Forwarder>,
+    /// The nodes after the head, in layer order.
+    pub hops: Vec<crate::chain::Hop>,
+}
+
+impl std::fmt::Debug for ChainRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::chain::route_text(&self.hops))
+    }
+}
+
+/// What the node writes to its worker.
+#[derive(Debug)]
+enum Out {
+    Msg(ToWorker),
+    Chain(u64, Vec<u8>),
 }
 
 /// What a request hears from its worker.
@@ -90,8 +116,10 @@ pub enum SubmitError {
 
 #[derive(Default)]
 struct Live {
-    tx: Option<mpsc::UnboundedSender<ToWorker>>,
+    tx: Option<mpsc::UnboundedSender<Out>>,
     inflight: HashMap<u64, mpsc::UnboundedSender<Update>>,
+    /// Chain steps sent to a shard worker, waiting for its reply.
+    steps: HashMap<u64, tokio::sync::oneshot::Sender<Vec<u8>>>,
     pid: Option<u32>,
 }
 
@@ -203,13 +231,13 @@ impl Supervisor {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (utx, urx) = mpsc::unbounded_channel();
         if tx
-            .send(ToWorker::Submit {
+            .send(Out::Msg(ToWorker::Submit {
                 id,
                 prompt,
                 params,
                 priority,
                 resume,
-            })
+            }))
             .is_err()
         {
             return Err(SubmitError::NotReady);
@@ -223,8 +251,36 @@ impl Supervisor {
         let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.inflight.remove(&id).is_some() {
             if let Some(tx) = &live.tx {
-                let _ = tx.send(ToWorker::Cancel { id });
+                let _ = tx.send(Out::Msg(ToWorker::Cancel { id }));
             }
+        }
+    }
+
+    /// Runs one chain step on a shard worker: the encoded
+    /// [`crate::chain::Message`] in, its encoded reply out.
+    pub async fn chain_call(&self, body: Vec<u8>) -> Result<Vec<u8>, SubmitError> {
+        let rx = {
+            let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(tx) = live.tx.clone().filter(|_| self.is_ready()) else {
+                return Err(SubmitError::NotReady);
+            };
+            let step = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let (otx, orx) = tokio::sync::oneshot::channel();
+            if tx.send(Out::Chain(step, body)).is_err() {
+                return Err(SubmitError::NotReady);
+            }
+            live.steps.insert(step, otx);
+            orx
+        };
+        rx.await.map_err(|_| SubmitError::NotReady)
+    }
+
+    /// Sends a chain message that wants no reply (a release); dropped when
+    /// no worker runs (its cache went with it).
+    pub fn chain_send(&self, body: Vec<u8>) {
+        let live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = &live.tx {
+            let _ = tx.send(Out::Chain(0, body));
         }
     }
 
@@ -252,6 +308,7 @@ async fn run(shared: Arc<Shared>) {
             let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
             live.tx = None;
             live.pid = None;
+            live.steps.clear(); // their callers hear the worker is gone
             live.inflight.drain().collect()
         };
         for (_, tx) in orphans {
@@ -297,6 +354,9 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
     if let Some(p) = &spec.probe {
         cmd.arg("--probe").arg(p);
     }
+    if let Some(l) = &spec.layers {
+        cmd.arg("--layers").arg(format!("{}..{}", l.start, l.end));
+    }
     if spec.sandbox {
         cmd.env(sandbox::SANDBOXED_ENV, "1");
     }
@@ -316,16 +376,16 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
 
     // the model loads; wait for Ready
     let first = tokio::select! {
-        f = tokio::time::timeout(READY_TIMEOUT, read_frame_async::<FromWorker>(&mut rd)) => f,
+        f = tokio::time::timeout(READY_TIMEOUT, read_any_async::<FromWorker>(&mut rd)) => f,
         _ = shared.stop.notified() => { let _ = child.start_kill(); return Ok(()); }
     };
     match first {
-        Ok(Ok(FromWorker::Ready {
+        Ok(Ok(Frame::Msg(FromWorker::Ready {
             confinement,
             reached_node,
             kv_blocks,
             ..
-        })) => {
+        }))) => {
             *shared.confinement.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((confinement, reached_node));
             // a fresh worker: all of its cache is free
@@ -344,21 +404,57 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
             anyhow::bail!("worker did not become ready within {READY_TIMEOUT:?}")
         }
     }
-    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    // a head's steps go down its chain, in order, by one task per worker
+    let relay = spec.chain.clone().map(|route| {
+        let (steps_tx, steps_rx) = mpsc::unbounded_channel();
+        let replies = tx.clone();
+        tokio::spawn(crate::chain::relay(
+            route.fwd,
+            route.hops,
+            steps_rx,
+            move |step, body| {
+                let _ = replies.send(Out::Chain(step, body));
+            },
+        ));
+        steps_tx
+    });
     shared.live.lock().unwrap_or_else(|e| e.into_inner()).tx = Some(tx);
     shared.ready.send_replace(true);
     tracing::info!(pid = child.id(), "model worker ready");
 
     let writer = async move {
         while let Some(m) = rx.recv().await {
-            let bytes = encode(&m)?;
+            let bytes = match m {
+                Out::Msg(m) => encode(&m)?,
+                Out::Chain(step, body) => encode_chain(step, &body)?,
+            };
             wr.write_all(&bytes).await?;
         }
         anyhow::Ok(())
     };
     let reader = async {
         loop {
-            match read_frame_async::<FromWorker>(&mut rd).await? {
+            let msg = match read_any_async::<FromWorker>(&mut rd).await? {
+                Frame::Msg(m) => m,
+                Frame::Chain { step, body } => {
+                    if let Some(relay) = &relay {
+                        // from a head: down the chain
+                        let _ = relay.send((step, body));
+                    } else if let Some(tx) = shared
+                        .live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .steps
+                        .remove(&step)
+                    {
+                        // from a shard: the reply to a step
+                        let _ = tx.send(body);
+                    }
+                    continue;
+                }
+            };
+            match msg {
                 FromWorker::Event {
                     id,
                     token,
