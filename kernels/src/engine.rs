@@ -148,6 +148,7 @@ pub trait Downstream: Send {
 pub struct Stage {
     shard: Arc<Gemma3>,
     kv: KvCache,
+    project: bool,
 }
 
 impl std::fmt::Debug for Stage {
@@ -163,7 +164,19 @@ impl Stage {
     /// `shard` with a KV cache of `kv_budget_bytes`.
     pub fn new(shard: Arc<Gemma3>, kv_budget_bytes: usize) -> Self {
         let kv = shard.new_kv_cache(kv_budget_bytes);
-        Self { shard, kv }
+        Self {
+            shard,
+            kv,
+            project: true,
+        }
+    }
+
+    /// A last stage that returns [`ChunkOutput::Last`] rows instead of
+    /// logits when the model is tied, for a head that projects them: a
+    /// row of `hidden` values travels back instead of one of `vocab`.
+    pub fn leaving_projection_to_the_head(mut self) -> Self {
+        self.project = !self.shard.is_tied();
+        self
     }
 
     /// The shard.
@@ -197,7 +210,11 @@ impl Stage {
             }
             self.kv.reserve(c.seq, c.pos + rows)?;
         }
-        self.shard.forward(chunks, &mut self.kv)
+        if self.project {
+            self.shard.forward(chunks, &mut self.kv)
+        } else {
+            self.shard.forward_unprojected(chunks, &mut self.kv)
+        }
     }
 
     /// Forgets sequence `seq`.
@@ -244,6 +261,17 @@ impl LocalChain {
     }
 }
 
+impl LocalChain {
+    /// The last shard returns its final hidden states for the head to
+    /// project (see [`Stage::leaving_projection_to_the_head`]).
+    pub fn leaving_projection_to_the_head(mut self) -> Self {
+        if let Some(last) = self.stages.pop() {
+            self.stages.push(last.leaving_projection_to_the_head());
+        }
+        self
+    }
+}
+
 /// The next shard's input: `chunks` with `outs` (a middle shard's hidden
 /// states) in place of their input.
 pub fn next_input(chunks: &[Chunk], outs: Vec<ChunkOutput>) -> Result<Vec<Chunk>> {
@@ -264,7 +292,7 @@ pub fn next_input(chunks: &[Chunk], outs: Vec<ChunkOutput>) -> Result<Vec<Chunk>
                 input: ChunkInput::Hidden(h),
                 want_logits: c.want_logits,
             }),
-            ChunkOutput::Logits(_) => Err(KernelError::BadInput(
+            ChunkOutput::Logits(_) | ChunkOutput::Last(_) => Err(KernelError::BadInput(
                 "a shard before the last returned logits".into(),
             )),
         })
@@ -574,7 +602,7 @@ impl Engine {
         if let Some(rest) = self.rest.as_mut() {
             // the head's hidden states go down the chain; logits come back
             let next = next_input(&chunks, outs)?;
-            match rest.forward(&next) {
+            match rest.forward(&next).and_then(|o| self.project(o)) {
                 Ok(o) if o.len() == next.len() => outs = o,
                 failed => {
                     // the chain's caches no longer match the head's: every
@@ -625,6 +653,30 @@ impl Engine {
             self.release(s.id);
         }
         Ok(events)
+    }
+
+    /// Projects the chain's [`ChunkOutput::Last`] rows to logits here, all
+    /// in one product; other outputs pass as they are.
+    fn project(&self, outs: Vec<ChunkOutput>) -> Result<Vec<ChunkOutput>> {
+        let rows: Vec<Vec<f32>> = outs
+            .iter()
+            .filter_map(|o| match o {
+                ChunkOutput::Last(Some(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(outs);
+        }
+        let mut logits = self.model.project(&rows)?.into_iter();
+        Ok(outs
+            .into_iter()
+            .map(|o| match o {
+                ChunkOutput::Last(Some(_)) => ChunkOutput::Logits(logits.next()),
+                ChunkOutput::Last(None) => ChunkOutput::Logits(None),
+                other => other,
+            })
+            .collect())
     }
 
     /// Applies a sampled token: stop checks, text, finish reason.

@@ -78,6 +78,11 @@ pub enum ChunkOutput {
     Hidden(Vec<f32>),
     /// Logits of the last row (the last shard), when asked for.
     Logits(Option<Vec<f32>>),
+    /// The last layer's hidden state of the last row, before the output
+    /// norm, when asked for: what a last shard returns when the chain's
+    /// head projects it to logits itself (see [`Gemma3::project`]), so a
+    /// row of `hidden` values travels instead of one of `vocab`.
+    Last(Option<Vec<f32>>),
 }
 
 /// A loaded Gemma 3 shard.
@@ -87,6 +92,8 @@ pub struct Gemma3 {
     embed: Option<QMatrix>,
     output: Option<QMatrix>,
     output_norm: Option<Vec<f32>>,
+    /// Whether the output projection is the token embedding.
+    tied: bool,
     layers: Vec<Layer>,
     inv_freq_local: f32,
     inv_freq_global: f32,
@@ -137,7 +144,9 @@ impl Gemma3 {
         } else {
             None
         };
-        let output_norm = if last {
+        // a first shard of a tied model can project a chain's last hidden
+        // states itself: it has the embedding, and the norm is small
+        let output_norm = if last || (first && tied) {
             Some(f.vector("output_norm.weight", h)?)
         } else {
             None
@@ -171,6 +180,7 @@ impl Gemma3 {
             embed,
             output,
             output_norm,
+            tied,
             layers,
         })
     }
@@ -193,6 +203,49 @@ impl Gemma3 {
     /// Whether this shard produces logits.
     pub fn is_last(&self) -> bool {
         self.range.end == self.cfg.layers
+    }
+
+    /// Whether the output projection is the token embedding (so a chain's
+    /// head, which holds the embedding, can project to logits).
+    pub fn is_tied(&self) -> bool {
+        self.tied
+    }
+
+    /// Logits of final hidden rows (the last layer's output, before the
+    /// output norm): the norm, then the output projection, all rows in one
+    /// product. A shard without the projection refuses.
+    pub fn project(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (Some(norm), Some(head)) = (
+            self.output_norm.as_ref(),
+            self.output.as_ref().or(self.embed.as_ref()),
+        ) else {
+            return Err(KernelError::BadInput(format!(
+                "shard {:?} cannot project to logits",
+                self.range
+            )));
+        };
+        let mut lhs = Vec::with_capacity(rows.len() * cfg.hidden);
+        for row in rows {
+            if row.len() != cfg.hidden {
+                return Err(KernelError::BadInput(format!(
+                    "a final hidden row of {} values, not {}",
+                    row.len(),
+                    cfg.hidden
+                )));
+            }
+            let start = lhs.len();
+            lhs.extend_from_slice(row);
+            rms_norm(&mut lhs[start..], norm, cfg.rms_eps);
+        }
+        let mut logits = vec![0f32; rows.len() * cfg.vocab];
+        if !rows.is_empty() {
+            head.matmul(rows.len(), &lhs, &mut logits)?;
+        }
+        Ok(logits
+            .chunks_exact(cfg.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// A KV cache for this shard's layers within `budget_bytes`.
@@ -227,6 +280,20 @@ impl Gemma3 {
     /// Runs one step for `chunks`. The cache must already hold blocks for every
     /// position written (see [`KvCache::reserve`]).
     pub fn forward(&self, chunks: &[Chunk], kv: &mut KvCache) -> Result<Vec<ChunkOutput>> {
+        self.run(chunks, kv, true)
+    }
+
+    /// As [`Gemma3::forward`], but a last shard returns
+    /// [`ChunkOutput::Last`] rows for the head to project.
+    pub fn forward_unprojected(
+        &self,
+        chunks: &[Chunk],
+        kv: &mut KvCache,
+    ) -> Result<Vec<ChunkOutput>> {
+        self.run(chunks, kv, false)
+    }
+
+    fn run(&self, chunks: &[Chunk], kv: &mut KvCache, project: bool) -> Result<Vec<ChunkOutput>> {
         let cfg = &self.cfg;
         let h = cfg.hidden;
         if kv.layers() != self.layers.len() || kv.kv_dim() != cfg.kv_dim() {
@@ -350,34 +417,26 @@ impl Gemma3 {
             }
             return Ok(outs);
         }
-        let norm = self
-            .output_norm
-            .as_ref()
-            .expect("last shard has an output norm");
-        let head = self
-            .output
-            .as_ref()
-            .or(self.embed.as_ref())
-            .expect("last shard has an output projection");
         let mut last_rows = Vec::new();
         let mut r = 0;
         for c in chunks {
             let n = c.input.rows(h);
             if c.want_logits {
-                let mut row = x[(r + n - 1) * h..(r + n) * h].to_vec();
-                rms_norm(&mut row, norm, cfg.rms_eps);
-                last_rows.push(row);
+                last_rows.push(x[(r + n - 1) * h..(r + n) * h].to_vec());
             }
             r += n;
         }
-        let m = last_rows.len();
-        let lhs: Vec<f32> = last_rows.concat();
-        let mut logits = vec![0f32; m * cfg.vocab];
-        head.matmul(m, &lhs, &mut logits)?;
-        let mut it = logits.chunks_exact(cfg.vocab);
+        if !project {
+            let mut it = last_rows.into_iter();
+            return Ok(chunks
+                .iter()
+                .map(|c| ChunkOutput::Last(if c.want_logits { it.next() } else { None }))
+                .collect());
+        }
+        let mut it = self.project(&last_rows)?.into_iter();
         for c in chunks {
             outs.push(ChunkOutput::Logits(if c.want_logits {
-                it.next().map(|l| l.to_vec())
+                it.next()
             } else {
                 None
             }));

@@ -674,6 +674,9 @@ fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
     submit(&mut whole);
     let whole = whole.run_to_completion().unwrap();
     let shard = |r: std::ops::Range<usize>| Arc::new(Gemma3::load(&t.path, Some(r)).unwrap());
+    // like Gemma 3, the tiny model projects with its embedding, so a head
+    // can project the last shard's hidden states
+    assert!(shard(0..2).is_tied());
     for cuts in [vec![2], vec![1, 4], vec![3, 5]] {
         // a roomy head, then a head so small it preempts (and the chain
         // recomputes downstream too)
@@ -682,10 +685,17 @@ fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
         bounds.push(n);
         // 12 blocks of the head's layers: 192 positions for about 270
         let small = 12 * KvCache::block_bytes(bounds[1], kv_dim);
-        for head_budget in [1usize << 26, small] {
+        // the last shard returns logits, or its final hidden states for the
+        // head to project
+        for (head_budget, projected_at_head) in
+            [(1usize << 26, false), (1 << 26, true), (small, true)]
+        {
             let rest: Vec<Arc<Gemma3>> =
                 bounds[1..].windows(2).map(|w| shard(w[0]..w[1])).collect();
-            let chain = LocalChain::new(rest, 1 << 26).unwrap();
+            let mut chain = LocalChain::new(rest, 1 << 26).unwrap();
+            if projected_at_head {
+                chain = chain.leaving_projection_to_the_head();
+            }
             let mut e = Engine::new_chain(
                 shard(0..bounds[1]),
                 Box::new(chain),
@@ -703,7 +713,7 @@ fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
                 assert_eq!(out[&i].tokens.len(), 24);
                 assert_eq!(
                     out[&i].tokens, whole[&i].tokens,
-                    "sequence {i}, layers cut at {cuts:?}, head budget {head_budget}"
+                    "sequence {i}, layers cut at {cuts:?}, head budget {head_budget}, projected at the head: {projected_at_head}"
                 );
             }
             if head_budget < 1 << 26 {

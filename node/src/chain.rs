@@ -73,6 +73,8 @@ const TOKENS: u8 = 0;
 const HIDDEN: u8 = 1;
 const NO_LOGITS: u8 = 2;
 const LOGITS: u8 = 3;
+const LAST: u8 = 4;
+const NO_LAST: u8 = 5;
 
 fn put_u32(out: &mut Vec<u8>, v: usize) {
     out.extend_from_slice(&(v as u32).to_le_bytes());
@@ -222,6 +224,11 @@ pub fn encode_reply(r: &Reply) -> Vec<u8> {
                         out.push(LOGITS);
                         put_f32s(&mut out, l);
                     }
+                    ChunkOutput::Last(None) => out.push(NO_LAST),
+                    ChunkOutput::Last(Some(l)) => {
+                        out.push(LAST);
+                        put_f32s(&mut out, l);
+                    }
                 }
             }
         }
@@ -246,6 +253,8 @@ pub fn decode_reply(b: &[u8]) -> Reply {
                         HIDDEN => ChunkOutput::Hidden(r.f32s()?),
                         NO_LOGITS => ChunkOutput::Logits(None),
                         LOGITS => ChunkOutput::Logits(Some(r.f32s()?)),
+                        LAST => ChunkOutput::Last(Some(r.f32s()?)),
+                        NO_LAST => ChunkOutput::Last(None),
                         k => bail!("unknown chunk output kind {k}"),
                     });
                 }
@@ -488,6 +497,8 @@ mod tests {
             ChunkOutput::Logits(None),
             ChunkOutput::Logits(Some(vec![0.1, 0.2])),
             ChunkOutput::Hidden(vec![3.0]),
+            ChunkOutput::Last(None),
+            ChunkOutput::Last(Some(vec![4.0])),
         ]);
         assert_eq!(decode_reply(&encode_reply(&r)), r);
         assert_eq!(decode_reply(&failed("gone")), Err("gone".to_string()));

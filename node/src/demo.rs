@@ -1264,8 +1264,8 @@ async fn decode_rate(
 
 /// Measures decode tokens/s of a 2-node chain against one node: a fabric
 /// with two edge nodes that each have room for about half the model's
-/// layers (so the placement splits it over both) and a cloud node that
-/// holds it whole. Each round runs the same `streams` greedy streams of
+/// layers (so the placement splits it over both), and beside it a fabric
+/// with one node that holds the model whole. Each round runs the same `streams` greedy streams of
 /// `max_tokens` on the whole model and then on the chain; every node has
 /// one worker thread.
 pub async fn chain(
@@ -1290,29 +1290,42 @@ pub async fn chain(
         region,
         memory,
     };
-    let specs = [
-        node("edge-a-1", "edge-a", "edge", 1, memory),
-        node("edge-a-2", "edge-a", "edge", 1, memory),
-        node("cloud-1", "cloud", "cloud", 0, 16 << 30),
-    ];
-    let (mut f, nodes, http) = launch_nodes(opts, Duration::from_secs(600), Some(&specs)).await?;
-    f.admin(
-        &[
-            "cluster",
-            "replan",
-            "--demand",
-            &format!("edge-a:{MODEL}:1:200:64"),
-            "--demand",
-            &format!("cloud:{MODEL}:1:200:64"),
-        ],
-        Duration::from_secs(30),
+    // two fabrics side by side: the placement would rather serve the
+    // edge from a whole replica one short hop away than split the model,
+    // so the whole replica lives in a fabric of its own
+    let (mut f, nodes, http) = launch_nodes(
+        opts,
+        Duration::from_secs(600),
+        Some(&[
+            node("edge-a-1", "edge-a", "edge", 1, memory),
+            node("edge-a-2", "edge-a", "edge", 1, memory),
+        ]),
     )
     .await?;
+    let (mut g, one, _) = launch_nodes(
+        opts,
+        Duration::from_secs(600),
+        Some(&[node("cloud-1", "cloud", "cloud", 0, 16 << 30)]),
+    )
+    .await?;
+    for (fabric, site) in [(&f, "edge-a"), (&g, "cloud")] {
+        fabric
+            .admin(
+                &[
+                    "cluster",
+                    "replan",
+                    "--demand",
+                    &format!("{site}:{MODEL}:1:200:64"),
+                ],
+                Duration::from_secs(30),
+            )
+            .await?;
+    }
     let map = wait_placed(
         &f,
         &http,
         "chain",
-        |m, n| holders(m, n, "edge-a").count() == 1 && holders(m, n, "cloud").count() == 1,
+        |m, n| holders(m, n, "edge-a").count() == 1,
         false,
         Duration::from_secs(180),
     )
@@ -1321,10 +1334,35 @@ pub async fn chain(
         .next()
         .context("no chain head")?
         .clone();
-    let whole = holders(&map, &nodes, "cloud")
+    let map = wait_placed(
+        &g,
+        &http,
+        "whole",
+        |m, n| holders(m, n, "cloud").count() == 1,
+        false,
+        Duration::from_secs(180),
+    )
+    .await?;
+    let whole = holders(&map, &one, "cloud")
         .next()
         .context("no whole replica")?
         .clone();
+    // listed once assigned; served once the workers (and, for the head,
+    // the nodes after it) are up
+    for n in [&head, &whole] {
+        let t = Instant::now();
+        while !http
+            .get(format!("http://{}/readyz", n.api))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            if t.elapsed() > Duration::from_secs(180) {
+                bail!("{} never became ready", n.name);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let status: Value = serde_json::from_str(
         &f.admin(&["status", "--json"], Duration::from_secs(30))
             .await?,
@@ -1337,7 +1375,7 @@ pub async fn chain(
             .flatten()
             .filter_map(Value::as_str)
         {
-            chain.push(format!("{}: {m}", n.name));
+            chain.push(format!("{}: {}", n.name, m.trim_end_matches(" (loading)")));
         }
     }
     chain.sort();
@@ -1370,5 +1408,6 @@ pub async fn chain(
         report.chain_tokens_per_s.push(c);
     }
     f.stop();
+    g.stop();
     Ok(report)
 }

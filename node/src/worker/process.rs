@@ -270,7 +270,10 @@ fn serve_shard(
     reached_node: bool,
 ) -> Result<()> {
     use crate::chain::{decode_message, encode_reply, Message};
-    let mut stage = weft_kernels::Stage::new(shard, kv_budget);
+    // the last range sends back its final hidden states, not logits: the
+    // head holds the (tied) projection, and a row of `hidden` values is
+    // far smaller than one of `vocab`
+    let mut stage = weft_kernels::Stage::new(shard, kv_budget).leaving_projection_to_the_head();
     let mut out = BufWriter::new(stream.try_clone()?);
     write_frame(
         &mut out,
