@@ -1,8 +1,10 @@
 //! The backend seam: which device runs the model.
 //!
 //! The CPU backend (candle-core's quantized kernels plus ours) is always
-//! there. The `cuda` feature reserves the GPU backend; until it is filled,
-//! asking for it is a clear error rather than a silent fall back to the CPU.
+//! there. The `cuda` feature builds the CUDA device code ([`crate::cuda`]);
+//! until the model's forward runs on it, asking for CUDA is a clear error
+//! (no driver, no such device, or not yet) rather than a silent fall back to
+//! the CPU.
 
 use crate::error::{KernelError, Result};
 
@@ -50,22 +52,29 @@ impl Backend {
     pub fn ensure_available(self) -> Result<()> {
         match self {
             Backend::Cpu => Ok(()),
-            Backend::Cuda(_) => Err(KernelError::BackendUnavailable {
+            Backend::Cuda(n) => Err(KernelError::BackendUnavailable {
                 backend: "cuda",
-                reason: cuda_unavailable_reason().into(),
+                reason: cuda_unavailable_reason(n),
             }),
         }
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_unavailable_reason() -> &'static str {
-    "weft was built without CUDA; rebuild with `--features cuda`"
+fn cuda_unavailable_reason(_: usize) -> String {
+    "weft was built without CUDA; rebuild with `--features cuda`".into()
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_unavailable_reason() -> &'static str {
-    "the CUDA backend is not implemented in this version of weft"
+fn cuda_unavailable_reason(ordinal: usize) -> String {
+    match crate::cuda::Gpu::open(ordinal) {
+        Ok(gpu) => format!(
+            "found {}, but this version of weft cannot run the model on CUDA yet",
+            gpu.info().name
+        ),
+        Err(KernelError::BackendUnavailable { reason, .. }) => reason,
+        Err(e) => e.to_string(),
+    }
 }
 
 /// Sets the number of CPU threads the kernels use. Call it before the first

@@ -16,10 +16,13 @@
 //! - [`sampling`]: greedy / temperature / top-k / top-p / min-p, penalties, seeds, log-probs.
 //! - [`engine`]: the continuous-batching step function (no threads, no IO).
 //! - [`backend`]: the device seam (CPU; CUDA behind the `cuda` feature) and thread count.
+//! - `cuda` (feature `cuda`): the CUDA device, its run-time compiled kernels.
 //! - [`testing`]: writes a tiny random-weight Gemma-3-shaped GGUF for tests.
 //! - [`error`]: the crate's error type.
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod gguf;

@@ -1,0 +1,206 @@
+//! The CUDA backend (feature `cuda`).
+//!
+//! cudarc loads the driver (`libcuda`) and NVRTC at run time, so weft builds
+//! with this feature on a machine with no CUDA toolkit, and the binary runs
+//! on any machine with a driver. Our kernels are CUDA C in this directory,
+//! compiled for the device on first use.
+//!
+//! Built so far: opening a device (with a clear error when there is no
+//! driver or no such device), the run-time compilation of the kernels, and
+//! the first kernels (RMS norm, GELU-tanh, per-row argmax), each checked
+//! against the CPU path by the tests when a GPU is present. The model's
+//! forward on the device is still to come.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::error::{KernelError, Result};
+
+/// The kernels' CUDA C source.
+const ELEMENTWISE: &str = include_str!("elementwise.cu");
+/// Threads per block of the row kernels (a power of two).
+const ROW_THREADS: u32 = 256;
+
+fn unavailable(reason: impl Into<String>) -> KernelError {
+    KernelError::BackendUnavailable {
+        backend: "cuda",
+        reason: reason.into(),
+    }
+}
+
+fn device_error(what: &str, e: impl std::fmt::Display) -> KernelError {
+    KernelError::BadInput(format!("CUDA {what}: {e}"))
+}
+
+/// What a device is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Its ordinal.
+    pub ordinal: usize,
+    /// Its name, as the driver gives it.
+    pub name: String,
+    /// Its memory in bytes.
+    pub total_memory: usize,
+    /// Its compute capability (major, minor).
+    pub capability: (i32, i32),
+}
+
+/// An open CUDA device with weft's kernels loaded.
+pub struct Gpu {
+    info: DeviceInfo,
+    stream: Arc<CudaStream>,
+    rms_norm: CudaFunction,
+    gelu_tanh: CudaFunction,
+    argmax_rows: CudaFunction,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("info", &self.info).finish()
+    }
+}
+
+/// Whether this machine has a CUDA driver at all (without touching it
+/// further).
+pub fn driver_present() -> bool {
+    // SAFETY: only asks the dynamic loader whether libcuda can be opened
+    #[allow(unsafe_code)]
+    unsafe {
+        cudarc::driver::sys::is_culib_present()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles the kernels for it. No driver,
+    /// no such device, or no NVRTC is a [`KernelError::BackendUnavailable`]
+    /// that says which.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(unavailable(
+                "no CUDA driver on this machine (libcuda.so could not be loaded)",
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| unavailable(format!("the CUDA driver failed: {e}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(unavailable(format!(
+                "no CUDA device {ordinal} (this machine has {count})"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| unavailable(format!("opening CUDA device {ordinal}: {e}")))?;
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(|e| device_error("name", e))?,
+            total_memory: ctx.total_mem().map_err(|e| device_error("memory", e))?,
+            capability: ctx
+                .compute_capability()
+                .map_err(|e| device_error("capability", e))?,
+        };
+        // SAFETY: only asks the dynamic loader whether NVRTC can be opened
+        #[allow(unsafe_code)]
+        let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+        if !nvrtc {
+            return Err(unavailable(
+                "NVRTC (libnvrtc.so) could not be loaded: weft compiles its CUDA kernels at run time",
+            ));
+        }
+        let ptx = cudarc::nvrtc::compile_ptx(ELEMENTWISE)
+            .map_err(|e| device_error("kernel compilation", e))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| device_error("module load", e))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| device_error(name, e))
+        };
+        Ok(Self {
+            rms_norm: f("rms_norm")?,
+            gelu_tanh: f("gelu_tanh")?,
+            argmax_rows: f("argmax_rows")?,
+            stream: ctx.default_stream(),
+            info,
+        })
+    }
+
+    /// The device.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn rows(x: &[f32], cols: usize) -> Result<u32> {
+        if cols == 0 || x.len() % cols != 0 {
+            return Err(KernelError::BadInput(format!(
+                "{} values are not rows of {cols}",
+                x.len()
+            )));
+        }
+        u32::try_from(x.len() / cols).map_err(|_| KernelError::BadInput("too many rows".into()))
+    }
+
+    /// RMS-normalizes each row of `x` (rows of `w.len()`) and scales it by
+    /// `w`, on the device.
+    pub fn rms_norm(&self, x: &mut [f32], w: &[f32], eps: f32) -> Result<()> {
+        let rows = Self::rows(x, w.len())?;
+        let s = &self.stream;
+        let mut dx = s.clone_htod(x).map_err(|e| device_error("copy", e))?;
+        let dw = s.clone_htod(w).map_err(|e| device_error("copy", e))?;
+        let cols = w.len() as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: ROW_THREADS * 4,
+        };
+        let mut b = s.launch_builder(&self.rms_norm);
+        b.arg(&mut dx).arg(&dw).arg(&cols).arg(&eps);
+        // SAFETY: the kernel's signature is (float*, const float*, int,
+        // float); dx holds rows × cols values and dw cols, as launched.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(cfg) }.map_err(|e| device_error("rms_norm", e))?;
+        let out = s.clone_dtoh(&dx).map_err(|e| device_error("copy", e))?;
+        x.copy_from_slice(&out);
+        Ok(())
+    }
+
+    /// GELU (tanh approximation) of every value, on the device.
+    pub fn gelu_tanh(&self, x: &mut [f32]) -> Result<()> {
+        let s = &self.stream;
+        let mut dx = s.clone_htod(x).map_err(|e| device_error("copy", e))?;
+        let n = x.len();
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let mut b = s.launch_builder(&self.gelu_tanh);
+        b.arg(&mut dx).arg(&n);
+        // SAFETY: (float*, size_t) with n values in dx.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(cfg) }.map_err(|e| device_error("gelu_tanh", e))?;
+        let out = s.clone_dtoh(&dx).map_err(|e| device_error("copy", e))?;
+        x.copy_from_slice(&out);
+        Ok(())
+    }
+
+    /// The index of each row's largest value (the lowest on ties), on the
+    /// device: greedy sampling without copying logits back.
+    pub fn argmax_rows(&self, x: &[f32], cols: usize) -> Result<Vec<u32>> {
+        let rows = Self::rows(x, cols)?;
+        let s = &self.stream;
+        let dx = s.clone_htod(x).map_err(|e| device_error("copy", e))?;
+        let mut out = s
+            .alloc_zeros::<u32>(rows as usize)
+            .map_err(|e| device_error("alloc", e))?;
+        let cols = cols as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: ROW_THREADS * 8,
+        };
+        let mut b = s.launch_builder(&self.argmax_rows);
+        b.arg(&dx).arg(&cols).arg(&mut out);
+        // SAFETY: (const float*, int, unsigned*) with rows × cols values in
+        // dx and rows slots in out.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(cfg) }.map_err(|e| device_error("argmax_rows", e))?;
+        s.clone_dtoh(&out).map_err(|e| device_error("copy", e))
+    }
+}

@@ -1,0 +1,123 @@
+//! The CUDA kernels against the CPU path. They need the `cuda` feature and a
+//! GPU with a driver; without one each test says it was skipped, and why.
+#![cfg(feature = "cuda")]
+
+use weft_kernels::cuda::{driver_present, Gpu};
+use weft_kernels::KernelError;
+
+/// The GPU, or skip this test saying why.
+macro_rules! gpu_or_skip {
+    () => {
+        match Gpu::open(0) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        }
+    };
+}
+
+/// Values from a small deterministic generator, spread over ±`scale`.
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn max_relative_error(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn without_a_driver_cuda_is_a_clear_error() {
+    if driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    match Gpu::open(0) {
+        Err(KernelError::BackendUnavailable { reason, .. }) => {
+            assert!(reason.contains("no CUDA driver"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let err = weft_kernels::Backend::Cuda(0)
+        .ensure_available()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no CUDA driver"), "{err}");
+}
+
+#[test]
+fn a_device_that_is_not_there_is_named_in_the_error() {
+    let _gpu = gpu_or_skip!();
+    match Gpu::open(4096) {
+        Err(KernelError::BackendUnavailable { reason, .. }) => {
+            assert!(reason.contains("no CUDA device 4096"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn rms_norm_on_the_device_matches_the_cpu() {
+    let gpu = gpu_or_skip!();
+    for cols in [1usize, 7, 640, 1152, 5000] {
+        let w = values(cols, 1, 2.0);
+        let x = values(cols * 9, 2, 30.0);
+        let mut cpu = x.clone();
+        for row in cpu.chunks_exact_mut(cols) {
+            weft_kernels::model::rms_norm(row, &w, 1e-6);
+        }
+        let mut dev = x.clone();
+        gpu.rms_norm(&mut dev, &w, 1e-6).unwrap();
+        let err = max_relative_error(&dev, &cpu);
+        assert!(err < 1e-4, "{cols} columns: relative error {err}");
+    }
+}
+
+#[test]
+fn gelu_on_the_device_matches_the_cpu() {
+    let gpu = gpu_or_skip!();
+    let x = values(100_003, 3, 8.0);
+    let cpu: Vec<f32> = x
+        .iter()
+        .map(|&v| weft_kernels::model::gelu_tanh(v))
+        .collect();
+    let mut dev = x.clone();
+    gpu.gelu_tanh(&mut dev).unwrap();
+    let err = dev
+        .iter()
+        .zip(&cpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(err < 1e-5, "absolute error {err}");
+}
+
+#[test]
+fn argmax_on_the_device_is_the_cpus_greedy_token_ties_included() {
+    let gpu = gpu_or_skip!();
+    let cols = 262_144;
+    let mut x = values(cols * 5, 4, 10.0);
+    // row 3: a tie between two positions; the lower wins
+    x[3 * cols + 77] = 50.0;
+    x[3 * cols + 90_000] = 50.0;
+    let dev = gpu.argmax_rows(&x, cols).unwrap();
+    let cpu: Vec<u32> = x
+        .chunks_exact(cols)
+        .map(weft_kernels::sampling::argmax)
+        .collect();
+    assert_eq!(dev, cpu);
+    assert_eq!(dev[3], 77);
+}
