@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Forwarding overhead on loopback: one coordinator and two gateways at one
 # site; gw-1 holds the default model, gw-2 holds nothing and forwards to
-# gw-1 over the data plane. Streams the same greedy requests to both, in
-# turn, and compares time to first token and the gaps between tokens.
+# gw-1 over the data plane. Streams the same greedy requests, in turn, to
+# gw-1 raw (x-weft-hops: 1: straight to its worker), to gw-1 (through the
+# forwarder that lets a local stream fail over) and to gw-2 (forwarded), and
+# compares time to first token and the gaps between tokens.
 # Usage: scripts/bench_forward.sh [requests per side, default 40]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,9 +65,14 @@ sleep 1
 python3 - "$API1" "$API2" "$N" <<'PY'
 import json, sys, time, urllib.request, statistics
 direct, front, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-def stream(port, prompt):
+def stream(port, prompt, raw=False):
     body = json.dumps({"model": "gemma", "prompt": prompt, "max_tokens": 48, "temperature": 0, "stream": True}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if raw:
+        # served as a request another node routed: straight to the worker,
+        # without the forwarder that lets a local stream fail over
+        headers["x-weft-hops"] = "1"
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, headers)
     t0 = time.perf_counter(); times = []; text = ""
     with urllib.request.urlopen(req, timeout=120) as r:
         for line in r:
@@ -80,16 +87,21 @@ while True:
     except Exception:
         if time.time() > deadline: sys.exit("the front never forwarded")
         time.sleep(0.5)
-res = {"direct": ([], []), "forwarded": ([], [])}
+res = {"raw": ([], []), "direct": ([], []), "forwarded": ([], [])}
 for i in range(n):
     p = f"Request {i}: the quick brown fox"
-    for name, port in (("direct", direct), ("forwarded", front)):
-        ttft, gaps, text = stream(port, p)
+    for name, port, raw in (("raw", direct, True), ("direct", direct, False), ("forwarded", front, False)):
+        ttft, gaps, text = stream(port, p, raw)
         res[name][0].append(ttft); res[name][1].extend(gaps)
 def q(v, p): v = sorted(v); return v[min(len(v) - 1, int(p * len(v)))] * 1e3
 out = {}
 for name, (ttft, gaps) in res.items():
     out[name] = {"ttft_p50_ms": q(ttft, .5), "ttft_p99_ms": q(ttft, .99), "gap_p50_ms": q(gaps, .5), "gap_p99_ms": q(gaps, .99), "gaps": len(gaps)}
-out["overhead"] = {k: out["forwarded"][k] - out["direct"][k] for k in ("ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms")}
+keys = ("ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms")
+# forwarded over the data plane vs served where it lands (both with failover)
+out["overhead"] = {k: out["forwarded"][k] - out["direct"][k] for k in keys}
+# forwarded vs the raw local path (no failover), and what failover costs locally
+out["overhead_vs_raw"] = {k: out["forwarded"][k] - out["raw"][k] for k in keys}
+out["local_failover_cost"] = {k: out["direct"][k] - out["raw"][k] for k in keys}
 print(json.dumps(out, indent=1))
 PY

@@ -79,6 +79,9 @@ pub enum FinishReason {
     Cancelled,
     /// The engine could not run it (the message says why).
     Error(String),
+    /// The replica lost it midway (a node of its chain failed): not the
+    /// request's fault, and another replica can continue it.
+    Lost(String),
 }
 
 /// What one step produced for one request.
@@ -618,7 +621,7 @@ impl Engine {
                             token: None,
                             text: String::new(),
                             logprob: None,
-                            finish: Some(FinishReason::Error(format!(
+                            finish: Some(FinishReason::Lost(format!(
                                 "the model's later layers failed: {why}"
                             ))),
                         });

@@ -791,7 +791,7 @@ fn a_failing_chain_ends_its_running_sequences_with_an_error_and_the_engine_goes_
     let out = e.run_to_completion().unwrap();
     for id in [1, 2] {
         match &out[&id].finish {
-            Some(FinishReason::Error(why)) => assert!(why.contains("node gone"), "{why}"),
+            Some(FinishReason::Lost(why)) => assert!(why.contains("node gone"), "{why}"),
             other => panic!("sequence {id} ended with {other:?}"),
         }
         assert!(out[&id].tokens.len() < 12);

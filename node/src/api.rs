@@ -617,6 +617,9 @@ async fn elsewhere(
         "decided_unix_ms": unix_ms(),
     }));
     let target = match routed.target {
+        // a stream served here still goes through the forwarder, so that
+        // it continues on another replica if this one fails midway
+        Ok(crate::routing::Target::Local) if r.stream && hops == 0 => crate::routing::Target::Local,
         Ok(crate::routing::Target::Local) => return None,
         Ok(t) => t,
         // no node serves it: the local checks say so
@@ -1279,6 +1282,17 @@ fn worker_lost() -> ApiError {
     .code("worker_lost")
 }
 
+/// The error for a sequence its replica lost midway (a node of its chain
+/// failed): like a lost worker, another replica can continue it.
+fn replica_lost(why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        format!("this replica lost the request midway ({why}); retry"),
+    )
+    .code("replica_lost")
+}
+
 async fn next_update(
     rx: &mut mpsc::UnboundedReceiver<Update>,
     deadline: Option<Instant>,
@@ -1347,6 +1361,10 @@ async fn whole_response(
     ticket.finished = true;
     s.metrics.tokens(tokens as u64);
     record_tokens(&s, &job.tenant, tokens as u64);
+    if let FinishReason::Lost(why) = &finish {
+        s.metrics.request(&job.model.model_id, 503, crit);
+        return replica_lost(why).into_response();
+    }
     if let FinishReason::Error(msg) = &finish {
         s.metrics.request(&job.model.model_id, 500, crit);
         return ApiError::new(
@@ -1441,6 +1459,12 @@ fn stream_response(
                         }
                         last = now;
                         tokens += 1;
+                    }
+                    if let Some(FinishReason::Lost(why)) = &finish {
+                        ticket.finished = true;
+                        status = 503;
+                        let _ = send(replica_lost(why).body()).await;
+                        break;
                     }
                     if let Some(FinishReason::Error(msg)) = &finish {
                         ticket.finished = true;

@@ -1009,6 +1009,10 @@ struct StreamState {
     buf: Vec<u8>,
     /// `[DONE]` or an error event was passed on: the stream is over.
     done: bool,
+    /// The replica said it lost the stream midway (its worker or a node of
+    /// its chain failed): why. The event is held back; another replica
+    /// continues the stream.
+    lost: Option<String>,
 }
 
 impl StreamState {
@@ -1032,7 +1036,14 @@ impl StreamState {
                 out.extend_from_slice(&event);
                 continue;
             };
-            if v.get("error").is_some() {
+            if let Some(e) = v.get("error") {
+                let code = e["code"].as_str().unwrap_or_default();
+                if code == "worker_lost" || code == "replica_lost" {
+                    // the replica failed, not the request: go elsewhere
+                    self.lost = Some(e["message"].as_str().unwrap_or(code).to_string());
+                    self.buf.clear(); // its [DONE] follows; nothing more from it
+                    break;
+                }
                 // the replica refused or failed the request itself: that is
                 // the answer, not a reason to go elsewhere
                 self.done = true;
@@ -1109,10 +1120,11 @@ impl Pump {
                     if !events.is_empty() && self.out.send(Ok(Bytes::from(events))).await.is_err() {
                         return; // the client went away
                     }
-                    if self.state.done {
-                        return;
+                    match self.state.lost.take() {
+                        Some(why) => why,
+                        None if self.state.done => return,
+                        None => continue,
                     }
-                    continue;
                 }
                 Some(Err(e)) => e.to_string(),
                 None => "the stream ended without [DONE]".to_string(),

@@ -1678,3 +1678,118 @@ async fn a_two_node_chain_gives_one_nodes_tokens() {
 async fn a_three_node_chain_gives_one_nodes_tokens() {
     a_chain_of(3).await;
 }
+
+/// Two chains of two nodes each: a stream on one of them, whose last node
+/// is killed mid-stream, continues on the other chain with exactly the text
+/// one node gives, under one stream id and with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_chain_that_breaks_continues_on_another_chain() {
+    let c = setup();
+    register_tiny(&c, "tiny");
+    let path = c.dir.path().join("tiny.gguf");
+    let rec =
+        weft_node::cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
+    let mem = rec.spec.shard_memory(
+        rec.spec.layers.div_ceil(2),
+        weft_placement::SolverConfig::default().kv_reserve_tokens,
+    );
+    let mut nodes: Vec<Gateway> = (1..=4)
+        .map(|i| Gateway::start_as(&c, &format!("gw-{i}"), mem))
+        .collect();
+    // more demand than one chain serves: two chains
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--demand",
+        "edge-b:tiny:20000:200:64",
+    ]);
+    let prompt = "agents at the edge";
+    let max_tokens = 400;
+    let expected = generated(&path, prompt, max_tokens);
+    // the heads, each with the node after it (from its log)
+    let t = Instant::now();
+    let chains: Vec<(usize, usize)> = loop {
+        let mut found = Vec::new();
+        for (i, g) in nodes.iter().enumerate() {
+            let ready = reqwest::get(format!("http://{}/readyz", g.api))
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            let log = g.log();
+            let tail = log
+                .lines()
+                .rfind(|l| l.contains("heading a chain"))
+                .and_then(|l| l.split("@gw-").nth(1))
+                .and_then(|r| r.chars().next())
+                .and_then(|d| d.to_digit(10));
+            if let (true, Some(tail)) = (ready, tail) {
+                found.push((i, tail as usize - 1));
+            }
+        }
+        if found.len() == 2 {
+            break found;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "two chains never formed:\n{}",
+            nodes
+                .iter()
+                .map(|g| g.log())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (head, tail) = chains[0];
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true});
+    // both chains serve and agree with one node
+    for &(h, _) in &chains {
+        let r: serde_json::Value = http
+            .post(format!("http://{}/v1/completions", nodes[h].api))
+            .header("x-weft-hops", "1") // served there, not routed on
+            .json(&serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["choices"][0]["text"], expected.as_str(), "gw-{}", h + 1);
+    }
+    let api = nodes[head].api;
+    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let http = http.clone();
+        async move { stream_completion(&http, api, &body, &tx).await }
+    });
+    first.recv().await.unwrap();
+    nodes[tail].child.kill().unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the stream hung")
+        .unwrap();
+    assert!(
+        s.done && s.errors.is_empty(),
+        "{:?}\n{}",
+        s.errors,
+        nodes[head].log()
+    );
+    assert_eq!(s.ids.len(), 1, "{:?}", s.ids);
+    assert_eq!(s.text, expected);
+    let log = std::fs::read_to_string(
+        std::fs::read_dir(c.dir.path().join(format!("gw-{}/intent", head + 1)))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    assert!(
+        log.contains("\"resumed\"") && log.contains("lost the request midway"),
+        "{log}"
+    );
+    drop(nodes);
+}
