@@ -181,15 +181,26 @@ async fn answer(
         .header(HOPS_HEADER, head.hops.to_string())
         .header(FROM_HEADER, peer)
         .body(Body::from(body))?;
+    let tracked = head.headers.iter().any(|(k, _)| k == TOKEN_IDS_HEADER);
     let resp = app.oneshot(req).await?;
     let (parts, mut body) = resp.into_parts();
     let reply = ReplyHead::of(&parts);
     write_frame(&mut send, &serde_json::to_vec(&reply)?).await?;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            if !data.is_empty() {
-                write_frame(&mut send, &data).await?;
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            frame = body.frame() => {
+                let Some(frame) = frame else { break };
+                if let Ok(data) = frame?.into_data() {
+                    if !data.is_empty() {
+                        write_frame(&mut send, &data).await?;
+                        beat.reset();
+                    }
+                }
             }
+            // an empty frame: alive, nothing to say yet
+            _ = beat.tick(), if tracked => write_frame(&mut send, &[]).await?,
         }
     }
     send.finish()?;
@@ -468,6 +479,16 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const SUSPECT_QUIET: Duration = Duration::from_millis(500);
 /// See [`SUSPECT_QUIET`].
 const SUSPECT_AGE: Duration = Duration::from_millis(700);
+/// A serving node sends an empty frame on a tracked stream (one whose
+/// origin asked for token ids) when it has sent nothing for this long, so
+/// the origin can tell a slow replica from a dead one without waiting for
+/// the gossip to go stale.
+const HEARTBEAT: Duration = Duration::from_millis(100);
+/// A heartbeating stream silent this long, whose peer's last report is
+/// older than [`BEAT_AGE`], is taken as cut.
+const BEAT_QUIET: Duration = Duration::from_millis(300);
+/// See [`BEAT_QUIET`].
+const BEAT_AGE: Duration = Duration::from_millis(500);
 
 type Chunks = mpsc::Receiver<Result<Bytes, std::io::Error>>;
 
@@ -1091,13 +1112,21 @@ impl Pump {
         // the longest gap between chunks seen on this stream: a busy
         // replica's steps are slow, and slow is not dead
         let mut longest = Duration::ZERO;
+        // a replica that heartbeats is dead when its heartbeats stop
+        let mut heard = Instant::now();
+        let mut beating = false;
         let mut check = tokio::time::interval(LIVENESS_EVERY);
         loop {
             let next = tokio::select! {
                 n = rx.recv() => n,
                 _ = check.tick() => {
-                    let suspect = last.elapsed() > SUSPECT_QUIET.max(longest * 4)
-                        && !self.fwd.reported_within(&target, SUSPECT_AGE);
+                    let suspect = if beating {
+                        heard.elapsed() > BEAT_QUIET
+                            && !self.fwd.reported_within(&target, BEAT_AGE)
+                    } else {
+                        last.elapsed() > SUSPECT_QUIET.max(longest * 4)
+                            && !self.fwd.reported_within(&target, SUSPECT_AGE)
+                    };
                     if suspect || !self.fwd.reported_within(&target, NODE_TIMEOUT) {
                         Some(Err(std::io::Error::other(format!(
                             "{} stopped reporting and its stream went quiet", target_name(&target, &self.fwd.me)
@@ -1110,7 +1139,13 @@ impl Pump {
                 }
             };
             let why = match next {
+                Some(Ok(bytes)) if bytes.is_empty() => {
+                    heard = Instant::now();
+                    beating = true;
+                    continue;
+                }
                 Some(Ok(bytes)) => {
+                    heard = Instant::now();
                     if !self.state.tokens.is_empty() {
                         longest = longest.max(last.elapsed());
                     }
@@ -1131,6 +1166,8 @@ impl Pump {
             };
             last = Instant::now();
             longest = Duration::ZERO;
+            heard = Instant::now();
+            beating = false;
             let died = Instant::now();
             // half an event from the dead replica is dropped: its token was
             // never sent, so the next replica produces it
