@@ -1,9 +1,7 @@
 //! `weft-bench chain`: decode tokens/s of a model split over a 2-node chain
-//! against one node holding it whole, side by side in one fabric (every
-//! node one worker thread). The chain's greedy text is checked against the
-//! whole model's on the way.
-
-use std::path::PathBuf;
+//! against one node holding it whole, side by side: two fabrics up at once,
+//! measured in turn, every node with one worker thread. The chain's greedy
+//! text is checked against the whole model's on the way.
 
 use anyhow::Result;
 use clap::Parser;
@@ -11,12 +9,8 @@ use clap::Parser;
 /// Arguments of `weft-bench chain`.
 #[derive(Parser, Debug)]
 pub struct ChainArgs {
-    /// The `weft` binary the nodes run.
-    #[arg(long, default_value = "target/release/weft")]
-    pub weft: PathBuf,
-    /// Model source (`default`, a .gguf path, ...).
-    #[arg(long, default_value = "default")]
-    pub model: String,
+    #[command(flatten)]
+    pub fabric: crate::failover::FabricArgs,
     /// Tokens per stream.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: u32,
@@ -31,13 +25,7 @@ pub struct ChainArgs {
 /// Runs the measurement and prints a markdown table.
 pub fn run(a: ChainArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let opts = weft_node::demo::DemoOptions {
-        model: a.model.clone(),
-        quick: true,
-        out: None,
-        keep: std::env::var_os("WEFT_DEMO_KEEP").is_some(),
-        exe: std::fs::canonicalize(&a.weft)?,
-    };
+    let opts = a.fabric.options()?;
     let mut rows = Vec::new();
     for &streams in &a.streams {
         let r = rt.block_on(weft_node::demo::chain(

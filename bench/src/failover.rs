@@ -10,15 +10,36 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 
-/// Arguments of `weft-bench failover`.
-#[derive(Parser, Debug)]
-pub struct FailoverArgs {
+/// What the benchmarks that start a fabric of `weft` processes need.
+#[derive(clap::Args, Debug)]
+pub struct FabricArgs {
     /// The `weft` binary the nodes run.
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
     /// Model source (`default`, a .gguf path, ...).
     #[arg(long, default_value = "default")]
     pub model: String,
+}
+
+impl FabricArgs {
+    /// The fabric's options; WEFT_DEMO_KEEP=1 keeps each fabric's configs
+    /// and logs (the path is printed).
+    pub fn options(&self) -> Result<weft_node::demo::DemoOptions> {
+        Ok(weft_node::demo::DemoOptions {
+            model: self.model.clone(),
+            quick: true,
+            out: None,
+            keep: std::env::var_os("WEFT_DEMO_KEEP").is_some(),
+            exe: std::fs::canonicalize(&self.weft)?,
+        })
+    }
+}
+
+/// Arguments of `weft-bench failover`.
+#[derive(Parser, Debug)]
+pub struct FailoverArgs {
+    #[command(flatten)]
+    pub fabric: FabricArgs,
     /// Concurrent streams.
     #[arg(long, default_value_t = 40)]
     pub streams: usize,
@@ -33,14 +54,7 @@ pub struct FailoverArgs {
 /// Runs the rounds and prints a markdown table.
 pub fn run(a: FailoverArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let opts = weft_node::demo::DemoOptions {
-        model: a.model.clone(),
-        quick: true,
-        out: None,
-        // WEFT_DEMO_KEEP=1 keeps each fabric's logs (the path is printed)
-        keep: std::env::var_os("WEFT_DEMO_KEEP").is_some(),
-        exe: std::fs::canonicalize(&a.weft)?,
-    };
+    let opts = a.fabric.options()?;
     println!("| round | streams | killed | cut streams | completed | exact text | gap p50 | gap p99 | gap max |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut all = Vec::new();

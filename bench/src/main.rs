@@ -40,7 +40,7 @@ enum Command {
     /// The failover gap: kill -9 of a replica under forwarded streams.
     Failover(failover::FailoverArgs),
     /// Decode tokens/s of a 2-node layer chain against one node holding the
-    /// whole model, side by side in one fabric.
+    /// whole model, side by side (two fabrics up at once, measured in turn).
     Chain(chain::ChainArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).

@@ -216,6 +216,16 @@ const ROUTE_HEADER: &str = "x-weft-chain-route";
 /// Longest a chain step may take on the nodes after this one.
 const CHAIN_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Writes a reply head with `status` and no headers.
+async fn write_reply_head(send: &mut quinn::SendStream, status: u16) -> anyhow::Result<()> {
+    let head = ReplyHead {
+        status,
+        headers: Vec::new(),
+    };
+    write_frame(send, &serde_json::to_vec(&head)?).await?;
+    Ok(())
+}
+
 /// Writes one chain message: its length, then frames of at most
 /// [`CHUNK_FRAME`] bytes.
 async fn write_blob(send: &mut quinn::SendStream, body: &[u8]) -> anyhow::Result<()> {
@@ -285,14 +295,7 @@ async fn run_shard(
             return Ok(());
         }
     };
-    write_frame(
-        &mut send,
-        &serde_json::to_vec(&ReplyHead {
-            status: 200,
-            headers: Vec::new(),
-        })?,
-    )
-    .await?;
+    write_reply_head(&mut send, 200).await?;
     let mut session = crate::chain::ShardSession::new(worker, route, state.forwarder());
     while let Some(body) = read_blob(&mut recv).await? {
         if let Some(reply) = session.handle(&body).await {
@@ -366,24 +369,13 @@ async fn send_chunk(
         _ => None,
     };
     let (Some(mut file), Some((_, index, n))) = (file, parsed) else {
-        let reply = ReplyHead {
-            status: 404,
-            headers: Vec::new(),
-        };
-        write_frame(&mut send, &serde_json::to_vec(&reply)?).await?;
+        write_reply_head(&mut send, 404).await?;
         send.finish()?;
         return Ok(());
     };
     file.seek(std::io::SeekFrom::Start(index * n)).await?;
     let mut left = n as usize;
-    write_frame(
-        &mut send,
-        &serde_json::to_vec(&ReplyHead {
-            status: 200,
-            headers: Vec::new(),
-        })?,
-    )
-    .await?;
+    write_reply_head(&mut send, 200).await?;
     let mut buf = vec![0u8; CHUNK_FRAME];
     while left > 0 {
         let want = left.min(CHUNK_FRAME);

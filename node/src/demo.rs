@@ -1262,6 +1262,28 @@ async fn decode_rate(
     ))
 }
 
+/// The one node of `nodes` that serves the model at `site`, once `f`'s
+/// placement has put it there.
+async fn served_at(
+    f: &Fabric,
+    http: &reqwest::Client,
+    nodes: &[DemoNode],
+    site: &str,
+    what: &str,
+) -> Result<DemoNode> {
+    let map = wait_placed(
+        f,
+        http,
+        what,
+        |m, n| holders(m, n, site).count() == 1,
+        false,
+        Duration::from_secs(180),
+    )
+    .await?;
+    let found = holders(&map, nodes, site).next().cloned();
+    found.with_context(|| format!("{what}: nothing serves the model at {site}"))
+}
+
 /// Measures decode tokens/s of a 2-node chain against one node: a fabric
 /// with two edge nodes that each have room for about half the model's
 /// layers (so the placement splits it over both), and beside it a fabric
@@ -1321,32 +1343,8 @@ pub async fn chain(
             )
             .await?;
     }
-    let map = wait_placed(
-        &f,
-        &http,
-        "chain",
-        |m, n| holders(m, n, "edge-a").count() == 1,
-        false,
-        Duration::from_secs(180),
-    )
-    .await?;
-    let head = holders(&map, &nodes, "edge-a")
-        .next()
-        .context("no chain head")?
-        .clone();
-    let map = wait_placed(
-        &g,
-        &http,
-        "whole",
-        |m, n| holders(m, n, "cloud").count() == 1,
-        false,
-        Duration::from_secs(180),
-    )
-    .await?;
-    let whole = holders(&map, &one, "cloud")
-        .next()
-        .context("no whole replica")?
-        .clone();
+    let head = served_at(&f, &http, &nodes, "edge-a", "chain").await?;
+    let whole = served_at(&g, &http, &one, "cloud", "whole").await?;
     // listed once assigned; served once the workers (and, for the head,
     // the nodes after it) are up
     for n in [&head, &whole] {

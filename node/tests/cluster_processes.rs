@@ -1481,6 +1481,28 @@ async fn a_model_comes_from_peers_and_a_corrupt_chunk_is_fetched_again() {
     assert_eq!(ask(late.api).await, ask(a.api).await);
 }
 
+/// Streams `body` from `api`, kills `victim` (SIGKILL) once the first text
+/// arrives, and returns the stream as its client saw it; a stream still
+/// open after 60 s fails the test as hung.
+async fn stream_and_kill(
+    http: &reqwest::Client,
+    api: SocketAddr,
+    body: &serde_json::Value,
+    victim: &mut Gateway,
+) -> Streamed {
+    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let (http, body) = (http.clone(), body.clone());
+        async move { stream_completion(&http, api, &body, &tx).await }
+    });
+    first.recv().await.unwrap();
+    victim.child.kill().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the stream hung after the kill")
+        .unwrap()
+}
+
 /// The greedy text `weft generate` gives for `prompt` on the model file at
 /// `path`, on one thread of this machine: what one node serves.
 fn generated(path: &Path, prompt: &str, max_tokens: usize) -> String {
@@ -1649,18 +1671,7 @@ async fn a_chain_of(n: usize) {
 
     // the last range's node dies mid-stream: the stream ends, with an error
     let long = serde_json::json!({"model": "tiny", "prompt": prompts[0], "max_tokens": 4000, "temperature": 0, "stream": true});
-    let api = nodes[head].api;
-    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn({
-        let http = http.clone();
-        async move { stream_completion(&http, api, &long, &tx).await }
-    });
-    first.recv().await.unwrap();
-    nodes[last].child.kill().unwrap();
-    let s = tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("a stream on a broken chain hung")
-        .unwrap();
+    let s = stream_and_kill(&http, nodes[head].api, &long, &mut nodes[last]).await;
     assert!(
         !s.errors.is_empty(),
         "no error event: {} chars of text",
@@ -1758,18 +1769,7 @@ async fn a_stream_on_a_chain_that_breaks_continues_on_another_chain() {
             .unwrap();
         assert_eq!(r["choices"][0]["text"], expected.as_str(), "gw-{}", h + 1);
     }
-    let api = nodes[head].api;
-    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn({
-        let http = http.clone();
-        async move { stream_completion(&http, api, &body, &tx).await }
-    });
-    first.recv().await.unwrap();
-    nodes[tail].child.kill().unwrap();
-    let s = tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("the stream hung")
-        .unwrap();
+    let s = stream_and_kill(&http, nodes[head].api, &body, &mut nodes[tail]).await;
     assert!(
         s.done && s.errors.is_empty(),
         "{:?}\n{}",
