@@ -18,18 +18,34 @@ use weft_node::cluster::member::Peer;
 use weft_node::cluster::transport::{Caller, Reply, Request, StatusReport};
 use weft_placement::{Demand, ModelId, ModelSpec, SiteId};
 
+/// A free loopback port for a node to bind later. It is taken below the
+/// kernel's ephemeral range (32768 and up), so no socket that some process
+/// binds to port 0 meanwhile (every node's QUIC client does) can take it
+/// first; each one is handed out once per test process.
+fn free_port(udp: bool) -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() * 7919;
+    loop {
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let free = if udp {
+            std::net::UdpSocket::bind(addr).is_ok()
+        } else {
+            std::net::TcpListener::bind(addr).is_ok()
+        };
+        if free {
+            return addr;
+        }
+    }
+}
+
 fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    free_port(true)
 }
 
 fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    free_port(false)
 }
 
 struct Coordinators {
