@@ -196,12 +196,35 @@ pub struct Report {
     pub took_s: f64,
 }
 
+/// A free loopback port for a process of the fabric to bind later. It is
+/// taken below the usual ephemeral range (32768 and up), so no socket that
+/// a node binds to port 0 meanwhile (every node's QUIC client does) can
+/// take it first; each is handed out once per run.
+fn free_port(udp: bool) -> Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..12_000 {
+        let port = 20_000 + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let free = if udp {
+            UdpSocket::bind(addr).is_ok()
+        } else {
+            TcpListener::bind(addr).is_ok()
+        };
+        if free {
+            return Ok(addr);
+        }
+    }
+    bail!("no free loopback port between 20000 and 32000")
+}
+
 fn free_udp() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+    free_port(true)
 }
 
 fn free_tcp() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    free_port(false)
 }
 
 fn say(msg: impl AsRef<str>) {
