@@ -229,21 +229,6 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, 
     Ok(serde_json::from_slice(&body)?)
 }
 
-/// Reads one frame from an async reader.
-pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
-    r: &mut (impl tokio::io::AsyncRead + Unpin),
-) -> Result<T, FrameError> {
-    use tokio::io::AsyncReadExt;
-    let mut len = [0u8; 4];
-    let n = frame_len(
-        r.read_exact(&mut len).await.map(|_| ()),
-        len,
-        MAX_FRAME_BYTES,
-    )?;
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body).await?;
-    Ok(serde_json::from_slice(&body)?)
-}
 #[cfg(test)]
 mod tests {
     use super::*;
