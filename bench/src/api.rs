@@ -39,6 +39,7 @@ fn engine_stream(
         prompt: prompt.to_vec(),
         params: SamplingParams::greedy(tokens),
         priority: 1,
+        tenant: String::new(),
     })?;
     let t0 = Instant::now();
     let mut last = None;
@@ -80,6 +81,7 @@ fn engine_aggregate(
             prompt: prompt.to_vec(),
             params: SamplingParams::greedy(tokens),
             priority: 1,
+            tenant: String::new(),
         })?;
     }
     let t0 = Instant::now();

@@ -148,6 +148,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
             prompt: prompt_tokens(prompt, i),
             params,
             priority: 0,
+            tenant: String::new(),
         })?;
     }
     // prefill (and the first token) outside the timed region
@@ -207,6 +208,7 @@ fn runtime(a: RuntimeArgs) -> Result<()> {
             prompt: prompt_tokens(8, 99),
             params: SamplingParams::greedy(2),
             priority: 0,
+            tenant: String::new(),
         })?;
         e.run_to_completion()?;
     }
@@ -217,6 +219,7 @@ fn runtime(a: RuntimeArgs) -> Result<()> {
             prompt: prompt_tokens(a.prefill_tokens, 1),
             params: SamplingParams::greedy(1),
             priority: 0,
+            tenant: String::new(),
         })?;
         let t = Instant::now();
         e.run_to_completion()?;

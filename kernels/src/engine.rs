@@ -9,7 +9,7 @@
 //! tokens recomputed later); a sequence that cannot fit even alone ends with an
 //! error, never a crash.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::error::{KernelError, Result};
@@ -32,6 +32,17 @@ pub struct EngineConfig {
     pub max_context: usize,
     /// Bytes the KV pool may use.
     pub kv_budget_bytes: usize,
+    /// Share of the KV pool (0 < share ≤ 1) that one tenant's sequences may
+    /// hold; a tenant at its share waits for its own blocks to free.
+    #[serde(default = "whole_pool")]
+    pub tenant_kv_share: f64,
+    /// Shares for named tenants, in place of `tenant_kv_share`.
+    #[serde(default)]
+    pub tenant_kv_shares: BTreeMap<String, f64>,
+}
+
+fn whole_pool() -> f64 {
+    1.0
 }
 
 impl Default for EngineConfig {
@@ -41,6 +52,8 @@ impl Default for EngineConfig {
             max_running: 256,
             max_context: 8192,
             kv_budget_bytes: 1 << 30,
+            tenant_kv_share: 1.0,
+            tenant_kv_shares: BTreeMap::new(),
         }
     }
 }
@@ -56,6 +69,9 @@ pub struct Request {
     pub params: SamplingParams,
     /// Higher runs first when admission has to choose.
     pub priority: u8,
+    /// Whose request it is: tenants share the engine fairly, each within
+    /// its KV quota (see [`EngineConfig::tenant_kv_share`]).
+    pub tenant: String,
 }
 
 /// What a request resumed on this engine had produced before (see
@@ -112,12 +128,54 @@ struct Sequence {
     held: String,
     priority: u8,
     arrival: u64,
+    tenant: Arc<str>,
 }
 
 impl Sequence {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+}
+
+/// A tenant with sequences in the engine.
+#[derive(Debug, Default, Clone)]
+struct TenantState {
+    /// KV blocks its sequences hold.
+    blocks: usize,
+    /// Tokens run for it, prefill and decode: the clock of its fair share.
+    served: u64,
+    /// Its sequences, waiting or running.
+    live: usize,
+    /// Times one of its sequences was preempted (always for its own blocks).
+    preempted: u64,
+}
+
+/// One tenant's use of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// The tenant.
+    pub tenant: String,
+    /// Its sequences running.
+    pub running: usize,
+    /// Its sequences waiting.
+    pub waiting: usize,
+    /// KV blocks its sequences hold.
+    pub kv_blocks: usize,
+    /// KV blocks it may hold.
+    pub kv_quota: usize,
+    /// Tokens run for it (prompt and generated) while it had sequences.
+    pub served_tokens: u64,
+    /// Times one of its sequences was preempted.
+    pub preemptions: u64,
+}
+
+/// Why a reservation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Short {
+    /// The tenant would go over its share of the pool.
+    Quota,
+    /// The pool has no free block.
+    Pool,
 }
 
 /// Counters for metrics and benchmarks.
@@ -338,6 +396,8 @@ pub struct Engine {
     stats: EngineStats,
     /// Events for requests that ended outside a step (cancel, rejection).
     pending: Vec<StepEvent>,
+    /// Tenants with live sequences.
+    tenants: HashMap<Arc<str>, TenantState>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -359,7 +419,7 @@ impl Engine {
                     .into(),
             ));
         }
-        Ok(Self::build(model, None, tokenizer, cfg))
+        Self::build(model, None, tokenizer, cfg)
     }
 
     fn build(
@@ -367,12 +427,21 @@ impl Engine {
         rest: Option<Box<dyn Downstream>>,
         tokenizer: Arc<Tokenizer>,
         mut cfg: EngineConfig,
-    ) -> Self {
+    ) -> Result<Self> {
+        let bad_share = |v: f64| !(v > 0.0 && v <= 1.0);
+        if let Some((who, v)) = std::iter::once(("every tenant", cfg.tenant_kv_share))
+            .chain(cfg.tenant_kv_shares.iter().map(|(t, v)| (t.as_str(), *v)))
+            .find(|(_, v)| bad_share(*v))
+        {
+            return Err(KernelError::BadInput(format!(
+                "the KV share of {who} is {v}; a share is above 0 and at most 1"
+            )));
+        }
         cfg.max_context = cfg.max_context.min(model.config().context_length).max(1);
         cfg.max_step_tokens = cfg.max_step_tokens.max(1);
         cfg.max_running = cfg.max_running.max(1);
         let kv = model.new_kv_cache(cfg.kv_budget_bytes);
-        Self {
+        Ok(Self {
             model,
             rest,
             tokenizer,
@@ -383,7 +452,8 @@ impl Engine {
             arrivals: 0,
             stats: EngineStats::default(),
             pending: Vec::new(),
-        }
+            tenants: HashMap::new(),
+        })
     }
 
     /// An engine over a chain: `head` holds the first layers (and the
@@ -401,15 +471,85 @@ impl Engine {
                 "a chain's head holds the first layers, not all of them".into(),
             ));
         }
-        Ok(Self::build(head, Some(rest), tokenizer, cfg))
+        Self::build(head, Some(rest), tokenizer, cfg)
     }
 
     /// Frees a sequence's KV blocks here and downstream.
-    fn release(&mut self, id: RequestId) {
+    fn release(&mut self, id: RequestId, tenant: &str) {
+        let held = self.kv.blocks(id).map_or(0, <[u32]>::len);
         self.kv.release(id);
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.blocks -= held.min(t.blocks);
+        }
         if let Some(r) = self.rest.as_mut() {
             r.release(id);
         }
+    }
+
+    /// Frees a sequence that leaves the engine, and its tenant when it was
+    /// the tenant's last.
+    fn retire(&mut self, s: &Sequence) {
+        self.release(s.id, &s.tenant);
+        if let Some(t) = self.tenants.get_mut(&s.tenant) {
+            t.live -= 1;
+            if t.live == 0 {
+                self.tenants.remove(&s.tenant);
+            }
+        }
+    }
+
+    /// KV blocks `tenant` may hold.
+    fn quota(&self, tenant: &str) -> usize {
+        let share = self
+            .cfg
+            .tenant_kv_shares
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.cfg.tenant_kv_share);
+        let total = self.kv.total_blocks();
+        ((total as f64 * share).floor() as usize).clamp(1, total)
+    }
+
+    /// Reserves KV blocks for positions `0..len` of a sequence of `tenant`,
+    /// within the tenant's quota.
+    fn reserve(
+        &mut self,
+        id: RequestId,
+        tenant: &str,
+        len: usize,
+    ) -> std::result::Result<(), Short> {
+        let need = self.kv.blocks_needed(id, len);
+        if need == 0 {
+            return Ok(());
+        }
+        let held = self.tenants.get(tenant).map_or(0, |t| t.blocks);
+        if held + need > self.quota(tenant) {
+            return Err(Short::Quota);
+        }
+        self.kv.reserve(id, len).map_err(|_| Short::Pool)?;
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.blocks += need;
+        }
+        Ok(())
+    }
+
+    /// Each tenant's use of the engine, by name.
+    pub fn tenants(&self) -> Vec<TenantUsage> {
+        let mut out: Vec<TenantUsage> = self
+            .tenants
+            .iter()
+            .map(|(name, t)| TenantUsage {
+                tenant: name.to_string(),
+                running: self.running.iter().filter(|s| &s.tenant == name).count(),
+                waiting: self.waiting.iter().filter(|s| &s.tenant == name).count(),
+                kv_blocks: t.blocks,
+                kv_quota: self.quota(name),
+                served_tokens: t.served,
+                preemptions: t.preempted,
+            })
+            .collect();
+        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        out
     }
 
     /// The engine's limits (after capping to the model).
@@ -494,6 +634,13 @@ impl Engine {
                 self.kv.total_blocks()
             )));
         }
+        if need > self.quota(&req.tenant) {
+            return Err(KernelError::Rejected(format!(
+                "the prompt needs {need} KV blocks; tenant {:?} may hold {}",
+                req.tenant,
+                self.quota(&req.tenant)
+            )));
+        }
         if !resume.tokens.is_empty() {
             if resume.tokens.len() >= req.params.max_tokens {
                 return Err(KernelError::Rejected(format!(
@@ -525,6 +672,7 @@ impl Engine {
             held: String::new(),
             priority: req.priority,
             arrival: self.arrivals,
+            tenant: Arc::from(req.tenant),
         };
         let mut text = String::new();
         for &t in &resume.tokens {
@@ -535,6 +683,16 @@ impl Engine {
         if resume.text_bytes < text.len() && text.is_char_boundary(resume.text_bytes) {
             seq.held = text[resume.text_bytes..].to_string();
         }
+        // a tenant that comes (back) starts at the least-served live
+        // tenant's clock: idle time earns no credit to crowd out the others
+        let clock = self.tenants.values().map(|t| t.served).min().unwrap_or(0);
+        self.tenants
+            .entry(seq.tenant.clone())
+            .or_insert_with(|| TenantState {
+                served: clock,
+                ..TenantState::default()
+            })
+            .live += 1;
         self.enqueue(seq);
         Ok(())
     }
@@ -560,16 +718,17 @@ impl Engine {
     /// with [`FinishReason::Cancelled`]. Returns whether it was known.
     pub fn cancel(&mut self, id: RequestId) -> bool {
         let found = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i);
-            true
+            Some(self.running.remove(i))
         } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            self.waiting.remove(i);
-            true
+            self.waiting.remove(i)
         } else {
-            false
+            None
         };
+        let found = found.is_some_and(|s| {
+            self.retire(&s);
+            true
+        });
         if found {
-            self.release(id);
             self.pending.push(StepEvent {
                 id,
                 token: None,
@@ -615,7 +774,7 @@ impl Engine {
                         Ok(o) => format!("{} outputs for {} chunks", o.len(), next.len()),
                     };
                     for s in std::mem::take(&mut self.running) {
-                        self.release(s.id);
+                        self.retire(&s);
                         events.push(StepEvent {
                             id: s.id,
                             token: None,
@@ -653,7 +812,7 @@ impl Engine {
         finished.sort_unstable();
         for i in finished.into_iter().rev() {
             let s = self.running.remove(i);
-            self.release(s.id);
+            self.retire(&s);
         }
         Ok(events)
     }
@@ -734,36 +893,50 @@ impl Engine {
     }
 
     /// Chooses this step's chunks as (running index, tokens), admitting and
-    /// preempting as the budget and the KV pool allow.
+    /// preempting as the budget, the KV pool and the tenants' quotas allow.
+    /// A sequence short of blocks only ever preempts its own tenant's
+    /// sequences; waiting ones are admitted by priority, then from the
+    /// tenant served least so far, then by arrival.
     fn schedule(&mut self, events: &mut Vec<StepEvent>) -> Vec<(usize, usize)> {
         let mut budget = self.cfg.max_step_tokens;
         let mut plan: Vec<(usize, usize)> = Vec::new();
+        // tenants with a running sequence held back by their quota
+        let mut held_back: Vec<Arc<str>> = Vec::new();
         // 1. one token for every sequence that is decoding
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let (id, computed, len) = {
+            let (id, computed, len, tenant) = {
                 let s = &self.running[i];
-                (s.id, s.computed, s.tokens.len())
+                (s.id, s.computed, s.tokens.len(), s.tenant.clone())
             };
             if computed + 1 != len {
                 i += 1;
                 continue;
             }
-            if self.kv.reserve(id, computed + 1).is_ok() {
-                plan.push((i, 1));
-                budget -= 1;
-                i += 1;
-                continue;
-            }
-            // no free block: preempt the newest running sequence (maybe this one)
-            let newest = (0..self.running.len())
-                .max_by_key(|&j| self.running[j].arrival)
-                .expect("running is not empty");
+            let short = match self.reserve(id, &tenant, computed + 1) {
+                Ok(()) => {
+                    self.plan(&mut plan, i, 1);
+                    budget -= 1;
+                    i += 1;
+                    continue;
+                }
+                Err(short) => short,
+            };
+            // no block for it: its tenant's newest sequence (maybe this
+            // one) gives its blocks back and waits
+            let newest = self
+                .newest_of(&tenant)
+                .expect("the tenant has this sequence running");
             let s = self.running.remove(newest);
-            self.release(s.id);
+            self.release(s.id, &s.tenant);
             fix_plan(&mut plan, newest);
-            if newest == i && self.running.is_empty() {
-                events.push(Self::too_big(s.id));
+            let alone = match short {
+                Short::Pool => self.running.is_empty(),
+                Short::Quota => self.newest_of(&tenant).is_none(),
+            };
+            if newest == i && alone {
+                events.push(self.too_big(&s, short));
+                self.retire(&s);
             } else {
                 self.requeue(s);
             }
@@ -780,72 +953,166 @@ impl Engine {
             if s.computed + 1 >= s.tokens.len() || plan.iter().any(|p| p.0 == i) {
                 continue;
             }
-            let (id, computed, left) = (s.id, s.computed, s.tokens.len() - s.computed);
-            if let Some(n) = self.reserve_chunk(id, computed, left.min(budget)) {
-                plan.push((i, n));
-                budget -= n;
+            let (id, computed, left, tenant) = (
+                s.id,
+                s.computed,
+                s.tokens.len() - s.computed,
+                s.tenant.clone(),
+            );
+            match self.reserve_chunk(id, &tenant, computed, left.min(budget)) {
+                Ok(n) => {
+                    self.plan(&mut plan, i, n);
+                    budget -= n;
+                }
+                Err(Short::Quota) => held_back.push(tenant),
+                Err(Short::Pool) => {}
             }
         }
-        // 3. admit waiting sequences
+        // 3. admit waiting sequences, fairly across tenants
+        let mut passed: Vec<Arc<str>> = Vec::new();
         while budget > 0 && self.running.len() < self.cfg.max_running {
-            let Some(s) = self.waiting.front() else { break };
-            let (id, computed, left) = (s.id, s.computed, s.tokens.len() - s.computed);
-            let Some(n) = self.reserve_chunk(id, computed, left.min(budget)) else {
+            let Some(w) = self.next_waiting(&passed) else {
                 break;
             };
-            let s = self.waiting.pop_front().expect("front exists");
-            self.running.push(s);
-            plan.push((self.running.len() - 1, n));
-            budget -= n;
+            let s = &self.waiting[w];
+            let (id, computed, left, tenant) = (
+                s.id,
+                s.computed,
+                s.tokens.len() - s.computed,
+                s.tenant.clone(),
+            );
+            match self.reserve_chunk(id, &tenant, computed, left.min(budget)) {
+                Ok(n) => {
+                    let s = self.waiting.remove(w).expect("index is in range");
+                    self.running.push(s);
+                    self.plan(&mut plan, self.running.len() - 1, n);
+                    budget -= n;
+                }
+                // the tenant is at its quota: its sequences wait, others go on
+                Err(Short::Quota) => passed.push(tenant),
+                Err(Short::Pool) => break,
+            }
         }
-        // 4. nothing could run for lack of blocks: free the newest sequence so
-        // the others progress, or fail one that cannot fit even alone
-        if plan.is_empty() && !self.running.is_empty() {
-            let newest = (0..self.running.len())
-                .max_by_key(|&j| self.running[j].arrival)
-                .expect("running is not empty");
+        // 4. a tenant whose running sequences all wait on its quota frees
+        // its newest, or fails it when it cannot fit in the quota alone
+        held_back.sort();
+        held_back.dedup();
+        for tenant in held_back {
+            let planned = plan.iter().any(|p| self.running[p.0].tenant == tenant);
+            let Some(newest) = self.newest_of(&tenant).filter(|_| !planned) else {
+                continue;
+            };
             let s = self.running.remove(newest);
-            self.release(s.id);
+            fix_plan(&mut plan, newest);
+            self.release(s.id, &s.tenant);
+            if self.newest_of(&tenant).is_none() {
+                events.push(self.too_big(&s, Short::Quota));
+                self.retire(&s);
+            } else {
+                self.requeue(s);
+            }
+        }
+        // 5. nothing could run for lack of blocks: the tenant holding the
+        // most frees its newest sequence so the others progress, or one that
+        // cannot fit even alone fails
+        if plan.is_empty() && !self.running.is_empty() {
+            let tenant = self
+                .tenants
+                .iter()
+                .filter(|(name, _)| self.newest_of(name).is_some())
+                .max_by_key(|(name, t)| (t.blocks, std::cmp::Reverse(Arc::clone(name))))
+                .map(|(name, _)| Arc::clone(name))
+                .expect("a running sequence has a tenant");
+            let newest = self.newest_of(&tenant).expect("the tenant is running");
+            let s = self.running.remove(newest);
+            self.release(s.id, &s.tenant);
             if self.running.is_empty() {
-                events.push(Self::too_big(s.id));
+                events.push(self.too_big(&s, Short::Pool));
+                self.retire(&s);
             } else {
                 self.requeue(s);
             }
         } else if plan.is_empty() && self.running.is_empty() {
-            if let Some(s) = self.waiting.pop_front() {
-                events.push(Self::too_big(s.id));
+            if let Some(w) = self.next_waiting(&[]) {
+                let s = self.waiting.remove(w).expect("index is in range");
+                events.push(self.too_big(&s, Short::Pool));
+                self.retire(&s);
             }
         }
         plan
     }
 
+    /// Adds a chunk to the plan and to its tenant's served tokens.
+    fn plan(&mut self, plan: &mut Vec<(usize, usize)>, i: usize, n: usize) {
+        plan.push((i, n));
+        if let Some(t) = self.tenants.get_mut(&self.running[i].tenant) {
+            t.served += n as u64;
+        }
+    }
+
+    /// The running index of `tenant`'s newest sequence.
+    fn newest_of(&self, tenant: &str) -> Option<usize> {
+        (0..self.running.len())
+            .filter(|&j| &*self.running[j].tenant == tenant)
+            .max_by_key(|&j| self.running[j].arrival)
+    }
+
+    /// The waiting sequence to admit next, outside the tenants `passed`:
+    /// the highest priority, then the tenant served least, then the oldest.
+    fn next_waiting(&self, passed: &[Arc<str>]) -> Option<usize> {
+        let served = |s: &Sequence| self.tenants.get(&s.tenant).map_or(0, |t| t.served);
+        (0..self.waiting.len())
+            .filter(|&w| !passed.contains(&self.waiting[w].tenant))
+            .min_by_key(|&w| {
+                let s = &self.waiting[w];
+                (std::cmp::Reverse(s.priority), served(s), s.arrival)
+            })
+    }
+
     /// Reserves blocks for up to `want` more positions, halving the chunk
-    /// until it fits; `None` when not even one position fits.
-    fn reserve_chunk(&mut self, id: RequestId, computed: usize, want: usize) -> Option<usize> {
+    /// until it fits; why not, when not even one position fits.
+    fn reserve_chunk(
+        &mut self,
+        id: RequestId,
+        tenant: &str,
+        computed: usize,
+        want: usize,
+    ) -> std::result::Result<usize, Short> {
         let mut n = want;
+        let mut short = Short::Pool;
         while n > 0 {
-            if self.kv.reserve(id, computed + n).is_ok() {
-                return Some(n);
+            match self.reserve(id, tenant, computed + n) {
+                Ok(()) => return Ok(n),
+                Err(s) => short = s,
             }
             n /= 2;
         }
-        None
+        Err(short)
     }
 
-    fn too_big(id: RequestId) -> StepEvent {
+    fn too_big(&self, s: &Sequence, short: Short) -> StepEvent {
+        let why = match short {
+            Short::Pool => "the KV cache is too small for this sequence".to_string(),
+            Short::Quota => format!(
+                "the KV quota of tenant {:?} ({} blocks) is too small for this sequence",
+                s.tenant,
+                self.quota(&s.tenant)
+            ),
+        };
         StepEvent {
-            id,
+            id: s.id,
             token: None,
             text: String::new(),
             logprob: None,
-            finish: Some(FinishReason::Error(
-                "the KV cache is too small for this sequence".into(),
-            )),
+            finish: Some(FinishReason::Error(why)),
         }
     }
 
     fn requeue(&mut self, mut s: Sequence) {
         self.stats.preemptions += 1;
+        if let Some(t) = self.tenants.get_mut(&s.tenant) {
+            t.preempted += 1;
+        }
         s.computed = 0;
         self.enqueue(s);
     }

@@ -67,6 +67,7 @@ fn a_batch_of_8_at_different_positions_matches_each_alone() {
             prompt: p.clone(),
             params: greedy(12),
             priority: 0,
+            tenant: String::new(),
         })
         .unwrap();
         alone.push(
@@ -88,6 +89,7 @@ fn a_batch_of_8_at_different_positions_matches_each_alone() {
                 prompt: prompts[next].clone(),
                 params: greedy(12),
                 priority: 0,
+                tenant: String::new(),
             })
             .unwrap();
             next += 1;
@@ -199,6 +201,7 @@ fn kv_pool_exhaustion_preempts_and_still_gives_the_same_tokens() {
                 prompt: p.clone(),
                 params: greedy(30),
                 priority: 0,
+                tenant: String::new(),
             })
             .unwrap();
         }
@@ -221,6 +224,7 @@ fn kv_pool_exhaustion_preempts_and_still_gives_the_same_tokens() {
         prompt: prompt(20, 1),
         params: greedy(40),
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     let out = e.run_to_completion().unwrap();
@@ -236,6 +240,7 @@ fn kv_pool_exhaustion_preempts_and_still_gives_the_same_tokens() {
             prompt: prompt(100, 1),
             params: greedy(1),
             priority: 0,
+            tenant: String::new(),
         })
         .unwrap_err();
     assert!(matches!(err, KernelError::Rejected(_)));
@@ -252,6 +257,7 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         prompt: prompt(5, 0),
         params: greedy(16),
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     let full = e.run_to_completion().unwrap().remove(&1).unwrap();
@@ -273,6 +279,7 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         prompt: prompt(5, 0),
         params,
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     let got = e.run_to_completion().unwrap().remove(&1).unwrap();
@@ -289,6 +296,7 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         prompt: prompt(5, 0),
         params,
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     let got = e.run_to_completion().unwrap().remove(&1).unwrap();
@@ -306,6 +314,7 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         prompt: prompt(30, 2),
         params: greedy(100),
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     e.step().unwrap();
@@ -332,6 +341,7 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         prompt: prompt(4, 1),
         params: greedy(2),
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     e.add_request(Request {
@@ -339,6 +349,7 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         prompt: prompt(4, 2),
         params: greedy(2),
         priority: 9,
+        tenant: String::new(),
     })
     .unwrap();
     let first_ids: Vec<u64> = e.step().unwrap().iter().map(|ev| ev.id).collect();
@@ -355,6 +366,7 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         prompt: prompt(5, 0),
         params,
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     let got = e.run_to_completion().unwrap().remove(&1).unwrap();
@@ -382,6 +394,7 @@ fn seeded_sampling_repeats() {
             prompt: prompt(5, 0),
             params,
             priority: 0,
+            tenant: String::new(),
         })
         .unwrap();
         e.run_to_completion().unwrap().remove(&1).unwrap().tokens
@@ -402,6 +415,7 @@ fn requests_that_can_never_run_are_rejected() {
         prompt: p,
         params: greedy(4),
         priority: 0,
+        tenant: String::new(),
     };
     assert!(matches!(
         e.add_request(bad(vec![])),
@@ -422,6 +436,7 @@ fn requests_that_can_never_run_are_rejected() {
         prompt: prompt(60, 0),
         params: greedy(100),
         priority: 0,
+        tenant: String::new(),
     };
     e.add_request(r).unwrap();
     let out = e.run_to_completion().unwrap();
@@ -614,6 +629,7 @@ fn a_resumed_sequence_continues_exactly_where_the_first_run_stopped() {
             prompt: prompt(9, 4),
             params: sampled(seed),
             priority: 0,
+            tenant: String::new(),
         };
         e.add_request(req(1)).unwrap();
         let whole = e.run_to_completion().unwrap().remove(&1).unwrap();
@@ -666,6 +682,7 @@ fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
                 prompt: p.clone(),
                 params: greedy(24),
                 priority: 0,
+                tenant: String::new(),
             })
             .unwrap();
         }
@@ -767,6 +784,7 @@ fn a_failing_chain_ends_its_running_sequences_with_an_error_and_the_engine_goes_
         prompt: p.to_vec(),
         params: greedy(12),
         priority: 0,
+        tenant: String::new(),
     };
     whole.add_request(ask(9, &prompt(11, 5))).unwrap();
     let want = whole

@@ -1174,6 +1174,7 @@ async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
                 text_bytes: r.text_bytes,
             })
             .unwrap_or_default(),
+        &job.tenant,
     ) {
         Ok(x) => x,
         Err(SubmitError::NotReady) => {

@@ -32,13 +32,17 @@ pub const DEFAULT_READ_TIMEOUT_S: u64 = 30;
 pub const DEFAULT_GRACE_S: u64 = 30;
 
 /// Per-tenant limits.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantLimits {
     /// Most concurrent requests (none: unlimited).
     pub max_concurrent: Option<usize>,
     /// Most prompt + completion tokens per minute (none: unlimited).
     pub tokens_per_minute: Option<u64>,
+    /// Share of the worker's KV cache (above 0, at most 1) its sequences
+    /// may hold; at its share the tenant's sequences wait for its own
+    /// blocks and never evict another tenant's (none: the whole cache).
+    pub kv_share: Option<f64>,
 }
 
 /// Everything a node is configured with.
@@ -290,7 +294,24 @@ impl NodeConfig {
                 );
             }
         }
+        for (name, l) in &self.tenants {
+            if let Some(v) = l.kv_share.filter(|v| !(*v > 0.0 && *v <= 1.0)) {
+                return bad(
+                    "tenants",
+                    format!("tenant {name:?} has kv_share {v}; a share is above 0 and at most 1"),
+                );
+            }
+        }
         Ok(addr)
+    }
+
+    /// The KV shares the worker's engine enforces: `default` (or the whole
+    /// cache) for every tenant, then the named ones.
+    pub fn kv_shares(&self) -> Vec<(String, f64)> {
+        self.tenants
+            .iter()
+            .filter_map(|(name, l)| l.kv_share.map(|s| (name.clone(), s)))
+            .collect()
     }
 
     /// The limits of a tenant.
@@ -338,5 +359,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("adr"));
+    }
+
+    #[test]
+    fn tenants_kv_shares_reach_the_worker_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.toml");
+        std::fs::write(
+            &p,
+            "[tenants.default]\nkv_share = 0.5\n[tenants.acme]\nkv_share = 0.25\nmax_concurrent = 4\n[tenants.free]\nmax_concurrent = 1\n",
+        )
+        .unwrap();
+        let mut c = NodeConfig::from_file(&p).unwrap();
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.kv_shares(),
+            vec![("acme".to_string(), 0.25), ("default".to_string(), 0.5)]
+        );
+        c.tenants.get_mut("acme").unwrap().kv_share = Some(1.5);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("acme") && err.contains("1.5"), "{err}");
     }
 }

@@ -435,6 +435,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         prompt,
         params,
         priority: 0,
+        tenant: String::new(),
     })?;
     let t1 = Instant::now();
     let mut first = None;

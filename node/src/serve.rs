@@ -105,6 +105,7 @@ pub fn start_shard_worker(
         probe,
         layers,
         chain,
+        kv_shares: cfg.kv_shares(),
     })
 }
 

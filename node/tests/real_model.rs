@@ -226,6 +226,7 @@ fn the_engine_generates_llama_cpp_text() {
         prompt: c.ids.clone(),
         params: SamplingParams::greedy(24),
         priority: 0,
+        tenant: String::new(),
     })
     .unwrap();
     let out = e.run_to_completion().unwrap().remove(&1).unwrap();

@@ -43,6 +43,18 @@ pub struct WorkerArgs {
     /// node; otherwise it runs the node's chain steps on its layers.
     #[arg(long, value_parser = parse_layers)]
     pub layers: Option<std::ops::Range<usize>>,
+    /// A tenant's share of the KV cache, `NAME=SHARE` (repeated); the name
+    /// `default` sets it for every tenant not named.
+    #[arg(long = "tenant-kv-share", value_parser = parse_share)]
+    pub tenant_kv_shares: Vec<(String, f64)>,
+}
+
+fn parse_share(s: &str) -> Result<(String, f64), String> {
+    let (name, v) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=SHARE"))?;
+    let v: f64 = v.trim().parse().map_err(|e| format!("{v:?}: {e}"))?;
+    Ok((name.to_string(), v))
 }
 
 fn parse_layers(s: &str) -> Result<std::ops::Range<usize>, String> {
@@ -137,11 +149,15 @@ fn serve(args: WorkerArgs) -> Result<()> {
     if !lm.model.is_first() {
         return serve_shard(stream, lm.model, args.kv_budget, reached_node);
     }
+    let mut shares: std::collections::BTreeMap<String, f64> =
+        args.tenant_kv_shares.iter().cloned().collect();
     let cfg = EngineConfig {
         kv_budget_bytes: args.kv_budget,
         max_context: args.max_context,
         max_step_tokens: args.max_step_tokens,
         max_running: args.max_running,
+        tenant_kv_share: shares.remove("default").unwrap_or(1.0),
+        tenant_kv_shares: shares,
     };
     // chain steps' replies come on their own channel, so a head blocked on
     // one still takes requests afterwards in order
@@ -209,12 +225,14 @@ fn serve(args: WorkerArgs) -> Result<()> {
                     params,
                     priority,
                     resume,
+                    tenant,
                 }) => {
                     let req = Request {
                         id,
                         prompt,
                         params,
                         priority,
+                        tenant,
                     };
                     if let Err(e) = engine.add_resumed(req, resume) {
                         write_frame(

@@ -20,6 +20,8 @@ fn is_fresh(r: &Resume) -> bool {
 }
 
 /// Node → worker.
+// a message lives only until it is written or read, so its size is no cost
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum ToWorker {
     /// Run a request.
@@ -35,6 +37,9 @@ pub enum ToWorker {
         /// What it produced on a replica that failed mid-stream.
         #[serde(default, skip_serializing_if = "is_fresh")]
         resume: Resume,
+        /// Whose request it is (the engine shares itself fairly by tenant).
+        #[serde(default)]
+        tenant: String,
     },
     /// Stop a request (its client went away or its deadline passed).
     Cancel {
@@ -244,6 +249,7 @@ mod tests {
                 tokens: vec![9],
                 text_bytes: 1,
             },
+            tenant: "acme".into(),
         };
         let bytes = encode(&msg).unwrap();
         let back: ToWorker = read_frame(&mut bytes.as_slice()).unwrap();

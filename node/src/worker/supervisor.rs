@@ -49,6 +49,8 @@ pub struct WorkerSpec {
     pub layers: Option<std::ops::Range<u32>>,
     /// For the head of a chain: where the later layers run.
     pub chain: Option<ChainRoute>,
+    /// Tenants' shares of the KV cache (`default`: every other tenant).
+    pub kv_shares: Vec<(String, f64)>,
 }
 
 /// Where a head worker's steps go: the data plane, down the route.
@@ -223,6 +225,7 @@ impl Supervisor {
         params: SamplingParams,
         priority: u8,
         resume: Resume,
+        tenant: &str,
     ) -> Result<(u64, mpsc::UnboundedReceiver<Update>), SubmitError> {
         let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = live.tx.clone().filter(|_| self.is_ready()) else {
@@ -237,6 +240,7 @@ impl Supervisor {
                 params,
                 priority,
                 resume,
+                tenant: tenant.to_string(),
             }))
             .is_err()
         {
@@ -356,6 +360,9 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
     }
     if let Some(l) = &spec.layers {
         cmd.arg("--layers").arg(format!("{}..{}", l.start, l.end));
+    }
+    for (name, share) in &spec.kv_shares {
+        cmd.arg("--tenant-kv-share").arg(format!("{name}={share}"));
     }
     if spec.sandbox {
         cmd.env(sandbox::SANDBOXED_ENV, "1");
