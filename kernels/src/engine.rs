@@ -203,6 +203,38 @@ pub trait Downstream: Send {
     fn release(&mut self, seq: SeqId);
 }
 
+/// What a device step gives for one chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceOutput {
+    /// No logits were asked for (a prefill chunk short of the end).
+    Nothing,
+    /// The last row's logits, for the host's sampler.
+    Logits(Vec<f32>),
+    /// The last row's most likely token, picked on the device.
+    Argmax(TokenId),
+}
+
+/// A whole model on a device other than the CPU (see `cuda::CudaModel`).
+/// Its keys and values stay on the device; the engine keeps the block
+/// tables in a [`KvCache::tables_only`] of [`DeviceForward::kv_blocks`]
+/// blocks and hands it to every step.
+pub trait DeviceForward: Send {
+    /// Runs one step of token chunks; `argmax[i]` says that chunk `i`
+    /// needs only its most likely token, not its logits.
+    fn forward(
+        &mut self,
+        chunks: &[Chunk],
+        kv: &mut KvCache,
+        argmax: &[bool],
+    ) -> Result<Vec<DeviceOutput>>;
+    /// Blocks of the device's KV pool.
+    fn kv_blocks(&self) -> usize;
+    /// Most rows (tokens) one step may run.
+    fn max_rows(&self) -> usize;
+    /// The device, in words.
+    fn describe(&self) -> String;
+}
+
 /// One shard with its own KV cache: runs hidden states (or tokens, for a
 /// head) of any sequences through its layers. A node serving a layer range
 /// of a chain runs one; a [`LocalChain`] strings several together.
@@ -387,6 +419,8 @@ pub struct Engine {
     model: Arc<Gemma3>,
     /// The layers after the head, when `model` is a head shard.
     rest: Option<Box<dyn Downstream>>,
+    /// The device that runs the model, when it is not the CPU.
+    device: Option<Box<dyn DeviceForward>>,
     tokenizer: Arc<Tokenizer>,
     kv: KvCache,
     cfg: EngineConfig,
@@ -444,6 +478,7 @@ impl Engine {
         Ok(Self {
             model,
             rest,
+            device: None,
             tokenizer,
             kv,
             cfg,
@@ -472,6 +507,32 @@ impl Engine {
             ));
         }
         Self::build(head, Some(rest), tokenizer, cfg)
+    }
+
+    /// An engine whose steps run on `device`; `model` is the same model on
+    /// the host, for its configuration. Scheduling, sampling and the KV
+    /// block tables are the CPU engine's; the device holds the keys and
+    /// values in as many blocks as it says it has room for.
+    pub fn on_device(
+        model: Arc<Gemma3>,
+        device: Box<dyn DeviceForward>,
+        tokenizer: Arc<Tokenizer>,
+        mut cfg: EngineConfig,
+    ) -> Result<Self> {
+        cfg.max_step_tokens = cfg.max_step_tokens.min(device.max_rows());
+        cfg.kv_budget_bytes = 0;
+        let mut e = Self::new(model, tokenizer, cfg)?;
+        let c = e.model.config();
+        e.kv = KvCache::tables_only(c.layers, c.kv_dim(), device.kv_blocks());
+        e.device = Some(device);
+        Ok(e)
+    }
+
+    /// The device the steps run on, in words (`cpu` without one).
+    pub fn device(&self) -> String {
+        self.device
+            .as_ref()
+            .map_or_else(|| "cpu".to_string(), |d| d.describe())
     }
 
     /// Frees a sequence's KV blocks here and downstream.
@@ -760,6 +821,9 @@ impl Engine {
                 }
             })
             .collect();
+        if self.device.is_some() {
+            return self.device_step(plan, chunks, events);
+        }
         let mut outs = self.model.forward(&chunks, &mut self.kv)?;
         if let Some(rest) = self.rest.as_mut() {
             // the head's hidden states go down the chain; logits come back
@@ -773,22 +837,74 @@ impl Engine {
                         Err(e) => e.to_string(),
                         Ok(o) => format!("{} outputs for {} chunks", o.len(), next.len()),
                     };
-                    for s in std::mem::take(&mut self.running) {
-                        self.retire(&s);
-                        events.push(StepEvent {
-                            id: s.id,
-                            token: None,
-                            text: String::new(),
-                            logprob: None,
-                            finish: Some(FinishReason::Lost(format!(
-                                "the model's later layers failed: {why}"
-                            ))),
-                        });
-                    }
+                    let why = format!("the model's later layers failed: {why}");
+                    self.end_running(&mut events, FinishReason::Lost(why));
                     return Ok(events);
                 }
             }
         }
+        let outs = outs
+            .into_iter()
+            .map(|o| match o {
+                ChunkOutput::Logits(Some(l)) => DeviceOutput::Logits(l),
+                _ => DeviceOutput::Nothing,
+            })
+            .collect();
+        Ok(self.sample(&plan, outs, events))
+    }
+
+    /// Runs a planned step on the device and samples its outputs. A device
+    /// that fails (out of memory, a kernel error) ends the step's running
+    /// sequences with the reason; the engine goes on.
+    fn device_step(
+        &mut self,
+        plan: Vec<(usize, usize)>,
+        chunks: Vec<Chunk>,
+        mut events: Vec<StepEvent>,
+    ) -> Result<Vec<StepEvent>> {
+        let argmax: Vec<bool> = plan
+            .iter()
+            .map(|&(i, _)| self.running[i].sampler.params().wants_only_the_argmax())
+            .collect();
+        let device = self.device.as_mut().expect("a device step has a device");
+        let outs = match device.forward(&chunks, &mut self.kv, &argmax) {
+            Ok(o) if o.len() == chunks.len() => o,
+            failed => {
+                let why = match failed {
+                    Err(e) => e.to_string(),
+                    Ok(o) => format!("{} outputs for {} chunks", o.len(), chunks.len()),
+                };
+                let why = format!("the device failed: {why}");
+                self.end_running(&mut events, FinishReason::Error(why));
+                return Ok(events);
+            }
+        };
+        Ok(self.sample(&plan, outs, events))
+    }
+
+    /// Ends every running sequence with `reason` (their caches no longer
+    /// match what they computed).
+    fn end_running(&mut self, events: &mut Vec<StepEvent>, reason: FinishReason) {
+        for s in std::mem::take(&mut self.running) {
+            self.retire(&s);
+            events.push(StepEvent {
+                id: s.id,
+                token: None,
+                text: String::new(),
+                logprob: None,
+                finish: Some(reason.clone()),
+            });
+        }
+    }
+
+    /// Advances each planned sequence past its chunk, samples the ones
+    /// with an output, and retires those that finished.
+    fn sample(
+        &mut self,
+        plan: &[(usize, usize)],
+        outs: Vec<DeviceOutput>,
+        mut events: Vec<StepEvent>,
+    ) -> Vec<StepEvent> {
         let mut finished = Vec::new();
         for (&(i, n), out) in plan.iter().zip(outs) {
             let s = &mut self.running[i];
@@ -798,10 +914,14 @@ impl Engine {
                 self.stats.prefill_tokens +=
                     n.min(s.prompt_len.saturating_sub(s.computed - n)) as u64;
             }
-            let ChunkOutput::Logits(Some(mut logits)) = out else {
-                continue; // a prefill chunk that did not reach the end
+            let (tok, logprob) = match out {
+                DeviceOutput::Nothing => continue, // a prefill chunk short of the end
+                DeviceOutput::Logits(mut logits) => s.sampler.sample(&mut logits),
+                DeviceOutput::Argmax(tok) => {
+                    s.sampler.replay(tok);
+                    (tok, None)
+                }
             };
-            let (tok, logprob) = s.sampler.sample(&mut logits);
             self.stats.generated_tokens += 1;
             let ev = Self::accept(&self.tokenizer, s, tok, logprob, self.cfg.max_context);
             if ev.finish.is_some() {
@@ -814,7 +934,7 @@ impl Engine {
             let s = self.running.remove(i);
             self.retire(&s);
         }
-        Ok(events)
+        events
     }
 
     /// Projects the chain's [`ChunkOutput::Last`] rows to logits here, all

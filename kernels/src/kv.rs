@@ -81,6 +81,28 @@ impl KvCache {
         }
     }
 
+    /// A pool of `blocks` blocks whose keys and values live elsewhere (on
+    /// a device): only the block tables are kept here, and [`KvCache::write`]
+    /// and [`KvCache::layer`] have nothing to give.
+    pub fn tables_only(layers: usize, kv_dim: usize, blocks: usize) -> Self {
+        Self {
+            k: Vec::new(),
+            v: Vec::new(),
+            ..Self::with_blocks(0, kv_dim, blocks)
+        }
+        .with_layers(layers)
+    }
+
+    fn with_layers(mut self, layers: usize) -> Self {
+        self.layers = layers;
+        self
+    }
+
+    /// Whether the keys and values are held here (not on a device).
+    pub fn holds_data(&self) -> bool {
+        self.k.len() == self.layers
+    }
+
     /// Blocks in the pool.
     pub fn total_blocks(&self) -> usize {
         self.total_blocks
@@ -177,6 +199,11 @@ impl KvCache {
         v: &[f32],
     ) -> Result<()> {
         let off = self.slot(seq, pos)?;
+        if !self.holds_data() {
+            return Err(KernelError::BadInput(
+                "this KV cache keeps its data on a device".into(),
+            ));
+        }
         let d = self.kv_dim;
         self.k[layer][off..off + d]
             .reinterpret_cast_mut::<f16>()
@@ -192,6 +219,12 @@ impl KvCache {
         if let Some(t) = self.tables.get_mut(&seq) {
             t.len = t.len.max(len);
         }
+    }
+
+    /// The cache slot (block × block size + offset) of position `pos` of
+    /// `seq`: where a device cache keeps its key and value.
+    pub fn slot_of(&self, seq: SeqId, pos: usize) -> Result<usize> {
+        Ok(self.slot(seq, pos)? / self.kv_dim.max(1))
     }
 
     /// The block table of `seq`.

@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod kv;
+pub mod layout;
 pub mod model;
 pub mod quant;
 pub mod sampling;
@@ -38,12 +39,14 @@ use std::sync::Arc;
 
 pub use backend::{set_threads, Backend};
 pub use engine::{
-    next_input, Completion, Downstream, Engine, EngineConfig, EngineStats, FinishReason,
-    LocalChain, Request, RequestId, Resume, Stage, StepEvent,
+    next_input, Completion, DeviceForward, DeviceOutput, Downstream, Engine, EngineConfig,
+    EngineStats, FinishReason, LocalChain, Request, RequestId, Resume, Stage, StepEvent,
+    TenantUsage,
 };
 pub use error::{KernelError, Result};
 pub use gguf::{GemmaConfig, GgufFile};
 pub use kv::{KvCache, SeqId, KV_BLOCK_TOKENS};
+pub use layout::StepLayout;
 pub use model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
 pub use sampling::{Sampler, SamplingParams, TokenLogprob};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};

@@ -74,6 +74,17 @@ impl SamplingParams {
     fn is_greedy(&self) -> bool {
         self.temperature <= 0.0 || self.top_k == 1
     }
+
+    /// Whether the token is the most likely one and nothing else about the
+    /// logits matters (no penalties, no log-probabilities): a device can
+    /// then pick it without sending the logits back.
+    pub fn wants_only_the_argmax(&self) -> bool {
+        self.is_greedy()
+            && !self.logprobs
+            && self.repetition_penalty == 1.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+    }
 }
 
 /// A token with its log-probability and, if asked, the best alternatives.
