@@ -231,6 +231,8 @@ pub trait DeviceForward: Send {
     fn kv_blocks(&self) -> usize;
     /// Most rows (tokens) one step may run.
     fn max_rows(&self) -> usize;
+    /// Most sequences one step may run (each may want its logits).
+    fn max_sequences(&self) -> usize;
     /// The device, in words.
     fn describe(&self) -> String;
 }
@@ -520,6 +522,7 @@ impl Engine {
         mut cfg: EngineConfig,
     ) -> Result<Self> {
         cfg.max_step_tokens = cfg.max_step_tokens.min(device.max_rows());
+        cfg.max_running = cfg.max_running.min(device.max_sequences());
         cfg.kv_budget_bytes = 0;
         let mut e = Self::new(model, tokenizer, cfg)?;
         let c = e.model.config();

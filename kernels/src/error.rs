@@ -71,6 +71,9 @@ pub enum KernelError {
     /// A request that can never run (prompt over the context, empty prompt, ...).
     #[error("request rejected: {0}")]
     Rejected(String),
+    /// The device ran out of memory (or the configured budget).
+    #[error("out of device memory: {0}")]
+    DeviceOutOfMemory(String),
     /// The selected backend is not available in this build or on this machine.
     #[error("backend {backend} unavailable: {reason}")]
     BackendUnavailable {

@@ -23,21 +23,22 @@ use crate::gguf::{GemmaConfig, GgufFile};
 use crate::kv::{KvCache, SeqId, KV_BLOCK_TOKENS};
 use crate::quant::{dot_f32, QMatrix, SharedMut};
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    q: QMatrix,
-    k: QMatrix,
-    v: QMatrix,
-    o: QMatrix,
-    q_norm: Vec<f32>,
-    k_norm: Vec<f32>,
-    post_attn_norm: Vec<f32>,
-    ffn_norm: Vec<f32>,
-    gate: QMatrix,
-    up: QMatrix,
-    down: QMatrix,
-    post_ffw_norm: Vec<f32>,
-    sliding: bool,
+/// One transformer block's weights.
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) q: QMatrix,
+    pub(crate) k: QMatrix,
+    pub(crate) v: QMatrix,
+    pub(crate) o: QMatrix,
+    pub(crate) q_norm: Vec<f32>,
+    pub(crate) k_norm: Vec<f32>,
+    pub(crate) post_attn_norm: Vec<f32>,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate: QMatrix,
+    pub(crate) up: QMatrix,
+    pub(crate) down: QMatrix,
+    pub(crate) post_ffw_norm: Vec<f32>,
+    pub(crate) sliding: bool,
 }
 
 /// What a chunk feeds into the shard.
@@ -183,6 +184,28 @@ impl Gemma3 {
             tied,
             layers,
         })
+    }
+
+    /// The weights, for a device to upload: the embedding, the untied
+    /// output projection, the output norm, the blocks, and the RoPE
+    /// frequency steps (local, global).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn parts(
+        &self,
+    ) -> (
+        Option<&QMatrix>,
+        Option<&QMatrix>,
+        Option<&[f32]>,
+        &[Layer],
+        (f32, f32),
+    ) {
+        (
+            self.embed.as_ref(),
+            self.output.as_ref(),
+            self.output_norm.as_deref(),
+            &self.layers,
+            (self.inv_freq_local, self.inv_freq_global),
+        )
     }
 
     /// The model's hyper-parameters.

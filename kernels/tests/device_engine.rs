@@ -79,6 +79,10 @@ impl DeviceForward for HostDevice {
         48
     }
 
+    fn max_sequences(&self) -> usize {
+        6
+    }
+
     fn describe(&self) -> String {
         "host stand-in".into()
     }
@@ -172,6 +176,7 @@ fn an_engine_on_a_device_gives_the_cpu_engines_tokens() {
         Engine::on_device(lm.model.clone(), Box::new(dev), lm.tokenizer.clone(), cfg).unwrap();
     assert_eq!(e.kv_usage(), (0, 12), "the pool is the device's");
     assert_eq!(e.config().max_step_tokens, 48, "a step fits the device");
+    assert_eq!(e.config().max_running, 6, "so do its sequences");
     assert_eq!(e.device(), "host stand-in");
     let got = run(&mut e, &reqs);
     for r in &reqs {

@@ -121,3 +121,82 @@ fn argmax_on_the_device_is_the_cpus_greedy_token_ties_included() {
     assert_eq!(dev, cpu);
     assert_eq!(dev[3], 77);
 }
+
+/// NVRTC 13.0 from PyPI's `nvidia-cuda-nvrtc` wheel, fetched once into
+/// weft's cache: enough to compile the kernels on a machine without CUDA.
+fn nvrtc_from_pypi() -> Result<std::path::PathBuf, String> {
+    let home = std::env::var_os("HOME").ok_or("no HOME")?;
+    let dir = std::path::Path::new(&home).join(".cache/weft/nvrtc-13.0");
+    let lib = dir.join("nvidia/cu13/lib/libnvrtc.so.13");
+    if lib.exists() {
+        return Ok(lib);
+    }
+    let wheels = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+        .arg(wheels.path())
+        .arg("nvidia-cuda-nvrtc==13.0.*")
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pip could not fetch nvidia-cuda-nvrtc: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let unzip = format!(
+        "import glob, zipfile; zipfile.ZipFile(glob.glob({:?} + '/*.whl')[0]).extractall({:?})",
+        wheels.path().display().to_string(),
+        dir.display().to_string()
+    );
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &unzip])
+        .status()
+        .map_err(|e| e.to_string())?
+        .success();
+    if ok && lib.exists() {
+        Ok(lib)
+    } else {
+        Err(format!("the wheel did not hold {}", lib.display()))
+    }
+}
+
+#[test]
+fn the_kernels_compile_with_nvrtc() {
+    // needs NVRTC only, no driver or device: the one the driver's machine
+    // has, or else NVRTC from PyPI
+    if !driver_present() && std::env::var_os("WEFT_NVRTC").is_none() {
+        match nvrtc_from_pypi() {
+            Ok(lib) => weft_kernels::cuda::load_nvrtc(&lib).unwrap(),
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        }
+    }
+    match weft_kernels::cuda::compile_kernels() {
+        Ok(ptx) => {
+            let src = ptx.to_src();
+            for name in [
+                "attention",
+                "qk_norm_rope",
+                "kv_store",
+                "rms_norm_rows",
+                "argmax_rows",
+                "embed_rows",
+                "gelu_mul",
+                "to_bf16",
+                "gather_rows",
+            ] {
+                assert!(
+                    src.contains(&format!(".entry {name}")),
+                    "{name} is missing from the PTX"
+                );
+            }
+        }
+        Err(KernelError::BackendUnavailable { reason, .. }) => {
+            eprintln!("skipped: {reason}");
+        }
+        Err(e) => panic!("the kernels do not compile: {e}"),
+    }
+}

@@ -37,7 +37,7 @@ extern "C" __global__ void argmax_rows(const float *x, int cols, unsigned int *o
     float *best = (float *)shared;
     unsigned int *at = (unsigned int *)(best + blockDim.x);
     const float *row = x + (size_t)blockIdx.x * cols;
-    float b = -INFINITY;
+    float b = __int_as_float(0xff800000);  // -inf (NVRTC has no INFINITY)
     unsigned int a = 0xffffffffu;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = row[c];

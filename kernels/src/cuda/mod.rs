@@ -5,20 +5,45 @@
 //! on any machine with a driver. Our kernels are CUDA C in this directory,
 //! compiled for the device on first use.
 //!
-//! Built so far: opening a device (with a clear error when there is no
-//! driver or no such device), the run-time compilation of the kernels, and
-//! the first kernels (RMS norm, GELU-tanh, per-row argmax), each checked
-//! against the CPU path by the tests when a GPU is present. The model's
-//! forward on the device is still to come.
+//! [`Gpu`] opens a device (with a clear error when there is no driver or no
+//! such device) and compiles the kernels; [`CudaModel`] runs the whole
+//! model's forward on it for the engine (see [`crate::DeviceForward`]).
+//!
+//! NVRTC is found by the driver's usual library names; `WEFT_NVRTC` may
+//! name the library file instead (for instance the one in PyPI's
+//! `nvidia-cuda-nvrtc` wheel).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
 
 use crate::error::{KernelError, Result};
 
+mod model;
+
+pub use model::{CudaModel, CudaOptions};
+
 /// The kernels' CUDA C source.
 const ELEMENTWISE: &str = include_str!("elementwise.cu");
+/// The forward's kernels.
+const MODEL: &str = include_str!("model.cu");
+/// Every kernel, by name.
+const KERNELS: &[&str] = &[
+    "rms_norm",
+    "gelu_tanh",
+    "argmax_rows",
+    "embed_rows",
+    "rms_norm_rows",
+    "qk_norm_rope",
+    "kv_store",
+    "attention",
+    "gelu_mul",
+    "to_bf16",
+    "gather_rows",
+];
 /// Threads per block of the row kernels (a power of two).
 const ROW_THREADS: u32 = 256;
 
@@ -30,7 +55,74 @@ fn unavailable(reason: impl Into<String>) -> KernelError {
 }
 
 fn device_error(what: &str, e: impl std::fmt::Display) -> KernelError {
+    let e = e.to_string();
+    if e.contains("OUT_OF_MEMORY") || e.contains("ALLOC_FAILED") {
+        return KernelError::DeviceOutOfMemory(format!("{what}: {e}"));
+    }
     KernelError::BadInput(format!("CUDA {what}: {e}"))
+}
+
+/// Loads the NVRTC named by `WEFT_NVRTC`, if set, and the builtins
+/// library beside it, so that the lookups by the usual names (cudarc's,
+/// and NVRTC's own) find them already loaded.
+fn preload_nvrtc() -> Result<()> {
+    match std::env::var_os("WEFT_NVRTC") {
+        Some(path) => load_nvrtc(std::path::Path::new(&path)),
+        None => Ok(()),
+    }
+}
+
+/// Loads the NVRTC library at `path` (and the builtins library beside it)
+/// for the kernels' compilation, in place of the one the usual library
+/// names would find.
+pub fn load_nvrtc(path: &std::path::Path) -> Result<()> {
+    let path = path.to_path_buf();
+    let mut libs: Vec<std::path::PathBuf> = path
+        .parent()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvrtc-builtins.so") && !n.contains(".alt."))
+        })
+        .collect();
+    libs.push(path);
+    for lib in libs {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(lib.as_os_str().as_bytes())
+            .map_err(|_| unavailable("WEFT_NVRTC holds a NUL byte"))?;
+        // SAFETY: dlopen with a valid C string; the handle stays open for
+        // the life of the process on purpose.
+        #[allow(unsafe_code)]
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            return Err(unavailable(format!(
+                "{} could not be loaded",
+                lib.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Compiles weft's kernels to PTX with NVRTC. Needs NVRTC only: no driver
+/// and no device.
+pub fn compile_kernels() -> Result<Ptx> {
+    preload_nvrtc()?;
+    // SAFETY: only asks the dynamic loader whether NVRTC can be opened
+    #[allow(unsafe_code)]
+    let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    if !nvrtc {
+        return Err(unavailable(
+            "NVRTC (libnvrtc.so) could not be loaded: weft compiles its CUDA kernels at run time (WEFT_NVRTC may name the library)",
+        ));
+    }
+    let src = format!("{ELEMENTWISE}\n{MODEL}");
+    cudarc::nvrtc::compile_ptx(src).map_err(|e| device_error("kernel compilation", e))
 }
 
 /// What a device is.
@@ -49,10 +141,10 @@ pub struct DeviceInfo {
 /// An open CUDA device with weft's kernels loaded.
 pub struct Gpu {
     info: DeviceInfo,
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    rms_norm: CudaFunction,
-    gelu_tanh: CudaFunction,
-    argmax_rows: CudaFunction,
+    kernels: HashMap<&'static str, CudaFunction>,
+    blas: Arc<CudaBlas>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -98,29 +190,24 @@ impl Gpu {
                 .compute_capability()
                 .map_err(|e| device_error("capability", e))?,
         };
-        // SAFETY: only asks the dynamic loader whether NVRTC can be opened
-        #[allow(unsafe_code)]
-        let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
-        if !nvrtc {
-            return Err(unavailable(
-                "NVRTC (libnvrtc.so) could not be loaded: weft compiles its CUDA kernels at run time",
-            ));
-        }
-        let ptx = cudarc::nvrtc::compile_ptx(ELEMENTWISE)
-            .map_err(|e| device_error("kernel compilation", e))?;
+        let ptx = compile_kernels()?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| device_error("module load", e))?;
-        let f = |name: &str| {
-            module
+        let mut kernels = HashMap::new();
+        for &name in KERNELS {
+            let f = module
                 .load_function(name)
-                .map_err(|e| device_error(name, e))
-        };
+                .map_err(|e| device_error(name, e))?;
+            kernels.insert(name, f);
+        }
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
         Ok(Self {
-            rms_norm: f("rms_norm")?,
-            gelu_tanh: f("gelu_tanh")?,
-            argmax_rows: f("argmax_rows")?,
-            stream: ctx.default_stream(),
+            ctx,
+            stream,
+            kernels,
+            blas: Arc::new(blas),
             info,
         })
     }
@@ -128,6 +215,19 @@ impl Gpu {
     /// The device.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// Device memory free and in all, in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| device_error("memory info", e))
+    }
+
+    fn kernel(&self, name: &str) -> &CudaFunction {
+        self.kernels
+            .get(name)
+            .unwrap_or_else(|| panic!("kernel {name} is listed in KERNELS"))
     }
 
     fn rows(x: &[f32], cols: usize) -> Result<u32> {
@@ -153,7 +253,7 @@ impl Gpu {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: ROW_THREADS * 4,
         };
-        let mut b = s.launch_builder(&self.rms_norm);
+        let mut b = s.launch_builder(self.kernel("rms_norm"));
         b.arg(&mut dx).arg(&dw).arg(&cols).arg(&eps);
         // SAFETY: the kernel's signature is (float*, const float*, int,
         // float); dx holds rows × cols values and dw cols, as launched.
@@ -170,7 +270,7 @@ impl Gpu {
         let mut dx = s.clone_htod(x).map_err(|e| device_error("copy", e))?;
         let n = x.len();
         let cfg = LaunchConfig::for_num_elems(n as u32);
-        let mut b = s.launch_builder(&self.gelu_tanh);
+        let mut b = s.launch_builder(self.kernel("gelu_tanh"));
         b.arg(&mut dx).arg(&n);
         // SAFETY: (float*, size_t) with n values in dx.
         #[allow(unsafe_code)]
@@ -195,7 +295,7 @@ impl Gpu {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: ROW_THREADS * 8,
         };
-        let mut b = s.launch_builder(&self.argmax_rows);
+        let mut b = s.launch_builder(self.kernel("argmax_rows"));
         b.arg(&dx).arg(&cols).arg(&mut out);
         // SAFETY: (const float*, int, unsigned*) with rows × cols values in
         // dx and rows slots in out.
