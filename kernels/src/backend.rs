@@ -1,12 +1,13 @@
 //! The backend seam: which device runs the model.
 //!
 //! The CPU backend (candle-core's quantized kernels plus ours) is always
-//! there. The `cuda` feature builds the CUDA device code ([`crate::cuda`]);
-//! until the model's forward runs on it, asking for CUDA is a clear error
-//! (no driver, no such device, or not yet) rather than a silent fall back to
-//! the CPU.
+//! there. The `cuda` feature builds the CUDA device code ([`crate::cuda`]).
+//! Asking for CUDA where it cannot run is a clear error (built without it,
+//! no driver, no such device), never a silent fall back to the CPU.
 
+use crate::engine::{Engine, EngineConfig};
 use crate::error::{KernelError, Result};
+use crate::LoadedModel;
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -52,29 +53,61 @@ impl Backend {
     pub fn ensure_available(self) -> Result<()> {
         match self {
             Backend::Cpu => Ok(()),
-            Backend::Cuda(n) => Err(KernelError::BackendUnavailable {
-                backend: "cuda",
-                reason: cuda_unavailable_reason(n),
-            }),
+            Backend::Cuda(n) => cuda_available(n),
+        }
+    }
+
+    /// An engine for `lm` (a whole model) on this backend. On a GPU the
+    /// weights, the KV pool (`cfg.kv_budget_bytes` at most) and the step
+    /// buffers (`cfg.max_step_tokens` rows, `cfg.max_running` sequences)
+    /// are allocated within `cfg.device_memory_budget` (0: 90% of the free
+    /// memory), or the load fails saying what did not fit.
+    pub fn engine(self, lm: &LoadedModel, cfg: EngineConfig) -> Result<Engine> {
+        match self {
+            Backend::Cpu => Engine::new(lm.model.clone(), lm.tokenizer.clone(), cfg),
+            Backend::Cuda(n) => cuda_engine(n, lm, cfg),
         }
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_unavailable_reason(_: usize) -> String {
-    "weft was built without CUDA; rebuild with `--features cuda`".into()
+fn built_without_cuda() -> KernelError {
+    KernelError::BackendUnavailable {
+        backend: "cuda",
+        reason: "weft was built without CUDA; rebuild with `--features cuda`".into(),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_available(_: usize) -> Result<()> {
+    Err(built_without_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_engine(_: usize, _: &LoadedModel, _: EngineConfig) -> Result<Engine> {
+    Err(built_without_cuda())
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_unavailable_reason(ordinal: usize) -> String {
-    match crate::cuda::Gpu::open(ordinal) {
-        Ok(gpu) => format!(
-            "found {}, but this version of weft cannot run the model on CUDA yet",
-            gpu.info().name
-        ),
-        Err(KernelError::BackendUnavailable { reason, .. }) => reason,
-        Err(e) => e.to_string(),
-    }
+fn cuda_available(ordinal: usize) -> Result<()> {
+    crate::cuda::Gpu::open(ordinal).map(|_| ())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_engine(ordinal: usize, lm: &LoadedModel, cfg: EngineConfig) -> Result<Engine> {
+    let opts = crate::cuda::CudaOptions {
+        memory_budget: cfg.device_memory_budget,
+        kv_budget: cfg.kv_budget_bytes,
+        max_rows: cfg.max_step_tokens,
+        max_logit_rows: cfg.max_running,
+    };
+    let device = crate::cuda::CudaModel::load(&lm.model, ordinal, opts)?;
+    Engine::on_device(
+        lm.model.clone(),
+        Box::new(device),
+        lm.tokenizer.clone(),
+        cfg,
+    )
 }
 
 /// Sets the number of CPU threads the kernels use. Call it before the first
@@ -90,7 +123,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cuda_is_a_clear_error_until_filled() {
+    fn cuda_without_a_gpu_is_a_clear_error() {
         let b: Backend = "cuda:1".parse().unwrap();
         assert_eq!(b, Backend::Cuda(1));
         let err = b.ensure_available().unwrap_err().to_string();

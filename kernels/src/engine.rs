@@ -39,6 +39,10 @@ pub struct EngineConfig {
     /// Shares for named tenants, in place of `tenant_kv_share`.
     #[serde(default)]
     pub tenant_kv_shares: BTreeMap<String, f64>,
+    /// Bytes of device memory (weights, KV pool, buffers) a GPU engine may
+    /// take; 0: 90% of what is free. The CPU ignores it.
+    #[serde(default)]
+    pub device_memory_budget: usize,
 }
 
 fn whole_pool() -> f64 {
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             kv_budget_bytes: 1 << 30,
             tenant_kv_share: 1.0,
             tenant_kv_shares: BTreeMap::new(),
+            device_memory_budget: 0,
         }
     }
 }

@@ -189,6 +189,7 @@ impl Gemma3 {
     /// The weights, for a device to upload: the embedding, the untied
     /// output projection, the output norm, the blocks, and the RoPE
     /// frequency steps (local, global).
+    #[cfg(feature = "cuda")]
     #[allow(clippy::type_complexity)]
     pub(crate) fn parts(
         &self,

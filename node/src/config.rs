@@ -55,6 +55,11 @@ pub struct NodeConfig {
     pub model: String,
     /// CPU threads for the worker (0: all cores).
     pub threads: usize,
+    /// Where the worker runs the model: `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Bytes of GPU memory the worker may take (weights, KV cache,
+    /// buffers); 0: 90% of what is free.
+    pub gpu_memory_budget: usize,
     /// KV pool budget in bytes.
     pub kv_budget: usize,
     /// Longest sequence.
@@ -100,6 +105,8 @@ impl Default for NodeConfig {
             addr: DEFAULT_ADDR.into(),
             model: "default".into(),
             threads: 0,
+            device: "cpu".into(),
+            gpu_memory_budget: 0,
             kv_budget: DEFAULT_KV_BUDGET,
             max_context: DEFAULT_MAX_CONTEXT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -203,6 +210,12 @@ impl NodeConfig {
         if let Some(v) = env.var("WEFT_THREADS") {
             self.threads = parse_num("WEFT_THREADS", &v)?;
         }
+        if let Some(v) = env.var("WEFT_DEVICE") {
+            self.device = v;
+        }
+        if let Some(v) = env.var("WEFT_GPU_MEMORY_BUDGET") {
+            self.gpu_memory_budget = parse_num("WEFT_GPU_MEMORY_BUDGET", &v)?;
+        }
         if let Some(v) = env.var("WEFT_KV_BUDGET") {
             self.kv_budget = parse_num("WEFT_KV_BUDGET", &v)?;
         }
@@ -293,6 +306,16 @@ impl NodeConfig {
                     "keys need at least 8 characters and a tenant name".into(),
                 );
             }
+        }
+        match self.device.parse::<weft_kernels::Backend>() {
+            Err(e) => return bad("device", e.to_string()),
+            Ok(weft_kernels::Backend::Cuda(_)) if self.sandbox => {
+                return bad(
+                    "device",
+                    "the worker sandbox does not let the CUDA driver through yet; set sandbox = false to run on a GPU".into(),
+                )
+            }
+            Ok(_) => {}
         }
         for (name, l) in &self.tenants {
             if let Some(v) = l.kv_share.filter(|v| !(*v > 0.0 && *v <= 1.0)) {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use weft_kernels::{Backend, ChatMessage, Engine, EngineConfig, Request, SamplingParams};
+use weft_kernels::{Backend, ChatMessage, EngineConfig, Request, SamplingParams};
 use weft_node::config::{NodeConfig, ProcessEnv};
 use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
 
@@ -420,7 +420,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&a.prompt, true, false)
     };
-    let mut engine = Engine::new(lm.model, lm.tokenizer, EngineConfig::default())?;
+    let mut engine = backend
+        .engine(&lm, EngineConfig::default())
+        .with_context(|| format!("starting the engine on {backend}"))?;
+    if backend != Backend::Cpu {
+        eprintln!("[running on {}]", engine.device());
+    }
     let params = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,

@@ -98,6 +98,8 @@ pub fn start_shard_worker(
         exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("weft")),
         model,
         threads: cfg.threads,
+        device: cfg.device.clone(),
+        device_memory_budget: cfg.gpu_memory_budget,
         kv_budget: cfg.kv_budget,
         max_context: cfg.max_context,
         max_running: cfg.max_running,

@@ -356,7 +356,7 @@ fn bad_input_gets_openai_errors_and_the_node_stays_up() {
 #[test]
 fn api_keys_and_tenant_limits() {
     let n = start(
-        "[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n\"sk-beta-00002\" = \"beta\"\n[tenants.beta]\ntokens_per_minute = 30\n",
+        "[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n\"sk-beta-00002\" = \"beta\"\n[tenants.beta]\ntokens_per_minute = 30\nkv_share = 0.5\n",
     );
     let c = client();
     let body = json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 3});
@@ -851,6 +851,61 @@ fn the_intent_log_records_decisions_and_weft_audit_verify_catches_an_edit() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("line 2") || err.contains("intent-000001"),
+        "{err}"
+    );
+}
+
+#[test]
+fn asking_for_a_gpu_says_plainly_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // `weft generate` on CUDA: either it runs there, or it says why not
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "generate",
+            "--device",
+            "cuda",
+            "--max-tokens",
+            "3",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("hello")
+        .env("WEFT_CACHE_DIR", dir.path().join("cache"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        assert!(err.contains("[running on cuda:0"), "{err}");
+    } else {
+        assert!(
+            err.contains("no CUDA driver") || err.contains("built without CUDA"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // a node asked to serve on a GPU inside the sandbox refuses at start,
+    // naming the setting, instead of failing in its worker
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "addr = \"127.0.0.1:0\"\nmodel = \"{}\"\ndevice = \"cuda\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .env("WEFT_CACHE_DIR", dir.path().join("cache"))
+        .env_remove("WEFT_DEVICE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("device") && err.contains("sandbox = false"),
         "{err}"
     );
 }

@@ -23,6 +23,12 @@ pub struct WorkerArgs {
     /// CPU threads.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: weft_kernels::Backend,
+    /// Bytes of GPU memory the model may take (0: 90% of what is free).
+    #[arg(long, default_value_t = 0)]
+    pub device_memory_budget: usize,
     /// KV pool budget in bytes.
     #[arg(long)]
     pub kv_budget: usize,
@@ -140,7 +146,13 @@ fn serve(args: WorkerArgs) -> Result<()> {
     // the node put our socket on WORKER_FD before exec
     let stream = socket()?;
     weft_kernels::set_threads(args.threads);
-    let lm = weft_kernels::load(&args.model, args.layers.clone(), Backend::Cpu)
+    if args.device != Backend::Cpu && args.layers.is_some() {
+        anyhow::bail!(
+            "the {} backend runs whole models, not layer ranges",
+            args.device
+        );
+    }
+    let lm = weft_kernels::load(&args.model, args.layers.clone(), args.device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let reached_node = args
         .probe
@@ -158,12 +170,15 @@ fn serve(args: WorkerArgs) -> Result<()> {
         max_running: args.max_running,
         tenant_kv_share: shares.remove("default").unwrap_or(1.0),
         tenant_kv_shares: shares,
+        device_memory_budget: args.device_memory_budget,
     };
     // chain steps' replies come on their own channel, so a head blocked on
     // one still takes requests afterwards in order
     let (chain_tx, chain_rx) = mpsc::channel::<(u64, Vec<u8>)>();
     let mut engine = if lm.model.is_last() {
-        Engine::new(lm.model, lm.tokenizer, cfg)?
+        args.device
+            .engine(&lm, cfg)
+            .with_context(|| format!("starting the engine on {}", args.device))?
     } else {
         let rest = ViaNode {
             out: stream.try_clone()?,

@@ -35,6 +35,10 @@ pub struct WorkerSpec {
     pub model: PathBuf,
     /// CPU threads (0: all).
     pub threads: usize,
+    /// Where the model runs: `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// Bytes of GPU memory the model may take (0: 90% of what is free).
+    pub device_memory_budget: usize,
     /// KV pool budget.
     pub kv_budget: usize,
     /// Longest sequence.
@@ -347,6 +351,10 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
         .arg(&spec.model)
         .arg("--threads")
         .arg(spec.threads.to_string())
+        .arg("--device")
+        .arg(&spec.device)
+        .arg("--device-memory-budget")
+        .arg(spec.device_memory_budget.to_string())
         .arg("--kv-budget")
         .arg(spec.kv_budget.to_string())
         .arg("--max-context")
