@@ -200,3 +200,201 @@ fn the_kernels_compile_with_nvrtc() {
         Err(e) => panic!("the kernels do not compile: {e}"),
     }
 }
+
+mod model {
+    use std::collections::HashMap;
+
+    use weft_kernels::cuda::{CudaModel, CudaOptions, Gpu};
+    use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
+    use weft_kernels::{
+        load, Backend, Chunk, ChunkInput, ChunkOutput, DeviceForward, DeviceOutput, EngineConfig,
+        KernelError, KvCache, LoadedModel, Request, SamplingParams,
+    };
+
+    fn tiny(dir: &std::path::Path) -> LoadedModel {
+        let path = dir.join("tiny.gguf");
+        write_tiny_model(&path, &TinyModelSpec::default()).unwrap();
+        load(&path, None, Backend::Cpu).unwrap()
+    }
+
+    fn prompt(n: usize, salt: u32) -> Vec<u32> {
+        let mut v = vec![2];
+        v.extend((1..n as u32).map(|i| 263 + (i * 7 + salt * 13) % 60));
+        v
+    }
+
+    /// Largest |a - b| over the largest |b|.
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        d / b.iter().map(|y| y.abs()).fold(1e-6, f32::max)
+    }
+
+    fn small() -> CudaOptions {
+        CudaOptions {
+            memory_budget: 0,
+            kv_budget: 64 << 20,
+            max_rows: 512,
+            max_logit_rows: 64,
+        }
+    }
+
+    #[test]
+    fn the_device_forward_gives_the_cpus_logits_in_prefill_and_decode() {
+        let gpu = gpu_or_skip!();
+        let dir = tempfile::tempdir().unwrap();
+        let lm = tiny(dir.path());
+        let c = lm.model.config().clone();
+        let mut dev = CudaModel::load_on(gpu, &lm.model, small()).unwrap();
+        let mut tables = KvCache::tables_only(c.layers, c.kv_dim(), dev.kv_blocks());
+        let mut cpu_kv = KvCache::with_blocks(c.layers, c.kv_dim(), dev.kv_blocks());
+        // three sequences, two past the sliding window, prefilled together
+        let prompts = [prompt(5, 1), prompt(20, 2), prompt(41, 3)];
+        let mut chunks: Vec<Chunk> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Chunk {
+                seq: i as u64,
+                pos: 0,
+                input: ChunkInput::Tokens(p.clone()),
+                want_logits: true,
+            })
+            .collect();
+        for step in 0..4 {
+            for ch in &chunks {
+                let n = match &ch.input {
+                    ChunkInput::Tokens(t) => t.len(),
+                    ChunkInput::Hidden(_) => unreachable!(),
+                };
+                tables.reserve(ch.seq, ch.pos + n).unwrap();
+                cpu_kv.reserve(ch.seq, ch.pos + n).unwrap();
+            }
+            let want = lm.model.forward(&chunks, &mut cpu_kv).unwrap();
+            let got = dev
+                .forward(&chunks, &mut tables, &[false, true, false])
+                .unwrap();
+            let mut next = Vec::new();
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                let ChunkOutput::Logits(Some(w)) = w else {
+                    panic!("{w:?}")
+                };
+                let best = (0..w.len())
+                    .max_by(|&a, &b| w[a].total_cmp(&w[b]).then(b.cmp(&a)))
+                    .unwrap() as u32;
+                match g {
+                    DeviceOutput::Logits(g) => {
+                        let e = rel_err(g, w);
+                        assert!(e <= 1e-2, "step {step}, sequence {i}: relative error {e}");
+                    }
+                    DeviceOutput::Argmax(t) => {
+                        assert_eq!(*t, best, "step {step}: the device's argmax")
+                    }
+                    DeviceOutput::Nothing => panic!("no output for sequence {i}"),
+                }
+                // every sequence goes on with the CPU's token
+                next.push(Chunk {
+                    seq: i as u64,
+                    pos: tables.seq_len(i as u64),
+                    input: ChunkInput::Tokens(vec![best]),
+                    want_logits: true,
+                });
+            }
+            chunks = next;
+        }
+    }
+
+    #[test]
+    fn an_engine_on_the_gpu_gives_the_cpus_greedy_tokens() {
+        let _ = gpu_or_skip!();
+        let dir = tempfile::tempdir().unwrap();
+        let lm = tiny(dir.path());
+        let cfg = EngineConfig {
+            kv_budget_bytes: 64 << 20,
+            max_step_tokens: 64,
+            max_running: 16,
+            ..EngineConfig::default()
+        };
+        let reqs: Vec<Request> = (0..8u64)
+            .map(|i| Request {
+                id: i,
+                prompt: prompt(3 + i as usize * 7, i as u32),
+                params: SamplingParams::greedy(12),
+                priority: 0,
+                tenant: format!("t{}", i % 2),
+            })
+            .collect();
+        let run = |backend: Backend| {
+            let mut e = backend.engine(&lm, cfg.clone()).unwrap();
+            for r in &reqs {
+                e.add_request(r.clone()).unwrap();
+            }
+            e.run_to_completion().unwrap()
+        };
+        let cpu = run(Backend::Cpu);
+        let gpu = run(Backend::Cuda(0));
+        let same: HashMap<u64, bool> = reqs
+            .iter()
+            .map(|r| (r.id, cpu[&r.id].tokens == gpu[&r.id].tokens))
+            .collect();
+        // bf16 weights on a random-weight model can flip a near tie late in
+        // a sequence; the first tokens must agree everywhere
+        for r in &reqs {
+            let n = 4.min(cpu[&r.id].tokens.len());
+            assert_eq!(
+                gpu[&r.id].tokens[..n],
+                cpu[&r.id].tokens[..n],
+                "request {}",
+                r.id
+            );
+        }
+        assert!(
+            same.values().filter(|s| **s).count() >= 6,
+            "whole sequences equal: {same:?}"
+        );
+    }
+
+    #[test]
+    fn a_memory_budget_too_small_or_too_large_is_an_error_not_a_crash() {
+        let gpu = gpu_or_skip!();
+        let dir = tempfile::tempdir().unwrap();
+        let lm = tiny(dir.path());
+        let free = gpu.memory().unwrap().0;
+        let err = CudaModel::load_on(
+            gpu,
+            &lm.model,
+            CudaOptions {
+                memory_budget: 1 << 20,
+                ..small()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, KernelError::DeviceOutOfMemory(m) if m.contains("budget")),
+            "{err}"
+        );
+        let err = CudaModel::load_on(
+            Gpu::open(0).unwrap(),
+            &lm.model,
+            CudaOptions {
+                memory_budget: free + (1 << 30),
+                ..small()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("free"), "{err}");
+        // within the budget it loads, and says what it took
+        let m = CudaModel::load_on(
+            Gpu::open(0).unwrap(),
+            &lm.model,
+            CudaOptions {
+                memory_budget: 512 << 20,
+                ..small()
+            },
+        )
+        .unwrap();
+        assert!(m.kv_bytes() <= 64 << 20 && m.kv_blocks() > 0);
+    }
+}
