@@ -4,7 +4,9 @@
 //! Q4_K, Q6_K), a few layers (one global, the rest sliding with a short
 //! window), and a small SentencePiece-style vocabulary with byte fallback,
 //! control and user-defined tokens, so tests exercise every code path in
-//! milliseconds.
+//! milliseconds. [`TinyModelSpec::gemma3_270m`] gives the default model's
+//! shapes instead, with random weights: what a GPU benchmark needs where the
+//! real file cannot be brought.
 
 use std::path::Path;
 
@@ -26,6 +28,17 @@ pub struct TinyModelSpec {
     pub context_length: usize,
     /// Weight seed.
     pub seed: u64,
+    /// Residual width.
+    pub hidden: usize,
+    /// MLP width.
+    pub ffn: usize,
+    /// Query heads (one KV head).
+    pub heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Vocabulary size (at least the tiny vocabulary's 512; the rest are
+    /// unused pieces).
+    pub vocab: usize,
 }
 
 impl Default for TinyModelSpec {
@@ -35,6 +48,28 @@ impl Default for TinyModelSpec {
             sliding_window: 8,
             context_length: 1024,
             seed: 7,
+            hidden: TINY_HIDDEN,
+            ffn: TINY_FFN,
+            heads: TINY_HEADS,
+            head_dim: TINY_HEAD_DIM,
+            vocab: 512,
+        }
+    }
+}
+
+impl TinyModelSpec {
+    /// Gemma 3 270M's shapes (the default model), with random weights.
+    pub fn gemma3_270m() -> Self {
+        Self {
+            layers: 18,
+            sliding_window: 512,
+            context_length: 32768,
+            seed: 270,
+            hidden: 640,
+            ffn: 2048,
+            heads: 4,
+            head_dim: 256,
+            vocab: 262_144,
         }
     }
 }
@@ -50,6 +85,11 @@ pub const TINY_HEADS: usize = 4;
 
 /// The tiny model's vocabulary: specials, `\n` (user-defined), 256 bytes, and pieces.
 pub fn tiny_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
+    vocab_of(512)
+}
+
+/// The tiny vocabulary padded with unused pieces to `size` (at least 512).
+fn vocab_of(size: usize) -> (Vec<String>, Vec<f32>, Vec<i32>) {
     let mut pieces: Vec<String> = [
         "<pad>",
         "<eos>",
@@ -98,7 +138,7 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
     pieces.extend(normal);
     kinds.resize(pieces.len(), 1);
     let mut i = 0;
-    while pieces.len() < 512 {
+    while pieces.len() < size.max(512) {
         pieces.push(format!("<unused{i}>"));
         kinds.push(5);
         i += 1;
@@ -144,9 +184,11 @@ fn norm(rng: &mut Rng, n: usize) -> Result<QTensor> {
 /// Writes the tiny model to `path`.
 pub fn write_tiny_model(path: &Path, spec: &TinyModelSpec) -> Result<()> {
     let mut rng = Rng::new(spec.seed);
-    let (pieces, scores, kinds) = tiny_vocab();
+    let (pieces, scores, kinds) = vocab_of(spec.vocab);
     let vocab = pieces.len();
-    let (h, f, hd, nh) = (TINY_HIDDEN, TINY_FFN, TINY_HEAD_DIM, TINY_HEADS);
+    let (h, f, hd, nh) = (spec.hidden, spec.ffn, spec.head_dim, spec.heads);
+    // k-quants need rows of a multiple of 256 values
+    let k_or = |cols: usize, k: GgmlDType| if cols % 256 == 0 { k } else { GgmlDType::Q8_0 };
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
             "token_embd.weight".into(),
@@ -166,7 +208,7 @@ pub fn write_tiny_model(path: &Path, spec: &TinyModelSpec) -> Result<()> {
         tensors.push((n("attn_v"), quantized(&mut rng, hd, h, w, GgmlDType::Q8_0)?));
         tensors.push((
             n("attn_output"),
-            quantized(&mut rng, h, nh * hd, w, GgmlDType::Q4K)?,
+            quantized(&mut rng, h, nh * hd, w, k_or(nh * hd, GgmlDType::Q4K))?,
         ));
         tensors.push((n("attn_q_norm"), norm(&mut rng, hd)?));
         tensors.push((n("attn_k_norm"), norm(&mut rng, hd)?));
@@ -177,7 +219,10 @@ pub fn write_tiny_model(path: &Path, spec: &TinyModelSpec) -> Result<()> {
             quantized(&mut rng, f, h, w, GgmlDType::Q5_0)?,
         ));
         tensors.push((n("ffn_up"), quantized(&mut rng, f, h, w, GgmlDType::Q5_0)?));
-        tensors.push((n("ffn_down"), quantized(&mut rng, h, f, w, GgmlDType::Q6K)?));
+        tensors.push((
+            n("ffn_down"),
+            quantized(&mut rng, h, f, w, k_or(f, GgmlDType::Q6K))?,
+        ));
         tensors.push((n("post_ffw_norm"), norm(&mut rng, h)?));
     }
     let u32v = |v: usize| Value::U32(v as u32);

@@ -30,6 +30,7 @@ pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod demo;
+pub mod gpubench;
 pub mod metrics;
 pub mod model_store;
 pub mod routing;

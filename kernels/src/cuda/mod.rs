@@ -224,6 +224,31 @@ impl Gpu {
             .map_err(|e| device_error("memory info", e))
     }
 
+    /// Device-to-device copy bandwidth in bytes per second, counting the
+    /// bytes read and the bytes written: the memory-bandwidth bar for a
+    /// step that reads its weights and cache once.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 256usize << 20; // 1 GiB of f32
+        let s = &self.stream;
+        let src = s
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| device_error("allocation", e))?;
+        let mut dst = s
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| device_error("allocation", e))?;
+        s.memcpy_dtod(&src, &mut dst)
+            .map_err(|e| device_error("copy", e))?;
+        s.synchronize().map_err(|e| device_error("copy", e))?;
+        let rounds = 10;
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            s.memcpy_dtod(&src, &mut dst)
+                .map_err(|e| device_error("copy", e))?;
+        }
+        s.synchronize().map_err(|e| device_error("copy", e))?;
+        Ok((2 * 4 * n * rounds) as f64 / t.elapsed().as_secs_f64())
+    }
+
     fn kernel(&self, name: &str) -> &CudaFunction {
         self.kernels
             .get(name)
