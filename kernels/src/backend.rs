@@ -100,6 +100,7 @@ fn cuda_engine(ordinal: usize, lm: &LoadedModel, cfg: EngineConfig) -> Result<En
         kv_budget: cfg.kv_budget_bytes,
         max_rows: cfg.max_step_tokens,
         max_logit_rows: cfg.max_running,
+        ..crate::cuda::CudaOptions::default()
     };
     let device = crate::cuda::CudaModel::load(&lm.model, ordinal, opts)?;
     Engine::on_device(

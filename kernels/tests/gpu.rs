@@ -239,6 +239,7 @@ mod model {
             kv_budget: 64 << 20,
             max_rows: 512,
             max_logit_rows: 64,
+            graphs: true,
         }
     }
 
@@ -304,6 +305,9 @@ mod model {
             }
             chunks = next;
         }
+        // the decode steps (one row per sequence) ran as a captured graph
+        let d = dev.describe();
+        assert!(d.contains("1 step graphs"), "{d}");
     }
 
     #[test]

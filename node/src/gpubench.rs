@@ -273,7 +273,11 @@ mod imp {
     ) -> Result<()> {
         let c = lm.model.config().clone();
         let most = a.batches.iter().copied().max().unwrap_or(1);
-        let per_seq = (a.context + a.decode_steps + 2).div_ceil(KV_BLOCK_TOKENS) + 1;
+        // sequences that finish their prefill first decode while the rest
+        // prefill; room enough that none ends inside the timed steps
+        let max_tokens = 3 * a.decode_steps + 64;
+        let max_context = a.context + max_tokens + 8;
+        let per_seq = max_context.div_ceil(KV_BLOCK_TOKENS) + 1;
         let kv_bytes = most * per_seq * KvCache::block_bytes(c.layers, c.kv_dim());
         let dev = CudaModel::load(
             &lm.model,
@@ -293,7 +297,7 @@ mod imp {
             EngineConfig {
                 max_step_tokens: 4096,
                 max_running: most,
-                max_context: a.context + a.decode_steps + 8,
+                max_context,
                 ..EngineConfig::default()
             },
         )?;
@@ -312,7 +316,7 @@ mod imp {
                 e.add_request(Request {
                     id: next_id,
                     prompt,
-                    params: exactly(a.decode_steps + 1),
+                    params: exactly(max_tokens),
                     priority: 0,
                     tenant: String::new(),
                 })?;
@@ -340,6 +344,9 @@ mod imp {
                 tokens += e.step()?.iter().filter(|ev| ev.token.is_some()).count();
             }
             let decode_s = t1.elapsed().as_secs_f64();
+            for id in &ids {
+                e.cancel(*id);
+            }
             e.run_to_completion()?;
             let step_s = decode_s / a.decode_steps as f64;
             // bytes one decode step reads: every weight, and each

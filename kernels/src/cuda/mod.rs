@@ -201,7 +201,14 @@ impl Gpu {
                 .map_err(|e| device_error(name, e))?;
             kernels.insert(name, f);
         }
-        let stream = ctx.default_stream();
+        // SAFETY: weft does all of its work on this context on the one
+        // stream made below, so cudarc need not order streams by events
+        // (and a stream being captured into a graph must not wait on them).
+        #[allow(unsafe_code)]
+        unsafe {
+            ctx.disable_event_tracking()
+        };
+        let stream = ctx.new_stream().map_err(|e| device_error("stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS", e))?;
         Ok(Self {
             ctx,

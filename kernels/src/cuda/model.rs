@@ -16,10 +16,12 @@
 //! logits are wanted, and the argmax of each on the device. Only tokens
 //! (or the logits a host sampler needs) come back.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{device_error, Gpu, ROW_THREADS};
 use crate::engine::{DeviceForward, DeviceOutput};
@@ -45,6 +47,10 @@ pub struct CudaOptions {
     pub max_rows: usize,
     /// Most rows whose logits one step computes (one per sequence at most).
     pub max_logit_rows: usize,
+    /// Replay decode steps as CUDA graphs (one per batch size), which cuts
+    /// the launch cost of a step to one; off, or where capture fails, every
+    /// kernel is launched on its own.
+    pub graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -54,6 +60,7 @@ impl Default for CudaOptions {
             kv_budget: 8 << 30,
             max_rows: 2048,
             max_logit_rows: 256,
+            graphs: true,
         }
     }
 }
@@ -97,6 +104,8 @@ struct Buffers {
     row_chunk: CudaSlice<i32>,
     logit_rows: CudaSlice<i32>,
     best: CudaSlice<u32>,
+    /// Each chunk's block table, `table_stride` entries per chunk.
+    tables: CudaSlice<i32>,
 }
 
 impl Buffers {
@@ -105,7 +114,8 @@ impl Buffers {
         let (h, q, kv, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
         let f32s = rows * (3 * h + 2 * q + 2 * kv + 2 * f) + logit_rows * (h + cfg.vocab);
         let u16s = rows * h.max(q).max(f) + logit_rows * h;
-        4 * f32s + 2 * u16s + 4 * (5 * rows + 2 * logit_rows)
+        let tables = logit_rows * cfg.context_length.div_ceil(KV_BLOCK_TOKENS);
+        4 * f32s + 2 * u16s + 4 * (5 * rows + 2 * logit_rows + tables)
     }
 }
 
@@ -126,7 +136,23 @@ pub struct CudaModel {
     opts: CudaOptions,
     freqs: (f32, f32),
     weight_bytes: usize,
+    /// Block-table entries per chunk: the longest context's blocks.
+    table_stride: usize,
+    /// Captured decode steps by (rows, logit rows).
+    graphs: HashMap<(usize, usize), Graph>,
+    /// Why graphs are off, when capture failed.
+    graphs_off: Option<String>,
 }
+
+/// A captured step.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph is launched only through its CudaModel, which one thread
+// uses at a time (the engine's); cudarc binds the context to the calling
+// thread before each launch, and CUDA graph handles are not tied to the
+// thread that made them.
+#[allow(unsafe_code)]
+unsafe impl Send for Graph {}
 
 impl std::fmt::Debug for CudaModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -287,6 +313,7 @@ impl CudaModel {
             row_chunk: zeros_i(r)?,
             logit_rows: zeros_i(lr)?,
             best: zeros_u(lr)?,
+            tables: zeros_i(lr * cfg.context_length.div_ceil(KV_BLOCK_TOKENS))?,
         };
         let model = Self {
             embed: up16(embed)?,
@@ -300,6 +327,9 @@ impl CudaModel {
             opts,
             freqs,
             weight_bytes,
+            table_stride: cfg.context_length.div_ceil(KV_BLOCK_TOKENS),
+            graphs: HashMap::new(),
+            graphs_off: None,
             cfg,
             gpu,
         };
@@ -488,23 +518,16 @@ impl Dev<'_> {
     }
 }
 
-/// The index arrays of one step, on the device.
-struct StepIndex {
-    tables: CudaSlice<i32>,
-    max_blocks: i32,
-    rows: usize,
-}
-
 impl CudaModel {
     /// Runs every layer over the step's rows, from `buf.x` back into it.
-    fn layers_forward(&mut self, ix: &StepIndex) -> Result<()> {
+    fn layers_forward(&mut self, t: usize) -> Result<()> {
         let dev = Dev {
             gpu: &self.gpu,
             cfg: &self.cfg,
         };
         let cfg = &self.cfg;
         let buf = &mut self.buf;
-        let t = ix.rows;
+        let stride = self.table_stride as i32;
         let (h, qd, kvd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
         let q_scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let s = &self.gpu.stream;
@@ -573,8 +596,8 @@ impl CudaModel {
                     .arg(&mut buf.attn)
                     .arg(&buf.positions)
                     .arg(&buf.row_chunk)
-                    .arg(&ix.tables)
-                    .arg(&ix.max_blocks)
+                    .arg(&buf.tables)
+                    .arg(&stride)
                     .arg(&rows_i)
                     .arg(&heads_i)
                     .arg(&kvh_i)
@@ -649,6 +672,46 @@ impl CudaModel {
         Ok(())
     }
 
+    /// Launches a whole step for `t` rows, `n` of them wanting logits,
+    /// over the inputs already in the buffers.
+    fn launch_step(&mut self, t: usize, n: usize) -> Result<()> {
+        let (hidden, scale) = (self.cfg.hidden as i32, (self.cfg.hidden as f32).sqrt());
+        let mut b = self
+            .gpu
+            .stream
+            .launch_builder(self.gpu.kernel("embed_rows"));
+        b.arg(&self.embed)
+            .arg(&self.buf.tokens)
+            .arg(&mut self.buf.x)
+            .arg(&hidden)
+            .arg(&scale);
+        // SAFETY: (const unsigned short*, const unsigned int*, float*, int,
+        // float): every token is below vocab (the layout checks), x holds t
+        // rows of hidden.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(row_launch(t)) }.map_err(|e| device_error("embed_rows", e))?;
+        self.layers_forward(t)?;
+        if n > 0 {
+            self.logits(n)?;
+        }
+        Ok(())
+    }
+
+    /// Captures the step's launches for `t` rows and `n` logit rows as a
+    /// graph, without running them.
+    fn capture(&mut self, t: usize, n: usize) -> Result<CudaGraph> {
+        let s = self.gpu.stream.clone();
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| device_error("graph capture", e))?;
+        let launched = self.launch_step(t, n);
+        // always end the capture, so the stream is usable again
+        let graph = s.end_capture(CUgraphInstantiate_flags(0));
+        launched?;
+        graph
+            .map_err(|e| device_error("graph capture", e))?
+            .ok_or_else(|| KernelError::BadInput("CUDA graph capture gave no graph".into()))
+    }
+
     /// Runs one step. See the module's documentation.
     fn step(
         &mut self,
@@ -663,46 +726,64 @@ impl CudaModel {
         }
         let layout = StepLayout::new(chunks, kv, self.cfg.vocab)?;
         let (t, n) = (layout.rows(), layout.logit_rows.len());
-        if t > self.opts.max_rows || n > self.opts.max_logit_rows {
+        if t > self.opts.max_rows || chunks.len() > self.opts.max_logit_rows {
             return Err(KernelError::BadInput(format!(
-                "a step of {t} rows and {n} logit rows; this device runs at most {} and {}",
-                self.opts.max_rows, self.opts.max_logit_rows
+                "a step of {t} rows in {} chunks; this device runs at most {} and {}",
+                chunks.len(),
+                self.opts.max_rows,
+                self.opts.max_logit_rows
             )));
+        }
+        if layout.max_blocks > self.table_stride {
+            return Err(KernelError::BadInput(format!(
+                "a sequence of {} blocks; the context holds {}",
+                layout.max_blocks, self.table_stride
+            )));
+        }
+        // the block tables at a fixed stride, so a captured step reads them
+        // where they are each time
+        let mut tables = vec![-1i32; chunks.len() * self.table_stride];
+        for (ci, row) in layout.tables.chunks(layout.max_blocks.max(1)).enumerate() {
+            tables[ci * self.table_stride..ci * self.table_stride + row.len()].copy_from_slice(row);
         }
         let s = self.gpu.stream.clone();
         let copy = |e| device_error("copy", e);
-        s.memcpy_htod(&layout.tokens, &mut self.buf.tokens.slice_mut(..t))
+        let b = &mut self.buf;
+        s.memcpy_htod(&layout.tokens, &mut b.tokens.slice_mut(..t))
             .map_err(copy)?;
-        s.memcpy_htod(&layout.positions, &mut self.buf.positions.slice_mut(..t))
+        s.memcpy_htod(&layout.positions, &mut b.positions.slice_mut(..t))
             .map_err(copy)?;
-        s.memcpy_htod(&layout.slots, &mut self.buf.slots.slice_mut(..t))
+        s.memcpy_htod(&layout.slots, &mut b.slots.slice_mut(..t))
             .map_err(copy)?;
-        s.memcpy_htod(&layout.row_chunk, &mut self.buf.row_chunk.slice_mut(..t))
+        s.memcpy_htod(&layout.row_chunk, &mut b.row_chunk.slice_mut(..t))
+            .map_err(copy)?;
+        s.memcpy_htod(&tables, &mut b.tables.slice_mut(..tables.len()))
             .map_err(copy)?;
         if n > 0 {
-            s.memcpy_htod(&layout.logit_rows, &mut self.buf.logit_rows.slice_mut(..n))
+            s.memcpy_htod(&layout.logit_rows, &mut b.logit_rows.slice_mut(..n))
                 .map_err(copy)?;
         }
-        let ix = StepIndex {
-            tables: s.clone_htod(&layout.tables).map_err(copy)?,
-            max_blocks: layout.max_blocks as i32,
-            rows: t,
-        };
-        {
-            let (hidden, scale) = (self.cfg.hidden as i32, (self.cfg.hidden as f32).sqrt());
-            let mut b = s.launch_builder(self.gpu.kernel("embed_rows"));
-            b.arg(&self.embed)
-                .arg(&self.buf.tokens)
-                .arg(&mut self.buf.x)
-                .arg(&hidden)
-                .arg(&scale);
-            // SAFETY: (const unsigned short*, const unsigned int*, float*,
-            // int, float): every token is below vocab (the layout checks),
-            // x holds t rows of hidden.
-            #[allow(unsafe_code)]
-            unsafe { b.launch(row_launch(t)) }.map_err(|e| device_error("embed_rows", e))?;
+        let decode = t == chunks.len();
+        if decode && self.opts.graphs && !self.graphs.contains_key(&(t, n)) {
+            match self.capture(t, n) {
+                Ok(g) => {
+                    self.graphs.insert((t, n), Graph(g));
+                }
+                Err(e) => {
+                    // launch kernel by kernel from now on
+                    self.graphs_off = Some(e.to_string());
+                    self.opts.graphs = false;
+                }
+            }
         }
-        self.layers_forward(&ix)?;
+        match self
+            .graphs
+            .get(&(t, n))
+            .filter(|_| decode && self.opts.graphs)
+        {
+            Some(g) => g.0.launch().map_err(|e| device_error("graph launch", e))?,
+            None => self.launch_step(t, n)?,
+        }
         for c in chunks {
             if let ChunkInput::Tokens(toks) = &c.input {
                 kv.set_len(c.seq, c.pos + toks.len());
@@ -713,7 +794,6 @@ impl CudaModel {
             s.synchronize().map_err(|e| device_error("step", e))?;
             return Ok(outs);
         }
-        self.logits(n)?;
         let best = s.clone_dtoh(&self.buf.best.slice(..n)).map_err(copy)?;
         let vocab = self.cfg.vocab;
         let mut k = 0;
@@ -759,7 +839,12 @@ impl DeviceForward for CudaModel {
 
     fn describe(&self) -> String {
         let i = self.gpu.info();
-        format!("cuda:{} ({})", i.ordinal, i.name)
+        let graphs = match (&self.graphs_off, self.opts.graphs) {
+            (Some(why), _) => format!("graphs off: {why}"),
+            (None, true) => format!("{} step graphs", self.graphs.len()),
+            (None, false) => "no graphs".into(),
+        };
+        format!("cuda:{} ({}, {graphs})", i.ordinal, i.name)
     }
 }
 
