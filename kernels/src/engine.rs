@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{KernelError, Result};
 use crate::kv::{KvCache, SeqId};
 use crate::model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
-use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob, TopOfRow};
 use crate::tokenizer::{StreamDecoder, TokenId, Tokenizer};
 
 /// A request's id, chosen by the caller.
@@ -208,6 +208,21 @@ pub trait Downstream: Send {
     fn release(&mut self, seq: SeqId);
 }
 
+/// What the engine needs of a chunk's logits, when it wants them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pick {
+    /// The whole row, for the host's sampler.
+    Logits,
+    /// Only the most likely token.
+    Argmax,
+    /// The row's best few logits and its softmax sum at this temperature
+    /// ([`TopOfRow`]), to draw a top-k / top-p / min-p token from.
+    Top {
+        /// The sampling temperature.
+        temperature: f32,
+    },
+}
+
 /// What a device step gives for one chunk.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceOutput {
@@ -217,6 +232,17 @@ pub enum DeviceOutput {
     Logits(Vec<f32>),
     /// The last row's most likely token, picked on the device.
     Argmax(TokenId),
+    /// The last row's best logits, for [`Sampler::sample_top`].
+    Top(TopOfRow),
+}
+
+/// A chunk's output as the engine samples it.
+enum Sampled {
+    Nothing,
+    Logits(Vec<f32>),
+    Argmax(TokenId),
+    /// Already drawn by the sequence's sampler.
+    Drawn(TokenId),
 }
 
 /// A whole model on a device other than the CPU (see `cuda::CudaModel`).
@@ -224,14 +250,17 @@ pub enum DeviceOutput {
 /// tables in a [`KvCache::tables_only`] of [`DeviceForward::kv_blocks`]
 /// blocks and hands it to every step.
 pub trait DeviceForward: Send {
-    /// Runs one step of token chunks; `argmax[i]` says that chunk `i`
-    /// needs only its most likely token, not its logits.
+    /// Runs one step of token chunks; `picks[i]` says what chunk `i`
+    /// needs of its logits (when it wants them).
     fn forward(
         &mut self,
         chunks: &[Chunk],
         kv: &mut KvCache,
-        argmax: &[bool],
+        picks: &[Pick],
     ) -> Result<Vec<DeviceOutput>>;
+    /// The whole logits row of chunk `chunk` of the last step (when its
+    /// top was not enough to draw from).
+    fn logits(&mut self, chunk: usize) -> Result<Vec<f32>>;
     /// Blocks of the device's KV pool.
     fn kv_blocks(&self) -> usize;
     /// Most rows (tokens) one step may run.
@@ -854,8 +883,8 @@ impl Engine {
         let outs = outs
             .into_iter()
             .map(|o| match o {
-                ChunkOutput::Logits(Some(l)) => DeviceOutput::Logits(l),
-                _ => DeviceOutput::Nothing,
+                ChunkOutput::Logits(Some(l)) => Sampled::Logits(l),
+                _ => Sampled::Nothing,
             })
             .collect();
         Ok(self.sample(&plan, outs, events))
@@ -870,12 +899,23 @@ impl Engine {
         chunks: Vec<Chunk>,
         mut events: Vec<StepEvent>,
     ) -> Result<Vec<StepEvent>> {
-        let argmax: Vec<bool> = plan
+        let picks: Vec<Pick> = plan
             .iter()
-            .map(|&(i, _)| self.running[i].sampler.params().wants_only_the_argmax())
+            .map(|&(i, _)| {
+                let p = self.running[i].sampler.params();
+                if p.wants_only_the_argmax() {
+                    Pick::Argmax
+                } else if p.can_sample_from_the_top() {
+                    Pick::Top {
+                        temperature: p.temperature,
+                    }
+                } else {
+                    Pick::Logits
+                }
+            })
             .collect();
         let device = self.device.as_mut().expect("a device step has a device");
-        let outs = match device.forward(&chunks, &mut self.kv, &argmax) {
+        let outs = match device.forward(&chunks, &mut self.kv, &picks) {
             Ok(o) if o.len() == chunks.len() => o,
             failed => {
                 let why = match failed {
@@ -887,7 +927,28 @@ impl Engine {
                 return Ok(events);
             }
         };
-        Ok(self.sample(&plan, outs, events))
+        // a draw from the top of a row, or the whole row where that is
+        // not enough
+        let mut sampled = Vec::with_capacity(outs.len());
+        for (ci, (&(i, _), out)) in plan.iter().zip(outs).enumerate() {
+            sampled.push(match out {
+                DeviceOutput::Nothing => Sampled::Nothing,
+                DeviceOutput::Logits(l) => Sampled::Logits(l),
+                DeviceOutput::Argmax(t) => Sampled::Argmax(t),
+                DeviceOutput::Top(top) => match self.running[i].sampler.sample_top(&top) {
+                    Some(t) => Sampled::Drawn(t),
+                    None => match device.logits(ci) {
+                        Ok(l) => Sampled::Logits(l),
+                        Err(e) => {
+                            let why = format!("the device failed: {e}");
+                            self.end_running(&mut events, FinishReason::Error(why));
+                            return Ok(events);
+                        }
+                    },
+                },
+            });
+        }
+        Ok(self.sample(&plan, sampled, events))
     }
 
     /// Ends every running sequence with `reason` (their caches no longer
@@ -910,7 +971,7 @@ impl Engine {
     fn sample(
         &mut self,
         plan: &[(usize, usize)],
-        outs: Vec<DeviceOutput>,
+        outs: Vec<Sampled>,
         mut events: Vec<StepEvent>,
     ) -> Vec<StepEvent> {
         let mut finished = Vec::new();
@@ -923,12 +984,13 @@ impl Engine {
                     n.min(s.prompt_len.saturating_sub(s.computed - n)) as u64;
             }
             let (tok, logprob) = match out {
-                DeviceOutput::Nothing => continue, // a prefill chunk short of the end
-                DeviceOutput::Logits(mut logits) => s.sampler.sample(&mut logits),
-                DeviceOutput::Argmax(tok) => {
+                Sampled::Nothing => continue, // a prefill chunk short of the end
+                Sampled::Logits(mut logits) => s.sampler.sample(&mut logits),
+                Sampled::Argmax(tok) => {
                     s.sampler.replay(tok);
                     (tok, None)
                 }
+                Sampled::Drawn(tok) => (tok, None),
             };
             self.stats.generated_tokens += 1;
             let ev = Self::accept(&self.tokenizer, s, tok, logprob, self.cfg.max_context);

@@ -40,7 +40,7 @@ use std::sync::Arc;
 pub use backend::{set_threads, Backend};
 pub use engine::{
     next_input, Completion, DeviceForward, DeviceOutput, Downstream, Engine, EngineConfig,
-    EngineStats, FinishReason, LocalChain, Request, RequestId, Resume, Stage, StepEvent,
+    EngineStats, FinishReason, LocalChain, Pick, Request, RequestId, Resume, Stage, StepEvent,
     TenantUsage,
 };
 pub use error::{KernelError, Result};
@@ -48,7 +48,7 @@ pub use gguf::{GemmaConfig, GgufFile};
 pub use kv::{KvCache, SeqId, KV_BLOCK_TOKENS};
 pub use layout::StepLayout;
 pub use model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
-pub use sampling::{Sampler, SamplingParams, TokenLogprob};
+pub use sampling::{Sampler, SamplingParams, TokenLogprob, TopOfRow};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 
 /// A model and its tokenizer, loaded from one GGUF file.

@@ -79,11 +79,23 @@ impl SamplingParams {
     /// logits matters (no penalties, no log-probabilities): a device can
     /// then pick it without sending the logits back.
     pub fn wants_only_the_argmax(&self) -> bool {
-        self.is_greedy()
+        self.is_greedy() && !self.logprobs && !self.penalizes()
+    }
+
+    /// Whether the token can be drawn from the row's best few logits (see
+    /// [`Sampler::sample_top`]): a random draw cut by top-k, top-p or
+    /// min-p, with no penalties and no log-probabilities.
+    pub fn can_sample_from_the_top(&self) -> bool {
+        !self.is_greedy()
             && !self.logprobs
-            && self.repetition_penalty == 1.0
-            && self.frequency_penalty == 0.0
-            && self.presence_penalty == 0.0
+            && !self.penalizes()
+            && (self.top_k > 0 || self.top_p < 1.0 || self.min_p > 0.0)
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
     }
 }
 
@@ -279,6 +291,123 @@ impl Sampler {
     }
 }
 
+/// What a device gives of one row for [`Sampler::sample_top`]: every
+/// logit at or above the row's `k`-th largest, as (token, logit), the row's
+/// largest logit, and the sum over the whole row of `exp((l - max) / t)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopOfRow {
+    /// At least the `k` best (token, logit) pairs, in any order.
+    pub cands: Vec<(TokenId, f32)>,
+    /// How many best the device was asked for.
+    pub k: usize,
+    /// The row's largest logit.
+    pub max: f32,
+    /// `Σ exp((l - max) / temperature)` over the row.
+    pub total: f64,
+}
+
+impl TopOfRow {
+    /// What a device computes, on the host (for tests and stand-ins).
+    pub fn of(logits: &[f32], k: usize, temperature: f32) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv_t = 1.0 / temperature;
+        let total = logits
+            .iter()
+            .map(|&l| ((l - max) * inv_t).exp() as f64)
+            .sum();
+        let mut cands: Vec<(TokenId, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as TokenId, l))
+            .collect();
+        if cands.len() > k && k > 0 {
+            cands.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            let kth = cands[k - 1].1;
+            cands.retain(|c| c.1 >= kth);
+        }
+        Self {
+            cands,
+            k,
+            max,
+            total,
+        }
+    }
+}
+
+impl Sampler {
+    /// Draws the next token, as [`Sampler::sample`] would from the whole
+    /// row, from the best `top.k` logits of it; `None` (and nothing drawn)
+    /// when the cut reaches past them (a nucleus wider than `k`, a pure
+    /// temperature draw), and the whole row is needed. Only for params
+    /// where [`SamplingParams::can_sample_from_the_top`] holds.
+    pub fn sample_top(&mut self, top: &TopOfRow) -> Option<TokenId> {
+        let p = &self.params;
+        if !p.can_sample_from_the_top() || top.k == 0 {
+            return None;
+        }
+        let inv_t = 1.0 / p.temperature;
+        let by_weight =
+            |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let mut best: Vec<(TokenId, f32)> = top.cands.clone();
+        best.sort_unstable_by(by_weight);
+        // the row's k best, and whether they are the whole row
+        let whole_row = best.len() < top.k;
+        best.truncate(top.k);
+        let kth_weight = best.last().map_or(0.0, |c| ((c.1 - top.max) * inv_t).exp());
+        let min_w = if p.min_p > 0.0 { p.min_p } else { 0.0 };
+        let mut cands: Vec<(TokenId, f32)> = best
+            .iter()
+            .map(|&(t, l)| (t, ((l - top.max) * inv_t).exp()))
+            .filter(|&(_, w)| w >= min_w && w > 0.0)
+            .collect();
+        cands.sort_by(by_weight);
+        // every token that passes min-p is among the k best
+        let mut complete = whole_row || (min_w > 0.0 && kth_weight < min_w);
+        if p.top_k > 0 {
+            if p.top_k <= top.k {
+                cands.truncate(p.top_k);
+                complete = true;
+            } else if !complete {
+                return None;
+            }
+        }
+        if p.top_p < 1.0 && p.top_p > 0.0 {
+            let mass: f64 = if p.top_k > 0 || min_w > 0.0 {
+                if !complete {
+                    return None;
+                }
+                cands.iter().map(|c| c.1 as f64).sum()
+            } else {
+                top.total
+            };
+            match prefix_reaching(&cands, p.top_p as f64 * mass) {
+                Some(n) => cands.truncate(n),
+                None if complete => {}
+                None => return None,
+            }
+        } else if !complete {
+            return None;
+        }
+        let tok = if cands.is_empty() {
+            best.first()?.0
+        } else {
+            let sum: f64 = cands.iter().map(|c| c.1 as f64).sum();
+            let mut u = self.rng.uniform() * sum;
+            let mut pick = cands[cands.len() - 1].0;
+            for &(t, w) in &cands {
+                u -= w as f64;
+                if u < 0.0 {
+                    pick = t;
+                    break;
+                }
+            }
+            pick
+        };
+        self.observe(tok);
+        Some(tok)
+    }
+}
+
 fn prefix_reaching(sorted: &[(TokenId, f32)], target: f64) -> Option<usize> {
     let mut acc = 0f64;
     for (i, c) in sorted.iter().enumerate() {
@@ -446,5 +575,94 @@ mod tests {
             .map(|(i, _)| (logprob_of(&l, i as u32, 0).logprob as f64).exp())
             .sum();
         assert!((total - 1.0).abs() < 1e-3, "{total}");
+    }
+
+    #[test]
+    fn drawing_from_the_top_of_a_row_gives_the_whole_rows_tokens() {
+        // rows from flat to peaked, and cuts that fit in the top 64 or not
+        let mut rng = Rng::new(5);
+        let mut rows: Vec<Vec<f32>> = (0..12)
+            .map(|r| {
+                let spread = 0.5 + r as f32 * 1.5;
+                (0..4000)
+                    .map(|_| (rng.uniform() as f32 - 0.5) * spread * 2.0)
+                    .collect()
+            })
+            .collect();
+        // and rows like a trained model's: a few tokens far ahead
+        for r in 0..6 {
+            let mut row: Vec<f32> = (0..4000).map(|_| rng.uniform() as f32 * -5.0).collect();
+            for j in 0..(2 + r * 3) {
+                row[(j * 397 + r) % 4000] = 12.0 + rng.uniform() as f32 * 4.0;
+            }
+            rows.push(row);
+        }
+        let cases = [
+            (0.8, 40, 1.0, 0.0),
+            (1.0, 0, 0.9, 0.0),
+            (0.7, 0, 0.5, 0.0),
+            (1.2, 0, 1.0, 0.2),
+            (1.0, 200, 1.0, 0.0),
+            (0.9, 30, 0.8, 0.05),
+            (1.0, 0, 1.0, 0.0),
+        ];
+        for (temperature, top_k, top_p, min_p) in cases {
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                max_tokens: 100,
+                ..SamplingParams::default()
+            };
+            let (mut full, mut from_top) = (
+                Sampler::new(params.clone(), 9),
+                Sampler::new(params.clone(), 9),
+            );
+            let mut used = 0;
+            for round in 0..20 {
+                for row in &rows {
+                    let want = full.sample(&mut row.clone()).0;
+                    let top = TopOfRow::of(row, 64, temperature);
+                    let got = match from_top.sample_top(&top) {
+                        Some(t) => {
+                            used += 1;
+                            t
+                        }
+                        // what the engine does: the whole row after all
+                        None => from_top.sample(&mut row.clone()).0,
+                    };
+                    assert_eq!(got, want, "{params:?}, round {round}");
+                }
+            }
+            let pure_temperature = top_k == 0 && top_p >= 1.0 && min_p == 0.0;
+            if pure_temperature || top_k > 64 {
+                assert_eq!(used, 0, "{params:?} cannot be cut from the top 64");
+            } else {
+                assert!(used > 0, "{params:?} never used the top of the row");
+            }
+        }
+        // greedy, penalties and log-probabilities need the whole row
+        for p in [
+            SamplingParams::greedy(4),
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 5,
+                repetition_penalty: 1.2,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 5,
+                logprobs: true,
+                ..SamplingParams::default()
+            },
+        ] {
+            assert!(!p.can_sample_from_the_top());
+            assert_eq!(
+                Sampler::new(p, 1).sample_top(&TopOfRow::of(&rows[0], 64, 1.0)),
+                None
+            );
+        }
     }
 }

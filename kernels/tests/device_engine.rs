@@ -11,7 +11,8 @@ use std::sync::Arc;
 use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
 use weft_kernels::{
     load, Backend, Chunk, ChunkOutput, Completion, DeviceForward, DeviceOutput, Engine,
-    EngineConfig, FinishReason, Gemma3, KvCache, LoadedModel, Request, Result, SamplingParams,
+    EngineConfig, FinishReason, Gemma3, KvCache, LoadedModel, Pick, Request, Result,
+    SamplingParams, TopOfRow,
 };
 
 /// A "device" that runs the CPU model with a cache of its own, checking
@@ -23,6 +24,11 @@ struct HostDevice {
     steps: usize,
     fail_at: Option<usize>,
     argmax_rows: Arc<std::sync::atomic::AtomicUsize>,
+    /// The last step's logits, by chunk, for `logits`.
+    last: Vec<Option<Vec<f32>>>,
+    /// Rows that went out as their top, and rows asked for whole after.
+    tops: Arc<std::sync::atomic::AtomicUsize>,
+    refetched: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl DeviceForward for HostDevice {
@@ -30,7 +36,7 @@ impl DeviceForward for HostDevice {
         &mut self,
         chunks: &[Chunk],
         tables: &mut KvCache,
-        argmax: &[bool],
+        picks: &[Pick],
     ) -> Result<Vec<DeviceOutput>> {
         self.steps += 1;
         if Some(self.steps) == self.fail_at {
@@ -53,11 +59,23 @@ impl DeviceForward for HostDevice {
             tables.set_len(c.seq, c.pos + n);
         }
         let outs = self.model.forward(chunks, &mut self.kv)?;
+        self.last = outs
+            .iter()
+            .map(|o| match o {
+                ChunkOutput::Logits(l) => l.clone(),
+                _ => None,
+            })
+            .collect();
         Ok(outs
             .into_iter()
-            .zip(argmax)
-            .map(|(o, &am)| match o {
-                ChunkOutput::Logits(Some(l)) if am => {
+            .zip(picks)
+            .map(|(o, &pick)| match (o, pick) {
+                (ChunkOutput::Logits(Some(l)), Pick::Top { temperature }) => {
+                    self.tops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // a small top, so some draws need the whole row after
+                    DeviceOutput::Top(TopOfRow::of(&l, 3, temperature))
+                }
+                (ChunkOutput::Logits(Some(l)), Pick::Argmax) => {
                     self.argmax_rows
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let best = (0..l.len())
@@ -65,10 +83,16 @@ impl DeviceForward for HostDevice {
                         .unwrap();
                     DeviceOutput::Argmax(best as u32)
                 }
-                ChunkOutput::Logits(Some(l)) => DeviceOutput::Logits(l),
+                (ChunkOutput::Logits(Some(l)), Pick::Logits) => DeviceOutput::Logits(l),
                 _ => DeviceOutput::Nothing,
             })
             .collect())
+    }
+
+    fn logits(&mut self, chunk: usize) -> Result<Vec<f32>> {
+        self.refetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.last[chunk].clone().expect("the chunk had logits"))
     }
 
     fn kv_blocks(&self) -> usize {
@@ -99,15 +123,20 @@ fn requests() -> Vec<Request> {
         .map(|i| {
             let mut prompt = vec![2];
             prompt.extend((0..3 + i as u32 * 6).map(|j| 263 + (j * 7 + i as u32 * 13) % 60));
-            let params = if i % 2 == 0 {
-                SamplingParams::greedy(14)
-            } else {
-                SamplingParams {
-                    temperature: 0.8,
-                    top_p: 0.9,
+            let params = match i % 4 {
+                0 | 2 => SamplingParams::greedy(14),
+                1 => SamplingParams {
+                    temperature: 40.0,
+                    top_p: 0.999,
                     seed: Some(i),
                     ..SamplingParams::greedy(14)
-                }
+                },
+                _ => SamplingParams {
+                    temperature: 0.9,
+                    top_k: 2,
+                    seed: Some(i),
+                    ..SamplingParams::greedy(14)
+                },
             };
             Request {
                 id: i,
@@ -139,13 +168,21 @@ fn run(e: &mut Engine, reqs: &[Request]) -> HashMap<u64, Completion> {
     out
 }
 
-fn device(
-    lm: &LoadedModel,
-    blocks: usize,
-    fail_at: Option<usize>,
-) -> (HostDevice, Arc<std::sync::atomic::AtomicUsize>) {
+/// What the stand-in device counts.
+#[derive(Default, Clone)]
+struct Counts {
+    argmax: Arc<std::sync::atomic::AtomicUsize>,
+    tops: Arc<std::sync::atomic::AtomicUsize>,
+    refetched: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn get(c: &Arc<std::sync::atomic::AtomicUsize>) -> usize {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn device(lm: &LoadedModel, blocks: usize, fail_at: Option<usize>) -> (HostDevice, Counts) {
     let c = lm.model.config();
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counts = Counts::default();
     (
         HostDevice {
             model: lm.model.clone(),
@@ -153,9 +190,12 @@ fn device(
             blocks,
             steps: 0,
             fail_at,
-            argmax_rows: count.clone(),
+            argmax_rows: counts.argmax.clone(),
+            last: Vec::new(),
+            tops: counts.tops.clone(),
+            refetched: counts.refetched.clone(),
         },
-        count,
+        counts,
     )
 }
 
@@ -171,7 +211,7 @@ fn an_engine_on_a_device_gives_the_cpu_engines_tokens() {
     let mut cpu = Engine::new(lm.model.clone(), lm.tokenizer.clone(), cfg.clone()).unwrap();
     let want = run(&mut cpu, &reqs);
     // a pool of 12 blocks, so sequences are preempted and recomputed too
-    let (dev, argmaxed) = device(&lm, 12, None);
+    let (dev, counts) = device(&lm, 12, None);
     let mut e =
         Engine::on_device(lm.model.clone(), Box::new(dev), lm.tokenizer.clone(), cfg).unwrap();
     assert_eq!(e.kv_usage(), (0, 12), "the pool is the device's");
@@ -184,13 +224,20 @@ fn an_engine_on_a_device_gives_the_cpu_engines_tokens() {
         assert_eq!(got[&r.id].finish, want[&r.id].finish, "request {}", r.id);
     }
     assert!(e.stats().preemptions > 0, "the small pool never pinched");
-    // greedy requests took the device's argmax; sampled ones its logits
+    // greedy requests took the device's argmax; sampled ones drew from
+    // the top of their rows, and fetched the whole row where the top was
+    // not enough (a top-p nucleus wider than the device's top)
+    let (tops, refetched) = (get(&counts.tops), get(&counts.refetched));
+    assert!(
+        tops > refetched && refetched > 0,
+        "{tops} tops, {refetched} rows fetched whole"
+    );
     let greedy_tokens: usize = reqs
         .iter()
         .filter(|r| r.id % 2 == 0)
         .map(|r| got[&r.id].tokens.len())
         .sum();
-    let n = argmaxed.load(std::sync::atomic::Ordering::Relaxed);
+    let n = get(&counts.argmax);
     assert!(
         n >= greedy_tokens,
         "{n} argmax rows for {greedy_tokens} greedy tokens"

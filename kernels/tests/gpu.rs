@@ -208,7 +208,7 @@ mod model {
     use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
     use weft_kernels::{
         load, Backend, Chunk, ChunkInput, ChunkOutput, DeviceForward, DeviceOutput, EngineConfig,
-        KernelError, KvCache, LoadedModel, Request, SamplingParams,
+        KernelError, KvCache, LoadedModel, Pick, Request, SamplingParams, TopOfRow,
     };
 
     fn tiny(dir: &std::path::Path) -> LoadedModel {
@@ -274,9 +274,8 @@ mod model {
                 cpu_kv.reserve(ch.seq, ch.pos + n).unwrap();
             }
             let want = lm.model.forward(&chunks, &mut cpu_kv).unwrap();
-            let got = dev
-                .forward(&chunks, &mut tables, &[false, true, false])
-                .unwrap();
+            let picks = [Pick::Logits, Pick::Argmax, Pick::Top { temperature: 0.7 }];
+            let got = dev.forward(&chunks, &mut tables, &picks).unwrap();
             let mut next = Vec::new();
             for (i, (w, g)) in want.iter().zip(&got).enumerate() {
                 let ChunkOutput::Logits(Some(w)) = w else {
@@ -292,6 +291,26 @@ mod model {
                     }
                     DeviceOutput::Argmax(t) => {
                         assert_eq!(*t, best, "step {step}: the device's argmax")
+                    }
+                    DeviceOutput::Top(top) => {
+                        // what the host would take from the device's own row
+                        let row = dev.logits(i).unwrap();
+                        let want = TopOfRow::of(&row, top.k, 0.7);
+                        let sorted = |t: &TopOfRow| {
+                            let mut c = t.cands.clone();
+                            c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                            c.truncate(t.k);
+                            c
+                        };
+                        assert_eq!(sorted(top), sorted(&want), "step {step}: the row's top");
+                        assert_eq!(top.max, want.max);
+                        assert!(
+                            (top.total - want.total).abs() <= 1e-4 * want.total,
+                            "{} against {}",
+                            top.total,
+                            want.total
+                        );
+                        assert!(rel_err(&row, w) <= 1e-2);
                     }
                     DeviceOutput::Nothing => panic!("no output for sequence {i}"),
                 }

@@ -84,7 +84,7 @@ mod imp {
     use weft_kernels::cuda::{CudaModel, CudaOptions, Gpu};
     use weft_kernels::{
         Backend, Chunk, ChunkInput, ChunkOutput, DeviceForward, DeviceOutput, Engine, EngineConfig,
-        KvCache, LoadedModel, Request, SamplingParams, KV_BLOCK_TOKENS,
+        KvCache, LoadedModel, Pick, Request, SamplingParams, KV_BLOCK_TOKENS,
     };
 
     use super::{GpuBenchArgs, PROMPTS};
@@ -246,7 +246,7 @@ mod imp {
             let mut cpu_kv = KvCache::with_blocks(c.layers, c.kv_dim(), p.len().div_ceil(16));
             cpu_kv.reserve(i as u64, p.len())?;
             let want = lm.model.forward(&chunk, &mut cpu_kv)?;
-            let got = dev.forward(&chunk, &mut tables, &[false])?;
+            let got = dev.forward(&chunk, &mut tables, &[Pick::Logits])?;
             match (&want[0], &got[0]) {
                 (ChunkOutput::Logits(Some(w)), DeviceOutput::Logits(g)) => {
                     worst = worst.max(rel_err(g, w))

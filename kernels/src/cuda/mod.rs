@@ -43,6 +43,7 @@ const KERNELS: &[&str] = &[
     "gelu_mul",
     "to_bf16",
     "gather_rows",
+    "top_of_rows",
 ];
 /// Threads per block of the row kernels (a power of two).
 const ROW_THREADS: u32 = 256;

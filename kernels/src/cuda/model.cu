@@ -180,3 +180,88 @@ extern "C" __global__ void gather_rows(const float *x, const int *rows, float *o
     float *dst = out + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
+
+// An order-preserving key of a float: larger value, larger key.
+__device__ __forceinline__ unsigned int order_key(float f) {
+    unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// For each row of x (one block of 256 threads per row): its largest value,
+// the sum over the row of exp((x - max) * inv_t[row]), and every (index,
+// value) at or above the row's k-th largest value, at most `cap` of them in
+// any order. The k-th largest is found by radix select on the order keys,
+// 8 bits a pass. What the host sampler needs to draw a top-k / top-p /
+// min-p token without the whole row (sampling::TopOfRow).
+extern "C" __global__ void top_of_rows(const float *x, int cols, int k, int cap,
+                                       const float *inv_t, float *out_vals,
+                                       unsigned int *out_idx, unsigned int *out_count,
+                                       float *out_max, float *out_total) {
+    __shared__ float sh[256];
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int s_prefix, s_mask, s_need, s_count;
+    const float *row = x + (size_t)blockIdx.x * cols;
+    int tid = threadIdx.x;
+    float m = -3.0e38f;
+    for (int c = tid; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
+    sh[tid] = m;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (tid < s) sh[tid] = fmaxf(sh[tid], sh[tid + s]);
+        __syncthreads();
+    }
+    float mx = sh[0];
+    __syncthreads();
+    float it = inv_t[blockIdx.x];
+    float sum = 0.0f;
+    for (int c = tid; c < cols; c += blockDim.x) sum += expf((row[c] - mx) * it);
+    float total = block_sum(sum, sh);
+    if (tid == 0) {
+        s_prefix = 0;
+        s_mask = 0;
+        s_need = (unsigned int)min(k, cols);
+    }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        unsigned int prefix = s_prefix, mask = s_mask;
+        for (int c = tid; c < cols; c += blockDim.x) {
+            unsigned int key = order_key(row[c]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned int need = s_need, cum = 0;
+            int b = 255;
+            for (; b > 0; b--) {
+                if (cum + hist[b] >= need) break;
+                cum += hist[b];
+            }
+            s_need = need - cum;
+            s_prefix = prefix | ((unsigned int)b << shift);
+            s_mask = mask | (255u << shift);
+        }
+        __syncthreads();
+    }
+    unsigned int threshold = s_prefix;  // the k-th largest value's key
+    if (tid == 0) s_count = 0;
+    __syncthreads();
+    size_t base = (size_t)blockIdx.x * cap;
+    for (int c = tid; c < cols; c += blockDim.x) {
+        float v = row[c];
+        if (order_key(v) >= threshold) {
+            unsigned int at = atomicAdd(&s_count, 1u);
+            if (at < (unsigned int)cap) {
+                out_vals[base + at] = v;
+                out_idx[base + at] = (unsigned int)c;
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        out_count[blockIdx.x] = min(s_count, (unsigned int)cap);
+        out_max[blockIdx.x] = mx;
+        out_total[blockIdx.x] = total;
+    }
+}

@@ -24,16 +24,21 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{device_error, Gpu, ROW_THREADS};
-use crate::engine::{DeviceForward, DeviceOutput};
+use crate::engine::{DeviceForward, DeviceOutput, Pick};
 use crate::error::{KernelError, Result};
 use crate::gguf::GemmaConfig;
 use crate::kv::{KvCache, KV_BLOCK_TOKENS};
 use crate::layout::StepLayout;
 use crate::model::{Chunk, ChunkInput, Gemma3};
 use crate::quant::QMatrix;
+use crate::sampling::TopOfRow;
 
 /// Room kept for cuBLAS's workspace and the step's index arrays.
 const RESERVE_BYTES: usize = 256 << 20;
+/// Best logits of a row a top-k / top-p draw gets from the device.
+const TOP_K: usize = 64;
+/// Room for them, ties at the k-th included.
+const TOP_CAP: usize = 2 * TOP_K;
 
 /// How a model is laid out on the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +111,13 @@ struct Buffers {
     best: CudaSlice<u32>,
     /// Each chunk's block table, `table_stride` entries per chunk.
     tables: CudaSlice<i32>,
+    /// Per logit row: 1 / its temperature, and what `top_of_rows` gives.
+    inv_t: CudaSlice<f32>,
+    top_vals: CudaSlice<f32>,
+    top_idx: CudaSlice<u32>,
+    top_count: CudaSlice<u32>,
+    top_max: CudaSlice<f32>,
+    top_total: CudaSlice<f32>,
 }
 
 impl Buffers {
@@ -115,7 +127,7 @@ impl Buffers {
         let f32s = rows * (3 * h + 2 * q + 2 * kv + 2 * f) + logit_rows * (h + cfg.vocab);
         let u16s = rows * h.max(q).max(f) + logit_rows * h;
         let tables = logit_rows * cfg.context_length.div_ceil(KV_BLOCK_TOKENS);
-        4 * f32s + 2 * u16s + 4 * (5 * rows + 2 * logit_rows + tables)
+        4 * f32s + 2 * u16s + 4 * (5 * rows + (6 + 2 * TOP_CAP) * logit_rows + tables)
     }
 }
 
@@ -138,8 +150,11 @@ pub struct CudaModel {
     weight_bytes: usize,
     /// Block-table entries per chunk: the longest context's blocks.
     table_stride: usize,
-    /// Captured decode steps by (rows, logit rows).
-    graphs: HashMap<(usize, usize), Graph>,
+    /// Captured decode steps by (rows, logit rows, whether any row wants
+    /// its top).
+    graphs: HashMap<(usize, usize, bool), Graph>,
+    /// Each chunk's logit row in the last step.
+    last_rows: Vec<Option<usize>>,
     /// Why graphs are off, when capture failed.
     graphs_off: Option<String>,
 }
@@ -314,6 +329,12 @@ impl CudaModel {
             logit_rows: zeros_i(lr)?,
             best: zeros_u(lr)?,
             tables: zeros_i(lr * cfg.context_length.div_ceil(KV_BLOCK_TOKENS))?,
+            inv_t: zeros32(lr)?,
+            top_vals: zeros32(lr * TOP_CAP)?,
+            top_idx: zeros_u(lr * TOP_CAP)?,
+            top_count: zeros_u(lr)?,
+            top_max: zeros32(lr)?,
+            top_total: zeros32(lr)?,
         };
         let model = Self {
             embed: up16(embed)?,
@@ -329,6 +350,7 @@ impl CudaModel {
             weight_bytes,
             table_stride: cfg.context_length.div_ceil(KV_BLOCK_TOKENS),
             graphs: HashMap::new(),
+            last_rows: Vec::new(),
             graphs_off: None,
             cfg,
             gpu,
@@ -633,9 +655,10 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Logits of the rows `layout.logit_rows` into `buf.logits`, and the
-    /// argmax of each into `buf.best`.
-    fn logits(&mut self, n: usize) -> Result<()> {
+    /// Logits of the rows `layout.logit_rows` into `buf.logits`, the
+    /// argmax of each into `buf.best`, and with `top` the best of each
+    /// into the `top_*` buffers.
+    fn logits(&mut self, n: usize, top: bool) -> Result<()> {
         let dev = Dev {
             gpu: &self.gpu,
             cfg: &self.cfg,
@@ -669,12 +692,38 @@ impl CudaModel {
         // vocab values, best n slots.
         #[allow(unsafe_code)]
         unsafe { b.launch(launch) }.map_err(|e| device_error("argmax_rows", e))?;
+        if top {
+            let (k, cap) = (TOP_K as i32, TOP_CAP as i32);
+            let mut b = s.launch_builder(self.gpu.kernel("top_of_rows"));
+            b.arg(&buf.logits)
+                .arg(&vocab)
+                .arg(&k)
+                .arg(&cap)
+                .arg(&buf.inv_t)
+                .arg(&mut buf.top_vals)
+                .arg(&mut buf.top_idx)
+                .arg(&mut buf.top_count)
+                .arg(&mut buf.top_max)
+                .arg(&mut buf.top_total);
+            let launch = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: (const float*, int, int, int, const float*, float*,
+            // unsigned*, unsigned*, float*, float*): logits holds n rows of
+            // vocab values; inv_t, top_count, top_max and top_total n slots;
+            // top_vals and top_idx n × cap; the kernel's static shared
+            // arrays are sized for its 256 threads.
+            #[allow(unsafe_code)]
+            unsafe { b.launch(launch) }.map_err(|e| device_error("top_of_rows", e))?;
+        }
         Ok(())
     }
 
     /// Launches a whole step for `t` rows, `n` of them wanting logits,
     /// over the inputs already in the buffers.
-    fn launch_step(&mut self, t: usize, n: usize) -> Result<()> {
+    fn launch_step(&mut self, t: usize, n: usize, top: bool) -> Result<()> {
         let (hidden, scale) = (self.cfg.hidden as i32, (self.cfg.hidden as f32).sqrt());
         let mut b = self
             .gpu
@@ -692,18 +741,18 @@ impl CudaModel {
         unsafe { b.launch(row_launch(t)) }.map_err(|e| device_error("embed_rows", e))?;
         self.layers_forward(t)?;
         if n > 0 {
-            self.logits(n)?;
+            self.logits(n, top)?;
         }
         Ok(())
     }
 
     /// Captures the step's launches for `t` rows and `n` logit rows as a
     /// graph, without running them.
-    fn capture(&mut self, t: usize, n: usize) -> Result<CudaGraph> {
+    fn capture(&mut self, t: usize, n: usize, top: bool) -> Result<CudaGraph> {
         let s = self.gpu.stream.clone();
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| device_error("graph capture", e))?;
-        let launched = self.launch_step(t, n);
+        let launched = self.launch_step(t, n, top);
         // always end the capture, so the stream is usable again
         let graph = s.end_capture(CUgraphInstantiate_flags(0));
         launched?;
@@ -717,7 +766,7 @@ impl CudaModel {
         &mut self,
         chunks: &[Chunk],
         kv: &mut KvCache,
-        argmax: &[bool],
+        picks: &[Pick],
     ) -> Result<Vec<DeviceOutput>> {
         if kv.layers() != self.cfg.layers || kv.total_blocks() > self.blocks {
             return Err(KernelError::BadInput(
@@ -759,15 +808,37 @@ impl CudaModel {
             .map_err(copy)?;
         s.memcpy_htod(&tables, &mut b.tables.slice_mut(..tables.len()))
             .map_err(copy)?;
+        // each wanting chunk's logit row, and 1 / temperature for its top
+        let pick = |ci: usize| picks.get(ci).copied().unwrap_or(Pick::Logits);
+        self.last_rows.clear();
+        let mut inv_t = Vec::with_capacity(n);
+        for (ci, c) in chunks.iter().enumerate() {
+            if c.want_logits {
+                self.last_rows.push(Some(inv_t.len()));
+                inv_t.push(match pick(ci) {
+                    Pick::Top { temperature } if temperature > 0.0 => 1.0 / temperature,
+                    _ => 1.0,
+                });
+            } else {
+                self.last_rows.push(None);
+            }
+        }
+        let top = chunks
+            .iter()
+            .enumerate()
+            .any(|(ci, c)| c.want_logits && matches!(pick(ci), Pick::Top { .. }));
         if n > 0 {
             s.memcpy_htod(&layout.logit_rows, &mut b.logit_rows.slice_mut(..n))
                 .map_err(copy)?;
+            s.memcpy_htod(&inv_t, &mut b.inv_t.slice_mut(..n))
+                .map_err(copy)?;
         }
         let decode = t == chunks.len();
-        if decode && self.opts.graphs && !self.graphs.contains_key(&(t, n)) {
-            match self.capture(t, n) {
+        let key = (t, n, top);
+        if decode && self.opts.graphs && !self.graphs.contains_key(&key) {
+            match self.capture(t, n, top) {
                 Ok(g) => {
-                    self.graphs.insert((t, n), Graph(g));
+                    self.graphs.insert(key, Graph(g));
                 }
                 Err(e) => {
                     // launch kernel by kernel from now on
@@ -776,13 +847,9 @@ impl CudaModel {
                 }
             }
         }
-        match self
-            .graphs
-            .get(&(t, n))
-            .filter(|_| decode && self.opts.graphs)
-        {
+        match self.graphs.get(&key).filter(|_| decode && self.opts.graphs) {
             Some(g) => g.0.launch().map_err(|e| device_error("graph launch", e))?,
-            None => self.launch_step(t, n)?,
+            None => self.launch_step(t, n, top)?,
         }
         for c in chunks {
             if let ChunkInput::Tokens(toks) = &c.input {
@@ -795,23 +862,51 @@ impl CudaModel {
             return Ok(outs);
         }
         let best = s.clone_dtoh(&self.buf.best.slice(..n)).map_err(copy)?;
-        let vocab = self.cfg.vocab;
-        let mut k = 0;
-        for (ci, c) in chunks.iter().enumerate() {
-            if !c.want_logits {
-                continue;
-            }
-            outs[ci] = if argmax.get(ci).copied().unwrap_or(false) {
-                DeviceOutput::Argmax(best[k])
-            } else {
-                let row = s
-                    .clone_dtoh(&self.buf.logits.slice(k * vocab..(k + 1) * vocab))
-                    .map_err(copy)?;
-                DeviceOutput::Logits(row)
+        let tops = if top {
+            let b = &self.buf;
+            Some((
+                s.clone_dtoh(&b.top_vals.slice(..n * TOP_CAP))
+                    .map_err(copy)?,
+                s.clone_dtoh(&b.top_idx.slice(..n * TOP_CAP))
+                    .map_err(copy)?,
+                s.clone_dtoh(&b.top_count.slice(..n)).map_err(copy)?,
+                s.clone_dtoh(&b.top_max.slice(..n)).map_err(copy)?,
+                s.clone_dtoh(&b.top_total.slice(..n)).map_err(copy)?,
+            ))
+        } else {
+            None
+        };
+        for (ci, row) in self.last_rows.clone().into_iter().enumerate() {
+            let Some(k) = row else { continue };
+            outs[ci] = match (pick(ci), &tops) {
+                (Pick::Argmax, _) => DeviceOutput::Argmax(best[k]),
+                (Pick::Top { .. }, Some((vals, idx, count, max, total))) => {
+                    let c = (count[k] as usize).min(TOP_CAP);
+                    let at = k * TOP_CAP;
+                    DeviceOutput::Top(TopOfRow {
+                        cands: idx[at..at + c]
+                            .iter()
+                            .copied()
+                            .zip(vals[at..at + c].iter().copied())
+                            .collect(),
+                        k: TOP_K,
+                        max: max[k],
+                        total: total[k] as f64,
+                    })
+                }
+                _ => DeviceOutput::Logits(self.logits_row(k)?),
             };
-            k += 1;
         }
         Ok(outs)
+    }
+
+    /// Logit row `k` of the last step.
+    fn logits_row(&self, k: usize) -> Result<Vec<f32>> {
+        let vocab = self.cfg.vocab;
+        self.gpu
+            .stream
+            .clone_dtoh(&self.buf.logits.slice(k * vocab..(k + 1) * vocab))
+            .map_err(|e| device_error("copy", e))
     }
 }
 
@@ -820,9 +915,18 @@ impl DeviceForward for CudaModel {
         &mut self,
         chunks: &[Chunk],
         kv: &mut KvCache,
-        argmax: &[bool],
+        picks: &[Pick],
     ) -> Result<Vec<DeviceOutput>> {
-        self.step(chunks, kv, argmax)
+        self.step(chunks, kv, picks)
+    }
+
+    fn logits(&mut self, chunk: usize) -> Result<Vec<f32>> {
+        match self.last_rows.get(chunk).copied().flatten() {
+            Some(k) => self.logits_row(k),
+            None => Err(KernelError::BadInput(format!(
+                "chunk {chunk} of the last step has no logits"
+            ))),
+        }
     }
 
     fn kv_blocks(&self) -> usize {
