@@ -144,17 +144,24 @@ fn nvrtc_from_pypi() -> Result<std::path::PathBuf, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
+    // unpacked beside, then moved in whole: a half-unpacked copy is never
+    // taken for the library
+    let part = dir.with_extension(format!("part-{}", std::process::id()));
     let unzip = format!(
         "import glob, zipfile; zipfile.ZipFile(glob.glob({:?} + '/*.whl')[0]).extractall({:?})",
         wheels.path().display().to_string(),
-        dir.display().to_string()
+        part.display().to_string()
     );
     let ok = std::process::Command::new("python3")
         .args(["-c", &unzip])
         .status()
         .map_err(|e| e.to_string())?
         .success();
-    if ok && lib.exists() {
+    if ok {
+        let _ = std::fs::rename(&part, &dir);
+        let _ = std::fs::remove_dir_all(&part);
+    }
+    if lib.exists() {
         Ok(lib)
     } else {
         Err(format!("the wheel did not hold {}", lib.display()))

@@ -301,53 +301,14 @@ mod imp {
                 ..EngineConfig::default()
             },
         )?;
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next_id = 0u64;
+        let mut batch = Batch {
+            rng: 0x2545_f491_4f6c_dd1d,
+            next_id: 0,
+            context: a.context,
+            steps: a.decode_steps,
+        };
         for &b in &a.batches {
-            let mut ids = Vec::new();
-            for _ in 0..b {
-                let mut prompt = vec![2u32];
-                while prompt.len() < a.context {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    prompt.push(1000 + (rng % 200_000) as u32);
-                }
-                e.add_request(Request {
-                    id: next_id,
-                    prompt,
-                    params: exactly(max_tokens),
-                    priority: 0,
-                    tenant: String::new(),
-                })?;
-                ids.push(next_id);
-                next_id += 1;
-            }
-            // prefill: until every sequence has its first token
-            let t0 = Instant::now();
-            let mut started: HashMap<u64, bool> = HashMap::new();
-            while started.len() < b {
-                for ev in e.step()? {
-                    if ev.token.is_some() {
-                        started.insert(ev.id, true);
-                    }
-                    if let Some(f) = ev.finish {
-                        bail!("request {} ended early: {f:?}", ev.id);
-                    }
-                }
-            }
-            let prefill_s = t0.elapsed().as_secs_f64();
-            // decode: timed steps of one token for every sequence
-            let t1 = Instant::now();
-            let mut tokens = 0usize;
-            for _ in 0..a.decode_steps {
-                tokens += e.step()?.iter().filter(|ev| ev.token.is_some()).count();
-            }
-            let decode_s = t1.elapsed().as_secs_f64();
-            for id in &ids {
-                e.cancel(*id);
-            }
-            e.run_to_completion()?;
+            let (prefill_s, decode_s, tokens) = batch.run(&mut e, b, exactly(max_tokens))?;
             let step_s = decode_s / a.decode_steps as f64;
             // bytes one decode step reads: every weight, and each
             // sequence's keys and values (a sliding layer only its window)
@@ -390,7 +351,86 @@ mod imp {
                 "",
             );
         }
+        // the largest batch again, drawing top-p tokens on the device
+        let b = most;
+        let sampled = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: Some(7),
+            ..exactly(max_tokens)
+        };
+        let (_, decode_s, tokens) = batch.run(&mut e, b, sampled)?;
+        t.row(
+            format!("decode tokens/s, batch {b}, top-p 0.95 draws"),
+            format!("{:.0}", tokens as f64 / decode_s),
+            "",
+        );
+        t.row("device after the runs", e.device(), "");
         Ok(())
+    }
+
+    /// Sequences of random prompt tokens for the throughput runs.
+    struct Batch {
+        rng: u64,
+        next_id: u64,
+        context: usize,
+        steps: usize,
+    }
+
+    impl Batch {
+        /// Runs `b` sequences: their prefill until each has its first
+        /// token, then `steps` timed decode steps; cancels them. Returns
+        /// the prefill seconds, the decode seconds and the tokens decoded.
+        fn run(
+            &mut self,
+            e: &mut Engine,
+            b: usize,
+            params: SamplingParams,
+        ) -> Result<(f64, f64, usize)> {
+            let mut ids = Vec::new();
+            for _ in 0..b {
+                let mut prompt = vec![2u32];
+                while prompt.len() < self.context {
+                    self.rng ^= self.rng << 13;
+                    self.rng ^= self.rng >> 7;
+                    self.rng ^= self.rng << 17;
+                    prompt.push(1000 + (self.rng % 200_000) as u32);
+                }
+                e.add_request(Request {
+                    id: self.next_id,
+                    prompt,
+                    params: params.clone(),
+                    priority: 0,
+                    tenant: String::new(),
+                })?;
+                ids.push(self.next_id);
+                self.next_id += 1;
+            }
+            let t0 = Instant::now();
+            let mut started: HashMap<u64, bool> = HashMap::new();
+            while started.len() < b {
+                for ev in e.step()? {
+                    if ev.token.is_some() {
+                        started.insert(ev.id, true);
+                    }
+                    if let Some(f) = ev.finish {
+                        bail!("request {} ended early: {f:?}", ev.id);
+                    }
+                }
+            }
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let mut tokens = 0usize;
+            for _ in 0..self.steps {
+                tokens += e.step()?.iter().filter(|ev| ev.token.is_some()).count();
+            }
+            let decode_s = t1.elapsed().as_secs_f64();
+            for id in &ids {
+                e.cancel(*id);
+            }
+            e.run_to_completion()?;
+            Ok((prefill_s, decode_s, tokens))
+        }
     }
 
     /// Four tenants; the first queues all its work before the others:

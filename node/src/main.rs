@@ -285,6 +285,8 @@ fn main() -> Result<()> {
         }
         Command::GpuBench(a) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            // no GPU: say so before writing or fetching anything
+            a.device.ensure_available()?;
             let scratch = tempfile::tempdir()?;
             let path = if a.model == "synthetic" {
                 weft_node::gpubench::synthetic_model(scratch.path())?
