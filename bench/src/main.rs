@@ -42,6 +42,10 @@ enum Command {
     /// Decode tokens/s of a 2-node layer chain against one node holding the
     /// whole model, side by side (two fabrics up at once, measured in turn).
     Chain(chain::ChainArgs),
+    /// Four tenants on one engine: each one's share of the tokens with the
+    /// fair scheduler and first-come-first-served side by side, and a
+    /// tenant at its KV share beside another.
+    Tenants(tenants::TenantsArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -108,6 +112,7 @@ fn main() -> Result<()> {
         Command::Overlay(a) => overlay::run(a),
         Command::Failover(a) => failover::run(a),
         Command::Chain(a) => chain::run(a),
+        Command::Tenants(a) => tenants::run(a),
     }
 }
 
@@ -169,6 +174,7 @@ mod chain;
 mod control;
 mod failover;
 mod overlay;
+mod tenants;
 use weft_bench::sim;
 
 fn peak_rss() -> u64 {
