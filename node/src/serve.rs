@@ -137,8 +137,18 @@ pub async fn serve_api(
 }
 
 /// Runs a node until SIGTERM or SIGINT.
+/// Checks that the configured device can run here (a GPU that is not
+/// there is a clear error at start, not a worker that keeps failing).
+pub fn check_device(cfg: &NodeConfig) -> Result<()> {
+    let device: weft_kernels::Backend = cfg.device.parse()?;
+    device
+        .ensure_available()
+        .with_context(|| format!("device = {:?}", cfg.device))
+}
+
 pub async fn up(cfg: NodeConfig) -> Result<()> {
     let addr = cfg.validate()?;
+    check_device(&cfg)?;
     let source = ModelSource::parse(&cfg.model)?;
     let stored = ModelStore::default_location()
         .resolve(

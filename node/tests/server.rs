@@ -875,7 +875,8 @@ fn asking_for_a_gpu_says_plainly_what_is_missing() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
+    let gpu_here = out.status.success();
+    if gpu_here {
         assert!(err.contains("[running on cuda:0"), "{err}");
     } else {
         assert!(
@@ -908,4 +909,25 @@ fn asking_for_a_gpu_says_plainly_what_is_missing() {
         err.contains("device") && err.contains("sandbox = false"),
         "{err}"
     );
+    // out of the sandbox, a node on a machine without the GPU says so at
+    // start, instead of restarting a failing worker
+    let mut cfg_text = std::fs::read_to_string(&cfg).unwrap();
+    cfg_text.push_str("sandbox = false\n");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    if !gpu_here {
+        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["up", "--config"])
+            .arg(&cfg)
+            .env("WEFT_CACHE_DIR", dir.path().join("cache"))
+            .env_remove("WEFT_DEVICE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("device = \"cuda\"")
+                && (err.contains("no CUDA driver") || err.contains("built without CUDA")),
+            "{err}"
+        );
+    }
 }

@@ -219,6 +219,7 @@ async fn hold_and_serve(
 ) -> Result<()> {
     use super::holdings::{Holder, WATCH_EVERY};
     let addr = serve.validate()?;
+    crate::serve::check_device(&serve)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("[serve] cannot listen on {addr}"))?;
