@@ -865,15 +865,14 @@ impl Engine {
         if let Some(rest) = self.rest.as_mut() {
             // the head's hidden states go down the chain; logits come back
             let next = next_input(&chunks, outs)?;
-            match rest.forward(&next).and_then(|o| self.project(o)) {
-                Ok(o) if o.len() == next.len() => outs = o,
-                failed => {
+            match one_per_chunk(
+                rest.forward(&next).and_then(|o| self.project(o)),
+                next.len(),
+            ) {
+                Ok(o) => outs = o,
+                Err(why) => {
                     // the chain's caches no longer match the head's: every
                     // running sequence ends with the reason
-                    let why = match failed {
-                        Err(e) => e.to_string(),
-                        Ok(o) => format!("{} outputs for {} chunks", o.len(), next.len()),
-                    };
                     let why = format!("the model's later layers failed: {why}");
                     self.end_running(&mut events, FinishReason::Lost(why));
                     return Ok(events);
@@ -915,13 +914,10 @@ impl Engine {
             })
             .collect();
         let device = self.device.as_mut().expect("a device step has a device");
-        let outs = match device.forward(&chunks, &mut self.kv, &picks) {
-            Ok(o) if o.len() == chunks.len() => o,
-            failed => {
-                let why = match failed {
-                    Err(e) => e.to_string(),
-                    Ok(o) => format!("{} outputs for {} chunks", o.len(), chunks.len()),
-                };
+        let outs = match one_per_chunk(device.forward(&chunks, &mut self.kv, &picks), chunks.len())
+        {
+            Ok(o) => o,
+            Err(why) => {
                 let why = format!("the device failed: {why}");
                 self.end_running(&mut events, FinishReason::Error(why));
                 return Ok(events);
@@ -1305,6 +1301,16 @@ impl Engine {
         }
         s.computed = 0;
         self.enqueue(s);
+    }
+}
+
+/// The outputs of a step of `chunks` chunks, or why there are not one per
+/// chunk.
+fn one_per_chunk<T>(r: Result<Vec<T>>, chunks: usize) -> std::result::Result<Vec<T>, String> {
+    match r {
+        Ok(o) if o.len() == chunks => Ok(o),
+        Ok(o) => Err(format!("{} outputs for {chunks} chunks", o.len())),
+        Err(e) => Err(e.to_string()),
     }
 }
 

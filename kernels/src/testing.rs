@@ -286,3 +286,21 @@ pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     num / den
 }
+
+/// Largest |a − b| over the largest |b|: the relative error of logits that
+/// the GPU checks hold to 1e-2.
+pub fn max_relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    d / b.iter().map(|y| y.abs()).fold(1e-6, f32::max)
+}
+
+/// Writes the tiny model (default shape) into `dir` and loads it on the CPU.
+pub fn load_tiny_model(dir: &Path) -> Result<crate::LoadedModel> {
+    let path = dir.join("tiny.gguf");
+    write_tiny_model(&path, &TinyModelSpec::default())?;
+    crate::load(&path, None, crate::Backend::Cpu)
+}

@@ -8,11 +8,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
+use weft_kernels::testing::load_tiny_model;
 use weft_kernels::{
-    load, Backend, Chunk, ChunkOutput, Completion, DeviceForward, DeviceOutput, Engine,
-    EngineConfig, FinishReason, Gemma3, KvCache, LoadedModel, Pick, Request, Result,
-    SamplingParams, TopOfRow,
+    Chunk, ChunkOutput, Completion, DeviceForward, DeviceOutput, Engine, EngineConfig,
+    FinishReason, Gemma3, KvCache, LoadedModel, Pick, Request, Result, SamplingParams, TopOfRow,
 };
 
 /// A "device" that runs the CPU model with a cache of its own, checking
@@ -113,9 +112,7 @@ impl DeviceForward for HostDevice {
 }
 
 fn tiny(dir: &Path) -> LoadedModel {
-    let path = dir.join("tiny.gguf");
-    write_tiny_model(&path, &TinyModelSpec::default()).unwrap();
-    load(&path, None, Backend::Cpu).unwrap()
+    load_tiny_model(dir).unwrap()
 }
 
 fn requests() -> Vec<Request> {

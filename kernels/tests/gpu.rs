@@ -212,32 +212,20 @@ mod model {
     use std::collections::HashMap;
 
     use weft_kernels::cuda::{CudaModel, CudaOptions, Gpu};
-    use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
+    use weft_kernels::testing::{load_tiny_model, max_relative_error};
     use weft_kernels::{
-        load, Backend, Chunk, ChunkInput, ChunkOutput, DeviceForward, DeviceOutput, EngineConfig,
+        Backend, Chunk, ChunkInput, ChunkOutput, DeviceForward, DeviceOutput, EngineConfig,
         KernelError, KvCache, LoadedModel, Pick, Request, SamplingParams, TopOfRow,
     };
 
     fn tiny(dir: &std::path::Path) -> LoadedModel {
-        let path = dir.join("tiny.gguf");
-        write_tiny_model(&path, &TinyModelSpec::default()).unwrap();
-        load(&path, None, Backend::Cpu).unwrap()
+        load_tiny_model(dir).unwrap()
     }
 
     fn prompt(n: usize, salt: u32) -> Vec<u32> {
         let mut v = vec![2];
         v.extend((1..n as u32).map(|i| 263 + (i * 7 + salt * 13) % 60));
         v
-    }
-
-    /// Largest |a - b| over the largest |b|.
-    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-        let d = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        d / b.iter().map(|y| y.abs()).fold(1e-6, f32::max)
     }
 
     fn small() -> CudaOptions {
@@ -293,7 +281,7 @@ mod model {
                     .unwrap() as u32;
                 match g {
                     DeviceOutput::Logits(g) => {
-                        let e = rel_err(g, w);
+                        let e = max_relative_error(g, w);
                         assert!(e <= 1e-2, "step {step}, sequence {i}: relative error {e}");
                     }
                     DeviceOutput::Argmax(t) => {
@@ -317,7 +305,7 @@ mod model {
                             top.total,
                             want.total
                         );
-                        assert!(rel_err(&row, w) <= 1e-2);
+                        assert!(max_relative_error(&row, w) <= 1e-2);
                     }
                     DeviceOutput::Nothing => panic!("no output for sequence {i}"),
                 }

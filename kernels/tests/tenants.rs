@@ -4,16 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
+use weft_kernels::testing::load_tiny_model;
 use weft_kernels::{
-    load, Backend, Completion, Engine, EngineConfig, FinishReason, KvCache, LoadedModel, Request,
-    SamplingParams,
+    Completion, Engine, EngineConfig, FinishReason, KvCache, LoadedModel, Request, SamplingParams,
 };
 
 fn tiny(dir: &Path) -> LoadedModel {
-    let path = dir.join("tiny.gguf");
-    write_tiny_model(&path, &TinyModelSpec::default()).unwrap();
-    load(&path, None, Backend::Cpu).unwrap()
+    load_tiny_model(dir).unwrap()
 }
 
 fn prompt(n: usize, salt: u32) -> Vec<u32> {

@@ -82,6 +82,7 @@ mod imp {
 
     use anyhow::{bail, Context, Result};
     use weft_kernels::cuda::{CudaModel, CudaOptions, Gpu};
+    use weft_kernels::testing::max_relative_error;
     use weft_kernels::{
         Backend, Chunk, ChunkInput, ChunkOutput, DeviceForward, DeviceOutput, Engine, EngineConfig,
         KvCache, LoadedModel, Pick, Request, SamplingParams, KV_BLOCK_TOKENS,
@@ -114,16 +115,6 @@ mod imp {
             Backend::Cuda(n) => Ok(n),
             Backend::Cpu => bail!("gpu-bench measures a CUDA device (--device cuda:N)"),
         }
-    }
-
-    /// Largest |a - b| over the largest |b|.
-    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-        let d = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        d / b.iter().map(|y| y.abs()).fold(1e-6, f32::max)
     }
 
     /// Exactly `n` greedy tokens.
@@ -249,7 +240,7 @@ mod imp {
             let got = dev.forward(&chunk, &mut tables, &[Pick::Logits])?;
             match (&want[0], &got[0]) {
                 (ChunkOutput::Logits(Some(w)), DeviceOutput::Logits(g)) => {
-                    worst = worst.max(rel_err(g, w))
+                    worst = worst.max(max_relative_error(g, w))
                 }
                 other => bail!("unexpected outputs {other:?}"),
             }
