@@ -140,6 +140,16 @@ impl Sequence {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+
+    /// Its id, positions computed, positions left, and its tenant.
+    fn to_compute(&self) -> (RequestId, usize, usize, Arc<str>) {
+        (
+            self.id,
+            self.computed,
+            self.tokens.len() - self.computed,
+            self.tenant.clone(),
+        )
+    }
 }
 
 /// A tenant with sequences in the engine.
@@ -1139,12 +1149,7 @@ impl Engine {
             if s.computed + 1 >= s.tokens.len() || plan.iter().any(|p| p.0 == i) {
                 continue;
             }
-            let (id, computed, left, tenant) = (
-                s.id,
-                s.computed,
-                s.tokens.len() - s.computed,
-                s.tenant.clone(),
-            );
+            let (id, computed, left, tenant) = s.to_compute();
             match self.reserve_chunk(id, &tenant, computed, left.min(budget)) {
                 Ok(n) => {
                     self.plan(&mut plan, i, n);
@@ -1161,12 +1166,7 @@ impl Engine {
                 break;
             };
             let s = &self.waiting[w];
-            let (id, computed, left, tenant) = (
-                s.id,
-                s.computed,
-                s.tokens.len() - s.computed,
-                s.tenant.clone(),
-            );
+            let (id, computed, left, tenant) = s.to_compute();
             match self.reserve_chunk(id, &tenant, computed, left.min(budget)) {
                 Ok(n) => {
                     let s = self.waiting.remove(w).expect("index is in range");

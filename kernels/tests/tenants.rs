@@ -65,6 +65,17 @@ fn alone(lm: &LoadedModel, reqs: &[Request]) -> HashMap<u64, Vec<u32>> {
         .collect()
 }
 
+/// Adds a step's events to the completions.
+fn record(done: &mut HashMap<u64, Completion>, events: Vec<weft_kernels::StepEvent>) {
+    for ev in events {
+        let c = done.entry(ev.id).or_default();
+        c.tokens.extend(ev.token);
+        if ev.finish.is_some() {
+            c.finish = ev.finish;
+        }
+    }
+}
+
 #[test]
 fn four_tenants_get_equal_shares_of_the_tokens_whatever_order_they_came_in() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,13 +167,7 @@ fn a_tenant_at_its_kv_share_waits_for_its_own_blocks_and_the_others_run_untouche
                 e.add_request(r.clone()).unwrap();
             }
         }
-        for ev in e.step().unwrap() {
-            let c = done.entry(ev.id).or_default();
-            c.tokens.extend(ev.token);
-            if ev.finish.is_some() {
-                c.finish = ev.finish;
-            }
-        }
+        record(&mut done, e.step().unwrap());
         for t in e.tenants() {
             assert!(t.kv_blocks <= t.kv_quota, "{t:?}");
             if t.tenant == "greedy-agent" {
@@ -208,13 +213,7 @@ fn a_sequence_short_of_blocks_preempts_its_own_tenant_never_another() {
     let mut preempted: HashMap<String, u64> = HashMap::new();
     let mut done: HashMap<u64, Completion> = HashMap::new();
     while e.has_work() {
-        for ev in e.step().unwrap() {
-            let c = done.entry(ev.id).or_default();
-            c.tokens.extend(ev.token);
-            if ev.finish.is_some() {
-                c.finish = ev.finish;
-            }
-        }
+        record(&mut done, e.step().unwrap());
         for t in e.tenants() {
             preempted.insert(t.tenant, t.preemptions);
         }

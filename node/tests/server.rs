@@ -896,15 +896,19 @@ fn asking_for_a_gpu_says_plainly_what_is_missing() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["up", "--config"])
-        .arg(&cfg)
-        .env("WEFT_CACHE_DIR", dir.path().join("cache"))
-        .env_remove("WEFT_DEVICE")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // what `weft up` says as it refuses to start
+    let refused = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["up", "--config"])
+            .arg(&cfg)
+            .env("WEFT_CACHE_DIR", dir.path().join("cache"))
+            .env_remove("WEFT_DEVICE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = refused();
     assert!(
         err.contains("device") && err.contains("sandbox = false"),
         "{err}"
@@ -915,15 +919,7 @@ fn asking_for_a_gpu_says_plainly_what_is_missing() {
     cfg_text.push_str("sandbox = false\n");
     std::fs::write(&cfg, cfg_text).unwrap();
     if !gpu_here {
-        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(["up", "--config"])
-            .arg(&cfg)
-            .env("WEFT_CACHE_DIR", dir.path().join("cache"))
-            .env_remove("WEFT_DEVICE")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused();
         assert!(
             err.contains("device = \"cuda\"")
                 && (err.contains("no CUDA driver") || err.contains("built without CUDA")),
