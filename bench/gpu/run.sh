@@ -22,9 +22,13 @@ out=${3:-gpu-bench.md}
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
 fi
+# a failing part does not stop the next: one run on a GPU should tell all
+# it can; the exit status says whether everything passed
+status=0
 if [ -n "${GPU_TESTS:-}" ]; then
     echo "== the device kernels and forward against the CPU"
-    timeout 120 "$GPU_TESTS" --nocapture --test-threads 1
+    timeout 120 "$GPU_TESTS" --nocapture --test-threads 1 || status=1
 fi
 echo "== weft gpu-bench --model $model"
-timeout 280 "$weft" gpu-bench --model "$model" --out "$out"
+timeout 280 "$weft" gpu-bench --model "$model" --out "$out" || status=1
+exit $status

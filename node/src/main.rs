@@ -302,7 +302,9 @@ fn main() -> Result<()> {
                     .path
             };
             if !weft_node::gpubench::run(&a, &path)? {
-                anyhow::bail!("the CUDA backend's output differs from the CPU's (see the table)");
+                anyhow::bail!(
+                    "the CUDA backend differs from the CPU, or a section failed (see the table)"
+                );
             }
             Ok(())
         }
