@@ -166,7 +166,7 @@ struct TenantState {
 }
 
 /// One tenant's use of the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TenantUsage {
     /// The tenant.
     pub tenant: String,

@@ -258,6 +258,12 @@ impl AppState {
             g.kv_used += s.kv_used;
             g.kv_total += s.kv_total;
             g.worker_restarts += m.supervisor.restarts();
+            g.tenants.extend(
+                m.supervisor
+                    .tenants()
+                    .into_iter()
+                    .map(|t| (m.model_id.clone(), t)),
+            );
             g.ready &= m.supervisor.is_ready();
         }
         g

@@ -60,7 +60,7 @@ struct Inner {
 const MAX_WANTED: usize = 256;
 
 /// Gauges read at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Gauges {
     /// Requests waiting for the engine.
     pub queue_depth: usize,
@@ -74,6 +74,8 @@ pub struct Gauges {
     pub worker_restarts: u64,
     /// 1 when ready.
     pub ready: bool,
+    /// Each model's tenants with sequences in its engine.
+    pub tenants: Vec<(String, weft_kernels::TenantUsage)>,
 }
 
 /// Counters and histograms of one node.
@@ -181,6 +183,72 @@ impl Metrics {
             "# HELP weft_worker_restarts_total Model worker restarts.\n# TYPE weft_worker_restarts_total counter\nweft_worker_restarts_total {}",
             g.worker_restarts
         );
+        if !g.tenants.is_empty() {
+            type Of = fn(&weft_kernels::TenantUsage) -> usize;
+            let per_tenant: [(&str, &str, Of); 5] = [
+                ("weft_tenant_running", "Sequences of a tenant running in the engine.", |t| t.running),
+                ("weft_tenant_waiting", "Sequences of a tenant waiting for the engine.", |t| t.waiting),
+                ("weft_tenant_kv_blocks", "KV cache blocks a tenant's sequences hold.", |t| t.kv_blocks),
+                ("weft_tenant_kv_quota_blocks", "KV cache blocks a tenant may hold (its kv_share).", |t| t.kv_quota),
+                ("weft_tenant_preemptions", "Preemptions of a tenant's sequences (always for its own blocks) while it has sequences.", |t| t.preemptions as usize),
+            ];
+            for (name, help, of) in per_tenant {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for (model, t) in &g.tenants {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{model=\"{}\",tenant=\"{}\"}} {}",
+                        label(model),
+                        label(&t.tenant),
+                        of(t)
+                    );
+                }
+            }
+        }
         out
+    }
+}
+
+/// A label value as the text format writes it: `\`, `"` and newlines
+/// escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_tenant_gets_its_gauges_with_escaped_labels() {
+        let usage = |tenant: &str, running, kv_blocks| weft_kernels::TenantUsage {
+            tenant: tenant.into(),
+            running,
+            waiting: 2,
+            kv_blocks,
+            kv_quota: 12,
+            served_tokens: 40,
+            preemptions: 3,
+        };
+        let g = Gauges {
+            tenants: vec![
+                ("gemma".into(), usage("acme", 1, 7)),
+                ("gemma".into(), usage("say \"hi\"", 0, 0)),
+            ],
+            ..Gauges::default()
+        };
+        let text = Metrics::default().render(g);
+        assert!(text.contains("weft_tenant_running{model=\"gemma\",tenant=\"acme\"} 1"));
+        assert!(text.contains("weft_tenant_kv_blocks{model=\"gemma\",tenant=\"acme\"} 7"));
+        assert!(text.contains("weft_tenant_kv_quota_blocks{model=\"gemma\",tenant=\"acme\"} 12"));
+        assert!(text.contains("weft_tenant_preemptions{model=\"gemma\",tenant=\"acme\"} 3"));
+        assert!(text.contains("weft_tenant_waiting{model=\"gemma\",tenant=\"say \\\"hi\\\"\"} 2"));
+        assert_eq!(text.matches("# TYPE weft_tenant_running gauge").count(), 1);
+        // no tenants, no tenant gauges
+        assert!(!Metrics::default()
+            .render(Gauges::default())
+            .contains("weft_tenant_"));
     }
 }

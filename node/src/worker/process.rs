@@ -287,6 +287,7 @@ fn serve(args: WorkerArgs) -> Result<()> {
                     running: engine.running(),
                     kv_used,
                     kv_total,
+                    tenants: engine.tenants(),
                 },
             )?;
         }
@@ -346,6 +347,7 @@ fn serve_shard(
                     running: 0,
                     kv_used,
                     kv_total,
+                    tenants: Vec::new(),
                 },
             )?;
             out.flush()?;

@@ -93,6 +93,9 @@ pub enum FromWorker {
         kv_used: usize,
         /// KV blocks in all.
         kv_total: usize,
+        /// Each tenant with sequences in the engine.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tenants: Vec<weft_kernels::TenantUsage>,
     },
 }
 
@@ -254,6 +257,34 @@ mod tests {
         let bytes = encode(&msg).unwrap();
         let back: ToWorker = read_frame(&mut bytes.as_slice()).unwrap();
         assert_eq!(back, msg);
+        // load figures carry each tenant's use; an older worker's have none
+        let stats = FromWorker::Stats {
+            waiting: 1,
+            running: 2,
+            kv_used: 3,
+            kv_total: 9,
+            tenants: vec![weft_kernels::TenantUsage {
+                tenant: "acme".into(),
+                running: 2,
+                waiting: 1,
+                kv_blocks: 3,
+                kv_quota: 4,
+                served_tokens: 50,
+                preemptions: 0,
+            }],
+        };
+        let bytes = encode(&stats).unwrap();
+        assert_eq!(
+            read_frame::<FromWorker>(&mut bytes.as_slice()).unwrap(),
+            stats
+        );
+        let old = br#"{"Stats":{"waiting":0,"running":0,"kv_used":0,"kv_total":9}}"#;
+        let mut framed = (old.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(old);
+        assert!(matches!(
+            read_frame::<FromWorker>(&mut framed.as_slice()).unwrap(),
+            FromWorker::Stats { tenants, .. } if tenants.is_empty()
+        ));
         let mut huge = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes().to_vec();
         huge.extend_from_slice(b"{}");
         assert!(matches!(

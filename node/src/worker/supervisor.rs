@@ -136,6 +136,8 @@ struct Shared {
     restarts: AtomicU64,
     next_id: AtomicU64,
     stats: Mutex<WorkerStats>,
+    /// Each tenant's use of the engine, as of the last step.
+    tenants: Mutex<Vec<weft_kernels::TenantUsage>>,
     confinement: Mutex<Option<(Confinement, bool)>>,
     stopping: AtomicBool,
     stop: tokio::sync::Notify,
@@ -166,6 +168,7 @@ impl Supervisor {
             restarts: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             stats: Mutex::new(WorkerStats::default()),
+            tenants: Mutex::default(),
             confinement: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
@@ -192,6 +195,15 @@ impl Supervisor {
     /// The latest load figures.
     pub fn stats(&self) -> WorkerStats {
         *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Each tenant's use of the engine (those with sequences in it).
+    pub fn tenants(&self) -> Vec<weft_kernels::TenantUsage> {
+        self.shared
+            .tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Requests handed to the worker and not finished.
@@ -507,6 +519,7 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
                     running,
                     kv_used,
                     kv_total,
+                    tenants,
                 } => {
                     *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = WorkerStats {
                         waiting,
@@ -514,6 +527,7 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
                         kv_used,
                         kv_total,
                     };
+                    *shared.tenants.lock().unwrap_or_else(|e| e.into_inner()) = tenants;
                 }
                 FromWorker::Ready { .. } => {}
             }
