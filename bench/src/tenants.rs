@@ -58,10 +58,8 @@ fn shares(
             e.add_request(Request {
                 id,
                 prompt: lm.tokenizer.encode(&text, true, false),
-                params: SamplingParams {
-                    stop_tokens: Vec::new(),
-                    ..SamplingParams::greedy(a.tokens)
-                },
+                // greedy params carry no stop token: every request runs its length
+                params: SamplingParams::greedy(a.tokens),
                 priority: 0,
                 tenant: if one_name {
                     String::new()
@@ -114,10 +112,7 @@ fn flood(lm: &LoadedModel, a: &TenantsArgs) -> Result<Vec<(String, u64, usize, u
             e.add_request(Request {
                 id,
                 prompt: lm.tokenizer.encode(&text, true, false),
-                params: SamplingParams {
-                    stop_tokens: Vec::new(),
-                    ..SamplingParams::greedy(tokens)
-                },
+                params: SamplingParams::greedy(tokens),
                 priority: 0,
                 tenant: tenant.into(),
             })?;

@@ -63,7 +63,8 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Greedy decoding of up to `max_tokens`.
+    /// Greedy decoding of exactly `max_tokens` (no stop token or string
+    /// ends it sooner unless one is added).
     pub fn greedy(max_tokens: usize) -> Self {
         Self {
             max_tokens,

@@ -19,14 +19,6 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
     v
 }
 
-/// Exactly `n` tokens: no stop token ends it early.
-fn exactly(n: usize) -> SamplingParams {
-    SamplingParams {
-        stop_tokens: Vec::new(),
-        ..SamplingParams::greedy(n)
-    }
-}
-
 /// An engine whose KV pool holds `blocks` blocks.
 fn engine(lm: &LoadedModel, blocks: usize, cfg: EngineConfig) -> Engine {
     let c = lm.model.config();
@@ -96,8 +88,13 @@ fn four_tenants_get_equal_shares_of_the_tokens_whatever_order_they_came_in() {
         for j in 0..12 {
             let id = (t * 100 + j) as u64;
             owner.insert(id, *name);
-            e.add_request(ask(id, name, prompt(9, j as u32), exactly(24)))
-                .unwrap();
+            e.add_request(ask(
+                id,
+                name,
+                prompt(9, j as u32),
+                SamplingParams::greedy(24),
+            ))
+            .unwrap();
         }
     }
     let total = 4 * 12 * 24;
@@ -149,10 +146,20 @@ fn a_tenant_at_its_kv_share_waits_for_its_own_blocks_and_the_others_run_untouche
     // blocks); another comes later with a few
     let mut reqs = Vec::new();
     for j in 0..8 {
-        reqs.push(ask(j, "greedy-agent", prompt(20, j as u32), exactly(60)));
+        reqs.push(ask(
+            j,
+            "greedy-agent",
+            prompt(20, j as u32),
+            SamplingParams::greedy(60),
+        ));
     }
     for j in 0..3 {
-        reqs.push(ask(50 + j, "polite", prompt(20, 9 + j as u32), exactly(40)));
+        reqs.push(ask(
+            50 + j,
+            "polite",
+            prompt(20, 9 + j as u32),
+            SamplingParams::greedy(40),
+        ));
     }
     let want = alone(&lm, &reqs);
     let mut done: HashMap<u64, Completion> = HashMap::new();
@@ -202,9 +209,14 @@ fn a_sequence_short_of_blocks_preempts_its_own_tenant_never_another() {
             ..EngineConfig::default()
         },
     );
-    let mut reqs = vec![ask(1, "a", prompt(14, 1), exactly(60))];
+    let mut reqs = vec![ask(1, "a", prompt(14, 1), SamplingParams::greedy(60))];
     for j in 0..3 {
-        reqs.push(ask(10 + j, "b", prompt(17, 2 + j as u32), exactly(10)));
+        reqs.push(ask(
+            10 + j,
+            "b",
+            prompt(17, 2 + j as u32),
+            SamplingParams::greedy(10),
+        ));
     }
     let want = alone(&lm, &reqs);
     for r in &reqs {
@@ -240,15 +252,15 @@ fn work_larger_than_a_tenants_quota_is_refused_or_ended_with_the_reason() {
     let mut e = engine(&lm, 16, cfg.clone());
     // a prompt of 5 blocks against a quota of 4 never runs
     let err = e
-        .add_request(ask(1, "small", prompt(70, 1), exactly(4)))
+        .add_request(ask(1, "small", prompt(70, 1), SamplingParams::greedy(4)))
         .unwrap_err()
         .to_string();
     assert!(err.contains("\"small\"") && err.contains("4"), "{err}");
     // one that outgrows the quota ends with an error naming it, and the
     // engine goes on with the others
-    e.add_request(ask(2, "small", prompt(60, 2), exactly(30)))
+    e.add_request(ask(2, "small", prompt(60, 2), SamplingParams::greedy(30)))
         .unwrap();
-    e.add_request(ask(3, "other", prompt(10, 3), exactly(8)))
+    e.add_request(ask(3, "other", prompt(10, 3), SamplingParams::greedy(8)))
         .unwrap();
     let out = e.run_to_completion().unwrap();
     match &out[&2].finish {

@@ -123,14 +123,6 @@ mod imp {
         }
     }
 
-    /// Exactly `n` greedy tokens.
-    fn exactly(n: usize) -> SamplingParams {
-        SamplingParams {
-            stop_tokens: Vec::new(),
-            ..SamplingParams::greedy(n)
-        }
-    }
-
     pub fn run(a: &GpuBenchArgs, path: &std::path::Path) -> Result<bool> {
         let ord = ordinal(a.device)?;
         let gpu = Gpu::open(ord)?;
@@ -209,7 +201,7 @@ mod imp {
                 e.add_request(Request {
                     id: i as u64,
                     prompt: p.clone(),
-                    params: exactly(a.check_tokens),
+                    params: SamplingParams::greedy(a.check_tokens),
                     priority: 0,
                     tenant: String::new(),
                 })?;
@@ -316,14 +308,10 @@ mod imp {
                 ..EngineConfig::default()
             },
         )?;
-        let mut batch = Batch {
-            rng: 0x2545_f491_4f6c_dd1d,
-            next_id: 0,
-            context: a.context,
-            steps: a.decode_steps,
-        };
+        let mut batch = Batch::new(a, 0x2545_f491_4f6c_dd1d);
         for &b in &a.batches {
-            let (prefill_s, decode_s, tokens) = batch.run(&mut e, b, exactly(max_tokens))?;
+            let (prefill_s, decode_s, tokens) =
+                batch.run(&mut e, b, SamplingParams::greedy(max_tokens))?;
             let step_s = decode_s / a.decode_steps as f64;
             // bytes one decode step reads: every weight, and each
             // sequence's keys and values (a sliding layer only its window)
@@ -372,7 +360,7 @@ mod imp {
             temperature: 0.8,
             top_p: 0.95,
             seed: Some(7),
-            ..exactly(max_tokens)
+            ..SamplingParams::greedy(max_tokens)
         };
         let (_, decode_s, tokens) = batch.run(&mut e, b, sampled)?;
         t.row(
@@ -393,6 +381,17 @@ mod imp {
     }
 
     impl Batch {
+        /// Sequences of `a.context` prompt tokens from the seed `rng`,
+        /// timed over `a.decode_steps` steps.
+        fn new(a: &GpuBenchArgs, rng: u64) -> Self {
+            Self {
+                rng,
+                next_id: 0,
+                context: a.context,
+                steps: a.decode_steps,
+            }
+        }
+
         /// Runs `b` sequences: their prefill until each has its first
         /// token, then `steps` timed decode steps; cancels them. Returns
         /// the prefill seconds, the decode seconds and the tokens decoded.
@@ -474,13 +473,9 @@ mod imp {
                     ..EngineConfig::default()
                 },
             )?;
-            let mut batch = Batch {
-                rng: 0x1234_5678_9abc_def1,
-                next_id: 0,
-                context: a.context,
-                steps: a.decode_steps,
-            };
-            let (_, decode_s, tokens) = batch.run(&mut e, 1, exactly(3 * a.decode_steps + 64))?;
+            let mut batch = Batch::new(a, 0x1234_5678_9abc_def1);
+            let (_, decode_s, tokens) =
+                batch.run(&mut e, 1, SamplingParams::greedy(3 * a.decode_steps + 64))?;
             rates.push((tokens as f64 / decode_s, e.device()));
         }
         t.row(
@@ -520,7 +515,7 @@ mod imp {
                 e.add_request(Request {
                     id,
                     prompt: lm.tokenizer.encode(&text, true, false),
-                    params: exactly(max_tokens),
+                    params: SamplingParams::greedy(max_tokens),
                     priority: 0,
                     tenant: name.to_string(),
                 })?;

@@ -283,22 +283,10 @@ impl CudaModel {
                 sliding: l.sliding,
             });
         }
-        let zeros16 = |n: usize| {
-            s.alloc_zeros::<u16>(n.max(1))
-                .map_err(|e| device_error("allocation", e))
-        };
-        let zeros32 = |n: usize| {
-            s.alloc_zeros::<f32>(n.max(1))
-                .map_err(|e| device_error("allocation", e))
-        };
-        let zeros_i = |n: usize| {
-            s.alloc_zeros::<i32>(n.max(1))
-                .map_err(|e| device_error("allocation", e))
-        };
-        let zeros_u = |n: usize| {
-            s.alloc_zeros::<u32>(n.max(1))
-                .map_err(|e| device_error("allocation", e))
-        };
+        let zeros16 = |n| zeros::<u16>(&s, n);
+        let zeros32 = |n| zeros::<f32>(&s, n);
+        let zeros_i = |n| zeros::<i32>(&s, n);
+        let zeros_u = |n| zeros::<u32>(&s, n);
         let per_layer = blocks * KV_BLOCK_TOKENS * cfg.kv_dim();
         let mut kc = Vec::with_capacity(cfg.layers);
         let mut vc = Vec::with_capacity(cfg.layers);
@@ -950,6 +938,15 @@ impl DeviceForward for CudaModel {
         };
         format!("cuda:{} ({}, {graphs})", i.ordinal, i.name)
     }
+}
+
+/// `n` zeroed values (at least one) on the stream's device.
+fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    s.alloc_zeros::<T>(n.max(1))
+        .map_err(|e| device_error("allocation", e))
 }
 
 /// bf16 bit patterns of a matrix's values, row by row.
