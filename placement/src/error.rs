@@ -1,7 +1,6 @@
 //! The crate's error type.
 
-use crate::model::ModelId;
-use crate::topology::{NodeId, SiteId};
+use crate::id::{ModelId, NodeId, SiteId};
 
 /// Why an input to the solver or router was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -16,11 +16,13 @@
 //! - [`router`]: [`route`] ranks the nodes that could take a request and
 //!   returns a [`Decision`] with every candidate's terms (the intent log).
 //! - [`utility`]: the utility of an outcome and the online [`Learner`].
+//! - [`id`]: the indexes of sites, nodes and models.
 //! - [`error`]: the crate error, [`PlacementError`].
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod error;
+pub mod id;
 pub mod intent;
 pub mod model;
 pub mod router;
@@ -33,11 +35,13 @@ pub use error::{PlacementError, Result};
 pub use intent::{Criticality, Intent};
 pub use model::{Demand, ModelId, ModelSpec, WIRE_BYTES_PER_TOKEN};
 pub use router::{
-    route, Candidate, CandidateScore, Decision, Exclusion, LinkEstimate, NodeState, Rejection,
-    RouteRequest, RouterConfig,
+    route, Candidate, CandidateScore, Decision, Exclusion, NodeState, Rejection, RouteRequest,
+    RouterConfig,
 };
 pub use solver::{
     solve, Allocation, DropReason, Placement, Plan, PlanCost, Reason, Replica, Shard, SolverConfig,
 };
-pub use topology::{Link, LinkClass, LinkDefaults, Node, NodeId, Site, SiteId, SiteKind, Topology};
+pub use topology::{
+    Link, LinkClass, LinkDefaults, LinkEstimate, Node, NodeId, Site, SiteId, SiteKind, Topology,
+};
 pub use utility::{Context, Learner, Outcome, UtilityWeights};

@@ -3,18 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::topology::SiteId;
-
-/// Index of a model in the solver's model list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ModelId(pub u32);
-
-impl std::fmt::Display for ModelId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "model{}", self.0)
-    }
-}
+pub use crate::id::ModelId;
+use crate::id::SiteId;
 
 /// Bytes of text per token on the wire (prompt in, completion out).
 pub const WIRE_BYTES_PER_TOKEN: f64 = 4.0;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::admission::{AdmissionPolicy, NodeLoad, Refusal};
 use crate::intent::{Criticality, Intent};
 use crate::model::{ModelId, WIRE_BYTES_PER_TOKEN};
-use crate::topology::{LinkClass, NodeId};
+use crate::topology::{LinkEstimate, NodeId};
 use crate::utility::{Outcome, UtilityWeights};
 
 /// A request to route.
@@ -69,20 +69,6 @@ impl NodeState {
     pub fn load(&self) -> f64 {
         (self.running + self.queued) as f64 / self.slots.max(1) as f64
     }
-}
-
-/// The path from the request's origin to a candidate.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LinkEstimate {
-    /// Measured round trip (ms).
-    pub rtt_ms: f64,
-    /// Estimated bytes/s.
-    pub bandwidth_bytes_per_s: f64,
-    /// Its class.
-    pub class: LinkClass,
-    /// Price per byte.
-    pub cost_per_byte: f64,
 }
 
 /// One node the request could go to.

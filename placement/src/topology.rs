@@ -6,30 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PlacementError, Result};
-
-/// Index of a site in [`Topology::sites`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SiteId(pub u32);
-
-/// Index of a node in [`Topology::nodes`].
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-#[serde(transparent)]
-pub struct NodeId(pub u32);
-
-impl std::fmt::Display for SiteId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "site{}", self.0)
-    }
-}
-
-impl std::fmt::Display for NodeId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "node{}", self.0)
-    }
-}
+pub use crate::id::{NodeId, SiteId};
 
 /// Where a site sits in the fabric.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -302,9 +279,9 @@ impl Topology {
 impl Topology {
     /// The path between two sites as the router takes it: round trip,
     /// bandwidth, class, and the class's price per byte.
-    pub fn link_estimate(&self, a: SiteId, b: SiteId) -> crate::router::LinkEstimate {
+    pub fn link_estimate(&self, a: SiteId, b: SiteId) -> LinkEstimate {
         let l = self.link(a, b);
-        crate::router::LinkEstimate {
+        LinkEstimate {
             rtt_ms: l.rtt_ms,
             bandwidth_bytes_per_s: l.bandwidth_bytes_per_s,
             class: l.class,
@@ -342,4 +319,18 @@ mod pair_map {
             .map(|(a, b, r, w)| (super::ordered(a, b), (r, w)))
             .collect())
     }
+}
+
+/// The path from the request's origin to a candidate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LinkEstimate {
+    /// Measured round trip (ms).
+    pub rtt_ms: f64,
+    /// Estimated bytes/s.
+    pub bandwidth_bytes_per_s: f64,
+    /// Its class.
+    pub class: LinkClass,
+    /// Price per byte.
+    pub cost_per_byte: f64,
 }
