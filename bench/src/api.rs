@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::json;
 use weft_kernels::{Backend, Engine, EngineConfig, Request, SamplingParams};
-use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
+use weft_store::{ModelSource, ModelStore, PipFetcher};
 
 use crate::ApiArgs;
 

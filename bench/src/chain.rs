@@ -28,7 +28,7 @@ pub fn run(a: ChainArgs) -> Result<()> {
     let opts = a.fabric.options()?;
     let mut rows = Vec::new();
     for &streams in &a.streams {
-        let r = rt.block_on(weft_node::demo::chain(
+        let r = rt.block_on(weft_tools::demo::chain(
             &opts,
             a.max_tokens,
             streams,

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Parser;
 use serde::Serialize;
+use weft_cluster::credentials::ClusterCa;
+use weft_cluster::member::{self, MemberSettings};
+use weft_cluster::transport::Peer;
+use weft_cluster::transport::{Caller, Reply, Request};
 use weft_coordinator::Command;
-use weft_node::cluster::credentials::ClusterCa;
-use weft_node::cluster::member::{self, MemberSettings, Peer};
-use weft_node::cluster::transport::{Caller, Reply, Request};
 
 /// `weft-bench control` arguments.
 #[derive(Parser, Debug)]

@@ -24,8 +24,8 @@ pub struct FabricArgs {
 impl FabricArgs {
     /// The fabric's options; WEFT_DEMO_KEEP=1 keeps each fabric's configs
     /// and logs (the path is printed).
-    pub fn options(&self) -> Result<weft_node::demo::DemoOptions> {
-        Ok(weft_node::demo::DemoOptions {
+    pub fn options(&self) -> Result<weft_tools::demo::DemoOptions> {
+        Ok(weft_tools::demo::DemoOptions {
             model: self.model.clone(),
             quick: true,
             out: None,
@@ -59,7 +59,7 @@ pub fn run(a: FailoverArgs) -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut all = Vec::new();
     for round in 1..=a.rounds {
-        let r = rt.block_on(weft_node::demo::failover(&opts, a.streams, a.max_tokens))?;
+        let r = rt.block_on(weft_tools::demo::failover(&opts, a.streams, a.max_tokens))?;
         println!(
             "| {round} | {} | {} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms |",
             r.streams,

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use weft_kernels::{Backend, Engine, EngineConfig, LoadedModel, Request, SamplingParams};
-use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
+use weft_store::{ModelSource, ModelStore, PipFetcher};
 
 /// weft's benchmarks.
 #[derive(Parser, Debug)]

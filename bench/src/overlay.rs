@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Parser;
 use serde::Serialize;
-use weft_node::cluster::credentials::{ClusterCa, Revoked};
-use weft_node::cluster::overlay::{self, LoadReport, Overlay, OverlaySettings};
+use weft_cluster::credentials::{ClusterCa, Revoked};
+use weft_cluster::overlay::{self, LoadReport, Overlay, OverlaySettings};
 
 /// `weft-bench overlay` arguments.
 #[derive(Parser, Debug)]

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use weft_kernels::{Backend, Engine, EngineConfig, LoadedModel, Request, SamplingParams};
-use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
+use weft_store::{ModelSource, ModelStore, PipFetcher};
 
 #[derive(Parser, Debug)]
 pub(crate) struct TenantsArgs {

@@ -44,8 +44,9 @@ use serde::Deserialize;
 use weft_coordinator::Member;
 use weft_placement::SiteKind;
 
-use super::credentials::check_name;
-use super::member::{member_id, Peer};
+use weft_cluster::credentials::check_name;
+use weft_cluster::member::member_id;
+use weft_cluster::transport::Peer;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,7 +226,7 @@ impl ClusterConfig {
 
     /// Whether the node already holds an identity.
     pub fn has_identity(&self) -> bool {
-        super::credentials::NodeIdentity::exists(&self.identity_dir())
+        weft_cluster::credentials::NodeIdentity::exists(&self.identity_dir())
     }
 
     /// This node as a member of the control state.

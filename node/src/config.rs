@@ -5,8 +5,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
+use weft_api::{ApiConfig, TenantLimits};
+use weft_worker::{ChainLink, WorkerSpec};
 
 /// Default listen address.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -30,20 +33,6 @@ pub const DEFAULT_MAX_RUNNING: usize = 64;
 pub const DEFAULT_READ_TIMEOUT_S: u64 = 30;
 /// Default seconds in-flight requests get to finish on shutdown.
 pub const DEFAULT_GRACE_S: u64 = 30;
-
-/// Per-tenant limits.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantLimits {
-    /// Most concurrent requests (none: unlimited).
-    pub max_concurrent: Option<usize>,
-    /// Most prompt + completion tokens per minute (none: unlimited).
-    pub tokens_per_minute: Option<u64>,
-    /// Share of the worker's KV cache (above 0, at most 1) its sequences
-    /// may hold; at its share the tenant's sequences wait for its own
-    /// blocks and never evict another tenant's (none: the whole cache).
-    pub kv_share: Option<f64>,
-}
 
 /// Everything a node is configured with.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -122,7 +111,7 @@ impl Default for NodeConfig {
             api_keys: BTreeMap::new(),
             tenants: BTreeMap::new(),
             intent_log: None,
-            intent_log_file_bytes: crate::audit::DEFAULT_MAX_FILE_BYTES,
+            intent_log_file_bytes: weft_audit::DEFAULT_MAX_FILE_BYTES,
             data_addr: None,
         }
     }
@@ -337,13 +326,49 @@ impl NodeConfig {
             .collect()
     }
 
-    /// The limits of a tenant.
-    pub fn limits(&self, tenant: &str) -> TenantLimits {
-        self.tenants
-            .get(tenant)
-            .or_else(|| self.tenants.get("default"))
-            .cloned()
-            .unwrap_or_default()
+    /// What the API enforces and how its listener behaves.
+    pub fn api_config(&self) -> ApiConfig {
+        ApiConfig {
+            api_keys: self.api_keys.clone(),
+            tenants: self.tenants.clone(),
+            max_context: self.max_context,
+            max_body_bytes: self.max_body_bytes,
+            max_tokens_limit: self.max_tokens_limit,
+            default_max_tokens: self.default_max_tokens,
+            max_queue: self.max_queue,
+            max_connections: self.max_connections,
+            read_timeout_s: self.read_timeout_s,
+            grace_s: self.grace_s,
+        }
+    }
+
+    /// How to start a worker for `layers` of the model file at `model`
+    /// (`None`: all of it) with this node's engine settings: the head of a
+    /// chain when `chain` says where its steps go, else a shard that runs
+    /// its layers for the data plane. `probe` is an address the worker
+    /// tries to reach, to report its network isolation.
+    pub fn worker_spec(
+        &self,
+        model: PathBuf,
+        probe: Option<String>,
+        layers: Option<std::ops::Range<u32>>,
+        chain: Option<Arc<dyn ChainLink>>,
+    ) -> WorkerSpec {
+        WorkerSpec {
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("weft")),
+            model,
+            threads: self.threads,
+            device: self.device.clone(),
+            device_memory_budget: self.gpu_memory_budget,
+            kv_budget: self.kv_budget,
+            max_context: self.max_context,
+            max_running: self.max_running,
+            sandbox: self.sandbox,
+            probe,
+            layers,
+            chain,
+            kv_shares: self.kv_shares(),
+        }
     }
 }
 
@@ -351,23 +376,37 @@ impl NodeConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn file_then_env_and_validation_messages() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A config file at `dir/n.toml` with `text`, read.
+    fn from_toml(dir: &tempfile::TempDir, text: &str) -> Result<NodeConfig, ConfigError> {
         let p = dir.path().join("n.toml");
-        std::fs::write(
-            &p,
-            "addr = \"0.0.0.0:9000\"\nthreads = 2\n[api_keys]\n\"sk-test-123456\" = \"acme\"\n[tenants.acme]\nmax_concurrent = 2\n",
-        )
-        .unwrap();
-        let mut c = NodeConfig::from_file(&p).unwrap();
+        std::fs::write(&p, text).unwrap();
+        NodeConfig::from_file(&p)
+    }
+
+    const KEYS_AND_LIMITS: &str = "addr = \"0.0.0.0:9000\"\nthreads = 2\n[api_keys]\n\"sk-test-123456\" = \"acme\"\n[tenants.acme]\nmax_concurrent = 2\n";
+
+    #[test]
+    fn a_file_sets_settings_and_tenant_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = from_toml(&dir, KEYS_AND_LIMITS).unwrap();
         assert_eq!(c.threads, 2);
-        assert_eq!(c.limits("acme").max_concurrent, Some(2));
-        assert_eq!(c.limits("other"), TenantLimits::default());
+        assert_eq!(c.api_config().limits("acme").max_concurrent, Some(2));
+        assert_eq!(c.api_config().limits("other"), TenantLimits::default());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = from_toml(&dir, KEYS_AND_LIMITS).unwrap();
         let env: BTreeMap<String, String> = [("WEFT_THREADS".to_string(), "1".to_string())].into();
         c.apply_env(&env).unwrap();
         assert_eq!(c.threads, 1);
-        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_bad_environment_value_is_named() {
+        let mut c = NodeConfig::default();
         let env: BTreeMap<String, String> =
             [("WEFT_THREADS".to_string(), "many".to_string())].into();
         assert!(c
@@ -375,30 +414,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("WEFT_THREADS"));
-        c.addr = "nonsense".into();
+    }
+
+    #[test]
+    fn a_bad_address_is_named() {
+        let c = NodeConfig {
+            addr: "nonsense".into(),
+            ..NodeConfig::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("addr"));
-        std::fs::write(&p, "adr = 1\n").unwrap();
-        assert!(NodeConfig::from_file(&p)
+    }
+
+    #[test]
+    fn an_unknown_setting_in_the_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(from_toml(&dir, "adr = 1\n")
             .unwrap_err()
             .to_string()
             .contains("adr"));
     }
 
+    const SHARES: &str = "[tenants.default]\nkv_share = 0.5\n[tenants.acme]\nkv_share = 0.25\nmax_concurrent = 4\n[tenants.free]\nmax_concurrent = 1\n";
+
     #[test]
-    fn tenants_kv_shares_reach_the_worker_and_bad_ones_are_named() {
+    fn tenants_kv_shares_reach_the_worker() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("n.toml");
-        std::fs::write(
-            &p,
-            "[tenants.default]\nkv_share = 0.5\n[tenants.acme]\nkv_share = 0.25\nmax_concurrent = 4\n[tenants.free]\nmax_concurrent = 1\n",
-        )
-        .unwrap();
-        let mut c = NodeConfig::from_file(&p).unwrap();
+        let c = from_toml(&dir, SHARES).unwrap();
         assert!(c.validate().is_ok());
         assert_eq!(
             c.kv_shares(),
             vec![("acme".to_string(), 0.25), ("default".to_string(), 0.5)]
         );
+        assert_eq!(
+            c.worker_spec("m.gguf".into(), None, None, None).kv_shares,
+            c.kv_shares()
+        );
+    }
+
+    #[test]
+    fn a_kv_share_out_of_range_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = from_toml(&dir, SHARES).unwrap();
         c.tenants.get_mut("acme").unwrap().kv_share = Some(1.5);
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("acme") && err.contains("1.5"), "{err}");

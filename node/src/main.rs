@@ -1,5 +1,30 @@
-//! The `weft` command line.
+//! # weft-node
+//!
+//! The `weft` command line: its config and the wiring of the crates below
+//! it. No logic of its own lives here.
+//!
+//! ## Layout
+//!
+//! - `main.rs`: the subcommands.
+//! - [`config`]: `weft up`'s settings (and a cluster node's `[serve]`):
+//!   defaults, TOML, `WEFT_*`, flags, validated; what they give the API and
+//!   each worker.
+//! - [`cluster_config`]: `weft node --config`: a node's place in a cluster.
+//! - [`up`]: `weft up`: one node, its worker, the API, the embedded
+//!   coordinator.
+//! - [`node`]: `weft node` and `weft status`: a cluster node (coordinator,
+//!   overlay, data plane, what it holds, its API).
+//!
+//! The crates it wires, bottom up: `weft-store` (models), `weft-audit`
+//! (intent log), `weft-metrics`, `weft-worker` (workers and their sandbox),
+//! `weft-api` (HTTP), `weft-cluster` (control plane IO), `weft-fabric`
+//! (data plane, holdings), and `weft-tools` (`weft demo`, `weft gpu-bench`).
 #![forbid(unsafe_code)]
+
+mod cluster_config;
+mod config;
+mod node;
+mod up;
 
 use std::io::Write;
 use std::time::Instant;
@@ -7,8 +32,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use weft_kernels::{Backend, ChatMessage, EngineConfig, Request, SamplingParams};
-use weft_node::config::{NodeConfig, ProcessEnv};
-use weft_node::model_store::{ModelSource, ModelStore, PipFetcher};
+use weft_store::{ModelSource, ModelStore, PipFetcher};
+
+use crate::config::{NodeConfig, ProcessEnv};
 
 /// weft: an edge-to-cloud inference fabric for AI agents.
 #[derive(Parser, Debug)]
@@ -28,12 +54,12 @@ enum Command {
     Up(UpArgs),
     /// The model worker (started by the node; not for direct use).
     #[command(hide = true)]
-    Worker(weft_node::worker::process::WorkerArgs),
+    Worker(weft_worker::process::WorkerArgs),
     /// Measure the CUDA backend on this machine's GPU against the CPU
     /// backend: correctness, decode and prefill throughput, tenant
     /// fairness, bandwidth (what bench/gpu/run.sh runs).
     #[command(name = "gpu-bench")]
-    GpuBench(weft_node::gpubench::GpuBenchArgs),
+    GpuBench(weft_tools::gpubench::GpuBenchArgs),
     /// Generate text from a prompt with a local model (fetched on first use).
     Generate(GenerateArgs),
     /// Manage the model cache.
@@ -135,7 +161,7 @@ enum ClusterCommand {
         name: Option<String>,
         /// Size of the sha256-checked chunks nodes fetch the file from each
         /// other in.
-        #[arg(long, default_value_t = weft_node::cluster::models::DEFAULT_CHUNK_BYTES)]
+        #[arg(long, default_value_t = weft_cluster::models::DEFAULT_CHUNK_BYTES)]
         chunk_bytes: u64,
     },
     /// Plan and commit a placement epoch for this demand; the leader keeps
@@ -154,7 +180,7 @@ enum ClusterCommand {
         #[arg(long)]
         ca_dir: std::path::PathBuf,
         /// Seconds the token stays valid.
-        #[arg(long, default_value_t = weft_node::cluster::credentials::DEFAULT_TOKEN_TTL_S)]
+        #[arg(long, default_value_t = weft_cluster::credentials::DEFAULT_TOKEN_TTL_S)]
         ttl_s: u64,
     },
 }
@@ -273,11 +299,11 @@ fn main() -> Result<()> {
             let cfg = up_config(a, cli.log_format)?;
             init_logs(&cfg.log_format, "info");
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(weft_node::serve::up(cfg))
+            rt.block_on(up::up(cfg))
         }
         Command::Worker(a) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
-            weft_node::worker::process::run(a)
+            weft_worker::process::run(a)
         }
         Command::Generate(a) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
@@ -289,7 +315,7 @@ fn main() -> Result<()> {
             a.device.ensure_available()?;
             let scratch = tempfile::tempdir()?;
             let path = if a.model == "synthetic" {
-                weft_node::gpubench::synthetic_model(scratch.path())?
+                weft_tools::gpubench::synthetic_model(scratch.path())?
             } else {
                 ModelStore::default_location()
                     .resolve(
@@ -301,7 +327,7 @@ fn main() -> Result<()> {
                     )?
                     .path
             };
-            if !weft_node::gpubench::run(&a, &path)? {
+            if !weft_tools::gpubench::run(&a, &path)? {
                 anyhow::bail!(
                     "the CUDA backend differs from the CPU, or a section failed (see the table)"
                 );
@@ -332,12 +358,12 @@ fn main() -> Result<()> {
             cluster(c)
         }
         Command::Node { config } => {
-            let cfg = weft_node::cluster::config::ClusterConfig::load(&config)?;
+            let cfg = cluster_config::ClusterConfig::load(&config)?;
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "info");
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(weft_node::cluster::run::run_node(cfg, shutdown_signal()))
+            rt.block_on(node::run_node(cfg, shutdown_signal()))
         }
-        Command::Audit(AuditCommand::Verify { paths }) => match weft_node::audit::verify(&paths) {
+        Command::Audit(AuditCommand::Verify { paths }) => match weft_audit::verify(&paths) {
             Ok(v) => {
                 println!(
                     "ok: {} lines from sequence {}, chain intact; head {}",
@@ -355,8 +381,8 @@ fn main() -> Result<()> {
             let config = match config {
                 Some(c) => c,
                 None => {
-                    let addr = weft_node::config::DEFAULT_ADDR.parse()?;
-                    let path = weft_node::cluster::embedded::default_state_dir(&addr)
+                    let addr = config::DEFAULT_ADDR.parse()?;
+                    let path = weft_cluster::embedded::default_state_dir(&addr)
                         .context("no data directory for weft up's state")?
                         .join("cluster.toml");
                     if !path.exists() {
@@ -368,13 +394,13 @@ fn main() -> Result<()> {
                     path
                 }
             };
-            let cfg = weft_node::cluster::config::ClusterConfig::load(&config)?;
+            let cfg = cluster_config::ClusterConfig::load(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
-            let s = rt.block_on(weft_node::cluster::run::status(&cfg))?;
+            let s = rt.block_on(node::status(&cfg))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                print!("{}", weft_node::cluster::run::status_table(&s));
+                print!("{}", node::status_table(&s));
             }
             Ok(())
         }
@@ -385,7 +411,7 @@ fn main() -> Result<()> {
             keep,
         } => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
-            let opts = weft_node::demo::DemoOptions {
+            let opts = weft_tools::demo::DemoOptions {
                 model,
                 quick,
                 out: out.clone(),
@@ -393,8 +419,8 @@ fn main() -> Result<()> {
                 exe: std::env::current_exe().context("locating the weft binary")?,
             };
             let rt = tokio::runtime::Runtime::new()?;
-            let report = rt.block_on(weft_node::demo::run(&opts))?;
-            print!("{}", weft_node::demo::table(&report));
+            let report = rt.block_on(weft_tools::demo::run(&opts))?;
+            print!("{}", weft_tools::demo::table(&report));
             if let Some(dir) = out {
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
@@ -508,7 +534,7 @@ async fn shutdown_signal() {
 }
 
 fn cluster(c: ClusterCommand) -> Result<()> {
-    use weft_node::cluster::credentials::ClusterCa;
+    use weft_cluster::credentials::ClusterCa;
     match c {
         ClusterCommand::Init {
             data_dir,
@@ -542,19 +568,19 @@ fn cluster(c: ClusterCommand) -> Result<()> {
             name,
             chunk_bytes,
         } => {
-            let mut record = weft_node::cluster::models::model_record(&source, name.as_deref())?;
+            let mut record = weft_cluster::models::model_record(&source, name.as_deref())?;
             if chunk_bytes != record.chunk_bytes {
-                let src = weft_node::model_store::ModelSource::parse(&source)?;
+                let src = ModelSource::parse(&source)?;
                 let stored =
                     ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
                 record.chunk_sha256 =
-                    weft_node::cluster::models::chunk_hashes(&stored.path, chunk_bytes)?;
+                    weft_cluster::models::chunk_hashes(&stored.path, chunk_bytes)?;
                 record.chunk_bytes = chunk_bytes;
             }
             let spec = record.spec.clone();
             let reply = ask_cluster(
                 &config,
-                weft_node::cluster::transport::Request::Propose {
+                weft_cluster::transport::Request::Propose {
                     command: weft_coordinator::Command::PutModel(record),
                 },
             )?;
@@ -572,10 +598,7 @@ fn cluster(c: ClusterCommand) -> Result<()> {
                 .iter()
                 .map(|d| parse_demand(d))
                 .collect::<Result<Vec<_>>>()?;
-            let reply = ask_cluster(
-                &config,
-                weft_node::cluster::transport::Request::Replan { demand },
-            )?;
+            let reply = ask_cluster(&config, weft_cluster::transport::Request::Replan { demand })?;
             println!("{reply:?}");
         }
         ClusterCommand::JoinToken { ca_dir, ttl_s } => {
@@ -592,20 +615,17 @@ fn cluster(c: ClusterCommand) -> Result<()> {
 /// Sends one request to the cluster with a node's identity.
 fn ask_cluster(
     config: &std::path::Path,
-    req: weft_node::cluster::transport::Request,
-) -> Result<weft_node::cluster::transport::Reply> {
-    use weft_node::cluster::{config::ClusterConfig, credentials::NodeIdentity, transport::Caller};
+    req: weft_cluster::transport::Request,
+) -> Result<weft_cluster::transport::Reply> {
+    use crate::cluster_config::ClusterConfig;
+    use weft_cluster::{credentials::NodeIdentity, transport::Caller};
     let cfg = ClusterConfig::load(config)?;
     let id = NodeIdentity::load(&cfg.identity_dir())?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let caller = Caller::new(&id)?;
         Ok(caller
-            .ask(
-                &cfg.coordinators(),
-                &req,
-                weft_node::cluster::run::ASK_DEADLINE,
-            )
+            .ask(&cfg.coordinators(), &req, node::ASK_DEADLINE)
             .await?)
     })
 }

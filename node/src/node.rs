@@ -6,10 +6,17 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use weft_coordinator::Command;
 
-use super::config::ClusterConfig;
-use super::credentials::{ClusterCa, NodeIdentity};
-use super::member::{self, MemberSettings};
-use super::transport::{Caller, Reply, Request, StatusReport};
+use weft_api::AppState;
+use weft_cluster::credentials::{ClusterCa, NodeIdentity, Revoked};
+use weft_cluster::member::{self, MemberSettings};
+use weft_cluster::overlay::{self, LoadReport, Overlay, OverlaySettings};
+use weft_cluster::transport::{self, Caller, Peer, Reply, Request, StatusReport};
+use weft_fabric::{Forwarder, Holder, ServedHere, Shards, StartWorker};
+use weft_store::ModelStore;
+use weft_worker::Supervisor;
+
+use crate::cluster_config::ClusterConfig;
+use crate::config::NodeConfig;
 
 /// How long `weft status` and registration wait for the coordinators.
 pub const ASK_DEADLINE: Duration = Duration::from_secs(15);
@@ -46,10 +53,10 @@ pub async fn run_node(
             cfg.node.name
         );
     }
-    let revoked = super::credentials::Revoked::default();
+    let revoked = Revoked::default();
     let overlay = match &cfg.overlay {
         Some(o) => {
-            let settings = super::overlay::OverlaySettings {
+            let settings = OverlaySettings {
                 listen: o
                     .listen
                     .parse()
@@ -65,7 +72,7 @@ pub async fn run_node(
                 mdns: o.mdns,
             };
             let report = base_report(&cfg);
-            Some(super::overlay::start(settings, identity.clone(), revoked.clone(), report).await?)
+            Some(overlay::start(settings, identity.clone(), revoked.clone(), report).await?)
         }
         None => None,
     };
@@ -108,7 +115,7 @@ pub async fn run_node(
                     async move {
                         let mut out = m.map(|m| m.render()).unwrap_or_default();
                         if let Some((table, om)) = o {
-                            out += &super::overlay::render_metrics(&table, &om);
+                            out += &overlay::render_metrics(&table, &om);
                         }
                         out
                     }
@@ -187,9 +194,9 @@ pub async fn run_node(
 }
 
 /// The fields of this node's load reports that its configuration fixes.
-fn base_report(cfg: &ClusterConfig) -> super::overlay::LoadReport {
+fn base_report(cfg: &ClusterConfig) -> LoadReport {
     let n = &cfg.node;
-    super::overlay::LoadReport {
+    LoadReport {
         site: n.site.clone(),
         address: n.listen.to_string(),
         kind: n.kind,
@@ -206,20 +213,20 @@ fn base_report(cfg: &ClusterConfig) -> super::overlay::LoadReport {
 /// runs. Cut off from the coordinators, it keeps serving what it holds.
 #[allow(clippy::too_many_arguments)]
 async fn hold_and_serve(
-    serve: crate::config::NodeConfig,
+    serve: NodeConfig,
     identity: &NodeIdentity,
-    revoked: &super::credentials::Revoked,
+    revoked: &Revoked,
     data_dir: std::path::PathBuf,
     me: u64,
-    base: super::overlay::LoadReport,
+    base: LoadReport,
     caller: Caller,
-    coordinators: Vec<member::Peer>,
-    overlay: Option<&super::overlay::Overlay>,
+    coordinators: Vec<Peer>,
+    overlay: Option<&Overlay>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    use super::holdings::{Holder, WATCH_EVERY};
+    use weft_fabric::holdings::WATCH_EVERY;
     let addr = serve.validate()?;
-    crate::serve::check_device(&serve)?;
+    crate::up::check_device(&serve)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("[serve] cannot listen on {addr}"))?;
@@ -228,48 +235,58 @@ async fn hold_and_serve(
         .intent_log
         .clone()
         .unwrap_or_else(|| data_dir.join("intent"));
-    let log = crate::audit::IntentLog::open(&intent_dir, serve.intent_log_file_bytes)
+    let log = weft_audit::IntentLog::open(&intent_dir, serve.intent_log_file_bytes)
         .with_context(|| format!("opening the intent log in {}", intent_dir.display()))?;
     let data_addr = serve.data_addr;
-    let app = crate::api::AppState::empty(serve);
+    let app = AppState::empty(serve.api_config());
     app.set_intent_log(log);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut base = base;
+    let shards = Shards::default();
     // the data plane: forward what others hold, take what peers forward
+    let mut fwd = None;
     if let Some(o) = overlay {
-        let fwd = std::sync::Arc::new(crate::dataplane::Forwarder::new(identity, o.table.clone())?);
-        fwd.set_local(&app);
-        app.set_forwarder(fwd);
+        let f = std::sync::Arc::new(Forwarder::new(identity, o.table.clone())?);
+        f.set_local(&app);
+        app.set_remote(f.clone());
         if let Some(addr) = data_addr {
-            let ep = super::transport::endpoint(identity, revoked, addr, false)
+            let ep = transport::endpoint(identity, revoked, addr, false)
                 .with_context(|| format!("data plane on {addr}"))?;
             base.data_address = ep.local_addr()?.to_string();
             tracing::info!(addr = %base.data_address, "data plane listening");
-            tokio::spawn(crate::dataplane::serve(
+            let here = ServedHere {
+                app: app.clone(),
+                shards: shards.clone(),
+                forwarder: Some(f.clone()),
+            };
+            tokio::spawn(weft_fabric::serve(
                 ep,
-                app.clone(),
-                crate::model_store::ModelStore::default_location()
-                    .dir()
-                    .to_path_buf(),
+                here,
+                ModelStore::default_location().dir().to_path_buf(),
                 revoked.clone(),
                 stop_rx.clone(),
             ));
         }
+        fwd = Some(f);
     }
+    let start: StartWorker = {
+        let serve = serve.clone();
+        std::sync::Arc::new(move |model, layers, chain| {
+            Supervisor::start(serve.worker_spec(model, None, layers, chain))
+        })
+    };
     let mut holder = Holder::new(
         app.clone(),
+        fwd,
+        shards,
+        start,
         me,
-        crate::model_store::ModelStore::default_location(),
+        ModelStore::default_location(),
     );
-    let api = tokio::spawn(crate::serve::serve_api(
-        listener,
-        app.clone(),
-        stop_rx,
-        || {},
-    ));
+    let api = tokio::spawn(weft_api::serve_api(listener, app.clone(), stop_rx, || {}));
     let mut watch = tokio::time::interval(WATCH_EVERY);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut report = tokio::time::interval(super::overlay::REPORT_EVERY);
+    let mut report = tokio::time::interval(overlay::REPORT_EVERY);
     let mut cut_off = false;
     tokio::pin!(shutdown);
     loop {

@@ -3,70 +3,16 @@
 //! SIGINT stops accepting, lets in-flight requests finish within the grace
 //! period, stops the worker and returns.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use weft_api::{serve_api, AppState};
+use weft_cluster::embedded;
+use weft_store::{ModelSource, ModelStore, PipFetcher};
+use weft_worker::Supervisor;
 
-use crate::api::{router, AppState};
 use crate::config::NodeConfig;
-use crate::model_store::{ModelSource, ModelStore, PipFetcher};
-use crate::worker::supervisor::{Supervisor, WorkerSpec};
-
-/// How long cancelled requests get to send their error events after the grace period.
-const FINAL_CLOSE: Duration = Duration::from_secs(5);
-
-/// Accepts connections until `stop` turns true: at most `max_conn` open at
-/// once (the rest wait in the kernel's backlog), each with a deadline for its
-/// request headers, each watched by the returned graceful-shutdown handle.
-async fn accept_loop(
-    listener: TcpListener,
-    max_conn: usize,
-    header_timeout: Duration,
-    app: axum::Router,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> GracefulShutdown {
-    let slots = Arc::new(Semaphore::new(max_conn));
-    let graceful = GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let io = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((io, _)) => io,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let _ = io.set_nodelay(true);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app.clone()))
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-    graceful
-}
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -78,65 +24,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// Starts a worker for the model file at `model` with `cfg`'s engine
-/// settings.
-pub fn start_worker(cfg: &NodeConfig, model: PathBuf, probe: Option<String>) -> Supervisor {
-    start_shard_worker(cfg, model, probe, None, None)
-}
-
-/// Starts a worker for `layers` of the model file at `model` (`None`: all
-/// of it): the head of a chain when `chain` says where the rest runs, else
-/// a shard that runs its layers for the data plane.
-pub fn start_shard_worker(
-    cfg: &NodeConfig,
-    model: PathBuf,
-    probe: Option<String>,
-    layers: Option<std::ops::Range<u32>>,
-    chain: Option<crate::worker::supervisor::ChainRoute>,
-) -> Supervisor {
-    Supervisor::start(WorkerSpec {
-        exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("weft")),
-        model,
-        threads: cfg.threads,
-        device: cfg.device.clone(),
-        device_memory_budget: cfg.gpu_memory_budget,
-        kv_budget: cfg.kv_budget,
-        max_context: cfg.max_context,
-        max_running: cfg.max_running,
-        sandbox: cfg.sandbox,
-        probe,
-        layers,
-        chain,
-        kv_shares: cfg.kv_shares(),
-    })
-}
-
-/// Serves `state`'s API on `listener` until `stop` turns true, then lets
-/// in-flight requests finish within the grace period; requests still
-/// running after it end with an error event when `on_grace_over` stops
-/// their workers.
-pub async fn serve_api(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    stop: tokio::sync::watch::Receiver<bool>,
-    on_grace_over: impl FnOnce(),
-) {
-    let grace = Duration::from_secs(state.cfg.grace_s);
-    let max_conn = state.cfg.max_connections;
-    let header_timeout = Duration::from_secs(state.cfg.read_timeout_s);
-    let app = router(state);
-    let graceful = accept_loop(listener, max_conn, header_timeout, app, stop).await;
-    // the listener is closed; in-flight requests get the grace period
-    let drained = graceful.shutdown();
-    tokio::pin!(drained);
-    if tokio::time::timeout(grace, &mut drained).await.is_err() {
-        tracing::warn!("grace period over: cancelling the requests still running");
-        on_grace_over();
-        let _ = tokio::time::timeout(FINAL_CLOSE, &mut drained).await;
-    }
-}
-
-/// Runs a node until SIGTERM or SIGINT.
 /// Checks that the configured device can run here (a GPU that is not
 /// there is a clear error at start, not a worker that keeps failing).
 pub fn check_device(cfg: &NodeConfig) -> Result<()> {
@@ -146,6 +33,7 @@ pub fn check_device(cfg: &NodeConfig) -> Result<()> {
         .with_context(|| format!("device = {:?}", cfg.device))
 }
 
+/// Runs a node until SIGTERM or SIGINT.
 pub async fn up(cfg: NodeConfig) -> Result<()> {
     let addr = cfg.validate()?;
     check_device(&cfg)?;
@@ -169,20 +57,30 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let bound = listener.local_addr()?;
-    let supervisor = start_worker(&cfg, stored.path.clone(), Some(bound.to_string()));
+    let supervisor = Supervisor::start(cfg.worker_spec(
+        stored.path.clone(),
+        Some(bound.to_string()),
+        None,
+        None,
+    ));
     let model_id = source.model_id();
     let kv_budget = cfg.kv_budget;
     // weft up's state (coordinator of one, intent log), kept per address
-    let state_dir = crate::cluster::embedded::default_state_dir(&addr);
+    let state_dir = embedded::default_state_dir(&addr);
     let intent_dir = cfg
         .intent_log
         .clone()
         .or_else(|| state_dir.as_ref().map(|d| d.join("intent")));
     let intent_file_bytes = cfg.intent_log_file_bytes;
-    let state = AppState::new(cfg, model_id.clone(), tokenizer, supervisor.clone());
+    let state = AppState::new(
+        cfg.api_config(),
+        model_id.clone(),
+        tokenizer,
+        Arc::new(supervisor.clone()),
+    );
     let mut intent_line = None;
     if let Some(dir) = intent_dir {
-        let log = crate::audit::IntentLog::open(&dir, intent_file_bytes)
+        let log = weft_audit::IntentLog::open(&dir, intent_file_bytes)
             .with_context(|| format!("opening the intent log in {}", dir.display()))?;
         state.set_intent_log(log);
         intent_line = Some(format!(
@@ -199,11 +97,11 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         println!("{l}");
     }
     // the control plane of one: this node, its model, the epoch placing it here
-    let embedded = crate::cluster::embedded::start(
+    let embedded = embedded::start(
         state_dir,
-        crate::cluster::embedded::Served {
+        embedded::Served {
             stored: &stored,
-            source: &state.cfg.model,
+            source: &cfg.model,
             model_id: &model_id,
             api: bound,
             kv_budget,

@@ -12,10 +12,10 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use weft_cluster::credentials::ClusterCa;
+use weft_cluster::transport::Peer;
+use weft_cluster::transport::{Caller, Reply, Request, StatusReport};
 use weft_coordinator::{Command as Cmd, ModelRecord};
-use weft_node::cluster::credentials::ClusterCa;
-use weft_node::cluster::member::Peer;
-use weft_node::cluster::transport::{Caller, Reply, Request, StatusReport};
 use weft_placement::{Demand, ModelId, ModelSpec, SiteId};
 
 /// A free loopback port for a node to bind later. It is taken below the
@@ -585,8 +585,7 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
         &weft_kernels::testing::TinyModelSpec::default(),
     )
     .unwrap();
-    let model =
-        weft_node::cluster::models::model_record(path.to_str().unwrap(), Some("small")).unwrap();
+    let model = weft_cluster::models::model_record(path.to_str().unwrap(), Some("small")).unwrap();
     let r = admin
         .ask(
             &peers,
@@ -609,7 +608,7 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
         .await
         .unwrap();
     assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
-    let gw_id = weft_node::cluster::member::member_id("gw-1");
+    let gw_id = weft_cluster::member::member_id("gw-1");
     let on_gw = |s: &StatusReport| {
         let p = s.state.placement.as_ref().unwrap();
         p.placement.replicas.iter().any(|r| {
@@ -821,7 +820,7 @@ async fn measured_demand_places_a_model_where_it_is_asked_for() {
     )
     .await;
     let p = s.state.placement.as_ref().unwrap();
-    let gw_id = weft_node::cluster::member::member_id("gw-1");
+    let gw_id = weft_cluster::member::member_id("gw-1");
     assert!(p.held_by(gw_id).iter().any(|h| h.model == "tiny"));
     assert!(p
         .demand
@@ -1013,8 +1012,7 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
     // revoking the front's certificate ends its open connection to the
     // holder: it can no longer forward (nor connect again)
     let front_id =
-        weft_node::cluster::credentials::NodeIdentity::load(&c.dir.path().join("gw-2/identity"))
-            .unwrap();
+        weft_cluster::credentials::NodeIdentity::load(&c.dir.path().join("gw-2/identity")).unwrap();
     let admin = Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap();
     let r = admin
         .ask(
@@ -1425,7 +1423,7 @@ async fn a_model_comes_from_peers_and_a_corrupt_chunk_is_fetched_again() {
     wait_holding(&b, "tiny", Duration::from_secs(60)).await;
     // damage chunk 1 of gw-1's copy and chunk 2 of gw-3's (a new file over
     // the old name: the source and the running workers keep theirs)
-    let sha = weft_node::model_store::sha256_file(&model, None).unwrap();
+    let sha = weft_store::sha256_file(&model, None).unwrap();
     for (node, bad) in [("gw-1", 1u64), ("gw-3", 2)] {
         let kept = c
             .dir
@@ -1549,8 +1547,7 @@ async fn a_chain_of(n: usize) {
     let c = setup();
     register_tiny(&c, "tiny");
     let path = c.dir.path().join("tiny.gguf");
-    let rec =
-        weft_node::cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
+    let rec = weft_cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
     let layers = rec.spec.layers;
     let per = layers.div_ceil(n as u32);
     assert!(per < layers && per * (n as u32 - 1) < layers);
@@ -1714,8 +1711,7 @@ async fn a_stream_on_a_chain_that_breaks_continues_on_another_chain() {
     let c = setup();
     register_tiny(&c, "tiny");
     let path = c.dir.path().join("tiny.gguf");
-    let rec =
-        weft_node::cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
+    let rec = weft_cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
     let mem = rec.spec.shard_memory(
         rec.spec.layers.div_ceil(2),
         weft_placement::SolverConfig::default().kv_reserve_tokens,

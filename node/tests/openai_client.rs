@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_node::model_store::{ModelSource, ModelStore, PipFetcher, DEFAULT_MODEL};
+use weft_store::{ModelSource, ModelStore, PipFetcher, DEFAULT_MODEL};
 
 #[test]
 fn the_openai_client_works_against_weft() {

@@ -10,7 +10,7 @@ use weft_kernels::{
     Backend, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig, LoadedModel, Request,
     SamplingParams,
 };
-use weft_node::model_store::{ModelSource, ModelStore, PipFetcher, DEFAULT_MODEL};
+use weft_store::{ModelSource, ModelStore, PipFetcher, DEFAULT_MODEL};
 
 /// llama.cpp's two best logits closer than this are a near-tie (the threshold).
 const NEAR_TIE: f64 = 0.01;

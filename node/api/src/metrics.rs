@@ -1,49 +1,15 @@
-//! The node's Prometheus metrics, rendered in the text exposition format.
+//! The API's Prometheus metrics, rendered in the text exposition format.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use weft_metrics::{label, Histogram};
+
 /// Bucket bounds (seconds) for time-to-first-token.
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 /// Bucket bounds (seconds) for the gap between tokens.
 const ITL_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
-
-/// A cumulative histogram in Prometheus form.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    pub(crate) fn observe(&mut self, bounds: &[f64], v: f64) {
-        if self.counts.len() != bounds.len() {
-            self.counts = vec![0; bounds.len()];
-        }
-        for (c, b) in self.counts.iter_mut().zip(bounds) {
-            if v <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    pub(crate) fn render(&self, out: &mut String, name: &str, bounds: &[f64]) {
-        for (i, b) in bounds.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                self.counts.get(i).copied().unwrap_or(0)
-            );
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
-}
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -207,14 +173,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// A label value as the text format writes it: `\`, `"` and newlines
-/// escaped.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

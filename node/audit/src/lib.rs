@@ -1,3 +1,5 @@
+//! # weft-audit
+//!
 //! The intent log: one JSON line per routing or admission decision, each
 //! line carrying the sha256 of the line before it, so an edited, removed or
 //! reordered line breaks the chain and [`verify`] says where.
@@ -14,6 +16,11 @@
 //! sha256 of the previous line's bytes (64 zeros for the first line ever).
 //! A line cut short by a crash is dropped on reopen (it was never
 //! acknowledged); everything before it stays.
+//!
+//! It owns the file format, appending and verification; what goes into a
+//! record is the writer's (the API's admissions, the fabric's routing).
+
+#![forbid(unsafe_code)]
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};

@@ -15,10 +15,10 @@ use anyhow::{bail, Context, Result};
 use weft_coordinator::{Command, Member};
 use weft_placement::{Demand, ModelId, SiteId, SiteKind};
 
-use super::credentials::{ClusterCa, NodeIdentity};
-use super::member::{self, member_id, MemberHandle, MemberSettings, Peer};
-use super::transport::{Caller, Reply, Request};
-use crate::model_store::StoredModel;
+use crate::credentials::{ClusterCa, NodeIdentity};
+use crate::member::{self, member_id, MemberHandle, MemberSettings};
+use crate::transport::{Caller, Peer, Reply, Request};
+use weft_store::StoredModel;
 
 /// The embedded member's node name.
 pub const NAME: &str = "local";
@@ -142,7 +142,7 @@ fn write_config(path: &Path, dir: &Path, me: &Peer) -> Result<()> {
 
 /// Records the node, its model and the epoch that places the model on it.
 async fn register(identity: &NodeIdentity, me: &Peer, s: &Served<'_>) -> Result<()> {
-    let record = super::models::record_for(s.stored, s.source, Some(s.model_id))?;
+    let record = crate::models::record_for(s.stored, s.source, Some(s.model_id))?;
     let member = Member {
         id: member_id(NAME),
         name: NAME.into(),

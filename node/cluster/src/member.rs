@@ -16,26 +16,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use weft_coordinator::{Applied, Command, Coordinator, CoordinatorConfig, DirDisk, Member};
 use weft_placement::{Demand, SolverConfig};
 
-use super::credentials::{ClusterCa, NodeIdentity, Revoked};
-use super::transport::{self, read_frame, write_frame, Reply, Request, StatusReport};
-use crate::metrics::Histogram;
-
-/// One founding coordinator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Peer {
-    /// Its raft id (not 0).
-    pub id: u64,
-    /// Its node name (the name in its certificate).
-    pub name: String,
-    /// Its cluster address (UDP).
-    pub addr: SocketAddr,
-}
+use crate::credentials::{ClusterCa, NodeIdentity, Revoked};
+use crate::transport::{self, read_frame, write_frame, Peer, Reply, Request, StatusReport};
+use weft_metrics::Histogram;
 
 /// How a coordinator member runs.
 #[derive(Debug, Clone)]
@@ -64,7 +52,7 @@ pub struct MemberSettings {
     pub bootstrap: bool,
     /// The overlay's routing table: members missing from it are down, and
     /// the leader moves their replicas. `None`: no failure detection.
-    pub live: Option<Arc<std::sync::RwLock<super::overlay::RoutingTable>>>,
+    pub live: Option<Arc<std::sync::RwLock<crate::overlay::RoutingTable>>>,
 }
 
 impl MemberSettings {
@@ -220,7 +208,7 @@ const MEASURED_TOKENS: (f64, f64) = (1000.0, 128.0);
 /// `weft cluster replan` (an operator's figure is kept as given) and for
 /// models the cluster knows.
 pub fn measured_demand(
-    table: &super::overlay::RoutingTable,
+    table: &crate::overlay::RoutingTable,
     pinned: &[(String, String, Demand)],
     state: &weft_coordinator::ControlState,
 ) -> Vec<(String, String, Demand)> {
@@ -267,7 +255,7 @@ fn proposed(r: weft_coordinator::Result<()>) -> Reply {
 
 /// Round trips between sites from the nodes' reports: for every pair of
 /// different sites, the median of what their nodes measured to each other.
-pub fn measured_links(table: &super::overlay::RoutingTable) -> Vec<weft_coordinator::SiteLink> {
+pub fn measured_links(table: &crate::overlay::RoutingTable) -> Vec<weft_coordinator::SiteLink> {
     let mut samples: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for e in table.nodes.values() {
         for (other, rtt) in &e.report.rtt_ms {
@@ -548,7 +536,7 @@ async fn send_batch(
 ) -> bool {
     for attempt in 0..2 {
         if conn.as_ref().is_none_or(|c| c.close_reason().is_some()) {
-            let connecting = match ep.connect(peer.addr, &super::credentials::dns_name(&peer.name))
+            let connecting = match ep.connect(peer.addr, &crate::credentials::dns_name(&peer.name))
             {
                 Ok(c) => c,
                 Err(_) => return false,
@@ -944,7 +932,7 @@ impl Driver {
         let Some(live) = &self.settings.live else {
             return Default::default();
         };
-        if self.started.elapsed() < super::overlay::NODE_TIMEOUT * 3 {
+        if self.started.elapsed() < crate::overlay::NODE_TIMEOUT * 3 {
             return Default::default();
         }
         let table = live.read().expect("routing table lock");
@@ -1081,7 +1069,7 @@ impl Driver {
                     t.nodes
                         .iter()
                         .map(|(name, e)| {
-                            let live = super::transport::LiveLoad {
+                            let live = crate::transport::LiveLoad {
                                 report: e.report.clone(),
                                 age_ms: e.seen.elapsed().as_millis() as u64,
                                 rtt_ms: t.rtt_to(name).map(|d| d.as_secs_f64() * 1e3),
@@ -1124,8 +1112,8 @@ pub async fn join(
     token: &str,
     member: Member,
 ) -> Result<NodeIdentity> {
-    let claims = super::credentials::TokenClaims::peek(token)?;
-    let (key_pem, csr_pem) = super::credentials::new_request(&member.name)?;
+    let claims = crate::credentials::TokenClaims::peek(token)?;
+    let (key_pem, csr_pem) = crate::credentials::new_request(&member.name)?;
     let name = member.name.clone();
     let req = Request::Join {
         token: token.to_string(),
@@ -1151,7 +1139,7 @@ pub async fn join(
             };
         match reply {
             Reply::Joined { cert_pem, ca_pem } => {
-                if super::credentials::fingerprint(
+                if crate::credentials::fingerprint(
                     &rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes())
                         .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
                         .unwrap_or_default(),
@@ -1178,7 +1166,7 @@ pub async fn join(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::overlay::{Entry, LoadReport, RoutingTable};
+    use crate::overlay::{Entry, LoadReport, RoutingTable};
 
     /// (node, site, round trips to others, demand by model)
     type Said<'a> = (&'a str, &'a str, &'a [(&'a str, f64)], &'a [(&'a str, f64)]);

@@ -6,7 +6,7 @@ use weft_coordinator::ModelRecord;
 use weft_kernels::{GemmaConfig, GgufFile};
 use weft_placement::ModelSpec;
 
-use crate::model_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
+use weft_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
 
 /// Weight bytes of a model with `compute_per_token` 1.0: decoding is bound
 /// by reading the weights, so a token costs in proportion to them. A node's

@@ -27,7 +27,7 @@ use libp2p::{identify, mdns, ping, Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::credentials::{verify_signature, NodeIdentity, Revoked};
+use crate::credentials::{verify_signature, NodeIdentity, Revoked};
 
 /// How often a node gossips its load.
 pub const REPORT_EVERY: Duration = Duration::from_millis(400);

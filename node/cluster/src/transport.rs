@@ -14,7 +14,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use serde::{Deserialize, Serialize};
 use weft_coordinator::{Command, ControlState, Member};
 
-use super::credentials::{NodeIdentity, Revoked};
+use crate::credentials::{NodeIdentity, Revoked};
 
 /// Largest frame accepted (a snapshot of the control state fits).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -73,7 +73,7 @@ pub enum Request {
     /// watch `Status` for it among the voters.
     AddCoordinator {
         /// Where it is.
-        peer: super::member::Peer,
+        peer: Peer,
     },
     /// Remove a voting coordinator (not the leader).
     RemoveCoordinator {
@@ -148,11 +148,22 @@ pub struct StatusReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LiveLoad {
     /// The report.
-    pub report: super::overlay::LoadReport,
+    pub report: crate::overlay::LoadReport,
     /// How long ago it arrived (ms).
     pub age_ms: u64,
     /// Round trip from the coordinator (ms), if measured.
     pub rtt_ms: Option<f64>,
+}
+
+/// One founding coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its raft id (not 0).
+    pub id: u64,
+    /// Its node name (the name in its certificate).
+    pub name: String,
+    /// Its cluster address (UDP).
+    pub addr: SocketAddr,
 }
 
 /// Writes one frame.
@@ -232,7 +243,7 @@ pub fn client_config(identity: &NodeIdentity, revoked: &Revoked) -> Result<quinn
 /// Client settings for a joiner, pinning the CA named in its token.
 pub fn joiner_config(ca_fingerprint: &str) -> Result<quinn::ClientConfig> {
     let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
-    let tls = super::credentials::joiner_client_config(ca_fingerprint).map_err(|e| setup(&e))?;
+    let tls = crate::credentials::joiner_client_config(ca_fingerprint).map_err(|e| setup(&e))?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
     c.transport_config(transport());
@@ -268,8 +279,8 @@ pub async fn request(
     req: &Request,
 ) -> Result<Reply> {
     let connecting = match config {
-        Some(c) => ep.connect_with(c, addr, &super::credentials::dns_name(server)),
-        None => ep.connect(addr, &super::credentials::dns_name(server)),
+        Some(c) => ep.connect_with(c, addr, &crate::credentials::dns_name(server)),
+        None => ep.connect(addr, &crate::credentials::dns_name(server)),
     }
     .map_err(|e| TransportError::Connect {
         addr,
@@ -337,7 +348,7 @@ impl Caller {
             None => {
                 let c = self
                     .ep
-                    .connect(addr, &super::credentials::dns_name(server))
+                    .connect(addr, &crate::credentials::dns_name(server))
                     .map_err(|e| TransportError::Connect {
                         addr,
                         why: e.to_string(),
@@ -364,12 +375,7 @@ impl Caller {
     /// Sends `req` to the coordinators in `peers` until one that can serve
     /// it answers, or `deadline` passes. Retries on "not the leader", on
     /// unreachable members and on proposals lost to a change of leader.
-    pub async fn ask(
-        &self,
-        peers: &[super::member::Peer],
-        req: &Request,
-        deadline: Duration,
-    ) -> Result<Reply> {
+    pub async fn ask(&self, peers: &[Peer], req: &Request, deadline: Duration) -> Result<Reply> {
         if peers.is_empty() {
             return Err(TransportError::Stream("no coordinators to ask".into()));
         }

@@ -1,15 +1,17 @@
 //! Three coordinator members over QUIC on loopback, in one process: they
 //! elect a leader, commit placement epochs, survive losing the leader, catch
-//! a restarted member up from disk, admit a node with a join token, and
-//! refuse a node without credentials.
+//! a restarted member up from disk, admit a node with a join token, refuse
+//! a node without credentials, and add and remove coordinators. Each test
+//! starts its own three members.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use weft_cluster::credentials::{ClusterCa, NodeIdentity, Revoked};
+use weft_cluster::member::{self, MemberHandle, MemberSettings};
+use weft_cluster::transport::Peer;
+use weft_cluster::transport::{self, Reply, Request, StatusReport};
 use weft_coordinator::{Command, Member, ModelRecord};
-use weft_node::cluster::credentials::{ClusterCa, NodeIdentity, Revoked};
-use weft_node::cluster::member::{self, MemberHandle, MemberSettings, Peer};
-use weft_node::cluster::transport::{self, Reply, Request, StatusReport};
 use weft_placement::{Demand, ModelId, ModelSpec, SiteId, SiteKind};
 
 fn free_udp() -> SocketAddr {
@@ -125,99 +127,222 @@ async fn start(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nodes() {
-    let ca_dir = tempfile::tempdir().unwrap();
-    let ca = ClusterCa::init(ca_dir.path(), "test").unwrap();
-    let names = ["coord-1", "coord-2", "coord-3"];
-    let ids: Vec<NodeIdentity> = names
-        .iter()
-        .map(|n| ca.issue_identity(n).unwrap())
-        .collect();
-    let peers: Vec<Peer> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Peer {
-            id: i as u64 + 1,
-            name: n.to_string(),
-            addr: free_udp(),
-        })
-        .collect();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut handles = Vec::new();
-    for i in 0..3 {
-        handles.push(Some(start(i, &peers, &ids, &dirs, ca_dir.path()).await));
-    }
-    let admin = Client::new(&ca.issue_identity("admin").unwrap());
+/// Three coordinators under one CA, and an admin identity to command them.
+struct Cluster {
+    ca: ClusterCa,
+    ca_dir: tempfile::TempDir,
+    ids: Vec<NodeIdentity>,
+    peers: Vec<Peer>,
+    dirs: Vec<tempfile::TempDir>,
+    handles: Vec<Option<MemberHandle>>,
+    admin: Client,
+}
 
-    // the fabric: two members and a model, then placement epochs
-    for cmd in [
-        Command::PutMember(fabric_member("gw-1", "edge-a", 8)),
-        Command::PutMember(fabric_member("cloud-1", "cloud", 80)),
-        Command::PutModel(ModelRecord {
-            chunk_bytes: 0,
-            chunk_sha256: Vec::new(),
-            source: "default".into(),
-            sha256: String::new(),
-            spec: ModelSpec {
-                name: "small".into(),
-                layers: 18,
-                bytes_per_layer: 12 << 20,
-                shared_bytes: 40 << 20,
-                compute_per_token: 0.25,
-                kv_bytes_per_token: 18 * 2 * 256 * 2,
-                hidden_bytes_per_token: 0,
-            },
-        }),
-    ] {
-        let r = admin
+impl Cluster {
+    /// Three members, started.
+    async fn start() -> Self {
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(ca_dir.path(), "test").unwrap();
+        let names = ["coord-1", "coord-2", "coord-3"];
+        let ids: Vec<NodeIdentity> = names
+            .iter()
+            .map(|n| ca.issue_identity(n).unwrap())
+            .collect();
+        let peers: Vec<Peer> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Peer {
+                id: i as u64 + 1,
+                name: n.to_string(),
+                addr: free_udp(),
+            })
+            .collect();
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut handles = Vec::new();
+        for i in 0..3 {
+            handles.push(Some(start(i, &peers, &ids, &dirs, ca_dir.path()).await));
+        }
+        let admin = Client::new(&ca.issue_identity("admin").unwrap());
+        Self {
+            ca,
+            ca_dir,
+            ids,
+            peers,
+            dirs,
+            handles,
+            admin,
+        }
+    }
+
+    /// Three members that hold two fabric members and a model.
+    async fn with_fabric() -> Self {
+        let c = Self::start().await;
+        for cmd in [
+            Command::PutMember(fabric_member("gw-1", "edge-a", 8)),
+            Command::PutMember(fabric_member("cloud-1", "cloud", 80)),
+            Command::PutModel(ModelRecord {
+                chunk_bytes: 0,
+                chunk_sha256: Vec::new(),
+                source: "default".into(),
+                sha256: String::new(),
+                spec: ModelSpec {
+                    name: "small".into(),
+                    layers: 18,
+                    bytes_per_layer: 12 << 20,
+                    shared_bytes: 40 << 20,
+                    compute_per_token: 0.25,
+                    kv_bytes_per_token: 18 * 2 * 256 * 2,
+                    hidden_bytes_per_token: 0,
+                },
+            }),
+        ] {
+            let r = c.propose(&c.peers, cmd).await;
+            assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+        }
+        c
+    }
+
+    async fn propose(&self, peers: &[Peer], command: Command) -> Reply {
+        self.admin
             .ask(
-                &peers,
-                &Request::Propose { command: cmd },
+                peers,
+                &Request::Propose { command },
                 Duration::from_secs(15),
             )
-            .await;
-        assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+            .await
     }
-    let mut acknowledged = Vec::new();
-    for rps in [10.0, 40.0, 90.0] {
-        match admin
+
+    async fn replan(&self, peers: &[Peer], rps: f64) -> Reply {
+        self.admin
             .ask(
-                &peers,
+                peers,
                 &Request::Replan {
                     demand: demand(rps),
                 },
                 Duration::from_secs(10),
             )
             .await
-        {
-            Reply::Committed {
-                index,
-                refused: None,
-            } => acknowledged.push(index),
-            other => panic!("replan: {other:?}"),
+    }
+
+    /// Stops the leader; returns its id.
+    async fn stop_leader(&mut self) -> u64 {
+        let leader = self.admin.status(&self.peers).await.leader.unwrap();
+        self.handles[leader as usize - 1]
+            .take()
+            .unwrap()
+            .stop()
+            .await
+            .unwrap();
+        leader
+    }
+
+    /// The members other than `id`.
+    fn without(&self, id: u64) -> Vec<Peer> {
+        self.peers.iter().filter(|p| p.id != id).cloned().collect()
+    }
+
+    /// The sum of every running member's refused peers.
+    fn rejected(&self) -> u64 {
+        self.handles
+            .iter()
+            .flatten()
+            .map(|h| h.metrics.rejected())
+            .sum()
+    }
+
+    /// Waits until the members counted `n` refused peers (the server may
+    /// finish failing a handshake just after the client gave up).
+    async fn wait_rejected(&self, n: u64) {
+        let t = Instant::now();
+        loop {
+            let rejected = self.rejected();
+            if rejected >= n {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "rejections were not counted: {rejected}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let before = admin.status(&peers).await;
-    assert!(before.state.epoch() >= 3, "{:?}", before.state.placement);
-    let placed = &before.state.placement.as_ref().unwrap().placement;
+
+    /// A token valid for 10 minutes from now.
+    fn token(&self) -> String {
+        self.ca.issue_token(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            600,
+        )
+    }
+
+    /// A node joined with a fresh token under `name`.
+    async fn join(&self, name: &str) -> NodeIdentity {
+        member::join(
+            self.peers[0].addr,
+            &self.peers[0].name,
+            &self.token(),
+            fabric_member(name, "edge-a", 8),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        for h in self.handles.into_iter().flatten() {
+            h.stop().await.unwrap();
+        }
+    }
+}
+
+/// Whether `who` gets an answer to a status request from `peer` within 3 s.
+async fn answered(who: &Client, peer: &Peer) -> bool {
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        transport::request(&who.ep, None, peer.addr, &peer.name, &Request::Status),
+    )
+    .await;
+    matches!(r, Ok(Ok(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_commit_placement_epochs_for_the_demand() {
+    let c = Cluster::with_fabric().await;
+    for rps in [10.0, 40.0, 90.0] {
+        let r = c.replan(&c.peers, rps).await;
+        assert!(
+            matches!(r, Reply::Committed { refused: None, .. }),
+            "replan: {r:?}"
+        );
+    }
+    let s = c.admin.status(&c.peers).await;
+    assert!(s.state.epoch() >= 3, "{:?}", s.state.placement);
+    let placed = &s.state.placement.as_ref().unwrap().placement;
     assert!(
         !placed.replicas.is_empty(),
         "demand at edge-a placed nothing"
     );
+    c.stop().await;
+}
 
-    // lose the leader: a new one within 3 s, with every acknowledged epoch
-    let leader = before.leader.unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_leader_elects_another_within_3_s_with_every_acknowledged_epoch() {
+    let mut c = Cluster::with_fabric().await;
+    for rps in [10.0, 40.0, 90.0] {
+        let r = c.replan(&c.peers, rps).await;
+        assert!(
+            matches!(r, Reply::Committed { refused: None, .. }),
+            "replan: {r:?}"
+        );
+    }
+    let before = c.admin.status(&c.peers).await;
     let t = Instant::now();
-    handles[leader as usize - 1]
-        .take()
-        .unwrap()
-        .stop()
-        .await
-        .unwrap();
-    let rest: Vec<Peer> = peers.iter().filter(|p| p.id != leader).cloned().collect();
+    let leader = c.stop_leader().await;
+    let rest = c.without(leader);
     let after = loop {
-        let s = admin.status(&rest).await;
+        let s = c.admin.status(&rest).await;
         if s.leader.is_some_and(|l| l != leader) {
             break s;
         }
@@ -232,25 +357,34 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
         after.state.placement.as_ref().unwrap().epoch,
         before.state.placement.as_ref().unwrap().epoch
     );
-    // it goes on committing
-    let r = admin
-        .ask(
-            &rest,
-            &Request::Replan {
-                demand: demand(300.0),
-            },
-            Duration::from_secs(10),
-        )
-        .await;
-    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    c.stop().await;
+}
 
-    // the old leader comes back from its disk and catches up
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_survivors_of_a_lost_leader_go_on_committing() {
+    let mut c = Cluster::with_fabric().await;
+    let leader = c.stop_leader().await;
+    let rest = c.without(leader);
+    let r = c.replan(&rest, 300.0).await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_catches_up_from_its_disk() {
+    let mut c = Cluster::with_fabric().await;
+    let r = c.replan(&c.peers, 10.0).await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    let leader = c.stop_leader().await;
+    let rest = c.without(leader);
+    let r = c.replan(&rest, 300.0).await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
     let i = leader as usize - 1;
-    handles[i] = Some(start(i, &peers, &ids, &dirs, ca_dir.path()).await);
-    let latest = admin.status(&rest).await.state.epoch();
+    c.handles[i] = Some(start(i, &c.peers, &c.ids, &c.dirs, c.ca_dir.path()).await);
+    let latest = c.admin.status(&rest).await.state.epoch();
     let t = Instant::now();
     loop {
-        let m = handles[i].as_ref().unwrap().metrics.render();
+        let m = c.handles[i].as_ref().unwrap().metrics.render();
         if m.contains(&format!("weft_placement_epoch {latest}\n")) {
             break;
         }
@@ -260,40 +394,41 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    c.stop().await;
+}
 
-    // a node joins with a token and gets a certificate that works
-    let token = ca.issue_token(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-        600,
-    );
-    let joined = member::join(
-        peers[0].addr,
-        &peers[0].name,
-        &token,
-        fabric_member("gw-2", "edge-a", 8),
-    )
-    .await
-    .unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_with_a_token_and_its_certificate_works() {
+    let c = Cluster::start().await;
+    let joined = c.join("gw-2").await;
     assert_eq!(joined.name, "gw-2");
-    let status = Client::new(&joined).status(&peers).await;
+    let status = Client::new(&joined).status(&c.peers).await;
     assert!(status.state.members.values().any(|m| m.name == "gw-2"));
-    // a forged token is refused
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_token_is_refused_and_counted() {
+    let c = Cluster::start().await;
+    let token = c.token();
     let last = if token.ends_with('0') { '1' } else { '0' };
     let forged = format!("{}{last}", &token[..token.len() - 1]);
     let e = member::join(
-        peers[0].addr,
-        &peers[0].name,
+        c.peers[0].addr,
+        &c.peers[0].name,
         &forged,
         fabric_member("gw-3", "edge-a", 8),
     )
     .await
     .unwrap_err();
     assert!(e.to_string().contains("join refused"), "{e}");
+    c.wait_rejected(1).await;
+    c.stop().await;
+}
 
-    // a stranger (another CA) is refused at the handshake and counted
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_from_another_ca_is_refused_at_the_handshake_and_counted() {
+    let c = Cluster::start().await;
     let other_dir = tempfile::tempdir().unwrap();
     let stranger = ClusterCa::init(other_dir.path(), "other")
         .unwrap()
@@ -305,83 +440,68 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
         transport::request(
             &sc.ep,
             None,
-            peers[1].addr,
-            &peers[1].name,
+            c.peers[1].addr,
+            &c.peers[1].name,
             &Request::Status,
         ),
     )
     .await
     .unwrap();
     assert!(r.is_err(), "a stranger got an answer: {r:?}");
-    // the forged join and the stranger's handshake are counted (the server
-    // may finish failing the handshake just after the client gave up)
-    let t = Instant::now();
-    loop {
-        let rejected: u64 = handles.iter().flatten().map(|h| h.metrics.rejected()).sum();
-        if rejected >= 2 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "rejections were not counted: {rejected}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // revoking the joined node's certificate shuts it out
-    let r = admin
-        .ask(
-            &peers,
-            &Request::Propose {
-                command: Command::Revoke {
-                    fingerprint: joined.fingerprint(),
-                },
+    c.wait_rejected(1).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_shut_out() {
+    let c = Cluster::start().await;
+    let joined = c.join("gw-2").await;
+    let jc = Client::new(&joined);
+    assert!(
+        answered(&jc, &c.peers[1]).await,
+        "a joined node is not answered"
+    );
+    let r = c
+        .propose(
+            &c.peers,
+            Command::Revoke {
+                fingerprint: joined.fingerprint(),
             },
-            Duration::from_secs(10),
         )
         .await;
     assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
-    let jc = Client::new(&joined);
     let t = Instant::now();
-    loop {
-        let r = tokio::time::timeout(
-            Duration::from_secs(3),
-            transport::request(
-                &jc.ep,
-                None,
-                peers[1].addr,
-                &peers[1].name,
-                &Request::Status,
-            ),
-        )
-        .await;
-        if !matches!(r, Ok(Ok(_))) {
-            break;
-        }
+    while answered(&jc, &c.peers[1]).await {
         assert!(
             t.elapsed() < Duration::from_secs(5),
             "a revoked node is still answered"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    c.stop().await;
+}
 
-    // a fourth coordinator is added at run time and catches up; then one is removed
+/// A fourth coordinator, started empty and added to `c` at run time; waits
+/// until it is a voter caught up with the latest epoch.
+async fn add_fourth(c: &Cluster) -> (MemberHandle, Vec<Peer>, tempfile::TempDir) {
     let p4 = Peer {
         id: 4,
         name: "coord-4".into(),
         addr: free_udp(),
     };
-    let mut all = peers.clone();
+    let mut all = c.peers.clone();
     all.push(p4.clone());
     let dir4 = tempfile::tempdir().unwrap();
     let mut s4 = MemberSettings::new(4, p4.addr, dir4.path().to_path_buf(), all.clone());
     s4.tick = Duration::from_millis(50);
     s4.bootstrap = false;
-    let h4 = member::start(s4, ca.issue_identity("coord-4").unwrap(), None)
+    let h4 = member::start(s4, c.ca.issue_identity("coord-4").unwrap(), None)
         .await
         .unwrap();
-    let r = admin
+    let r = c
+        .admin
         .ask(
-            &peers,
+            &c.peers,
             &Request::AddCoordinator { peer: p4.clone() },
             Duration::from_secs(10),
         )
@@ -389,7 +509,7 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
     assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
     let t = Instant::now();
     loop {
-        let s = admin.status(&peers).await;
+        let s = c.admin.status(&c.peers).await;
         let latest = s.state.epoch();
         let m = h4.metrics.render();
         if s.voters.contains(&4) && m.contains(&format!("weft_placement_epoch {latest}\n")) {
@@ -404,7 +524,7 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
                     .collect::<Vec<_>>()
                     .join(" ")
             };
-            for h in handles.iter().flatten() {
+            for h in c.handles.iter().flatten() {
                 eprintln!("member: {}", brief(&h.metrics.render()));
             }
             panic!(
@@ -415,9 +535,27 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let leader = admin.status(&all).await.leader.unwrap();
+    (h4, all, dir4)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_added_at_run_time_becomes_a_voter_and_catches_up() {
+    let c = Cluster::with_fabric().await;
+    let r = c.replan(&c.peers, 10.0).await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    let (h4, _, _dir4) = add_fourth(&c).await;
+    h4.stop().await.unwrap();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_coordinator_leaves_the_voters_and_the_rest_go_on_committing() {
+    let c = Cluster::with_fabric().await;
+    let (h4, all, _dir4) = add_fourth(&c).await;
+    let leader = c.admin.status(&all).await.leader.unwrap();
     let gone = [3, 2].into_iter().find(|&i| i != leader).unwrap();
-    let r = admin
+    let r = c
+        .admin
         .ask(
             &all,
             &Request::RemoveCoordinator { id: gone },
@@ -429,25 +567,15 @@ async fn three_members_commit_survive_the_leader_and_admit_only_credentialed_nod
         "removing {gone} (leader {leader}): {r:?}"
     );
     let t = Instant::now();
-    while admin.status(&all).await.voters.contains(&gone) {
+    while c.admin.status(&all).await.voters.contains(&gone) {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "coordinator {gone} was not removed"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = admin
-        .ask(
-            &all,
-            &Request::Replan {
-                demand: demand(5.0),
-            },
-            Duration::from_secs(10),
-        )
-        .await;
+    let r = c.replan(&all, 5.0).await;
     assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
     h4.stop().await.unwrap();
-    for h in handles.into_iter().flatten() {
-        h.stop().await.unwrap();
-    }
+    c.stop().await;
 }

@@ -4,7 +4,8 @@
 //! over several nodes, the node with the first layers serves it the same
 //! way, with a head worker that sends each step down the chain; every other
 //! range runs in a shard worker that takes the chain's steps from the data
-//! plane (see [`crate::chain`]).
+//! plane (see [`crate::chain`]). The node says how a worker is started
+//! ([`StartWorker`]): its settings are the node's config, not this crate's.
 //!
 //! Cut off from the coordinators, a node keeps what it holds (edge
 //! autonomy) and applies the latest epoch when it hears one again.
@@ -16,30 +17,55 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use weft_coordinator::{ControlState, Holding, ModelRecord};
 
-use crate::api::{AppState, Served};
-use crate::chain::Hop;
-use crate::model_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
-use crate::serve::start_shard_worker;
-use crate::worker::supervisor::{ChainRoute, Supervisor};
+use weft_api::{AppState, Served};
+use weft_cluster::overlay::LoadReport;
+use weft_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
+use weft_worker::{ChainLink, Runner, Supervisor};
 
-use super::overlay::LoadReport;
+use crate::chain::ChainRoute;
+use crate::forwarder::Forwarder;
+use crate::hop::{route_text, Hop};
+use crate::shards::Shards;
 
 /// How often a node asks for the latest epoch.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How long a dropped model's running requests get to finish.
 pub const DRAIN: Duration = Duration::from_secs(30);
 
+/// Starts a worker for a model file: `layers` of it (`None`: all of it),
+/// the head of a chain when `chain` says where its steps go, else a shard
+/// that runs its layers for the data plane.
+pub type StartWorker = Arc<
+    dyn Fn(
+            std::path::PathBuf,
+            Option<std::ops::Range<u32>>,
+            Option<Arc<dyn ChainLink>>,
+        ) -> Supervisor
+        + Send
+        + Sync,
+>;
+
+/// A model served through the API, its worker, and the nodes that run the
+/// rest of its layers (a chain's head).
+struct Serving {
+    served: Arc<Served>,
+    worker: Supervisor,
+    hops: Vec<Hop>,
+}
+
 /// The models a node holds and serves.
 pub struct Holder {
     app: Arc<AppState>,
+    fwd: Option<Arc<Forwarder>>,
+    shards: Shards,
+    start: StartWorker,
     me: u64,
     store: ModelStore,
-    /// Models served through the API (whole, or as a chain's head), with
-    /// the nodes that run the rest of a head's layers.
-    served: BTreeMap<String, (Arc<Served>, Vec<Hop>)>,
+    /// Models served through the API (whole, or as a chain's head).
+    served: BTreeMap<String, Serving>,
     /// Shard workers of the later ranges of chains, by
     /// `<model>/<first layer>/<end layer>`.
-    shards: BTreeMap<String, (Holding, Supervisor)>,
+    ranges: BTreeMap<String, (Holding, Supervisor)>,
     /// Models that failed to load, with why (tried again on the next epoch).
     failed: BTreeMap<String, String>,
     epoch: u64,
@@ -81,14 +107,27 @@ pub fn smooth_demand(
 }
 
 impl Holder {
-    /// A holder for member `me`, serving through `app`.
-    pub fn new(app: Arc<AppState>, me: u64, store: ModelStore) -> Self {
+    /// A holder for member `me`, serving through `app`, its chains' ranges
+    /// through `shards`, fetching from peers and heading chains through
+    /// `fwd` (when the node has a data plane), starting workers with
+    /// `start`.
+    pub fn new(
+        app: Arc<AppState>,
+        fwd: Option<Arc<Forwarder>>,
+        shards: Shards,
+        start: StartWorker,
+        me: u64,
+        store: ModelStore,
+    ) -> Self {
         Self {
             app,
+            fwd,
+            shards,
+            start,
             me,
             store,
             served: BTreeMap::new(),
-            shards: BTreeMap::new(),
+            ranges: BTreeMap::new(),
             failed: BTreeMap::new(),
             epoch: 0,
             tokens_at: (0, Instant::now()),
@@ -108,7 +147,7 @@ impl Holder {
     /// and a head until every node after it reports its range ready.
     pub fn holdings(&self) -> Vec<String> {
         let loading = |s: &Supervisor| if s.is_ready() { "" } else { " (loading)" };
-        let fwd = self.app.forwarder();
+        let fwd = &self.fwd;
         let chain_ready = |hops: &[Hop]| {
             hops.iter().all(|h| {
                 fwd.as_ref().is_some_and(|f| {
@@ -122,16 +161,16 @@ impl Holder {
         let mut out: Vec<String> = self
             .served
             .iter()
-            .map(|(name, (m, hops))| {
-                if chain_ready(hops) {
-                    format!("{name}{}", loading(&m.supervisor))
+            .map(|(name, s)| {
+                if chain_ready(&s.hops) {
+                    format!("{name}{}", loading(&s.worker))
                 } else {
                     format!("{name} (loading)")
                 }
             })
             .collect();
         out.extend(
-            self.shards
+            self.ranges
                 .values()
                 .map(|(h, w)| format!("{h}{}", loading(w))),
         );
@@ -192,29 +231,29 @@ impl Holder {
         let gone: Vec<String> = self
             .served
             .iter()
-            .filter(|(m, (_, hops))| {
+            .filter(|(m, s)| {
                 to_serve
                     .get(m.as_str())
-                    .is_none_or(|(_, want)| want != hops)
+                    .is_none_or(|(_, want)| *want != s.hops)
             })
             .map(|(m, _)| m.clone())
             .collect();
         for m in gone {
-            if let Some((served, _)) = self.served.remove(&m) {
+            if let Some(s) = self.served.remove(&m) {
                 self.app.drop_model(&m);
                 tracing::info!(model = %m, "no longer assigned: draining and stopping");
-                tokio::spawn(drain_and_stop(served));
+                tokio::spawn(drain_and_stop(m, s.worker));
             }
         }
         let gone: Vec<String> = self
-            .shards
+            .ranges
             .keys()
             .filter(|k| !to_run.contains_key(*k))
             .cloned()
             .collect();
         for k in gone {
-            if let Some((h, worker)) = self.shards.remove(&k) {
-                self.app.set_shard(&k, None);
+            if let Some((h, worker)) = self.ranges.remove(&k) {
+                self.shards.set(&k, None);
                 worker.shutdown();
                 tracing::info!(holding = %h, "layer range no longer assigned: stopped");
             }
@@ -228,10 +267,10 @@ impl Holder {
                 tracing::warn!(%model, "assigned a model the cluster has no record of");
                 continue;
             };
-            match self.serve(h, rec, hops.clone()).await {
-                Ok(served) => {
-                    self.app.hold(served.clone());
-                    self.served.insert(model.to_string(), (served, hops));
+            match self.serve(h, rec, hops).await {
+                Ok(s) => {
+                    self.app.hold(s.served.clone());
+                    self.served.insert(model.to_string(), s);
                 }
                 Err(e) => {
                     tracing::error!(%model, "cannot load: {e:#}");
@@ -240,7 +279,7 @@ impl Holder {
             }
         }
         for (key, h) in to_run {
-            if self.shards.contains_key(&key) {
+            if self.ranges.contains_key(&key) {
                 continue;
             }
             let Some(rec) = state.models.get(&h.model) else {
@@ -249,16 +288,10 @@ impl Holder {
             };
             match self.obtain(&h.model, rec).await {
                 Ok(stored) => {
-                    let worker = start_shard_worker(
-                        &self.app.cfg,
-                        stored.path,
-                        None,
-                        Some(h.layers.clone()),
-                        None,
-                    );
+                    let worker = (self.start)(stored.path, Some(h.layers.clone()), None);
                     tracing::info!(holding = %h, "shard worker started for the data plane");
-                    self.app.set_shard(&key, Some(worker.clone()));
-                    self.shards.insert(key, (h.clone(), worker));
+                    self.shards.set(&key, Some(worker.clone()));
+                    self.ranges.insert(key, (h.clone(), worker));
                 }
                 Err(e) => {
                     tracing::error!(holding = %h, "cannot load: {e:#}");
@@ -272,7 +305,7 @@ impl Holder {
     /// Fetches and verifies `h`'s model and starts the worker that serves
     /// it: of the whole model, or of a chain's head sending its steps down
     /// `hops`.
-    async fn serve(&self, h: &Holding, rec: &ModelRecord, hops: Vec<Hop>) -> Result<Arc<Served>> {
+    async fn serve(&self, h: &Holding, rec: &ModelRecord, hops: Vec<Hop>) -> Result<Serving> {
         let stored = self.obtain(&h.model, rec).await?;
         let path = stored.path.clone();
         let tokenizer = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -281,28 +314,30 @@ impl Holder {
         })
         .await
         .context("tokenizer task")??;
-        let supervisor = if hops.is_empty() {
-            start_shard_worker(&self.app.cfg, stored.path, None, None, None)
+        let worker = if hops.is_empty() {
+            (self.start)(stored.path, None, None)
         } else {
             let fwd = self
-                .app
-                .forwarder()
+                .fwd
+                .clone()
                 .context("heading a chain needs the data plane ([serve] data_addr)")?;
-            tracing::info!(holding = %h, chain = %crate::chain::route_text(&hops), "heading a chain");
-            start_shard_worker(
-                &self.app.cfg,
-                stored.path,
-                None,
-                Some(h.layers.clone()),
-                Some(ChainRoute { fwd, hops }),
-            )
+            tracing::info!(holding = %h, chain = %route_text(&hops), "heading a chain");
+            let link: Arc<dyn ChainLink> = Arc::new(ChainRoute {
+                fwd,
+                hops: hops.clone(),
+            });
+            (self.start)(stored.path, Some(h.layers.clone()), Some(link))
         };
         tracing::info!(model = %h.model, "worker started");
-        Ok(Arc::new(Served {
-            model_id: h.model.clone(),
-            tokenizer: Arc::new(tokenizer),
-            supervisor,
-        }))
+        Ok(Serving {
+            served: Arc::new(Served {
+                model_id: h.model.clone(),
+                tokenizer: Arc::new(tokenizer),
+                runner: Arc::new(worker.clone()),
+            }),
+            worker,
+            hops,
+        })
     }
 
     /// This node's load report now: queue, running, free KV, tokens/s since
@@ -340,12 +375,12 @@ impl Holder {
 
     /// Stops every worker (the node is shutting down).
     pub fn shutdown(&mut self) {
-        for (m, (s, _)) in std::mem::take(&mut self.served) {
+        for (m, s) in std::mem::take(&mut self.served) {
             self.app.drop_model(&m);
-            s.supervisor.shutdown();
+            s.worker.shutdown();
         }
-        for (k, (_, w)) in std::mem::take(&mut self.shards) {
-            self.app.set_shard(&k, None);
+        for (k, (_, w)) in std::mem::take(&mut self.ranges) {
+            self.shards.set(&k, None);
             w.shutdown();
         }
     }
@@ -370,7 +405,7 @@ impl Holder {
         }
         std::fs::create_dir_all(self.store.dir())
             .with_context(|| format!("creating {}", self.store.dir().display()))?;
-        if let Some(fwd) = self.app.forwarder() {
+        if let Some(fwd) = &self.fwd {
             if !rec.chunk_sha256.is_empty() {
                 match fwd.fetch_model(model, rec, &keep).await {
                     Ok(from) => {
@@ -430,14 +465,14 @@ async fn fetch_verified(store: &ModelStore, rec: &ModelRecord) -> Result<StoredM
 
 /// Waits for a dropped model's running requests (at most [`DRAIN`]), then
 /// stops its worker.
-async fn drain_and_stop(served: Arc<Served>) {
+async fn drain_and_stop(model: String, worker: Supervisor) {
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    while served.supervisor.inflight() > 0 && start.elapsed() < DRAIN {
+    while worker.inflight() > 0 && start.elapsed() < DRAIN {
         tick.tick().await;
     }
-    served.supervisor.shutdown();
-    tracing::info!(model = %served.model_id, "worker stopped");
+    worker.shutdown();
+    tracing::info!(%model, "worker stopped");
 }
 
 #[cfg(test)]

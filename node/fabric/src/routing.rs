@@ -24,7 +24,8 @@ use weft_placement::{
 
 use weft_placement::topology::SINGLE_SEQUENCE_SHARE;
 
-use crate::cluster::overlay::{LoadReport, RoutingTable, NODE_TIMEOUT};
+use weft_api::LocalLoad;
+use weft_cluster::overlay::{LoadReport, RoutingTable, NODE_TIMEOUT};
 
 /// Tokens a request is taken to decode when nothing says otherwise.
 pub const TYPICAL_OUTPUT_TOKENS: f64 = 128.0;
@@ -43,17 +44,6 @@ pub struct Ask<'a> {
     pub prompt_tokens: u32,
     /// Tokens to decode at most.
     pub output_tokens: u32,
-}
-
-/// This node's own load, read live rather than from its last report.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LocalLoad {
-    /// Requests waiting.
-    pub queued: u32,
-    /// Sequences decoding.
-    pub running: u32,
-    /// KV tokens free.
-    pub free_kv_tokens: u64,
 }
 
 /// Where a request goes.

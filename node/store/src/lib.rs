@@ -1,3 +1,5 @@
+//! # weft-store
+//!
 //! The model store: where models come from, and the verified cache they live in.
 //!
 //! Sources are a local GGUF path, the PyPI chunk packages of a known model
@@ -7,6 +9,12 @@
 //! `$WEFT_CACHE_DIR/models`). A cached file is written to a temporary file in
 //! the same folder, fsynced and renamed, so the cache never holds half a file;
 //! its sha256 is checked on every load.
+//!
+//! It owns sources and the cache, nothing else: it knows nothing of serving,
+//! workers or peers (fetching from peers is `weft-fabric`'s, which hands the
+//! file to [`ModelStore::verify`]).
+
+#![forbid(unsafe_code)]
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};

@@ -30,7 +30,8 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::cluster::credentials::ClusterCa;
+use weft_api::headers::{HOPS_HEADER, SERVED_BY_HEADER};
+use weft_cluster::credentials::ClusterCa;
 
 /// The name the demo registers its model under.
 pub const MODEL: &str = "demo";
@@ -619,7 +620,7 @@ async fn run_workload(
                             let status = r.status().as_u16();
                             let by = r
                                 .headers()
-                                .get(crate::dataplane::SERVED_BY_HEADER)
+                                .get(SERVED_BY_HEADER)
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or(gateway_names[agent % gateway_names.len()].as_str())
                                 .to_string();
@@ -794,9 +795,9 @@ pub async fn run(opts: &DemoOptions) -> Result<Report> {
     say("starting 3 coordinators and 6 nodes (edge-a, edge-b, cloud) on loopback");
     let (mut f, nodes, http) = launch(opts, Duration::from_secs(120)).await?;
     let model_bytes = {
-        let source = crate::model_store::ModelSource::parse(&opts.model)?;
-        crate::model_store::ModelStore::default_location()
-            .resolve(&source, &crate::model_store::PipFetcher::default())?
+        let source = weft_store::ModelSource::parse(&opts.model)?;
+        weft_store::ModelStore::default_location()
+            .resolve(&source, &weft_store::PipFetcher::default())?
             .bytes
     };
     let demand = |site: &str, rps: f64| {
@@ -1034,7 +1035,7 @@ async fn watch_stream(
     };
     seen.served_by = r
         .headers()
-        .get(crate::dataplane::SERVED_BY_HEADER)
+        .get(SERVED_BY_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
@@ -1236,7 +1237,7 @@ async fn decode_rate(
             let mut r = http
                 .post(format!("http://{api}/v1/completions"))
                 // served here, as a request another node routed
-                .header(crate::dataplane::HOPS_HEADER, "1")
+                .header(HOPS_HEADER, "1")
                 .json(&body)
                 .send()
                 .await?;
@@ -1320,9 +1321,8 @@ pub async fn chain(
     rounds: usize,
 ) -> Result<ChainReport> {
     let model = opts.model.clone();
-    let rec =
-        tokio::task::spawn_blocking(move || crate::cluster::models::model_record(&model, None))
-            .await??;
+    let rec = tokio::task::spawn_blocking(move || weft_cluster::models::model_record(&model, None))
+        .await??;
     let half = rec.spec.layers.div_ceil(2);
     let memory = rec.spec.shard_memory(
         half,

@@ -11,7 +11,9 @@ use std::sync::mpsc;
 use anyhow::{Context, Result};
 use weft_kernels::{Backend, Chunk, ChunkOutput, Engine, EngineConfig, KernelError, Request};
 
-use super::protocol::{encode_chain, read_any, write_frame, Frame, FromWorker, ToWorker};
+use crate::protocol::{
+    encode_chain, read_any, write_frame, Frame, FrameError, FromWorker, ToWorker,
+};
 use crate::sandbox::{self, WORKER_FD};
 
 /// What a worker is told on its command line.
@@ -128,8 +130,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-                    || c.downcast_ref::<super::protocol::FrameError>().is_some_and(|f| {
-                        matches!(f, super::protocol::FrameError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
+                    || c.downcast_ref::<FrameError>().is_some_and(|f| {
+                        matches!(f, FrameError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
                     })
             }) =>
         {
@@ -324,7 +326,7 @@ fn serve_shard(
         let (step, body) = match read_any::<ToWorker>(&mut r) {
             Ok(Frame::Chain { step, body }) => (step, body),
             Ok(Frame::Msg(_)) => continue, // requests go to heads, not shards
-            Err(super::protocol::FrameError::Closed) => return Ok(()),
+            Err(FrameError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
         let reply = match decode_message(&body) {

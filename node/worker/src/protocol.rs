@@ -242,7 +242,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_round_trip_and_oversize_is_refused() {
+    fn a_submit_round_trips() {
         let msg = ToWorker::Submit {
             id: 7,
             prompt: vec![2, 3],
@@ -257,7 +257,10 @@ mod tests {
         let bytes = encode(&msg).unwrap();
         let back: ToWorker = read_frame(&mut bytes.as_slice()).unwrap();
         assert_eq!(back, msg);
-        // load figures carry each tenant's use; an older worker's have none
+    }
+
+    #[test]
+    fn load_figures_carry_each_tenants_use() {
         let stats = FromWorker::Stats {
             waiting: 1,
             running: 2,
@@ -278,6 +281,10 @@ mod tests {
             read_frame::<FromWorker>(&mut bytes.as_slice()).unwrap(),
             stats
         );
+    }
+
+    #[test]
+    fn an_older_workers_load_figures_without_tenants_still_read() {
         let old = br#"{"Stats":{"waiting":0,"running":0,"kv_used":0,"kv_total":9}}"#;
         let mut framed = (old.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(old);
@@ -285,17 +292,28 @@ mod tests {
             read_frame::<FromWorker>(&mut framed.as_slice()).unwrap(),
             FromWorker::Stats { tenants, .. } if tenants.is_empty()
         ));
+    }
+
+    #[test]
+    fn an_oversize_frame_is_refused() {
         let mut huge = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes().to_vec();
         huge.extend_from_slice(b"{}");
         assert!(matches!(
             read_frame::<ToWorker>(&mut huge.as_slice()),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn an_empty_stream_reads_as_closed() {
         assert!(matches!(
             read_frame::<ToWorker>(&mut [].as_slice()),
             Err(FrameError::Closed)
         ));
-        // a chain frame passes whole, beside messages
+    }
+
+    #[test]
+    fn a_chain_frame_passes_whole_beside_messages() {
         let mut both = encode_chain(9, &[1, 2, 3]).unwrap();
         both.extend(encode(&ToWorker::Cancel { id: 4 }).unwrap());
         let mut r = both.as_slice();
@@ -310,6 +328,10 @@ mod tests {
             read_any::<ToWorker>(&mut r).unwrap(),
             Frame::Msg(ToWorker::Cancel { id: 4 })
         );
+    }
+
+    #[test]
+    fn a_frame_that_is_not_the_expected_json_is_a_decode_error() {
         let mut bad = 2u32.to_le_bytes().to_vec();
         bad.extend_from_slice(b"{]");
         assert!(matches!(

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
-use weft_kernels::{FinishReason, Resume, SamplingParams, TokenLogprob};
+use weft_kernels::TenantUsage;
 
-use super::protocol::{encode, encode_chain, read_any_async, Frame, FromWorker, ToWorker};
+use crate::protocol::{encode, encode_chain, read_any_async, Frame, FromWorker, ToWorker};
+use crate::runner::{Runner, Submission, SubmitError, Update, WorkerStats};
 use crate::sandbox::{self, Confinement};
 
 /// First wait before restarting a worker that died.
@@ -51,25 +52,25 @@ pub struct WorkerSpec {
     pub probe: Option<String>,
     /// The layers it runs (`None`: all of them).
     pub layers: Option<std::ops::Range<u32>>,
-    /// For the head of a chain: where the later layers run.
-    pub chain: Option<ChainRoute>,
+    /// For the head of a chain: where its steps go.
+    pub chain: Option<Arc<dyn ChainLink>>,
     /// Tenants' shares of the KV cache (`default`: every other tenant).
     pub kv_shares: Vec<(String, f64)>,
 }
 
-/// Where a head worker's steps go: the data plane, down the route.
-#[derive(Clone)]
-pub struct ChainRoute {
-    /// The data plane.
-    pub fwd: Arc<crate::dataplane::Forwarder>,
-    /// The nodes after the head, in layer order.
-    pub hops: Vec<crate::chain::Hop>,
-}
+/// Replies to a head worker's chain steps: `(step, encoded reply)`.
+pub type StepReply = Box<dyn Fn(u64, Vec<u8>) + Send + Sync>;
 
-impl std::fmt::Debug for ChainRoute {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::chain::route_text(&self.hops))
-    }
+/// Where a head worker's chain steps go (the data plane, down the chain's
+/// route: `weft-fabric` implements it).
+pub trait ChainLink: Send + Sync + std::fmt::Debug {
+    /// Carries `(step, encoded message)`s in order until `steps` closes,
+    /// handing each forward's reply to `reply`.
+    fn relay(
+        &self,
+        steps: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+        reply: StepReply,
+    ) -> futures::future::BoxFuture<'static, ()>;
 }
 
 /// What the node writes to its worker.
@@ -77,47 +78,6 @@ impl std::fmt::Debug for ChainRoute {
 enum Out {
     Msg(ToWorker),
     Chain(u64, Vec<u8>),
-}
-
-/// What a request hears from its worker.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Update {
-    /// Tokens and text.
-    Event {
-        /// The token.
-        token: Option<u32>,
-        /// Final text.
-        text: String,
-        /// Its log-probability.
-        logprob: Option<TokenLogprob>,
-        /// Set on the last update.
-        finish: Option<FinishReason>,
-    },
-    /// The engine refused the request.
-    Rejected(String),
-    /// The worker died before the request finished.
-    WorkerLost,
-}
-
-/// Load figures of the worker.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WorkerStats {
-    /// Requests waiting in the engine.
-    pub waiting: usize,
-    /// Requests running in the engine.
-    pub running: usize,
-    /// KV blocks in use.
-    pub kv_used: usize,
-    /// KV blocks in all.
-    pub kv_total: usize,
-}
-
-/// Why a request could not be handed to the worker.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SubmitError {
-    /// No worker is ready.
-    #[error("the model worker is not ready")]
-    NotReady,
 }
 
 #[derive(Default)]
@@ -137,7 +97,7 @@ struct Shared {
     next_id: AtomicU64,
     stats: Mutex<WorkerStats>,
     /// Each tenant's use of the engine, as of the last step.
-    tenants: Mutex<Vec<weft_kernels::TenantUsage>>,
+    tenants: Mutex<Vec<TenantUsage>>,
     confinement: Mutex<Option<(Confinement, bool)>>,
     stopping: AtomicBool,
     stop: tokio::sync::Notify,
@@ -177,103 +137,9 @@ impl Supervisor {
         Self { shared }
     }
 
-    /// Whether a worker is up and serving.
-    pub fn is_ready(&self) -> bool {
-        *self.shared.ready.borrow()
-    }
-
     /// Watches readiness.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.shared.ready.subscribe()
-    }
-
-    /// Worker restarts since the node started.
-    pub fn restarts(&self) -> u64 {
-        self.shared.restarts.load(Ordering::Relaxed)
-    }
-
-    /// The latest load figures.
-    pub fn stats(&self) -> WorkerStats {
-        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Each tenant's use of the engine (those with sequences in it).
-    pub fn tenants(&self) -> Vec<weft_kernels::TenantUsage> {
-        self.shared
-            .tenants
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Requests handed to the worker and not finished.
-    pub fn inflight(&self) -> usize {
-        self.shared
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .inflight
-            .len()
-    }
-
-    /// The worker's process id (as the node sees it).
-    pub fn worker_pid(&self) -> Option<u32> {
-        self.shared
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pid
-    }
-
-    /// The worker's report on its confinement, and whether it reached the probe address.
-    pub fn confinement(&self) -> Option<(Confinement, bool)> {
-        *self
-            .shared
-            .confinement
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Hands a request to the worker; updates arrive on the returned receiver.
-    pub fn submit(
-        &self,
-        prompt: Vec<u32>,
-        params: SamplingParams,
-        priority: u8,
-        resume: Resume,
-        tenant: &str,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<Update>), SubmitError> {
-        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = live.tx.clone().filter(|_| self.is_ready()) else {
-            return Err(SubmitError::NotReady);
-        };
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (utx, urx) = mpsc::unbounded_channel();
-        if tx
-            .send(Out::Msg(ToWorker::Submit {
-                id,
-                prompt,
-                params,
-                priority,
-                resume,
-                tenant: tenant.to_string(),
-            }))
-            .is_err()
-        {
-            return Err(SubmitError::NotReady);
-        }
-        live.inflight.insert(id, utx);
-        Ok((id, urx))
-    }
-
-    /// Cancels a request (a client went away, a deadline passed).
-    pub fn cancel(&self, id: u64) {
-        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
-        if live.inflight.remove(&id).is_some() {
-            if let Some(tx) = &live.tx {
-                let _ = tx.send(Out::Msg(ToWorker::Cancel { id }));
-            }
-        }
     }
 
     /// Runs one chain step on a shard worker: the encoded
@@ -309,6 +175,95 @@ impl Supervisor {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_waiters();
         self.shared.stop.notify_one();
+    }
+}
+
+impl Runner for Supervisor {
+    /// Whether a worker is up and serving.
+    fn is_ready(&self) -> bool {
+        *self.shared.ready.borrow()
+    }
+
+    /// Worker restarts since the node started.
+    fn restarts(&self) -> u64 {
+        self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The latest load figures.
+    fn stats(&self) -> WorkerStats {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Each tenant's use of the engine (those with sequences in it).
+    fn tenants(&self) -> Vec<TenantUsage> {
+        self.shared
+            .tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Requests handed to the worker and not finished.
+    fn inflight(&self) -> usize {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .inflight
+            .len()
+    }
+
+    /// The worker's process id (as the node sees it).
+    fn worker_pid(&self) -> Option<u32> {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pid
+    }
+
+    /// The worker's report on its confinement, and whether it reached the probe address.
+    fn confinement(&self) -> Option<(Confinement, bool)> {
+        *self
+            .shared
+            .confinement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a request to the worker; updates arrive on the returned receiver.
+    fn submit(&self, r: Submission) -> Result<(u64, mpsc::UnboundedReceiver<Update>), SubmitError> {
+        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = live.tx.clone().filter(|_| self.is_ready()) else {
+            return Err(SubmitError::NotReady);
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (utx, urx) = mpsc::unbounded_channel();
+        if tx
+            .send(Out::Msg(ToWorker::Submit {
+                id,
+                prompt: r.prompt,
+                params: r.params,
+                priority: r.priority,
+                resume: r.resume,
+                tenant: r.tenant,
+            }))
+            .is_err()
+        {
+            return Err(SubmitError::NotReady);
+        }
+        live.inflight.insert(id, utx);
+        Ok((id, urx))
+    }
+
+    /// Cancels a request (a client went away, a deadline passed).
+    fn cancel(&self, id: u64) {
+        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.inflight.remove(&id).is_some() {
+            if let Some(tx) = &live.tx {
+                let _ = tx.send(Out::Msg(ToWorker::Cancel { id }));
+            }
+        }
     }
 }
 
@@ -433,16 +388,14 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     // a head's steps go down its chain, in order, by one task per worker
-    let relay = spec.chain.clone().map(|route| {
+    let relay = spec.chain.as_ref().map(|link| {
         let (steps_tx, steps_rx) = mpsc::unbounded_channel();
         let replies = tx.clone();
-        tokio::spawn(crate::chain::relay(
-            route.fwd,
-            route.hops,
+        tokio::spawn(link.relay(
             steps_rx,
-            move |step, body| {
+            Box::new(move |step, body| {
                 let _ = replies.send(Out::Chain(step, body));
-            },
+            }),
         ));
         steps_tx
     });

@@ -1,0 +1,416 @@
+//! Answering an admitted request: submitting it to its runner and turning
+//! the runner's updates into OpenAI's JSON, whole or as server-sent events,
+//! within the request's deadline.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use weft_kernels::{FinishReason, TokenLogprob, Tokenizer};
+use weft_worker::{Submission, SubmitError, Update};
+
+use crate::error::{deadline_error, not_ready, replica_lost, worker_lost, ApiError};
+use crate::headers::TOKEN_IDS_FIELD;
+use crate::request::{Job, Kind};
+use crate::state::AppState;
+use crate::tenants::{Admission, Ticket};
+
+/// Admits a validated request and answers it, whole or streamed; every
+/// decision goes to the intent log.
+pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
+    let job = match job {
+        Ok(j) => j,
+        Err(e) => {
+            s.metrics
+                .request(&s.any_model_id(), e.status.as_u16(), "unknown");
+            return e.into_response();
+        }
+    };
+    let crit = job.criticality.as_str();
+    let received = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let decision = |id: Option<&str>, outcome: &str, reason: Option<&str>| {
+        json!({
+            "request_id": id,
+            "routed_id": job.routed_id,
+            "resumed_after": job.resume.as_ref().map(|r| r.tokens.len()),
+            "tenant": job.tenant,
+            "model": job.model.model_id,
+            "intent": {
+                "criticality": crit,
+                "deadline_ms": job.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+            },
+            "prompt_tokens": job.prompt.len(),
+            "node": "local",
+            "decision": outcome,
+            "reason": reason,
+            "queue_waiting": job.model.runner.stats().waiting,
+            "received_unix_ms": received,
+        })
+    };
+    let admission = Admission {
+        model: &job.model,
+        tenant: &job.tenant,
+        criticality: job.criticality,
+        prompt_tokens: job.prompt.len(),
+    };
+    let mut ticket = match s.tenants.admit(&s.cfg, admission) {
+        Ok(t) => t,
+        Err(e) => {
+            s.record(decision(None, "refused", Some(&e.message)));
+            s.metrics
+                .request(&job.model.model_id, e.status.as_u16(), crit);
+            return e.into_response();
+        }
+    };
+    let prompt_tokens = job.prompt.len();
+    let submission = Submission {
+        prompt: job.prompt.clone(),
+        params: job.params.clone(),
+        priority: job.criticality.priority(),
+        resume: job
+            .resume
+            .as_ref()
+            .map(|r| weft_kernels::Resume {
+                tokens: r.tokens.clone(),
+                text_bytes: r.text_bytes,
+            })
+            .unwrap_or_default(),
+        tenant: job.tenant.clone(),
+    };
+    let (id, rx) = match job.model.runner.submit(submission) {
+        Ok(x) => x,
+        Err(SubmitError::NotReady) => {
+            s.metrics.request(&job.model.model_id, 503, crit);
+            return not_ready().into_response();
+        }
+    };
+    ticket.id = Some(id);
+    let meta = Meta {
+        id: match &job.resume {
+            Some(r) => r.id.clone(),
+            None => format!(
+                "{}-{id}",
+                if job.kind == Kind::Chat {
+                    "chatcmpl"
+                } else {
+                    "cmpl"
+                }
+            ),
+        },
+        created: match &job.resume {
+            Some(r) => r.created,
+            None => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        },
+        model: job.model.model_id.clone(),
+        kind: job.kind,
+        prompt_tokens,
+    };
+    s.record(decision(Some(&meta.id), "admitted", None));
+    if job.stream {
+        stream_response(s, job, ticket, rx, meta)
+    } else {
+        whole_response(s, job, ticket, rx, meta).await
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    prompt_tokens: usize,
+}
+
+impl Meta {
+    fn usage(&self, completion: usize) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
+    }
+}
+
+fn finish_str(f: &FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn token_text(tok: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(&tok.token_bytes(id, false)).into_owned()
+}
+
+fn chat_logprob(tok: &Tokenizer, lp: &TokenLogprob) -> Value {
+    let entry = |id: u32, l: f32| json!({"token": token_text(tok, id), "logprob": l, "bytes": tok.token_bytes(id, false)});
+    let mut v = entry(lp.token, lp.logprob);
+    v["top_logprobs"] = Value::Array(lp.top.iter().map(|&(t, l)| entry(t, l)).collect());
+    v
+}
+
+fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
+    let mut offset = 0;
+    let mut offsets = Vec::new();
+    for lp in lps {
+        offsets.push(offset);
+        offset += token_text(tok, lp.token).len();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| token_text(tok, l.token)).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| l.top.iter().map(|&(t, p)| (token_text(tok, t), json!(p))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+async fn next_update(
+    rx: &mut mpsc::UnboundedReceiver<Update>,
+    deadline: Option<Instant>,
+) -> Result<Option<Update>, ApiError> {
+    match deadline {
+        None => Ok(rx.recv().await),
+        Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
+            Ok(u) => Ok(u),
+            Err(_) => Err(deadline_error()),
+        },
+    }
+}
+
+async fn whole_response(
+    s: Arc<AppState>,
+    job: Job,
+    mut ticket: Ticket,
+    mut rx: mpsc::UnboundedReceiver<Update>,
+    meta: Meta,
+) -> Response {
+    let crit = job.criticality.as_str();
+    let start = Instant::now();
+    let mut text = String::new();
+    let mut tokens = 0usize;
+    let mut lps = Vec::new();
+    let finish = loop {
+        let u = match next_update(&mut rx, job.deadline).await {
+            Ok(u) => u,
+            Err(e) => {
+                s.metrics
+                    .request(&job.model.model_id, e.status.as_u16(), crit);
+                return e.into_response();
+            }
+        };
+        match u {
+            Some(Update::Event {
+                token,
+                text: t,
+                logprob,
+                finish,
+            }) => {
+                if token.is_some() {
+                    if tokens == 0 {
+                        s.metrics.ttft(start.elapsed().as_secs_f64());
+                    }
+                    tokens += 1;
+                }
+                text.push_str(&t);
+                lps.extend(logprob);
+                if let Some(f) = finish {
+                    break f;
+                }
+            }
+            Some(Update::Rejected(reason)) => {
+                ticket.finished = true;
+                s.metrics.request(&job.model.model_id, 400, crit);
+                return ApiError::bad(reason).into_response();
+            }
+            Some(Update::WorkerLost) | None => {
+                ticket.finished = true;
+                s.metrics.request(&job.model.model_id, 503, crit);
+                return worker_lost().into_response();
+            }
+        }
+    };
+    ticket.finished = true;
+    s.metrics.tokens(tokens as u64);
+    s.tenants.record_tokens(&job.tenant, tokens as u64);
+    if let FinishReason::Lost(why) = &finish {
+        s.metrics.request(&job.model.model_id, 503, crit);
+        return replica_lost(why).into_response();
+    }
+    if let FinishReason::Error(msg) = &finish {
+        s.metrics.request(&job.model.model_id, 500, crit);
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            msg.clone(),
+        )
+        .into_response();
+    }
+    s.metrics.request(&job.model.model_id, 200, crit);
+    let choice = match meta.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": if job.params.logprobs { json!({"content": lps.iter().map(|l| chat_logprob(&job.model.tokenizer, l)).collect::<Vec<_>>()}) } else { Value::Null },
+            "finish_reason": finish_str(&finish),
+        }),
+        Kind::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": if job.params.logprobs { completion_logprobs(&job.model.tokenizer, &lps) } else { Value::Null },
+            "finish_reason": finish_str(&finish),
+        }),
+    };
+    Json(json!({
+        "id": meta.id,
+        "object": if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": meta.usage(tokens),
+    }))
+    .into_response()
+}
+
+fn stream_response(
+    s: Arc<AppState>,
+    job: Job,
+    mut ticket: Ticket,
+    mut rx: mpsc::UnboundedReceiver<Update>,
+    meta: Meta,
+) -> Response {
+    let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let crit = job.criticality.as_str();
+    tokio::spawn(async move {
+        let object = if meta.kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let chunk = |choice: Value| json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [choice]});
+        let send = |v: Value| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(Event::default().data(v.to_string())))
+                    .await
+                    .is_ok()
+            }
+        };
+        // a resumed stream's client has had its first chunk
+        if meta.kind == Kind::Chat && job.resume.is_none() && !send(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))).await {
+            return;
+        }
+        let start = Instant::now();
+        let mut last = start;
+        let resumed = job.resume.as_ref().map_or(0, |r| r.tokens.len());
+        let mut tokens = 0usize;
+        let status;
+        loop {
+            let u = match next_update(&mut rx, job.deadline).await {
+                Ok(u) => u,
+                Err(e) => {
+                    status = e.status.as_u16();
+                    let _ = send(e.body()).await;
+                    break;
+                }
+            };
+            match u {
+                Some(Update::Event {
+                    token,
+                    text,
+                    logprob,
+                    finish,
+                }) => {
+                    if token.is_some() {
+                        let now = Instant::now();
+                        if tokens == 0 {
+                            s.metrics.ttft(now.duration_since(start).as_secs_f64());
+                        } else {
+                            s.metrics
+                                .inter_token(now.duration_since(last).as_secs_f64());
+                        }
+                        last = now;
+                        tokens += 1;
+                    }
+                    if let Some(FinishReason::Lost(why)) = &finish {
+                        ticket.finished = true;
+                        status = 503;
+                        let _ = send(replica_lost(why).body()).await;
+                        break;
+                    }
+                    if let Some(FinishReason::Error(msg)) = &finish {
+                        ticket.finished = true;
+                        status = 500;
+                        let _ = send(
+                            ApiError::new(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "server_error",
+                                msg.clone(),
+                            )
+                            .body(),
+                        )
+                        .await;
+                        break;
+                    }
+                    let fin = finish.as_ref().map(finish_str);
+                    if !text.is_empty() || logprob.is_some() || fin.is_some() {
+                        let choice = match meta.kind {
+                            Kind::Chat => json!({
+                                "index": 0,
+                                "delta": if text.is_empty() { json!({}) } else { json!({"content": text}) },
+                                "logprobs": logprob.map(|l| json!({"content": [chat_logprob(&job.model.tokenizer, &l)]})),
+                                "finish_reason": fin,
+                            }),
+                            Kind::Completion => json!({
+                                "index": 0,
+                                "text": text,
+                                "logprobs": logprob.map(|l| completion_logprobs(&job.model.tokenizer, &[l])),
+                                "finish_reason": fin,
+                            }),
+                        };
+                        let mut c = chunk(choice);
+                        if job.token_ids {
+                            c[TOKEN_IDS_FIELD] = json!(token.into_iter().collect::<Vec<_>>());
+                        }
+                        if !send(c).await {
+                            // the client went away: the ticket cancels the request
+                            status = 499;
+                            break;
+                        }
+                    }
+                    if finish.is_some() {
+                        ticket.finished = true;
+                        status = 200;
+                        if job.include_usage {
+                            let _ = send(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [], "usage": meta.usage(resumed + tokens)})).await;
+                        }
+                        break;
+                    }
+                }
+                Some(Update::Rejected(reason)) => {
+                    ticket.finished = true;
+                    status = 400;
+                    let _ = send(ApiError::bad(reason).body()).await;
+                    break;
+                }
+                Some(Update::WorkerLost) | None => {
+                    ticket.finished = true;
+                    status = 503;
+                    let _ = send(worker_lost().body()).await;
+                    break;
+                }
+            }
+        }
+        s.metrics.tokens(tokens as u64);
+        s.tenants.record_tokens(&job.tenant, tokens as u64);
+        s.metrics.request(&job.model.model_id, status, crit);
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        drop(ticket);
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out)).into_response()
+}

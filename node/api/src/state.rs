@@ -1,0 +1,187 @@
+//! What the handlers share: the API's settings, the models this node
+//! serves now (a cluster node adds and drops them as placement epochs
+//! change), metrics, tenants' use, the intent log and, on a cluster node,
+//! the data plane.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde_json::Value;
+use weft_audit::IntentLog;
+use weft_kernels::Tokenizer;
+use weft_worker::Runner;
+
+use crate::config::ApiConfig;
+use crate::metrics::{Gauges, Metrics};
+use crate::remote::{LocalLoad, LocalNode, Remote};
+use crate::served::Served;
+use crate::tenants::Tenants;
+
+/// What the API serves.
+pub struct AppState {
+    /// The API's settings.
+    pub cfg: ApiConfig,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Held models, the first one answering for `default`.
+    models: RwLock<Vec<Arc<Served>>>,
+    /// Tenants' requests in flight and tokens this minute.
+    pub(crate) tenants: Arc<Tenants>,
+    /// Where admission decisions are recorded, if anywhere.
+    intent: Mutex<Option<IntentLog>>,
+    /// Routes requests across the cluster (cluster nodes).
+    remote: RwLock<Option<Arc<dyn Remote>>>,
+}
+
+impl AppState {
+    /// Shared state for the router, serving one model.
+    pub fn new(
+        cfg: ApiConfig,
+        model_id: String,
+        tokenizer: Arc<Tokenizer>,
+        runner: Arc<dyn Runner>,
+    ) -> Arc<Self> {
+        let s = Self::empty(cfg);
+        s.hold(Served {
+            model_id,
+            tokenizer,
+            runner,
+        });
+        s
+    }
+
+    /// Shared state for the router, serving nothing yet.
+    pub fn empty(cfg: ApiConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            metrics: Metrics::default(),
+            models: RwLock::default(),
+            tenants: Arc::default(),
+            intent: Mutex::default(),
+            remote: RwLock::default(),
+        })
+    }
+
+    /// The data plane, on a cluster node.
+    pub fn remote(&self) -> Option<Arc<dyn Remote>> {
+        self.remote
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Routes requests across the cluster through `r` from now on.
+    pub fn set_remote(&self, r: Arc<dyn Remote>) {
+        *self.remote.write().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
+    /// Records every admission decision from now on in `log`.
+    pub fn set_intent_log(&self, log: IntentLog) {
+        *self.intent.lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
+    }
+
+    /// Appends a decision to the intent log, if there is one. A log that
+    /// cannot be written is reported, and serving goes on.
+    pub fn record(&self, record: Value) {
+        let mut g = self.intent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = g.as_mut() {
+            if let Err(e) = log.append(record) {
+                tracing::error!("intent log: {e}");
+            }
+        }
+    }
+
+    /// Forces the intent log to disk (on shutdown).
+    pub fn sync_intent_log(&self) {
+        let g = self.intent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Err(e)) = g.as_ref().map(|l| l.sync()) {
+            tracing::error!("intent log: {e}");
+        }
+    }
+
+    /// Serves `m` too (replacing a model of the same id).
+    pub fn hold(&self, m: impl Into<Arc<Served>>) {
+        let m = m.into();
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        models.retain(|h| h.model_id != m.model_id);
+        models.push(m);
+    }
+
+    /// Stops serving `model_id`; requests already running finish. Returns
+    /// what was dropped.
+    pub fn drop_model(&self, model_id: &str) -> Option<Arc<Served>> {
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        let i = models.iter().position(|h| h.model_id == model_id)?;
+        Some(models.remove(i))
+    }
+
+    /// The models served now.
+    pub fn held(&self) -> Vec<Arc<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The model a request names (`default`: the first one held).
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<Served>> {
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        if name == "default" {
+            return models.first().cloned();
+        }
+        models.iter().find(|m| m.model_id == name).cloned()
+    }
+
+    /// The metrics label of a request that never reached a model.
+    pub(crate) fn any_model_id(&self) -> String {
+        self.find("default")
+            .map_or_else(|| "none".to_string(), |m| m.model_id.clone())
+    }
+
+    /// Load of all held models together.
+    pub fn gauges(&self) -> Gauges {
+        let held = self.held();
+        let mut g = Gauges {
+            ready: !held.is_empty(),
+            ..Default::default()
+        };
+        for m in &held {
+            let s = m.runner.stats();
+            g.queue_depth += s.waiting;
+            g.inflight += m.runner.inflight();
+            g.kv_used += s.kv_used;
+            g.kv_total += s.kv_total;
+            g.worker_restarts += m.runner.restarts();
+            g.tenants.extend(
+                m.runner
+                    .tenants()
+                    .into_iter()
+                    .map(|t| (m.model_id.clone(), t)),
+            );
+            g.ready &= m.runner.is_ready();
+        }
+        g
+    }
+}
+
+impl LocalNode for AppState {
+    /// This node's live load for `model`, if it serves it.
+    fn load(&self, model: &str) -> Option<LocalLoad> {
+        let m = self.find(model)?;
+        if !m.runner.is_ready() {
+            return None;
+        }
+        let st = m.runner.stats();
+        Some(LocalLoad {
+            queued: st
+                .waiting
+                .max(m.runner.inflight().saturating_sub(st.running)) as u32,
+            running: st.running as u32,
+            free_kv_tokens: (st.kv_total.saturating_sub(st.kv_used) * weft_kernels::KV_BLOCK_TOKENS)
+                as u64,
+        })
+    }
+
+    fn record(&self, record: Value) {
+        AppState::record(self, record);
+    }
+}
