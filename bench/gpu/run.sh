@@ -27,7 +27,7 @@ fi
 status=0
 if [ -n "${GPU_TESTS:-}" ]; then
     echo "== the device kernels and forward against the CPU"
-    timeout 120 "$GPU_TESTS" --nocapture --test-threads 1 || status=1
+    timeout 120 "$GPU_TESTS" --include-ignored --nocapture --test-threads 1 || status=1
 fi
 echo "== weft gpu-bench --model $model"
 timeout 280 "$weft" gpu-bench --model "$model" --out "$out" || status=1

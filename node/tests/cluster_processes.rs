@@ -4,7 +4,15 @@
 //! acknowledged epoch survives; the killed member restarts from its disk and
 //! catches up; a node without valid credentials is refused and counted.
 //! A node with a `[serve]` section loads and serves what the placement
-//! assigns it, reports its live load, and drops a model it loses.
+//! assigns it, reports its live load, and drops a model it loses; requests
+//! are forwarded, streams fail over, models come from peers, and models too
+//! big for one node run as chains.
+//!
+//! A scenario that costs a whole fabric of processes (a leader killed under
+//! commits, 200 streams under a kill, ...) runs once per test process, in a
+//! `OnceCell`; each behaviour it shows is its own test reading its outcome,
+//! so a failure names what broke. Every process a scenario starts is
+//! stopped before its outcome is returned.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -289,32 +297,6 @@ impl Gateway {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-
-    /// Waits until its API lists no model (it dropped what it held).
-    async fn wait_holding_nothing(&self, within: Duration) {
-        let http = reqwest::Client::new();
-        let t = Instant::now();
-        loop {
-            let v: serde_json::Value = http
-                .get(format!("http://{}/v1/models", self.api))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["data"].as_array().unwrap().is_empty() {
-                return;
-            }
-            assert!(
-                t.elapsed() < within,
-                "{:?} still serves {v}:\n{}",
-                self.log,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 impl Drop for Gateway {
@@ -349,17 +331,34 @@ fn ca(dir: &Path) -> ClusterCa {
     ClusterCa::load(&dir.join("c1/ca")).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
-    let mut c = setup();
-    let admin = Arc::new(Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap());
-    let peers = c.peers.clone();
-    // the cluster forms from the configs: every coordinator registers itself
+/// Waits until `check` holds, polling every `every`; `Err` with the last
+/// state `check` described when `within` passes first.
+async fn eventually<F, Fut>(
+    within: Duration,
+    every: Duration,
+    mut check: F,
+) -> Result<Duration, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let t = Instant::now();
     loop {
-        let s = status(&admin, &peers).await;
+        match check().await {
+            Ok(()) => return Ok(t.elapsed()),
+            Err(why) if t.elapsed() >= within => return Err(why),
+            Err(_) => tokio::time::sleep(every).await,
+        }
+    }
+}
+
+/// Waits until every coordinator registered itself from its config.
+async fn wait_formed(admin: &Caller, peers: &[Peer]) {
+    let t = Instant::now();
+    loop {
+        let s = status(admin, peers).await;
         if s.state.members.len() == 3 {
-            break;
+            return;
         }
         assert!(
             t.elapsed() < Duration::from_secs(20),
@@ -368,7 +367,15 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let model = ModelRecord {
+}
+
+fn admin(c: &Coordinators) -> Caller {
+    Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap()
+}
+
+/// A model record of the default model's shape, for placement only.
+fn small_model() -> ModelRecord {
+    ModelRecord {
         chunk_bytes: 0,
         chunk_sha256: Vec::new(),
         source: "default".into(),
@@ -382,12 +389,45 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
             kv_bytes_per_token: 18 * 2 * 256 * 2,
             hidden_bytes_per_token: 0,
         },
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_coordinator_registers_itself_from_its_config() {
+    let c = setup();
+    wait_formed(&admin(&c), &c.peers).await;
+}
+
+/// What happened when the leader of three coordinator processes was killed
+/// with SIGKILL under a stream of placement commits.
+struct LeaderKilled {
+    /// From the kill to a survivor leading in a later term.
+    elected: Duration,
+    /// Whether 3 more commits were acknowledged within 15 s of the kill.
+    commits_went_on: bool,
+    /// Commit indexes acknowledged and missing from the history after.
+    lost: Vec<u64>,
+    /// Whether the killed member, restarted, reached the latest epoch
+    /// within 15 s (and its log if not).
+    caught_up: Result<Duration, String>,
+}
+
+static LEADER_KILLED: tokio::sync::OnceCell<LeaderKilled> = tokio::sync::OnceCell::const_new();
+
+async fn leader_killed() -> &'static LeaderKilled {
+    LEADER_KILLED.get_or_init(kill_the_leader).await
+}
+
+async fn kill_the_leader() -> LeaderKilled {
+    let mut c = setup();
+    let admin = Arc::new(admin(&c));
+    let peers = c.peers.clone();
+    wait_formed(&admin, &peers).await;
     let r = admin
         .ask(
             &peers,
             &Request::Propose {
-                command: Cmd::PutModel(model),
+                command: Cmd::PutModel(small_model()),
             },
             Duration::from_secs(20),
         )
@@ -454,18 +494,14 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     eprintln!("new leader {elected:?} after the kill");
-    assert!(
-        elected < Duration::from_secs(3),
-        "a new leader after {elected:?}"
-    );
-    // commits go on under the new leader
     let n = acked.lock().unwrap().len();
     let t = Instant::now();
+    let mut commits_went_on = true;
     while acked.lock().unwrap().len() < n + 3 {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "no commits after the failover"
-        );
+        if t.elapsed() > Duration::from_secs(15) {
+            commits_went_on = false;
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -477,32 +513,73 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
         .iter()
         .map(|&(_, index)| index)
         .collect();
-    for index in acked.lock().unwrap().iter() {
-        assert!(
-            history.contains(index),
-            "acknowledged epoch at index {index} is gone: {history:?}"
-        );
-    }
+    let lost = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|i| !history.contains(i))
+        .collect();
 
-    // the killed member restarts from its disk and catches up
+    // the killed member restarts from its disk
     c.spawn(leader);
-    let t = Instant::now();
-    loop {
-        // the leader may re-plan meanwhile (the killed member was down), so
-        // compare with the epoch now, not the one before the restart
-        let latest = status(&admin, &rest).await.state.epoch();
-        if c.metric(leader, "weft_placement_epoch").await == Some(latest) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "restarted member stuck:\n{}",
-            c.log(leader)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let caught_up = eventually(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            // the leader may re-plan meanwhile (the killed member was down),
+            // so compare with the epoch now, not the one before the restart
+            let latest = status(&admin, &rest).await.state.epoch();
+            match c.metric(leader, "weft_placement_epoch").await {
+                Some(e) if e == latest => Ok(()),
+                e => Err(format!("at epoch {e:?} of {latest}:\n{}", c.log(leader))),
+            }
+        },
+    )
+    .await;
+    LeaderKilled {
+        elected,
+        commits_went_on,
+        lost,
+        caught_up,
     }
+}
 
-    // strangers are refused and counted
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_within_3_s() {
+    let k = leader_killed().await;
+    assert!(
+        k.elected < Duration::from_secs(3),
+        "a new leader after {:?}",
+        k.elected
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_go_on_under_the_new_leader() {
+    assert!(
+        leader_killed().await.commits_went_on,
+        "no commits after the failover"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_epoch_acknowledged_before_the_kill_survives_it() {
+    let k = leader_killed().await;
+    assert!(k.lost.is_empty(), "acknowledged epochs gone: {:?}", k.lost);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_member_restarts_from_its_disk_and_catches_up() {
+    if let Err(why) = &leader_killed().await.caught_up {
+        panic!("restarted member stuck {why}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_is_refused_and_counted() {
+    let c = setup();
+    wait_formed(&admin(&c), &c.peers).await;
     let other = tempfile::tempdir().unwrap();
     let stranger = Caller::new(
         &ClusterCa::init(other.path(), "x")
@@ -512,28 +589,34 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
     )
     .unwrap();
     assert!(stranger
-        .ask(&peers, &Request::Status, Duration::from_secs(3))
+        .ask(&c.peers, &Request::Status, Duration::from_secs(3))
         .await
         .is_err());
-    let t = Instant::now();
-    loop {
-        let mut rejected = 0;
-        for i in 0..3 {
-            rejected += c
-                .metric(i, "weft_cluster_rejected_peers_total")
-                .await
-                .unwrap_or(0);
-        }
-        if rejected > 0 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the stranger was not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // a node with a forged token cannot join: `weft node` exits with the reason
+    let counted = eventually(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || async {
+            let mut rejected = 0;
+            for i in 0..3 {
+                rejected += c
+                    .metric(i, "weft_cluster_rejected_peers_total")
+                    .await
+                    .unwrap_or(0);
+            }
+            if rejected > 0 {
+                Ok(())
+            } else {
+                Err("the stranger was not counted".into())
+            }
+        },
+    )
+    .await;
+    counted.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_an_expired_token_cannot_join_and_says_why() {
+    let c = setup();
     let token = ca(c.dir.path()).issue_token(0, 1); // expired long ago
     let cfg = c.dir.path().join("gw.toml");
     std::fs::write(
@@ -541,8 +624,8 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
         format!(
             "[node]\nname = \"gw-9\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nsite = \"edge-b\"\nmemory_bytes = 1000000000\ntokens_per_s = 100.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n",
             c.dir.path().join("gw").display(),
-            rest[0].name,
-            rest[0].addr
+            c.peers[0].name,
+            c.peers[0].addr
         ),
     )
     .unwrap();
@@ -554,10 +637,15 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expired"), "{err}");
-    // and `weft status` prints the table from a member's config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_status_prints_the_cluster_from_a_members_config() {
+    let c = setup();
+    wait_formed(&admin(&c), &c.peers).await;
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["status", "--config"])
-        .arg(c.config((leader + 1) % 3))
+        .arg(c.config(1))
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
@@ -567,18 +655,31 @@ async fn three_processes_survive_a_killed_leader_and_refuse_strangers() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move() {
+/// What happened when a gateway holding a replica was killed.
+struct NodeKilled {
+    /// From the kill to every coordinator's routing table without it.
+    left: Duration,
+    /// Whether the leader planned an epoch without it within 10 s.
+    moved: bool,
+}
+
+static NODE_KILLED: tokio::sync::OnceCell<NodeKilled> = tokio::sync::OnceCell::const_new();
+
+async fn node_killed() -> &'static NodeKilled {
+    NODE_KILLED.get_or_init(kill_a_node).await
+}
+
+async fn kill_a_node() -> NodeKilled {
     let c = setup();
-    let admin = Arc::new(Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap());
+    let admin = admin(&c);
     let peers = c.peers.clone();
     // a gateway at its own site joins with a token and gossips
     let mut gw = Gateway::start(&c);
     // every coordinator hears all four nodes
     c.wait_metric_everywhere("weft_overlay_nodes", 4, Duration::from_secs(30))
         .await;
-    // demand at the gateway's site puts a replica on it
-    // a real (tiny) model file, so the gateway can load what it is assigned
+    // demand at the gateway's site puts a replica on it; a real (tiny)
+    // model file, so the gateway can load what it is assigned
     let path = c.dir.path().join("small.gguf");
     weft_kernels::testing::write_tiny_model(
         &path,
@@ -623,57 +724,91 @@ async fn a_killed_node_leaves_routing_within_two_seconds_and_its_replicas_move()
         "no replica on gw-1: {:?}",
         before.state.placement
     );
-
-    // kill it: it leaves every coordinator's routing table within 2 s...
     gw.child.kill().unwrap();
     gw.child.wait().unwrap();
     let left = c
         .wait_metric_everywhere("weft_overlay_nodes", 3, Duration::from_secs(10))
         .await;
     eprintln!("gw-1 left the routing tables {left:?} after the kill");
-    assert!(left < Duration::from_secs(2), "gw-1 left after {left:?}");
-    // ...and the leader moves its replica
+    let moved = eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let s = status(&admin, &peers).await;
+            if s.state.epoch() > before.state.epoch() && !on_gw(&s) {
+                Ok(())
+            } else {
+                Err("the placement still uses gw-1".into())
+            }
+        },
+    )
+    .await
+    .is_ok();
+    NodeKilled { left, moved }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_every_routing_table_within_2_s() {
+    let k = node_killed().await;
+    assert!(
+        k.left < Duration::from_secs(2),
+        "gw-1 left after {:?}",
+        k.left
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicas_of_a_killed_node_move_elsewhere() {
+    assert!(node_killed().await.moved, "the placement still uses gw-1");
+}
+
+/// A gateway that joins with a token and serves, through its life: serving
+/// nothing, then assigned a model, then losing it.
+struct ServingNode {
+    /// `/readyz` before anything was assigned: status and body.
+    idle_ready: (u16, String),
+    /// A completion once the model is served: status and body.
+    served: (u16, serde_json::Value),
+    /// Whether `weft status --json` showed the node's live load with the
+    /// model within 10 s (and what it showed if not).
+    load_in_status: Result<Duration, String>,
+    /// The node's row of `weft status`'s table, and the table.
+    status_row: (String, String),
+    /// Whether it stopped listing the model within 10 s of losing it.
+    dropped: bool,
+    /// A completion for the model after that: its status.
+    after_drop: u16,
+}
+
+static SERVING: tokio::sync::OnceCell<ServingNode> = tokio::sync::OnceCell::const_new();
+
+async fn serving_node() -> &'static ServingNode {
+    SERVING.get_or_init(serve_and_drop).await
+}
+
+/// Waits for `api` to answer `/readyz` (it starts listening once it joined).
+async fn first_ready(http: &reqwest::Client, gw: &Gateway) -> reqwest::Response {
     let t = Instant::now();
     loop {
-        let s = status(&admin, &peers).await;
-        if s.state.epoch() > before.state.epoch() && !on_gw(&s) {
-            break;
+        if let Ok(r) = http.get(format!("http://{}/readyz", gw.api)).send().await {
+            return r;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the placement still uses gw-1"
+            t.elapsed() < Duration::from_secs(30),
+            "no API:\n{}",
+            gw.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// A gateway that joins with a token and serves: registered models are
-/// placed on it, it starts their workers and answers the API for them,
-/// gossips its live load (which `weft status` shows), and drains a model
-/// the placement takes away.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
+async fn serve_and_drop() -> ServingNode {
     let c = setup();
     let gw = Gateway::start(&c);
     let api = gw.api;
-    let gw_log = || gw.log();
-    // serving nothing yet: not ready, and says so
     let http = reqwest::Client::new();
-    let t = Instant::now();
-    let ready = loop {
-        if let Ok(r) = http.get(format!("http://{api}/readyz")).send().await {
-            break r;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no API:\n{}",
-            gw_log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(ready.status(), 503);
-    assert!(ready.text().await.unwrap().contains("no model is held"));
-
+    let ready = first_ready(&http, &gw).await;
+    let idle_ready = (ready.status().as_u16(), ready.text().await.unwrap());
     // register the model (its shape and sha256 read from the file) and
     // plan for demand at the gateway's site
     register_tiny(&c, "tiny");
@@ -687,22 +822,19 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
         "--demand",
         "edge-b:tiny:50:200:32",
     ]);
-
-    // the gateway loads it and serves it
     let t = Instant::now();
-    loop {
-        let r = http
-            .get(format!("http://{api}/readyz"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            break;
-        }
+    while http
+        .get(format!("http://{api}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "gw-1 never served the model:\n{}",
-            gw_log()
+            gw.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -712,53 +844,39 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
-        "{v}"
-    );
-    assert_eq!(v["model"], "tiny");
-
-    // its live load reaches `weft status`
-    let t = Instant::now();
-    loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(["status", "--json", "--config", c1])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let models = &s["load"]["gw-1"]["report"]["models"];
-        let free_kv = s["load"]["gw-1"]["report"]["free_kv_tokens"].as_u64();
-        if models == &serde_json::json!(["tiny"]) && free_kv > Some(0) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "gw-1's load never showed the model: {}",
-            s["load"]
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let served = (r.status().as_u16(), r.json().await.unwrap());
+    let load_in_status = eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async {
+            let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+                .args(["status", "--json", "--config", c1])
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let models = &s["load"]["gw-1"]["report"]["models"];
+            let free_kv = s["load"]["gw-1"]["report"]["free_kv_tokens"].as_u64();
+            if models == &serde_json::json!(["tiny"]) && free_kv > Some(0) {
+                Ok(())
+            } else {
+                Err(s["load"].to_string())
+            }
+        },
+    )
+    .await;
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["status", "--config", c1])
         .output()
         .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
     let row = table
         .lines()
         .find(|l| l.starts_with("gw-1"))
-        .unwrap_or_default();
-    assert!(
-        row.contains("tiny[0..") && !row.contains("never"),
-        "{table}"
-    );
-
+        .unwrap_or_default()
+        .to_string();
     // demand gone: the replica is dropped and the gateway stops serving it
     weft(&[
         "cluster",
@@ -768,15 +886,84 @@ async fn a_serving_node_loads_what_it_is_assigned_and_drops_what_it_loses() {
         "--demand",
         "edge-b:tiny:0",
     ]);
-    gw.wait_holding_nothing(Duration::from_secs(10)).await;
-    let r = http
+    let dropped = eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let v: serde_json::Value = http
+                .get(format!("http://{api}/v1/models"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["data"].as_array().unwrap().is_empty() {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    )
+    .await
+    .is_ok();
+    let after_drop = http
         .post(format!("http://{api}/v1/completions"))
         .json(&serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 4}))
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    drop(gw);
+        .unwrap()
+        .status()
+        .as_u16();
+    ServingNode {
+        idle_ready,
+        served,
+        load_in_status,
+        status_row: (row, table),
+        dropped,
+        after_drop,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_nothing_is_not_ready_and_says_why() {
+    let (status, body) = &serving_node().await.idle_ready;
+    assert_eq!(*status, 503);
+    assert!(body.contains("no model is held"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_loads_and_serves_the_model_it_is_assigned() {
+    let (status, v) = &serving_node().await.served;
+    assert_eq!(*status, 200, "{v}");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    assert_eq!(v["model"], "tiny");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_nodes_live_load_reaches_weft_status() {
+    if let Err(load) = &serving_node().await.load_in_status {
+        panic!("gw-1's load never showed the model: {load}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_status_shows_what_a_node_holds_and_that_it_was_heard() {
+    let (row, table) = &serving_node().await.status_row;
+    assert!(
+        row.contains("tiny[0..") && !row.contains("never"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stops_serving_a_model_it_is_no_longer_assigned() {
+    let s = serving_node().await;
+    assert!(s.dropped, "gw-1 still lists the model");
+    assert_eq!(s.after_drop, 404);
 }
 
 /// Nobody plans for a model, but agents ask a gateway for it: the gateway
@@ -829,11 +1016,26 @@ async fn measured_demand_places_a_model_where_it_is_asked_for() {
     drop(gw);
 }
 
-/// Edge autonomy: a gateway cut off from every coordinator keeps serving
-/// what it holds and keeps its intent log; when the coordinators come back
-/// (from their disks) it applies the epoch they committed meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles() {
+/// Edge autonomy, as a gateway lived it: cut off from every coordinator
+/// while serving, then reconnected when they came back from their disks.
+struct CutOff {
+    /// The statuses of 5 completions while cut off.
+    served_while_cut_off: Vec<u16>,
+    /// `weft audit verify` of its intent log while cut off: success, output.
+    audit: (bool, String),
+    /// Whether it dropped the model after the coordinators came back and
+    /// the demand was dropped (within 30 s), and whether it said it heard
+    /// them again.
+    reconciled: (bool, bool),
+}
+
+static CUT_OFF: tokio::sync::OnceCell<CutOff> = tokio::sync::OnceCell::const_new();
+
+async fn cut_off() -> &'static CutOff {
+    CUT_OFF.get_or_init(cut_off_and_reconnect).await
+}
+
+async fn cut_off_and_reconnect() -> CutOff {
     let mut c = setup();
     let gw = Gateway::start(&c);
     let api = gw.api;
@@ -863,7 +1065,6 @@ async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-
     // every coordinator dies: the gateway notices, and serves on
     for i in 0..3 {
         c.kill(i);
@@ -877,25 +1078,19 @@ async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let mut served_while_cut_off = Vec::new();
     for _ in 0..5 {
-        let r = complete().await.unwrap();
-        assert_eq!(r.status(), 200, "cut off, the gateway stopped serving");
+        served_while_cut_off.push(complete().await.unwrap().status().as_u16());
     }
-    // its intent log kept every decision
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["audit", "verify"])
         .arg(c.dir.path().join("gw-1/intent"))
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}");
-    let n: u64 = said
-        .split_whitespace()
-        .nth(1)
-        .and_then(|w| w.parse().ok())
-        .unwrap();
-    assert!(n >= 6, "{said}");
-
+    let audit = (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    );
     // the coordinators come back from their disks; the operator drops the
     // demand; the gateway hears it and reconciles
     for i in 0..3 {
@@ -909,15 +1104,93 @@ async fn an_edge_node_cut_off_from_the_coordinators_keeps_serving_and_reconciles
         "--demand",
         "edge-b:tiny:0",
     ]);
-    gw.wait_holding_nothing(Duration::from_secs(30)).await;
-    assert!(gw.log().contains("coordinators reachable again"));
+    let dropped = eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let v: serde_json::Value = http
+                .get(format!("http://{api}/v1/models"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["data"].as_array().unwrap().is_empty() {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    )
+    .await
+    .is_ok();
+    CutOff {
+        served_while_cut_off,
+        audit,
+        reconciled: (dropped, gw.log().contains("coordinators reachable again")),
+    }
 }
 
-/// A request for a model the gateway does not hold goes over the data plane
-/// to the peer that holds it: the same tokens as asking that peer, whole or
-/// streamed; the hop limit stops loops; the decision is in the intent log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
+async fn an_edge_node_cut_off_from_every_coordinator_keeps_serving() {
+    let s = &cut_off().await.served_while_cut_off;
+    assert!(
+        s.iter().all(|&code| code == 200),
+        "cut off, the gateway stopped serving: {s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_node_cut_off_keeps_every_decision_in_its_intent_log() {
+    let (ok, said) = &cut_off().await.audit;
+    assert!(ok, "{said}");
+    let n: u64 = said
+        .split_whitespace()
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap();
+    assert!(n >= 6, "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_node_applies_what_was_committed_while_it_was_cut_off() {
+    let (dropped, heard_again) = cut_off().await.reconciled;
+    assert!(dropped, "the gateway still serves the dropped model");
+    assert!(
+        heard_again,
+        "the gateway never said it heard the coordinators again"
+    );
+}
+
+/// A request for a model the front does not hold, sent through the front
+/// to the holder: whole, streamed, with a spent hop count, and after the
+/// front's certificate is revoked.
+struct Forwarded {
+    /// The holder's own answer.
+    direct: serde_json::Value,
+    /// The front's answer and its `x-weft-served-by`.
+    via: (serde_json::Value, Option<String>),
+    /// The front's stream, as its client read it.
+    streamed: String,
+    /// The status of a request that says it was forwarded twice already.
+    hop_limit: u16,
+    /// Whether the front stopped forwarding within 15 s of its revocation,
+    /// and whether the holder said it closed the connection.
+    revoked: (bool, bool),
+    /// `weft audit verify` of the front's log: success, stderr.
+    audit: (bool, String),
+    /// The front's intent-log records, and the whole log.
+    records: (Vec<serde_json::Value>, String),
+}
+
+static FORWARDED: tokio::sync::OnceCell<Forwarded> = tokio::sync::OnceCell::const_new();
+
+async fn forwarded() -> &'static Forwarded {
+    FORWARDED.get_or_init(forward_through_a_front).await
+}
+
+async fn forward_through_a_front() -> Forwarded {
     let c = setup();
     let holder = Gateway::start_as(&c, "gw-1", 4 << 30);
     // too small to be given the model
@@ -955,7 +1228,7 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let t = Instant::now();
-    let (via, served_by) = loop {
+    let via = loop {
         let Ok(r) = ask(front.api, body.clone()).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -975,46 +1248,23 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(served_by.as_deref(), Some("gw-1"));
-    assert_eq!(via["choices"][0]["text"], direct["choices"][0]["text"]);
-    assert_eq!(via["usage"], direct["usage"]);
-    // streamed through the front: the same text, to [DONE]
-    let mut streamed = body.clone();
-    streamed["stream"] = serde_json::json!(true);
-    let sse = ask(front.api, streamed)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let text: String = sse
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| {
-            serde_json::from_str::<serde_json::Value>(d).unwrap()["choices"][0]["text"]
-                .as_str()
-                .unwrap_or("")
-                .to_string()
-        })
-        .collect();
-    assert_eq!(text, direct["choices"][0]["text"].as_str().unwrap());
-    assert!(sse.trim_end().ends_with("data: [DONE]"));
-    // a request that has been forwarded too often is refused, not looped
-    let r = http
+    let mut stream = body.clone();
+    stream["stream"] = serde_json::json!(true);
+    let streamed = ask(front.api, stream).await.unwrap().text().await.unwrap();
+    let hop_limit = http
         .post(format!("http://{}/v1/completions", front.api))
         .header("x-weft-hops", "2")
         .json(&body)
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 508);
+        .unwrap()
+        .status()
+        .as_u16();
     // revoking the front's certificate ends its open connection to the
     // holder: it can no longer forward (nor connect again)
     let front_id =
         weft_cluster::credentials::NodeIdentity::load(&c.dir.path().join("gw-2/identity")).unwrap();
-    let admin = Caller::new(&ca(c.dir.path()).issue_identity("admin").unwrap()).unwrap();
-    let r = admin
+    let r = admin(&c)
         .ask(
             &c.peers,
             &Request::Propose {
@@ -1027,16 +1277,27 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
         .await
         .unwrap();
     assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
-    let t = Instant::now();
-    while ask(front.api, body.clone()).await.unwrap().status() == 200 {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "still forwarding 15 s after its revocation:\n{}",
-            holder.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(holder.log().contains("closing its data-plane connection"));
+    let stopped = eventually(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || async {
+            match ask(front.api, body.clone())
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+            {
+                200 => Err("still forwarding".to_string()),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await
+    .is_ok();
+    let revoked = (
+        stopped,
+        holder.log().contains("closing its data-plane connection"),
+    );
     // the front's intent log holds the forwarding decisions, chained
     drop(front);
     let log_dir = c.dir.path().join("gw-2/intent");
@@ -1045,20 +1306,81 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
         .arg(&log_dir)
         .output()
         .unwrap();
-    assert!(
+    let audit = (
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     );
     let all: String = std::fs::read_dir(&log_dir)
         .unwrap()
         .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
         .collect();
-    let records: Vec<serde_json::Value> = all
+    let records = all
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
         .collect();
-    // each routing decision names every candidate with its terms
+    Forwarded {
+        direct,
+        via,
+        streamed,
+        hop_limit,
+        revoked,
+        audit,
+        records: (records, all),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_gets_the_holders_answer_and_names_it() {
+    let f = forwarded().await;
+    let (via, served_by) = &f.via;
+    assert_eq!(served_by.as_deref(), Some("gw-1"));
+    assert_eq!(via["choices"][0]["text"], f.direct["choices"][0]["text"]);
+    assert_eq!(via["usage"], f.direct["usage"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_stream_gets_the_holders_text_to_its_end() {
+    let f = forwarded().await;
+    let text: String = f
+        .streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            serde_json::from_str::<serde_json::Value>(d).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, f.direct["choices"][0]["text"].as_str().unwrap());
+    assert!(f.streamed.trim_end().ends_with("data: [DONE]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_forwarded_too_often_is_refused_not_looped() {
+    assert_eq!(forwarded().await.hop_limit, 508);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_can_no_longer_forward() {
+    let (stopped, closed) = forwarded().await.revoked;
+    assert!(stopped, "still forwarding 15 s after its revocation");
+    assert!(
+        closed,
+        "the holder never closed the revoked node's connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fronts_intent_log_verifies() {
+    let (ok, err) = &forwarded().await.audit;
+    assert!(ok, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_routing_decision_names_every_candidate_with_its_terms() {
+    let (records, all) = &forwarded().await.records;
     let routed = records
         .iter()
         .find(|r| r["decision"] == "routed" && r["route"]["choice"] == "gw-1")
@@ -1083,6 +1405,11 @@ async fn a_request_is_forwarded_to_the_peer_that_holds_the_model() {
     let me = cands.iter().find(|c| c["node"] == "gw-2").unwrap();
     assert_eq!(me["excluded"], "no-model", "{me}");
     assert_eq!(routed["route"]["utility"], chosen["utility"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_forward_is_in_the_fronts_intent_log() {
+    let (records, all) = &forwarded().await.records;
     assert!(records.iter().any(|r| r["decision"] == "refused"), "{all}");
 }
 
@@ -1159,12 +1486,101 @@ async fn stream_completion(
     out
 }
 
-/// kill -9 of the node serving streams forwarded from the front: every one
-/// of 200 concurrent streams completes on the other replica with exactly
-/// the text a single node gives (no lost, repeated or restarted token),
-/// under its one stream id; the front's intent log records the resumes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_survive_the_kill_of_their_serving_node() {
+/// Waits until the node at `api` lists `model`.
+async fn wait_holding(g: &Gateway, model: &str, within: Duration) {
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("http://{}/v1/models", g.api)).send().await {
+            let v: serde_json::Value = r.json().await.unwrap();
+            let listed = v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == model);
+            // listed from the moment it is assigned; served once its
+            // worker has loaded it
+            let ready = http
+                .get(format!("http://{}/readyz", g.api))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if listed && ready {
+                return;
+            }
+        }
+        assert!(
+            t.elapsed() < within,
+            "{:?} never held {model}:\n{}",
+            g.log,
+            g.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Streams `body` from `api`, kills `victim` (SIGKILL) once the first text
+/// arrives, and returns the stream as its client saw it; a stream still
+/// open after 60 s fails the test as hung.
+async fn stream_and_kill(
+    http: &reqwest::Client,
+    api: SocketAddr,
+    body: &serde_json::Value,
+    victim: &mut Gateway,
+) -> Streamed {
+    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let (http, body) = (http.clone(), body.clone());
+        async move { stream_completion(&http, api, &body, &tx).await }
+    });
+    first.recv().await.unwrap();
+    victim.child.kill().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the stream hung after the kill")
+        .unwrap()
+}
+
+/// The greedy text `weft generate` gives for `prompt` on the model file at
+/// `path`, on one thread of this machine: what one node serves.
+fn generated(path: &Path, prompt: &str, max_tokens: usize) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["generate", "--threads", "1", "--max-tokens"])
+        .arg(max_tokens.to_string())
+        .arg("--model")
+        .arg(path)
+        .arg(prompt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.strip_suffix('\n').unwrap_or(&text).to_string()
+}
+
+/// 200 streams forwarded from a front to two replicas, one of which was
+/// killed (SIGKILL) while its streams were under way.
+struct StreamsSurvived {
+    /// Each stream as its client saw it.
+    results: Vec<Streamed>,
+    /// The text one node gives each prompt (by stream index modulo).
+    expected: Vec<String>,
+    /// The killed node.
+    victim: String,
+    /// The front's `resumed` records, and its whole log.
+    resumed: (Vec<serde_json::Value>, String),
+}
+
+static STREAMS: tokio::sync::OnceCell<StreamsSurvived> = tokio::sync::OnceCell::const_new();
+
+async fn streams_survived() -> &'static StreamsSurvived {
+    STREAMS.get_or_init(kill_under_200_streams).await
+}
+
+async fn kill_under_200_streams() -> StreamsSurvived {
     let c = setup();
     let a = Gateway::start_as(&c, "gw-1", 4 << 30);
     let b = Gateway::start_as(&c, "gw-3", 4 << 30);
@@ -1206,31 +1622,9 @@ async fn streams_survive_the_kill_of_their_serving_node() {
         }
     };
     // both replicas hold the model, serve it, and agree
+    wait_holding(&a, "tiny", Duration::from_secs(90)).await;
+    wait_holding(&b, "tiny", Duration::from_secs(90)).await;
     let t = Instant::now();
-    for g in [&a, &b] {
-        loop {
-            let models: serde_json::Value =
-                match http.get(format!("http://{}/v1/models", g.api)).send().await {
-                    Ok(r) => r.json().await.unwrap(),
-                    Err(_) => serde_json::json!({"data": []}), // not listening yet
-                };
-            if models["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["id"] == "tiny")
-            {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(90),
-                "{:?} never held the model: {models}\n{}",
-                g.log,
-                g.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
     let mut expected = Vec::new();
     for p in prompts {
         let want = loop {
@@ -1291,103 +1685,87 @@ async fn streams_survive_the_kill_of_their_serving_node() {
     let mut victim_gw = if victim == "gw-1" { a } else { b };
     victim_gw.child.kill().unwrap();
     victim_gw.child.wait().unwrap();
-    let mut on_victim = 0;
     let mut results = Vec::new();
     for t in tasks {
         results.push(t.await.unwrap());
     }
-    let intent_log = || {
-        std::fs::read_dir(c.dir.path().join("gw-2/intent"))
-            .unwrap()
-            .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
-            .collect::<String>()
-    };
-    for (i, s) in results.into_iter().enumerate() {
-        if !s.errors.is_empty() {
-            let reroutes: Vec<&str> = intent_log()
-                .lines()
-                .filter(|l| l.contains("rerouted"))
-                .take(3)
-                .map(String::from)
-                .collect::<Vec<_>>()
-                .leak()
-                .iter()
-                .map(|s| s.as_str())
-                .collect();
-            panic!("stream {i}: {:?}\n{reroutes:#?}", s.errors);
-        }
-        assert!(s.done, "stream {i} did not end with [DONE]");
-        assert_eq!(s.ids.len(), 1, "stream {i} changed its id: {:?}", s.ids);
-        assert_eq!(
-            s.text,
-            expected[i % prompts.len()],
-            "stream {i} (served by {})",
-            s.served_by
-        );
-        if s.served_by == victim {
-            on_victim += 1;
-        }
-    }
-    assert!(on_victim >= 10, "only {on_victim} streams were on {victim}");
-    // the front logged each resume, on the surviving replica
+    eprintln!("all streams done {:?} after the kill", killed_at.elapsed());
     drop(front);
-    let all = intent_log();
-    let resumed: Vec<serde_json::Value> = all
+    let all: String = std::fs::read_dir(c.dir.path().join("gw-2/intent"))
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    let resumed = all
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
         .filter(|r| r["decision"] == "resumed")
         .collect();
-    assert!(!resumed.is_empty(), "no resume logged:\n{all}");
-    for r in &resumed {
-        assert_eq!(r["from"], victim.as_str(), "{r}");
-        assert_ne!(r["to"], victim.as_str(), "{r}");
+    StreamsSurvived {
+        results,
+        expected,
+        victim,
+        resumed: (resumed, all),
     }
-    eprintln!(
-        "{on_victim} streams on {victim}, {} resumed mid-stream; all done {:?} after the kill",
-        resumed.len(),
-        killed_at.elapsed()
+}
+
+/// kill -9 of the node serving streams forwarded from the front: every one
+/// of 200 concurrent streams completes on the other replica with exactly
+/// the text a single node gives (no lost, repeated or restarted token),
+/// under its one stream id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_the_kill_of_their_serving_node() {
+    let s = streams_survived().await;
+    let mut on_victim = 0;
+    for (i, r) in s.results.iter().enumerate() {
+        assert!(r.errors.is_empty(), "stream {i}: {:?}", r.errors);
+        assert!(r.done, "stream {i} did not end with [DONE]");
+        assert_eq!(r.ids.len(), 1, "stream {i} changed its id: {:?}", r.ids);
+        assert_eq!(
+            r.text,
+            s.expected[i % s.expected.len()],
+            "stream {i} (served by {})",
+            r.served_by
+        );
+        if r.served_by == s.victim {
+            on_victim += 1;
+        }
+    }
+    assert!(
+        on_victim >= 10,
+        "only {on_victim} streams were on {}",
+        s.victim
     );
 }
 
-/// Waits until the node at `api` lists `model`.
-async fn wait_holding(g: &Gateway, model: &str, within: Duration) {
-    let http = reqwest::Client::new();
-    let t = Instant::now();
-    loop {
-        if let Ok(r) = http.get(format!("http://{}/v1/models", g.api)).send().await {
-            let v: serde_json::Value = r.json().await.unwrap();
-            let listed = v["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["id"] == model);
-            // listed from the moment it is assigned; served once its
-            // worker has loaded it
-            let ready = http
-                .get(format!("http://{}/readyz", g.api))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if listed && ready {
-                return;
-            }
-        }
-        assert!(
-            t.elapsed() < within,
-            "{:?} never held {model}:\n{}",
-            g.log,
-            g.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_logs_each_resume_onto_the_surviving_replica() {
+    let s = streams_survived().await;
+    let (resumed, all) = &s.resumed;
+    assert!(!resumed.is_empty(), "no resume logged:\n{all}");
+    for r in resumed {
+        assert_eq!(r["from"], s.victim.as_str(), "{r}");
+        assert_ne!(r["to"], s.victim.as_str(), "{r}");
     }
 }
 
-/// A node assigned a model it lacks fetches it from the peers that serve
-/// it, in chunks checked against the cluster's record; a corrupt chunk from
-/// one peer is detected and fetched again from the other. The model's
-/// source is gone by then: the peers are the only way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_comes_from_peers_and_a_corrupt_chunk_is_fetched_again() {
+/// A node assigned a model it lacks, whose source is gone, with a corrupt
+/// chunk in each of its two peers' copies.
+struct FromPeers {
+    /// Chunks in the file.
+    chunks: u64,
+    /// The late node's `/metrics`, and its log.
+    metrics: (String, String),
+    /// Its greedy answer, and a peer's.
+    answers: (String, String),
+}
+
+static FROM_PEERS: tokio::sync::OnceCell<FromPeers> = tokio::sync::OnceCell::const_new();
+
+async fn from_peers() -> &'static FromPeers {
+    FROM_PEERS.get_or_init(fetch_from_damaged_peers).await
+}
+
+async fn fetch_from_damaged_peers() -> FromPeers {
     let c = setup();
     let a = Gateway::start_as(&c, "gw-1", 4 << 30);
     let b = Gateway::start_as(&c, "gw-3", 4 << 30);
@@ -1448,34 +1826,12 @@ async fn a_model_comes_from_peers_and_a_corrupt_chunk_is_fetched_again() {
         .text()
         .await
         .unwrap();
-    let metric = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
     let chunks = std::fs::metadata(model.with_extension("gone"))
         .unwrap()
         .len()
         .div_ceil(chunk);
     assert!(chunks >= 3, "{chunks} chunks");
-    assert_eq!(
-        metric("weft_model_chunks_fetched_total"),
-        chunks,
-        "{}",
-        late.log()
-    );
-    assert!(
-        metric("weft_model_chunks_corrupt_total") >= 1,
-        "{}",
-        late.log()
-    );
-    assert!(late.log().contains("failed its sha256 check"));
-    // and it serves what the others serve (a forwarded request is served
-    // where it lands)
+    // a forwarded request is served where it lands
     let ask = |api: SocketAddr| {
         let http = http.clone();
         async move {
@@ -1492,58 +1848,72 @@ async fn a_model_comes_from_peers_and_a_corrupt_chunk_is_fetched_again() {
             v["choices"][0]["text"].as_str().unwrap().to_string()
         }
     };
-    assert_eq!(ask(late.api).await, ask(a.api).await);
+    FromPeers {
+        chunks,
+        metrics: (metrics, late.log()),
+        answers: (ask(late.api).await, ask(a.api).await),
+    }
 }
 
-/// Streams `body` from `api`, kills `victim` (SIGKILL) once the first text
-/// arrives, and returns the stream as its client saw it; a stream still
-/// open after 60 s fails the test as hung.
-async fn stream_and_kill(
-    http: &reqwest::Client,
-    api: SocketAddr,
-    body: &serde_json::Value,
-    victim: &mut Gateway,
-) -> Streamed {
-    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn({
-        let (http, body) = (http.clone(), body.clone());
-        async move { stream_completion(&http, api, &body, &tx).await }
-    });
-    first.recv().await.unwrap();
-    victim.child.kill().unwrap();
-    tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("the stream hung after the kill")
+fn metric_in(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+        .trim()
+        .parse()
         .unwrap()
 }
 
-/// The greedy text `weft generate` gives for `prompt` on the model file at
-/// `path`, on one thread of this machine: what one node serves.
-fn generated(path: &Path, prompt: &str, max_tokens: usize) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["generate", "--threads", "1", "--max-tokens"])
-        .arg(max_tokens.to_string())
-        .arg("--model")
-        .arg(path)
-        .arg(prompt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+/// The source is gone by then: the peers are the only way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fetches_a_model_from_its_peers_in_checked_chunks_and_serves_it() {
+    let f = from_peers().await;
+    let (metrics, log) = &f.metrics;
+    assert_eq!(
+        metric_in(metrics, "weft_model_chunks_fetched_total"),
+        f.chunks,
+        "{log}"
     );
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.strip_suffix('\n').unwrap_or(&text).to_string()
+    assert_eq!(f.answers.0, f.answers.1);
 }
 
-/// `n` nodes at one site, none with room for the whole model and all of
-/// them together with just enough: the placement splits the model's layers
-/// over all `n`, the node with the first layers serves it, and the greedy
-/// text through any of them (forwarded to the head, streamed or not, many
-/// at once) is what one node gives. Then the last node is killed: a stream
-/// running on the chain ends with an error event, never a hang.
-async fn a_chain_of(n: usize) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_from_a_peer_is_caught_and_fetched_from_another() {
+    let (metrics, log) = &from_peers().await.metrics;
+    assert!(
+        metric_in(metrics, "weft_model_chunks_corrupt_total") >= 1,
+        "{log}"
+    );
+    assert!(log.contains("failed its sha256 check"), "{log}");
+}
+
+/// A model split over `n` nodes at one site (none with room for the whole
+/// model, all together with just enough), asked through every node, then
+/// broken by killing the node of the last range under a stream.
+struct Chain {
+    /// The text one node gives each prompt.
+    expected: Vec<String>,
+    /// What each node answered, whole, with the head's log for a mismatch.
+    answers: Vec<(String, String)>,
+    /// 8 streams at once through a node after the head.
+    streams: Vec<Streamed>,
+    /// The stream running when the last range's node was killed.
+    broken: Streamed,
+}
+
+static CHAIN_2: tokio::sync::OnceCell<Chain> = tokio::sync::OnceCell::const_new();
+static CHAIN_3: tokio::sync::OnceCell<Chain> = tokio::sync::OnceCell::const_new();
+
+async fn chain_of(n: usize) -> &'static Chain {
+    match n {
+        2 => CHAIN_2.get_or_init(|| run_a_chain_of(2)).await,
+        3 => CHAIN_3.get_or_init(|| run_a_chain_of(3)).await,
+        _ => unreachable!("chains of 2 and 3 are tested"),
+    }
+}
+
+async fn run_a_chain_of(n: usize) -> Chain {
     let c = setup();
     register_tiny(&c, "tiny");
     let path = c.dir.path().join("tiny.gguf");
@@ -1637,33 +2007,26 @@ async fn a_chain_of(n: usize) {
 
     let http = reqwest::Client::new();
     let body = |p: &str, stream: bool| serde_json::json!({"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": stream});
-    let complete = |api: SocketAddr, p: &str| {
-        let (http, b) = (http.clone(), body(p, false));
-        async move {
-            let r = http
-                .post(format!("http://{api}/v1/completions"))
-                .json(&b)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status();
-            let v: serde_json::Value = r.json().await.unwrap();
-            assert_eq!(status, 200, "{v}");
-            v["choices"][0]["text"].as_str().unwrap().to_string()
-        }
-    };
-    // every node answers with one node's text: the head itself, the others
-    // by forwarding to it
+    // every node answers: the head itself, the others by forwarding to it
+    let mut answers = Vec::new();
     for (i, g) in nodes.iter().enumerate() {
-        let got = complete(g.api, prompts[i % prompts.len()]).await;
-        assert_eq!(
-            got,
-            expected[i % prompts.len()],
-            "through gw-{} (the head is gw-{}):\n{}",
-            i + 1,
-            head + 1,
-            nodes[head].log()
-        );
+        let r = http
+            .post(format!("http://{}/v1/completions", g.api))
+            .json(&body(prompts[i % prompts.len()], false))
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = r.json().await.unwrap();
+        let text = v["choices"][0]["text"].as_str().map(String::from);
+        answers.push((
+            text.unwrap_or_else(|| v.to_string()),
+            format!(
+                "through gw-{} (the head is gw-{}):\n{}",
+                i + 1,
+                head + 1,
+                nodes[head].log()
+            ),
+        ));
     }
     // many at once, batched on the head and down the chain, streamed
     let front = nodes[(head + 1) % n].api;
@@ -1676,38 +2039,95 @@ async fn a_chain_of(n: usize) {
             stream_completion(&http, front, &b, &tx).await
         }));
     }
-    for (i, t) in tasks.into_iter().enumerate() {
-        let s = t.await.unwrap();
-        assert!(s.done && s.errors.is_empty(), "stream {i}: {:?}", s.errors);
-        assert_eq!(s.text, expected[i % prompts.len()], "stream {i}");
+    let mut streams = Vec::new();
+    for t in tasks {
+        streams.push(t.await.unwrap());
     }
-
-    // the last range's node dies mid-stream: the stream ends, with an error
+    // the last range's node dies mid-stream
     let long = serde_json::json!({"model": "tiny", "prompt": prompts[0], "max_tokens": 4000, "temperature": 0, "stream": true});
-    let s = stream_and_kill(&http, nodes[head].api, &long, &mut nodes[last]).await;
-    assert!(
-        !s.errors.is_empty(),
-        "no error event: {} chars of text",
-        s.text.len()
-    );
+    let broken = stream_and_kill(&http, nodes[head].api, &long, &mut nodes[last]).await;
     drop(nodes);
+    Chain {
+        expected,
+        answers,
+        streams,
+        broken,
+    }
+}
+
+/// Every node answers with one node's greedy text.
+fn assert_answers_are_one_nodes(c: &Chain) {
+    for (i, (got, context)) in c.answers.iter().enumerate() {
+        assert_eq!(got, &c.expected[i % c.expected.len()], "{context}");
+    }
+}
+
+/// Streams batched on the head and down the chain give one node's text.
+fn assert_streams_are_one_nodes(c: &Chain) {
+    for (i, s) in c.streams.iter().enumerate() {
+        assert!(s.done && s.errors.is_empty(), "stream {i}: {:?}", s.errors);
+        assert_eq!(s.text, c.expected[i % c.expected.len()], "stream {i}");
+    }
+}
+
+/// With no other replica, a stream on a broken chain ends with an error
+/// event, never a hang.
+fn assert_broken_stream_ends_with_an_error(c: &Chain) {
+    assert!(
+        !c.broken.errors.is_empty(),
+        "no error event: {} chars of text",
+        c.broken.text.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_node_chain_gives_one_nodes_tokens() {
-    a_chain_of(2).await;
+    assert_answers_are_one_nodes(chain_of(2).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_chain_batches_streams_with_one_nodes_tokens() {
+    assert_streams_are_one_nodes(chain_of(2).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_chain_that_breaks_with_no_replica_ends_its_stream_with_an_error() {
+    assert_broken_stream_ends_with_an_error(chain_of(2).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_chain_gives_one_nodes_tokens() {
-    a_chain_of(3).await;
+    assert_answers_are_one_nodes(chain_of(3).await);
 }
 
-/// Two chains of two nodes each: a stream on one of them, whose last node
-/// is killed mid-stream, continues on the other chain with exactly the text
-/// one node gives, under one stream id and with no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_on_a_chain_that_breaks_continues_on_another_chain() {
+async fn a_three_node_chain_batches_streams_with_one_nodes_tokens() {
+    assert_streams_are_one_nodes(chain_of(3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_chain_that_breaks_with_no_replica_ends_its_stream_with_an_error() {
+    assert_broken_stream_ends_with_an_error(chain_of(3).await);
+}
+
+/// Two chains of two nodes each, and a stream on one of them whose last
+/// node was killed mid-stream.
+struct ChainLost {
+    /// The text one node gives.
+    expected: String,
+    /// The stream, and the head's log.
+    stream: (Streamed, String),
+    /// The head's intent log.
+    intent_log: String,
+}
+
+static CHAIN_LOST: tokio::sync::OnceCell<ChainLost> = tokio::sync::OnceCell::const_new();
+
+async fn chain_lost() -> &'static ChainLost {
+    CHAIN_LOST.get_or_init(break_one_of_two_chains).await
+}
+
+async fn break_one_of_two_chains() -> ChainLost {
     let c = setup();
     register_tiny(&c, "tiny");
     let path = c.dir.path().join("tiny.gguf");
@@ -1766,7 +2186,6 @@ async fn a_stream_on_a_chain_that_breaks_continues_on_another_chain() {
     };
     let (head, tail) = chains[0];
     let http = reqwest::Client::new();
-    let body = serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true});
     // both chains serve and agree with one node
     for &(h, _) in &chains {
         let r: serde_json::Value = http
@@ -1781,27 +2200,37 @@ async fn a_stream_on_a_chain_that_breaks_continues_on_another_chain() {
             .unwrap();
         assert_eq!(r["choices"][0]["text"], expected.as_str(), "gw-{}", h + 1);
     }
+    let body = serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true});
     let s = stream_and_kill(&http, nodes[head].api, &body, &mut nodes[tail]).await;
-    assert!(
-        s.done && s.errors.is_empty(),
-        "{:?}\n{}",
-        s.errors,
-        nodes[head].log()
-    );
+    let head_log = nodes[head].log();
+    drop(nodes);
+    let intent_log = std::fs::read_dir(c.dir.path().join(format!("gw-{}/intent", head + 1)))
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    ChainLost {
+        expected,
+        stream: (s, head_log),
+        intent_log,
+    }
+}
+
+/// The stream continues on the other chain with exactly the text one node
+/// gives, under one stream id and with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_chain_that_breaks_continues_on_another_chain() {
+    let l = chain_lost().await;
+    let (s, log) = &l.stream;
+    assert!(s.done && s.errors.is_empty(), "{:?}\n{log}", s.errors);
     assert_eq!(s.ids.len(), 1, "{:?}", s.ids);
-    assert_eq!(s.text, expected);
-    let log = std::fs::read_to_string(
-        std::fs::read_dir(c.dir.path().join(format!("gw-{}/intent", head + 1)))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path(),
-    )
-    .unwrap();
+    assert_eq!(s.text, l.expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_logs_the_resume_of_a_stream_its_chain_lost() {
+    let log = &chain_lost().await.intent_log;
     assert!(
         log.contains("\"resumed\"") && log.contains("lost the request midway"),
         "{log}"
     );
-    drop(nodes);
 }

@@ -164,25 +164,40 @@ fn assert_error(status: u16, body: &Value, want: u16) {
     assert!(body["error"]["type"].is_string(), "{body}");
 }
 
-#[test]
-fn endpoints_answer_as_openai_does() {
-    let n = start("");
-    let c = client();
-    assert_eq!(
-        c.get(format!("{}/healthz", n.base))
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
-    let models: Value = c
-        .get(format!("{}/v1/models", n.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    assert_eq!(models["data"][0]["id"], "tiny-gemma");
+fn get(node: &Node, path: &str) -> reqwest::blocking::Response {
+    client().get(format!("{}{path}", node.base)).send().unwrap()
+}
 
+fn metrics(node: &Node) -> String {
+    get(node, "/metrics").text().unwrap()
+}
+
+/// The JSON payloads of an SSE response before its `[DONE]`, which must
+/// end it.
+fn chunks(events: &[String]) -> Vec<Value> {
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+#[test]
+fn healthz_answers_ok() {
+    let n = start("");
+    assert_eq!(get(&n, "/healthz").status(), 200);
+}
+
+#[test]
+fn the_model_list_names_the_served_model() {
+    let n = start("");
+    let models: Value = get(&n, "/v1/models").json().unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-gemma");
+}
+
+#[test]
+fn a_completion_is_shaped_as_openai_shapes_it() {
+    let n = start("");
     let (st, v) = post(
         &n,
         "/v1/completions",
@@ -196,19 +211,23 @@ fn endpoints_answer_as_openai_does() {
         v["usage"]["total_tokens"],
         v["usage"]["prompt_tokens"].as_u64().unwrap() + 5
     );
-    let whole = v["choices"][0]["text"].as_str().unwrap().to_string();
+}
 
-    // the same request streamed gives the same text, chunk by chunk, then [DONE]
+#[test]
+fn a_streamed_completion_gives_the_whole_text_then_its_usage_and_done() {
+    let n = start("");
+    let (_, v) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "hello world", "max_tokens": 5, "temperature": 0}),
+    );
+    let whole = v["choices"][0]["text"].as_str().unwrap().to_string();
     let events = sse(
         &n,
         "/v1/completions",
         &json!({"model": "default", "prompt": "hello world", "max_tokens": 5, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
     );
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = chunks(&events);
     let streamed: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["text"].as_str())
@@ -221,10 +240,16 @@ fn endpoints_answer_as_openai_does() {
         chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
         "length"
     );
+}
 
-    // chat, whole and streamed
-    let body = json!({"model": "tiny-gemma", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2});
-    let (st, v) = post(&n, "/v1/chat/completions", &body);
+fn chat_body() -> Value {
+    json!({"model": "tiny-gemma", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2})
+}
+
+#[test]
+fn a_chat_completion_is_shaped_as_openai_shapes_it_with_its_logprobs() {
+    let n = start("");
+    let (st, v) = post(&n, "/v1/chat/completions", &chat_body());
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
@@ -235,39 +260,47 @@ fn endpoints_answer_as_openai_does() {
             .len(),
         4
     );
-    let mut sbody = body.clone();
-    sbody["stream"] = json!(true);
-    let events = sse(&n, "/v1/chat/completions", &sbody);
-    let first: Value = serde_json::from_str(&events[0]).unwrap();
-    assert_eq!(first["object"], "chat.completion.chunk");
-    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
-    let content: String = events[..events.len() - 1]
+}
+
+#[test]
+fn a_streamed_chat_opens_with_the_role_and_gives_the_whole_content() {
+    let n = start("");
+    let (_, v) = post(&n, "/v1/chat/completions", &chat_body());
+    let mut body = chat_body();
+    body["stream"] = json!(true);
+    let chunks = chunks(&sse(&n, "/v1/chat/completions", &body));
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(
         content,
         v["choices"][0]["message"]["content"].as_str().unwrap()
     );
+}
 
-    // seeds repeat
+#[test]
+fn a_seed_repeats_its_sampled_text() {
+    let n = start("");
     let seeded = json!({"model": "tiny-gemma", "prompt": "the", "max_tokens": 8, "temperature": 1.5, "seed": 11});
     assert_eq!(
         post(&n, "/v1/completions", &seeded).1["choices"],
         post(&n, "/v1/completions", &seeded).1["choices"]
     );
+}
 
-    let metrics = c
-        .get(format!("{}/metrics", n.base))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+#[test]
+fn metrics_count_requests_latencies_and_load() {
+    let n = start("");
+    let (st, _) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "hello world", "max_tokens": 5, "temperature": 0, "stream": true}),
+    );
+    assert_eq!(st, 200);
+    let metrics = metrics(&n);
     for name in [
         "weft_requests_total{model=\"tiny-gemma\",status=\"200\",criticality=\"standard\"}",
         "weft_time_to_first_token_seconds_bucket",
@@ -281,70 +314,116 @@ fn endpoints_answer_as_openai_does() {
     }
 }
 
+const SMALL_LIMITS: &str =
+    "max_context = 64\nmax_body_bytes = 4096\nmax_tokens_limit = 100\ndefault_max_tokens = 16\n";
+
+/// Posts raw bytes as a JSON completion request.
+fn raw(n: &Node, body: Vec<u8>) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}/v1/completions", n.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .unwrap();
+    (
+        r.status().as_u16(),
+        r.json::<Value>().unwrap_or(Value::Null),
+    )
+}
+
 #[test]
-fn bad_input_gets_openai_errors_and_the_node_stays_up() {
-    let n = start("max_context = 64\nmax_body_bytes = 4096\nmax_tokens_limit = 100\ndefault_max_tokens = 16\n");
-    let c = client();
-    let raw = |body: Vec<u8>| {
-        let r = c
-            .post(format!("{}/v1/completions", n.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .unwrap();
-        (
-            r.status().as_u16(),
-            r.json::<Value>().unwrap_or(Value::Null),
-        )
-    };
-    let (st, v) = raw(b"{not json".to_vec());
+fn a_body_that_is_not_json_is_a_400() {
+    let n = start(SMALL_LIMITS);
+    let (st, v) = raw(&n, b"{not json".to_vec());
     assert_error(st, &v, 400);
-    let (st, v) = raw(b"{\"model\": \"tiny-gemma\", \"prompt\": \"\xff\xfe\"}".to_vec());
+}
+
+#[test]
+fn a_body_that_is_not_utf8_is_a_400() {
+    let n = start(SMALL_LIMITS);
+    let (st, v) = raw(
+        &n,
+        b"{\"model\": \"tiny-gemma\", \"prompt\": \"\xff\xfe\"}".to_vec(),
+    );
     assert_error(st, &v, 400);
-    let (st, v) = raw(vec![b' '; 5000]);
+}
+
+#[test]
+fn a_body_over_the_limit_is_a_413() {
+    let n = start(SMALL_LIMITS);
+    let (st, v) = raw(&n, vec![b' '; 5000]);
     assert_error(st, &v, 413);
+}
+
+#[test]
+fn an_invalid_field_is_a_400_with_openais_error() {
+    let n = start(SMALL_LIMITS);
     let cases = [
-        (json!({"prompt": "x"}), 400),                       // missing model
-        (json!({"model": "tiny-gemma", "prompt": 42}), 400), // wrong type
-        (json!({"model": "gpt-9", "prompt": "x"}), 404),     // unknown model
-        (
-            json!({"model": "tiny-gemma", "prompt": "a ".repeat(200)}),
-            400,
-        ), // over the context
-        (
-            json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 101}),
-            400,
-        ), // over max_tokens
-        (json!({"model": "tiny-gemma", "prompt": "x", "n": 2}), 400),
-        (
-            json!({"model": "tiny-gemma", "prompt": "x", "weft": {"criticality": "urgent"}}),
-            400,
-        ),
-        (
-            json!({"model": "tiny-gemma", "prompt": "x", "temperature": -1}),
-            400,
-        ),
+        json!({"prompt": "x"}),                                     // missing model
+        json!({"model": "tiny-gemma", "prompt": 42}),               // wrong type
+        json!({"model": "tiny-gemma", "prompt": "a ".repeat(200)}), // over the context
+        json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 101}), // over max_tokens
+        json!({"model": "tiny-gemma", "prompt": "x", "n": 2}),
+        json!({"model": "tiny-gemma", "prompt": "x", "weft": {"criticality": "urgent"}}),
+        json!({"model": "tiny-gemma", "prompt": "x", "temperature": -1}),
     ];
-    for (body, want) in cases {
+    for body in cases {
         let (st, v) = post(&n, "/v1/completions", &body);
-        assert_error(st, &v, want);
+        assert_error(st, &v, 400);
     }
+}
+
+#[test]
+fn an_unknown_model_is_a_404() {
+    let n = start(SMALL_LIMITS);
+    let (st, v) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "gpt-9", "prompt": "x"}),
+    );
+    assert_error(st, &v, 404);
+}
+
+#[test]
+fn a_chat_without_messages_is_a_400() {
+    let n = start(SMALL_LIMITS);
     let (st, v) = post(
         &n,
         "/v1/chat/completions",
         &json!({"model": "tiny-gemma", "messages": []}),
     );
     assert_error(st, &v, 400);
-    let r = c
+}
+
+#[test]
+fn an_unknown_criticality_header_is_a_400() {
+    let n = start(SMALL_LIMITS);
+    let r = client()
         .post(format!("{}/v1/completions", n.base))
         .header("x-weft-criticality", "whenever")
         .json(&json!({"model": "tiny-gemma", "prompt": "x"}))
         .send()
         .unwrap();
     assert_eq!(r.status(), 400);
+}
+
+#[test]
+fn an_unknown_endpoint_is_a_404() {
+    let n = start(SMALL_LIMITS);
     let (st, v) = post(&n, "/v1/nothing", &json!({}));
     assert_error(st, &v, 404);
-    // still serving
+}
+
+#[test]
+fn the_node_keeps_serving_after_bad_input() {
+    let n = start(SMALL_LIMITS);
+    raw(&n, b"{not json".to_vec());
+    raw(&n, vec![b' '; 5000]);
+    post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": 42}),
+    );
     let (st, _) = post(
         &n,
         "/v1/completions",
@@ -353,62 +432,72 @@ fn bad_input_gets_openai_errors_and_the_node_stays_up() {
     assert_eq!(st, 200);
 }
 
+const KEYS: &str = "[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n\"sk-beta-00002\" = \"beta\"\n[tenants.beta]\ntokens_per_minute = 30\nkv_share = 0.5\n";
+
+/// A short completion with `key` (none: no Authorization header).
+fn with_key(n: &Node, key: Option<&str>) -> reqwest::blocking::Response {
+    let r = client()
+        .post(format!("{}/v1/completions", n.base))
+        .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 3}));
+    match key {
+        Some(k) => r.bearer_auth(k),
+        None => r,
+    }
+    .send()
+    .unwrap()
+}
+
+/// Uses up beta's tokens per minute; the attempt that was refused.
+fn exhaust_beta(n: &Node) -> Option<(usize, bool)> {
+    for i in 0..10 {
+        let r = with_key(n, Some("sk-beta-00002"));
+        if r.status() == 429 {
+            return Some((i, r.headers().contains_key("retry-after")));
+        }
+        assert_eq!(r.status(), 200);
+    }
+    None
+}
+
 #[test]
-fn api_keys_and_tenant_limits() {
-    let n = start(
-        "[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n\"sk-beta-00002\" = \"beta\"\n[tenants.beta]\ntokens_per_minute = 30\nkv_share = 0.5\n",
-    );
-    let c = client();
-    let body = json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 3});
-    let r = c
-        .post(format!("{}/v1/completions", n.base))
-        .json(&body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = c
-        .post(format!("{}/v1/completions", n.base))
-        .bearer_auth("sk-wrong-0000")
-        .json(&body)
-        .send()
-        .unwrap();
+fn a_request_without_an_api_key_is_a_401() {
+    let n = start(KEYS);
+    assert_eq!(with_key(&n, None).status(), 401);
+}
+
+#[test]
+fn a_wrong_api_key_is_a_401_invalid_api_key() {
+    let n = start(KEYS);
+    let r = with_key(&n, Some("sk-wrong-0000"));
     assert_eq!(r.status(), 401);
     assert_eq!(
         r.json::<Value>().unwrap()["error"]["code"],
         "invalid_api_key"
     );
-    let r = c
-        .post(format!("{}/v1/completions", n.base))
-        .bearer_auth("sk-alpha-0001")
-        .json(&body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn a_valid_api_key_is_served() {
+    let n = start(KEYS);
+    assert_eq!(with_key(&n, Some("sk-alpha-0001")).status(), 200);
+}
+
+#[test]
+fn a_tenant_over_its_tokens_per_minute_gets_429_with_retry_after() {
     // beta has 30 tokens a minute: a few requests use them up
-    let mut refused = None;
-    for i in 0..10 {
-        let r = c
-            .post(format!("{}/v1/completions", n.base))
-            .bearer_auth("sk-beta-00002")
-            .json(&body)
-            .send()
-            .unwrap();
-        if r.status() == 429 {
-            assert!(r.headers().contains_key("retry-after"));
-            refused = Some(i);
-            break;
-        }
-        assert_eq!(r.status(), 200);
-    }
-    assert!(refused.is_some_and(|i| i >= 1), "beta was never limited");
-    // alpha is not affected
-    let r = c
-        .post(format!("{}/v1/completions", n.base))
-        .bearer_auth("sk-alpha-0001")
-        .json(&body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let n = start(KEYS);
+    let refused = exhaust_beta(&n);
+    assert!(
+        refused.is_some_and(|(i, retry_after)| i >= 1 && retry_after),
+        "beta was never limited, or without Retry-After: {refused:?}"
+    );
+}
+
+#[test]
+fn one_tenants_limit_leaves_another_tenant_served() {
+    let n = start(KEYS);
+    assert!(exhaust_beta(&n).is_some());
+    assert_eq!(with_key(&n, Some("sk-alpha-0001")).status(), 200);
 }
 
 #[test]
@@ -436,13 +525,15 @@ fn concurrent_limit_per_tenant() {
     assert_eq!(long.join().unwrap(), 200);
 }
 
-#[test]
-fn critical_requests_go_first_and_sheddable_are_shed_under_overload() {
+/// One long request in the single running slot, two standard ones and a
+/// critical one waiting behind it, and then a sheddable one at the
+/// shedding mark (half of `max_queue`): the sheddable one's status and
+/// whether it had Retry-After, and the order the others finished in.
+fn overload() -> ((u16, bool), Vec<&'static str>) {
     let n = start("max_running = 1\nmax_queue = 4\n");
     let base = n.base.clone();
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut handles = Vec::new();
-    // one long request occupies the single running slot
     let send = |tag: &'static str,
                 crit: &'static str,
                 max: u32,
@@ -458,7 +549,7 @@ fn critical_requests_go_first_and_sheddable_are_shed_under_overload() {
             if st == 200 {
                 order.lock().unwrap().push(tag);
             }
-            (tag, st, r.headers().get("retry-after").is_some())
+            (tag, st)
         })
     };
     // (the tiny model's context ends it after about 1,000 tokens)
@@ -471,20 +562,24 @@ fn critical_requests_go_first_and_sheddable_are_shed_under_overload() {
     wait_metrics(&n, |m| {
         m.contains("weft_inflight_requests 4") && m.contains("weft_queue_depth 3")
     });
-    // the queue is at the shedding mark (half of max_queue): sheddable is refused at once
     let r = client()
         .post(format!("{}/v1/completions", n.base))
         .header("x-weft-criticality", "sheddable")
         .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 2}))
         .send()
         .unwrap();
-    assert_eq!(r.status(), 429);
-    assert!(r.headers().contains_key("retry-after"));
+    let shed = (r.status().as_u16(), r.headers().contains_key("retry-after"));
     for h in handles {
-        let (tag, st, _) = h.join().unwrap();
+        let (tag, st) = h.join().unwrap();
         assert_eq!(st, 200, "{tag}");
     }
     let order = order.lock().unwrap().clone();
+    (shed, order)
+}
+
+#[test]
+fn critical_requests_are_admitted_before_waiting_standard_ones() {
+    let (_, order) = overload();
     let pos = |t| order.iter().position(|x| *x == t).unwrap();
     assert!(
         pos("critical") < pos("standard") && pos("critical") < pos("standard2"),
@@ -493,7 +588,14 @@ fn critical_requests_go_first_and_sheddable_are_shed_under_overload() {
 }
 
 #[test]
-fn deadlines_cancel_with_a_clear_error() {
+fn a_sheddable_request_is_refused_at_the_shedding_mark_with_retry_after() {
+    let ((status, retry_after), _) = overload();
+    assert_eq!(status, 429);
+    assert!(retry_after);
+}
+
+#[test]
+fn a_request_past_its_deadline_is_cancelled_with_a_504() {
     let n = start("");
     let (st, v) = post(
         &n,
@@ -502,6 +604,11 @@ fn deadlines_cancel_with_a_clear_error() {
     );
     assert_error(st, &v, 504);
     assert_eq!(v["error"]["code"], "deadline_exceeded");
+}
+
+#[test]
+fn a_stream_past_its_deadline_ends_with_a_deadline_error_event() {
+    let n = start("");
     let events = sse(
         &n,
         "/v1/completions",
@@ -515,12 +622,7 @@ fn deadlines_cancel_with_a_clear_error() {
 #[test]
 fn workers_are_sandboxed() {
     let n = start("");
-    let v: Value = client()
-        .get(format!("{}/readyz", n.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v: Value = get(&n, "/readyz").json().unwrap();
     let c = &v["worker"]["confinement"];
     assert_eq!(
         c["pid"], 1,
@@ -534,9 +636,9 @@ fn workers_are_sandboxed() {
     );
 }
 
-#[test]
-fn a_killed_worker_fails_its_streams_and_comes_back() {
-    let n = start("");
+/// Kills (SIGKILL) the worker of `n` under a long stream; what the stream's
+/// client read.
+fn kill_the_worker_under_a_stream(n: &Node) -> String {
     let base = n.base.clone();
     let stream = std::thread::spawn(move || {
         let r = client()
@@ -546,21 +648,28 @@ fn a_killed_worker_fails_its_streams_and_comes_back() {
             .unwrap();
         r.text().unwrap()
     });
-    wait_metrics(&n, |m| m.contains("weft_inflight_requests 1"));
-    let v: Value = client()
-        .get(format!("{}/readyz", n.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    wait_metrics(n, |m| m.contains("weft_inflight_requests 1"));
+    let v: Value = get(n, "/readyz").json().unwrap();
     let pid = v["worker"]["pid"].as_u64().unwrap();
     Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
-    let text = stream.join().unwrap();
+    stream.join().unwrap()
+}
+
+#[test]
+fn a_killed_worker_ends_its_streams_with_worker_lost() {
+    let n = start("");
+    let text = kill_the_worker_under_a_stream(&n);
     assert!(text.contains("worker_lost"), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_serves_again() {
+    let n = start("");
+    kill_the_worker_under_a_stream(&n);
     wait_ready(&n, true);
     let (st, _) = post(
         &n,
@@ -568,12 +677,7 @@ fn a_killed_worker_fails_its_streams_and_comes_back() {
         &json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 2}),
     );
     assert_eq!(st, 200);
-    let m = client()
-        .get(format!("{}/metrics", n.base))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = metrics(&n);
     assert!(m.contains("weft_worker_restarts_total 1"), "{m}");
 }
 
@@ -624,9 +728,8 @@ fn thirty_two_concurrent_streams_each_get_their_own_text() {
     }
 }
 
-#[test]
-fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let mut n = start("");
+/// Sends SIGTERM to `n` under a long stream; what the stream's client read.
+fn sigterm_under_a_stream(n: &Node) -> String {
     let base = n.base.clone();
     let stream = std::thread::spawn(move || {
         client()
@@ -637,17 +740,29 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
             .text()
             .unwrap()
     });
-    wait_metrics(&n, |m| m.contains("weft_inflight_requests 1"));
+    wait_metrics(n, |m| m.contains("weft_inflight_requests 1"));
     Command::new("kill")
         .args(["-TERM", &n.child.id().to_string()])
         .status()
         .unwrap();
-    let text = stream.join().unwrap();
+    stream.join().unwrap()
+}
+
+#[test]
+fn sigterm_lets_in_flight_streams_finish() {
+    let n = start("");
+    let text = sigterm_under_a_stream(&n);
     assert!(
         text.contains("\"finish_reason\":\"length\""),
         "the stream finished normally: {text}"
     );
     assert!(text.trim_end().ends_with("data: [DONE]"));
+}
+
+#[test]
+fn sigterm_exits_zero_and_stops_accepting() {
+    let mut n = start("");
+    sigterm_under_a_stream(&n);
     let status = n.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(
@@ -657,11 +772,10 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
 }
 
 #[test]
-fn slow_clients_and_too_many_connections_cannot_pin_the_server() {
+fn a_client_stuck_in_its_headers_is_disconnected() {
     use std::io::{Read, Write};
     let n = start("read_timeout_s = 1\nmax_connections = 2\n");
     let addr = n.base.trim_start_matches("http://").to_string();
-    // a client that never finishes its headers is disconnected
     let mut slow = std::net::TcpStream::connect(&addr).unwrap();
     slow.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
@@ -679,15 +793,19 @@ fn slow_clients_and_too_many_connections_cannot_pin_the_server() {
         }
     };
     assert!(closed, "a client stuck in its headers was not disconnected");
-    drop(slow);
-    // two connections in use: a third is not served until one closes
+}
+
+#[test]
+fn connections_over_the_cap_wait_until_one_closes() {
+    let n = start("read_timeout_s = 1\nmax_connections = 2\n");
+    let addr = n.base.trim_start_matches("http://").to_string();
+    // two connections accepted but idle hold both slots
     let a = std::net::TcpStream::connect(&addr).unwrap();
     let b = std::net::TcpStream::connect(&addr).unwrap();
     let quick = reqwest::blocking::Client::builder()
         .timeout(Duration::from_millis(700))
         .build()
         .unwrap();
-    // connections a and b are accepted but idle; they hold both slots
     let deadline = Instant::now() + START_DEADLINE;
     let mut refused = false;
     while Instant::now() < deadline {
@@ -699,14 +817,7 @@ fn slow_clients_and_too_many_connections_cannot_pin_the_server() {
     assert!(refused, "a third connection was served while two were open");
     drop(a);
     drop(b);
-    assert_eq!(
-        client()
-            .get(format!("{}/healthz", n.base))
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(&n, "/healthz").status(), 200);
 }
 
 #[test]
@@ -732,9 +843,7 @@ fn a_client_that_disconnects_cancels_its_sequence() {
 /// `weft up` embeds a coordinator of one: `weft status` reads the node as
 /// it reads a cluster (the node as the member, its model, the placement
 /// epoch that puts the model on it).
-#[test]
-fn weft_up_keeps_its_state_in_a_coordinator_of_one() {
-    let node = start("");
+fn status_of(node: &Node, json: bool) -> std::process::Output {
     let config = node
         .said
         .lock()
@@ -745,10 +854,20 @@ fn weft_up_keeps_its_state_in_a_coordinator_of_one() {
                 .map(str::to_string)
         })
         .expect("weft up names its cluster state");
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["status", "--json", "--config", &config])
+    let mut args = vec!["status", "--config", &config];
+    if json {
+        args.push("--json");
+    }
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(&args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn weft_up_keeps_its_state_in_a_coordinator_of_one() {
+    let node = start("");
+    let out = status_of(&node, true);
     assert!(
         out.status.success(),
         "{}",
@@ -772,10 +891,12 @@ fn weft_up_keeps_its_state_in_a_coordinator_of_one() {
             .len()
             == 64
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["status", "--config", &config])
-        .output()
-        .unwrap();
+}
+
+#[test]
+fn weft_status_shows_weft_up_holding_its_model() {
+    let node = start("");
+    let out = status_of(&node, false);
     let table = String::from_utf8_lossy(&out.stdout);
     let row = table
         .lines()
@@ -784,12 +905,9 @@ fn weft_up_keeps_its_state_in_a_coordinator_of_one() {
     assert!(row.contains("tiny-gemma[0.."), "{table}");
 }
 
-/// Every admission decision lands in the intent log: `weft audit verify`
-/// passes on the real log and names the line after an edited one.
-#[test]
-fn the_intent_log_records_decisions_and_weft_audit_verify_catches_an_edit() {
-    let logs = tempfile::tempdir().unwrap();
-    let dir = logs.path().join("intent");
+/// `weft up` logging to `dir` in files of 1,000 bytes, after 6 critical
+/// requests and a clean stop.
+fn six_logged_requests(dir: &Path) {
     let mut node = start(&format!(
         "intent_log = \"{}\"\nintent_log_file_bytes = 1000\n",
         dir.display()
@@ -808,13 +926,38 @@ fn the_intent_log_records_decisions_and_weft_audit_verify_catches_an_edit() {
         .status()
         .unwrap();
     assert!(node.child.wait().unwrap().success());
-    let verify = |path: &std::path::Path| {
-        Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(["audit", "verify"])
-            .arg(path)
-            .output()
-            .unwrap()
-    };
+}
+
+fn verify(path: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_intent_log_records_each_admission_with_its_intent() {
+    let logs = tempfile::tempdir().unwrap();
+    let dir = logs.path().join("intent");
+    six_logged_requests(&dir);
+    let text = std::fs::read_to_string(dir.join("intent-000000.jsonl")).unwrap();
+    let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["record"]["decision"], "admitted");
+    assert_eq!(line["record"]["intent"]["criticality"], "critical");
+    assert!(line["record"]["request_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("cmpl-"));
+}
+
+#[test]
+fn the_intent_log_rotates_into_one_chain_that_verifies() {
+    let logs = tempfile::tempdir().unwrap();
+    let dir = logs.path().join("intent");
+    six_logged_requests(&dir);
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(files.len() > 1, "no rotation at 1000 bytes");
     let out = verify(&dir);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -823,30 +966,17 @@ fn the_intent_log_records_decisions_and_weft_audit_verify_catches_an_edit() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("ok: 6 lines"), "{said}");
-    // rotation: small files, one chain
-    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-    assert!(files.len() > 1, "no rotation at 1000 bytes");
-    // each line is a decision with the request's intent
-    let first = dir.join("intent-000000.jsonl");
-    let text = std::fs::read_to_string(&first).unwrap();
-    let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert_eq!(line["record"]["decision"], "admitted");
-    assert_eq!(line["record"]["intent"]["criticality"], "critical");
-    assert!(line["record"]["request_id"]
-        .as_str()
-        .unwrap()
-        .starts_with("cmpl-"));
-    // an edited copy fails, naming the line after the edit
-    let copy = logs.path().join("copy");
-    std::fs::create_dir(&copy).unwrap();
-    for f in std::fs::read_dir(&dir).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
-    }
-    let edited = copy.join("intent-000000.jsonl");
+}
+
+#[test]
+fn weft_audit_verify_names_the_line_after_an_edit() {
+    let logs = tempfile::tempdir().unwrap();
+    let dir = logs.path().join("intent");
+    six_logged_requests(&dir);
+    let edited = dir.join("intent-000000.jsonl");
     let t = std::fs::read_to_string(&edited).unwrap();
     std::fs::write(&edited, t.replacen("\"critical\"", "\"sheddable\"", 1)).unwrap();
-    let out = verify(&copy);
+    let out = verify(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -856,10 +986,9 @@ fn the_intent_log_records_decisions_and_weft_audit_verify_catches_an_edit() {
 }
 
 #[test]
-fn asking_for_a_gpu_says_plainly_what_is_missing() {
+fn weft_generate_on_cuda_runs_there_or_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    // `weft generate` on CUDA: either it runs there, or it says why not
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args([
             "generate",
@@ -875,8 +1004,7 @@ fn asking_for_a_gpu_says_plainly_what_is_missing() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    let gpu_here = out.status.success();
-    if gpu_here {
+    if out.status.success() {
         assert!(err.contains("[running on cuda:0"), "{err}");
     } else {
         assert!(
@@ -885,45 +1013,51 @@ fn asking_for_a_gpu_says_plainly_what_is_missing() {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
-    // a node asked to serve on a GPU inside the sandbox refuses at start,
-    // naming the setting, instead of failing in its worker
+}
+
+/// What `weft up` says as it refuses to start with `extra` config lines.
+fn refused_to_start(extra: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
     let cfg = dir.path().join("node.toml");
     std::fs::write(
         &cfg,
         format!(
-            "addr = \"127.0.0.1:0\"\nmodel = \"{}\"\ndevice = \"cuda\"\n",
+            "addr = \"127.0.0.1:0\"\nmodel = \"{}\"\n{extra}",
             model.display()
         ),
     )
     .unwrap();
-    // what `weft up` says as it refuses to start
-    let refused = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(["up", "--config"])
-            .arg(&cfg)
-            .env("WEFT_CACHE_DIR", dir.path().join("cache"))
-            .env_remove("WEFT_DEVICE")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).to_string()
-    };
-    let err = refused();
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .env("WEFT_CACHE_DIR", dir.path().join("cache"))
+        .env_remove("WEFT_DEVICE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_node_asked_for_a_gpu_inside_the_sandbox_refuses_to_start_naming_the_setting() {
+    let err = refused_to_start("device = \"cuda\"\n");
     assert!(
         err.contains("device") && err.contains("sandbox = false"),
         "{err}"
     );
-    // out of the sandbox, a node on a machine without the GPU says so at
-    // start, instead of restarting a failing worker
-    let mut cfg_text = std::fs::read_to_string(&cfg).unwrap();
-    cfg_text.push_str("sandbox = false\n");
-    std::fs::write(&cfg, cfg_text).unwrap();
-    if !gpu_here {
-        let err = refused();
-        assert!(
-            err.contains("device = \"cuda\"")
-                && (err.contains("no CUDA driver") || err.contains("built without CUDA")),
-            "{err}"
-        );
-    }
+}
+
+#[test]
+fn a_node_asked_for_a_gpu_it_lacks_says_so_at_start() {
+    // no machine here has an eighth GPU: the device is missing everywhere,
+    // as the driver, or the CUDA build, may be
+    let err = refused_to_start("device = \"cuda:7\"\nsandbox = false\n");
+    assert!(
+        err.contains("device = \"cuda:7\"")
+            && (err.contains("no CUDA driver")
+                || err.contains("built without CUDA")
+                || err.contains("no CUDA device 7")),
+        "{err}"
+    );
 }
