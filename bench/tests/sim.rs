@@ -10,17 +10,25 @@ fn mean_all(rows: &[Row]) -> f64 {
     rows.iter().find(|r| r.class == "all").unwrap().summary.mean
 }
 
+/// The paper's scenario at small scale under policy `k`.
+fn paper(k: PolicyKind) -> Vec<Row> {
+    simulate(k, 2000, 50, 7, 20_000.0)
+}
+
 #[test]
 fn paper_ordering_round_robin_then_paper_scheduler_then_weft() {
-    let run = |k| simulate(k, 2000, 50, 7, 20_000.0);
-    let rr = mean_all(&run(PolicyKind::RoundRobin));
-    let ia = mean_all(&run(PolicyKind::PaperIntentAware));
-    let weft_rows = run(PolicyKind::Weft);
-    let weft = mean_all(&weft_rows);
+    let rr = mean_all(&paper(PolicyKind::RoundRobin));
+    let ia = mean_all(&paper(PolicyKind::PaperIntentAware));
+    let weft = mean_all(&paper(PolicyKind::Weft));
     assert!(
         rr > ia && ia > weft,
         "mean latency: round-robin {rr:.1}, paper {ia:.1}, weft {weft:.1} ms"
     );
+}
+
+#[test]
+fn weft_keeps_the_paper_scenarios_critical_p99_within_the_deadline() {
+    let weft_rows = paper(PolicyKind::Weft);
     let critical = weft_rows.iter().find(|r| r.class == "critical").unwrap();
     assert!(
         critical.summary.n > 100,
@@ -34,35 +42,56 @@ fn paper_ordering_round_robin_then_paper_scheduler_then_weft() {
     );
 }
 
-#[test]
-fn the_same_seed_gives_the_same_numbers_and_another_seed_does_not() {
-    let a = simulate(PolicyKind::Weft, 500, 20, 3, 5_000.0);
-    let b = simulate(PolicyKind::Weft, 500, 20, 3, 5_000.0);
-    let c = simulate(PolicyKind::Weft, 500, 20, 4, 5_000.0);
-    let key = |rows: &[Row]| -> Vec<(u64, usize)> {
-        rows.iter()
-            .map(|r| (r.summary.mean.to_bits(), r.summary.n))
-            .collect()
-    };
-    assert_eq!(key(&a), key(&b));
-    assert_ne!(key(&a), key(&c));
+/// A small weft run's numbers with `seed`: each row's mean (bit for bit)
+/// and count.
+fn numbers(seed: u64) -> Vec<(u64, usize)> {
+    simulate(PolicyKind::Weft, 500, 20, seed, 5_000.0)
+        .iter()
+        .map(|r| (r.summary.mean.to_bits(), r.summary.n))
+        .collect()
 }
 
 #[test]
-fn edge_weft_keeps_bytes_off_the_core_without_losing_latency() {
+fn the_same_seed_gives_the_same_numbers() {
+    assert_eq!(numbers(3), numbers(3));
+}
+
+#[test]
+fn another_seed_gives_other_numbers() {
+    assert_ne!(numbers(3), numbers(4));
+}
+
+/// The edge scenario under cloud-only placement and under weft.
+fn edge_runs() -> (edge::EdgeRow, edge::EdgeRow) {
     let cloud = edge::simulate(EdgePolicy::CloudOnly, 5, 40.0).unwrap();
     let weft = edge::simulate(EdgePolicy::Weft, 5, 40.0).unwrap();
+    (cloud, weft)
+}
+
+#[test]
+fn edge_weft_keeps_bytes_off_the_core() {
+    let (cloud, weft) = edge_runs();
     assert!(
         weft.core_bytes <= 0.1 * cloud.core_bytes,
         "edge-core bytes: weft {:.3e}, cloud-only {:.3e}",
         weft.core_bytes,
         cloud.core_bytes
     );
+}
+
+#[test]
+fn edge_weft_loses_no_latency_against_cloud_only() {
+    let (cloud, weft) = edge_runs();
     for (class, (w, c)) in ["critical", "standard", "sheddable"]
         .iter()
         .zip(weft.p95_ms.iter().zip(&cloud.p95_ms))
     {
         assert!(w <= c, "{class} p95: weft {w:.1} ms, cloud-only {c:.1} ms");
     }
+}
+
+#[test]
+fn edge_weft_refuses_nothing() {
+    let (_, weft) = edge_runs();
     assert_eq!(weft.refused, 0);
 }

@@ -630,11 +630,13 @@ mod tests {
         )
     }
 
-    fn state() -> ControlState {
+    /// A state of `members` and the model "small".
+    fn state_of(members: [Member; 2]) -> ControlState {
         let mut s = ControlState::default();
+        let [a, b] = members;
         for (i, c) in [
-            Command::PutMember(member(7, "edge-a", 4)),
-            Command::PutMember(member(9, "cloud", 40)),
+            Command::PutMember(a),
+            Command::PutMember(b),
             Command::PutModel(model("small", 18, 14)),
         ]
         .iter()
@@ -645,41 +647,72 @@ mod tests {
         s
     }
 
-    #[test]
-    fn measured_round_trips_replace_the_defaults_and_count_against_deadlines() {
-        let mut s = ControlState::default();
-        for (i, c) in [
-            // the edge site has no room: its demand is served from the cloud
-            Command::PutMember(member(7, "edge-a", 0)),
-            Command::PutMember(member(9, "cloud", 40)),
-            Command::PutModel(model("small", 18, 14)),
-        ]
-        .iter()
-        .enumerate()
-        {
-            assert_eq!(s.apply(i as u64 + 1, c), Applied::Done);
-        }
+    /// A small edge member, a large cloud one, and the model "small".
+    fn state() -> ControlState {
+        state_of([member(7, "edge-a", 4), member(9, "cloud", 40)])
+    }
+
+    /// A state where the edge site has no room: its demand is served from
+    /// the cloud.
+    fn served_from_the_cloud() -> ControlState {
+        state_of([member(7, "edge-a", 0), member(9, "cloud", 40)])
+    }
+
+    /// Demand at the edge site with a 2 s deadline.
+    fn demand_with_a_deadline() -> (String, String, Demand) {
         let mut d = demand("edge-a", "small", 20.0);
         d.2.deadline_ms = Some(2000.0);
-        let slow = [SiteLink {
+        d
+    }
+
+    /// A measured 3 s round trip between the cloud and the edge site.
+    fn slow_link() -> [SiteLink; 1] {
+        [SiteLink {
             a: "cloud".into(),
             b: "edge-a".into(),
             rtt_ms: 3000.0,
-        }];
-        let (t, _) = s.topology_measured(&slow);
-        assert_eq!(t.link(SiteId(0), SiteId(1)).rtt_ms, 3000.0);
+        }]
+    }
+
+    /// The next epoch for the edge site's demand, planned with `links`.
+    fn plan_with_deadline(s: &ControlState, links: &[SiteLink]) -> PlacementEpoch {
+        let d = demand_with_a_deadline();
         let cfg = SolverConfig::default();
-        let none = BTreeSet::new();
-        let default = s.plan_next_measured(std::slice::from_ref(&d), &cfg, &none, &[]);
-        let measured = s.plan_next_measured(std::slice::from_ref(&d), &cfg, &none, &slow);
+        s.plan_next_measured(std::slice::from_ref(&d), &cfg, &BTreeSet::new(), links)
+    }
+
+    #[test]
+    fn a_measured_round_trip_replaces_the_default_in_the_topology() {
+        let s = served_from_the_cloud();
+        let (t, _) = s.topology_measured(&slow_link());
+        assert_eq!(t.link(SiteId(0), SiteId(1)).rtt_ms, 3000.0);
+    }
+
+    #[test]
+    fn with_the_default_round_trips_the_cloud_meets_the_edges_deadline() {
+        let default = plan_with_deadline(&served_from_the_cloud(), &[]);
         assert_eq!(default.cost.misses_per_s, 0.0, "{:?}", default.cost);
+    }
+
+    #[test]
+    fn a_measured_round_trip_past_the_deadline_counts_as_misses() {
+        let measured = plan_with_deadline(&served_from_the_cloud(), &slow_link());
         assert!(
             measured.cost.misses_per_s > 0.0,
             "a 3 s round trip misses a 2 s deadline: {:?}",
             measured.cost
         );
-        assert_eq!(measured.links, slow);
-        // links naming unknown sites are ignored
+    }
+
+    #[test]
+    fn a_plan_keeps_the_links_it_was_measured_with() {
+        let measured = plan_with_deadline(&served_from_the_cloud(), &slow_link());
+        assert_eq!(measured.links, slow_link());
+    }
+
+    #[test]
+    fn measured_links_naming_unknown_sites_are_ignored() {
+        let s = served_from_the_cloud();
         let odd = [SiteLink {
             a: "nowhere".into(),
             b: "edge-a".into(),
@@ -688,11 +721,11 @@ mod tests {
         assert_eq!(s.topology_measured(&odd).0, s.topology().0);
     }
 
-    #[test]
-    fn a_chains_head_learns_who_runs_the_rest_in_layer_order() {
+    /// An epoch for a model that no edge node holds alone (18 × 140 MiB)
+    /// but three together do, and the member at the head of its chain.
+    fn a_chain_of_three() -> (PlacementEpoch, u64) {
         let mut s = ControlState::default();
         for (i, c) in [
-            // no edge node holds the model's 18 × 140 MiB, three together do
             Command::PutMember(member(3, "edge-a", 1)),
             Command::PutMember(member(5, "edge-a", 1)),
             Command::PutMember(member(8, "edge-a", 1)),
@@ -707,6 +740,13 @@ mod tests {
         let r = &p.placement.replicas[0];
         assert_eq!(r.shards.len(), 3, "{:?}", p.placement);
         let head = p.members[r.shards[0].node.0 as usize];
+        (p, head)
+    }
+
+    #[test]
+    fn a_chains_head_learns_who_runs_the_rest_in_layer_order() {
+        let (p, head) = a_chain_of_three();
+        let r = &p.placement.replicas[0];
         let rest = p.chain_after(head, "big").unwrap();
         let want: Vec<(u64, std::ops::Range<u32>)> = r.shards[1..]
             .iter()
@@ -715,30 +755,67 @@ mod tests {
         assert_eq!(rest, want);
         assert_eq!(rest.last().unwrap().1.end, 18);
         assert_eq!(rest[0].1.start, r.shards[0].layers.end);
-        // the others head nothing; nor does anyone for an unknown model
-        for (id, _) in &rest {
-            assert_eq!(p.chain_after(*id, "big"), None);
-        }
-        assert_eq!(p.chain_after(head, "other"), None);
     }
 
     #[test]
-    fn a_planned_epoch_applies_and_a_stale_or_oversized_one_is_refused() {
+    fn the_rest_of_a_chain_heads_nothing() {
+        let (p, head) = a_chain_of_three();
+        for (id, _) in &p.chain_after(head, "big").unwrap() {
+            assert_eq!(p.chain_after(*id, "big"), None);
+        }
+    }
+
+    #[test]
+    fn no_one_heads_a_chain_for_an_unknown_model() {
+        let (p, head) = a_chain_of_three();
+        assert_eq!(p.chain_after(head, "other"), None);
+    }
+
+    /// The first epoch for 20 requests/s at the edge site.
+    fn first_plan(s: &ControlState) -> PlacementEpoch {
+        s.plan_next(&[demand("edge-a", "small", 20.0)], &SolverConfig::default())
+    }
+
+    /// The state with its first epoch committed at index 4, and the epoch.
+    fn committed() -> (ControlState, PlacementEpoch) {
         let mut s = state();
-        assert!(s.needs_replan(10.0, 0.2), "no placement yet");
-        let p = s.plan_next(&[demand("edge-a", "small", 20.0)], &SolverConfig::default());
-        assert_eq!(p.epoch, 1);
-        assert!(!p.placement.replicas.is_empty());
+        let p = first_plan(&s);
         assert_eq!(
             s.apply(4, &Command::CommitPlacement(p.clone())),
             Applied::Done
         );
+        (s, p)
+    }
+
+    #[test]
+    fn a_state_without_a_placement_needs_a_plan() {
+        assert!(state().needs_replan(10.0, 0.2), "no placement yet");
+    }
+
+    #[test]
+    fn the_first_plan_is_epoch_1_and_places_replicas() {
+        let p = first_plan(&state());
+        assert_eq!(p.epoch, 1);
+        assert!(!p.placement.replicas.is_empty());
+    }
+
+    #[test]
+    fn a_planned_epoch_applies() {
+        let (s, _) = committed();
         assert_eq!(s.epoch(), 1);
-        // the same epoch again is stale
+    }
+
+    #[test]
+    fn the_same_epoch_again_is_refused_as_stale() {
+        let (mut s, p) = committed();
         assert!(
             matches!(s.apply(5, &Command::CommitPlacement(p.clone())), Applied::Refused(w) if w.contains("stale"))
         );
-        // a plan that puts the model on a member too small for it
+    }
+
+    #[test]
+    fn an_epoch_that_puts_a_model_on_a_member_too_small_for_it_is_refused() {
+        let (mut s, p) = committed();
         let mut big = p.clone();
         big.epoch = 2;
         s.members.get_mut(&7).unwrap().memory_bytes = 1 << 20;
@@ -751,28 +828,58 @@ mod tests {
     }
 
     #[test]
-    fn replanning_waits_for_a_change_beyond_the_band() {
-        let mut s = state();
-        let p = s.plan_next(&[demand("edge-a", "small", 20.0)], &SolverConfig::default());
-        s.apply(4, &Command::CommitPlacement(p));
+    fn a_demand_change_inside_the_band_needs_no_replan() {
+        let (s, _) = committed();
         assert!(!s.needs_replan(22.0, 0.2), "10% is inside the band");
+    }
+
+    #[test]
+    fn a_demand_change_beyond_the_band_needs_a_replan() {
+        let (s, _) = committed();
         assert!(s.needs_replan(30.0, 0.2), "50% is outside it");
+    }
+
+    /// The committed state after a member joined at index 5.
+    fn with_a_new_member() -> ControlState {
+        let (mut s, _) = committed();
         s.apply(5, &Command::PutMember(member(11, "edge-b", 4)));
-        assert!(s.needs_replan(20.0, 0.2), "a new member");
-        // the next plan keeps what was placed: nothing moves
-        let next = s.plan_next(&[demand("edge-a", "small", 20.0)], &SolverConfig::default());
+        s
+    }
+
+    #[test]
+    fn a_new_member_needs_a_replan() {
+        assert!(with_a_new_member().needs_replan(20.0, 0.2), "a new member");
+    }
+
+    #[test]
+    fn the_next_plan_takes_the_next_epoch() {
+        let next = first_plan(&with_a_new_member());
         assert_eq!(next.epoch, 2);
+    }
+
+    #[test]
+    fn the_next_plan_for_the_same_demand_keeps_what_was_placed() {
+        // nothing moves
+        let next = first_plan(&with_a_new_member());
         assert_eq!(next.cost.moved_bytes, 0, "{:?}", next.cost);
     }
 
     #[test]
-    fn commands_and_state_round_trip_through_bytes() {
+    fn the_state_round_trips_through_bytes() {
         let s = state();
         assert_eq!(ControlState::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn a_command_round_trips_through_bytes() {
         let c = Command::Revoke {
             fingerprint: "f".into(),
         };
         assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_command_do_not_decode() {
         assert!(Command::decode(b"{not json").is_err());
     }
 }

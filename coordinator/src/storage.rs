@@ -537,34 +537,30 @@ mod tests {
         r.entries.iter().map(|e| (e.index, e.term)).collect()
     }
 
-    #[test]
-    fn dir_disk_survives_reopen_overwrite_and_compaction() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let mut d = DirDisk::open(dir.path()).unwrap();
-            d.append(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")])
-                .unwrap();
-            // a new leader overwrites from index 2
-            d.append(&[entry(2, 2, b"B"), entry(3, 2, b"C"), entry(4, 2, b"D")])
-                .unwrap();
-            let hs = HardState {
-                term: 2,
-                vote: 3,
-                commit: 3,
-                ..HardState::default()
-            };
-            d.set_hard_state(&hs).unwrap();
-        }
-        let mut d = DirDisk::open(dir.path()).unwrap();
-        let r = d.load().unwrap();
-        assert_eq!(indices(&r), vec![(1, 1), (2, 2), (3, 2), (4, 2)]);
-        assert_eq!(&r.entries[1].data[..], b"B");
-        assert_eq!(
-            (r.hard_state.term, r.hard_state.vote, r.hard_state.commit),
-            (2, 3, 3)
-        );
+    /// Writes a log of entries 1 to 3 (term 1) that a new leader then
+    /// overwrote from index 2 (term 2, up to 4), and a hard state, then
+    /// closes the disk.
+    fn write_an_overwritten_log(dir: &Path) {
+        let mut d = DirDisk::open(dir).unwrap();
+        d.append(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")])
+            .unwrap();
+        d.append(&[entry(2, 2, b"B"), entry(3, 2, b"C"), entry(4, 2, b"D")])
+            .unwrap();
+        let hs = HardState {
+            term: 2,
+            vote: 3,
+            commit: 3,
+            ..HardState::default()
+        };
+        d.set_hard_state(&hs).unwrap();
+    }
 
-        // a snapshot at 2 drops entries 1 and 2, on disk too
+    /// The overwritten log, reopened, with a snapshot at 2 saved and entry 5
+    /// appended after it; what a second reopen recovers.
+    fn compacted(dir: &Path) -> Recovered {
+        write_an_overwritten_log(dir);
+        let mut d = DirDisk::open(dir).unwrap();
+        d.load().unwrap();
         let mut snap = Snapshot {
             data: b"state".to_vec().into(),
             ..Snapshot::default()
@@ -574,29 +570,73 @@ mod tests {
         d.save_snapshot(&snap, false).unwrap();
         d.append(&[entry(5, 2, b"E")]).unwrap();
         drop(d);
+        DirDisk::open(dir).unwrap().load().unwrap()
+    }
+
+    #[test]
+    fn an_overwritten_log_reads_back_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        write_an_overwritten_log(dir.path());
         let r = DirDisk::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(indices(&r), vec![(1, 1), (2, 2), (3, 2), (4, 2)]);
+        assert_eq!(&r.entries[1].data[..], b"B");
+    }
+
+    #[test]
+    fn the_hard_state_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        write_an_overwritten_log(dir.path());
+        let r = DirDisk::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(
+            (r.hard_state.term, r.hard_state.vote, r.hard_state.commit),
+            (2, 3, 3)
+        );
+    }
+
+    #[test]
+    fn a_snapshot_drops_the_entries_it_covers_on_disk_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = compacted(dir.path());
         assert_eq!(indices(&r), vec![(3, 2), (4, 2), (5, 2)]);
+    }
+
+    #[test]
+    fn a_saved_snapshot_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = compacted(dir.path());
         assert_eq!(&r.snapshot.data[..], b"state");
         assert_eq!(r.snapshot.get_metadata().index, 2);
+    }
+
+    /// Writes entries 1 and 2, then half of entry 3's record: a crash in
+    /// the middle of writing it.
+    fn write_a_torn_log(dir: &Path) {
+        {
+            let mut d = DirDisk::open(dir).unwrap();
+            d.append(&[entry(1, 1, b"one"), entry(2, 1, b"two")])
+                .unwrap();
+        }
+        let log = dir.join("log");
+        let mut bytes = fs::read(&log).unwrap();
+        let full = record(&entry(3, 1, b"three")).unwrap();
+        bytes.extend_from_slice(&full[..full.len() / 2]);
+        fs::write(&log, &bytes).unwrap();
     }
 
     #[test]
     fn a_torn_record_at_the_end_is_cut_off_and_the_rest_kept() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut d = DirDisk::open(dir.path()).unwrap();
-            d.append(&[entry(1, 1, b"one"), entry(2, 1, b"two")])
-                .unwrap();
-        }
-        // a crash in the middle of writing entry 3: half a record
-        let log = dir.path().join("log");
-        let mut bytes = fs::read(&log).unwrap();
-        let full = record(&entry(3, 1, b"three")).unwrap();
-        bytes.extend_from_slice(&full[..full.len() / 2]);
-        fs::write(&log, &bytes).unwrap();
+        write_a_torn_log(dir.path());
         let mut d = DirDisk::open(dir.path()).unwrap();
         assert_eq!(indices(&d.load().unwrap()), vec![(1, 1), (2, 1)]);
-        // and appending goes on after the good prefix
+    }
+
+    #[test]
+    fn appending_after_a_torn_record_goes_on_after_the_good_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        write_a_torn_log(dir.path());
+        let mut d = DirDisk::open(dir.path()).unwrap();
+        d.load().unwrap();
         d.append(&[entry(3, 1, b"three")]).unwrap();
         drop(d);
         let r = DirDisk::open(dir.path()).unwrap().load().unwrap();

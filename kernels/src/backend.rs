@@ -124,12 +124,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cuda_without_a_gpu_is_a_clear_error() {
+    fn a_cuda_backend_parses_with_its_device_ordinal() {
         let b: Backend = "cuda:1".parse().unwrap();
         assert_eq!(b, Backend::Cuda(1));
-        let err = b.ensure_available().unwrap_err().to_string();
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_is_a_clear_error() {
+        let err = Backend::Cuda(1).ensure_available().unwrap_err().to_string();
         assert!(err.contains("cuda"), "{err}");
+    }
+
+    #[test]
+    fn the_cpu_backend_is_always_available() {
         assert!(Backend::Cpu.ensure_available().is_ok());
+    }
+
+    #[test]
+    fn an_unknown_backend_does_not_parse() {
         assert!("tpu".parse::<Backend>().is_err());
     }
 }

@@ -258,13 +258,27 @@ impl KvCache {
 mod tests {
     use super::*;
 
+    /// A pool of 4 blocks, all taken: sequence 1 holds 20 positions (2
+    /// blocks) and sequence 2 holds 32 (2 blocks).
+    fn full_pool() -> KvCache {
+        let mut kv = KvCache::with_blocks(2, 8, 4);
+        kv.reserve(1, 20).unwrap();
+        kv.reserve(2, 32).unwrap();
+        kv
+    }
+
     #[test]
-    fn blocks_come_and_go_and_exhaustion_is_an_error() {
+    fn reserving_takes_whole_blocks() {
         let mut kv = KvCache::with_blocks(2, 8, 4);
         kv.reserve(1, 20).unwrap(); // 2 blocks
         assert_eq!(kv.free_blocks(), 2);
         kv.reserve(2, 32).unwrap(); // 2 blocks
         assert_eq!(kv.free_blocks(), 0);
+    }
+
+    #[test]
+    fn reserving_from_an_exhausted_pool_is_a_kv_exhausted_error() {
+        let mut kv = full_pool();
         let err = kv.reserve(3, 1).unwrap_err();
         assert!(matches!(
             err,
@@ -274,8 +288,18 @@ mod tests {
                 total: 4
             }
         ));
-        // a failed reservation takes nothing
+    }
+
+    #[test]
+    fn a_failed_reservation_takes_nothing() {
+        let mut kv = full_pool();
+        kv.reserve(3, 1).unwrap_err();
         assert!(!kv.contains(3));
+    }
+
+    #[test]
+    fn released_blocks_can_be_reserved_again() {
+        let mut kv = full_pool();
         kv.release(1);
         assert_eq!(kv.free_blocks(), 2);
         kv.reserve(3, 17).unwrap();
@@ -283,17 +307,33 @@ mod tests {
         assert_eq!(kv.blocks(3).unwrap().len(), 2);
     }
 
-    #[test]
-    fn writes_land_in_the_sequence_blocks() {
+    /// A pool of 3 blocks of one layer, all held by sequence 7 (40 positions).
+    fn one_sequence() -> KvCache {
         let mut kv = KvCache::with_blocks(1, 2, 3);
         kv.reserve(7, 40).unwrap();
+        kv
+    }
+
+    #[test]
+    fn writes_land_in_the_sequence_blocks() {
+        let mut kv = one_sequence();
         kv.write(0, 7, 33, &[1.0, 2.0], &[3.0, 4.0]).unwrap();
         let b = kv.blocks(7).unwrap()[2] as usize;
         let off = (b * KV_BLOCK_TOKENS + 1) * 2;
         let f = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
         assert_eq!(f(&kv.layer(0).0[off..off + 2]), [1.0, 2.0]);
         assert_eq!(f(&kv.layer(0).1[off..off + 2]), [3.0, 4.0]);
+    }
+
+    #[test]
+    fn a_write_past_the_sequences_blocks_is_refused() {
+        let mut kv = one_sequence();
         assert!(kv.write(0, 7, 48, &[0.0; 2], &[0.0; 2]).is_err());
+    }
+
+    #[test]
+    fn a_write_to_an_unknown_sequence_is_refused() {
+        let mut kv = one_sequence();
         assert!(kv.write(0, 8, 0, &[0.0; 2], &[0.0; 2]).is_err());
     }
 }

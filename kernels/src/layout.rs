@@ -105,16 +105,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rows_find_their_slots_through_interleaved_block_tables() {
+    /// Two sequences' tables, grown in turns so their blocks interleave:
+    /// sequence 1 holds 30 positions in 3 blocks, sequence 2 is reserved 20.
+    fn interleaved_tables() -> KvCache {
         let mut kv = KvCache::tables_only(2, 8, 10);
-        assert!(!kv.holds_data());
-        // two sequences grow in turns, so their blocks interleave
         kv.reserve(1, 10).unwrap();
         kv.reserve(2, 20).unwrap();
         kv.reserve(1, 40).unwrap();
         kv.set_len(1, 30);
-        let chunks = [
+        kv
+    }
+
+    /// One decode row for sequence 1 and an 18-token prefill for sequence 2.
+    fn decode_and_prefill() -> [Chunk; 2] {
+        [
             chunk(1, 30, &[5], true),
             chunk(
                 2,
@@ -124,8 +128,13 @@ mod tests {
                 ],
                 true,
             ),
-        ];
-        let l = StepLayout::new(&chunks, &kv, 100).unwrap();
+        ]
+    }
+
+    #[test]
+    fn rows_find_their_slots_through_interleaved_block_tables() {
+        let kv = interleaved_tables();
+        let l = StepLayout::new(&decode_and_prefill(), &kv, 100).unwrap();
         assert_eq!(l.rows(), 19);
         assert_eq!(l.max_blocks, 3);
         let t1 = kv.blocks(1).unwrap().to_vec();
@@ -143,23 +152,54 @@ mod tests {
         );
         assert_eq!(&l.tables[3..], &[t2[0] as i32, t2[1] as i32, -1]);
         assert_eq!(l.logit_rows, vec![0, 18]);
-        // every row's slot is distinct: no two rows write one place
+    }
+
+    #[test]
+    fn no_two_rows_of_a_step_write_one_slot() {
+        let kv = interleaved_tables();
+        let l = StepLayout::new(&decode_and_prefill(), &kv, 100).unwrap();
         let mut s = l.slots.clone();
         s.sort_unstable();
         s.dedup();
         assert_eq!(s.len(), l.rows());
-        // a device cache refuses host writes
-        assert!(kv.write(0, 1, 0, &[0.0; 8], &[0.0; 8]).is_err());
     }
 
     #[test]
-    fn bad_steps_are_refused() {
+    fn a_tables_only_cache_holds_no_data() {
+        assert!(!interleaved_tables().holds_data());
+    }
+
+    #[test]
+    fn a_tables_only_cache_refuses_host_writes() {
+        let mut kv = interleaved_tables();
+        assert!(kv.write(0, 1, 0, &[0.0; 8], &[0.0; 8]).is_err());
+    }
+
+    /// Why a one-chunk step is refused, over a cache where sequence 1 holds
+    /// one block and nothing is written yet; the vocabulary is 50 tokens.
+    fn refusal(c: Chunk) -> String {
         let mut kv = KvCache::tables_only(1, 4, 4);
         kv.reserve(1, 16).unwrap();
-        let err = |c: Chunk| StepLayout::new(&[c], &kv, 50).unwrap_err().to_string();
-        assert!(err(chunk(1, 3, &[1], true)).contains("jumps"));
-        assert!(err(chunk(1, 0, &[1; 17], true)).contains("room"));
-        assert!(err(chunk(1, 0, &[60], true)).contains("vocabulary"));
-        assert!(err(chunk(9, 0, &[1], true)).contains("unknown sequence"));
+        StepLayout::new(&[c], &kv, 50).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_chunk_that_jumps_past_its_sequences_end_is_refused() {
+        assert!(refusal(chunk(1, 3, &[1], true)).contains("jumps"));
+    }
+
+    #[test]
+    fn a_chunk_beyond_its_sequences_reserved_blocks_is_refused() {
+        assert!(refusal(chunk(1, 0, &[1; 17], true)).contains("room"));
+    }
+
+    #[test]
+    fn a_token_outside_the_vocabulary_is_refused() {
+        assert!(refusal(chunk(1, 0, &[60], true)).contains("vocabulary"));
+    }
+
+    #[test]
+    fn a_chunk_of_an_unknown_sequence_is_refused() {
+        assert!(refusal(chunk(9, 0, &[1], true)).contains("unknown sequence"));
     }
 }

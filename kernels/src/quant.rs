@@ -640,8 +640,9 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
-    #[test]
-    fn avx2_q5_0_matches_scalar_on_random_blocks() {
+    /// 40 random Q5_0 weight blocks, the activations they meet, and those
+    /// activations quantized to Q8_0.
+    fn random_q5_0_dot() -> (Vec<BlockQ5_0>, Vec<f32>, Vec<ActQ8>) {
         let mut s = 0x1234_5678_9abc_def1u64;
         let blocks = 40;
         let x: Vec<BlockQ5_0> = (0..blocks)
@@ -666,14 +667,26 @@ mod tests {
             blocks
         ];
         quantize_row_q8_0(&act, &mut y);
+        (x, act, y)
+    }
+
+    #[test]
+    fn avx2_q5_0_matches_scalar_on_random_blocks() {
+        let (x, _, y) = random_q5_0_dot();
         let fast = vec_dot_q5_0_q8_0(&x, &y);
         let slow = vec_dot_q5_0_q8_0_scalar(&x, &y);
         assert!(
             (fast - slow).abs() <= 1e-3 * slow.abs().max(1.0),
             "{fast} vs {slow}"
         );
-        // and the dequantized f32 product agrees up to activation quantization
-        let mut deq = vec![0f32; blocks * QK];
+    }
+
+    #[test]
+    fn the_q5_0_dot_agrees_with_the_dequantized_f32_product() {
+        let (x, act, y) = random_q5_0_dot();
+        let fast = vec_dot_q5_0_q8_0(&x, &y);
+        // up to the activations' quantization
+        let mut deq = vec![0f32; x.len() * QK];
         for (b, o) in x.iter().zip(deq.chunks_exact_mut(QK)) {
             dequant_q5_0(b, o);
         }

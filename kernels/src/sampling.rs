@@ -482,34 +482,41 @@ mod tests {
         assert_eq!(s.sample(&mut l).0, best);
     }
 
-    #[test]
-    fn same_seed_same_tokens_other_seed_other_tokens() {
+    /// 50 tokens drawn at temperature 1.5, top-p 0.95, with `seed`.
+    fn fifty_draws(seed: u64) -> Vec<TokenId> {
         let params = SamplingParams {
             temperature: 1.5,
             top_p: 0.95,
-            seed: Some(42),
+            seed: Some(seed),
             ..SamplingParams::default()
         };
-        let run = |p: &SamplingParams| {
-            let mut s = Sampler::new(p.clone(), 0);
-            (0..50)
-                .map(|_| s.sample(&mut logits()).0)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(&params), run(&params));
-        let other = SamplingParams {
-            seed: Some(43),
-            ..params.clone()
-        };
-        assert_ne!(run(&params), run(&other));
+        let mut s = Sampler::new(params, 0);
+        (0..50)
+            .map(|_| s.sample(&mut logits()).0)
+            .collect::<Vec<_>>()
     }
 
     #[test]
-    fn top_k_and_min_p_restrict_the_choice() {
-        let l = logits();
+    fn the_same_seed_gives_the_same_tokens() {
+        assert_eq!(fifty_draws(42), fifty_draws(42));
+    }
+
+    #[test]
+    fn another_seed_gives_other_tokens() {
+        assert_ne!(fifty_draws(42), fifty_draws(43));
+    }
+
+    /// The indices of `l`, best logit first.
+    fn best_first(l: &[f32]) -> Vec<usize> {
         let mut sorted: Vec<usize> = (0..l.len()).collect();
         sorted.sort_by(|a, b| l[*b].total_cmp(&l[*a]));
-        let top3: Vec<TokenId> = sorted[..3].iter().map(|&i| i as TokenId).collect();
+        sorted
+    }
+
+    #[test]
+    fn top_k_restricts_the_choice_to_the_k_best() {
+        let l = logits();
+        let top3: Vec<TokenId> = best_first(&l)[..3].iter().map(|&i| i as TokenId).collect();
         let mut s = Sampler::new(
             SamplingParams {
                 temperature: 5.0,
@@ -522,6 +529,11 @@ mod tests {
         for _ in 0..100 {
             assert!(top3.contains(&s.sample(&mut l.clone()).0));
         }
+    }
+
+    #[test]
+    fn min_p_restricts_the_choice_to_tokens_near_the_best() {
+        let l = logits();
         // min_p 0.9 at temperature 1: only tokens within ln(1/0.9) of the best
         let mut s = Sampler::new(
             SamplingParams {
@@ -532,44 +544,52 @@ mod tests {
             },
             0,
         );
-        let best = l[sorted[0]];
+        let best = l[best_first(&l)[0]];
         for _ in 0..100 {
             let t = s.sample(&mut l.clone()).0;
             assert!(l[t as usize] >= best - 0.106, "{}", l[t as usize]);
         }
     }
 
-    #[test]
-    fn penalties_push_repeated_tokens_down() {
+    /// Two greedy picks from logits where token 3 leads token 4 by 0.1.
+    fn two_greedy_picks(params: SamplingParams) -> [TokenId; 2] {
         let mut l = vec![0.0f32; 10];
         l[3] = 5.0;
         l[4] = 4.9;
-        let mut s = Sampler::new(
-            SamplingParams {
-                presence_penalty: 1.0,
-                ..SamplingParams::greedy(10)
-            },
-            0,
-        );
-        assert_eq!(s.sample(&mut l.clone()).0, 3);
-        assert_eq!(s.sample(&mut l.clone()).0, 4);
-        let mut s = Sampler::new(
-            SamplingParams {
-                repetition_penalty: 1.1,
-                ..SamplingParams::greedy(10)
-            },
-            0,
-        );
-        assert_eq!(s.sample(&mut l.clone()).0, 3);
-        assert_eq!(s.sample(&mut l.clone()).0, 4);
+        let mut s = Sampler::new(params, 0);
+        [s.sample(&mut l.clone()).0, s.sample(&mut l.clone()).0]
+    }
+
+    #[test]
+    fn a_presence_penalty_pushes_a_repeated_token_down() {
+        let picks = two_greedy_picks(SamplingParams {
+            presence_penalty: 1.0,
+            ..SamplingParams::greedy(10)
+        });
+        assert_eq!(picks[0], 3);
+        assert_eq!(picks[1], 4);
+    }
+
+    #[test]
+    fn a_repetition_penalty_pushes_a_repeated_token_down() {
+        let picks = two_greedy_picks(SamplingParams {
+            repetition_penalty: 1.1,
+            ..SamplingParams::greedy(10)
+        });
+        assert_eq!(picks[0], 3);
+        assert_eq!(picks[1], 4);
+    }
+
+    #[test]
+    fn top_logprobs_are_as_many_as_asked_best_first() {
+        let lp = logprob_of(&logits(), 5, 5);
+        assert_eq!(lp.top.len(), 5);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
     }
 
     #[test]
     fn logprobs_are_normalized() {
         let l = logits();
-        let lp = logprob_of(&l, 5, 5);
-        assert_eq!(lp.top.len(), 5);
-        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
         let total: f64 = l
             .iter()
             .enumerate()
@@ -578,9 +598,9 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-3, "{total}");
     }
 
-    #[test]
-    fn drawing_from_the_top_of_a_row_gives_the_whole_rows_tokens() {
-        // rows from flat to peaked, and cuts that fit in the top 64 or not
+    /// Rows from flat to peaked, and rows like a trained model's: a few
+    /// tokens far ahead.
+    fn rows() -> Vec<Vec<f32>> {
         let mut rng = Rng::new(5);
         let mut rows: Vec<Vec<f32>> = (0..12)
             .map(|r| {
@@ -590,7 +610,6 @@ mod tests {
                     .collect()
             })
             .collect();
-        // and rows like a trained model's: a few tokens far ahead
         for r in 0..6 {
             let mut row: Vec<f32> = (0..4000).map(|_| rng.uniform() as f32 * -5.0).collect();
             for j in 0..(2 + r * 3) {
@@ -598,52 +617,108 @@ mod tests {
             }
             rows.push(row);
         }
-        let cases = [
-            (0.8, 40, 1.0, 0.0),
-            (1.0, 0, 0.9, 0.0),
-            (0.7, 0, 0.5, 0.0),
-            (1.2, 0, 1.0, 0.2),
-            (1.0, 200, 1.0, 0.0),
-            (0.9, 30, 0.8, 0.05),
-            (1.0, 0, 1.0, 0.0),
-        ];
-        for (temperature, top_k, top_p, min_p) in cases {
-            let params = SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                max_tokens: 100,
-                ..SamplingParams::default()
-            };
-            let (mut full, mut from_top) = (
-                Sampler::new(params.clone(), 9),
-                Sampler::new(params.clone(), 9),
-            );
-            let mut used = 0;
-            for round in 0..20 {
-                for row in &rows {
-                    let want = full.sample(&mut row.clone()).0;
-                    let top = TopOfRow::of(row, 64, temperature);
-                    let got = match from_top.sample_top(&top) {
-                        Some(t) => {
-                            used += 1;
-                            t
-                        }
-                        // what the engine does: the whole row after all
-                        None => from_top.sample(&mut row.clone()).0,
-                    };
-                    assert_eq!(got, want, "{params:?}, round {round}");
-                }
-            }
-            let pure_temperature = top_k == 0 && top_p >= 1.0 && min_p == 0.0;
-            if pure_temperature || top_k > 64 {
-                assert_eq!(used, 0, "{params:?} cannot be cut from the top 64");
-            } else {
-                assert!(used > 0, "{params:?} never used the top of the row");
+        rows
+    }
+
+    /// Sampling settings (temperature, top-k, top-p, min-p) whose cuts fit
+    /// in the top 64 of a row or not.
+    const CUTS: [(f32, usize, f32, f32); 7] = [
+        (0.8, 40, 1.0, 0.0),
+        (1.0, 0, 0.9, 0.0),
+        (0.7, 0, 0.5, 0.0),
+        (1.2, 0, 1.0, 0.2),
+        (1.0, 200, 1.0, 0.0),
+        (0.9, 30, 0.8, 0.05),
+        (1.0, 0, 1.0, 0.0),
+    ];
+
+    /// One cut's draws over 20 rounds of the rows, by a sampler that sees
+    /// the whole row and by one that draws from the row's top 64 where it
+    /// can.
+    struct Draws {
+        params: SamplingParams,
+        /// (round, from the whole row, from the top or the row after all)
+        tokens: Vec<(usize, TokenId, TokenId)>,
+        /// Draws the top of the row was enough for.
+        from_the_top: usize,
+    }
+
+    fn draws(
+        rows: &[Vec<f32>],
+        (temperature, top_k, top_p, min_p): (f32, usize, f32, f32),
+    ) -> Draws {
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            max_tokens: 100,
+            ..SamplingParams::default()
+        };
+        let (mut full, mut from_top) = (
+            Sampler::new(params.clone(), 9),
+            Sampler::new(params.clone(), 9),
+        );
+        let mut d = Draws {
+            params,
+            tokens: Vec::new(),
+            from_the_top: 0,
+        };
+        for round in 0..20 {
+            for row in rows {
+                let want = full.sample(&mut row.clone()).0;
+                let top = TopOfRow::of(row, 64, temperature);
+                let got = match from_top.sample_top(&top) {
+                    Some(t) => {
+                        d.from_the_top += 1;
+                        t
+                    }
+                    // what the engine does: the whole row after all
+                    None => from_top.sample(&mut row.clone()).0,
+                };
+                d.tokens.push((round, want, got));
             }
         }
-        // greedy, penalties and log-probabilities need the whole row
+        d
+    }
+
+    #[test]
+    fn drawing_from_the_top_of_a_row_gives_the_whole_rows_tokens() {
+        let rows = rows();
+        for cut in CUTS {
+            let d = draws(&rows, cut);
+            for (round, want, got) in d.tokens {
+                assert_eq!(got, want, "{:?}, round {round}", d.params);
+            }
+        }
+    }
+
+    #[test]
+    fn the_top_of_a_row_is_used_exactly_where_the_cut_fits_in_it() {
+        let rows = rows();
+        for cut in CUTS {
+            let (_, top_k, top_p, min_p) = cut;
+            let d = draws(&rows, cut);
+            let pure_temperature = top_k == 0 && top_p >= 1.0 && min_p == 0.0;
+            if pure_temperature || top_k > 64 {
+                assert_eq!(
+                    d.from_the_top, 0,
+                    "{:?} cannot be cut from the top 64",
+                    d.params
+                );
+            } else {
+                assert!(
+                    d.from_the_top > 0,
+                    "{:?} never used the top of the row",
+                    d.params
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_penalties_and_log_probabilities_need_the_whole_row() {
+        let rows = rows();
         for p in [
             SamplingParams::greedy(4),
             SamplingParams {

@@ -196,58 +196,144 @@ fn device(lm: &LoadedModel, blocks: usize, fail_at: Option<usize>) -> (HostDevic
     )
 }
 
+fn step_config() -> EngineConfig {
+    EngineConfig {
+        max_step_tokens: 64,
+        ..EngineConfig::default()
+    }
+}
+
+/// An engine on the stand-in device with a pool of 12 blocks, so
+/// sequences are preempted and recomputed too.
+fn on_a_small_device(lm: &LoadedModel) -> (Engine, Counts) {
+    let (dev, counts) = device(lm, 12, None);
+    let e = Engine::on_device(
+        lm.model.clone(),
+        Box::new(dev),
+        lm.tokenizer.clone(),
+        step_config(),
+    )
+    .unwrap();
+    (e, counts)
+}
+
+/// The requests run on the small device: what they gave, what the device
+/// counted, and the engine after.
+struct DeviceRun {
+    reqs: Vec<Request>,
+    got: HashMap<u64, Completion>,
+    counts: Counts,
+    engine: Engine,
+}
+
+fn run_on_a_small_device(lm: &LoadedModel) -> DeviceRun {
+    let reqs = requests();
+    let (mut engine, counts) = on_a_small_device(lm);
+    let got = run(&mut engine, &reqs);
+    DeviceRun {
+        reqs,
+        got,
+        counts,
+        engine,
+    }
+}
+
 #[test]
 fn an_engine_on_a_device_gives_the_cpu_engines_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let lm = tiny(dir.path());
-    let reqs = requests();
-    let cfg = EngineConfig {
-        max_step_tokens: 64,
-        ..EngineConfig::default()
-    };
-    let mut cpu = Engine::new(lm.model.clone(), lm.tokenizer.clone(), cfg.clone()).unwrap();
-    let want = run(&mut cpu, &reqs);
-    // a pool of 12 blocks, so sequences are preempted and recomputed too
-    let (dev, counts) = device(&lm, 12, None);
-    let mut e =
-        Engine::on_device(lm.model.clone(), Box::new(dev), lm.tokenizer.clone(), cfg).unwrap();
-    assert_eq!(e.kv_usage(), (0, 12), "the pool is the device's");
-    assert_eq!(e.config().max_step_tokens, 48, "a step fits the device");
-    assert_eq!(e.config().max_running, 6, "so do its sequences");
-    assert_eq!(e.device(), "host stand-in");
-    let got = run(&mut e, &reqs);
-    for r in &reqs {
-        assert_eq!(got[&r.id].tokens, want[&r.id].tokens, "request {}", r.id);
-        assert_eq!(got[&r.id].finish, want[&r.id].finish, "request {}", r.id);
+    let mut cpu = Engine::new(lm.model.clone(), lm.tokenizer.clone(), step_config()).unwrap();
+    let d = run_on_a_small_device(&lm);
+    let want = run(&mut cpu, &d.reqs);
+    for r in &d.reqs {
+        assert_eq!(d.got[&r.id].tokens, want[&r.id].tokens, "request {}", r.id);
+        assert_eq!(d.got[&r.id].finish, want[&r.id].finish, "request {}", r.id);
     }
-    assert!(e.stats().preemptions > 0, "the small pool never pinched");
-    // greedy requests took the device's argmax; sampled ones drew from
-    // the top of their rows, and fetched the whole row where the top was
-    // not enough (a top-p nucleus wider than the device's top)
-    let (tops, refetched) = (get(&counts.tops), get(&counts.refetched));
+}
+
+#[test]
+fn the_engines_kv_pool_is_the_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, _) = on_a_small_device(&tiny(dir.path()));
+    assert_eq!(e.kv_usage(), (0, 12), "the pool is the device's");
+}
+
+#[test]
+fn an_engines_step_fits_the_devices_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, _) = on_a_small_device(&tiny(dir.path()));
+    assert_eq!(e.config().max_step_tokens, 48, "a step fits the device");
+}
+
+#[test]
+fn an_engines_running_sequences_fit_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, _) = on_a_small_device(&tiny(dir.path()));
+    assert_eq!(e.config().max_running, 6, "so do its sequences");
+}
+
+#[test]
+fn an_engine_names_its_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, _) = on_a_small_device(&tiny(dir.path()));
+    assert_eq!(e.device(), "host stand-in");
+}
+
+#[test]
+fn a_small_device_pool_preempts_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = run_on_a_small_device(&tiny(dir.path()));
+    assert!(
+        d.engine.stats().preemptions > 0,
+        "the small pool never pinched"
+    );
+}
+
+#[test]
+fn sampled_requests_draw_from_the_top_of_a_row_and_fetch_it_whole_where_the_top_is_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = run_on_a_small_device(&tiny(dir.path()));
+    // the whole row is needed where a top-p nucleus is wider than the
+    // device's top
+    let (tops, refetched) = (get(&d.counts.tops), get(&d.counts.refetched));
     assert!(
         tops > refetched && refetched > 0,
         "{tops} tops, {refetched} rows fetched whole"
     );
-    let greedy_tokens: usize = reqs
+}
+
+#[test]
+fn greedy_requests_take_the_devices_argmax() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = run_on_a_small_device(&tiny(dir.path()));
+    let greedy_tokens: usize = d
+        .reqs
         .iter()
         .filter(|r| r.id % 2 == 0)
-        .map(|r| got[&r.id].tokens.len())
+        .map(|r| d.got[&r.id].tokens.len())
         .sum();
-    let n = get(&counts.argmax);
+    let n = get(&d.counts.argmax);
     assert!(
         n >= greedy_tokens,
         "{n} argmax rows for {greedy_tokens} greedy tokens"
     );
-    assert_eq!(e.kv_usage().0, 0, "every block came back");
 }
 
 #[test]
-fn a_failing_device_ends_the_running_sequences_and_the_engine_goes_on() {
+fn every_device_block_comes_back_when_the_work_is_done() {
     let dir = tempfile::tempdir().unwrap();
-    let lm = tiny(dir.path());
+    let d = run_on_a_small_device(&tiny(dir.path()));
+    assert_eq!(d.engine.kv_usage().0, 0, "every block came back");
+}
+
+/// The reason a sequence ended with when the device failed under it.
+const DEVICE_FAILURE: &str = "the device failed: invalid step input: out of device memory";
+
+/// The requests run on a device that fails on its 3rd step: what they
+/// gave, and the engine after.
+fn run_on_a_failing_device(lm: &LoadedModel) -> (Vec<Request>, HashMap<u64, Completion>, Engine) {
     let reqs = requests();
-    let (dev, _) = device(&lm, 64, Some(3));
+    let (dev, _) = device(lm, 64, Some(3));
     let mut e = Engine::on_device(
         lm.model.clone(),
         Box::new(dev),
@@ -256,16 +342,40 @@ fn a_failing_device_ends_the_running_sequences_and_the_engine_goes_on() {
     )
     .unwrap();
     let got = run(&mut e, &reqs);
+    (reqs, got, e)
+}
+
+#[test]
+fn a_failing_device_ends_the_running_sequences_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, got, _) = run_on_a_failing_device(&tiny(dir.path()));
     let failed: Vec<u64> = got
         .iter()
-        .filter(|(_, c)| matches!(&c.finish, Some(FinishReason::Error(m)) if m.contains("the device failed: invalid step input: out of device memory")))
+        .filter(|(_, c)| matches!(&c.finish, Some(FinishReason::Error(m)) if m.contains(DEVICE_FAILURE)))
         .map(|(id, _)| *id)
         .collect();
     assert!(!failed.is_empty(), "{got:?}");
-    // the ones that came after the failure ran to their end
+}
+
+#[test]
+fn requests_after_a_device_failure_run_to_their_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, got, _) = run_on_a_failing_device(&tiny(dir.path()));
     assert!(got
         .values()
         .any(|c| matches!(c.finish, Some(FinishReason::Length | FinishReason::Stop))));
+}
+
+#[test]
+fn every_request_is_answered_when_the_device_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reqs, got, _) = run_on_a_failing_device(&tiny(dir.path()));
     assert_eq!(got.len(), reqs.len());
+}
+
+#[test]
+fn a_failing_device_gives_back_the_failed_sequences_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, e) = run_on_a_failing_device(&tiny(dir.path()));
     assert_eq!(e.kv_usage().0, 0);
 }

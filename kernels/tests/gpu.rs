@@ -237,9 +237,24 @@ mod model {
         }
     }
 
-    #[test]
-    #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
-    fn the_device_forward_gives_the_cpus_logits_in_prefill_and_decode() {
+    /// What one sequence's step gave on the device beside the CPU.
+    struct StepRow {
+        step: usize,
+        seq: usize,
+        /// The CPU's logits.
+        want: Vec<f32>,
+        /// The device's output.
+        got: DeviceOutput,
+        /// For a top of the row, the device's whole row, fetched after.
+        row: Option<Vec<f32>>,
+    }
+
+    /// Four steps of three sequences, two past the sliding window: prefilled
+    /// together, then decoded, each going on with the CPU's greedy token.
+    /// The sequences ask the device for their logits, their argmax and the
+    /// top of their row (at temperature 0.7). Gives each step's rows and the
+    /// device's description after.
+    fn four_steps_on_the_device_and_the_cpu() -> (Vec<StepRow>, String) {
         let gpu = gpu!();
         let dir = tempfile::tempdir().unwrap();
         let lm = tiny(dir.path());
@@ -247,7 +262,6 @@ mod model {
         let mut dev = CudaModel::load_on(gpu, &lm.model, small()).unwrap();
         let mut tables = KvCache::tables_only(c.layers, c.kv_dim(), dev.kv_blocks());
         let mut cpu_kv = KvCache::with_blocks(c.layers, c.kv_dim(), dev.kv_blocks());
-        // three sequences, two past the sliding window, prefilled together
         let prompts = [prompt(5, 1), prompt(20, 2), prompt(41, 3)];
         let mut chunks: Vec<Chunk> = prompts
             .iter()
@@ -259,6 +273,7 @@ mod model {
                 want_logits: true,
             })
             .collect();
+        let mut rows = Vec::new();
         for step in 0..4 {
             for ch in &chunks {
                 let n = match &ch.input {
@@ -272,43 +287,25 @@ mod model {
             let picks = [Pick::Logits, Pick::Argmax, Pick::Top { temperature: 0.7 }];
             let got = dev.forward(&chunks, &mut tables, &picks).unwrap();
             let mut next = Vec::new();
-            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            for (i, (w, g)) in want.into_iter().zip(got).enumerate() {
                 let ChunkOutput::Logits(Some(w)) = w else {
                     panic!("{w:?}")
                 };
                 let best = (0..w.len())
                     .max_by(|&a, &b| w[a].total_cmp(&w[b]).then(b.cmp(&a)))
                     .unwrap() as u32;
-                match g {
-                    DeviceOutput::Logits(g) => {
-                        let e = max_relative_error(g, w);
-                        assert!(e <= 1e-2, "step {step}, sequence {i}: relative error {e}");
-                    }
-                    DeviceOutput::Argmax(t) => {
-                        assert_eq!(*t, best, "step {step}: the device's argmax")
-                    }
-                    DeviceOutput::Top(top) => {
-                        // what the host would take from the device's own row
-                        let row = dev.logits(i).unwrap();
-                        let want = TopOfRow::of(&row, top.k, 0.7);
-                        let sorted = |t: &TopOfRow| {
-                            let mut c = t.cands.clone();
-                            c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                            c.truncate(t.k);
-                            c
-                        };
-                        assert_eq!(sorted(top), sorted(&want), "step {step}: the row's top");
-                        assert_eq!(top.max, want.max);
-                        assert!(
-                            (top.total - want.total).abs() <= 1e-4 * want.total,
-                            "{} against {}",
-                            top.total,
-                            want.total
-                        );
-                        assert!(max_relative_error(&row, w) <= 1e-2);
-                    }
+                let row = match &g {
+                    DeviceOutput::Top(_) => Some(dev.logits(i).unwrap()),
                     DeviceOutput::Nothing => panic!("no output for sequence {i}"),
-                }
+                    _ => None,
+                };
+                rows.push(StepRow {
+                    step,
+                    seq: i,
+                    want: w,
+                    got: g,
+                    row,
+                });
                 // every sequence goes on with the CPU's token
                 next.push(Chunk {
                     seq: i as u64,
@@ -319,8 +316,74 @@ mod model {
             }
             chunks = next;
         }
-        // the decode steps (one row per sequence) ran as a captured graph
-        let d = dev.describe();
+        (rows, dev.describe())
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
+    fn the_device_forward_gives_the_cpus_logits_in_prefill_and_decode() {
+        let (rows, _) = four_steps_on_the_device_and_the_cpu();
+        for r in &rows {
+            if let DeviceOutput::Logits(g) = &r.got {
+                let e = max_relative_error(g, &r.want);
+                assert!(
+                    e <= 1e-2,
+                    "step {}, sequence {}: relative error {e}",
+                    r.step,
+                    r.seq
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
+    fn the_devices_argmax_is_the_cpus_greedy_token_in_prefill_and_decode() {
+        let (rows, _) = four_steps_on_the_device_and_the_cpu();
+        for r in &rows {
+            if let DeviceOutput::Argmax(t) = &r.got {
+                let w = &r.want;
+                let best = (0..w.len())
+                    .max_by(|&a, &b| w[a].total_cmp(&w[b]).then(b.cmp(&a)))
+                    .unwrap() as u32;
+                assert_eq!(*t, best, "step {}: the device's argmax", r.step);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
+    fn the_top_of_a_row_on_the_device_is_the_hosts_in_prefill_and_decode() {
+        let (rows, _) = four_steps_on_the_device_and_the_cpu();
+        for r in &rows {
+            let (DeviceOutput::Top(top), Some(row)) = (&r.got, &r.row) else {
+                continue;
+            };
+            // what the host would take from the device's own row
+            let want = TopOfRow::of(row, top.k, 0.7);
+            let sorted = |t: &TopOfRow| {
+                let mut c = t.cands.clone();
+                c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                c.truncate(t.k);
+                c
+            };
+            assert_eq!(sorted(top), sorted(&want), "step {}: the row's top", r.step);
+            assert_eq!(top.max, want.max);
+            assert!(
+                (top.total - want.total).abs() <= 1e-4 * want.total,
+                "{} against {}",
+                top.total,
+                want.total
+            );
+            assert!(max_relative_error(row, &r.want) <= 1e-2);
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
+    fn decode_steps_on_the_device_run_as_a_captured_graph() {
+        // the decode steps have one row per sequence
+        let (_, d) = four_steps_on_the_device_and_the_cpu();
         assert!(d.contains("1 step graphs"), "{d}");
     }
 
@@ -377,11 +440,10 @@ mod model {
 
     #[test]
     #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
-    fn a_memory_budget_too_small_or_too_large_is_an_error_not_a_crash() {
+    fn a_memory_budget_too_small_for_the_model_is_an_error_not_a_crash() {
         let gpu = gpu!();
         let dir = tempfile::tempdir().unwrap();
         let lm = tiny(dir.path());
-        let free = gpu.memory().unwrap().0;
         let err = CudaModel::load_on(
             gpu,
             &lm.model,
@@ -395,8 +457,17 @@ mod model {
             matches!(&err, KernelError::DeviceOutOfMemory(m) if m.contains("budget")),
             "{err}"
         );
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
+    fn a_memory_budget_beyond_the_free_memory_is_an_error_not_a_crash() {
+        let gpu = gpu!();
+        let dir = tempfile::tempdir().unwrap();
+        let lm = tiny(dir.path());
+        let free = gpu.memory().unwrap().0;
         let err = CudaModel::load_on(
-            Gpu::open(0).unwrap(),
+            gpu,
             &lm.model,
             CudaOptions {
                 memory_budget: free + (1 << 30),
@@ -405,9 +476,16 @@ mod model {
         )
         .unwrap_err();
         assert!(err.to_string().contains("free"), "{err}");
-        // within the budget it loads, and says what it took
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU with a driver (run with --include-ignored there)"]
+    fn a_model_within_its_memory_budget_loads_and_says_what_it_took() {
+        let gpu = gpu!();
+        let dir = tempfile::tempdir().unwrap();
+        let lm = tiny(dir.path());
         let m = CudaModel::load_on(
-            Gpu::open(0).unwrap(),
+            gpu,
             &lm.model,
             CudaOptions {
                 memory_budget: 512 << 20,

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use weft_kernels::testing::load_tiny_model;
 use weft_kernels::{
-    Completion, Engine, EngineConfig, FinishReason, KvCache, LoadedModel, Request, SamplingParams,
+    Completion, Engine, EngineConfig, EngineStats, FinishReason, KvCache, LoadedModel, Request,
+    SamplingParams, TenantUsage,
 };
 
 fn tiny(dir: &Path) -> LoadedModel {
@@ -68,12 +69,26 @@ fn record(done: &mut HashMap<u64, Completion>, events: Vec<weft_kernels::StepEve
     }
 }
 
-#[test]
-fn four_tenants_get_equal_shares_of_the_tokens_whatever_order_they_came_in() {
-    let dir = tempfile::tempdir().unwrap();
-    let lm = tiny(dir.path());
+const TENANTS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// Requests each tenant queued.
+const PER_TENANT: usize = 12;
+
+/// Tokens each request asks for.
+const TOKENS_EACH: usize = 24;
+
+/// Four tenants' work on one engine that runs 4 sequences at a time,
+/// served until half of the tokens are out: tenant a queued all of its
+/// work first, then b, c and d.
+struct HalfServed {
+    engine: Engine,
+    /// Tokens each tenant got so far.
+    got: BTreeMap<&'static str, usize>,
+}
+
+fn four_tenants_half_served(lm: &LoadedModel) -> HalfServed {
     let mut e = engine(
-        &lm,
+        lm,
         256,
         EngineConfig {
             max_running: 4,
@@ -81,23 +96,21 @@ fn four_tenants_get_equal_shares_of_the_tokens_whatever_order_they_came_in() {
             ..EngineConfig::default()
         },
     );
-    // tenant a queues all of its work first, then b, c and d
-    let tenants = ["a", "b", "c", "d"];
     let mut owner = HashMap::new();
-    for (t, name) in tenants.iter().enumerate() {
-        for j in 0..12 {
+    for (t, name) in TENANTS.iter().enumerate() {
+        for j in 0..PER_TENANT {
             let id = (t * 100 + j) as u64;
             owner.insert(id, *name);
             e.add_request(ask(
                 id,
                 name,
                 prompt(9, j as u32),
-                SamplingParams::greedy(24),
+                SamplingParams::greedy(TOKENS_EACH),
             ))
             .unwrap();
         }
     }
-    let total = 4 * 12 * 24;
+    let total = TENANTS.len() * PER_TENANT * TOKENS_EACH;
     let mut got: BTreeMap<&str, usize> = BTreeMap::new();
     while got.values().sum::<usize>() < total / 2 {
         for ev in e.step().unwrap() {
@@ -106,44 +119,81 @@ fn four_tenants_get_equal_shares_of_the_tokens_whatever_order_they_came_in() {
             }
         }
     }
+    HalfServed { engine: e, got }
+}
+
+#[test]
+fn four_tenants_get_equal_shares_of_the_tokens_whatever_order_they_came_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = four_tenants_half_served(&tiny(dir.path()));
     // first come is not first served: while every tenant has work waiting,
     // each gets a quarter of the tokens (within 10% of it)
+    let got = &h.got;
     let sum = got.values().sum::<usize>() as f64;
-    for name in tenants {
+    for name in TENANTS {
         let share = got.get(name).copied().unwrap_or(0) as f64 / sum;
         assert!(
             (share - 0.25).abs() <= 0.025,
             "tenant {name} got {share:.3} of the tokens: {got:?}"
         );
     }
-    let served: Vec<u64> = e.tenants().iter().map(|t| t.served_tokens).collect();
-    assert_eq!(served.len(), 4, "{:?}", e.tenants());
-    let rest = e.run_to_completion().unwrap();
+}
+
+#[test]
+fn the_engine_reports_every_tenant_with_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = four_tenants_half_served(&tiny(dir.path()));
+    let served: Vec<u64> = h.engine.tenants().iter().map(|t| t.served_tokens).collect();
+    assert_eq!(served.len(), 4, "{:?}", h.engine.tenants());
+}
+
+#[test]
+fn fair_sharing_still_runs_every_sequence_to_its_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = four_tenants_half_served(&tiny(dir.path()));
+    let rest = h.engine.run_to_completion().unwrap();
     assert!(rest
         .values()
-        .all(|c| c.finish == Some(FinishReason::Length) && c.tokens.len() <= 24));
+        .all(|c| c.finish == Some(FinishReason::Length) && c.tokens.len() <= TOKENS_EACH));
+}
+
+#[test]
+fn tenants_leave_with_their_last_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = four_tenants_half_served(&tiny(dir.path()));
+    h.engine.run_to_completion().unwrap();
     assert!(
-        e.tenants().is_empty(),
+        h.engine.tenants().is_empty(),
         "tenants leave with their last sequence"
     );
 }
 
-#[test]
-fn a_tenant_at_its_kv_share_waits_for_its_own_blocks_and_the_others_run_untouched() {
-    let dir = tempfile::tempdir().unwrap();
-    let lm = tiny(dir.path());
-    let blocks = 24;
+/// Blocks in the pool of the KV share tests.
+const SHARED_BLOCKS: usize = 24;
+
+/// One tenant ("greedy-agent", with half the pool as its share) floods an
+/// engine with long sequences (each grows to 5 blocks); another
+/// ("polite") comes later with a few.
+struct Flood {
+    reqs: Vec<Request>,
+    /// Each request's tokens when it runs alone.
+    alone: HashMap<u64, Vec<u32>>,
+    done: HashMap<u64, Completion>,
+    /// The tenants after each step.
+    tenants_by_step: Vec<Vec<TenantUsage>>,
+    stats: EngineStats,
+}
+
+fn flood(lm: &LoadedModel) -> Flood {
     let mut e = engine(
-        &lm,
-        blocks,
+        lm,
+        SHARED_BLOCKS,
         EngineConfig {
             max_step_tokens: 64,
             tenant_kv_shares: [("greedy-agent".to_string(), 0.5)].into(),
             ..EngineConfig::default()
         },
     );
-    // one tenant floods the engine with long sequences (each grows to 5
-    // blocks); another comes later with a few
     let mut reqs = Vec::new();
     for j in 0..8 {
         reqs.push(ask(
@@ -161,8 +211,9 @@ fn a_tenant_at_its_kv_share_waits_for_its_own_blocks_and_the_others_run_untouche
             SamplingParams::greedy(40),
         ));
     }
-    let want = alone(&lm, &reqs);
+    let want = alone(lm, &reqs);
     let mut done: HashMap<u64, Completion> = HashMap::new();
+    let mut tenants_by_step = Vec::new();
     let mut steps = 0;
     for r in &reqs[..8] {
         e.add_request(r.clone()).unwrap();
@@ -175,34 +226,73 @@ fn a_tenant_at_its_kv_share_waits_for_its_own_blocks_and_the_others_run_untouche
             }
         }
         record(&mut done, e.step().unwrap());
-        for t in e.tenants() {
-            assert!(t.kv_blocks <= t.kv_quota, "{t:?}");
-            if t.tenant == "greedy-agent" {
-                assert_eq!(t.kv_quota, blocks / 2);
-            }
-        }
+        tenants_by_step.push(e.tenants());
     }
-    let usage = e.stats();
-    assert!(usage.preemptions > 0, "the quota never pinched: {usage:?}");
-    // every sequence finished with the tokens it has alone: preempted ones
-    // were recomputed, and none failed
-    for r in &reqs {
-        let c = &done[&r.id];
-        assert_eq!(c.finish, Some(FinishReason::Length), "request {}", r.id);
-        assert_eq!(c.tokens, want[&r.id], "request {}", r.id);
+    Flood {
+        reqs,
+        alone: want,
+        done,
+        tenants_by_step,
+        stats: e.stats(),
     }
 }
 
 #[test]
-fn a_sequence_short_of_blocks_preempts_its_own_tenant_never_another() {
+fn a_tenant_never_holds_more_kv_blocks_than_its_quota() {
     let dir = tempfile::tempdir().unwrap();
-    let lm = tiny(dir.path());
-    // 7 blocks of 16 positions. Tenant a's one sequence came first and
-    // needs its second block after 2 tokens; tenant b's three came after
-    // and each stays within the 2 blocks of its prompt. When a needs a
-    // block the pool is dry, and b's sequences are the newest.
+    let f = flood(&tiny(dir.path()));
+    for t in f.tenants_by_step.iter().flatten() {
+        assert!(t.kv_blocks <= t.kv_quota, "{t:?}");
+    }
+}
+
+#[test]
+fn a_tenants_kv_share_sets_its_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = flood(&tiny(dir.path()));
+    for t in f.tenants_by_step.iter().flatten() {
+        if t.tenant == "greedy-agent" {
+            assert_eq!(t.kv_quota, SHARED_BLOCKS / 2);
+        }
+    }
+}
+
+#[test]
+fn a_tenant_at_its_kv_share_waits_for_its_own_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = flood(&tiny(dir.path()));
+    let usage = f.stats;
+    assert!(usage.preemptions > 0, "the quota never pinched: {usage:?}");
+}
+
+#[test]
+fn with_a_tenant_at_its_kv_share_every_sequence_gives_its_tokens_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = flood(&tiny(dir.path()));
+    // preempted ones were recomputed, the others ran untouched, and none
+    // failed
+    for r in &f.reqs {
+        let c = &f.done[&r.id];
+        assert_eq!(c.finish, Some(FinishReason::Length), "request {}", r.id);
+        assert_eq!(c.tokens, f.alone[&r.id], "request {}", r.id);
+    }
+}
+
+/// Tenant a's one sequence and tenant b's three on a pool of 7 blocks of
+/// 16 positions. a's came first and needs its second block after 2 tokens;
+/// b's came after and each stays within the 2 blocks of its prompt. When a
+/// needs a block the pool is dry, and b's sequences are the newest.
+struct ShortOfBlocks {
+    reqs: Vec<Request>,
+    alone: HashMap<u64, Vec<u32>>,
+    done: HashMap<u64, Completion>,
+    /// Each tenant's preemptions, as last seen.
+    preempted: HashMap<String, u64>,
+}
+
+fn short_of_blocks(lm: &LoadedModel) -> ShortOfBlocks {
     let mut e = engine(
-        &lm,
+        lm,
         7,
         EngineConfig {
             max_step_tokens: 128,
@@ -218,7 +308,7 @@ fn a_sequence_short_of_blocks_preempts_its_own_tenant_never_another() {
             SamplingParams::greedy(10),
         ));
     }
-    let want = alone(&lm, &reqs);
+    let want = alone(lm, &reqs);
     for r in &reqs {
         e.add_request(r.clone()).unwrap();
     }
@@ -230,50 +320,105 @@ fn a_sequence_short_of_blocks_preempts_its_own_tenant_never_another() {
             preempted.insert(t.tenant, t.preemptions);
         }
     }
+    ShortOfBlocks {
+        reqs,
+        alone: want,
+        done,
+        preempted,
+    }
+}
+
+#[test]
+fn a_sequence_short_of_blocks_never_preempts_another_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let preempted = short_of_blocks(&tiny(dir.path())).preempted;
     assert_eq!(
         preempted.get("b").copied().unwrap_or(0),
         0,
         "a evicted b's sequences: {preempted:?}"
     );
-    assert!(preempted["a"] > 0, "a never had to wait: {preempted:?}");
-    for r in &reqs {
-        assert_eq!(done[&r.id].tokens, want[&r.id], "request {}", r.id);
-    }
 }
 
 #[test]
-fn work_larger_than_a_tenants_quota_is_refused_or_ended_with_the_reason() {
+fn a_sequence_short_of_blocks_preempts_its_own_tenant() {
     let dir = tempfile::tempdir().unwrap();
-    let lm = tiny(dir.path());
+    let preempted = short_of_blocks(&tiny(dir.path())).preempted;
+    assert!(preempted["a"] > 0, "a never had to wait: {preempted:?}");
+}
+
+#[test]
+fn a_tenant_preempting_its_own_sequence_changes_no_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = short_of_blocks(&tiny(dir.path()));
+    for r in &s.reqs {
+        assert_eq!(s.done[&r.id].tokens, s.alone[&r.id], "request {}", r.id);
+    }
+}
+
+/// An engine of 16 blocks where a tenant may hold a quarter of them.
+fn quarter_shares(lm: &LoadedModel) -> Engine {
     let cfg = EngineConfig {
         tenant_kv_share: 0.25,
         ..EngineConfig::default()
     };
-    let mut e = engine(&lm, 16, cfg.clone());
+    engine(lm, 16, cfg)
+}
+
+#[test]
+fn a_prompt_larger_than_its_tenants_quota_is_refused_naming_the_tenant_and_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = quarter_shares(&tiny(dir.path()));
     // a prompt of 5 blocks against a quota of 4 never runs
     let err = e
         .add_request(ask(1, "small", prompt(70, 1), SamplingParams::greedy(4)))
         .unwrap_err()
         .to_string();
     assert!(err.contains("\"small\"") && err.contains("4"), "{err}");
-    // one that outgrows the quota ends with an error naming it, and the
-    // engine goes on with the others
+}
+
+/// On a quarter-share engine, a "small" sequence (2) that outgrows its
+/// tenant's quota beside an "other" one (3) that does not: what they gave.
+fn outgrown(lm: &LoadedModel) -> HashMap<u64, Completion> {
+    let mut e = quarter_shares(lm);
     e.add_request(ask(2, "small", prompt(60, 2), SamplingParams::greedy(30)))
         .unwrap();
     e.add_request(ask(3, "other", prompt(10, 3), SamplingParams::greedy(8)))
         .unwrap();
-    let out = e.run_to_completion().unwrap();
+    e.run_to_completion().unwrap()
+}
+
+#[test]
+fn a_sequence_that_outgrows_its_tenants_quota_ends_with_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outgrown(&tiny(dir.path()));
     match &out[&2].finish {
         Some(FinishReason::Error(m)) => assert!(m.contains("quota"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_sequence_that_outgrows_its_tenants_quota_runs_until_the_quota_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outgrown(&tiny(dir.path()));
     assert_eq!(
         out[&2].tokens.len(),
         64 - 60 + 1,
         "it ran until its 4th block filled"
     );
+}
+
+#[test]
+fn the_engine_goes_on_with_the_others_when_a_sequence_outgrows_its_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outgrown(&tiny(dir.path()));
     assert_eq!(out[&3].finish, Some(FinishReason::Length));
-    // shares outside (0, 1] are refused when the engine is built
+}
+
+#[test]
+fn kv_shares_outside_0_to_1_are_refused_when_the_engine_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let lm = tiny(dir.path());
     for bad in [0.0, -0.5, 1.5, f64::NAN] {
         let c = lm.model.config();
         let r = Engine::new(

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
 use weft_kernels::{
-    load, Backend, Chunk, ChunkInput, ChunkOutput, Downstream, Engine, EngineConfig, FinishReason,
-    Gemma3, KernelError, KvCache, LoadedModel, LocalChain, Request, Resume, SamplingParams,
-    StreamDecoder,
+    load, Backend, ChatMessage, Chunk, ChunkInput, ChunkOutput, Completion, Downstream, Engine,
+    EngineConfig, FinishReason, Gemma3, KernelError, KvCache, LoadedModel, LocalChain, Request,
+    Resume, SamplingParams, StepEvent, StreamDecoder, Tokenizer,
 };
 
 struct Tiny {
@@ -104,6 +104,34 @@ fn a_batch_of_8_at_different_positions_matches_each_alone() {
     }
 }
 
+fn ask(id: u64, prompt: Vec<u32>, params: SamplingParams) -> Request {
+    Request {
+        id,
+        prompt,
+        params,
+        priority: 0,
+        tenant: String::new(),
+    }
+}
+
+/// `req`'s completion, run alone on `e`.
+fn complete_on(mut e: Engine, req: Request) -> Completion {
+    let id = req.id;
+    e.add_request(req).unwrap();
+    e.run_to_completion().unwrap().remove(&id).unwrap()
+}
+
+/// `req`'s completion, run alone on an engine with a 16 MiB pool.
+fn complete(t: &Tiny, req: Request) -> Completion {
+    complete_on(engine(&t.lm, 16 << 20), req)
+}
+
+/// Bytes of one KV block of the whole model.
+fn block_bytes(t: &Tiny) -> usize {
+    let cfg = t.lm.model.config();
+    KvCache::block_bytes(cfg.layers, cfg.kv_dim())
+}
+
 fn last_logits(out: Vec<ChunkOutput>) -> Vec<f32> {
     match out.into_iter().next().unwrap() {
         ChunkOutput::Logits(Some(l)) => l,
@@ -111,59 +139,113 @@ fn last_logits(out: Vec<ChunkOutput>) -> Vec<f32> {
     }
 }
 
+/// The whole model's logits after `toks`, prefilled in one chunk.
+fn whole_model_logits(t: &Tiny, toks: &[u32]) -> Vec<f32> {
+    let mut kv = t.lm.model.new_kv_cache(8 << 20);
+    kv.reserve(1, toks.len()).unwrap();
+    let c = Chunk {
+        seq: 1,
+        pos: 0,
+        input: ChunkInput::Tokens(toks.to_vec()),
+        want_logits: true,
+    };
+    last_logits(t.lm.model.forward(&[c], &mut kv).unwrap())
+}
+
+/// The tokens of the shard tests, and where they are cut into two chunks
+/// (to also cross a chunk boundary inside the shards).
+fn shard_prompt() -> (Vec<u32>, usize) {
+    (prompt(20, 3), 9)
+}
+
+/// The hidden states a first shard hands on for `part` at `pos`.
+fn first_shard_hidden(a: &Gemma3, kv: &mut KvCache, pos: usize, part: &[u32]) -> Vec<f32> {
+    let c = Chunk {
+        seq: 1,
+        pos,
+        input: ChunkInput::Tokens(part.to_vec()),
+        want_logits: false,
+    };
+    match a.forward(&[c], kv).unwrap().remove(0) {
+        ChunkOutput::Hidden(h) => h,
+        other => panic!("expected hidden states, got {other:?}"),
+    }
+}
+
+/// The logits after `toks` from shards `0..k` and `k..n` chained, prefilled
+/// in two chunks cut at `at`.
+fn chained_logits(t: &Tiny, k: usize, toks: &[u32], at: usize) -> Vec<f32> {
+    let n = t.lm.model.config().layers;
+    let a = Gemma3::load(&t.path, Some(0..k)).unwrap();
+    let b = Gemma3::load(&t.path, Some(k..n)).unwrap();
+    let (mut ka, mut kb) = (a.new_kv_cache(8 << 20), b.new_kv_cache(8 << 20));
+    ka.reserve(1, toks.len()).unwrap();
+    kb.reserve(1, toks.len()).unwrap();
+    let mut logits = None;
+    for (pos, part) in [(0, &toks[..at]), (at, &toks[at..])] {
+        let hidden = first_shard_hidden(&a, &mut ka, pos, part);
+        let c = Chunk {
+            seq: 1,
+            pos,
+            input: ChunkInput::Hidden(hidden),
+            want_logits: pos == at,
+        };
+        let out = b.forward(&[c], &mut kb).unwrap();
+        if pos == at {
+            logits = Some(last_logits(out));
+        }
+    }
+    logits.unwrap()
+}
+
+/// Where the shard tests cut a model of `n` layers in two.
+fn shard_cuts(n: usize) -> [usize; 3] {
+    [1, 3, n - 1]
+}
+
 #[test]
 fn layer_shards_chained_equal_the_whole_model() {
     let t = tiny(TinyModelSpec::default());
     let n = t.lm.model.config().layers;
-    let toks = prompt(20, 3);
-    let whole = {
-        let mut kv = t.lm.model.new_kv_cache(8 << 20);
-        kv.reserve(1, toks.len()).unwrap();
-        let c = Chunk {
-            seq: 1,
-            pos: 0,
-            input: ChunkInput::Tokens(toks.clone()),
-            want_logits: true,
-        };
-        last_logits(t.lm.model.forward(&[c], &mut kv).unwrap())
-    };
-    for k in [1, 3, n - 1] {
-        let a = Gemma3::load(&t.path, Some(0..k)).unwrap();
-        let b = Gemma3::load(&t.path, Some(k..n)).unwrap();
-        assert!(a.is_first() && !a.is_last() && !b.is_first() && b.is_last());
-        let (mut ka, mut kb) = (a.new_kv_cache(8 << 20), b.new_kv_cache(8 << 20));
-        ka.reserve(1, toks.len()).unwrap();
-        kb.reserve(1, toks.len()).unwrap();
-        // prefill in two chunks to also cross a chunk boundary inside the shards
-        let mut logits = None;
-        for (pos, part) in [(0, &toks[..9]), (9, &toks[9..])] {
-            let c = Chunk {
-                seq: 1,
-                pos,
-                input: ChunkInput::Tokens(part.to_vec()),
-                want_logits: pos == 9,
-            };
-            let hidden = match a.forward(&[c], &mut ka).unwrap().remove(0) {
-                ChunkOutput::Hidden(h) => h,
-                other => panic!("expected hidden states, got {other:?}"),
-            };
-            assert_eq!(hidden.len(), part.len() * a.config().hidden);
-            let c = Chunk {
-                seq: 1,
-                pos,
-                input: ChunkInput::Hidden(hidden),
-                want_logits: pos == 9,
-            };
-            let out = b.forward(&[c], &mut kb).unwrap();
-            if pos == 9 {
-                logits = Some(last_logits(out));
-            }
-        }
-        let logits = logits.unwrap();
+    let (toks, at) = shard_prompt();
+    let whole = whole_model_logits(&t, &toks);
+    for k in shard_cuts(n) {
+        let logits = chained_logits(&t, k, &toks, at);
         let err = weft_kernels::testing::relative_error(&whole, &logits);
         assert!(err <= 1e-4, "split at {k}: relative error {err}");
     }
-    // a middle shard refuses tokens and the first refuses hidden states
+}
+
+#[test]
+fn a_shard_knows_whether_it_holds_the_first_and_the_last_layer() {
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    for k in shard_cuts(n) {
+        let a = Gemma3::load(&t.path, Some(0..k)).unwrap();
+        let b = Gemma3::load(&t.path, Some(k..n)).unwrap();
+        assert!(a.is_first() && !a.is_last() && !b.is_first() && b.is_last());
+    }
+}
+
+#[test]
+fn a_first_shard_hands_on_one_hidden_state_per_token() {
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    let (toks, at) = shard_prompt();
+    for k in shard_cuts(n) {
+        let a = Gemma3::load(&t.path, Some(0..k)).unwrap();
+        let mut ka = a.new_kv_cache(8 << 20);
+        ka.reserve(1, toks.len()).unwrap();
+        for (pos, part) in [(0, &toks[..at]), (at, &toks[at..])] {
+            let hidden = first_shard_hidden(&a, &mut ka, pos, part);
+            assert_eq!(hidden.len(), part.len() * a.config().hidden);
+        }
+    }
+}
+
+#[test]
+fn a_middle_shard_refuses_tokens() {
+    let t = tiny(TinyModelSpec::default());
     let mid = Gemma3::load(&t.path, Some(2..4)).unwrap();
     let mut kv = mid.new_kv_cache(1 << 20);
     kv.reserve(1, 1).unwrap();
@@ -177,156 +259,236 @@ fn layer_shards_chained_equal_the_whole_model() {
         mid.forward(&[c], &mut kv),
         Err(KernelError::BadInput(_))
     ));
+}
+
+#[test]
+fn an_empty_layer_range_is_refused() {
+    let t = tiny(TinyModelSpec::default());
     assert!(matches!(
         Gemma3::load(&t.path, Some(3..3)),
         Err(KernelError::BadLayerRange { .. })
     ));
+}
+
+#[test]
+fn a_layer_range_past_the_last_layer_is_refused() {
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
     assert!(matches!(
         Gemma3::load(&t.path, Some(0..n + 1)),
         Err(KernelError::BadLayerRange { .. })
     ));
 }
 
-#[test]
-fn kv_pool_exhaustion_preempts_and_still_gives_the_same_tokens() {
-    let t = tiny(TinyModelSpec::default());
-    let cfg = t.lm.model.config();
-    let block = KvCache::block_bytes(cfg.layers, cfg.kv_dim());
-    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(20 + i, i as u32)).collect();
-    let run = |budget: usize| {
-        let mut e = engine(&t.lm, budget);
-        for (i, p) in prompts.iter().enumerate() {
-            e.add_request(Request {
-                id: i as u64,
-                prompt: p.clone(),
-                params: greedy(30),
-                priority: 0,
-                tenant: String::new(),
-            })
+/// Six sequences of 20 to 25 prompt tokens and 30 greedy ones, run on a
+/// pool of `budget` bytes: their completions, and the preemptions it took.
+fn six_sequences(t: &Tiny, budget: usize) -> (HashMap<u64, Completion>, u64) {
+    let mut e = engine(&t.lm, budget);
+    for i in 0..6u32 {
+        e.add_request(ask(i as u64, prompt(20 + i as usize, i), greedy(30)))
             .unwrap();
-        }
-        let out = e.run_to_completion().unwrap();
-        (out, e.stats().preemptions)
-    };
-    let (roomy, pre0) = run(1 << 26);
-    assert_eq!(pre0, 0);
-    // 10 blocks hold 160 positions; the six sequences need about 6 × 4 blocks
-    let (tight, pre) = run(10 * block);
-    assert!(pre > 0, "the small pool should have forced preemption");
+    }
+    let out = e.run_to_completion().unwrap();
+    (out, e.stats().preemptions)
+}
+
+/// A pool of 10 blocks: 160 positions, where the six sequences need about
+/// 6 × 4 blocks.
+fn a_tight_pool(t: &Tiny) -> usize {
+    10 * block_bytes(t)
+}
+
+#[test]
+fn a_pool_with_room_to_spare_never_preempts() {
+    let t = tiny(TinyModelSpec::default());
+    let (_, preemptions) = six_sequences(&t, 1 << 26);
+    assert_eq!(preemptions, 0);
+}
+
+#[test]
+fn kv_pool_exhaustion_preempts() {
+    let t = tiny(TinyModelSpec::default());
+    let (_, preemptions) = six_sequences(&t, a_tight_pool(&t));
+    assert!(
+        preemptions > 0,
+        "the small pool should have forced preemption"
+    );
+}
+
+#[test]
+fn sequences_preempted_for_kv_blocks_still_finish_with_the_same_tokens() {
+    let t = tiny(TinyModelSpec::default());
+    let (roomy, _) = six_sequences(&t, 1 << 26);
+    let (tight, _) = six_sequences(&t, a_tight_pool(&t));
     for i in 0..6u64 {
         assert_eq!(tight[&i].finish, Some(FinishReason::Length));
         assert_eq!(tight[&i].tokens, roomy[&i].tokens, "sequence {i}");
     }
-    // a sequence that cannot fit even alone ends with an error, not a crash
-    let mut e = engine(&t.lm, 2 * block);
-    e.add_request(Request {
-        id: 9,
-        prompt: prompt(20, 1),
-        params: greedy(40),
-        priority: 0,
-        tenant: String::new(),
-    })
-    .unwrap();
+}
+
+#[test]
+fn a_sequence_that_cannot_fit_even_alone_ends_with_an_error_not_a_crash() {
+    let t = tiny(TinyModelSpec::default());
+    let mut e = engine(&t.lm, 2 * block_bytes(&t));
+    e.add_request(ask(9, prompt(20, 1), greedy(40))).unwrap();
     let out = e.run_to_completion().unwrap();
     assert!(
         matches!(out[&9].finish, Some(FinishReason::Error(_))),
         "{:?}",
         out[&9].finish
     );
-    // and a prompt larger than the whole pool is refused at once
+}
+
+#[test]
+fn a_prompt_larger_than_the_whole_pool_is_refused_at_once() {
+    let t = tiny(TinyModelSpec::default());
+    let mut e = engine(&t.lm, 2 * block_bytes(&t));
     let err = e
-        .add_request(Request {
-            id: 10,
-            prompt: prompt(100, 1),
-            params: greedy(1),
-            priority: 0,
-            tenant: String::new(),
-        })
+        .add_request(ask(10, prompt(100, 1), greedy(1)))
         .unwrap_err();
     assert!(matches!(err, KernelError::Rejected(_)));
 }
 
+/// What the model says greedily after `prompt(5, 0)`, 16 tokens.
+fn sixteen_greedy(t: &Tiny) -> Completion {
+    complete(t, ask(1, prompt(5, 0), greedy(16)))
+}
+
 #[test]
-fn stop_strings_cancel_max_tokens_and_priorities() {
+fn max_tokens_ends_a_sequence_with_length() {
     let t = tiny(TinyModelSpec::default());
-    let tok = t.lm.tokenizer.clone();
-    // find what the model says greedily, then stop on a piece of it
-    let mut e = engine(&t.lm, 16 << 20);
-    e.add_request(Request {
-        id: 1,
-        prompt: prompt(5, 0),
-        params: greedy(16),
-        priority: 0,
-        tenant: String::new(),
-    })
-    .unwrap();
-    let full = e.run_to_completion().unwrap().remove(&1).unwrap();
+    let full = sixteen_greedy(&t);
     assert_eq!(full.tokens.len(), 16);
     assert_eq!(full.finish, Some(FinishReason::Length));
-    assert_eq!(full.text, tok.decode(&full.tokens));
-    let text = full.text.clone();
+}
+
+#[test]
+fn a_completions_text_is_its_tokens_decoded() {
+    let t = tiny(TinyModelSpec::default());
+    let full = sixteen_greedy(&t);
+    assert_eq!(full.text, t.lm.tokenizer.decode(&full.tokens));
+}
+
+/// A run stopped on two characters from the middle of what the model says
+/// greedily, with the stop string and the text before it.
+fn stopped_on_a_string(t: &Tiny) -> (Completion, String, String) {
+    let text = sixteen_greedy(t).text;
     let chars: Vec<char> = text.chars().collect();
     assert!(chars.len() > 6, "{text:?}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
-    let expected = &text[..text.find(&stop).unwrap()];
-    let mut e = engine(&t.lm, 16 << 20);
+    let expected = text[..text.find(&stop).unwrap()].to_string();
     let params = SamplingParams {
         stop_strings: vec![stop.clone()],
         ..greedy(16)
     };
-    e.add_request(Request {
-        id: 1,
-        prompt: prompt(5, 0),
-        params,
-        priority: 0,
-        tenant: String::new(),
-    })
-    .unwrap();
-    let got = e.run_to_completion().unwrap().remove(&1).unwrap();
-    assert_eq!(got.finish, Some(FinishReason::Stop));
+    (complete(t, ask(1, prompt(5, 0), params)), stop, expected)
+}
+
+#[test]
+fn a_stop_string_ends_the_text_just_before_it() {
+    let t = tiny(TinyModelSpec::default());
+    let (got, stop, expected) = stopped_on_a_string(&t);
     assert_eq!(got.text, expected, "stop {stop:?}");
-    // a stop token ends the sequence without adding it
-    let mut e = engine(&t.lm, 16 << 20);
+}
+
+#[test]
+fn a_sequence_ended_by_a_stop_string_finishes_with_stop() {
+    let t = tiny(TinyModelSpec::default());
+    let (got, _, _) = stopped_on_a_string(&t);
+    assert_eq!(got.finish, Some(FinishReason::Stop));
+}
+
+/// What the model says greedily, and a run stopped on its 4th token.
+fn stopped_on_a_token(t: &Tiny) -> (Completion, Completion) {
+    let full = sixteen_greedy(t);
     let params = SamplingParams {
         stop_tokens: vec![full.tokens[3]],
         ..greedy(16)
     };
-    e.add_request(Request {
-        id: 1,
-        prompt: prompt(5, 0),
-        params,
-        priority: 0,
-        tenant: String::new(),
-    })
-    .unwrap();
-    let got = e.run_to_completion().unwrap().remove(&1).unwrap();
+    let got = complete(t, ask(1, prompt(5, 0), params));
+    (full, got)
+}
+
+#[test]
+fn a_stop_token_ends_the_sequence_without_adding_it() {
+    let t = tiny(TinyModelSpec::default());
+    let (full, got) = stopped_on_a_token(&t);
     let first = full
         .tokens
         .iter()
         .position(|&x| x == full.tokens[3])
         .unwrap();
     assert_eq!(got.tokens, full.tokens[..first]);
+}
+
+#[test]
+fn a_sequence_ended_by_a_stop_token_finishes_with_stop() {
+    let t = tiny(TinyModelSpec::default());
+    let (_, got) = stopped_on_a_token(&t);
     assert_eq!(got.finish, Some(FinishReason::Stop));
-    // cancel frees the blocks and reports the cancellation
+}
+
+/// An engine where a long sequence (id 5) was cancelled after its first
+/// step, and what the cancellation gave.
+struct Cancelled {
+    engine: Engine,
+    /// The blocks in use before the cancellation.
+    blocks_before: usize,
+    /// What `cancel` answered.
+    cancelled: bool,
+    /// The events of the step after it.
+    events: Vec<StepEvent>,
+}
+
+fn cancelled_after_a_step(t: &Tiny) -> Cancelled {
     let mut e = engine(&t.lm, 16 << 20);
-    e.add_request(Request {
-        id: 5,
-        prompt: prompt(30, 2),
-        params: greedy(100),
-        priority: 0,
-        tenant: String::new(),
-    })
-    .unwrap();
+    e.add_request(ask(5, prompt(30, 2), greedy(100))).unwrap();
     e.step().unwrap();
-    assert!(e.kv_usage().0 > 0);
-    assert!(e.cancel(5));
-    let evs = e.step().unwrap();
-    assert_eq!(evs.len(), 1);
-    assert_eq!(evs[0].finish, Some(FinishReason::Cancelled));
-    assert_eq!(e.kv_usage().0, 0);
-    assert!(!e.has_work());
-    assert!(!e.cancel(5));
-    // higher priority is admitted first when only one fits
+    let blocks_before = e.kv_usage().0;
+    let cancelled = e.cancel(5);
+    let events = e.step().unwrap();
+    Cancelled {
+        engine: e,
+        blocks_before,
+        cancelled,
+        events,
+    }
+}
+
+#[test]
+fn cancelling_a_running_sequence_reports_the_cancellation() {
+    let t = tiny(TinyModelSpec::default());
+    let c = cancelled_after_a_step(&t);
+    assert!(c.cancelled);
+    assert_eq!(c.events.len(), 1);
+    assert_eq!(c.events[0].finish, Some(FinishReason::Cancelled));
+}
+
+#[test]
+fn cancelling_a_running_sequence_frees_its_blocks() {
+    let t = tiny(TinyModelSpec::default());
+    let c = cancelled_after_a_step(&t);
+    assert!(c.blocks_before > 0);
+    assert_eq!(c.engine.kv_usage().0, 0);
+}
+
+#[test]
+fn a_cancelled_sequence_leaves_no_work() {
+    let t = tiny(TinyModelSpec::default());
+    let c = cancelled_after_a_step(&t);
+    assert!(!c.engine.has_work());
+}
+
+#[test]
+fn a_sequence_cannot_be_cancelled_twice() {
+    let t = tiny(TinyModelSpec::default());
+    let mut c = cancelled_after_a_step(&t);
+    assert!(!c.engine.cancel(5));
+}
+
+#[test]
+fn higher_priority_is_admitted_first_when_only_one_fits() {
+    let t = tiny(TinyModelSpec::default());
     let mut e = Engine::new(
         t.lm.model.clone(),
         t.lm.tokenizer.clone(),
@@ -336,178 +498,265 @@ fn stop_strings_cancel_max_tokens_and_priorities() {
         },
     )
     .unwrap();
+    e.add_request(ask(1, prompt(4, 1), greedy(2))).unwrap();
     e.add_request(Request {
-        id: 1,
-        prompt: prompt(4, 1),
-        params: greedy(2),
-        priority: 0,
-        tenant: String::new(),
-    })
-    .unwrap();
-    e.add_request(Request {
-        id: 2,
-        prompt: prompt(4, 2),
-        params: greedy(2),
         priority: 9,
-        tenant: String::new(),
+        ..ask(2, prompt(4, 2), greedy(2))
     })
     .unwrap();
     let first_ids: Vec<u64> = e.step().unwrap().iter().map(|ev| ev.id).collect();
     assert_eq!(first_ids, vec![2]);
-    // logprobs are reported per token and are log-probabilities
-    let mut e = engine(&t.lm, 16 << 20);
+}
+
+/// Four greedy tokens with their log-probabilities and the top 3 of each.
+fn with_logprobs(t: &Tiny) -> Completion {
     let params = SamplingParams {
         logprobs: true,
         top_logprobs: 3,
         ..greedy(4)
     };
-    e.add_request(Request {
-        id: 1,
-        prompt: prompt(5, 0),
-        params,
-        priority: 0,
-        tenant: String::new(),
-    })
-    .unwrap();
-    let got = e.run_to_completion().unwrap().remove(&1).unwrap();
-    assert_eq!(got.logprobs.len(), 4);
-    for lp in &got.logprobs {
+    complete(t, ask(1, prompt(5, 0), params))
+}
+
+#[test]
+fn logprobs_are_reported_per_token() {
+    let t = tiny(TinyModelSpec::default());
+    assert_eq!(with_logprobs(&t).logprobs.len(), 4);
+}
+
+#[test]
+fn logprobs_are_log_probabilities() {
+    let t = tiny(TinyModelSpec::default());
+    for lp in &with_logprobs(&t).logprobs {
         assert!(lp.logprob <= 0.0);
+    }
+}
+
+#[test]
+fn a_greedy_token_is_the_first_of_its_top_logprobs() {
+    let t = tiny(TinyModelSpec::default());
+    for lp in &with_logprobs(&t).logprobs {
         assert_eq!(lp.top[0].0, lp.token, "greedy picks the most likely token");
+    }
+}
+
+#[test]
+fn top_logprobs_are_as_many_as_asked() {
+    let t = tiny(TinyModelSpec::default());
+    for lp in &with_logprobs(&t).logprobs {
         assert_eq!(lp.top.len(), 3);
     }
+}
+
+/// 20 tokens sampled hot after `prompt(5, 0)` with `seed`.
+fn sampled(t: &Tiny, seed: u64) -> Vec<u32> {
+    let params = SamplingParams {
+        temperature: 50.0,
+        top_p: 0.99,
+        seed: Some(seed),
+        ..greedy(20)
+    };
+    complete(t, ask(1, prompt(5, 0), params)).tokens
 }
 
 #[test]
 fn seeded_sampling_repeats() {
     let t = tiny(TinyModelSpec::default());
-    let run = |seed: u64| {
-        let mut e = engine(&t.lm, 16 << 20);
-        let params = SamplingParams {
-            temperature: 50.0,
-            top_p: 0.99,
-            seed: Some(seed),
-            ..greedy(20)
-        };
-        e.add_request(Request {
-            id: 1,
-            prompt: prompt(5, 0),
-            params,
-            priority: 0,
-            tenant: String::new(),
-        })
-        .unwrap();
-        e.run_to_completion().unwrap().remove(&1).unwrap().tokens
-    };
-    assert_eq!(run(7), run(7));
-    assert_ne!(run(7), run(8));
+    assert_eq!(sampled(&t, 7), sampled(&t, 7));
 }
 
 #[test]
-fn requests_that_can_never_run_are_rejected() {
+fn another_seed_samples_other_tokens() {
+    let t = tiny(TinyModelSpec::default());
+    assert_ne!(sampled(&t, 7), sampled(&t, 8));
+}
+
+/// A tiny model with 64 positions of context, and an engine over it.
+fn short_context() -> (Tiny, Engine) {
     let t = tiny(TinyModelSpec {
         context_length: 64,
         ..TinyModelSpec::default()
     });
-    let mut e = engine(&t.lm, 16 << 20);
-    let bad = |p: Vec<u32>| Request {
-        id: 1,
-        prompt: p,
-        params: greedy(4),
-        priority: 0,
-        tenant: String::new(),
-    };
+    let e = engine(&t.lm, 16 << 20);
+    (t, e)
+}
+
+#[test]
+fn an_empty_prompt_is_rejected() {
+    let (_t, mut e) = short_context();
     assert!(matches!(
-        e.add_request(bad(vec![])),
+        e.add_request(ask(1, vec![], greedy(4))),
         Err(KernelError::Rejected(_))
     ));
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_rejected() {
+    let (_t, mut e) = short_context();
     assert!(matches!(
-        e.add_request(bad(prompt(80, 0))),
+        e.add_request(ask(1, prompt(80, 0), greedy(4))),
         Err(KernelError::Rejected(_))
     ));
+}
+
+#[test]
+fn a_prompt_with_a_token_outside_the_vocabulary_is_rejected() {
+    let (_t, mut e) = short_context();
     assert!(matches!(
-        e.add_request(bad(vec![2, 99_999])),
+        e.add_request(ask(1, vec![2, 99_999], greedy(4))),
         Err(KernelError::Rejected(_))
     ));
-    // generation stops at the context limit with `Length`
-    e.add_request(bad(prompt(60, 0))).unwrap();
-    let r = Request {
-        id: 2,
-        prompt: prompt(60, 0),
-        params: greedy(100),
-        priority: 0,
-        tenant: String::new(),
-    };
-    e.add_request(r).unwrap();
+}
+
+#[test]
+fn generation_stops_at_the_context_limit_with_length() {
+    let (_t, mut e) = short_context();
+    e.add_request(ask(1, prompt(60, 0), greedy(4))).unwrap();
+    e.add_request(ask(2, prompt(60, 0), greedy(100))).unwrap();
     let out = e.run_to_completion().unwrap();
     assert_eq!(out[&2].finish, Some(FinishReason::Length));
     assert_eq!(61 + out[&2].tokens.len(), 64);
 }
 
+/// Text with words, a user-defined piece (the newline), an accented
+/// character and one without a piece of its own (the rocket).
+const MIXED_TEXT: &str = " hello world\nthe café 🚀 ok";
+
+/// `MIXED_TEXT` encoded with its BOS.
+fn mixed_ids(tok: &Tokenizer) -> Vec<u32> {
+    tok.encode(MIXED_TEXT, true, false)
+}
+
+/// What a stream decoder emits for each of `ids`, then at the end.
+fn streamed(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
+    let mut d = StreamDecoder::new();
+    let mut pieces: Vec<String> = ids.iter().map(|&id| d.push(tok, id)).collect();
+    pieces.push(d.finish());
+    pieces
+}
+
 #[test]
-fn tokenizer_round_trips_and_streams_whole_characters() {
+fn an_encoding_asked_for_bos_starts_with_it() {
     let t = tiny(TinyModelSpec::default());
     let tok = &t.lm.tokenizer;
-    let text = " hello world\nthe café 🚀 ok";
-    let ids = tok.encode(text, true, false);
-    assert_eq!(ids[0], tok.bos());
-    assert!(ids.contains(&tok.token_id("\u{2581}hello").unwrap()));
+    assert_eq!(mixed_ids(tok)[0], tok.bos());
+}
+
+#[test]
+fn a_word_encodes_to_its_piece() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
+    assert!(mixed_ids(tok).contains(&tok.token_id("\u{2581}hello").unwrap()));
+}
+
+#[test]
+fn user_defined_pieces_are_split_out() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
     assert!(
-        ids.contains(&tok.token_id("\n").unwrap()),
+        mixed_ids(tok).contains(&tok.token_id("\n").unwrap()),
         "user-defined pieces are split out"
     );
+}
+
+#[test]
+fn a_character_without_a_piece_falls_back_to_its_bytes() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
     // the rocket is not a piece: it falls back to its 4 bytes
     let rocket: Vec<u32> = "🚀"
         .bytes()
         .map(|b| tok.token_id(&format!("<0x{b:02X}>")).unwrap())
         .collect();
-    assert!(ids.windows(4).any(|w| w == rocket.as_slice()));
-    assert_eq!(tok.decode(&ids), text);
-    // streaming never emits half a character
-    let mut d = StreamDecoder::new();
-    let mut pieces = Vec::new();
-    for &id in &ids {
-        let s = d.push(tok, id);
-        pieces.push(s);
-    }
-    pieces.push(d.finish());
-    assert_eq!(pieces.concat(), text);
+    assert!(mixed_ids(tok).windows(4).any(|w| w == rocket.as_slice()));
+}
+
+#[test]
+fn decoding_gives_back_the_encoded_text() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
+    assert_eq!(tok.decode(&mixed_ids(tok)), MIXED_TEXT);
+}
+
+#[test]
+fn a_stream_of_tokens_decodes_to_the_whole_text() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
+    assert_eq!(streamed(tok, &mixed_ids(tok)).concat(), MIXED_TEXT);
+}
+
+#[test]
+fn streaming_never_emits_half_a_character() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
+    let pieces = streamed(tok, &mixed_ids(tok));
     let rocket_at = pieces.iter().position(|p| p.contains('🚀')).unwrap();
     assert_eq!(
         pieces[rocket_at - 3..rocket_at],
         ["", "", ""],
         "bytes held until the character is whole"
     );
-    // control tokens are only parsed when asked
+}
+
+#[test]
+fn control_tokens_are_not_parsed_unless_asked() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
     let plain = tok.encode("<start_of_turn>user", false, false);
     assert!(!plain.contains(&tok.token_id("<start_of_turn>").unwrap()));
+}
+
+#[test]
+fn control_tokens_are_parsed_when_asked() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
     let special = tok.encode("<start_of_turn>user", false, true);
     assert_eq!(special[0], tok.token_id("<start_of_turn>").unwrap());
-    // chat template
-    let msgs = [
-        weft_kernels::ChatMessage {
+}
+
+/// A system prompt and three turns.
+fn chat() -> [ChatMessage; 4] {
+    [
+        ChatMessage {
             role: "system".into(),
             content: "Be brief.".into(),
         },
-        weft_kernels::ChatMessage {
+        ChatMessage {
             role: "user".into(),
             content: "Hi".into(),
         },
-        weft_kernels::ChatMessage {
+        ChatMessage {
             role: "assistant".into(),
             content: "Hello!".into(),
         },
-        weft_kernels::ChatMessage {
+        ChatMessage {
             role: "user".into(),
             content: "Bye".into(),
         },
-    ];
+    ]
+}
+
+#[test]
+fn the_chat_template_renders_gemmas_turns() {
+    let t = tiny(TinyModelSpec::default());
     assert_eq!(
-        tok.apply_chat_template(&msgs),
+        t.lm.tokenizer.apply_chat_template(&chat()),
         "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
     );
-    let ids = tok.encode_chat(&msgs);
-    assert_eq!(ids[0], tok.bos());
+}
+
+#[test]
+fn an_encoded_chat_starts_with_bos() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
+    assert_eq!(tok.encode_chat(&chat())[0], tok.bos());
+}
+
+#[test]
+fn an_encoded_chat_ends_each_of_its_three_turns() {
+    let t = tiny(TinyModelSpec::default());
+    let tok = &t.lm.tokenizer;
+    let ids = tok.encode_chat(&chat());
     assert_eq!(
         ids.iter()
             .filter(|&&i| Some(i) == tok.token_id("<end_of_turn>"))
@@ -522,17 +771,53 @@ fn write_bytes(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-#[test]
-fn hostile_and_broken_files_are_typed_errors() {
+/// The tiny model's file, and a directory to write broken copies of it in.
+struct Broken {
+    _t: Tiny,
+    good: Vec<u8>,
+    dir: tempfile::TempDir,
+}
+
+fn broken() -> Broken {
     let t = tiny(TinyModelSpec::default());
     let good = std::fs::read(&t.path).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let open = |p: &Path| load(p, None, Backend::Cpu).map(|_| ()).unwrap_err();
+    Broken {
+        _t: t,
+        good,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
 
-    // truncated: in the header, and in the tensor data
+/// The error loading the file at `p` gives.
+fn load_error(p: &Path) -> KernelError {
+    load(p, None, Backend::Cpu).map(|_| ()).unwrap_err()
+}
+
+impl Broken {
+    /// The error loading `bytes`, written as `name`, gives.
+    fn open_bytes(&self, name: &str, bytes: &[u8]) -> KernelError {
+        load_error(&write_bytes(self.dir.path(), name, bytes))
+    }
+
+    /// The good file with `at` overwritten by `bytes`.
+    fn patched(&self, at: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut bad = self.good.clone();
+        bad[at..at + bytes.len()].copy_from_slice(bytes);
+        bad
+    }
+
+    /// Where `needle` first is in the good file.
+    fn find(&self, needle: &[u8]) -> usize {
+        find(&self.good, needle).unwrap()
+    }
+}
+
+#[test]
+fn a_file_truncated_in_its_header_or_its_tensor_data_is_a_typed_error() {
+    let b = broken();
+    let good = &b.good;
     for cut in [10, 300, good.len() / 2, good.len() - 10] {
-        let p = write_bytes(dir.path(), &format!("cut{cut}.gguf"), &good[..cut]);
-        let e = open(&p);
+        let e = b.open_bytes(&format!("cut{cut}.gguf"), &good[..cut]);
         assert!(
             matches!(
                 e,
@@ -543,62 +828,100 @@ fn hostile_and_broken_files_are_typed_errors() {
             "cut at {cut}: {e}"
         );
     }
-    // wrong magic
-    let mut bad = good.clone();
-    bad[..4].copy_from_slice(b"GGML");
+}
+
+#[test]
+fn a_file_with_the_wrong_magic_is_invalid_gguf() {
+    let b = broken();
     assert!(matches!(
-        open(&write_bytes(dir.path(), "magic.gguf", &bad)),
+        b.open_bytes("magic.gguf", &b.patched(0, b"GGML")),
         KernelError::InvalidGguf { .. }
     ));
-    // huge tensor count and huge metadata count (header bytes 8..16 and 16..24)
-    for at in [8usize, 16] {
-        let mut bad = good.clone();
-        bad[at..at + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
-        assert!(matches!(
-            open(&write_bytes(dir.path(), "huge.gguf", &bad)),
-            KernelError::InvalidGguf { .. }
-        ));
-    }
-    // a huge string length in the first metadata key
-    let mut bad = good.clone();
-    bad[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+}
+
+#[test]
+fn a_huge_tensor_count_is_invalid_gguf() {
+    let b = broken();
+    // header bytes 8..16
+    let bad = b.patched(8, &(u64::MAX / 2).to_le_bytes());
     assert!(matches!(
-        open(&write_bytes(dir.path(), "str.gguf", &bad)),
+        b.open_bytes("huge.gguf", &bad),
         KernelError::InvalidGguf { .. }
     ));
-    // an empty file and a missing file
+}
+
+#[test]
+fn a_huge_metadata_count_is_invalid_gguf() {
+    let b = broken();
+    // header bytes 16..24
+    let bad = b.patched(16, &(u64::MAX / 2).to_le_bytes());
     assert!(matches!(
-        open(&write_bytes(dir.path(), "empty.gguf", b"")),
+        b.open_bytes("huge.gguf", &bad),
         KernelError::InvalidGguf { .. }
     ));
+}
+
+#[test]
+fn a_huge_string_length_in_the_metadata_is_invalid_gguf() {
+    let b = broken();
+    // the first metadata key's length
+    let bad = b.patched(24, &(1u64 << 40).to_le_bytes());
     assert!(matches!(
-        open(&dir.path().join("none.gguf")),
+        b.open_bytes("str.gguf", &bad),
+        KernelError::InvalidGguf { .. }
+    ));
+}
+
+#[test]
+fn an_empty_file_is_invalid_gguf() {
+    let b = broken();
+    assert!(matches!(
+        b.open_bytes("empty.gguf", b""),
+        KernelError::InvalidGguf { .. }
+    ));
+}
+
+#[test]
+fn a_missing_file_is_an_io_error() {
+    let b = broken();
+    assert!(matches!(
+        load_error(&b.dir.path().join("none.gguf")),
         KernelError::Io { .. }
     ));
-    // unsupported architecture
-    let mut bad = good.clone();
-    let at = find(&bad, b"gemma3").unwrap();
-    bad[at..at + 6].copy_from_slice(b"llama9");
+}
+
+#[test]
+fn an_unsupported_architecture_is_a_typed_error() {
+    let b = broken();
+    let bad = b.patched(b.find(b"gemma3"), b"llama9");
     assert!(matches!(
-        open(&write_bytes(dir.path(), "arch.gguf", &bad)),
+        b.open_bytes("arch.gguf", &bad),
         KernelError::UnsupportedArchitecture { .. }
     ));
-    // a missing tensor (rename one in the header)
-    let mut bad = good.clone();
-    let at = find(&bad, b"blk.2.ffn_up.weight").unwrap();
-    bad[at..at + 3].copy_from_slice(b"blx");
+}
+
+#[test]
+fn a_missing_tensor_is_a_typed_error() {
+    let b = broken();
+    // rename one in the header
+    let bad = b.patched(b.find(b"blk.2.ffn_up.weight"), b"blx");
     assert!(matches!(
-        open(&write_bytes(dir.path(), "missing.gguf", &bad)),
+        b.open_bytes("missing.gguf", &bad),
         KernelError::MissingTensor { .. }
     ));
-    // a tensor of the wrong shape: swap which tensor carries the up name
-    let mut bad = good.clone();
-    let a = find(&bad, b"blk.1.attn_k.weight").unwrap();
-    let b = find(&bad, b"blk.1.attn_q.weight").unwrap();
-    bad[a + 11] = b'q';
-    bad[b + 11] = b'k';
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_a_typed_error() {
+    let b = broken();
+    // swap which tensors carry the k and q names
+    let mut bad = b.good.clone();
+    let k = b.find(b"blk.1.attn_k.weight");
+    let q = b.find(b"blk.1.attn_q.weight");
+    bad[k + 11] = b'q';
+    bad[q + 11] = b'k';
     assert!(matches!(
-        open(&write_bytes(dir.path(), "shape.gguf", &bad)),
+        b.open_bytes("shape.gguf", &bad),
         KernelError::WrongShape { .. }
     ));
 }
@@ -614,136 +937,229 @@ fn the_engine_refuses_a_shard() {
     assert!(Engine::new(shard, t.lm.tokenizer.clone(), EngineConfig::default()).is_err());
 }
 
-#[test]
-fn a_resumed_sequence_continues_exactly_where_the_first_run_stopped() {
-    let t = tiny(TinyModelSpec::default());
-    let sampled = |seed: Option<u64>| SamplingParams {
+/// How the resume tests sample: greedily, or hot with a seed.
+const RESUME_SEEDS: [Option<u64>; 2] = [None, Some(11)];
+
+/// Where the resume tests cut the first run: after 1, 10 and 23 of its 24
+/// tokens.
+const RESUME_CUTS: [usize; 3] = [1, 10, 23];
+
+/// 24 tokens after `prompt(9, 4)`, sampled with `seed` (greedy without).
+fn resumable(id: u64, seed: Option<u64>) -> Request {
+    let params = SamplingParams {
         temperature: if seed.is_some() { 5.0 } else { 0.0 },
         seed,
         ..greedy(24)
     };
-    for seed in [None, Some(11)] {
-        let mut e = engine(&t.lm, 16 << 20);
-        let req = |id| Request {
-            id,
-            prompt: prompt(9, 4),
-            params: sampled(seed),
-            priority: 0,
-            tenant: String::new(),
-        };
-        e.add_request(req(1)).unwrap();
-        let whole = e.run_to_completion().unwrap().remove(&1).unwrap();
-        assert_eq!(whole.tokens.len(), 24);
-        for cut in [1, 10, 23] {
-            // what a client had seen when the first replica died: the tokens
-            // so far and their text
-            let text_bytes = t.lm.tokenizer.decode(&whole.tokens[..cut]).len();
-            let mut e = engine(&t.lm, 16 << 20);
-            e.add_resumed(
-                req(2),
-                Resume {
-                    tokens: whole.tokens[..cut].to_vec(),
-                    text_bytes,
-                },
-            )
-            .unwrap();
-            let rest = e.run_to_completion().unwrap().remove(&2).unwrap();
+    ask(id, prompt(9, 4), params)
+}
+
+/// The first run, uninterrupted.
+fn first_run(t: &Tiny, seed: Option<u64>) -> Completion {
+    let whole = complete(t, resumable(1, seed));
+    assert_eq!(whole.tokens.len(), 24, "the first run ran to max_tokens");
+    whole
+}
+
+/// The rest of `whole` from a fresh engine, given what a client had seen
+/// when the first replica died after `cut` tokens: the tokens so far and
+/// their text.
+fn resumed(t: &Tiny, seed: Option<u64>, whole: &Completion, cut: usize) -> Completion {
+    let text_bytes = t.lm.tokenizer.decode(&whole.tokens[..cut]).len();
+    let mut e = engine(&t.lm, 16 << 20);
+    e.add_resumed(
+        resumable(2, seed),
+        Resume {
+            tokens: whole.tokens[..cut].to_vec(),
+            text_bytes,
+        },
+    )
+    .unwrap();
+    e.run_to_completion().unwrap().remove(&2).unwrap()
+}
+
+#[test]
+fn a_resumed_sequence_continues_exactly_where_the_first_run_stopped() {
+    let t = tiny(TinyModelSpec::default());
+    for seed in RESUME_SEEDS {
+        let whole = first_run(&t, seed);
+        for cut in RESUME_CUTS {
+            let rest = resumed(&t, seed, &whole, cut);
             assert_eq!(
                 rest.tokens,
                 whole.tokens[cut..],
                 "seed {seed:?}, resumed after {cut}"
             );
+        }
+    }
+}
+
+#[test]
+fn a_resumed_sequences_text_joins_the_first_runs_without_a_gap_or_a_repeat() {
+    let t = tiny(TinyModelSpec::default());
+    for seed in RESUME_SEEDS {
+        let whole = first_run(&t, seed);
+        for cut in RESUME_CUTS {
+            let rest = resumed(&t, seed, &whole, cut);
             assert_eq!(
                 t.lm.tokenizer.decode(&whole.tokens[..cut]) + &rest.text,
                 whole.text,
                 "seed {seed:?}, resumed after {cut}: the text joins without a gap or a repeat"
             );
         }
-        // nothing left to generate is refused, not run past max_tokens
+    }
+}
+
+#[test]
+fn resuming_with_nothing_left_to_generate_is_refused() {
+    let t = tiny(TinyModelSpec::default());
+    for seed in RESUME_SEEDS {
+        let whole = first_run(&t, seed);
+        // refused, not run past max_tokens
         let mut e = engine(&t.lm, 16 << 20);
         let all = Resume {
             tokens: whole.tokens.clone(),
             text_bytes: 0,
         };
-        assert!(e.add_resumed(req(3), all).is_err());
+        assert!(e.add_resumed(resumable(3, seed), all).is_err());
     }
+}
+
+fn shard(t: &Tiny, layers: std::ops::Range<usize>) -> Arc<Gemma3> {
+    Arc::new(Gemma3::load(&t.path, Some(layers)).unwrap())
+}
+
+/// The six requests the chain tests submit, 24 greedy tokens each.
+fn chain_requests() -> Vec<Request> {
+    (0..6u32)
+        .map(|i| ask(i as u64, prompt(9 + i as usize * 3, i), greedy(24)))
+        .collect()
+}
+
+fn run_all(e: &mut Engine, reqs: &[Request]) -> HashMap<u64, Completion> {
+    for r in reqs {
+        e.add_request(r.clone()).unwrap();
+    }
+    e.run_to_completion().unwrap()
+}
+
+/// Where the chain tests cut the model's layers: into 2 shards or 3.
+const CHAIN_CUTS: [&[usize]; 3] = [&[2], &[1, 4], &[3, 5]];
+
+/// The shards' layer bounds for `cuts` over a model of `n` layers.
+fn bounds(cuts: &[usize], n: usize) -> Vec<usize> {
+    let mut bounds = vec![0];
+    bounds.extend(cuts);
+    bounds.push(n);
+    bounds
+}
+
+/// A head pool of 12 blocks of the head's layers: 192 positions for the
+/// about 270 the requests need, so the head preempts (and the chain
+/// recomputes downstream too).
+fn small_head_budget(t: &Tiny, cuts: &[usize]) -> usize {
+    12 * KvCache::block_bytes(cuts[0], t.lm.model.config().kv_dim())
+}
+
+/// An engine on the head shard (layers up to the first cut) with a pool of
+/// `head_budget` bytes, over a local chain of the other shards. The last
+/// shard returns logits, or (`projected_at_head`) its final hidden states
+/// for the head to project.
+fn chain_engine(t: &Tiny, cuts: &[usize], head_budget: usize, projected_at_head: bool) -> Engine {
+    let bounds = bounds(cuts, t.lm.model.config().layers);
+    let rest: Vec<Arc<Gemma3>> = bounds[1..]
+        .windows(2)
+        .map(|w| shard(t, w[0]..w[1]))
+        .collect();
+    let mut chain = LocalChain::new(rest, 1 << 26).unwrap();
+    if projected_at_head {
+        chain = chain.leaving_projection_to_the_head();
+    }
+    Engine::new_chain(
+        shard(t, 0..bounds[1]),
+        Box::new(chain),
+        t.lm.tokenizer.clone(),
+        EngineConfig {
+            kv_budget_bytes: head_budget,
+            max_step_tokens: 64,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap()
 }
 
 #[test]
 fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
     let t = tiny(TinyModelSpec::default());
-    let n = t.lm.model.config().layers;
-    let kv_dim = t.lm.model.config().kv_dim();
-    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(9 + i * 3, i as u32)).collect();
-    let submit = |e: &mut Engine| {
-        for (i, p) in prompts.iter().enumerate() {
-            e.add_request(Request {
-                id: i as u64,
-                prompt: p.clone(),
-                params: greedy(24),
-                priority: 0,
-                tenant: String::new(),
-            })
-            .unwrap();
-        }
-    };
-    let mut whole = engine(&t.lm, 1 << 26);
-    submit(&mut whole);
-    let whole = whole.run_to_completion().unwrap();
-    let shard = |r: std::ops::Range<usize>| Arc::new(Gemma3::load(&t.path, Some(r)).unwrap());
-    // like Gemma 3, the tiny model projects with its embedding, so a head
-    // can project the last shard's hidden states
-    assert!(shard(0..2).is_tied());
-    for cuts in [vec![2], vec![1, 4], vec![3, 5]] {
-        // a roomy head, then a head so small it preempts (and the chain
-        // recomputes downstream too)
-        let mut bounds = vec![0];
-        bounds.extend(&cuts);
-        bounds.push(n);
-        // 12 blocks of the head's layers: 192 positions for about 270
-        let small = 12 * KvCache::block_bytes(bounds[1], kv_dim);
-        // the last shard returns logits, or its final hidden states for the
-        // head to project
-        for (head_budget, projected_at_head) in
-            [(1usize << 26, false), (1 << 26, true), (small, true)]
-        {
-            let rest: Vec<Arc<Gemma3>> =
-                bounds[1..].windows(2).map(|w| shard(w[0]..w[1])).collect();
-            let mut chain = LocalChain::new(rest, 1 << 26).unwrap();
-            if projected_at_head {
-                chain = chain.leaving_projection_to_the_head();
-            }
-            let mut e = Engine::new_chain(
-                shard(0..bounds[1]),
-                Box::new(chain),
-                t.lm.tokenizer.clone(),
-                EngineConfig {
-                    kv_budget_bytes: head_budget,
-                    max_step_tokens: 64,
-                    ..EngineConfig::default()
-                },
-            )
-            .unwrap();
-            submit(&mut e);
-            let out = e.run_to_completion().unwrap();
-            for i in 0..prompts.len() as u64 {
+    let reqs = chain_requests();
+    let whole = run_all(&mut engine(&t.lm, 1 << 26), &reqs);
+    for cuts in CHAIN_CUTS {
+        // a roomy head, then a head so small it preempts
+        for (head_budget, projected_at_head) in [
+            (1usize << 26, false),
+            (1 << 26, true),
+            (small_head_budget(&t, cuts), true),
+        ] {
+            let mut e = chain_engine(&t, cuts, head_budget, projected_at_head);
+            let out = run_all(&mut e, &reqs);
+            for i in 0..reqs.len() as u64 {
                 assert_eq!(out[&i].tokens.len(), 24);
                 assert_eq!(
                     out[&i].tokens, whole[&i].tokens,
                     "sequence {i}, layers cut at {cuts:?}, head budget {head_budget}, projected at the head: {projected_at_head}"
                 );
             }
-            if head_budget < 1 << 26 {
-                assert!(e.stats().preemptions > 0, "the small head did not preempt");
-            }
         }
     }
-    // a chain must start after the head and end the model
-    assert!(LocalChain::new(vec![shard(0..2)], 1 << 20).is_err());
-    assert!(LocalChain::new(vec![shard(2..4)], 1 << 20).is_err());
-    assert!(LocalChain::new(vec![shard(2..3), shard(4..n)], 1 << 20).is_err());
-    // and the head is the first shard, not the whole model
-    let rest = LocalChain::new(vec![shard(2..n)], 1 << 20).unwrap();
+}
+
+#[test]
+fn a_chains_head_with_a_small_pool_preempts() {
+    let t = tiny(TinyModelSpec::default());
+    let reqs = chain_requests();
+    for cuts in CHAIN_CUTS {
+        let mut e = chain_engine(&t, cuts, small_head_budget(&t, cuts), true);
+        run_all(&mut e, &reqs);
+        assert!(
+            e.stats().preemptions > 0,
+            "the small head did not preempt (layers cut at {cuts:?})"
+        );
+    }
+}
+
+#[test]
+fn the_tiny_model_projects_with_its_embedding() {
+    // like Gemma 3, so a head can project the last shard's hidden states
+    let t = tiny(TinyModelSpec::default());
+    assert!(shard(&t, 0..2).is_tied());
+}
+
+#[test]
+fn a_chain_that_starts_at_the_first_layer_is_refused() {
+    // a chain must start after the head
+    let t = tiny(TinyModelSpec::default());
+    assert!(LocalChain::new(vec![shard(&t, 0..2)], 1 << 20).is_err());
+}
+
+#[test]
+fn a_chain_that_stops_short_of_the_last_layer_is_refused() {
+    let t = tiny(TinyModelSpec::default());
+    assert!(LocalChain::new(vec![shard(&t, 2..4)], 1 << 20).is_err());
+}
+
+#[test]
+fn a_chain_with_a_gap_between_its_shards_is_refused() {
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    assert!(LocalChain::new(vec![shard(&t, 2..3), shard(&t, 4..n)], 1 << 20).is_err());
+}
+
+#[test]
+fn an_engine_over_a_chain_refuses_the_whole_model_as_its_head() {
+    // the head is the first shard, not the whole model
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    let rest = LocalChain::new(vec![shard(&t, 2..n)], 1 << 20).unwrap();
     assert!(Engine::new_chain(
         t.lm.model.clone(),
         Box::new(rest),
@@ -753,50 +1169,39 @@ fn an_engine_over_a_chain_of_2_or_3_shards_gives_the_whole_models_tokens() {
     .is_err());
 }
 
-/// A chain whose later layers fail once (a node of it died): every running
-/// sequence ends with an error that says so, none hangs, and the engine
-/// then serves new requests exactly as before.
-#[test]
-fn a_failing_chain_ends_its_running_sequences_with_an_error_and_the_engine_goes_on() {
-    struct FailsOnce {
-        inner: LocalChain,
-        calls: usize,
-        fail_at: usize,
-    }
-    impl Downstream for FailsOnce {
-        fn forward(&mut self, chunks: &[Chunk]) -> weft_kernels::Result<Vec<ChunkOutput>> {
-            self.calls += 1;
-            if self.calls == self.fail_at {
-                return Err(weft_kernels::KernelError::BadInput("node gone".into()));
-            }
-            self.inner.forward(chunks)
+/// A chain whose later layers fail once (a node of it died).
+struct FailsOnce {
+    inner: LocalChain,
+    calls: usize,
+    fail_at: usize,
+}
+
+impl Downstream for FailsOnce {
+    fn forward(&mut self, chunks: &[Chunk]) -> weft_kernels::Result<Vec<ChunkOutput>> {
+        self.calls += 1;
+        if self.calls == self.fail_at {
+            return Err(weft_kernels::KernelError::BadInput("node gone".into()));
         }
-        fn release(&mut self, seq: u64) {
-            self.inner.release(seq)
-        }
+        self.inner.forward(chunks)
     }
-    let t = tiny(TinyModelSpec::default());
+    fn release(&mut self, seq: u64) {
+        self.inner.release(seq)
+    }
+}
+
+/// 12 greedy tokens after `p`.
+fn twelve(id: u64, p: &[u32]) -> Request {
+    ask(id, p.to_vec(), greedy(12))
+}
+
+/// An engine over a chain that failed on its 3rd call while two sequences
+/// ran, and what those sequences ended with.
+fn after_a_chain_failure(t: &Tiny) -> (Engine, HashMap<u64, Completion>) {
     let n = t.lm.model.config().layers;
-    let shard = |r: std::ops::Range<usize>| Arc::new(Gemma3::load(&t.path, Some(r)).unwrap());
-    let mut whole = engine(&t.lm, 1 << 26);
-    let ask = |id: u64, p: &[u32]| Request {
-        id,
-        prompt: p.to_vec(),
-        params: greedy(12),
-        priority: 0,
-        tenant: String::new(),
-    };
-    whole.add_request(ask(9, &prompt(11, 5))).unwrap();
-    let want = whole
-        .run_to_completion()
-        .unwrap()
-        .remove(&9)
-        .unwrap()
-        .tokens;
     let mut e = Engine::new_chain(
-        shard(0..2),
+        shard(t, 0..2),
         Box::new(FailsOnce {
-            inner: LocalChain::new(vec![shard(2..n)], 1 << 26).unwrap(),
+            inner: LocalChain::new(vec![shard(t, 2..n)], 1 << 26).unwrap(),
             calls: 0,
             fail_at: 3,
         }),
@@ -804,9 +1209,16 @@ fn a_failing_chain_ends_its_running_sequences_with_an_error_and_the_engine_goes_
         EngineConfig::default(),
     )
     .unwrap();
-    e.add_request(ask(1, &prompt(10, 1))).unwrap();
-    e.add_request(ask(2, &prompt(12, 2))).unwrap();
+    e.add_request(twelve(1, &prompt(10, 1))).unwrap();
+    e.add_request(twelve(2, &prompt(12, 2))).unwrap();
     let out = e.run_to_completion().unwrap();
+    (e, out)
+}
+
+#[test]
+fn a_failing_chain_ends_its_running_sequences_as_lost_with_the_reason() {
+    let t = tiny(TinyModelSpec::default());
+    let (_, out) = after_a_chain_failure(&t);
     for id in [1, 2] {
         match &out[&id].finish {
             Some(FinishReason::Lost(why)) => assert!(why.contains("node gone"), "{why}"),
@@ -814,9 +1226,27 @@ fn a_failing_chain_ends_its_running_sequences_with_an_error_and_the_engine_goes_
         }
         assert!(out[&id].tokens.len() < 12);
     }
+}
+
+#[test]
+fn a_failing_chain_leaves_no_sequence_running() {
+    let t = tiny(TinyModelSpec::default());
+    let (e, _) = after_a_chain_failure(&t);
     assert_eq!(e.running(), 0);
+}
+
+#[test]
+fn a_failing_chain_gives_back_the_failed_sequences_blocks() {
+    let t = tiny(TinyModelSpec::default());
+    let (e, _) = after_a_chain_failure(&t);
     assert_eq!(e.kv_usage().0, 0, "the failed sequences' blocks were kept");
-    e.add_request(ask(9, &prompt(11, 5))).unwrap();
-    let again = e.run_to_completion().unwrap();
-    assert_eq!(again[&9].tokens, want);
+}
+
+#[test]
+fn after_its_chain_failed_the_engine_serves_new_requests_as_before() {
+    let t = tiny(TinyModelSpec::default());
+    let want = complete_on(engine(&t.lm, 1 << 26), twelve(9, &prompt(11, 5))).tokens;
+    let (e, _) = after_a_chain_failure(&t);
+    let again = complete_on(e, twelve(9, &prompt(11, 5)));
+    assert_eq!(again.tokens, want);
 }

@@ -282,32 +282,48 @@ memory_bytes = 1000
 tokens_per_s = 10.0
 "#;
 
-    #[test]
-    fn a_coordinator_must_list_itself_under_its_own_name() {
-        let ok = format!(
-            "{NODE}\n[coordinator]\nid = 1\npeers = [{{ id = 1, name = \"coord-1\", addr = \"127.0.0.1:7100\" }}]\n"
-        );
-        let c = parse(&ok).unwrap();
-        assert_eq!(c.coordinators().len(), 1);
-        assert_eq!(c.member().name, "coord-1");
-        let missing = format!(
-            "{NODE}\n[coordinator]\nid = 2\npeers = [{{ id = 1, name = \"coord-1\", addr = \"127.0.0.1:7100\" }}]\n"
-        );
-        assert!(parse(&missing)
-            .unwrap_err()
-            .to_string()
-            .contains("include this member"));
-        let renamed = format!(
-            "{NODE}\n[coordinator]\nid = 1\npeers = [{{ id = 1, name = \"other\", addr = \"127.0.0.1:7100\" }}]\n"
-        );
-        assert!(parse(&renamed).unwrap_err().to_string().contains("named"));
+    fn coordinator(id: u64, name: &str) -> String {
+        format!(
+            "{NODE}\n[coordinator]\nid = {id}\npeers = [{{ id = 1, name = \"{name}\", addr = \"127.0.0.1:7100\" }}]\n"
+        )
     }
 
     #[test]
-    fn a_plain_node_needs_an_identity_or_a_token_and_typos_are_caught() {
+    fn a_coordinator_listing_itself_is_its_own_member() {
+        let c = parse(&coordinator(1, "coord-1")).unwrap();
+        assert_eq!(c.coordinators().len(), 1);
+        assert_eq!(c.member().name, "coord-1");
+    }
+
+    #[test]
+    fn a_coordinator_missing_from_its_peers_is_refused() {
+        assert!(parse(&coordinator(2, "coord-1"))
+            .unwrap_err()
+            .to_string()
+            .contains("include this member"));
+    }
+
+    #[test]
+    fn a_coordinator_listed_under_another_name_is_refused() {
+        assert!(parse(&coordinator(1, "other"))
+            .unwrap_err()
+            .to_string()
+            .contains("named"));
+    }
+
+    #[test]
+    fn a_plain_node_needs_an_identity_or_a_join_token() {
         assert!(parse(NODE).unwrap_err().to_string().contains("join token"));
-        let typo = NODE.replace("slots", "slot").replace("site =", "sight =");
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_refused() {
+        let typo = NODE.replace("site =", "sight =");
         assert!(parse(&typo).is_err());
+    }
+
+    #[test]
+    fn a_bad_node_name_is_refused() {
         let bad_name = NODE.replace("coord-1", "Coord 1");
         assert!(parse(&format!(
             "{bad_name}\n[join]\ntoken = \"t\"\ncoordinators = []\n"

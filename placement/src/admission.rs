@@ -72,11 +72,18 @@ impl AdmissionPolicy {
 mod tests {
     use super::*;
 
+    /// A policy with a queue mark of 8.
+    fn policy() -> AdmissionPolicy {
+        AdmissionPolicy { max_queue: 8 }
+    }
+
+    fn at(waiting: usize) -> NodeLoad {
+        NodeLoad { waiting }
+    }
+
     #[test]
-    fn sheddable_goes_first_critical_last() {
-        let p = AdmissionPolicy { max_queue: 8 };
-        let at = |w| NodeLoad { waiting: w };
-        // below half the queue everything is admitted
+    fn below_half_the_queue_everything_is_admitted() {
+        let p = policy();
         for c in [
             Criticality::Sheddable,
             Criticality::Standard,
@@ -84,13 +91,28 @@ mod tests {
         ] {
             assert!(p.admit(c, at(3)).is_ok());
         }
-        // from half: only sheddable is refused
+    }
+
+    #[test]
+    fn from_half_the_queue_only_sheddable_work_is_refused() {
+        let p = policy();
         assert!(p.admit(Criticality::Sheddable, at(4)).is_err());
         assert!(p.admit(Criticality::Standard, at(4)).is_ok());
-        // at the queue mark standard is refused too, critical still admitted
-        assert!(p.admit(Criticality::Standard, at(8)).is_err());
-        assert!(p.admit(Criticality::Critical, at(15)).is_ok());
-        let r = p.admit(Criticality::Critical, at(16)).unwrap_err();
+    }
+
+    #[test]
+    fn at_the_queue_mark_standard_work_is_refused() {
+        assert!(policy().admit(Criticality::Standard, at(8)).is_err());
+    }
+
+    #[test]
+    fn critical_work_is_admitted_past_the_queue_mark() {
+        assert!(policy().admit(Criticality::Critical, at(15)).is_ok());
+    }
+
+    #[test]
+    fn critical_work_is_refused_at_twice_the_queue_mark() {
+        let r = policy().admit(Criticality::Critical, at(16)).unwrap_err();
         assert_eq!(
             r,
             Refusal {
@@ -99,8 +121,17 @@ mod tests {
                 limit: 16
             }
         );
+    }
+
+    #[test]
+    fn a_refusal_names_the_criticality() {
+        let r = policy().admit(Criticality::Critical, at(16)).unwrap_err();
         assert!(r.to_string().contains("critical"));
-        // for every load, refusal is monotone in criticality
+    }
+
+    #[test]
+    fn refusal_is_monotone_in_criticality_at_every_load() {
+        let p = policy();
         for w in 0..40 {
             let ok = |c| p.admit(c, at(w)).is_ok();
             assert!(!ok(Criticality::Sheddable) || ok(Criticality::Standard));

@@ -159,49 +159,80 @@ impl Learner {
 mod tests {
     use super::*;
 
-    #[test]
-    fn utility_falls_with_latency_and_cost_and_drops_at_a_miss() {
-        let w = UtilityWeights::default();
-        let at = |ms, cost| Outcome {
+    /// The default weights' utility of an outcome of `ms` and `cost`, for
+    /// a deadline of 1 s and a budget of 1e-3.
+    fn utility_at(ms: f64, cost: f64) -> f64 {
+        let at = Outcome {
             latency_ms: ms,
             cost,
             energy_j: 0.0,
         };
-        let fast = w.utility(at(100.0, 1e-4), Some(1000.0), Some(1e-3));
-        let slow = w.utility(at(900.0, 1e-4), Some(1000.0), Some(1e-3));
-        let dear = w.utility(at(100.0, 9e-4), Some(1000.0), Some(1e-3));
-        let late = w.utility(at(1001.0, 1e-4), Some(1000.0), Some(1e-3));
-        assert!(fast > slow && fast > dear);
+        UtilityWeights::default().utility(at, Some(1000.0), Some(1e-3))
+    }
+
+    #[test]
+    fn utility_falls_with_latency() {
+        assert!(utility_at(100.0, 1e-4) > utility_at(900.0, 1e-4));
+    }
+
+    #[test]
+    fn utility_falls_with_cost() {
+        assert!(utility_at(100.0, 1e-4) > utility_at(100.0, 9e-4));
+    }
+
+    #[test]
+    fn utility_drops_by_the_miss_penalty_at_a_missed_deadline() {
+        let w = UtilityWeights::default();
+        let slow = utility_at(900.0, 1e-4);
+        let late = utility_at(1001.0, 1e-4);
         assert!(
             slow - late > w.miss_penalty * 0.99,
             "a miss costs the penalty"
         );
     }
 
-    #[test]
-    fn bandit_settles_on_the_better_arm_per_context() {
-        let mut l = Learner::new(3, 0.5);
-        let busy = Context {
+    /// Contexts where a different arm is best: arm 2 when busy, arm 0 when
+    /// idle.
+    fn busy() -> Context {
+        Context {
             criticality: Criticality::Critical,
             load: 2,
-        };
-        let idle = Context {
+        }
+    }
+
+    fn idle() -> Context {
+        Context {
             criticality: Criticality::Standard,
             load: 0,
-        };
-        // arm 2 is best when busy, arm 0 when idle
+        }
+    }
+
+    /// A learner of 3 arms after 500 rounds in both contexts.
+    fn trained() -> Learner {
+        let mut l = Learner::new(3, 0.5);
         let reward = |ctx: Context, arm: usize| match (ctx.load, arm) {
             (2, 2) | (0, 0) => 1.0,
             _ => 0.2,
         };
         for _ in 0..500 {
-            for ctx in [busy, idle] {
+            for ctx in [busy(), idle()] {
                 let a = l.choose(ctx);
                 l.observe(ctx, a, reward(ctx, a));
             }
         }
-        assert_eq!(l.choose(busy), 2);
-        assert_eq!(l.choose(idle), 0);
-        assert!(l.mean(busy, 2).unwrap() > l.mean(busy, 1).unwrap());
+        l
+    }
+
+    #[test]
+    fn bandit_settles_on_the_better_arm_per_context() {
+        let l = trained();
+        assert_eq!(l.choose(busy()), 2);
+        assert_eq!(l.choose(idle()), 0);
+    }
+
+    #[test]
+    fn bandit_estimates_the_better_arm_above_a_worse_one() {
+        let l = trained();
+        assert!(l.mean(busy(), 2).unwrap() > l.mean(busy(), 1).unwrap());
     }
 }

@@ -179,9 +179,8 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_tenant_gets_its_gauges_with_escaped_labels() {
-        let usage = |tenant: &str, running, kv_blocks| weft_kernels::TenantUsage {
+    fn usage(tenant: &str, running: usize, kv_blocks: usize) -> weft_kernels::TenantUsage {
+        weft_kernels::TenantUsage {
             tenant: tenant.into(),
             running,
             waiting: 2,
@@ -189,7 +188,10 @@ mod tests {
             kv_quota: 12,
             served_tokens: 40,
             preemptions: 3,
-        };
+        }
+    }
+
+    fn rendered() -> String {
         let g = Gauges {
             tenants: vec![
                 ("gemma".into(), usage("acme", 1, 7)),
@@ -197,14 +199,28 @@ mod tests {
             ],
             ..Gauges::default()
         };
-        let text = Metrics::default().render(g);
+        Metrics::default().render(g)
+    }
+
+    #[test]
+    fn each_tenant_gets_its_gauges() {
+        let text = rendered();
         assert!(text.contains("weft_tenant_running{model=\"gemma\",tenant=\"acme\"} 1"));
         assert!(text.contains("weft_tenant_kv_blocks{model=\"gemma\",tenant=\"acme\"} 7"));
         assert!(text.contains("weft_tenant_kv_quota_blocks{model=\"gemma\",tenant=\"acme\"} 12"));
         assert!(text.contains("weft_tenant_preemptions{model=\"gemma\",tenant=\"acme\"} 3"));
-        assert!(text.contains("weft_tenant_waiting{model=\"gemma\",tenant=\"say \\\"hi\\\"\"} 2"));
         assert_eq!(text.matches("# TYPE weft_tenant_running gauge").count(), 1);
-        // no tenants, no tenant gauges
+    }
+
+    #[test]
+    fn tenant_labels_are_escaped() {
+        assert!(
+            rendered().contains("weft_tenant_waiting{model=\"gemma\",tenant=\"say \\\"hi\\\"\"} 2")
+        );
+    }
+
+    #[test]
+    fn without_tenants_there_are_no_tenant_gauges() {
         assert!(!Metrics::default()
             .render(Gauges::default())
             .contains("weft_tenant_"));

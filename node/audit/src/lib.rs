@@ -348,64 +348,93 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_survives_reopening_and_rotation_and_verifies() {
+    fn a_written_chain_verifies_from_genesis() {
         let dir = tempfile::tempdir().unwrap();
         let v = write(dir.path(), 10, 1 << 20);
         assert_eq!((v.lines, v.first_seq), (10, 0));
-        // reopened: the chain goes on where it ended
-        let v2 = write(dir.path(), 5, 1 << 20);
-        assert_eq!(v2.lines, 15);
-        // a small size limit: many files, one chain
-        let small = tempfile::tempdir().unwrap();
-        let v = write(small.path(), 50, 500);
-        assert_eq!(v.lines, 50);
-        let fs_ = files(small.path()).unwrap();
-        assert!(fs_.len() > 5, "{} files", fs_.len());
-        // a later file alone verifies from where it starts
-        let tail = verify(&[fs_[2].clone(), fs_[3].clone()]).unwrap();
-        assert!(tail.first_seq > 0);
-        // reopening after rotation continues the chain
-        let v = write(small.path(), 7, 500);
-        assert_eq!(v.lines, 57);
     }
 
     #[test]
-    fn edited_removed_and_reordered_lines_are_caught() {
+    fn a_reopened_log_continues_its_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 10, 1 << 20);
+        assert_eq!(write(dir.path(), 5, 1 << 20).lines, 15);
+    }
+
+    #[test]
+    fn a_small_size_limit_gives_many_files_and_one_chain() {
+        let small = tempfile::tempdir().unwrap();
+        assert_eq!(write(small.path(), 50, 500).lines, 50);
+        let fs_ = files(small.path()).unwrap();
+        assert!(fs_.len() > 5, "{} files", fs_.len());
+    }
+
+    #[test]
+    fn later_files_alone_verify_from_where_they_start() {
+        let small = tempfile::tempdir().unwrap();
+        write(small.path(), 50, 500);
+        let fs_ = files(small.path()).unwrap();
+        let tail = verify(&[fs_[2].clone(), fs_[3].clone()]).unwrap();
+        assert!(tail.first_seq > 0);
+    }
+
+    #[test]
+    fn reopening_after_rotation_continues_the_chain() {
+        let small = tempfile::tempdir().unwrap();
+        write(small.path(), 50, 500);
+        assert_eq!(write(small.path(), 7, 500).lines, 57);
+    }
+
+    /// Six good lines of one file, and where verification breaks once
+    /// `tamper` changed them: the line number and why.
+    fn tampered(tamper: impl FnOnce(&mut Vec<String>)) -> (usize, String) {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), 6, 1 << 20);
         let file = files(dir.path()).unwrap()[0].clone();
         let good = lines(&file);
-        let broken = |ls: Vec<String>| {
-            let d = tempfile::tempdir().unwrap();
-            let f = d.path().join(file_name(0));
-            put(&f, &ls);
-            let e = verify(&[f]).unwrap_err();
-            match e {
-                AuditError::Broken { line, why, .. } => (line, why),
-                other => panic!("{other}"),
-            }
-        };
-        // edited: the record of line 3 changes
         let mut ls = good.clone();
-        ls[2] = ls[2].replace("\"r2\"", "\"r9\"");
-        assert_ne!(ls[2], good[2]);
-        assert_eq!(broken(ls).0, 4);
-        // removed
-        let mut ls = good.clone();
-        ls.remove(3);
-        let (line, why) = broken(ls);
+        tamper(&mut ls);
+        assert_ne!(ls, good, "nothing was tampered with");
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join(file_name(0));
+        put(&f, &ls);
+        match verify(&[f]).unwrap_err() {
+            AuditError::Broken { line, why, .. } => (line, why),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn an_edited_line_breaks_the_chain_at_the_next_line() {
+        let (line, _) = tampered(|ls| ls[2] = ls[2].replace("\"r2\"", "\"r9\""));
+        assert_eq!(line, 4);
+    }
+
+    #[test]
+    fn a_removed_line_is_reported_as_removed() {
+        let (line, why) = tampered(|ls| {
+            ls.remove(3);
+        });
         assert_eq!(line, 4);
         assert!(why.contains("removed"), "{why}");
-        // reordered
-        let mut ls = good.clone();
-        ls.swap(1, 2);
-        assert_eq!(broken(ls).0, 2);
-        // the first line removed: the chain no longer starts at genesis
-        // but a later start is allowed, so change seq 0's prev instead
-        let mut ls = good.clone();
-        ls[0] = ls[0].replace(GENESIS, &"1".repeat(64));
-        assert_eq!(broken(ls).0, 1);
-        // a file removed from the middle of a rotated chain
+    }
+
+    #[test]
+    fn reordered_lines_break_the_chain() {
+        let (line, _) = tampered(|ls| ls.swap(1, 2));
+        assert_eq!(line, 2);
+    }
+
+    #[test]
+    fn a_first_line_that_does_not_start_at_genesis_is_caught() {
+        // a later start is allowed, so change seq 0's prev instead of
+        // removing it
+        let (line, _) = tampered(|ls| ls[0] = ls[0].replace(GENESIS, &"1".repeat(64)));
+        assert_eq!(line, 1);
+    }
+
+    #[test]
+    fn a_file_removed_from_the_middle_of_a_rotated_chain_is_caught() {
         let small = tempfile::tempdir().unwrap();
         write(small.path(), 40, 400);
         let mut fs_ = files(small.path()).unwrap();

@@ -849,16 +849,28 @@ mod tests {
     }
 
     #[test]
-    fn ca_files_are_created_once_and_load_back() {
+    fn a_ca_is_created_only_once() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::init(dir.path(), "test").unwrap();
+        ClusterCa::init(dir.path(), "test").unwrap();
         assert!(matches!(
             ClusterCa::init(dir.path(), "test"),
             Err(CredentialError::Exists(_))
         ));
+    }
+
+    #[test]
+    fn a_ca_loads_back_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(dir.path(), "test").unwrap();
         let again = ClusterCa::load(dir.path()).unwrap();
         assert_eq!(ca.fingerprint(), again.fingerprint());
+    }
+
+    #[test]
+    fn the_ca_key_is_readable_by_its_owner_only() {
         use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        ClusterCa::init(dir.path(), "test").unwrap();
         let mode = std::fs::metadata(dir.path().join("ca.key"))
             .unwrap()
             .permissions()
@@ -870,25 +882,58 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tokens_are_checked_for_forgery_cluster_and_expiry() {
+    /// Two CAs in a temporary directory: the cluster's and another.
+    fn two_cas() -> (tempfile::TempDir, ClusterCa, ClusterCa) {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::init(&dir.path().join("a"), "a").unwrap();
         let other = ClusterCa::init(&dir.path().join("b"), "b").unwrap();
+        (dir, ca, other)
+    }
+
+    #[test]
+    fn a_token_checks_and_carries_its_cas_fingerprint() {
+        let (_d, ca, _) = two_cas();
         let t = ca.issue_token(NOW, 3600);
         let claims = ca.check_token(&t, NOW + 10).unwrap();
         assert_eq!(claims.ca, ca.fingerprint());
         assert_eq!(TokenClaims::peek(&t).unwrap(), claims);
-        assert_ne!(t, ca.issue_token(NOW, 3600), "tokens carry a nonce");
+    }
+
+    #[test]
+    fn each_token_is_different() {
+        let (_d, ca, _) = two_cas();
+        assert_ne!(
+            ca.issue_token(NOW, 3600),
+            ca.issue_token(NOW, 3600),
+            "tokens carry a nonce"
+        );
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_saying_by_how_much() {
+        let (_d, ca, _) = two_cas();
+        let t = ca.issue_token(NOW, 3600);
         assert!(matches!(
             ca.check_token(&t, NOW + 3601),
             Err(CredentialError::Expired(1))
         ));
+    }
+
+    #[test]
+    fn another_clusters_token_is_refused() {
+        let (_d, ca, other) = two_cas();
+        let t = ca.issue_token(NOW, 3600);
         assert!(matches!(
             other.check_token(&t, NOW),
             Err(CredentialError::BadToken(_))
         ));
-        // change one claim (a later expiry) and keep the MAC
+    }
+
+    #[test]
+    fn a_token_with_a_changed_claim_is_refused() {
+        // a later expiry, with the MAC kept
+        let (_d, ca, _) = two_cas();
+        let t = ca.issue_token(NOW, 3600);
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
         let mut c: TokenClaims = serde_json::from_slice(&hex::decode(&parts[1]).unwrap()).unwrap();
         c.expires += 1_000_000;
@@ -897,55 +942,109 @@ mod tests {
             ca.check_token(&parts.join("."), NOW),
             Err(CredentialError::BadToken(_))
         ));
+    }
+
+    #[test]
+    fn garbage_is_not_a_token() {
+        let (_d, ca, _) = two_cas();
         assert!(ca.check_token("garbage", NOW).is_err());
     }
 
-    #[test]
-    fn members_of_one_cluster_connect_and_strangers_or_revoked_do_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::init(&dir.path().join("a"), "a").unwrap();
-        let stranger_ca = ClusterCa::init(&dir.path().join("b"), "b").unwrap();
-        let a = ca.issue_identity("node-a").unwrap();
-        let b = joined(&ca, "node-b");
-        let stranger = stranger_ca.issue_identity("node-c").unwrap();
-        let revoked = Revoked::default();
-        let server = |id: &NodeIdentity| id.server_config(&revoked, false).unwrap();
-        let client = |id: &NodeIdentity| id.client_config(&revoked).unwrap();
+    /// A cluster of two identities (one issued, one joined), a stranger
+    /// from another CA, and the revocation list they share.
+    struct Tls {
+        _dir: tempfile::TempDir,
+        ca: ClusterCa,
+        stranger_ca: ClusterCa,
+        a: NodeIdentity,
+        b: NodeIdentity,
+        stranger: NodeIdentity,
+        revoked: Revoked,
+    }
 
-        handshake(client(&b), server(&a), &dns_name("node-a")).unwrap();
-        handshake(client(&a), server(&b), &dns_name("node-b")).unwrap();
-        // a certificate from another CA, either way round
-        assert!(handshake(client(&stranger), server(&a), &dns_name("node-a")).is_err());
-        assert!(handshake(client(&a), server(&stranger), &dns_name("node-c")).is_err());
-        // the wrong name for the server
-        assert!(handshake(client(&b), server(&a), &dns_name("node-x")).is_err());
-        // no client certificate at all
-        let anon = joiner_client_config(&ca.fingerprint()).unwrap();
-        assert!(handshake(anon.clone(), server(&a), &dns_name("node-a")).is_err());
-        // ...unless the server lets joiners in
-        handshake(
-            anon,
-            a.server_config(&revoked, true).unwrap(),
-            &dns_name("node-a"),
-        )
-        .unwrap();
-        // a joiner pinning another CA refuses the server
-        let wrong_pin = joiner_client_config(&stranger_ca.fingerprint()).unwrap();
-        assert!(handshake(
-            wrong_pin,
-            a.server_config(&revoked, true).unwrap(),
-            &dns_name("node-a")
-        )
-        .is_err());
-        // revoke b: refused as a client and as a server
-        revoked.set([b.fingerprint()]);
-        let e = handshake(client(&b), server(&a), &dns_name("node-a")).unwrap_err();
-        assert!(e.contains("Revoked") || e.contains("revoked"), "{e}");
-        assert!(handshake(client(&a), server(&b), &dns_name("node-b")).is_err());
+    impl Tls {
+        fn new() -> Self {
+            let (_dir, ca, stranger_ca) = two_cas();
+            Self {
+                a: ca.issue_identity("node-a").unwrap(),
+                b: joined(&ca, "node-b"),
+                stranger: stranger_ca.issue_identity("node-c").unwrap(),
+                revoked: Revoked::default(),
+                _dir,
+                ca,
+                stranger_ca,
+            }
+        }
+        fn server(&self, id: &NodeIdentity) -> rustls::ServerConfig {
+            id.server_config(&self.revoked, false).unwrap()
+        }
+        fn client(&self, id: &NodeIdentity) -> rustls::ClientConfig {
+            id.client_config(&self.revoked).unwrap()
+        }
     }
 
     #[test]
-    fn identities_save_and_load_and_names_are_checked() {
+    fn members_of_one_cluster_connect_either_way_round() {
+        let t = Tls::new();
+        handshake(t.client(&t.b), t.server(&t.a), &dns_name("node-a")).unwrap();
+        handshake(t.client(&t.a), t.server(&t.b), &dns_name("node-b")).unwrap();
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused_either_way_round() {
+        let t = Tls::new();
+        assert!(handshake(t.client(&t.stranger), t.server(&t.a), &dns_name("node-a")).is_err());
+        assert!(handshake(t.client(&t.a), t.server(&t.stranger), &dns_name("node-c")).is_err());
+    }
+
+    #[test]
+    fn a_server_under_the_wrong_name_is_refused() {
+        let t = Tls::new();
+        assert!(handshake(t.client(&t.b), t.server(&t.a), &dns_name("node-x")).is_err());
+    }
+
+    #[test]
+    fn a_client_without_a_certificate_is_refused() {
+        let t = Tls::new();
+        let anon = joiner_client_config(&t.ca.fingerprint()).unwrap();
+        assert!(handshake(anon, t.server(&t.a), &dns_name("node-a")).is_err());
+    }
+
+    #[test]
+    fn a_server_that_lets_joiners_in_takes_a_client_without_a_certificate() {
+        let t = Tls::new();
+        let anon = joiner_client_config(&t.ca.fingerprint()).unwrap();
+        handshake(
+            anon,
+            t.a.server_config(&t.revoked, true).unwrap(),
+            &dns_name("node-a"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_joiner_pinning_another_ca_refuses_the_server() {
+        let t = Tls::new();
+        let wrong_pin = joiner_client_config(&t.stranger_ca.fingerprint()).unwrap();
+        assert!(handshake(
+            wrong_pin,
+            t.a.server_config(&t.revoked, true).unwrap(),
+            &dns_name("node-a")
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_as_a_client_and_as_a_server() {
+        let t = Tls::new();
+        t.revoked.set([t.b.fingerprint()]);
+        let e = handshake(t.client(&t.b), t.server(&t.a), &dns_name("node-a")).unwrap_err();
+        assert!(e.contains("Revoked") || e.contains("revoked"), "{e}");
+        assert!(handshake(t.client(&t.a), t.server(&t.b), &dns_name("node-b")).is_err());
+    }
+
+    #[test]
+    fn an_identity_saves_and_loads_back() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::init(&dir.path().join("ca"), "a").unwrap();
         let id = joined(&ca, "edge-gw-1");
@@ -953,11 +1052,20 @@ mod tests {
         let back = NodeIdentity::load(&dir.path().join("id")).unwrap();
         assert_eq!(back.fingerprint(), id.fingerprint());
         assert_eq!(back.name, "edge-gw-1");
+    }
+
+    #[test]
+    fn bad_node_names_are_refused() {
         for bad in ["", "UPPER", "-dash", "has space", &"x".repeat(64)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
             assert!(new_request(bad).is_err());
         }
-        // a request is signed for the name the coordinator gives, not the one asked
+    }
+
+    #[test]
+    fn a_request_is_signed_for_the_name_the_coordinator_gives_not_the_one_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(&dir.path().join("ca"), "a").unwrap();
         let (_, csr) = new_request("asks-for-this").unwrap();
         let cert = ca.sign_request(&csr, "gets-this").unwrap();
         let der = pem_to_der(&cert).unwrap();

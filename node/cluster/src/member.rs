@@ -1217,8 +1217,10 @@ mod tests {
         assert_eq!(links[0].rtt_ms, 44.0);
     }
 
-    #[test]
-    fn measured_demand_sums_by_site_keeps_operator_figures_and_drops_noise() {
+    /// What `measured_demand` makes of three nodes' reports at two sites
+    /// (with noise and an unknown model) and a figure the operator pinned
+    /// for `n` at edge-b: (site, model, requests/s).
+    fn measured() -> Vec<(String, String, f64)> {
         let mut state = weft_coordinator::ControlState::default();
         for name in ["m", "n"] {
             state.models.insert(
@@ -1262,16 +1264,40 @@ mod tests {
                 deadline_ms: None,
             },
         )];
-        let d: Vec<(String, String, f64)> = measured_demand(&t, &pinned, &state)
+        measured_demand(&t, &pinned, &state)
             .into_iter()
             .map(|(s, m, d)| (s, m, d.requests_per_s))
-            .collect();
-        assert_eq!(
-            d,
-            [
-                ("edge-a".to_string(), "m".to_string(), 5.0),
-                ("edge-b".to_string(), "m".to_string(), 4.0),
-            ]
+            .collect()
+    }
+
+    #[test]
+    fn measured_demand_sums_what_the_nodes_of_a_site_saw() {
+        let d = measured();
+        let of = |site: &str| {
+            d.iter()
+                .find(|(s, m, _)| s == site && m == "m")
+                .map(|x| x.2)
+        };
+        assert_eq!(of("edge-a"), Some(5.0), "{d:?}");
+        assert_eq!(of("edge-b"), Some(4.0), "{d:?}");
+    }
+
+    #[test]
+    fn a_demand_the_operator_pinned_is_not_replaced_by_a_measured_one() {
+        let d = measured();
+        assert!(
+            !d.iter().any(|(s, m, _)| s == "edge-b" && m == "n"),
+            "{d:?}"
         );
+    }
+
+    #[test]
+    fn measured_demand_below_the_noise_floor_or_for_unknown_models_is_dropped() {
+        let d = measured();
+        assert!(
+            !d.iter().any(|(s, m, _)| s == "edge-a" && m == "n"),
+            "{d:?}"
+        );
+        assert!(!d.iter().any(|(_, m, _)| m == "unknown"), "{d:?}");
     }
 }

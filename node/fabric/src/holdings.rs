@@ -479,23 +479,33 @@ async fn drain_and_stop(model: String, worker: Supervisor) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn smoothed_demand_follows_a_steady_rate_and_decays_when_it_stops() {
+    /// Smoothed rates after 10 requests/s for 30 s (in 400 ms reports),
+    /// and the count so far.
+    fn after_a_steady_rate() -> (BTreeMap<String, f64>, u64) {
         let mut rates = BTreeMap::new();
         let mut count = 0u64;
-        let dt = Duration::from_millis(400);
-        // 10 requests/s for 30 s
         for _ in 0..75 {
             let then = BTreeMap::from([("m".to_string(), count)]);
             count += 4;
             let now = BTreeMap::from([("m".to_string(), count)]);
-            smooth_demand(&mut rates, &then, &now, dt);
+            smooth_demand(&mut rates, &then, &now, Duration::from_millis(400));
         }
+        (rates, count)
+    }
+
+    #[test]
+    fn smoothed_demand_follows_a_steady_rate() {
+        let (rates, _) = after_a_steady_rate();
         assert!((rates["m"] - 10.0).abs() < 0.2, "{rates:?}");
+    }
+
+    #[test]
+    fn smoothed_demand_decays_out_when_requests_stop() {
         // then nothing for 60 s: it drops out
+        let (mut rates, count) = after_a_steady_rate();
         let same = BTreeMap::from([("m".to_string(), count)]);
         for _ in 0..150 {
-            smooth_demand(&mut rates, &same, &same, dt);
+            smooth_demand(&mut rates, &same, &same, Duration::from_millis(400));
         }
         assert!(!rates.contains_key("m"), "{rates:?}");
     }

