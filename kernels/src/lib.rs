@@ -67,7 +67,21 @@ pub fn load(
     backend: Backend,
 ) -> Result<LoadedModel> {
     backend.ensure_available()?;
-    let mut f = GgufFile::open(path)?;
+    load_gguf(GgufFile::open(path)?, range)
+}
+
+/// As [`load`], from a model file already open (`path` names it in errors).
+pub fn load_file(
+    file: std::fs::File,
+    path: &Path,
+    range: Option<std::ops::Range<usize>>,
+    backend: Backend,
+) -> Result<LoadedModel> {
+    backend.ensure_available()?;
+    load_gguf(GgufFile::from_file(file, path)?, range)
+}
+
+fn load_gguf(mut f: GgufFile, range: Option<std::ops::Range<usize>>) -> Result<LoadedModel> {
     let cfg = GemmaConfig::from_gguf(&f)?;
     let tokenizer = Tokenizer::from_gguf(&f)?;
     if tokenizer.vocab_size() != cfg.vocab {

@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use weft_api::{ApiConfig, TenantLimits};
-use weft_worker::{ChainLink, WorkerSpec};
+use weft_worker::sandbox::cgroup::Limits;
+use weft_worker::sandbox::launch::Rlimits;
+use weft_worker::sandbox::{Policy, SeccompMode, Tier};
+use weft_worker::{ChainLink, SandboxSpec, WorkerSpec};
 
 /// Default listen address.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -33,6 +36,71 @@ pub const DEFAULT_MAX_RUNNING: usize = 64;
 pub const DEFAULT_READ_TIMEOUT_S: u64 = 30;
 /// Default seconds in-flight requests get to finish on shutdown.
 pub const DEFAULT_GRACE_S: u64 = 30;
+/// Default first kernel uid dedicated to sandboxed workers.
+pub const DEFAULT_SANDBOX_UID_BASE: u32 = 200_000;
+/// Default number of uids sandboxed workers draw from.
+pub const DEFAULT_SANDBOX_UIDS: u32 = 65_536;
+/// Default memory a worker may use beyond its model and KV budget.
+pub const DEFAULT_SANDBOX_MEMORY_MARGIN: u64 = 512 << 20;
+/// Default tasks a worker may have.
+pub const DEFAULT_SANDBOX_PIDS: u64 = 256;
+
+/// How workers are sandboxed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandbox {
+    /// Not at all.
+    Off,
+    /// Tier process, strict: a worker missing a layer is refused.
+    Process,
+    /// Tier gvisor, strict.
+    Gvisor,
+    /// Tier process, running without the layers the host cannot give.
+    Relaxed,
+}
+
+impl Sandbox {
+    /// Parses `off`, `process`, `gvisor`, `relaxed` (or `true` / `false`).
+    pub fn parse(v: &str) -> Option<Self> {
+        Some(match v.trim() {
+            "off" | "false" | "0" | "no" => Sandbox::Off,
+            "process" | "true" | "1" | "yes" | "on" => Sandbox::Process,
+            "gvisor" => Sandbox::Gvisor,
+            "relaxed" => Sandbox::Relaxed,
+            _ => return None,
+        })
+    }
+
+    /// The policy workers are held to.
+    pub fn policy(self) -> Policy {
+        let (tier, strict) = match self {
+            Sandbox::Off => (Tier::Off, false),
+            Sandbox::Process => (Tier::Process, true),
+            Sandbox::Gvisor => (Tier::Gvisor, true),
+            Sandbox::Relaxed => (Tier::Process, false),
+        };
+        Policy { tier, strict }
+    }
+}
+
+impl<'de> Deserialize<'de> for Sandbox {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Sandbox::Process),
+            Raw::Bool(false) => Ok(Sandbox::Off),
+            Raw::Text(t) => Sandbox::parse(&t).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "sandbox = {t:?}: use \"process\", \"gvisor\", \"relaxed\" or \"off\""
+                ))
+            }),
+        }
+    }
+}
 
 /// Everything a node is configured with.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -69,8 +137,28 @@ pub struct NodeConfig {
     pub read_timeout_s: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub grace_s: u64,
-    /// Run workers in the namespace sandbox.
-    pub sandbox: bool,
+    /// How workers are sandboxed: `"process"` (the default; `true`),
+    /// `"gvisor"`, `"relaxed"` (tier process, running without the layers
+    /// this host cannot give, and saying so), or `"off"` (`false`).
+    pub sandbox: Sandbox,
+    /// The first kernel uid (and gid) dedicated to sandboxed workers.
+    pub sandbox_uid_base: u32,
+    /// How many uids from `sandbox_uid_base` workers draw from.
+    pub sandbox_uids: u32,
+    /// Memory a worker may use beyond its model file and KV budget
+    /// (bytes): its cgroup's limit is their sum.
+    pub sandbox_memory_margin: u64,
+    /// Tasks (processes and threads) a worker may have.
+    pub sandbox_pids: u64,
+    /// CPUs' worth of time a worker may use (0: its `threads`, or every
+    /// core when that is 0).
+    pub sandbox_cpus: f64,
+    /// What the worker's seccomp filter does with a syscall outside its
+    /// list: `"enforce"` (kill) or `"log"` (allow and log: for finding a
+    /// missing syscall; a strict sandbox refuses such a worker).
+    pub sandbox_seccomp: SeccompMode,
+    /// The gVisor runtime (tier `gvisor`).
+    pub runsc: PathBuf,
     /// `text` or `json` logs.
     pub log_format: String,
     /// API keys and the tenant each belongs to; empty: no authentication.
@@ -106,7 +194,14 @@ impl Default for NodeConfig {
             max_running: DEFAULT_MAX_RUNNING,
             read_timeout_s: DEFAULT_READ_TIMEOUT_S,
             grace_s: DEFAULT_GRACE_S,
-            sandbox: true,
+            sandbox: Sandbox::Process,
+            sandbox_uid_base: DEFAULT_SANDBOX_UID_BASE,
+            sandbox_uids: DEFAULT_SANDBOX_UIDS,
+            sandbox_memory_margin: DEFAULT_SANDBOX_MEMORY_MARGIN,
+            sandbox_pids: DEFAULT_SANDBOX_PIDS,
+            sandbox_cpus: 0.0,
+            sandbox_seccomp: SeccompMode::Enforce,
+            runsc: PathBuf::from("runsc"),
             log_format: "text".into(),
             api_keys: BTreeMap::new(),
             tenants: BTreeMap::new(),
@@ -164,17 +259,6 @@ fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
     })
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
-    match v.trim() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(ConfigError::Invalid {
-            key: key.into(),
-            message: format!("{v:?} is not true or false"),
-        }),
-    }
-}
-
 impl NodeConfig {
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -215,7 +299,22 @@ impl NodeConfig {
             self.max_queue = parse_num("WEFT_MAX_QUEUE", &v)?;
         }
         if let Some(v) = env.var("WEFT_SANDBOX") {
-            self.sandbox = parse_bool("WEFT_SANDBOX", &v)?;
+            self.sandbox = Sandbox::parse(&v).ok_or_else(|| ConfigError::Invalid {
+                key: "WEFT_SANDBOX".into(),
+                message: format!("{v:?} is not process, gvisor, relaxed or off"),
+            })?;
+        }
+        if let Some(v) = env.var("WEFT_SANDBOX_SECCOMP") {
+            self.sandbox_seccomp = match v.trim() {
+                "enforce" => SeccompMode::Enforce,
+                "log" => SeccompMode::Log,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: "WEFT_SANDBOX_SECCOMP".into(),
+                        message: format!("{v:?} is not enforce or log"),
+                    })
+                }
+            };
         }
         if let Some(v) = env.var("WEFT_LOG_FORMAT") {
             self.log_format = v;
@@ -298,13 +397,42 @@ impl NodeConfig {
         }
         match self.device.parse::<weft_kernels::Backend>() {
             Err(e) => return bad("device", e.to_string()),
-            Ok(weft_kernels::Backend::Cuda(_)) if self.sandbox => {
+            Ok(weft_kernels::Backend::Cuda(_)) if self.sandbox != Sandbox::Off => {
                 return bad(
                     "device",
                     "the worker sandbox does not let the CUDA driver through yet; set sandbox = false to run on a GPU".into(),
                 )
             }
             Ok(_) => {}
+        }
+        if self.sandbox_uids == 0
+            || self
+                .sandbox_uid_base
+                .checked_add(self.sandbox_uids)
+                .is_none()
+        {
+            return bad(
+                "sandbox_uids",
+                format!(
+                    "{} uids from {} is not a range of kernel uids",
+                    self.sandbox_uids, self.sandbox_uid_base
+                ),
+            );
+        }
+        if self.sandbox_pids < 16 {
+            return bad(
+                "sandbox_pids",
+                format!(
+                    "{} is too few for a worker's threads (at least 16)",
+                    self.sandbox_pids
+                ),
+            );
+        }
+        if !(self.sandbox_cpus >= 0.0 && self.sandbox_cpus.is_finite()) {
+            return bad(
+                "sandbox_cpus",
+                format!("{} is not a number of CPUs", self.sandbox_cpus),
+            );
         }
         for (name, l) in &self.tenants {
             if let Some(v) = l.kv_share.filter(|v| !(*v > 0.0 && *v <= 1.0)) {
@@ -324,6 +452,39 @@ impl NodeConfig {
             .iter()
             .filter_map(|(name, l)| l.kv_share.map(|s| (name.clone(), s)))
             .collect()
+    }
+
+    /// How a worker of the model file at `model` is confined: this node's
+    /// policy, its uid range, and limits of the file's size plus the KV
+    /// budget plus the margin, `sandbox_pids` tasks and `sandbox_cpus`.
+    pub fn sandbox_spec(&self, model: &Path) -> SandboxSpec {
+        let policy = self.sandbox.policy();
+        if policy.tier == Tier::Off {
+            return SandboxSpec::off();
+        }
+        let model_bytes = std::fs::metadata(model).map_or(0, |m| m.len());
+        let cpus = if self.sandbox_cpus > 0.0 {
+            self.sandbox_cpus
+        } else if self.threads > 0 {
+            self.threads as f64
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+        };
+        SandboxSpec {
+            policy,
+            uids: self.sandbox_uid_base..self.sandbox_uid_base + self.sandbox_uids,
+            limits: Limits {
+                memory_bytes: Some(
+                    model_bytes + self.kv_budget as u64 + self.sandbox_memory_margin,
+                ),
+                pids: Some(self.sandbox_pids),
+                cpus: Some(cpus),
+            },
+            rlimits: Rlimits::default(),
+            seccomp: self.sandbox_seccomp,
+            runsc: self.runsc.clone(),
+            state_dir: std::env::temp_dir().join(format!("weft-sandbox-{}", std::process::id())),
+        }
     }
 
     /// What the API enforces and how its listener behaves.
@@ -356,6 +517,7 @@ impl NodeConfig {
     ) -> WorkerSpec {
         WorkerSpec {
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("weft")),
+            sandbox: self.sandbox_spec(&model),
             model,
             threads: self.threads,
             device: self.device.clone(),
@@ -363,7 +525,6 @@ impl NodeConfig {
             kv_budget: self.kv_budget,
             max_context: self.max_context,
             max_running: self.max_running,
-            sandbox: self.sandbox,
             probe,
             layers,
             chain,

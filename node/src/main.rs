@@ -235,7 +235,11 @@ struct UpArgs {
     /// A TOML config file (see configs/).
     #[arg(long, env = "WEFT_CONFIG")]
     config: Option<std::path::PathBuf>,
-    /// Run the model worker without the namespace sandbox [env: WEFT_SANDBOX=false].
+    /// How the model worker is sandboxed: process, gvisor, relaxed or off
+    /// [env: WEFT_SANDBOX] [default: process].
+    #[arg(long, value_parser = ["process", "gvisor", "relaxed", "off"])]
+    sandbox: Option<String>,
+    /// Run the model worker without a sandbox (as --sandbox off).
     #[arg(long)]
     no_sandbox: bool,
 }
@@ -252,8 +256,9 @@ enum ModelCommand {
 }
 
 fn init_logs(format: &str, default_level: &str) {
+    // libcgroups warns of every controller the host lacks, for every cgroup
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| default_level.into());
+        .unwrap_or_else(|_| format!("{default_level},libcgroups=error").into());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -282,8 +287,11 @@ fn up_config(a: UpArgs, log_format: Option<String>) -> Result<NodeConfig> {
     if let Some(v) = a.kv_budget {
         cfg.kv_budget = v;
     }
+    if let Some(v) = a.sandbox.as_deref().and_then(config::Sandbox::parse) {
+        cfg.sandbox = v;
+    }
     if a.no_sandbox {
-        cfg.sandbox = false;
+        cfg.sandbox = config::Sandbox::Off;
     }
     if let Some(f) = log_format {
         cfg.log_format = f;

@@ -33,10 +33,66 @@ pub fn check_device(cfg: &NodeConfig) -> Result<()> {
         .with_context(|| format!("device = {:?}", cfg.device))
 }
 
+/// Checks what this host offers the configured sandbox: a strict sandbox
+/// the host cannot give is an error at start, naming each missing layer and
+/// why; a relaxed one runs and says what it goes without. Returns the line
+/// that says how workers are sandboxed.
+pub fn check_sandbox(cfg: &NodeConfig) -> Result<String> {
+    let policy = cfg.sandbox.policy();
+    remove_stale_sandboxes();
+    if policy.tier == weft_worker::sandbox::Tier::Off {
+        return Ok("sandbox: off (workers run as plain processes of the node)".into());
+    }
+    let host = weft_worker::sandbox::HostSupport::probe(&cfg.runsc);
+    let lacks = host.lacks(&policy);
+    let mode = if policy.strict { "strict" } else { "relaxed" };
+    if lacks.is_empty() {
+        return Ok(format!(
+            "sandbox: {} ({mode}), every layer available (Landlock ABI {})",
+            policy.tier, host.landlock_abi
+        ));
+    }
+    let list: Vec<String> = lacks.iter().map(ToString::to_string).collect();
+    if policy.strict {
+        anyhow::bail!(
+            "this host cannot give the sandbox = \"{}\" layers the workers need:\n  {}\nfix the host, or set sandbox = \"relaxed\" to run without them (and say so in /readyz and /metrics)",
+            policy.tier,
+            list.join("\n  ")
+        );
+    }
+    tracing::warn!(missing = %list.join("; "), "the sandbox runs without these layers (sandbox = \"relaxed\")");
+    Ok(format!(
+        "sandbox: {} (relaxed), running without: {}",
+        policy.tier,
+        list.join("; ")
+    ))
+}
+
+/// Cleans up after nodes killed before they could: their workers'
+/// cgroups, and the gVisor state directories of nodes no longer running
+/// (a restarted node starts clean).
+fn remove_stale_sandboxes() {
+    weft_worker::sandbox::cgroup::remove_stale();
+    let tmp = std::env::temp_dir();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("weft-sandbox-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Runs a node until SIGTERM or SIGINT.
 pub async fn up(cfg: NodeConfig) -> Result<()> {
     let addr = cfg.validate()?;
     check_device(&cfg)?;
+    let sandbox_line = check_sandbox(&cfg)?;
     let source = ModelSource::parse(&cfg.model)?;
     let stored = ModelStore::default_location()
         .resolve(
@@ -96,6 +152,7 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
     if let Some(l) = intent_line {
         println!("{l}");
     }
+    println!("{sandbox_line}");
     // the control plane of one: this node, its model, the epoch placing it here
     let embedded = embedded::start(
         state_dir,

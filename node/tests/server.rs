@@ -35,6 +35,13 @@ fn tiny_model(dir: &Path) -> PathBuf {
 
 /// Starts `weft up` with extra TOML lines; waits until it is ready.
 fn start(extra_toml: &str) -> Node {
+    let node = launch(extra_toml);
+    wait_ready(&node, true);
+    node
+}
+
+/// Starts `weft up` with extra TOML lines; returns once it listens.
+fn launch(extra_toml: &str) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let cfg = dir.path().join("node.toml");
@@ -68,14 +75,12 @@ fn start(extra_toml: &str) -> Node {
             lines_said.lock().unwrap().push(l);
         }
     });
-    let node = Node {
+    Node {
         child,
         base,
         said,
         _dir: dir,
-    };
-    wait_ready(&node, true);
-    node
+    }
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -619,21 +624,209 @@ fn a_stream_past_its_deadline_ends_with_a_deadline_error_event() {
     assert_eq!(err["error"]["code"], "deadline_exceeded");
 }
 
+/// `/readyz`'s report of the worker's confinement.
+fn confinement(n: &Node) -> Value {
+    let v: Value = get(n, "/readyz").json().unwrap();
+    v["worker"]["confinement"].clone()
+}
+
+fn layers(c: &Value) -> Vec<String> {
+    c["layers"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .filter_map(|l| l.as_str().map(String::from))
+        .collect()
+}
+
 #[test]
-fn workers_are_sandboxed() {
+fn the_engine_runs_as_pid_1_of_its_own_namespace() {
+    let n = start("");
+    let c = confinement(&n);
+    assert_eq!(c["pid"], 1, "{c}");
+}
+
+#[test]
+fn a_worker_runs_as_a_dedicated_uid_the_host_sees() {
+    let n = start("sandbox_uid_base = 300000\nsandbox_uids = 1000\n");
+    let c = confinement(&n);
+    let (uid, gid) = (c["uid"].as_u64().unwrap(), c["gid"].as_u64().unwrap());
+    assert!((300_000..301_000).contains(&uid), "{c}");
+    assert!((300_000..301_000).contains(&gid), "{c}");
+}
+
+#[test]
+fn readyz_reports_every_layer_of_tier_process() {
+    let n = start("");
+    let c = confinement(&n);
+    assert_eq!(c["tier"], "process");
+    let have = layers(&c);
+    for l in [
+        "user_namespace",
+        "dedicated_uid",
+        "new_root",
+        "pid_namespace",
+        "network_namespace",
+        "no_new_privs",
+        "no_capabilities",
+        "seccomp",
+        "landlock",
+        "cgroup",
+    ] {
+        assert!(have.iter().any(|h| h == l), "{l} missing from {c}");
+    }
+    assert_eq!(c["no_new_privs"], true);
+    assert!(
+        c["cgroup"].as_str().is_some_and(|g| g.contains("memory")),
+        "{c}"
+    );
+}
+
+#[test]
+fn a_worker_cannot_reach_the_nodes_api() {
     let n = start("");
     let v: Value = get(&n, "/readyz").json().unwrap();
-    let c = &v["worker"]["confinement"];
-    assert_eq!(
-        c["pid"], 1,
-        "the engine runs as PID 1 of its own namespace: {v}"
+    assert_eq!(v["worker"]["reached_node"], false, "{v}");
+}
+
+#[test]
+fn a_worker_below_a_strict_sandbox_is_refused_naming_what_it_lacks() {
+    // a filter that only logs is not the seccomp layer
+    let n = launch("sandbox_seccomp = \"log\"\n");
+    let deadline = Instant::now() + START_DEADLINE;
+    let v = loop {
+        let r = get(&n, "/readyz");
+        assert_ne!(r.status(), 200, "a worker below policy became ready");
+        let v: Value = r.json().unwrap();
+        if v["why"].as_str().is_some_and(|w| w.contains("lacks")) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "never refused: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let why = v["why"].as_str().unwrap();
+    assert!(
+        why.contains("the seccomp filter") && why.contains("relaxed"),
+        "{why}"
     );
-    assert_ne!(c["uid"], 0, "the worker is not root: {v}");
-    assert_eq!(c["no_new_privs"], true);
-    assert_eq!(
-        v["worker"]["reached_node"], false,
-        "the worker has no network: {v}"
+}
+
+#[test]
+fn a_relaxed_sandbox_runs_and_says_what_it_lacks_in_readyz() {
+    let n = start("sandbox = \"relaxed\"\nsandbox_seccomp = \"log\"\n");
+    let c = confinement(&n);
+    assert_eq!(c["relaxed"], true, "{c}");
+    assert_eq!(c["missing"], json!(["seccomp"]), "{c}");
+}
+
+#[test]
+fn a_relaxed_sandbox_says_what_it_lacks_in_metrics() {
+    let n = start("sandbox = \"relaxed\"\nsandbox_seccomp = \"log\"\n");
+    let m = metrics(&n);
+    assert!(m.contains("weft_sandbox_relaxed 1"), "{m}");
+    assert!(
+        m.contains("weft_sandbox_missing_layer{model=\"tiny-gemma\",layer=\"seccomp\"} 1"),
+        "{m}"
     );
+}
+
+#[test]
+fn a_strict_sandbox_reports_no_missing_layer_in_metrics() {
+    let n = start("");
+    let m = metrics(&n);
+    assert!(m.contains("weft_sandbox_relaxed 0"), "{m}");
+    assert!(
+        m.contains("weft_sandbox_info{model=\"tiny-gemma\",tier=\"process\",relaxed=\"false\"} 1"),
+        "{m}"
+    );
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// SIGKILLs `n` and waits until none of `pids` is alive.
+fn kill_and_wait_gone(mut n: Node, pids: &[u32]) {
+    Command::new("kill")
+        .args(["-9", &n.child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = n.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The worker's process (the PID namespace's first) and the engine under it.
+fn worker_pids(n: &Node) -> Vec<u32> {
+    let v: Value = get(n, "/readyz").json().unwrap();
+    let pid = v["worker"]["pid"].as_u64().unwrap() as u32;
+    let mut out = vec![pid];
+    out.extend(children(pid));
+    out
+}
+
+/// Every descendant of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.to_string()))
+            .and_then(|r| {
+                r.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u32>().ok())
+            });
+        if ppid == Some(pid) {
+            out.push(p);
+            out.extend(children(p));
+        }
+    }
+    out
+}
+
+#[test]
+fn sigkill_of_the_node_leaves_no_worker_behind() {
+    let n = start("");
+    let pids = worker_pids(&n);
+    assert!(pids.len() >= 2, "the worker and its engine: {pids:?}");
+    kill_and_wait_gone(n, &pids);
+}
+
+#[test]
+fn weft_up_serves_under_gvisor() {
+    let n = start("sandbox = \"gvisor\"\n");
+    let c = confinement(&n);
+    assert_eq!(c["tier"], "gvisor", "{c}");
+    assert!(layers(&c).iter().any(|l| l == "gvisor"), "{c}");
+    let (st, v) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+}
+
+#[test]
+fn sigkill_of_a_gvisor_node_leaves_no_sandbox_behind() {
+    let n = start("sandbox = \"gvisor\"\n");
+    let pids = worker_pids(&n);
+    assert!(!pids.is_empty());
+    kill_and_wait_gone(n, &pids);
 }
 
 /// Kills (SIGKILL) the worker of `n` under a long stream; what the stream's

@@ -42,6 +42,9 @@ pub struct Gauges {
     pub ready: bool,
     /// Each model's tenants with sequences in its engine.
     pub tenants: Vec<(String, weft_kernels::TenantUsage)>,
+    /// Each model's worker's sandbox tier, whether it is relaxed, and the
+    /// layers it runs without.
+    pub sandboxes: Vec<(String, String, bool, Vec<String>)>,
 }
 
 /// Counters and histograms of one node.
@@ -149,6 +152,31 @@ impl Metrics {
             "# HELP weft_worker_restarts_total Model worker restarts.\n# TYPE weft_worker_restarts_total counter\nweft_worker_restarts_total {}",
             g.worker_restarts
         );
+        if !g.sandboxes.is_empty() {
+            out.push_str("# HELP weft_sandbox_info A model worker's sandbox tier (1), and whether it is relaxed.\n# TYPE weft_sandbox_info gauge\n");
+            for (model, tier, relaxed, _) in &g.sandboxes {
+                let _ = writeln!(
+                    out,
+                    "weft_sandbox_info{{model=\"{}\",tier=\"{}\",relaxed=\"{relaxed}\"}} 1",
+                    label(model),
+                    label(tier)
+                );
+            }
+            out.push_str("# HELP weft_sandbox_relaxed 1 when a model worker runs without a layer of its tier (sandbox = \"relaxed\").\n# TYPE weft_sandbox_relaxed gauge\n");
+            let relaxed = g.sandboxes.iter().any(|s| !s.3.is_empty());
+            let _ = writeln!(out, "weft_sandbox_relaxed {}", u8::from(relaxed));
+            out.push_str("# HELP weft_sandbox_missing_layer A layer a relaxed model worker runs without.\n# TYPE weft_sandbox_missing_layer gauge\n");
+            for (model, _, _, missing) in &g.sandboxes {
+                for layer in missing {
+                    let _ = writeln!(
+                        out,
+                        "weft_sandbox_missing_layer{{model=\"{}\",layer=\"{}\"}} 1",
+                        label(model),
+                        label(layer)
+                    );
+                }
+            }
+        }
         if !g.tenants.is_empty() {
             type Of = fn(&weft_kernels::TenantUsage) -> usize;
             let per_tenant: [(&str, &str, Of); 5] = [

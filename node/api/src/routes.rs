@@ -66,6 +66,13 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
         None => json!({"pid": runner.worker_pid(), "restarts": runner.restarts()}),
     };
     let ids: Vec<&str> = held.iter().map(|m| m.model_id.as_str()).collect();
+    if let Some(why) = held.iter().find_map(|m| m.runner.refused()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "why": why, "models": ids, "worker": worker})),
+        )
+            .into_response();
+    }
     if held.iter().all(|m| m.runner.is_ready()) {
         Json(json!({"status": "ready", "model": first.model_id, "models": ids, "worker": worker}))
             .into_response()

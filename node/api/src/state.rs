@@ -158,6 +158,22 @@ impl AppState {
                     .map(|t| (m.model_id.clone(), t)),
             );
             g.ready &= m.runner.is_ready();
+            if let Some((c, _)) = m.runner.confinement() {
+                g.sandboxes.push((
+                    m.model_id.clone(),
+                    c.tier.to_string(),
+                    c.relaxed,
+                    c.missing
+                        .iter()
+                        .map(|l| {
+                            serde_json::to_value(l)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                ));
+            }
         }
         g
     }

@@ -394,6 +394,12 @@ impl ModelStore {
     /// Checks a cached file against its expected hash.
     pub fn verify(&self, path: &Path, expected: &str) -> StoreResult<StoredModel> {
         let actual = sha256_file(path, None)?;
+        // a file cached by an older weft was private to the node (0600)
+        if path.starts_with(&self.dir) {
+            if let Ok(f) = File::open(path) {
+                let _ = readable_by_all(&f, path);
+            }
+        }
         if actual != expected {
             return Err(StoreError::HashMismatch {
                 what: path.display().to_string(),
@@ -485,6 +491,7 @@ impl ModelStore {
                 path: tmp.path().to_path_buf(),
                 source,
             })?;
+        readable_by_all(tmp.as_file(), target)?;
         tmp.persist(target).map_err(|e| StoreError::Unwritable {
             path: target.to_path_buf(),
             source: e.error,
@@ -529,6 +536,7 @@ impl ModelStore {
         tmp.as_file()
             .sync_all()
             .map_err(|e| self.disk_error(WriteError::Write(e), target, needed))?;
+        readable_by_all(tmp.as_file(), target)?;
         tmp.persist(target).map_err(|e| StoreError::Unwritable {
             path: target.to_path_buf(),
             source: e.error,
@@ -624,11 +632,23 @@ fn write_atomic(path: &Path, data: &[u8]) -> StoreResult<()> {
             path: path.into(),
             source,
         })?;
+    readable_by_all(tmp.as_file(), path)?;
     tmp.persist(path).map_err(|e| StoreError::Unwritable {
         path: path.into(),
         source: e.error,
     })?;
     Ok(())
+}
+
+/// Makes a cached file readable by every user (0644): model weights are no
+/// secret, and a worker under gVisor reads its model as its own uid.
+fn readable_by_all(f: &File, path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(|source| StoreError::Unwritable {
+            path: path.into(),
+            source,
+        })
 }
 
 fn sync_dir(dir: &Path) {

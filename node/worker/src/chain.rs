@@ -9,6 +9,7 @@
 //! anything short, long or of an unknown kind.
 
 use anyhow::{bail, ensure, Context, Result};
+use tokio::sync::mpsc;
 use weft_kernels::{Chunk, ChunkInput, ChunkOutput, SeqId};
 
 /// What goes down a chain.
@@ -232,6 +233,21 @@ pub fn decode_reply(b: &[u8]) -> Reply {
 /// A failed step's reply, encoded.
 pub fn failed(why: impl std::fmt::Display) -> Vec<u8> {
     encode_reply(&Err(why.to_string()))
+}
+
+/// Replies to a head worker's chain steps: `(step, encoded reply)`.
+pub type StepReply = Box<dyn Fn(u64, Vec<u8>) + Send + Sync>;
+
+/// Where a head worker's chain steps go (the data plane, down the chain's
+/// route: `weft-fabric` implements it).
+pub trait ChainLink: Send + Sync + std::fmt::Debug {
+    /// Carries `(step, encoded message)`s in order until `steps` closes,
+    /// handing each forward's reply to `reply`.
+    fn relay(
+        &self,
+        steps: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+        reply: StepReply,
+    ) -> futures::future::BoxFuture<'static, ()>;
 }
 
 #[cfg(test)]

@@ -17,9 +17,13 @@
 //! - [`supervisor`]: the node side: starts a worker in its sandbox, routes
 //!   its events, restarts it with backoff ([`Supervisor`]).
 //! - [`process`]: the worker process itself (`weft worker`).
-//! - [`sandbox`]: what the node does to a worker between `fork` and `exec`
-//!   (with the supervisor's `pre_exec` and the worker adopting its socket,
-//!   the only `unsafe` here, each block with its `SAFETY:` line).
+//! - [`sandbox`]: the tiers `process` and `gvisor`: namespaces, a dedicated
+//!   uid, a new root, Landlock, seccomp, cgroups, and the escape probe's
+//!   attempts (with the spawner's `pre_exec` and the worker adopting its
+//!   descriptors, the only `unsafe` here, each block with its `SAFETY:`
+//!   line).
+//! - [`spawn`]: starting one worker at its tier and checking what the host
+//!   sees of it against the policy.
 #![deny(unsafe_code)]
 
 pub mod chain;
@@ -27,7 +31,10 @@ pub mod process;
 pub mod protocol;
 pub mod runner;
 pub mod sandbox;
+pub mod spawn;
 pub mod supervisor;
 
+pub use chain::{ChainLink, StepReply};
 pub use runner::{Runner, Submission, SubmitError, Update, WorkerStats};
-pub use supervisor::{ChainLink, StepReply, Supervisor, WorkerSpec};
+pub use spawn::{SandboxSpec, WorkerSpec};
+pub use supervisor::Supervisor;

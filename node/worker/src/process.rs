@@ -1,20 +1,26 @@
-//! The worker process (`weft worker`, started by the node): loads the model
+//! The worker process (`weft worker`, started by the node): confines itself
+//! as its sandbox plan says, loads the model, installs its seccomp filter,
 //! and drives the engine's continuous batching for every request the node
-//! sends, on the socket it inherited.
+//! sends, on the channel it inherited.
 
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::FromRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
-use weft_kernels::{Backend, Chunk, ChunkOutput, Engine, EngineConfig, KernelError, Request};
+use weft_kernels::{
+    Backend, Chunk, ChunkOutput, Engine, EngineConfig, KernelError, LoadedModel, Request,
+};
 
 use crate::protocol::{
     encode_chain, read_any, write_frame, Frame, FrameError, FromWorker, ToWorker,
 };
-use crate::sandbox::{self, WORKER_FD};
+use crate::sandbox::seccomp::{self, Profile};
+use crate::sandbox::{
+    self, jail, Confinement, Layer, Plan, SeccompMode, Tier, MODEL_FD, WORKER_FD,
+};
 
 /// What a worker is told on its command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -55,6 +61,119 @@ pub struct WorkerArgs {
     /// `default` sets it for every tenant not named.
     #[arg(long = "tenant-kv-share", value_parser = parse_share)]
     pub tenant_kv_shares: Vec<(String, f64)>,
+    /// Where the node is: `fd` (a Unix socket on descriptor 3) or `stdio`
+    /// (stdin and stdout, under gVisor).
+    #[arg(long, default_value = "fd")]
+    pub channel: ChannelKind,
+}
+
+/// How a worker reaches its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChannelKind {
+    /// A Unix socket on descriptor 3.
+    Fd,
+    /// Standard input and output.
+    Stdio,
+}
+
+/// A worker's line to its node: what it reads, and what it writes.
+pub struct Channel {
+    /// Frames from the node.
+    pub from_node: File,
+    /// Frames to the node.
+    pub to_node: File,
+}
+
+impl Channel {
+    /// The channel the node set up for this process.
+    #[allow(unsafe_code)]
+    fn adopt(kind: ChannelKind) -> Result<Self> {
+        match kind {
+            ChannelKind::Fd => {
+                // SAFETY: the node put a connected Unix socket on WORKER_FD
+                // for this process, which owns it from here on.
+                let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(WORKER_FD) };
+                s.peer_addr().context(
+                    "fd 3 is not a connected Unix socket: `weft worker` is started by the node",
+                )?;
+                let from_node = File::from(std::os::fd::OwnedFd::from(s));
+                let to_node = from_node.try_clone()?;
+                Ok(Self { from_node, to_node })
+            }
+            // SAFETY: stdin and stdout are this process's; it takes them
+            // over (nothing else reads or writes them).
+            ChannelKind::Stdio => unsafe {
+                Ok(Self {
+                    from_node: File::from_raw_fd(0),
+                    to_node: File::from_raw_fd(1),
+                })
+            },
+        }
+    }
+}
+
+/// A worker confined, connected and loaded: what [`run`] serves with, and
+/// what the escape probe attacks from.
+pub struct Confined {
+    /// Its line to the node.
+    pub channel: Channel,
+    /// The model.
+    pub lm: LoadedModel,
+    /// What it holds.
+    pub confinement: Confinement,
+    /// Whether it could reach the probe address (it must not).
+    pub reached_node: bool,
+}
+
+/// Everything a worker does before serving: confines itself as its plan
+/// says (when the node sandboxed it), adopts its channel, loads its model,
+/// tries the probe address, and installs its seccomp filter (unless
+/// `seccomp` is false: the escape probe's look at the layers beneath it).
+pub fn confine(args: &WorkerArgs, with_seccomp: bool) -> Result<Confined> {
+    let plan: Option<Plan> = match std::env::var(sandbox::PLAN_ENV) {
+        Ok(p) => Some(serde_json::from_str(&p).context("the sandbox plan")?),
+        Err(_) => None,
+    };
+    let mut confinement = match &plan {
+        Some(p) => jail::enter(p).context("entering the sandbox")?,
+        None => sandbox::observe_self(),
+    };
+    let channel = Channel::adopt(args.channel)?;
+    weft_kernels::set_threads(args.threads);
+    if args.device != Backend::Cpu && args.layers.is_some() {
+        anyhow::bail!(
+            "the {} backend runs whole models, not layer ranges",
+            args.device
+        );
+    }
+    let lm = match &plan {
+        // the node handed the file over open: no path to it is visible here
+        Some(p) if p.tier == Tier::Process => {
+            #[allow(unsafe_code)]
+            // SAFETY: the node put the model file, open read-only, on MODEL_FD.
+            let file = unsafe { File::from_raw_fd(MODEL_FD) };
+            weft_kernels::load_file(file, &args.model, args.layers.clone(), args.device)
+        }
+        _ => weft_kernels::load(&args.model, args.layers.clone(), args.device),
+    }
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    let reached_node = args
+        .probe
+        .as_deref()
+        .is_some_and(|a| std::net::TcpStream::connect(a).is_ok());
+    if let (Some(p), true) = (&plan, with_seccomp) {
+        seccomp::install(Profile::ModelWorker, p.seccomp)
+            .map_err(|e| anyhow::anyhow!("installing the seccomp filter: {e}"))?;
+        if p.seccomp == SeccompMode::Enforce {
+            confinement.hold(Layer::Seccomp);
+        }
+    }
+    Ok(Confined {
+        channel,
+        lm,
+        confinement,
+        reached_node,
+    })
 }
 
 fn parse_share(s: &str) -> Result<(String, f64), String> {
@@ -83,7 +202,7 @@ const CHAIN_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6
 /// The rest of a head worker's model, behind its node: each step goes out
 /// on the socket as a chain frame and the node's reply comes back on it.
 struct ViaNode {
-    out: UnixStream,
+    out: File,
     replies: mpsc::Receiver<(u64, Vec<u8>)>,
     step: u64,
 }
@@ -142,26 +261,14 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 }
 
 fn serve(args: WorkerArgs) -> Result<()> {
-    if std::env::var_os(sandbox::SANDBOXED_ENV).is_some() {
-        sandbox::enter_pid_namespace().context("entering the PID namespace")?;
-    }
-    // the node put our socket on WORKER_FD before exec
-    let stream = socket()?;
-    weft_kernels::set_threads(args.threads);
-    if args.device != Backend::Cpu && args.layers.is_some() {
-        anyhow::bail!(
-            "the {} backend runs whole models, not layer ranges",
-            args.device
-        );
-    }
-    let lm = weft_kernels::load(&args.model, args.layers.clone(), args.device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let reached_node = args
-        .probe
-        .as_deref()
-        .is_some_and(|a| std::net::TcpStream::connect(a).is_ok());
+    let Confined {
+        channel,
+        lm,
+        confinement,
+        reached_node,
+    } = confine(&args, true)?;
     if !lm.model.is_first() {
-        return serve_shard(stream, lm.model, args.kv_budget, reached_node);
+        return serve_shard(channel, lm.model, args.kv_budget, confinement, reached_node);
     }
     let mut shares: std::collections::BTreeMap<String, f64> =
         args.tenant_kv_shares.iter().cloned().collect();
@@ -183,28 +290,29 @@ fn serve(args: WorkerArgs) -> Result<()> {
             .with_context(|| format!("starting the engine on {}", args.device))?
     } else {
         let rest = ViaNode {
-            out: stream.try_clone()?,
+            out: channel.to_node.try_clone()?,
             replies: chain_rx,
             step: 0,
         };
         Engine::new_chain(lm.model, Box::new(rest), lm.tokenizer, cfg)?
     };
-    let mut out = BufWriter::new(stream.try_clone()?);
+    let mut out = BufWriter::new(channel.to_node);
     let (_, kv_total) = engine.kv_usage();
     write_frame(
         &mut out,
         &FromWorker::Ready {
             context_length: engine.config().max_context,
             kv_blocks: kv_total,
-            confinement: sandbox::confinement(),
+            confinement,
             reached_node,
         },
     )?;
     out.flush()?;
 
     let (tx, rx) = mpsc::channel::<Option<ToWorker>>();
+    let from_node = channel.from_node;
     std::thread::spawn(move || {
-        let mut r = BufReader::new(stream);
+        let mut r = BufReader::new(from_node);
         loop {
             match read_any::<ToWorker>(&mut r) {
                 Ok(Frame::Msg(m)) => {
@@ -300,9 +408,10 @@ fn serve(args: WorkerArgs) -> Result<()> {
 /// A shard worker: runs the node's chain steps through its layers, one at
 /// a time, until the node closes the socket.
 fn serve_shard(
-    stream: UnixStream,
+    channel: Channel,
     shard: std::sync::Arc<weft_kernels::Gemma3>,
     kv_budget: usize,
+    confinement: Confinement,
     reached_node: bool,
 ) -> Result<()> {
     use crate::chain::{decode_message, encode_reply, Message};
@@ -310,18 +419,18 @@ fn serve_shard(
     // head holds the (tied) projection, and a row of `hidden` values is
     // far smaller than one of `vocab`
     let mut stage = weft_kernels::Stage::new(shard, kv_budget).leaving_projection_to_the_head();
-    let mut out = BufWriter::new(stream.try_clone()?);
+    let mut out = BufWriter::new(channel.to_node);
     write_frame(
         &mut out,
         &FromWorker::Ready {
             context_length: stage.shard().config().context_length,
             kv_blocks: stage.kv_usage().1,
-            confinement: sandbox::confinement(),
+            confinement,
             reached_node,
         },
     )?;
     out.flush()?;
-    let mut r = BufReader::new(stream);
+    let mut r = BufReader::new(channel.from_node);
     loop {
         let (step, body) = match read_any::<ToWorker>(&mut r) {
             Ok(Frame::Chain { step, body }) => (step, body),
@@ -355,14 +464,4 @@ fn serve_shard(
             out.flush()?;
         }
     }
-}
-
-#[allow(unsafe_code)]
-fn socket() -> Result<UnixStream> {
-    // SAFETY: the node dup'ed a connected Unix socket onto WORKER_FD for this
-    // process, which owns it from here on.
-    let s = unsafe { UnixStream::from_raw_fd(WORKER_FD) };
-    s.peer_addr()
-        .context("fd 3 is not a connected Unix socket: `weft worker` is started by the node")?;
-    Ok(s)
 }

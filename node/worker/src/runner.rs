@@ -87,7 +87,10 @@ pub trait Runner: Send + Sync {
     fn tenants(&self) -> Vec<TenantUsage>;
     /// The worker's process id as the node sees it, if one runs.
     fn worker_pid(&self) -> Option<u32>;
-    /// The worker's report on its confinement, and whether it reached the
-    /// address it was told to probe.
+    /// The worker's confinement (its report corrected by what the host
+    /// sees), and whether it reached the address it was told to probe.
     fn confinement(&self) -> Option<(Confinement, bool)>;
+    /// Why the worker was refused for good (below the sandbox policy), if
+    /// it was.
+    fn refused(&self) -> Option<String>;
 }

@@ -4,8 +4,6 @@
 //! node turns not-ready), and restarts it with backoff.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +14,8 @@ use weft_kernels::TenantUsage;
 
 use crate::protocol::{encode, encode_chain, read_any_async, Frame, FromWorker, ToWorker};
 use crate::runner::{Runner, Submission, SubmitError, Update, WorkerStats};
-use crate::sandbox::{self, Confinement};
+use crate::sandbox::Confinement;
+use crate::spawn::WorkerSpec;
 
 /// First wait before restarting a worker that died.
 const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -26,52 +25,6 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 /// How long a worker may take to load its model and say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// How to start a worker.
-#[derive(Debug, Clone)]
-pub struct WorkerSpec {
-    /// The `weft` executable.
-    pub exe: PathBuf,
-    /// The GGUF file.
-    pub model: PathBuf,
-    /// CPU threads (0: all).
-    pub threads: usize,
-    /// Where the model runs: `cpu`, `cuda`, `cuda:N`.
-    pub device: String,
-    /// Bytes of GPU memory the model may take (0: 90% of what is free).
-    pub device_memory_budget: usize,
-    /// KV pool budget.
-    pub kv_budget: usize,
-    /// Longest sequence.
-    pub max_context: usize,
-    /// Most sequences running at once.
-    pub max_running: usize,
-    /// Run inside the namespace sandbox.
-    pub sandbox: bool,
-    /// An address the worker tries to reach to report its isolation.
-    pub probe: Option<String>,
-    /// The layers it runs (`None`: all of them).
-    pub layers: Option<std::ops::Range<u32>>,
-    /// For the head of a chain: where its steps go.
-    pub chain: Option<Arc<dyn ChainLink>>,
-    /// Tenants' shares of the KV cache (`default`: every other tenant).
-    pub kv_shares: Vec<(String, f64)>,
-}
-
-/// Replies to a head worker's chain steps: `(step, encoded reply)`.
-pub type StepReply = Box<dyn Fn(u64, Vec<u8>) + Send + Sync>;
-
-/// Where a head worker's chain steps go (the data plane, down the chain's
-/// route: `weft-fabric` implements it).
-pub trait ChainLink: Send + Sync + std::fmt::Debug {
-    /// Carries `(step, encoded message)`s in order until `steps` closes,
-    /// handing each forward's reply to `reply`.
-    fn relay(
-        &self,
-        steps: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
-        reply: StepReply,
-    ) -> futures::future::BoxFuture<'static, ()>;
-}
 
 /// What the node writes to its worker.
 #[derive(Debug)]
@@ -99,6 +52,9 @@ struct Shared {
     /// Each tenant's use of the engine, as of the last step.
     tenants: Mutex<Vec<TenantUsage>>,
     confinement: Mutex<Option<(Confinement, bool)>>,
+    /// Why the worker was refused (below the sandbox policy): it is not
+    /// restarted, since a restart would not change the host.
+    refused: Mutex<Option<String>>,
     stopping: AtomicBool,
     stop: tokio::sync::Notify,
 }
@@ -130,6 +86,7 @@ impl Supervisor {
             stats: Mutex::new(WorkerStats::default()),
             tenants: Mutex::default(),
             confinement: Mutex::new(None),
+            refused: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
         });
@@ -224,11 +181,19 @@ impl Runner for Supervisor {
 
     /// The worker's report on its confinement, and whether it reached the probe address.
     fn confinement(&self) -> Option<(Confinement, bool)> {
-        *self
-            .shared
+        self.shared
             .confinement
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.shared
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Hands a request to the worker; updates arrive on the returned receiver.
@@ -275,7 +240,7 @@ async fn run(shared: Arc<Shared>) {
         }
         let started = Instant::now();
         if let Err(e) = serve_one(&shared).await {
-            tracing::error!(error = %e, "model worker failed");
+            tracing::error!("model worker failed: {e:#}");
         }
         shared.ready.send_replace(false);
         // every request still waiting hears that its worker is gone
@@ -311,55 +276,15 @@ async fn run(shared: Arc<Shared>) {
 /// Runs one worker process until it exits or the node stops.
 async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let spec = &shared.spec;
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-    let mut cmd = tokio::process::Command::new(&spec.exe);
-    cmd.arg("worker")
-        .arg("--model")
-        .arg(&spec.model)
-        .arg("--threads")
-        .arg(spec.threads.to_string())
-        .arg("--device")
-        .arg(&spec.device)
-        .arg("--device-memory-budget")
-        .arg(spec.device_memory_budget.to_string())
-        .arg("--kv-budget")
-        .arg(spec.kv_budget.to_string())
-        .arg("--max-context")
-        .arg(spec.max_context.to_string())
-        .arg("--max-running")
-        .arg(spec.max_running.to_string())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    if let Some(p) = &spec.probe {
-        cmd.arg("--probe").arg(p);
-    }
-    if let Some(l) = &spec.layers {
-        cmd.arg("--layers").arg(format!("{}..{}", l.start, l.end));
-    }
-    for (name, share) in &spec.kv_shares {
-        cmd.arg("--tenant-kv-share").arg(format!("{name}={share}"));
-    }
-    if spec.sandbox {
-        cmd.env(sandbox::SANDBOXED_ENV, "1");
-    }
-    let fd = theirs.as_raw_fd();
-    let use_sandbox = spec.sandbox;
-    // SAFETY: the closure only makes async-signal-safe syscalls (see sandbox.rs).
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(move || sandbox::child_setup(fd, use_sandbox, None));
-    }
-    let mut child = cmd.spawn()?;
-    drop(theirs);
-    shared.live.lock().unwrap_or_else(|e| e.into_inner()).pid = child.id();
-    ours.set_nonblocking(true)?;
-    let stream = tokio::net::UnixStream::from_std(ours)?;
-    let (mut rd, mut wr) = stream.into_split();
+    let mut spawned = crate::spawn::spawn(spec, &[])?;
+    shared.live.lock().unwrap_or_else(|e| e.into_inner()).pid = spawned.child.id();
+    let mut rd = std::mem::replace(&mut spawned.reader, Box::new(tokio::io::empty()));
+    let mut wr = std::mem::replace(&mut spawned.writer, Box::new(tokio::io::sink()));
 
     // the model loads; wait for Ready
     let first = tokio::select! {
         f = tokio::time::timeout(READY_TIMEOUT, read_any_async::<FromWorker>(&mut rd)) => f,
-        _ = shared.stop.notified() => { let _ = child.start_kill(); return Ok(()); }
+        _ = shared.stop.notified() => { let _ = spawned.child.start_kill(); return Ok(()); }
     };
     match first {
         Ok(Ok(Frame::Msg(FromWorker::Ready {
@@ -368,8 +293,25 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
             kv_blocks,
             ..
         }))) => {
+            let confinement = crate::spawn::verify(&spawned, &spec.sandbox, confinement);
+            let missing = confinement.missing.clone();
             *shared.confinement.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((confinement, reached_node));
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+                if spec.sandbox.policy.strict {
+                    let why = format!(
+                        "the worker lacks {} (sandbox = \"{}\"); set sandbox = \"relaxed\" to run it anyway",
+                        names.join(", "),
+                        spec.sandbox.policy.tier
+                    );
+                    *shared.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                    shared.stopping.store(true, Ordering::SeqCst);
+                    let _ = spawned.child.start_kill();
+                    anyhow::bail!("refused: {why}");
+                }
+                tracing::warn!(missing = %names.join(", "), "the worker runs without these layers (sandbox = \"relaxed\")");
+            }
             // a fresh worker: all of its cache is free
             *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = WorkerStats {
                 kv_total: kv_blocks,
@@ -378,11 +320,11 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
         }
         Ok(Ok(other)) => anyhow::bail!("worker spoke before it was ready: {other:?}"),
         Ok(Err(e)) => {
-            let status = child.wait().await?;
+            let status = spawned.child.wait().await?;
             anyhow::bail!("worker exited while loading ({status}): {e}")
         }
         Err(_) => {
-            let _ = child.start_kill();
+            let _ = spawned.child.start_kill();
             anyhow::bail!("worker did not become ready within {READY_TIMEOUT:?}")
         }
     }
@@ -401,7 +343,7 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
     });
     shared.live.lock().unwrap_or_else(|e| e.into_inner()).tx = Some(tx);
     shared.ready.send_replace(true);
-    tracing::info!(pid = child.id(), "model worker ready");
+    tracing::info!(pid = spawned.child.id(), tier = %spawned.tier, "model worker ready");
 
     let writer = async move {
         while let Some(m) = rx.recv().await {
@@ -491,10 +433,10 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let outcome = tokio::select! {
         r = reader => r,
         r = writer => r,
-        s = child.wait() => Err(anyhow::anyhow!("worker exited: {}", s?)),
+        s = spawned.child.wait() => Err(anyhow::anyhow!("worker exited: {}", s?)),
         _ = shared.stop.notified() => Ok(()),
     };
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+    let _ = spawned.child.start_kill();
+    let _ = spawned.child.wait().await;
     outcome
 }
