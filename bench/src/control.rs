@@ -84,10 +84,17 @@ async fn run_async(a: ControlArgs) -> Result<()> {
     for p in &peers {
         let s = MemberSettings::new(p.id, p.addr, base.path().join(&p.name), peers.clone());
         handles.push(Some(
-            member::start(s, ca.issue_identity(&p.name)?, None).await?,
+            member::start(
+                s,
+                ca.issue_identity(&p.name, weft_cluster::credentials::Role::Coordinator)?,
+                None,
+            )
+            .await?,
         ));
     }
-    let admin = Arc::new(Caller::new(&ca.issue_identity("admin")?)?);
+    let admin = Arc::new(Caller::new(
+        &ca.issue_identity("admin", weft_cluster::credentials::Role::Admin)?,
+    )?);
     let propose = |n: u64| Request::Propose {
         command: Command::PutMember(bench_member(n % 16, n)),
     };

@@ -88,7 +88,7 @@ async fn run_async(a: OverlayArgs) -> Result<()> {
                 bootstrap: seed.iter().cloned().collect(),
                 mdns: false,
             },
-            ca.issue_identity(&format!("node-{i}"))?,
+            ca.issue_identity(&format!("node-{i}"), weft_cluster::credentials::Role::Node)?,
             Revoked::default(),
             LoadReport::default(),
         )

@@ -73,7 +73,7 @@ pub struct CoordinatorRecord {
 }
 
 /// One committed placement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PlacementEpoch {
     /// 1, 2, 3, ... in commit order.
     pub epoch: u64,
@@ -133,6 +133,20 @@ pub enum Command {
         /// The credential's fingerprint.
         fingerprint: String,
     },
+    /// A node joins with a token the leader checked: the token's nonce is
+    /// consumed (refused if it was before) and the member put, at once.
+    Join {
+        /// What the node offers (its name is the token's).
+        member: Member,
+        /// The token's nonce.
+        nonce: String,
+        /// When the token expires (unix seconds): until then its nonce is
+        /// remembered.
+        expires: u64,
+        /// The leader's clock when it checked the token (unix seconds):
+        /// nonces of tokens expired by then are forgotten.
+        now: u64,
+    },
 }
 
 impl Command {
@@ -179,6 +193,10 @@ pub struct ControlState {
     /// Coordinators added at run time, by raft id (removed ones are dropped).
     #[serde(default)]
     pub coordinators: BTreeMap<u64, CoordinatorRecord>,
+    /// Nonces of redeemed join tokens that have not expired yet, with
+    /// their expiry (unix seconds).
+    #[serde(default)]
+    pub tokens_used: BTreeMap<String, u64>,
 }
 
 /// Committed epochs remembered in [`ControlState::history`].
@@ -304,6 +322,28 @@ impl ControlState {
             }
             Command::Revoke { fingerprint } => {
                 self.revoked.insert(fingerprint.clone());
+            }
+            Command::Join {
+                member,
+                nonce,
+                expires,
+                now,
+            } => {
+                self.tokens_used.retain(|_, e| *e >= *now);
+                if self.tokens_used.contains_key(nonce) {
+                    return Applied::Refused("this join token was already used".into());
+                }
+                if *expires < *now {
+                    return Applied::Refused(format!(
+                        "the join token expired {} s ago",
+                        now - expires
+                    ));
+                }
+                if member.id == 0 {
+                    return Applied::Refused("member id 0 is reserved".into());
+                }
+                self.tokens_used.insert(nonce.clone(), *expires);
+                self.members.insert(member.id, member.clone());
             }
         }
         Applied::Done
@@ -679,6 +719,54 @@ mod tests {
         let d = demand_with_a_deadline();
         let cfg = SolverConfig::default();
         s.plan_next_measured(std::slice::from_ref(&d), &cfg, &BTreeSet::new(), links)
+    }
+
+    fn join(nonce: &str, expires: u64, now: u64) -> Command {
+        Command::Join {
+            member: member(11, "edge-b", 4),
+            nonce: nonce.into(),
+            expires,
+            now,
+        }
+    }
+
+    #[test]
+    fn a_join_puts_the_member() {
+        let mut s = ControlState::default();
+        assert_eq!(s.apply(1, &join("n1", 200, 100)), Applied::Done);
+        assert!(s.members.contains_key(&11));
+    }
+
+    #[test]
+    fn a_token_redeemed_twice_is_refused_the_second_time() {
+        let mut s = ControlState::default();
+        s.apply(1, &join("n1", 200, 100));
+        s.members.clear();
+        let r = s.apply(2, &join("n1", 200, 150));
+        assert!(
+            matches!(r, Applied::Refused(ref w) if w.contains("already used")),
+            "{r:?}"
+        );
+        assert!(s.members.is_empty(), "a refused join put its member");
+    }
+
+    #[test]
+    fn a_join_with_an_expired_token_is_refused() {
+        let mut s = ControlState::default();
+        let r = s.apply(1, &join("n1", 100, 160));
+        assert!(
+            matches!(r, Applied::Refused(ref w) if w.contains("expired 60 s ago")),
+            "{r:?}"
+        );
+        assert!(s.members.is_empty());
+    }
+
+    #[test]
+    fn nonces_of_expired_tokens_are_forgotten() {
+        let mut s = ControlState::default();
+        s.apply(1, &join("n1", 200, 100));
+        s.apply(2, &join("n2", 900, 300));
+        assert_eq!(s.tokens_used.keys().collect::<Vec<_>>(), ["n2"]);
     }
 
     #[test]

@@ -395,41 +395,69 @@ impl Tokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// Formats chat messages with the Gemma template, ending with the model's turn.
+    /// The Gemma chat template's text for `messages`.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> String {
-        let mut out = String::from("<bos>");
-        let mut system = String::new();
-        let mut first_user = true;
-        for m in messages {
-            let role = match m.role.as_str() {
-                "system" | "developer" => {
-                    system.push_str(m.content.trim());
-                    continue;
-                }
-                "assistant" | "model" => "model",
-                _ => "user",
-            };
-            out.push_str("<start_of_turn>");
-            out.push_str(role);
-            out.push('\n');
-            if role == "user" && first_user && !system.is_empty() {
-                out.push_str(&system);
-                out.push_str("\n\n");
-            }
-            if role == "user" {
-                first_user = false;
-            }
-            out.push_str(m.content.trim());
-            out.push_str("<end_of_turn>\n");
-        }
-        out.push_str("<start_of_turn>model\n");
-        out
+        chat_segments(messages)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
     }
 
-    /// Encodes chat messages through the template.
+    /// Encodes chat messages through the template. Only the template's own
+    /// markers are special: a message that contains `<start_of_turn>` is
+    /// that text, not a turn of the template.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Vec<TokenId> {
-        self.encode(&self.apply_chat_template(messages), false, true)
+        // fragments of every segment, the template's with special tokens
+        // parsed and the messages' without; adjacent text joined, so text
+        // without special tokens tokenizes as the whole rendering would
+        let mut frags: Vec<(Option<TokenId>, String)> = Vec::new();
+        for (text, template) in chat_segments(messages) {
+            for f in self.partition(&text, template) {
+                match (f, frags.last_mut()) {
+                    (Fragment::Text(t), Some((None, prev))) => prev.push_str(t),
+                    (Fragment::Text(t), _) => frags.push((None, t.to_string())),
+                    (Fragment::Token(id), _) => frags.push((Some(id), String::new())),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (id, text) in frags {
+            match id {
+                Some(id) => out.push(id),
+                None => self.encode_piece(&text.replace(' ', SPACE), &mut out),
+            }
+        }
+        out
     }
+}
+
+/// The template's segments for `messages`: `(text, true)` for the
+/// template's own text, `(text, false)` for what a message says.
+fn chat_segments(messages: &[ChatMessage]) -> Vec<(String, bool)> {
+    let mut out = vec![("<bos>".to_string(), true)];
+    let mut system = String::new();
+    let mut first_user = true;
+    for m in messages {
+        let role = match m.role.as_str() {
+            "system" | "developer" => {
+                system.push_str(m.content.trim());
+                continue;
+            }
+            "assistant" | "model" => "model",
+            _ => "user",
+        };
+        out.push((format!("<start_of_turn>{role}\n"), true));
+        if role == "user" && first_user && !system.is_empty() {
+            out.push((format!("{system}\n\n"), false));
+        }
+        if role == "user" {
+            first_user = false;
+        }
+        out.push((m.content.trim().to_string(), false));
+        out.push(("<end_of_turn>\n".to_string(), true));
+    }
+    out.push(("<start_of_turn>model\n".to_string(), true));
+    out
 }
 
 enum Fragment<'a> {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use weft_api::{ApiConfig, TenantLimits};
+use weft_api::{ApiConfig, ApiKeys, KeyMap, TenantLimits};
 use weft_worker::sandbox::cgroup::Limits;
 use weft_worker::sandbox::launch::Rlimits;
 use weft_worker::sandbox::{Policy, SeccompMode, Tier};
@@ -162,7 +162,8 @@ pub struct NodeConfig {
     /// `text` or `json` logs.
     pub log_format: String,
     /// API keys and the tenant each belongs to; empty: no authentication.
-    pub api_keys: BTreeMap<String, String>,
+    /// (Never printed: its `Debug` is redacted.)
+    pub api_keys: KeyMap,
     /// Limits per tenant name; `default` applies to tenants not listed.
     pub tenants: BTreeMap<String, TenantLimits>,
     /// Directory of the intent log (every admission decision, hash-chained);
@@ -203,7 +204,7 @@ impl Default for NodeConfig {
             sandbox_seccomp: SeccompMode::Enforce,
             runsc: PathBuf::from("runsc"),
             log_format: "text".into(),
-            api_keys: BTreeMap::new(),
+            api_keys: KeyMap::default(),
             tenants: BTreeMap::new(),
             intent_log: None,
             intent_log_file_bytes: weft_audit::DEFAULT_MAX_FILE_BYTES,
@@ -387,7 +388,7 @@ impl NodeConfig {
                 format!("{:?} is not text or json", self.log_format),
             );
         }
-        for (key, tenant) in &self.api_keys {
+        for (key, tenant) in &self.api_keys.0 {
             if key.len() < 8 || tenant.is_empty() {
                 return bad(
                     "api_keys",
@@ -490,7 +491,7 @@ impl NodeConfig {
     /// What the API enforces and how its listener behaves.
     pub fn api_config(&self) -> ApiConfig {
         ApiConfig {
-            api_keys: self.api_keys.clone(),
+            api_keys: ApiKeys::new(&self.api_keys),
             tenants: self.tenants.clone(),
             max_context: self.max_context,
             max_body_bytes: self.max_body_bytes,
@@ -554,6 +555,14 @@ mod tests {
         assert_eq!(c.api_config().limits("acme").max_concurrent, Some(2));
         assert_eq!(c.api_config().limits("other"), TenantLimits::default());
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_node_configs_debug_shows_no_api_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = from_toml(&dir, KEYS_AND_LIMITS).unwrap();
+        let printed = format!("{c:?} {:?}", c.api_config());
+        assert!(!printed.contains("sk-test-123456"), "{printed}");
     }
 
     #[test]

@@ -121,8 +121,9 @@ enum AuditCommand {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCommand {
-    /// Create a cluster CA in DIR/ca and an identity for the first
-    /// coordinator in DIR/identity.
+    /// Create a cluster CA in DIR/ca, an identity for the first
+    /// coordinator in DIR/identity, and the operator's admin identity in
+    /// DIR/admin (for `model-add`, `replan`, `revoke`).
     Init {
         /// The first coordinator's data directory.
         #[arg(long)]
@@ -134,8 +135,8 @@ enum ClusterCommand {
         #[arg(long, default_value = "weft")]
         cluster: String,
     },
-    /// Issue an identity (certificate and key) for another coordinator, into
-    /// DATA_DIR/identity.
+    /// Issue an identity (certificate and key) with the CA, into
+    /// DATA_DIR/identity: for another coordinator, or an admin identity.
     Issue {
         /// The CA directory.
         #[arg(long)]
@@ -146,13 +147,23 @@ enum ClusterCommand {
         /// That node's data directory.
         #[arg(long)]
         data_dir: std::path::PathBuf,
+        /// What the certificate lets its holder do: `coordinator` (runs
+        /// raft, commands the cluster), `admin` (commands the cluster) or
+        /// `node` (reports itself only).
+        #[arg(long, default_value = "coordinator")]
+        role: weft_cluster::credentials::Role,
     },
     /// Register a model with the cluster (its shape read from the GGUF file,
     /// fetched and verified first).
     ModelAdd {
-        /// A node's cluster config (its identity and coordinators are used).
+        /// A cluster config: its coordinators are asked, with its identity
+        /// unless --identity says otherwise.
         #[arg(long)]
         config: std::path::PathBuf,
+        /// An identity directory to ask with (a coordinator's or the admin
+        /// identity: a node's may not command the cluster).
+        #[arg(long)]
+        identity: Option<std::path::PathBuf>,
         /// `default`, a .gguf path, a PyPI name or hf:org/repo/file.gguf.
         #[arg(long, default_value = "default")]
         source: String,
@@ -167,18 +178,43 @@ enum ClusterCommand {
     /// Plan and commit a placement epoch for this demand; the leader keeps
     /// re-planning for it as membership changes.
     Replan {
-        /// A node's cluster config.
+        /// A cluster config (its coordinators, and its identity unless
+        /// --identity says otherwise).
         #[arg(long)]
         config: std::path::PathBuf,
+        /// An identity directory to ask with (coordinator or admin).
+        #[arg(long)]
+        identity: Option<std::path::PathBuf>,
         /// SITE:MODEL:REQUESTS_PER_S[:PROMPT_TOKENS:OUTPUT_TOKENS], repeatable.
         #[arg(long, required = true)]
         demand: Vec<String>,
     },
-    /// Print a join token for new nodes.
+    /// Revoke a certificate: its holder is refused everywhere from now on.
+    Revoke {
+        /// A cluster config (its coordinators, and its identity unless
+        /// --identity says otherwise).
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// An identity directory to ask with (coordinator or admin).
+        #[arg(long)]
+        identity: Option<std::path::PathBuf>,
+        /// The certificate's fingerprint (hex sha256 of its DER), or an
+        /// identity directory whose certificate it is.
+        target: String,
+    },
+    /// Print a join token for one new node: it works once, for the name and
+    /// role given, until it expires.
     JoinToken {
         /// The CA directory.
         #[arg(long)]
         ca_dir: std::path::PathBuf,
+        /// The node name the token may be redeemed for.
+        #[arg(long)]
+        name: String,
+        /// The role the node's certificate will carry (`node` or
+        /// `coordinator`; admin identities are issued, not joined).
+        #[arg(long, default_value = "node")]
+        role: weft_cluster::credentials::Role,
         /// Seconds the token stays valid.
         #[arg(long, default_value_t = weft_cluster::credentials::DEFAULT_TOKEN_TTL_S)]
         ttl_s: u64,
@@ -542,7 +578,7 @@ async fn shutdown_signal() {
 }
 
 fn cluster(c: ClusterCommand) -> Result<()> {
-    use weft_cluster::credentials::ClusterCa;
+    use weft_cluster::credentials::{ClusterCa, Role};
     match c {
         ClusterCommand::Init {
             data_dir,
@@ -550,28 +586,38 @@ fn cluster(c: ClusterCommand) -> Result<()> {
             cluster,
         } => {
             let ca = ClusterCa::init(&data_dir.join("ca"), &cluster)?;
-            ca.issue_identity(&name)?.save(&data_dir.join("identity"))?;
+            ca.issue_identity(&name, Role::Coordinator)?
+                .save(&data_dir.join("identity"))?;
+            ca.issue_identity("admin", Role::Admin)?
+                .save(&data_dir.join("admin"))?;
             println!("cluster CA created in {}", data_dir.join("ca").display());
             println!("CA fingerprint {}", ca.fingerprint());
             println!(
-                "identity for {name} in {}",
+                "coordinator identity for {name} in {}",
                 data_dir.join("identity").display()
+            );
+            println!(
+                "admin identity in {} (keep it with the operator)",
+                data_dir.join("admin").display()
             );
         }
         ClusterCommand::Issue {
             ca_dir,
             name,
             data_dir,
+            role,
         } => {
             let ca = ClusterCa::load(&ca_dir)?;
-            ca.issue_identity(&name)?.save(&data_dir.join("identity"))?;
+            ca.issue_identity(&name, role)?
+                .save(&data_dir.join("identity"))?;
             println!(
-                "identity for {name} in {}",
+                "{role} identity for {name} in {}",
                 data_dir.join("identity").display()
             );
         }
         ClusterCommand::ModelAdd {
             config,
+            identity,
             source,
             name,
             chunk_bytes,
@@ -588,6 +634,7 @@ fn cluster(c: ClusterCommand) -> Result<()> {
             let spec = record.spec.clone();
             let reply = ask_cluster(
                 &config,
+                identity.as_deref(),
                 weft_cluster::transport::Request::Propose {
                     command: weft_coordinator::Command::PutModel(record),
                 },
@@ -601,40 +648,90 @@ fn cluster(c: ClusterCommand) -> Result<()> {
                 spec.kv_bytes_per_token
             );
         }
-        ClusterCommand::Replan { config, demand } => {
+        ClusterCommand::Replan {
+            config,
+            identity,
+            demand,
+        } => {
             let demand = demand
                 .iter()
                 .map(|d| parse_demand(d))
                 .collect::<Result<Vec<_>>>()?;
-            let reply = ask_cluster(&config, weft_cluster::transport::Request::Replan { demand })?;
+            let reply = ask_cluster(
+                &config,
+                identity.as_deref(),
+                weft_cluster::transport::Request::Replan { demand },
+            )?;
             println!("{reply:?}");
         }
-        ClusterCommand::JoinToken { ca_dir, ttl_s } => {
+        ClusterCommand::Revoke {
+            config,
+            identity,
+            target,
+        } => {
+            let dir = std::path::Path::new(&target);
+            let fingerprint = if dir.is_dir() {
+                weft_cluster::credentials::NodeIdentity::load(dir)?.fingerprint()
+            } else if target.len() == 64 && target.bytes().all(|b| b.is_ascii_hexdigit()) {
+                target.to_ascii_lowercase()
+            } else {
+                anyhow::bail!(
+                    "{target:?} is neither a certificate fingerprint (64 hex digits) nor an identity directory"
+                );
+            };
+            let reply = ask_cluster(
+                &config,
+                identity.as_deref(),
+                weft_cluster::transport::Request::Propose {
+                    command: weft_coordinator::Command::Revoke {
+                        fingerprint: fingerprint.clone(),
+                    },
+                },
+            )?;
+            println!("revoke {fingerprint}: {reply:?}");
+        }
+        ClusterCommand::JoinToken {
+            ca_dir,
+            name,
+            role,
+            ttl_s,
+        } => {
             let ca = ClusterCa::load(&ca_dir)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            println!("{}", ca.issue_token(now, ttl_s));
+            println!("{}", ca.issue_token(now, ttl_s, &name, role)?);
         }
     }
     Ok(())
 }
 
-/// Sends one request to the cluster with a node's identity.
+/// Sends one request to the cluster named by `config`, with the identity
+/// in `identity` (default: the config's own). A refusal is an error.
 fn ask_cluster(
     config: &std::path::Path,
+    identity: Option<&std::path::Path>,
     req: weft_cluster::transport::Request,
 ) -> Result<weft_cluster::transport::Reply> {
     use crate::cluster_config::ClusterConfig;
+    use weft_cluster::transport::Reply;
     use weft_cluster::{credentials::NodeIdentity, transport::Caller};
     let cfg = ClusterConfig::load(config)?;
-    let id = NodeIdentity::load(&cfg.identity_dir())?;
+    let dir = identity.map_or_else(|| cfg.identity_dir(), |d| d.to_path_buf());
+    let id = NodeIdentity::load(&dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let caller = Caller::new(&id)?;
-        Ok(caller
+        match caller
             .ask(&cfg.coordinators(), &req, node::ASK_DEADLINE)
-            .await?)
+            .await?
+        {
+            Reply::Error { message } => anyhow::bail!("the coordinators refused: {message}"),
+            Reply::Committed {
+                refused: Some(why), ..
+            } => anyhow::bail!("the control state refused it: {why}"),
+            r => Ok(r),
+        }
     })
 }
 

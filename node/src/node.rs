@@ -54,6 +54,8 @@ pub async fn run_node(
         );
     }
     let revoked = Revoked::default();
+    // every metric of this process, shown by the metrics endpoint and the API's /metrics
+    let registry = weft_metrics::Registry::new();
     let overlay = match &cfg.overlay {
         Some(o) => {
             let settings = OverlaySettings {
@@ -72,7 +74,9 @@ pub async fn run_node(
                 mdns: o.mdns,
             };
             let report = base_report(&cfg);
-            Some(overlay::start(settings, identity.clone(), revoked.clone(), report).await?)
+            let o = overlay::start(settings, identity.clone(), revoked.clone(), report).await?;
+            o.metrics.register(&registry);
+            Some(o)
         }
         None => None,
     };
@@ -94,30 +98,25 @@ pub async fn run_node(
             s.tick = Duration::from_millis(c.tick_ms.max(1));
             s.bootstrap = c.bootstrap;
             s.live = overlay.as_ref().map(|o| o.table.clone());
+            s.registry = registry.clone();
             let h = member::start(s, identity.clone(), ca).await?;
             tracing::info!(id = c.id, addr = %h.local_addr, "coordinator member started");
             Some(h)
         }
         None => None,
     };
-    let metrics = handle.as_ref().map(|h| h.metrics.clone());
     if let Some(addr) = cfg.node.metrics_addr {
-        let m = metrics.clone();
-        let o = overlay
-            .as_ref()
-            .map(|o| (o.table.clone(), o.metrics.clone()));
+        let r = registry.clone();
         let app = axum::Router::new()
             .route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let m = m.clone();
-                    let o = o.clone();
+                    let text = weft_metrics::encode(&r);
                     async move {
-                        let mut out = m.map(|m| m.render()).unwrap_or_default();
-                        if let Some((table, om)) = o {
-                            out += &overlay::render_metrics(&table, &om);
-                        }
-                        out
+                        (
+                            [(axum::http::header::CONTENT_TYPE, weft_metrics::CONTENT_TYPE)],
+                            text,
+                        )
                     }
                 }),
             )
@@ -177,6 +176,7 @@ pub async fn run_node(
                 Caller::new(&identity)?,
                 cfg.coordinators(),
                 overlay.as_ref(),
+                &registry,
                 shutdown,
             )
             .await?;
@@ -222,6 +222,7 @@ async fn hold_and_serve(
     caller: Caller,
     coordinators: Vec<Peer>,
     overlay: Option<&Overlay>,
+    registry: &weft_metrics::Registry,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     use weft_fabric::holdings::WATCH_EVERY;
@@ -239,7 +240,7 @@ async fn hold_and_serve(
     let log = weft_audit::IntentLog::open(&intent_dir, serve.intent_log_file_bytes)
         .with_context(|| format!("opening the intent log in {}", intent_dir.display()))?;
     let data_addr = serve.data_addr;
-    let app = AppState::empty(serve.api_config());
+    let app = AppState::empty_in(serve.api_config(), registry);
     app.set_intent_log(log);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut base = base;
@@ -248,6 +249,7 @@ async fn hold_and_serve(
     let mut fwd = None;
     if let Some(o) = overlay {
         let f = std::sync::Arc::new(Forwarder::new(identity, o.table.clone())?);
+        f.register_metrics(registry);
         f.set_local(&app);
         app.set_remote(f.clone());
         if let Some(addr) = data_addr {

@@ -162,6 +162,7 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
             model_id: &model_id,
             api: bound,
             kv_budget,
+            registry: state.registry(),
         },
     )
     .await;

@@ -287,6 +287,25 @@ fn a_streamed_chat_opens_with_the_role_and_gives_the_whole_content() {
 }
 
 #[test]
+fn a_clients_data_plane_headers_are_ignored() {
+    // a client asking for the data plane's token ids gets plain chunks
+    let n = start("");
+    let r = client()
+        .post(format!("{}/v1/completions", n.base))
+        .header("x-weft-token-ids", "1")
+        .header("x-weft-hops", "1")
+        .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 4, "stream": true}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().unwrap();
+    assert!(
+        text.contains("data: ") && !text.contains("weft_tokens"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_seed_repeats_its_sampled_text() {
     let n = start("");
     let seeded = json!({"model": "tiny-gemma", "prompt": "the", "max_tokens": 8, "temperature": 1.5, "seed": 11});
@@ -307,16 +326,72 @@ fn metrics_count_requests_latencies_and_load() {
     assert_eq!(st, 200);
     let metrics = metrics(&n);
     for name in [
-        "weft_requests_total{model=\"tiny-gemma\",status=\"200\",criticality=\"standard\"}",
+        "weft_requests_total{criticality=\"standard\",model=\"tiny-gemma\",status=\"200\"}",
         "weft_time_to_first_token_seconds_bucket",
         "weft_inter_token_seconds_count",
         "weft_generated_tokens_total",
         "weft_queue_depth",
-        "weft_kv_blocks_total",
+        "weft_kv_blocks_capacity",
         "weft_worker_restarts_total 0",
     ] {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
+}
+
+/// A model name built to break the text format: quotes, a newline, a
+/// fake sample.
+const HOSTILE_MODEL: &str = "x\"} 1\nweft_ready 0\n# TYPE y counter\n\\";
+
+/// /metrics after requests naming [`HOSTILE_MODEL`] and 300 other models.
+fn metrics_after_hostile_names() -> String {
+    let n = start("");
+    let (st, _) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": HOSTILE_MODEL, "prompt": "x"}),
+    );
+    assert_eq!(st, 404);
+    for i in 0..300 {
+        post(
+            &n,
+            "/v1/completions",
+            &json!({"model": format!("m{i}"), "prompt": "x"}),
+        );
+    }
+    metrics(&n)
+}
+
+#[test]
+fn a_hostile_model_name_is_never_a_metric_label() {
+    let m = metrics_after_hostile_names();
+    assert!(
+        m.contains(
+            "weft_requests_total{criticality=\"standard\",model=\"other\",status=\"404\"} 301"
+        ),
+        "{m}"
+    );
+    assert!(!m.contains("m299") && !m.contains("# TYPE y"), "{m}");
+}
+
+#[test]
+fn metrics_after_hostile_model_names_pass_promtool() {
+    let m = metrics_after_hostile_names();
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/install_test_deps.sh installs it)");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{m}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 const SMALL_LIMITS: &str =
@@ -725,7 +800,7 @@ fn a_relaxed_sandbox_says_what_it_lacks_in_metrics() {
     let m = metrics(&n);
     assert!(m.contains("weft_sandbox_relaxed 1"), "{m}");
     assert!(
-        m.contains("weft_sandbox_missing_layer{model=\"tiny-gemma\",layer=\"seccomp\"} 1"),
+        m.contains("weft_sandbox_missing_layer{layer=\"seccomp\",model=\"tiny-gemma\"} 1"),
         "{m}"
     );
 }
@@ -736,7 +811,7 @@ fn a_strict_sandbox_reports_no_missing_layer_in_metrics() {
     let m = metrics(&n);
     assert!(m.contains("weft_sandbox_relaxed 0"), "{m}");
     assert!(
-        m.contains("weft_sandbox_info{model=\"tiny-gemma\",tier=\"process\",relaxed=\"false\"} 1"),
+        m.contains("weft_sandbox_info{model=\"tiny-gemma\",relaxed=\"false\",tier=\"process\"} 1"),
         "{m}"
     );
 }

@@ -3,6 +3,64 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// API keys and the tenant each belongs to, as a config file lists them.
+/// Its `Debug` never shows a key.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct KeyMap(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for KeyMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyMap({} keys, redacted)", self.0.len())
+    }
+}
+
+/// API keys, kept as their SHA-256 digests: a presented key is compared
+/// with every one in constant time, and no key can be printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ApiKeys {
+    digests: Vec<([u8; 32], String)>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys, redacted)", self.digests.len())
+    }
+}
+
+impl ApiKeys {
+    /// The keys of `map`.
+    pub fn new(map: &KeyMap) -> Self {
+        Self {
+            digests: map
+                .0
+                .iter()
+                .map(|(k, t)| (Sha256::digest(k.as_bytes()).into(), t.clone()))
+                .collect(),
+        }
+    }
+
+    /// Whether there are none (no authentication).
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// The tenant of `presented`, if it is a key: every key is compared,
+    /// each in constant time, whatever matches.
+    pub fn tenant(&self, presented: &str) -> Option<&str> {
+        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for (k, tenant) in &self.digests {
+            if bool::from(k.ct_eq(&d)) {
+                found = Some(tenant.as_str());
+            }
+        }
+        found
+    }
+}
 
 /// Per-tenant limits.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -22,7 +80,7 @@ pub struct TenantLimits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiConfig {
     /// API keys and the tenant each belongs to; empty: no authentication.
-    pub api_keys: BTreeMap<String, String>,
+    pub api_keys: ApiKeys,
     /// Limits per tenant name; `default` applies to tenants not listed.
     pub tenants: BTreeMap<String, TenantLimits>,
     /// Longest sequence (prompt + output).
@@ -52,5 +110,41 @@ impl ApiConfig {
             .or_else(|| self.tenants.get("default"))
             .cloned()
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> KeyMap {
+        KeyMap(BTreeMap::from([
+            ("sk-alpha-0001".to_string(), "alpha".to_string()),
+            ("sk-beta-00002".to_string(), "beta".to_string()),
+        ]))
+    }
+
+    #[test]
+    fn a_key_finds_its_tenant() {
+        let k = ApiKeys::new(&keys());
+        assert_eq!(k.tenant("sk-alpha-0001"), Some("alpha"));
+        assert_eq!(k.tenant("sk-beta-00002"), Some("beta"));
+    }
+
+    #[test]
+    fn a_wrong_key_or_a_prefix_of_one_finds_no_tenant() {
+        let k = ApiKeys::new(&keys());
+        for wrong in ["sk-alpha-0002", "sk-alpha-000", "sk-alpha-00011", ""] {
+            assert_eq!(k.tenant(wrong), None, "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn no_key_shows_in_debug_output() {
+        let printed = format!("{:?} {:?}", keys(), ApiKeys::new(&keys()));
+        assert!(
+            !printed.contains("sk-alpha") && !printed.contains("sk-beta"),
+            "{printed}"
+        );
     }
 }

@@ -1,12 +1,12 @@
 //! The `x-weft-*` headers and the chunk field that the API reads and
-//! writes, and that the data plane carries between nodes.
+//! writes, and what the data plane says of a request it hands this node's
+//! API ([`Forwarded`], a request extension: no client can set it). The
+//! headers of the data plane's own (hops, the forwarding node, token ids,
+//! the routing node's request id) travel between nodes on the
+//! authenticated data plane; from a client they mean nothing.
 
 use axum::http::HeaderMap;
 
-/// The header counting how often a request was forwarded.
-pub const HOPS_HEADER: &str = "x-weft-hops";
-/// The header naming the node a forwarded request came from.
-pub const FROM_HEADER: &str = "x-weft-forwarded-by";
 /// The response header naming the node that served a forwarded request.
 pub const SERVED_BY_HEADER: &str = "x-weft-served-by";
 /// The request header asking for each streamed chunk's token ids (in
@@ -23,13 +23,19 @@ pub const CRITICALITY_HEADER: &str = "x-weft-criticality";
 /// The request header of a deadline, in milliseconds.
 pub const DEADLINE_HEADER: &str = "x-weft-deadline-ms";
 
-/// How often a request in `headers` was forwarded already.
-pub fn hops(headers: &HeaderMap) -> u32 {
-    headers
-        .get(HOPS_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+/// What the data plane says of a request it hands this node's API: set
+/// only by the fabric, as a request extension.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// How often it was forwarded already (1: once, to here).
+    pub hops: u32,
+    /// The node it came from.
+    pub from: String,
+    /// Whether each streamed chunk should carry its token ids (so the
+    /// forwarding node can resume the stream elsewhere).
+    pub token_ids: bool,
+    /// The id the routing node gave it.
+    pub request_id: Option<String>,
 }
 
 /// A header's value as text, if it is there and is text.

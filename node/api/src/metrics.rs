@@ -1,26 +1,21 @@
-//! The API's Prometheus metrics, rendered in the text exposition format.
+//! The API's Prometheus metrics, in the node's one registry.
+//!
+//! The `model` label only ever names a model this node serves: a client's
+//! `model` string is its own, so any other name counts under
+//! [`weft_metrics::OTHER`] and cannot grow the label set.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
 
-use weft_metrics::{label, Histogram};
+use weft_metrics::{
+    counter, counter_vec, histogram, unregistered_gauge, unregistered_gauge_vec, Histogram,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+};
 
 /// Bucket bounds (seconds) for time-to-first-token.
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 /// Bucket bounds (seconds) for the gap between tokens.
 const ITL_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// (model, status, criticality) → count
-    requests: BTreeMap<(String, u16, String), u64>,
-    /// model → requests that named it (served here or not)
-    wanted: BTreeMap<String, u64>,
-    generated_tokens: u64,
-    ttft: Histogram,
-    itl: Histogram,
-}
 
 /// Most distinct model names counted as demand.
 const MAX_WANTED: usize = 256;
@@ -47,159 +42,237 @@ pub struct Gauges {
     pub sandboxes: Vec<(String, String, bool, Vec<String>)>,
 }
 
-/// Counters and histograms of one node.
-#[derive(Debug, Default)]
+/// The gauges [`Gauges`] sets at each scrape, and the restart counter it
+/// raises.
+#[derive(Clone)]
+pub(crate) struct ScrapeGauges {
+    restarts: IntCounter,
+    queue_depth: IntGauge,
+    inflight: IntGauge,
+    kv_used: IntGauge,
+    kv_total: IntGauge,
+    ready: IntGauge,
+    sandbox_info: IntGaugeVec,
+    sandbox_relaxed: IntGauge,
+    sandbox_missing: IntGaugeVec,
+    tenant: [IntGaugeVec; 5],
+}
+
+impl ScrapeGauges {
+    fn new() -> Self {
+        let t = |name, help| unregistered_gauge_vec(name, help, &["model", "tenant"]);
+        Self {
+            // gathered with the gauges, after they are refreshed
+            restarts: IntCounter::new("weft_worker_restarts_total", "Model worker restarts.")
+                .expect("a valid name"),
+            queue_depth: unregistered_gauge("weft_queue_depth", "Requests waiting for the engine."),
+            inflight: unregistered_gauge(
+                "weft_inflight_requests",
+                "Requests in flight at the node.",
+            ),
+            kv_used: unregistered_gauge("weft_kv_blocks_used", "KV cache blocks in use."),
+            kv_total: unregistered_gauge("weft_kv_blocks_capacity", "KV cache blocks in the pool."),
+            ready: unregistered_gauge("weft_ready", "1 when the model worker serves."),
+            sandbox_info: unregistered_gauge_vec(
+                "weft_sandbox_info",
+                "A model worker's sandbox tier (1), and whether it is relaxed.",
+                &["model", "tier", "relaxed"],
+            ),
+            sandbox_relaxed: unregistered_gauge(
+                "weft_sandbox_relaxed",
+                "1 when a model worker runs without a layer of its tier (sandbox = \"relaxed\").",
+            ),
+            sandbox_missing: unregistered_gauge_vec(
+                "weft_sandbox_missing_layer",
+                "A layer a relaxed model worker runs without.",
+                &["model", "layer"],
+            ),
+            tenant: [
+                t("weft_tenant_running", "Sequences of a tenant running in the engine."),
+                t("weft_tenant_waiting", "Sequences of a tenant waiting for the engine."),
+                t("weft_tenant_kv_blocks", "KV cache blocks a tenant's sequences hold."),
+                t(
+                    "weft_tenant_kv_quota_blocks",
+                    "KV cache blocks a tenant may hold (its kv_share).",
+                ),
+                t(
+                    "weft_tenant_preemptions",
+                    "Preemptions of a tenant's sequences (always for its own blocks) while it has sequences.",
+                ),
+            ],
+        }
+    }
+
+    pub(crate) fn collectors(&self) -> Vec<Box<dyn weft_metrics::Collector>> {
+        let mut v: Vec<Box<dyn weft_metrics::Collector>> = vec![
+            Box::new(self.restarts.clone()),
+            Box::new(self.queue_depth.clone()),
+            Box::new(self.inflight.clone()),
+            Box::new(self.kv_used.clone()),
+            Box::new(self.kv_total.clone()),
+            Box::new(self.ready.clone()),
+            Box::new(self.sandbox_info.clone()),
+            Box::new(self.sandbox_relaxed.clone()),
+            Box::new(self.sandbox_missing.clone()),
+        ];
+        v.extend(
+            self.tenant
+                .iter()
+                .map(|t| Box::new(t.clone()) as Box<dyn weft_metrics::Collector>),
+        );
+        v
+    }
+
+    /// Sets every gauge from `g`; label sets that went away go with it.
+    pub(crate) fn set(&self, g: &Gauges) {
+        self.queue_depth.set(g.queue_depth as i64);
+        self.inflight.set(g.inflight as i64);
+        self.kv_used.set(g.kv_used as i64);
+        self.kv_total.set(g.kv_total as i64);
+        self.ready.set(i64::from(g.ready));
+        self.sandbox_info.reset();
+        self.sandbox_missing.reset();
+        for (model, tier, relaxed, missing) in &g.sandboxes {
+            self.sandbox_info
+                .with_label_values(&[
+                    model.as_str(),
+                    tier.as_str(),
+                    if *relaxed { "true" } else { "false" },
+                ])
+                .set(1);
+            for layer in missing {
+                self.sandbox_missing
+                    .with_label_values(&[model.as_str(), layer.as_str()])
+                    .set(1);
+            }
+        }
+        self.sandbox_relaxed
+            .set(i64::from(g.sandboxes.iter().any(|s| !s.3.is_empty())));
+        type Of = fn(&weft_kernels::TenantUsage) -> usize;
+        let of: [Of; 5] = [
+            |t| t.running,
+            |t| t.waiting,
+            |t| t.kv_blocks,
+            |t| t.kv_quota,
+            |t| t.preemptions as usize,
+        ];
+        for (gauge, of) in self.tenant.iter().zip(of) {
+            gauge.reset();
+            for (model, t) in &g.tenants {
+                gauge
+                    .with_label_values(&[model.as_str(), t.tenant.as_str()])
+                    .set(of(t) as i64);
+            }
+        }
+    }
+}
+
+/// Counters and histograms of one node's API.
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    registry: Registry,
+    requests: IntCounterVec,
+    generated: IntCounter,
+    ttft: Histogram,
+    itl: Histogram,
+    pub(crate) scrape: ScrapeGauges,
+    /// model → requests that named it (served here or not): demand, not a
+    /// metric
+    wanted: Mutex<BTreeMap<String, u64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Metrics {
-    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The API's metrics, registered in `registry` (the gauges read at
+    /// scrape time are registered by the state that can read them).
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            registry: registry.clone(),
+            requests: counter_vec(
+                registry,
+                "weft_requests_total",
+                "Requests by model (one this node serves, or \"other\"), HTTP status and criticality.",
+                &["model", "status", "criticality"],
+            ),
+            generated: counter(registry, "weft_generated_tokens_total", "Tokens generated."),
+            ttft: histogram(
+                registry,
+                "weft_time_to_first_token_seconds",
+                "Time from request to first token.",
+                TTFT_BUCKETS,
+            ),
+            itl: histogram(
+                registry,
+                "weft_inter_token_seconds",
+                "Time between consecutive tokens of a stream.",
+                ITL_BUCKETS,
+            ),
+            scrape: ScrapeGauges::new(),
+            wanted: Mutex::default(),
+        }
     }
 
-    /// Counts a finished (or refused) request.
-    pub fn request(&self, model: &str, status: u16, criticality: &str) {
-        self.with(|m| {
-            *m.requests
-                .entry((model.into(), status, criticality.into()))
-                .or_default() += 1
-        });
+    /// The registry these metrics are in (the node's one).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts a finished (or refused) request for `model`, which must be
+    /// a model this node serves or [`weft_metrics::OTHER`].
+    pub(crate) fn request(&self, model: &str, status: u16, criticality: &str) {
+        self.requests
+            .with_label_values(&[model, &status.to_string(), criticality])
+            .inc();
     }
 
     /// Records a time to first token.
     pub fn ttft(&self, secs: f64) {
-        self.with(|m| m.ttft.observe(TTFT_BUCKETS, secs));
+        self.ttft.observe(secs);
     }
 
     /// Records a gap between two tokens.
     pub fn inter_token(&self, secs: f64) {
-        self.with(|m| m.itl.observe(ITL_BUCKETS, secs));
+        self.itl.observe(secs);
     }
 
     /// Counts generated tokens.
     pub fn tokens(&self, n: u64) {
-        self.with(|m| m.generated_tokens += n);
+        self.generated.inc_by(n);
+    }
+
+    /// Raises the restart counter to `total` (restarts only grow; a model
+    /// dropped takes its count with it, which the counter keeps).
+    pub(crate) fn restarts_seen(&self, total: u64) {
+        let now = self.scrape.restarts.get();
+        if total > now {
+            self.scrape.restarts.inc_by(total - now);
+        }
     }
 
     /// Counts a request naming `model`, held here or not (demand).
     pub fn wanted(&self, model: &str) {
-        self.with(|m| {
-            // names come from clients: keep the map bounded
-            if m.wanted.len() < MAX_WANTED || m.wanted.contains_key(model) {
-                *m.wanted.entry(model.into()).or_default() += 1;
-            }
-        });
+        let mut m = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        // names come from clients: keep the map bounded
+        if m.len() < MAX_WANTED || m.contains_key(model) {
+            *m.entry(model.into()).or_default() += 1;
+        }
     }
 
     /// Requests that named each model so far, held here or not.
     pub fn wanted_by_model(&self) -> BTreeMap<String, u64> {
-        self.with(|m| m.wanted.clone())
+        self.wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Tokens generated so far.
     pub fn generated_tokens(&self) -> u64 {
-        self.with(|m| m.generated_tokens)
-    }
-
-    /// The exposition text.
-    pub fn render(&self, g: Gauges) -> String {
-        let mut out = String::new();
-        self.with(|m| {
-            out.push_str("# HELP weft_requests_total Requests by model, HTTP status and criticality.\n# TYPE weft_requests_total counter\n");
-            for ((model, status, crit), n) in &m.requests {
-                let _ = writeln!(out, "weft_requests_total{{model=\"{model}\",status=\"{status}\",criticality=\"{crit}\"}} {n}");
-            }
-            out.push_str("# HELP weft_generated_tokens_total Tokens generated.\n# TYPE weft_generated_tokens_total counter\n");
-            let _ = writeln!(out, "weft_generated_tokens_total {}", m.generated_tokens);
-            out.push_str("# HELP weft_time_to_first_token_seconds Time from request to first token.\n# TYPE weft_time_to_first_token_seconds histogram\n");
-            m.ttft.render(&mut out, "weft_time_to_first_token_seconds", TTFT_BUCKETS);
-            out.push_str("# HELP weft_inter_token_seconds Time between consecutive tokens of a stream.\n# TYPE weft_inter_token_seconds histogram\n");
-            m.itl.render(&mut out, "weft_inter_token_seconds", ITL_BUCKETS);
-        });
-        let gauges = [
-            (
-                "weft_queue_depth",
-                "Requests waiting for the engine.",
-                g.queue_depth as f64,
-            ),
-            (
-                "weft_inflight_requests",
-                "Requests in flight at the node.",
-                g.inflight as f64,
-            ),
-            (
-                "weft_kv_blocks_used",
-                "KV cache blocks in use.",
-                g.kv_used as f64,
-            ),
-            (
-                "weft_kv_blocks_total",
-                "KV cache blocks in the pool.",
-                g.kv_total as f64,
-            ),
-            (
-                "weft_ready",
-                "1 when the model worker serves.",
-                if g.ready { 1.0 } else { 0.0 },
-            ),
-        ];
-        for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP weft_worker_restarts_total Model worker restarts.\n# TYPE weft_worker_restarts_total counter\nweft_worker_restarts_total {}",
-            g.worker_restarts
-        );
-        if !g.sandboxes.is_empty() {
-            out.push_str("# HELP weft_sandbox_info A model worker's sandbox tier (1), and whether it is relaxed.\n# TYPE weft_sandbox_info gauge\n");
-            for (model, tier, relaxed, _) in &g.sandboxes {
-                let _ = writeln!(
-                    out,
-                    "weft_sandbox_info{{model=\"{}\",tier=\"{}\",relaxed=\"{relaxed}\"}} 1",
-                    label(model),
-                    label(tier)
-                );
-            }
-            out.push_str("# HELP weft_sandbox_relaxed 1 when a model worker runs without a layer of its tier (sandbox = \"relaxed\").\n# TYPE weft_sandbox_relaxed gauge\n");
-            let relaxed = g.sandboxes.iter().any(|s| !s.3.is_empty());
-            let _ = writeln!(out, "weft_sandbox_relaxed {}", u8::from(relaxed));
-            out.push_str("# HELP weft_sandbox_missing_layer A layer a relaxed model worker runs without.\n# TYPE weft_sandbox_missing_layer gauge\n");
-            for (model, _, _, missing) in &g.sandboxes {
-                for layer in missing {
-                    let _ = writeln!(
-                        out,
-                        "weft_sandbox_missing_layer{{model=\"{}\",layer=\"{}\"}} 1",
-                        label(model),
-                        label(layer)
-                    );
-                }
-            }
-        }
-        if !g.tenants.is_empty() {
-            type Of = fn(&weft_kernels::TenantUsage) -> usize;
-            let per_tenant: [(&str, &str, Of); 5] = [
-                ("weft_tenant_running", "Sequences of a tenant running in the engine.", |t| t.running),
-                ("weft_tenant_waiting", "Sequences of a tenant waiting for the engine.", |t| t.waiting),
-                ("weft_tenant_kv_blocks", "KV cache blocks a tenant's sequences hold.", |t| t.kv_blocks),
-                ("weft_tenant_kv_quota_blocks", "KV cache blocks a tenant may hold (its kv_share).", |t| t.kv_quota),
-                ("weft_tenant_preemptions", "Preemptions of a tenant's sequences (always for its own blocks) while it has sequences.", |t| t.preemptions as usize),
-            ];
-            for (name, help, of) in per_tenant {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-                for (model, t) in &g.tenants {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{model=\"{}\",tenant=\"{}\"}} {}",
-                        label(model),
-                        label(&t.tenant),
-                        of(t)
-                    );
-                }
-            }
-        }
-        out
+        self.generated.get()
     }
 }
 
@@ -219,20 +292,27 @@ mod tests {
         }
     }
 
-    fn rendered() -> String {
-        let g = Gauges {
+    fn rendered(g: Gauges) -> String {
+        let r = Registry::new();
+        let m = Metrics::new(&r);
+        let scrape = m.scrape.clone();
+        weft_metrics::OnScrape::register(&r, m.scrape.collectors(), move || scrape.set(&g));
+        weft_metrics::encode(&r)
+    }
+
+    fn with_tenants() -> String {
+        rendered(Gauges {
             tenants: vec![
                 ("gemma".into(), usage("acme", 1, 7)),
                 ("gemma".into(), usage("say \"hi\"", 0, 0)),
             ],
             ..Gauges::default()
-        };
-        Metrics::default().render(g)
+        })
     }
 
     #[test]
     fn each_tenant_gets_its_gauges() {
-        let text = rendered();
+        let text = with_tenants();
         assert!(text.contains("weft_tenant_running{model=\"gemma\",tenant=\"acme\"} 1"));
         assert!(text.contains("weft_tenant_kv_blocks{model=\"gemma\",tenant=\"acme\"} 7"));
         assert!(text.contains("weft_tenant_kv_quota_blocks{model=\"gemma\",tenant=\"acme\"} 12"));
@@ -242,15 +322,20 @@ mod tests {
 
     #[test]
     fn tenant_labels_are_escaped() {
-        assert!(
-            rendered().contains("weft_tenant_waiting{model=\"gemma\",tenant=\"say \\\"hi\\\"\"} 2")
-        );
+        assert!(with_tenants()
+            .contains("weft_tenant_waiting{model=\"gemma\",tenant=\"say \\\"hi\\\"\"} 2"));
     }
 
     #[test]
-    fn without_tenants_there_are_no_tenant_gauges() {
-        assert!(!Metrics::default()
-            .render(Gauges::default())
-            .contains("weft_tenant_"));
+    fn without_tenants_there_are_no_tenant_samples() {
+        assert!(!rendered(Gauges::default()).contains("weft_tenant_running{"));
+    }
+
+    #[test]
+    fn the_restart_counter_follows_the_workers_total_and_never_falls() {
+        let m = Metrics::new(&Registry::new());
+        m.restarts_seen(3);
+        m.restarts_seen(1);
+        assert_eq!(m.scrape.restarts.get(), 3);
     }
 }

@@ -84,6 +84,4 @@ pub trait Remote: Send + Sync {
         ask: RouteAsk,
         local: Arc<dyn LocalNode>,
     ) -> BoxFuture<'static, Routing>;
-    /// The data plane's metrics, in Prometheus text.
-    fn render_metrics(&self) -> String;
 }

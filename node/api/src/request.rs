@@ -11,9 +11,7 @@ use weft_kernels::SamplingParams;
 use weft_placement::Criticality;
 
 use crate::error::ApiError;
-use crate::headers::{
-    header_str, CRITICALITY_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER, TOKEN_IDS_HEADER,
-};
+use crate::headers::{header_str, Forwarded, CRITICALITY_HEADER, DEADLINE_HEADER};
 use crate::served::Served;
 use crate::state::AppState;
 
@@ -210,6 +208,15 @@ pub(crate) fn prepare(s: &AppState, c: &Common, headers: &HeaderMap) -> Result<P
         s.metrics.wanted(&wanted);
     }
     let Some(model) = s.find(&c.model) else {
+        // counted under "other": a client's model string is no label
+        let crit = c
+            .weft
+            .as_ref()
+            .and_then(|i| i.criticality.as_deref())
+            .or_else(|| header_str(headers, CRITICALITY_HEADER))
+            .and_then(Criticality::parse)
+            .unwrap_or(Criticality::Standard);
+        s.count_request(&c.model, 404, crit.as_str());
         let held: Vec<String> = s
             .held()
             .iter()
@@ -345,7 +352,7 @@ pub(crate) fn job(
         model,
     }: Prepared,
     common: &Common,
-    headers: &HeaderMap,
+    fwd: Option<&Forwarded>,
     logprobs: Option<(u32, &'static str)>,
 ) -> Result<Job, ApiError> {
     if let Some((n, field)) = logprobs {
@@ -379,8 +386,8 @@ pub(crate) fn job(
             .is_some_and(|o| o.include_usage),
         model,
         resume,
-        token_ids: headers.contains_key(TOKEN_IDS_HEADER),
-        routed_id: header_str(headers, REQUEST_ID_HEADER).map(String::from),
+        token_ids: fwd.is_some_and(|f| f.token_ids),
+        routed_id: fwd.and_then(|f| f.request_id.clone()),
     })
 }
 

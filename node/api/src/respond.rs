@@ -87,8 +87,8 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
     };
     let (id, rx) = match job.model.runner.submit(submission) {
         Ok(x) => x,
-        Err(SubmitError::NotReady) => {
-            s.metrics.request(&job.model.model_id, 503, crit);
+        Err(SubmitError::NotReady | SubmitError::TimedOut(_)) => {
+            s.count_request(&job.model.model_id, 503, crit);
             return not_ready().into_response();
         }
     };
@@ -225,12 +225,12 @@ async fn whole_response(
             }
             Some(Update::Rejected(reason)) => {
                 ticket.finished = true;
-                s.metrics.request(&job.model.model_id, 400, crit);
+                s.count_request(&job.model.model_id, 400, crit);
                 return ApiError::bad(reason).into_response();
             }
             Some(Update::WorkerLost) | None => {
                 ticket.finished = true;
-                s.metrics.request(&job.model.model_id, 503, crit);
+                s.count_request(&job.model.model_id, 503, crit);
                 return worker_lost().into_response();
             }
         }
@@ -239,11 +239,11 @@ async fn whole_response(
     s.metrics.tokens(tokens as u64);
     s.tenants.record_tokens(&job.tenant, tokens as u64);
     if let FinishReason::Lost(why) = &finish {
-        s.metrics.request(&job.model.model_id, 503, crit);
+        s.count_request(&job.model.model_id, 503, crit);
         return replica_lost(why).into_response();
     }
     if let FinishReason::Error(msg) = &finish {
-        s.metrics.request(&job.model.model_id, 500, crit);
+        s.count_request(&job.model.model_id, 500, crit);
         return ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -251,7 +251,7 @@ async fn whole_response(
         )
         .into_response();
     }
-    s.metrics.request(&job.model.model_id, 200, crit);
+    s.count_request(&job.model.model_id, 200, crit);
     let choice = match meta.kind {
         Kind::Chat => json!({
             "index": 0,
@@ -408,7 +408,7 @@ fn stream_response(
         }
         s.metrics.tokens(tokens as u64);
         s.tenants.record_tokens(&job.tenant, tokens as u64);
-        s.metrics.request(&job.model.model_id, status, crit);
+        s.count_request(&job.model.model_id, status, crit);
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         drop(ticket);
     });

@@ -18,7 +18,7 @@ use weft_kernels::ChatMessage;
 use weft_placement::{Criticality, Intent};
 
 use crate::error::{refusal, ApiError};
-use crate::headers::{header_str, hops, CRITICALITY_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER};
+use crate::headers::{header_str, Forwarded, CRITICALITY_HEADER, DEADLINE_HEADER};
 use crate::remote::{RouteAsk, Routing};
 use crate::request::{
     job, new_request_id, parse_body, prepare, read_bytes, ChatBody, CompletionBody, ContentField,
@@ -86,14 +86,10 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let mut text = s.metrics.render(s.gauges());
-    if let Some(r) = s.remote() {
-        text += &r.render_metrics();
-    }
-    let mut r = text.into_response();
+    let mut r = weft_metrics::encode(s.registry()).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static(weft_metrics::CONTENT_TYPE),
     );
     r
 }
@@ -114,6 +110,7 @@ async fn models(
 async fn elsewhere(
     s: &Arc<AppState>,
     headers: &HeaderMap,
+    fwd: Option<&Forwarded>,
     uri: &'static str,
     bytes: &axum::body::Bytes,
 ) -> Option<Response> {
@@ -130,7 +127,7 @@ async fn elsewhere(
     }
     let r = serde_json::from_slice::<Routable>(bytes).ok()?;
     let held = s.find(&r.model).is_some();
-    let hops = hops(headers);
+    let hops = fwd.map_or(0, |f| f.hops);
     // a forwarded request was routed by the node that sent it
     if hops > 0 && held {
         return None;
@@ -156,8 +153,8 @@ async fn elsewhere(
         .or(r.max_tokens)
         .unwrap_or(s.cfg.default_max_tokens as u64)
         .min(u32::MAX as u64) as u32;
-    let request_id = header_str(headers, REQUEST_ID_HEADER)
-        .map(String::from)
+    let request_id = fwd
+        .and_then(|f| f.request_id.clone())
         .unwrap_or_else(new_request_id);
     let ask = RouteAsk {
         uri,
@@ -178,25 +175,26 @@ async fn elsewhere(
         Routing::Answered(resp) => Some(resp),
         Routing::Refused(rej) => {
             let e = refusal(&rej);
-            s.metrics.request(&r.model, e.status.as_u16(), crit);
+            s.count_request(&r.model, e.status.as_u16(), crit);
             Some(e.into_response())
         }
         Routing::Looped(why) => {
             Some(ApiError::new(StatusCode::LOOP_DETECTED, "server_error", why).into_response())
         }
         Routing::Failed(why) => {
-            s.metrics.request(&r.model, 502, crit);
+            s.count_request(&r.model, 502, crit);
             Some(ApiError::new(StatusCode::BAD_GATEWAY, "server_error", why).into_response())
         }
     }
 }
 
 async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) -> Response {
+    let fwd = req.extensions().get::<Forwarded>().cloned();
     let bytes = match read_bytes(&s, req).await {
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    if let Some(r) = elsewhere(&s, &headers, "/v1/completions", &bytes).await {
+    if let Some(r) = elsewhere(&s, &headers, fwd.as_ref(), "/v1/completions", &bytes).await {
         return r;
     }
     let r = async {
@@ -221,7 +219,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
             prompt,
             prepared,
             &body.common,
-            &headers,
+            fwd.as_ref(),
             logprobs,
         )
     }
@@ -230,11 +228,12 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
 }
 
 async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) -> Response {
+    let fwd = req.extensions().get::<Forwarded>().cloned();
     let bytes = match read_bytes(&s, req).await {
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    if let Some(r) = elsewhere(&s, &headers, "/v1/chat/completions", &bytes).await {
+    if let Some(r) = elsewhere(&s, &headers, fwd.as_ref(), "/v1/chat/completions", &bytes).await {
         return r;
     }
     let r = async {
@@ -286,7 +285,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
             prompt,
             prepared,
             &body.common,
-            &headers,
+            fwd.as_ref(),
             logprobs,
         )
     }

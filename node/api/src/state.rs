@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::Value;
 use weft_audit::IntentLog;
 use weft_kernels::Tokenizer;
+use weft_metrics::Registry;
 use weft_worker::Runner;
 
 use crate::config::ApiConfig;
@@ -49,16 +50,49 @@ impl AppState {
         s
     }
 
-    /// Shared state for the router, serving nothing yet.
+    /// Shared state for the router, serving nothing yet, with a registry
+    /// of its own.
     pub fn empty(cfg: ApiConfig) -> Arc<Self> {
-        Arc::new(Self {
+        Self::empty_in(cfg, &Registry::new())
+    }
+
+    /// Shared state for the router, serving nothing yet, its metrics in
+    /// `registry` (the node's one).
+    pub fn empty_in(cfg: ApiConfig, registry: &Registry) -> Arc<Self> {
+        let s = Arc::new(Self {
             cfg,
-            metrics: Metrics::default(),
+            metrics: Metrics::new(registry),
             models: RwLock::default(),
             tenants: Arc::default(),
             intent: Mutex::default(),
             remote: RwLock::default(),
-        })
+        });
+        let weak = Arc::downgrade(&s);
+        weft_metrics::OnScrape::register(registry, s.metrics.scrape.collectors(), move || {
+            if let Some(s) = weak.upgrade() {
+                let g = s.gauges();
+                s.metrics.restarts_seen(g.worker_restarts);
+                s.metrics.scrape.set(&g);
+            }
+        });
+        s
+    }
+
+    /// The registry every metric of this node is in.
+    pub fn registry(&self) -> &Registry {
+        self.metrics.registry()
+    }
+
+    /// Counts a finished or refused request that named `model`: under the
+    /// model's id when this node serves it, else under
+    /// [`weft_metrics::OTHER`] (a client's string is no label).
+    pub fn count_request(&self, model: &str, status: u16, criticality: &str) {
+        match self.find(model) {
+            Some(m) => self.metrics.request(&m.model_id, status, criticality),
+            None => self
+                .metrics
+                .request(weft_metrics::OTHER, status, criticality),
+        }
     }
 
     /// The data plane, on a cluster node.

@@ -30,8 +30,8 @@ pub fn authenticate(cfg: &ApiConfig, headers: &HeaderMap) -> Result<String, ApiE
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match key.and_then(|k| cfg.api_keys.get(k)) {
-        Some(t) => Ok(t.clone()),
+    match key.and_then(|k| cfg.api_keys.tenant(k)) {
+        Some(t) => Ok(t.to_string()),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",

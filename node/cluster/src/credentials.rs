@@ -5,10 +5,15 @@
 //! - `weft cluster init` makes the CA ([`ClusterCa::init`]); its key stays
 //!   with the coordinators.
 //! - `weft cluster join-token` makes a token ([`ClusterCa::issue_token`]):
-//!   an expiry and a nonce, authenticated with a key derived from the CA key,
-//!   plus the CA's fingerprint so the joiner can pin the CA before it has it.
+//!   the name and [`Role`] its holder gets, an expiry and a nonce,
+//!   authenticated with a key derived from the CA key, plus the CA's
+//!   fingerprint so the joiner can pin the CA before it has it.
 //! - A joining node sends the token and a certificate request; a coordinator
-//!   checks the token and signs ([`ClusterCa::sign_request`]).
+//!   checks the token and signs ([`ClusterCa::sign_request`]) for the
+//!   token's name and role, never the joiner's; the token is then consumed
+//!   in the replicated state, so it works once.
+//! - Every certificate carries its holder's role (the subject's OU), which
+//!   the coordinators authorize commands by (`crate::authz`).
 //! - Every connection is mutual TLS 1.3 under the CA; a certificate whose
 //!   fingerprint is in the replicated revocation list is refused.
 
@@ -34,8 +39,9 @@ use sha2::{Digest, Sha256};
 pub const ALPN: &[u8] = b"weft/1";
 /// Validity of a node certificate (days).
 pub const NODE_CERT_DAYS: i64 = 365;
-/// Validity of a join token unless told otherwise (seconds).
-pub const DEFAULT_TOKEN_TTL_S: u64 = 24 * 3600;
+/// Validity of a join token unless told otherwise (seconds): long enough
+/// to install a gateway, short enough that a leaked one soon dies.
+pub const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 /// Most bytes of a node name.
 pub const MAX_NODE_NAME: usize = 63;
 
@@ -65,6 +71,90 @@ pub enum CredentialError {
     /// A node name outside `[a-z0-9-]{1,63}`.
     #[error("invalid node name {0:?}: use 1-63 lowercase letters, digits and dashes")]
     BadName(String),
+    /// A token may not give this role.
+    #[error("a join token cannot make an {0} identity: issue it with the CA (weft cluster issue)")]
+    RoleNotJoinable(Role),
+}
+
+/// What a certificate's holder is to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// A serving node (gateway, cloud worker): may report itself, nothing else.
+    Node,
+    /// A coordinator: holds the CA and runs raft.
+    Coordinator,
+    /// The operator's identity: may command the control plane, runs no raft.
+    Admin,
+}
+
+impl Role {
+    /// Its name, as the certificate's OU carries it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Coordinator => "coordinator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Whether it may change the control state beyond its own record.
+    pub fn commands(self) -> bool {
+        matches!(self, Role::Coordinator | Role::Admin)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "node" => Ok(Role::Node),
+            "coordinator" => Ok(Role::Coordinator),
+            "admin" => Ok(Role::Admin),
+            _ => Err(format!("unknown role {s:?}: node, coordinator or admin")),
+        }
+    }
+}
+
+/// Who a peer is, read from its (verified) certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The node name (the certificate's CN).
+    pub name: String,
+    /// Its role (the certificate's OU; a certificate without one is a node).
+    pub role: Role,
+    /// The certificate's fingerprint.
+    pub fingerprint: String,
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.role)
+    }
+}
+
+/// The identity a certificate (DER) names. Only for certificates the TLS
+/// layer has verified under the cluster CA.
+pub fn cert_identity(der: &[u8]) -> Option<PeerIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let role = match cert.subject().iter_organizational_unit().next() {
+        // a certificate from before roles, or one without an OU, is the
+        // least a peer can be
+        None => Role::Node,
+        Some(ou) => ou.as_str().ok()?.parse().ok()?,
+    };
+    Some(PeerIdentity {
+        name: name.to_string(),
+        role,
+        fingerprint: fingerprint(der),
+    })
 }
 
 type Result<T, E = CredentialError> = std::result::Result<T, E>;
@@ -150,8 +240,13 @@ pub struct TokenClaims {
     pub ca: String,
     /// Unix time it expires.
     pub expires: u64,
-    /// Random, so every token differs.
+    /// Random, so every token differs; the replicated state remembers the
+    /// nonces redeemed (until they expire), so a token works once.
     pub nonce: String,
+    /// The only node name it can be redeemed for.
+    pub name: String,
+    /// The role the certificate it buys carries.
+    pub role: Role,
 }
 
 impl TokenClaims {
@@ -249,21 +344,29 @@ impl ClusterCa {
         m.finalize().into_bytes().to_vec()
     }
 
-    /// A join token valid for `ttl_s` seconds from `now_unix`.
-    pub fn issue_token(&self, now_unix: u64, ttl_s: u64) -> String {
+    /// A join token for node `name` with `role`, valid for `ttl_s` seconds
+    /// from `now_unix`. Admin identities are never joined: they are issued
+    /// with the CA.
+    pub fn issue_token(&self, now_unix: u64, ttl_s: u64, name: &str, role: Role) -> Result<String> {
+        check_name(name)?;
+        if role == Role::Admin {
+            return Err(CredentialError::RoleNotJoinable(role));
+        }
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
         let claims = TokenClaims {
             ca: self.fingerprint(),
-            expires: now_unix + ttl_s,
+            expires: now_unix.saturating_add(ttl_s),
             nonce: hex::encode(nonce),
+            name: name.to_string(),
+            role,
         };
         let payload = serde_json::to_vec(&claims).expect("claims serialize");
-        format!(
+        Ok(format!(
             "weft1.{}.{}",
             hex::encode(&payload),
             hex::encode(self.mac(&payload))
-        )
+        ))
     }
 
     /// Checks a token: ours, untampered, unexpired.
@@ -284,14 +387,18 @@ impl ClusterCa {
         if claims.expires < now_unix {
             return Err(CredentialError::Expired(now_unix - claims.expires));
         }
+        if claims.role == Role::Admin {
+            return Err(CredentialError::RoleNotJoinable(claims.role));
+        }
         Ok(claims)
     }
 
-    fn node_params(node: &str) -> Result<CertificateParams> {
+    fn node_params(node: &str, role: Role) -> Result<CertificateParams> {
         check_name(node)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, node);
+        dn.push(DnType::OrganizationalUnitName, role.as_str());
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::DnsName(
             dns_name(node).try_into().map_err(cert_err)?,
@@ -309,22 +416,23 @@ impl ClusterCa {
         Ok(params)
     }
 
-    /// Signs a node's certificate request for `node`. Only the request's
-    /// public key is used; name, validity and usages are ours.
-    pub fn sign_request(&self, csr_pem: &str, node: &str) -> Result<String> {
+    /// Signs a node's certificate request for `node` with `role`. Only the
+    /// request's public key is used; name, role, validity and usages are ours.
+    pub fn sign_request(&self, csr_pem: &str, node: &str, role: Role) -> Result<String> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err)?;
-        csr.params = Self::node_params(node)?;
+        csr.params = Self::node_params(node, role)?;
         Ok(csr
             .signed_by(&self.cert, &self.key)
             .map_err(cert_err)?
             .pem())
     }
 
-    /// A complete identity for `node`, issued directly (for coordinators,
-    /// which hold the CA).
-    pub fn issue_identity(&self, node: &str) -> Result<NodeIdentity> {
+    /// A complete identity for `node` with `role`, issued directly (for
+    /// coordinators and the operator's admin identity, by whoever holds the
+    /// CA).
+    pub fn issue_identity(&self, node: &str, role: Role) -> Result<NodeIdentity> {
         let key = KeyPair::generate().map_err(cert_err)?;
-        let cert = Self::node_params(node)?
+        let cert = Self::node_params(node, role)?
             .signed_by(&key, &self.cert, &self.key)
             .map_err(cert_err)?;
         NodeIdentity::from_pem(node, &cert.pem(), &key.serialize_pem(), &self.cert_pem)
@@ -485,8 +593,8 @@ impl NodeIdentity {
     }
 
     /// Checks that `cert_der` is a node certificate from this cluster's CA,
-    /// not revoked, and returns the node name in it.
-    pub fn check_peer_cert(&self, cert_der: &[u8], revoked: &Revoked) -> Result<String> {
+    /// not revoked, and returns who it names.
+    pub fn check_peer_cert(&self, cert_der: &[u8], revoked: &Revoked) -> Result<PeerIdentity> {
         let inner =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots(), provider())
                 .build()
@@ -501,14 +609,7 @@ impl NodeIdentity {
             UnixTime::now(),
         )
         .map_err(cert_err)?;
-        let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(cert_err)?;
-        let name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or_else(|| cert_err("no common name"))?;
-        Ok(name.to_string())
+        cert_identity(cert_der).ok_or_else(|| cert_err("no node name or an unknown role"))
     }
 
     /// Signs `msg` with this node's key (ECDSA P-256, ASN.1).
@@ -844,7 +945,7 @@ mod tests {
 
     fn joined(ca: &ClusterCa, name: &str) -> NodeIdentity {
         let (key, csr) = new_request(name).unwrap();
-        let cert = ca.sign_request(&csr, name).unwrap();
+        let cert = ca.sign_request(&csr, name, Role::Node).unwrap();
         NodeIdentity::from_pem(name, &cert, &key, ca.cert_pem()).unwrap()
     }
 
@@ -890,10 +991,89 @@ mod tests {
         (dir, ca, other)
     }
 
+    fn token(ca: &ClusterCa) -> String {
+        ca.issue_token(NOW, 3600, "gw-1", Role::Node).unwrap()
+    }
+
+    #[test]
+    fn a_token_carries_the_name_and_role_it_was_issued_for() {
+        let (_d, ca, _) = two_cas();
+        let t = ca.issue_token(NOW, 60, "gw-7", Role::Coordinator).unwrap();
+        let claims = ca.check_token(&t, NOW).unwrap();
+        assert_eq!(
+            (claims.name.as_str(), claims.role),
+            ("gw-7", Role::Coordinator)
+        );
+    }
+
+    #[test]
+    fn no_token_is_issued_for_an_admin_identity() {
+        let (_d, ca, _) = two_cas();
+        assert!(matches!(
+            ca.issue_token(NOW, 60, "ops", Role::Admin),
+            Err(CredentialError::RoleNotJoinable(Role::Admin))
+        ));
+    }
+
+    #[test]
+    fn no_token_is_issued_for_a_bad_name() {
+        let (_d, ca, _) = two_cas();
+        assert!(ca.issue_token(NOW, 60, "Bad Name", Role::Node).is_err());
+    }
+
+    #[test]
+    fn a_token_whose_name_or_role_was_changed_is_refused() {
+        let (_d, ca, _) = two_cas();
+        let t = token(&ca);
+        for change in [
+            (|c: &mut TokenClaims| c.name = "coord-1".into()) as fn(&mut TokenClaims),
+            |c| c.role = Role::Coordinator,
+        ] {
+            let mut parts: Vec<String> = t.split('.').map(String::from).collect();
+            let mut c: TokenClaims =
+                serde_json::from_slice(&hex::decode(&parts[1]).unwrap()).unwrap();
+            change(&mut c);
+            parts[1] = hex::encode(serde_json::to_vec(&c).unwrap());
+            assert!(matches!(
+                ca.check_token(&parts.join("."), NOW),
+                Err(CredentialError::BadToken(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_certificate_carries_its_role() {
+        let (_d, ca, _) = two_cas();
+        for role in [Role::Node, Role::Coordinator, Role::Admin] {
+            let id = ca.issue_identity("x", role).unwrap();
+            let who = cert_identity(id.cert_der()).unwrap();
+            assert_eq!((who.name.as_str(), who.role), ("x", role));
+        }
+    }
+
+    #[test]
+    fn a_signed_request_gets_the_role_the_coordinator_gives() {
+        let (_d, ca, _) = two_cas();
+        let id = joined(&ca, "gw-1");
+        assert_eq!(cert_identity(id.cert_der()).unwrap().role, Role::Node);
+    }
+
+    #[test]
+    fn a_peer_certificate_check_names_the_peer_and_its_role() {
+        let (_d, ca, _) = two_cas();
+        let a = ca.issue_identity("coord-1", Role::Coordinator).unwrap();
+        let b = joined(&ca, "gw-1");
+        let who = a
+            .check_peer_cert(b.cert_der(), &Revoked::default())
+            .unwrap();
+        assert_eq!((who.name.as_str(), who.role), ("gw-1", Role::Node));
+        assert_eq!(who.fingerprint, b.fingerprint());
+    }
+
     #[test]
     fn a_token_checks_and_carries_its_cas_fingerprint() {
         let (_d, ca, _) = two_cas();
-        let t = ca.issue_token(NOW, 3600);
+        let t = token(&ca);
         let claims = ca.check_token(&t, NOW + 10).unwrap();
         assert_eq!(claims.ca, ca.fingerprint());
         assert_eq!(TokenClaims::peek(&t).unwrap(), claims);
@@ -902,17 +1082,13 @@ mod tests {
     #[test]
     fn each_token_is_different() {
         let (_d, ca, _) = two_cas();
-        assert_ne!(
-            ca.issue_token(NOW, 3600),
-            ca.issue_token(NOW, 3600),
-            "tokens carry a nonce"
-        );
+        assert_ne!(token(&ca), token(&ca), "tokens carry a nonce");
     }
 
     #[test]
     fn an_expired_token_is_refused_saying_by_how_much() {
         let (_d, ca, _) = two_cas();
-        let t = ca.issue_token(NOW, 3600);
+        let t = token(&ca);
         assert!(matches!(
             ca.check_token(&t, NOW + 3601),
             Err(CredentialError::Expired(1))
@@ -922,7 +1098,7 @@ mod tests {
     #[test]
     fn another_clusters_token_is_refused() {
         let (_d, ca, other) = two_cas();
-        let t = ca.issue_token(NOW, 3600);
+        let t = token(&ca);
         assert!(matches!(
             other.check_token(&t, NOW),
             Err(CredentialError::BadToken(_))
@@ -933,7 +1109,7 @@ mod tests {
     fn a_token_with_a_changed_claim_is_refused() {
         // a later expiry, with the MAC kept
         let (_d, ca, _) = two_cas();
-        let t = ca.issue_token(NOW, 3600);
+        let t = token(&ca);
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
         let mut c: TokenClaims = serde_json::from_slice(&hex::decode(&parts[1]).unwrap()).unwrap();
         c.expires += 1_000_000;
@@ -966,9 +1142,11 @@ mod tests {
         fn new() -> Self {
             let (_dir, ca, stranger_ca) = two_cas();
             Self {
-                a: ca.issue_identity("node-a").unwrap(),
+                a: ca.issue_identity("node-a", Role::Coordinator).unwrap(),
                 b: joined(&ca, "node-b"),
-                stranger: stranger_ca.issue_identity("node-c").unwrap(),
+                stranger: stranger_ca
+                    .issue_identity("node-c", Role::Coordinator)
+                    .unwrap(),
                 revoked: Revoked::default(),
                 _dir,
                 ca,
@@ -1067,7 +1245,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::init(&dir.path().join("ca"), "a").unwrap();
         let (_, csr) = new_request("asks-for-this").unwrap();
-        let cert = ca.sign_request(&csr, "gets-this").unwrap();
+        let cert = ca.sign_request(&csr, "gets-this", Role::Node).unwrap();
         let der = pem_to_der(&cert).unwrap();
         let text = String::from_utf8_lossy(&der);
         assert!(text.contains("gets-this.weft") && !text.contains("asks-for-this"));

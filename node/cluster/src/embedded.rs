@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use weft_coordinator::{Command, Member};
 use weft_placement::{Demand, ModelId, SiteId, SiteKind};
 
-use crate::credentials::{ClusterCa, NodeIdentity};
+use crate::credentials::{ClusterCa, NodeIdentity, Role};
 use crate::member::{self, member_id, MemberHandle, MemberSettings};
 use crate::transport::{Caller, Peer, Reply, Request};
 use weft_store::StoredModel;
@@ -67,6 +67,8 @@ pub struct Served<'a> {
     pub api: SocketAddr,
     /// The KV budget (bytes).
     pub kv_budget: usize,
+    /// The node's metrics registry: the coordinator's metrics go there too.
+    pub registry: &'a weft_metrics::Registry,
 }
 
 /// Starts the embedded coordinator in `state_dir` (a temporary directory
@@ -93,6 +95,7 @@ pub async fn start(state_dir: Option<PathBuf>, served: Served<'_>) -> Result<Emb
         }],
     );
     settings.tick = Duration::from_millis(20);
+    settings.registry = served.registry.clone();
     let handle = member::start(settings, identity.clone(), Some(ca)).await?;
     let me = Peer {
         id: 1,
@@ -114,10 +117,20 @@ pub async fn start(state_dir: Option<PathBuf>, served: Served<'_>) -> Result<Emb
 fn credentials(dir: &Path) -> Result<(ClusterCa, NodeIdentity)> {
     let (ca_dir, id_dir) = (dir.join("ca"), dir.join("identity"));
     if id_dir.exists() {
-        return Ok((ClusterCa::load(&ca_dir)?, NodeIdentity::load(&id_dir)?));
+        let ca = ClusterCa::load(&ca_dir)?;
+        let identity = NodeIdentity::load(&id_dir)?;
+        let role = crate::credentials::cert_identity(identity.cert_der()).map(|p| p.role);
+        if role == Some(Role::Coordinator) {
+            return Ok((ca, identity));
+        }
+        // made before certificates carried roles: this member holds the CA,
+        // so it issues itself a coordinator's certificate
+        let identity = ca.issue_identity(NAME, Role::Coordinator)?;
+        identity.save(&id_dir)?;
+        return Ok((ca, identity));
     }
     let ca = ClusterCa::init(&ca_dir, "weft-up")?;
-    let identity = ca.issue_identity(NAME)?;
+    let identity = ca.issue_identity(NAME, Role::Coordinator)?;
     identity.save(&id_dir)?;
     Ok((ca, identity))
 }

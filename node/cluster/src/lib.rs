@@ -20,6 +20,7 @@
 //! requests cross between nodes is `weft-fabric`'s.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod credentials;
 pub mod embedded;
 pub mod member;

@@ -21,9 +21,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use weft_coordinator::{Applied, Command, Coordinator, CoordinatorConfig, DirDisk, Member};
 use weft_placement::{Demand, SolverConfig};
 
-use crate::credentials::{ClusterCa, NodeIdentity, Revoked};
+use crate::authz;
+use crate::credentials::{ClusterCa, NodeIdentity, PeerIdentity, Revoked};
 use crate::transport::{self, read_frame, write_frame, Peer, Reply, Request, StatusReport};
-use weft_metrics::Histogram;
+use weft_metrics::{IntCounter, IntCounterVec, IntGauge};
 
 /// How a coordinator member runs.
 #[derive(Debug, Clone)]
@@ -53,6 +54,11 @@ pub struct MemberSettings {
     /// The overlay's routing table: members missing from it are down, and
     /// the leader moves their replicas. `None`: no failure detection.
     pub live: Option<Arc<std::sync::RwLock<crate::overlay::RoutingTable>>>,
+    /// Where refused commands and joins are logged, with who was refused
+    /// (an intent log; `None`: counted only).
+    pub intent_log: Option<PathBuf>,
+    /// The registry its metrics go in (the node's one).
+    pub registry: weft_metrics::Registry,
 }
 
 impl MemberSettings {
@@ -61,7 +67,6 @@ impl MemberSettings {
         Self {
             id,
             listen,
-            data_dir,
             peers,
             tick: Duration::from_millis(100),
             replan_ticks: 10,
@@ -70,6 +75,9 @@ impl MemberSettings {
             propose_timeout: Duration::from_secs(5),
             bootstrap: true,
             live: None,
+            intent_log: Some(data_dir.join("control-intent")),
+            data_dir,
+            registry: weft_metrics::Registry::new(),
         }
     }
 }
@@ -78,86 +86,158 @@ impl MemberSettings {
 const COMMIT_BUCKETS: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
 
 /// The control plane's metrics.
-#[derive(Debug, Default)]
 pub struct ControlMetrics {
-    inner: Mutex<ControlInner>,
+    registry: weft_metrics::Registry,
+    term: IntGauge,
+    is_leader: IntGauge,
+    leader_changes: IntCounter,
+    commit_index: IntGauge,
+    log_entries: IntGauge,
+    epoch: IntGauge,
+    members: IntGauge,
+    rejected_peers: IntCounter,
+    refused_requests: IntCounterVec,
+    commit_latency: weft_metrics::Histogram,
 }
 
-#[derive(Debug, Default)]
-struct ControlInner {
-    term: u64,
-    is_leader: bool,
-    leader_changes: u64,
-    commit_index: u64,
-    log_entries: u64,
-    epoch: u64,
-    members: u64,
-    rejected_peers: u64,
-    commit_latency: Histogram,
+impl std::fmt::Debug for ControlMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlMetrics").finish_non_exhaustive()
+    }
 }
 
 impl ControlMetrics {
-    /// Prometheus text for these metrics.
-    pub fn render(&self) -> String {
-        let i = self.inner.lock().expect("metrics lock");
-        let mut out = String::new();
-        use std::fmt::Write;
-        for (name, help, v) in [
-            ("weft_raft_term", "current raft term", i.term),
-            (
-                "weft_raft_is_leader",
-                "1 if this member leads",
-                u64::from(i.is_leader),
-            ),
-            (
-                "weft_raft_leader_changes_total",
-                "leader changes seen",
-                i.leader_changes,
-            ),
-            (
-                "weft_raft_commit_index",
-                "last committed log index",
-                i.commit_index,
-            ),
-            (
+    /// The control plane's metrics, registered in `registry`.
+    pub fn new(registry: &weft_metrics::Registry) -> Self {
+        use weft_metrics::{counter, counter_vec, gauge, histogram};
+        let r = registry;
+        Self {
+            registry: registry.clone(),
+            term: gauge(r, "weft_raft_term", "current raft term"),
+            is_leader: gauge(r, "weft_raft_is_leader", "1 if this member leads"),
+            leader_changes: counter(r, "weft_raft_leader_changes_total", "leader changes seen"),
+            commit_index: gauge(r, "weft_raft_commit_index", "last committed log index"),
+            log_entries: gauge(
+                r,
                 "weft_raft_log_entries",
                 "log entries after the last snapshot",
-                i.log_entries,
             ),
-            (
+            epoch: gauge(
+                r,
                 "weft_placement_epoch",
                 "latest committed placement epoch",
-                i.epoch,
             ),
-            (
-                "weft_cluster_members",
-                "members in the control state",
-                i.members,
-            ),
-            (
+            members: gauge(r, "weft_cluster_members", "members in the control state"),
+            rejected_peers: counter(
+                r,
                 "weft_cluster_rejected_peers_total",
                 "connections or messages refused for lacking valid credentials",
-                i.rejected_peers,
             ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            refused_requests: counter_vec(
+                r,
+                "weft_cluster_refused_requests_total",
+                "requests from peers refused: not allowed for their role, or a bad join",
+                &["request"],
+            ),
+            commit_latency: histogram(
+                r,
+                "weft_raft_commit_seconds",
+                "proposal to commit on the leader",
+                COMMIT_BUCKETS,
+            ),
         }
-        let _ = writeln!(
-            out,
-            "# HELP weft_raft_commit_seconds proposal to commit on the leader\n# TYPE weft_raft_commit_seconds histogram"
-        );
-        i.commit_latency
-            .render(&mut out, "weft_raft_commit_seconds", COMMIT_BUCKETS);
-        out
+    }
+
+    /// Prometheus text of the registry these metrics are in.
+    pub fn render(&self) -> String {
+        weft_metrics::encode(&self.registry)
     }
 
     /// Connections or messages refused so far.
     pub fn rejected(&self) -> u64 {
-        self.inner.lock().expect("metrics lock").rejected_peers
+        self.rejected_peers.get()
     }
 
     fn reject(&self) {
-        self.inner.lock().expect("metrics lock").rejected_peers += 1;
+        self.rejected_peers.inc();
+    }
+
+    /// Requests refused so far (by authorization or a bad join) of `kind`
+    /// (as [`authz::request_kind`] names them).
+    pub fn refused(&self, kind: &str) -> u64 {
+        self.refused_requests.with_label_values(&[kind]).get()
+    }
+
+    fn refuse(&self, kind: &'static str) {
+        self.refused_requests.with_label_values(&[kind]).inc();
+    }
+}
+
+/// Most refusals written to the intent log per second; past it they are
+/// only counted (a flood of bad joins must not fill the disk).
+const REFUSALS_LOGGED_PER_S: u32 = 20;
+
+/// Refused requests: counted by kind, and logged in the control plane's
+/// intent log with the peer's identity.
+#[derive(Clone)]
+struct Refusals {
+    metrics: Arc<ControlMetrics>,
+    log: Option<Arc<Mutex<(weft_audit::IntentLog, u64, u32)>>>,
+}
+
+impl Refusals {
+    fn open(metrics: Arc<ControlMetrics>, dir: Option<&std::path::Path>) -> Result<Self> {
+        let log = match dir {
+            Some(d) => Some(Arc::new(Mutex::new((
+                weft_audit::IntentLog::open(d, weft_audit::DEFAULT_MAX_FILE_BYTES).with_context(
+                    || format!("opening the control intent log in {}", d.display()),
+                )?,
+                0,
+                0,
+            )))),
+            None => None,
+        };
+        Ok(Self { metrics, log })
+    }
+
+    /// Counts and logs that `req` from `who` (at `remote`) was refused.
+    fn refuse(
+        &self,
+        who: Option<&PeerIdentity>,
+        remote: SocketAddr,
+        kind: &'static str,
+        why: &str,
+    ) {
+        self.metrics.refuse(kind);
+        tracing::warn!(
+            peer = who.map_or("(no certificate)".to_string(), |w| w.to_string()),
+            %remote,
+            request = kind,
+            "refused: {why}"
+        );
+        let Some(log) = &self.log else { return };
+        let mut g = log.lock().expect("intent log lock");
+        let (log, second, logged) = &mut *g;
+        let now = now_unix();
+        if *second != now {
+            (*second, *logged) = (now, 0);
+        }
+        if *logged >= REFUSALS_LOGGED_PER_S {
+            return;
+        }
+        *logged += 1;
+        let record = serde_json::json!({
+            "event": "control-refused",
+            "request": kind,
+            "reason": why,
+            "peer": who.map(|w| w.name.clone()),
+            "role": who.map(|w| w.role.as_str()),
+            "fingerprint": who.map(|w| w.fingerprint.clone()),
+            "remote": remote.to_string(),
+        });
+        if let Err(e) = log.append(record).and_then(|_| log.sync()) {
+            tracing::error!("the control intent log: {e}");
+        }
     }
 }
 
@@ -165,7 +245,8 @@ enum Event {
     Raft(Message),
     Request {
         req: Request,
-        peer: Option<String>,
+        peer: Option<PeerIdentity>,
+        remote: SocketAddr,
         reply: oneshot::Sender<Reply>,
     },
     Lost {
@@ -323,7 +404,8 @@ pub async fn start(
     )?;
     let endpoint = transport::endpoint(&identity, &revoked, settings.listen, ca.is_some())?;
     let local_addr = endpoint.local_addr()?;
-    let metrics = Arc::new(ControlMetrics::default());
+    let metrics = Arc::new(ControlMetrics::new(&settings.registry));
+    let refusals = Refusals::open(metrics.clone(), settings.intent_log.as_deref())?;
     let (events_tx, events_rx) = mpsc::channel(4096);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -348,6 +430,7 @@ pub async fn start(
         Gate {
             names: names.clone(),
             metrics: metrics.clone(),
+            refusals: refusals.clone(),
             revoked: revoked.clone(),
             revocations: revocations_rx,
         },
@@ -364,6 +447,7 @@ pub async fn start(
         ca,
         revoked,
         metrics: metrics.clone(),
+        refusals,
         pending: HashMap::new(),
         reads: Vec::new(),
         revocations,
@@ -396,6 +480,7 @@ struct Gate {
     /// Coordinators by raft id.
     names: Names,
     metrics: Arc<ControlMetrics>,
+    refusals: Refusals,
     revoked: Revoked,
     /// Bumped when the revocation list changes.
     revocations: watch::Receiver<u64>,
@@ -434,11 +519,13 @@ async fn serve_connection(conn: quinn::Connection, events: mpsc::Sender<Event>, 
     let Gate {
         names,
         metrics,
+        refusals,
         revoked,
         mut revocations,
     } = gate;
-    let peer = transport::peer_name(&conn);
+    let peer = transport::peer_identity(&conn);
     let cert = transport::peer_cert(&conn);
+    let remote = conn.remote_address();
     loop {
         tokio::select! {
             changed = revocations.changed() => {
@@ -451,15 +538,24 @@ async fn serve_connection(conn: quinn::Connection, events: mpsc::Sender<Event>, 
             }
             uni = conn.accept_uni() => {
                 let Ok(mut recv) = uni else { return };
-                // raft messages: only from the coordinator whose id they claim
-                while let Ok(Some(body)) = read_frame(&mut recv).await {
+                // raft messages: only from a coordinator's certificate, checked
+                // before a byte is read, and only in the name of the id they claim
+                let coordinators: Vec<String> =
+                    names.read().expect("names lock").values().cloned().collect();
+                if !authz::may_send_raft(peer.as_ref(), &coordinators) {
+                    refusals.refuse(peer.as_ref(), remote, "raft", "raft messages from a non-coordinator");
+                    conn.close(1u32.into(), b"raft messages from a non-coordinator");
+                    return;
+                }
+                let name = peer.as_ref().map(|p| p.name.clone());
+                while let Ok(Some(body)) = read_frame(&mut recv, transport::MAX_FRAME).await {
                     let Ok(msg) = Message::parse_from_bytes(&body) else {
                         metrics.reject();
                         return;
                     };
                     let from = names.read().expect("names lock").get(&msg.from).cloned();
-                    if peer.is_none() || from != peer {
-                        metrics.reject();
+                    if from != name {
+                        refusals.refuse(peer.as_ref(), remote, "raft", "a raft message in another coordinator's name");
                         conn.close(1u32.into(), b"raft messages from a non-coordinator");
                         return;
                     }
@@ -473,21 +569,39 @@ async fn serve_connection(conn: quinn::Connection, events: mpsc::Sender<Event>, 
                 let events = events.clone();
                 let peer = peer.clone();
                 let metrics = metrics.clone();
+                let refusals = refusals.clone();
                 tokio::spawn(async move {
-                    let Ok(Some(body)) = read_frame(&mut recv).await else { return };
-                    let reply = match serde_json::from_slice::<Request>(&body) {
-                        Ok(req) if peer.is_none() && !matches!(req, Request::Join { .. }) => {
+                    // nothing past a join request's size from a peer without credentials
+                    let limit = if peer.is_some() { transport::MAX_FRAME } else { transport::UNAUTHENTICATED_FRAME };
+                    let read = tokio::time::timeout(transport::REQUEST_READ_TIMEOUT, read_frame(&mut recv, limit));
+                    let body = match read.await {
+                        Ok(Ok(Some(b))) => b,
+                        Ok(Ok(None)) => return,
+                        // too long, or too slow to come
+                        Ok(Err(_)) | Err(_) => {
                             metrics.reject();
-                            Reply::Error { message: "only a join request may come without credentials".into() }
+                            return;
                         }
-                        Ok(req) => {
-                            let (tx, rx) = oneshot::channel();
-                            if events.send(Event::Request { req, peer: peer.clone(), reply: tx }).await.is_err() {
-                                return;
+                    };
+                    let reply = match serde_json::from_slice::<Request>(&body) {
+                        Ok(req) => match authz::authorize(peer.as_ref(), &req) {
+                            Err(message) => {
+                                refusals.refuse(peer.as_ref(), remote, authz::request_kind(&req), &message);
+                                Reply::Error { message }
                             }
-                            rx.await.unwrap_or(Reply::Error { message: "the coordinator stopped".into() })
+                            Ok(()) => {
+                                let (tx, rx) = oneshot::channel();
+                                let ev = Event::Request { req, peer: peer.clone(), remote, reply: tx };
+                                if events.send(ev).await.is_err() {
+                                    return;
+                                }
+                                rx.await.unwrap_or(Reply::Error { message: "the coordinator stopped".into() })
+                            }
+                        },
+                        Err(e) => {
+                            metrics.reject();
+                            Reply::Error { message: format!("bad request: {e}") }
                         }
-                        Err(e) => Reply::Error { message: format!("bad request: {e}") },
                     };
                     let body = serde_json::to_vec(&reply).expect("replies serialize");
                     if write_frame(&mut send, &body).await.is_ok() {
@@ -547,16 +661,20 @@ async fn send_batch(
             }
         }
         let c = conn.as_ref().expect("connected above");
-        let ok = async {
+        let send = async {
             let mut s = c.open_uni().await.ok()?;
             for m in batch {
                 let body = m.write_to_bytes().ok()?;
                 write_frame(&mut s, &body).await.ok()?;
             }
             s.finish().ok()
-        }
-        .await
-        .is_some();
+        };
+        // a peer that stops reading holds the batch no longer than this
+        let ok = tokio::time::timeout(transport::REQUEST_READ_TIMEOUT, send)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
         if ok {
             return true;
         }
@@ -577,8 +695,14 @@ struct Pending {
 enum Then {
     /// Reply `Committed`.
     Committed,
-    /// Reply `Joined` with this certificate.
-    Joined { cert_pem: String, ca_pem: String },
+    /// Reply `Joined` with this certificate; a refusal (the token was
+    /// used meanwhile) is logged against the joiner.
+    Joined {
+        cert_pem: String,
+        ca_pem: String,
+        peer: Option<PeerIdentity>,
+        remote: SocketAddr,
+    },
     /// An operator's re-plan proposing epoch `epoch`: if another plan
     /// committed first (the re-planning loop's), plan again on top of it.
     Replan { epoch: u64, tries: u32 },
@@ -613,6 +737,7 @@ struct Driver {
     ca: Option<ClusterCa>,
     revoked: Revoked,
     metrics: Arc<ControlMetrics>,
+    refusals: Refusals,
     senders: HashMap<u64, mpsc::Sender<Vec<Message>>>,
     pending: HashMap<Vec<u8>, Pending>,
     /// Reads waiting for raft to confirm their index, then for that index
@@ -784,11 +909,22 @@ impl Driver {
                 }
             }
             Event::SnapshotSent { peer } => self.core.report_snapshot(peer, true),
-            Event::Request { req, peer, reply } => self.request(req, peer, reply),
+            Event::Request {
+                req,
+                peer,
+                remote,
+                reply,
+            } => self.request(req, peer, remote, reply),
         }
     }
 
-    fn request(&mut self, req: Request, peer: Option<String>, reply: oneshot::Sender<Reply>) {
+    fn request(
+        &mut self,
+        req: Request,
+        peer: Option<PeerIdentity>,
+        remote: SocketAddr,
+        reply: oneshot::Sender<Reply>,
+    ) {
         match req {
             Request::Propose { command } => self.propose(&command, reply, Then::Committed),
             Request::Replan { demand } => {
@@ -845,9 +981,8 @@ impl Driver {
             Request::Join {
                 token,
                 csr_pem,
-                mut member,
+                member,
             } => {
-                debug_assert!(peer.is_none() || peer.is_some());
                 let Some(ca) = &self.ca else {
                     let _ = reply.send(Reply::Error {
                         message: "this coordinator does not hold the cluster CA".into(),
@@ -858,25 +993,53 @@ impl Driver {
                     let _ = reply.send(self.not_leader());
                     return;
                 }
+                let now = now_unix();
+                let used = &self.core.state().tokens_used;
                 let signed = ca
-                    .check_token(&token, now_unix())
+                    .check_token(&token, now)
                     .map_err(|e| e.to_string())
-                    .and_then(|_| {
-                        ca.sign_request(&csr_pem, &member.name)
-                            .map_err(|e| e.to_string())
+                    .and_then(|claims| {
+                        if claims.name != member.name {
+                            return Err(format!(
+                                "this token is for node {:?}, not {:?}",
+                                claims.name, member.name
+                            ));
+                        }
+                        if used.contains_key(&claims.nonce) {
+                            return Err("this join token was already used".into());
+                        }
+                        let cert = ca
+                            .sign_request(&csr_pem, &claims.name, claims.role)
+                            .map_err(|e| e.to_string())?;
+                        Ok((claims, cert))
                     });
                 match signed {
-                    Ok(cert_pem) => {
-                        member.id = member_id(&member.name);
+                    Ok((claims, cert_pem)) => {
+                        let member = Member {
+                            id: member_id(&claims.name),
+                            name: claims.name,
+                            ..member
+                        };
                         let ca_pem = ca.cert_pem().to_string();
                         self.propose(
-                            &Command::PutMember(member),
+                            &Command::Join {
+                                member,
+                                nonce: claims.nonce,
+                                expires: claims.expires,
+                                now,
+                            },
                             reply,
-                            Then::Joined { cert_pem, ca_pem },
+                            Then::Joined {
+                                cert_pem,
+                                ca_pem,
+                                peer: peer.clone(),
+                                remote,
+                            },
                         );
                     }
                     Err(message) => {
-                        self.metrics.reject();
+                        self.refusals
+                            .refuse(peer.as_ref(), remote, "join", &message);
                         let _ = reply.send(Reply::Error { message });
                     }
                 }
@@ -996,17 +1159,24 @@ impl Driver {
         for a in &out.applied {
             if let Some(p) = self.pending.remove(&a.context) {
                 self.metrics
-                    .inner
-                    .lock()
-                    .expect("metrics lock")
                     .commit_latency
-                    .observe(COMMIT_BUCKETS, p.since.elapsed().as_secs_f64());
+                    .observe(p.since.elapsed().as_secs_f64());
                 let refused = match &a.result {
                     Applied::Refused(why) => Some(why.clone()),
                     Applied::Done => None,
                 };
                 let reply = match (p.then, refused) {
-                    (Then::Joined { cert_pem, ca_pem }, None) => Reply::Joined { cert_pem, ca_pem },
+                    (
+                        Then::Joined {
+                            cert_pem, ca_pem, ..
+                        },
+                        None,
+                    ) => Reply::Joined { cert_pem, ca_pem },
+                    (Then::Joined { peer, remote, .. }, Some(message)) => {
+                        self.refusals
+                            .refuse(peer.as_ref(), remote, "join", &message);
+                        Reply::Error { message }
+                    }
                     (Then::Replan { epoch, tries }, Some(_))
                         if tries < REPLAN_TRIES && self.core.state().epoch() >= epoch =>
                     {
@@ -1084,19 +1254,19 @@ impl Driver {
 
     fn update_metrics(&mut self) {
         let leader = self.core.leader();
-        let mut m = self.metrics.inner.lock().expect("metrics lock");
+        let m = &self.metrics;
         if leader != self.last_leader {
             if leader.is_some() {
-                m.leader_changes += 1;
+                m.leader_changes.inc();
             }
             self.last_leader = leader;
         }
-        m.term = self.core.term();
-        m.is_leader = self.core.is_leader();
-        m.commit_index = self.core.commit_index();
-        m.log_entries = self.core.log_len() as u64;
-        m.epoch = self.core.state().epoch();
-        m.members = self.core.state().members.len() as u64;
+        m.term.set(self.core.term() as i64);
+        m.is_leader.set(i64::from(self.core.is_leader()));
+        m.commit_index.set(self.core.commit_index() as i64);
+        m.log_entries.set(self.core.log_len() as i64);
+        m.epoch.set(self.core.state().epoch() as i64);
+        m.members.set(self.core.state().members.len() as i64);
     }
 }
 
@@ -1113,6 +1283,13 @@ pub async fn join(
     member: Member,
 ) -> Result<NodeIdentity> {
     let claims = crate::credentials::TokenClaims::peek(token)?;
+    if claims.name != member.name {
+        anyhow::bail!(
+            "this join token is for node {:?}, but this node is named {:?}: give it the name the token was issued for",
+            claims.name,
+            member.name
+        );
+    }
     let (key_pem, csr_pem) = crate::credentials::new_request(&member.name)?;
     let name = member.name.clone();
     let req = Request::Join {

@@ -12,9 +12,13 @@
 //! certificate is not from the cluster CA, is revoked, names another node,
 //! or whose signature fails is rejected (gossipsub stops relaying it and
 //! scores the peer down) and counted.
+//!
+//! Replays: every message carries its sender's time. One older than
+//! [`REPLAY_WINDOW`] (or that far in the future), or not newer than the
+//! last one accepted from that node on that topic, is dropped and counted
+//! ([`Inbox`]): a recorded report or goodbye cannot be played again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::credentials::{verify_signature, NodeIdentity, Revoked};
+use weft_metrics::{IntCounter, IntGauge};
 
 /// How often a node gossips its load.
 pub const REPORT_EVERY: Duration = Duration::from_millis(400);
@@ -41,6 +46,9 @@ pub const MEMBER_TOPIC: &str = "weft/members/1";
 const GOODBYE: Duration = Duration::from_millis(300);
 /// Largest gossip message accepted.
 pub const MAX_MESSAGE: usize = 64 << 10;
+/// How far a message's time may be from this node's clock (either way)
+/// before it is dropped as stale: nodes' clocks must agree this well.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(30);
 
 /// What a node says about itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -116,17 +124,25 @@ pub enum MemberEventKind {
 trait Signed: serde::de::DeserializeOwned {
     /// The node it is about (must be the signer).
     fn node(&self) -> &str;
+    /// When the sender made it (unix ms, its clock).
+    fn at(&self) -> u64;
 }
 
 impl Signed for LoadReport {
     fn node(&self) -> &str {
         &self.node
     }
+    fn at(&self) -> u64 {
+        self.at_unix_ms
+    }
 }
 
 impl Signed for MemberEvent {
     fn node(&self) -> &str {
         &self.node
+    }
+    fn at(&self) -> u64 {
+        self.at_unix_ms
     }
 }
 
@@ -167,19 +183,208 @@ impl RoutingTable {
     }
 }
 
-/// The overlay's counters.
-#[derive(Debug, Default)]
+/// The overlay's counters (registered in the node's registry by
+/// [`OverlayMetrics::register`]).
+#[derive(Debug, Clone)]
 pub struct OverlayMetrics {
     /// Reports accepted.
-    pub accepted: AtomicU64,
-    /// Reports rejected (bad or missing credentials, bad signature).
-    pub rejected: AtomicU64,
+    pub accepted: IntCounter,
+    /// Messages rejected (bad or missing credentials, bad signature).
+    pub rejected: IntCounter,
     /// Connected peers.
-    pub peers: AtomicU64,
+    pub peers: IntGauge,
+    /// Nodes in the routing table.
+    pub nodes: IntGauge,
     /// Membership events accepted: joined.
-    pub joined: AtomicU64,
+    pub joined: IntCounter,
     /// Membership events accepted: leaving.
-    pub leaving: AtomicU64,
+    pub leaving: IntCounter,
+    /// Messages dropped for a time outside [`REPLAY_WINDOW`].
+    pub stale: IntCounter,
+    /// Messages dropped for not being newer than the last from their node.
+    pub replayed: IntCounter,
+}
+
+impl Default for OverlayMetrics {
+    fn default() -> Self {
+        let c = |name, help| IntCounter::new(name, help).expect("a valid name");
+        let g = |name, help| IntGauge::new(name, help).expect("a valid name");
+        Self {
+            accepted: c("weft_overlay_reports_total", "load reports accepted"),
+            rejected: c(
+                "weft_overlay_rejected_total",
+                "overlay messages rejected for bad or missing credentials",
+            ),
+            peers: g("weft_overlay_peers", "connected overlay peers"),
+            nodes: g(
+                "weft_overlay_nodes",
+                "nodes in the routing table (this one included)",
+            ),
+            joined: c(
+                "weft_overlay_joined_total",
+                "membership events heard: a node joined",
+            ),
+            leaving: c(
+                "weft_overlay_leaving_total",
+                "membership events heard: a node left cleanly",
+            ),
+            stale: c(
+                "weft_overlay_stale_total",
+                "overlay messages dropped for a time outside the replay window",
+            ),
+            replayed: c(
+                "weft_overlay_replayed_total",
+                "overlay messages dropped for not being newer than the last from their node",
+            ),
+        }
+    }
+}
+
+impl OverlayMetrics {
+    /// Puts these metrics in `registry` (the node's one).
+    pub fn register(&self, registry: &weft_metrics::Registry) {
+        for c in [
+            &self.accepted,
+            &self.rejected,
+            &self.joined,
+            &self.leaving,
+            &self.stale,
+            &self.replayed,
+        ] {
+            weft_metrics::register(registry, c.clone());
+        }
+        weft_metrics::register(registry, self.peers.clone());
+        weft_metrics::register(registry, self.nodes.clone());
+    }
+}
+
+/// Which topic a message came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// [`LOAD_TOPIC`].
+    Load,
+    /// [`MEMBER_TOPIC`].
+    Members,
+}
+
+/// Why a message was dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dropped {
+    /// Bad credentials, signature or payload.
+    Rejected(String),
+    /// Its time is outside the replay window.
+    Stale,
+    /// Not newer than the last accepted from its node.
+    Replayed,
+}
+
+/// Checks gossiped messages and applies the ones that pass to the routing
+/// table: credentials, signature, then freshness.
+pub struct Inbox {
+    identity: NodeIdentity,
+    revoked: Revoked,
+    /// The newest time accepted, by topic and node.
+    last: HashMap<(Topic, String), u64>,
+}
+
+impl Inbox {
+    /// An inbox checking against `identity`'s CA and `revoked`.
+    pub fn new(identity: NodeIdentity, revoked: Revoked) -> Self {
+        Self {
+            identity,
+            revoked,
+            last: HashMap::new(),
+        }
+    }
+
+    fn fresh(&mut self, topic: Topic, node: &str, at: u64, now_ms: u64) -> Result<(), Dropped> {
+        let window = REPLAY_WINDOW.as_millis() as u64;
+        if at.abs_diff(now_ms) > window {
+            return Err(Dropped::Stale);
+        }
+        let last = self.last.entry((topic, node.to_string())).or_insert(0);
+        if at <= *last {
+            return Err(Dropped::Replayed);
+        }
+        *last = at;
+        Ok(())
+    }
+
+    /// Takes message `data` from `topic` (relayed by overlay peer
+    /// `source`) at `now_ms`: into `table` if it passes, counted in
+    /// `metrics` either way.
+    pub fn receive(
+        &mut self,
+        topic: Topic,
+        data: &[u8],
+        source: Option<PeerId>,
+        now_ms: u64,
+        table: &RwLock<RoutingTable>,
+        metrics: &OverlayMetrics,
+    ) -> Result<(), Dropped> {
+        let r = self.admit(topic, data, source, now_ms, table, metrics);
+        match &r {
+            Ok(()) => {}
+            Err(Dropped::Rejected(_)) => {
+                metrics.rejected.inc();
+            }
+            Err(Dropped::Stale) => {
+                metrics.stale.inc();
+            }
+            Err(Dropped::Replayed) => {
+                metrics.replayed.inc();
+            }
+        }
+        r
+    }
+
+    fn admit(
+        &mut self,
+        topic: Topic,
+        data: &[u8],
+        source: Option<PeerId>,
+        now_ms: u64,
+        table: &RwLock<RoutingTable>,
+        metrics: &OverlayMetrics,
+    ) -> Result<(), Dropped> {
+        match topic {
+            Topic::Members => {
+                let e: MemberEvent =
+                    check(data, &self.identity, &self.revoked).map_err(Dropped::Rejected)?;
+                self.fresh(topic, e.node(), e.at(), now_ms)?;
+                let mut t = table.write().expect("routing table lock");
+                match e.kind {
+                    MemberEventKind::Joined => {
+                        tracing::info!(node = %e.node, "joined the overlay");
+                        metrics.joined.inc();
+                    }
+                    MemberEventKind::Leaving => {
+                        tracing::info!(node = %e.node, "left the overlay");
+                        t.nodes.remove(&e.node);
+                        metrics.leaving.inc();
+                    }
+                }
+            }
+            Topic::Load => {
+                let r: LoadReport =
+                    check(data, &self.identity, &self.revoked).map_err(Dropped::Rejected)?;
+                self.fresh(topic, r.node(), r.at(), now_ms)?;
+                if let Some(source) = source {
+                    let mut t = table.write().expect("routing table lock");
+                    t.nodes.insert(
+                        r.node.clone(),
+                        Entry {
+                            report: r,
+                            seen: Instant::now(),
+                            peer: source,
+                        },
+                    );
+                }
+                metrics.accepted.inc();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How the overlay runs.
@@ -354,6 +559,7 @@ async fn run(
     let mut redial = tokio::time::interval(Duration::from_secs(2));
     let members = IdentTopic::new(MEMBER_TOPIC);
     let mut announced = false;
+    let mut inbox = Inbox::new(identity.clone(), revoked.clone());
     loop {
         tokio::select! {
             _ = stop.changed() => {
@@ -401,6 +607,7 @@ async fn run(
             _ = expire.tick() => {
                 let mut t = table.write().expect("routing table lock");
                 t.nodes.retain(|_, e| e.seen.elapsed() < NODE_TIMEOUT);
+                metrics.nodes.set(t.nodes.len() as i64);
             }
             _ = redial.tick() => {
                 if swarm.connected_peers().next().is_none() {
@@ -414,44 +621,24 @@ async fn run(
                     let _ = addrs.send(swarm.listeners().cloned().collect());
                 }
                 SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
-                    metrics.peers.store(swarm.connected_peers().count() as u64, Ordering::Relaxed);
+                    metrics.peers.set(swarm.connected_peers().count() as i64);
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                     propagation_source,
                     message_id,
                     message,
                 })) => {
-                    let verdict = if message.topic == members.hash() {
-                        check::<MemberEvent>(&message.data, &identity, &revoked).map(|e| {
-                            let mut t = table.write().expect("routing table lock");
-                            match e.kind {
-                                MemberEventKind::Joined => {
-                                    tracing::info!(node = %e.node, "joined the overlay");
-                                    metrics.joined.fetch_add(1, Ordering::Relaxed);
-                                }
-                                MemberEventKind::Leaving => {
-                                    tracing::info!(node = %e.node, "left the overlay");
-                                    t.nodes.remove(&e.node);
-                                    metrics.leaving.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        })
-                    } else {
-                        check::<LoadReport>(&message.data, &identity, &revoked).map(|r| {
-                            if let Some(source) = message.source {
-                                let mut t = table.write().expect("routing table lock");
-                                t.nodes.insert(r.node.clone(), Entry { report: r, seen: Instant::now(), peer: source });
-                            }
-                            metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                        })
-                    };
+                    let on = if message.topic == members.hash() { Topic::Members } else { Topic::Load };
+                    let verdict = inbox.receive(on, &message.data, message.source, now_ms(), &table, &metrics);
                     let acceptance = match verdict {
                         Ok(()) => MessageAcceptance::Accept,
-                        Err(why) => {
-                            tracing::debug!(peer = %propagation_source, "rejected a load report: {why}");
-                            metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                        Err(Dropped::Rejected(why)) => {
+                            tracing::debug!(peer = %propagation_source, "rejected an overlay message: {why}");
                             MessageAcceptance::Reject
                         }
+                        // a replay may be an honest relay's late copy: not
+                        // passed on, but not held against the relay
+                        Err(Dropped::Stale | Dropped::Replayed) => MessageAcceptance::Ignore,
                     };
                     swarm
                         .behaviour_mut()
@@ -482,8 +669,9 @@ fn member_event(identity: &NodeIdentity, kind: MemberEventKind) -> MemberEvent {
     }
 }
 
-/// `payload`, signed with this node's cluster key, with its certificate.
-fn sign(identity: &NodeIdentity, payload: &impl Serialize) -> Option<Vec<u8>> {
+/// `payload`, signed with this node's cluster key, with its certificate:
+/// the bytes gossiped.
+pub fn sign(identity: &NodeIdentity, payload: &impl Serialize) -> Option<Vec<u8>> {
     let body = serde_json::to_vec(payload).expect("overlay payloads serialize");
     let sig = identity.sign(&body).ok()?;
     let msg = SignedReport {
@@ -501,52 +689,12 @@ fn check<T: Signed>(data: &[u8], identity: &NodeIdentity, revoked: &Revoked) -> 
         serde_json::from_slice(data).map_err(|e| format!("not a signed message: {e}"))?;
     let name = identity
         .check_peer_cert(&m.cert, revoked)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .name;
     verify_signature(&m.cert, &m.report, &m.sig).map_err(|e| e.to_string())?;
     let r: T = serde_json::from_slice(&m.report).map_err(|e| format!("bad payload: {e}"))?;
     if r.node() != name {
         return Err(format!("a message about {:?} signed by {name:?}", r.node()));
     }
     Ok(r)
-}
-
-/// Prometheus text for the overlay.
-pub fn render_metrics(table: &RwLock<RoutingTable>, m: &OverlayMetrics) -> String {
-    let nodes = table.read().expect("routing table lock").nodes.len();
-    let mut out = String::new();
-    for (name, help, v) in [
-        (
-            "weft_overlay_peers",
-            "connected overlay peers",
-            m.peers.load(Ordering::Relaxed),
-        ),
-        (
-            "weft_overlay_nodes",
-            "nodes in the routing table (this one included)",
-            nodes as u64,
-        ),
-        (
-            "weft_overlay_reports_total",
-            "load reports accepted",
-            m.accepted.load(Ordering::Relaxed),
-        ),
-        (
-            "weft_overlay_rejected_total",
-            "overlay messages rejected for bad or missing credentials",
-            m.rejected.load(Ordering::Relaxed),
-        ),
-        (
-            "weft_overlay_joined_total",
-            "membership events heard: a node joined",
-            m.joined.load(Ordering::Relaxed),
-        ),
-        (
-            "weft_overlay_leaving_total",
-            "membership events heard: a node left cleanly",
-            m.leaving.load(Ordering::Relaxed),
-        ),
-    ] {
-        out += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
-    }
-    out
 }

@@ -16,14 +16,25 @@ use weft_coordinator::{Command, ControlState, Member};
 
 use crate::credentials::{NodeIdentity, Revoked};
 
-/// Largest frame accepted (a snapshot of the control state fits).
+/// Largest frame accepted from an authenticated member (a snapshot of the
+/// control state fits).
 pub const MAX_FRAME: usize = 64 << 20;
+/// Largest frame accepted from a peer without credentials (a join request):
+/// nothing more is read from one before it is authenticated.
+pub const UNAUTHENTICATED_FRAME: usize = 64 << 10;
 /// A connection with no traffic for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alives on open connections.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// How long one attempt of a [`Caller`] waits before trying another member.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long connecting to a member may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one request waits for its reply (a linearizable read, a
+/// commit) once sent.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a member waits for a peer's request once it opened a stream.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the transport failed.
 #[derive(Debug, thiserror::Error)]
@@ -182,8 +193,11 @@ pub async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<()
         .map_err(|e| TransportError::Stream(e.to_string()))
 }
 
-/// Reads one frame; `None` at a clean end of stream.
-pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>> {
+/// Reads one frame of at most `limit` bytes; `None` at a clean end of
+/// stream. The length is checked before anything is allocated, and the
+/// body is read as it arrives: a peer announcing more than it sends costs
+/// what it sent.
+pub async fn read_frame(recv: &mut quinn::RecvStream, limit: usize) -> Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     match recv.read_exact(&mut len).await {
         Ok(()) => {}
@@ -191,17 +205,25 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>>
         Err(e) => return Err(TransportError::Stream(e.to_string())),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > limit {
         return Err(TransportError::Stream(format!(
-            "frame of {len} bytes is over the {MAX_FRAME} limit"
+            "frame of {len} bytes is over the {limit} limit"
         )));
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_CHUNK);
+        let start = body.len();
+        body.resize(start + want, 0);
+        recv.read_exact(&mut body[start..])
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
+    }
     Ok(Some(body))
 }
+
+/// How much of a frame is read (and allocated) at a time.
+const READ_CHUNK: usize = 1 << 20;
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
@@ -259,15 +281,15 @@ pub fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
     Some(certs.first()?.to_vec())
 }
 
+/// Who the peer is (name and role from its certificate), if it showed one.
+/// The TLS layer verified it under the cluster CA before this is read.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<crate::credentials::PeerIdentity> {
+    crate::credentials::cert_identity(&peer_cert(conn)?)
+}
+
 /// The node name in the peer's certificate, if it showed one.
 pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    Some(cn.to_string())
+    peer_identity(conn).map(|p| p.name)
 }
 
 /// Sends one request to `addr` (server name `server`) and waits for the reply.
@@ -286,17 +308,35 @@ pub async fn request(
         addr,
         why: e.to_string(),
     })?;
-    let conn = connecting.await.map_err(|e| TransportError::Connect {
-        addr,
-        why: e.to_string(),
-    })?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| TransportError::Connect {
+            addr,
+            why: format!("no answer within {CONNECT_TIMEOUT:?}"),
+        })?
+        .map_err(|e| TransportError::Connect {
+            addr,
+            why: e.to_string(),
+        })?;
     let reply = request_on(&conn, req).await;
     conn.close(0u32.into(), b"done");
     reply
 }
 
-/// Sends one request on an open connection and waits for the reply.
+/// Sends one request on an open connection and waits for the reply, for
+/// at most [`REQUEST_TIMEOUT`].
 pub async fn request_on(conn: &quinn::Connection, req: &Request) -> Result<Reply> {
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange_on(conn, req))
+        .await
+        .map_err(|_| {
+            TransportError::Stream(format!(
+                "{} sent no reply within {REQUEST_TIMEOUT:?}",
+                conn.remote_address()
+            ))
+        })?
+}
+
+async fn exchange_on(conn: &quinn::Connection, req: &Request) -> Result<Reply> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -308,7 +348,7 @@ pub async fn request_on(conn: &quinn::Connection, req: &Request) -> Result<Reply
     .await?;
     send.finish()
         .map_err(|e| TransportError::Stream(e.to_string()))?;
-    let body = read_frame(&mut recv)
+    let body = read_frame(&mut recv, MAX_FRAME)
         .await?
         .ok_or_else(|| TransportError::Stream("no reply".into()))?;
     serde_json::from_slice(&body).map_err(|e| TransportError::Stream(e.to_string()))
@@ -346,14 +386,19 @@ impl Caller {
         let conn = match cached {
             Some(c) => c,
             None => {
-                let c = self
+                let connecting = self
                     .ep
                     .connect(addr, &crate::credentials::dns_name(server))
                     .map_err(|e| TransportError::Connect {
                         addr,
                         why: e.to_string(),
-                    })?
+                    })?;
+                let c = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
                     .await
+                    .map_err(|_| TransportError::Connect {
+                        addr,
+                        why: format!("no answer within {CONNECT_TIMEOUT:?}"),
+                    })?
                     .map_err(|e| TransportError::Connect {
                         addr,
                         why: e.to_string(),

@@ -1,13 +1,44 @@
 //! Three coordinator members over QUIC on loopback, in one process: they
 //! elect a leader, commit placement epochs, survive losing the leader, catch
 //! a restarted member up from disk, admit a node with a join token, refuse
-//! a node without credentials, and add and remove coordinators. Each test
-//! starts its own three members.
+//! a node without credentials, and add and remove coordinators. A joined
+//! gateway's certificate tries every coordinator command and is refused;
+//! join tokens work once, for their name. Each test starts its own three
+//! members.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use weft_cluster::credentials::{ClusterCa, NodeIdentity, Revoked};
+/// The system allocator, counting the bytes live and their peak, so a test
+/// can tell what reading a peer's frame cost.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call goes to the system allocator unchanged; the counters
+// are atomics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+use weft_cluster::credentials::{self, ClusterCa, NodeIdentity, Revoked, Role};
 use weft_cluster::member::{self, MemberHandle, MemberSettings};
 use weft_cluster::transport::Peer;
 use weft_cluster::transport::{self, Reply, Request, StatusReport};
@@ -49,6 +80,13 @@ impl Client {
     fn new(id: &NodeIdentity) -> Self {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         ep.set_default_client_config(transport::client_config(id, &Revoked::default()).unwrap());
+        Self { ep }
+    }
+
+    /// A joiner: no certificate, the CA pinned by its fingerprint.
+    fn joiner(ca: &ClusterCa) -> Self {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(transport::joiner_config(&ca.fingerprint()).unwrap());
         Self { ep }
     }
 
@@ -146,7 +184,7 @@ impl Cluster {
         let names = ["coord-1", "coord-2", "coord-3"];
         let ids: Vec<NodeIdentity> = names
             .iter()
-            .map(|n| ca.issue_identity(n).unwrap())
+            .map(|n| ca.issue_identity(n, Role::Coordinator).unwrap())
             .collect();
         let peers: Vec<Peer> = names
             .iter()
@@ -162,7 +200,7 @@ impl Cluster {
         for i in 0..3 {
             handles.push(Some(start(i, &peers, &ids, &dirs, ca_dir.path()).await));
         }
-        let admin = Client::new(&ca.issue_identity("admin").unwrap());
+        let admin = Client::new(&ca.issue_identity("admin", Role::Admin).unwrap());
         Self {
             ca,
             ca_dir,
@@ -267,15 +305,11 @@ impl Cluster {
         }
     }
 
-    /// A token valid for 10 minutes from now.
-    fn token(&self) -> String {
-        self.ca.issue_token(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-            600,
-        )
+    /// A token for node `name` valid for 10 minutes from now.
+    fn token(&self, name: &str) -> String {
+        self.ca
+            .issue_token(now_unix(), 600, name, Role::Node)
+            .unwrap()
     }
 
     /// A node joined with a fresh token under `name`.
@@ -283,11 +317,52 @@ impl Cluster {
         member::join(
             self.peers[0].addr,
             &self.peers[0].name,
-            &self.token(),
+            &self.token(name),
             fabric_member(name, "edge-a", 8),
         )
         .await
         .unwrap()
+    }
+
+    /// A join request sent as an attacker could: `token` with a request
+    /// for `name`, whatever the token says.
+    async fn raw_join(&self, token: &str, name: &str) -> Reply {
+        let (_key, csr_pem) = credentials::new_request(name).unwrap();
+        Client::joiner(&self.ca)
+            .ask(
+                &self.peers,
+                &Request::Join {
+                    token: token.to_string(),
+                    csr_pem,
+                    member: fabric_member(name, "edge-a", 8),
+                },
+                Duration::from_secs(10),
+            )
+            .await
+    }
+
+    /// Requests of `kind` every running member refused.
+    fn refused(&self, kind: &str) -> u64 {
+        self.handles
+            .iter()
+            .flatten()
+            .map(|h| h.metrics.refused(kind))
+            .sum()
+    }
+
+    /// The refusals in every member's control intent log.
+    fn logged_refusals(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for d in &self.dirs {
+            let dir = d.path().join("control-intent");
+            for f in weft_audit::files(&dir).unwrap_or_default() {
+                for line in std::fs::read_to_string(f).unwrap().lines() {
+                    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                    out.push(v["record"].clone());
+                }
+            }
+        }
+        out
     }
 
     async fn stop(self) {
@@ -295,6 +370,21 @@ impl Cluster {
             h.stop().await.unwrap();
         }
     }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The control state as JSON, without the applied index (which any commit
+/// moves).
+fn state_of(s: &StatusReport) -> serde_json::Value {
+    let mut v = serde_json::to_value(&s.state).unwrap();
+    v["applied_index"] = 0.into();
+    serde_json::json!({"state": v, "voters": s.voters})
 }
 
 /// Whether `who` gets an answer to a status request from `peer` within 3 s.
@@ -410,7 +500,7 @@ async fn a_node_joins_with_a_token_and_its_certificate_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_token_is_refused_and_counted() {
     let c = Cluster::start().await;
-    let token = c.token();
+    let token = c.token("gw-3");
     let last = if token.ends_with('0') { '1' } else { '0' };
     let forged = format!("{}{last}", &token[..token.len() - 1]);
     let e = member::join(
@@ -422,7 +512,7 @@ async fn a_forged_token_is_refused_and_counted() {
     .await
     .unwrap_err();
     assert!(e.to_string().contains("join refused"), "{e}");
-    c.wait_rejected(1).await;
+    assert_eq!(c.refused("join"), 1);
     c.stop().await;
 }
 
@@ -432,7 +522,7 @@ async fn a_stranger_from_another_ca_is_refused_at_the_handshake_and_counted() {
     let other_dir = tempfile::tempdir().unwrap();
     let stranger = ClusterCa::init(other_dir.path(), "other")
         .unwrap()
-        .issue_identity("intruder")
+        .issue_identity("intruder", Role::Coordinator)
         .unwrap();
     let sc = Client::new(&stranger);
     let r = tokio::time::timeout(
@@ -495,9 +585,13 @@ async fn add_fourth(c: &Cluster) -> (MemberHandle, Vec<Peer>, tempfile::TempDir)
     let mut s4 = MemberSettings::new(4, p4.addr, dir4.path().to_path_buf(), all.clone());
     s4.tick = Duration::from_millis(50);
     s4.bootstrap = false;
-    let h4 = member::start(s4, c.ca.issue_identity("coord-4").unwrap(), None)
-        .await
-        .unwrap();
+    let h4 = member::start(
+        s4,
+        c.ca.issue_identity("coord-4", Role::Coordinator).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
     let r = c
         .admin
         .ask(
@@ -577,5 +671,250 @@ async fn a_removed_coordinator_leaves_the_voters_and_the_rest_go_on_committing()
     let r = c.replan(&all, 5.0).await;
     assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
     h4.stop().await.unwrap();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_60_mib_frame_from_a_peer_without_credentials_costs_no_more_than_the_join_limit() {
+    let c = Cluster::start().await;
+    // a joiner's connection: no client certificate, the CA pinned
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(transport::joiner_config(&c.ca.fingerprint()).unwrap());
+    let conn = ep
+        .connect(
+            c.peers[0].addr,
+            &weft_cluster::credentials::dns_name(&c.peers[0].name),
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    // announce 60 MiB, send a little of it, and wait for the answer
+    send.write_all(&(60u32 << 20).to_be_bytes()).await.unwrap();
+    let _ = send.write_all(&[b'{'; 4096]).await;
+    let mut buf = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf)).await;
+    let grew = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+    assert!(
+        grew < 512 << 10,
+        "reading the frame cost {} KiB",
+        grew >> 10
+    );
+    c.wait_rejected(1).await;
+    c.stop().await;
+}
+
+/// Every command a gateway must not send, each one that the control state
+/// would take from a coordinator; `next` is a valid next epoch.
+fn commands_a_gateway_may_not_send(
+    c: &Cluster,
+    joined: &NodeIdentity,
+    next: weft_coordinator::PlacementEpoch,
+) -> Vec<Request> {
+    let coordinator = Peer {
+        id: 9,
+        name: "coord-9".into(),
+        addr: free_udp(),
+    };
+    let propose = |command| Request::Propose { command };
+    vec![
+        propose(Command::RemoveMember {
+            id: member::member_id("cloud-1"),
+        }),
+        propose(Command::PutMember(fabric_member("cloud-1", "cloud", 1))),
+        propose(Command::PutModel(ModelRecord {
+            chunk_bytes: 0,
+            chunk_sha256: Vec::new(),
+            source: "default".into(),
+            sha256: String::new(),
+            spec: ModelSpec {
+                name: "evil".into(),
+                layers: 1,
+                bytes_per_layer: 1,
+                shared_bytes: 0,
+                compute_per_token: 1.0,
+                kv_bytes_per_token: 0,
+                hidden_bytes_per_token: 0,
+            },
+        })),
+        propose(Command::RemoveModel {
+            name: "small".into(),
+        }),
+        propose(Command::CommitPlacement(next)),
+        propose(Command::Revoke {
+            fingerprint: c.ids[0].fingerprint(),
+        }),
+        propose(Command::Join {
+            member: fabric_member(&joined.name, "edge-a", 8),
+            nonce: "n".into(),
+            expires: u64::MAX,
+            now: 0,
+        }),
+        Request::AddCoordinator { peer: coordinator },
+        Request::RemoveCoordinator { id: 3 },
+        Request::Replan {
+            demand: demand(5.0),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_certificate_is_refused_every_coordinator_command_and_the_state_is_unchanged() {
+    let c = Cluster::with_fabric().await;
+    let r = c.replan(&c.peers, 5.0).await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    let joined = c.join("gw-2").await;
+    let gw = Client::new(&joined);
+    let status = c.admin.status(&c.peers).await;
+    let mut next = status.state.placement.clone().unwrap();
+    next.epoch += 1;
+    let before = state_of(&status);
+    for req in commands_a_gateway_may_not_send(&c, &joined, next) {
+        let r = gw.ask(&c.peers, &req, Duration::from_secs(10)).await;
+        assert!(
+            matches!(&r, Reply::Error { message } if message.contains("gw-2 (node)")),
+            "{req:?} from a gateway: {r:?}"
+        );
+    }
+    let after = state_of(&c.admin.status(&c.peers).await);
+    assert_eq!(before, after, "a gateway changed the control state");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_may_describe_itself() {
+    let c = Cluster::start().await;
+    let joined = c.join("gw-2").await;
+    let mut me = fabric_member("gw-2", "edge-a", 16);
+    me.slots = 3;
+    let r = Client::new(&joined)
+        .ask(
+            &c.peers,
+            &Request::Propose {
+                command: Command::PutMember(me.clone()),
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    let s = c.admin.status(&c.peers).await;
+    assert_eq!(s.state.members.get(&me.id), Some(&me));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_command_is_counted_and_logged_with_the_peers_identity() {
+    let c = Cluster::start().await;
+    let joined = c.join("gw-2").await;
+    let r = Client::new(&joined)
+        .ask(
+            &c.peers,
+            &Request::Propose {
+                command: Command::Revoke {
+                    fingerprint: c.ids[0].fingerprint(),
+                },
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(matches!(r, Reply::Error { .. }), "{r:?}");
+    assert_eq!(c.refused("propose revoke"), 1);
+    let logged = c.logged_refusals();
+    let hit = logged
+        .iter()
+        .find(|r| r["request"] == "propose revoke")
+        .unwrap_or_else(|| panic!("no refusal logged: {logged:?}"));
+    assert_eq!(hit["peer"], "gw-2");
+    assert_eq!(hit["role"], "node");
+    assert_eq!(hit["fingerprint"], joined.fingerprint());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_works_only_once() {
+    let c = Cluster::start().await;
+    let token = c.token("gw-2");
+    let first = c.raw_join(&token, "gw-2").await;
+    assert!(matches!(first, Reply::Joined { .. }), "{first:?}");
+    let again = c.raw_join(&token, "gw-2").await;
+    assert!(
+        matches!(&again, Reply::Error { message } if message.contains("already used")),
+        "{again:?}"
+    );
+    assert_eq!(c.refused("join"), 1);
+    assert!(c
+        .logged_refusals()
+        .iter()
+        .any(|r| r["request"] == "join" && r["reason"].as_str().unwrap().contains("already used")));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_redeemed_under_another_name_is_refused() {
+    let c = Cluster::start().await;
+    let token = c.token("gw-2");
+    let r = c.raw_join(&token, "coord-1").await;
+    assert!(
+        matches!(&r, Reply::Error { message } if message.contains("for node \"gw-2\"")),
+        "{r:?}"
+    );
+    let s = c.admin.status(&c.peers).await;
+    assert!(!s.state.members.values().any(|m| m.name == "coord-1"));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_join_token_is_refused() {
+    let c = Cluster::start().await;
+    let token =
+        c.ca.issue_token(now_unix() - 600, 60, "gw-2", Role::Node)
+            .unwrap();
+    let r = c.raw_join(&token, "gw-2").await;
+    assert!(
+        matches!(&r, Reply::Error { message } if message.contains("expired")),
+        "{r:?}"
+    );
+    assert_eq!(c.refused("join"), 1);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_node_gets_the_role_its_token_names() {
+    let c = Cluster::start().await;
+    let joined = c.join("gw-2").await;
+    let who = credentials::cert_identity(joined.cert_der()).unwrap();
+    assert_eq!((who.name.as_str(), who.role), ("gw-2", Role::Node));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_under_a_coordinators_name_cannot_send_raft_messages() {
+    let c = Cluster::start().await;
+    // the operator slipped: a node token under a coordinator's name
+    let token =
+        c.ca.issue_token(now_unix(), 600, "coord-2", Role::Node)
+            .unwrap();
+    let imposter = member::join(
+        c.peers[0].addr,
+        &c.peers[0].name,
+        &token,
+        fabric_member("coord-2", "edge-a", 8),
+    )
+    .await
+    .unwrap();
+    let client = Client::new(&imposter);
+    let conn = client
+        .ep
+        .connect(c.peers[0].addr, &credentials::dns_name(&c.peers[0].name))
+        .unwrap()
+        .await
+        .unwrap();
+    let mut uni = conn.open_uni().await.unwrap();
+    let _ = uni.write_all(&[0, 0, 0, 4, 1, 2, 3, 4]).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    assert_eq!(c.refused("raft"), 1);
     c.stop().await;
 }

@@ -2,16 +2,24 @@
 //! reports (and measure round trips); a node from another cluster is heard
 //! by nobody and its reports are counted as rejected; a node that stops
 //! leaves every routing table within 2 s; one that stops cleanly says
-//! goodbye. Each test starts its own nodes.
+//! goodbye. Each test starts its own nodes. Replayed and stale messages
+//! are fed to an [`Inbox`] directly, as a relay could send them.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::RwLock;
 use weft_cluster::credentials::{ClusterCa, Revoked};
-use weft_cluster::overlay::{self, LoadReport, Overlay, OverlaySettings};
+
+use weft_cluster::credentials::NodeIdentity;
+use weft_cluster::overlay::{
+    self, Dropped, Inbox, LoadReport, MemberEvent, MemberEventKind, Overlay, OverlayMetrics,
+    OverlaySettings, RoutingTable, Topic,
+};
 
 async fn node(ca: &ClusterCa, name: &str, bootstrap: Vec<libp2p::Multiaddr>) -> Overlay {
-    let id = ca.issue_identity(name).unwrap();
+    let id = ca
+        .issue_identity(name, weft_cluster::credentials::Role::Node)
+        .unwrap();
     overlay::start(
         OverlaySettings {
             listen: "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap(),
@@ -82,7 +90,7 @@ impl Mesh {
                 names(&a),
                 names(&b),
                 names(&c),
-                a.metrics.peers.load(Ordering::Relaxed)
+                a.metrics.peers.get()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -148,7 +156,7 @@ async fn a_node_of_another_cluster_is_rejected_and_never_listed() {
     wait_until(
         "the stranger's reports rejected",
         Duration::from_secs(10),
-        || m.a.metrics.rejected.load(Ordering::Relaxed) > 0,
+        || m.a.metrics.rejected.get() > 0,
     )
     .await;
     assert!(!names(&m.a).contains(&"node-x".to_string()));
@@ -161,7 +169,7 @@ async fn a_node_of_another_cluster_is_rejected_and_never_listed() {
 async fn every_node_announces_itself_on_the_membership_topic() {
     let m = Mesh::start().await;
     wait_until("joined events", Duration::from_secs(10), || {
-        m.a.metrics.joined.load(Ordering::Relaxed) >= 2
+        m.a.metrics.joined.get() >= 2
     })
     .await;
     m.stop().await;
@@ -177,11 +185,7 @@ async fn a_node_gone_silent_leaves_every_table_within_2_s() {
     })
     .await;
     assert!(gone < Duration::from_secs(2), "c left after {gone:?}");
-    assert_eq!(
-        m.a.metrics.leaving.load(Ordering::Relaxed),
-        0,
-        "a crash is not a goodbye"
-    );
+    assert_eq!(m.a.metrics.leaving.get(), 0, "a crash is not a goodbye");
     m.b.stop().await;
     m.a.stop().await;
 }
@@ -191,10 +195,138 @@ async fn a_node_that_stops_cleanly_says_goodbye_and_leaves_the_table() {
     let m = Mesh::start().await;
     m.b.stop().await;
     wait_until("b's goodbye heard", Duration::from_secs(5), || {
-        m.a.metrics.leaving.load(Ordering::Relaxed) == 1
-            && !names(&m.a).contains(&"node-b".to_string())
+        m.a.metrics.leaving.get() == 1 && !names(&m.a).contains(&"node-b".to_string())
     })
     .await;
     m.c.stop().await;
     m.a.stop().await;
+}
+
+/// An inbox at node-a, and node-b's identity to sign with.
+struct Heard {
+    _dir: tempfile::TempDir,
+    b: NodeIdentity,
+    inbox: Inbox,
+    table: RwLock<RoutingTable>,
+    metrics: OverlayMetrics,
+}
+
+const NOW_MS: u64 = 1_900_000_000_000;
+
+impl Heard {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(dir.path(), "a").unwrap();
+        let role = weft_cluster::credentials::Role::Node;
+        let a = ca.issue_identity("node-a", role).unwrap();
+        Self {
+            b: ca.issue_identity("node-b", role).unwrap(),
+            _dir: dir,
+            inbox: Inbox::new(a, Revoked::default()),
+            table: RwLock::default(),
+            metrics: OverlayMetrics::default(),
+        }
+    }
+
+    /// node-b's report made at `at`, saying `tokens_per_s`, signed.
+    fn report(&self, at: u64, tokens_per_s: f64) -> Vec<u8> {
+        overlay::sign(
+            &self.b,
+            &LoadReport {
+                node: "node-b".into(),
+                at_unix_ms: at,
+                tokens_per_s,
+                ..LoadReport::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn event(&self, at: u64, kind: MemberEventKind) -> Vec<u8> {
+        overlay::sign(
+            &self.b,
+            &MemberEvent {
+                node: "node-b".into(),
+                kind,
+                at_unix_ms: at,
+            },
+        )
+        .unwrap()
+    }
+
+    fn receive(&mut self, topic: Topic, data: &[u8]) -> Result<(), Dropped> {
+        let source = Some(libp2p::PeerId::random());
+        self.inbox
+            .receive(topic, data, source, NOW_MS, &self.table, &self.metrics)
+    }
+
+    fn tokens_per_s(&self) -> Option<f64> {
+        let t = self.table.read().unwrap();
+        t.nodes.get("node-b").map(|e| e.report.tokens_per_s)
+    }
+}
+
+#[test]
+fn a_replayed_report_changes_nothing() {
+    let mut h = Heard::new();
+    let old = h.report(NOW_MS - 1000, 100.0);
+    h.receive(Topic::Load, &old).unwrap();
+    h.receive(Topic::Load, &h.report(NOW_MS - 500, 200.0))
+        .unwrap();
+    assert_eq!(h.receive(Topic::Load, &old), Err(Dropped::Replayed));
+    assert_eq!(h.tokens_per_s(), Some(200.0));
+    assert_eq!(h.metrics.replayed.get(), 1);
+}
+
+#[test]
+fn a_report_from_outside_the_replay_window_is_dropped_as_stale() {
+    let mut h = Heard::new();
+    let window = overlay::REPLAY_WINDOW.as_millis() as u64;
+    for at in [NOW_MS - window - 1, NOW_MS + window + 1] {
+        assert_eq!(
+            h.receive(Topic::Load, &h.report(at, 1.0)),
+            Err(Dropped::Stale)
+        );
+    }
+    assert_eq!(h.tokens_per_s(), None);
+    assert_eq!(h.metrics.stale.get(), 2);
+}
+
+#[test]
+fn a_replayed_goodbye_does_not_drop_a_node_that_came_back() {
+    let mut h = Heard::new();
+    let goodbye = h.event(NOW_MS - 3000, MemberEventKind::Leaving);
+    h.receive(Topic::Members, &goodbye).unwrap();
+    h.receive(
+        Topic::Members,
+        &h.event(NOW_MS - 2000, MemberEventKind::Joined),
+    )
+    .unwrap();
+    h.receive(Topic::Load, &h.report(NOW_MS - 1000, 50.0))
+        .unwrap();
+    assert_eq!(h.receive(Topic::Members, &goodbye), Err(Dropped::Replayed));
+    assert_eq!(
+        h.tokens_per_s(),
+        Some(50.0),
+        "the replayed goodbye dropped node-b"
+    );
+}
+
+#[test]
+fn a_report_signed_by_another_node_is_rejected() {
+    let mut h = Heard::new();
+    let forged = overlay::sign(
+        &h.b,
+        &LoadReport {
+            node: "node-c".into(),
+            at_unix_ms: NOW_MS,
+            ..LoadReport::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        h.receive(Topic::Load, &forged),
+        Err(Dropped::Rejected(_))
+    ));
+    assert_eq!(h.metrics.rejected.get(), 1);
 }

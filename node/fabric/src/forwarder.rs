@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -17,23 +16,50 @@ use axum::http::{HeaderMap, Request};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
-use weft_api::headers::{CRITICALITY_HEADER, DEADLINE_HEADER, HOPS_HEADER, TOKEN_IDS_HEADER};
+use weft_api::headers::{
+    Forwarded, CRITICALITY_HEADER, DEADLINE_HEADER, REQUEST_ID_HEADER, TOKEN_IDS_HEADER,
+};
 use weft_api::AppState;
 use weft_cluster::credentials::{self, NodeIdentity, Revoked};
 use weft_cluster::overlay::{RoutingTable, NODE_TIMEOUT};
 use weft_cluster::transport::{self, read_frame, write_frame};
 use weft_coordinator::ModelRecord;
+use weft_metrics::{IntCounter, IntCounterVec, Registry};
 use weft_placement::LinkClass;
 
 use crate::hop::Hop;
 use crate::routing::{self, Target};
 use crate::wire::{
-    read_blob, write_blob, Head, ReplyHead, CHAIN_STEP_TIMEOUT, CHUNK_PATH, REASON_HEADER,
-    ROUTE_HEADER, SHARD_PATH,
+    read_blob, write_blob, Head, ReplyHead, BODY_LIMIT, CHAIN_STEP_TIMEOUT, CHUNK_FRAME,
+    CHUNK_PATH, HEAD_LIMIT, REASON_HEADER, ROUTE_HEADER, SHARD_PATH,
 };
 
-/// How long connecting to a peer may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the data plane waits on a peer, at each point a peer controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting (the QUIC and TLS handshakes).
+    pub connect: Duration,
+    /// Opening a stream, sending a request, and hearing its reply's head
+    /// (a stream's head comes at once; a whole answer's once it is done:
+    /// see `whole`).
+    pub reply_head: Duration,
+    /// A whole (not streamed) answer, from the request to its last byte.
+    pub whole: Duration,
+    /// A transfer with nothing from the peer for this long (model chunks,
+    /// a forwarded stream's frames).
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(2),
+            reply_head: Duration::from_secs(10),
+            whole: Duration::from_secs(600),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
 /// Request headers that travel with a forwarded request.
 const CARRIED: &[&str] = &[
     "authorization",
@@ -58,13 +84,17 @@ pub struct Forwarder {
     table: Arc<RwLock<RoutingTable>>,
     pub(crate) me: String,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// How long it waits on peers.
+    pub(crate) timeouts: Timeouts,
     /// This node's API, for a stream that fails over to this node.
     local: Mutex<Option<std::sync::Weak<AppState>>>,
-    /// Bytes sent and received to peers, by link class.
-    pub(crate) bytes: Arc<[AtomicU64; 4]>,
+    /// Bytes sent and received to peers, by link class ([`LinkClass::ALL`]
+    /// order): the handles of `bytes_family`'s labels.
+    pub(crate) bytes: Arc<[IntCounter; 4]>,
+    bytes_family: IntCounterVec,
     /// Model chunks fetched from peers, and those that failed their check.
-    chunks: AtomicU64,
-    corrupt_chunks: AtomicU64,
+    chunks: IntCounter,
+    corrupt_chunks: IntCounter,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -116,16 +146,42 @@ impl Forwarder {
         t.keep_alive_interval(Some(DATA_KEEP_ALIVE));
         config.transport_config(Arc::new(t));
         ep.set_default_client_config(config);
+        let bytes_family = IntCounterVec::new(
+            weft_metrics::Opts::new(
+                "weft_dataplane_bytes_total",
+                "Bytes of forwarded requests and their answers, by link class.",
+            ),
+            &["link"],
+        )
+        .expect("a valid name");
         Ok(Self {
+            timeouts: Timeouts::default(),
             ep,
             table,
             me: identity.name.clone(),
             conns: Mutex::default(),
             local: Mutex::default(),
-            bytes: Arc::default(),
-            chunks: AtomicU64::new(0),
-            corrupt_chunks: AtomicU64::new(0),
+            bytes: Arc::new(std::array::from_fn(|i| {
+                bytes_family.with_label_values(&[link_name(LinkClass::ALL[i])])
+            })),
+            bytes_family,
+            chunks: IntCounter::new(
+                "weft_model_chunks_fetched_total",
+                "Model-file chunks fetched from peers and checked.",
+            )
+            .expect("a valid name"),
+            corrupt_chunks: IntCounter::new(
+                "weft_model_chunks_corrupt_total",
+                "Chunks from peers that failed their sha256 (fetched again elsewhere).",
+            )
+            .expect("a valid name"),
         })
+    }
+
+    /// The same forwarder waiting on peers for `timeouts` instead.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// Whether `t` is this node, or a peer that reported within `age`.
@@ -151,25 +207,14 @@ impl Forwarder {
     /// Bytes this node's forwarded requests and their answers carried, by
     /// link class ([`LinkClass::ALL`] order).
     pub fn bytes_by_class(&self) -> [u64; 4] {
-        std::array::from_fn(|i| self.bytes[i].load(Ordering::Relaxed))
+        std::array::from_fn(|i| self.bytes[i].get())
     }
 
-    /// The data plane's metrics, in Prometheus text.
-    pub fn render_metrics(&self) -> String {
-        let mut out = String::from(
-            "# HELP weft_dataplane_bytes_total Bytes of forwarded requests and their answers, by link class.\n# TYPE weft_dataplane_bytes_total counter\n",
-        );
-        for (c, n) in LinkClass::ALL.iter().zip(self.bytes_by_class()) {
-            let name = serde_json::to_value(c).ok();
-            let name = name.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
-            out += &format!("weft_dataplane_bytes_total{{link=\"{name}\"}} {n}\n");
-        }
-        out += &format!(
-            "# HELP weft_model_chunks_fetched_total Model-file chunks fetched from peers and checked.\n# TYPE weft_model_chunks_fetched_total counter\nweft_model_chunks_fetched_total {}\n# HELP weft_model_chunks_corrupt_total Chunks from peers that failed their sha256 (fetched again elsewhere).\n# TYPE weft_model_chunks_corrupt_total counter\nweft_model_chunks_corrupt_total {}\n",
-            self.chunks.load(Ordering::Relaxed),
-            self.corrupt_chunks.load(Ordering::Relaxed)
-        );
-        out
+    /// Puts the data plane's metrics in `registry` (the node's one).
+    pub fn register_metrics(&self, registry: &Registry) {
+        weft_metrics::register(registry, self.bytes_family.clone());
+        weft_metrics::register(registry, self.chunks.clone());
+        weft_metrics::register(registry, self.corrupt_chunks.clone());
     }
 
     /// Peers that serve `model` (so keep its file), nearest first: by link
@@ -206,8 +251,9 @@ impl Forwarder {
         addr: SocketAddr,
         head: &Head,
         body: &[u8],
+        within: Duration,
     ) -> anyhow::Result<(ReplyHead, quinn::RecvStream)> {
-        let (mut send, reply, recv) = self.open_stream(name, addr, head, body).await?;
+        let (mut send, reply, recv) = self.open_stream(name, addr, head, body, within).await?;
         send.finish()?;
         Ok((reply, recv))
     }
@@ -220,8 +266,24 @@ impl Forwarder {
         addr: SocketAddr,
         head: &Head,
         body: &[u8],
+        within: Duration,
     ) -> anyhow::Result<(quinn::SendStream, ReplyHead, quinn::RecvStream)> {
         let conn = self.connection(name, addr).await?;
+        tokio::time::timeout(within, self.send_and_hear(&conn, name, addr, head, body))
+            .await
+            .map_err(|_| anyhow::anyhow!("{name} did not answer within {within:?}"))?
+    }
+
+    /// Opens a stream on `conn`, sends `head` and `body`, and reads the
+    /// reply's head.
+    async fn send_and_hear(
+        &self,
+        conn: &quinn::Connection,
+        name: &str,
+        addr: SocketAddr,
+        head: &Head,
+        body: &[u8],
+    ) -> anyhow::Result<(quinn::SendStream, ReplyHead, quinn::RecvStream)> {
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
@@ -232,7 +294,7 @@ impl Forwarder {
         write_frame(&mut send, &serde_json::to_vec(head)?).await?;
         write_frame(&mut send, body).await?;
         let reply: ReplyHead = serde_json::from_slice(
-            &read_frame(&mut recv)
+            &read_frame(&mut recv, HEAD_LIMIT)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("{name} closed the stream"))?,
         )?;
@@ -260,7 +322,9 @@ impl Forwarder {
             headers: vec![(ROUTE_HEADER.into(), serde_json::to_string(&route[1..])?)],
             hops: 0,
         };
-        let (send, reply, recv) = self.open_stream(&name, addr, &head, &[]).await?;
+        let (send, reply, recv) = self
+            .open_stream(&name, addr, &head, &[], self.timeouts.reply_head)
+            .await?;
         if reply.status != 200 {
             let why = reply
                 .headers
@@ -335,21 +399,27 @@ impl Forwarder {
             headers: Vec::new(),
             hops: 0,
         };
-        let (reply, mut recv) = self.exchange(name, *addr, &head, &[]).await?;
+        let (reply, mut recv) = self
+            .exchange(name, *addr, &head, &[], self.timeouts.reply_head)
+            .await?;
         anyhow::ensure!(
             reply.status == 200,
             "{name} does not keep the file ({})",
             reply.status
         );
-        let mut out = Vec::with_capacity(rec.chunk_bytes as usize);
-        while let Some(f) = read_frame(&mut recv).await? {
+        let mut out = Vec::with_capacity((rec.chunk_bytes as usize).min(CHUNK_FRAME));
+        let idle = self.timeouts.idle;
+        while let Some(f) = tokio::time::timeout(idle, read_frame(&mut recv, CHUNK_FRAME))
+            .await
+            .map_err(|_| anyhow::anyhow!("{name} sent nothing of the chunk for {idle:?}"))??
+        {
             out.extend_from_slice(&f);
             anyhow::ensure!(
                 out.len() as u64 <= rec.chunk_bytes,
                 "{name} sent more than a chunk"
             );
         }
-        self.bytes[class.index()].fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.bytes[class.index()].inc_by(out.len() as u64);
         Ok(out)
     }
 
@@ -376,7 +446,7 @@ impl Forwarder {
                 let name = target_name(p, &self.me);
                 match self.fetch_chunk(p, rec, i).await {
                     Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == *want => {
-                        self.chunks.fetch_add(1, Ordering::Relaxed);
+                        self.chunks.inc();
                         if !used.contains(&name) {
                             used.push(name);
                         }
@@ -384,7 +454,7 @@ impl Forwarder {
                         break;
                     }
                     Ok(_) => {
-                        self.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                        self.corrupt_chunks.inc();
                         tracing::warn!(peer = %name, chunk = i, "a model chunk failed its sha256 check; fetching it from another peer");
                     }
                     Err(e) => tracing::debug!(peer = %name, chunk = i, "chunk fetch failed: {e}"),
@@ -440,9 +510,10 @@ impl Forwarder {
             }
         }
         let connecting = self.ep.connect(addr, &credentials::dns_name(name))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let within = self.timeouts.connect;
+        let conn = tokio::time::timeout(within, connecting)
             .await
-            .map_err(|_| anyhow::anyhow!("{addr} did not answer in {CONNECT_TIMEOUT:?}"))??;
+            .map_err(|_| anyhow::anyhow!("{addr} did not answer in {within:?}"))??;
         self.conns
             .lock()
             .expect("connections")
@@ -471,13 +542,25 @@ impl Forwarder {
                     .as_ref()
                     .and_then(|w| w.upgrade())
                     .ok_or_else(|| anyhow::anyhow!("this node's API is gone"))?;
-                let mut r = Request::builder().method("POST").uri(&req.uri);
+                let mut r = Request::builder()
+                    .method("POST")
+                    .uri(&req.uri)
+                    .extension(Forwarded {
+                        hops: req.hops + 1,
+                        from: self.me.clone(),
+                        token_ids: req.stream,
+                        request_id: headers
+                            .iter()
+                            .find(|(k, _)| k == REQUEST_ID_HEADER)
+                            .map(|(_, v)| v.clone()),
+                    });
                 for (k, v) in &headers {
-                    r = r.header(k, v);
+                    if !k.starts_with("x-weft-") || k == CRITICALITY_HEADER || k == DEADLINE_HEADER
+                    {
+                        r = r.header(k, v);
+                    }
                 }
-                let r = r
-                    .header(HOPS_HEADER, (req.hops + 1).to_string())
-                    .body(Body::from(body))?;
+                let r = r.body(Body::from(body))?;
                 let resp = weft_api::router(app).oneshot(r).await?;
                 let (parts, mut body) = resp.into_parts();
                 let head = ReplyHead::of(&parts);
@@ -500,19 +583,38 @@ impl Forwarder {
             Target::Peer { name, addr, class } => {
                 let counter = self.bytes.clone();
                 let class = class.index();
-                counter[class].fetch_add(body.len() as u64, Ordering::Relaxed);
+                counter[class].inc_by(body.len() as u64);
                 let head = Head {
                     method: "POST".into(),
                     uri: req.uri.clone(),
                     headers,
                     hops: req.hops + 1,
                 };
-                let (reply, mut recv) = self.exchange(name, *addr, &head, &body).await?;
+                // a stream's head comes at once; a whole answer's when it is done
+                let within = if req.stream {
+                    self.timeouts.reply_head
+                } else {
+                    self.timeouts.whole
+                };
+                let (reply, mut recv) = self.exchange(name, *addr, &head, &body, within).await?;
+                let idle = self.timeouts.idle;
+                let peer = name.clone();
                 tokio::spawn(async move {
                     loop {
-                        match read_frame(&mut recv).await {
+                        let next =
+                            match tokio::time::timeout(idle, read_frame(&mut recv, BODY_LIMIT))
+                                .await
+                            {
+                                Ok(n) => n,
+                                Err(_) => {
+                                    let why = format!("{peer} sent nothing for {idle:?}");
+                                    let _ = tx.send(Err(std::io::Error::other(why))).await;
+                                    return;
+                                }
+                            };
+                        match next {
                             Ok(Some(chunk)) => {
-                                counter[class].fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                                counter[class].inc_by(chunk.len() as u64);
                                 if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                                     return; // the client went away: dropping recv stops the peer
                                 }
@@ -531,18 +633,29 @@ impl Forwarder {
     }
 }
 
+/// A link class as the `link` label writes it.
+fn link_name(c: LinkClass) -> &'static str {
+    match c {
+        LinkClass::Local => "local",
+        LinkClass::EdgeToEdge => "edge-to-edge",
+        LinkClass::EdgeToCore => "edge-to-core",
+        LinkClass::CoreToCore => "core-to-core",
+    }
+}
+
 /// A chain's stream to the node after this one, open for as long as the
 /// chain runs.
 pub struct ChainSession {
     to: String,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-    bytes: Arc<[AtomicU64; 4]>,
+    bytes: Arc<[IntCounter; 4]>,
     class: usize,
 }
 
 impl ChainSession {
-    /// Sends a step down and waits for its reply.
+    /// Sends a step down and waits for its reply (both within
+    /// [`CHAIN_STEP_TIMEOUT`]).
     pub async fn call(&mut self, body: &[u8]) -> anyhow::Result<Vec<u8>> {
         self.send(body).await?;
         let reply = tokio::time::timeout(CHAIN_STEP_TIMEOUT, read_blob(&mut self.recv))
@@ -551,14 +664,17 @@ impl ChainSession {
                 anyhow::anyhow!("{} did not answer within {CHAIN_STEP_TIMEOUT:?}", self.to)
             })??
             .ok_or_else(|| anyhow::anyhow!("{} closed the chain", self.to))?;
-        self.bytes[self.class].fetch_add(reply.len() as u64, Ordering::Relaxed);
+        self.bytes[self.class].inc_by(reply.len() as u64);
         Ok(reply)
     }
 
-    /// Sends a message that has no reply.
+    /// Sends a message that has no reply (within [`CHAIN_STEP_TIMEOUT`]:
+    /// a peer that stops reading holds it no longer).
     pub async fn send(&mut self, body: &[u8]) -> anyhow::Result<()> {
-        self.bytes[self.class].fetch_add(body.len() as u64, Ordering::Relaxed);
-        write_blob(&mut self.send, body).await
+        self.bytes[self.class].inc_by(body.len() as u64);
+        tokio::time::timeout(CHAIN_STEP_TIMEOUT, write_blob(&mut self.send, body))
+            .await
+            .map_err(|_| anyhow::anyhow!("{} took no step for {CHAIN_STEP_TIMEOUT:?}", self.to))?
     }
 }
 

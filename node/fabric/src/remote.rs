@@ -34,10 +34,6 @@ impl Remote for Forwarder {
     ) -> BoxFuture<'static, Routing> {
         Box::pin(route(self, ask, local))
     }
-
-    fn render_metrics(&self) -> String {
-        Forwarder::render_metrics(self)
-    }
 }
 
 async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> Routing {
@@ -111,5 +107,98 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
     match fwd.forward(target, out, reroute, record).await {
         Ok(resp) => Routing::Answered(resp),
         Err(why) => Routing::Failed(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, RwLock};
+    use std::time::Instant;
+
+    use weft_api::LocalLoad;
+    use weft_cluster::credentials::ClusterCa;
+    use weft_cluster::overlay::{Entry, LoadReport, RoutingTable};
+    use weft_placement::{Criticality, Intent};
+
+    use super::*;
+
+    /// This node: no model, its decisions kept.
+    #[derive(Default)]
+    struct Here {
+        records: Mutex<Vec<Value>>,
+    }
+
+    impl LocalNode for Here {
+        fn load(&self, _model: &str) -> Option<LocalLoad> {
+            None
+        }
+        fn record(&self, record: Value) {
+            self.records.lock().unwrap().push(record);
+        }
+    }
+
+    /// A forwarder of node `a` whose table has peer `b` holding model `m`.
+    fn forwarder() -> (tempfile::TempDir, Arc<Forwarder>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::init(dir.path(), "t").unwrap();
+        let id = ca
+            .issue_identity("a", weft_cluster::credentials::Role::Node)
+            .unwrap();
+        let mut table = RoutingTable::default();
+        for (name, models) in [("a", vec![]), ("b", vec!["m".to_string()])] {
+            table.nodes.insert(
+                name.into(),
+                Entry {
+                    report: LoadReport {
+                        node: name.into(),
+                        site: "edge-a".into(),
+                        data_address: "127.0.0.1:9".into(),
+                        models,
+                        slots: 4,
+                        tokens_per_s: 100.0,
+                        ..LoadReport::default()
+                    },
+                    seen: Instant::now(),
+                    peer: libp2p::PeerId::random(),
+                },
+            );
+        }
+        let f = Forwarder::new(&id, Arc::new(RwLock::new(table))).unwrap();
+        (dir, Arc::new(f))
+    }
+
+    fn ask(hops: u32) -> RouteAsk {
+        RouteAsk {
+            uri: "/v1/completions",
+            headers: Default::default(),
+            body: axum::body::Bytes::from_static(b"{\"model\":\"m\",\"prompt\":\"x\"}"),
+            model: "m".into(),
+            stream: false,
+            hops,
+            tenant: "t".into(),
+            intent: Intent {
+                criticality: Criticality::Standard,
+                deadline_ms: None,
+                max_cost: None,
+            },
+            output_tokens: 8,
+            request_id: "req-1".into(),
+            max_queue: 16,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_forwarded_max_hops_times_is_refused_not_looped() {
+        let (_d, f) = forwarder();
+        let here = Arc::new(Here::default());
+        match f.route(ask(MAX_HOPS), here.clone()).await {
+            Routing::Looped(why) => assert!(why.contains("forwarded"), "{why}"),
+            _ => panic!("not refused"),
+        }
+        let records = here.records.lock().unwrap();
+        assert!(
+            records.iter().any(|r| r["decision"] == "refused"),
+            "{records:?}"
+        );
     }
 }

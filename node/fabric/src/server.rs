@@ -12,7 +12,7 @@ use axum::http::Request;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower::ServiceExt;
-use weft_api::headers::{FROM_HEADER, HOPS_HEADER, TOKEN_IDS_HEADER};
+use weft_api::headers::{Forwarded, REQUEST_ID_HEADER, TOKEN_IDS_HEADER};
 use weft_api::AppState;
 use weft_cluster::credentials::Revoked;
 use weft_cluster::transport::{self, read_frame, write_frame};
@@ -23,8 +23,8 @@ use crate::forwarder::Forwarder;
 use crate::hop::Hop;
 use crate::shards::Shards;
 use crate::wire::{
-    read_blob, write_blob, write_reply_head, Head, ReplyHead, CHUNK_FRAME, CHUNK_PATH, HEARTBEAT,
-    REASON_HEADER, ROUTE_HEADER, SHARD_PATH,
+    read_blob, write_blob, write_reply_head, Head, ReplyHead, BODY_LIMIT, CHUNK_FRAME, CHUNK_PATH,
+    HEAD_LIMIT, HEARTBEAT, REASON_HEADER, REQUEST_TIMEOUT, ROUTE_HEADER, SHARD_PATH,
 };
 
 /// How often an open data-plane connection checks its peer's certificate
@@ -103,29 +103,45 @@ async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let head: Head = serde_json::from_slice(
-        &read_frame(&mut recv)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no request head"))?,
-    )?;
-    let body = read_frame(&mut recv).await?.unwrap_or_default();
+    let read = async {
+        let head: Head = serde_json::from_slice(
+            &read_frame(&mut recv, HEAD_LIMIT)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no request head"))?,
+        )?;
+        let body = read_frame(&mut recv, BODY_LIMIT).await?.unwrap_or_default();
+        anyhow::Ok((head, body))
+    };
+    let (head, body) = tokio::time::timeout(REQUEST_TIMEOUT, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("{peer} sent no request within {REQUEST_TIMEOUT:?}"))??;
     if let Some(what) = head.uri.strip_prefix(CHUNK_PATH) {
         return send_chunk(store, what, send).await;
     }
     if let Some(what) = head.uri.strip_prefix(SHARD_PATH) {
         return run_shard(node, what, &head, send, recv).await;
     }
+    let tracked = head.headers.iter().any(|(k, _)| k == TOKEN_IDS_HEADER);
     let mut req = Request::builder()
         .method(head.method.as_str())
-        .uri(&head.uri);
+        .uri(&head.uri)
+        .extension(Forwarded {
+            hops: head.hops,
+            from: peer.to_string(),
+            token_ids: tracked,
+            request_id: head
+                .headers
+                .iter()
+                .find(|(k, _)| k == REQUEST_ID_HEADER)
+                .map(|(_, v)| v.clone()),
+        });
+    // the client's own headers; the data plane's own ride in the extension
     for (k, v) in &head.headers {
-        req = req.header(k, v);
+        if !k.starts_with("x-weft-") || k == "x-weft-criticality" || k == "x-weft-deadline-ms" {
+            req = req.header(k, v);
+        }
     }
-    let req = req
-        .header(HOPS_HEADER, head.hops.to_string())
-        .header(FROM_HEADER, peer)
-        .body(Body::from(body))?;
-    let tracked = head.headers.iter().any(|(k, _)| k == TOKEN_IDS_HEADER);
+    let req = req.body(Body::from(body))?;
     let resp = app.oneshot(req).await?;
     let (parts, mut body) = resp.into_parts();
     let reply = ReplyHead::of(&parts);
@@ -226,7 +242,12 @@ async fn send_chunk(
         send.finish()?;
         return Ok(());
     };
-    file.seek(std::io::SeekFrom::Start(index * n)).await?;
+    let Some(offset) = index.checked_mul(n) else {
+        write_reply_head(&mut send, 404).await?;
+        send.finish()?;
+        return Ok(());
+    };
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut left = n as usize;
     write_reply_head(&mut send, 200).await?;
     let mut buf = vec![0u8; CHUNK_FRAME];

@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 use weft_cluster::transport::{read_frame, write_frame};
 use weft_worker::protocol::MAX_CHAIN_FRAME_BYTES;
 
+/// How long a peer has to send a request's head and body once it opened
+/// a stream.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request or reply head (method, path, headers).
+pub(crate) const HEAD_LIMIT: usize = 64 << 10;
+/// Largest forwarded request body (the API refuses more anyway).
+pub(crate) const BODY_LIMIT: usize = 16 << 20;
+
 /// The reply header saying why a chain or chunk request was refused.
 pub(crate) const REASON_HEADER: &str = "x-weft-reason";
 /// A serving node sends an empty frame on a tracked stream (one whose
@@ -88,7 +96,7 @@ pub(crate) async fn write_blob(send: &mut quinn::SendStream, body: &[u8]) -> any
 
 /// Reads one chain message (`None`: the stream ended between messages).
 pub(crate) async fn read_blob(recv: &mut quinn::RecvStream) -> anyhow::Result<Option<Vec<u8>>> {
-    let Some(len) = read_frame(recv).await? else {
+    let Some(len) = read_frame(recv, 8).await? else {
         return Ok(None);
     };
     let len: [u8; 8] = len
@@ -97,9 +105,10 @@ pub(crate) async fn read_blob(recv: &mut quinn::RecvStream) -> anyhow::Result<Op
         .map_err(|_| anyhow::anyhow!("bad chain message length"))?;
     let len = u64::from_le_bytes(len) as usize;
     anyhow::ensure!(len <= MAX_CHAIN_FRAME_BYTES, "chain message of {len} bytes");
-    let mut out = Vec::with_capacity(len);
+    // grown as parts arrive: a length is a claim, not an allocation
+    let mut out = Vec::new();
     while out.len() < len {
-        let part = read_frame(recv)
+        let part = read_frame(recv, CHUNK_FRAME)
             .await?
             .ok_or_else(|| anyhow::anyhow!("chain message cut short"))?;
         out.extend_from_slice(&part);

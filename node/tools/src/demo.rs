@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use weft_api::headers::{HOPS_HEADER, SERVED_BY_HEADER};
+use weft_api::headers::SERVED_BY_HEADER;
 use weft_cluster::credentials::ClusterCa;
 
 /// The name the demo registers its model under.
@@ -357,7 +357,7 @@ impl Fabric {
                 "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = 2000.0\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 268435456\nmax_queue = 64\n",
                 d(name),
                 free_udp()?,
-                ca.issue_token(now, 600),
+                ca.issue_token(now, 600, name, weft_cluster::credentials::Role::Node)?,
                 overlay[0],
             );
             let path = dir.join(format!("{name}.toml"));
@@ -1236,8 +1236,6 @@ async fn decode_rate(
         tasks.push(tokio::spawn(async move {
             let mut r = http
                 .post(format!("http://{api}/v1/completions"))
-                // served here, as a request another node routed
-                .header(HOPS_HEADER, "1")
                 .json(&body)
                 .send()
                 .await?;

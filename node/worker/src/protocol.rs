@@ -150,16 +150,46 @@ fn parse<T: for<'de> Deserialize<'de>>(body: Vec<u8>) -> Result<Frame<T>, FrameE
     Ok(Frame::Msg(serde_json::from_slice(&body)?))
 }
 
+/// How much of a frame is read (and allocated) at a time: a length is a
+/// claim, not an allocation.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Reads a frame's body of `n` bytes (blocking): its first byte says its
+/// kind, and a message (not a chain frame) longer than [`MAX_FRAME_BYTES`]
+/// is refused before the rest is read.
+fn read_body(r: &mut impl Read, n: usize) -> Result<Vec<u8>, FrameError> {
+    let mut body = Vec::with_capacity(n.min(READ_CHUNK));
+    if n == 0 {
+        return Ok(body);
+    }
+    body.push(0);
+    r.read_exact(&mut body[..1])?;
+    check_kind(&body, n)?;
+    while body.len() < n {
+        let start = body.len();
+        body.resize(start + (n - start).min(READ_CHUNK), 0);
+        r.read_exact(&mut body[start..])?;
+    }
+    Ok(body)
+}
+
+/// A frame whose first byte says it is a message may be no longer than
+/// [`MAX_FRAME_BYTES`].
+fn check_kind(first: &[u8], n: usize) -> Result<(), FrameError> {
+    if first.first() != Some(&CHAIN_TAG) && n > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(n));
+    }
+    Ok(())
+}
+
 /// Reads one frame of either kind (blocking).
 pub fn read_any<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<Frame<T>, FrameError> {
     let mut len = [0u8; 4];
     let n = frame_len(r.read_exact(&mut len), len, MAX_CHAIN_FRAME_BYTES)?;
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body)?;
-    parse(body)
+    parse(read_body(r, n)?)
 }
 
-/// Reads one frame of either kind from an async reader.
+/// Reads one frame of either kind from an async reader, as [`read_any`].
 pub async fn read_any_async<T: for<'de> Deserialize<'de>>(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<Frame<T>, FrameError> {
@@ -170,8 +200,17 @@ pub async fn read_any_async<T: for<'de> Deserialize<'de>>(
         len,
         MAX_CHAIN_FRAME_BYTES,
     )?;
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body).await?;
+    let mut body = Vec::with_capacity(n.min(READ_CHUNK));
+    if n > 0 {
+        body.push(0);
+        r.read_exact(&mut body[..1]).await?;
+        check_kind(&body, n)?;
+    }
+    while body.len() < n {
+        let start = body.len();
+        body.resize(start + (n - start).min(READ_CHUNK), 0);
+        r.read_exact(&mut body[start..]).await?;
+    }
     parse(body)
 }
 
@@ -228,13 +267,11 @@ fn frame_len(
     Ok(n)
 }
 
-/// Reads one frame (blocking).
+/// Reads one message frame (blocking).
 pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
     let n = frame_len(r.read_exact(&mut len), len, MAX_FRAME_BYTES)?;
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body)?;
-    Ok(serde_json::from_slice(&body)?)
+    Ok(serde_json::from_slice(&read_body(r, n)?)?)
 }
 
 #[cfg(test)]
@@ -301,6 +338,29 @@ mod tests {
         assert!(matches!(
             read_frame::<ToWorker>(&mut huge.as_slice()),
             Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn an_oversize_message_among_chain_frames_is_refused_before_its_body() {
+        // 20 MiB announced, a message's first byte, and no more: refused at
+        // once, without waiting for (or allocating) the rest
+        let mut frame = ((20u32 << 20) + 1).to_le_bytes().to_vec();
+        frame.push(b'{');
+        assert!(matches!(
+            read_any::<ToWorker>(&mut frame.as_slice()),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_chain_frame_announcing_more_than_it_sends_is_an_error() {
+        let mut frame = (1u32 << 29).to_le_bytes().to_vec();
+        frame.push(CHAIN_TAG);
+        frame.extend_from_slice(&[0; 100]);
+        assert!(matches!(
+            read_any::<ToWorker>(&mut frame.as_slice()),
+            Err(FrameError::Io(_))
         ));
     }
 

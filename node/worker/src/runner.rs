@@ -48,6 +48,9 @@ pub enum SubmitError {
     /// No worker is ready.
     #[error("the model worker is not ready")]
     NotReady,
+    /// The worker did not answer in time.
+    #[error("the model worker did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 /// One request as it is handed to a [`Runner`].

@@ -23,6 +23,8 @@ const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A worker that ran this long resets the backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How long a shard worker may take over one chain step.
+const CHAIN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a worker may take to load its model and say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -115,7 +117,11 @@ impl Supervisor {
             live.steps.insert(step, otx);
             orx
         };
-        rx.await.map_err(|_| SubmitError::NotReady)
+        match tokio::time::timeout(CHAIN_CALL_TIMEOUT, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(SubmitError::NotReady),
+            Err(_) => Err(SubmitError::TimedOut(CHAIN_CALL_TIMEOUT)),
+        }
     }
 
     /// Sends a chain message that wants no reply (a release); dropped when
