@@ -80,6 +80,11 @@ impl GgufFile {
         })
     }
 
+    /// Where the tensor data begins (the header's length, padded).
+    pub fn data_offset(&self) -> u64 {
+        self.content.tensor_data_offset
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path

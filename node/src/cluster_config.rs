@@ -32,7 +32,7 @@
 //! threads = 0                       # any `weft up` setting but `model`
 //!
 //! [join]                            # on other nodes, until they hold an identity
-//! token = "weft1...."
+//! token = "weft1...."             # `weft cluster join-token --name <this node's name>`: works once
 //! coordinators = [ { id = 1, name = "coord-1", addr = "10.0.0.1:7100" } ]
 //! ```
 

@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("weft-tools", 3),
     ("weft-node", 4),
     ("weft-bench", 4),
+    ("weft-fuzz", 4),
 ];
 
 fn workspace() -> PathBuf {

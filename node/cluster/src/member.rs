@@ -995,24 +995,7 @@ impl Driver {
                 }
                 let now = now_unix();
                 let used = &self.core.state().tokens_used;
-                let signed = ca
-                    .check_token(&token, now)
-                    .map_err(|e| e.to_string())
-                    .and_then(|claims| {
-                        if claims.name != member.name {
-                            return Err(format!(
-                                "this token is for node {:?}, not {:?}",
-                                claims.name, member.name
-                            ));
-                        }
-                        if used.contains_key(&claims.nonce) {
-                            return Err("this join token was already used".into());
-                        }
-                        let cert = ca
-                            .sign_request(&csr_pem, &claims.name, claims.role)
-                            .map_err(|e| e.to_string())?;
-                        Ok((claims, cert))
-                    });
+                let signed = check_join(ca, used, &token, &csr_pem, &member, now);
                 match signed {
                     Ok((claims, cert_pem)) => {
                         let member = Member {
@@ -1268,6 +1251,34 @@ impl Driver {
         m.epoch.set(self.core.state().epoch() as i64);
         m.members.set(self.core.state().members.len() as i64);
     }
+}
+
+/// Checks a join request as the leader does before proposing it: the
+/// token is this cluster's, unexpired, issued for the member's name and
+/// not among those `used`; then signs the certificate request for the
+/// token's name and role. Returns the token's claims and the certificate.
+pub fn check_join(
+    ca: &ClusterCa,
+    used: &BTreeMap<String, u64>,
+    token: &str,
+    csr_pem: &str,
+    member: &Member,
+    now: u64,
+) -> Result<(crate::credentials::TokenClaims, String), String> {
+    let claims = ca.check_token(token, now).map_err(|e| e.to_string())?;
+    if claims.name != member.name {
+        return Err(format!(
+            "this token is for node {:?}, not {:?}",
+            claims.name, member.name
+        ));
+    }
+    if used.contains_key(&claims.nonce) {
+        return Err("this join token was already used".into());
+    }
+    let cert = ca
+        .sign_request(csr_pem, &claims.name, claims.role)
+        .map_err(|e| e.to_string())?;
+    Ok((claims, cert))
 }
 
 /// How long a joining node keeps trying to reach a coordinator leader.

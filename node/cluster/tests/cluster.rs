@@ -918,3 +918,48 @@ async fn a_node_certificate_under_a_coordinators_name_cannot_send_raft_messages(
     assert_eq!(c.refused("raft"), 1);
     c.stop().await;
 }
+
+/// A coordinator that is alive but stuck: it completes the handshake,
+/// takes every stream, and never answers.
+fn stuck_coordinator(id: &NodeIdentity) -> SocketAddr {
+    let ep = transport::endpoint(
+        id,
+        &Revoked::default(),
+        "127.0.0.1:0".parse().unwrap(),
+        false,
+    )
+    .unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(i) = ep.accept().await {
+            let Ok(conn) = i.await else { continue };
+            held.push(conn.clone());
+            tokio::spawn(async move {
+                let mut streams = Vec::new();
+                while let Ok(s) = conn.accept_bi().await {
+                    streams.push(s);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_a_stuck_coordinator_fails_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::init(dir.path(), "t").unwrap();
+    let addr = stuck_coordinator(&ca.issue_identity("coord-1", Role::Coordinator).unwrap());
+    let me = Client::new(&ca.issue_identity("admin", Role::Admin).unwrap());
+    let t = Instant::now();
+    let e = transport::request(&me.ep, None, addr, "coord-1", &Request::Status)
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    assert!(
+        took < transport::REQUEST_TIMEOUT + Duration::from_secs(2),
+        "after {took:?}"
+    );
+    assert!(e.to_string().contains("sent no reply within"), "{e}");
+}

@@ -59,6 +59,8 @@ struct Shared {
     refused: Mutex<Option<String>>,
     stopping: AtomicBool,
     stop: tokio::sync::Notify,
+    /// How long a chain step may take on the worker (ms).
+    chain_timeout_ms: AtomicU64,
 }
 
 /// Starts, watches and restarts one worker.
@@ -91,6 +93,7 @@ impl Supervisor {
             refused: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
+            chain_timeout_ms: AtomicU64::new(CHAIN_CALL_TIMEOUT.as_millis() as u64),
         });
         tokio::spawn(run(shared.clone()));
         Self { shared }
@@ -117,11 +120,20 @@ impl Supervisor {
             live.steps.insert(step, otx);
             orx
         };
-        match tokio::time::timeout(CHAIN_CALL_TIMEOUT, rx).await {
+        let bound = Duration::from_millis(self.shared.chain_timeout_ms.load(Ordering::Relaxed));
+        match tokio::time::timeout(bound, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(SubmitError::NotReady),
-            Err(_) => Err(SubmitError::TimedOut(CHAIN_CALL_TIMEOUT)),
+            Err(_) => Err(SubmitError::TimedOut(bound)),
         }
+    }
+
+    /// Bounds each chain step on the worker by `d` from now on (default
+    /// 60 s).
+    pub fn set_chain_timeout(&self, d: Duration) {
+        self.shared
+            .chain_timeout_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Sends a chain message that wants no reply (a release); dropped when
