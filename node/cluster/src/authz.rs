@@ -10,8 +10,7 @@
 
 use weft_coordinator::Command;
 
-use crate::credentials::{PeerIdentity, Role};
-use crate::member::member_id;
+use crate::credentials::{member_id, PeerIdentity, Role};
 use crate::transport::Request;
 
 /// The request's kind, as refusals and logs name it.

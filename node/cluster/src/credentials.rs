@@ -228,6 +228,12 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// A member id from a node name (stable, never 0).
+pub fn member_id(name: &str) -> u64 {
+    let h = Sha256::digest(name.as_bytes());
+    u64::from_be_bytes(h[..8].try_into().expect("8 bytes")).max(1)
+}
+
 /// The DNS name a node's certificate carries (and peers dial it by).
 pub fn dns_name(node: &str) -> String {
     format!("{node}.weft")

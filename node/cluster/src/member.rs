@@ -16,7 +16,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use weft_coordinator::{Applied, Command, Coordinator, CoordinatorConfig, DirDisk, Member};
 use weft_placement::{Demand, SolverConfig};
@@ -368,11 +367,7 @@ pub fn measured_links(table: &crate::overlay::RoutingTable) -> Vec<weft_coordina
         .collect()
 }
 
-/// A member id from a node name (stable, never 0).
-pub fn member_id(name: &str) -> u64 {
-    let h = Sha256::digest(name.as_bytes());
-    u64::from_be_bytes(h[..8].try_into().expect("8 bytes")).max(1)
-}
+pub use crate::credentials::member_id;
 
 fn now_unix() -> u64 {
     SystemTime::now()
