@@ -2,7 +2,8 @@
 # Runs every fuzz target (or those named) for SECONDS each (default 120)
 # with cargo-fuzz on nightly, from the committed corpus; new inputs that
 # add coverage go into fuzz/corpus/<target>, crashes into
-# fuzz/artifacts/<target>. Commit both: the normal tests replay them
+# fuzz/artifacts/<target> (not committed: fix the bug, then move the
+# crash into the corpus as regression-NAME). The normal tests replay both
 # (node/fuzz/tests/corpus.rs). Afterwards each corpus is minimized.
 #
 #   scripts/fuzz.sh [-t SECONDS] [TARGET...]
@@ -20,6 +21,8 @@ if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^weft-fuzz-targets$')
 fi
 cargo run -q -p weft-fuzz --bin fuzz-seeds
+# the fuzz build (nightly, sanitizers) keeps to fuzz/target
+unset CARGO_TARGET_DIR
 for t in "${targets[@]}"; do
     echo "== $t: ${secs}s"
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"

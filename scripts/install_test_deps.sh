@@ -4,14 +4,21 @@
 #   runsc     gVisor, for the sandbox tier `gvisor` (Debian package runsc)
 #   promtool  checks that /metrics is valid exposition text (Debian package
 #             prometheus)
+#   python3 with openai and requests, for the README's agent example
+#             (examples/sandbox_agent.py; PyPI)
 # Needs root for apt-get (CI runs as root).
 set -euo pipefail
 need=()
 command -v runsc >/dev/null 2>&1 || need+=(runsc)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! python3 -c "import openai, requests" >/dev/null 2>&1; then
+    echo "installing: openai requests (PyPI)"
+    python3 -m pip install -q openai requests || python3 -m pip install -q --break-system-packages openai requests
 fi

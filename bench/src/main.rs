@@ -50,6 +50,12 @@ enum Command {
     /// of the model at tiers off, process and gvisor, in turn, round after
     /// round (writes bench/results/sandbox.md and .json with --out).
     Sandbox(SandboxCmd),
+    /// Agent sandboxes through `/v1/sandboxes` of a `weft up`: creates
+    /// (cold at each tier, warm from a pool), `exec true`, and
+    /// create-exec-delete of Python, each at parallelism 1, 2 and 4,
+    /// against a plain fork+exec (writes bench/results/agent-sandbox.md
+    /// and .json with --out).
+    AgentSandbox(AgentSandboxCmd),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -117,6 +123,26 @@ fn main() -> Result<()> {
         Command::Failover(a) => failover::run(a),
         Command::Chain(a) => chain::run(a),
         Command::Tenants(a) => tenants::run(a),
+        Command::AgentSandbox(a) => {
+            let report = agent_sandbox::run(&a.args)?;
+            let table = agent_sandbox::table(&report);
+            print!("{table}");
+            if let Some(dir) = a.out {
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(
+                    dir.join("agent-sandbox.json"),
+                    serde_json::to_string_pretty(&report)?,
+                )?;
+                std::fs::write(
+                    dir.join("agent-sandbox.md"),
+                    format!(
+                        "# Agent sandboxes: create, claim and exec latency\n\n`cargo build --release -p weft-node -p weft-bench && target/release/weft-bench agent-sandbox --out bench/results` on {}; one `weft up`, its API on loopback, every operation timed alone.\n\n{table}",
+                        report.cpu
+                    ),
+                )?;
+            }
+            Ok(())
+        }
         Command::Sandbox(a) => {
             let stored = ModelStore::default_location().resolve(
                 &ModelSource::parse(&a.args.model)?,
@@ -145,6 +171,15 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Parser, Debug)]
+struct AgentSandboxCmd {
+    #[command(flatten)]
+    args: agent_sandbox::AgentSandboxArgs,
+    /// Also write agent-sandbox.md and agent-sandbox.json here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -209,6 +244,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
     Ok((e.stats().generated_tokens - start_tokens) as f64 / secs)
 }
 
+mod agent_sandbox;
 mod api;
 mod chain;
 mod control;

@@ -208,15 +208,7 @@ pub fn run(a: &SandboxArgs, model: &Path) -> Result<SandboxReport> {
             decodes[i].push(d);
         }
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = cpu_name();
     Ok(SandboxReport {
         model: model.display().to_string(),
         threads: a.threads,
@@ -252,4 +244,17 @@ pub fn table(r: &SandboxReport) -> String {
         );
     }
     out
+}
+
+/// The CPU's model name (`/proc/cpuinfo`).
+pub(crate) fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default()
 }

@@ -175,6 +175,8 @@ pub struct NodeConfig {
     /// unset: the node's cluster address, unless it is a coordinator (whose
     /// cluster address carries Raft), then none.
     pub data_addr: Option<SocketAddr>,
+    /// Agent sandboxes (`/v1/sandboxes`): templates, warm pools, uids.
+    pub sandboxes: weft_sandbox::SandboxConfig,
 }
 
 impl Default for NodeConfig {
@@ -209,6 +211,7 @@ impl Default for NodeConfig {
             intent_log: None,
             intent_log_file_bytes: weft_audit::DEFAULT_MAX_FILE_BYTES,
             data_addr: None,
+            sandboxes: weft_sandbox::SandboxConfig::default(),
         }
     }
 }
@@ -443,6 +446,22 @@ impl NodeConfig {
                 );
             }
         }
+        if let Err(e) = self.sandboxes.validate() {
+            return bad("sandboxes", e);
+        }
+        let workers =
+            self.sandbox_uid_base as u64..self.sandbox_uid_base as u64 + self.sandbox_uids as u64;
+        let agents = self.sandboxes.uid_base as u64
+            ..self.sandboxes.uid_base as u64 + self.sandboxes.uids as u64;
+        if self.sandboxes.enabled && workers.start < agents.end && agents.start < workers.end {
+            return bad(
+                "sandboxes.uid_base",
+                format!(
+                    "agent sandboxes' uids {}..{} overlap the model workers' {}..{} (sandbox_uid_base): a sandbox could act as a worker",
+                    agents.start, agents.end, workers.start, workers.end
+                ),
+            );
+        }
         Ok(addr)
     }
 
@@ -543,6 +562,14 @@ mod tests {
         let p = dir.path().join("n.toml");
         std::fs::write(&p, text).unwrap();
         NodeConfig::from_file(&p)
+    }
+
+    #[test]
+    fn agent_sandbox_uids_overlapping_the_workers_are_refused() {
+        let mut c = NodeConfig::default();
+        c.sandboxes.uid_base = c.sandbox_uid_base + 10;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("overlap"), "{e}");
     }
 
     const KEYS_AND_LIMITS: &str = "addr = \"0.0.0.0:9000\"\nthreads = 2\n[api_keys]\n\"sk-test-123456\" = \"acme\"\n[tenants.acme]\nmax_concurrent = 2\n";

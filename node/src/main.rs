@@ -24,6 +24,7 @@
 mod cluster_config;
 mod config;
 mod node;
+mod sandbox_cli;
 mod up;
 
 use std::io::Write;
@@ -55,6 +56,33 @@ enum Command {
     /// The model worker (started by the node; not for direct use).
     #[command(hide = true)]
     Worker(weft_worker::process::WorkerArgs),
+    /// An agent sandbox's init (started by the node; not for direct use).
+    #[command(name = "sandbox-init", hide = true)]
+    SandboxInit {
+        /// Where the node is: `fd` (a Unix socket on descriptor 3) or
+        /// `stdio` (under gVisor).
+        #[arg(long, default_value = "fd")]
+        channel: weft_worker::process::ChannelKind,
+    },
+    /// One escape attempt, its outcome printed as JSON (the escape suite
+    /// runs it inside agent sandboxes; not for direct use).
+    #[command(name = "sandbox-probe", hide = true)]
+    SandboxProbe {
+        /// The attempt (weft_worker::sandbox::probe::ATTEMPTS).
+        #[arg(long)]
+        attempt: String,
+        /// What it aims at: a path, an address or a pid.
+        #[arg(long, default_value = "")]
+        target: String,
+    },
+    /// Agent sandboxes on a node: create, exec, cp, rm, ls (over its
+    /// /v1/sandboxes API).
+    Sandbox {
+        #[command(flatten)]
+        target: sandbox_cli::Target,
+        #[command(subcommand)]
+        command: sandbox_cli::SandboxCommand,
+    },
     /// Measure the CUDA backend on this machine's GPU against the CPU
     /// backend: correctness, decode and prefill throughput, tenant
     /// fairness, bandwidth (what bench/gpu/run.sh runs).
@@ -348,6 +376,20 @@ fn main() -> Result<()> {
         Command::Worker(a) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             weft_worker::process::run(a)
+        }
+        Command::SandboxInit { channel } => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            weft_sandbox::init::run(channel)
+        }
+        Command::SandboxProbe { attempt, target } => {
+            let outcome = weft_worker::sandbox::probe::attempt(&attempt, &target);
+            println!("{}", serde_json::to_string(&outcome)?);
+            Ok(())
+        }
+        Command::Sandbox { target, command } => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            let code = sandbox_cli::run(target, command)?;
+            std::process::exit(code)
         }
         Command::Generate(a) => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");

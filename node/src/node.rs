@@ -286,7 +286,18 @@ async fn hold_and_serve(
         me,
         ModelStore::default_location(),
     );
-    let api = tokio::spawn(weft_api::serve_api(listener, app.clone(), stop_rx, || {}));
+    let sandboxes = crate::up::start_sandboxes(&serve, &app)?;
+    let (svc, routes) = match sandboxes {
+        Some((s, r)) => (Some(s), Some(r)),
+        None => (None, None),
+    };
+    let api = tokio::spawn(weft_api::serve_api(
+        listener,
+        app.clone(),
+        routes,
+        stop_rx,
+        || {},
+    ));
     let mut watch = tokio::time::interval(WATCH_EVERY);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = tokio::time::interval(overlay::REPORT_EVERY);
@@ -324,6 +335,9 @@ async fn hold_and_serve(
     }
     let _ = stop_tx.send(true);
     let _ = api.await;
+    if let Some(s) = svc {
+        s.shutdown();
+    }
     holder.shutdown();
     app.sync_intent_log();
     Ok(())

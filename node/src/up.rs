@@ -78,6 +78,7 @@ fn remove_stale_sandboxes() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
             .strip_prefix("weft-sandbox-")
+            .or_else(|| name.strip_prefix("weft-sandboxes-"))
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
@@ -86,6 +87,67 @@ fn remove_stale_sandboxes() {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// Why sandboxes must not be offered as `cfg` stands, if so: on an address
+/// other than loopback without API keys, anyone who reaches the port could
+/// run code on this machine.
+pub fn sandboxes_exposed(cfg: &NodeConfig) -> Option<String> {
+    if !cfg.api_keys.0.is_empty() || cfg.sandboxes.allow_without_keys {
+        return None;
+    }
+    let loopback = cfg
+        .addr
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "the API listens on {} without API keys; set [api_keys] (or [sandboxes] allow_without_keys = true)",
+            cfg.addr
+        )
+    })
+}
+
+/// Starts the agent sandbox service `cfg` asks for (and its pools), with
+/// `app`'s registry and intent log; the routes to serve with the API.
+/// `None` when sandboxes are off.
+pub fn start_sandboxes(
+    cfg: &NodeConfig,
+    app: &Arc<AppState>,
+) -> Result<Option<(Arc<weft_sandbox::SandboxService>, axum::Router)>> {
+    if !cfg.sandboxes.enabled {
+        return Ok(None);
+    }
+    if let Some(why) = sandboxes_exposed(cfg) {
+        tracing::warn!("agent sandboxes are off: {why}");
+        eprintln!("agent sandboxes are off: {why}");
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().context("finding the weft executable")?;
+    let recorder = {
+        let app = Arc::downgrade(app);
+        Arc::new(move |v: serde_json::Value| {
+            if let Some(a) = app.upgrade() {
+                a.record(v);
+            }
+        })
+    };
+    let svc =
+        weft_sandbox::SandboxService::new(cfg.sandboxes.clone(), exe, app.registry(), recorder)?;
+    for i in [
+        weft_sandbox::Isolation::Process,
+        weft_sandbox::Isolation::Gvisor,
+    ] {
+        match svc.unavailable(i) {
+            None => tracing::info!(isolation = i.as_str(), "agent sandboxes available"),
+            Some(why) => {
+                tracing::warn!(isolation = i.as_str(), "agent sandboxes unavailable: {why}")
+            }
+        }
+    }
+    svc.start_pools();
+    let routes = weft_sandbox::http::router(app.clone(), svc.clone());
+    Ok(Some((svc, routes)))
 }
 
 /// Runs a node until SIGTERM or SIGINT.
@@ -185,12 +247,61 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
+    let sandboxes = start_sandboxes(&cfg, &state)?;
+    let (svc, routes) = match sandboxes {
+        Some((s, r)) => (Some(s), Some(r)),
+        None => (None, None),
+    };
     let s = supervisor.clone();
-    serve_api(listener, state.clone(), stop_rx, move || s.shutdown()).await;
+    serve_api(listener, state.clone(), routes, stop_rx, move || {
+        s.shutdown()
+    })
+    .await;
+    if let Some(s) = svc {
+        s.shutdown();
+    }
     supervisor.shutdown();
     state.sync_intent_log();
     if let Some(e) = embedded {
         e.stop().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(addr: &str, keys: bool) -> NodeConfig {
+        let mut c = NodeConfig {
+            addr: addr.into(),
+            ..Default::default()
+        };
+        if keys {
+            c.api_keys.0.insert("sk-x".into(), "t".into());
+        }
+        c
+    }
+
+    #[test]
+    fn sandboxes_on_an_open_address_without_keys_are_refused() {
+        assert!(sandboxes_exposed(&cfg("0.0.0.0:8080", false)).is_some());
+    }
+
+    #[test]
+    fn sandboxes_on_loopback_without_keys_are_offered() {
+        assert!(sandboxes_exposed(&cfg("127.0.0.1:8080", false)).is_none());
+    }
+
+    #[test]
+    fn sandboxes_on_an_open_address_with_keys_are_offered() {
+        assert!(sandboxes_exposed(&cfg("0.0.0.0:8080", true)).is_none());
+    }
+
+    #[test]
+    fn sandboxes_without_keys_may_be_allowed_explicitly() {
+        let mut c = cfg("[::]:8080", false);
+        c.sandboxes.allow_without_keys = true;
+        assert!(sandboxes_exposed(&c).is_none());
+    }
 }

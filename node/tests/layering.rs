@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("weft-node", 4),
     ("weft-bench", 4),
     ("weft-fuzz", 4),
+    ("weft-sandbox", 3),
 ];
 
 fn workspace() -> PathBuf {

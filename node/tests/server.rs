@@ -1,110 +1,21 @@
 //! `weft up` as a user meets it: the binary on a free port with the tiny test
 //! model, spoken to over HTTP.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
 
-/// How long a node may take to start and load the tiny model.
-const START_DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+use common::{client, launch, tiny_model, wait_ready, Node, START_DEADLINE};
 
-struct Node {
-    child: Child,
-    base: String,
-    /// What it printed after its first line.
-    said: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let p = dir.join("tiny-gemma.gguf");
-    write_tiny_model(&p, &TinyModelSpec::default()).unwrap();
-    p
-}
-
-/// Starts `weft up` with extra TOML lines; waits until it is ready.
+/// Starts `weft up` with extra TOML lines (agent sandboxes off: these
+/// tests are of the model API); waits until it is ready.
 fn start(extra_toml: &str) -> Node {
-    let node = launch(extra_toml);
+    let node = launch(&format!("{extra_toml}\n[sandboxes]\nenabled = false\n"));
     wait_ready(&node, true);
     node
-}
-
-/// Starts `weft up` with extra TOML lines; returns once it listens.
-fn launch(extra_toml: &str) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let cfg = dir.path().join("node.toml");
-    std::fs::write(
-        &cfg,
-        format!("addr = \"127.0.0.1:0\"\nmodel = \"{}\"\nthreads = 1\nkv_budget = 67108864\ngrace_s = 20\n{extra_toml}", model.display()),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["up", "--config"])
-        .arg(&cfg)
-        .env("WEFT_CACHE_DIR", dir.path().join("cache"))
-        .env_remove("WEFT_ADDR")
-        .env_remove("WEFT_MODEL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    let first = lines.next().expect("weft up prints its address").unwrap();
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("an http:// URL on the first line")
-        .to_string();
-    let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let lines_said = said.clone();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            lines_said.lock().unwrap().push(l);
-        }
-    });
-    Node {
-        child,
-        base,
-        said,
-        _dir: dir,
-    }
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-fn wait_ready(node: &Node, want: bool) {
-    let deadline = Instant::now() + START_DEADLINE;
-    let c = client();
-    loop {
-        let ok = c
-            .get(format!("{}/readyz", node.base))
-            .send()
-            .map(|r| r.status().is_success())
-            .unwrap_or(false);
-        if ok == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "readyz never became {want}");
-        std::thread::yield_now();
-    }
 }
 
 /// Waits until the node's /metrics text satisfies `pred`; returns that text.
@@ -767,7 +678,7 @@ fn a_worker_cannot_reach_the_nodes_api() {
 #[test]
 fn a_worker_below_a_strict_sandbox_is_refused_naming_what_it_lacks() {
     // a filter that only logs is not the seccomp layer
-    let n = launch("sandbox_seccomp = \"log\"\n");
+    let n = launch("sandbox_seccomp = \"log\"\n[sandboxes]\nenabled = false\n");
     let deadline = Instant::now() + START_DEADLINE;
     let v = loop {
         let r = get(&n, "/readyz");

@@ -74,6 +74,11 @@ pub struct TenantLimits {
     /// may hold; at its share the tenant's sequences wait for its own
     /// blocks and never evict another tenant's (none: the whole cache).
     pub kv_share: Option<f64>,
+    /// Most agent sandboxes it may have at once (none: unlimited).
+    pub max_sandboxes: Option<usize>,
+    /// Most memory (MiB) its sandboxes may have together (none:
+    /// unlimited).
+    pub sandbox_memory_mb: Option<u64>,
 }
 
 /// What the API enforces and how its listener behaves.

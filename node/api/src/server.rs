@@ -63,20 +63,25 @@ async fn accept_loop(
     graceful
 }
 
-/// Serves `state`'s API on `listener` until `stop` turns true, then lets
+/// Serves `state`'s API (and the `extra` routes: agent sandboxes) on
+/// `listener` until `stop` turns true, then lets
 /// in-flight requests finish within the grace period; requests still
 /// running after it end with an error event when `on_grace_over` stops
 /// their workers.
 pub async fn serve_api(
     listener: TcpListener,
     state: Arc<AppState>,
+    extra: Option<axum::Router>,
     stop: tokio::sync::watch::Receiver<bool>,
     on_grace_over: impl FnOnce(),
 ) {
     let grace = Duration::from_secs(state.cfg.grace_s);
     let max_conn = state.cfg.max_connections;
     let header_timeout = Duration::from_secs(state.cfg.read_timeout_s);
-    let app = router(state);
+    let app = match extra {
+        Some(r) => r.merge(router(state)),
+        None => router(state),
+    };
     let graceful = accept_loop(listener, max_conn, header_timeout, app, stop).await;
     // the listener is closed; in-flight requests get the grace period
     let drained = graceful.shutdown();

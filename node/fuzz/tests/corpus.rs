@@ -1,5 +1,6 @@
-//! Replays every committed fuzz input (the corpus and every crash found,
-//! `fuzz/corpus/<target>` and `fuzz/artifacts/<target>`) through its
+//! Replays every fuzz input (the committed corpus, `fuzz/corpus/<target>`,
+//! where each crash found is kept as `regression-*` once fixed, and any
+//! fresh crash in the uncommitted `fuzz/artifacts/<target>`) through its
 //! target: none may panic, take longer than [`TIME_LIMIT`], or allocate
 //! more at once than the target's declared limit. One test per target.
 

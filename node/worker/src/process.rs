@@ -87,7 +87,7 @@ pub struct Channel {
 impl Channel {
     /// The channel the node set up for this process.
     #[allow(unsafe_code)]
-    fn adopt(kind: ChannelKind) -> Result<Self> {
+    pub fn adopt(kind: ChannelKind) -> Result<Self> {
         match kind {
             ChannelKind::Fd => {
                 // SAFETY: the node put a connected Unix socket on WORKER_FD
@@ -96,6 +96,14 @@ impl Channel {
                 s.peer_addr().context(
                     "fd 3 is not a connected Unix socket: `weft worker` is started by the node",
                 )?;
+                // the node cleared close-on-exec to pass it down; nothing
+                // this process starts (an agent sandbox's commands) may
+                // inherit it
+                // SAFETY: fcntl on a descriptor this process owns
+                if unsafe { libc::fcntl(WORKER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .context("setting close-on-exec on the node's channel");
+                }
                 let from_node = File::from(std::os::fd::OwnedFd::from(s));
                 let to_node = from_node.try_clone()?;
                 Ok(Self { from_node, to_node })

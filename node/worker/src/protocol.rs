@@ -214,6 +214,35 @@ pub async fn read_any_async<T: for<'de> Deserialize<'de>>(
     parse(body)
 }
 
+/// Reads one message frame from an async reader, refusing chain frames
+/// and anything longer than [`MAX_FRAME_BYTES`] before reading it: for a
+/// peer that speaks only messages and is trusted less than a worker (an
+/// agent sandbox's init).
+pub async fn read_msg_async<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<T, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    let n = frame_len(
+        r.read_exact(&mut len).await.map(|_| ()),
+        len,
+        MAX_FRAME_BYTES,
+    )?;
+    let mut body = Vec::with_capacity(n.min(READ_CHUNK));
+    while body.len() < n {
+        let start = body.len();
+        body.resize(start + (n - start).min(READ_CHUNK), 0);
+        r.read_exact(&mut body[start..]).await?;
+        if body.first() == Some(&CHAIN_TAG) {
+            return Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a chain frame where only messages are spoken",
+            )));
+        }
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
 /// Frame errors.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

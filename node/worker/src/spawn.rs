@@ -117,6 +117,20 @@ pub struct Spawned {
     pub container: Option<Container>,
 }
 
+impl Spawned {
+    /// The host's CPU accounting of its cgroup (ours at tier process,
+    /// runsc's at tier gvisor), if it has one.
+    pub fn cpu_stat(&self) -> Option<crate::sandbox::cgroup::CpuStat> {
+        if let Some(c) = &self.cgroup {
+            return Some(c.cpu_stat());
+        }
+        let c = self.container.as_ref()?;
+        Some(crate::sandbox::cgroup::CpuStat::of(
+            &std::path::Path::new(crate::sandbox::cgroup::PARENT).join(&c.bundle.id),
+        ))
+    }
+}
+
 /// A gVisor container of a worker, force-deleted when dropped.
 pub struct Container {
     runsc: PathBuf,
@@ -275,6 +289,8 @@ fn spawn_process(spec: &WorkerSpec, extra: &[String]) -> Result<Spawned> {
         new_root: true,
         devices: DEVICES.iter().map(|d| d.to_string()).collect(),
         seccomp: sb.seccomp,
+        binds: Vec::new(),
+        proc: false,
     };
     let exe = std::fs::File::open(&spec.exe)
         .with_context(|| format!("opening {}", spec.exe.display()))?;
@@ -326,6 +342,8 @@ fn spawn_gvisor(spec: &WorkerSpec, extra: &[String]) -> Result<Spawned> {
         new_root: false,
         devices: Vec::new(),
         seccomp: sb.seccomp,
+        binds: Vec::new(),
+        proc: false,
     };
     let mut args = worker_args(spec, std::path::Path::new(gvisor::MODEL_PATH), extra);
     args.extend(["--channel".into(), "stdio".into()]);
@@ -337,7 +355,10 @@ fn spawn_gvisor(spec: &WorkerSpec, extra: &[String]) -> Result<Spawned> {
         &sb.state_dir,
         &gvisor::BundleSpec {
             exe: &spec.exe,
-            model: &spec.model,
+            binds: vec![(spec.model.clone(), gvisor::MODEL_PATH.to_string())],
+            dirs: Vec::new(),
+            capabilities: Vec::new(),
+            hostname: "weft-worker".into(),
             args,
             env,
             uid,

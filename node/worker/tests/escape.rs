@@ -106,6 +106,17 @@ enum Seen {
 
 /// Runs `attempt` against `target` in a probe at `tier`.
 fn probe(tier: Tier, attempt: &str, target: &str, before_seccomp: bool) -> Seen {
+    probe_with(tier, attempt, target, before_seccomp).0
+}
+
+/// Like [`probe`], with the most CPU periods the host throttled the
+/// probe's cgroup in, sampled while it ran (runsc removes its cgroup when
+/// the sandbox exits).
+fn probe_throttled(tier: Tier, attempt: &str, target: &str) -> (Seen, u64) {
+    probe_with(tier, attempt, target, false)
+}
+
+fn probe_with(tier: Tier, attempt: &str, target: &str, before_seccomp: bool) -> (Seen, u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -123,15 +134,28 @@ fn probe(tier: Tier, attempt: &str, target: &str, before_seccomp: bool) -> Seen 
         }
         let mut spawned = weft_worker::spawn::spawn(&s, &extra)
             .unwrap_or_else(|e| panic!("starting the probe at tier {tier}: {e:#}"));
+        let stat = spawned.cpu_stat();
+        let mut throttled = 0;
         let read = read_any_async::<Probed>(&mut spawned.reader);
-        let report = tokio::time::timeout(ATTEMPT_DEADLINE, read)
-            .await
-            .unwrap_or_else(|_| panic!("{attempt} hung at tier {tier}"));
+        let sample = async {
+            let mut every = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                every.tick().await;
+                if let Some(s) = &stat {
+                    throttled = throttled.max(s.throttled_periods());
+                }
+            }
+        };
+        let report = tokio::select! {
+            r = tokio::time::timeout(ATTEMPT_DEADLINE, read) => r,
+            never = sample => never,
+        }
+        .unwrap_or_else(|_| panic!("{attempt} hung at tier {tier}"));
         let status = tokio::time::timeout(ATTEMPT_DEADLINE, spawned.child.wait())
             .await
             .expect("the probe did not exit")
             .unwrap();
-        match report {
+        let seen = match report {
             Ok(Frame::Msg(p)) => Seen::Reported(p.outcome),
             _ => {
                 use std::os::unix::process::ExitStatusExt;
@@ -143,7 +167,8 @@ fn probe(tier: Tier, attempt: &str, target: &str, before_seccomp: bool) -> Seen 
                     (None, None) => Seen::Exited(-1),
                 }
             }
-        }
+        };
+        (seen, throttled)
     })
 }
 
@@ -467,20 +492,34 @@ fn a_memory_bomb_is_killed_inside_the_sandbox() {
 }
 
 #[test]
-fn a_cpu_spin_stays_within_its_quota() {
+fn a_cpu_spin_at_tier_process_uses_at_most_its_quota() {
     // two threads spin for a second of wall time under a quota of one CPU
+    let (seen, _) = probe_throttled(Tier::Process, "cpu-spin", "1000");
+    let Seen::Reported(Outcome::Done(said)) = &seen else {
+        panic!("{seen:?}");
+    };
+    let cpu_ms: u64 = said
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("cpu_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    // one CPU over about a second, with room for the period's edges
+    assert!(cpu_ms < 1_400, "{cpu_ms} ms of CPU in 1 s");
+}
+
+#[test]
+fn a_cpu_spin_is_throttled_by_the_host_at_every_tier() {
+    // gVisor's clocks inside are its own; the host's throttle count is not
     for tier in tiers() {
-        let seen = probe(tier, "cpu-spin", "1000", false);
-        let Seen::Reported(Outcome::Done(said)) = &seen else {
-            panic!("at tier {tier}: {seen:?}");
-        };
-        let cpu_ms: u64 = said
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("cpu_ms="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{said}"));
-        // one CPU over about a second, with room for the period's edges
-        assert!(cpu_ms < 1_400, "{cpu_ms} ms of CPU in 1 s at tier {tier}");
+        let (seen, throttled) = probe_throttled(tier, "cpu-spin", "1000");
+        assert!(
+            matches!(seen, Seen::Reported(Outcome::Done(_))),
+            "at tier {tier}: {seen:?}"
+        );
+        assert!(
+            throttled > 0,
+            "two spinning threads under one CPU were never throttled at tier {tier}"
+        );
     }
 }
 

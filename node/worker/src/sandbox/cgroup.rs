@@ -69,7 +69,7 @@ impl Limits {
 pub struct Cgroup {
     manager: AnyCgroupManager,
     path: PathBuf,
-    limits: Limits,
+    limits: std::sync::Mutex<Limits>,
     resources: LinuxResources,
     applied: std::sync::Once,
 }
@@ -95,10 +95,26 @@ impl Cgroup {
         Ok(Self {
             manager,
             path,
-            limits,
+            limits: std::sync::Mutex::new(limits),
             resources,
             applied: std::sync::Once::new(),
         })
+    }
+
+    /// Changes its limits to `limits` now (an agent sandbox taken from a
+    /// warm pool gets its claim's).
+    pub fn update(&self, limits: Limits) -> std::io::Result<()> {
+        let resources = limits.resources().map_err(std::io::Error::other)?;
+        self.manager
+            .apply(&libcgroups::common::ControllerOpt {
+                resources: &resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .map_err(|e| std::io::Error::other(format!("cgroup {}: {e}", self.path.display())))?;
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+        Ok(())
     }
 
     /// Puts process `pid` in it (making it, the first time) and applies
@@ -148,7 +164,7 @@ impl Cgroup {
 
     /// Its path and limits, for reports.
     pub fn describe(&self) -> String {
-        let l = &self.limits;
+        let l = *self.limits.lock().unwrap_or_else(|e| e.into_inner());
         let mut parts = vec![self.path.display().to_string()];
         if let Some(m) = l.memory_bytes {
             parts.push(format!("memory {} MiB", m >> 20));
@@ -165,21 +181,97 @@ impl Cgroup {
     /// Whether the kernel killed a task of it for lack of memory (v1:
     /// `memory.oom_control`'s `oom_kill`; v2: `memory.events`).
     pub fn oom_killed(&self) -> bool {
-        let v1 = PathBuf::from("/sys/fs/cgroup/memory")
-            .join(&self.path)
-            .join("memory.oom_control");
-        let v2 = PathBuf::from("/sys/fs/cgroup")
-            .join(&self.path)
-            .join("memory.events");
-        [v1, v2].iter().any(|p| {
-            std::fs::read_to_string(p).is_ok_and(|t| {
-                t.lines().any(|l| {
-                    l.strip_prefix("oom_kill ")
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .is_some_and(|n| n > 0)
-                })
+        self.oom_kills() > 0
+    }
+
+    /// Where the host counts its CPU throttling.
+    pub fn cpu_stat(&self) -> CpuStat {
+        CpuStat::of(&self.path)
+    }
+
+    /// How many tasks of it the kernel killed for lack of memory.
+    pub fn oom_kills(&self) -> u64 {
+        self.oom_count().kills()
+    }
+
+    /// Where the host counts its OOM kills (readable without holding it).
+    pub fn oom_count(&self) -> OomCount {
+        OomCount::of(&self.path)
+    }
+}
+
+/// The host's CPU accounting of one cgroup (`cpu.stat`, v1 or v2): what
+/// a gVisor sandbox, whose clocks inside are its own, cannot virtualize.
+#[derive(Clone, Debug)]
+pub struct CpuStat {
+    paths: [PathBuf; 2],
+}
+
+impl CpuStat {
+    /// The accounting of cgroup `path` (relative to the hierarchy's root).
+    pub fn of(path: &Path) -> Self {
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        Self {
+            paths: [
+                PathBuf::from("/sys/fs/cgroup/cpu")
+                    .join(rel)
+                    .join("cpu.stat"),
+                PathBuf::from("/sys/fs/cgroup").join(rel).join("cpu.stat"),
+            ],
+        }
+    }
+
+    /// How many periods the kernel throttled it in for running past its
+    /// quota (`nr_throttled`); 0 when the cgroup is gone.
+    pub fn throttled_periods(&self) -> u64 {
+        self.paths
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.strip_prefix("nr_throttled ")?.trim().parse::<u64>().ok())
+                    .collect::<Vec<_>>()
             })
-        })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The kernel's count of OOM kills in one cgroup (v1:
+/// `memory.oom_control`'s `oom_kill`; v2: `memory.events`).
+#[derive(Clone, Debug)]
+pub struct OomCount {
+    paths: [PathBuf; 2],
+}
+
+impl OomCount {
+    /// The count of cgroup `path` (relative to the hierarchy's root).
+    pub fn of(path: &Path) -> Self {
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        Self {
+            paths: [
+                PathBuf::from("/sys/fs/cgroup/memory")
+                    .join(rel)
+                    .join("memory.oom_control"),
+                PathBuf::from("/sys/fs/cgroup")
+                    .join(rel)
+                    .join("memory.events"),
+            ],
+        }
+    }
+
+    /// How many tasks it lost; 0 when the cgroup is gone.
+    pub fn kills(&self) -> u64 {
+        self.paths
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .max()
+            .unwrap_or(0)
     }
 }
 

@@ -36,12 +36,21 @@ impl Bundle {
     }
 }
 
-/// What a worker's bundle holds.
+/// What a bundle holds.
 pub struct BundleSpec<'a> {
     /// The executable.
     pub exe: &'a Path,
-    /// The model file.
-    pub model: &'a Path,
+    /// Host paths bound read-only (source, where it appears): a worker's
+    /// model file, an agent sandbox's template.
+    pub binds: Vec<(PathBuf, String)>,
+    /// Empty directories made in the root (mount points the process
+    /// mounts on itself).
+    pub dirs: Vec<String>,
+    /// Capabilities the process starts with inside gVisor (an agent
+    /// sandbox's init mounts its scratch space, then drops them).
+    pub capabilities: Vec<String>,
+    /// The container's host name.
+    pub hostname: String,
     /// The worker's arguments after the executable.
     pub args: Vec<String>,
     /// Environment, `KEY=VALUE`.
@@ -101,11 +110,18 @@ pub fn write_bundle(state_dir: &Path, s: &BundleSpec<'_>) -> std::io::Result<Bun
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
         bind(s.exe, EXE_PATH),
-        bind(s.model, MODEL_PATH),
     ];
+    for (src, dst) in &s.binds {
+        mounts.push(bind(src, dst));
+    }
+    for d in &s.dirs {
+        std::fs::create_dir_all(dir.path().join("rootfs").join(d.trim_start_matches('/')))?;
+    }
     for d in library_dirs() {
         let dst = d.to_string_lossy().into_owned();
-        mounts.push(bind(&d, &dst));
+        if !mounts.iter().any(|m| m["destination"] == dst.as_str()) {
+            mounts.push(bind(&d, &dst));
+        }
     }
     // the dynamic loader's configured name, where the libraries' directory
     // is not it (Debian: /lib64/ld-linux-x86-64.so.2 -> /lib/x86_64-linux-gnu)
@@ -126,7 +142,7 @@ pub fn write_bundle(state_dir: &Path, s: &BundleSpec<'_>) -> std::io::Result<Bun
             "args": args,
             "env": s.env,
             "cwd": "/",
-            "capabilities": {"bounding": [], "effective": [], "permitted": [], "inheritable": [], "ambient": []},
+            "capabilities": {"bounding": s.capabilities, "effective": s.capabilities, "permitted": s.capabilities, "inheritable": [], "ambient": []},
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": s.nofile, "soft": s.nofile},
                 {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
@@ -134,7 +150,7 @@ pub fn write_bundle(state_dir: &Path, s: &BundleSpec<'_>) -> std::io::Result<Bun
             "noNewPrivileges": true,
         },
         "root": {"path": "rootfs", "readonly": true},
-        "hostname": "weft-worker",
+        "hostname": s.hostname,
         "mounts": mounts,
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],

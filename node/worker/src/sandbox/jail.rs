@@ -48,12 +48,12 @@ pub fn enter(plan: &Plan) -> io::Result<Confinement> {
         c.hold(Layer::Gvisor);
     }
     if plan.new_root {
-        new_root(&plan.devices)?;
+        new_root(&plan.devices, &RootExtras::default())?;
         c.hold(Layer::NewRoot);
     }
     drop_capabilities()?;
     c.hold(Layer::NoCapabilities);
-    match landlock(&plan.devices) {
+    match landlock(&plan.devices, &[], &[]) {
         Ok((abi, true)) => {
             c.landlock_abi = abi;
             c.hold(Layer::Landlock);
@@ -80,12 +80,39 @@ pub fn enter(plan: &Plan) -> io::Result<Confinement> {
     Ok(c)
 }
 
-/// Builds a read-only tmpfs root holding `devices`, and enters it.
-fn new_root(devices: &[String]) -> io::Result<()> {
+/// What an agent sandbox's root holds beyond the devices.
+#[derive(Debug, Default)]
+struct RootExtras<'a> {
+    /// Host directories bound read-only at the same path (a template's
+    /// root filesystem); a host symlink is made again as a symlink.
+    binds: &'a [String],
+    /// A `/proc` of the caller's PID namespace (the caller must be in it).
+    proc: bool,
+    /// Empty directories to make (mount points for later).
+    dirs: &'a [&'a str],
+}
+
+/// Builds a read-only tmpfs root holding `devices` (and `extras`), and
+/// enters it.
+fn new_root(devices: &[String], extras: &RootExtras<'_>) -> io::Result<()> {
     let staging = STAGING
         .iter()
         .find(|d| std::path::Path::new(d).is_dir())
         .ok_or_else(|| io::Error::other("no directory to build the new root in"))?;
+    // the template's paths, held open before the staging tmpfs may cover
+    // them (it covers /tmp)
+    let sources = extras
+        .binds
+        .iter()
+        .map(|b| {
+            Source::open(b).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("template path {b}: {e} (the sandbox's uid must be able to read it)"),
+                )
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     let none = std::ptr::null::<libc::c_char>();
     let root = cstr("/")?;
     let base = cstr(staging)?;
@@ -118,6 +145,16 @@ fn new_root(devices: &[String]) -> io::Result<()> {
     let new = format!("{staging}/root");
     for d in [new.clone(), format!("{new}/dev"), format!("{new}/.old")] {
         std::fs::create_dir(&d)?;
+    }
+    for d in extras.dirs {
+        std::fs::create_dir_all(format!("{new}{d}"))?;
+    }
+    for src in &sources {
+        src.bind_under(&new)
+            .map_err(|e| io::Error::new(e.kind(), format!("template path {}: {e}", src.path)))?;
+    }
+    if extras.proc {
+        mount_proc(&format!("{new}/proc"))?;
     }
     for dev in devices {
         let target = format!("{new}{dev}");
@@ -170,6 +207,145 @@ fn new_root(devices: &[String]) -> io::Result<()> {
         check(libc::rmdir(slash_old.as_ptr()), "removing /.old")?;
     }
     remount_read_only("/")
+}
+
+/// A template path, opened before the new root is built.
+struct Source {
+    path: String,
+    /// Where a symlink points (it is made again as one).
+    link: Option<std::path::PathBuf>,
+    is_dir: bool,
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Source {
+    fn open(path: &str) -> io::Result<Self> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() {
+            return Ok(Self {
+                path: path.to_string(),
+                link: Some(std::fs::read_link(path)?),
+                is_dir: false,
+                fd: None,
+            });
+        }
+        let c = cstr(path)?;
+        // SAFETY: open of a NUL-terminated path; the descriptor is owned
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd;
+        Ok(Self {
+            path: path.to_string(),
+            link: None,
+            is_dir: meta.is_dir(),
+            // SAFETY: a descriptor we just opened
+            fd: Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+        })
+    }
+
+    /// Binds it read-only at its own path under `new` (a symlink is made
+    /// again as one: Debian's `/bin` is `usr/bin`).
+    fn bind_under(&self, new: &str) -> io::Result<()> {
+        let target = format!("{new}{}", self.path);
+        if let Some(parent) = std::path::Path::new(&target).parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if let Some(link) = &self.link {
+            return std::os::unix::fs::symlink(link, &target);
+        }
+        if self.is_dir {
+            std::fs::create_dir_all(&target)?;
+        } else {
+            std::fs::File::create(&target)?;
+        }
+        use std::os::fd::AsRawFd;
+        let fd = self.fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let (src, dst) = (cstr(&format!("/proc/self/fd/{fd}"))?, cstr(&target)?);
+        // SAFETY: a recursive bind mount of an opened host path onto one
+        // we made.
+        unsafe {
+            check(
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ),
+                "binding a template path into the new root",
+            )?;
+        }
+        remount_read_only_exec(&target)
+    }
+}
+
+/// Mounts a proc of the caller's PID namespace at `at`, then its `sys`
+/// read-only.
+fn mount_proc(at: &str) -> io::Result<()> {
+    std::fs::create_dir_all(at)?;
+    let (proc_, dst) = (cstr("proc")?, cstr(at)?);
+    // SAFETY: a proc mount on a directory we made, in our mount namespace.
+    unsafe {
+        check(
+            libc::mount(
+                proc_.as_ptr(),
+                dst.as_ptr(),
+                proc_.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ),
+            "mounting the sandbox's /proc",
+        )?;
+    }
+    let sys = format!("{at}/sys");
+    let s = cstr(&sys)?;
+    // SAFETY: a bind of /proc/sys onto itself, then made read-only.
+    unsafe {
+        check(
+            libc::mount(
+                s.as_ptr(),
+                s.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ),
+            "binding /proc/sys",
+        )?;
+    }
+    remount_read_only(&sys)
+}
+
+/// As [`remount_read_only`], but programs under it may still run.
+fn remount_read_only_exec(path: &str) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: statvfs into a zeroed struct on the stack; mount on our path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        check(libc::statvfs(p.as_ptr(), &mut st), "statvfs")?;
+        let keep = st.f_flag
+            & (libc::ST_NODEV
+                | libc::ST_NOEXEC
+                | libc::ST_NOATIME
+                | libc::ST_NODIRATIME
+                | libc::ST_RELATIME);
+        check(
+            libc::mount(
+                std::ptr::null(),
+                p.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_REC
+                    | keep as libc::c_ulong,
+                std::ptr::null(),
+            ),
+            "remounting a template path read-only",
+        )
+    }
 }
 
 /// Remounts the bind mount at `path` read-only, keeping the flags it has
@@ -271,13 +447,35 @@ fn drop_capabilities() -> io::Result<()> {
 
 /// Restricts this process with Landlock; returns the kernel's ABI and
 /// whether every right was enforced.
-fn landlock(devices: &[String]) -> Result<(u8, bool), landlock::RulesetError> {
+fn landlock(
+    devices: &[String],
+    read_exec: &[String],
+    writable: &[&str],
+) -> Result<(u8, bool), landlock::RulesetError> {
     let abi = ABI::V6;
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
         .handle_access(AccessNet::from_all(abi))?
         .scope(Scope::from_all(abi))?
         .create()?;
+    for p in read_exec {
+        let Ok(fd) = landlock::PathFd::new(p) else {
+            continue;
+        };
+        // the root itself may be listed, nothing more
+        let rights = if p == "/" {
+            AccessFs::ReadDir.into()
+        } else {
+            AccessFs::from_read(abi)
+        };
+        ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, rights))?;
+    }
+    for p in writable {
+        let Ok(fd) = landlock::PathFd::new(p) else {
+            continue;
+        };
+        ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, AccessFs::from_all(abi)))?;
+    }
     for dev in devices {
         let Ok(fd) = landlock::PathFd::new(dev) else {
             continue;
@@ -330,4 +528,123 @@ fn enter_pid_namespace(plan: &Plan) -> io::Result<()> {
         };
         libc::_exit(code);
     }
+}
+
+/// Where an agent sandbox's scratch space is (a tmpfs, its size the disk
+/// limit); its `/tmp` is a directory of it.
+pub const SCRATCH: &str = "/work";
+/// The sandbox's `/tmp`.
+pub const SANDBOX_TMP: &str = "/tmp";
+
+/// An agent sandbox's first half, at start (a warm pool's sandboxes stop
+/// here): PID 1 of a PID namespace of its own, in a read-only root with
+/// the template's paths (`plan.binds`), the devices, its own `/proc`, and
+/// empty mount points for its scratch space. It keeps its capabilities
+/// over its own namespaces until [`seal_sandbox`]; nothing untrusted runs
+/// before that. Call before any thread starts.
+pub fn prepare_sandbox(plan: &Plan) -> io::Result<()> {
+    if plan.tier == Tier::Process {
+        enter_pid_namespace(plan)?;
+    }
+    if plan.new_root {
+        new_root(
+            &plan.devices,
+            &RootExtras {
+                binds: &plan.binds,
+                proc: plan.proc,
+                dirs: &[SCRATCH, SANDBOX_TMP],
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// An agent sandbox's second half, when it is claimed: its scratch tmpfs
+/// of `disk_bytes` at [`SCRATCH`] (and `/tmp` in it), then every
+/// capability dropped, Landlock (the template read-only, the scratch space
+/// read-write, no network, no signals or abstract sockets out) and the
+/// sandbox's seccomp filter. What it holds comes back.
+pub fn seal_sandbox(plan: &Plan, disk_bytes: u64) -> io::Result<Confinement> {
+    let mut c = Confinement {
+        tier: plan.tier,
+        ..Confinement::default()
+    };
+    if plan.tier == Tier::Gvisor {
+        c.hold(Layer::Gvisor);
+    }
+    mount_scratch(disk_bytes)?;
+    if plan.new_root {
+        c.hold(Layer::NewRoot);
+    }
+    drop_capabilities()?;
+    c.hold(Layer::NoCapabilities);
+    let mut read_exec = plan.binds.clone();
+    read_exec.push("/proc".into());
+    read_exec.push("/".into());
+    match landlock(&plan.devices, &read_exec, &[SCRATCH, SANDBOX_TMP]) {
+        Ok((abi, true)) => {
+            c.landlock_abi = abi;
+            c.hold(Layer::Landlock);
+        }
+        Ok((abi, false)) => c.landlock_abi = abi,
+        Err(e) => tracing::warn!("Landlock: {e}"),
+    }
+    seccomp::install(Profile::Sandbox, plan.seccomp).map_err(io::Error::other)?;
+    c.hold(Layer::Seccomp);
+    // SAFETY: prctl with integer arguments: no core dumps, and no
+    // /proc/<pid>/mem of this process for its children
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    let seen = observe_self();
+    c.pid = seen.pid;
+    c.uid = seen.uid;
+    c.gid = seen.gid;
+    c.no_new_privs = seen.no_new_privs;
+    if seen.no_new_privs {
+        c.hold(Layer::NoNewPrivs);
+    }
+    if plan.tier == Tier::Process && seen.pid == 1 {
+        c.hold(Layer::PidNamespace);
+        c.hold(Layer::UserNamespace);
+        c.hold(Layer::NetworkNamespace);
+    }
+    Ok(c)
+}
+
+/// The scratch tmpfs of `disk_bytes` at [`SCRATCH`], and `/tmp` as a
+/// directory of it (so both count against the one limit).
+fn mount_scratch(disk_bytes: u64) -> io::Result<()> {
+    let (tmpfs, at) = (cstr("tmpfs")?, cstr(SCRATCH)?);
+    let opts = cstr(&format!("size={},mode=0777", disk_bytes.max(4096)))?;
+    // SAFETY: a tmpfs mount on the scratch mount point we made.
+    unsafe {
+        check(
+            libc::mount(
+                tmpfs.as_ptr(),
+                at.as_ptr(),
+                tmpfs.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                opts.as_ptr().cast(),
+            ),
+            "mounting the scratch space",
+        )?;
+    }
+    let tmp = format!("{SCRATCH}/.tmp");
+    std::fs::create_dir(&tmp)?;
+    let (src, dst) = (cstr(&tmp)?, cstr(SANDBOX_TMP)?);
+    // SAFETY: a bind of a directory of the scratch space onto /tmp.
+    unsafe {
+        check(
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ),
+            "binding /tmp into the scratch space",
+        )?;
+    }
+    Ok(())
 }

@@ -194,6 +194,14 @@ pub struct Plan {
     pub devices: Vec<String>,
     /// The seccomp filter's treatment of a syscall outside the list.
     pub seccomp: SeccompMode,
+    /// Host paths bound read-only at the same place (an agent sandbox's
+    /// template; a worker has none).
+    #[serde(default)]
+    pub binds: Vec<String>,
+    /// Whether the new root gets a `/proc` of the sandbox's own PID
+    /// namespace (agent sandboxes).
+    #[serde(default)]
+    pub proc: bool,
 }
 
 /// A worker's confinement: what it saw of itself, and what the host saw

@@ -95,6 +95,8 @@ pub const ATTEMPTS: &[&str] = &[
     "abstract-unix-socket",
     "netlink",
     "packet-socket",
+    "vsock-socket",
+    "alg-socket",
     "ptrace-node",
     "process-vm-readv-node",
     "kill-all",
@@ -146,6 +148,10 @@ pub fn attempt(name: &str, target: &str) -> Outcome {
             "abstract-unix-socket" => connect_abstract(target),
             "netlink" => socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
             "packet-socket" => socket(libc::AF_PACKET, libc::SOCK_RAW, 0),
+            // the host's hypervisor and other guests (not confined by a
+            // network namespace), and the kernel's crypto sockets
+            "vsock-socket" => socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0),
+            "alg-socket" => socket(libc::AF_ALG, libc::SOCK_SEQPACKET, 0),
             "ptrace-node" => sys(
                 libc::ptrace(
                     libc::PTRACE_ATTACH,

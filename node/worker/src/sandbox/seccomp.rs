@@ -36,6 +36,10 @@ pub enum Profile {
     /// The worker's first process, which only waits for the engine (the
     /// PID namespace's PID 1) and passes on its exit status.
     Waiter,
+    /// An agent sandbox, which runs any program: everything but the
+    /// calls on [`SANDBOX_DENIED`], which fail with `EPERM`; a call of
+    /// another ABI (x32 numbers, `int 0x80`) kills.
+    Sandbox,
 }
 
 /// A condition on one argument.
@@ -160,6 +164,206 @@ const WAITER: &[Allow] = &[
     allow(libc::SYS_restart_syscall, "a wait interrupted"),
 ];
 
+const NS_FLAGS: &[u64] = &[
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+/// What an agent sandbox may not call (each fails with `EPERM`): what
+/// reaches the kernel's less-guarded parts, or out of the sandbox.
+pub const SANDBOX_DENIED: &[(i64, &str)] = &[
+    (libc::SYS_mount, "filesystems are the template's"),
+    (libc::SYS_umount2, "filesystems are the template's"),
+    (libc::SYS_pivot_root, "the root is fixed"),
+    (libc::SYS_chroot, "the root is fixed"),
+    (libc::SYS_move_mount, "the new mount API"),
+    (libc::SYS_open_tree, "the new mount API"),
+    (libc::SYS_fsopen, "the new mount API"),
+    (libc::SYS_fsconfig, "the new mount API"),
+    (libc::SYS_fsmount, "the new mount API"),
+    (libc::SYS_fspick, "the new mount API"),
+    (libc::SYS_mount_setattr, "the new mount API"),
+    (
+        libc::SYS_unshare,
+        "no namespaces of its own (user namespaces above all)",
+    ),
+    (libc::SYS_setns, "no joining other namespaces"),
+    (libc::SYS_ptrace, "no debugging its own init or neighbours"),
+    (libc::SYS_process_vm_readv, "another process's memory"),
+    (libc::SYS_process_vm_writev, "another process's memory"),
+    (libc::SYS_kcmp, "comparing kernel objects across processes"),
+    (libc::SYS_bpf, "kernel programs"),
+    (
+        libc::SYS_perf_event_open,
+        "performance counters (a side channel and a kernel attack surface)",
+    ),
+    (libc::SYS_userfaultfd, "a tool of kernel exploits"),
+    (libc::SYS_io_uring_setup, "a large kernel attack surface"),
+    (libc::SYS_io_uring_enter, "a large kernel attack surface"),
+    (libc::SYS_io_uring_register, "a large kernel attack surface"),
+    (libc::SYS_keyctl, "the kernel keyring"),
+    (libc::SYS_add_key, "the kernel keyring"),
+    (libc::SYS_request_key, "the kernel keyring"),
+    (libc::SYS_init_module, "kernel modules"),
+    (libc::SYS_finit_module, "kernel modules"),
+    (libc::SYS_delete_module, "kernel modules"),
+    (libc::SYS_kexec_load, "replacing the kernel"),
+    (libc::SYS_kexec_file_load, "replacing the kernel"),
+    (libc::SYS_reboot, "the host's power"),
+    (libc::SYS_swapon, "the host's swap"),
+    (libc::SYS_swapoff, "the host's swap"),
+    (libc::SYS_acct, "process accounting"),
+    (libc::SYS_quotactl, "disk quotas"),
+    (libc::SYS_syslog, "the kernel log"),
+    (libc::SYS_vhangup, "terminals"),
+    (libc::SYS_iopl, "I/O ports"),
+    (libc::SYS_ioperm, "I/O ports"),
+    (
+        libc::SYS_open_by_handle_at,
+        "opening files by handle bypasses paths",
+    ),
+    (libc::SYS_name_to_handle_at, "file handles"),
+    (libc::SYS_lookup_dcookie, "kernel profiling"),
+    (libc::SYS_settimeofday, "the host's clock"),
+    (libc::SYS_clock_settime, "the host's clock"),
+    (libc::SYS_clock_adjtime, "the host's clock"),
+    (libc::SYS_adjtimex, "the host's clock"),
+    (libc::SYS_uselib, "an obsolete loader"),
+    (libc::SYS_fanotify_init, "watching the filesystem's events"),
+];
+
+/// The sandbox's filters: namespaces by `clone` flags, the denied calls,
+/// and a guard that kills a call of another ABI (whose numbers a
+/// default-allow filter would otherwise let past).
+fn sandbox_programs(mode: SeccompMode) -> Result<Vec<BpfProgram>, String> {
+    let mut denied: BTreeMap<i64, Vec<SeccompRule>> = SANDBOX_DENIED
+        .iter()
+        .map(|(nr, _)| (*nr, Vec::new()))
+        .collect();
+    let clone_rules = NS_FLAGS
+        .iter()
+        .map(|f| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                Len::Qword,
+                Op::MaskedEq(*f),
+                *f,
+            )
+            .map_err(|e| e.to_string())?])
+            .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    denied.insert(libc::SYS_clone, clone_rules);
+    // sockets of families other than Unix, IPv4, IPv6 and netlink (the
+    // network namespace confines those; vsock, AF_ALG and the rest are
+    // kernel surface it does not)
+    let mut family_rules = vec![SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        Len::Dword,
+        Op::Gt,
+        libc::AF_NETLINK as u64,
+    )
+    .map_err(|e| e.to_string())?])
+    .map_err(|e| e.to_string())?];
+    for f in (0..libc::AF_NETLINK as u64).filter(|f| {
+        ![
+            libc::AF_UNSPEC as u64,
+            libc::AF_UNIX as u64,
+            libc::AF_INET as u64,
+            libc::AF_INET6 as u64,
+        ]
+        .contains(f)
+    }) {
+        family_rules.push(
+            SeccompRule::new(vec![
+                SeccompCondition::new(0, Len::Dword, Op::Eq, f).map_err(|e| e.to_string())?
+            ])
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    denied.insert(libc::SYS_socket, family_rules.clone());
+    denied.insert(libc::SYS_socketpair, family_rules);
+    // TIOCSTI: pushing input into a terminal
+    denied.insert(
+        libc::SYS_ioctl,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            Len::Dword,
+            Op::Eq,
+            libc::TIOCSTI,
+        )
+        .map_err(|e| e.to_string())?])
+        .map_err(|e| e.to_string())?],
+    );
+    let deny = match mode {
+        SeccompMode::Enforce => SeccompAction::Errno(libc::EPERM as u32),
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let filter: BpfProgram = SeccompFilter::new(denied, SeccompAction::Allow, deny, arch())
+        .map_err(|e| e.to_string())?
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    // clone3's flags sit in memory a filter cannot read: ENOSYS, on which
+    // glibc and std fall back to clone (whose flags the filter checks)
+    let clone3: BpfProgram = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch(),
+    )
+    .map_err(|e| e.to_string())?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    Ok(vec![other_abi_guard(), clone3, filter])
+}
+
+/// A filter that kills any call with the x32 bit set (on x86_64), and
+/// allows the rest to the next filter.
+fn other_abi_guard() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const KILL_PROCESS: u32 = 0x8000_0000;
+    const ALLOW: u32 = 0x7fff_0000;
+    #[cfg(target_arch = "x86_64")]
+    const X32: u32 = 0x4000_0000;
+    #[cfg(not(target_arch = "x86_64"))]
+    const X32: u32 = 0;
+    vec![
+        // the syscall number is at offset 0 of seccomp_data
+        sock_filter {
+            code: LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: JSET_K,
+            jt: 0,
+            jf: 1,
+            k: X32,
+        },
+        sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: KILL_PROCESS,
+        },
+        sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: ALLOW,
+        },
+    ]
+}
+
 /// Calls refused with an errno instead of a kill.
 const POLITE: &[(i64, i32, &str)] = &[
     (
@@ -214,6 +418,7 @@ pub fn programs(profile: Profile, mode: SeccompMode) -> Result<Vec<BpfProgram>, 
     let list = match profile {
         Profile::ModelWorker => MODEL_WORKER,
         Profile::Waiter => WAITER,
+        Profile::Sandbox => return sandbox_programs(mode),
     };
     let mismatch = match mode {
         SeccompMode::Enforce => SeccompAction::KillProcess,
@@ -256,6 +461,8 @@ pub fn allowed(profile: Profile) -> Vec<(i64, &'static str)> {
     let list = match profile {
         Profile::ModelWorker => MODEL_WORKER,
         Profile::Waiter => WAITER,
+        // everything but the denied calls
+        Profile::Sandbox => &[],
     };
     list.iter().map(|a| (a.nr, a.why)).collect()
 }
@@ -274,8 +481,15 @@ mod tests {
     }
 
     #[test]
+    fn every_call_denied_to_a_sandbox_says_why() {
+        for (nr, why) in SANDBOX_DENIED {
+            assert!(!why.trim().is_empty(), "syscall {nr} has no reason");
+        }
+    }
+
+    #[test]
     fn the_filters_compile_for_this_architecture() {
-        for p in [Profile::ModelWorker, Profile::Waiter] {
+        for p in [Profile::ModelWorker, Profile::Waiter, Profile::Sandbox] {
             for m in [SeccompMode::Enforce, SeccompMode::Log] {
                 let progs = programs(p, m).unwrap();
                 assert!(!progs.is_empty() && progs.iter().all(|b| !b.is_empty()));

@@ -1,0 +1,134 @@
+//! What the process tests of `weft up` share: the binary on a free port
+//! with the tiny test model.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
+
+/// How long a node may take to start and load the tiny model.
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Node {
+    pub child: Child,
+    pub base: String,
+    /// What it printed after its first line.
+    pub said: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny-gemma.gguf");
+    write_tiny_model(&p, &TinyModelSpec::default()).unwrap();
+    p
+}
+
+/// Starts `weft up` with extra TOML lines; returns once it listens.
+pub fn launch(extra_toml: &str) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!("addr = \"127.0.0.1:0\"\nmodel = \"{}\"\nthreads = 1\nkv_budget = 67108864\ngrace_s = 20\n{extra_toml}", model.display()),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft"));
+    cmd.args(["up", "--config"])
+        .arg(&cfg)
+        .env("WEFT_CACHE_DIR", dir.path().join("cache"))
+        .env_remove("WEFT_ADDR")
+        .env_remove("WEFT_MODEL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = spawn_ending_with_the_tests(cmd).unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let first = lines.next().expect("weft up prints its address").unwrap();
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("an http:// URL on the first line")
+        .to_string();
+    let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines_said = said.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            lines_said.lock().unwrap().push(l);
+        }
+    });
+    Node {
+        child,
+        base,
+        said,
+        dir,
+    }
+}
+
+/// Spawns `cmd` so that it gets SIGTERM when this test process ends, even
+/// when a `static` holds it (statics are never dropped) or the harness is
+/// killed. `PR_SET_PDEATHSIG` fires when the spawning *thread* ends, so
+/// every such child is spawned from one thread that lives as long as the
+/// process, not from the test's own.
+pub fn spawn_ending_with_the_tests(cmd: Command) -> std::io::Result<Child> {
+    type Job = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let jobs = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: prctl with integer arguments is async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+                        Ok(())
+                    });
+                }
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    jobs.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, tx))
+        .expect("the spawner thread lives as long as the tests");
+    rx.recv().expect("the spawner thread answers")
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+pub fn wait_ready(node: &Node, want: bool) {
+    let deadline = Instant::now() + START_DEADLINE;
+    let c = client();
+    loop {
+        let ok = c
+            .get(format!("{}/readyz", node.base))
+            .send()
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        if ok == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "readyz never became {want}");
+        std::thread::yield_now();
+    }
+}
