@@ -17,7 +17,7 @@ use weft_metrics::{
 };
 use weft_worker::protocol::{encode, read_msg_async};
 use weft_worker::sandbox::cgroup::{Cgroup, OomCount};
-use weft_worker::sandbox::Confinement;
+use weft_worker::sandbox::{Confinement, HostView, Layer};
 
 use crate::config::{Isolation, Limits, SandboxConfig, Template};
 use crate::launch::{cgroup_limits, Container, LaunchThread, Launcher, Started};
@@ -394,6 +394,43 @@ struct PoolState {
 
 /// Records one event in the intent log.
 pub type Recorder = Arc<dyn Fn(Value) + Send + Sync>;
+
+/// The layers a sandbox of tier process must hold, as the host sees them.
+const HOST_CHECKED: [Layer; 4] = [
+    Layer::DedicatedUid,
+    Layer::NoNewPrivs,
+    Layer::Seccomp,
+    Layer::NoCapabilities,
+];
+
+/// `c` (what a sealed sandbox's init reported) corrected by what the host
+/// sees of the init at tier process (its `/proc/<pid>/status`: uid, no
+/// new privileges, a seccomp filter, no capabilities); a sandbox that
+/// lacks one is refused. Under gVisor the host sees only runsc, whose
+/// confinement is runsc's to keep.
+fn verify(held: &Held, isolation: Isolation, uid: u32, mut c: Confinement) -> Result<Confinement> {
+    if isolation != Isolation::Process {
+        return Ok(c);
+    }
+    // the init is the first process's child, PID 1 of its namespace
+    let init = held.child.id().and_then(weft_worker::sandbox::child_of);
+    match init.map(HostView::of) {
+        Some(Ok(view)) => view.apply(&mut c, uid..uid + 1),
+        _ => bail!("the host cannot see the sandbox's init to check its confinement"),
+    }
+    let missing: Vec<String> = HOST_CHECKED
+        .iter()
+        .filter(|l| !c.has(**l))
+        .map(|l| l.to_string())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the sandbox's init lacks {} as the host sees it; refused",
+            missing.join(", ")
+        );
+    }
+    Ok(c)
+}
 
 /// Makes `dir` (gVisor's state and the bundles runsc runs as root) a
 /// directory of this process's user alone, refusing one someone else made
@@ -867,6 +904,7 @@ impl SandboxService {
             Ok(other) => bail!("the sandbox answered its claim with {other:?}"),
             Err(e) => bail!("the sandbox ended at its claim: {e}"),
         };
+        let confinement = verify(&held, isolation, uid, confinement)?;
         let now = SystemTime::now();
         let sb = Arc::new(Sandbox {
             id: new_id(),

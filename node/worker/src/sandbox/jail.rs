@@ -344,8 +344,54 @@ fn remount_read_only_exec(path: &str) -> io::Result<()> {
                 std::ptr::null(),
             ),
             "remounting a template path read-only",
-        )
+        )?;
     }
+    read_only_beneath(&p)
+}
+
+/// Makes every mount beneath `p` read-only and nosuid too (a remount
+/// changes only the top one; a host mount nested under a template path
+/// would stay writable): `mount_setattr` with `AT_RECURSIVE`, where the
+/// kernel has it (5.12).
+fn read_only_beneath(p: &std::ffi::CStr) -> io::Result<()> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const AT_RECURSIVE: libc::c_int = 0x8000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr on our path with a struct on the stack and
+    // its size
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("making the mounts beneath a template path read-only: {e}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Remounts the bind mount at `path` read-only, keeping the flags it has
