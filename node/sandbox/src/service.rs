@@ -16,7 +16,7 @@ use weft_metrics::{
     counter_vec, gauge_vec, histogram, Histogram, IntCounterVec, IntGaugeVec, Registry,
 };
 use weft_worker::protocol::{encode, read_msg_async};
-use weft_worker::sandbox::cgroup::{Cgroup, OomCount};
+use weft_worker::sandbox::cgroup::{Cgroup, CgroupCounter};
 use weft_worker::sandbox::{Confinement, HostView, Layer};
 
 use crate::config::{Isolation, Limits, SandboxConfig, Template};
@@ -339,7 +339,7 @@ pub struct Sandbox {
     held: Mutex<Option<Held>>,
     /// Where the kernel counts its OOM kills (gVisor's container's cgroup,
     /// or ours), read without holding the cgroup.
-    oom_count: Option<OomCount>,
+    oom_count: Option<CgroupCounter>,
     ended: Mutex<Option<Ended>>,
     execs: AtomicUsize,
 }
@@ -1147,7 +1147,7 @@ impl SandboxService {
                 cpu_s: limit.as_secs().max(1) * (sb.limits.cpus.ceil() as u64).max(1),
             },
         };
-        let oom_before = sb.oom_count.as_ref().map_or(0, |c| c.kills());
+        let oom_before = sb.oom_count.as_ref().map_or(0, |c| c.read());
         if let Err(e) = sb.conn.send(&msg).await {
             sb.conn.done(id);
             sb.execs.fetch_sub(1, Ordering::SeqCst);
@@ -1171,10 +1171,7 @@ impl SandboxService {
                         duration_ms,
                         ..
                     } => {
-                        let oom = sb
-                            .oom_count
-                            .as_ref()
-                            .is_some_and(|c| c.kills() > oom_before);
+                        let oom = sb.oom_count.as_ref().is_some_and(|c| c.read() > oom_before);
                         let e = ExecEnd {
                             exit_code: code,
                             signal,

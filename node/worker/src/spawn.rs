@@ -120,12 +120,12 @@ pub struct Spawned {
 impl Spawned {
     /// The host's CPU accounting of its cgroup (ours at tier process,
     /// runsc's at tier gvisor), if it has one.
-    pub fn cpu_stat(&self) -> Option<crate::sandbox::cgroup::CpuStat> {
+    pub fn cpu_throttled(&self) -> Option<crate::sandbox::cgroup::CgroupCounter> {
         if let Some(c) = &self.cgroup {
-            return Some(c.cpu_stat());
+            return Some(c.cpu_throttled());
         }
         let c = self.container.as_ref()?;
-        Some(crate::sandbox::cgroup::CpuStat::of(
+        Some(crate::sandbox::cgroup::CgroupCounter::cpu_throttled(
             &std::path::Path::new(crate::sandbox::cgroup::PARENT).join(&c.bundle.id),
         ))
     }

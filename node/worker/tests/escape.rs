@@ -134,7 +134,7 @@ fn probe_with(tier: Tier, attempt: &str, target: &str, before_seccomp: bool) -> 
         }
         let mut spawned = weft_worker::spawn::spawn(&s, &extra)
             .unwrap_or_else(|e| panic!("starting the probe at tier {tier}: {e:#}"));
-        let stat = spawned.cpu_stat();
+        let stat = spawned.cpu_throttled();
         let mut throttled = 0;
         let read = read_any_async::<Probed>(&mut spawned.reader);
         let sample = async {
@@ -142,7 +142,7 @@ fn probe_with(tier: Tier, attempt: &str, target: &str, before_seccomp: bool) -> 
             loop {
                 every.tick().await;
                 if let Some(s) = &stat {
-                    throttled = throttled.max(s.throttled_periods());
+                    throttled = throttled.max(s.read());
                 }
             }
         };

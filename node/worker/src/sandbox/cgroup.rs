@@ -185,89 +185,77 @@ impl Cgroup {
     }
 
     /// Where the host counts its CPU throttling.
-    pub fn cpu_stat(&self) -> CpuStat {
-        CpuStat::of(&self.path)
+    pub fn cpu_throttled(&self) -> CgroupCounter {
+        CgroupCounter::cpu_throttled(&self.path)
     }
 
     /// How many tasks of it the kernel killed for lack of memory.
     pub fn oom_kills(&self) -> u64 {
-        self.oom_count().kills()
+        self.oom_count().read()
     }
 
     /// Where the host counts its OOM kills (readable without holding it).
-    pub fn oom_count(&self) -> OomCount {
-        OomCount::of(&self.path)
+    pub fn oom_count(&self) -> CgroupCounter {
+        CgroupCounter::oom_kills(&self.path)
     }
 }
 
-/// The host's CPU accounting of one cgroup (`cpu.stat`, v1 or v2): what
-/// a gVisor sandbox, whose clocks inside are its own, cannot virtualize.
+/// One counter the kernel keeps of a cgroup, as the host reads it (v1 in
+/// the controller's hierarchy, or v2), without holding the cgroup: what a
+/// gVisor sandbox, whose clocks inside are its own, cannot virtualize.
 #[derive(Clone, Debug)]
-pub struct CpuStat {
+pub struct CgroupCounter {
+    /// The file in each hierarchy.
     paths: [PathBuf; 2],
+    /// The line's key in it.
+    key: &'static str,
 }
 
-impl CpuStat {
-    /// The accounting of cgroup `path` (relative to the hierarchy's root).
-    pub fn of(path: &Path) -> Self {
+impl CgroupCounter {
+    fn new(path: &Path, v1: &str, v1_file: &str, v2_file: &str, key: &'static str) -> Self {
         let rel = path.strip_prefix("/").unwrap_or(path);
         Self {
             paths: [
-                PathBuf::from("/sys/fs/cgroup/cpu")
-                    .join(rel)
-                    .join("cpu.stat"),
-                PathBuf::from("/sys/fs/cgroup").join(rel).join("cpu.stat"),
-            ],
-        }
-    }
-
-    /// How many periods the kernel throttled it in for running past its
-    /// quota (`nr_throttled`); 0 when the cgroup is gone.
-    pub fn throttled_periods(&self) -> u64 {
-        self.paths
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .flat_map(|t| {
-                t.lines()
-                    .filter_map(|l| l.strip_prefix("nr_throttled ")?.trim().parse::<u64>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .max()
-            .unwrap_or(0)
-    }
-}
-
-/// The kernel's count of OOM kills in one cgroup (v1:
-/// `memory.oom_control`'s `oom_kill`; v2: `memory.events`).
-#[derive(Clone, Debug)]
-pub struct OomCount {
-    paths: [PathBuf; 2],
-}
-
-impl OomCount {
-    /// The count of cgroup `path` (relative to the hierarchy's root).
-    pub fn of(path: &Path) -> Self {
-        let rel = path.strip_prefix("/").unwrap_or(path);
-        Self {
-            paths: [
-                PathBuf::from("/sys/fs/cgroup/memory")
-                    .join(rel)
-                    .join("memory.oom_control"),
                 PathBuf::from("/sys/fs/cgroup")
+                    .join(v1)
                     .join(rel)
-                    .join("memory.events"),
+                    .join(v1_file),
+                PathBuf::from("/sys/fs/cgroup").join(rel).join(v2_file),
             ],
+            key,
         }
     }
 
-    /// How many tasks it lost; 0 when the cgroup is gone.
-    pub fn kills(&self) -> u64 {
+    /// The periods cgroup `path` (relative to the hierarchy's root) was
+    /// throttled in for running past its CPU quota (`cpu.stat`'s
+    /// `nr_throttled`).
+    pub fn cpu_throttled(path: &Path) -> Self {
+        Self::new(path, "cpu", "cpu.stat", "cpu.stat", "nr_throttled")
+    }
+
+    /// The tasks of cgroup `path` the kernel killed for lack of memory
+    /// (v1: `memory.oom_control`'s `oom_kill`; v2: `memory.events`).
+    pub fn oom_kills(path: &Path) -> Self {
+        Self::new(
+            path,
+            "memory",
+            "memory.oom_control",
+            "memory.events",
+            "oom_kill",
+        )
+    }
+
+    /// Its value now; 0 when the cgroup is gone.
+    pub fn read(&self) -> u64 {
         self.paths
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
             .flat_map(|t| {
                 t.lines()
-                    .filter_map(|l| l.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
+                    .filter_map(|l| {
+                        let (k, v) = l.split_once(' ')?;
+                        (k == self.key).then(|| v.trim().parse::<u64>().ok())?
+                    })
                     .collect::<Vec<_>>()
             })
             .max()
