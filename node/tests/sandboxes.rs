@@ -576,12 +576,18 @@ fn what_a_command_leaves_running_ends_with_it() {
         "the exec waited for its child"
     );
     // (the group is killed as the exec ends; its init reaps it after)
-    eventually(Duration::from_secs(10), || {
-        let v = sh(
-            n,
-            &id,
-            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^sleep 300'",
-        );
+    gone_within(n, &id, "sleep 300", Duration::from_secs(10));
+}
+
+/// Waits until no process in sandbox `id` runs a command line starting
+/// with `cmd` (an ended command's group is killed, then reaped by its
+/// init); fails after `within`.
+fn gone_within(n: &Node, id: &str, cmd: &str, within: Duration) {
+    let script = format!(
+        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^{cmd}'"
+    );
+    eventually(within, || {
+        let v = sh(n, id, &script);
         (v["stdout"]["data"].as_str().unwrap().trim() == "0").then_some(())
     });
 }
@@ -1149,14 +1155,7 @@ fn a_process_that_left_the_commands_group_ends_with_the_last_command() {
         t.elapsed() < Duration::from_secs(20),
         "the exec waited for the escapee"
     );
-    eventually(Duration::from_secs(10), || {
-        let v = sh(
-            n,
-            &id,
-            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^sleep 301'",
-        );
-        (v["stdout"]["data"].as_str().unwrap().trim() == "0").then_some(())
-    });
+    gone_within(n, &id, "sleep 301", Duration::from_secs(10));
 }
 
 #[test]

@@ -152,6 +152,12 @@ fn tenant(ctx: &Ctx, headers: &HeaderMap) -> Result<String, ApiError> {
     authenticate(&ctx.app.cfg, headers)
 }
 
+/// Sandbox `id` of the caller's tenant (another tenant's is not found).
+fn owned(ctx: &Ctx, headers: &HeaderMap, id: &str) -> Result<Arc<Sandbox>, ApiError> {
+    let t = tenant(ctx, headers)?;
+    ctx.sandboxes.get(&t, id).map_err(error)
+}
+
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     if body.is_empty() {
         return serde_json::from_slice(b"{}").map_err(|e| ApiError::bad(e.to_string()));
@@ -229,9 +235,7 @@ async fn list(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
 }
 
 async fn show(State(ctx): State<Ctx>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let r = tenant(&ctx, &headers)
-        .and_then(|t| ctx.sandboxes.get(&t, &id).map_err(error))
-        .map(|s| Json(describe(&s)));
+    let r = owned(&ctx, &headers, &id).map(|s| Json(describe(&s)));
     r.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
 }
 
@@ -419,8 +423,7 @@ async fn read_file(
     Query(q): Query<FileQuery>,
 ) -> Response {
     let r = async {
-        let t = tenant(&ctx, &headers)?;
-        let sb = ctx.sandboxes.get(&t, &id).map_err(error)?;
+        let sb = owned(&ctx, &headers, &id)?;
         match ctx.sandboxes.read_file(&sb, &q.path).await {
             Ok(data) => Ok((
                 [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
@@ -455,8 +458,7 @@ async fn write_file(
     body: Bytes,
 ) -> Response {
     let r = async {
-        let t = tenant(&ctx, &headers)?;
-        let sb = ctx.sandboxes.get(&t, &id).map_err(error)?;
+        let sb = owned(&ctx, &headers, &id)?;
         let n = body.len();
         ctx.sandboxes
             .write_file(&sb, &q.path, body.to_vec())
@@ -476,8 +478,7 @@ async fn delete_file(
     Query(q): Query<FileQuery>,
 ) -> Response {
     let r = async {
-        let t = tenant(&ctx, &headers)?;
-        let sb = ctx.sandboxes.get(&t, &id).map_err(error)?;
+        let sb = owned(&ctx, &headers, &id)?;
         ctx.sandboxes
             .delete_file(&sb, &q.path)
             .await

@@ -236,24 +236,12 @@ impl Launcher {
             },
         )?;
         let name = bundle.id.clone();
-        let mut cmd = tokio::process::Command::new(&self.runsc);
-        cmd.args(gvisor::run_args(&self.state_dir, &bundle))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: the closure makes only async-signal-safe syscalls.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                libc::setpgid(0, 0);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("running {}", self.runsc.display()))?;
-        let reader = Box::new(child.stdout.take().context("runsc's stdout")?);
-        let writer = Box::new(child.stdin.take().context("runsc's stdin")?);
+        let gvisor::Running {
+            child,
+            stdout,
+            stdin,
+        } = gvisor::run(&self.runsc, &self.state_dir, &bundle)?;
+        let (reader, writer) = (Box::new(stdout), Box::new(stdin));
         Ok(Started {
             child,
             reader,

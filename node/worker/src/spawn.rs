@@ -366,25 +366,12 @@ fn spawn_gvisor(spec: &WorkerSpec, extra: &[String]) -> Result<Spawned> {
             nofile: sb.rlimits.nofile,
         },
     )?;
-    let mut cmd = tokio::process::Command::new(&sb.runsc);
-    cmd.args(gvisor::run_args(&sb.state_dir, &bundle))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    #[allow(unsafe_code)]
-    // SAFETY: the closure makes only async-signal-safe syscalls.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            libc::setpgid(0, 0);
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("running {}", sb.runsc.display()))?;
-    let reader = Box::new(child.stdout.take().context("runsc's stdout")?);
-    let writer = Box::new(child.stdin.take().context("runsc's stdin")?);
+    let gvisor::Running {
+        child,
+        stdout,
+        stdin,
+    } = gvisor::run(&sb.runsc, &sb.state_dir, &bundle)?;
+    let (reader, writer) = (Box::new(stdout), Box::new(stdin));
     Ok(Spawned {
         child,
         reader,

@@ -178,6 +178,46 @@ pub fn run_args(state_dir: &Path, bundle: &Bundle) -> Vec<String> {
     ]
 }
 
+/// A running `runsc` and the container's stdin and stdout.
+pub struct Running {
+    /// `runsc run`, in a process group of its own, killed when this node
+    /// process (its spawning thread) ends.
+    pub child: tokio::process::Child,
+    /// The container's stdout.
+    pub stdout: tokio::process::ChildStdout,
+    /// The container's stdin.
+    pub stdin: tokio::process::ChildStdin,
+}
+
+/// Starts `runsc` on `bundle` in the foreground ([`run_args`]), its stdin
+/// and stdout piped (the channel to what runs inside).
+pub fn run(runsc: &Path, state_dir: &Path, bundle: &Bundle) -> std::io::Result<Running> {
+    let mut cmd = tokio::process::Command::new(runsc);
+    cmd.args(run_args(state_dir, bundle))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: the closure makes only async-signal-safe syscalls.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            libc::setpgid(0, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("running {}: {e}", runsc.display())))?;
+    let missing = |what| std::io::Error::other(format!("runsc's {what} was not piped"));
+    let stdout = child.stdout.take().ok_or_else(|| missing("stdout"))?;
+    let stdin = child.stdin.take().ok_or_else(|| missing("stdin"))?;
+    Ok(Running {
+        child,
+        stdout,
+        stdin,
+    })
+}
+
 /// Removes container `id`'s state, killing it if it still runs (after a
 /// worker ends, or one the node lost track of).
 pub fn delete(runsc: &Path, state_dir: &Path, id: &str) {

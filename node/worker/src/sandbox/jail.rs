@@ -319,34 +319,12 @@ fn mount_proc(at: &str) -> io::Result<()> {
 
 /// As [`remount_read_only`], but programs under it may still run.
 fn remount_read_only_exec(path: &str) -> io::Result<()> {
-    let p = cstr(path)?;
-    // SAFETY: statvfs into a zeroed struct on the stack; mount on our path.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        check(libc::statvfs(p.as_ptr(), &mut st), "statvfs")?;
-        let keep = st.f_flag
-            & (libc::ST_NODEV
-                | libc::ST_NOEXEC
-                | libc::ST_NOATIME
-                | libc::ST_NODIRATIME
-                | libc::ST_RELATIME);
-        check(
-            libc::mount(
-                std::ptr::null(),
-                p.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND
-                    | libc::MS_REMOUNT
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_REC
-                    | keep as libc::c_ulong,
-                std::ptr::null(),
-            ),
-            "remounting a template path read-only",
-        )?;
-    }
-    read_only_beneath(&p)
+    remount_bind(
+        path,
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_REC,
+        "remounting a template path read-only",
+    )?;
+    read_only_beneath(&cstr(path)?)
 }
 
 /// Makes every mount beneath `p` read-only and nosuid too (a remount
@@ -397,6 +375,16 @@ fn read_only_beneath(p: &std::ffi::CStr) -> io::Result<()> {
 /// Remounts the bind mount at `path` read-only, keeping the flags it has
 /// (a user namespace may not clear a flag the host locked).
 fn remount_read_only(path: &str) -> io::Result<()> {
+    remount_bind(
+        path,
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
+        "remounting read-only",
+    )
+}
+
+/// Remounts the bind mount at `path` with `flags` on top of the ones it
+/// has that a user namespace may not clear.
+fn remount_bind(path: &str, flags: libc::c_ulong, what: &'static str) -> io::Result<()> {
     let p = cstr(path)?;
     // SAFETY: statvfs into a zeroed struct on the stack; mount on our path.
     unsafe {
@@ -415,15 +403,10 @@ fn remount_read_only(path: &str) -> io::Result<()> {
                 std::ptr::null(),
                 p.as_ptr(),
                 std::ptr::null(),
-                libc::MS_BIND
-                    | libc::MS_REMOUNT
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NOEXEC
-                    | keep as libc::c_ulong,
+                libc::MS_BIND | libc::MS_REMOUNT | flags | keep as libc::c_ulong,
                 std::ptr::null(),
             ),
-            "remounting read-only",
+            what,
         )
     }
 }
