@@ -77,12 +77,17 @@ async fn run_async(a: ControlArgs) -> Result<()> {
         .map(|i| Peer {
             id: i,
             name: format!("coord-{i}"),
-            addr: free_udp(),
+            addr: free_udp().to_string(),
         })
         .collect();
     let mut handles = Vec::new();
     for p in &peers {
-        let s = MemberSettings::new(p.id, p.addr, base.path().join(&p.name), peers.clone());
+        let s = MemberSettings::new(
+            p.id,
+            p.addr.parse().expect("an IP address"),
+            base.path().join(&p.name),
+            peers.clone(),
+        );
         handles.push(Some(
             member::start(
                 s,

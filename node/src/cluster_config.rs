@@ -33,8 +33,15 @@
 //!
 //! [join]                            # on other nodes, until they hold an identity
 //! token = "weft1...."             # `weft cluster join-token --name <this node's name>`: works once
+//! # token_dir = "/etc/weft/join"    # or: the token is the file named for this node here
 //! coordinators = [ { id = 1, name = "coord-1", addr = "10.0.0.1:7100" } ]
 //! ```
+//!
+//! A peer's `addr` is `IP:PORT` or `DNS-NAME:PORT` (resolved at every
+//! connect). `identity_dir` (default `DATA_DIR/identity`) and
+//! `advertise_host` (the address peers reach a node at when it listens on
+//! `0.0.0.0`) are optional in `[node]`; `weft node --name`, `--site` and
+//! `--advertise-host` override the file (a pod's own name and IP).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -90,6 +97,13 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
     /// Cluster address (UDP).
     pub listen: SocketAddr,
+    /// Where its certificate and key are (default `DATA_DIR/identity`).
+    #[serde(default)]
+    pub identity_dir: Option<PathBuf>,
+    /// The host peers reach it at, for addresses it listens on at
+    /// `0.0.0.0` (default: the listen address as it is).
+    #[serde(default)]
+    pub advertise_host: Option<String>,
     /// HTTP address for `/metrics` and `/healthz`, if any.
     pub metrics_addr: Option<SocketAddr>,
     /// Its site.
@@ -157,18 +171,65 @@ fn default_tick() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct JoinSection {
     /// The join token.
-    pub token: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Or a directory holding a token per node name (a file named for
+    /// this node): how the Kubernetes operator hands tokens to a pool.
+    #[serde(default)]
+    pub token_dir: Option<PathBuf>,
     /// Coordinators to ask.
     pub coordinators: Vec<Peer>,
+}
+
+impl JoinSection {
+    /// The token for node `name`.
+    pub fn token(&self, name: &str) -> Result<String> {
+        match (&self.token, &self.token_dir) {
+            (Some(t), None) => Ok(t.trim().to_string()),
+            (None, Some(d)) => {
+                let p = d.join(name);
+                let t = std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading this node's join token {}", p.display()))?;
+                Ok(t.trim().to_string())
+            }
+            _ => bail!("[join] needs exactly one of token and token_dir"),
+        }
+    }
+}
+
+/// What `weft node`'s flags put over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--name`: mapped to a node name (see `node_name_for`).
+    pub name: Option<String>,
+    /// `--site`.
+    pub site: Option<String>,
+    /// `--advertise-host`.
+    pub advertise_host: Option<String>,
 }
 
 impl ClusterConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &Overrides::default())
+    }
+
+    /// Reads a config file, puts `o` over it, and checks the result.
+    pub fn load_with(path: &Path, o: &Overrides) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let c: Self =
+        let mut c: Self =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let set = |v: &Option<String>| v.as_ref().filter(|s| !s.trim().is_empty()).cloned();
+        if let Some(n) = set(&o.name) {
+            c.node.name = weft_cluster::credentials::node_name_for(&n);
+        }
+        if let Some(s) = set(&o.site) {
+            c.node.site = s;
+        }
+        if let Some(h) = set(&o.advertise_host) {
+            c.node.advertise_host = Some(h);
+        }
         c.check()
             .with_context(|| format!("checking {}", path.display()))?;
         Ok(c)
@@ -210,6 +271,15 @@ impl ClusterConfig {
                 check_name(&p.name)?;
             }
         }
+        for p in self.coordinators() {
+            weft_cluster::transport::check_addr(&p.addr)
+                .map_err(|e| anyhow::anyhow!("coordinator {}: {e}", p.name))?;
+        }
+        if let Some(j) = &self.join {
+            if j.token.is_some() == j.token_dir.is_some() {
+                bail!("[join] needs exactly one of token and token_dir");
+            }
+        }
         if self.coordinator.is_none() && self.join.is_none() && !self.has_identity() {
             bail!(
                 "this node has no identity in {} and no [join] section: give it a join token",
@@ -221,7 +291,25 @@ impl ClusterConfig {
 
     /// Where the node's certificate and key live.
     pub fn identity_dir(&self) -> PathBuf {
-        self.node.data_dir.join("identity")
+        self.node
+            .identity_dir
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("identity"))
+    }
+
+    /// How peers reach `addr`, a socket this node listens on: the
+    /// advertised host in place of an unspecified IP.
+    pub fn advertised(&self, addr: SocketAddr) -> String {
+        match &self.node.advertise_host {
+            Some(h) if addr.ip().is_unspecified() => {
+                if h.contains(':') && !h.starts_with('[') {
+                    format!("[{h}]:{}", addr.port())
+                } else {
+                    format!("{h}:{}", addr.port())
+                }
+            }
+            _ => addr.to_string(),
+        }
     }
 
     /// Whether the node already holds an identity.
@@ -248,7 +336,7 @@ impl ClusterConfig {
             slots: n.slots,
             accelerator: n.accelerator,
             cost_per_token: n.cost_per_token,
-            address: n.listen.to_string(),
+            address: self.advertised(n.listen),
         }
     }
 

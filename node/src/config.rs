@@ -166,6 +166,12 @@ pub struct NodeConfig {
     pub api_keys: KeyMap,
     /// Limits per tenant name; `default` applies to tenants not listed.
     pub tenants: BTreeMap<String, TenantLimits>,
+    /// A file of more API keys and tenants (`[api_keys]`, `[tenants.*]`,
+    /// as here), put over these ones; the node reloads it when it
+    /// changes, without a restart (the Kubernetes operator writes it from
+    /// AgentPolicies). A missing file adds nothing; a broken one is
+    /// refused and the keys in force stay.
+    pub tenants_file: Option<PathBuf>,
     /// Directory of the intent log (every admission decision, hash-chained);
     /// unset: `weft up` keeps it in its state directory, if it has one.
     pub intent_log: Option<PathBuf>,
@@ -208,6 +214,7 @@ impl Default for NodeConfig {
             log_format: "text".into(),
             api_keys: KeyMap::default(),
             tenants: BTreeMap::new(),
+            tenants_file: None,
             intent_log: None,
             intent_log_file_bytes: weft_audit::DEFAULT_MAX_FILE_BYTES,
             data_addr: None,

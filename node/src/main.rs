@@ -25,6 +25,7 @@ mod cluster_config;
 mod config;
 mod node;
 mod sandbox_cli;
+mod tenants_file;
 mod up;
 
 use std::io::Write;
@@ -101,6 +102,17 @@ enum Command {
         /// The node's cluster config (TOML; see the README).
         #[arg(long)]
         config: std::path::PathBuf,
+        /// This node's name, over the file's (a host or pod name is mapped
+        /// to a valid node name).
+        #[arg(long, env = "WEFT_NODE_NAME")]
+        name: Option<String>,
+        /// This node's site, over the file's (empty: the file's).
+        #[arg(long, env = "WEFT_SITE")]
+        site: Option<String>,
+        /// The host peers reach this node at when it listens on 0.0.0.0
+        /// (a pod's IP).
+        #[arg(long, env = "WEFT_ADVERTISE_HOST")]
+        advertise_host: Option<String>,
     },
     /// The intent log: check its hash chain.
     #[command(subcommand)]
@@ -443,8 +455,20 @@ fn main() -> Result<()> {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             cluster(c)
         }
-        Command::Node { config } => {
-            let cfg = cluster_config::ClusterConfig::load(&config)?;
+        Command::Node {
+            config,
+            name,
+            site,
+            advertise_host,
+        } => {
+            let cfg = cluster_config::ClusterConfig::load_with(
+                &config,
+                &cluster_config::Overrides {
+                    name,
+                    site,
+                    advertise_host,
+                },
+            )?;
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "info");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(node::run_node(cfg, shutdown_signal()))

@@ -31,7 +31,7 @@ pub async fn run_node(
         (true, _, _) => NodeIdentity::load(&cfg.identity_dir())?,
         (false, Some(j), None) => {
             let coordinator = j.coordinators.first().context("[join] lists no coordinators")?;
-            let id = member::join(coordinator.addr, &coordinator.name, &j.token, cfg.member())
+            let id = member::join(&coordinator.addr, &coordinator.name, &j.token(&cfg.node.name)?, cfg.member())
                 .await
                 .context("joining the cluster")?;
             id.save(&cfg.identity_dir())?;
@@ -63,14 +63,7 @@ pub async fn run_node(
                     .listen
                     .parse()
                     .with_context(|| format!("[overlay] listen {:?}", o.listen))?,
-                bootstrap: o
-                    .bootstrap
-                    .iter()
-                    .map(|a| {
-                        a.parse()
-                            .with_context(|| format!("[overlay] bootstrap {a:?}"))
-                    })
-                    .collect::<Result<_>>()?,
+                bootstrap: resolve_bootstrap(&o.bootstrap).await?,
                 mdns: o.mdns,
             };
             let report = base_report(&cfg);
@@ -105,8 +98,12 @@ pub async fn run_node(
         }
         None => None,
     };
+    // ready once the control state lists this node as it is configured
+    // (which needs a coordinator quorum)
+    let registered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(addr) = cfg.node.metrics_addr {
         let r = registry.clone();
+        let ready = registered.clone();
         let app = axum::Router::new()
             .route(
                 "/metrics",
@@ -120,7 +117,23 @@ pub async fn run_node(
                     }
                 }),
             )
-            .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let ok = ready.load(std::sync::atomic::Ordering::Acquire);
+                    async move {
+                        if ok {
+                            (axum::http::StatusCode::OK, "ready\n")
+                        } else {
+                            (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                "not a member of the control state yet\n",
+                            )
+                        }
+                    }
+                }),
+            );
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
@@ -133,6 +146,7 @@ pub async fn run_node(
         let peers = cfg.coordinators();
         let me = cfg.member();
         let identity = identity.clone();
+        let registered = registered.clone();
         tokio::spawn(async move {
             let Ok(caller) = Caller::new(&identity) else {
                 return;
@@ -142,6 +156,7 @@ pub async fn run_node(
                     caller.ask(&peers, &Request::Status, ASK_DEADLINE).await
                 {
                     if s.state.members.get(&me.id) == Some(&me) {
+                        registered.store(true, std::sync::atomic::Ordering::Release);
                         return;
                     }
                     let _ = caller
@@ -193,12 +208,52 @@ pub async fn run_node(
     Ok(())
 }
 
+/// The overlay's bootstrap peers as libp2p addresses. A `/dns4/NAME/...`
+/// address (a coordinator's stable name) is resolved here to its current
+/// `/ip4/...`, retried for up to a minute while the name does not resolve
+/// yet (the peer's pod is starting); one that never resolves is left out
+/// with a warning, as mDNS and the other peers still find the overlay.
+async fn resolve_bootstrap(addrs: &[String]) -> Result<Vec<weft_cluster::overlay::Multiaddr>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let Some(rest) = a.strip_prefix("/dns4/") else {
+            out.push(
+                a.parse()
+                    .with_context(|| format!("[overlay] bootstrap {a:?}"))?,
+            );
+            continue;
+        };
+        let (host, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut found = None;
+        for _ in 0..30 {
+            if let Ok(mut it) = tokio::net::lookup_host((host, 0)).await {
+                if let Some(ip) = it.find(|s| s.is_ipv4()) {
+                    found = Some(ip.ip());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        match found {
+            Some(ip) => out.push(
+                format!("/ip4/{ip}/{tail}")
+                    .parse()
+                    .with_context(|| format!("[overlay] bootstrap {a:?}"))?,
+            ),
+            None => {
+                tracing::warn!(peer = %a, "an overlay bootstrap name did not resolve; left out")
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The fields of this node's load reports that its configuration fixes.
 fn base_report(cfg: &ClusterConfig) -> LoadReport {
     let n = &cfg.node;
     LoadReport {
         site: n.site.clone(),
-        address: n.listen.to_string(),
+        address: cfg.advertised(n.listen),
         kind: n.kind,
         region: n.region,
         slots: n.slots,
@@ -241,6 +296,9 @@ async fn hold_and_serve(
         .with_context(|| format!("opening the intent log in {}", intent_dir.display()))?;
     let data_addr = serve.data_addr;
     let app = AppState::empty_in(serve.api_config(), registry);
+    if let Some(f) = &serve.tenants_file {
+        crate::tenants_file::watch(app.clone(), f.clone());
+    }
     app.set_intent_log(log);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut base = base;
@@ -255,7 +313,14 @@ async fn hold_and_serve(
         if let Some(addr) = data_addr {
             let ep = transport::endpoint(identity, revoked, addr, false)
                 .with_context(|| format!("data plane on {addr}"))?;
-            base.data_address = ep.local_addr()?.to_string();
+            let local = ep.local_addr()?;
+            // listening on 0.0.0.0: peers reach it on the host the node advertises
+            base.data_address = match base.address.rsplit_once(':') {
+                Some((host, _)) if local.ip().is_unspecified() => {
+                    format!("{host}:{}", local.port())
+                }
+                _ => local.to_string(),
+            };
             tracing::info!(addr = %base.data_address, "data plane listening");
             let here = ServedHere {
                 app: app.clone(),

@@ -196,6 +196,9 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         tokenizer,
         Arc::new(supervisor.clone()),
     );
+    if let Some(f) = &cfg.tenants_file {
+        crate::tenants_file::watch(state.clone(), f.clone());
+    }
     let mut intent_line = None;
     if let Some(dir) = intent_dir {
         let log = weft_audit::IntentLog::open(&dir, intent_file_bytes)

@@ -174,7 +174,7 @@ fn setup() -> Coordinators {
         .map(|i| Peer {
             id: i,
             name: format!("coord-{i}"),
-            addr: free_udp(),
+            addr: free_udp().to_string(),
         })
         .collect();
     let metrics: Vec<SocketAddr> = (0..3).map(|_| free_tcp()).collect();

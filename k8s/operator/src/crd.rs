@@ -413,6 +413,10 @@ pub enum Actuator {
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set replicas or autoscaling, not both"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WeftModelSpec {
+    /// The `WeftCluster` (same namespace) that serves it; the namespace's
+    /// only one when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ref: Option<String>,
     /// The name clients ask for (`model` in a request).
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$')").message("servedName: letters, digits and . _ : -, at most 128"))]
     pub served_name: String,

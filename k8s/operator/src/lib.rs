@@ -1,8 +1,13 @@
 //! weft on Kubernetes: the custom resources (`weft.dev/v1alpha1`) as Rust
 //! types ([`crd`]), their CRDs' YAML as `crdgen` writes it to `k8s/crds/`,
-//! and the checks an apiserver would make of an instance ([`check`]).
+//! the checks an apiserver would make of an instance ([`check`]), what each
+//! CR renders to ([`render`]), and the operator's controllers
+//! ([`controller`]) with their view of weft's control plane ([`fabric`]).
 
+pub mod controller;
 pub mod crd;
+pub mod fabric;
+pub mod render;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -43,6 +43,17 @@ impl ApiKeys {
         }
     }
 
+    /// These keys and `more`'s (a key in both takes `more`'s tenant).
+    pub fn with(&self, more: &KeyMap) -> Self {
+        let mut digests = self.digests.clone();
+        for (k, t) in &more.0 {
+            let d: [u8; 32] = Sha256::digest(k.as_bytes()).into();
+            digests.retain(|(x, _)| x != &d);
+            digests.push((d, t.clone()));
+        }
+        Self { digests }
+    }
+
     /// Whether there are none (no authentication).
     pub fn is_empty(&self) -> bool {
         self.digests.is_empty()
@@ -79,6 +90,83 @@ pub struct TenantLimits {
     /// Most memory (MiB) its sandboxes may have together (none:
     /// unlimited).
     pub sandbox_memory_mb: Option<u64>,
+    /// Most requests per minute (none: unlimited).
+    pub requests_per_minute: Option<u64>,
+    /// The models it may ask for (none: every model).
+    pub models: Option<Vec<String>>,
+    /// The criticalities it may ask for (`critical`, `standard`,
+    /// `sheddable`; none: every one).
+    pub criticalities: Option<Vec<String>>,
+}
+
+/// Who may call and what each tenant may use: the part of the API's
+/// settings that can change while the node runs (a tenants file).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    /// API keys and the tenant each belongs to; empty: no authentication.
+    pub api_keys: ApiKeys,
+    /// Limits per tenant name; `default` applies to tenants not listed.
+    pub tenants: BTreeMap<String, TenantLimits>,
+}
+
+impl Policy {
+    /// The limits of a tenant.
+    pub fn limits(&self, tenant: &str) -> TenantLimits {
+        self.tenants
+            .get(tenant)
+            .or_else(|| self.tenants.get("default"))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A tenants file (`tenants_file` of a node's config, written by the
+/// Kubernetes operator from AgentPolicies): `[api_keys]` and `[tenants.*]`
+/// as in the node's config.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsFile {
+    /// API keys and their tenants.
+    #[serde(default)]
+    pub api_keys: KeyMap,
+    /// Limits per tenant.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantLimits>,
+}
+
+impl TenantsFile {
+    /// Parses and checks one.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let f: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (key, tenant) in &f.api_keys.0 {
+            if key.len() < 8 || tenant.is_empty() {
+                return Err("api_keys: keys need at least 8 characters and a tenant name".into());
+            }
+        }
+        for (name, l) in &f.tenants {
+            if let Some(v) = l.kv_share.filter(|v| !(*v > 0.0 && *v <= 1.0)) {
+                return Err(format!(
+                    "tenant {name:?} has kv_share {v}; a share is above 0 and at most 1"
+                ));
+            }
+            for c in l.criticalities.iter().flatten() {
+                if !matches!(c.as_str(), "critical" | "standard" | "sheddable") {
+                    return Err(format!(
+                        "tenant {name:?}: {c:?} is not critical, standard or sheddable"
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// The policy it gives.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            api_keys: ApiKeys::new(&self.api_keys),
+            tenants: self.tenants.clone(),
+        }
+    }
 }
 
 /// What the API enforces and how its listener behaves.
@@ -110,11 +198,15 @@ pub struct ApiConfig {
 impl ApiConfig {
     /// The limits of a tenant.
     pub fn limits(&self, tenant: &str) -> TenantLimits {
-        self.tenants
-            .get(tenant)
-            .or_else(|| self.tenants.get("default"))
-            .cloned()
-            .unwrap_or_default()
+        self.policy().limits(tenant)
+    }
+
+    /// The keys and limits it starts with.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            api_keys: self.api_keys.clone(),
+            tenants: self.tenants.clone(),
+        }
     }
 }
 

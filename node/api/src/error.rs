@@ -71,6 +71,11 @@ pub(crate) fn too_many(message: impl Into<String>) -> ApiError {
     e
 }
 
+/// The API error for what a tenant's policy does not allow it.
+pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "permission_error", message).code("not_allowed")
+}
+
 /// The API error for a router's refusal.
 pub(crate) fn refusal(r: &weft_placement::Rejection) -> ApiError {
     use weft_placement::Rejection as R;

@@ -42,7 +42,7 @@ pub mod server;
 pub mod state;
 pub mod tenants;
 
-pub use config::{ApiConfig, ApiKeys, KeyMap, TenantLimits};
+pub use config::{ApiConfig, ApiKeys, KeyMap, Policy, TenantLimits, TenantsFile};
 pub use error::ApiError;
 pub use remote::{LocalLoad, LocalNode, Remote, RouteAsk, Routing};
 pub use routes::router;

@@ -61,7 +61,7 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
         criticality: job.criticality,
         prompt_tokens: job.prompt.len(),
     };
-    let mut ticket = match s.tenants.admit(&s.cfg, admission) {
+    let mut ticket = match s.tenants.admit(&s.cfg, &s.policy(), admission) {
         Ok(t) => t,
         Err(e) => {
             s.record(decision(None, "refused", Some(&e.message)));

@@ -98,7 +98,7 @@ async fn models(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&s.cfg, &headers)?;
+    authenticate(&s.policy(), &headers)?;
     Ok(Json(
         json!({"object": "list", "data": s.held().iter().map(|m| json!({"id": m.model_id, "object": "model", "created": 0, "owned_by": "weft"})).collect::<Vec<_>>()}),
     ))
@@ -132,7 +132,7 @@ async fn elsewhere(
     if hops > 0 && held {
         return None;
     }
-    let tenant = match authenticate(&s.cfg, headers) {
+    let tenant = match authenticate(&s.policy(), headers) {
         Ok(t) => t,
         Err(e) => return Some(e.into_response()),
     };
@@ -198,7 +198,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
         return r;
     }
     let r = async {
-        let tenant = authenticate(&s.cfg, &headers)?;
+        let tenant = authenticate(&s.policy(), &headers)?;
         let body: CompletionBody = parse_body(&bytes)?;
         let prepared = prepare(&s, &body.common, &headers)?;
         let text = match body.prompt {
@@ -237,7 +237,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         return r;
     }
     let r = async {
-        let tenant = authenticate(&s.cfg, &headers)?;
+        let tenant = authenticate(&s.policy(), &headers)?;
         let body: ChatBody = parse_body(&bytes)?;
         let prepared = prepare(&s, &body.common, &headers)?;
         if body.messages.is_empty() {

@@ -31,9 +31,27 @@ pub struct AppState {
     intent: Mutex<Option<IntentLog>>,
     /// Routes requests across the cluster (cluster nodes).
     remote: RwLock<Option<Arc<dyn Remote>>>,
+    /// API keys and tenant limits as they are now (they start as `cfg`'s
+    /// and change with [`AppState::set_policy`]).
+    policy: RwLock<Arc<crate::config::Policy>>,
 }
 
 impl AppState {
+    /// The API keys and tenant limits in force.
+    pub fn policy(&self) -> Arc<crate::config::Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts new API keys and tenant limits in force: requests from now on
+    /// are authenticated and admitted by them (requests in flight keep
+    /// their slot).
+    pub fn set_policy(&self, p: crate::config::Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+    }
+
     /// Shared state for the router, serving one model.
     pub fn new(
         cfg: ApiConfig,
@@ -60,6 +78,7 @@ impl AppState {
     /// `registry` (the node's one).
     pub fn empty_in(cfg: ApiConfig, registry: &Registry) -> Arc<Self> {
         let s = Arc::new(Self {
+            policy: RwLock::new(Arc::new(cfg.policy())),
             cfg,
             metrics: Metrics::new(registry),
             models: RwLock::default(),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use axum::http::{header, HeaderMap, StatusCode};
 use weft_placement::{AdmissionPolicy, Criticality, NodeLoad};
 
-use crate::config::ApiConfig;
-use crate::error::{not_ready, too_many, ApiError};
+use crate::config::{ApiConfig, Policy};
+use crate::error::{forbidden, not_ready, too_many, ApiError};
 use crate::served::Served;
 
 /// Length of the tokens-per-minute window.
@@ -21,7 +21,7 @@ pub const ANONYMOUS: &str = "anonymous";
 
 /// The tenant whose API key `headers` carry (every request is
 /// [`ANONYMOUS`] when no keys are configured).
-pub fn authenticate(cfg: &ApiConfig, headers: &HeaderMap) -> Result<String, ApiError> {
+pub fn authenticate(cfg: &Policy, headers: &HeaderMap) -> Result<String, ApiError> {
     if cfg.api_keys.is_empty() {
         return Ok(ANONYMOUS.into());
     }
@@ -49,6 +49,7 @@ pub fn authenticate(cfg: &ApiConfig, headers: &HeaderMap) -> Result<String, ApiE
 struct TenantUse {
     concurrent: usize,
     window: VecDeque<(Instant, u64)>,
+    requests: VecDeque<Instant>,
 }
 
 /// Every tenant's requests in flight and tokens this minute.
@@ -75,8 +76,27 @@ impl Tenants {
     pub(crate) fn admit(
         self: &Arc<Self>,
         cfg: &ApiConfig,
+        policy: &Policy,
         a: Admission<'_>,
     ) -> Result<Ticket, ApiError> {
+        let limits = policy.limits(a.tenant);
+        if let Some(allowed) = &limits.models {
+            if !allowed.iter().any(|m| m == &a.model.model_id) {
+                return Err(forbidden(format!(
+                    "tenant {} may not use model {:?}",
+                    a.tenant, a.model.model_id
+                )));
+            }
+        }
+        if let Some(allowed) = &limits.criticalities {
+            let c = a.criticality.as_str();
+            if !allowed.iter().any(|x| x == c) {
+                return Err(forbidden(format!(
+                    "tenant {} may not send {c} requests",
+                    a.tenant
+                )));
+            }
+        }
         let runner = &a.model.runner;
         if !runner.is_ready() {
             return Err(not_ready());
@@ -91,9 +111,24 @@ impl Tenants {
         }
         .admit(a.criticality, NodeLoad { waiting })
         .map_err(|r| too_many(r.to_string()))?;
-        let limits = cfg.limits(a.tenant);
         let mut tenants = self.used.lock().unwrap_or_else(|e| e.into_inner());
         let u = tenants.entry(a.tenant.to_string()).or_default();
+        if let Some(rpm) = limits.requests_per_minute {
+            let now = Instant::now();
+            while u
+                .requests
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > TPM_WINDOW)
+            {
+                u.requests.pop_front();
+            }
+            if u.requests.len() as u64 >= rpm {
+                return Err(too_many(format!(
+                    "tenant {} sent {rpm} requests this minute, its limit",
+                    a.tenant
+                )));
+            }
+        }
         if let Some(max) = limits.max_concurrent {
             if u.concurrent >= max {
                 return Err(too_many(format!(
@@ -121,6 +156,9 @@ impl Tenants {
             u.window.push_back((now, a.prompt_tokens as u64));
         }
         u.concurrent += 1;
+        if limits.requests_per_minute.is_some() {
+            u.requests.push_back(Instant::now());
+        }
         Ok(Ticket {
             tenants: self.clone(),
             model: a.model.clone(),

@@ -228,6 +228,36 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// The node name for a host name that may not be one (a Kubernetes node
+/// such as `ip-10-0-0-7.eu-west-1.compute.internal`): lowercased, other
+/// characters turned to `-`; a name that had to change ends in a hash of
+/// the original, so two hosts never get the same name.
+pub fn node_name_for(host: &str) -> String {
+    if check_name(host).is_ok() {
+        return host.to_string();
+    }
+    let clean: String = host
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '-',
+        })
+        .collect();
+    let h = hex::encode(&Sha256::digest(host.as_bytes())[..4]);
+    let stem: String = clean
+        .trim_matches('-')
+        .chars()
+        .take(MAX_NODE_NAME - 9)
+        .collect();
+    let stem = stem.trim_end_matches('-');
+    if stem.is_empty() {
+        format!("node-{h}")
+    } else {
+        format!("{stem}-{h}")
+    }
+}
+
 /// A member id from a node name (stable, never 0).
 pub fn member_id(name: &str) -> u64 {
     let h = Sha256::digest(name.as_bytes());
@@ -289,6 +319,17 @@ impl ClusterCa {
             return Err(CredentialError::Exists(dir.to_path_buf()));
         }
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let (cert_pem, key_pem) = Self::generate(cluster)?;
+        let key_path = dir.join(Self::KEY);
+        write_private(&key_path, key_pem.as_bytes())?;
+        std::fs::write(&cert_path, cert_pem).map_err(io(&cert_path))?;
+        Self::load(dir)
+    }
+
+    /// A new CA named `cluster`, in memory: its certificate and key (PEM),
+    /// for [`ClusterCa::from_pem`] (the Kubernetes operator keeps them in a
+    /// Secret).
+    pub fn generate(cluster: &str) -> Result<(String, String)> {
         let key = KeyPair::generate().map_err(cert_err)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -301,10 +342,7 @@ impl ClusterCa {
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(3650);
         let cert = params.self_signed(&key).map_err(cert_err)?;
-        let key_path = dir.join(Self::KEY);
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
-        Self::load(dir)
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// Loads the CA from `dir`.
@@ -313,7 +351,12 @@ impl ClusterCa {
         let key_path = dir.join(Self::KEY);
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
         let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(cert_err)?;
+        Self::from_pem(cert_pem, &key_pem)
+    }
+
+    /// The CA from its certificate and key (PEM).
+    pub fn from_pem(cert_pem: String, key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem).map_err(cert_err)?;
         let params = CertificateParams::from_ca_cert_pem(&cert_pem).map_err(cert_err)?;
         // re-creating the certificate object from its own parameters and key
         // gives the issuer name and key identifier every issued cert carries
@@ -330,6 +373,11 @@ impl ClusterCa {
     /// The CA certificate (PEM), which every node trusts.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The CA key (PEM): whoever holds it can issue identities.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     /// The CA's fingerprint.

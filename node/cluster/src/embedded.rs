@@ -91,7 +91,7 @@ pub async fn start(state_dir: Option<PathBuf>, served: Served<'_>) -> Result<Emb
         vec![Peer {
             id: 1,
             name: NAME.into(),
-            addr: listen,
+            addr: listen.to_string(),
         }],
     );
     settings.tick = Duration::from_millis(20);
@@ -100,7 +100,7 @@ pub async fn start(state_dir: Option<PathBuf>, served: Served<'_>) -> Result<Emb
     let me = Peer {
         id: 1,
         name: NAME.into(),
-        addr: handle.local_addr,
+        addr: handle.local_addr.to_string(),
     };
     let config_path = dir.join("cluster.toml");
     write_config(&config_path, &dir, &me)?;

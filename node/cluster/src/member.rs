@@ -407,11 +407,11 @@ pub async fn start(
     // coordinators: the configured ones, and any the log added at run time
     let mut peers = settings.peers.clone();
     for r in core.state().coordinators.values() {
-        if let (false, Ok(addr)) = (peers.iter().any(|p| p.id == r.id), r.addr.parse()) {
+        if !peers.iter().any(|p| p.id == r.id) {
             peers.push(Peer {
                 id: r.id,
                 name: r.name.clone(),
-                addr,
+                addr: r.addr.clone(),
             });
         }
     }
@@ -645,8 +645,10 @@ async fn send_batch(
 ) -> bool {
     for attempt in 0..2 {
         if conn.as_ref().is_none_or(|c| c.close_reason().is_some()) {
-            let connecting = match ep.connect(peer.addr, &crate::credentials::dns_name(&peer.name))
-            {
+            let Ok(addr) = crate::transport::resolve(&peer.addr).await else {
+                return false;
+            };
+            let connecting = match ep.connect(addr, &crate::credentials::dns_name(&peer.name)) {
                 Ok(c) => c,
                 Err(_) => return false,
             };
@@ -809,11 +811,11 @@ impl Driver {
             if self.peers.iter().any(|p| p.id == r.id) {
                 continue;
             }
-            if let Ok(addr) = r.addr.parse() {
+            {
                 let p = Peer {
                     id: r.id,
                     name: r.name.clone(),
-                    addr,
+                    addr: r.addr.clone(),
                 };
                 self.names
                     .write()
@@ -842,7 +844,7 @@ impl Driver {
     fn not_leader(&self) -> Reply {
         let p = self.peer(self.core.leader());
         Reply::NotLeader {
-            leader: p.map(|p| p.addr),
+            leader: p.map(|p| p.addr.clone()),
             leader_name: p.map(|p| p.name.clone()),
         }
     }
@@ -1283,7 +1285,7 @@ pub const JOIN_PATIENCE: Duration = Duration::from_secs(30);
 /// to the coordinator at `addr` (named `coordinator`), following a redirect
 /// to the leader once; returns the node's identity.
 pub async fn join(
-    addr: SocketAddr,
+    addr: &str,
     coordinator: &str,
     token: &str,
     member: Member,
@@ -1305,21 +1307,24 @@ pub async fn join(
     };
     let ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))?;
     let config = transport::joiner_config(&claims.ca)?;
-    let first = (addr, coordinator.to_string());
+    let first = (addr.to_string(), coordinator.to_string());
     let mut target = first.clone();
     // coordinators may still be electing a leader when a node starts
     let deadline = Instant::now() + JOIN_PATIENCE;
     while Instant::now() < deadline {
-        let reply =
-            match transport::request(&ep, Some(config.clone()), target.0, &target.1, &req).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!("join attempt at {}: {e}", target.0);
-                    target = first.clone();
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
+        let sent = match transport::resolve(&target.0).await {
+            Ok(sa) => transport::request(&ep, Some(config.clone()), sa, &target.1, &req).await,
+            Err(e) => Err(e),
+        };
+        let reply = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("join attempt at {}: {e}", target.0);
+                target = first.clone();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         match reply {
             Reply::Joined { cert_pem, ca_pem } => {
                 if crate::credentials::fingerprint(

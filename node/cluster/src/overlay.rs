@@ -27,8 +27,8 @@ use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-pub use libp2p::PeerId;
-use libp2p::{identify, mdns, ping, Multiaddr};
+use libp2p::{identify, mdns, ping};
+pub use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 

@@ -53,6 +53,14 @@ pub enum TransportError {
     /// A stream broke or carried a bad frame.
     #[error("stream: {0}")]
     Stream(String),
+    /// A peer's name did not resolve.
+    #[error("resolving {addr}: {why}")]
+    Resolve {
+        /// The `host:port`.
+        addr: String,
+        /// Why.
+        why: String,
+    },
 }
 
 type Result<T, E = TransportError> = std::result::Result<T, E>;
@@ -121,8 +129,8 @@ pub enum Reply {
     Status(Box<StatusReport>),
     /// This member cannot serve the request; try the leader.
     NotLeader {
-        /// The leader's address, if known.
-        leader: Option<SocketAddr>,
+        /// The leader's address (`host:port`), if known.
+        leader: Option<String>,
         /// The leader's node name (for its certificate), if known.
         #[serde(default)]
         leader_name: Option<String>,
@@ -173,8 +181,53 @@ pub struct Peer {
     pub id: u64,
     /// Its node name (the name in its certificate).
     pub name: String,
-    /// Its cluster address (UDP).
-    pub addr: SocketAddr,
+    /// Its cluster address (UDP), `host:port`: an IP address, or a DNS
+    /// name (a StatefulSet pod's stable name) resolved again at every
+    /// connect, so a peer that comes back on a new address is found.
+    pub addr: String,
+}
+
+/// Resolves `host:port` (an IP address at once, a name through the
+/// system's resolver, within [`CONNECT_TIMEOUT`]).
+pub async fn resolve(addr: &str) -> Result<SocketAddr> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    let err = |why: String| TransportError::Resolve {
+        addr: addr.to_string(),
+        why,
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(addr)).await {
+        Ok(Ok(mut found)) => found
+            .next()
+            .ok_or_else(|| err("the name has no address".into())),
+        Ok(Err(e)) => Err(err(e.to_string())),
+        Err(_) => Err(err(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+/// Whether `addr` is `host:port` with a port and a plausible host.
+pub fn check_addr(addr: &str) -> std::result::Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))?;
+    port.parse::<u16>()
+        .map_err(|_| format!("{addr:?}: {port:?} is not a port"))?;
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr:?}: {host:?} is neither an IP address nor a DNS name"
+        ))
+    }
 }
 
 /// Writes one frame.
@@ -425,18 +478,21 @@ impl Caller {
             return Err(TransportError::Stream("no coordinators to ask".into()));
         }
         let start = std::time::Instant::now();
-        let mut target = (peers[0].addr, peers[0].name.clone());
+        let mut target = (peers[0].addr.clone(), peers[0].name.clone());
         let mut next = 1;
         let mut last = String::from("no answer");
         while start.elapsed() < deadline {
-            let r =
-                tokio::time::timeout(ATTEMPT_TIMEOUT, self.call(target.0, &target.1, req)).await;
-            if r.is_err() {
-                self.conns
-                    .lock()
-                    .expect("connection cache")
-                    .remove(&target.0);
-            }
+            let r = match resolve(&target.0).await {
+                Ok(sa) => {
+                    let r =
+                        tokio::time::timeout(ATTEMPT_TIMEOUT, self.call(sa, &target.1, req)).await;
+                    if r.is_err() {
+                        self.conns.lock().expect("connection cache").remove(&sa);
+                    }
+                    r
+                }
+                Err(e) => Ok(Err(e)),
+            };
             match r {
                 Ok(Ok(Reply::NotLeader {
                     leader: Some(a),
@@ -453,7 +509,7 @@ impl Caller {
             }
             let p = &peers[next % peers.len()];
             next += 1;
-            target = (p.addr, p.name.clone());
+            target = (p.addr.clone(), p.name.clone());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(TransportError::Stream(format!(

@@ -99,7 +99,7 @@ impl Client {
             let p = &peers[i % peers.len()];
             let r = tokio::time::timeout(
                 Duration::from_secs(2),
-                transport::request(&self.ep, None, p.addr, &p.name, req),
+                transport::request(&self.ep, None, p.addr.parse().unwrap(), &p.name, req),
             )
             .await;
             match r {
@@ -158,7 +158,12 @@ async fn start(
     ca_dir: &std::path::Path,
 ) -> MemberHandle {
     let p = &peers[i];
-    let mut s = MemberSettings::new(p.id, p.addr, dirs[i].path().to_path_buf(), peers.to_vec());
+    let mut s = MemberSettings::new(
+        p.id,
+        p.addr.parse().unwrap(),
+        dirs[i].path().to_path_buf(),
+        peers.to_vec(),
+    );
     s.tick = Duration::from_millis(50);
     member::start(s, ids[i].clone(), Some(ClusterCa::load(ca_dir).unwrap()))
         .await
@@ -192,7 +197,7 @@ impl Cluster {
             .map(|(i, n)| Peer {
                 id: i as u64 + 1,
                 name: n.to_string(),
-                addr: free_udp(),
+                addr: free_udp().to_string(),
             })
             .collect();
         let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -315,7 +320,7 @@ impl Cluster {
     /// A node joined with a fresh token under `name`.
     async fn join(&self, name: &str) -> NodeIdentity {
         member::join(
-            self.peers[0].addr,
+            &self.peers[0].addr,
             &self.peers[0].name,
             &self.token(name),
             fabric_member(name, "edge-a", 8),
@@ -391,7 +396,13 @@ fn state_of(s: &StatusReport) -> serde_json::Value {
 async fn answered(who: &Client, peer: &Peer) -> bool {
     let r = tokio::time::timeout(
         Duration::from_secs(3),
-        transport::request(&who.ep, None, peer.addr, &peer.name, &Request::Status),
+        transport::request(
+            &who.ep,
+            None,
+            peer.addr.parse().unwrap(),
+            &peer.name,
+            &Request::Status,
+        ),
     )
     .await;
     matches!(r, Ok(Ok(_)))
@@ -504,7 +515,7 @@ async fn a_forged_token_is_refused_and_counted() {
     let last = if token.ends_with('0') { '1' } else { '0' };
     let forged = format!("{}{last}", &token[..token.len() - 1]);
     let e = member::join(
-        c.peers[0].addr,
+        &c.peers[0].addr,
         &c.peers[0].name,
         &forged,
         fabric_member("gw-3", "edge-a", 8),
@@ -530,7 +541,7 @@ async fn a_stranger_from_another_ca_is_refused_at_the_handshake_and_counted() {
         transport::request(
             &sc.ep,
             None,
-            c.peers[1].addr,
+            c.peers[1].addr.parse().unwrap(),
             &c.peers[1].name,
             &Request::Status,
         ),
@@ -577,12 +588,17 @@ async fn add_fourth(c: &Cluster) -> (MemberHandle, Vec<Peer>, tempfile::TempDir)
     let p4 = Peer {
         id: 4,
         name: "coord-4".into(),
-        addr: free_udp(),
+        addr: free_udp().to_string(),
     };
     let mut all = c.peers.clone();
     all.push(p4.clone());
     let dir4 = tempfile::tempdir().unwrap();
-    let mut s4 = MemberSettings::new(4, p4.addr, dir4.path().to_path_buf(), all.clone());
+    let mut s4 = MemberSettings::new(
+        4,
+        p4.addr.parse().unwrap(),
+        dir4.path().to_path_buf(),
+        all.clone(),
+    );
     s4.tick = Duration::from_millis(50);
     s4.bootstrap = false;
     let h4 = member::start(
@@ -682,7 +698,7 @@ async fn a_60_mib_frame_from_a_peer_without_credentials_costs_no_more_than_the_j
     ep.set_default_client_config(transport::joiner_config(&c.ca.fingerprint()).unwrap());
     let conn = ep
         .connect(
-            c.peers[0].addr,
+            c.peers[0].addr.parse().unwrap(),
             &weft_cluster::credentials::dns_name(&c.peers[0].name),
         )
         .unwrap()
@@ -716,7 +732,7 @@ fn commands_a_gateway_may_not_send(
     let coordinator = Peer {
         id: 9,
         name: "coord-9".into(),
-        addr: free_udp(),
+        addr: free_udp().to_string(),
     };
     let propose = |command| Request::Propose { command };
     vec![
@@ -897,7 +913,7 @@ async fn a_node_certificate_under_a_coordinators_name_cannot_send_raft_messages(
         c.ca.issue_token(now_unix(), 600, "coord-2", Role::Node)
             .unwrap();
     let imposter = member::join(
-        c.peers[0].addr,
+        &c.peers[0].addr,
         &c.peers[0].name,
         &token,
         fabric_member("coord-2", "edge-a", 8),
@@ -907,7 +923,10 @@ async fn a_node_certificate_under_a_coordinators_name_cannot_send_raft_messages(
     let client = Client::new(&imposter);
     let conn = client
         .ep
-        .connect(c.peers[0].addr, &credentials::dns_name(&c.peers[0].name))
+        .connect(
+            c.peers[0].addr.parse().unwrap(),
+            &credentials::dns_name(&c.peers[0].name),
+        )
         .unwrap()
         .await
         .unwrap();

@@ -149,7 +149,7 @@ fn describe(s: &Sandbox) -> Value {
 
 /// The tenant of `headers`, or the error to answer.
 fn tenant(ctx: &Ctx, headers: &HeaderMap) -> Result<String, ApiError> {
-    authenticate(&ctx.app.cfg, headers)
+    authenticate(&ctx.app.policy(), headers)
 }
 
 /// Sandbox `id` of the caller's tenant (another tenant's is not found).
@@ -200,7 +200,7 @@ async fn create(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Resp
                 .param("network"));
             }
         }
-        let quota = ctx.app.cfg.limits(&tenant);
+        let quota = ctx.app.policy().limits(&tenant);
         let sb = ctx
             .sandboxes
             .create(
