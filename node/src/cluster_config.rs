@@ -418,4 +418,113 @@ tokens_per_s = 10.0
         ))
         .is_err());
     }
+
+    #[test]
+    fn a_coordinator_peer_may_be_a_dns_name() {
+        let c = parse(&coordinator(1, "coord-1").replace(
+            "127.0.0.1:7100\" }]",
+            "coord-1.weft-coord.weft.svc:7100\" }]",
+        ))
+        .unwrap();
+        assert_eq!(c.coordinators()[0].addr, "coord-1.weft-coord.weft.svc:7100");
+    }
+
+    #[test]
+    fn a_peer_address_without_a_port_is_refused() {
+        let e =
+            parse(&coordinator(1, "coord-1").replace("127.0.0.1:7100\" }]", "coord-1.svc\" }]"))
+                .unwrap_err();
+        assert!(format!("{e:#}").contains("HOST:PORT"), "{e:#}");
+    }
+
+    #[test]
+    fn a_peer_address_that_is_no_host_name_is_refused() {
+        let e = parse(&coordinator(1, "coord-1").replace("127.0.0.1:7100\" }]", "a b/c:7100\" }]"))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("neither an IP address nor a DNS name"),
+            "{e:#}"
+        );
+    }
+
+    fn joiner(join: &str) -> String {
+        format!("{NODE}\n[join]\n{join}\ncoordinators = [{{ id = 1, name = \"c\", addr = \"127.0.0.1:7100\" }}]\n")
+    }
+
+    #[test]
+    fn a_join_section_needs_a_token_or_a_token_dir_not_both() {
+        assert!(parse(&joiner("")).is_err());
+        assert!(parse(&joiner("token = \"t\"\ntoken_dir = \"/x\"")).is_err());
+        assert!(parse(&joiner("token_dir = \"/x\"")).is_ok());
+    }
+
+    #[test]
+    fn a_token_dir_gives_the_token_named_for_this_node() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("coord-1"), "weft1.mine.mac\n").unwrap();
+        std::fs::write(dir.path().join("other"), "weft1.theirs.mac\n").unwrap();
+        let c = parse(&joiner(&format!("token_dir = {:?}", dir.path()))).unwrap();
+        assert_eq!(c.join.unwrap().token("coord-1").unwrap(), "weft1.mine.mac");
+    }
+
+    #[test]
+    fn a_missing_token_file_says_which_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = parse(&joiner(&format!("token_dir = {:?}", dir.path()))).unwrap();
+        let e = c.join.unwrap().token("coord-1").unwrap_err();
+        assert!(format!("{e:#}").contains("coord-1"), "{e:#}");
+    }
+
+    fn load(text: &str, o: &Overrides) -> Result<ClusterConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("node.toml");
+        std::fs::write(&p, text).unwrap();
+        ClusterConfig::load_with(&p, o)
+    }
+
+    #[test]
+    fn the_name_flag_maps_a_host_name_to_a_node_name() {
+        let c = load(
+            &joiner("token = \"t\""),
+            &Overrides {
+                name: Some("ip-10-0-0-7.eu-west-1.compute.internal".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(check_name(&c.node.name).is_ok(), "{}", c.node.name);
+        assert!(
+            c.node.name.starts_with("ip-10-0-0-7-eu-west-1"),
+            "{}",
+            c.node.name
+        );
+    }
+
+    #[test]
+    fn an_empty_site_flag_keeps_the_files_site() {
+        let c = load(
+            &joiner("token = \"t\""),
+            &Overrides {
+                site: Some(String::new()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.node.site, "edge-a");
+    }
+
+    #[test]
+    fn a_node_listening_on_every_address_is_advertised_at_its_host() {
+        let text =
+            joiner("token = \"t\"").replace("127.0.0.1:7100\"\nsite", "0.0.0.0:7100\"\nsite");
+        let c = load(
+            &text,
+            &Overrides {
+                advertise_host: Some("10.1.2.3".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.member().address, "10.1.2.3:7100");
+    }
 }

@@ -24,6 +24,7 @@
 mod cluster_config;
 mod config;
 mod node;
+mod operator;
 mod sandbox_cli;
 mod tenants_file;
 mod up;
@@ -113,6 +114,22 @@ enum Command {
         /// (a pod's IP).
         #[arg(long, env = "WEFT_ADVERTISE_HOST")]
         advertise_host: Option<String>,
+        /// Check the config (with the overrides) and exit: 0 when this
+        /// node would start with it.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run the Kubernetes operator: it reconciles WeftCluster,
+    /// FabricNodePool, WeftModel and AgentPolicy resources (k8s/ holds the
+    /// CRDs and its Deployment). Inside a cluster it uses its
+    /// ServiceAccount; outside, KUBECONFIG.
+    Operator {
+        /// Watch only this namespace (default: every namespace).
+        #[arg(long, env = "WEFT_OPERATOR_NAMESPACE")]
+        namespace: Option<String>,
+        /// Where /healthz, /readyz and /metrics answer.
+        #[arg(long, default_value = "0.0.0.0:8081")]
+        health_addr: std::net::SocketAddr,
     },
     /// The intent log: check its hash chain.
     #[command(subcommand)]
@@ -455,11 +472,20 @@ fn main() -> Result<()> {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             cluster(c)
         }
+        Command::Operator {
+            namespace,
+            health_addr,
+        } => {
+            init_logs(cli.log_format.as_deref().unwrap_or("json"), "info");
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(operator::run(namespace, health_addr))
+        }
         Command::Node {
             config,
             name,
             site,
             advertise_host,
+            check,
         } => {
             let cfg = cluster_config::ClusterConfig::load_with(
                 &config,
@@ -469,6 +495,21 @@ fn main() -> Result<()> {
                     advertise_host,
                 },
             )?;
+            if check {
+                println!(
+                    "{}: node {} at site {}, advertised as {}{}",
+                    config.display(),
+                    cfg.node.name,
+                    cfg.node.site,
+                    cfg.advertised(cfg.node.listen),
+                    match (&cfg.coordinator, &cfg.join) {
+                        (Some(c), _) => format!(", coordinator {} of {}", c.id, c.peers.len()),
+                        (None, Some(_)) => ", joins with a token".to_string(),
+                        (None, None) => String::new(),
+                    }
+                );
+                return Ok(());
+            }
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "info");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(node::run_node(cfg, shutdown_signal()))

@@ -1240,3 +1240,111 @@ fn a_node_asked_for_a_gpu_it_lacks_says_so_at_start() {
         "{err}"
     );
 }
+
+// ------------------------------------------------ the tenants file (AgentPolicy)
+
+/// A node with one key of its own (`sk-alpha-0001`) and a tenants file at
+/// the returned path, written with `file` first when it is given.
+fn start_with_tenants_file(file: Option<&str>) -> (Node, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.toml");
+    if let Some(f) = file {
+        std::fs::write(&path, f).unwrap();
+    }
+    let n = start(&format!(
+        "tenants_file = {:?}\n[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n",
+        path.display().to_string()
+    ));
+    (n, dir, path)
+}
+
+/// A short completion with `key` and extra headers.
+fn with_key_and(n: &Node, key: &str, headers: &[(&str, &str)]) -> reqwest::blocking::Response {
+    let mut r = client()
+        .post(format!("{}/v1/completions", n.base))
+        .bearer_auth(key)
+        .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 2}));
+    for (h, v) in headers {
+        r = r.header(*h, *v);
+    }
+    r.send().unwrap()
+}
+
+const LINE_KEY: &str = "[api_keys]\n\"sk-line-000001\" = \"line\"\n";
+
+#[test]
+fn a_key_written_to_the_tenants_file_is_served_without_a_restart() {
+    let (n, _dir, path) = start_with_tenants_file(None);
+    assert_eq!(with_key(&n, Some("sk-line-000001")).status(), 401);
+    std::fs::write(&path, LINE_KEY).unwrap();
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let s = with_key(&n, Some("sk-line-000001")).status();
+        if s == 200 {
+            break;
+        }
+        assert_eq!(s, 401);
+        assert!(Instant::now() < deadline, "the new key was never taken up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // the config's own key still works beside it
+    assert_eq!(with_key(&n, Some("sk-alpha-0001")).status(), 200);
+}
+
+#[test]
+fn a_key_removed_from_the_tenants_file_is_refused_without_a_restart() {
+    let (n, _dir, path) = start_with_tenants_file(Some(LINE_KEY));
+    assert_eq!(with_key(&n, Some("sk-line-000001")).status(), 200);
+    std::fs::write(&path, "[api_keys]\n\"sk-other-00001\" = \"other\"\n").unwrap();
+    let deadline = Instant::now() + START_DEADLINE;
+    while with_key(&n, Some("sk-line-000001")).status() != 401 {
+        assert!(Instant::now() < deadline, "the removed key kept working");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_tenant_may_call_only_the_models_its_policy_names() {
+    let (n, _dir, _) = start_with_tenants_file(Some(&format!(
+        "{LINE_KEY}[tenants.line]\nmodels = [\"some-other-model\"]\n"
+    )));
+    let r = with_key_and(&n, "sk-line-000001", &[]);
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "not_allowed");
+}
+
+#[test]
+fn a_tenant_may_send_only_the_criticalities_its_policy_names() {
+    let (n, _dir, _) = start_with_tenants_file(Some(&format!(
+        "{LINE_KEY}[tenants.line]\ncriticalities = [\"sheddable\"]\n"
+    )));
+    assert_eq!(
+        with_key_and(&n, "sk-line-000001", &[("x-weft-criticality", "critical")]).status(),
+        403
+    );
+    assert_eq!(
+        with_key_and(&n, "sk-line-000001", &[("x-weft-criticality", "sheddable")]).status(),
+        200
+    );
+}
+
+#[test]
+fn a_tenant_over_its_requests_per_minute_gets_429() {
+    let (n, _dir, _) = start_with_tenants_file(Some(&format!(
+        "{LINE_KEY}[tenants.line]\nrequests_per_minute = 2\n"
+    )));
+    assert_eq!(with_key(&n, Some("sk-line-000001")).status(), 200);
+    assert_eq!(with_key(&n, Some("sk-line-000001")).status(), 200);
+    let r = with_key(&n, Some("sk-line-000001"));
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[test]
+fn a_broken_tenants_file_is_refused_and_the_configs_keys_stay() {
+    let (n, _dir, _) = start_with_tenants_file(Some(
+        "[api_keys]\n\"sk-line-000001\" = \"line\"\n[tenants.line]\nkv_share = 7.0\n",
+    ));
+    assert_eq!(with_key(&n, Some("sk-line-000001")).status(), 401);
+    assert_eq!(with_key(&n, Some("sk-alpha-0001")).status(), 200);
+}

@@ -74,6 +74,8 @@ pub struct Ctx {
     /// Unix seconds (join tokens' issue time).
     pub unix_now: Arc<dyn Fn() -> u64 + Send + Sync>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Reconciles by kind and outcome, for `/metrics`.
+    outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Ctx {
@@ -97,7 +99,47 @@ impl Ctx {
                     .map_or(0, |d| d.as_secs())
             }),
             failures: Mutex::new(HashMap::new()),
+            outcomes: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn count(&self, kind: &str, outcome: &'static str) {
+        *self
+            .outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((kind.to_string(), outcome))
+            .or_insert(0) += 1;
+    }
+
+    /// The operator's metrics in Prometheus' text format: reconciles by
+    /// kind and outcome, and objects in backoff.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::from(
+            "# HELP weft_operator_reconciles_total Reconciles by kind and outcome.\n\
+             # TYPE weft_operator_reconciles_total counter\n",
+        );
+        for ((kind, outcome), n) in self
+            .outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            out.push_str(&format!(
+                "weft_operator_reconciles_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}\n"
+            ));
+        }
+        let backing_off = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        out.push_str(&format!(
+            "# HELP weft_operator_backoff_objects Objects whose last reconcile failed.\n\
+             # TYPE weft_operator_backoff_objects gauge\n\
+             weft_operator_backoff_objects {backing_off}\n"
+        ));
+        out
     }
 
     /// With fixed clocks (tests).
@@ -174,9 +216,11 @@ where
     match f.await {
         Ok(a) => {
             ctx.succeeded(&key_of(o));
+            ctx.count(&K::kind(&()), "ok");
             Ok(a)
         }
         Err(e) => {
+            ctx.count(&K::kind(&()), "error");
             warn(ctx, o, reason, &e).await;
             Err(e)
         }
@@ -971,6 +1015,30 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
             .map_err(|e| Error::Fabric(e.to_string()))?;
         up_to_date = true;
     }
+    // its autoscaler (KEDA or an HPA) on the scale subresource; the other
+    // kind goes, so a changed actuator leaves no second one behind
+    let scalers = render::model(m, &cluster)?;
+    for o in &scalers {
+        apply(&ctx.client, o).await?;
+    }
+    if let Some(a) = &m.spec.autoscaling {
+        let drop_keda = a.actuator != Actuator::Keda;
+        let drop_hpa = a.actuator != Actuator::Hpa;
+        if drop_keda {
+            delete_if_there(ctx, &ns, "keda.sh", "v1alpha1", "ScaledObject", &name).await?;
+        }
+        if drop_hpa {
+            delete_if_there(
+                ctx,
+                &ns,
+                "autoscaling",
+                "v2",
+                "HorizontalPodAutoscaler",
+                &name,
+            )
+            .await?;
+        }
+    }
     let placed = status.placements.get(served).cloned().unwrap_or_default();
     let placements: Vec<ModelPlacement> = placed
         .iter()
@@ -1036,6 +1104,25 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
     );
     patch_status(&api, &name, s).await?;
     Ok(Action::requeue(if ready { RESYNC } else { ROLLING }))
+}
+
+/// Deletes an object if it exists (and if its kind is served at all: a
+/// cluster without KEDA has no ScaledObjects).
+async fn delete_if_there(
+    ctx: &Ctx,
+    ns: &str,
+    group: &str,
+    version: &str,
+    kind: &str,
+    name: &str,
+) -> Result<()> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn model_cleanup(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
@@ -1221,13 +1308,10 @@ async fn policy_inner(p: &AgentPolicy, ctx: &Ctx) -> Result<Action> {
 
 // -------------------------------------------------------------------- run
 
-/// Runs the four controllers until SIGTERM or SIGINT: in `namespace`, or
+/// Runs the four controllers with `ctx` until SIGTERM or SIGINT: in `namespace`, or
 /// in every namespace when it is `None`.
-pub async fn run(
-    client: Client,
-    namespace: Option<String>,
-    fabric: Arc<dyn Fabric>,
-) -> anyhow::Result<()> {
+pub async fn run(ctx: Arc<Ctx>, namespace: Option<String>) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
     fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
@@ -1237,7 +1321,6 @@ pub async fn run(
             None => Api::all(client.clone()),
         }
     }
-    let ctx = Arc::new(Ctx::new(client.clone(), fabric));
     let cfg = watcher::Config::default();
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
     let clusters = Controller::new(api::<WeftCluster>(&client, &namespace), cfg.clone())

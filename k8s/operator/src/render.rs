@@ -943,3 +943,93 @@ pub fn model_cluster<'a>(
         },
     }
 }
+
+/// The Prometheus query of a model's scaling signal over its cluster's
+/// serving pods (the `monitoring` component's recording rules).
+pub fn signal_query(signal: crate::crd::Signal, ns: &str, cluster: &str) -> String {
+    use crate::crd::Signal;
+    let sel = format!("namespace={ns:?},weft_cluster={cluster:?}");
+    match signal {
+        Signal::QueueDepth => format!("sum(weft:queue_depth:sum{{{sel}}})"),
+        Signal::KvCacheUse => format!("max(weft:kv_cache_use:ratio{{{sel}}})"),
+        Signal::TtftP95 => format!("max(weft:ttft_ms:p95{{{sel}}})"),
+    }
+}
+
+/// What a `WeftModel`'s autoscaling renders to: a KEDA ScaledObject or an
+/// HPA (prometheus-adapter's external metrics) on its scale subresource,
+/// or nothing (`actuator: none`, or fixed replicas).
+pub fn model(m: &WeftModel, c: &WeftCluster) -> Result<Vec<Value>, RenderError> {
+    use crate::crd::{Actuator, Signal};
+    let Some(a) = &m.spec.autoscaling else {
+        return Ok(Vec::new());
+    };
+    let name = m.metadata.name.clone().unwrap_or_default();
+    check_k8s_name(&name, "WeftModel")?;
+    let ns = namespace_of(&m.metadata)?;
+    let cname = c.metadata.name.clone().unwrap_or_default();
+    let own = owners_of(m);
+    let target_ref = json!({"apiVersion": "weft.dev/v1alpha1", "kind": "WeftModel", "name": name});
+    // a signal that adds up over replicas is an average per replica; a
+    // fraction or a latency is compared as it is
+    let per_replica = a.signal == Signal::QueueDepth;
+    let behavior = json!({
+        "scaleUp": {"stabilizationWindowSeconds": 30, "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]},
+        "scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds,
+                      "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]},
+    });
+    let lab = labels(&cname, "autoscaler");
+    Ok(match a.actuator {
+        Actuator::None => Vec::new(),
+        Actuator::Keda => vec![json!({
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledObject",
+            "metadata": meta(&name, &ns, lab, &own),
+            "spec": {
+                "scaleTargetRef": target_ref,
+                "minReplicaCount": a.min_replicas,
+                "maxReplicaCount": a.max_replicas,
+                "pollingInterval": 15,
+                "cooldownPeriod": a.scale_down_stabilization_seconds,
+                "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior}},
+                "triggers": [{
+                    "type": "prometheus",
+                    "metricType": if per_replica { "AverageValue" } else { "Value" },
+                    "metadata": {
+                        "serverAddress": format!("http://prometheus.{}.svc:9090", c.spec.monitoring.namespace),
+                        "query": signal_query(a.signal, &ns, &cname),
+                        "threshold": a.target.to_string(),
+                    },
+                }],
+            },
+        })],
+        Actuator::Hpa => {
+            let metric = match a.signal {
+                Signal::QueueDepth => "weft_queue_depth",
+                Signal::KvCacheUse => "weft_kv_cache_use",
+                Signal::TtftP95 => "weft_ttft_ms_p95",
+            };
+            let quantity = format!("{}m", (a.target * 1000.0).round() as i64);
+            let target = if per_replica {
+                json!({"type": "AverageValue", "averageValue": quantity})
+            } else {
+                json!({"type": "Value", "value": quantity})
+            };
+            vec![json!({
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": meta(&name, &ns, lab, &own),
+                "spec": {
+                    "scaleTargetRef": target_ref,
+                    "minReplicas": a.min_replicas.max(1),
+                    "maxReplicas": a.max_replicas,
+                    "metrics": [{"type": "External", "external": {
+                        "metric": {"name": metric, "selector": {"matchLabels": {"weft_cluster": cname}}},
+                        "target": target,
+                    }}],
+                    "behavior": behavior,
+                },
+            })]
+        }
+    })
+}

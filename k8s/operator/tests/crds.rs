@@ -43,12 +43,12 @@ fn assert_example_valid(file: &str) {
 
 #[test]
 fn the_edge_site_example_is_valid() {
-    assert_example_valid("edge-site.yaml");
+    assert_example_valid("edge-site/site.yaml");
 }
 
 #[test]
 fn the_cloud_region_example_is_valid() {
-    assert_example_valid("cloud-region.yaml");
+    assert_example_valid("cloud-region/site.yaml");
 }
 
 /// Invalid example `name` is refused with the message its `# expect:`

@@ -208,7 +208,7 @@ fn with_meta<T: kube::Resource>(mut o: T, generation: i64) -> T {
 }
 
 fn cluster(generation: i64) -> WeftCluster {
-    with_meta(example("edge-site.yaml", "WeftCluster"), generation)
+    with_meta(example("edge-site/site.yaml", "WeftCluster"), generation)
 }
 
 fn core(path: &str) -> String {
@@ -577,7 +577,7 @@ async fn an_invalid_cluster_says_why_and_waits_for_a_change() {
 // ------------------------------------------------------------- FabricNodePool
 
 fn edge_pool() -> FabricNodePool {
-    with_meta(example("edge-site.yaml", "FabricNodePool"), 1)
+    with_meta(example("edge-site/site.yaml", "FabricNodePool"), 1)
 }
 
 fn node(name: &str) -> Value {
@@ -715,7 +715,7 @@ async fn a_pool_of_a_missing_cluster_says_cluster_not_found() {
 // ------------------------------------------------------------------ WeftModel
 
 fn model(finalized: bool, deleting: bool) -> WeftModel {
-    let mut m: WeftModel = with_meta(example("edge-site.yaml", "WeftModel"), 1);
+    let mut m: WeftModel = with_meta(example("edge-site/site.yaml", "WeftModel"), 1);
     if finalized {
         m.metadata.finalizers = Some(vec![controller::MODEL_FINALIZER.into()]);
     }
@@ -860,7 +860,7 @@ async fn a_deleted_model_is_unplaced_before_its_finalizer_is_removed() {
 // ---------------------------------------------------------------- AgentPolicy
 
 fn policy() -> AgentPolicy {
-    with_meta(example("edge-site.yaml", "AgentPolicy"), 1)
+    with_meta(example("edge-site/site.yaml", "AgentPolicy"), 1)
 }
 
 fn policy_calls(key_secret: (u16, Value)) -> Vec<Call> {

@@ -1304,4 +1304,20 @@ mod tests {
         let text = String::from_utf8_lossy(&der);
         assert!(text.contains("gets-this.weft") && !text.contains("asks-for-this"));
     }
+
+    #[test]
+    fn a_valid_node_name_is_kept_as_it_is() {
+        assert_eq!(node_name_for("gw-1"), "gw-1");
+    }
+
+    #[test]
+    fn a_host_name_becomes_a_valid_node_name_of_its_own() {
+        let a = node_name_for("ip-10-0-0-7.eu-west-1.compute.internal");
+        let b = node_name_for("ip-10-0-0-7-eu-west-1-compute-internal.");
+        assert!(check_name(&a).is_ok() && check_name(&b).is_ok(), "{a} {b}");
+        assert_ne!(a, b, "two hosts got one node name");
+        let long = node_name_for(&"X.".repeat(100));
+        assert!(check_name(&long).is_ok(), "{long}");
+        assert!(check_name(&node_name_for("...")).is_ok());
+    }
 }

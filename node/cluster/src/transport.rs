@@ -198,9 +198,15 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
         why,
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(addr)).await {
-        Ok(Ok(mut found)) => found
-            .next()
-            .ok_or_else(|| err("the name has no address".into())),
+        // the endpoints are bound to IPv4, so an IPv4 address first
+        Ok(Ok(found)) => {
+            let all: Vec<SocketAddr> = found.collect();
+            all.iter()
+                .find(|a| a.is_ipv4())
+                .or(all.first())
+                .copied()
+                .ok_or_else(|| err("the name has no address".into()))
+        }
         Ok(Err(e)) => Err(err(e.to_string())),
         Err(_) => Err(err(format!("no answer within {CONNECT_TIMEOUT:?}"))),
     }
@@ -515,5 +521,39 @@ impl Caller {
         Err(TransportError::Stream(format!(
             "no coordinator served the request within {deadline:?}: {last}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ip_address_resolves_to_itself() {
+        assert_eq!(
+            resolve("10.0.0.1:7100").await.unwrap(),
+            "10.0.0.1:7100".parse().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_name_resolves_through_the_system() {
+        let a = resolve("localhost:7100").await.unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 7100, "{a}");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_says_which() {
+        let e = resolve("no-such-host.invalid:7100").await.unwrap_err();
+        assert!(e.to_string().contains("no-such-host.invalid"), "{e}");
+    }
+
+    #[test]
+    fn an_address_must_be_host_and_port() {
+        assert!(check_addr("coord-0.coord.weft.svc:7100").is_ok());
+        assert!(check_addr("[::1]:7100").is_ok());
+        assert!(check_addr("coord-0").is_err());
+        assert!(check_addr("coord-0:http").is_err());
+        assert!(check_addr("bad host:7100").is_err());
     }
 }

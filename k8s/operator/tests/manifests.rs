@@ -1,0 +1,458 @@
+//! `k8s/` as a platform engineer applies it, checked offline: every
+//! overlay renders with `kubectl kustomize` and passes `kubernetes-validate
+//! --strict` against Kubernetes 1.33, its custom resources pass their CRDs'
+//! checks, and every pod runs locked down. The objects the operator renders
+//! for the examples are held in golden files (`WEFT_BLESS=1` rewrites them
+//! after a deliberate change) and pass the same validation.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use weft_operator::crd::*;
+use weft_operator::render;
+
+fn k8s() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `kubectl kustomize DIR` (kubectl from `scripts/install_test_deps.sh`).
+fn kustomize(dir: &Path) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl with kustomize (scripts/install_test_deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `kubernetes-validate --strict` against 1.33; its complaint if any.
+fn validate(yaml: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet", "-k", "1.33.0", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubernetes-validate (PyPI; scripts/install_test_deps.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn overlay(name: &str) -> Vec<Value> {
+    let text = kustomize(&k8s().join("overlays").join(name));
+    validate(&text).unwrap_or_else(|e| panic!("overlay {name}: {e}"));
+    weft_operator::documents(&text).unwrap()
+}
+
+fn assert_overlay(name: &str) {
+    let docs = overlay(name);
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for want in [
+        "CustomResourceDefinition",
+        "Deployment",
+        "ClusterRole",
+        "NetworkPolicy",
+        "WeftCluster",
+    ] {
+        assert!(
+            kinds.contains(&want),
+            "overlay {name} has no {want}: {kinds:?}"
+        );
+    }
+    for d in &docs {
+        assert!(
+            weft_operator::check(d).is_ok(),
+            "overlay {name}: {} {} fails its CRD's checks: {:?}",
+            d["kind"],
+            d["metadata"]["name"],
+            weft_operator::check(d)
+        );
+    }
+}
+
+#[test]
+fn the_edge_overlay_renders_and_validates() {
+    assert_overlay("edge");
+}
+
+#[test]
+fn the_cloud_overlay_renders_and_validates() {
+    assert_overlay("cloud");
+}
+
+#[test]
+fn the_dev_overlay_renders_and_validates() {
+    assert_overlay("dev");
+}
+
+#[test]
+fn the_prometheus_adapter_overlay_renders_and_validates() {
+    assert_overlay("cloud-hpa");
+}
+
+#[test]
+fn the_prometheus_adapter_overlay_scales_the_cloud_pool_with_an_hpa() {
+    let docs = overlay("cloud-hpa");
+    let hpa = docs
+        .iter()
+        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
+        .unwrap();
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "FabricNodePool");
+    assert_eq!(
+        hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+        300
+    );
+    assert!(!docs
+        .iter()
+        .any(|d| d["kind"] == "ScaledObject"
+            && d["spec"]["scaleTargetRef"]["kind"] == "FabricNodePool"));
+}
+
+#[test]
+fn the_edge_overlay_keeps_the_operator_through_a_partition() {
+    let docs = overlay("edge");
+    let op = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let keys: Vec<&str> = op["spec"]["template"]["spec"]["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t.get("tolerationSeconds").is_none())
+        .map(|t| t["key"].as_str().unwrap())
+        .collect();
+    assert!(keys.contains(&"node.kubernetes.io/unreachable"), "{keys:?}");
+}
+
+/// Every pod template's containers run as non-root, with a read-only root
+/// filesystem, no escalation, no capabilities, resources and probes.
+fn assert_locked_down(docs: &[Value], what: &str) {
+    let mut pods = 0;
+    for d in docs {
+        let spec = match d["kind"].as_str().unwrap() {
+            "Deployment" | "StatefulSet" | "DaemonSet" => &d["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        pods += 1;
+        let who = format!("{what}: {} {}", d["kind"], d["metadata"]["name"]);
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{who}");
+        assert_eq!(spec["hostNetwork"], Value::Null, "{who}");
+        for c in spec["containers"].as_array().unwrap() {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["runAsNonRoot"], true, "{who}");
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{who}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{who}");
+            assert_eq!(
+                sc["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{who}"
+            );
+            assert_eq!(sc["capabilities"].get("add"), None, "{who}");
+            assert!(c["resources"]["requests"].is_object(), "{who}: no requests");
+            assert!(c["resources"]["limits"].is_object(), "{who}: no limits");
+            assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{who}");
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{who}");
+        }
+    }
+    assert!(pods > 0, "{what}: no pods");
+}
+
+#[test]
+fn every_pod_an_overlay_runs_is_locked_down() {
+    for o in ["edge", "cloud", "cloud-hpa", "dev"] {
+        assert_locked_down(&overlay(o), o);
+    }
+}
+
+#[test]
+fn the_monitoring_rules_pass_promtool() {
+    let text = std::fs::read_to_string(k8s().join("components/monitoring/prometheus-config.yaml"))
+        .unwrap();
+    let cm = &weft_operator::documents(&text).unwrap()[0];
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, cm["data"]["rules.yaml"].as_str().unwrap()).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (Debian prometheus; scripts/install_test_deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ------------------------------------------------------- what the operator renders
+
+/// Everything the operator renders for an example (credentials' Secrets
+/// and join tokens aside), with a fixed uid, as YAML documents.
+fn rendered(example: &str) -> (Vec<Value>, String) {
+    let text =
+        std::fs::read_to_string(k8s().join("examples").join(example).join("site.yaml")).unwrap();
+    let docs = weft_operator::documents(&text).unwrap();
+    let uid = |mut v: Value| {
+        v["metadata"]["uid"] = Value::String("00000000-0000-4000-8000-000000000000".into());
+        v
+    };
+    let clusters: Vec<WeftCluster> = docs
+        .iter()
+        .filter(|d| d["kind"] == "WeftCluster")
+        .map(|d| serde_json::from_value(uid(d.clone())).unwrap())
+        .collect();
+    let mut out = Vec::new();
+    for c in &clusters {
+        out.extend(render::cluster(c).unwrap());
+    }
+    for d in docs.iter().filter(|d| d["kind"] == "FabricNodePool") {
+        let p: FabricNodePool = serde_json::from_value(uid(d.clone())).unwrap();
+        let c = clusters
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(&p.spec.cluster_ref))
+            .unwrap();
+        out.extend(render::pool(&p, c).unwrap());
+    }
+    for d in docs.iter().filter(|d| d["kind"] == "WeftModel") {
+        let m: WeftModel = serde_json::from_value(uid(d.clone())).unwrap();
+        out.extend(render::model(&m, render::model_cluster(&m, &clusters).unwrap()).unwrap());
+    }
+    let yaml = out
+        .iter()
+        .map(|o| serde_yaml::to_string(o).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    (out, yaml)
+}
+
+fn assert_golden(example: &str) {
+    let (_, yaml) = rendered(example);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{example}.yaml"));
+    if std::env::var_os("WEFT_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &yaml).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        want == yaml,
+        "the operator renders {example} differently from {}: check the change, then rerun with WEFT_BLESS=1",
+        path.display()
+    );
+}
+
+#[test]
+fn the_edge_site_renders_as_its_golden_file() {
+    assert_golden("edge-site");
+}
+
+#[test]
+fn the_cloud_region_renders_as_its_golden_file() {
+    assert_golden("cloud-region");
+}
+
+#[test]
+fn what_the_operator_renders_passes_strict_validation() {
+    for e in ["edge-site", "cloud-region"] {
+        let (_, yaml) = rendered(e);
+        validate(&yaml).unwrap_or_else(|err| panic!("{e}: {err}"));
+    }
+}
+
+#[test]
+fn every_pod_the_operator_renders_is_locked_down() {
+    for e in ["edge-site", "cloud-region"] {
+        assert_locked_down(&rendered(e).0, e);
+    }
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn an_edge_pool_is_a_daemonset_kept_through_a_partition() {
+    let (docs, _) = rendered("edge-site");
+    let ds = find(&docs, "DaemonSet", "gateways");
+    let tol = ds["spec"]["template"]["spec"]["tolerations"]
+        .as_array()
+        .unwrap();
+    for key in [
+        "node.kubernetes.io/unreachable",
+        "node.kubernetes.io/not-ready",
+    ] {
+        let t = tol
+            .iter()
+            .find(|t| t["key"] == key)
+            .unwrap_or_else(|| panic!("no toleration of {key}"));
+        assert_eq!(t["effect"], "NoExecute");
+        assert!(
+            t.get("tolerationSeconds").is_none(),
+            "{key} is tolerated only for a while"
+        );
+    }
+}
+
+#[test]
+fn a_cloud_pool_is_a_statefulset_with_a_cache_claim_per_pod_and_its_gpus() {
+    let (docs, _) = rendered("cloud-region");
+    let sts = find(&docs, "StatefulSet", "gpu-pool");
+    assert_eq!(sts["spec"]["replicas"], 4);
+    let claims: Vec<&str> = sts["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert!(claims.contains(&"models"), "{claims:?}");
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "1"
+    );
+}
+
+#[test]
+fn the_coordinators_disruption_budget_keeps_a_quorum() {
+    for (e, name, quorum) in [
+        ("edge-site", "factory-7-coord", 2),
+        ("cloud-region", "eu-west-coord", 3),
+    ] {
+        let (docs, _) = rendered(e);
+        assert_eq!(
+            find(&docs, "PodDisruptionBudget", name)["spec"]["minAvailable"],
+            quorum,
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn the_coordinators_find_each_other_by_stable_names() {
+    let (docs, _) = rendered("edge-site");
+    let cm = find(&docs, "ConfigMap", "factory-7-config");
+    let toml_text = cm["data"]["factory-7-coord-1.toml"].as_str().unwrap();
+    let v: toml::Value = toml::from_str(toml_text).unwrap();
+    let peers = v["coordinator"]["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 3);
+    assert_eq!(
+        peers[2]["addr"].as_str(),
+        Some("factory-7-coord-2.factory-7-coord.weft.svc:7100")
+    );
+    assert_eq!(v["coordinator"]["id"].as_integer(), Some(2));
+    let svc = find(&docs, "Service", "factory-7-coord");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+}
+
+#[test]
+fn weft_pods_are_denied_all_traffic_but_what_a_policy_opens() {
+    let (docs, _) = rendered("edge-site");
+    let deny = find(&docs, "NetworkPolicy", "factory-7-deny-all");
+    assert_eq!(
+        deny["spec"]["policyTypes"],
+        serde_json::json!(["Ingress", "Egress"])
+    );
+    assert!(deny["spec"].get("ingress").is_none() && deny["spec"].get("egress").is_none());
+    // the API is open to the cluster's own namespace and the agents' only
+    let api = find(&docs, "NetworkPolicy", "factory-7-allow-api");
+    let from = api["spec"]["ingress"][0]["from"].as_array().unwrap();
+    let namespaces: Vec<&Value> = from
+        .iter()
+        .filter_map(|f| f.get("namespaceSelector"))
+        .collect();
+    assert_eq!(namespaces.len(), 1);
+    assert_eq!(
+        namespaces[0]["matchLabels"]["kubernetes.io/metadata.name"],
+        "agents"
+    );
+    // metrics only from the monitoring namespace
+    let m = find(&docs, "NetworkPolicy", "factory-7-allow-metrics");
+    assert_eq!(
+        m["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
+            ["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+}
+
+#[test]
+fn weft_pods_carry_no_kubernetes_api_token() {
+    let (docs, _) = rendered("edge-site");
+    for d in docs
+        .iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("StatefulSet" | "DaemonSet")))
+    {
+        assert_eq!(
+            d["spec"]["template"]["spec"]["automountServiceAccountToken"], false,
+            "{}",
+            d["metadata"]["name"]
+        );
+    }
+}
+
+#[test]
+fn a_keda_model_scales_on_its_signal_with_a_slow_scale_down() {
+    let (docs, _) = rendered("cloud-region");
+    let so = find(&docs, "ScaledObject", "smollm2-135m");
+    assert_eq!(so["spec"]["scaleTargetRef"]["kind"], "WeftModel");
+    assert_eq!(so["spec"]["maxReplicaCount"], 8);
+    let q = so["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap();
+    assert!(
+        q.contains("weft:queue_depth:sum") && q.contains("weft_cluster=\"eu-west\""),
+        "{q}"
+    );
+    assert_eq!(
+        so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+            ["stabilizationWindowSeconds"],
+        300
+    );
+}
+
+#[test]
+fn an_autoscaler_that_is_turned_off_renders_nothing() {
+    let text = std::fs::read_to_string(k8s().join("examples/cloud-region/site.yaml")).unwrap();
+    let docs = weft_operator::documents(&text).unwrap();
+    let c: WeftCluster = serde_json::from_value(
+        docs.iter()
+            .find(|d| d["kind"] == "WeftCluster")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    let mut m: WeftModel = serde_json::from_value(
+        docs.iter()
+            .find(|d| d["kind"] == "WeftModel")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    m.spec.autoscaling.as_mut().unwrap().actuator = Actuator::None;
+    assert!(render::model(&m, &c).unwrap().is_empty());
+    m.spec.autoscaling.as_mut().unwrap().actuator = Actuator::Hpa;
+    let hpa = render::model(&m, &c).unwrap();
+    assert_eq!(hpa[0]["kind"], "HorizontalPodAutoscaler");
+    validate(&serde_yaml::to_string(&hpa[0]).unwrap()).unwrap();
+}
