@@ -95,6 +95,10 @@ pub struct PlacementEpoch {
     /// rest used the link-class defaults).
     #[serde(default)]
     pub links: Vec<SiteLink>,
+    /// The models' replica floors (`min_replicas`, where not 0) it was
+    /// planned for: a changed floor asks for a new plan.
+    #[serde(default)]
+    pub floors: BTreeMap<String, u32>,
 }
 
 /// A round trip measured between two sites (by name).
@@ -445,7 +449,7 @@ impl ControlState {
         };
         let ids: Vec<u64> = self.members.keys().copied().collect();
         let models: Vec<String> = self.models.keys().cloned().collect();
-        if ids != p.members || models != p.models {
+        if ids != p.members || models != p.models || self.floors() != p.floors {
             return true;
         }
         let base = p.demand_rps.max(1e-9);
@@ -556,7 +560,17 @@ impl ControlState {
             demand_rps: demand.iter().map(|d| d.requests_per_s).sum(),
             demand: named_demand.to_vec(),
             links: links.to_vec(),
+            floors: self.floors(),
         }
+    }
+
+    /// Every model's replica floor, where it has one.
+    pub fn floors(&self) -> BTreeMap<String, u32> {
+        self.models
+            .iter()
+            .filter(|(_, m)| m.spec.min_replicas > 0)
+            .map(|(n, m)| (n.clone(), m.spec.min_replicas))
+            .collect()
     }
 
     /// The current placement re-indexed to `ids` and `names`, dropping
@@ -651,6 +665,7 @@ mod tests {
                 compute_per_token: 1.0,
                 kv_bytes_per_token: 0,
                 hidden_bytes_per_token: 0,
+                min_replicas: 0,
             },
         }
     }
@@ -932,6 +947,32 @@ mod tests {
         let (mut s, _) = committed();
         s.apply(5, &Command::PutMember(member(11, "edge-b", 4)));
         s
+    }
+
+    /// The committed state after model `name`'s floor became `floor`.
+    fn with_floor(name: &str, floor: u32) -> ControlState {
+        let (mut s, _) = committed();
+        let mut m = s.models[name].clone();
+        m.spec.min_replicas = floor;
+        s.apply(5, &Command::PutModel(m));
+        s
+    }
+
+    #[test]
+    fn a_changed_replica_floor_needs_a_replan() {
+        let name = state().models.keys().next().unwrap().clone();
+        assert!(with_floor(&name, 2).needs_replan(20.0, 0.2));
+    }
+
+    #[test]
+    fn a_plan_records_the_floors_it_met() {
+        let name = state().models.keys().next().unwrap().clone();
+        let s = with_floor(&name, 2);
+        let next = first_plan(&s);
+        assert_eq!(next.floors.get(&name), Some(&2));
+        let mut s = s;
+        s.apply(6, &Command::CommitPlacement(next));
+        assert!(!s.needs_replan(20.0, 0.2), "the floor is planned for");
     }
 
     #[test]

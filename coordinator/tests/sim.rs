@@ -114,6 +114,7 @@ fn fabric() -> (Vec<Member>, Vec<ModelRecord>) {
             compute_per_token: 1.0,
             kv_bytes_per_token: 0,
             hidden_bytes_per_token: 0,
+            min_replicas: 0,
         },
     };
     (

@@ -397,6 +397,7 @@ fn small_model() -> ModelRecord {
             compute_per_token: 0.25,
             kv_bytes_per_token: 18 * 2 * 256 * 2,
             hidden_bytes_per_token: 0,
+            min_replicas: 0,
         },
     }
 }

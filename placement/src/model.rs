@@ -26,6 +26,11 @@ pub struct ModelSpec {
     pub kv_bytes_per_token: u64,
     /// Activation bytes passed between shards per token.
     pub hidden_bytes_per_token: u64,
+    /// Replicas kept placed whatever the demand (0: as demand asks). Set
+    /// from a WeftModel's replicas (its scale subresource: KEDA or an HPA
+    /// moves it); demand may add more.
+    #[serde(default)]
+    pub min_replicas: u32,
 }
 
 impl ModelSpec {

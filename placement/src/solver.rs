@@ -86,6 +86,12 @@ pub enum Reason {
         /// The path it takes.
         class: LinkClass,
     },
+    /// The model's `min_replicas` asks for more replicas than demand
+    /// placed.
+    MinReplicas {
+        /// The floor.
+        min_replicas: u32,
+    },
     /// The whole model fits no single node, so it is split by free memory.
     Sharded {
         /// Memory the whole model needs (weights and KV reserve).
@@ -300,6 +306,7 @@ fn solve_once(
     for (i, &d) in order.iter().enumerate() {
         left[i] = s.spill(d, left[i]);
     }
+    s.meet_floors();
     s.finish()
 }
 
@@ -339,7 +346,11 @@ struct Solver<'a> {
     dropped: Vec<(Replica, DropReason)>,
     allocations: Vec<Allocation>,
     cost: PlanCost,
+    /// Models with demand, or a replica floor: their current replicas may
+    /// be kept.
     demanded: Vec<bool>,
+    /// Models with demand of their own.
+    asked: Vec<bool>,
     spill_sites: HashMap<SiteId, Vec<SiteId>>,
     /// Cloud sites with the single-sequence rate of their fastest node.
     clouds: Vec<(SiteId, f64)>,
@@ -356,12 +367,17 @@ impl<'a> Solver<'a> {
         current: &'a Placement,
         config: &'a SolverConfig,
     ) -> Self {
-        let mut demanded = vec![false; models.len()];
+        let mut asked = vec![false; models.len()];
         for d in demand {
             if d.requests_per_s > 0.0 {
-                demanded[d.model.0 as usize] = true;
+                asked[d.model.0 as usize] = true;
             }
         }
+        let demanded: Vec<bool> = models
+            .iter()
+            .zip(&asked)
+            .map(|(m, a)| *a || m.min_replicas > 0)
+            .collect();
         let mut held = HashMap::new();
         for r in &current.replicas {
             for s in &r.shards {
@@ -387,6 +403,7 @@ impl<'a> Solver<'a> {
             allocations: Vec::new(),
             cost: PlanCost::default(),
             demanded,
+            asked,
             spill_sites: HashMap::new(),
             pooled: HashMap::new(),
             clouds: topology
@@ -414,8 +431,18 @@ impl<'a> Solver<'a> {
     }
 
     fn keep_current(&mut self) {
+        let mut kept_of = vec![0u32; self.models.len()];
         for r in &self.current.replicas {
-            match self.check_current(r) {
+            // a model only its floor keeps placed keeps no more than that
+            let floor_only = self.models.get(r.model.0 as usize).is_some_and(|m| {
+                !self.asked[r.model.0 as usize] && kept_of[r.model.0 as usize] >= m.min_replicas
+            });
+            let checked = if floor_only {
+                Err(DropReason::NoDemand)
+            } else {
+                self.check_current(r)
+            };
+            match checked {
                 Ok(()) => {
                     let m = &self.models[r.model.0 as usize];
                     for s in &r.shards {
@@ -426,6 +453,7 @@ impl<'a> Solver<'a> {
                     }
                     let mut kept = r.clone();
                     kept.reasons = vec![Reason::Kept];
+                    kept_of[r.model.0 as usize] += 1;
                     self.push_replica(kept);
                 }
                 Err(why) => self.dropped.push((r.clone(), why)),
@@ -837,6 +865,48 @@ impl<'a> Solver<'a> {
             self.cost.moved_core_bytes += moved;
         }
         Some(r)
+    }
+
+    /// Places replicas of every model with fewer than its `min_replicas`:
+    /// at sites without one first (spread), edge before cloud, the site
+    /// with the most free memory first; as many as fit.
+    fn meet_floors(&mut self) {
+        for mi in 0..self.models.len() {
+            let model = ModelId(mi as u32);
+            let floor = self.models[mi].min_replicas;
+            loop {
+                let have = self.replicas.iter().filter(|r| r.model == model).count();
+                if have >= floor as usize {
+                    break;
+                }
+                let mut sites: Vec<SiteId> = (0..self.topology.sites.len())
+                    .map(|i| SiteId(i as u32))
+                    .collect();
+                sites.sort_by_key(|&site| {
+                    let free: u64 = self
+                        .topology
+                        .nodes_at(site)
+                        .iter()
+                        .map(|n| self.free_mem[n.0 as usize])
+                        .sum();
+                    (
+                        self.at.get(&(site, model)).map_or(0, Vec::len),
+                        self.topology.sites[site.0 as usize].kind != SiteKind::Edge,
+                        std::cmp::Reverse(free),
+                        site,
+                    )
+                });
+                let Some(r) = sites
+                    .into_iter()
+                    .find_map(|site| self.place_at(site, model))
+                else {
+                    break;
+                };
+                self.replicas[r].reasons.push(Reason::MinReplicas {
+                    min_replicas: floor,
+                });
+            }
+        }
     }
 
     /// Layer ranges over the site's nodes with the most free memory, each

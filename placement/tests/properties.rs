@@ -49,6 +49,7 @@ fn instance(rng: &mut StdRng, ample: bool) -> Instance {
             compute_per_token: rng.random_range(0.2..5.0),
             kv_bytes_per_token: rng.random_range(0..=200_000),
             hidden_bytes_per_token: 0,
+            min_replicas: 0,
         })
         .collect();
     let mut nodes = Vec::new();

@@ -96,6 +96,7 @@ fn models() -> Vec<Served> {
         compute_per_token: c,
         kv_bytes_per_token: kv,
         hidden_bytes_per_token: 0,
+        min_replicas: 0,
     };
     vec![
         Served {

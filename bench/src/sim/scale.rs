@@ -115,6 +115,7 @@ fn models() -> Vec<(ModelSpec, f64)> {
                     compute_per_token: c,
                     kv_bytes_per_token: kv,
                     hidden_bytes_per_token: 0,
+                    min_replicas: 0,
                 },
                 out,
             )

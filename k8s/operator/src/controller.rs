@@ -971,10 +971,25 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
     let served = &m.spec.served_name;
     let registered = status.models.get(served).cloned();
     let want_sha = m.spec.sha256.clone();
-    let up_to_date = registered
+    let floor = desired_floor(m);
+    let same_file = registered
         .as_ref()
-        .is_some_and(|sha| want_sha.as_ref().is_none_or(|w| w == sha));
-    let mut up_to_date = up_to_date;
+        .is_some_and(|r| want_sha.as_ref().is_none_or(|w| w == &r.sha256));
+    let mut up_to_date = same_file
+        && registered
+            .as_ref()
+            .is_some_and(|r| r.spec.min_replicas == floor);
+    if same_file && !up_to_date {
+        // only its replicas changed (kubectl scale, an autoscaler): the
+        // registered record with the new floor, nothing fetched again
+        let mut r = registered.clone().expect("registered");
+        r.spec.min_replicas = floor;
+        ctx.fabric
+            .put_model(&access, r)
+            .await
+            .map_err(|e| Error::Fabric(e.to_string()))?;
+        up_to_date = true;
+    }
     if !up_to_date {
         let record = match ctx.fabric.model_record(&m.spec.source, served).await {
             Ok(r) => r,
@@ -1009,6 +1024,8 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
                 return Ok(Action::await_change());
             }
         }
+        let mut record = record;
+        record.spec.min_replicas = floor;
         ctx.fabric
             .put_model(&access, record)
             .await
@@ -1104,6 +1121,17 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
     );
     patch_status(&api, &name, s).await?;
     Ok(Action::requeue(if ready { RESYNC } else { ROLLING }))
+}
+
+/// The replicas weft keeps placed for a model whatever the demand: its
+/// `replicas` (which an autoscaler moves), else its autoscaling minimum,
+/// else one.
+pub fn desired_floor(m: &WeftModel) -> u32 {
+    m.spec
+        .replicas
+        .or(m.spec.autoscaling.as_ref().map(|a| a.min_replicas))
+        .unwrap_or(1)
+        .max(0) as u32
 }
 
 /// Deletes an object if it exists (and if its kind is served at all: a

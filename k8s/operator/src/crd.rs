@@ -410,7 +410,10 @@ pub enum Actuator {
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
     cel
 )]
-#[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set replicas or autoscaling, not both"))]
+// with autoscaling, replicas belongs to the autoscaler (KEDA or an HPA write
+// it through the scale subresource, which the apiserver checks against
+// these rules too), so it may only sit within the autoscaler's bounds
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.replicas) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)").message("with autoscaling, replicas is the autoscaler's: leave it unset (or within minReplicas..maxReplicas)"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WeftModelSpec {
     /// The `WeftCluster` (same namespace) that serves it; the namespace's

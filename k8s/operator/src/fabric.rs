@@ -45,8 +45,8 @@ pub struct FabricStatus {
     pub members: BTreeSet<String>,
     /// The committed placement epoch.
     pub epoch: Option<u64>,
-    /// Registered models with their file's sha256.
-    pub models: BTreeMap<String, String>,
+    /// Registered models by name.
+    pub models: BTreeMap<String, ModelRecord>,
     /// Placements by model name.
     pub placements: BTreeMap<String, Vec<Placed>>,
 }
@@ -201,11 +201,7 @@ pub fn status_of(r: &weft_cluster::transport::StatusReport, peers: &[Peer]) -> F
         voters: r.voters.iter().filter_map(|v| voter(*v)).collect(),
         members: st.members.values().map(|m| m.name.clone()).collect(),
         epoch: st.placement.as_ref().map(|p| p.epoch),
-        models: st
-            .models
-            .iter()
-            .map(|(n, m)| (n.clone(), m.sha256.clone()))
-            .collect(),
+        models: st.models.clone(),
         placements,
     }
 }

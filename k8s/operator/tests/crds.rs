@@ -77,7 +77,7 @@ fn an_even_number_of_coordinators_is_refused() {
 }
 
 #[test]
-fn replicas_with_autoscaling_is_refused() {
+fn replicas_outside_the_autoscalers_bounds_are_refused() {
     assert_refused("replicas-and-autoscaling");
 }
 
@@ -200,4 +200,21 @@ fn the_crds_kustomization_renders_every_crd() {
         let name = crd.metadata.name.unwrap();
         assert!(text.contains(&format!("name: {name}")), "{name} missing");
     }
+}
+
+#[test]
+fn an_autoscaler_may_set_replicas_once_autoscaling_is_on() {
+    let text = std::fs::read_to_string(k8s().join("examples/cloud-region/site.yaml")).unwrap();
+    let v = weft_operator::documents(&text)
+        .unwrap()
+        .into_iter()
+        .find(|d| d["kind"] == "WeftModel")
+        .unwrap();
+    let old: weft_operator::crd::WeftModel = serde_json::from_value(v).unwrap();
+    let mut scaled = old.clone();
+    scaled.spec.replicas = Some(3);
+    assert!(kube::core::cel::validate_cel(&scaled).is_ok());
+    // beyond maxReplicas (8), it is refused
+    scaled.spec.replicas = Some(9);
+    assert!(kube::core::cel::validate_cel(&scaled).is_err());
 }

@@ -24,6 +24,7 @@ fn record(name: &str) -> ModelRecord {
             compute_per_token: 1.0,
             kv_bytes_per_token: 256,
             hidden_bytes_per_token: 512,
+            min_replicas: 0,
         },
         chunk_bytes: 0,
         chunk_sha256: Vec::new(),
@@ -81,10 +82,10 @@ async fn the_admin_path_registers_and_removes_a_model() {
     let (h, ca) = coordinator(dir.path()).await;
     let a = access(&h, &ca, "op", Role::Admin);
     Quic.put_model(&a, record("m1")).await.unwrap();
-    assert_eq!(
-        Quic.status(&a).await.unwrap().models.get("m1"),
-        Some(&"c".repeat(64))
-    );
+    let mut r = record("m1");
+    r.spec.min_replicas = 2;
+    Quic.put_model(&a, r.clone()).await.unwrap();
+    assert_eq!(Quic.status(&a).await.unwrap().models.get("m1"), Some(&r));
     Quic.remove_model(&a, "m1").await.unwrap();
     assert!(!Quic.status(&a).await.unwrap().models.contains_key("m1"));
     h.stop().await.unwrap();

@@ -127,6 +127,7 @@ struct FakeFabric {
     status: Mutex<FabricStatus>,
     puts: Mutex<Vec<ModelRecord>>,
     removed: Mutex<Vec<String>>,
+    fetched: Mutex<u32>,
 }
 
 fn record(name: &str) -> ModelRecord {
@@ -141,6 +142,7 @@ fn record(name: &str) -> ModelRecord {
             compute_per_token: 1.0,
             kv_bytes_per_token: 1024,
             hidden_bytes_per_token: 2048,
+            min_replicas: 0,
         },
         chunk_bytes: 0,
         chunk_sha256: Vec::new(),
@@ -173,6 +175,7 @@ impl Fabric for FakeFabric {
         _: &'a str,
         served: &'a str,
     ) -> BoxFuture<'a, anyhow::Result<ModelRecord>> {
+        *self.fetched.lock().unwrap() += 1;
         let r = record(served);
         Box::pin(async move { Ok(r) })
     }
@@ -796,6 +799,8 @@ async fn a_model_is_registered_with_the_coordinators_and_its_placements_reported
             .collect::<Vec<_>>(),
         ["gemma-3-270m"]
     );
+    // its replicas (1) are the floor weft keeps placed
+    assert_eq!(fabric.puts.lock().unwrap()[0].spec.min_replicas, 1);
     let s = status_written(&seen);
     assert_eq!(s["replicas"], 1);
     assert_eq!(s["placements"][0]["state"], "Loaded");
@@ -961,4 +966,94 @@ async fn a_policy_naming_a_missing_secret_is_resolved_refs_false_and_its_keys_le
         .api_keys
         .0
         .is_empty());
+}
+
+/// A model registered as `record("gemma-3-270m")` with `floor`.
+fn registered_with_floor(floor: u32) -> FabricStatus {
+    let mut st = led();
+    let mut registered = record("gemma-3-270m");
+    registered.spec.min_replicas = floor;
+    st.models.insert("gemma-3-270m".into(), registered);
+    st
+}
+
+fn model_calls(m: &WeftModel) -> Vec<Call> {
+    let c = cluster(1);
+    vec![
+        call("GET", weft("weftclusters"), 200, cluster_list(&c)),
+        call("GET", core("secrets/factory-7-admin"), 200, creds(&c).admin),
+        status_applied(weft("weftmodels/gemma-3-270m/status"), m),
+    ]
+}
+
+#[tokio::test]
+async fn a_scaled_model_moves_its_floor_without_fetching_its_file_again() {
+    let mut m = model(true, false);
+    m.spec.replicas = Some(3);
+    let (client, _seen, task) = api_server(model_calls(&m));
+    let fabric = Arc::new(FakeFabric::default());
+    *fabric.status.lock().unwrap() = registered_with_floor(1);
+    let ctx = ctx(client, fabric.clone());
+    controller::reconcile_model(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    assert_eq!(
+        *fabric.fetched.lock().unwrap(),
+        0,
+        "the file was fetched again"
+    );
+    let puts = fabric.puts.lock().unwrap();
+    assert_eq!(puts.len(), 1);
+    assert_eq!(puts[0].spec.min_replicas, 3);
+}
+
+#[tokio::test]
+async fn a_model_already_registered_as_wanted_is_not_put_again() {
+    let m = model(true, false);
+    let (client, _seen, task) = api_server(model_calls(&m));
+    let fabric = Arc::new(FakeFabric::default());
+    *fabric.status.lock().unwrap() = registered_with_floor(1);
+    let ctx = ctx(client, fabric.clone());
+    controller::reconcile_model(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    assert!(fabric.puts.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_autoscaled_model_gets_its_scaled_object_and_no_hpa() {
+    let mut m: WeftModel = with_meta(example("cloud-region/site.yaml", "WeftModel"), 1);
+    m.metadata.finalizers = Some(vec![controller::MODEL_FINALIZER.into()]);
+    let c: WeftCluster = with_meta(example("cloud-region/site.yaml", "WeftCluster"), 1);
+    let so = render::model(&m, &c).unwrap().remove(0);
+    let calls = vec![
+        call("GET", weft("weftclusters"), 200, cluster_list(&c)),
+        call("GET", core("secrets/eu-west-admin"), 200, creds(&c).admin),
+        applied(path_of(&so), Value::Null),
+        call(
+            "DELETE",
+            format!("/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/smollm2-135m"),
+            404,
+            not_found(),
+        ),
+        status_applied(weft("weftmodels/smollm2-135m/status"), &m),
+    ];
+    let (client, seen, task) = api_server(calls);
+    let fabric = Arc::new(FakeFabric::default());
+    let ctx = ctx(client, fabric.clone());
+    controller::reconcile_model(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    // until KEDA scales it, weft keeps the autoscaler's minimum placed
+    assert_eq!(fabric.puts.lock().unwrap()[0].spec.min_replicas, 1);
+    let seen = seen.lock().unwrap();
+    let applied_so = &seen
+        .iter()
+        .find(|(_, p, _)| p.contains("/scaledobjects/"))
+        .unwrap()
+        .2;
+    assert_eq!(applied_so["spec"]["scaleTargetRef"]["kind"], "WeftModel");
 }

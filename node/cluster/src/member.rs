@@ -1426,6 +1426,7 @@ mod tests {
                         compute_per_token: 1.0,
                         kv_bytes_per_token: 0,
                         hidden_bytes_per_token: 0,
+                        min_replicas: 0,
                     },
                 },
             );

@@ -70,6 +70,7 @@ pub fn record_for(stored: &StoredModel, source: &str, name: Option<&str>) -> Res
         // K and V, f16, for every layer and KV head
         kv_bytes_per_token: (cfg.layers * 2 * cfg.kv_heads * cfg.head_dim * 2) as u64,
         hidden_bytes_per_token: (cfg.hidden * 4) as u64,
+        min_replicas: 0,
     };
     Ok(ModelRecord {
         source: source.to_string(),

@@ -236,6 +236,7 @@ impl Cluster {
                     compute_per_token: 0.25,
                     kv_bytes_per_token: 18 * 2 * 256 * 2,
                     hidden_bytes_per_token: 0,
+                    min_replicas: 0,
                 },
             }),
         ] {
@@ -753,6 +754,7 @@ fn commands_a_gateway_may_not_send(
                 compute_per_token: 1.0,
                 kv_bytes_per_token: 0,
                 hidden_bytes_per_token: 0,
+                min_replicas: 0,
             },
         })),
         propose(Command::RemoveModel {

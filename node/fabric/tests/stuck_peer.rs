@@ -170,6 +170,7 @@ async fn a_model_fetch_from_a_stuck_peer_fails_within_its_bound() {
             compute_per_token: 1.0,
             kv_bytes_per_token: 0,
             hidden_bytes_per_token: 0,
+            min_replicas: 0,
         },
     };
     let dir = tempfile::tempdir().unwrap();
