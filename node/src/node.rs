@@ -210,9 +210,9 @@ pub async fn run_node(
 
 /// The overlay's bootstrap peers as libp2p addresses. A `/dns4/NAME/...`
 /// address (a coordinator's stable name) is resolved here to its current
-/// `/ip4/...`, retried for up to a minute while the name does not resolve
-/// yet (the peer's pod is starting); one that never resolves is left out
-/// with a warning, as mDNS and the other peers still find the overlay.
+/// `/ip4/...`, retried for a few seconds while the name does not resolve
+/// yet (the peer's pod is starting); one that does not resolve is left out
+/// with a warning: the peers that start later dial this node themselves.
 async fn resolve_bootstrap(addrs: &[String]) -> Result<Vec<weft_cluster::overlay::Multiaddr>> {
     let mut out = Vec::new();
     for a in addrs {
@@ -225,14 +225,14 @@ async fn resolve_bootstrap(addrs: &[String]) -> Result<Vec<weft_cluster::overlay
         };
         let (host, tail) = rest.split_once('/').unwrap_or((rest, ""));
         let mut found = None;
-        for _ in 0..30 {
+        for _ in 0..5 {
             if let Ok(mut it) = tokio::net::lookup_host((host, 0)).await {
                 if let Some(ip) = it.find(|s| s.is_ipv4()) {
                     found = Some(ip.ip());
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         match found {
             Some(ip) => out.push(

@@ -3,7 +3,9 @@
 //! (polled: a Kubernetes Secret volume changes by swapping a symlink, which
 //! no inotify watch on the file sees); its keys and tenants go over the
 //! config's own. A file that does not parse is refused with an error in
-//! the log, and what was in force stays.
+//! the log, and what was in force stays. A node with a tenants file always
+//! requires an API key: until the file (or the config) gives one, every
+//! request is refused, never served unauthenticated.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ pub fn merged(base: &weft_api::ApiConfig, file: &TenantsFile) -> Policy {
     // the file's keys are added to an ApiKeys built from both maps
     keys.0.extend(file.api_keys.0.clone());
     let mut p = base.policy();
+    p.require_keys = true;
     p.api_keys = p.api_keys.with(&keys);
     for (t, l) in &file.tenants {
         p.tenants.insert(t.clone(), l.clone());
@@ -47,6 +50,12 @@ pub fn read(path: &Path) -> Result<Option<(TenantsFile, [u8; 32])>, String> {
 /// runtime ends.
 pub fn watch(app: Arc<AppState>, path: PathBuf) {
     let base = app.cfg.clone();
+    let keyed = {
+        let mut p = base.policy();
+        p.require_keys = true;
+        p
+    };
+    app.set_policy(keyed.clone());
     let mut seen: Option<[u8; 32]> = None;
     let mut apply = move |app: &AppState| match read(&path) {
         Ok(Some((f, digest))) if seen != Some(digest) => {
@@ -63,7 +72,7 @@ pub fn watch(app: Arc<AppState>, path: PathBuf) {
         Ok(Some(_)) => {}
         Ok(None) => {
             if seen.take().is_some() {
-                app.set_policy(base.policy());
+                app.set_policy(keyed.clone());
                 tracing::info!(file = %path.display(), "tenants file gone: the config's keys only");
             }
         }

@@ -93,7 +93,9 @@ fn remove_stale_sandboxes() {
 /// other than loopback without API keys, anyone who reaches the port could
 /// run code on this machine.
 pub fn sandboxes_exposed(cfg: &NodeConfig) -> Option<String> {
-    if !cfg.api_keys.0.is_empty() || cfg.sandboxes.allow_without_keys {
+    // a tenants file makes every request need a key, keys or not yet
+    if !cfg.api_keys.0.is_empty() || cfg.tenants_file.is_some() || cfg.sandboxes.allow_without_keys
+    {
         return None;
     }
     let loopback = cfg

@@ -1348,3 +1348,25 @@ fn a_broken_tenants_file_is_refused_and_the_configs_keys_stay() {
     assert_eq!(with_key(&n, Some("sk-line-000001")).status(), 401);
     assert_eq!(with_key(&n, Some("sk-alpha-0001")).status(), 200);
 }
+
+#[test]
+fn a_node_whose_keys_come_only_from_a_tenants_file_refuses_requests_until_it_has_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tenants.toml");
+    let n = start(&format!(
+        "tenants_file = {:?}\n",
+        path.display().to_string()
+    ));
+    // no key anywhere yet: refused, not served as anonymous
+    assert_eq!(with_key(&n, None).status(), 401);
+    std::fs::write(&path, LINE_KEY).unwrap();
+    let deadline = Instant::now() + START_DEADLINE;
+    while with_key(&n, Some("sk-line-000001")).status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the file's key was never taken up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(with_key(&n, None).status(), 401);
+}

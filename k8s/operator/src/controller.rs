@@ -508,6 +508,8 @@ async fn cluster_inner(c: &WeftCluster, ctx: &Ctx) -> Result<Action> {
             sts = got;
         }
     }
+    // the tenants Secret follows the policies, deleted ones included
+    write_tenants(c, ctx).await?;
     let want = c.spec.coordinators.replicas as i64;
     let st = &sts["status"];
     let num = |k: &str| st[k].as_i64().unwrap_or(0);
@@ -746,11 +748,23 @@ async fn pool_inner(p: &FabricNodePool, ctx: &Ctx) -> Result<Action> {
     let names = pool_node_names(p, ctx).await?;
     let unix = (ctx.unix_now)();
     tokens.retain(|k, _| names.contains(k));
+    // a token its node redeemed is replaced, so a pod that comes back
+    // without its identity (a new pod, an emptied volume) can join again
+    let used = match access_for(&cluster, ctx).await? {
+        Some(a) => match ctx.fabric.status(&a).await {
+            Ok(s) => s.used_tokens,
+            Err(e) => {
+                tracing::debug!(error = %e, "coordinators not asked which tokens were used");
+                Default::default()
+            }
+        },
+        None => Default::default(),
+    };
     for n in &names {
         let fresh = tokens
             .get(n)
             .and_then(|t| TokenClaims::peek(t).ok())
-            .is_some_and(|c| c.expires > unix);
+            .is_some_and(|c| c.expires > unix && !used.contains(&c.nonce));
         if !fresh {
             let t = ca
                 .issue_token(unix, render::JOIN_TOKEN_TTL_S, n, CertRole::Node)
@@ -1003,7 +1017,8 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
                     json!({}),
                 );
                 patch_status(&api, &name, s).await?;
-                return Ok(Action::requeue(ctx.backoff(&key_of(m))));
+                // an error, so the object backs off (and an Event says why)
+                return Err(Error::Fabric(format!("fetching {}: {e:#}", m.spec.source)));
             }
         };
         if let Some(w) = &want_sha {
@@ -1117,7 +1132,8 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
                 format!("{loaded} of {} placements loaded", placements.len()),
             ),
         ],
-        json!({"replicas": loaded, "placements": placements, "placementEpoch": status.epoch}),
+        json!({"replicas": loaded, "placements": placements, "placementEpoch": status.epoch,
+               "selector": format!("app.kubernetes.io/instance={},weft.dev/serves=true", cluster.name_any())}),
     );
     patch_status(&api, &name, s).await?;
     Ok(Action::requeue(if ready { RESYNC } else { ROLLING }))
@@ -1180,21 +1196,129 @@ pub async fn reconcile_policy(p: Arc<AgentPolicy>, ctx: Arc<Ctx>) -> Result<Acti
     observed(&*p, &ctx, "ReconcileFailed", policy_inner(&p, &ctx)).await
 }
 
-/// What in a policy weft's nodes cannot enforce yet, if anything.
-pub fn unsupported(p: &AgentPolicy, c: &WeftCluster) -> Option<String> {
+/// What in a policy weft's nodes cannot enforce, if anything.
+pub fn unsupported(p: &AgentPolicy, _c: &WeftCluster) -> Option<String> {
     let s = p.spec.sandboxes.as_ref()?;
-    if !s.templates.is_empty() {
-        return Some(
-            "sandboxes.templates: the nodes cannot restrict a tenant's templates yet".into(),
-        );
+    if s.max_sandboxes == Some(0) {
+        return None;
     }
-    if s.isolation != c.spec.isolation.sandbox {
-        return Some(format!(
-            "sandboxes.isolation {:?} differs from the cluster's tier {:?}: the nodes run one tier",
-            s.isolation, c.spec.isolation.sandbox
-        ));
+    Some(
+        "sandboxes: agent sandboxes need a node that runs as root (each sandbox gets a kernel uid of its own), and weft's pods run as non-root; leave sandboxes out, or set maxSandboxes: 0"
+            .into(),
+    )
+}
+
+/// The shortest API key a node takes.
+pub const MIN_KEY_LEN: usize = 8;
+
+/// What writing a cluster's tenants Secret found.
+#[derive(Debug, Default)]
+pub struct TenantsWritten {
+    /// Per policy: the references it names that do not resolve.
+    pub missing: BTreeMap<String, Vec<String>>,
+    /// Per policy: why it was left out although its references resolve.
+    pub refused: BTreeMap<String, String>,
+    /// The file's sha256 (first 8 bytes, hex).
+    pub digest: String,
+}
+
+/// Compiles every `AgentPolicy` of cluster `c` (and its `api.apiKeysSecret`)
+/// into the tenants Secret its nodes load; a policy whose keys do not
+/// resolve, or that asks for what the nodes cannot enforce, is left out.
+/// Run by both the cluster's and the policies' reconciles, so a deleted
+/// policy's keys are gone within a resync.
+pub async fn write_tenants(c: &WeftCluster, ctx: &Ctx) -> Result<TenantsWritten> {
+    let cname = c.name_any();
+    let ns = c.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut out = TenantsWritten::default();
+    let mut extra = BTreeMap::new();
+    if let Some(name) = &c.spec.api.api_keys_secret {
+        match secrets.get_opt(name).await? {
+            Some(s) => {
+                for (tenant, key) in secret_strings(&s) {
+                    if key.trim().len() >= MIN_KEY_LEN {
+                        extra.insert(key.trim().to_string(), tenant);
+                    } else {
+                        tracing::warn!(secret = %name, %tenant, "an API key shorter than {MIN_KEY_LEN} characters is left out");
+                    }
+                }
+            }
+            None => {
+                tracing::warn!(secret = %name, cluster = %cname, "the cluster's apiKeysSecret does not exist")
+            }
+        }
     }
-    None
+    let policies: Api<AgentPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    let all = policies.list(&ListParams::default()).await?;
+    let mut keys = BTreeMap::new();
+    let mut resolved = Vec::new();
+    for q in all.items.iter().filter(|q| q.spec.cluster_ref == cname) {
+        let qname = q.name_any();
+        let mut ok = true;
+        if let Some(why) = unsupported(q, c) {
+            out.refused.insert(qname.clone(), why);
+            ok = false;
+        }
+        for sub in &q.spec.subjects {
+            let got = secrets.get_opt(&sub.secret_name).await?;
+            let v = got
+                .as_ref()
+                .and_then(|s| secret_strings(s).get(&sub.secret_key).cloned());
+            match v.map(|v| v.trim().to_string()) {
+                Some(v) if v.len() >= MIN_KEY_LEN => {
+                    keys.insert((sub.secret_name.clone(), sub.secret_key.clone()), v);
+                }
+                Some(v) if !v.is_empty() => {
+                    ok = false;
+                    out.refused.insert(
+                        qname.clone(),
+                        format!(
+                            "the key {:?} in Secret {:?} is shorter than {MIN_KEY_LEN} characters",
+                            sub.secret_key, sub.secret_name
+                        ),
+                    );
+                }
+                _ => {
+                    ok = false;
+                    out.missing
+                        .entry(qname.clone())
+                        .or_default()
+                        .push(match got {
+                            Some(_) => {
+                                format!("key {:?} in Secret {:?}", sub.secret_key, sub.secret_name)
+                            }
+                            None => format!("Secret {:?}", sub.secret_name),
+                        });
+                }
+            }
+        }
+        if ok {
+            resolved.push(q.clone());
+        }
+    }
+    let toml = render::tenants_toml(&resolved, &keys, &extra)?;
+    let own = render::owner(
+        &WeftCluster::api_version(&()),
+        "WeftCluster",
+        &cname,
+        c.meta().uid.as_deref().unwrap_or_default(),
+    );
+    let data = BTreeMap::from([("tenants.toml".to_string(), toml.clone())]);
+    apply(
+        &ctx.client,
+        &render::secret(
+            &render::tenants_secret(&cname),
+            &ns,
+            (&cname, "tenants"),
+            &own,
+            &data,
+        ),
+    )
+    .await?;
+    use sha2::Digest;
+    out.digest = hex::encode(&sha2::Sha256::digest(toml.as_bytes())[..8]);
+    Ok(out)
 }
 
 async fn policy_inner(p: &AgentPolicy, ctx: &Ctx) -> Result<Action> {
@@ -1219,14 +1343,6 @@ async fn policy_inner(p: &AgentPolicy, ctx: &Ctx) -> Result<Action> {
         patch_status(&api, &name, s).await?;
         return Ok(Action::requeue(ROLLING));
     };
-    if let Some(why) = unsupported(p, &cluster) {
-        let s = json!({"observedGeneration": generation, "conditions": [
-            c("Accepted", "False", "Unsupported", why.clone()),
-            c("Enforced", "False", "Unsupported", why),
-        ]});
-        patch_status(&api, &name, s).await?;
-        return Ok(Action::await_change());
-    }
     // the RuntimeClass the cluster's pods name must exist
     let mut missing = Vec::new();
     if let Some(rc) = &cluster.spec.isolation.runtime_class_name {
@@ -1235,68 +1351,16 @@ async fn policy_inner(p: &AgentPolicy, ctx: &Ctx) -> Result<Action> {
             missing.push(format!("RuntimeClass {rc:?}"));
         }
     }
-    // every policy of the cluster, with the keys it names
-    let all = api.list(&ListParams::default()).await?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut keys = BTreeMap::new();
-    let mut resolved = Vec::new();
-    for q in all
-        .items
-        .iter()
-        .filter(|q| q.spec.cluster_ref == p.spec.cluster_ref)
-    {
-        let mut ok = unsupported(q, &cluster).is_none();
-        for sub in &q.spec.subjects {
-            let got = secrets.get_opt(&sub.secret_name).await?;
-            let v = got
-                .as_ref()
-                .and_then(|s| secret_strings(s).get(&sub.secret_key).cloned());
-            match v {
-                Some(v) if !v.trim().is_empty() => {
-                    keys.insert(
-                        (sub.secret_name.clone(), sub.secret_key.clone()),
-                        v.trim().to_string(),
-                    );
-                }
-                _ => {
-                    ok = false;
-                    if q.name_any() == name {
-                        missing.push(match got {
-                            Some(_) => {
-                                format!("key {:?} in Secret {:?}", sub.secret_key, sub.secret_name)
-                            }
-                            None => format!("Secret {:?}", sub.secret_name),
-                        });
-                    }
-                }
-            }
+    let written = write_tenants(&cluster, ctx).await?;
+    missing.extend(written.missing.get(&name).cloned().unwrap_or_default());
+    let secret = render::tenants_secret(&cluster.name_any());
+    let accepted = match written.refused.get(&name) {
+        Some(why) if unsupported(p, &cluster).is_some() => {
+            c("Accepted", "False", "Unsupported", why.clone())
         }
-        if ok {
-            resolved.push(q.clone());
-        }
-    }
-    let toml = render::tenants_toml(&resolved, &keys)?;
-    let cname = cluster.name_any();
-    let own = render::owner(
-        &WeftCluster::api_version(&()),
-        "WeftCluster",
-        &cname,
-        cluster.meta().uid.as_deref().unwrap_or_default(),
-    );
-    let data = BTreeMap::from([("tenants.toml".to_string(), toml.clone())]);
-    apply(
-        &ctx.client,
-        &render::secret(
-            &render::tenants_secret(&cname),
-            &ns,
-            (&cname, "tenants"),
-            &own,
-            &data,
-        ),
-    )
-    .await?;
-    use sha2::Digest;
-    let digest = hex::encode(&sha2::Sha256::digest(toml.as_bytes())[..8]);
+        Some(why) => c("Accepted", "False", "InvalidKey", why.clone()),
+        None => c("Accepted", "True", "Accepted", String::new()),
+    };
     let refs = if missing.is_empty() {
         c(
             "ResolvedRefs",
@@ -1312,26 +1376,34 @@ async fn policy_inner(p: &AgentPolicy, ctx: &Ctx) -> Result<Action> {
             format!("missing: {}", missing.join(", ")),
         )
     };
-    let enforced = if missing.is_empty() {
-        c("Enforced", "True", "Distributed", format!(
-            "in Secret {} (sha256 {digest}…); nodes reload it when the kubelet updates their volume",
-            render::tenants_secret(&cname)
-        ))
-    } else {
+    let enforced = if let Some(why) = written.refused.get(&name) {
+        c(
+            "Enforced",
+            "False",
+            if accepted.reason == "Unsupported" {
+                "Unsupported"
+            } else {
+                "InvalidKey"
+            },
+            why.clone(),
+        )
+    } else if !missing.is_empty() {
         c(
             "Enforced",
             "False",
             "RefsNotResolved",
             "its keys are left out of the tenants file until they resolve".into(),
         )
-    };
-    let s = json!({"observedGeneration": generation, "conditions": [c("Accepted", "True", "Accepted", String::new()), refs, enforced]});
-    patch_status(&api, &name, s).await?;
-    Ok(Action::requeue(if missing.is_empty() {
-        RESYNC
     } else {
-        ROLLING
-    }))
+        c("Enforced", "True", "Distributed", format!(
+            "in Secret {secret} (sha256 {}…); nodes reload it when the kubelet updates their volume",
+            written.digest
+        ))
+    };
+    let ok = missing.is_empty() && !written.refused.contains_key(&name);
+    let s = json!({"observedGeneration": generation, "conditions": [accepted, refs, enforced]});
+    patch_status(&api, &name, s).await?;
+    Ok(Action::requeue(if ok { RESYNC } else { ROLLING }))
 }
 
 // -------------------------------------------------------------------- run

@@ -96,8 +96,11 @@ pub struct WeftClusterSpec {
 pub struct Coordinators {
     /// How many: 1 (one machine, no fault tolerance), 3 or 5 (a Raft
     /// quorum survives 1 or 2 losses). An even count adds no tolerance.
+    /// Fixed once the cluster exists: the operator does not change a Raft
+    /// group's membership.
     #[serde(default = "three")]
     #[x_kube(validation = Rule::new("self == 1 || self == 3 || self == 5").message("coordinators.replicas must be 1, 3 or 5 (an odd Raft group)"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("coordinators.replicas cannot change once the cluster exists (the operator does not change a Raft group's membership)"))]
     pub replicas: i32,
     /// Each one's volume for its Raft log and snapshots.
     #[serde(default)]
@@ -158,8 +161,9 @@ pub struct ApiService {
     /// the API; the cluster's own namespace always may.
     #[serde(default)]
     pub agent_namespaces: Vec<String>,
-    /// The Secret holding the API keys (`key: tenant` lines), if any;
-    /// `AgentPolicy` subjects add to it.
+    /// A Secret (same namespace) of API keys, if any: each entry's name is
+    /// a tenant, its value that tenant's key. `AgentPolicy` subjects add to
+    /// it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_secret: Option<String>,
 }
@@ -299,11 +303,11 @@ pub struct FabricNodePoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0").message("replicas cannot be negative"))]
     pub replicas: Option<i32>,
-    /// The site; read from the node's `topology.kubernetes.io/zone` label
-    /// when unset.
+    /// The site (default: the pool's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
-    /// The region; read from `topology.kubernetes.io/region` when unset.
+    /// The region (weft numbers regions by a hash of the name; region 0
+    /// when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// Nodes the pods may run on.
@@ -338,7 +342,10 @@ pub struct ModelCache {
     /// A PVC (per pod of a StatefulSet pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc: Option<Storage>,
-    /// A host directory (an edge gateway's disk).
+    /// A host directory (an edge gateway's disk). Pod Security's
+    /// `restricted` and `baseline` levels refuse hostPath volumes: the
+    /// namespace must allow them, and the directory must be writable by
+    /// uid 65532. Neither set: an emptyDir (fetched again with each pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<String>,
 }
@@ -404,7 +411,7 @@ pub enum Actuator {
     namespaced,
     status = "WeftModelStatus",
     shortname = "wm",
-    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas"}"#,
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
     printcolumn = r#"{"name":"Served","type":"string","jsonPath":".spec.servedName"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
@@ -532,6 +539,10 @@ pub struct WeftModelStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The serving pods of its cluster (the scale subresource's selector,
+    /// which an HPA needs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// Loaded replicas.
     #[serde(default)]
     pub replicas: i32,

@@ -49,6 +49,8 @@ pub struct FabricStatus {
     pub models: BTreeMap<String, ModelRecord>,
     /// Placements by model name.
     pub placements: BTreeMap<String, Vec<Placed>>,
+    /// Nonces of join tokens redeemed (and not expired).
+    pub used_tokens: BTreeSet<String>,
 }
 
 /// weft's control plane, as the operator uses it.
@@ -203,5 +205,6 @@ pub fn status_of(r: &weft_cluster::transport::StatusReport, peers: &[Peer]) -> F
         epoch: st.placement.as_ref().map(|p| p.epoch),
         models: st.models.clone(),
         placements,
+        used_tokens: st.tokens_used.keys().cloned().collect(),
     }
 }

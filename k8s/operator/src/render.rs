@@ -194,7 +194,10 @@ pub fn secret(
         "kind": "Secret",
         "metadata": meta(name, ns, labels(labels_of.0, labels_of.1), owners),
         "type": "Opaque",
-        "stringData": data,
+        "data": data.iter().map(|(k, v)| {
+            use base64::Engine;
+            (k.clone(), Value::String(base64::engine::general_purpose::STANDARD.encode(v)))
+        }).collect::<serde_json::Map<String, Value>>(),
     })
 }
 
@@ -372,16 +375,19 @@ pub fn cluster(c: &WeftCluster) -> Result<Vec<Value>, RenderError> {
         },
     }));
 
-    out.push(json!({
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": meta(&coord, &ns, labels(&name, "coordinator"), &own),
-        "spec": {
-            // a voluntary disruption never takes the group below quorum
-            "minAvailable": n / 2 + 1,
-            "selector": {"matchLabels": selector(&name, "coordinator")},
-        },
-    }));
+    // a voluntary disruption never takes the group below quorum; a group
+    // of one has no quorum to keep (a budget would block every drain)
+    if n > 1 {
+        out.push(json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": meta(&coord, &ns, labels(&name, "coordinator"), &own),
+            "spec": {
+                "minAvailable": n / 2 + 1,
+                "selector": {"matchLabels": selector(&name, "coordinator")},
+            },
+        }));
+    }
 
     let (live, ready) = probes("metrics");
     let id_items: Vec<Value> = (0..n)
@@ -416,6 +422,7 @@ pub fn cluster(c: &WeftCluster) -> Result<Vec<Value>, RenderError> {
                 {"name": "overlay", "containerPort": OVERLAY_PORT, "protocol": "UDP"},
                 {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             ],
+            "startupProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 2, "failureThreshold": 60},
             "livenessProbe": live,
             "readinessProbe": ready,
             "resources": {
@@ -584,9 +591,9 @@ pub fn pool_toml(p: &FabricNodePool, c: &WeftCluster) -> Result<String, RenderEr
         Role::Edge => "edge",
         Role::Cloud => "cloud",
     };
-    // the site is the pod's WEFT_SITE (the spec's, else its node's zone);
-    // this one stands when neither is known
+    // the spec's site, else the pool's name
     let site = p.spec.site.clone().unwrap_or_else(|| pool.clone());
+    let (memory_bytes, tokens_per_s) = capacity(p);
     Ok(format!(
         "# weft nodes of pool {pool} in cluster {cname}: written by the operator\n\
          [node]\n\
@@ -596,8 +603,9 @@ pub fn pool_toml(p: &FabricNodePool, c: &WeftCluster) -> Result<String, RenderEr
          site = {site}\n\
          kind = \"{kind}\"\n\
          region = {region}\n\
-         memory_bytes = 4294967296\n\
-         tokens_per_s = 500.0\n\
+         metrics_addr = \"0.0.0.0:{METRICS_PORT}\"\n\
+         memory_bytes = {memory_bytes}\n\
+         tokens_per_s = {tokens_per_s:.1}\n\
          accelerator = {accel}\n\
          \n\
          [join]\n\
@@ -622,6 +630,65 @@ pub fn pool_toml(p: &FabricNodePool, c: &WeftCluster) -> Result<String, RenderEr
         boot = overlay_bootstrap(&cname, &ns, n, None),
         sandbox = in_pod_sandbox(c.spec.isolation.sandbox),
     ))
+}
+
+/// Bytes in a Kubernetes quantity (`48Gi`, `512M`, `1e9`); `None` if it is
+/// not one.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(q.len());
+    let (num, unit) = q.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    (n >= 0.0).then_some((n * mult) as u64)
+}
+
+/// Decode tokens/s one CPU core gives a small model, and one GPU (the
+/// placement's first estimate; nodes' load reports refine what it sees).
+pub const TOKENS_PER_S_PER_CPU: f64 = 100.0;
+/// See [`TOKENS_PER_S_PER_CPU`].
+pub const TOKENS_PER_S_PER_GPU: f64 = 2000.0;
+
+/// What a pool's pod offers the placement: 80% of its memory limit (or
+/// request; 4 GiB when neither is set) for weights and KV cache, and
+/// tokens/s from its CPUs and GPUs.
+pub fn capacity(p: &FabricNodePool) -> (u64, f64) {
+    let r = p.spec.resources.as_ref();
+    let get = |which: &str, key: &str| -> Option<String> {
+        let m = match which {
+            "limits" => r?.limits.as_ref()?,
+            _ => r?.requests.as_ref()?,
+        };
+        m.get(key).map(|q| q.0.clone())
+    };
+    let memory = get("limits", "memory")
+        .or_else(|| get("requests", "memory"))
+        .and_then(|q| quantity_bytes(&q))
+        .unwrap_or(4 << 30);
+    let cpus = get("limits", "cpu")
+        .or_else(|| get("requests", "cpu"))
+        .and_then(|q| match q.trim().strip_suffix('m') {
+            Some(milli) => milli.parse::<f64>().ok().map(|v| v / 1000.0),
+            None => q.trim().parse::<f64>().ok(),
+        })
+        .unwrap_or(2.0);
+    let gpus = p.spec.gpus.unwrap_or(0).max(0) as f64;
+    (
+        memory / 10 * 8,
+        (cpus * TOKENS_PER_S_PER_CPU + gpus * TOKENS_PER_S_PER_GPU).max(1.0),
+    )
 }
 
 /// What a `FabricNodePool` of cluster `c` renders to (its join tokens
@@ -659,13 +726,8 @@ pub fn pool(p: &FabricNodePool, c: &WeftCluster) -> Result<Vec<Value>, RenderErr
     } else {
         env.push(json!({"name": "WEFT_NODE_NAME_FROM", "value": "$(POD_NAME)"}));
     }
-    match &s.site {
-        Some(site) => env.push(json!({"name": "WEFT_SITE", "value": site})),
-        None => env.push(env_field(
-            "WEFT_SITE",
-            "metadata.labels['topology.kubernetes.io/zone']",
-        )),
-    }
+    // models are fetched into the cache volume (the root is read-only)
+    env.push(json!({"name": "WEFT_CACHE_DIR", "value": "/var/cache/weft"}));
     let mut resources = s.resources.as_ref().map_or_else(
         || {
             json!({
@@ -678,7 +740,10 @@ pub fn pool(p: &FabricNodePool, c: &WeftCluster) -> Result<Vec<Value>, RenderErr
     if let Some(g) = s.gpus.filter(|g| *g > 0) {
         resources["limits"]["nvidia.com/gpu"] = json!(g.to_string());
     }
-    let (live, ready) = probes("api");
+    // alive and ready on the node's own endpoint: ready once it is a member
+    // of the control state, whether or not the placement gave it a model
+    // yet (a request it cannot serve is forwarded to a peer that can)
+    let (live, ready) = probes("metrics");
     let mut mounts = vec![
         json!({"name": "data", "mountPath": DATA_DIR}),
         json!({"name": "config", "mountPath": "/etc/weft/config", "readOnly": true}),
@@ -722,9 +787,10 @@ pub fn pool(p: &FabricNodePool, c: &WeftCluster) -> Result<Vec<Value>, RenderErr
         }
     }
     if daemon {
-        // a DaemonSet pod's identity (what it got for its join token) lives
-        // on its node, so a restarted pod needs no new token
-        volumes.push(json!({"name": "data", "hostPath": {"path": format!("/var/lib/weft/{ns}-{pname}"), "type": "DirectoryOrCreate"}}));
+        // a DaemonSet pod keeps its identity in the pod's own volume: when
+        // it comes back as a new pod, the operator has given its node a new
+        // token in place of the one it redeemed
+        volumes.push(json!({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}));
     } else {
         claims.push(json!({
             "metadata": {"name": "data", "labels": lab},
@@ -765,11 +831,11 @@ pub fn pool(p: &FabricNodePool, c: &WeftCluster) -> Result<Vec<Value>, RenderErr
                 {"name": "cluster", "containerPort": CLUSTER_PORT, "protocol": "UDP"},
                 {"name": "data", "containerPort": DATA_PORT, "protocol": "UDP"},
                 {"name": "overlay", "containerPort": OVERLAY_PORT, "protocol": "UDP"},
+                {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             ],
             "livenessProbe": live,
-            // a model can take minutes to fetch and load: the pod is not
-            // ready (and gets no traffic) until it serves
-            "startupProbe": {"httpGet": {"path": "/healthz", "port": "api"}, "periodSeconds": 10, "failureThreshold": 60},
+            // joining and the first epoch can take a while
+            "startupProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 5, "failureThreshold": 60},
             "readinessProbe": ready,
             "resources": resources,
             "securityContext": container_security(),
@@ -782,7 +848,7 @@ pub fn pool(p: &FabricNodePool, c: &WeftCluster) -> Result<Vec<Value>, RenderErr
     }
     let mut pod_meta = json!({"labels": pod_labels});
     if c.spec.monitoring.enabled {
-        pod_meta["annotations"] = scrape_annotations(8080);
+        pod_meta["annotations"] = scrape_annotations(METRICS_PORT);
     }
     let template = json!({"metadata": pod_meta, "spec": pod_spec});
     let workload = if daemon {
@@ -852,16 +918,19 @@ pub struct TenantEntry {
 }
 
 /// The tenants file (`N-tenants`, `tenants.toml`) of a cluster's policies:
-/// `keys` holds each subject's API key by (Secret, key). Policies are taken
+/// `keys` holds each subject's API key by (Secret, key), `extra` the
+/// cluster's own keys (key to tenant). Policies are taken
 /// in name order; a tenant named by two policies gets the later one's
 /// limits, and a key claimed by two tenants is an error.
 pub fn tenants_toml(
     policies: &[crate::crd::AgentPolicy],
     keys: &BTreeMap<(String, String), String>,
+    extra: &BTreeMap<String, String>,
 ) -> Result<String, RenderError> {
     let mut ps: Vec<&crate::crd::AgentPolicy> = policies.iter().collect();
     ps.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let mut api_keys: BTreeMap<String, String> = BTreeMap::new();
+    // the cluster's own keys (apiKeysSecret: key -> tenant) first
+    let mut api_keys: BTreeMap<String, String> = extra.clone();
     let mut tenants: BTreeMap<String, TenantEntry> = BTreeMap::new();
     for p in ps {
         let s = &p.spec;

@@ -218,3 +218,22 @@ fn an_autoscaler_may_set_replicas_once_autoscaling_is_on() {
     scaled.spec.replicas = Some(9);
     assert!(kube::core::cel::validate_cel(&scaled).is_err());
 }
+
+#[test]
+fn the_number_of_coordinators_cannot_change_once_the_cluster_exists() {
+    let text = std::fs::read_to_string(k8s().join("examples/edge-site/site.yaml")).unwrap();
+    let v = weft_operator::documents(&text)
+        .unwrap()
+        .into_iter()
+        .find(|d| d["kind"] == "WeftCluster")
+        .unwrap();
+    let old: weft_operator::crd::WeftCluster = serde_json::from_value(v).unwrap();
+    let mut grown = old.clone();
+    grown.spec.coordinators.replicas = 5;
+    assert!(
+        kube::core::cel::validate_cel(&grown).is_ok(),
+        "a new cluster of 5 is fine"
+    );
+    let e = kube::core::cel::validate_cel_update(&grown, &old).unwrap_err();
+    assert!(e.to_string().contains("cannot change"), "{e}");
+}

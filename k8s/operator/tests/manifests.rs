@@ -456,3 +456,108 @@ fn an_autoscaler_that_is_turned_off_renders_nothing() {
     assert_eq!(hpa[0]["kind"], "HorizontalPodAutoscaler");
     validate(&serde_yaml::to_string(&hpa[0]).unwrap()).unwrap();
 }
+
+#[test]
+fn every_weft_pod_is_scraped_on_the_port_its_metrics_policy_opens() {
+    for e in ["edge-site", "cloud-region"] {
+        let (docs, _) = rendered(e);
+        for d in docs
+            .iter()
+            .filter(|d| matches!(d["kind"].as_str(), Some("StatefulSet" | "DaemonSet")))
+        {
+            let t = &d["spec"]["template"];
+            let port: i64 = t["metadata"]["annotations"]["prometheus.io/port"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let named = t["spec"]["containers"][0]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "metrics")
+                .unwrap_or_else(|| {
+                    panic!("{e}: {} has no port named metrics", d["metadata"]["name"])
+                });
+            assert_eq!(
+                named["containerPort"], port,
+                "{e}: {}",
+                d["metadata"]["name"]
+            );
+            assert_eq!(
+                t["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"],
+                "metrics"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_pool_pod_fetches_models_into_its_cache_volume() {
+    let (docs, _) = rendered("cloud-region");
+    let c = &find(&docs, "StatefulSet", "gpu-pool")["spec"]["template"]["spec"]["containers"][0];
+    let env = c["env"].as_array().unwrap();
+    let cache = env.iter().find(|e| e["name"] == "WEFT_CACHE_DIR").unwrap()["value"]
+        .as_str()
+        .unwrap();
+    // the store keeps models in $WEFT_CACHE_DIR/models
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["name"] == "models" && m["mountPath"] == format!("{cache}/models")),
+        "{mounts:?}"
+    );
+}
+
+#[test]
+fn an_edge_pool_without_a_host_path_cache_mounts_no_host_directory() {
+    let (docs, _) = rendered("edge-site");
+    let vols = find(&docs, "DaemonSet", "gateways")["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(vols.iter().all(|v| v.get("hostPath").is_none()), "{vols:?}");
+}
+
+#[test]
+fn a_cloud_pool_offers_the_placement_what_its_pods_may_use() {
+    let (docs, _) = rendered("cloud-region");
+    let toml_text = find(&docs, "ConfigMap", "gpu-pool-config")["data"]["node.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v: toml::Value = toml::from_str(&toml_text).unwrap();
+    // a 48Gi memory limit, 8 CPUs requested and one GPU
+    assert_eq!(
+        v["node"]["memory_bytes"].as_integer(),
+        Some((48i64 << 30) / 10 * 8)
+    );
+    let want = 8.0 * render::TOKENS_PER_S_PER_CPU + render::TOKENS_PER_S_PER_GPU;
+    assert_eq!(v["node"]["tokens_per_s"].as_float(), Some(want));
+    assert_eq!(v["node"]["accelerator"].as_bool(), Some(true));
+}
+
+#[test]
+fn a_single_coordinator_has_no_disruption_budget_to_block_drains() {
+    let text = std::fs::read_to_string(k8s().join("overlays/dev/site.yaml")).unwrap();
+    let docs = weft_operator::documents(&text).unwrap();
+    let mut c: WeftCluster = serde_json::from_value(
+        docs.iter()
+            .find(|d| d["kind"] == "WeftCluster")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    c.metadata.uid = Some("u".into());
+    let out = render::cluster(&c).unwrap();
+    assert!(!out.iter().any(|o| o["kind"] == "PodDisruptionBudget"));
+}
+
+#[test]
+fn quantities_read_as_bytes() {
+    assert_eq!(render::quantity_bytes("48Gi"), Some(48 << 30));
+    assert_eq!(render::quantity_bytes("512M"), Some(512_000_000));
+    assert_eq!(render::quantity_bytes("1024"), Some(1024));
+    assert_eq!(render::quantity_bytes("lots"), None);
+}

@@ -4,6 +4,7 @@
 //! expect, on one missing, and on a request left over. weft's coordinators
 //! are a fake [`Fabric`] that records what it was asked.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -128,6 +129,7 @@ struct FakeFabric {
     puts: Mutex<Vec<ModelRecord>>,
     removed: Mutex<Vec<String>>,
     fetched: Mutex<u32>,
+    fetch_fails: Mutex<bool>,
 }
 
 fn record(name: &str) -> ModelRecord {
@@ -177,7 +179,13 @@ impl Fabric for FakeFabric {
     ) -> BoxFuture<'a, anyhow::Result<ModelRecord>> {
         *self.fetched.lock().unwrap() += 1;
         let r = record(served);
-        Box::pin(async move { Ok(r) })
+        let fail = *self.fetch_fails.lock().unwrap();
+        Box::pin(async move {
+            if fail {
+                anyhow::bail!("pip download: no such package")
+            }
+            Ok(r)
+        })
     }
 }
 
@@ -249,6 +257,50 @@ fn secret(name: &str, data: &[(&str, &str)]) -> Value {
         })
         .collect();
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "data": d})
+}
+
+/// A Secret's entry as written (base64 `data`), decoded.
+fn data_of(secret: &Value, key: &str) -> Option<String> {
+    use base64::Engine;
+    let b = secret["data"][key].as_str()?;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).ok()?).ok()
+}
+
+/// The cluster's own API keys (its `api.apiKeysSecret`): tenant `ops`.
+fn ops_keys() -> Value {
+    secret("weft-api-keys", &[("ops", "sk-ops-000000001")])
+}
+
+/// What writing the tenants Secret reads and writes: the cluster's own
+/// keys, the policies (`policies`), each subject's Secret (`subjects`), then
+/// the apply.
+fn tenants_calls(policies: Vec<Value>, subjects: Vec<(&str, u16, Value)>) -> Vec<Call> {
+    let mut calls = vec![
+        call("GET", core("secrets/weft-api-keys"), 200, ops_keys()),
+        call(
+            "GET",
+            weft("agentpolicies"),
+            200,
+            json!({"apiVersion": "weft.dev/v1alpha1", "kind": "AgentPolicyList", "metadata": {}, "items": policies}),
+        ),
+    ];
+    for (name, status, body) in subjects {
+        calls.push(call("GET", core(&format!("secrets/{name}")), status, body));
+    }
+    calls.push(applied(core("secrets/factory-7-tenants"), Value::Null));
+    calls
+}
+
+/// The tenants file the operator wrote last.
+fn tenants_written(seen: &Seen) -> weft_api::TenantsFile {
+    let seen = seen.lock().unwrap();
+    let body = &seen
+        .iter()
+        .rev()
+        .find(|(m, p, _)| m == "PATCH" && p.ends_with("/secrets/factory-7-tenants"))
+        .expect("no tenants Secret was written")
+        .2;
+    weft_api::TenantsFile::parse(&data_of(body, "tenants.toml").unwrap()).unwrap()
 }
 
 /// The cluster's credentials as Secrets the API server already holds.
@@ -419,6 +471,7 @@ async fn a_new_cluster_gets_a_ca_identities_and_every_object_then_ready() {
         ),
     ];
     calls.extend(cluster_applies(&c, 1, rolled_out(3, 1)));
+    calls.extend(tenants_calls(vec![], vec![]));
     calls.push(status_applied(weft("weftclusters/factory-7/status"), &c));
     let (client, seen, task) = api_server(calls);
     let fabric = Arc::new(FakeFabric::default());
@@ -445,8 +498,8 @@ async fn a_new_cluster_gets_a_ca_identities_and_every_object_then_ready() {
         .2;
     for k in 0..3 {
         assert_eq!(
-            ids["stringData"][format!("factory-7-coord-{k}.name")].as_str(),
-            Some(format!("factory-7-coord-{k}").as_str())
+            data_of(ids, &format!("factory-7-coord-{k}.name")),
+            Some(format!("factory-7-coord-{k}"))
         );
     }
 }
@@ -463,6 +516,7 @@ async fn a_cluster_is_not_ready_while_its_new_generation_rolls_out() {
         json!({"observedGeneration": 1, "replicas": 3, "readyReplicas": 3, "updatedReplicas": 1,
                "currentRevision": "r1", "updateRevision": "r2"}),
     ));
+    calls.extend(tenants_calls(vec![], vec![]));
     calls.push(status_applied(weft("weftclusters/factory-7/status"), &c));
     let (client, seen, task) = api_server(calls);
     let fabric = Arc::new(FakeFabric::default());
@@ -491,6 +545,7 @@ async fn a_cluster_without_a_quorum_says_so() {
         json!({"observedGeneration": 1, "replicas": 3, "readyReplicas": 1, "updatedReplicas": 3,
                "currentRevision": "r1", "updateRevision": "r1"}),
     ));
+    calls.extend(tenants_calls(vec![], vec![]));
     calls.push(status_applied(weft("weftclusters/factory-7/status"), &c));
     let (client, seen, task) = api_server(calls);
     let ctx = ctx(client, Arc::new(FakeFabric::default()));
@@ -610,6 +665,7 @@ fn pool_start(p: &FabricNodePool, nodes: &[&str]) -> (Vec<Call>, WeftCluster) {
             200,
             json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": nodes.iter().map(|n| node(n)).collect::<Vec<_>>()}),
         ),
+        call("GET", core("secrets/factory-7-admin"), 200, cr.admin),
         applied(core("secrets/gateways-join"), Value::Null),
     ];
     (calls, c)
@@ -648,15 +704,20 @@ async fn an_edge_pool_gets_a_join_token_per_matching_node_and_a_daemonset() {
         .find(|(m, p, _)| m == "PATCH" && p.ends_with("/secrets/gateways-join"))
         .unwrap()
         .2;
-    let tokens = join["stringData"].as_object().unwrap();
+    let tokens: BTreeMap<String, String> = join["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| (k.clone(), data_of(join, k).unwrap()))
+        .collect();
     let odd = weft_cluster::credentials::node_name_for("ip-10-0-0-7.eu-west-1.compute.internal");
     assert_eq!(tokens.keys().cloned().collect::<Vec<_>>(), {
         let mut v = vec!["gw-1".to_string(), odd.clone()];
         v.sort();
         v
     });
-    for (name, t) in tokens {
-        let claims = weft_cluster::credentials::TokenClaims::peek(t.as_str().unwrap()).unwrap();
+    for (name, t) in &tokens {
+        let claims = weft_cluster::credentials::TokenClaims::peek(t).unwrap();
         assert_eq!(&claims.name, name);
         assert_eq!(claims.role, weft_cluster::credentials::Role::Node);
     }
@@ -869,12 +930,16 @@ fn policy() -> AgentPolicy {
 }
 
 fn policy_calls(key_secret: (u16, Value)) -> Vec<Call> {
+    policy_calls_for(policy(), key_secret)
+}
+
+fn policy_calls_for(p: AgentPolicy, key_secret: (u16, Value)) -> Vec<Call> {
     let c = cluster(1);
     let mut cj = serde_json::to_value(&c).unwrap();
     cj["metadata"]["namespace"] = json!(NS);
-    let mut pj = serde_json::to_value(policy()).unwrap();
+    let mut pj = serde_json::to_value(&p).unwrap();
     pj["metadata"]["namespace"] = json!(NS);
-    vec![
+    let mut calls = vec![
         call("GET", weft("weftclusters/factory-7"), 200, cj),
         call(
             "GET",
@@ -882,21 +947,13 @@ fn policy_calls(key_secret: (u16, Value)) -> Vec<Call> {
             200,
             json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "gvisor"}, "handler": "runsc"}),
         ),
-        call(
-            "GET",
-            weft("agentpolicies"),
-            200,
-            json!({"apiVersion": "weft.dev/v1alpha1", "kind": "AgentPolicyList", "metadata": {}, "items": [pj]}),
-        ),
-        call(
-            "GET",
-            core("secrets/line-agents-key"),
-            key_secret.0,
-            key_secret.1,
-        ),
-        applied(core("secrets/factory-7-tenants"), Value::Null),
-        status_applied(weft("agentpolicies/line-agents/status"), &policy()),
-    ]
+    ];
+    calls.extend(tenants_calls(
+        vec![pj],
+        vec![("line-agents-key", key_secret.0, key_secret.1)],
+    ));
+    calls.push(status_applied(weft("agentpolicies/line-agents/status"), &p));
+    calls
 }
 
 #[tokio::test]
@@ -914,17 +971,8 @@ async fn a_policy_puts_its_keys_and_limits_into_the_tenants_secret() {
     let s = status_written(&seen);
     assert_eq!(cond(&s, "ResolvedRefs")["status"], "True");
     assert_eq!(cond(&s, "Enforced")["status"], "True");
-    let seen = seen.lock().unwrap();
-    let tenants = seen
-        .iter()
-        .find(|(_, p, _)| p.ends_with("/secrets/factory-7-tenants"))
-        .unwrap()
-        .2["stringData"]["tenants.toml"]
-        .as_str()
-        .unwrap()
-        .to_string();
     // what the operator writes is what a node reads
-    let f = weft_api::TenantsFile::parse(&tenants).unwrap();
+    let f = tenants_written(&seen);
     assert_eq!(
         f.api_keys.0.get("sk-line-0123456789").map(String::as_str),
         Some("line-agents")
@@ -933,7 +981,13 @@ async fn a_policy_puts_its_keys_and_limits_into_the_tenants_secret() {
     assert_eq!(t.requests_per_minute, Some(600));
     assert_eq!(t.max_concurrent, Some(8));
     assert_eq!(t.models.as_deref(), Some(&["gemma-3-270m".to_string()][..]));
-    assert_eq!(t.max_sandboxes, Some(4));
+    // no sandboxes in the policy: none for the tenant
+    assert_eq!(t.max_sandboxes, Some(0));
+    // the cluster's own keys are there too
+    assert_eq!(
+        f.api_keys.0.get("sk-ops-000000001").map(String::as_str),
+        Some("ops")
+    );
 }
 
 #[tokio::test]
@@ -952,20 +1006,12 @@ async fn a_policy_naming_a_missing_secret_is_resolved_refs_false_and_its_keys_le
         .unwrap()
         .contains("line-agents-key"));
     assert_eq!(cond(&s, "Enforced")["status"], "False");
-    let seen = seen.lock().unwrap();
-    let tenants = seen
-        .iter()
-        .find(|(_, p, _)| p.ends_with("/secrets/factory-7-tenants"))
-        .unwrap()
-        .2["stringData"]["tenants.toml"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(weft_api::TenantsFile::parse(&tenants)
-        .unwrap()
-        .api_keys
-        .0
-        .is_empty());
+    let f = tenants_written(&seen);
+    assert!(
+        !f.api_keys.0.values().any(|t| t == "line-agents"),
+        "{:?}",
+        f.api_keys
+    );
 }
 
 /// A model registered as `record("gemma-3-270m")` with `floor`.
@@ -1056,4 +1102,184 @@ async fn an_autoscaled_model_gets_its_scaled_object_and_no_hpa() {
         .unwrap()
         .2;
     assert_eq!(applied_so["spec"]["scaleTargetRef"]["kind"], "WeftModel");
+}
+
+#[tokio::test]
+async fn a_policy_asking_for_agent_sandboxes_is_not_accepted() {
+    let mut p = policy();
+    p.spec.sandboxes = Some(SandboxRules {
+        isolation: SandboxTier::Process,
+        templates: Vec::new(),
+        max_sandboxes: Some(4),
+        memory_mb: None,
+        network: "disabled".into(),
+    });
+    let calls = policy_calls_for(
+        p.clone(),
+        (
+            200,
+            secret("line-agents-key", &[("api-key", "sk-line-0123456789")]),
+        ),
+    );
+    let (client, seen, task) = api_server(calls);
+    let ctx = ctx(client, Arc::new(FakeFabric::default()));
+    controller::reconcile_policy(Arc::new(p), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    let s = status_written(&seen);
+    assert_eq!(cond(&s, "Accepted")["reason"], "Unsupported");
+    assert_eq!(cond(&s, "Enforced")["status"], "False");
+    assert!(!tenants_written(&seen)
+        .api_keys
+        .0
+        .contains_key("sk-line-0123456789"));
+}
+
+#[tokio::test]
+async fn a_policy_with_a_key_too_short_for_the_nodes_is_not_enforced() {
+    let calls = policy_calls((200, secret("line-agents-key", &[("api-key", "short")])));
+    let (client, seen, task) = api_server(calls);
+    let ctx = ctx(client, Arc::new(FakeFabric::default()));
+    controller::reconcile_policy(Arc::new(policy()), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    let s = status_written(&seen);
+    assert_eq!(cond(&s, "Accepted")["reason"], "InvalidKey");
+    assert_eq!(cond(&s, "Enforced")["status"], "False");
+    // the file stays one every node takes
+    assert!(!tenants_written(&seen).api_keys.0.contains_key("short"));
+}
+
+#[tokio::test]
+async fn a_deleted_policys_keys_leave_the_tenants_secret_at_the_clusters_next_reconcile() {
+    // no policy any more: the cluster's reconcile writes the file without it
+    let c = cluster(1);
+    let mut calls = existing_creds(&c);
+    calls.extend(cluster_applies(&c, 1, rolled_out(3, 1)));
+    calls.extend(tenants_calls(vec![], vec![]));
+    calls.push(status_applied(weft("weftclusters/factory-7/status"), &c));
+    let (client, seen, task) = api_server(calls);
+    let fabric = Arc::new(FakeFabric::default());
+    *fabric.status.lock().unwrap() = led();
+    let ctx = ctx(client, fabric);
+    controller::reconcile_cluster(Arc::new(c), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    let f = tenants_written(&seen);
+    assert_eq!(
+        f.api_keys.0.len(),
+        1,
+        "only the cluster's own key: {:?}",
+        f.api_keys
+    );
+    assert!(f.tenants.is_empty());
+}
+
+#[tokio::test]
+async fn a_redeemed_join_token_is_replaced_so_a_returning_pod_can_join() {
+    use weft_cluster::credentials::{ClusterCa, Role};
+    let p = edge_pool();
+    let c = cluster(1);
+    let cr = creds(&c);
+    let ca = {
+        let cert = data_of(&cr.ca, "ca.pem").unwrap();
+        let key = data_of(&cr.ca, "ca.key").unwrap();
+        ClusterCa::from_pem(cert, &key).unwrap()
+    };
+    let old = ca
+        .issue_token(1_796_126_000, 86_400, "gw-1", Role::Node)
+        .unwrap();
+    let nonce = weft_cluster::credentials::TokenClaims::peek(&old)
+        .unwrap()
+        .nonce;
+    let mut cj = serde_json::to_value(&c).unwrap();
+    cj["metadata"]["namespace"] = json!(NS);
+    let mut calls = vec![
+        call("GET", weft("weftclusters/factory-7"), 200, cj),
+        call("GET", core("secrets/factory-7-ca"), 200, cr.ca.clone()),
+        call(
+            "GET",
+            core("secrets/gateways-join"),
+            200,
+            secret("gateways-join", &[("gw-1", &old)]),
+        ),
+        call(
+            "GET",
+            "/api/v1/nodes",
+            200,
+            json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [node("gw-1")]}),
+        ),
+        call("GET", core("secrets/factory-7-admin"), 200, cr.admin),
+        applied(core("secrets/gateways-join"), Value::Null),
+    ];
+    for o in render::pool(&p, &c).unwrap() {
+        let extra = if o["kind"] == "DaemonSet" {
+            json!({"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 1, "numberReady": 1, "updatedNumberScheduled": 1}})
+        } else {
+            Value::Null
+        };
+        calls.push(applied(path_of(&o), extra));
+    }
+    calls.push(status_applied(weft("fabricnodepools/gateways/status"), &p));
+    let (client, seen, task) = api_server(calls);
+    let fabric = Arc::new(FakeFabric::default());
+    let mut st = led();
+    st.used_tokens.insert(nonce);
+    *fabric.status.lock().unwrap() = st;
+    let ctx = ctx(client, fabric);
+    controller::reconcile_pool(Arc::new(p), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    let seen = seen.lock().unwrap();
+    let join = &seen
+        .iter()
+        .find(|(m, p, _)| m == "PATCH" && p.ends_with("/secrets/gateways-join"))
+        .unwrap()
+        .2;
+    let new = data_of(join, "gw-1").unwrap();
+    assert_ne!(new, old, "the redeemed token was handed out again");
+    assert_eq!(
+        weft_cluster::credentials::TokenClaims::peek(&new)
+            .unwrap()
+            .name,
+        "gw-1"
+    );
+}
+
+#[tokio::test]
+async fn a_model_whose_file_cannot_be_fetched_fails_and_backs_off() {
+    let m = model(true, false);
+    let mut calls = model_calls(&m);
+    calls.push(call(
+        "POST",
+        format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+        201,
+        json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": "2026-12-01T12:00:00.000000Z"}),
+    ));
+    let (client, seen, task) = api_server(calls);
+    let fabric = Arc::new(FakeFabric::default());
+    *fabric.fetch_fails.lock().unwrap() = true;
+    let ctx = ctx(client, fabric);
+    let m = Arc::new(m);
+    let e = controller::reconcile_model(m.clone(), ctx.clone())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no such package"), "{e}");
+    assert_eq!(
+        controller::on_error(m.clone(), &e, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        controller::on_error(m, &e, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    finish(task, ctx).await;
+    assert_eq!(
+        cond(&status_written(&seen), "ArtifactsReady")["reason"],
+        "FetchFailed"
+    );
 }

@@ -103,10 +103,15 @@ pub struct TenantLimits {
 /// settings that can change while the node runs (a tenants file).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Policy {
-    /// API keys and the tenant each belongs to; empty: no authentication.
+    /// API keys and the tenant each belongs to; empty: no authentication
+    /// (unless `require_keys`).
     pub api_keys: ApiKeys,
     /// Limits per tenant name; `default` applies to tenants not listed.
     pub tenants: BTreeMap<String, TenantLimits>,
+    /// Whether every request needs a key even while there are none (a
+    /// node whose keys come from a tenants file refuses everyone until the
+    /// file gives some, rather than serving without authentication).
+    pub require_keys: bool,
 }
 
 impl Policy {
@@ -165,6 +170,7 @@ impl TenantsFile {
         Policy {
             api_keys: ApiKeys::new(&self.api_keys),
             tenants: self.tenants.clone(),
+            require_keys: true,
         }
     }
 }
@@ -206,6 +212,7 @@ impl ApiConfig {
         Policy {
             api_keys: self.api_keys.clone(),
             tenants: self.tenants.clone(),
+            require_keys: false,
         }
     }
 }

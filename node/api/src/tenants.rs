@@ -22,7 +22,7 @@ pub const ANONYMOUS: &str = "anonymous";
 /// The tenant whose API key `headers` carry (every request is
 /// [`ANONYMOUS`] when no keys are configured).
 pub fn authenticate(cfg: &Policy, headers: &HeaderMap) -> Result<String, ApiError> {
-    if cfg.api_keys.is_empty() {
+    if cfg.api_keys.is_empty() && !cfg.require_keys {
         return Ok(ANONYMOUS.into());
     }
     let key = headers
