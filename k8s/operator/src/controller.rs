@@ -1053,9 +1053,15 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
     for o in &scalers {
         apply(&ctx.client, o).await?;
     }
-    if let Some(a) = &m.spec.autoscaling {
-        let drop_keda = a.actuator != Actuator::Keda;
-        let drop_hpa = a.actuator != Actuator::Hpa;
+    // what there is to take away: the other kind when autoscaling is on;
+    // the one the status says was made when it was turned off
+    let made = m.status.as_ref().and_then(|s| s.autoscaler.clone());
+    let actuator = m.spec.autoscaling.as_ref().map(|a| a.actuator);
+    if actuator.is_some() || made.is_some() {
+        let drop_keda = actuator != Some(Actuator::Keda)
+            && (actuator.is_some() || made.as_deref() == Some("ScaledObject"));
+        let drop_hpa = actuator != Some(Actuator::Hpa)
+            && (actuator.is_some() || made.as_deref() == Some("HorizontalPodAutoscaler"));
         if drop_keda {
             delete_if_there(ctx, &ns, "keda.sh", "v1alpha1", "ScaledObject", &name).await?;
         }
@@ -1133,7 +1139,8 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
             ),
         ],
         json!({"replicas": loaded, "placements": placements, "placementEpoch": status.epoch,
-               "selector": format!("app.kubernetes.io/instance={},weft.dev/serves=true", cluster.name_any())}),
+               "selector": format!("app.kubernetes.io/instance={},weft.dev/serves=true", cluster.name_any()),
+               "autoscaler": scalers.first().map(|o| o["kind"].clone())}),
     );
     patch_status(&api, &name, s).await?;
     Ok(Action::requeue(if ready { RESYNC } else { ROLLING }))

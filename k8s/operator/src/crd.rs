@@ -552,6 +552,10 @@ pub struct WeftModelStatus {
     /// The placement epoch these come from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement_epoch: Option<u64>,
+    /// The kind of autoscaler the operator made for it (`ScaledObject` or
+    /// `HorizontalPodAutoscaler`), so it goes when autoscaling does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<String>,
     /// `Accepted`, `ArtifactsReady`, `Placed`, `Ready`.
     #[serde(default)]
     pub conditions: Vec<Condition>,

@@ -1283,3 +1283,34 @@ async fn a_model_whose_file_cannot_be_fetched_fails_and_backs_off() {
         "FetchFailed"
     );
 }
+
+#[tokio::test]
+async fn turning_autoscaling_off_deletes_the_autoscaler_the_operator_made() {
+    let mut m: WeftModel = with_meta(example("cloud-region/site.yaml", "WeftModel"), 2);
+    m.metadata.finalizers = Some(vec![controller::MODEL_FINALIZER.into()]);
+    m.spec.autoscaling = None;
+    m.spec.replicas = Some(2);
+    m.status = Some(WeftModelStatus {
+        autoscaler: Some("ScaledObject".into()),
+        ..Default::default()
+    });
+    let c: WeftCluster = with_meta(example("cloud-region/site.yaml", "WeftCluster"), 1);
+    let calls = vec![
+        call("GET", weft("weftclusters"), 200, cluster_list(&c)),
+        call("GET", core("secrets/eu-west-admin"), 200, creds(&c).admin),
+        call(
+            "DELETE",
+            format!("/apis/keda.sh/v1alpha1/namespaces/{NS}/scaledobjects/smollm2-135m"),
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+        ),
+        status_applied(weft("weftmodels/smollm2-135m/status"), &m),
+    ];
+    let (client, seen, task) = api_server(calls);
+    let ctx = ctx(client, Arc::new(FakeFabric::default()));
+    controller::reconcile_model(Arc::new(m), ctx.clone())
+        .await
+        .unwrap();
+    finish(task, ctx).await;
+    assert_eq!(status_written(&seen).get("autoscaler"), Some(&Value::Null));
+}
