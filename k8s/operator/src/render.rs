@@ -215,6 +215,9 @@ fn container_security() -> Value {
     })
 }
 
+/// Secret volumes are readable by the owner and the pod's group (files are
+/// root's, group `fsGroup`): 0440, since weft runs as uid 65532 with that
+/// group.
 fn pod_security() -> Value {
     json!({
         "runAsNonRoot": true,
@@ -440,8 +443,8 @@ pub fn cluster(c: &WeftCluster) -> Result<Vec<Value>, RenderError> {
         }],
         "volumes": [
             {"name": "config", "configMap": {"name": format!("{name}-config")}},
-            {"name": "identities", "secret": {"secretName": coord_identities_secret(&name), "items": id_items, "defaultMode": 0o400}},
-            {"name": "ca", "secret": {"secretName": ca_secret(&name), "defaultMode": 0o400}},
+            {"name": "identities", "secret": {"secretName": coord_identities_secret(&name), "items": id_items, "defaultMode": 0o440}},
+            {"name": "ca", "secret": {"secretName": ca_secret(&name), "defaultMode": 0o440}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         ],
     });
@@ -753,9 +756,9 @@ pub fn pool(p: &FabricNodePool, c: &WeftCluster) -> Result<Vec<Value>, RenderErr
     ];
     let mut volumes = vec![
         json!({"name": "config", "configMap": {"name": format!("{pname}-config")}}),
-        json!({"name": "join", "secret": {"secretName": join_secret(&pname), "defaultMode": 0o400}}),
+        json!({"name": "join", "secret": {"secretName": join_secret(&pname), "defaultMode": 0o440}}),
         // optional: a cluster without AgentPolicies has no tenants file yet
-        json!({"name": "tenants", "secret": {"secretName": tenants_secret(&cname), "defaultMode": 0o400, "optional": true}}),
+        json!({"name": "tenants", "secret": {"secretName": tenants_secret(&cname), "defaultMode": 0o440, "optional": true}}),
         json!({"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}),
     ];
     let cache = s.model_cache.as_ref();
