@@ -58,6 +58,10 @@ pub struct ModelRecord {
     /// checks every chunk as it arrives.
     #[serde(default)]
     pub chunk_sha256: Vec<String>,
+    /// The sites (by name) its floor replicas may go to (empty: any); the
+    /// planner gives them to the solver as `spec.sites`.
+    #[serde(default)]
+    pub sites: Vec<String>,
 }
 
 /// Where a coordinator added at run time can be reached (founders are in
@@ -532,10 +536,28 @@ impl ControlState {
             }
         }
         let names: Vec<String> = self.models.keys().cloned().collect();
-        let specs: Vec<ModelSpec> = self.models.values().map(|m| m.spec.clone()).collect();
         let mut site_names: Vec<&str> = self.members.values().map(|m| m.site.as_str()).collect();
         site_names.sort_unstable();
         site_names.dedup();
+        // a model's sites by name, as this topology's ids (named sites that
+        // have no members yet match nothing: its floor waits for them)
+        let specs: Vec<ModelSpec> = self
+            .models
+            .values()
+            .map(|m| {
+                let mut spec = m.spec.clone();
+                spec.sites = m
+                    .sites
+                    .iter()
+                    .map(|n| {
+                        site_names
+                            .binary_search(&n.as_str())
+                            .map_or(SiteId(u32::MAX), |i| SiteId(i as u32))
+                    })
+                    .collect();
+                spec
+            })
+            .collect();
         let demand: Vec<Demand> = demand
             .iter()
             .filter_map(|(site, model, d)| {
@@ -655,6 +677,7 @@ mod tests {
         ModelRecord {
             chunk_bytes: 0,
             chunk_sha256: Vec::new(),
+            sites: Vec::new(),
             source: "default".into(),
             sha256: String::new(),
             spec: ModelSpec {
@@ -666,6 +689,8 @@ mod tests {
                 kv_bytes_per_token: 0,
                 hidden_bytes_per_token: 0,
                 min_replicas: 0,
+                prefer: None,
+                sites: Vec::new(),
             },
         }
     }
@@ -956,6 +981,31 @@ mod tests {
         m.spec.min_replicas = floor;
         s.apply(5, &Command::PutModel(m));
         s
+    }
+
+    #[test]
+    fn a_models_sites_reach_the_solver_by_name() {
+        // no demand at all: only the floor places it, and only at "cloud"
+        let mut s = state();
+        let mut m = s.models["small"].clone();
+        m.spec.min_replicas = 1;
+        m.sites = vec!["cloud".into()];
+        s.apply(4, &Command::PutModel(m));
+        let p = s.plan_next(&[], &SolverConfig::default());
+        let at: Vec<u32> = p.placement.replicas.iter().map(|r| r.site.0).collect();
+        // site ids are the sorted site names: "cloud" 0, "edge-a" 1
+        assert_eq!(at, [0]);
+    }
+
+    #[test]
+    fn a_model_naming_only_sites_without_members_waits_for_them() {
+        let mut s = state();
+        let mut m = s.models["small"].clone();
+        m.spec.min_replicas = 1;
+        m.sites = vec!["edge-z".into()];
+        s.apply(4, &Command::PutModel(m));
+        let p = s.plan_next(&[], &SolverConfig::default());
+        assert!(p.placement.replicas.is_empty());
     }
 
     #[test]

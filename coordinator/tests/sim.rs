@@ -104,6 +104,7 @@ fn fabric() -> (Vec<Member>, Vec<ModelRecord>) {
     let model = |name: &str, layers, mb: u64| ModelRecord {
         chunk_bytes: 0,
         chunk_sha256: Vec::new(),
+        sites: Vec::new(),
         source: format!("hf:example/{name}.gguf"),
         sha256: "00".repeat(32),
         spec: ModelSpec {
@@ -115,6 +116,8 @@ fn fabric() -> (Vec<Member>, Vec<ModelRecord>) {
             kv_bytes_per_token: 0,
             hidden_bytes_per_token: 0,
             min_replicas: 0,
+            prefer: None,
+            sites: Vec::new(),
         },
     };
     (

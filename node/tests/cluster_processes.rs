@@ -387,6 +387,7 @@ fn small_model() -> ModelRecord {
     ModelRecord {
         chunk_bytes: 0,
         chunk_sha256: Vec::new(),
+        sites: Vec::new(),
         source: "default".into(),
         sha256: String::new(),
         spec: ModelSpec {
@@ -398,6 +399,8 @@ fn small_model() -> ModelRecord {
             kv_bytes_per_token: 18 * 2 * 256 * 2,
             hidden_bytes_per_token: 0,
             min_replicas: 0,
+            prefer: None,
+            sites: Vec::new(),
         },
     }
 }

@@ -31,6 +31,12 @@ pub struct ModelSpec {
     /// moves it); demand may add more.
     #[serde(default)]
     pub min_replicas: u32,
+    /// The kind of site its floor replicas go to first (none: edge first).
+    #[serde(default)]
+    pub prefer: Option<crate::topology::SiteKind>,
+    /// The only sites its floor replicas may go to (empty: any).
+    #[serde(default)]
+    pub sites: Vec<SiteId>,
 }
 
 impl ModelSpec {

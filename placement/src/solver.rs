@@ -868,12 +868,15 @@ impl<'a> Solver<'a> {
     }
 
     /// Places replicas of every model with fewer than its `min_replicas`:
-    /// at sites without one first (spread), edge before cloud, the site
-    /// with the most free memory first; as many as fit.
+    /// only at its `sites` when it names some; at sites without one first
+    /// (spread), its preferred kind of site first (edge when it has none),
+    /// the site with the most free memory first; as many as fit.
     fn meet_floors(&mut self) {
         for mi in 0..self.models.len() {
             let model = ModelId(mi as u32);
             let floor = self.models[mi].min_replicas;
+            let allowed = &self.models[mi].sites;
+            let first = self.models[mi].prefer.unwrap_or(SiteKind::Edge);
             loop {
                 let have = self.replicas.iter().filter(|r| r.model == model).count();
                 if have >= floor as usize {
@@ -881,6 +884,7 @@ impl<'a> Solver<'a> {
                 }
                 let mut sites: Vec<SiteId> = (0..self.topology.sites.len())
                     .map(|i| SiteId(i as u32))
+                    .filter(|s| allowed.is_empty() || allowed.contains(s))
                     .collect();
                 sites.sort_by_key(|&site| {
                     let free: u64 = self
@@ -891,7 +895,7 @@ impl<'a> Solver<'a> {
                         .sum();
                     (
                         self.at.get(&(site, model)).map_or(0, Vec::len),
-                        self.topology.sites[site.0 as usize].kind != SiteKind::Edge,
+                        self.topology.sites[site.0 as usize].kind != first,
                         std::cmp::Reverse(free),
                         site,
                     )

@@ -49,6 +49,8 @@ fn model(floor: u32) -> ModelSpec {
         kv_bytes_per_token: 1024,
         hidden_bytes_per_token: 0,
         min_replicas: floor,
+        prefer: None,
+        sites: Vec::new(),
     }
 }
 
@@ -167,4 +169,48 @@ fn a_floor_never_places_fewer_replicas_than_demand_alone() {
     let with_floor = solve(&t, &[model(1)], &demand, &Placement::default(), &c).unwrap();
     assert!(count(&by_demand.placement) >= 1);
     assert!(count(&with_floor.placement) >= count(&by_demand.placement));
+}
+
+#[test]
+fn a_floor_goes_only_to_the_sites_its_model_names() {
+    let m = ModelSpec {
+        sites: vec![SiteId(2)],
+        ..model(2)
+    };
+    let plan = solve(
+        &fabric(4),
+        &[m],
+        &[],
+        &Placement::default(),
+        &SolverConfig::default(),
+    )
+    .unwrap();
+    assert!(count(&plan.placement) >= 1);
+    assert!(
+        plan.placement.replicas.iter().all(|r| r.site == SiteId(2)),
+        "{:?}",
+        plan.placement
+    );
+}
+
+#[test]
+fn a_model_preferring_the_cloud_puts_its_floor_there_first() {
+    let m = ModelSpec {
+        prefer: Some(SiteKind::Cloud),
+        ..model(1)
+    };
+    let plan = solve(
+        &fabric(4),
+        &[m],
+        &[],
+        &Placement::default(),
+        &SolverConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(plan.placement.replicas.len(), 1);
+    assert_eq!(
+        plan.placement.replicas[0].site,
+        SiteId(0),
+        "site 0 is the cloud"
+    );
 }

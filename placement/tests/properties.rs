@@ -50,6 +50,8 @@ fn instance(rng: &mut StdRng, ample: bool) -> Instance {
             kv_bytes_per_token: rng.random_range(0..=200_000),
             hidden_bytes_per_token: 0,
             min_replicas: 0,
+            prefer: None,
+            sites: Vec::new(),
         })
         .collect();
     let mut nodes = Vec::new();

@@ -97,6 +97,8 @@ fn models() -> Vec<Served> {
         kv_bytes_per_token: kv,
         hidden_bytes_per_token: 0,
         min_replicas: 0,
+        prefer: None,
+        sites: Vec::new(),
     };
     vec![
         Served {

@@ -116,6 +116,8 @@ fn models() -> Vec<(ModelSpec, f64)> {
                     kv_bytes_per_token: kv,
                     hidden_bytes_per_token: 0,
                     min_replicas: 0,
+                    prefer: None,
+                    sites: Vec::new(),
                 },
                 out,
             )

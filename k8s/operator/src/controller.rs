@@ -985,19 +985,15 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
     let served = &m.spec.served_name;
     let registered = status.models.get(served).cloned();
     let want_sha = m.spec.sha256.clone();
-    let floor = desired_floor(m);
     let same_file = registered
         .as_ref()
         .is_some_and(|r| want_sha.as_ref().is_none_or(|w| w == &r.sha256));
-    let mut up_to_date = same_file
-        && registered
-            .as_ref()
-            .is_some_and(|r| r.spec.min_replicas == floor);
+    let mut up_to_date = same_file && registered.as_ref().is_some_and(|r| placed_as_wanted(r, m));
     if same_file && !up_to_date {
-        // only its replicas changed (kubectl scale, an autoscaler): the
-        // registered record with the new floor, nothing fetched again
+        // only its replicas or placement hints changed (kubectl scale, an
+        // autoscaler): the registered record with them, nothing fetched again
         let mut r = registered.clone().expect("registered");
-        r.spec.min_replicas = floor;
+        place_as_wanted(&mut r, m);
         ctx.fabric
             .put_model(&access, r)
             .await
@@ -1040,7 +1036,7 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
             }
         }
         let mut record = record;
-        record.spec.min_replicas = floor;
+        place_as_wanted(&mut record, m);
         ctx.fabric
             .put_model(&access, record)
             .await
@@ -1144,6 +1140,25 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
     );
     patch_status(&api, &name, s).await?;
     Ok(Action::requeue(if ready { RESYNC } else { ROLLING }))
+}
+
+/// How the model's spec asks weft to place it: its floor, the kind of site
+/// its floor replicas go to first, and the sites they may go to.
+fn place_as_wanted(r: &mut weft_coordinator::ModelRecord, m: &WeftModel) {
+    r.spec.min_replicas = desired_floor(m);
+    r.spec.prefer = match m.spec.placement.prefer {
+        Prefer::Edge => Some(weft_placement::SiteKind::Edge),
+        Prefer::Cloud => Some(weft_placement::SiteKind::Cloud),
+        Prefer::Any => None,
+    };
+    r.sites = m.spec.placement.sites.clone();
+}
+
+/// Whether the registered record places the model as its spec asks.
+fn placed_as_wanted(r: &weft_coordinator::ModelRecord, m: &WeftModel) -> bool {
+    let mut want = r.clone();
+    place_as_wanted(&mut want, m);
+    &want == r
 }
 
 /// The replicas weft keeps placed for a model whatever the demand: its

@@ -25,9 +25,12 @@ fn record(name: &str) -> ModelRecord {
             kv_bytes_per_token: 256,
             hidden_bytes_per_token: 512,
             min_replicas: 0,
+            prefer: None,
+            sites: Vec::new(),
         },
         chunk_bytes: 0,
         chunk_sha256: Vec::new(),
+        sites: Vec::new(),
     }
 }
 

@@ -145,9 +145,12 @@ fn record(name: &str) -> ModelRecord {
             kv_bytes_per_token: 1024,
             hidden_bytes_per_token: 2048,
             min_replicas: 0,
+            prefer: None,
+            sites: Vec::new(),
         },
         chunk_bytes: 0,
         chunk_sha256: Vec::new(),
+        sites: Vec::new(),
     }
 }
 
@@ -860,8 +863,11 @@ async fn a_model_is_registered_with_the_coordinators_and_its_placements_reported
             .collect::<Vec<_>>(),
         ["gemma-3-270m"]
     );
-    // its replicas (1) are the floor weft keeps placed
-    assert_eq!(fabric.puts.lock().unwrap()[0].spec.min_replicas, 1);
+    // its replicas (1) are the floor weft keeps placed, where it asks
+    let put = fabric.puts.lock().unwrap()[0].clone();
+    assert_eq!(put.spec.min_replicas, 1);
+    assert_eq!(put.spec.prefer, Some(weft_placement::SiteKind::Edge));
+    assert_eq!(put.sites, ["factory-7"]);
     let s = status_written(&seen);
     assert_eq!(s["replicas"], 1);
     assert_eq!(s["placements"][0]["state"], "Loaded");
@@ -1019,6 +1025,9 @@ fn registered_with_floor(floor: u32) -> FabricStatus {
     let mut st = led();
     let mut registered = record("gemma-3-270m");
     registered.spec.min_replicas = floor;
+    // as the edge example places it: the edge first, at factory-7 only
+    registered.spec.prefer = Some(weft_placement::SiteKind::Edge);
+    registered.sites = vec!["factory-7".into()];
     st.models.insert("gemma-3-270m".into(), registered);
     st
 }

@@ -1416,6 +1416,7 @@ mod tests {
                 weft_coordinator::ModelRecord {
                     chunk_bytes: 0,
                     chunk_sha256: Vec::new(),
+                    sites: Vec::new(),
                     source: "default".into(),
                     sha256: String::new(),
                     spec: weft_placement::ModelSpec {
@@ -1427,6 +1428,8 @@ mod tests {
                         kv_bytes_per_token: 0,
                         hidden_bytes_per_token: 0,
                         min_replicas: 0,
+                        prefer: None,
+                        sites: Vec::new(),
                     },
                 },
             );

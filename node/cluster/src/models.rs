@@ -71,6 +71,8 @@ pub fn record_for(stored: &StoredModel, source: &str, name: Option<&str>) -> Res
         kv_bytes_per_token: (cfg.layers * 2 * cfg.kv_heads * cfg.head_dim * 2) as u64,
         hidden_bytes_per_token: (cfg.hidden * 4) as u64,
         min_replicas: 0,
+        prefer: None,
+        sites: Vec::new(),
     };
     Ok(ModelRecord {
         source: source.to_string(),
@@ -78,6 +80,7 @@ pub fn record_for(stored: &StoredModel, source: &str, name: Option<&str>) -> Res
         spec,
         chunk_bytes: DEFAULT_CHUNK_BYTES,
         chunk_sha256: chunk_hashes(&stored.path, DEFAULT_CHUNK_BYTES)?,
+        sites: Vec::new(),
     })
 }
 

@@ -226,6 +226,7 @@ impl Cluster {
             Command::PutModel(ModelRecord {
                 chunk_bytes: 0,
                 chunk_sha256: Vec::new(),
+                sites: Vec::new(),
                 source: "default".into(),
                 sha256: String::new(),
                 spec: ModelSpec {
@@ -237,6 +238,8 @@ impl Cluster {
                     kv_bytes_per_token: 18 * 2 * 256 * 2,
                     hidden_bytes_per_token: 0,
                     min_replicas: 0,
+                    prefer: None,
+                    sites: Vec::new(),
                 },
             }),
         ] {
@@ -744,6 +747,7 @@ fn commands_a_gateway_may_not_send(
         propose(Command::PutModel(ModelRecord {
             chunk_bytes: 0,
             chunk_sha256: Vec::new(),
+            sites: Vec::new(),
             source: "default".into(),
             sha256: String::new(),
             spec: ModelSpec {
@@ -755,6 +759,8 @@ fn commands_a_gateway_may_not_send(
                 kv_bytes_per_token: 0,
                 hidden_bytes_per_token: 0,
                 min_replicas: 0,
+                prefer: None,
+                sites: Vec::new(),
             },
         })),
         propose(Command::RemoveModel {

@@ -160,6 +160,7 @@ async fn a_model_fetch_from_a_stuck_peer_fails_within_its_bound() {
     let rec = ModelRecord {
         chunk_bytes: 1 << 20,
         chunk_sha256: vec!["00".repeat(32)],
+        sites: Vec::new(),
         source: "default".into(),
         sha256: "00".repeat(32),
         spec: ModelSpec {
@@ -171,6 +172,8 @@ async fn a_model_fetch_from_a_stuck_peer_fails_within_its_bound() {
             kv_bytes_per_token: 0,
             hidden_bytes_per_token: 0,
             min_replicas: 0,
+            prefer: None,
+            sites: Vec::new(),
         },
     };
     let dir = tempfile::tempdir().unwrap();
