@@ -2,6 +2,8 @@
 # Installs what the test suite needs beyond the Rust toolchain, skipping
 # whatever is already there:
 #   runsc     gVisor, for the sandbox tier `gvisor` (Debian package runsc)
+#   podman    builds weft's image from scratch and runs it under runsc
+#             (Debian package podman; binutils for strip)
 #   promtool  checks that /metrics is valid exposition text (Debian package
 #             prometheus)
 #   python3 with openai and requests, for the README's agent example
@@ -13,6 +15,8 @@ set -euo pipefail
 need=()
 command -v runsc >/dev/null 2>&1 || need+=(runsc)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v strip >/dev/null 2>&1 || need+=(binutils)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"

@@ -50,35 +50,9 @@ fn host() -> &'static Host {
 }
 
 /// The weft binary, bound into the test template so sandboxes can run its
-/// escape probe (`weft sandbox-probe`): a link to the built one in a
-/// directory a sandbox's uid may read (the build's is under root's home).
+/// escape probe (`weft sandbox-probe`).
 fn weft() -> &'static str {
-    static W: OnceLock<String> = OnceLock::new();
-    W.get_or_init(|| {
-        // (not under /tmp: a sandbox's /tmp is its own; one name per test
-        // process, those of ended ones removed, as a static's TempDir
-        // never is)
-        let d = std::path::Path::new("/var/tmp/weft-test-bin");
-        std::fs::create_dir_all(d).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for e in std::fs::read_dir(d).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let pid = name
-                .strip_prefix("weft-")
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let p = d.join(format!("weft-{}", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        let built = env!("CARGO_BIN_EXE_weft");
-        if std::fs::hard_link(built, &p).is_err() {
-            std::fs::copy(built, &p).unwrap();
-        }
-        p.display().to_string()
-    })
+    common::weft_readable_by_all()
 }
 
 /// A node's config: keys of three tenants (one with small quotas), a

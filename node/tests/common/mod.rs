@@ -33,9 +33,51 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
     p
 }
 
+/// The weft binary where any uid may run it: a link to the built one (under
+/// root's home) in `/var/tmp/weft-test-bin` (not under /tmp: a sandbox's
+/// /tmp is its own), one name per test process, those of ended ones
+/// removed (a static's TempDir never is).
+#[allow(dead_code)]
+pub fn weft_readable_by_all() -> &'static str {
+    static W: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    W.get_or_init(|| {
+        let d = std::path::Path::new("/var/tmp/weft-test-bin");
+        std::fs::create_dir_all(d).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let pid = name
+                .strip_prefix("weft-")
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let p = d.join(format!("weft-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let built = env!("CARGO_BIN_EXE_weft");
+        if std::fs::hard_link(built, &p).is_err() {
+            std::fs::copy(built, &p).unwrap();
+        }
+        p.display().to_string()
+    })
+}
+
 /// Starts `weft up` with extra TOML lines; returns once it listens.
 pub fn launch(extra_toml: &str) -> Node {
+    launch_with(extra_toml, env!("CARGO_BIN_EXE_weft"), |_| {})
+}
+
+/// As [`launch`], running `program`, with `setup` applied to the command
+/// first (another user, more environment); the node's directory is
+/// readable by all.
+pub fn launch_with(extra_toml: &str, program: &str, setup: impl FnOnce(&mut Command)) -> Node {
     let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let model = tiny_model(dir.path());
     let cfg = dir.path().join("node.toml");
     std::fs::write(
@@ -43,7 +85,8 @@ pub fn launch(extra_toml: &str) -> Node {
         format!("addr = \"127.0.0.1:0\"\nmodel = \"{}\"\nthreads = 1\nkv_budget = 67108864\ngrace_s = 20\n{extra_toml}", model.display()),
     )
     .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft"));
+    let mut cmd = Command::new(program);
+    setup(&mut cmd);
     cmd.args(["up", "--config"])
         .arg(&cfg)
         .env("WEFT_CACHE_DIR", dir.path().join("cache"))

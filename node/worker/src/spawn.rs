@@ -197,6 +197,15 @@ fn cgroup_for(spec: &SandboxSpec) -> Result<Option<std::sync::Arc<Cgroup>>> {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
+    // a node that is not root cannot make cgroups under weft's parent (its
+    // directories are made when the first task joins, too late to run
+    // without one)
+    if !host_is_root() && !spec.policy.strict {
+        tracing::warn!(
+            "running the worker without a cgroup (sandbox = \"relaxed\"): the node is not root"
+        );
+        return Ok(None);
+    }
     match Cgroup::create(&name, spec.limits) {
         Ok(c) => Ok(Some(std::sync::Arc::new(c))),
         Err(e) if spec.policy.strict => {

@@ -48,8 +48,17 @@ pub fn enter(plan: &Plan) -> io::Result<Confinement> {
         c.hold(Layer::Gvisor);
     }
     if plan.new_root {
-        new_root(&plan.devices, &RootExtras::default())?;
-        c.hold(Layer::NewRoot);
+        // a kernel that refuses mounts in a user namespace of its own
+        // (gVisor's older releases) leaves the worker in its own mount
+        // namespace over the host's files: the layer is reported missing,
+        // and a strict node refuses the worker
+        match new_root(&plan.devices, &RootExtras::default()) {
+            Ok(()) => c.hold(Layer::NewRoot),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                tracing::warn!("no root of its own: {e}");
+            }
+            Err(e) => return Err(e),
+        }
     }
     drop_capabilities()?;
     c.hold(Layer::NoCapabilities);
@@ -458,7 +467,13 @@ fn drop_capabilities() -> io::Result<()> {
         {
             return Err(io::Error::last_os_error());
         }
-        if libc::prctl(libc::PR_SET_SECUREBITS, SECBITS, 0, 0, 0) == -1 && libc::geteuid() == 0 {
+        // (EINVAL: gVisor's older releases, which do not lock securebits;
+        // with the bounding set empty, an exec cannot gain a capability
+        // back even as root of the namespace)
+        if libc::prctl(libc::PR_SET_SECUREBITS, SECBITS, 0, 0, 0) == -1
+            && libc::geteuid() == 0
+            && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+        {
             return Err(io::Error::last_os_error());
         }
         let header = Header {

@@ -118,6 +118,17 @@ pub fn prepare(
     let (child_tell, child_go) = (tell_w.as_raw_fd(), go_r.as_raw_fd());
     let rl = launch.rlimits;
     let dedicated = launch.uid;
+    // without a uid of its own the child maps itself (root in its
+    // namespace is the node's uid): an unprivileged process may map its own
+    // uid, where writing another's maps may be refused (gVisor does)
+    // SAFETY: getters without arguments.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let own_maps = dedicated.is_none().then(|| {
+        (
+            format!("0 {euid} 1\n").into_bytes(),
+            format!("0 {egid} 1\n").into_bytes(),
+        )
+    });
     cmd.as_std_mut().env_clear().current_dir("/").arg0("weft");
     // SAFETY: the closure runs in the child between fork and exec and makes
     // only async-signal-safe syscalls on integers and stack memory.
@@ -129,7 +140,10 @@ pub fn prepare(
                 exe_fd,
                 child_tell,
                 child_go,
-                dedicated.is_some(),
+                match &own_maps {
+                    None => Maps::ByNode,
+                    Some((u, g)) => Maps::Own(u, g),
+                },
                 rl,
             )
         });
@@ -156,14 +170,12 @@ fn map_child(
     tell.read_exact(&mut pid)?;
     let pid = u32::from_le_bytes(pid);
     let proc = format!("/proc/{pid}");
-    let (outer_uid, outer_gid) = match uid {
-        Some(u) => (u, u),
-        // SAFETY: getters without arguments.
-        None => unsafe { (libc::geteuid(), libc::getegid()) },
-    };
-    std::fs::write(format!("{proc}/setgroups"), "deny")?;
-    std::fs::write(format!("{proc}/uid_map"), format!("0 {outer_uid} 1\n"))?;
-    std::fs::write(format!("{proc}/gid_map"), format!("0 {outer_gid} 1\n"))?;
+    // a child without a uid of its own has mapped itself
+    if let Some(u) = uid {
+        std::fs::write(format!("{proc}/setgroups"), "deny")?;
+        std::fs::write(format!("{proc}/uid_map"), format!("0 {u} 1\n"))?;
+        std::fs::write(format!("{proc}/gid_map"), format!("0 {u} 1\n"))?;
+    }
     if let Some(c) = cgroup {
         c.add(pid)?;
     }
@@ -205,6 +217,16 @@ fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
     }
 }
 
+/// Who writes the child's uid and gid maps.
+#[derive(Clone, Copy)]
+enum Maps<'a> {
+    /// The node, to its dedicated uid (the node is root).
+    ByNode,
+    /// The child itself, these lines (its own uid and gid: the node is not
+    /// root).
+    Own(&'a [u8], &'a [u8]),
+}
+
 /// Runs in the forked child before `exec`: only async-signal-safe calls.
 fn child(
     socket: RawFd,
@@ -212,9 +234,10 @@ fn child(
     exe: RawFd,
     tell: RawFd,
     go: RawFd,
-    dedicated: bool,
+    maps: Maps<'_>,
     rl: Rlimits,
 ) -> std::io::Result<()> {
+    let dedicated = matches!(maps, Maps::ByNode);
     // SAFETY: plain syscalls on integers and stack buffers in the
     // single-threaded child after fork.
     unsafe {
@@ -250,10 +273,7 @@ fn child(
         if model.is_none() {
             libc::close(MODEL_FD);
         }
-        check(
-            libc::syscall(libc::SYS_close_range, (GO_FD + 1) as u32, u32::MAX, 0u32) as libc::c_int,
-            "close_range",
-        )?;
+        close_from(GO_FD + 1)?;
         let (tell, go) = (TELL_FD, GO_FD);
         // die with the node; own process group (a Ctrl-C at the terminal
         // reaches only the node, which drains before it stops the worker)
@@ -283,6 +303,15 @@ fn child(
             ),
             "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)",
         )?;
+        if let Maps::Own(uid_map, gid_map) = maps {
+            // gVisor has no setgroups file (nor the hole it closes)
+            match write_proc(c"/proc/self/setgroups", b"deny") {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                r => r?,
+            }
+            write_proc(c"/proc/self/uid_map", uid_map)?;
+            write_proc(c"/proc/self/gid_map", gid_map)?;
+        }
         let pid = libc::getpid().to_le_bytes();
         if libc::write(tell, pid.as_ptr().cast(), 4) != 4 {
             return Err(std::io::Error::last_os_error());
@@ -310,6 +339,123 @@ fn child(
             };
             check(libc::setrlimit(res, &lim), "setrlimit")?;
         }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to the /proc file `path` in one write.
+///
+/// # Safety
+/// Async-signal-safe; for the child between fork and exec.
+unsafe fn write_proc(path: &std::ffi::CStr, bytes: &[u8]) -> std::io::Result<()> {
+    // SAFETY: open of a NUL-terminated path, a write of a slice, a close.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            // the errno as it is: a caller tells a missing file apart
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if n != bytes.len() as isize {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// The highest open descriptor, read from `/proc/self/fd` with raw
+/// `getdents64` (no allocation: async-signal-safe); `None` without /proc.
+///
+/// # Safety
+/// Async-signal-safe; for the child between fork and exec.
+unsafe fn highest_fd() -> Option<RawFd> {
+    // SAFETY: open of a NUL-terminated path.
+    let dir = unsafe {
+        libc::open(
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 4096];
+    let mut max: RawFd = -1;
+    loop {
+        // SAFETY: getdents64 into a local buffer of its length.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        let mut off = 0usize;
+        // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name
+        while off + 19 <= n as usize {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if reclen == 0 || off + reclen > n as usize {
+                break;
+            }
+            let mut v: i64 = 0;
+            let mut digits = 0;
+            for &c in &buf[off + 19..off + reclen] {
+                if c == 0 {
+                    break;
+                }
+                if !c.is_ascii_digit() {
+                    digits = 0;
+                    break;
+                }
+                v = v * 10 + i64::from(c - b'0');
+                digits += 1;
+            }
+            if digits > 0 && v != i64::from(dir) && v > i64::from(max) && v <= i64::from(i32::MAX) {
+                max = v as RawFd;
+            }
+            off += reclen;
+        }
+    }
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(dir) };
+    Some(max)
+}
+
+/// Closes every descriptor from `first` on: `close_range`, or where the
+/// kernel has none (gVisor's older releases answer EINVAL or ENOSYS) one
+/// `close` per descriptor up to the highest open one (up to the soft
+/// `RLIMIT_NOFILE`, at most 65536, without /proc).
+///
+/// # Safety
+/// Async-signal-safe; for the child between fork and exec.
+unsafe fn close_from(first: RawFd) -> std::io::Result<()> {
+    // SAFETY: close_range on integer descriptors.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0u32) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+        return Err(e);
+    }
+    // SAFETY: async-signal-safe, as this function is.
+    let end = match unsafe { highest_fd() } {
+        Some(max) => max + 1,
+        None => {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit into a local.
+            check(
+                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
+                "getrlimit",
+            )?;
+            lim.rlim_cur.min(1 << 16) as RawFd
+        }
+    };
+    for fd in first..end {
+        // SAFETY: closing a descriptor number; EBADF for unused ones is fine.
+        unsafe { libc::close(fd) };
     }
     Ok(())
 }
