@@ -139,6 +139,8 @@ impl Launcher {
             seccomp: self.seccomp,
             binds: t.binds.clone(),
             proc: isolation == Isolation::Process,
+            // an agent sandbox never runs with fewer layers than asked
+            relaxed: false,
         }
     }
 

@@ -300,6 +300,7 @@ fn spawn_process(spec: &WorkerSpec, extra: &[String]) -> Result<Spawned> {
         seccomp: sb.seccomp,
         binds: Vec::new(),
         proc: false,
+        relaxed: !sb.policy.strict,
     };
     let exe = std::fs::File::open(&spec.exe)
         .with_context(|| format!("opening {}", spec.exe.display()))?;
@@ -353,6 +354,7 @@ fn spawn_gvisor(spec: &WorkerSpec, extra: &[String]) -> Result<Spawned> {
         seccomp: sb.seccomp,
         binds: Vec::new(),
         proc: false,
+        relaxed: !sb.policy.strict,
     };
     let mut args = worker_args(spec, std::path::Path::new(gvisor::MODEL_PATH), extra);
     args.extend(["--channel".into(), "stdio".into()]);

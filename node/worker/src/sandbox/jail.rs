@@ -49,12 +49,12 @@ pub fn enter(plan: &Plan) -> io::Result<Confinement> {
     }
     if plan.new_root {
         // a kernel that refuses mounts in a user namespace of its own
-        // (gVisor's older releases) leaves the worker in its own mount
-        // namespace over the host's files: the layer is reported missing,
-        // and a strict node refuses the worker
+        // (gVisor's older releases) leaves a relaxed worker in its own
+        // mount namespace over the host's files, the layer reported
+        // missing; a strict worker stops here, before its model
         match new_root(&plan.devices, &RootExtras::default()) {
             Ok(()) => c.hold(Layer::NewRoot),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Err(e) if plan.relaxed && e.kind() == io::ErrorKind::PermissionDenied => {
                 tracing::warn!("no root of its own: {e}");
             }
             Err(e) => return Err(e),
@@ -446,6 +446,9 @@ fn drop_capabilities() -> io::Result<()> {
         let mut cap = 0;
         loop {
             match libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) {
+                // past the last capability; one that cannot read even the
+                // first cannot say its bounding set is empty
+                -1 if cap == 0 => return Err(io::Error::last_os_error()),
                 -1 => break,
                 1 => check(
                     libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0),

@@ -366,7 +366,8 @@ unsafe fn write_proc(path: &std::ffi::CStr, bytes: &[u8]) -> std::io::Result<()>
 }
 
 /// The highest open descriptor, read from `/proc/self/fd` with raw
-/// `getdents64` (no allocation: async-signal-safe); `None` without /proc.
+/// `getdents64` (no allocation: async-signal-safe); `None` without /proc,
+/// or when the listing fails or does not parse (never a partial answer).
 ///
 /// # Safety
 /// Async-signal-safe; for the child between fork and exec.
@@ -386,15 +387,22 @@ unsafe fn highest_fd() -> Option<RawFd> {
     loop {
         // SAFETY: getdents64 into a local buffer of its length.
         let n = unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
-        if n <= 0 {
+        if n < 0 {
+            // SAFETY: closing the descriptor opened above.
+            unsafe { libc::close(dir) };
+            return None;
+        }
+        if n == 0 {
             break;
         }
         let mut off = 0usize;
         // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name
         while off + 19 <= n as usize {
             let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
-            if reclen == 0 || off + reclen > n as usize {
-                break;
+            if reclen < 19 || off + reclen > n as usize {
+                // SAFETY: closing the descriptor opened above.
+                unsafe { libc::close(dir) };
+                return None;
             }
             let mut v: i64 = 0;
             let mut digits = 0;
@@ -421,9 +429,10 @@ unsafe fn highest_fd() -> Option<RawFd> {
 }
 
 /// Closes every descriptor from `first` on: `close_range`, or where the
-/// kernel has none (gVisor's older releases answer EINVAL or ENOSYS) one
-/// `close` per descriptor up to the highest open one (up to the soft
-/// `RLIMIT_NOFILE`, at most 65536, without /proc).
+/// kernel has none (gVisor's older releases answer EINVAL, kernels before
+/// 5.9 ENOSYS) one `close` per descriptor up to the highest open one. With
+/// neither that nor a readable `/proc/self/fd` it fails: no descriptor of
+/// the node may reach the worker.
 ///
 /// # Safety
 /// Async-signal-safe; for the child between fork and exec.
@@ -438,21 +447,15 @@ unsafe fn close_from(first: RawFd) -> std::io::Result<()> {
         return Err(e);
     }
     // SAFETY: async-signal-safe, as this function is.
-    let end = match unsafe { highest_fd() } {
-        Some(max) => max + 1,
-        None => {
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: getrlimit into a local.
-            check(
-                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
-                "getrlimit",
-            )?;
-            lim.rlim_cur.min(1 << 16) as RawFd
-        }
-    };
+    let end =
+        match unsafe { highest_fd() } {
+            // the fixed descriptors below `first` are open: a listing that
+            // does not show them is wrong
+            Some(max) if max >= first - 1 => max + 1,
+            _ => return Err(std::io::Error::other(
+                "no close_range and no readable /proc/self/fd: cannot close the node's descriptors",
+            )),
+        };
     for fd in first..end {
         // SAFETY: closing a descriptor number; EBADF for unused ones is fine.
         unsafe { libc::close(fd) };

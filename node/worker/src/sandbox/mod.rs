@@ -202,6 +202,11 @@ pub struct Plan {
     /// namespace (agent sandboxes).
     #[serde(default)]
     pub proc: bool,
+    /// Whether the worker may go on without a layer the kernel refuses
+    /// (`sandbox = "relaxed"`), reporting it missing; a strict worker stops
+    /// before it reads a byte of its model.
+    #[serde(default)]
+    pub relaxed: bool,
 }
 
 /// A worker's confinement: what it saw of itself, and what the host saw
