@@ -183,25 +183,64 @@ fn every_pod_an_overlay_runs_is_locked_down() {
     }
 }
 
-#[test]
-fn the_monitoring_rules_pass_promtool() {
-    let text = std::fs::read_to_string(k8s().join("components/monitoring/prometheus-config.yaml"))
-        .unwrap();
-    let cm = &weft_operator::documents(&text).unwrap()[0];
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.yaml");
-    std::fs::write(&rules, cm["data"]["rules.yaml"].as_str().unwrap()).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&rules)
+/// `promtool ARGS` in the monitoring component's rules directory.
+fn promtool(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(k8s().join("components/monitoring/rules"))
         .output()
-        .expect("promtool (Debian prometheus; scripts/install_test_deps.sh installs it)");
-    assert!(
-        out.status.success(),
+        .expect("promtool (Debian prometheus; scripts/install_test_deps.sh installs it)")
+}
+
+fn said(out: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
+    )
+}
+
+#[test]
+fn the_monitoring_rules_pass_promtool() {
+    let out = promtool(&["check", "rules", "recording.yaml", "alerts.yaml"]);
+    assert!(out.status.success(), "{}", said(&out));
+}
+
+#[test]
+fn every_alert_fires_when_it_should_and_not_otherwise() {
+    let out = promtool(&["test", "rules", "alerts_test.yaml"]);
+    assert!(out.status.success(), "{}", said(&out));
+}
+
+#[test]
+fn every_alert_has_a_test() {
+    let alerts =
+        std::fs::read_to_string(k8s().join("components/monitoring/rules/alerts.yaml")).unwrap();
+    let tests = std::fs::read_to_string(k8s().join("components/monitoring/rules/alerts_test.yaml"))
+        .unwrap();
+    for line in alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {line}")),
+            "alert {line} has no promtool test"
+        );
+    }
+}
+
+#[test]
+fn the_monitoring_component_ships_the_rules_it_tests() {
+    let docs = overlay("cloud");
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "weft-prometheus-rules")
+        .expect("no weft-prometheus-rules ConfigMap");
+    for f in ["recording.yaml", "alerts.yaml"] {
+        let on_disk =
+            std::fs::read_to_string(k8s().join("components/monitoring/rules").join(f)).unwrap();
+        assert_eq!(cm["data"][f].as_str(), Some(on_disk.as_str()), "{f}");
+    }
 }
 
 // ------------------------------------------------------- what the operator renders
