@@ -463,6 +463,47 @@ pub fn peers_of(c: &WeftCluster) -> Vec<Peer> {
         .collect()
 }
 
+/// The status conditions a CR holds now.
+trait Conditioned {
+    fn conditions(&self) -> Vec<Condition>;
+}
+
+macro_rules! conditioned {
+    ($($k:ty),*) => {$(
+        impl Conditioned for $k {
+            fn conditions(&self) -> Vec<Condition> {
+                self.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default()
+            }
+        }
+    )*};
+}
+conditioned!(WeftCluster, FabricNodePool, WeftModel, AgentPolicy);
+
+/// What every reconcile reads of its object first.
+struct Start<K: Resource> {
+    name: String,
+    ns: String,
+    api: Api<K>,
+    generation: Option<i64>,
+    prev: Vec<Condition>,
+    now: Timestamp,
+}
+
+fn start<K>(o: &K, ctx: &Ctx) -> Start<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Conditioned,
+{
+    let ns = o.namespace().unwrap_or_default();
+    Start {
+        name: o.name_any(),
+        api: Api::namespaced(ctx.client.clone(), &ns),
+        ns,
+        generation: o.meta().generation,
+        prev: o.conditions(),
+        now: (ctx.now)(),
+    }
+}
+
 // ---------------------------------------------------------------- WeftCluster
 
 /// Reconciles a `WeftCluster`.
@@ -471,16 +512,14 @@ pub async fn reconcile_cluster(c: Arc<WeftCluster>, ctx: Arc<Ctx>) -> Result<Act
 }
 
 async fn cluster_inner(c: &WeftCluster, ctx: &Ctx) -> Result<Action> {
-    let name = c.name_any();
-    let ns = c.namespace().unwrap_or_default();
-    let api: Api<WeftCluster> = Api::namespaced(ctx.client.clone(), &ns);
-    let generation = c.meta().generation;
-    let prev = c
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let now = (ctx.now)();
+    let Start {
+        name,
+        api,
+        generation,
+        prev,
+        now,
+        ..
+    } = start(c, ctx);
 
     let objects = match render::cluster(c) {
         Ok(o) => o,
@@ -687,16 +726,14 @@ pub async fn reconcile_pool(p: Arc<FabricNodePool>, ctx: Arc<Ctx>) -> Result<Act
 }
 
 async fn pool_inner(p: &FabricNodePool, ctx: &Ctx) -> Result<Action> {
-    let name = p.name_any();
-    let ns = p.namespace().unwrap_or_default();
-    let api: Api<FabricNodePool> = Api::namespaced(ctx.client.clone(), &ns);
-    let generation = p.meta().generation;
-    let prev = p
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let now = (ctx.now)();
+    let Start {
+        name,
+        ns,
+        api,
+        generation,
+        prev,
+        now,
+    } = start(p, ctx);
     let selector = render::pool_selector(p);
     let not_ready = |reason: &str, msg: String| {
         json!({
@@ -926,16 +963,14 @@ pub async fn reconcile_model(m: Arc<WeftModel>, ctx: Arc<Ctx>) -> Result<Action>
 }
 
 async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
-    let name = m.name_any();
-    let ns = m.namespace().unwrap_or_default();
-    let api: Api<WeftModel> = Api::namespaced(ctx.client.clone(), &ns);
-    let generation = m.meta().generation;
-    let prev = m
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let now = (ctx.now)();
+    let Start {
+        name,
+        ns,
+        api,
+        generation,
+        prev,
+        now,
+    } = start(m, ctx);
     let c = |t: &str, ok: &str, reason: &str, msg: String| {
         condition(&prev, t, ok, reason, msg, generation, now)
     };
@@ -1344,16 +1379,14 @@ pub async fn write_tenants(c: &WeftCluster, ctx: &Ctx) -> Result<TenantsWritten>
 }
 
 async fn policy_inner(p: &AgentPolicy, ctx: &Ctx) -> Result<Action> {
-    let name = p.name_any();
-    let ns = p.namespace().unwrap_or_default();
-    let api: Api<AgentPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-    let generation = p.meta().generation;
-    let prev = p
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let now = (ctx.now)();
+    let Start {
+        name,
+        ns,
+        api,
+        generation,
+        prev,
+        now,
+    } = start(p, ctx);
     let c = |t: &str, ok: &str, reason: &str, msg: String| {
         condition(&prev, t, ok, reason, msg, generation, now)
     };

@@ -3,11 +3,8 @@
 //! an apiserver would check on create (fields, types, CEL rules), and
 //! every invalid example is refused saying why.
 
-use std::path::{Path, PathBuf};
-
-fn k8s() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{k8s, kubernetes_validate, kustomize};
 
 #[test]
 fn the_committed_crds_are_what_the_types_generate() {
@@ -145,35 +142,6 @@ fn an_object_of_another_group_is_not_ours() {
     assert_eq!(weft_operator::check(&v), Ok(false));
 }
 
-/// Runs `kubernetes-validate --strict` against Kubernetes 1.33 on `yaml`;
-/// its output when it fails. (`scripts/install_test_deps.sh` installs it.)
-pub fn kubernetes_validate(yaml: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("kubernetes-validate")
-        .args(["--strict", "--quiet", "-k", "1.33.0", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubernetes-validate (PyPI; scripts/install_test_deps.sh installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 #[test]
 fn the_crds_pass_strict_validation_against_kubernetes_1_33() {
     let all: Vec<String> = weft_operator::crds()
@@ -185,17 +153,7 @@ fn the_crds_pass_strict_validation_against_kubernetes_1_33() {
 
 #[test]
 fn the_crds_kustomization_renders_every_crd() {
-    let out = std::process::Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(k8s().join("crds"))
-        .output()
-        .expect("kubectl with kustomize (scripts/install_test_deps.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = kustomize(&k8s().join("crds"));
     for (_, crd) in weft_operator::crds() {
         let name = crd.metadata.name.unwrap();
         assert!(text.contains(&format!("name: {name}")), "{name} missing");

@@ -5,59 +5,14 @@
 //! for the examples are held in golden files (`WEFT_BLESS=1` rewrites them
 //! after a deliberate change) and pass the same validation.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use weft_operator::crd::*;
 use weft_operator::render;
 
-fn k8s() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `kubectl kustomize DIR` (kubectl from `scripts/install_test_deps.sh`).
-fn kustomize(dir: &Path) -> String {
-    let out = std::process::Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .output()
-        .expect("kubectl with kustomize (scripts/install_test_deps.sh installs it)");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// `kubernetes-validate --strict` against 1.33; its complaint if any.
-fn validate(yaml: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("kubernetes-validate")
-        .args(["--strict", "--quiet", "-k", "1.33.0", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubernetes-validate (PyPI; scripts/install_test_deps.sh installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
+mod common;
+use common::{k8s, kubernetes_validate as validate, kustomize};
 
 fn overlay(name: &str) -> Vec<Value> {
     let text = kustomize(&k8s().join("overlays").join(name));

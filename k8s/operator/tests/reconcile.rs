@@ -674,18 +674,35 @@ fn pool_start(p: &FabricNodePool, nodes: &[&str]) -> (Vec<Call>, WeftCluster) {
     (calls, c)
 }
 
+/// Applies of what the edge pool renders; its DaemonSet answers with
+/// `desired` pods scheduled, `ready` ready and `updated` updated.
+fn pool_applies(
+    p: &FabricNodePool,
+    c: &WeftCluster,
+    desired: i64,
+    ready: i64,
+    updated: i64,
+) -> Vec<Call> {
+    render::pool(p, c)
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let extra = if o["kind"] == "DaemonSet" {
+                json!({"metadata": {"generation": 1}, "status": {"observedGeneration": 1,
+                    "desiredNumberScheduled": desired, "numberReady": ready, "updatedNumberScheduled": updated}})
+            } else {
+                Value::Null
+            };
+            applied(path_of(o), extra)
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn an_edge_pool_gets_a_join_token_per_matching_node_and_a_daemonset() {
     let p = edge_pool();
     let (mut calls, c) = pool_start(&p, &["gw-1", "ip-10-0-0-7.eu-west-1.compute.internal"]);
-    for o in render::pool(&p, &c).unwrap() {
-        let extra = if o["kind"] == "DaemonSet" {
-            json!({"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 2, "numberReady": 2, "updatedNumberScheduled": 2}})
-        } else {
-            Value::Null
-        };
-        calls.push(applied(path_of(&o), extra));
-    }
+    calls.extend(pool_applies(&p, &c, 2, 2, 2));
     calls.push(status_applied(weft("fabricnodepools/gateways/status"), &p));
     let (client, seen, task) = api_server(calls);
     let ctx = ctx(client, Arc::new(FakeFabric::default()));
@@ -730,14 +747,7 @@ async fn an_edge_pool_gets_a_join_token_per_matching_node_and_a_daemonset() {
 async fn a_pool_whose_pods_cannot_be_scheduled_says_insufficient_capacity() {
     let p = edge_pool();
     let (mut calls, c) = pool_start(&p, &["gw-1"]);
-    for o in render::pool(&p, &c).unwrap() {
-        let extra = if o["kind"] == "DaemonSet" {
-            json!({"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 1, "numberReady": 0, "updatedNumberScheduled": 1}})
-        } else {
-            Value::Null
-        };
-        calls.push(applied(path_of(&o), extra));
-    }
+    calls.extend(pool_applies(&p, &c, 1, 0, 1));
     calls.push(call("GET", core("pods"), 200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [{
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gateways-x"},
         "status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
@@ -1224,14 +1234,7 @@ async fn a_redeemed_join_token_is_replaced_so_a_returning_pod_can_join() {
         call("GET", core("secrets/factory-7-admin"), 200, cr.admin),
         applied(core("secrets/gateways-join"), Value::Null),
     ];
-    for o in render::pool(&p, &c).unwrap() {
-        let extra = if o["kind"] == "DaemonSet" {
-            json!({"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 1, "numberReady": 1, "updatedNumberScheduled": 1}})
-        } else {
-            Value::Null
-        };
-        calls.push(applied(path_of(&o), extra));
-    }
+    calls.extend(pool_applies(&p, &c, 1, 1, 1));
     calls.push(status_applied(weft("fabricnodepools/gateways/status"), &p));
     let (client, seen, task) = api_server(calls);
     let fabric = Arc::new(FakeFabric::default());
