@@ -144,6 +144,7 @@ async fn one(
             priority: 1,
             resume: Default::default(),
             tenant: String::new(),
+            trace: None,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut first = None;

@@ -448,16 +448,30 @@ impl ControlState {
     /// the last epoch, or aggregate demand moved by more than `band` (a
     /// fraction) from what it was planned for.
     pub fn needs_replan(&self, demand_rps: f64, band: f64) -> bool {
+        self.replan_cause(demand_rps, band).is_some()
+    }
+
+    /// Why a new plan is due, if it is: `first` (no placement yet),
+    /// `members`, `models`, `floors` or `demand` (see
+    /// [`ControlState::needs_replan`]), as `weft_placement_replans_total`'s
+    /// `cause` label writes it.
+    pub fn replan_cause(&self, demand_rps: f64, band: f64) -> Option<&'static str> {
         let Some(p) = &self.placement else {
-            return !self.members.is_empty() && !self.models.is_empty();
+            return (!self.members.is_empty() && !self.models.is_empty()).then_some("first");
         };
         let ids: Vec<u64> = self.members.keys().copied().collect();
         let models: Vec<String> = self.models.keys().cloned().collect();
-        if ids != p.members || models != p.models || self.floors() != p.floors {
-            return true;
+        if ids != p.members {
+            return Some("members");
+        }
+        if models != p.models {
+            return Some("models");
+        }
+        if self.floors() != p.floors {
+            return Some("floors");
         }
         let base = p.demand_rps.max(1e-9);
-        ((demand_rps - p.demand_rps) / base).abs() > band
+        (((demand_rps - p.demand_rps) / base).abs() > band).then_some("demand")
     }
 
     /// The next epoch for `demand` (by site name and model name), planned
@@ -917,7 +931,11 @@ mod tests {
 
     #[test]
     fn a_state_without_a_placement_needs_a_plan() {
-        assert!(state().needs_replan(10.0, 0.2), "no placement yet");
+        assert_eq!(
+            state().replan_cause(10.0, 0.2),
+            Some("first"),
+            "no placement yet"
+        );
     }
 
     #[test]
@@ -964,7 +982,11 @@ mod tests {
     #[test]
     fn a_demand_change_beyond_the_band_needs_a_replan() {
         let (s, _) = committed();
-        assert!(s.needs_replan(30.0, 0.2), "50% is outside it");
+        assert_eq!(
+            s.replan_cause(30.0, 0.2),
+            Some("demand"),
+            "50% is outside it"
+        );
     }
 
     /// The committed state after a member joined at index 5.
@@ -1011,7 +1033,7 @@ mod tests {
     #[test]
     fn a_changed_replica_floor_needs_a_replan() {
         let name = state().models.keys().next().unwrap().clone();
-        assert!(with_floor(&name, 2).needs_replan(20.0, 0.2));
+        assert_eq!(with_floor(&name, 2).replan_cause(20.0, 0.2), Some("floors"));
     }
 
     #[test]
@@ -1027,7 +1049,11 @@ mod tests {
 
     #[test]
     fn a_new_member_needs_a_replan() {
-        assert!(with_a_new_member().needs_replan(20.0, 0.2), "a new member");
+        assert_eq!(
+            with_a_new_member().replan_cause(20.0, 0.2),
+            Some("members"),
+            "a new member"
+        );
     }
 
     #[test]

@@ -290,6 +290,7 @@ impl Gateway {
             .args(["node", "--config"])
             .arg(&cfg)
             .env("WEFT_LOG", "info")
+            .env("WEFT_LOG_FORMAT", "json")
             .env("WEFT_CACHE_DIR", c.dir.path().join(name).join("cache"))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -308,6 +309,29 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `traceparent` a client sends in the tracing tests.
+const CLIENT_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+/// Its trace id and span id.
+const CLIENT_TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+const CLIENT_SPAN_ID: &str = "b7ad6b7169203331";
+
+/// The fields of each JSON log line of `log` in trace `trace_id`.
+fn trace_lines(log: &str, trace_id: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["fields"].clone())
+        .filter(|f| f["trace_id"] == trace_id)
+        .collect()
+}
+
+/// The one line of `lines` whose message is `message`.
+fn line_of<'a>(lines: &'a [serde_json::Value], message: &str) -> &'a serde_json::Value {
+    lines
+        .iter()
+        .find(|l| l["message"] == message)
+        .unwrap_or_else(|| panic!("no {message:?} line in {lines:?}"))
 }
 
 /// Writes the tiny model and registers it as `name` with `weft cluster
@@ -1203,6 +1227,11 @@ struct Forwarded {
     audit: (bool, String),
     /// The front's intent-log records, and the whole log.
     records: (Vec<serde_json::Value>, String),
+    /// A request with the client's `traceparent` through the front: its
+    /// status, and the front's and the holder's log lines in its trace.
+    traced: (u16, Vec<serde_json::Value>, Vec<serde_json::Value>),
+    /// The front's `/metrics` after it forwarded.
+    front_metrics: String,
 }
 
 static FORWARDED: tokio::sync::OnceCell<Forwarded> = tokio::sync::OnceCell::const_new();
@@ -1272,6 +1301,23 @@ async fn forward_through_a_front() -> Forwarded {
     let mut stream = body.clone();
     stream["stream"] = serde_json::json!(true);
     let streamed = ask(front.api, stream).await.unwrap().text().await.unwrap();
+    let traced_status = http
+        .post(format!("http://{}/v1/completions", front.api))
+        .header("traceparent", CLIENT_TRACEPARENT)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    let front_metrics = http
+        .get(format!("http://{}/metrics", front.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let r = http
         .post(format!("http://{}/v1/completions", front.api))
         .header("x-weft-hops", "2")
@@ -1323,6 +1369,11 @@ async fn forward_through_a_front() -> Forwarded {
         stopped,
         holder.log().contains("closing its data-plane connection"),
     );
+    let traced = (
+        traced_status,
+        trace_lines(&front.log(), CLIENT_TRACE_ID),
+        trace_lines(&holder.log(), CLIENT_TRACE_ID),
+    );
     // the front's intent log holds the forwarding decisions, chained
     drop(front);
     let log_dir = c.dir.path().join("gw-2/intent");
@@ -1351,7 +1402,56 @@ async fn forward_through_a_front() -> Forwarded {
         revoked,
         audit,
         records: (records, all),
+        traced,
+        front_metrics,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_trace_is_followed_from_the_routing_node_to_the_serving_one() {
+    let (status, front, holder) = &forwarded().await.traced;
+    assert_eq!(*status, 200);
+    let routed = line_of(front, "routed");
+    assert_eq!(routed["parent_span_id"], CLIENT_SPAN_ID, "{routed}");
+    assert_eq!(routed["choice"], "gw-1", "{routed}");
+    let admitted = line_of(holder, "admitted");
+    assert_eq!(
+        admitted["parent_span_id"], routed["span_id"],
+        "the holder's span is not the front's child: {admitted}"
+    );
+    assert_eq!(admitted["routed_id"], routed["request_id"], "{admitted}");
+    assert_ne!(admitted["span_id"], routed["span_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routing_nodes_intent_record_carries_the_clients_trace() {
+    let (records, all) = &forwarded().await.records;
+    assert!(
+        records
+            .iter()
+            .any(|r| r["decision"] == "routed" && r["trace_id"] == CLIENT_TRACE_ID),
+        "{all}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_is_counted_as_routed_to_an_edge_peer_with_its_utility() {
+    let m = &forwarded().await.front_metrics;
+    let sample = |line: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {line}:\n{m}"))
+    };
+    assert!(
+        sample("weft_route_decisions_total{criticality=\"standard\",target=\"edge_peer\"} ") >= 3.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample("weft_route_decisions_total{criticality=\"standard\",target=\"cloud\"} "),
+        0.0
+    );
+    assert!(sample("weft_route_utility_count ") >= 3.0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1920,6 +2020,10 @@ struct Chain {
     streams: Vec<Streamed>,
     /// The stream running when the last range's node was killed.
     broken: Streamed,
+    /// A request with the client's `traceparent` through a node after the
+    /// head: each node's log lines in its trace, in chain order (the
+    /// front, the head, then each range's node).
+    traced: Vec<(String, Vec<serde_json::Value>)>,
 }
 
 static CHAIN_2: tokio::sync::OnceCell<Chain> = tokio::sync::OnceCell::const_new();
@@ -2063,6 +2167,24 @@ async fn run_a_chain_of(n: usize) -> Chain {
     for t in tasks {
         streams.push(t.await.unwrap());
     }
+    // a traced request through the front
+    let r = http
+        .post(format!("http://{front}/v1/completions"))
+        .header("traceparent", CLIENT_TRACEPARENT)
+        .json(&body(prompts[0], false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let order = std::iter::once((head + 1) % n)
+        .chain(std::iter::once(head))
+        .chain(ranges.iter().map(|r| r.2));
+    let traced = order
+        .map(|i| {
+            let name = format!("gw-{}", i + 1);
+            (name, trace_lines(&nodes[i].log(), CLIENT_TRACE_ID))
+        })
+        .collect();
     // the last range's node dies mid-stream
     let long = serde_json::json!({"model": "tiny", "prompt": prompts[0], "max_tokens": 4000, "temperature": 0, "stream": true});
     let broken = stream_and_kill(&http, nodes[head].api, &long, &mut nodes[last]).await;
@@ -2072,7 +2194,34 @@ async fn run_a_chain_of(n: usize) -> Chain {
         answers,
         streams,
         broken,
+        traced,
     }
+}
+
+/// Every node of the chain logs its part of a traced request, each span a
+/// child of the one before: the front's routing, the head's admission,
+/// then each range's node down the chain.
+fn assert_a_trace_follows_the_chain(c: &Chain) {
+    let (front, rest) = c.traced.split_first().unwrap();
+    let mut parent = line_of(&front.1, "routed")["span_id"].clone();
+    let admitted = line_of(&c.traced[1].1, "admitted");
+    assert_eq!(
+        admitted["parent_span_id"], parent,
+        "{}: {admitted}",
+        rest[0].0
+    );
+    parent = admitted["span_id"].clone();
+    for (name, lines) in &rest[1..] {
+        let l = line_of(lines, "chain sequence");
+        assert_eq!(l["parent_span_id"], parent, "{name}: {l}");
+        assert_eq!(l["request_id"], admitted["routed_id"], "{name}: {l}");
+        parent = l["span_id"].clone();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_chain_logs_a_traced_request_on_every_node() {
+    assert_a_trace_follows_the_chain(chain_of(3).await);
 }
 
 /// Every node answers with one node's greedy text.

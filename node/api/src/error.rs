@@ -18,6 +18,9 @@ pub struct ApiError {
     param: Option<&'static str>,
     pub(crate) message: String,
     retry_after: Option<u64>,
+    /// Why a request was refused, as `weft_route_refusals_total`'s
+    /// `reason` label writes it (refusals only).
+    pub(crate) refused_because: Option<&'static str>,
 }
 
 impl ApiError {
@@ -30,6 +33,7 @@ impl ApiError {
             param: None,
             message: message.into(),
             retry_after: None,
+            refused_because: None,
         }
     }
     /// A 400 `invalid_request_error`.
@@ -44,6 +48,12 @@ impl ApiError {
     /// Sets OpenAI's error `code`.
     pub fn code(mut self, c: &'static str) -> Self {
         self.code = Some(c);
+        self
+    }
+    /// Marks the error as a refusal for `reason` (one of
+    /// [`crate::metrics::REFUSAL_REASONS`]).
+    pub(crate) fn refusal_for(mut self, reason: &'static str) -> Self {
+        self.refused_because = Some(reason);
         self
     }
     /// The error JSON (also what a stream sends as its last event).
@@ -73,13 +83,29 @@ pub(crate) fn too_many(message: impl Into<String>) -> ApiError {
 
 /// The API error for what a tenant's policy does not allow it.
 pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "permission_error", message).code("not_allowed")
+    ApiError::new(StatusCode::FORBIDDEN, "permission_error", message)
+        .code("not_allowed")
+        .refusal_for("not_allowed")
+}
+
+/// The `reason` label of a router's refusal.
+pub fn rejection_reason(r: &weft_placement::Rejection) -> &'static str {
+    use weft_placement::Rejection as R;
+    match r {
+        R::NoReplica => "no_replica",
+        R::NoFreshReplica => "no_fresh_replica",
+        R::DeadlineInfeasible { .. } => "deadline_infeasible",
+        R::WouldMissDeadline { .. } => "would_miss_deadline",
+        R::OverBudget { .. } => "over_budget",
+        R::Overloaded { .. } => "overloaded",
+        R::NoKvRoom => "no_kv_room",
+    }
 }
 
 /// The API error for a router's refusal.
 pub(crate) fn refusal(r: &weft_placement::Rejection) -> ApiError {
     use weft_placement::Rejection as R;
-    match r {
+    let e = match r {
         R::Overloaded { .. } | R::WouldMissDeadline { .. } => too_many(r.to_string()),
         R::DeadlineInfeasible { .. } => {
             ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", r.to_string())
@@ -92,7 +118,8 @@ pub(crate) fn refusal(r: &weft_placement::Rejection) -> ApiError {
             r.to_string(),
         )
         .code("no_replica"),
-    }
+    };
+    e.refusal_for(rejection_reason(r))
 }
 
 /// The request's deadline passed.
@@ -122,6 +149,7 @@ pub(crate) fn not_ready() -> ApiError {
         "server_error",
         "the model worker is not ready; retry shortly",
     )
+    .refusal_for("not_ready")
 }
 
 /// The error for a sequence its replica lost midway (a node of its chain

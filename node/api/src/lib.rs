@@ -24,6 +24,7 @@
 //! - [`error`]: OpenAI's error JSON.
 //! - [`headers`]: the `x-weft-*` headers.
 //! - [`metrics`]: the API's Prometheus metrics.
+//! - [`trace`]: W3C `traceparent`, one request followed across nodes.
 //! - [`config`]: its settings ([`ApiConfig`]).
 //! - [`server`]: the listener: connection cap, header deadline, graceful
 //!   shutdown.
@@ -41,6 +42,7 @@ pub mod served;
 pub mod server;
 pub mod state;
 pub mod tenants;
+pub mod trace;
 
 pub use config::{ApiConfig, ApiKeys, KeyMap, Policy, TenantLimits, TenantsFile};
 pub use error::ApiError;

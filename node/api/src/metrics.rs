@@ -17,6 +17,36 @@ const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 /// Bucket bounds (seconds) for the gap between tokens.
 const ITL_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
 
+/// Bucket bounds for the router's utility of a routed request (1 is a
+/// free, instant answer; below 0, a deadline or budget the router expects
+/// to miss).
+const UTILITY_BUCKETS: &[f64] = &[-2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.2];
+
+/// Where a routed request went, as `weft_route_decisions_total`'s
+/// `target` label writes it.
+pub const ROUTE_TARGETS: &[&str] = &["local", "edge_peer", "cloud"];
+
+/// Every `reason` `weft_route_refusals_total` counts: the router's
+/// refusals, then this node's own (admission, tenants' policy, loops,
+/// replicas that all failed).
+pub const REFUSAL_REASONS: &[&str] = &[
+    "no_replica",
+    "no_fresh_replica",
+    "deadline_infeasible",
+    "would_miss_deadline",
+    "over_budget",
+    "overloaded",
+    "no_kv_room",
+    "not_ready",
+    "tenant_limit",
+    "not_allowed",
+    "looped",
+    "replicas_failed",
+];
+
+/// The criticalities, as the `criticality` label writes them.
+const CRITICALITIES: &[&str] = &["critical", "standard", "sheddable"];
+
 /// Most distinct model names counted as demand.
 const MAX_WANTED: usize = 256;
 
@@ -174,6 +204,10 @@ pub struct Metrics {
     generated: IntCounter,
     ttft: Histogram,
     itl: Histogram,
+    route_decisions: IntCounterVec,
+    route_refusals: IntCounterVec,
+    route_utility: Histogram,
+    deadline_misses: IntCounterVec,
     pub(crate) scrape: ScrapeGauges,
     /// model → requests that named it (served here or not): demand, not a
     /// metric
@@ -190,7 +224,7 @@ impl Metrics {
     /// The API's metrics, registered in `registry` (the gauges read at
     /// scrape time are registered by the state that can read them).
     pub fn new(registry: &Registry) -> Self {
-        Self {
+        let m = Self {
             registry: registry.clone(),
             requests: counter_vec(
                 registry,
@@ -211,9 +245,71 @@ impl Metrics {
                 "Time between consecutive tokens of a stream.",
                 ITL_BUCKETS,
             ),
+            route_decisions: counter_vec(
+                registry,
+                "weft_route_decisions_total",
+                "Requests this node routed, by where they went (local, edge_peer, cloud) and criticality.",
+                &["target", "criticality"],
+            ),
+            route_refusals: counter_vec(
+                registry,
+                "weft_route_refusals_total",
+                "Requests refused, by reason and criticality.",
+                &["reason", "criticality"],
+            ),
+            route_utility: histogram(
+                registry,
+                "weft_route_utility",
+                "The router's expected utility of each request it routed (1: instant and free).",
+                UTILITY_BUCKETS,
+            ),
+            deadline_misses: counter_vec(
+                registry,
+                "weft_deadline_misses_total",
+                "Requests cancelled at their deadline before they finished, by criticality.",
+                &["criticality"],
+            ),
             scrape: ScrapeGauges::new(),
             wanted: Mutex::default(),
+        };
+        // every series of the bounded label sets from the start, at 0: a
+        // rate over them reads 0 rather than nothing
+        for c in CRITICALITIES {
+            for t in ROUTE_TARGETS {
+                m.route_decisions.with_label_values(&[t, c]);
+            }
+            for r in REFUSAL_REASONS {
+                m.route_refusals.with_label_values(&[r, c]);
+            }
+            m.deadline_misses.with_label_values(&[c]);
         }
+        m
+    }
+
+    /// Counts a request routed to `target` (one of [`ROUTE_TARGETS`]),
+    /// with the router's expected `utility` where a router chose.
+    pub fn routed(&self, target: &'static str, criticality: &str, utility: Option<f64>) {
+        debug_assert!(ROUTE_TARGETS.contains(&target), "{target}");
+        self.route_decisions
+            .with_label_values(&[target, criticality])
+            .inc();
+        if let Some(u) = utility.filter(|u| u.is_finite()) {
+            self.route_utility.observe(u);
+        }
+    }
+
+    /// Counts a request refused for `reason` (one of
+    /// [`REFUSAL_REASONS`]).
+    pub fn refused(&self, reason: &'static str, criticality: &str) {
+        debug_assert!(REFUSAL_REASONS.contains(&reason), "{reason}");
+        self.route_refusals
+            .with_label_values(&[reason, criticality])
+            .inc();
+    }
+
+    /// Counts a request cancelled at its deadline.
+    pub(crate) fn deadline_missed(&self, criticality: &str) {
+        self.deadline_misses.with_label_values(&[criticality]).inc();
     }
 
     /// The registry these metrics are in (the node's one).

@@ -31,6 +31,9 @@ pub trait LocalNode: Send + Sync {
     fn load(&self, model: &str) -> Option<LocalLoad>;
     /// Appends a decision to the node's intent log.
     fn record(&self, record: Value);
+    /// Counts a request the router sent to `target` (`local`, `edge_peer`
+    /// or `cloud`) at the router's expected `utility`.
+    fn routed(&self, target: &'static str, criticality: &str, utility: Option<f64>);
 }
 
 /// A request for the data plane to route, authenticated and with its
@@ -59,6 +62,8 @@ pub struct RouteAsk {
     pub request_id: String,
     /// Waiting requests beyond which this node sheds standard ones.
     pub max_queue: usize,
+    /// This node's span of the request's trace (the next node's parent).
+    pub trace: crate::trace::Trace,
 }
 
 /// Where a request went.

@@ -148,6 +148,8 @@ pub(crate) struct Job {
     pub(crate) token_ids: bool,
     /// The id the routing node gave the request, when it was forwarded.
     pub(crate) routed_id: Option<String>,
+    /// This node's span of the request's trace.
+    pub(crate) trace: crate::trace::Trace,
 }
 
 /// Reads a request's body within the size and time limits; it must be UTF-8.
@@ -354,6 +356,7 @@ pub(crate) fn job(
     common: &Common,
     fwd: Option<&Forwarded>,
     logprobs: Option<(u32, &'static str)>,
+    trace: crate::trace::Trace,
 ) -> Result<Job, ApiError> {
     if let Some((n, field)) = logprobs {
         if n > MAX_TOP_LOGPROBS {
@@ -388,6 +391,7 @@ pub(crate) fn job(
         resume,
         token_ids: fwd.is_some_and(|f| f.token_ids),
         routed_id: fwd.and_then(|f| f.request_id.clone()),
+        trace,
     })
 }
 

@@ -49,6 +49,9 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
             },
             "prompt_tokens": job.prompt.len(),
             "node": "local",
+            "trace_id": job.trace.trace_id,
+            "span_id": job.trace.span_id,
+            "parent_span_id": job.trace.parent_id,
             "decision": outcome,
             "reason": reason,
             "queue_waiting": job.model.runner.stats().waiting,
@@ -67,9 +70,17 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
             s.record(decision(None, "refused", Some(&e.message)));
             s.metrics
                 .request(&job.model.model_id, e.status.as_u16(), crit);
+            if let Some(reason) = e.refused_because {
+                s.metrics.refused(reason, crit);
+            }
             return e.into_response();
         }
     };
+    // a node without a data plane routes every request to itself (a
+    // cluster node's router counted its own choice)
+    if s.remote().is_none() && job.routed_id.is_none() {
+        s.metrics.routed("local", crit, None);
+    }
     let prompt_tokens = job.prompt.len();
     let submission = Submission {
         prompt: job.prompt.clone(),
@@ -84,6 +95,10 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
             })
             .unwrap_or_default(),
         tenant: job.tenant.clone(),
+        trace: Some((
+            job.trace.header(),
+            job.routed_id.clone().unwrap_or_default(),
+        )),
     };
     let (id, rx) = match job.model.runner.submit(submission) {
         Ok(x) => x,
@@ -116,6 +131,17 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
         prompt_tokens,
     };
     s.record(decision(Some(&meta.id), "admitted", None));
+    tracing::info!(
+        request_id = %meta.id,
+        routed_id = job.routed_id.as_deref(),
+        trace_id = %job.trace.trace_id,
+        span_id = %job.trace.span_id,
+        parent_span_id = job.trace.parent_id.as_deref(),
+        model = %job.model.model_id,
+        tenant = %job.tenant,
+        criticality = crit,
+        "admitted"
+    );
     if job.stream {
         stream_response(s, job, ticket, rx, meta)
     } else {
@@ -201,6 +227,7 @@ async fn whole_response(
             Err(e) => {
                 s.metrics
                     .request(&job.model.model_id, e.status.as_u16(), crit);
+                s.metrics.deadline_missed(crit);
                 return e.into_response();
             }
         };
@@ -315,6 +342,7 @@ fn stream_response(
                 Ok(u) => u,
                 Err(e) => {
                     status = e.status.as_u16();
+                    s.metrics.deadline_missed(crit);
                     let _ = send(e.body()).await;
                     break;
                 }

@@ -27,6 +27,7 @@ use crate::request::{
 use crate::respond::respond;
 use crate::state::AppState;
 use crate::tenants::authenticate;
+use crate::trace::Trace;
 
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -113,6 +114,8 @@ async fn elsewhere(
     fwd: Option<&Forwarded>,
     uri: &'static str,
     bytes: &axum::body::Bytes,
+    trace: &Trace,
+    routed_id: &mut Option<String>,
 ) -> Option<Response> {
     let remote = s.remote()?;
     /// Only the fields routing needs; the rest is checked where it is served.
@@ -168,20 +171,26 @@ async fn elsewhere(
         output_tokens,
         request_id,
         max_queue: s.cfg.max_queue,
+        trace: trace.clone(),
     };
     let crit = intent.criticality.as_str();
+    *routed_id = Some(ask.request_id.clone());
     match remote.route(ask, s.clone()).await {
         Routing::Here => None,
         Routing::Answered(resp) => Some(resp),
         Routing::Refused(rej) => {
             let e = refusal(&rej);
             s.count_request(&r.model, e.status.as_u16(), crit);
+            s.metrics
+                .refused(crate::error::rejection_reason(&rej), crit);
             Some(e.into_response())
         }
         Routing::Looped(why) => {
+            s.metrics.refused("looped", crit);
             Some(ApiError::new(StatusCode::LOOP_DETECTED, "server_error", why).into_response())
         }
         Routing::Failed(why) => {
+            s.metrics.refused("replicas_failed", crit);
             s.count_request(&r.model, 502, crit);
             Some(ApiError::new(StatusCode::BAD_GATEWAY, "server_error", why).into_response())
         }
@@ -194,7 +203,20 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    if let Some(r) = elsewhere(&s, &headers, fwd.as_ref(), "/v1/completions", &bytes).await {
+    let trace = Trace::from_headers(&headers);
+    // the id the routing decision was logged under, when this node routed it
+    let mut routed_id = None;
+    if let Some(r) = elsewhere(
+        &s,
+        &headers,
+        fwd.as_ref(),
+        "/v1/completions",
+        &bytes,
+        &trace,
+        &mut routed_id,
+    )
+    .await
+    {
         return r;
     }
     let r = async {
@@ -221,7 +243,12 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
             &body.common,
             fwd.as_ref(),
             logprobs,
+            trace,
         )
+        .map(|mut j| {
+            j.routed_id = j.routed_id.or(routed_id);
+            j
+        })
     }
     .await;
     respond(s, r).await
@@ -233,7 +260,20 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    if let Some(r) = elsewhere(&s, &headers, fwd.as_ref(), "/v1/chat/completions", &bytes).await {
+    let trace = Trace::from_headers(&headers);
+    // the id the routing decision was logged under, when this node routed it
+    let mut routed_id = None;
+    if let Some(r) = elsewhere(
+        &s,
+        &headers,
+        fwd.as_ref(),
+        "/v1/chat/completions",
+        &bytes,
+        &trace,
+        &mut routed_id,
+    )
+    .await
+    {
         return r;
     }
     let r = async {
@@ -287,7 +327,12 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
             &body.common,
             fwd.as_ref(),
             logprobs,
+            trace,
         )
+        .map(|mut j| {
+            j.routed_id = j.routed_id.or(routed_id);
+            j
+        })
     }
     .await;
     respond(s, r).await

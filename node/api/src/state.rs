@@ -253,4 +253,8 @@ impl LocalNode for AppState {
     fn record(&self, record: Value) {
         AppState::record(self, record);
     }
+
+    fn routed(&self, target: &'static str, criticality: &str, utility: Option<f64>) {
+        self.metrics.routed(target, criticality, utility);
+    }
 }

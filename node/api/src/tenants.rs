@@ -110,7 +110,7 @@ impl Tenants {
             max_queue: cfg.max_queue,
         }
         .admit(a.criticality, NodeLoad { waiting })
-        .map_err(|r| too_many(r.to_string()))?;
+        .map_err(|r| too_many(r.to_string()).refusal_for("overloaded"))?;
         let mut tenants = self.used.lock().unwrap_or_else(|e| e.into_inner());
         let u = tenants.entry(a.tenant.to_string()).or_default();
         if let Some(rpm) = limits.requests_per_minute {
@@ -126,7 +126,8 @@ impl Tenants {
                 return Err(too_many(format!(
                     "tenant {} sent {rpm} requests this minute, its limit",
                     a.tenant
-                )));
+                ))
+                .refusal_for("tenant_limit"));
             }
         }
         if let Some(max) = limits.max_concurrent {
@@ -134,7 +135,8 @@ impl Tenants {
                 return Err(too_many(format!(
                     "tenant {} already has {max} requests in flight",
                     a.tenant
-                )));
+                ))
+                .refusal_for("tenant_limit"));
             }
         }
         if let Some(tpm) = limits.tokens_per_minute {
@@ -151,7 +153,8 @@ impl Tenants {
                 return Err(too_many(format!(
                     "tenant {} used {used} of {tpm} tokens this minute",
                     a.tenant
-                )));
+                ))
+                .refusal_for("tenant_limit"));
             }
             u.window.push_back((now, a.prompt_tokens as u64));
         }

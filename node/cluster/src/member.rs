@@ -97,7 +97,21 @@ pub struct ControlMetrics {
     rejected_peers: IntCounter,
     refused_requests: IntCounterVec,
     commit_latency: weft_metrics::Histogram,
+    replans: IntCounterVec,
 }
+
+/// Every `cause` `weft_placement_replans_total` counts: the control
+/// state's (see `ControlState::replan_cause`), a member not heard from
+/// (`member_down`), and an operator's `weft cluster replan` (`operator`).
+pub const REPLAN_CAUSES: &[&str] = &[
+    "first",
+    "members",
+    "models",
+    "floors",
+    "demand",
+    "member_down",
+    "operator",
+];
 
 impl std::fmt::Debug for ControlMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,7 +124,7 @@ impl ControlMetrics {
     pub fn new(registry: &weft_metrics::Registry) -> Self {
         use weft_metrics::{counter, counter_vec, gauge, histogram};
         let r = registry;
-        Self {
+        let m = Self {
             registry: registry.clone(),
             term: gauge(r, "weft_raft_term", "current raft term"),
             is_leader: gauge(r, "weft_raft_is_leader", "1 if this member leads"),
@@ -144,7 +158,28 @@ impl ControlMetrics {
                 "proposal to commit on the leader",
                 COMMIT_BUCKETS,
             ),
+            replans: counter_vec(
+                r,
+                "weft_placement_replans_total",
+                "placements this member proposed as leader, by what made it re-plan",
+                &["cause"],
+            ),
+        };
+        for c in REPLAN_CAUSES {
+            m.replans.with_label_values(&[c]);
         }
+        m
+    }
+
+    /// Counts a placement proposed for `cause` (one of [`REPLAN_CAUSES`]).
+    fn replanned(&self, cause: &'static str) {
+        debug_assert!(REPLAN_CAUSES.contains(&cause), "{cause}");
+        self.replans.with_label_values(&[cause]).inc();
+    }
+
+    /// Placements proposed so far for `cause`.
+    pub fn replans(&self, cause: &str) -> u64 {
+        self.replans.with_label_values(&[cause]).get()
     }
 
     /// Prometheus text of the registry these metrics are in.
@@ -930,6 +965,7 @@ impl Driver {
                     return;
                 }
                 self.demand = demand;
+                self.metrics.replanned("operator");
                 self.replan(reply, 1);
             }
             Request::AddCoordinator { peer } => {
@@ -1047,14 +1083,17 @@ impl Driver {
         }
         let demand_rps: f64 = demand.iter().map(|d| d.2.requests_per_s).sum();
         let down = self.down_members();
-        if state.needs_replan(demand_rps, self.settings.replan_band) || state.placement_uses(&down)
-        {
+        let cause = state
+            .replan_cause(demand_rps, self.settings.replan_band)
+            .or_else(|| state.placement_uses(&down).then_some("member_down"));
+        if let Some(cause) = cause {
             if !down.is_empty() {
                 tracing::info!(?down, "re-planning without members not heard from");
             }
             let next = state.plan_next_measured(&demand, &self.settings.solver, &down, &links);
-            if let Err(e) = self.core.propose(&Command::CommitPlacement(next)) {
-                tracing::debug!("re-plan not proposed: {e}");
+            match self.core.propose(&Command::CommitPlacement(next)) {
+                Ok(()) => self.metrics.replanned(cause),
+                Err(e) => tracing::debug!("re-plan not proposed: {e}"),
             }
         }
     }

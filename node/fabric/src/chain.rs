@@ -23,8 +23,9 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::sync::mpsc;
+use weft_api::trace::{Trace, TRACEPARENT_HEADER};
 use weft_kernels::{Chunk, SeqId};
-use weft_worker::chain::{decode_message, decode_reply, encode_message, failed, Message};
+use weft_worker::chain::{decode_message, decode_reply, encode_message, failed, Message, SeqTrace};
 use weft_worker::{ChainLink, StepReply, Supervisor};
 
 use crate::forwarder::{ChainSession, Forwarder};
@@ -139,7 +140,13 @@ pub struct ShardSession {
     next: Option<ChainSession>,
     /// The head's sequence ids to this worker's.
     ids: HashMap<SeqId, SeqId>,
+    /// Trace notes for the next node, held until its stream opens (at
+    /// most [`MAX_HELD_TRACES`]).
+    traces: Vec<SeqTrace>,
 }
+
+/// Most trace notes a shard session holds for a next node not yet open.
+const MAX_HELD_TRACES: usize = 1024;
 
 impl ShardSession {
     /// A session on `worker`, passing results on to `rest` (empty: this
@@ -151,6 +158,7 @@ impl ShardSession {
             fwd,
             next: None,
             ids: HashMap::new(),
+            traces: Vec::new(),
         }
     }
 
@@ -175,7 +183,56 @@ impl ShardSession {
                 None
             }
             Message::Forward(chunks) => Some(self.forward(chunks).await),
+            Message::Trace(notes) => {
+                let notes = self.log_traces(notes);
+                match self.next.as_mut() {
+                    Some(n) => {
+                        if n.send(&encode_message(&Message::Trace(notes)))
+                            .await
+                            .is_err()
+                        {
+                            self.next = None;
+                        }
+                    }
+                    // passed on once the next node's stream is open
+                    None if !self.rest.is_empty() => {
+                        let room = MAX_HELD_TRACES.saturating_sub(self.traces.len());
+                        self.traces.extend(notes.into_iter().take(room));
+                    }
+                    None => {}
+                }
+                None
+            }
         }
+    }
+
+    /// Logs this node's part of each request in `notes` under its trace (a
+    /// span of this node's, child of the sender's), and gives the notes to
+    /// pass on: this node's span the next one's parent.
+    fn log_traces(&self, notes: Vec<SeqTrace>) -> Vec<SeqTrace> {
+        notes
+            .into_iter()
+            .map(|n| {
+                let mut h = axum::http::HeaderMap::new();
+                if let Ok(v) = n.traceparent.parse() {
+                    h.insert(TRACEPARENT_HEADER, v);
+                }
+                let t = Trace::from_headers(&h);
+                tracing::info!(
+                    request_id = %n.request_id,
+                    trace_id = %t.trace_id,
+                    span_id = %t.span_id,
+                    parent_span_id = t.parent_id.as_deref(),
+                    seq = n.seq,
+                    rest = %route_text(&self.rest),
+                    "chain sequence"
+                );
+                SeqTrace {
+                    traceparent: t.header(),
+                    ..n
+                }
+            })
+            .collect()
     }
 
     async fn forward(&mut self, chunks: Vec<Chunk>) -> Vec<u8> {
@@ -215,7 +272,14 @@ impl ShardSession {
                 return failed("this node has no data plane to pass the step on");
             };
             match open_patiently(fwd, &self.rest).await {
-                Ok(s) => self.next = Some(s),
+                Ok(mut s) => {
+                    let traces = std::mem::take(&mut self.traces);
+                    if !traces.is_empty() {
+                        // best effort: the step below finds a broken stream
+                        let _ = s.send(&encode_message(&Message::Trace(traces))).await;
+                    }
+                    self.next = Some(s)
+                }
                 Err(e) => return failed(format!("cannot reach {}: {e:#}", self.rest[0].node)),
             }
         }

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use weft_api::headers::REQUEST_ID_HEADER;
+use weft_api::trace::TRACEPARENT_HEADER;
 use weft_api::{LocalNode, Remote, RouteAsk, Routing};
 use weft_placement::{AdmissionPolicy, Rejection, RouterConfig};
 
@@ -64,10 +65,32 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
         "max_tokens": output,
         "hops": r.hops,
         "decision": "routed",
+        "trace_id": r.trace.trace_id,
+        "span_id": r.trace.span_id,
+        "parent_span_id": r.trace.parent_id,
         "route": routed.record,
         "received_unix_ms": received,
         "decided_unix_ms": unix_ms(),
     }));
+    tracing::info!(
+        request_id = %request_id,
+        trace_id = %r.trace.trace_id,
+        span_id = %r.trace.span_id,
+        parent_span_id = r.trace.parent_id.as_deref(),
+        model = %r.model,
+        choice = routed.record["choice"].as_str(),
+        target = routed.target.is_ok().then_some(routed.target_kind),
+        criticality = intent.criticality.as_str(),
+        hops = r.hops,
+        "routed"
+    );
+    if routed.target.is_ok() {
+        local.routed(
+            routed.target_kind,
+            intent.criticality.as_str(),
+            routed.utility,
+        );
+    }
     let target = match routed.target {
         // a stream served here still goes through the forwarder, so that
         // it continues on another replica if this one fails midway
@@ -86,6 +109,9 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
     let mut out = Outgoing::new(r.uri, &r.headers, r.body.clone(), r.hops, r.stream);
     out.headers
         .push((REQUEST_ID_HEADER.into(), request_id.clone()));
+    // the next node's span is a child of this one's
+    out.headers
+        .push((TRACEPARENT_HEADER.into(), r.trace.header()));
     let reroute = {
         let (local, fwd, model) = (local.clone(), fwd.clone(), r.model.clone());
         Box::new(move |failed: &[String]| {
@@ -135,6 +161,7 @@ mod tests {
         fn record(&self, record: Value) {
             self.records.lock().unwrap().push(record);
         }
+        fn routed(&self, _target: &'static str, _criticality: &str, _utility: Option<f64>) {}
     }
 
     /// A forwarder of node `a` whose table has peer `b` holding model `m`.
@@ -184,6 +211,7 @@ mod tests {
             output_tokens: 8,
             request_id: "req-1".into(),
             max_queue: 16,
+            trace: weft_api::trace::Trace::root(),
         }
     }
 

@@ -69,6 +69,21 @@ pub struct Routed {
     pub target: Result<Target, Rejection>,
     /// The candidates with their terms, the choice and its utility.
     pub record: Value,
+    /// Where the choice is, as `weft_route_decisions_total`'s `target`
+    /// label writes it: `local`, `edge_peer` or `cloud` (`local` when
+    /// refused).
+    pub target_kind: &'static str,
+    /// The chosen candidate's utility (none when refused).
+    pub utility: Option<f64>,
+}
+
+/// The `target` label of a node at a site of `kind` (`local` for this one).
+fn target_kind(is_me: bool, kind: weft_placement::SiteKind) -> &'static str {
+    match (is_me, kind) {
+        (true, _) => "local",
+        (false, weft_placement::SiteKind::Edge) => "edge_peer",
+        (false, weft_placement::SiteKind::Cloud) => "cloud",
+    }
 }
 
 /// Routes `ask` over `table`, as node `me` (which serves the model itself
@@ -87,6 +102,7 @@ pub fn route_request(
     let my_site = site_of(mine);
     let mut names = Vec::new();
     let mut targets = Vec::new();
+    let mut kinds = Vec::new();
     let mut cands = Vec::new();
     for (name, e) in &table.nodes {
         if exclude.contains(name) {
@@ -141,6 +157,7 @@ pub fn route_request(
         };
         names.push(name.clone());
         targets.push(target);
+        kinds.push(target_kind(is_me, r.kind));
         cands.push(Candidate { state, link });
     }
     // not yet in its own table (the first report is still to come)
@@ -153,6 +170,7 @@ pub fn route_request(
             state.free_kv_tokens = l.free_kv_tokens;
             names.push(me.to_string());
             targets.push(Target::Local);
+            kinds.push("local");
             cands.push(Candidate {
                 state,
                 link: LinkEstimate {
@@ -200,7 +218,12 @@ pub fn route_request(
         "utility": d.choice.is_ok().then_some(d.utility),
         "queued_for_kv": queued_for_kv,
     });
-    Routed { target, record }
+    Routed {
+        target,
+        record,
+        target_kind: d.choice.as_ref().map_or("local", |n| kinds[n.0 as usize]),
+        utility: d.choice.is_ok().then_some(d.utility),
+    }
 }
 
 /// A candidate's score as logged: its name instead of its index, and the

@@ -104,6 +104,7 @@ impl LocalNode for Here {
         None
     }
     fn record(&self, _record: Value) {}
+    fn routed(&self, _target: &'static str, _criticality: &str, _utility: Option<f64>) {}
 }
 
 fn ask(stream: bool) -> RouteAsk {
@@ -123,6 +124,7 @@ fn ask(stream: bool) -> RouteAsk {
         output_tokens: 8,
         request_id: "req-1".into(),
         max_queue: 16,
+        trace: weft_api::trace::Trace::root(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The encoding of a layer chain's steps: [`Message`] down (the chunks a
-//! shard runs, or the sequences it may forget) and [`Reply`] up (one output
+//! shard runs, the sequences it may forget, or the requests sequences
+//! serve) and [`Reply`] up (one output
 //! per chunk, or why the step failed).
 //!
 //! A step crosses three kinds of link: the head worker's socket to its node,
@@ -21,7 +22,25 @@ pub enum Message {
     /// Forget these sequences (finished, cancelled or preempted at the
     /// head); no reply.
     Release(Vec<SeqId>),
+    /// The requests these sequences serve, so that every node of the chain
+    /// logs its part of them under their trace; sent before a sequence's
+    /// first forward; no reply.
+    Trace(Vec<SeqTrace>),
 }
+
+/// Which request a chain's sequence serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqTrace {
+    /// The head's sequence id.
+    pub seq: SeqId,
+    /// The W3C `traceparent` whose parent span is the sending node's.
+    pub traceparent: String,
+    /// The request id in the head node's log.
+    pub request_id: String,
+}
+
+/// Longest `traceparent` or request id a [`Message::Trace`] carries.
+pub const MAX_TRACE_FIELD: usize = 256;
 
 /// What comes back up: one output per chunk (the last range's logits), or
 /// why the step failed.
@@ -29,6 +48,7 @@ pub type Reply = std::result::Result<Vec<ChunkOutput>, String>;
 
 const FORWARD: u8 = b'F';
 const RELEASE: u8 = b'R';
+const TRACE: u8 = b'T';
 const OUTPUTS: u8 = b'O';
 const FAILED: u8 = b'E';
 const TOKENS: u8 = 0;
@@ -121,6 +141,18 @@ pub fn encode_message(m: &Message) -> Vec<u8> {
                 out.extend_from_slice(&s.to_le_bytes());
             }
         }
+        Message::Trace(notes) => {
+            out.push(TRACE);
+            put_u32(&mut out, notes.len());
+            for n in notes {
+                out.extend_from_slice(&n.seq.to_le_bytes());
+                for f in [&n.traceparent, &n.request_id] {
+                    let f = &f.as_bytes()[..f.len().min(MAX_TRACE_FIELD)];
+                    put_u32(&mut out, f.len());
+                    out.extend_from_slice(f);
+                }
+            }
+        }
     }
     out
 }
@@ -161,6 +193,28 @@ pub fn decode_message(b: &[u8]) -> Result<Message> {
         RELEASE => {
             let n = r.u32()?;
             Message::Release((0..n).map(|_| r.u64()).collect::<Result<_>>()?)
+        }
+        TRACE => {
+            let n = r.u32()?;
+            let mut notes = Vec::with_capacity(n.min(4096));
+            for _ in 0..n {
+                let seq = r.u64()?;
+                let mut text = || -> Result<String> {
+                    let k = r.u32()?;
+                    ensure!(k <= MAX_TRACE_FIELD, "a trace field of {k} bytes");
+                    Ok(std::str::from_utf8(r.take(k)?)
+                        .context("a trace field is not UTF-8")?
+                        .to_string())
+                };
+                let traceparent = text()?;
+                let request_id = text()?;
+                notes.push(SeqTrace {
+                    seq,
+                    traceparent,
+                    request_id,
+                });
+            }
+            Message::Trace(notes)
         }
         k => bail!("unknown chain message kind {k}"),
     };
@@ -287,6 +341,28 @@ mod tests {
         assert_eq!(decode_message(&encode_message(&m)).unwrap(), m);
         let rel = Message::Release(vec![1, 2]);
         assert_eq!(decode_message(&encode_message(&rel)).unwrap(), rel);
+    }
+
+    #[test]
+    fn trace_notes_round_trip() {
+        let m = Message::Trace(vec![SeqTrace {
+            seq: 7,
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            request_id: "req-1".into(),
+        }]);
+        assert_eq!(decode_message(&encode_message(&m)).unwrap(), m);
+    }
+
+    #[test]
+    fn a_trace_field_longer_than_its_bound_is_refused() {
+        let mut b = vec![b'T'];
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&7u64.to_le_bytes());
+        b.extend_from_slice(&((MAX_TRACE_FIELD + 1) as u32).to_le_bytes());
+        b.extend(std::iter::repeat_n(b'a', MAX_TRACE_FIELD + 1));
+        b.extend_from_slice(&0u32.to_le_bytes());
+        let e = decode_message(&b).unwrap_err().to_string();
+        assert!(e.contains("trace field"), "{e}");
     }
 
     #[test]

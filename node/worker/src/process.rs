@@ -454,6 +454,8 @@ fn serve_shard(
                 None
             }
             Ok(Message::Forward(chunks)) => Some(stage.forward(&chunks).map_err(|e| e.to_string())),
+            // traces are the nodes' to log; a worker has no use for them
+            Ok(Message::Trace(_)) => None,
             Err(e) => Some(Err(format!("bad chain step: {e}"))),
         };
         if let Some(reply) = reply {

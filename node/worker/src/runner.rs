@@ -66,6 +66,9 @@ pub struct Submission {
     pub resume: Resume,
     /// Whose request it is.
     pub tenant: String,
+    /// The `traceparent` (with the submitting node's span as parent) and
+    /// request id that a chain's later nodes log the sequence under.
+    pub trace: Option<(String, String)>,
 }
 
 /// Something that runs requests on a model.

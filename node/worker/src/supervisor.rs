@@ -38,6 +38,8 @@ enum Out {
 #[derive(Default)]
 struct Live {
     tx: Option<mpsc::UnboundedSender<Out>>,
+    /// A chain head's steps down its chain (the relay's queue).
+    chain: Option<mpsc::UnboundedSender<(u64, Vec<u8>)>>,
     inflight: HashMap<u64, mpsc::UnboundedSender<Update>>,
     /// Chain steps sent to a shard worker, waiting for its reply.
     steps: HashMap<u64, tokio::sync::oneshot::Sender<Vec<u8>>>,
@@ -221,6 +223,16 @@ impl Runner for Supervisor {
             return Err(SubmitError::NotReady);
         };
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if let (Some(chain), Some((traceparent, request_id))) = (&live.chain, r.trace) {
+            // ahead of the sequence's first step: the chain's later nodes
+            // log their part of it under its trace
+            let note = crate::chain::Message::Trace(vec![crate::chain::SeqTrace {
+                seq: id,
+                traceparent,
+                request_id,
+            }]);
+            let _ = chain.send((0, crate::chain::encode_message(&note)));
+        }
         let (utx, urx) = mpsc::unbounded_channel();
         if tx
             .send(Out::Msg(ToWorker::Submit {
@@ -265,6 +277,7 @@ async fn run(shared: Arc<Shared>) {
         let orphans: Vec<_> = {
             let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
             live.tx = None;
+            live.chain = None;
             live.pid = None;
             live.steps.clear(); // their callers hear the worker is gone
             live.inflight.drain().collect()
@@ -359,7 +372,11 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
         ));
         steps_tx
     });
-    shared.live.lock().unwrap_or_else(|e| e.into_inner()).tx = Some(tx);
+    {
+        let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.tx = Some(tx);
+        live.chain = relay.clone();
+    }
     shared.ready.send_replace(true);
     tracing::info!(pid = spawned.child.id(), tier = %spawned.tier, "model worker ready");
 
