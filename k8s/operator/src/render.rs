@@ -367,6 +367,22 @@ pub fn cluster(c: &WeftCluster) -> Result<Vec<Value>, RenderError> {
         },
     }));
 
+    // every pod of the cluster (coordinators and pools) by its metrics
+    // port: what a Prometheus operator's ServiceMonitor selects
+    let mut metrics_labels = labels(&name, "metrics");
+    metrics_labels["weft.dev/metrics"] = json!("true");
+    out.push(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(&format!("{name}-metrics"), &ns, metrics_labels, &own),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": {"app.kubernetes.io/name": "weft", "app.kubernetes.io/instance": name},
+            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+        },
+    }));
+
     out.push(json!({
         "apiVersion": "v1",
         "kind": "Service",

@@ -198,6 +198,120 @@ fn the_monitoring_component_ships_the_rules_it_tests() {
     }
 }
 
+/// The groups of the monitoring component's rule files, in order.
+fn rule_groups() -> Vec<Value> {
+    ["recording.yaml", "alerts.yaml"]
+        .iter()
+        .flat_map(|f| {
+            let text =
+                std::fs::read_to_string(k8s().join("components/monitoring/rules").join(f)).unwrap();
+            let v: Value = serde_yaml::from_str(&text).unwrap();
+            v["groups"].as_array().unwrap().clone()
+        })
+        .collect()
+}
+
+#[test]
+fn the_prometheus_rule_holds_exactly_the_tested_rule_files() {
+    let path = k8s().join("components/prometheus-operator/prometheusrule.yaml");
+    if std::env::var_os("WEFT_BLESS").is_some() {
+        let rule = serde_json::json!({
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PrometheusRule",
+            "metadata": {
+                "name": "weft",
+                "namespace": "monitoring",
+                "labels": {"app.kubernetes.io/name": "weft"},
+            },
+            "spec": {"groups": rule_groups()},
+        });
+        let text = format!(
+            "# The monitoring component's rules/recording.yaml and rules/alerts.yaml\n\
+             # as a PrometheusRule. Generated: edit those files, then run\n\
+             # WEFT_BLESS=1 cargo test -p weft-operator --test manifests\n{}",
+            serde_yaml::to_string(&rule).unwrap()
+        );
+        std::fs::write(&path, text).unwrap();
+    }
+    let on_disk: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap_or_default()).unwrap();
+    assert_eq!(on_disk["kind"], "PrometheusRule");
+    assert!(
+        on_disk["spec"]["groups"] == Value::Array(rule_groups()),
+        "{} differs from the rule files: rerun with WEFT_BLESS=1",
+        path.display()
+    );
+}
+
+#[test]
+fn the_service_monitor_selects_every_clusters_metrics_service() {
+    let docs = overlay("cloud-hpa");
+    let sm = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceMonitor")
+        .expect("no ServiceMonitor in the cloud-hpa overlay");
+    let (rendered, _) = rendered("cloud-region");
+    let svc = rendered
+        .iter()
+        .find(|d| {
+            d["kind"] == "Service"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-metrics"))
+        })
+        .expect("the operator renders no metrics Service");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&svc["metadata"]["labels"][k], v, "label {k}");
+    }
+    let port = sm["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port),
+        "{svc}"
+    );
+    // the Service reaches every pod of the cluster: coordinators and pools
+    let sel = svc["spec"]["selector"].as_object().unwrap();
+    for d in rendered
+        .iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("StatefulSet" | "DaemonSet")))
+    {
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in sel {
+            assert_eq!(&labels[k], v, "{} {}", d["kind"], d["metadata"]["name"]);
+        }
+    }
+}
+
+#[test]
+fn the_dashboard_is_provisioned_for_grafanas_sidecar_and_parses() {
+    let docs = overlay("cloud");
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "weft-grafana-dashboards")
+        .expect("no weft-grafana-dashboards ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let d: Value = serde_json::from_str(cm["data"]["weft.json"].as_str().unwrap()).unwrap();
+    let panels: Vec<&Value> = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .collect();
+    assert!(panels.len() >= 15, "{} panels", panels.len());
+    for p in panels {
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        assert!(
+            targets.iter().all(|t| t["expr"].is_string()),
+            "{}",
+            p["title"]
+        );
+    }
+}
+
 // ------------------------------------------------------- what the operator renders
 
 /// Everything the operator renders for an example (credentials' Secrets
