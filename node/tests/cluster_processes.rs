@@ -26,6 +26,8 @@ use weft_cluster::transport::{Caller, Reply, Request, StatusReport};
 use weft_coordinator::{Command as Cmd, ModelRecord};
 use weft_placement::{Demand, ModelId, ModelSpec, SiteId};
 
+mod common;
+
 /// A free loopback port for a node to bind later. It is taken below the
 /// kernel's ephemeral range (32768 and up), so no socket that some process
 /// binds to port 0 meanwhile (every node's QUIC client does) can take it
@@ -2401,4 +2403,458 @@ async fn the_head_logs_the_resume_of_a_stream_its_chain_lost() {
         log.contains("\"resumed\"") && log.contains("lost the request midway"),
         "{log}"
     );
+}
+
+// ------------------------------------------------- a real Prometheus scraping weft
+
+/// Where shipped queries come from.
+const SOURCES: [&str; 4] = ["dashboard", "recording rules", "alerts", "autoscalers"];
+
+/// A real Prometheus (Debian's) scraping every kind of weft process at
+/// once, with the monitoring component's rules loaded: three coordinators,
+/// a gateway that holds the model and one that forwards to it, and a
+/// `weft up` with an agent-sandbox pool and tenant limits, while requests
+/// of every criticality flow (served, forwarded, streamed, refused,
+/// cancelled at their deadline). Then every query the project ships is
+/// asked of it.
+struct Scraped {
+    /// Per source (see [`SOURCES`]): each query and how many series it
+    /// returned (0: none within the wait), or Prometheus's error.
+    results: Vec<(&'static str, Vec<(String, Result<usize, String>)>)>,
+    /// `promtool check metrics` on each kind of node's `/metrics`: the
+    /// node, whether it passed, and what promtool said.
+    promtool: Vec<(String, bool, String)>,
+}
+
+static SCRAPED: tokio::sync::OnceCell<Scraped> = tokio::sync::OnceCell::const_new();
+
+async fn scraped() -> &'static Scraped {
+    SCRAPED.get_or_init(scrape_a_fabric).await
+}
+
+/// A `weft up` with tenants (one limited to a request a minute) and a warm
+/// process-tier sandbox pool.
+const SCRAPED_UP: &str = r#"
+[api_keys]
+"sk-prom-alpha" = "alpha"
+"sk-prom-limited" = "limited"
+
+[tenants.limited]
+requests_per_minute = 1
+
+[sandboxes]
+[sandboxes.templates.default]
+binds = ["/usr", "/bin", "/lib", "/lib64"]
+defaults = { memory_mb = 64, cpus = 1.0, pids = 32, disk_mb = 8, timeout_s = 60 }
+max = { memory_mb = 128, cpus = 1.0, pids = 64, disk_mb = 16, timeout_s = 120 }
+
+[[sandboxes.pools]]
+template = "default"
+isolation = "process"
+size = 1
+"#;
+
+/// The k8s/ folder.
+fn k8s_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s")
+}
+
+/// The YAML documents of `k8s/<rel>`.
+fn k8s_docs(rel: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(k8s_dir().join(rel)).unwrap();
+    weft_operator::documents(&text).unwrap()
+}
+
+/// Every query the project ships, by source: the dashboard's panels (its
+/// variables as "All" picks them, `$__rate_interval` as 30 s), the
+/// recording rules, the alerts (each without its final comparison: the
+/// series it compares must exist; whether it fires is promtool's test),
+/// and the autoscalers' (KEDA's ScaledObject, the operator's own KEDA
+/// queries, prometheus-adapter's rules).
+fn shipped_queries() -> Vec<(&'static str, Vec<String>)> {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(k8s_dir().join("components/monitoring/dashboards/weft.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let dashboard = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| {
+            t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$cluster", ".*")
+                .replace("$__rate_interval", "30s")
+        })
+        .collect();
+    let rules = |file: &str, key: &str| -> Vec<String> {
+        k8s_docs(&format!("components/monitoring/rules/{file}"))[0]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap().clone())
+            .filter(|r| r.get(key).is_some())
+            .map(|r| r["expr"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let alerts = rules("alerts.yaml", "alert")
+        .into_iter()
+        .map(|e| without_comparison(&e))
+        .collect();
+    let mut autoscalers: Vec<String> = k8s_docs("components/keda/scaledobject.yaml")
+        .iter()
+        .flat_map(|d| {
+            d["spec"]["triggers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|t| t["metadata"]["query"].as_str().unwrap().to_string())
+        .collect();
+    use weft_operator::crd::Signal;
+    for s in [Signal::QueueDepth, Signal::KvCacheUse, Signal::TtftP95] {
+        autoscalers.push(weft_operator::render::signal_query(s, "weft", "eu-west"));
+    }
+    let adapter = &k8s_docs("components/prometheus-adapter/adapter-rules.yaml")[0];
+    let config =
+        weft_operator::documents(adapter["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    for r in config[0]["externalRules"].as_array().unwrap() {
+        let series = r["seriesQuery"].as_str().unwrap().trim_matches('\'');
+        autoscalers.push(
+            r["metricsQuery"]
+                .as_str()
+                .unwrap()
+                .replace("<<.Series>>", series)
+                .replace("<<.LabelMatchers>>", "namespace=\"weft\""),
+        );
+    }
+    vec![
+        (SOURCES[0], dashboard),
+        (SOURCES[1], rules("recording.yaml", "record")),
+        (SOURCES[2], alerts),
+        (SOURCES[3], autoscalers),
+    ]
+}
+
+/// `expr` without a final comparison with a number (`… > 0.95`).
+fn without_comparison(expr: &str) -> String {
+    let e = expr.trim();
+    for op in ["==", "!=", ">=", "<=", ">", "<"] {
+        if let Some(i) = e.rfind(op) {
+            if e[i + op.len()..].trim().parse::<f64>().is_ok() {
+                return e[..i].trim().to_string();
+            }
+        }
+    }
+    e.to_string()
+}
+
+/// Starts Debian's Prometheus on `listen`, scraping `targets` (each
+/// `(pool, addresses)`) every second with the monitoring component's rules
+/// loaded; the labels the component's scrape job would set are static
+/// here (the namespace and cluster of k8s/examples/cloud-region).
+fn start_prometheus(dir: &Path, listen: SocketAddr, targets: &[(&str, Vec<SocketAddr>)]) -> Child {
+    let rules = k8s_dir().join("components/monitoring/rules");
+    let statics: Vec<String> = targets
+        .iter()
+        .map(|(pool, addrs)| {
+            let list: Vec<String> = addrs.iter().map(|a| format!("'{a}'")).collect();
+            format!(
+                "      - targets: [{}]\n        labels: {{namespace: weft, weft_cluster: eu-west, weft_pool: {pool}}}\n",
+                list.join(", ")
+            )
+        })
+        .collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: weft\n    relabel_configs:\n      - source_labels: [__address__]\n        target_label: pod\n    static_configs:\n{}",
+        rules.join("recording.yaml").display(),
+        rules.join("alerts.yaml").display(),
+        statics.concat()
+    );
+    let file = dir.join("prometheus.yml");
+    std::fs::write(&file, config).unwrap();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    Command::new("prometheus")
+        .arg(format!("--config.file={}", file.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={listen}"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect(
+            "prometheus (Debian's prometheus package; scripts/install_test_deps.sh installs it)",
+        )
+}
+
+/// Prometheus's answer to `query` now: the number of series, or its error.
+async fn instant(http: &reqwest::Client, prom: SocketAddr, query: &str) -> Result<usize, String> {
+    let v: serde_json::Value = http
+        .get(format!("http://{prom}/api/v1/query"))
+        .query(&[("query", query)])
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    if v["status"] != "success" {
+        return Err(v.to_string());
+    }
+    Ok(v["data"]["result"].as_array().map_or(0, Vec::len))
+}
+
+/// The one value `query` gives now, if it gives one.
+async fn scalar(http: &reqwest::Client, prom: SocketAddr, query: &str) -> Option<f64> {
+    let v: serde_json::Value = http
+        .get(format!("http://{prom}/api/v1/query"))
+        .query(&[("query", query)])
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// `promtool check metrics` on what `url` serves: passed, and what it said.
+async fn promtool_check(http: &reqwest::Client, url: &str) -> (bool, String) {
+    use std::io::Write;
+    let text = http.get(url).send().await.unwrap().text().await.unwrap();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && said.trim().is_empty(), said)
+}
+
+async fn scrape_a_fabric() -> Scraped {
+    let c = setup();
+    let holder = Gateway::start_as(&c, "gw-1", 4 << 30);
+    let front = Gateway::start_as(&c, "gw-2", 1);
+    let up = tokio::task::spawn_blocking(|| {
+        let n = common::launch(SCRAPED_UP);
+        common::wait_ready(&n, true);
+        n
+    })
+    .await
+    .unwrap();
+    let up_addr: SocketAddr = up.base.trim_start_matches("http://").parse().unwrap();
+    register_tiny(&c, "tiny");
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--demand",
+        "edge-b:tiny:50:200:32",
+    ]);
+    let http = reqwest::Client::new();
+    let ask = |base: String, key: Option<&'static str>, body: serde_json::Value| {
+        let mut r = http.post(format!("{base}/v1/completions")).json(&body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    let front_base = format!("http://{}", front.api);
+    let holder_base = format!("http://{}", holder.api);
+    // until the front forwards to the holder
+    eventually(Duration::from_secs(60), Duration::from_millis(200), || {
+        let r = ask(
+            front_base.clone(),
+            None,
+            serde_json::json!({"model": "tiny", "prompt": "hi", "max_tokens": 2}),
+        );
+        async move {
+            match r.await {
+                Ok(r) if r.status() == 200 => Ok(()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the front never forwarded ({e}):\n{}", front.log()));
+    let prom_dir = tempfile::tempdir().unwrap();
+    let prom = free_tcp();
+    let mut prometheus = start_prometheus(
+        prom_dir.path(),
+        prom,
+        &[
+            ("coordinators", c.metrics.clone()),
+            ("gpu-pool", vec![holder.api, front.api, up_addr]),
+        ],
+    );
+    // requests of every criticality: served, forwarded, streamed
+    for crit in ["critical", "standard", "sheddable"] {
+        for stream in [false, true] {
+            for (base, key, model) in [
+                (front_base.clone(), None, "tiny"),
+                (holder_base.clone(), None, "tiny"),
+                (up.base.clone(), Some("sk-prom-alpha"), "default"),
+            ] {
+                let body = serde_json::json!({"model": model, "prompt": "hello there", "max_tokens": 6, "stream": stream, "weft": {"criticality": crit}});
+                let r = ask(base, key, body).await.unwrap();
+                assert_eq!(r.status(), 200, "{crit}: {}", r.text().await.unwrap());
+                let _ = r.text().await;
+            }
+        }
+        // refused: a tenant over its limit (its second request this minute)
+        for _ in 0..2 {
+            let body = serde_json::json!({"model": "default", "prompt": "x", "max_tokens": 2, "weft": {"criticality": crit}});
+            let _ = ask(up.base.clone(), Some("sk-prom-limited"), body).await;
+        }
+        // cancelled at its deadline
+        let body = serde_json::json!({"model": "default", "prompt": "x", "max_tokens": 400, "weft": {"criticality": crit, "deadline_ms": 1}});
+        let r = ask(up.base.clone(), Some("sk-prom-alpha"), body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504, "{}", r.text().await.unwrap());
+    }
+    // an agent sandbox started and deleted
+    let r = http
+        .post(format!("{}/v1/sandboxes", up.base))
+        .bearer_auth("sk-prom-alpha")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .delete(format!("{}/v1/sandboxes/{id}", up.base))
+        .bearer_auth("sk-prom-alpha")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    // every target scraped a few times since (rates need two samples)
+    let targets = c.metrics.len() + 3;
+    eventually(Duration::from_secs(60), Duration::from_millis(500), || {
+        let http = http.clone();
+        async move {
+            let scraped = scalar(
+                &http,
+                prom,
+                "count(count_over_time(up{job=\"weft\"}[1m]) >= 5)",
+            )
+            .await;
+            let up = scalar(&http, prom, "sum(up{job=\"weft\"})").await;
+            if scraped == Some(targets as f64) && up == Some(targets as f64) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{targets} targets: {scraped:?} scraped 5 times, {up:?} up"
+                ))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "Prometheus never scraped every target ({e}):\n{}",
+            std::fs::read_to_string(prom_dir.path().join("prometheus.log")).unwrap_or_default()
+        )
+    });
+    let mut results = Vec::new();
+    for (source, queries) in shipped_queries() {
+        let mut out = Vec::new();
+        for q in queries {
+            // a rule's first evaluation or a rate's second sample may lag
+            let t = Instant::now();
+            let got = loop {
+                let got = instant(&http, prom, &q).await;
+                if matches!(got, Ok(n) if n > 0) || t.elapsed() > Duration::from_secs(10) {
+                    break got;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
+            out.push((q, got));
+        }
+        results.push((source, out));
+    }
+    let mut promtool = Vec::new();
+    for (what, url) in [
+        ("a coordinator", format!("http://{}/metrics", c.metrics[0])),
+        ("a forwarding gateway", format!("{front_base}/metrics")),
+        ("weft up with sandboxes", format!("{}/metrics", up.base)),
+    ] {
+        let (ok, said) = promtool_check(&http, &url).await;
+        promtool.push((what.to_string(), ok, said));
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    drop((holder, front, up));
+    Scraped { results, promtool }
+}
+
+/// Every query of `source` returned at least one series.
+async fn assert_every_query_returns_data(source: &str) {
+    let s = scraped().await;
+    let (_, results) = s.results.iter().find(|(src, _)| *src == source).unwrap();
+    assert!(!results.is_empty(), "no {source} queries found");
+    let empty: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| !matches!(r, Ok(n) if *n > 0))
+        .map(|(q, r)| format!("{q}  ->  {r:?}"))
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "{} of {} {source} queries returned nothing:\n{}",
+        empty.len(),
+        results.len(),
+        empty.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    assert_every_query_returns_data("dashboard").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_recording_rule_returns_data_from_a_real_prometheus() {
+    assert_every_query_returns_data("recording rules").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_alert_reads_series_a_real_prometheus_has() {
+    assert_every_query_returns_data("alerts").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_autoscaler_query_returns_data_from_a_real_prometheus() {
+    assert_every_query_returns_data("autoscalers").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_finds_nothing_wrong_in_any_nodes_metrics() {
+    for (what, ok, said) in &scraped().await.promtool {
+        assert!(ok, "promtool check metrics on {what}: {said}");
+    }
 }
