@@ -2420,11 +2420,14 @@ const SOURCES: [&str; 4] = ["dashboard", "recording rules", "alerts", "autoscale
 struct Scraped {
     /// Per source (see [`SOURCES`]): each query and how many series it
     /// returned (0: none within the wait), or Prometheus's error.
-    results: Vec<(&'static str, Vec<(String, Result<usize, String>)>)>,
+    results: Vec<(&'static str, Vec<Asked>)>,
     /// `promtool check metrics` on each kind of node's `/metrics`: the
     /// node, whether it passed, and what promtool said.
     promtool: Vec<(String, bool, String)>,
 }
+
+/// A query, and how many series it returned (or Prometheus's error).
+type Asked = (String, Result<usize, String>);
 
 static SCRAPED: tokio::sync::OnceCell<Scraped> = tokio::sync::OnceCell::const_new();
 

@@ -408,13 +408,7 @@ async fn ensure_credentials(c: &WeftCluster, ctx: &Ctx) -> Result<Made<Credentia
         if ids.contains_key(&format!("{pod}.node.key")) {
             continue;
         }
-        let id = ca
-            .issue_identity(&pod, CertRole::Coordinator)
-            .map_err(cred)?;
-        ids.insert(format!("{pod}.node.pem"), id.cert_pem.clone());
-        ids.insert(format!("{pod}.node.key"), id.key_pem.clone());
-        ids.insert(format!("{pod}.ca.pem"), id.ca_pem.clone());
-        ids.insert(format!("{pod}.name"), pod.clone());
+        ids.extend(coordinator_identity(&ca, &pod).map_err(cred)?);
         issued = true;
     }
     let obj = render::secret(&ids_name, &ns, labels, &owners, &ids);
@@ -457,6 +451,19 @@ async fn ensure_credentials(c: &WeftCluster, ctx: &Ctx) -> Result<Made<Credentia
         }
     };
     Ok(Made::Ready(Credentials { ca, admin }))
+}
+
+/// A new identity for coordinator pod `pod`, as the entries of the
+/// coordinators' identities Secret (its certificate, key, CA certificate
+/// and name, which the StatefulSet mounts under `/etc/weft/identities/<pod>/`).
+pub fn coordinator_identity(ca: &ClusterCa, pod: &str) -> anyhow::Result<[(String, String); 4]> {
+    let id = ca.issue_identity(pod, CertRole::Coordinator)?;
+    Ok([
+        (format!("{pod}.node.pem"), id.cert_pem),
+        (format!("{pod}.node.key"), id.key_pem),
+        (format!("{pod}.ca.pem"), id.ca_pem),
+        (format!("{pod}.name"), pod.to_string()),
+    ])
 }
 
 /// The coordinators of cluster `c` as weft peers (stable DNS names).
@@ -1186,7 +1193,7 @@ async fn model_apply(m: &WeftModel, ctx: &Ctx) -> Result<Action> {
 
 /// How the model's spec asks weft to place it: its floor, the kind of site
 /// its floor replicas go to first, and the sites they may go to.
-fn place_as_wanted(r: &mut weft_coordinator::ModelRecord, m: &WeftModel) {
+pub fn place_as_wanted(r: &mut weft_coordinator::ModelRecord, m: &WeftModel) {
     r.spec.min_replicas = desired_floor(m);
     r.spec.prefer = match m.spec.placement.prefer {
         Prefer::Edge => Some(weft_placement::SiteKind::Edge),

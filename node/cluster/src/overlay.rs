@@ -505,9 +505,7 @@ pub async fn start(
         .gossipsub
         .subscribe(&IdentTopic::new(MEMBER_TOPIC))
         .context("subscribing to membership events")?;
-    swarm
-        .listen_on(settings.listen.clone())
-        .with_context(|| format!("listening on {}", settings.listen))?;
+    listen(&mut swarm, &settings.listen)?;
     for a in &settings.bootstrap {
         let _ = swarm.dial(a.clone());
     }
@@ -540,6 +538,78 @@ pub async fn start(
         stop,
         task,
     })
+}
+
+/// Listens on `addr`. An unspecified address (`0.0.0.0`) makes libp2p
+/// watch the host's interfaces through netlink multicast groups, which
+/// some sandboxes refuse (gVisor: `bind` of a netlink socket to groups is
+/// EACCES); there it listens on each of the interfaces' IPv4 addresses
+/// instead, as they are at start.
+fn listen<B: libp2p::swarm::NetworkBehaviour>(
+    swarm: &mut libp2p::Swarm<B>,
+    addr: &Multiaddr,
+) -> Result<()> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let unspecified = parts.next() == Some(Protocol::Ip4(std::net::Ipv4Addr::UNSPECIFIED));
+    let why = if unspecified {
+        interfaces_unwatchable()
+    } else {
+        None
+    };
+    let Some(why) = why else {
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("listening on {addr}"))?;
+        return Ok(());
+    };
+    let rest: Vec<Protocol<'_>> = parts.collect();
+    let ips: Vec<std::net::Ipv4Addr> = if_addrs::get_if_addrs()
+        .with_context(|| format!("listening on {addr}: listing the interfaces"))?
+        .into_iter()
+        .filter_map(|i| match i.ip() {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    anyhow::ensure!(
+        !ips.is_empty(),
+        "listening on {addr}: interfaces cannot be watched ({why}) and none has an IPv4 address"
+    );
+    tracing::warn!(
+        "the overlay cannot watch interfaces ({why}): for {addr} it listens on {ips:?}, the addresses they have now"
+    );
+    for ip in &ips {
+        let mut each = Multiaddr::empty().with(Protocol::Ip4(*ip));
+        for p in &rest {
+            each = each.with(p.clone());
+        }
+        swarm
+            .listen_on(each.clone())
+            .with_context(|| format!("listening on {each} (for {addr})"))?;
+    }
+    Ok(())
+}
+
+/// Why this host's interfaces cannot be watched the way libp2p watches
+/// them (a netlink socket bound to the address groups), if they cannot.
+#[cfg(target_os = "linux")]
+fn interfaces_unwatchable() -> Option<String> {
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    /// RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+    const ADDRESS_GROUPS: u32 = 0x10 | 0x100;
+    let mut s = match Socket::new(NETLINK_ROUTE) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("a netlink socket: {e}")),
+    };
+    s.bind(&SocketAddr::new(0, ADDRESS_GROUPS))
+        .err()
+        .map(|e| format!("joining netlink's address groups: {e}"))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn interfaces_unwatchable() -> Option<String> {
+    None
 }
 
 #[allow(clippy::too_many_arguments)]

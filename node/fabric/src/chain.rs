@@ -185,21 +185,18 @@ impl ShardSession {
             Message::Forward(chunks) => Some(self.forward(chunks).await),
             Message::Trace(notes) => {
                 let notes = self.log_traces(notes);
-                match self.next.as_mut() {
-                    Some(n) => {
-                        if n.send(&encode_message(&Message::Trace(notes)))
-                            .await
-                            .is_err()
-                        {
-                            self.next = None;
-                        }
+                let held = self.next.is_none() && !self.rest.is_empty();
+                if let Some(n) = self.next.as_mut() {
+                    if n.send(&encode_message(&Message::Trace(notes)))
+                        .await
+                        .is_err()
+                    {
+                        self.next = None;
                     }
+                } else if held {
                     // passed on once the next node's stream is open
-                    None if !self.rest.is_empty() => {
-                        let room = MAX_HELD_TRACES.saturating_sub(self.traces.len());
-                        self.traces.extend(notes.into_iter().take(room));
-                    }
-                    None => {}
+                    let room = MAX_HELD_TRACES.saturating_sub(self.traces.len());
+                    self.traces.extend(notes.into_iter().take(room));
                 }
                 None
             }
