@@ -2424,6 +2424,8 @@ struct Scraped {
     /// `promtool check metrics` on each kind of node's `/metrics`: the
     /// node, whether it passed, and what promtool said.
     promtool: Vec<(String, bool, String)>,
+    /// Re-plans by cause, summed over the coordinators (from Prometheus).
+    replans: Vec<(String, f64)>,
 }
 
 /// A query, and how many series it returned (or Prometheus's error).
@@ -2801,6 +2803,14 @@ async fn scrape_a_fabric() -> Scraped {
         }
         results.push((source, out));
     }
+    let mut replans = Vec::new();
+    for cause in ["operator", "first", "models", "member_down"] {
+        let q = format!("sum(weft_placement_replans_total{{cause=\"{cause}\"}})");
+        replans.push((
+            cause.to_string(),
+            scalar(&http, prom, &q).await.unwrap_or(-1.0),
+        ));
+    }
     let mut promtool = Vec::new();
     for (what, url) in [
         ("a coordinator", format!("http://{}/metrics", c.metrics[0])),
@@ -2813,7 +2823,11 @@ async fn scrape_a_fabric() -> Scraped {
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     drop((holder, front, up));
-    Scraped { results, promtool }
+    Scraped {
+        results,
+        promtool,
+        replans,
+    }
 }
 
 /// Every query of `source` returned at least one series.
@@ -2860,4 +2874,12 @@ async fn promtool_finds_nothing_wrong_in_any_nodes_metrics() {
     for (what, ok, said) in &scraped().await.promtool {
         assert!(ok, "promtool check metrics on {what}: {said}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_replan_is_counted_with_its_cause_and_no_member_was_down() {
+    let replans = &scraped().await.replans;
+    let of = |cause: &str| replans.iter().find(|(c, _)| c == cause).unwrap().1;
+    assert!(of("operator") >= 1.0, "{replans:?}");
+    assert_eq!(of("member_down"), 0.0, "{replans:?}");
 }

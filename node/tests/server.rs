@@ -484,6 +484,60 @@ fn a_tenant_over_its_tokens_per_minute_gets_429_with_retry_after() {
     );
 }
 
+/// The value of the sample `series` (name and labels as written) in `m`.
+fn sample(m: &str, series: &str) -> Option<f64> {
+    m.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn a_tenant_over_its_limit_is_counted_as_a_refusal_for_that_reason() {
+    let n = start(KEYS);
+    let before = sample(
+        &metrics(&n),
+        r#"weft_route_refusals_total{criticality="standard",reason="tenant_limit"}"#,
+    );
+    assert_eq!(before, Some(0.0), "the series is not there from the start");
+    assert!(exhaust_beta(&n).is_some());
+    let m = metrics(&n);
+    assert_eq!(
+        sample(
+            &m,
+            r#"weft_route_refusals_total{criticality="standard",reason="tenant_limit"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"weft_route_refusals_total{criticality="standard",reason="overloaded"}"#
+        ),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_served_request_is_counted_as_routed_here() {
+    let n = start("");
+    let (st, _) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "x", "max_tokens": 2, "weft": {"criticality": "critical"}}),
+    );
+    assert_eq!(st, 200);
+    let m = metrics(&n);
+    assert_eq!(
+        sample(
+            &m,
+            r#"weft_route_decisions_total{criticality="critical",target="local"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
 #[test]
 fn one_tenants_limit_leaves_another_tenant_served() {
     let n = start(KEYS);
@@ -595,6 +649,27 @@ fn a_request_past_its_deadline_is_cancelled_with_a_504() {
     );
     assert_error(st, &v, 504);
     assert_eq!(v["error"]["code"], "deadline_exceeded");
+}
+
+#[test]
+fn a_request_cancelled_at_its_deadline_is_counted_as_a_deadline_miss() {
+    let n = start("");
+    let (st, _) = post(
+        &n,
+        "/v1/completions",
+        &json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 4000, "weft": {"deadline_ms": 50, "criticality": "critical"}}),
+    );
+    assert_eq!(st, 504);
+    let m = metrics(&n);
+    assert_eq!(
+        sample(&m, r#"weft_deadline_misses_total{criticality="critical"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, r#"weft_deadline_misses_total{criticality="standard"}"#),
+        Some(0.0)
+    );
 }
 
 #[test]
