@@ -113,6 +113,7 @@ fn spec(exe: &Path, model: &Path, threads: usize, tier: Tier) -> WorkerSpec {
         layers: None,
         chain: None,
         kv_shares: Vec::new(),
+        prefix_cache: true,
     }
 }
 
@@ -145,6 +146,7 @@ async fn one(
             resume: Default::default(),
             tenant: String::new(),
             trace: None,
+            shared_tokens: 0,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut first = None;

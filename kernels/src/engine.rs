@@ -8,13 +8,23 @@
 //! runs dry the newest running sequence is preempted (its blocks freed, its
 //! tokens recomputed later); a sequence that cannot fit even alone ends with an
 //! error, never a crash.
+//!
+//! With the prefix cache on ([`EngineConfig::prefix_cache`]), every block a
+//! sequence fills is registered under its prefix's name ([`crate::prefix`]),
+//! and a sequence admitted later maps the longest cached run of its own
+//! blocks' names (within its tenant's scope and quota, and what every node
+//! of a chain holds) and computes only the rest; at least its last token is
+//! always computed, for its logits. A preempted sequence maps back what it
+//! had registered. A tenant's quota counts the distinct blocks its
+//! sequences hold, mapped or written.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::error::{KernelError, Result};
-use crate::kv::{KvCache, SeqId};
+use crate::kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
 use crate::model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
+use crate::prefix::CacheScope;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob, TopOfRow};
 use crate::tokenizer::{StreamDecoder, TokenId, Tokenizer};
 
@@ -43,10 +53,18 @@ pub struct EngineConfig {
     /// take; 0: 90% of what is free. The CPU ignores it.
     #[serde(default)]
     pub device_memory_budget: usize,
+    /// Keep full blocks after their sequence ends and map them into later
+    /// sequences with the same prefix (see the module docs).
+    #[serde(default = "on")]
+    pub prefix_cache: bool,
 }
 
 fn whole_pool() -> f64 {
     1.0
+}
+
+fn on() -> bool {
+    true
 }
 
 impl Default for EngineConfig {
@@ -59,6 +77,7 @@ impl Default for EngineConfig {
             tenant_kv_share: 1.0,
             tenant_kv_shares: BTreeMap::new(),
             device_memory_budget: 0,
+            prefix_cache: true,
         }
     }
 }
@@ -118,6 +137,9 @@ pub struct StepEvent {
     pub logprob: Option<TokenLogprob>,
     /// Set on the request's last event.
     pub finish: Option<FinishReason>,
+    /// On a request's first event: prompt tokens it mapped from the prefix
+    /// cache instead of computing them.
+    pub cached_tokens: Option<usize>,
 }
 
 struct Sequence {
@@ -134,6 +156,14 @@ struct Sequence {
     priority: u8,
     arrival: u64,
     tenant: Arc<str>,
+    /// Names of its first full blocks' prefixes, as far as known.
+    hashes: Vec<BlockHash>,
+    /// Leading prompt tokens any tenant may share the cache of.
+    shared_tokens: usize,
+    /// Prompt tokens mapped from the cache at its last admission.
+    cached: usize,
+    /// Whether its first event (which reports `cached`) went out.
+    reported: bool,
 }
 
 impl Sequence {
@@ -155,8 +185,11 @@ impl Sequence {
 /// A tenant with sequences in the engine.
 #[derive(Debug, Default, Clone)]
 struct TenantState {
-    /// KV blocks its sequences hold.
+    /// KV blocks its sequences hold (distinct blocks: one its sequences
+    /// share, or map from the cache, counts once).
     blocks: usize,
+    /// Each block its sequences hold, and how many of them hold it.
+    held: HashMap<u32, u32>,
     /// Tokens run for it, prefill and decode: the clock of its fair share.
     served: u64,
     /// Its sequences, waiting or running.
@@ -204,6 +237,12 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     /// Sequences preempted for lack of KV blocks.
     pub preemptions: u64,
+    /// Admissions that mapped a cached prefix.
+    pub cache_hits: u64,
+    /// Prompt tokens mapped from the cache instead of computed.
+    pub cached_prompt_tokens: u64,
+    /// Cached blocks evicted to make room.
+    pub cache_evictions: u64,
 }
 
 /// The layers after a head shard, wherever they run: every step the engine
@@ -216,6 +255,13 @@ pub trait Downstream: Send {
     fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<ChunkOutput>>;
     /// Forgets sequence `seq` (finished, cancelled or preempted).
     fn release(&mut self, seq: SeqId);
+    /// Maps the longest cached run of `hashes` (the names of new sequence
+    /// `seq`'s first blocks) on every later shard: the blocks all of them
+    /// mapped, which each keeps.
+    fn map_prefix(&mut self, seq: SeqId, hashes: &[BlockHash]) -> Result<usize>;
+    /// Registers blocks `first..` of `seq` under `hashes` on every later
+    /// shard (they computed the same positions).
+    fn register(&mut self, seq: SeqId, first: usize, hashes: &[BlockHash]);
 }
 
 /// What the engine needs of a chunk's logits, when it wants them.
@@ -360,6 +406,41 @@ impl Stage {
     pub fn release(&mut self, seq: SeqId) {
         self.kv.release(seq);
     }
+
+    /// Maps at most `limit` blocks of the cached run of `hashes` as new
+    /// sequence `seq`'s first blocks; the blocks mapped.
+    pub fn map_prefix(&mut self, seq: SeqId, hashes: &[BlockHash], limit: usize) -> usize {
+        self.kv.map_prefix(seq, hashes, limit)
+    }
+
+    /// Keeps only the first `blocks` mapped blocks of `seq`.
+    pub fn keep_mapped(&mut self, seq: SeqId, blocks: usize) {
+        self.kv.keep_mapped(seq, blocks);
+    }
+
+    /// Registers blocks `first..` of `seq` under `hashes`.
+    pub fn register(&mut self, seq: SeqId, first: usize, hashes: &[BlockHash]) {
+        self.kv.register(seq, first, hashes);
+    }
+
+    /// Maps `hashes` as new sequence `seq`'s first blocks, or, when it
+    /// holds more, keeps only as many; the blocks it holds after.
+    pub fn map_or_keep(&mut self, seq: SeqId, hashes: &[BlockHash]) -> usize {
+        if self.kv.contains(seq) {
+            self.kv.keep_mapped(seq, hashes.len());
+            self.kv
+                .blocks(seq)
+                .map_or(0, <[u32]>::len)
+                .min(hashes.len())
+        } else {
+            self.kv.map_prefix(seq, hashes, hashes.len())
+        }
+    }
+
+    /// Cached blocks the shard keeps, and evictions so far.
+    pub fn cache_usage(&self) -> (usize, u64) {
+        (self.kv.cached_blocks(), self.kv.evictions())
+    }
 }
 
 /// Downstream shards in this process, one after the other, each with its
@@ -457,6 +538,25 @@ impl Downstream for LocalChain {
             s.release(seq);
         }
     }
+
+    fn map_prefix(&mut self, seq: SeqId, hashes: &[BlockHash]) -> Result<usize> {
+        // each maps what it has of what the one before mapped; all keep
+        // what the last mapped
+        let mut n = hashes.len();
+        for s in &mut self.stages {
+            n = s.map_prefix(seq, hashes, n);
+        }
+        for s in &mut self.stages {
+            s.keep_mapped(seq, n);
+        }
+        Ok(n)
+    }
+
+    fn register(&mut self, seq: SeqId, first: usize, hashes: &[BlockHash]) {
+        for s in &mut self.stages {
+            s.register(seq, first, hashes);
+        }
+    }
 }
 
 /// The batching engine over one full model, or over a head shard whose
@@ -478,6 +578,8 @@ pub struct Engine {
     pending: Vec<StepEvent>,
     /// Tenants with live sequences.
     tenants: HashMap<Arc<str>, TenantState>,
+    /// The prefix chain's seed for this model.
+    seed: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -521,6 +623,7 @@ impl Engine {
         cfg.max_step_tokens = cfg.max_step_tokens.max(1);
         cfg.max_running = cfg.max_running.max(1);
         let kv = model.new_kv_cache(cfg.kv_budget_bytes);
+        let seed = crate::prefix::model_seed(model.config());
         Ok(Self {
             model,
             rest,
@@ -534,6 +637,7 @@ impl Engine {
             stats: EngineStats::default(),
             pending: Vec::new(),
             tenants: HashMap::new(),
+            seed,
         })
     }
 
@@ -584,13 +688,31 @@ impl Engine {
 
     /// Frees a sequence's KV blocks here and downstream.
     fn release(&mut self, id: RequestId, tenant: &str) {
-        let held = self.kv.blocks(id).map_or(0, <[u32]>::len);
+        let blocks = self.kv.blocks(id).map(<[u32]>::to_vec).unwrap_or_default();
         self.kv.release(id);
         if let Some(t) = self.tenants.get_mut(tenant) {
-            t.blocks -= held.min(t.blocks);
+            for b in blocks {
+                if let Some(n) = t.held.get_mut(&b) {
+                    *n -= 1;
+                    if *n == 0 {
+                        t.held.remove(&b);
+                    }
+                }
+            }
+            t.blocks = t.held.len();
         }
         if let Some(r) = self.rest.as_mut() {
             r.release(id);
+        }
+    }
+
+    /// Counts `blocks` as held by one more sequence of `tenant`.
+    fn hold(&mut self, tenant: &str, blocks: &[u32]) {
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            for &b in blocks {
+                *t.held.entry(b).or_default() += 1;
+            }
+            t.blocks = t.held.len();
         }
     }
 
@@ -634,11 +756,89 @@ impl Engine {
         if held + need > self.quota(tenant) {
             return Err(Short::Quota);
         }
+        let before = self.kv.blocks(id).map_or(0, <[u32]>::len);
         self.kv.reserve(id, len).map_err(|_| Short::Pool)?;
-        if let Some(t) = self.tenants.get_mut(tenant) {
-            t.blocks += need;
-        }
+        let new = self
+            .kv
+            .blocks(id)
+            .map(|b| b[before..].to_vec())
+            .unwrap_or_default();
+        self.hold(tenant, &new);
         Ok(())
+    }
+
+    /// Maps waiting sequence `w`'s longest cached prefix (within its
+    /// tenant's quota, and what every node of a chain holds); at least its
+    /// last token is left to compute. Returns the tokens mapped.
+    fn map_cached(&mut self, w: usize) -> usize {
+        let s = &mut self.waiting[w];
+        if !self.cfg.prefix_cache || s.computed != 0 || self.kv.contains(s.id) {
+            return 0;
+        }
+        let whole = (s.tokens.len() - 1) / KV_BLOCK_TOKENS;
+        crate::prefix::extend(
+            &mut s.hashes,
+            self.seed,
+            &s.tokens,
+            whole,
+            s.shared_tokens,
+            crate::prefix::tenant_salt(&s.tenant),
+        );
+        let (id, tenant) = (s.id, s.tenant.clone());
+        let held = self.tenants.get(&tenant).map_or(0, |t| t.blocks);
+        let room = self.quota(&tenant).saturating_sub(held);
+        let hashes = &self.waiting[w].hashes[..whole];
+        let mut n = self.kv.map_prefix(id, hashes, room);
+        if n > 0 {
+            if let Some(rest) = self.rest.as_mut() {
+                let down = rest.map_prefix(id, &hashes[..n]).unwrap_or(0).min(n);
+                if down < n {
+                    self.kv.keep_mapped(id, down);
+                    if down == 0 {
+                        rest.release(id);
+                    }
+                    n = down;
+                }
+            }
+        }
+        if n == 0 {
+            return 0;
+        }
+        let blocks = self.kv.blocks(id).map(<[u32]>::to_vec).unwrap_or_default();
+        self.hold(&tenant, &blocks);
+        let s = &mut self.waiting[w];
+        s.computed = n * KV_BLOCK_TOKENS;
+        s.cached = s.computed.min(s.prompt_len);
+        self.stats.cache_hits += 1;
+        self.stats.cached_prompt_tokens += s.cached as u64;
+        s.computed
+    }
+
+    /// Registers the blocks running sequence `i` filled, here and on the
+    /// rest of its chain.
+    fn register_full(&mut self, i: usize) {
+        if !self.cfg.prefix_cache {
+            return;
+        }
+        let s = &mut self.running[i];
+        let full = s.computed / KV_BLOCK_TOKENS;
+        let first = self.kv.registered(s.id);
+        if full <= first {
+            return;
+        }
+        crate::prefix::extend(
+            &mut s.hashes,
+            self.seed,
+            &s.tokens,
+            full,
+            s.shared_tokens,
+            crate::prefix::tenant_salt(&s.tenant),
+        );
+        let hashes = &s.hashes[first..full];
+        self.kv.register(s.id, first, hashes);
+        if let Some(rest) = self.rest.as_mut() {
+            rest.register(s.id, first, hashes);
+        }
     }
 
     /// Each tenant's use of the engine, by name.
@@ -677,7 +877,15 @@ impl Engine {
 
     /// Counters since start.
     pub fn stats(&self) -> EngineStats {
-        self.stats
+        EngineStats {
+            cache_evictions: self.kv.evictions(),
+            ..self.stats
+        }
+    }
+
+    /// KV blocks the prefix cache keeps (held by sequences or not).
+    pub fn cached_blocks(&self) -> usize {
+        self.kv.cached_blocks()
     }
 
     /// Requests waiting for admission.
@@ -713,6 +921,13 @@ impl Engine {
     /// sampler), and their text past `resume.text_bytes` (held back for a
     /// possible stop string, or half a character) is still to come.
     pub fn add_resumed(&mut self, req: Request, resume: Resume) -> Result<()> {
+        self.add_with(req, resume, CacheScope::default())
+    }
+
+    /// [`Engine::add_resumed`], with the cache scope of its prompt: its
+    /// first `scope.shared_tokens` tokens may map (and fill) blocks any
+    /// tenant shares.
+    pub fn add_with(&mut self, req: Request, resume: Resume, scope: CacheScope) -> Result<()> {
         if req.prompt.is_empty() {
             return Err(KernelError::Rejected("the prompt is empty".into()));
         }
@@ -770,9 +985,10 @@ impl Engine {
         }
         self.arrivals += 1;
         let seed = req.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.arrivals;
+        let prompt_len = req.prompt.len();
         let mut seq = Sequence {
             id: req.id,
-            prompt_len: req.prompt.len(),
+            prompt_len,
             tokens: req.prompt,
             computed: 0,
             sampler: Sampler::new(req.params, seed),
@@ -781,6 +997,10 @@ impl Engine {
             priority: req.priority,
             arrival: self.arrivals,
             tenant: Arc::from(req.tenant),
+            hashes: Vec::new(),
+            shared_tokens: scope.shared_tokens.min(prompt_len),
+            cached: 0,
+            reported: false,
         };
         let mut text = String::new();
         for &t in &resume.tokens {
@@ -843,6 +1063,7 @@ impl Engine {
                 text: String::new(),
                 logprob: None,
                 finish: Some(FinishReason::Cancelled),
+                cached_tokens: None,
             });
         }
         found
@@ -968,6 +1189,7 @@ impl Engine {
                 text: String::new(),
                 logprob: None,
                 finish: Some(reason.clone()),
+                cached_tokens: None,
             });
         }
     }
@@ -999,11 +1221,18 @@ impl Engine {
                 Sampled::Drawn(tok) => (tok, None),
             };
             self.stats.generated_tokens += 1;
-            let ev = Self::accept(&self.tokenizer, s, tok, logprob, self.cfg.max_context);
+            let mut ev = Self::accept(&self.tokenizer, s, tok, logprob, self.cfg.max_context);
+            if !s.reported {
+                s.reported = true;
+                ev.cached_tokens = Some(s.cached);
+            }
             if ev.finish.is_some() {
                 finished.push(i);
             }
             events.push(ev);
+        }
+        for &(i, _) in plan {
+            self.register_full(i);
         }
         finished.sort_unstable();
         for i in finished.into_iter().rev() {
@@ -1053,6 +1282,7 @@ impl Engine {
             text: String::new(),
             logprob,
             finish: None,
+            cached_tokens: None,
         };
         if stop_tok {
             ev.text = std::mem::take(&mut s.held) + &s.decoder.finish();
@@ -1165,9 +1395,18 @@ impl Engine {
             let Some(w) = self.next_waiting(&passed) else {
                 break;
             };
+            let mapped = self.map_cached(w);
             let s = &self.waiting[w];
             let (id, computed, left, tenant) = s.to_compute();
-            match self.reserve_chunk(id, &tenant, computed, left.min(budget)) {
+            let reserved = self.reserve_chunk(id, &tenant, computed, left.min(budget));
+            if reserved.is_err() && mapped > 0 {
+                // not admitted after all: the mapped blocks go back
+                self.release(id, &tenant);
+                let s = &mut self.waiting[w];
+                s.computed = 0;
+                s.cached = 0;
+            }
+            match reserved {
                 Ok(n) => {
                     let s = self.waiting.remove(w).expect("index is in range");
                     self.running.push(s);
@@ -1291,6 +1530,7 @@ impl Engine {
             text: String::new(),
             logprob: None,
             finish: Some(FinishReason::Error(why)),
+            cached_tokens: None,
         }
     }
 
@@ -1300,6 +1540,7 @@ impl Engine {
             t.preempted += 1;
         }
         s.computed = 0;
+        s.cached = 0;
         self.enqueue(s);
     }
 }

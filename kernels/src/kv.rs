@@ -1,5 +1,5 @@
 //! The paged KV cache: fixed-size blocks from a pool sized by a byte budget,
-//! and a block table per sequence.
+//! a block table per sequence, and the prefix cache.
 //!
 //! A block holds [`KV_BLOCK_TOKENS`] positions of keys and values for every
 //! layer of the shard that owns the cache. Blocks are handed out when a
@@ -7,8 +7,20 @@
 //! [`KernelError::KvExhausted`], which the engine answers by queueing or
 //! preempting, never by crashing. Storage pages are touched only when a block is
 //! first written, so a large budget costs no memory until it is used.
+//!
+//! **Prefix cache.** A full block can be registered under a [`BlockHash`]
+//! (the engine's hash chain over the token ids up to the block's end, salted
+//! by model, layer range and tenant scope). A registered block outlives its
+//! sequence: when no sequence holds it any more it waits, reference-counted
+//! at zero, in a least-recently-used list, and a later sequence whose
+//! prefix hashes the same maps it instead of computing it again
+//! ([`KvCache::map_prefix`]). Blocks held by several sequences are never
+//! written: a sequence only writes positions past the blocks it mapped.
+//! A reservation takes free blocks first and evicts unheld cached blocks
+//! (the least recently used first) only when there are none, so the cache
+//! costs nothing under pressure before anything is preempted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -21,11 +33,17 @@ pub const KV_BLOCK_TOKENS: usize = 16;
 /// Identifies one sequence (one request) in the cache and the engine.
 pub type SeqId = u64;
 
+/// A full block's identity in the prefix cache.
+pub type BlockHash = u64;
+
 #[derive(Debug, Default, Clone)]
 struct BlockTable {
     blocks: Vec<u32>,
     /// Positions written so far.
     len: usize,
+    /// Leading blocks that are registered (or were mapped) in the prefix
+    /// cache.
+    hashed: usize,
 }
 
 /// Keys and values of many sequences, in blocks.
@@ -38,8 +56,21 @@ pub struct KvCache {
     k: Vec<Vec<u16>>,
     /// Per layer: `[block][slot][kv_dim]` values, f16 bits.
     v: Vec<Vec<u16>>,
+    /// Blocks no sequence holds and the prefix cache does not keep.
     free: Vec<u32>,
     tables: HashMap<SeqId, BlockTable>,
+    /// Per block: how many sequences hold it.
+    refs: Vec<u32>,
+    /// Per block: its hash, when the prefix cache keeps it.
+    hash_of: Vec<Option<BlockHash>>,
+    /// The prefix cache: hash → block.
+    index: HashMap<BlockHash, u32>,
+    /// Cached blocks no sequence holds, by last use (oldest first).
+    idle: BTreeMap<u64, u32>,
+    /// Per block: its key in `idle`.
+    idle_at: Vec<u64>,
+    tick: u64,
+    evictions: u64,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -48,6 +79,7 @@ impl std::fmt::Debug for KvCache {
             .field("layers", &self.layers)
             .field("total_blocks", &self.total_blocks)
             .field("free_blocks", &self.free.len())
+            .field("cached_blocks", &self.index.len())
             .field("sequences", &self.tables.len())
             .finish()
     }
@@ -78,6 +110,13 @@ impl KvCache {
             // hand out low block numbers first
             free: (0..blocks as u32).rev().collect(),
             tables: HashMap::new(),
+            refs: vec![0; blocks],
+            hash_of: vec![None; blocks],
+            index: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_at: vec![0; blocks],
+            tick: 0,
+            evictions: 0,
         }
     }
 
@@ -108,9 +147,20 @@ impl KvCache {
         self.total_blocks
     }
 
-    /// Blocks not held by any sequence.
+    /// Blocks no sequence holds: free ones, and cached ones a reservation
+    /// may evict.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
+    }
+
+    /// Blocks the prefix cache keeps (held by sequences or not).
+    pub fn cached_blocks(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Cached blocks evicted so far to make room.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// Bytes the whole pool may take.
@@ -144,37 +194,178 @@ impl KvCache {
         len.div_ceil(KV_BLOCK_TOKENS).saturating_sub(have)
     }
 
+    /// A block for a sequence to write: a free one, else the least recently
+    /// used cached block no sequence holds (evicted from the cache).
+    fn take_block(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.idle.pop_first()?;
+                if let Some(h) = self.hash_of[b as usize].take() {
+                    self.index.remove(&h);
+                }
+                self.evictions += 1;
+                b
+            }
+        };
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
     /// Makes room for positions `0..len` of `seq`, all or nothing.
     pub fn reserve(&mut self, seq: SeqId, len: usize) -> Result<()> {
         let needed = self.blocks_needed(seq, len);
-        if needed > self.free.len() {
+        if needed > self.free_blocks() {
             return Err(KernelError::KvExhausted {
                 needed,
-                free: self.free.len(),
+                free: self.free_blocks(),
                 total: self.total_blocks,
             });
         }
-        let table = self.tables.entry(seq).or_default();
+        let mut taken = Vec::with_capacity(needed);
         for _ in 0..needed {
             // cannot fail: checked above
-            if let Some(b) = self.free.pop() {
-                table.blocks.push(b);
+            if let Some(b) = self.take_block() {
+                taken.push(b);
             }
         }
+        self.tables.entry(seq).or_default().blocks.extend(taken);
         Ok(())
     }
 
-    /// Returns all blocks of `seq` to the pool.
-    pub fn release(&mut self, seq: SeqId) {
-        if let Some(t) = self.tables.remove(&seq) {
-            self.free.extend(t.blocks.into_iter().rev());
+    /// Drops one hold on block `b`: with none left it waits in the prefix
+    /// cache (if registered) or goes back to the pool.
+    fn unhold(&mut self, b: u32) {
+        let r = &mut self.refs[b as usize];
+        *r = r.saturating_sub(1);
+        if *r > 0 {
+            return;
+        }
+        if self.hash_of[b as usize].is_some() {
+            self.tick += 1;
+            self.idle.insert(self.tick, b);
+            self.idle_at[b as usize] = self.tick;
+        } else {
+            self.free.push(b);
         }
     }
 
-    /// Forgets positions from `len` on (keeps the blocks), for replays and rollbacks.
-    pub fn truncate(&mut self, seq: SeqId, len: usize) {
-        if let Some(t) = self.tables.get_mut(&seq) {
-            t.len = t.len.min(len);
+    /// Returns all blocks of `seq` to the pool; its registered blocks stay
+    /// in the prefix cache, its last ones first to be evicted.
+    pub fn release(&mut self, seq: SeqId) {
+        if let Some(t) = self.tables.remove(&seq) {
+            for &b in t.blocks.iter().rev() {
+                self.unhold(b);
+            }
+        }
+    }
+
+    /// Maps the longest run of `hashes` (a sequence's block hashes from its
+    /// first block) that the prefix cache holds as the first blocks of
+    /// `seq`, a sequence with no blocks yet: positions up to the end of
+    /// the last mapped block count as written. Maps at most `limit` blocks.
+    /// Returns the blocks mapped.
+    pub fn map_prefix(&mut self, seq: SeqId, hashes: &[BlockHash], limit: usize) -> usize {
+        if self.tables.get(&seq).is_some_and(|t| !t.blocks.is_empty()) {
+            return 0;
+        }
+        let mut blocks = Vec::new();
+        for h in hashes.iter().take(limit) {
+            let Some(&b) = self.index.get(h) else { break };
+            if self.refs[b as usize] == 0 {
+                self.idle.remove(&self.idle_at[b as usize]);
+            }
+            self.refs[b as usize] += 1;
+            blocks.push(b);
+        }
+        let n = blocks.len();
+        if n > 0 {
+            self.tables.insert(
+                seq,
+                BlockTable {
+                    blocks,
+                    len: n * KV_BLOCK_TOKENS,
+                    hashed: n,
+                },
+            );
+        }
+        n
+    }
+
+    /// The blocks `seq` would map from `hashes` now (see
+    /// [`KvCache::map_prefix`]), mapping nothing.
+    pub fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.index.contains_key(h))
+            .count()
+    }
+
+    /// Keeps only the first `blocks` blocks of `seq` (mapped, not yet
+    /// written past): for a chain whose later nodes hold less of a prefix.
+    pub fn keep_mapped(&mut self, seq: SeqId, blocks: usize) {
+        let Some(t) = self.tables.get_mut(&seq) else {
+            return;
+        };
+        if blocks >= t.blocks.len() {
+            return;
+        }
+        let dropped: Vec<u32> = t.blocks.drain(blocks..).collect();
+        t.len = t.len.min(blocks * KV_BLOCK_TOKENS);
+        t.hashed = t.hashed.min(blocks);
+        if t.blocks.is_empty() {
+            self.tables.remove(&seq);
+        }
+        for b in dropped.into_iter().rev() {
+            self.unhold(b);
+        }
+    }
+
+    /// Registers blocks `first..` of `seq` under `hashes` (one each, in
+    /// order), those that are full: later sequences with the same prefix
+    /// may map them. Blocks already registered are skipped; a block whose
+    /// hash another block has (the same prefix computed twice at once)
+    /// stays unregistered. Returns the sequence's registered blocks.
+    pub fn register(&mut self, seq: SeqId, first: usize, hashes: &[BlockHash]) -> usize {
+        let Some(t) = self.tables.get_mut(&seq) else {
+            return 0;
+        };
+        let full = t.len / KV_BLOCK_TOKENS;
+        let mut i = t.hashed.max(first);
+        while i < full.min(t.blocks.len()) && i - first < hashes.len() {
+            // only in order: block i's hash is the chain up to it
+            if i != t.hashed {
+                break;
+            }
+            let h = hashes[i - first];
+            let b = t.blocks[i];
+            if self.hash_of[b as usize].is_none() && !self.index.contains_key(&h) {
+                self.index.insert(h, b);
+                self.hash_of[b as usize] = Some(h);
+            }
+            t.hashed = i + 1;
+            i += 1;
+        }
+        t.hashed
+    }
+
+    /// Leading blocks of `seq` registered in the prefix cache.
+    pub fn registered(&self, seq: SeqId) -> usize {
+        self.tables.get(&seq).map_or(0, |t| t.hashed)
+    }
+
+    /// How many sequences hold block `b`.
+    pub fn holders(&self, b: u32) -> u32 {
+        self.refs.get(b as usize).copied().unwrap_or(0)
+    }
+
+    /// Drops every cached block no sequence holds (they go back to the pool).
+    pub fn clear_cache(&mut self) {
+        while let Some((_, b)) = self.idle.pop_first() {
+            if let Some(h) = self.hash_of[b as usize].take() {
+                self.index.remove(&h);
+            }
+            self.free.push(b);
         }
     }
 
@@ -335,5 +526,107 @@ mod tests {
     fn a_write_to_an_unknown_sequence_is_refused() {
         let mut kv = one_sequence();
         assert!(kv.write(0, 8, 0, &[0.0; 2], &[0.0; 2]).is_err());
+    }
+
+    /// Sequence 1 wrote 40 positions (3 blocks), registered its 2 full
+    /// blocks under hashes 10 and 11, and ended.
+    fn cached_two() -> KvCache {
+        let mut kv = KvCache::with_blocks(1, 2, 4);
+        kv.reserve(1, 40).unwrap();
+        kv.set_len(1, 40);
+        assert_eq!(kv.register(1, 0, &[10, 11]), 2);
+        kv.release(1);
+        kv
+    }
+
+    #[test]
+    fn an_ended_sequences_registered_blocks_are_mapped_by_the_next_with_that_prefix() {
+        let mut kv = cached_two();
+        assert_eq!(kv.map_prefix(2, &[10, 11, 12], usize::MAX), 2);
+        assert_eq!(kv.seq_len(2), 2 * KV_BLOCK_TOKENS);
+        assert_eq!(kv.blocks(2).unwrap(), &[0, 1]);
+    }
+
+    #[test]
+    fn mapping_stops_at_the_first_block_the_cache_lacks() {
+        let mut kv = cached_two();
+        assert_eq!(kv.map_prefix(2, &[10, 99, 11], usize::MAX), 1);
+        assert_eq!(kv.map_prefix(3, &[99, 10], usize::MAX), 0);
+        assert!(!kv.contains(3));
+    }
+
+    #[test]
+    fn an_unfinished_block_is_never_registered() {
+        let mut kv = KvCache::with_blocks(1, 2, 4);
+        kv.reserve(1, 40).unwrap();
+        kv.set_len(1, 40);
+        assert_eq!(kv.register(1, 0, &[10, 11, 12]), 2, "block 2 holds 8 of 16");
+        kv.release(1);
+        assert_eq!(kv.cached_blocks(), 2);
+    }
+
+    #[test]
+    fn cached_blocks_count_as_free_and_are_evicted_oldest_first_only_when_needed() {
+        let mut kv = cached_two();
+        assert_eq!(kv.free_blocks(), 4);
+        kv.reserve(5, 32).unwrap(); // the 2 free blocks
+        assert_eq!(kv.evictions(), 0);
+        assert_eq!(kv.cached_blocks(), 2);
+        kv.reserve(6, 16).unwrap(); // one cached block must go: the last one
+        assert_eq!(kv.evictions(), 1);
+        assert_eq!(kv.cached_prefix(&[10, 11]), 1);
+    }
+
+    #[test]
+    fn a_block_two_sequences_hold_waits_for_both_to_end() {
+        let mut kv = cached_two();
+        kv.map_prefix(2, &[10, 11], usize::MAX);
+        kv.map_prefix(3, &[10], usize::MAX);
+        assert_eq!(kv.holders(0), 2);
+        kv.release(2);
+        assert_eq!(kv.holders(0), 1);
+        assert_eq!(kv.free_blocks(), 3, "block 0 is still held");
+        kv.release(3);
+        assert_eq!(kv.free_blocks(), 4);
+    }
+
+    #[test]
+    fn a_held_cached_block_is_never_evicted() {
+        let mut kv = cached_two();
+        kv.map_prefix(2, &[10, 11], usize::MAX);
+        kv.reserve(5, 32).unwrap();
+        let e = kv.reserve(6, 1).unwrap_err();
+        assert!(matches!(e, KernelError::KvExhausted { free: 0, .. }), "{e}");
+        assert_eq!(kv.cached_prefix(&[10, 11]), 2);
+    }
+
+    #[test]
+    fn keeping_fewer_mapped_blocks_gives_the_rest_back_to_the_cache() {
+        let mut kv = cached_two();
+        kv.map_prefix(2, &[10, 11], usize::MAX);
+        kv.keep_mapped(2, 1);
+        assert_eq!(kv.seq_len(2), KV_BLOCK_TOKENS);
+        assert_eq!(kv.holders(1), 0);
+        assert_eq!(kv.cached_prefix(&[10, 11]), 2);
+    }
+
+    #[test]
+    fn a_prefix_computed_twice_at_once_keeps_one_copy_cached() {
+        let mut kv = KvCache::with_blocks(1, 2, 4);
+        for seq in [1, 2] {
+            kv.reserve(seq, 16).unwrap();
+            kv.set_len(seq, 16);
+            kv.register(seq, 0, &[10]);
+        }
+        kv.release(1);
+        kv.release(2);
+        assert_eq!(kv.cached_blocks(), 1);
+        assert_eq!(kv.free_blocks(), 4);
+    }
+
+    #[test]
+    fn mapping_respects_its_limit() {
+        let mut kv = cached_two();
+        assert_eq!(kv.map_prefix(2, &[10, 11], 1), 1);
     }
 }

@@ -29,6 +29,7 @@ pub mod gguf;
 pub mod kv;
 pub mod layout;
 pub mod model;
+pub mod prefix;
 pub mod quant;
 pub mod sampling;
 pub mod testing;
@@ -45,9 +46,10 @@ pub use engine::{
 };
 pub use error::{KernelError, Result};
 pub use gguf::{GemmaConfig, GgufFile};
-pub use kv::{KvCache, SeqId, KV_BLOCK_TOKENS};
+pub use kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
 pub use layout::StepLayout;
 pub use model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
+pub use prefix::CacheScope;
 pub use sampling::{Sampler, SamplingParams, TokenLogprob, TopOfRow};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 

@@ -1214,6 +1214,12 @@ impl Downstream for FailsOnce {
     fn release(&mut self, seq: u64) {
         self.inner.release(seq)
     }
+    fn map_prefix(&mut self, seq: u64, hashes: &[u64]) -> weft_kernels::Result<usize> {
+        self.inner.map_prefix(seq, hashes)
+    }
+    fn register(&mut self, seq: u64, first: usize, hashes: &[u64]) {
+        self.inner.register(seq, first, hashes)
+    }
 }
 
 /// 12 greedy tokens after `p`.
@@ -1276,4 +1282,233 @@ fn after_its_chain_failed_the_engine_serves_new_requests_as_before() {
     let (e, _) = after_a_chain_failure(&t);
     let again = complete_on(e, twelve(9, &prompt(11, 5)));
     assert_eq!(again.tokens, want);
+}
+
+// ---------------------------------------------------------------- prefix cache
+
+/// An agent's two turns: a 70-token context, then the same context with
+/// its answer and a tool output appended.
+fn two_turns() -> (Vec<u32>, Vec<u32>) {
+    let first = prompt(70, 5);
+    let mut second = first.clone();
+    second.extend(prompt(30, 9).into_iter().skip(1));
+    (first, second)
+}
+
+/// The engine of [`engine`] with the prefix cache on or off.
+fn caching(t: &Tiny, on: bool, kv_budget: usize) -> Engine {
+    Engine::new(
+        t.lm.model.clone(),
+        t.lm.tokenizer.clone(),
+        EngineConfig {
+            kv_budget_bytes: kv_budget,
+            max_step_tokens: 64,
+            prefix_cache: on,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Runs `req` to its end on `e`: its tokens and the cached count its first
+/// event reported.
+fn run_reporting(e: &mut Engine, req: Request) -> (Vec<u32>, Option<usize>) {
+    let id = req.id;
+    e.add_request(req).unwrap();
+    let (mut tokens, mut cached) = (Vec::new(), None);
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            if ev.id == id {
+                tokens.extend(ev.token);
+                cached = cached.or(ev.cached_tokens);
+            }
+        }
+    }
+    (tokens, cached)
+}
+
+#[test]
+fn greedy_tokens_are_equal_with_and_without_the_prefix_cache() {
+    let t = tiny(TinyModelSpec::default());
+    let (first, second) = two_turns();
+    let mut outs = Vec::new();
+    for on in [false, true] {
+        let mut e = caching(&t, on, 16 << 20);
+        let a = run_reporting(&mut e, ask(1, first.clone(), greedy(12))).0;
+        let b = run_reporting(&mut e, ask(2, second.clone(), greedy(12))).0;
+        outs.push((a, b));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(outs[0].1.len(), 12);
+}
+
+#[test]
+fn a_later_turn_maps_the_blocks_of_the_earlier_one_and_reports_them() {
+    let t = tiny(TinyModelSpec::default());
+    let (first, second) = two_turns();
+    let mut e = caching(&t, true, 16 << 20);
+    let (_, none) = run_reporting(&mut e, ask(1, first.clone(), greedy(12)));
+    assert_eq!(none, Some(0));
+    let before = e.stats();
+    let (_, cached) = run_reporting(&mut e, ask(2, second.clone(), greedy(12)));
+    // the first turn filled 4 whole blocks of its 71 prompt tokens and 12
+    // answers (82 positions written); its answer differs from the second
+    // turn's tool output, so the 4 blocks of the shared context match
+    assert_eq!(cached, Some(64));
+    let after = e.stats();
+    assert_eq!(after.cache_hits - before.cache_hits, 1);
+    assert_eq!(
+        after.prefill_tokens - before.prefill_tokens,
+        (second.len() - 64) as u64,
+        "only the uncached part was computed"
+    );
+}
+
+#[test]
+fn a_whole_prompt_in_the_cache_still_computes_its_last_token() {
+    let t = tiny(TinyModelSpec::default());
+    let p = prompt(63, 2); // 64 tokens: 4 whole blocks
+    let mut e = caching(&t, true, 16 << 20);
+    let a = run_reporting(&mut e, ask(1, p.clone(), greedy(6)));
+    let b = run_reporting(&mut e, ask(2, p.clone(), greedy(6)));
+    assert_eq!(b.1, Some(48), "3 blocks: the 4th holds the last token");
+    assert_eq!(a.0, b.0);
+}
+
+#[test]
+fn another_tenant_does_not_map_a_private_prefix() {
+    let t = tiny(TinyModelSpec::default());
+    let (first, second) = two_turns();
+    let mut e = caching(&t, true, 16 << 20);
+    let mut a = ask(1, first, greedy(4));
+    a.tenant = "alpha".into();
+    run_reporting(&mut e, a);
+    let mut b = ask(2, second, greedy(4));
+    b.tenant = "beta".into();
+    assert_eq!(run_reporting(&mut e, b).1, Some(0));
+}
+
+#[test]
+fn another_tenant_maps_the_blocks_of_a_shared_prefix_and_no_more() {
+    let t = tiny(TinyModelSpec::default());
+    let (first, second) = two_turns();
+    let mut e = caching(&t, true, 16 << 20);
+    let shared = weft_kernels::CacheScope { shared_tokens: 40 };
+    let mut a = ask(1, first, greedy(4));
+    a.tenant = "alpha".into();
+    e.add_with(a, Resume::default(), shared.clone()).unwrap();
+    e.run_to_completion().unwrap();
+    let mut b = ask(2, second, greedy(4));
+    b.tenant = "beta".into();
+    e.add_with(b, Resume::default(), shared).unwrap();
+    let mut cached = None;
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            cached = cached.or(ev.cached_tokens);
+        }
+    }
+    // 2 blocks lie within the 40 shared tokens; the 3rd is alpha's
+    assert_eq!(cached, Some(32));
+}
+
+#[test]
+fn a_prefix_evicted_under_pressure_is_recomputed_to_the_same_tokens() {
+    let t = tiny(TinyModelSpec::default());
+    let (first, second) = two_turns();
+    // 10 blocks: the first turn's 6 stay cached until others need them
+    let mut e = caching(&t, true, 10 * block_bytes(&t));
+    let want = complete(&t, ask(9, second.clone(), greedy(12))).tokens;
+    run_reporting(&mut e, ask(1, first, greedy(12)));
+    for i in 0..3 {
+        run_reporting(&mut e, ask(10 + i, prompt(100, 20 + i as u32), greedy(4)));
+    }
+    assert!(e.stats().cache_evictions > 0, "{:?}", e.stats());
+    let (got, cached) = run_reporting(&mut e, ask(2, second, greedy(12)));
+    assert!(
+        cached < Some(64),
+        "the evicted blocks were mapped: {cached:?}"
+    );
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_tenants_quota_counts_a_block_its_sequences_share_once() {
+    let t = tiny(TinyModelSpec::default());
+    let (first, second) = two_turns();
+    let mut e = caching(&t, true, 16 << 20);
+    run_reporting(&mut e, ask(1, first, greedy(2)));
+    // two sequences of one tenant map the same 4 cached blocks
+    for id in [2, 3] {
+        e.add_request(ask(id, second.clone(), greedy(40))).unwrap();
+    }
+    e.step().unwrap();
+    e.step().unwrap();
+    let u = &e.tenants()[0];
+    let own = (second.len() + 2).div_ceil(16) - 4; // each one's blocks past the shared 4
+    assert!(
+        u.kv_blocks <= 4 + 2 * own,
+        "{} blocks counted for {} distinct",
+        u.kv_blocks,
+        4 + 2 * own
+    );
+    assert!(u.kv_blocks >= 4 + 2 * (own - 1), "{u:?}");
+}
+
+/// A chain whose later shards never hold a cached prefix (their node
+/// restarted, say), around a real one.
+struct Forgetful(LocalChain);
+
+impl Downstream for Forgetful {
+    fn forward(&mut self, chunks: &[Chunk]) -> weft_kernels::Result<Vec<ChunkOutput>> {
+        self.0.forward(chunks)
+    }
+    fn release(&mut self, seq: u64) {
+        self.0.release(seq)
+    }
+    fn map_prefix(&mut self, _seq: u64, _hashes: &[u64]) -> weft_kernels::Result<usize> {
+        Ok(0)
+    }
+    fn register(&mut self, seq: u64, first: usize, hashes: &[u64]) {
+        self.0.register(seq, first, hashes)
+    }
+}
+
+/// The two turns through a chain of head `0..2` and `rest`: each turn's
+/// tokens and cached count.
+fn two_turns_on_a_chain(t: &Tiny, rest: Box<dyn Downstream>) -> Vec<(Vec<u32>, Option<usize>)> {
+    let mut e = Engine::new_chain(
+        shard(t, 0..2),
+        rest,
+        t.lm.tokenizer.clone(),
+        EngineConfig::default(),
+    )
+    .unwrap();
+    let (first, second) = two_turns();
+    vec![
+        run_reporting(&mut e, ask(1, first, greedy(12))),
+        run_reporting(&mut e, ask(2, second, greedy(12))),
+    ]
+}
+
+#[test]
+fn a_chain_maps_a_cached_prefix_on_every_shard_with_one_nodes_tokens() {
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    let rest = LocalChain::new(vec![shard(&t, 2..3), shard(&t, 3..n)], 1 << 26).unwrap();
+    let turns = two_turns_on_a_chain(&t, Box::new(rest));
+    let (first, second) = two_turns();
+    assert_eq!(turns[1].1, Some(64));
+    assert_eq!(turns[0].0, complete(&t, ask(1, first, greedy(12))).tokens);
+    assert_eq!(turns[1].0, complete(&t, ask(2, second, greedy(12))).tokens);
+}
+
+#[test]
+fn a_chain_whose_shards_lack_the_prefix_computes_it_all_again() {
+    let t = tiny(TinyModelSpec::default());
+    let n = t.lm.model.config().layers;
+    let rest = Forgetful(LocalChain::new(vec![shard(&t, 2..n)], 1 << 26).unwrap());
+    let turns = two_turns_on_a_chain(&t, Box::new(rest));
+    let (_, second) = two_turns();
+    assert_eq!(turns[1].1, Some(0));
+    assert_eq!(turns[1].0, complete(&t, ask(2, second, greedy(12))).tokens);
 }

@@ -183,6 +183,14 @@ pub struct NodeConfig {
     pub data_addr: Option<SocketAddr>,
     /// Agent sandboxes (`/v1/sandboxes`): templates, warm pools, uids.
     pub sandboxes: weft_sandbox::SandboxConfig,
+    /// Keep the KV blocks of prompts (and answers) after their request
+    /// ends and map them into later requests with the same prefix, so an
+    /// agent's next turn computes only what it added.
+    pub prefix_cache: bool,
+    /// Prompt prefixes (texts: a system prompt or tool definitions every
+    /// tenant sends) whose cached blocks every tenant may share; other
+    /// cached blocks serve only the tenant that computed them.
+    pub shared_prefixes: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -217,6 +225,8 @@ impl Default for NodeConfig {
             tenants_file: None,
             intent_log: None,
             intent_log_file_bytes: weft_audit::DEFAULT_MAX_FILE_BYTES,
+            prefix_cache: true,
+            shared_prefixes: Vec::new(),
             data_addr: None,
             sandboxes: weft_sandbox::SandboxConfig::default(),
         }
@@ -527,6 +537,7 @@ impl NodeConfig {
             max_connections: self.max_connections,
             read_timeout_s: self.read_timeout_s,
             grace_s: self.grace_s,
+            shared_prefixes: self.shared_prefixes.clone(),
         }
     }
 
@@ -556,6 +567,7 @@ impl NodeConfig {
             layers,
             chain,
             kv_shares: self.kv_shares(),
+            prefix_cache: self.prefix_cache,
         }
     }
 }

@@ -670,20 +670,32 @@ fn run_as_rendered() -> AsRendered {
     for (_, addr, c) in &containers {
         wait_200(&metrics(addr, "/readyz"), Duration::from_secs(120), c);
     }
-    let leaders: Vec<Option<f64>> = containers
-        .iter()
-        .map(|(_, addr, _)| {
-            client()
-                .get(metrics(addr, "/metrics"))
-                .send()
-                .ok()?
-                .text()
-                .ok()?
-                .lines()
-                .find_map(|l| l.strip_prefix("weft_raft_is_leader "))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .collect();
+    // an election may still be settling: until exactly one leads
+    let read_leaders = || -> Vec<Option<f64>> {
+        containers
+            .iter()
+            .map(|(_, addr, _)| {
+                client()
+                    .get(metrics(addr, "/metrics"))
+                    .send()
+                    .ok()?
+                    .text()
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("weft_raft_is_leader "))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let leaders = loop {
+        let l = read_leaders();
+        let one = l.iter().filter(|x| **x == Some(1.0)).count() == 1;
+        if one || t.elapsed() > Duration::from_secs(30) {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
 
     // the model, registered as the WeftModel reconcile registers it: the
     // tiny model in the pool's model cache volume, in place of the default

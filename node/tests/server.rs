@@ -1445,3 +1445,87 @@ fn a_node_whose_keys_come_only_from_a_tenants_file_refuses_requests_until_it_has
     }
     assert_eq!(with_key(&n, None).status(), 401);
 }
+
+/// An agent's context of about 100 tokens, and the same context with a
+/// tool output appended: its next turn.
+fn turns() -> (String, String) {
+    let context = "You are a careful planning agent for a factory line. ".repeat(8);
+    let next = format!("{context}Tool output: conveyor 3 stopped at 14:02, sensor B reads 71 C.");
+    (context, next)
+}
+
+/// A completion of `prompt` with `key`: its usage.
+fn usage_of(n: &Node, key: Option<&str>, prompt: &str) -> Value {
+    let mut r = client()
+        .post(format!("{}/v1/completions", n.base))
+        .json(&json!({"model": "tiny-gemma", "prompt": prompt, "max_tokens": 4, "temperature": 0}));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().unwrap()["usage"].clone()
+}
+
+#[test]
+fn a_later_turn_reports_the_prompt_tokens_it_found_cached() {
+    let n = start("");
+    let (context, next) = turns();
+    let first = usage_of(&n, None, &context);
+    assert_eq!(
+        first["prompt_tokens_details"]["cached_tokens"], 0,
+        "{first}"
+    );
+    let second = usage_of(&n, None, &next);
+    let cached = second["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 64, "{second}");
+    assert!(cached < second["prompt_tokens"].as_u64().unwrap());
+    // the worker's figures come after its last step's events
+    wait_metrics(&n, |m| {
+        sample(
+            m,
+            r#"weft_prompt_tokens_total{model="tiny-gemma",source="cached"}"#,
+        ) == Some(cached as f64)
+    });
+}
+
+#[test]
+fn with_the_cache_off_nothing_is_reported_cached() {
+    let n = start("prefix_cache = false\n");
+    let (context, next) = turns();
+    usage_of(&n, None, &context);
+    let second = usage_of(&n, None, &next);
+    assert_eq!(
+        second["prompt_tokens_details"]["cached_tokens"], 0,
+        "{second}"
+    );
+}
+
+const TWO_TENANTS: &str =
+    "[api_keys]\n\"sk-alpha-0001\" = \"alpha\"\n\"sk-beta-00002\" = \"beta\"\n";
+
+#[test]
+fn another_tenant_finds_nothing_of_a_private_prefix_cached() {
+    let n = start(TWO_TENANTS);
+    let (context, next) = turns();
+    usage_of(&n, Some("sk-alpha-0001"), &context);
+    let beta = usage_of(&n, Some("sk-beta-00002"), &next);
+    assert_eq!(beta["prompt_tokens_details"]["cached_tokens"], 0, "{beta}");
+}
+
+#[test]
+fn another_tenant_finds_a_shared_prefix_cached() {
+    let (context, next) = turns();
+    let n = start(&format!("shared_prefixes = [{context:?}]\n{TWO_TENANTS}"));
+    usage_of(&n, Some("sk-alpha-0001"), &context);
+    let beta = usage_of(&n, Some("sk-beta-00002"), &next);
+    assert!(
+        beta["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            >= 64,
+        "{beta}"
+    );
+}

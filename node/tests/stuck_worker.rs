@@ -41,6 +41,7 @@ fn shard_spec(model: PathBuf) -> WorkerSpec {
         layers: Some(0..3),
         chain: None,
         kv_shares: Vec::new(),
+        prefix_cache: true,
     }
 }
 

@@ -199,6 +199,10 @@ pub struct ApiConfig {
     pub read_timeout_s: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub grace_s: u64,
+    /// Prompt prefixes (texts, such as a system prompt every tenant sends)
+    /// whose cached KV blocks every tenant may share; any other cached
+    /// block serves only the tenant that computed it.
+    pub shared_prefixes: Vec<String>,
 }
 
 impl ApiConfig {

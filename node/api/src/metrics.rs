@@ -70,6 +70,8 @@ pub struct Gauges {
     /// Each model's worker's sandbox tier, whether it is relaxed, and the
     /// layers it runs without.
     pub sandboxes: Vec<(String, String, bool, Vec<String>)>,
+    /// Each model's prefix-cache counters (since its worker started).
+    pub cache: Vec<(String, weft_worker::CacheStats)>,
 }
 
 /// The gauges [`Gauges`] sets at each scrape, and the restart counter it
@@ -197,6 +199,73 @@ impl ScrapeGauges {
     }
 }
 
+/// The prefix cache's counters, raised from the workers' own figures.
+struct CacheCounters {
+    hits: IntCounterVec,
+    prompt: IntCounterVec,
+    evictions: IntCounterVec,
+    blocks: IntGaugeVec,
+    /// Each model's figures at the last scrape.
+    last: Mutex<BTreeMap<String, weft_worker::CacheStats>>,
+}
+
+impl CacheCounters {
+    fn new(r: &Registry) -> Self {
+        Self {
+            hits: counter_vec(
+                r,
+                "weft_prefix_cache_hits_total",
+                "Requests admitted with a cached prefix mapped, by model.",
+                &["model"],
+            ),
+            prompt: counter_vec(
+                r,
+                "weft_prompt_tokens_total",
+                "Prompt tokens, by model and whether they were mapped from the prefix cache (cached) or computed.",
+                &["model", "source"],
+            ),
+            evictions: counter_vec(
+                r,
+                "weft_prefix_cache_evictions_total",
+                "Cached KV blocks evicted to make room, by model.",
+                &["model"],
+            ),
+            blocks: weft_metrics::gauge_vec(
+                r,
+                "weft_prefix_cache_blocks",
+                "KV blocks the prefix cache keeps, by model.",
+                &["model"],
+            ),
+            last: Mutex::default(),
+        }
+    }
+
+    fn seen(&self, figures: &[(String, weft_worker::CacheStats)]) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        for (model, now) in figures {
+            let before = last.get(model).copied().unwrap_or_default();
+            // a figure below the last one: the worker restarted from 0
+            let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
+            self.hits
+                .with_label_values(&[model])
+                .inc_by(delta(now.hits, before.hits));
+            self.prompt
+                .with_label_values(&[model.as_str(), "cached"])
+                .inc_by(delta(now.cached_tokens, before.cached_tokens));
+            self.prompt
+                .with_label_values(&[model.as_str(), "computed"])
+                .inc_by(delta(now.computed_tokens, before.computed_tokens));
+            self.evictions
+                .with_label_values(&[model])
+                .inc_by(delta(now.evictions, before.evictions));
+            self.blocks
+                .with_label_values(&[model])
+                .set(now.blocks as i64);
+            last.insert(model.clone(), *now);
+        }
+    }
+}
+
 /// Counters and histograms of one node's API.
 pub struct Metrics {
     registry: Registry,
@@ -208,6 +277,7 @@ pub struct Metrics {
     route_refusals: IntCounterVec,
     route_utility: Histogram,
     deadline_misses: IntCounterVec,
+    cache: CacheCounters,
     pub(crate) scrape: ScrapeGauges,
     /// model → requests that named it (served here or not): demand, not a
     /// metric
@@ -248,7 +318,7 @@ impl Metrics {
             route_decisions: counter_vec(
                 registry,
                 "weft_route_decisions_total",
-                "Requests this node routed, by where they went (local, edge_peer, cloud) and criticality.",
+                "Requests this node routed (the routing decision, made before admission), by where they went (local, edge_peer, cloud) and criticality.",
                 &["target", "criticality"],
             ),
             route_refusals: counter_vec(
@@ -269,6 +339,7 @@ impl Metrics {
                 "Requests cancelled at their deadline before they finished, by criticality.",
                 &["criticality"],
             ),
+            cache: CacheCounters::new(registry),
             scrape: ScrapeGauges::new(),
             wanted: Mutex::default(),
         };
@@ -305,6 +376,12 @@ impl Metrics {
         self.route_refusals
             .with_label_values(&[reason, criticality])
             .inc();
+    }
+
+    /// Brings the prefix-cache counters up to each model's worker's figures
+    /// (a worker's own count restarts with it; these never fall).
+    pub(crate) fn cache_seen(&self, figures: &[(String, weft_worker::CacheStats)]) {
+        self.cache.seen(figures);
     }
 
     /// Counts a request cancelled at its deadline.

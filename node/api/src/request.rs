@@ -219,6 +219,8 @@ pub(crate) fn prepare(s: &AppState, c: &Common, headers: &HeaderMap) -> Result<P
             .and_then(Criticality::parse)
             .unwrap_or(Criticality::Standard);
         s.count_request(&c.model, 404, crit.as_str());
+        // no node serves it (a cluster node's router found no replica)
+        s.metrics.refused("no_replica", crit.as_str());
         let held: Vec<String> = s
             .held()
             .iter()

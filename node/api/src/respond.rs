@@ -64,6 +64,11 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
         criticality: job.criticality,
         prompt_tokens: job.prompt.len(),
     };
+    // a node without a data plane routes every request to itself (a
+    // cluster node's router counted its own choice), before admission
+    if s.remote().is_none() && job.routed_id.is_none() {
+        s.metrics.routed("local", crit, None);
+    }
     let mut ticket = match s.tenants.admit(&s.cfg, &s.policy(), admission) {
         Ok(t) => t,
         Err(e) => {
@@ -76,11 +81,6 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
             return e.into_response();
         }
     };
-    // a node without a data plane routes every request to itself (a
-    // cluster node's router counted its own choice)
-    if s.remote().is_none() && job.routed_id.is_none() {
-        s.metrics.routed("local", crit, None);
-    }
     let prompt_tokens = job.prompt.len();
     let submission = Submission {
         prompt: job.prompt.clone(),
@@ -99,11 +99,13 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
             job.trace.header(),
             job.routed_id.clone().unwrap_or_default(),
         )),
+        shared_tokens: s.shared_tokens(&job.model, &job.prompt),
     };
     let (id, rx) = match job.model.runner.submit(submission) {
         Ok(x) => x,
         Err(SubmitError::NotReady | SubmitError::TimedOut(_)) => {
             s.count_request(&job.model.model_id, 503, crit);
+            s.metrics.refused("not_ready", crit);
             return not_ready().into_response();
         }
     };
@@ -158,8 +160,15 @@ struct Meta {
 }
 
 impl Meta {
-    fn usage(&self, completion: usize) -> Value {
-        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
+    /// OpenAI's usage, `cached` of the prompt's tokens mapped from the
+    /// prefix cache.
+    fn usage(&self, completion: usize, cached: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached.min(self.prompt_tokens)},
+        })
     }
 }
 
@@ -221,6 +230,7 @@ async fn whole_response(
     let mut text = String::new();
     let mut tokens = 0usize;
     let mut lps = Vec::new();
+    let mut cached: Option<usize> = None;
     let finish = loop {
         let u = match next_update(&mut rx, job.deadline).await {
             Ok(u) => u,
@@ -237,7 +247,9 @@ async fn whole_response(
                 text: t,
                 logprob,
                 finish,
+                cached: c,
             }) => {
+                cached = cached.or(c);
                 if token.is_some() {
                     if tokens == 0 {
                         s.metrics.ttft(start.elapsed().as_secs_f64());
@@ -299,7 +311,7 @@ async fn whole_response(
         "created": meta.created,
         "model": meta.model,
         "choices": [choice],
-        "usage": meta.usage(tokens),
+        "usage": meta.usage(tokens, cached.unwrap_or(0)),
     }))
     .into_response()
 }
@@ -336,6 +348,7 @@ fn stream_response(
         let mut last = start;
         let resumed = job.resume.as_ref().map_or(0, |r| r.tokens.len());
         let mut tokens = 0usize;
+        let mut cached: Option<usize> = None;
         let status;
         loop {
             let u = match next_update(&mut rx, job.deadline).await {
@@ -353,7 +366,9 @@ fn stream_response(
                     text,
                     logprob,
                     finish,
+                    cached: c,
                 }) => {
+                    cached = cached.or(c);
                     if token.is_some() {
                         let now = Instant::now();
                         if tokens == 0 {
@@ -415,7 +430,7 @@ fn stream_response(
                         ticket.finished = true;
                         status = 200;
                         if job.include_usage {
-                            let _ = send(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [], "usage": meta.usage(resumed + tokens)})).await;
+                            let _ = send(json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [], "usage": meta.usage(resumed + tokens, cached.unwrap_or(0))})).await;
                         }
                         break;
                     }

@@ -34,6 +34,9 @@ pub struct AppState {
     /// API keys and tenant limits as they are now (they start as `cfg`'s
     /// and change with [`AppState::set_policy`]).
     policy: RwLock<Arc<crate::config::Policy>>,
+    /// Each model's tokens of the shared prefixes, as a completion and as
+    /// a chat's system message renders them (made at first use).
+    shared: Mutex<std::collections::HashMap<String, Arc<Vec<Vec<u32>>>>>,
 }
 
 impl AppState {
@@ -85,12 +88,14 @@ impl AppState {
             tenants: Arc::default(),
             intent: Mutex::default(),
             remote: RwLock::default(),
+            shared: Mutex::default(),
         });
         let weak = Arc::downgrade(&s);
         weft_metrics::OnScrape::register(registry, s.metrics.scrape.collectors(), move || {
             if let Some(s) = weak.upgrade() {
                 let g = s.gauges();
                 s.metrics.restarts_seen(g.worker_restarts);
+                s.metrics.cache_seen(&g.cache);
                 s.metrics.scrape.set(&g);
             }
         });
@@ -112,6 +117,40 @@ impl AppState {
                 .metrics
                 .request(weft_metrics::OTHER, status, criticality),
         }
+    }
+
+    /// How many leading tokens of `prompt` (for `model`) lie in one of the
+    /// configured shared prefixes: their cached blocks any tenant may map.
+    pub(crate) fn shared_tokens(&self, model: &Served, prompt: &[u32]) -> usize {
+        if self.cfg.shared_prefixes.is_empty() {
+            return 0;
+        }
+        let forms = {
+            let mut m = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(model.model_id.clone())
+                .or_insert_with(|| {
+                    let t = &model.tokenizer;
+                    Arc::new(
+                        self.cfg
+                            .shared_prefixes
+                            .iter()
+                            .flat_map(|text| {
+                                let system = weft_kernels::ChatMessage {
+                                    role: "system".into(),
+                                    content: text.clone(),
+                                };
+                                [t.encode(text, true, false), t.encode_chat(&[system])]
+                            })
+                            .collect(),
+                    )
+                })
+                .clone()
+        };
+        forms
+            .iter()
+            .map(|f| f.iter().zip(prompt).take_while(|(a, b)| a == b).count())
+            .max()
+            .unwrap_or(0)
     }
 
     /// The data plane, on a cluster node.
@@ -204,6 +243,7 @@ impl AppState {
             g.kv_used += s.kv_used;
             g.kv_total += s.kv_total;
             g.worker_restarts += m.runner.restarts();
+            g.cache.push((m.model_id.clone(), s.cache));
             g.tenants.extend(
                 m.runner
                     .tenants()

@@ -13,7 +13,7 @@
 use axum::http::HeaderMap;
 use rand_core::{OsRng, RngCore};
 
-/// The request and response header.
+/// The request header (a node passes it on to the next, never back).
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 /// A node's span of a request's trace.
@@ -63,6 +63,9 @@ impl Trace {
 /// The trace id, parent id and flags of a valid `traceparent`.
 pub fn parse(v: &str) -> Option<(String, String, String)> {
     let v = v.trim();
+    if !v.is_ascii() {
+        return None;
+    }
     let b = v.as_bytes();
     if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
         return None;
@@ -138,6 +141,12 @@ mod tests {
             assert_eq!(t.parent_id, None, "{bad:?}");
             assert_ne!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_traceparent_with_a_multibyte_character_is_malformed_not_a_panic() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\u{e9}";
+        assert!(parse(v).is_none());
     }
 
     #[test]

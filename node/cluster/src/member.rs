@@ -894,17 +894,22 @@ impl Driver {
             &links,
         );
         let epoch = next.epoch;
-        self.propose(
+        let proposed = self.propose(
             &Command::CommitPlacement(next),
             reply,
             Then::Replan { epoch, tries },
         );
+        if proposed && tries == 1 {
+            self.metrics.replanned("operator");
+        }
     }
 
-    fn propose(&mut self, cmd: &Command, reply: oneshot::Sender<Reply>, then: Then) {
+    /// Proposes `cmd`, answering `reply` once it commits; whether it was
+    /// proposed.
+    fn propose(&mut self, cmd: &Command, reply: oneshot::Sender<Reply>, then: Then) -> bool {
         if !self.core.is_leader() {
             let _ = reply.send(self.not_leader());
-            return;
+            return false;
         }
         let ctx = self.ctx();
         match self.core.propose_with(ctx.clone(), cmd) {
@@ -917,11 +922,13 @@ impl Driver {
                         then,
                     },
                 );
+                true
             }
             Err(e) => {
                 let _ = reply.send(Reply::Error {
                     message: e.to_string(),
                 });
+                false
             }
         }
     }
@@ -958,14 +965,15 @@ impl Driver {
         reply: oneshot::Sender<Reply>,
     ) {
         match req {
-            Request::Propose { command } => self.propose(&command, reply, Then::Committed),
+            Request::Propose { command } => {
+                self.propose(&command, reply, Then::Committed);
+            }
             Request::Replan { demand } => {
                 if !self.core.is_leader() {
                     let _ = reply.send(self.not_leader());
                     return;
                 }
                 self.demand = demand;
-                self.metrics.replanned("operator");
                 self.replan(reply, 1);
             }
             Request::AddCoordinator { peer } => {

@@ -544,7 +544,8 @@ pub async fn start(
 /// watch the host's interfaces through netlink multicast groups, which
 /// some sandboxes refuse (gVisor: `bind` of a netlink socket to groups is
 /// EACCES); there it listens on each of the interfaces' IPv4 addresses
-/// instead, as they are at start.
+/// instead, as they are at start (loopback only when there is nothing
+/// else). An IPv6 unspecified address gets no such fallback.
 fn listen<B: libp2p::swarm::NetworkBehaviour>(
     swarm: &mut libp2p::Swarm<B>,
     addr: &Multiaddr,
@@ -564,7 +565,7 @@ fn listen<B: libp2p::swarm::NetworkBehaviour>(
         return Ok(());
     };
     let rest: Vec<Protocol<'_>> = parts.collect();
-    let ips: Vec<std::net::Ipv4Addr> = if_addrs::get_if_addrs()
+    let all: Vec<std::net::Ipv4Addr> = if_addrs::get_if_addrs()
         .with_context(|| format!("listening on {addr}: listing the interfaces"))?
         .into_iter()
         .filter_map(|i| match i.ip() {
@@ -572,6 +573,9 @@ fn listen<B: libp2p::swarm::NetworkBehaviour>(
             std::net::IpAddr::V6(_) => None,
         })
         .collect();
+    // libp2p dials from a listener's socket: one bound to loopback (or a
+    // link-local address) cannot reach a peer elsewhere
+    let ips = routable_or_all(all);
     anyhow::ensure!(
         !ips.is_empty(),
         "listening on {addr}: interfaces cannot be watched ({why}) and none has an IPv4 address"
@@ -589,6 +593,21 @@ fn listen<B: libp2p::swarm::NetworkBehaviour>(
             .with_context(|| format!("listening on {each} (for {addr})"))?;
     }
     Ok(())
+}
+
+/// The addresses of `all` a peer elsewhere can be reached from (not
+/// loopback, not link-local); all of them when there are none such.
+fn routable_or_all(all: Vec<std::net::Ipv4Addr>) -> Vec<std::net::Ipv4Addr> {
+    let routable: Vec<std::net::Ipv4Addr> = all
+        .iter()
+        .copied()
+        .filter(|ip| !ip.is_loopback() && !ip.is_link_local())
+        .collect();
+    if routable.is_empty() {
+        all
+    } else {
+        routable
+    }
 }
 
 /// Why this host's interfaces cannot be watched the way libp2p watches
@@ -768,4 +787,29 @@ fn check<T: Signed>(data: &[u8], identity: &NodeIdentity, revoked: &Revoked) -> 
         return Err(format!("a message about {:?} signed by {name:?}", r.node()));
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::routable_or_all;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn the_fallback_listens_on_no_loopback_address_when_another_is_there() {
+        let pod = Ipv4Addr::new(10, 1, 2, 3);
+        let got = routable_or_all(vec![
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::new(169, 254, 1, 1),
+            pod,
+        ]);
+        assert_eq!(got, vec![pod]);
+    }
+
+    #[test]
+    fn the_fallback_listens_on_loopback_when_nothing_else_is_there() {
+        assert_eq!(
+            routable_or_all(vec![Ipv4Addr::LOCALHOST]),
+            vec![Ipv4Addr::LOCALHOST]
+        );
+    }
 }

@@ -24,8 +24,12 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::sync::mpsc;
 use weft_api::trace::{Trace, TRACEPARENT_HEADER};
+use weft_kernels::BlockHash;
 use weft_kernels::{Chunk, SeqId};
-use weft_worker::chain::{decode_message, decode_reply, encode_message, failed, Message, SeqTrace};
+use weft_worker::chain::{
+    decode_mapped, decode_message, decode_reply, encode_message, failed, mapped, wants_reply,
+    Message, SeqTrace,
+};
 use weft_worker::{ChainLink, StepReply, Supervisor};
 
 use crate::forwarder::{ChainSession, Forwarder};
@@ -93,6 +97,14 @@ pub async fn relay(
             }
         }
         let s = session.as_mut().expect("opened above");
+        if !s.speaks_v2() && is_v2_only(&body) {
+            // an older next node would answer it out of turn: a map finds
+            // nothing cached there, the rest is not sent
+            if step != 0 {
+                reply(step, mapped(0));
+            }
+            continue;
+        }
         if step == 0 {
             if let Err(e) = s.send(&body).await {
                 tracing::warn!(chain = %route_text(&route), "chain broke: {e:#}");
@@ -109,6 +121,12 @@ pub async fn relay(
             }
         }
     }
+}
+
+/// Whether `body` is a message of version 2 of the chain protocol (a trace
+/// note, a prefix map or registration), which an older node cannot take.
+fn is_v2_only(body: &[u8]) -> bool {
+    matches!(body.first(), Some(b'T' | b'M' | b'G'))
 }
 
 /// How long a step waits for its chain to open.
@@ -162,11 +180,18 @@ impl ShardSession {
         }
     }
 
-    /// Handles one message; `Some(reply)` for a forward.
+    /// Handles one message; `Some(reply)` for a forward or a map. A
+    /// message it cannot decode gets a failed reply only if its kind wants
+    /// a reply: one that wants none (from a newer node) is dropped, so the
+    /// replies on the stream stay in step.
     pub async fn handle(&mut self, body: &[u8]) -> Option<Vec<u8>> {
         let msg = match decode_message(body) {
             Ok(m) => m,
-            Err(e) => return Some(failed(e)),
+            Err(e) if wants_reply(body) => return Some(failed(e)),
+            Err(e) => {
+                tracing::warn!("dropping a chain message this node cannot read: {e:#}");
+                return None;
+            }
         };
         match msg {
             Message::Release(seqs) => {
@@ -186,7 +211,7 @@ impl ShardSession {
             Message::Trace(notes) => {
                 let notes = self.log_traces(notes);
                 let held = self.next.is_none() && !self.rest.is_empty();
-                if let Some(n) = self.next.as_mut() {
+                if let Some(n) = self.next.as_mut().filter(|n| n.speaks_v2()) {
                     if n.send(&encode_message(&Message::Trace(notes)))
                         .await
                         .is_err()
@@ -200,7 +225,78 @@ impl ShardSession {
                 }
                 None
             }
+            Message::Map { seq, hashes } => Some(self.map(seq, hashes).await),
+            Message::Register(entries) => {
+                let local: Vec<(SeqId, u32, Vec<BlockHash>)> = entries
+                    .iter()
+                    .filter_map(|(seq, first, h)| Some((*self.ids.get(seq)?, *first, h.clone())))
+                    .collect();
+                if !local.is_empty() {
+                    self.worker
+                        .chain_send(encode_message(&Message::Register(local)));
+                }
+                if let Some(n) = self.next.as_mut().filter(|n| n.speaks_v2()) {
+                    if n.send(body).await.is_err() {
+                        self.next = None;
+                    }
+                }
+                None
+            }
         }
+    }
+
+    /// Maps a new sequence's cached prefix on this node's shard worker and
+    /// on the rest of the chain: each node maps what it has of what the one
+    /// before mapped, and keeps what the last one mapped. The reply is
+    /// [`mapped`] with that count.
+    async fn map(&mut self, seq: SeqId, hashes: Vec<BlockHash>) -> Vec<u8> {
+        let local = *self
+            .ids
+            .entry(seq)
+            .or_insert_with(|| NEXT_LOCAL.fetch_add(1, Ordering::Relaxed));
+        let ask = |hashes: Vec<BlockHash>| encode_message(&Message::Map { seq: local, hashes });
+        let here = match self.worker.chain_call(ask(hashes.clone())).await {
+            Ok(r) => match decode_mapped(&r) {
+                Ok(n) => n.min(hashes.len()),
+                Err(why) => return failed(why),
+            },
+            Err(e) => return failed(format!("shard worker: {e}")),
+        };
+        if self.rest.is_empty() || here == 0 {
+            return mapped(here);
+        }
+        if self.next.is_none() {
+            let Some(fwd) = self.fwd.as_ref() else {
+                return failed("this node has no data plane to pass the map on");
+            };
+            match open_patiently(fwd, &self.rest).await {
+                Ok(s) => self.next = Some(s),
+                Err(e) => return failed(format!("cannot reach {}: {e:#}", self.rest[0].node)),
+            }
+        }
+        let n = self.next.as_mut().expect("opened above");
+        let down = if n.speaks_v2() {
+            let body = encode_message(&Message::Map {
+                seq,
+                hashes: hashes[..here].to_vec(),
+            });
+            match n.call(&body).await {
+                Ok(r) => decode_mapped(&r).unwrap_or(0).min(here),
+                Err(e) => {
+                    self.next = None;
+                    return failed(format!("the chain broke after this node: {e:#}"));
+                }
+            }
+        } else {
+            0
+        };
+        if down < here {
+            // the later nodes hold less: keep only as much here
+            if let Err(e) = self.worker.chain_call(ask(hashes[..down].to_vec())).await {
+                return failed(format!("shard worker: {e}"));
+            }
+        }
+        mapped(down)
     }
 
     /// Logs this node's part of each request in `notes` under its trace (a
@@ -271,7 +367,7 @@ impl ShardSession {
             match open_patiently(fwd, &self.rest).await {
                 Ok(mut s) => {
                     let traces = std::mem::take(&mut self.traces);
-                    if !traces.is_empty() {
+                    if !traces.is_empty() && s.speaks_v2() {
                         // best effort: the step below finds a broken stream
                         let _ = s.send(&encode_message(&Message::Trace(traces))).await;
                     }

@@ -30,8 +30,9 @@ use weft_placement::LinkClass;
 use crate::hop::Hop;
 use crate::routing::{self, Target};
 use crate::wire::{
-    read_blob, write_blob, Head, ReplyHead, BODY_LIMIT, CHAIN_STEP_TIMEOUT, CHUNK_FRAME,
-    CHUNK_PATH, HEAD_LIMIT, REASON_HEADER, ROUTE_HEADER, SHARD_PATH,
+    read_blob, write_blob, Head, ReplyHead, BODY_LIMIT, CHAIN_STEP_TIMEOUT, CHAIN_VERSION,
+    CHAIN_VERSION_HEADER, CHUNK_FRAME, CHUNK_PATH, HEAD_LIMIT, REASON_HEADER, ROUTE_HEADER,
+    SHARD_PATH,
 };
 
 /// How long the data plane waits on a peer, at each point a peer controls.
@@ -333,12 +334,17 @@ impl Forwarder {
                 .map_or("", |(_, v)| v.as_str());
             anyhow::bail!("{name} refused the chain ({}): {why}", reply.status);
         }
+        let v2 = reply
+            .headers
+            .iter()
+            .any(|(k, v)| k == CHAIN_VERSION_HEADER && v == CHAIN_VERSION);
         Ok(ChainSession {
             to: name,
             send,
             recv,
             bytes: self.bytes.clone(),
             class: class.index(),
+            v2,
         })
     }
 
@@ -651,9 +657,17 @@ pub struct ChainSession {
     recv: quinn::RecvStream,
     bytes: Arc<[IntCounter; 4]>,
     class: usize,
+    /// Whether the next node speaks version 2 of the chain protocol.
+    v2: bool,
 }
 
 impl ChainSession {
+    /// Whether the next node takes trace notes and prefix maps and
+    /// registrations (an older node would answer them out of turn).
+    pub fn speaks_v2(&self) -> bool {
+        self.v2
+    }
+
     /// Sends a step down and waits for its reply (both within
     /// [`CHAIN_STEP_TIMEOUT`]).
     pub async fn call(&mut self, body: &[u8]) -> anyhow::Result<Vec<u8>> {

@@ -84,18 +84,14 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
         hops = r.hops,
         "routed"
     );
-    if routed.target.is_ok() {
-        local.routed(
-            routed.target_kind,
-            intent.criticality.as_str(),
-            routed.utility,
-        );
-    }
     let target = match routed.target {
         // a stream served here still goes through the forwarder, so that
         // it continues on another replica if this one fails midway
         Ok(Target::Local) if r.stream && r.hops == 0 => Target::Local,
-        Ok(Target::Local) => return Routing::Here,
+        Ok(Target::Local) => {
+            local.routed("local", intent.criticality.as_str(), routed.utility);
+            return Routing::Here;
+        }
         Ok(t) => t,
         // no node serves it: the local checks say so
         Err(Rejection::NoReplica) => return Routing::Here,
@@ -106,6 +102,11 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
         local.record(json!({"request_id": request_id, "decision": "refused", "reason": why}));
         return Routing::Looped(why);
     }
+    local.routed(
+        routed.target_kind,
+        intent.criticality.as_str(),
+        routed.utility,
+    );
     let mut out = Outgoing::new(r.uri, &r.headers, r.body.clone(), r.hops, r.stream);
     out.headers
         .push((REQUEST_ID_HEADER.into(), request_id.clone()));

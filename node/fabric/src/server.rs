@@ -23,8 +23,9 @@ use crate::forwarder::Forwarder;
 use crate::hop::Hop;
 use crate::shards::Shards;
 use crate::wire::{
-    read_blob, write_blob, write_reply_head, Head, ReplyHead, BODY_LIMIT, CHUNK_FRAME, CHUNK_PATH,
-    HEAD_LIMIT, HEARTBEAT, REASON_HEADER, REQUEST_TIMEOUT, ROUTE_HEADER, SHARD_PATH,
+    read_blob, write_blob, write_reply_head, Head, ReplyHead, BODY_LIMIT, CHAIN_VERSION,
+    CHAIN_VERSION_HEADER, CHUNK_FRAME, CHUNK_PATH, HEAD_LIMIT, HEARTBEAT, REASON_HEADER,
+    REQUEST_TIMEOUT, ROUTE_HEADER, SHARD_PATH,
 };
 
 /// How often an open data-plane connection checks its peer's certificate
@@ -170,7 +171,11 @@ async fn run_shard(
             return Ok(());
         }
     };
-    write_reply_head(&mut send, 200).await?;
+    let head = ReplyHead {
+        status: 200,
+        headers: vec![(CHAIN_VERSION_HEADER.into(), CHAIN_VERSION.into())],
+    };
+    write_frame(&mut send, &serde_json::to_vec(&head)?).await?;
     let mut session = ShardSession::new(worker, route, node.forwarder.clone());
     while let Some(body) = read_blob(&mut recv).await? {
         if let Some(reply) = session.handle(&body).await {

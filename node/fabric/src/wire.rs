@@ -72,6 +72,13 @@ pub(crate) const CHUNK_PATH: &str = "/weft/chunk/";
 pub(crate) const CHUNK_FRAME: usize = 1 << 20;
 
 /// Writes a reply head with `status` and no headers.
+/// The reply-head header by which a shard node says it speaks version 2 of
+/// the chain protocol (trace notes, prefix maps and registrations); a
+/// node without it gets none of those.
+pub const CHAIN_VERSION_HEADER: &str = "x-weft-chain";
+/// The chain protocol version this node speaks.
+pub const CHAIN_VERSION: &str = "2";
+
 pub(crate) async fn write_reply_head(
     send: &mut quinn::SendStream,
     status: u16,

@@ -237,6 +237,7 @@ async fn the_data_plane_drops_a_peer_that_sends_no_request() {
         max_connections: 4,
         read_timeout_s: 1,
         grace_s: 1,
+        shared_prefixes: Vec::new(),
     });
     tokio::spawn(weft_fabric::serve(
         ep,

@@ -139,6 +139,7 @@ fn world() -> &'static World {
                 max_connections: 4,
                 read_timeout_s: 1,
                 grace_s: 1,
+                shared_prefixes: Vec::new(),
             },
             "tiny".into(),
             tokenizer,
@@ -182,6 +183,7 @@ impl weft_worker::Runner for Echo {
             text: "x".into(),
             logprob: None,
             finish: Some(weft_kernels::FinishReason::Length),
+            cached: None,
         });
         Ok((1, rx))
     }

@@ -11,7 +11,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use tokio::sync::mpsc;
-use weft_kernels::{Chunk, ChunkInput, ChunkOutput, SeqId};
+use weft_kernels::{BlockHash, Chunk, ChunkInput, ChunkOutput, SeqId};
 
 /// What goes down a chain.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +26,37 @@ pub enum Message {
     /// logs its part of them under their trace; sent before a sequence's
     /// first forward; no reply.
     Trace(Vec<SeqTrace>),
+    /// Map the longest cached run of these block names as new sequence
+    /// `seq`'s first blocks (or, for a sequence that has mapped more, keep
+    /// only as many as there are names); a [`mapped`] reply says how many
+    /// blocks the rest of the chain holds.
+    Map {
+        /// The head's sequence id.
+        seq: SeqId,
+        /// The names of its first blocks.
+        hashes: Vec<BlockHash>,
+    },
+    /// Register blocks `first..` of each sequence under these names (the
+    /// head filled them); no reply.
+    Register(Vec<(SeqId, u32, Vec<BlockHash>)>),
 }
+
+impl Message {
+    /// Whether the message wants a reply (a forward, a map).
+    pub fn wants_reply(&self) -> bool {
+        matches!(self, Self::Forward(_) | Self::Map { .. })
+    }
+}
+
+/// Whether the encoded message `body` wants a reply: read from its kind
+/// byte, so a message the reader cannot decode (from a newer node) is
+/// never answered out of turn.
+pub fn wants_reply(body: &[u8]) -> bool {
+    matches!(body.first(), Some(&FORWARD) | Some(&MAP))
+}
+
+/// Most block names one message carries (a context of 8192 tokens has 512).
+pub const MAX_BLOCK_NAMES: usize = 8192;
 
 /// Which request a chain's sequence serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +79,9 @@ pub type Reply = std::result::Result<Vec<ChunkOutput>, String>;
 const FORWARD: u8 = b'F';
 const RELEASE: u8 = b'R';
 const TRACE: u8 = b'T';
+const MAP: u8 = b'M';
+const REGISTER: u8 = b'G';
+const MAPPED: u8 = b'N';
 const OUTPUTS: u8 = b'O';
 const FAILED: u8 = b'E';
 const TOKENS: u8 = 0;
@@ -147,14 +180,69 @@ pub fn encode_message(m: &Message) -> Vec<u8> {
             for n in notes {
                 out.extend_from_slice(&n.seq.to_le_bytes());
                 for f in [&n.traceparent, &n.request_id] {
-                    let f = &f.as_bytes()[..f.len().min(MAX_TRACE_FIELD)];
-                    put_u32(&mut out, f.len());
-                    out.extend_from_slice(f);
+                    // cut at a character boundary: the reader checks UTF-8
+                    let mut end = f.len().min(MAX_TRACE_FIELD);
+                    while !f.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    put_u32(&mut out, end);
+                    out.extend_from_slice(&f.as_bytes()[..end]);
                 }
+            }
+        }
+        Message::Map { seq, hashes } => {
+            out.push(MAP);
+            out.extend_from_slice(&seq.to_le_bytes());
+            put_hashes(&mut out, hashes);
+        }
+        Message::Register(entries) => {
+            out.push(REGISTER);
+            put_u32(&mut out, entries.len());
+            for (seq, first, hashes) in entries {
+                out.extend_from_slice(&seq.to_le_bytes());
+                put_u32(&mut out, *first as usize);
+                put_hashes(&mut out, hashes);
             }
         }
     }
     out
+}
+
+fn put_hashes(out: &mut Vec<u8>, hashes: &[BlockHash]) {
+    let n = hashes.len().min(MAX_BLOCK_NAMES);
+    put_u32(out, n);
+    for h in &hashes[..n] {
+        out.extend_from_slice(&h.to_le_bytes());
+    }
+}
+
+fn read_hashes(r: &mut Reader<'_>) -> Result<Vec<BlockHash>> {
+    let n = r.u32()?;
+    ensure!(n <= MAX_BLOCK_NAMES, "{n} block names in one message");
+    (0..n).map(|_| r.u64()).collect()
+}
+
+/// The reply to a [`Message::Map`]: the blocks mapped.
+pub fn mapped(blocks: usize) -> Vec<u8> {
+    let mut out = vec![MAPPED];
+    put_u32(&mut out, blocks);
+    out
+}
+
+/// Reads a [`mapped`] reply (a failed step's reply is its error).
+pub fn decode_mapped(b: &[u8]) -> std::result::Result<usize, String> {
+    match b.first() {
+        Some(&MAPPED) => {
+            let mut r = Reader(&b[1..]);
+            let n = r.u32().map_err(|e| e.to_string())?;
+            r.end().map_err(|e| e.to_string())?;
+            Ok(n)
+        }
+        _ => match decode_reply(b) {
+            Err(why) => Err(why),
+            Ok(_) => Err("a chain answered a map with outputs".into()),
+        },
+    }
 }
 
 /// Decodes a [`Message`].
@@ -215,6 +303,23 @@ pub fn decode_message(b: &[u8]) -> Result<Message> {
                 });
             }
             Message::Trace(notes)
+        }
+        MAP => {
+            let seq = r.u64()?;
+            Message::Map {
+                seq,
+                hashes: read_hashes(&mut r)?,
+            }
+        }
+        REGISTER => {
+            let n = r.u32()?;
+            let mut entries = Vec::with_capacity(n.min(4096));
+            for _ in 0..n {
+                let seq = r.u64()?;
+                let first = r.u32()? as u32;
+                entries.push((seq, first, read_hashes(&mut r)?));
+            }
+            Message::Register(entries)
         }
         k => bail!("unknown chain message kind {k}"),
     };
@@ -341,6 +446,45 @@ mod tests {
         assert_eq!(decode_message(&encode_message(&m)).unwrap(), m);
         let rel = Message::Release(vec![1, 2]);
         assert_eq!(decode_message(&encode_message(&rel)).unwrap(), rel);
+    }
+
+    #[test]
+    fn map_and_register_messages_round_trip() {
+        for m in [
+            Message::Map {
+                seq: 3,
+                hashes: vec![1, 2, u64::MAX],
+            },
+            Message::Register(vec![(3, 2, vec![7, 8]), (4, 0, vec![])]),
+        ] {
+            assert_eq!(decode_message(&encode_message(&m)).unwrap(), m);
+        }
+        assert_eq!(decode_mapped(&mapped(5)), Ok(5));
+        assert!(decode_mapped(&failed("gone")).unwrap_err().contains("gone"));
+    }
+
+    #[test]
+    fn only_forwards_and_maps_want_a_reply_even_undecoded() {
+        assert!(wants_reply(&encode_message(&forward())));
+        assert!(wants_reply(&encode_message(&Message::Map {
+            seq: 1,
+            hashes: vec![]
+        })));
+        assert!(!wants_reply(&encode_message(&Message::Release(vec![1]))));
+        assert!(!wants_reply(b"Z from a newer node"));
+    }
+
+    #[test]
+    fn a_long_trace_field_is_cut_at_a_character_boundary() {
+        let m = Message::Trace(vec![SeqTrace {
+            seq: 1,
+            traceparent: "\u{e9}".repeat(MAX_TRACE_FIELD),
+            request_id: String::new(),
+        }]);
+        match decode_message(&encode_message(&m)).unwrap() {
+            Message::Trace(n) => assert_eq!(n[0].traceparent.len(), MAX_TRACE_FIELD),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -35,6 +35,6 @@ pub mod spawn;
 pub mod supervisor;
 
 pub use chain::{ChainLink, StepReply};
-pub use runner::{Runner, Submission, SubmitError, Update, WorkerStats};
+pub use runner::{CacheStats, Runner, Submission, SubmitError, Update, WorkerStats};
 pub use spawn::{SandboxSpec, WorkerSpec};
 pub use supervisor::Supervisor;

@@ -59,6 +59,9 @@ pub struct WorkerArgs {
     pub layers: Option<std::ops::Range<usize>>,
     /// A tenant's share of the KV cache, `NAME=SHARE` (repeated); the name
     /// `default` sets it for every tenant not named.
+    /// Turn the prefix cache off (every prompt is computed in full).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     #[arg(long = "tenant-kv-share", value_parser = parse_share)]
     pub tenant_kv_shares: Vec<(String, f64)>,
     /// Where the node is: `fd` (a Unix socket on descriptor 3) or `stdio`
@@ -215,23 +218,18 @@ struct ViaNode {
     step: u64,
 }
 
-impl weft_kernels::Downstream for ViaNode {
-    fn forward(&mut self, chunks: &[Chunk]) -> weft_kernels::Result<Vec<ChunkOutput>> {
-        use crate::chain::{decode_reply, encode_message, Message};
+impl ViaNode {
+    /// Sends `m` down the chain as the next step and waits for its reply.
+    fn call(&mut self, m: &crate::chain::Message) -> weft_kernels::Result<Vec<u8>> {
         self.step += 1;
-        let frame = encode_chain(
-            self.step,
-            &encode_message(&Message::Forward(chunks.to_vec())),
-        )
-        .map_err(|e| KernelError::BadInput(e.to_string()))?;
+        let frame = encode_chain(self.step, &crate::chain::encode_message(m))
+            .map_err(|e| KernelError::BadInput(e.to_string()))?;
         self.out
             .write_all(&frame)
             .map_err(|e| KernelError::BadInput(format!("the node went away: {e}")))?;
         loop {
             match self.replies.recv_timeout(CHAIN_STEP_TIMEOUT) {
-                Ok((step, body)) if step == self.step => {
-                    return decode_reply(&body).map_err(KernelError::BadInput)
-                }
+                Ok((step, body)) if step == self.step => return Ok(body),
                 Ok(_) => continue, // a late reply to a step already given up
                 Err(_) => {
                     return Err(KernelError::BadInput(format!(
@@ -241,10 +239,44 @@ impl weft_kernels::Downstream for ViaNode {
             }
         }
     }
+}
+
+impl weft_kernels::Downstream for ViaNode {
+    fn forward(&mut self, chunks: &[Chunk]) -> weft_kernels::Result<Vec<ChunkOutput>> {
+        use crate::chain::{decode_reply, Message};
+        let body = self.call(&Message::Forward(chunks.to_vec()))?;
+        decode_reply(&body).map_err(KernelError::BadInput)
+    }
 
     fn release(&mut self, seq: weft_kernels::SeqId) {
         use crate::chain::{encode_message, Message};
         if let Ok(frame) = encode_chain(0, &encode_message(&Message::Release(vec![seq]))) {
+            let _ = self.out.write_all(&frame);
+        }
+    }
+
+    fn map_prefix(
+        &mut self,
+        seq: weft_kernels::SeqId,
+        hashes: &[weft_kernels::BlockHash],
+    ) -> weft_kernels::Result<usize> {
+        use crate::chain::{decode_mapped, Message};
+        let body = self.call(&Message::Map {
+            seq,
+            hashes: hashes.to_vec(),
+        })?;
+        decode_mapped(&body).map_err(KernelError::BadInput)
+    }
+
+    fn register(
+        &mut self,
+        seq: weft_kernels::SeqId,
+        first: usize,
+        hashes: &[weft_kernels::BlockHash],
+    ) {
+        use crate::chain::{encode_message, Message};
+        let m = Message::Register(vec![(seq, first as u32, hashes.to_vec())]);
+        if let Ok(frame) = encode_chain(0, &encode_message(&m)) {
             let _ = self.out.write_all(&frame);
         }
     }
@@ -288,6 +320,7 @@ fn serve(args: WorkerArgs) -> Result<()> {
         tenant_kv_share: shares.remove("default").unwrap_or(1.0),
         tenant_kv_shares: shares,
         device_memory_budget: args.device_memory_budget,
+        prefix_cache: !args.no_prefix_cache,
     };
     // chain steps' replies come on their own channel, so a head blocked on
     // one still takes requests afterwards in order
@@ -359,6 +392,7 @@ fn serve(args: WorkerArgs) -> Result<()> {
                     priority,
                     resume,
                     tenant,
+                    shared_tokens,
                 }) => {
                     let req = Request {
                         id,
@@ -367,7 +401,8 @@ fn serve(args: WorkerArgs) -> Result<()> {
                         priority,
                         tenant,
                     };
-                    if let Err(e) = engine.add_resumed(req, resume) {
+                    let scope = weft_kernels::CacheScope { shared_tokens };
+                    if let Err(e) = engine.add_with(req, resume, scope) {
                         write_frame(
                             &mut out,
                             &FromWorker::Rejected {
@@ -394,10 +429,12 @@ fn serve(args: WorkerArgs) -> Result<()> {
                         text: ev.text,
                         logprob: ev.logprob,
                         finish: ev.finish,
+                        cached: ev.cached_tokens,
                     },
                 )?;
             }
             let (kv_used, kv_total) = engine.kv_usage();
+            let st = engine.stats();
             write_frame(
                 &mut out,
                 &FromWorker::Stats {
@@ -406,6 +443,13 @@ fn serve(args: WorkerArgs) -> Result<()> {
                     kv_used,
                     kv_total,
                     tenants: engine.tenants(),
+                    cache: crate::runner::CacheStats {
+                        hits: st.cache_hits,
+                        cached_tokens: st.cached_prompt_tokens,
+                        computed_tokens: st.prefill_tokens,
+                        evictions: st.cache_evictions,
+                        blocks: engine.cached_blocks(),
+                    },
                 },
             )?;
         }
@@ -456,6 +500,20 @@ fn serve_shard(
             Ok(Message::Forward(chunks)) => Some(stage.forward(&chunks).map_err(|e| e.to_string())),
             // traces are the nodes' to log; a worker has no use for them
             Ok(Message::Trace(_)) => None,
+            Ok(Message::Map { seq, hashes }) => {
+                let n = stage.map_or_keep(seq, &hashes);
+                out.write_all(&encode_chain(step, &crate::chain::mapped(n))?)?;
+                out.flush()?;
+                continue;
+            }
+            Ok(Message::Register(entries)) => {
+                for (seq, first, hashes) in entries {
+                    stage.register(seq, first as usize, &hashes);
+                }
+                None
+            }
+            // a message that wants no reply gets none, even undecoded
+            Err(_) if !crate::chain::wants_reply(&body) => None,
             Err(e) => Some(Err(format!("bad chain step: {e}"))),
         };
         if let Some(reply) = reply {
@@ -469,6 +527,11 @@ fn serve_shard(
                     kv_used,
                     kv_total,
                     tenants: Vec::new(),
+                    cache: crate::runner::CacheStats {
+                        blocks: stage.cache_usage().0,
+                        evictions: stage.cache_usage().1,
+                        ..Default::default()
+                    },
                 },
             )?;
             out.flush()?;

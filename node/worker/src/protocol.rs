@@ -15,6 +15,10 @@ pub const MAX_CHAIN_FRAME_BYTES: usize = 1 << 30;
 /// starts with it.
 const CHAIN_TAG: u8 = 0xC1;
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 fn is_fresh(r: &Resume) -> bool {
     r.tokens.is_empty()
 }
@@ -40,6 +44,9 @@ pub enum ToWorker {
         /// Whose request it is (the engine shares itself fairly by tenant).
         #[serde(default)]
         tenant: String,
+        /// Leading prompt tokens any tenant may share the prefix cache of.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        shared_tokens: usize,
     },
     /// Stop a request (its client went away or its deadline passed).
     Cancel {
@@ -75,6 +82,10 @@ pub enum FromWorker {
         logprob: Option<TokenLogprob>,
         /// Set on the last event of a request.
         finish: Option<FinishReason>,
+        /// On a request's first event: prompt tokens mapped from the
+        /// prefix cache.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cached: Option<usize>,
     },
     /// A request the engine refused outright.
     Rejected {
@@ -96,6 +107,9 @@ pub enum FromWorker {
         /// Each tenant with sequences in the engine.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         tenants: Vec<weft_kernels::TenantUsage>,
+        /// The prefix cache's counters since the worker started.
+        #[serde(default)]
+        cache: crate::runner::CacheStats,
     },
 }
 
@@ -319,6 +333,7 @@ mod tests {
                 text_bytes: 1,
             },
             tenant: "acme".into(),
+            shared_tokens: 16,
         };
         let bytes = encode(&msg).unwrap();
         let back: ToWorker = read_frame(&mut bytes.as_slice()).unwrap();
@@ -341,6 +356,10 @@ mod tests {
                 served_tokens: 50,
                 preemptions: 0,
             }],
+            cache: crate::runner::CacheStats {
+                hits: 1,
+                ..Default::default()
+            },
         };
         let bytes = encode(&stats).unwrap();
         assert_eq!(

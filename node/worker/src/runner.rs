@@ -22,6 +22,8 @@ pub enum Update {
         logprob: Option<TokenLogprob>,
         /// Set on the last update.
         finish: Option<FinishReason>,
+        /// On the first update: prompt tokens mapped from the prefix cache.
+        cached: Option<usize>,
     },
     /// The engine refused the request.
     Rejected(String),
@@ -40,6 +42,23 @@ pub struct WorkerStats {
     pub kv_used: usize,
     /// KV blocks in all.
     pub kv_total: usize,
+    /// The prefix cache's counters.
+    pub cache: CacheStats,
+}
+
+/// What the prefix cache did since the worker started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    /// Admissions that mapped a cached prefix.
+    pub hits: u64,
+    /// Prompt tokens mapped instead of computed.
+    pub cached_tokens: u64,
+    /// Prompt tokens computed.
+    pub computed_tokens: u64,
+    /// Cached blocks evicted for room.
+    pub evictions: u64,
+    /// Blocks the cache keeps now.
+    pub blocks: usize,
 }
 
 /// Why a request could not be handed over.
@@ -66,6 +85,9 @@ pub struct Submission {
     pub resume: Resume,
     /// Whose request it is.
     pub tenant: String,
+    /// Leading prompt tokens any tenant may share the prefix cache of (a
+    /// prefix the node's configuration marks shared).
+    pub shared_tokens: usize,
     /// The `traceparent` (with the submitting node's span as parent) and
     /// request id that a chain's later nodes log the sequence under.
     pub trace: Option<(String, String)>,

@@ -46,6 +46,8 @@ pub struct WorkerSpec {
     pub chain: Option<Arc<dyn ChainLink>>,
     /// Tenants' shares of the KV cache (`default`: every other tenant).
     pub kv_shares: Vec<(String, f64)>,
+    /// Whether the engine keeps and maps cached prefixes.
+    pub prefix_cache: bool,
 }
 
 /// Devices bound into a process-tier worker's root.
@@ -171,6 +173,9 @@ fn worker_args(spec: &WorkerSpec, model: &std::path::Path, extra: &[String]) -> 
     }
     for (name, share) in &spec.kv_shares {
         a.extend(["--tenant-kv-share".into(), format!("{name}={share}")]);
+    }
+    if !spec.prefix_cache {
+        a.push("--no-prefix-cache".into());
     }
     a.extend(extra.iter().cloned());
     a

@@ -242,6 +242,7 @@ impl Runner for Supervisor {
                 priority: r.priority,
                 resume: r.resume,
                 tenant: r.tenant,
+                shared_tokens: r.shared_tokens,
             }))
             .is_err()
         {
@@ -418,6 +419,7 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
                     text,
                     logprob,
                     finish,
+                    cached,
                 } => {
                     let done = finish.is_some();
                     let mut live = shared.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -427,6 +429,7 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
                             text,
                             logprob,
                             finish,
+                            cached,
                         });
                     }
                     if done {
@@ -450,12 +453,14 @@ async fn serve_one(shared: &Arc<Shared>) -> anyhow::Result<()> {
                     kv_used,
                     kv_total,
                     tenants,
+                    cache,
                 } => {
                     *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = WorkerStats {
                         waiting,
                         running,
                         kv_used,
                         kv_total,
+                        cache,
                     };
                     *shared.tenants.lock().unwrap_or_else(|e| e.into_inner()) = tenants;
                 }

@@ -93,6 +93,7 @@ fn spec(tier: Tier, exe: &str) -> WorkerSpec {
         layers: None,
         chain: None,
         kv_shares: Vec::new(),
+        prefix_cache: true,
     }
 }
 

@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         priority: 1,
         resume: Default::default(),
         tenant: "t".into(),
+        shared_tokens: 0,
     };
     write("worker_frames", "submit", &with(1, &encode(&submit)?))?;
     write(
