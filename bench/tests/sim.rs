@@ -95,3 +95,44 @@ fn edge_weft_refuses_nothing() {
     let (_, weft) = edge_runs();
     assert_eq!(weft.refused, 0);
 }
+
+/// The edge scenario's agent sessions, routed without and with the prefix
+/// term.
+fn session_runs() -> &'static (edge::EdgeRow, edge::EdgeRow) {
+    static R: std::sync::OnceLock<(edge::EdgeRow, edge::EdgeRow)> = std::sync::OnceLock::new();
+    R.get_or_init(|| {
+        (
+            edge::simulate_with(EdgePolicy::Weft, 5, 40.0, Some(false)).unwrap(),
+            edge::simulate_with(EdgePolicy::Weft, 5, 40.0, Some(true)).unwrap(),
+        )
+    })
+}
+
+#[test]
+fn edge_sessions_find_their_prefix_cached_more_often_with_prefix_aware_routing() {
+    // the blind router is sticky too (equal nodes tie to the same one), so
+    // the gain is where load moves a session elsewhere
+    let (blind, aware) = session_runs();
+    assert!(
+        aware.hit_rate >= 0.9,
+        "prefix-aware hit rate {}",
+        aware.hit_rate
+    );
+    assert!(
+        aware.hit_rate > blind.hit_rate + 0.05,
+        "{} vs {}",
+        aware.hit_rate,
+        blind.hit_rate
+    );
+}
+
+#[test]
+fn edge_sessions_get_their_first_token_sooner_with_prefix_aware_routing() {
+    let (blind, aware) = session_runs();
+    assert!(
+        aware.ttft_ms[0] < blind.ttft_ms[0],
+        "TTFT p50 {} vs {}",
+        aware.ttft_ms[0],
+        blind.ttft_ms[0]
+    );
+}

@@ -62,6 +62,9 @@ pub struct NodeState {
     pub cost_per_token: f64,
     /// Joules per token.
     pub energy_per_token_j: f64,
+    /// Prompt tokens of this request it is expected to hold in its prefix
+    /// cache (from the prefixes it reported serving).
+    pub cached_prompt_tokens: f64,
 }
 
 impl NodeState {
@@ -153,6 +156,10 @@ pub struct CandidateScore {
     pub wait_ms: f64,
     /// Prefill and decode of this request (ms).
     pub compute_ms: f64,
+    /// Prefill it would not run, its prefix being cached there (ms): taken
+    /// off the expected latency.
+    #[serde(default)]
+    pub prefill_saved_ms: f64,
     /// Allowance for the age of its report (ms).
     pub stale_ms: f64,
     /// The sum: expected latency (ms).
@@ -286,8 +293,11 @@ pub fn route(req: &RouteRequest, candidates: &[Candidate], config: &RouterConfig
         let share = rate / (s.running + 1).min(s.slots.max(1)) as f64;
         let seq_rate = s.sequence_tokens_per_s.min(share).max(1e-9);
         let compute_ms = work / seq_rate * 1000.0;
+        let cached = s.cached_prompt_tokens.clamp(0.0, req.prompt_tokens as f64);
+        let prefill_saved_ms =
+            cached * config.prefill_share * req.compute_per_token / seq_rate * 1000.0;
         let stale_ms = s.report_age_ms * config.staleness_weight * s.load().min(4.0);
-        let expected_ms = network_ms + wait_ms + compute_ms + stale_ms;
+        let expected_ms = network_ms + wait_ms + compute_ms + stale_ms - prefill_saved_ms;
         let tokens = (req.prompt_tokens + req.output_tokens) as f64 * req.compute_per_token;
         let cost = tokens * s.cost_per_token + bytes * l.cost_per_byte;
         let energy_j = tokens * s.energy_per_token_j;
@@ -347,6 +357,7 @@ pub fn route(req: &RouteRequest, candidates: &[Candidate], config: &RouterConfig
             network_ms,
             wait_ms,
             compute_ms,
+            prefill_saved_ms,
             stale_ms,
             expected_ms,
             cost,

@@ -65,6 +65,19 @@ pub const REPORT_MS: f64 = 100.0;
 /// expected to hold for a day.
 pub const AMORTIZE_S: f64 = 86_400.0;
 
+/// Turns of one agent session (`sim edge`'s session workload).
+pub const SESSION_TURNS: usize = 6;
+/// Its first turn's context: system prompt and tool definitions (tokens).
+pub const SESSION_CONTEXT_TOKENS: f64 = 1500.0;
+/// What each later turn appends (a tool output, the answer): tokens.
+pub const TURN_APPEND_TOKENS: f64 = 200.0;
+/// Cost of a prompt token relative to a decoded one in the session
+/// workload: edge gateways prefill on CPUs, where a prompt token costs
+/// about a tenth of a decoded one (`bench/results/runtime.md`).
+pub const SESSION_PREFILL_SHARE: f64 = 0.1;
+/// Sessions a node's prefix cache keeps, per batch slot.
+pub const CACHE_SESSIONS_PER_SLOT: usize = 2;
+
 /// `sim edge` arguments.
 #[derive(Parser, Debug, Clone)]
 pub struct EdgeArgs {
@@ -327,14 +340,51 @@ struct Streams {
     streams: Vec<(usize, usize, Criticality, f64, f64, f64)>,
     compute: Vec<f64>,
     rng: StdRng,
+    /// Multi-turn agent sessions: each stream's current session and turn
+    /// (`None`: independent requests).
+    sessions: Option<Vec<(usize, usize)>>,
+    /// Sessions begun so far.
+    next_session: usize,
 }
 
 impl Streams {
     fn job(&mut self, stream: usize, at: Ms) -> (Ms, Job) {
         let (origin, model, class, deadline, _, out) = self.streams[stream];
         let tokens = (out * (0.5 + self.rng.random::<f64>())).round().max(1.0);
-        let prompt = PROMPT_TOKENS * (0.5 + self.rng.random::<f64>());
         let c = self.compute[model];
+        if let Some(sessions) = self.sessions.as_mut() {
+            // an agent's turn: its context, plus what the turns before added
+            let (session, turn) = &mut sessions[stream];
+            if *turn == SESSION_TURNS {
+                self.next_session += 1;
+                *session = self.next_session;
+                *turn = 0;
+            }
+            let prompt = SESSION_CONTEXT_TOKENS + *turn as f64 * TURN_APPEND_TOKENS;
+            let cached = if *turn == 0 {
+                0.0
+            } else {
+                prompt - TURN_APPEND_TOKENS
+            };
+            *turn += 1;
+            let job = Job {
+                origin,
+                agent: Some(stream),
+                class,
+                deadline_ms: Some(deadline),
+                work: (tokens + prompt * SESSION_PREFILL_SHARE) * c,
+                expected_work: (out + prompt * SESSION_PREFILL_SHARE) * c,
+                bytes: (prompt + tokens) * WIRE_BYTES_PER_TOKEN,
+                issued: at,
+                model,
+                tokens,
+                session: Some(*session),
+                prefix_work: cached * SESSION_PREFILL_SHARE * c,
+                prefill_work: prompt * SESSION_PREFILL_SHARE * c,
+            };
+            return (at, job);
+        }
+        let prompt = PROMPT_TOKENS * (0.5 + self.rng.random::<f64>());
         (
             at,
             Job {
@@ -348,6 +398,9 @@ impl Streams {
                 issued: at,
                 model,
                 tokens,
+                session: None,
+                prefix_work: 0.0,
+                prefill_work: prompt * PREFILL_SHARE * c,
             },
         )
     }
@@ -381,6 +434,9 @@ struct Routed<'a> {
     /// Requests refused, with their reasons.
     refused: usize,
     nearest: bool,
+    /// Give the router each node's cached share of the prompt (from the
+    /// sessions its last report said it holds).
+    prefix_aware: bool,
     candidates: Vec<Candidate>,
 }
 
@@ -400,9 +456,20 @@ impl Policy for Routed<'_> {
             return best.map(|b| b.2);
         }
         self.candidates.clear();
+        let c = self.compute[job.model];
+        let share = self.config.prefill_share;
+        let prompt = if job.session.is_some() {
+            job.prefill_work / (share * c)
+        } else {
+            PROMPT_TOKENS
+        };
         for &n in heads {
+            let mut state = view.node_state(n, true);
+            if self.prefix_aware && job.session.is_some_and(|s| view.cached[n].contains(&s)) {
+                state.cached_prompt_tokens = job.prefix_work / (share * c);
+            }
             self.candidates.push(Candidate {
-                state: view.node_state(n, true),
+                state,
                 link: self.t.link_estimate(origin, self.t.nodes[n].site),
             });
         }
@@ -413,7 +480,7 @@ impl Policy for Routed<'_> {
                 deadline_ms: job.deadline_ms.map(|d| d as u64),
                 max_cost: None,
             },
-            prompt_tokens: PROMPT_TOKENS as u32,
+            prompt_tokens: prompt as u32,
             output_tokens: self.outputs[job.model] as u32,
             compute_per_token: self.compute[job.model],
         };
@@ -444,10 +511,27 @@ pub struct EdgeRow {
     pub completed: usize,
     /// See `completed`.
     pub refused: usize,
+    /// With sessions: the share of later turns that found their prefix
+    /// cached where they ran.
+    pub hit_rate: f64,
+    /// With sessions: time to first token, p50 and p95 (ms).
+    pub ttft_ms: [f64; 2],
 }
 
-/// Runs one policy.
+/// Runs one policy on independent requests.
 pub fn simulate(policy: EdgePolicy, seed: u64, seconds: f64) -> Result<EdgeRow> {
+    simulate_with(policy, seed, seconds, None)
+}
+
+/// Runs one policy; with `sessions` (`Some(prefix_aware)`), on agents'
+/// multi-turn sessions with a prefix cache on every node, the router given
+/// each node's cached share of the prompt when `prefix_aware`.
+pub fn simulate_with(
+    policy: EdgePolicy,
+    seed: u64,
+    seconds: f64,
+    sessions: Option<bool>,
+) -> Result<EdgeRow> {
     let t = topology();
     let served = models();
     let specs: Vec<ModelSpec> = served.iter().map(|s| s.spec.clone()).collect();
@@ -495,6 +579,11 @@ pub fn simulate(policy: EdgePolicy, seed: u64, seconds: f64) -> Result<EdgeRow> 
             cost_per_token: n.cost_per_token,
             energy_per_token_j: 0.0,
             hop_ms_per_token: h.hop_ms[i].clone(),
+            cache_sessions: if sessions.is_some() {
+                n.slots as usize * CACHE_SESSIONS_PER_SLOT
+            } else {
+                0
+            },
         })
         .collect();
     let sites = t.sites.len();
@@ -536,10 +625,13 @@ pub fn simulate(policy: EdgePolicy, seed: u64, seconds: f64) -> Result<EdgeRow> 
     }
     let compute: Vec<f64> = specs.iter().map(|m| m.compute_per_token).collect();
     let outputs: Vec<f64> = served.iter().map(|s| s.output_tokens).collect();
+    let n_streams = streams.len();
     let mut workload = Streams {
         streams,
         compute: compute.clone(),
         rng: StdRng::seed_from_u64(seed),
+        sessions: sessions.map(|_| (0..n_streams).map(|s| (s, 0)).collect()),
+        next_session: n_streams,
     };
     let mut router = Routed {
         t: &t,
@@ -547,11 +639,16 @@ pub fn simulate(policy: EdgePolicy, seed: u64, seconds: f64) -> Result<EdgeRow> 
         compute: &compute,
         outputs: &outputs,
         config: RouterConfig {
-            prefill_share: PREFILL_SHARE,
+            prefill_share: if sessions.is_some() {
+                SESSION_PREFILL_SHARE
+            } else {
+                PREFILL_SHARE
+            },
             ..RouterConfig::default()
         },
         refused: 0,
         nearest: policy == EdgePolicy::Nearest,
+        prefix_aware: sessions == Some(true),
         candidates: Vec::new(),
     };
     let run_ms = seconds * 1000.0;
@@ -559,6 +656,7 @@ pub fn simulate(policy: EdgePolicy, seed: u64, seconds: f64) -> Result<EdgeRow> 
     let done = sim.run(&mut workload, &mut router, run_ms);
     let mut lat: [Vec<f64>; 3] = Default::default();
     let (mut core_bytes, mut cost, mut completed, mut refused) = (0.0, 0.0, 0, 0);
+    let (mut later, mut hits, mut ttft) = (0usize, 0usize, Vec::new());
     for c in done.iter().filter(|c| c.job.issued >= warmup) {
         let Some(node) = c.node else {
             refused += 1;
@@ -566,6 +664,11 @@ pub fn simulate(policy: EdgePolicy, seed: u64, seconds: f64) -> Result<EdgeRow> 
         };
         let Some(l) = c.latency_ms else { continue };
         completed += 1;
+        ttft.extend(c.ttft_ms);
+        if c.job.prefix_work > 0.0 {
+            later += 1;
+            hits += usize::from(c.hit);
+        }
         lat[2 - c.job.class.priority() as usize].push(l);
         let n = &t.nodes[node];
         let link = t.link(SiteId(c.job.origin as u32), n.site);
@@ -575,7 +678,10 @@ pub fn simulate(policy: EdgePolicy, seed: u64, seconds: f64) -> Result<EdgeRow> 
         cost += c.job.work * n.cost_per_token + c.job.bytes * t.defaults.cost_per_byte(link.class);
     }
     let p95 = lat.map(|mut v| Summary::of(&mut v).p95);
+    let t_sum = Summary::of(&mut ttft);
     Ok(EdgeRow {
+        hit_rate: hits as f64 / later.max(1) as f64,
+        ttft_ms: [t_sum.p50, t_sum.p95],
         policy: policy.name(),
         core_bytes,
         weight_core_bytes,
@@ -638,6 +744,28 @@ pub fn run(a: &EdgeArgs) -> Result<Vec<EdgeRow>> {
         more += &format!(
             "| {} | {} | {} | {} |\n",
             r.policy, r.completed, r.refused, r.weight_core_bytes
+        );
+    }
+    more += &format!(
+        "\n### Agent sessions and the prefix cache\n\nThe same sites, models, placement (`weft`) and \
+classes, but each stream is agents' sessions of {SESSION_TURNS} turns: a {SESSION_CONTEXT_TOKENS}-token \
+context (system prompt, tool definitions) that each turn extends by {TURN_APPEND_TOKENS} tokens, \
+a prompt token costing {SESSION_PREFILL_SHARE} of a decoded one (CPU gateways). Every \
+node keeps the prefixes of its {CACHE_SESSIONS_PER_SLOT} most recent sessions per slot; a turn whose \
+session it holds skips that prefill. The router sees which sessions each node held at its last \
+load report (every {REPORT_MS} ms) when it is prefix-aware, and nothing of them otherwise. \
+`hit rate` is over turns after a session's first.\n\n\
+| router | hit rate | TTFT p50 (ms) | TTFT p95 (ms) | p95 critical (ms) | p95 standard (ms) | p95 sheddable (ms) |\n|---|---|---|---|---|---|---|\n"
+    );
+    for (name, aware) in [("without the prefix term", false), ("prefix-aware", true)] {
+        let r = simulate_with(EdgePolicy::Weft, a.common.seed, a.seconds, Some(aware))?;
+        eprintln!(
+            "sessions, {name}: hit rate {:.3}, TTFT p50 {:.1} p95 {:.1} ms",
+            r.hit_rate, r.ttft_ms[0], r.ttft_ms[1]
+        );
+        more += &format!(
+            "| {name} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            r.hit_rate, r.ttft_ms[0], r.ttft_ms[1], r.p95_ms[0], r.p95_ms[1], r.p95_ms[2]
         );
     }
     let md = dir.join("edge.md");

@@ -32,6 +32,9 @@ pub struct SimNode {
     /// head of a shard chain (hidden states hop between shards); empty or 0
     /// for whole replicas.
     pub hop_ms_per_token: Vec<f64>,
+    /// Sessions whose prefix its KV cache keeps (least recently used
+    /// dropped first); 0: no prefix cache.
+    pub cache_sessions: usize,
 }
 
 /// One request.
@@ -57,6 +60,13 @@ pub struct Job {
     pub model: usize,
     /// Output tokens (for per-token hop delays).
     pub tokens: f64,
+    /// The multi-turn session it belongs to, if any: a node whose cache
+    /// holds the session's prefix skips `prefix_work` of its prefill.
+    pub session: Option<usize>,
+    /// Work of the prefill a cached prefix saves.
+    pub prefix_work: f64,
+    /// Work of its whole prefill (what comes before its first token).
+    pub prefill_work: f64,
 }
 
 /// What happened to one request.
@@ -68,6 +78,11 @@ pub struct Completion {
     pub latency_ms: Option<f64>,
     /// Where it ran.
     pub node: Option<usize>,
+    /// Whether its session's prefix was in that node's cache.
+    pub hit: bool,
+    /// Time to its first token (ms): to the node, waiting, the prefill it
+    /// ran, and back.
+    pub ttft_ms: Option<f64>,
 }
 
 /// The network between sites: round trip, bandwidth, and a congestion model
@@ -144,6 +159,8 @@ pub struct View<'a> {
     pub site_inflight: &'a [u32],
     /// Now.
     pub now: Ms,
+    /// The sessions each node's cache held at the last report.
+    pub cached: &'a [Vec<usize>],
 }
 
 impl View<'_> {
@@ -177,6 +194,7 @@ impl View<'_> {
             report_age_ms: self.report_age_ms,
             cost_per_token: node.cost_per_token,
             energy_per_token_j: node.energy_per_token_j,
+            cached_prompt_tokens: 0.0,
         }
     }
 
@@ -297,6 +315,30 @@ struct JobRun {
     node: usize,
     back_ms: Ms,
     started: Ms,
+    hit: bool,
+}
+
+/// A node's prefix cache: sessions, most recently used last.
+#[derive(Default, Clone)]
+struct SessionCache(VecDeque<usize>);
+
+impl SessionCache {
+    /// Whether `s` is held; it becomes the most recent (the request that
+    /// asked computes or maps it now), dropping the oldest past `cap`.
+    fn touch(&mut self, s: usize, cap: usize) -> bool {
+        let hit = match self.0.iter().position(|&x| x == s) {
+            Some(i) => {
+                self.0.remove(i);
+                true
+            }
+            None => false,
+        };
+        self.0.push_back(s);
+        while self.0.len() > cap {
+            self.0.pop_front();
+        }
+        hit
+    }
 }
 
 impl Sim {
@@ -339,6 +381,7 @@ impl Sim {
                 node: usize::MAX,
                 back_ms: 0.0,
                 started: 0.0,
+                hit: false,
             });
             Event::Issue(jobs.len() - 1)
         };
@@ -362,6 +405,8 @@ impl Sim {
         let mut reported_inflight = vec![0u32; self.sites];
         let mut out = Vec::new();
         let mut rng = StdRng::seed_from_u64(self.seed);
+        let mut caches = vec![SessionCache::default(); n];
+        let mut cached_seen: Vec<Vec<usize>> = vec![Vec::new(); n];
 
         while let Some(Timed { at: now, event, .. }) = heap.pop() {
             if now > end {
@@ -393,6 +438,10 @@ impl Sim {
                         s.clear();
                     }
                     reported_inflight.copy_from_slice(&inflight_remote);
+                    for (seen, c) in cached_seen.iter_mut().zip(&caches) {
+                        seen.clear();
+                        seen.extend(c.0.iter().copied());
+                    }
                     last_report = now;
                     push(&mut heap, now + self.report_every_ms, Event::Report);
                 }
@@ -410,6 +459,7 @@ impl Sim {
                         network: &self.network,
                         site_inflight: &reported_inflight,
                         now,
+                        cached: &cached_seen,
                     };
                     match policy.choose(job, &view) {
                         Some(node) => {
@@ -446,6 +496,8 @@ impl Sim {
                                 job: job.clone(),
                                 latency_ms: None,
                                 node: None,
+                                hit: false,
+                                ttft_ms: None,
                             });
                             if let Some((at, next)) = workload.next(&job, now) {
                                 let e = new_job(&mut jobs, next);
@@ -461,7 +513,8 @@ impl Sim {
                         r.running += 1;
                         r.running_jobs.push((j, now));
                         jobs[j].started = now;
-                        let t = self.service_ms(node, &jobs[j].job);
+                        jobs[j].hit = self.cache_hit(&mut caches[node], node, &jobs[j].job);
+                        let t = self.service_ms(node, &jobs[j].job, jobs[j].hit);
                         push(&mut heap, now + t, Event::Finish(j));
                     } else {
                         let p = if self.nodes[node].priority {
@@ -481,7 +534,8 @@ impl Sim {
                         r.running += 1;
                         r.running_jobs.push((next, now));
                         jobs[next].started = now;
-                        let t = self.service_ms(node, &jobs[next].job);
+                        jobs[next].hit = self.cache_hit(&mut caches[node], node, &jobs[next].job);
+                        let t = self.service_ms(node, &jobs[next].job, jobs[next].hit);
                         push(&mut heap, now + t, Event::Finish(next));
                     }
                     let site = self.nodes[node].site;
@@ -497,10 +551,17 @@ impl Sim {
                     let node = jobs[j].node;
                     let latency = now - job.issued;
                     policy.observe(&job, node, latency);
+                    let saved = if jobs[j].hit { job.prefix_work } else { 0.0 };
+                    let n = &self.nodes[node];
+                    let prefill_ms = (job.prefill_work - saved).max(0.0)
+                        / (n.tokens_per_s / n.slots as f64)
+                        * 1000.0;
                     out.push(Completion {
                         job: job.clone(),
                         latency_ms: Some(latency),
                         node: Some(node),
+                        hit: jobs[j].hit,
+                        ttft_ms: Some(jobs[j].started - job.issued + prefill_ms + jobs[j].back_ms),
                     });
                     if let Some((at, next)) = workload.next(&job, now) {
                         let e = new_job(&mut jobs, next);
@@ -512,9 +573,20 @@ impl Sim {
         out
     }
 
-    fn service_ms(&self, node: usize, job: &Job) -> Ms {
+    /// Whether `job`'s session prefix is in `node`'s cache (which then
+    /// holds it, as the most recent).
+    fn cache_hit(&self, cache: &mut SessionCache, node: usize, job: &Job) -> bool {
+        let cap = self.nodes[node].cache_sessions;
+        match job.session {
+            Some(s) if cap > 0 => cache.touch(s, cap),
+            _ => false,
+        }
+    }
+
+    fn service_ms(&self, node: usize, job: &Job, hit: bool) -> Ms {
         let n = &self.nodes[node];
         let hop = n.hop_ms_per_token.get(job.model).copied().unwrap_or(0.0);
-        job.work / (n.tokens_per_s / n.slots as f64) * 1000.0 + hop * job.tokens
+        let work = job.work - if hit { job.prefix_work } else { 0.0 };
+        work.max(0.0) / (n.tokens_per_s / n.slots as f64) * 1000.0 + hop * job.tokens
     }
 }

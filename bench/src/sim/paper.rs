@@ -131,6 +131,7 @@ fn nodes(count: usize, priority: bool) -> Vec<SimNode> {
             cost_per_token: 0.0,
             energy_per_token_j: 0.0,
             hop_ms_per_token: Vec::new(),
+            cache_sessions: 0,
         })
         .collect()
 }
@@ -186,6 +187,9 @@ impl Agents {
             issued: at,
             model: 0,
             tokens: 0.0,
+            session: None,
+            prefix_work: 0.0,
+            prefill_work: 0.0,
         }
     }
 }

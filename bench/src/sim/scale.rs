@@ -215,6 +215,9 @@ impl Streams {
                 issued: at,
                 model,
                 tokens,
+                session: None,
+                prefix_work: 0.0,
+                prefill_work: 0.0,
             },
         )
     }
@@ -432,6 +435,7 @@ pub fn run(a: &ScaleArgs) -> Result<ScaleReport> {
             cost_per_token: n.cost_per_token,
             energy_per_token_j: 0.0,
             hop_ms_per_token: hop,
+            cache_sessions: 0,
         })
         .collect();
     let sites = t.sites.len();

@@ -24,12 +24,14 @@
 //! - [`error`]: OpenAI's error JSON.
 //! - [`headers`]: the `x-weft-*` headers.
 //! - [`metrics`]: the API's Prometheus metrics.
+//! - [`affinity`]: which node likely holds a request's prefix.
 //! - [`trace`]: W3C `traceparent`, one request followed across nodes.
 //! - [`config`]: its settings ([`ApiConfig`]).
 //! - [`server`]: the listener: connection cap, header deadline, graceful
 //!   shutdown.
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod config;
 pub mod error;
 pub mod headers;

@@ -222,6 +222,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         let body: CompletionBody = parse_body(&bytes)?;
+        s.note_prefix(&tenant, &bytes);
         let prepared = prepare(&s, &body.common, &headers)?;
         let text = match body.prompt {
             PromptField::Text(t) => t,
@@ -279,6 +280,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         let body: ChatBody = parse_body(&bytes)?;
+        s.note_prefix(&tenant, &bytes);
         let prepared = prepare(&s, &body.common, &headers)?;
         if body.messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty").param("messages"));

@@ -37,6 +37,8 @@ pub struct AppState {
     /// Each model's tokens of the shared prefixes, as a completion and as
     /// a chat's system message renders them (made at first use).
     shared: Mutex<std::collections::HashMap<String, Arc<Vec<Vec<u32>>>>>,
+    /// The prefixes this node served lately, for its load report.
+    affinity: Mutex<crate::affinity::PrefixSummary>,
 }
 
 impl AppState {
@@ -89,6 +91,7 @@ impl AppState {
             intent: Mutex::default(),
             remote: RwLock::default(),
             shared: Mutex::default(),
+            affinity: Mutex::default(),
         });
         let weak = Arc::downgrade(&s);
         weft_metrics::OnScrape::register(registry, s.metrics.scrape.collectors(), move || {
@@ -151,6 +154,25 @@ impl AppState {
             .map(|f| f.iter().zip(prompt).take_while(|(a, b)| a == b).count())
             .max()
             .unwrap_or(0)
+    }
+
+    /// Notes that this node serves `tenant`'s request `body` (its prefix
+    /// is in this node's cache now).
+    pub(crate) fn note_prefix(&self, tenant: &str, body: &[u8]) {
+        let fps = crate::affinity::fingerprints(tenant, body);
+        self.affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(&fps);
+    }
+
+    /// The names of the prefixes this node served lately (see
+    /// [`crate::affinity`]), for its load report.
+    pub fn prefix_summary(&self) -> Vec<u64> {
+        self.affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .names()
     }
 
     /// The data plane, on a cluster node.

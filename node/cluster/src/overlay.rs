@@ -96,6 +96,10 @@ pub struct LoadReport {
     /// Price per token.
     #[serde(default)]
     pub cost_per_token: f64,
+    /// Names of the prompt prefixes it served lately (its KV cache likely
+    /// holds them): see `weft_api::affinity`. At most a few hundred.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<u64>,
 }
 
 /// A change of membership a node announces about itself, signed like a

@@ -369,6 +369,7 @@ impl Holder {
                 as u64,
             models: self.holdings(),
             demand: self.demand.clone(),
+            prefixes: self.app.prefix_summary(),
             ..base.clone()
         }
     }

@@ -48,11 +48,13 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
         ..router_config()
     };
     let received = unix_ms();
+    let fingerprints = weft_api::affinity::fingerprints(&r.tenant, &r.body);
     let ask = Ask {
         model: &r.model,
         intent,
         prompt_tokens: prompt,
         output_tokens: output,
+        fingerprints: &fingerprints,
     };
     let routed = fwd.choose(&ask, local.load(&r.model), &[], &config);
     let request_id = r.request_id.clone();
@@ -121,6 +123,7 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
                 intent,
                 prompt_tokens: prompt,
                 output_tokens: output,
+                fingerprints: &fingerprints,
             };
             let routed = fwd.choose(&ask, local.load(&model), failed, &config);
             local.record(json!({"request_id": request_id, "decision": "rerouted", "failed": failed, "route": routed.record}));

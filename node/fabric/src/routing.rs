@@ -44,6 +44,9 @@ pub struct Ask<'a> {
     pub prompt_tokens: u32,
     /// Tokens to decode at most.
     pub output_tokens: u32,
+    /// The names of its prefixes (see `weft_api::affinity`): a node whose
+    /// report holds one is taken to have that much of the prompt cached.
+    pub fingerprints: &'a [(u32, u64)],
 }
 
 /// Where a request goes.
@@ -128,6 +131,7 @@ pub fn route_request(
             }
         };
         let mut state = node_state(names.len(), r, e.seen.elapsed());
+        state.cached_prompt_tokens = cached_tokens(ask, &r.prefixes);
         let link = if is_me {
             if let Some(l) = local {
                 state.queued = l.queued;
@@ -238,10 +242,20 @@ fn named_score(c: &CandidateScore, names: &[String], cands: &[Candidate]) -> Val
         "running": s.running,
         "free_kv_tokens": s.free_kv_tokens,
         "report_age_ms": s.report_age_ms.round(),
+        "cached_prompt_tokens": s.cached_prompt_tokens,
         "link": cands[i].link.class,
         "rtt_ms": cands[i].link.rtt_ms,
     });
     v
+}
+
+/// Prompt tokens of `ask` a node whose report names `held` prefixes is
+/// taken to have cached: the deepest of its names there, in bytes over
+/// [`PROMPT_BYTES_PER_TOKEN`], short of the whole prompt.
+fn cached_tokens(ask: &Ask<'_>, held: &[u64]) -> f64 {
+    let chunks = weft_api::affinity::deepest_match(ask.fingerprints, held) as usize;
+    let tokens = chunks * weft_api::affinity::CHUNK_BYTES / PROMPT_BYTES_PER_TOKEN;
+    tokens.min(ask.prompt_tokens.saturating_sub(1) as usize) as f64
 }
 
 fn node_state(index: usize, r: &LoadReport, age: Duration) -> NodeState {
@@ -273,6 +287,7 @@ fn node_state(index: usize, r: &LoadReport, age: Duration) -> NodeState {
         },
         cost_per_token: r.cost_per_token,
         energy_per_token_j: 0.0,
+        cached_prompt_tokens: 0.0,
     }
 }
 
@@ -293,5 +308,110 @@ pub fn router_config() -> RouterConfig {
     RouterConfig {
         max_report_age_ms: NODE_TIMEOUT.as_secs_f64() * 1e3,
         ..RouterConfig::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use weft_cluster::overlay::Entry;
+    use weft_placement::{Criticality, Intent};
+
+    use super::*;
+
+    /// An agent's next turn: 6,000 bytes of context it sent before, plus a
+    /// tool output.
+    fn turn() -> Vec<u8> {
+        let context = "tool definitions and the plan so far. ".repeat(160);
+        serde_json::to_vec(&json!({"model": "m", "prompt": format!("{context}tool output: ok")}))
+            .unwrap()
+    }
+
+    /// A table of this node `a` (no model) and gateways `b` and `c` serving
+    /// `m`, `c` having served `tenant`'s earlier turn; `c` runs `c_queue`
+    /// waiting requests.
+    fn table(c_queue: u32) -> RoutingTable {
+        let context = "tool definitions and the plan so far. ".repeat(160);
+        let earlier = serde_json::to_vec(&json!({"model": "m", "prompt": context})).unwrap();
+        let held: Vec<u64> = weft_api::affinity::fingerprints("acme", &earlier)
+            .into_iter()
+            .map(|f| f.1)
+            .collect();
+        let mut t = RoutingTable::default();
+        for (name, models, prefixes, queue) in [
+            ("a", vec![], vec![], 0),
+            ("b", vec!["m".to_string()], vec![], 0),
+            ("c", vec!["m".to_string()], held, c_queue),
+        ] {
+            t.nodes.insert(
+                name.into(),
+                Entry {
+                    report: LoadReport {
+                        node: name.into(),
+                        site: "edge-a".into(),
+                        data_address: "127.0.0.1:9".into(),
+                        models,
+                        slots: 4,
+                        tokens_per_s: 40.0,
+                        free_kv_tokens: 1 << 20,
+                        queue_depth: queue,
+                        prefixes,
+                        ..LoadReport::default()
+                    },
+                    seen: Instant::now(),
+                    peer: libp2p::PeerId::random(),
+                },
+            );
+        }
+        t
+    }
+
+    fn routed(c_queue: u32) -> Routed {
+        let body = turn();
+        let fps = weft_api::affinity::fingerprints("acme", &body);
+        let ask = Ask {
+            model: "m",
+            intent: Intent {
+                criticality: Criticality::Standard,
+                deadline_ms: None,
+                max_cost: None,
+            },
+            prompt_tokens: (body.len() / PROMPT_BYTES_PER_TOKEN) as u32,
+            output_tokens: 32,
+            fingerprints: &fps,
+        };
+        route_request(
+            &table(c_queue),
+            "a",
+            &ask,
+            None,
+            &[],
+            &router_config(),
+            &LinkDefaults::default(),
+        )
+    }
+
+    #[test]
+    fn a_sessions_next_turn_goes_to_the_gateway_holding_its_prefix() {
+        let r = routed(0);
+        assert_eq!(r.record["choice"], "c", "{}", r.record);
+        let c = r.record["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["node"] == "c")
+            .unwrap();
+        assert!(c["prefill_saved_ms"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(
+            c["seen"]["cached_prompt_tokens"].as_f64().unwrap() >= 1000.0,
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn a_gateway_holding_the_prefix_but_overloaded_loses_the_turn() {
+        let r = routed(40);
+        assert_eq!(r.record["choice"], "b", "{}", r.record);
     }
 }
