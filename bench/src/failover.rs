@@ -31,6 +31,7 @@ impl FabricArgs {
             out: None,
             keep: std::env::var_os("WEFT_DEMO_KEEP").is_some(),
             exe: std::fs::canonicalize(&self.weft)?,
+            serve_extra: String::new(),
         })
     }
 }

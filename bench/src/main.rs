@@ -56,6 +56,12 @@ enum Command {
     /// against a plain fork+exec (writes bench/results/agent-sandbox.md
     /// and .json with --out).
     AgentSandbox(AgentSandboxCmd),
+    /// The multi-turn agent workload on the real model, prefix cache off
+    /// and on: time to first token per turn and tokens/s (one JSON object).
+    Agents(agents::AgentsArgs),
+    /// The agent workload through 3 gateways: prefix-aware routing, the
+    /// router without the prefix term, and round-robin (a markdown table).
+    PrefixFabric(agents::PrefixFabricArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -116,6 +122,8 @@ struct RuntimeReport {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Runtime(a) => runtime(a),
+        Command::Agents(a) => agents_bench(a),
+        Command::PrefixFabric(a) => agents::prefix_fabric(a),
         Command::Api(a) => api::run(a),
         Command::Sim(a) => sim::run(a),
         Command::Control(a) => control::run(a),
@@ -245,6 +253,7 @@ fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usi
 }
 
 mod agent_sandbox;
+mod agents;
 mod api;
 mod chain;
 mod control;
@@ -265,6 +274,44 @@ fn peak_rss() -> u64 {
             })
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// `weft-bench agents`: one agent alone and `a.agents` at once, each with
+/// the prefix cache off and on; prints one JSON object, and with
+/// `--single` writes the lone agent's turns for llama.cpp.
+fn agents_bench(a: agents::AgentsArgs) -> Result<()> {
+    weft_kernels::set_threads(a.threads);
+    let src = ModelSource::parse(&a.model)?;
+    let stored = ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
+    let lm = weft_kernels::load(&stored.path, None, Backend::Cpu).context("loading the model")?;
+    let mut runs = Vec::new();
+    for n in [1, a.agents] {
+        let off = agents::run_agents(&lm, &a, n, false)?;
+        let on = agents::run_agents(&lm, &a, n, true)?;
+        let same = off.answers == on.answers;
+        eprintln!(
+            "{n} agent(s): {:.1} s cache off, {:.1} s on; greedy answers equal: {same}",
+            off.seconds, on.seconds
+        );
+        if n == 1 {
+            if let Some(p) = &a.single {
+                std::fs::write(p, serde_json::to_string(&agents::single_turns(&a, &off))?)?;
+            }
+        }
+        runs.push(serde_json::json!({"agents": n, "off": off, "on": on, "answers_equal": same}));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": stored.path.display().to_string(),
+            "threads": a.threads,
+            "turns": a.turns,
+            "context_tokens": a.context,
+            "answer_tokens": a.answer,
+            "runs": runs,
+        })
+    );
+    Ok(())
 }
 
 fn runtime(a: RuntimeArgs) -> Result<()> {

@@ -191,6 +191,10 @@ pub struct NodeConfig {
     /// tenant sends) whose cached blocks every tenant may share; other
     /// cached blocks serve only the tenant that computed them.
     pub shared_prefixes: Vec<String>,
+    /// Cluster nodes: let the router count the prefill a node saves by
+    /// holding a request's prefix (off: it routes by load and distance
+    /// alone).
+    pub prefix_routing: bool,
 }
 
 impl Default for NodeConfig {
@@ -227,6 +231,7 @@ impl Default for NodeConfig {
             intent_log_file_bytes: weft_audit::DEFAULT_MAX_FILE_BYTES,
             prefix_cache: true,
             shared_prefixes: Vec::new(),
+            prefix_routing: true,
             data_addr: None,
             sandboxes: weft_sandbox::SandboxConfig::default(),
         }

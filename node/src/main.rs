@@ -231,6 +231,10 @@ enum ClusterCommand {
         /// other in.
         #[arg(long, default_value_t = weft_cluster::models::DEFAULT_CHUNK_BYTES)]
         chunk_bytes: u64,
+        /// Replicas kept placed whatever the demand (as a WeftModel's
+        /// `replicas` asks).
+        #[arg(long, default_value_t = 0)]
+        min_replicas: u32,
     },
     /// Plan and commit a placement epoch for this demand; the leader keeps
     /// re-planning for it as membership changes.
@@ -568,6 +572,7 @@ fn main() -> Result<()> {
                 out: out.clone(),
                 keep,
                 exe: std::env::current_exe().context("locating the weft binary")?,
+                serve_extra: String::new(),
             };
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(weft_tools::demo::run(&opts))?;
@@ -728,8 +733,10 @@ fn cluster(c: ClusterCommand) -> Result<()> {
             source,
             name,
             chunk_bytes,
+            min_replicas,
         } => {
             let mut record = weft_cluster::models::model_record(&source, name.as_deref())?;
+            record.spec.min_replicas = min_replicas;
             if chunk_bytes != record.chunk_bytes {
                 let src = ModelSource::parse(&source)?;
                 let stored =

@@ -309,6 +309,7 @@ async fn hold_and_serve(
         let f = std::sync::Arc::new(Forwarder::new(identity, o.table.clone())?);
         f.register_metrics(registry);
         f.set_local(&app);
+        f.set_prefix_routing(serve.prefix_routing);
         app.set_remote(f.clone());
         if let Some(addr) = data_addr {
             let ep = transport::endpoint(identity, revoked, addr, false)

@@ -93,6 +93,8 @@ pub struct Forwarder {
     /// order): the handles of `bytes_family`'s labels.
     pub(crate) bytes: Arc<[IntCounter; 4]>,
     bytes_family: IntCounterVec,
+    /// Whether the router counts the prefill a node's cached prefix saves.
+    prefix_routing: std::sync::atomic::AtomicBool,
     /// Model chunks fetched from peers, and those that failed their check.
     chunks: IntCounter,
     corrupt_chunks: IntCounter,
@@ -166,6 +168,7 @@ impl Forwarder {
                 bytes_family.with_label_values(&[link_name(LinkClass::ALL[i])])
             })),
             bytes_family,
+            prefix_routing: std::sync::atomic::AtomicBool::new(true),
             chunks: IntCounter::new(
                 "weft_model_chunks_fetched_total",
                 "Model-file chunks fetched from peers and checked.",
@@ -477,6 +480,18 @@ impl Forwarder {
         drop(file);
         tokio::fs::rename(&part, dest).await?;
         Ok(used)
+    }
+
+    /// Lets the router count the prefill a cached prefix saves, or not.
+    pub fn set_prefix_routing(&self, on: bool) {
+        self.prefix_routing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the router counts the prefill a cached prefix saves.
+    pub fn prefix_routing(&self) -> bool {
+        self.prefix_routing
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This node's name.

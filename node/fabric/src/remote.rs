@@ -48,7 +48,11 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
         ..router_config()
     };
     let received = unix_ms();
-    let fingerprints = weft_api::affinity::fingerprints(&r.tenant, &r.body);
+    let fingerprints = if fwd.prefix_routing() {
+        weft_api::affinity::fingerprints(&r.tenant, &r.body)
+    } else {
+        Vec::new()
+    };
     let ask = Ask {
         model: &r.model,
         intent,

@@ -49,6 +49,8 @@ pub struct DemoOptions {
     pub keep: bool,
     /// The `weft` binary to start nodes with.
     pub exe: PathBuf,
+    /// More lines for every node's `[serve]` section.
+    pub serve_extra: String,
 }
 
 /// The workload's shape.
@@ -354,11 +356,12 @@ impl Fabric {
             let (name, site, kind, region, memory) = (&n.name, n.site, n.kind, n.region, n.memory);
             let api = free_tcp()?;
             let cfg = format!(
-                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = 2000.0\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 268435456\nmax_queue = 64\n",
+                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = 2000.0\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 268435456\nmax_queue = 64\n{}",
                 d(name),
                 free_udp()?,
                 ca.issue_token(now, 600, name, weft_cluster::credentials::Role::Node)?,
                 overlay[0],
+                opts.serve_extra,
             );
             let path = dir.join(format!("{name}.toml"));
             std::fs::write(&path, cfg)?;
@@ -1429,4 +1432,240 @@ pub async fn chain(
     f.stop();
     g.stop();
     Ok(report)
+}
+
+// ------------------------------------------------ prefix-aware routing
+
+/// One routing mode's figures on the multi-turn agent workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefixRun {
+    /// The mode: `prefix-aware`, `no-prefix-term` or `round-robin`.
+    pub mode: &'static str,
+    /// Of the turns after each agent's first, the share that found the
+    /// whole previous turn's prompt cached where they ran.
+    pub hit_rate: f64,
+    /// Time to first token, p50 and p95 (ms).
+    pub ttft_ms: (f64, f64),
+    /// Generated tokens per second over the run.
+    pub tokens_per_s: f64,
+    /// Turns each node served.
+    pub served_by: BTreeMap<String, usize>,
+}
+
+/// A shared system prompt and tool definitions of about `tokens` tokens.
+fn agent_context(tokens: usize) -> String {
+    let mut s = String::from("You are a maintenance agent for a factory line. Tools:\n");
+    let mut i = 0;
+    while s.len() < tokens * 4 {
+        s.push_str(&format!(
+            "- tool_{i}(station: int, reading: str) -> report: checks sensor {i} at a station and reports.\n"
+        ));
+        i += 1;
+    }
+    s
+}
+
+/// A tool output of 100 to 300 tokens for `agent`'s `turn`.
+fn agent_tool_output(agent: usize, turn: usize) -> String {
+    let n = 100 + (agent * 37 + turn * 91) % 201;
+    let mut s = format!("\nTool output (agent {agent}, turn {turn}):");
+    let mut k = 0;
+    while s.len() < n * 4 {
+        s.push_str(&format!(
+            " station {} reads {} C;",
+            (k * 7 + agent) % 40,
+            20 + (k * 13 + turn) % 60
+        ));
+        k += 1;
+    }
+    s
+}
+
+/// One streamed completion: time to its first token (ms), its text, its
+/// usage, and the node that served it.
+async fn streamed_turn(
+    http: &reqwest::Client,
+    api: SocketAddr,
+    prompt: &str,
+    max_tokens: u32,
+) -> Result<(f64, String, Value, String)> {
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let t = Instant::now();
+    let mut r = http
+        .post(format!("http://{api}/v1/completions"))
+        .json(&body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 200, "status {}", r.status());
+    let by = r
+        .headers()
+        .get(SERVED_BY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let (mut first, mut text, mut usage) = (None, String::new(), Value::Null);
+    let mut buf = String::new();
+    while let Some(chunk) = r.chunk().await? {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+            anyhow::ensure!(v.get("error").is_none(), "error event: {v}");
+            if !v["usage"].is_null() {
+                usage = v["usage"].clone();
+            }
+            if let Some(tx) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+                first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
+                text.push_str(tx);
+            }
+        }
+    }
+    Ok((first.unwrap_or(f64::NAN), text, usage, by))
+}
+
+/// Runs `agents` agents of `turns` turns through a fabric of 3 gateways at
+/// one site, all holding the model, once per routing mode (a fresh fabric
+/// each): `prefix-aware` and `no-prefix-term` send every turn to the first
+/// gateway, whose router chooses; `round-robin` sends each turn to the
+/// next gateway in turn, which serves it.
+pub async fn prefix_routing(
+    opts: &DemoOptions,
+    agents: usize,
+    turns: usize,
+    context_tokens: usize,
+    max_tokens: u32,
+) -> Result<Vec<PrefixRun>> {
+    let context = agent_context(context_tokens);
+    let mut out = Vec::new();
+    for mode in ["prefix-aware", "no-prefix-term", "round-robin"] {
+        let mut o = opts.clone();
+        if mode != "prefix-aware" {
+            o.serve_extra.push_str("prefix_routing = false\n");
+        }
+        let specs: Vec<NodeSpec> = (1..=3)
+            .map(|k| NodeSpec {
+                name: format!("gw-{k}"),
+                site: "edge-a",
+                kind: "edge",
+                region: 1,
+                memory: 2 << 30,
+            })
+            .collect();
+        let f = Fabric::start_nodes(&o, &specs)?;
+        let nodes: Vec<DemoNode> = f.nodes.iter().map(|(n, _)| n.clone()).collect();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()?;
+        f.admin(
+            &[
+                "cluster",
+                "model-add",
+                "--source",
+                &o.model,
+                "--name",
+                MODEL,
+                "--min-replicas",
+                "3",
+            ],
+            Duration::from_secs(60),
+        )
+        .await?;
+        f.admin(
+            &[
+                "cluster",
+                "replan",
+                "--demand",
+                &format!("edge-a:{MODEL}:1:200:32"),
+            ],
+            Duration::from_secs(30),
+        )
+        .await?;
+        for n in &nodes {
+            let t = Instant::now();
+            while !http
+                .get(format!("http://{}/readyz", n.api))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                if t.elapsed() > Duration::from_secs(240) {
+                    bail!(
+                        "{} never served the model:\n{}",
+                        n.name,
+                        f.log_tail(&n.name)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        // load reports carry what each node holds before the agents start
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        say(format!(
+            "{mode}: 3 gateways serve the model; {agents} agents, {turns} turns"
+        ));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for a in 0..agents {
+            let (http, context) = (http.clone(), context.clone());
+            let apis: Vec<SocketAddr> = nodes.iter().map(|n| n.api).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut history = context;
+                let mut prev_prompt = 0u64;
+                let mut rows = Vec::new();
+                for t in 0..turns {
+                    history.push_str(&agent_tool_output(a, t));
+                    let api = if mode == "round-robin" {
+                        apis[(a + t) % apis.len()]
+                    } else {
+                        apis[0]
+                    };
+                    let (ttft, text, usage, by) =
+                        streamed_turn(&http, api, &history, max_tokens).await?;
+                    let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
+                    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap_or(0);
+                    let hit = (t > 0).then_some(cached + 16 >= prev_prompt);
+                    let tokens = usage["completion_tokens"].as_u64().unwrap_or(0);
+                    rows.push((ttft, hit, tokens, by));
+                    history.push_str(&text);
+                    prev_prompt = prompt;
+                }
+                anyhow::Ok(rows)
+            }));
+        }
+        let mut ttft = Vec::new();
+        let (mut hits, mut later, mut tokens) = (0usize, 0usize, 0u64);
+        let mut served_by = BTreeMap::new();
+        for t in tasks {
+            for (tt, hit, n, by) in t.await?? {
+                ttft.push(tt);
+                if let Some(h) = hit {
+                    later += 1;
+                    hits += usize::from(h);
+                }
+                tokens += n;
+                *served_by.entry(by).or_insert(0) += 1;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        ttft.sort_by(f64::total_cmp);
+        let run = PrefixRun {
+            mode,
+            hit_rate: hits as f64 / later.max(1) as f64,
+            ttft_ms: (percentile(&ttft, 50.0), percentile(&ttft, 95.0)),
+            tokens_per_s: tokens as f64 / secs,
+            served_by,
+        };
+        say(format!(
+            "{mode}: hit rate {:.2}, TTFT p50 {:.0} ms p95 {:.0} ms, {:.1} tokens/s",
+            run.hit_rate, run.ttft_ms.0, run.ttft_ms.1, run.tokens_per_s
+        ));
+        out.push(run);
+        drop(f);
+    }
+    Ok(out)
 }
