@@ -42,6 +42,7 @@ fn candidates(seed: u64) -> Vec<Candidate> {
                     report_age_ms: rng.random_range(0.0..500.0),
                     cost_per_token: rng.random_range(2e-8..1e-7),
                     energy_per_token_j: 0.0,
+                    cached_prompt_tokens: 0.0,
                 },
                 link: LinkEstimate {
                     rtt_ms: rng.random_range(0.5..80.0),

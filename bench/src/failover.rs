@@ -32,6 +32,7 @@ impl FabricArgs {
             keep: std::env::var_os("WEFT_DEMO_KEEP").is_some(),
             exe: std::fs::canonicalize(&self.weft)?,
             serve_extra: String::new(),
+            tokens_per_s: 2000.0,
         })
     }
 }

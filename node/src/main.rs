@@ -573,6 +573,7 @@ fn main() -> Result<()> {
                 keep,
                 exe: std::env::current_exe().context("locating the weft binary")?,
                 serve_extra: String::new(),
+                tokens_per_s: 2000.0,
             };
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(weft_tools::demo::run(&opts))?;

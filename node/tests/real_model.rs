@@ -298,3 +298,62 @@ fn real_model_layer_splits_equal_the_whole_model() {
         assert!(err <= 1e-4, "split at {k}: relative error {err}");
     }
 }
+
+/// An agent's two turns on the real model: the second repeats the first's
+/// prompt and answer, then adds text.
+fn two_turns_on_the_real_model(prefix_cache: bool) -> (Vec<u32>, Vec<u32>, Option<usize>) {
+    let m = model();
+    let f = fixture();
+    let mut context: Vec<u32> = Vec::new();
+    for p in &f.prompts {
+        context.extend(&p.ids);
+    }
+    let mut e = Engine::new(
+        m.model.clone(),
+        m.tokenizer.clone(),
+        EngineConfig {
+            prefix_cache,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let turn = |e: &mut Engine, id: u64, prompt: Vec<u32>| {
+        e.add_request(Request {
+            id,
+            prompt,
+            params: SamplingParams::greedy(16),
+            priority: 0,
+            tenant: "agent".into(),
+        })
+        .unwrap();
+        let (mut tokens, mut cached) = (Vec::new(), None);
+        while e.has_work() {
+            for ev in e.step().unwrap() {
+                tokens.extend(ev.token);
+                cached = cached.or(ev.cached_tokens);
+            }
+        }
+        (tokens, cached)
+    };
+    let (first, _) = turn(&mut e, 1, context.clone());
+    let mut next = context;
+    next.extend(&first);
+    next.extend(
+        m.tokenizer
+            .encode(" Now the tool says: all clear.", false, false),
+    );
+    let (second, cached) = turn(&mut e, 2, next);
+    (first, second, cached)
+}
+
+/// The prefix cache changes no greedy token of the real model, and the
+/// second turn maps the first's blocks.
+#[test]
+fn real_model_greedy_tokens_are_equal_with_and_without_the_prefix_cache() {
+    let (a1, a2, none) = two_turns_on_the_real_model(false);
+    let (b1, b2, cached) = two_turns_on_the_real_model(true);
+    assert_eq!(none, Some(0));
+    assert!(cached.is_some_and(|c| c >= 16), "{cached:?}");
+    assert_eq!(a1, b1);
+    assert_eq!(a2, b2);
+}

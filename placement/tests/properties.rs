@@ -494,6 +494,7 @@ fn candidates(rng: &mut StdRng) -> Vec<Candidate> {
                     report_age_ms: rng.random_range(0.0..8000.0),
                     cost_per_token: rng.random_range(1e-8..1e-7),
                     energy_per_token_j: 0.0,
+                    cached_prompt_tokens: 0.0,
                 },
                 link: LinkEstimate {
                     rtt_ms: rng.random_range(0.1..150.0),

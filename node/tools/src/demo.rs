@@ -51,6 +51,8 @@ pub struct DemoOptions {
     pub exe: PathBuf,
     /// More lines for every node's `[serve]` section.
     pub serve_extra: String,
+    /// The decode tokens/s each node offers the placement and the router.
+    pub tokens_per_s: f64,
 }
 
 /// The workload's shape.
@@ -356,12 +358,13 @@ impl Fabric {
             let (name, site, kind, region, memory) = (&n.name, n.site, n.kind, n.region, n.memory);
             let api = free_tcp()?;
             let cfg = format!(
-                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = 2000.0\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 268435456\nmax_queue = 64\n{}",
+                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"{site}\"\nkind = \"{kind}\"\nregion = {region}\nmemory_bytes = {memory}\ntokens_per_s = {tps:.1}\n\n[join]\ntoken = \"{}\"\ncoordinators = [{peer_list}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 268435456\nmax_queue = 64\n{}",
                 d(name),
                 free_udp()?,
                 ca.issue_token(now, 600, name, weft_cluster::credentials::Role::Node)?,
                 overlay[0],
                 opts.serve_extra,
+                tps = opts.tokens_per_s,
             );
             let path = dir.join(format!("{name}.toml"));
             std::fs::write(&path, cfg)?;
@@ -1539,9 +1542,21 @@ pub async fn prefix_routing(
     max_tokens: u32,
 ) -> Result<Vec<PrefixRun>> {
     let context = agent_context(context_tokens);
+    // room for one replica per gateway (the floor of 3 lands one on each)
+    let model = opts.model.clone();
+    let rec = tokio::task::spawn_blocking(move || weft_cluster::models::model_record(&model, None))
+        .await??;
+    let one = rec.spec.shard_memory(
+        rec.spec.layers,
+        weft_placement::SolverConfig::default().kv_reserve_tokens,
+    );
+    let memory = one + one / 3;
     let mut out = Vec::new();
     for mode in ["prefix-aware", "no-prefix-term", "round-robin"] {
         let mut o = opts.clone();
+        // what one worker thread decodes of a small model: the router's
+        // wait estimates are then what the gateways give
+        o.tokens_per_s = 60.0;
         if mode != "prefix-aware" {
             o.serve_extra.push_str("prefix_routing = false\n");
         }
@@ -1551,7 +1566,7 @@ pub async fn prefix_routing(
                 site: "edge-a",
                 kind: "edge",
                 region: 1,
-                memory: 2 << 30,
+                memory,
             })
             .collect();
         let f = Fabric::start_nodes(&o, &specs)?;
