@@ -105,6 +105,32 @@ async fn models(
     ))
 }
 
+/// What serving a request here starts from.
+struct Here {
+    /// This node's span of the request's trace.
+    trace: Trace,
+    /// The id its routing decision was logged under, when this node routed it.
+    routed_id: Option<String>,
+}
+
+/// Starts this node's span of the request's trace and routes it (see
+/// [`elsewhere`]): `Err` is the answer when it was answered elsewhere or
+/// refused.
+async fn route_first(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    fwd: Option<&Forwarded>,
+    uri: &'static str,
+    bytes: &axum::body::Bytes,
+) -> Result<Here, Response> {
+    let trace = Trace::from_headers(headers);
+    let mut routed_id = None;
+    match elsewhere(s, headers, fwd, uri, bytes, &trace, &mut routed_id).await {
+        Some(answered) => Err(answered),
+        None => Ok(Here { trace, routed_id }),
+    }
+}
+
 /// Routes a request on a cluster node: `None` serves it here (or lets the
 /// local checks refuse it); otherwise the answer came from a peer, or is
 /// the router's refusal. Every decision is in the intent log.
@@ -203,22 +229,11 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    let trace = Trace::from_headers(&headers);
-    // the id the routing decision was logged under, when this node routed it
-    let mut routed_id = None;
-    if let Some(r) = elsewhere(
-        &s,
-        &headers,
-        fwd.as_ref(),
-        "/v1/completions",
-        &bytes,
-        &trace,
-        &mut routed_id,
-    )
-    .await
-    {
-        return r;
-    }
+    let Here { trace, routed_id } =
+        match route_first(&s, &headers, fwd.as_ref(), "/v1/completions", &bytes).await {
+            Ok(h) => h,
+            Err(answered) => return answered,
+        };
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         let body: CompletionBody = parse_body(&bytes)?;
@@ -261,22 +276,11 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    let trace = Trace::from_headers(&headers);
-    // the id the routing decision was logged under, when this node routed it
-    let mut routed_id = None;
-    if let Some(r) = elsewhere(
-        &s,
-        &headers,
-        fwd.as_ref(),
-        "/v1/chat/completions",
-        &bytes,
-        &trace,
-        &mut routed_id,
-    )
-    .await
-    {
-        return r;
-    }
+    let Here { trace, routed_id } =
+        match route_first(&s, &headers, fwd.as_ref(), "/v1/chat/completions", &bytes).await {
+            Ok(h) => h,
+            Err(answered) => return answered,
+        };
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         let body: ChatBody = parse_body(&bytes)?;

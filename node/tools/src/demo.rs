@@ -1247,26 +1247,17 @@ async fn decode_rate(
                 .await?;
             anyhow::ensure!(r.status() == 200, "status {}", r.status());
             let (mut first, mut last, mut tokens, mut text) = (None, None, 0u64, String::new());
-            let mut buf = String::new();
-            while let Some(chunk) = r.chunk().await? {
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buf.find("\n\n") {
-                    let event: String = buf.drain(..end + 2).collect();
-                    let Some(data) = event.trim_end().strip_prefix("data: ") else {
-                        continue;
-                    };
-                    let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-                    anyhow::ensure!(v.get("error").is_none(), "error event: {v}");
-                    if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                        tokens = n;
-                    }
-                    if let Some(t) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
-                        first.get_or_insert_with(Instant::now);
-                        last = Some(Instant::now());
-                        text.push_str(t);
-                    }
+            sse_events(&mut r, |v| {
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    tokens = n;
                 }
-            }
+                if let Some(t) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+                    first.get_or_insert_with(Instant::now);
+                    last = Some(Instant::now());
+                    text.push_str(t);
+                }
+            })
+            .await?;
             Ok((first, last, tokens, text))
         }));
     }
@@ -1288,6 +1279,25 @@ async fn decode_rate(
         tokens as f64 / l.duration_since(*f).as_secs_f64().max(1e-9),
         texts,
     ))
+}
+
+/// Reads the server-sent events of `r` to its end, handing each event's
+/// JSON to `each`; an error event is an error.
+async fn sse_events(r: &mut reqwest::Response, mut each: impl FnMut(&Value)) -> Result<()> {
+    let mut buf = String::new();
+    while let Some(chunk) = r.chunk().await? {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+            anyhow::ensure!(v.get("error").is_none(), "error event: {v}");
+            each(&v);
+        }
+    }
+    Ok(())
 }
 
 /// The one node of `nodes` that serves the model at `site`, once `f`'s
@@ -1507,25 +1517,16 @@ async fn streamed_turn(
         .unwrap_or("")
         .to_string();
     let (mut first, mut text, mut usage) = (None, String::new(), Value::Null);
-    let mut buf = String::new();
-    while let Some(chunk) = r.chunk().await? {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.trim_end().strip_prefix("data: ") else {
-                continue;
-            };
-            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-            anyhow::ensure!(v.get("error").is_none(), "error event: {v}");
-            if !v["usage"].is_null() {
-                usage = v["usage"].clone();
-            }
-            if let Some(tx) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
-                first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
-                text.push_str(tx);
-            }
+    sse_events(&mut r, |v| {
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
         }
-    }
+        if let Some(tx) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+            first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
+            text.push_str(tx);
+        }
+    })
+    .await?;
     Ok((first.unwrap_or(f64::NAN), text, usage, by))
 }
 
