@@ -164,6 +164,9 @@ struct Sequence {
     cached: usize,
     /// Whether its first event (which reports `cached`) went out.
     reported: bool,
+    /// Whether it was admitted before (a preempted sequence maps back its
+    /// own blocks: no cache hit).
+    admitted: bool,
 }
 
 impl Sequence {
@@ -785,10 +788,31 @@ impl Engine {
             crate::prefix::tenant_salt(&s.tenant),
         );
         let (id, tenant) = (s.id, s.tenant.clone());
-        let held = self.tenants.get(&tenant).map_or(0, |t| t.blocks);
-        let room = self.quota(&tenant).saturating_sub(held);
+        // a block for the tail must be left (free, or evictable)
+        if self.kv.free_blocks() == 0 {
+            return 0;
+        }
         let hashes = &self.waiting[w].hashes[..whole];
-        let mut n = self.kv.map_prefix(id, hashes, room);
+        let mut n = self.kv.map_prefix(id, hashes, whole);
+        // within the tenant's quota, a block left for the tail: blocks its
+        // sequences hold already cost it nothing
+        let quota = self.quota(&tenant);
+        if let (Some(t), true) = (self.tenants.get(&tenant), n > 0) {
+            let blocks = self.kv.blocks(id).map(<[u32]>::to_vec).unwrap_or_default();
+            let mut new = 0;
+            let mut fits = 0;
+            for (k, b) in blocks.iter().enumerate() {
+                new += usize::from(!t.held.contains_key(b));
+                if t.blocks + new + 1 > quota {
+                    break;
+                }
+                fits = k + 1;
+            }
+            if fits < n {
+                self.kv.keep_mapped(id, fits);
+                n = fits;
+            }
+        }
         if n > 0 {
             if let Some(rest) = self.rest.as_mut() {
                 let down = rest.map_prefix(id, &hashes[..n]).unwrap_or(0).min(n);
@@ -808,9 +832,11 @@ impl Engine {
         self.hold(&tenant, &blocks);
         let s = &mut self.waiting[w];
         s.computed = n * KV_BLOCK_TOKENS;
-        s.cached = s.computed.min(s.prompt_len);
-        self.stats.cache_hits += 1;
-        self.stats.cached_prompt_tokens += s.cached as u64;
+        // what a client is told it found cached is what it found at its
+        // first admission (not what it registered itself before a preemption)
+        if !s.admitted {
+            s.cached = s.computed.min(s.prompt_len);
+        }
         s.computed
     }
 
@@ -1001,6 +1027,7 @@ impl Engine {
             shared_tokens: scope.shared_tokens.min(prompt_len),
             cached: 0,
             reported: false,
+            admitted: false,
         };
         let mut text = String::new();
         for &t in &resume.tokens {
@@ -1404,11 +1431,18 @@ impl Engine {
                 self.release(id, &tenant);
                 let s = &mut self.waiting[w];
                 s.computed = 0;
-                s.cached = 0;
+                if !s.admitted {
+                    s.cached = 0;
+                }
             }
             match reserved {
                 Ok(n) => {
-                    let s = self.waiting.remove(w).expect("index is in range");
+                    let mut s = self.waiting.remove(w).expect("index is in range");
+                    if !s.admitted && s.cached > 0 {
+                        self.stats.cache_hits += 1;
+                        self.stats.cached_prompt_tokens += s.cached as u64;
+                    }
+                    s.admitted = true;
                     self.running.push(s);
                     self.plan(&mut plan, self.running.len() - 1, n);
                     budget -= n;
@@ -1540,7 +1574,6 @@ impl Engine {
             t.preempted += 1;
         }
         s.computed = 0;
-        s.cached = 0;
         self.enqueue(s);
     }
 }

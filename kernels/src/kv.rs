@@ -237,6 +237,7 @@ impl KvCache {
     /// cache (if registered) or goes back to the pool.
     fn unhold(&mut self, b: u32) {
         let r = &mut self.refs[b as usize];
+        debug_assert!(*r > 0, "block {b} released more often than held");
         *r = r.saturating_sub(1);
         if *r > 0 {
             return;
@@ -390,6 +391,13 @@ impl KvCache {
         v: &[f32],
     ) -> Result<()> {
         let off = self.slot(seq, pos)?;
+        let b = off / (KV_BLOCK_TOKENS * self.kv_dim.max(1));
+        if self.refs[b] > 1 || self.hash_of[b].is_some() {
+            // another sequence maps it, or a later one may: never rewritten
+            return Err(KernelError::BadInput(format!(
+                "position {pos} of sequence {seq} lies in a block the prefix cache shares"
+            )));
+        }
         if !self.holds_data() {
             return Err(KernelError::BadInput(
                 "this KV cache keeps its data on a device".into(),

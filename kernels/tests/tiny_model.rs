@@ -1512,3 +1512,33 @@ fn a_chain_whose_shards_lack_the_prefix_computes_it_all_again() {
     assert_eq!(turns[1].1, Some(0));
     assert_eq!(turns[1].0, complete(&t, ask(2, second, greedy(12))).tokens);
 }
+
+#[test]
+fn a_tenant_near_its_quota_maps_the_blocks_its_running_sequence_holds() {
+    let t = tiny(TinyModelSpec::default());
+    let (first, _) = two_turns(); // 71 tokens: 4 whole blocks
+    let mut e = Engine::new(
+        t.lm.model.clone(),
+        t.lm.tokenizer.clone(),
+        EngineConfig {
+            kv_budget_bytes: 20 * block_bytes(&t),
+            max_step_tokens: 256,
+            tenant_kv_share: 0.4, // 8 blocks
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    run_reporting(&mut e, ask(1, first.clone(), greedy(1)));
+    // R holds 7 blocks (the 4 cached ones and 3 of its own); W shares
+    // those 4 and needs 1 more: 8 in all, within the quota
+    let mut r = first.clone();
+    r.extend(prompt(40, 7).into_iter().skip(1));
+    e.add_request(ask(2, r, greedy(1))).unwrap();
+    e.add_request(ask(3, first.clone(), greedy(1))).unwrap();
+    let step = e.step().unwrap();
+    let w = step
+        .iter()
+        .find(|ev| ev.id == 3)
+        .expect("W waited for R's blocks: its held blocks were counted as new");
+    assert_eq!(w.cached_tokens, Some(64));
+}

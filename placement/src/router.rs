@@ -320,7 +320,7 @@ pub fn route(req: &RouteRequest, candidates: &[Candidate], config: &RouterConfig
         } else if s.free_kv_tokens < need_kv {
             any_model = true;
             any_fresh = true;
-            floor_ms = floor_ms.min(network_ms + compute_ms);
+            floor_ms = floor_ms.min(network_ms + compute_ms - prefill_saved_ms);
             Some(Exclusion::NoKvRoom {
                 free: s.free_kv_tokens,
                 need: need_kv,
@@ -329,7 +329,10 @@ pub fn route(req: &RouteRequest, candidates: &[Candidate], config: &RouterConfig
             any_model = true;
             any_fresh = true;
             any_kv = true;
-            floor_ms = floor_ms.min(network_ms + work / s.sequence_tokens_per_s.max(1e-9) * 1000.0);
+            let alone = s.sequence_tokens_per_s.max(1e-9);
+            let saved_alone =
+                cached * config.prefill_share * req.compute_per_token / alone * 1000.0;
+            floor_ms = floor_ms.min(network_ms + work / alone * 1000.0 - saved_alone);
             cheapest = cheapest.min(cost);
             if req.intent.max_cost.is_some_and(|b| cost > b) {
                 Some(Exclusion::OverBudget { cost })

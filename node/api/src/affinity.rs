@@ -12,7 +12,9 @@
 //! deepest name of the request the candidate's summary holds, and counts
 //! that many bytes of prompt as cached there: a lower bound, within a
 //! factor of two, of what the two share. A name says nothing of the
-//! text, and one tenant's names never match another's.
+//! text (though one who knows a tenant's name could test a guessed text
+//! against the gossip), and one tenant's names never match another's, nor
+//! another model's.
 
 use std::collections::HashMap;
 
@@ -61,10 +63,17 @@ pub fn request_text(body: &[u8]) -> String {
 /// sampled depths, shallowest first.
 pub fn fingerprints(tenant: &str, body: &[u8]) -> Vec<(u32, u64)> {
     let text = request_text(body);
+    let model = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["model"].as_str().map(String::from))
+        .unwrap_or_default();
     let bytes = text.as_bytes();
     let whole = bytes.len() / CHUNK_BYTES;
     let mut out = Vec::new();
-    let mut h: [u8; 32] = Sha256::digest(format!("weft-affinity {tenant}").as_bytes()).into();
+    // one tenant's names never match another's, nor another model's
+    let mut h: [u8; 32] =
+        Sha256::digest(format!("weft-affinity {} {tenant} {model}", tenant.len()).as_bytes())
+            .into();
     for i in 0..whole {
         let mut d = Sha256::new();
         d.update(h);
@@ -164,6 +173,15 @@ mod tests {
             .map(|f| f.1)
             .collect();
         assert_eq!(deepest_match(&fingerprints("beta", &body(&text)), &a), 0);
+    }
+
+    #[test]
+    fn another_models_names_never_match() {
+        let text = "z".repeat(CHUNK_BYTES * 4);
+        let b =
+            |m: &str| serde_json::to_vec(&serde_json::json!({"model": m, "prompt": text})).unwrap();
+        let held: Vec<u64> = fingerprints("t", &b("a")).iter().map(|f| f.1).collect();
+        assert_eq!(deepest_match(&fingerprints("t", &b("b")), &held), 0);
     }
 
     #[test]

@@ -237,7 +237,6 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         let body: CompletionBody = parse_body(&bytes)?;
-        s.note_prefix(&tenant, &bytes);
         let prepared = prepare(&s, &body.common, &headers)?;
         let text = match body.prompt {
             PromptField::Text(t) => t,
@@ -263,6 +262,8 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
         )
         .map(|mut j| {
             j.routed_id = j.routed_id.or(routed_id);
+            // valid: this node is about to hold its prefix
+            s.note_prefix(&j.tenant, &bytes);
             j
         })
     }
@@ -284,7 +285,6 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         let body: ChatBody = parse_body(&bytes)?;
-        s.note_prefix(&tenant, &bytes);
         let prepared = prepare(&s, &body.common, &headers)?;
         if body.messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty").param("messages"));
@@ -337,6 +337,8 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         )
         .map(|mut j| {
             j.routed_id = j.routed_id.or(routed_id);
+            // valid: this node is about to hold its prefix
+            s.note_prefix(&j.tenant, &bytes);
             j
         })
     }

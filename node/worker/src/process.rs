@@ -57,11 +57,11 @@ pub struct WorkerArgs {
     /// node; otherwise it runs the node's chain steps on its layers.
     #[arg(long, value_parser = parse_layers)]
     pub layers: Option<std::ops::Range<usize>>,
-    /// A tenant's share of the KV cache, `NAME=SHARE` (repeated); the name
-    /// `default` sets it for every tenant not named.
     /// Turn the prefix cache off (every prompt is computed in full).
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// A tenant's share of the KV cache, `NAME=SHARE` (repeated); the name
+    /// `default` sets it for every tenant not named.
     #[arg(long = "tenant-kv-share", value_parser = parse_share)]
     pub tenant_kv_shares: Vec<(String, f64)>,
     /// Where the node is: `fd` (a Unix socket on descriptor 3) or `stdio`
