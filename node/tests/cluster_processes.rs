@@ -336,6 +336,18 @@ fn line_of<'a>(lines: &'a [serde_json::Value], message: &str) -> &'a serde_json:
         .unwrap_or_else(|| panic!("no {message:?} line in {lines:?}"))
 }
 
+/// `weft cluster replan --demand DEMAND` against `c`'s coordinators.
+fn replan(c: &Coordinators, demand: &str) {
+    weft(&[
+        "cluster",
+        "replan",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--demand",
+        demand,
+    ]);
+}
+
 /// Writes the tiny model and registers it as `name` with `weft cluster
 /// model-add` (its shape and sha256 read from the file).
 fn register_tiny(c: &Coordinators, name: &str) {
@@ -855,14 +867,7 @@ async fn serve_and_drop() -> ServingNode {
     register_tiny(&c, "tiny");
     let c1 = c.config(0);
     let c1 = c1.to_str().unwrap();
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c1,
-        "--demand",
-        "edge-b:tiny:50:200:32",
-    ]);
+    replan(&c, "edge-b:tiny:50:200:32");
     let t = Instant::now();
     while http
         .get(format!("http://{api}/readyz"))
@@ -919,14 +924,7 @@ async fn serve_and_drop() -> ServingNode {
         .unwrap_or_default()
         .to_string();
     // demand gone: the replica is dropped and the gateway stops serving it
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c1,
-        "--demand",
-        "edge-b:tiny:0",
-    ]);
+    replan(&c, "edge-b:tiny:0");
     let dropped = eventually(
         Duration::from_secs(10),
         Duration::from_millis(100),
@@ -1086,16 +1084,7 @@ async fn cut_off_and_reconnect() -> CutOff {
     let gw = Gateway::start(&c);
     let api = gw.api;
     register_tiny(&c, "tiny");
-    let c1 = c.config(0);
-    let c1 = c1.to_str().unwrap().to_string();
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        &c1,
-        "--demand",
-        "edge-b:tiny:50:200:32",
-    ]);
+    replan(&c, "edge-b:tiny:50:200:32");
     let http = reqwest::Client::new();
     let complete = || {
         http.post(format!("http://{api}/v1/completions"))
@@ -1142,14 +1131,7 @@ async fn cut_off_and_reconnect() -> CutOff {
     for i in 0..3 {
         c.spawn(i);
     }
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        &c1,
-        "--demand",
-        "edge-b:tiny:0",
-    ]);
+    replan(&c, "edge-b:tiny:0");
     let dropped = eventually(
         Duration::from_secs(30),
         Duration::from_millis(100),
@@ -1248,15 +1230,7 @@ async fn forward_through_a_front() -> Forwarded {
     // too small to be given the model
     let front = Gateway::start_as(&c, "gw-2", 1);
     register_tiny(&c, "tiny");
-    let c1 = c.config(0);
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c1.to_str().unwrap(),
-        "--demand",
-        "edge-b:tiny:50:200:32",
-    ]);
+    replan(&c, "edge-b:tiny:50:200:32");
     let http = reqwest::Client::new();
     let body = serde_json::json!({"model": "tiny", "prompt": "hello there", "max_tokens": 8, "temperature": 0});
     let ask = |api: SocketAddr, body: serde_json::Value| {
@@ -1710,14 +1684,7 @@ async fn kill_under_200_streams() -> StreamsSurvived {
     let front = Gateway::start_as(&c, "gw-2", 1);
     register_tiny(&c, "tiny");
     // more demand than one node can serve: both get a replica
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c.config(0).to_str().unwrap(),
-        "--demand",
-        "edge-b:tiny:20000:200:64",
-    ]);
+    replan(&c, "edge-b:tiny:20000:200:64");
     let http = reqwest::Client::new();
     let prompts = [
         "hello there",
@@ -1912,14 +1879,7 @@ async fn fetch_from_damaged_peers() -> FromPeers {
         &chunk.to_string(),
     ]);
     // demand for every node there is
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c.config(0).to_str().unwrap(),
-        "--demand",
-        "edge-b:tiny:20000:200:64",
-    ]);
+    replan(&c, "edge-b:tiny:20000:200:64");
     wait_holding(&a, "tiny", Duration::from_secs(60)).await;
     wait_holding(&b, "tiny", Duration::from_secs(60)).await;
     // damage chunk 1 of gw-1's copy and chunk 2 of gw-3's (a new file over
@@ -2060,14 +2020,7 @@ async fn run_a_chain_of(n: usize) -> Chain {
         .collect();
     let c1 = c.config(0);
     let c1 = c1.to_str().unwrap();
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c1,
-        "--demand",
-        "edge-b:tiny:1:200:32",
-    ]);
+    replan(&c, "edge-b:tiny:1:200:32");
     let prompts = [
         "hello there",
         "the quick brown fox",
@@ -2362,14 +2315,7 @@ async fn break_one_of_two_chains() -> ChainLost {
         .map(|i| Gateway::start_as(&c, &format!("gw-{i}"), mem))
         .collect();
     // more demand than one chain serves: two chains
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c.config(0).to_str().unwrap(),
-        "--demand",
-        "edge-b:tiny:20000:200:64",
-    ]);
+    replan(&c, "edge-b:tiny:20000:200:64");
     let prompt = "agents at the edge";
     let max_tokens = 400;
     let expected = generated(&path, prompt, max_tokens);
@@ -2651,8 +2597,12 @@ fn start_prometheus(dir: &Path, listen: SocketAddr, targets: &[(&str, Vec<Socket
         )
 }
 
-/// Prometheus's answer to `query` now: the number of series, or its error.
-async fn instant(http: &reqwest::Client, prom: SocketAddr, query: &str) -> Result<usize, String> {
+/// Prometheus's result for `query` now, or its error.
+async fn query(
+    http: &reqwest::Client,
+    prom: SocketAddr,
+    query: &str,
+) -> Result<Vec<serde_json::Value>, String> {
     let v: serde_json::Value = http
         .get(format!("http://{prom}/api/v1/query"))
         .query(&[("query", query)])
@@ -2665,21 +2615,18 @@ async fn instant(http: &reqwest::Client, prom: SocketAddr, query: &str) -> Resul
     if v["status"] != "success" {
         return Err(v.to_string());
     }
-    Ok(v["data"]["result"].as_array().map_or(0, Vec::len))
+    Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
 }
 
-/// The one value `query` gives now, if it gives one.
-async fn scalar(http: &reqwest::Client, prom: SocketAddr, query: &str) -> Option<f64> {
-    let v: serde_json::Value = http
-        .get(format!("http://{prom}/api/v1/query"))
-        .query(&[("query", query)])
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+/// The number of series `q` gives now, or Prometheus's error.
+async fn instant(http: &reqwest::Client, prom: SocketAddr, q: &str) -> Result<usize, String> {
+    query(http, prom, q).await.map(|r| r.len())
+}
+
+/// The one value `q` gives now, if it gives one.
+async fn scalar(http: &reqwest::Client, prom: SocketAddr, q: &str) -> Option<f64> {
+    let r = query(http, prom, q).await.ok()?;
+    r.first()?["value"][1].as_str()?.parse().ok()
 }
 
 /// `promtool check metrics` on what `url` serves: passed, and what it said.
@@ -2721,14 +2668,7 @@ async fn scrape_a_fabric() -> Scraped {
     .unwrap();
     let up_addr: SocketAddr = up.base.trim_start_matches("http://").parse().unwrap();
     register_tiny(&c, "tiny");
-    weft(&[
-        "cluster",
-        "replan",
-        "--config",
-        c.config(0).to_str().unwrap(),
-        "--demand",
-        "edge-b:tiny:50:200:32",
-    ]);
+    replan(&c, "edge-b:tiny:50:200:32");
     let http = reqwest::Client::new();
     let ask = |base: String, key: Option<&'static str>, body: serde_json::Value| {
         let mut r = http.post(format!("{base}/v1/completions")).json(&body);
