@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::error::{KernelError, Result};
 use crate::kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
-use crate::model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
+use crate::model::{Chunk, ChunkInput, ChunkOutput, Model};
 use crate::prefix::CacheScope;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob, TopOfRow};
 use crate::tokenizer::{StreamDecoder, TokenId, Tokenizer};
@@ -334,7 +334,7 @@ pub trait DeviceForward: Send {
 /// head) of any sequences through its layers. A node serving a layer range
 /// of a chain runs one; a [`LocalChain`] strings several together.
 pub struct Stage {
-    shard: Arc<Gemma3>,
+    shard: Arc<Model>,
     kv: KvCache,
     project: bool,
 }
@@ -350,7 +350,7 @@ impl std::fmt::Debug for Stage {
 
 impl Stage {
     /// `shard` with a KV cache of `kv_budget_bytes`.
-    pub fn new(shard: Arc<Gemma3>, kv_budget_bytes: usize) -> Self {
+    pub fn new(shard: Arc<Model>, kv_budget_bytes: usize) -> Self {
         let kv = shard.new_kv_cache(kv_budget_bytes);
         Self {
             shard,
@@ -368,7 +368,7 @@ impl Stage {
     }
 
     /// The shard.
-    pub fn shard(&self) -> &Arc<Gemma3> {
+    pub fn shard(&self) -> &Arc<Model> {
         &self.shard
     }
 
@@ -455,7 +455,7 @@ pub struct LocalChain {
 impl LocalChain {
     /// The shards, in layer order (the first follows the head; the last
     /// ends the model), each with a cache of `kv_budget_bytes`.
-    pub fn new(shards: Vec<Arc<Gemma3>>, kv_budget_bytes: usize) -> Result<Self> {
+    pub fn new(shards: Vec<Arc<Model>>, kv_budget_bytes: usize) -> Result<Self> {
         if shards.is_empty() || shards.iter().any(|s| s.is_first()) {
             return Err(KernelError::BadInput(
                 "a downstream chain is one or more shards after the first".into(),
@@ -565,7 +565,7 @@ impl Downstream for LocalChain {
 /// The batching engine over one full model, or over a head shard whose
 /// [`Downstream`] runs the rest.
 pub struct Engine {
-    model: Arc<Gemma3>,
+    model: Arc<Model>,
     /// The layers after the head, when `model` is a head shard.
     rest: Option<Box<dyn Downstream>>,
     /// The device that runs the model, when it is not the CPU.
@@ -597,7 +597,7 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// An engine over a model that holds all layers.
-    pub fn new(model: Arc<Gemma3>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Result<Self> {
+    pub fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Result<Self> {
         if !model.is_first() || !model.is_last() {
             return Err(KernelError::BadInput(
                 "the engine needs a model with all layers; shards are driven by the pipeline"
@@ -608,7 +608,7 @@ impl Engine {
     }
 
     fn build(
-        model: Arc<Gemma3>,
+        model: Arc<Model>,
         rest: Option<Box<dyn Downstream>>,
         tokenizer: Arc<Tokenizer>,
         mut cfg: EngineConfig,
@@ -649,7 +649,7 @@ impl Engine {
     /// the logits. Scheduling, sampling and the head's KV blocks are as for
     /// a whole model.
     pub fn new_chain(
-        head: Arc<Gemma3>,
+        head: Arc<Model>,
         rest: Box<dyn Downstream>,
         tokenizer: Arc<Tokenizer>,
         cfg: EngineConfig,
@@ -667,7 +667,7 @@ impl Engine {
     /// block tables are the CPU engine's; the device holds the keys and
     /// values in as many blocks as it says it has room for.
     pub fn on_device(
-        model: Arc<Gemma3>,
+        model: Arc<Model>,
         device: Box<dyn DeviceForward>,
         tokenizer: Arc<Tokenizer>,
         mut cfg: EngineConfig,
@@ -897,7 +897,7 @@ impl Engine {
     }
 
     /// The model.
-    pub fn model(&self) -> &Arc<Gemma3> {
+    pub fn model(&self) -> &Arc<Model> {
         &self.model
     }
 

@@ -21,6 +21,9 @@ pub enum KernelError {
         found: String,
         supported: &'static str,
     },
+    /// The family runs on the CPU but not yet on this device backend.
+    #[error("the {backend} backend does not run {arch} models yet (the CPU backend does)")]
+    ArchitectureNotOnBackend { arch: String, backend: &'static str },
     /// A metadata key the model needs is absent or has the wrong type.
     #[error("model metadata {key} is missing or invalid: {reason}")]
     BadMetadata { key: String, reason: String },
@@ -48,6 +51,12 @@ pub enum KernelError {
     /// The tokenizer metadata is incomplete or inconsistent.
     #[error("invalid tokenizer: {0}")]
     Tokenizer(String),
+    /// The model has no chat template, so chat requests cannot be rendered.
+    #[error("this model has no chat template (tokenizer.chat_template): use completions, or a model with one")]
+    NoChatTemplate,
+    /// The chat template failed to compile or render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// A requested layer range does not fit the model.
     #[error("layer range {start}..{end} is invalid for a model with {layers} layers")]
     BadLayerRange {

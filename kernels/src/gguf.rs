@@ -1,5 +1,6 @@
 //! Reading GGUF files: header and metadata through candle's hardened reader,
-//! tensor data with our own bounds checks, and the Gemma 3 hyper-parameters.
+//! tensor data with our own bounds checks, and the hyper-parameters of each
+//! model family ([`Arch`]).
 //!
 //! Every length in a hostile file is checked against the file's real size before
 //! anything is allocated, so a bad file is a [`KernelError`], never a panic or an
@@ -16,7 +17,7 @@ use crate::error::{KernelError, Result};
 use crate::quant::{tensor_bytes, QMatrix};
 
 /// Architectures this runtime runs.
-pub const SUPPORTED_ARCHITECTURES: &str = "gemma3";
+pub const SUPPORTED_ARCHITECTURES: &str = "gemma3, llama, qwen2";
 /// RoPE base of Gemma 3's sliding-window layers (not stored in GGUF files).
 pub const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 /// Every `GEMMA3_SWA_PATTERN`-th layer is global; the others use the sliding window.
@@ -132,6 +133,15 @@ impl GgufFile {
             });
         }
         Ok(n as usize)
+    }
+
+    /// An optional unsigned metadata value: `default` when absent, an error
+    /// when present but invalid.
+    pub fn meta_usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.meta(key) {
+            Some(_) => self.meta_usize(key),
+            None => Ok(default),
+        }
     }
 
     /// A required float metadata value.
@@ -267,9 +277,109 @@ impl GgufFile {
     }
 }
 
-/// Gemma 3 hyper-parameters, read from the GGUF metadata.
+/// A model family: which blocks a layer has and how they are wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Gemma 3: GELU MLP, q/k norms, post-attention and post-MLP norms,
+    /// a scaled embedding, sliding-window layers, NeoX RoPE.
+    Gemma3,
+    /// Llama and its relatives that share the `llama` GGUF layout (SmolLM,
+    /// Mistral): SwiGLU MLP, pre-norms only, RoPE on adjacent pairs.
+    Llama,
+    /// Qwen2: the Llama block with biases on q, k and v and NeoX RoPE.
+    Qwen2,
+}
+
+/// How RoPE pairs a head's elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Element `i` pairs with `i + d/2` (GGML's NeoX mode).
+    Neox,
+    /// Element `2i` pairs with `2i + 1` (GGML's normal mode, as llama GGUFs
+    /// are converted for).
+    Adjacent,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
+    /// SiLU (SwiGLU: Llama, Qwen2).
+    Silu,
+}
+
+impl Arch {
+    /// The family named by `general.architecture`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "gemma3" => Ok(Self::Gemma3),
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            other => Err(KernelError::UnsupportedArchitecture {
+                found: other.to_string(),
+                supported: SUPPORTED_ARCHITECTURES,
+            }),
+        }
+    }
+
+    /// The GGUF metadata prefix (`general.architecture`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gemma3 => "gemma3",
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    /// How RoPE pairs elements.
+    pub fn rope_style(self) -> RopeStyle {
+        match self {
+            Self::Gemma3 | Self::Qwen2 => RopeStyle::Neox,
+            Self::Llama => RopeStyle::Adjacent,
+        }
+    }
+
+    /// The MLP's activation.
+    pub fn activation(self) -> Activation {
+        match self {
+            Self::Gemma3 => Activation::GeluTanh,
+            Self::Llama | Self::Qwen2 => Activation::Silu,
+        }
+    }
+
+    /// Whether blocks normalize q and k per head and their outputs before
+    /// the residual add (Gemma's four extra norms).
+    pub fn has_gemma_norms(self) -> bool {
+        self == Self::Gemma3
+    }
+
+    /// Whether q, k and v projections may carry biases.
+    pub fn has_qkv_bias(self) -> bool {
+        self == Self::Qwen2
+    }
+
+    /// What the embedding rows are multiplied by (Gemma: `sqrt(hidden)`).
+    pub fn embed_scale(self, hidden: usize) -> f32 {
+        match self {
+            Self::Gemma3 => (hidden as f32).sqrt(),
+            Self::Llama | Self::Qwen2 => 1.0,
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A model's hyper-parameters, read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct GemmaConfig {
+pub struct ModelConfig {
+    /// The family.
+    pub arch: Arch,
     /// Vocabulary size (rows of the embedding).
     pub vocab: usize,
     /// Residual width.
@@ -282,6 +392,8 @@ pub struct GemmaConfig {
     pub kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// Leading elements of each head RoPE rotates (the rest pass through).
+    pub rope_dims: usize,
     /// MLP inner width.
     pub ffn: usize,
     /// RMS norm epsilon.
@@ -292,32 +404,35 @@ pub struct GemmaConfig {
     pub rope_local: f32,
     /// Sliding window (tokens) of the local layers.
     pub sliding_window: usize,
-    /// Every `swa_pattern`-th layer is global.
+    /// Every `swa_pattern`-th layer is global; 0: every layer is.
     pub swa_pattern: usize,
     /// Trained context length.
     pub context_length: usize,
 }
 
-impl GemmaConfig {
-    /// Reads and checks the hyper-parameters of a Gemma 3 GGUF.
+impl ModelConfig {
+    /// Reads and checks the hyper-parameters of a GGUF of a supported family.
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
-        let arch = f.meta_str("general.architecture")?;
-        if arch != "gemma3" {
-            return Err(KernelError::UnsupportedArchitecture {
-                found: arch.to_string(),
-                supported: SUPPORTED_ARCHITECTURES,
-            });
-        }
-        let hidden = f.meta_usize("gemma3.embedding_length")?;
-        let heads = f.meta_usize("gemma3.attention.head_count")?;
-        let kv_heads = f.meta_usize("gemma3.attention.head_count_kv")?;
-        let head_dim = f.meta_usize("gemma3.attention.key_length")?;
-        let value_dim = f.meta_usize("gemma3.attention.value_length")?;
-        if value_dim != head_dim || heads % kv_heads != 0 || head_dim % 2 != 0 {
+        let arch = Arch::from_name(f.meta_str("general.architecture")?)?;
+        let key = |k: &str| format!("{}.{k}", arch.name());
+        let hidden = f.meta_usize(&key("embedding_length"))?;
+        let heads = f.meta_usize(&key("attention.head_count"))?;
+        let kv_heads = f.meta_usize_or(&key("attention.head_count_kv"), heads)?;
+        // Llama files often leave the head width implied
+        let head_dim = f.meta_usize_or(&key("attention.key_length"), hidden / heads)?;
+        let value_dim = f.meta_usize_or(&key("attention.value_length"), head_dim)?;
+        let rope_dims = f.meta_usize_or(&key("rope.dimension_count"), head_dim)?;
+        if value_dim != head_dim
+            || head_dim == 0
+            || heads % kv_heads != 0
+            || head_dim % 2 != 0
+            || rope_dims % 2 != 0
+            || rope_dims > head_dim
+        {
             return Err(KernelError::BadMetadata {
-                key: "gemma3.attention".into(),
+                key: key("attention"),
                 reason: format!(
-                    "heads {heads}, kv heads {kv_heads}, key {head_dim}, value {value_dim} are inconsistent"
+                    "heads {heads}, kv heads {kv_heads}, key {head_dim}, value {value_dim}, rope {rope_dims} are inconsistent"
                 ),
             });
         }
@@ -325,29 +440,42 @@ impl GemmaConfig {
             Some(Value::Array(a)) => a.len(),
             _ => f.tensor_info("token_embd.weight")?.shape.dims()[0],
         };
-        let sliding_window = f
-            .meta_usize("gemma3.attention.sliding_window")
-            .unwrap_or(usize::MAX);
+        let (rope_default, sliding_window, swa_pattern) = match arch {
+            Arch::Gemma3 => (
+                1_000_000.0,
+                f.meta_usize(&key("attention.sliding_window"))
+                    .unwrap_or(usize::MAX),
+                GEMMA3_SWA_PATTERN,
+            ),
+            Arch::Llama | Arch::Qwen2 => (10_000.0, usize::MAX, 0),
+        };
+        let rope_global = f.meta_f32(&key("rope.freq_base")).unwrap_or(rope_default);
         Ok(Self {
+            arch,
             vocab,
             hidden,
-            layers: f.meta_usize("gemma3.block_count")?,
+            layers: f.meta_usize(&key("block_count"))?,
             heads,
             kv_heads,
             head_dim,
-            ffn: f.meta_usize("gemma3.feed_forward_length")?,
-            rms_eps: f.meta_f32("gemma3.attention.layer_norm_rms_epsilon")?,
-            rope_global: f.meta_f32("gemma3.rope.freq_base").unwrap_or(1_000_000.0),
-            rope_local: GEMMA3_LOCAL_ROPE_BASE,
+            rope_dims,
+            ffn: f.meta_usize(&key("feed_forward_length"))?,
+            rms_eps: f.meta_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_global,
+            rope_local: if arch == Arch::Gemma3 {
+                GEMMA3_LOCAL_ROPE_BASE
+            } else {
+                rope_global
+            },
             sliding_window,
-            swa_pattern: GEMMA3_SWA_PATTERN,
-            context_length: f.meta_usize("gemma3.context_length")?,
+            swa_pattern,
+            context_length: f.meta_usize(&key("context_length"))?,
         })
     }
 
     /// Whether layer `l` attends through the sliding window.
     pub fn is_sliding(&self, layer: usize) -> bool {
-        (layer + 1) % self.swa_pattern != 0
+        self.swa_pattern != 0 && (layer + 1) % self.swa_pattern != 0
     }
 
     /// Width of all key (or value) heads together.

@@ -1,26 +1,31 @@
 //! # weft-kernels
 //!
-//! weft's model runtime: it loads a Gemma 3 GGUF, tokenizes, and runs any
+//! weft's model runtime: it loads a GGUF of a supported family (Gemma 3,
+//! Llama, Qwen2), tokenizes, and runs any
 //! contiguous range of layers over a batch of sequences at different
 //! positions, with a paged KV cache, sampling and a continuous-batching engine.
 //! It knows nothing of HTTP, peers or placement.
 //!
 //! ## Layout
 //!
-//! - [`gguf`]: reading GGUF files (bounds-checked) and the model hyper-parameters.
-//! - [`quant`]: quantized weight matrices and their products (our AVX2 Q5_0
-//!   kernel, candle's for the rest).
-//! - [`tokenizer`]: SentencePiece-style tokenizer, streaming detokenizer, chat template.
+//! - [`gguf`]: reading GGUF files (bounds-checked), the model families
+//!   ([`Arch`]) and their hyper-parameters.
+//! - [`quant`]: quantized weight matrices and their products (our AVX2 Q4_1,
+//!   Q5_0 and Q8_0 kernels, candle's for the rest).
+//! - [`tokenizer`]: SentencePiece-style and byte-level BPE tokenizers, the
+//!   streaming detokenizer.
+//! - [`chat`]: the model's own chat template, rendered with minijinja.
 //! - [`kv`]: the paged KV cache (block pool with a byte budget, block tables).
-//! - [`model`]: the Gemma 3 forward over a layer range and a batch of chunks.
+//! - [`model`]: the forward of every family over a layer range and a batch of chunks.
 //! - [`sampling`]: greedy / temperature / top-k / top-p / min-p, penalties, seeds, log-probs.
 //! - [`engine`]: the continuous-batching step function (no threads, no IO).
 //! - [`backend`]: the device seam (CPU; CUDA behind the `cuda` feature) and thread count.
 //! - `cuda` (feature `cuda`): the CUDA device, its run-time compiled kernels.
-//! - [`testing`]: writes a tiny random-weight Gemma-3-shaped GGUF for tests.
+//! - [`testing`]: writes tiny random-weight Gemma-3- and Llama-shaped GGUFs for tests.
 //! - [`error`]: the crate's error type.
 
 pub mod backend;
+pub mod chat;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod engine;
@@ -45,10 +50,10 @@ pub use engine::{
     TenantUsage,
 };
 pub use error::{KernelError, Result};
-pub use gguf::{GemmaConfig, GgufFile};
+pub use gguf::{Activation, Arch, GgufFile, ModelConfig, RopeStyle};
 pub use kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
 pub use layout::StepLayout;
-pub use model::{Chunk, ChunkInput, ChunkOutput, Gemma3};
+pub use model::{Chunk, ChunkInput, ChunkOutput, Model};
 pub use prefix::CacheScope;
 pub use sampling::{Sampler, SamplingParams, TokenLogprob, TopOfRow};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
@@ -57,7 +62,7 @@ pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
     /// The weights (of the requested layer range).
-    pub model: Arc<Gemma3>,
+    pub model: Arc<Model>,
     /// The tokenizer.
     pub tokenizer: Arc<Tokenizer>,
 }
@@ -84,7 +89,7 @@ pub fn load_file(
 }
 
 fn load_gguf(mut f: GgufFile, range: Option<std::ops::Range<usize>>) -> Result<LoadedModel> {
-    let cfg = GemmaConfig::from_gguf(&f)?;
+    let cfg = ModelConfig::from_gguf(&f)?;
     let tokenizer = Tokenizer::from_gguf(&f)?;
     if tokenizer.vocab_size() != cfg.vocab {
         return Err(KernelError::Tokenizer(format!(
@@ -93,7 +98,7 @@ fn load_gguf(mut f: GgufFile, range: Option<std::ops::Range<usize>>) -> Result<L
             cfg.vocab
         )));
     }
-    let model = Gemma3::from_gguf(&mut f, cfg, range)?;
+    let model = Model::from_gguf(&mut f, cfg, range)?;
     Ok(LoadedModel {
         model: Arc::new(model),
         tokenizer: Arc::new(tokenizer),

@@ -1,7 +1,11 @@
-//! Gemma 3 forward over a contiguous layer range, for a batch of sequences at
-//! different positions.
+//! The transformer forward over a contiguous layer range, for a batch of
+//! sequences at different positions, for every supported family ([`Arch`](crate::gguf::Arch)):
+//! Gemma 3 and the Llama block (Llama, SmolLM, Mistral; Qwen2 with its q/k/v
+//! biases). The families share one block walk; where they differ (norms,
+//! biases, activation, RoPE pairing, embedding scale, sliding windows) the
+//! layer holds what its family has and the config says how to apply it.
 //!
-//! One [`Gemma3::forward`] call runs one engine step: every chunk is a run of
+//! One [`Model::forward`] call runs one engine step: every chunk is a run of
 //! consecutive positions of one sequence (a prefill chunk, or a single decode
 //! token). All rows of all chunks go through each projection together, so the
 //! weights are read once per step, not once per sequence. Attention reads the
@@ -19,9 +23,18 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::error::{KernelError, Result};
-use crate::gguf::{GemmaConfig, GgufFile};
+use crate::gguf::{Activation, GgufFile, ModelConfig, RopeStyle};
 use crate::kv::{KvCache, SeqId, KV_BLOCK_TOKENS};
 use crate::quant::{dot_f32, QMatrix, SharedMut};
+
+/// Gemma's extra norms: per head on q and k, and on each block's output
+/// before the residual add.
+pub(crate) struct GemmaNorms {
+    pub(crate) q_norm: Vec<f32>,
+    pub(crate) k_norm: Vec<f32>,
+    pub(crate) post_attn_norm: Vec<f32>,
+    pub(crate) post_ffw_norm: Vec<f32>,
+}
 
 /// One transformer block's weights.
 pub(crate) struct Layer {
@@ -29,15 +42,15 @@ pub(crate) struct Layer {
     pub(crate) q: QMatrix,
     pub(crate) k: QMatrix,
     pub(crate) v: QMatrix,
+    /// Biases of q, k and v (Qwen2).
+    pub(crate) qkv_bias: Option<[Vec<f32>; 3]>,
     pub(crate) o: QMatrix,
-    pub(crate) q_norm: Vec<f32>,
-    pub(crate) k_norm: Vec<f32>,
-    pub(crate) post_attn_norm: Vec<f32>,
+    /// Gemma 3's norms; `None` for the Llama block.
+    pub(crate) gemma: Option<GemmaNorms>,
     pub(crate) ffn_norm: Vec<f32>,
     pub(crate) gate: QMatrix,
     pub(crate) up: QMatrix,
     pub(crate) down: QMatrix,
-    pub(crate) post_ffw_norm: Vec<f32>,
     pub(crate) sliding: bool,
 }
 
@@ -81,14 +94,14 @@ pub enum ChunkOutput {
     Logits(Option<Vec<f32>>),
     /// The last layer's hidden state of the last row, before the output
     /// norm, when asked for: what a last shard returns when the chain's
-    /// head projects it to logits itself (see [`Gemma3::project`]), so a
+    /// head projects it to logits itself (see [`Model::project`]), so a
     /// row of `hidden` values travels instead of one of `vocab`.
     Last(Option<Vec<f32>>),
 }
 
 /// A loaded Gemma 3 shard.
-pub struct Gemma3 {
-    cfg: GemmaConfig,
+pub struct Model {
+    cfg: ModelConfig,
     range: Range<usize>,
     embed: Option<QMatrix>,
     output: Option<QMatrix>,
@@ -98,29 +111,32 @@ pub struct Gemma3 {
     layers: Vec<Layer>,
     inv_freq_local: f32,
     inv_freq_global: f32,
+    /// Per-frequency divisors of the rotation angle (`rope_freqs.weight`,
+    /// Llama 3's long-context scaling), `rope_dims / 2` of them.
+    rope_factors: Option<Vec<f32>>,
 }
 
-impl std::fmt::Debug for Gemma3 {
+impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gemma3")
+        f.debug_struct("Model")
             .field("range", &self.range)
             .field("cfg", &self.cfg)
             .finish()
     }
 }
 
-impl Gemma3 {
+impl Model {
     /// Loads layers `range` of the model in `path` (all layers: `0..cfg.layers`).
     pub fn load(path: &Path, range: Option<Range<usize>>) -> Result<Self> {
         let mut f = GgufFile::open(path)?;
-        let cfg = GemmaConfig::from_gguf(&f)?;
+        let cfg = ModelConfig::from_gguf(&f)?;
         Self::from_gguf(&mut f, cfg, range)
     }
 
     /// Loads a shard from an open file.
     pub fn from_gguf(
         f: &mut GgufFile,
-        cfg: GemmaConfig,
+        cfg: ModelConfig,
         range: Option<Range<usize>>,
     ) -> Result<Self> {
         let range = range.unwrap_or(0..cfg.layers);
@@ -152,27 +168,60 @@ impl Gemma3 {
         } else {
             None
         };
+        let arch = cfg.arch;
         let mut layers = Vec::with_capacity(range.len());
         for l in range.clone() {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
+            let bias =
+                |f: &mut GgufFile, s: &str, len: usize| f.vector(&format!("blk.{l}.{s}.bias"), len);
+            let qkv_bias = if arch.has_qkv_bias() && f.has_tensor(&format!("blk.{l}.attn_q.bias")) {
+                Some([
+                    bias(f, "attn_q", q)?,
+                    bias(f, "attn_k", kv)?,
+                    bias(f, "attn_v", kv)?,
+                ])
+            } else {
+                None
+            };
+            let attn_norm = f.vector(&n("attn_norm"), h)?;
+            let (wq, wk, wv) = (
+                f.matrix(&n("attn_q"), q, h)?,
+                f.matrix(&n("attn_k"), kv, h)?,
+                f.matrix(&n("attn_v"), kv, h)?,
+            );
+            let o = f.matrix(&n("attn_output"), h, q)?;
+            let gemma = if arch.has_gemma_norms() {
+                Some(GemmaNorms {
+                    q_norm: f.vector(&n("attn_q_norm"), hd)?,
+                    k_norm: f.vector(&n("attn_k_norm"), hd)?,
+                    post_attn_norm: f.vector(&n("post_attention_norm"), h)?,
+                    post_ffw_norm: f.vector(&n("post_ffw_norm"), h)?,
+                })
+            } else {
+                None
+            };
             layers.push(Layer {
-                attn_norm: f.vector(&n("attn_norm"), h)?,
-                q: f.matrix(&n("attn_q"), q, h)?,
-                k: f.matrix(&n("attn_k"), kv, h)?,
-                v: f.matrix(&n("attn_v"), kv, h)?,
-                o: f.matrix(&n("attn_output"), h, q)?,
-                q_norm: f.vector(&n("attn_q_norm"), hd)?,
-                k_norm: f.vector(&n("attn_k_norm"), hd)?,
-                post_attn_norm: f.vector(&n("post_attention_norm"), h)?,
+                attn_norm,
+                q: wq,
+                k: wk,
+                v: wv,
+                qkv_bias,
+                o,
+                gemma,
                 ffn_norm: f.vector(&n("ffn_norm"), h)?,
                 gate: f.matrix(&n("ffn_gate"), ffn, h)?,
                 up: f.matrix(&n("ffn_up"), ffn, h)?,
                 down: f.matrix(&n("ffn_down"), h, ffn)?,
-                post_ffw_norm: f.vector(&n("post_ffw_norm"), h)?,
                 sliding: cfg.is_sliding(l),
             });
         }
-        let theta_scale = |base: f32| base.powf(-2.0 / hd as f32);
+        let rope_factors = if f.has_tensor("rope_freqs.weight") {
+            Some(f.vector("rope_freqs.weight", cfg.rope_dims / 2)?)
+        } else {
+            None
+        };
+        let rot = cfg.rope_dims;
+        let theta_scale = |base: f32| base.powf(-2.0 / rot as f32);
         Ok(Self {
             inv_freq_local: theta_scale(cfg.rope_local),
             inv_freq_global: theta_scale(cfg.rope_global),
@@ -183,6 +232,7 @@ impl Gemma3 {
             output_norm,
             tied,
             layers,
+            rope_factors,
         })
     }
 
@@ -210,7 +260,7 @@ impl Gemma3 {
     }
 
     /// The model's hyper-parameters.
-    pub fn config(&self) -> &GemmaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
@@ -280,12 +330,14 @@ impl Gemma3 {
     /// Bytes of weights held by this shard.
     pub fn weight_bytes(&self) -> usize {
         let vecs = |l: &Layer| {
-            4 * (l.attn_norm.len()
-                + l.q_norm.len()
-                + l.k_norm.len()
-                + l.post_attn_norm.len()
-                + l.ffn_norm.len()
-                + l.post_ffw_norm.len())
+            let gemma = l.gemma.as_ref().map_or(0, |g| {
+                g.q_norm.len() + g.k_norm.len() + g.post_attn_norm.len() + g.post_ffw_norm.len()
+            });
+            let bias = l
+                .qkv_bias
+                .as_ref()
+                .map_or(0, |b| b.iter().map(Vec::len).sum());
+            4 * (l.attn_norm.len() + l.ffn_norm.len() + gemma + bias)
         };
         self.layers
             .iter()
@@ -307,7 +359,7 @@ impl Gemma3 {
         self.run(chunks, kv, true)
     }
 
-    /// As [`Gemma3::forward`], but a last shard returns
+    /// As [`Model::forward`], but a last shard returns
     /// [`ChunkOutput::Last`] rows for the head to project.
     pub fn forward_unprojected(
         &self,
@@ -361,7 +413,7 @@ impl Gemma3 {
                     let embed = self.embed.as_ref().ok_or_else(|| {
                         KernelError::BadInput("first shard without embedding".into())
                     })?;
-                    let scale = (h as f32).sqrt();
+                    let scale = cfg.arch.embed_scale(h);
                     for &tok in toks {
                         if tok as usize >= cfg.vocab {
                             return Err(KernelError::BadInput(format!(
@@ -371,7 +423,9 @@ impl Gemma3 {
                         }
                         let row = &mut x[r * h..(r + 1) * h];
                         embed.row_f32(tok as usize, row)?;
-                        row.iter_mut().for_each(|v| *v *= scale);
+                        if scale != 1.0 {
+                            row.iter_mut().for_each(|v| *v *= scale);
+                        }
                         r += 1;
                     }
                 }
@@ -400,14 +454,16 @@ impl Gemma3 {
             }
         }
 
-        // RoPE tables per row for both bases.
-        let half = cfg.head_dim / 2;
+        // RoPE tables per row for both bases (one entry per rotated pair).
+        let half = cfg.rope_dims / 2;
+        let factors = self.rope_factors.as_deref();
         let rope = |scale: f32| -> Vec<(f32, f32)> {
             let mut out = Vec::with_capacity(t * half);
             for &(_, p) in &rows {
                 let mut theta = p as f32;
-                for _ in 0..half {
-                    out.push(theta.sin_cos());
+                for i in 0..half {
+                    let f = factors.map_or(1.0, |f| f[i]);
+                    out.push((theta / f).sin_cos());
                     theta *= scale;
                 }
             }
@@ -484,7 +540,8 @@ impl Gemma3 {
         let (h, hd, t) = (cfg.hidden, cfg.head_dim, rows.len());
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_eps;
-        let half = hd / 2;
+        let half = cfg.rope_dims / 2;
+        let style = cfg.arch.rope_style();
 
         // attention block
         s.normed.copy_from_slice(x);
@@ -493,17 +550,26 @@ impl Gemma3 {
         }
         QMatrix::matmul_pair(&layer.q, &layer.k, t, &s.normed, &mut s.q, &mut s.k)?;
         layer.v.matmul(t, &s.normed, &mut s.v)?;
+        if let Some([bq, bk, bv]) = &layer.qkv_bias {
+            add_bias(&mut s.q, bq);
+            add_bias(&mut s.k, bk);
+            add_bias(&mut s.v, bv);
+        }
         let q_scale = 1.0 / (hd as f32).sqrt();
         for r in 0..t {
             let tab = &rope[r * half..(r + 1) * half];
             for head in s.q[r * qd..(r + 1) * qd].chunks_exact_mut(hd) {
-                rms_norm(head, &layer.q_norm, eps);
-                apply_rope(head, tab);
+                if let Some(g) = &layer.gemma {
+                    rms_norm(head, &g.q_norm, eps);
+                }
+                apply_rope(head, tab, style);
                 head.iter_mut().for_each(|v| *v *= q_scale);
             }
             for head in s.k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd) {
-                rms_norm(head, &layer.k_norm, eps);
-                apply_rope(head, tab);
+                if let Some(g) = &layer.gemma {
+                    rms_norm(head, &g.k_norm, eps);
+                }
+                apply_rope(head, tab, style);
             }
             let (ci, p) = rows[r];
             kv.write(
@@ -521,10 +587,8 @@ impl Gemma3 {
         };
         attention(cfg, kv, li, chunks, rows, &s.q, &mut s.attn, window)?;
         layer.o.matmul(t, &s.attn, &mut s.proj)?;
-        for (xr, pr) in x.chunks_exact_mut(h).zip(s.proj.chunks_exact_mut(h)) {
-            rms_norm(pr, &layer.post_attn_norm, eps);
-            xr.iter_mut().zip(pr.iter()).for_each(|(a, b)| *a += b);
-        }
+        let post_attn = layer.gemma.as_ref().map(|g| &g.post_attn_norm[..]);
+        residual_add(x, &mut s.proj, post_attn, h, eps);
 
         // MLP block
         s.normed.copy_from_slice(x);
@@ -532,16 +596,39 @@ impl Gemma3 {
             rms_norm(row, &layer.ffn_norm, eps);
         }
         QMatrix::matmul_pair(&layer.gate, &layer.up, t, &s.normed, &mut s.gate, &mut s.up)?;
-        s.gate
-            .iter_mut()
-            .zip(s.up.iter())
-            .for_each(|(g, u)| *g = gelu_ggml(*g) * u);
-        layer.down.matmul(t, &s.gate, &mut s.proj)?;
-        for (xr, pr) in x.chunks_exact_mut(h).zip(s.proj.chunks_exact_mut(h)) {
-            rms_norm(pr, &layer.post_ffw_norm, eps);
-            xr.iter_mut().zip(pr.iter()).for_each(|(a, b)| *a += b);
+        match cfg.arch.activation() {
+            Activation::GeluTanh => s
+                .gate
+                .iter_mut()
+                .zip(s.up.iter())
+                .for_each(|(g, u)| *g = gelu_ggml(*g) * u),
+            Activation::Silu => s
+                .gate
+                .iter_mut()
+                .zip(s.up.iter())
+                .for_each(|(g, u)| *g = silu(*g) * u),
         }
+        layer.down.matmul(t, &s.gate, &mut s.proj)?;
+        let post_ffw = layer.gemma.as_ref().map(|g| &g.post_ffw_norm[..]);
+        residual_add(x, &mut s.proj, post_ffw, h, eps);
         Ok(())
+    }
+}
+
+/// `x += norm(proj)` row by row, the norm only where the family has one.
+fn residual_add(x: &mut [f32], proj: &mut [f32], norm: Option<&[f32]>, h: usize, eps: f32) {
+    for (xr, pr) in x.chunks_exact_mut(h).zip(proj.chunks_exact_mut(h)) {
+        if let Some(w) = norm {
+            rms_norm(pr, w, eps);
+        }
+        xr.iter_mut().zip(pr.iter()).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// Adds `bias` to every row of `rows`.
+fn add_bias(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
     }
 }
 
@@ -558,7 +645,7 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(t: usize, cfg: &GemmaConfig) -> Self {
+    fn new(t: usize, cfg: &ModelConfig) -> Self {
         Self {
             normed: vec![0.0; t * cfg.hidden],
             q: vec![0.0; t * cfg.q_dim()],
@@ -580,15 +667,35 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * scale * w);
 }
 
-/// NeoX-style rotation: element `i` pairs with `i + d/2`.
-fn apply_rope(x: &mut [f32], tab: &[(f32, f32)]) {
-    let half = x.len() / 2;
-    let (a, b) = x.split_at_mut(half);
-    for ((x0, x1), (sin, cos)) in a.iter_mut().zip(b.iter_mut()).zip(tab) {
-        let (u, v) = (*x0, *x1);
-        *x0 = u * cos - v * sin;
-        *x1 = v * cos + u * sin;
+/// Rotates the first `2 · tab.len()` elements of one head; the rest pass
+/// through. NeoX pairs element `i` with `i + n/2`, adjacent pairs `2i` with
+/// `2i + 1`.
+fn apply_rope(x: &mut [f32], tab: &[(f32, f32)], style: RopeStyle) {
+    let n = 2 * tab.len();
+    let x = &mut x[..n];
+    match style {
+        RopeStyle::Neox => {
+            let (a, b) = x.split_at_mut(n / 2);
+            for ((x0, x1), (sin, cos)) in a.iter_mut().zip(b.iter_mut()).zip(tab) {
+                let (u, v) = (*x0, *x1);
+                *x0 = u * cos - v * sin;
+                *x1 = v * cos + u * sin;
+            }
+        }
+        RopeStyle::Adjacent => {
+            for (pair, (sin, cos)) in x.chunks_exact_mut(2).zip(tab) {
+                let (u, v) = (pair[0], pair[1]);
+                pair[0] = u * cos - v * sin;
+                pair[1] = v * cos + u * sin;
+            }
+        }
     }
+}
+
+/// SiLU, `x · sigmoid(x)`, in f32 as ggml's CPU backend computes it.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
 }
 
 /// GELU with the tanh approximation, as Gemma uses.
@@ -629,7 +736,7 @@ const ATTN_ROWS_PER_ITEM: usize = 16;
 /// query meets the f16 keys as f16 and the weights meet the f16 values as f16.
 #[allow(clippy::too_many_arguments)]
 fn attention(
-    cfg: &GemmaConfig,
+    cfg: &ModelConfig,
     kv: &KvCache,
     li: usize,
     chunks: &[Chunk],

@@ -16,7 +16,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::gguf::GemmaConfig;
+use crate::gguf::ModelConfig;
 use crate::kv::{BlockHash, KV_BLOCK_TOKENS};
 use crate::tokenizer::TokenId;
 
@@ -28,7 +28,7 @@ pub struct CacheScope {
 }
 
 /// The chain's seed for a model of shape `cfg`.
-pub fn model_seed(cfg: &GemmaConfig) -> u64 {
+pub fn model_seed(cfg: &ModelConfig) -> u64 {
     first_u64(&Sha256::digest(
         format!("weft-kv-prefix {cfg:?}").as_bytes(),
     ))

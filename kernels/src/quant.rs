@@ -1,10 +1,10 @@
 //! Quantized weight matrices and their matrix products on the CPU.
 //!
 //! A [`QMatrix`] is a GGUF weight of shape `[rows = out_features, cols = in_features]`.
-//! `matmul` multiplies a batch of activation rows by its transpose. K-quants and
-//! Q8_0 use candle's AVX2 dot products; Q5_0 (which candle only has as a scalar
-//! loop, and which holds most of the default model's layer weights) uses our own
-//! AVX2 kernel below. All products run on candle's CPU worker pool, whose size
+//! `matmul` multiplies a batch of activation rows by its transpose. Q4_1, Q5_0
+//! and Q8_0 (the layer weights of the default models: candle has only scalar
+//! loops for the first two) use our own AVX2 kernels below; K-quants and the
+//! rest go through candle's. All products run on candle's CPU worker pool, whose size
 //! [`crate::set_threads`] fixes.
 
 use std::borrow::Cow;
@@ -37,19 +37,35 @@ pub struct BlockQ5_0 {
     pub qs: [u8; QK / 2],
 }
 
-/// A Q8_0-quantized activation block with its scale already in f32 (the
-/// f16-rounded value ggml stores, so products are the same).
+/// One Q4_1 block: a scale, a minimum, and 32 low nibbles (20 bytes, as in
+/// GGUF); element `j` is `d · q_j + m`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; QK / 2],
+}
+
+/// A Q8-quantized activation block with its scale already in f32 (the
+/// f16-rounded value ggml stores, so products are the same). `s` is what
+/// ggml's Q8_1 adds for weights with a minimum (Q4_1): the f32 scale times
+/// the sum of the quants, rounded to f16.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct ActQ8 {
     pub d: f32,
+    pub s: f32,
     pub qs: [i8; QK],
 }
 
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 
 enum Storage {
+    /// Our own Q4_1 kernels.
+    Q4_1(Vec<BlockQ4_1>),
     /// Our own Q5_0 kernels.
     Q5_0(Vec<BlockQ5_0>),
     /// Our own Q8_0 kernels.
@@ -131,6 +147,20 @@ impl QMatrix {
                 }
                 Storage::Q5_0(blocks)
             }
+            GgmlDType::Q4_1 => Storage::Q4_1(
+                bytes
+                    .chunks_exact(std::mem::size_of::<BlockQ4_1>())
+                    .map(|c| {
+                        let mut qs = [0u8; QK / 2];
+                        qs.copy_from_slice(&c[4..20]);
+                        BlockQ4_1 {
+                            d: f16::from_le_bytes([c[0], c[1]]),
+                            m: f16::from_le_bytes([c[2], c[3]]),
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ),
             GgmlDType::Q8_0 => Storage::Q8_0(
                 bytes
                     .chunks_exact(std::mem::size_of::<BlockQ8_0>())
@@ -153,7 +183,6 @@ impl QMatrix {
                     .collect(),
             ),
             GgmlDType::Q4_0
-            | GgmlDType::Q4_1
             | GgmlDType::Q5_1
             | GgmlDType::Q2K
             | GgmlDType::Q3K
@@ -190,6 +219,7 @@ impl QMatrix {
     /// Bytes of weight data held.
     pub fn size_in_bytes(&self) -> usize {
         match &self.storage {
+            Storage::Q4_1(b) => b.len() * std::mem::size_of::<BlockQ4_1>(),
             Storage::Q5_0(b) => b.len() * std::mem::size_of::<BlockQ5_0>(),
             Storage::Q8_0(b) => b.len() * std::mem::size_of::<BlockQ8_0>(),
             Storage::Candle(q) => q.storage_size_in_bytes(),
@@ -205,6 +235,10 @@ impl QMatrix {
             return Ok(());
         }
         match &self.storage {
+            Storage::Q4_1(w) => {
+                matmul_q8_act(m, self.cols, lhs, &mut [(w, self.rows, dst)]);
+                Ok(())
+            }
             Storage::Q5_0(w) => {
                 matmul_q8_act(m, self.cols, lhs, &mut [(w, self.rows, dst)]);
                 Ok(())
@@ -223,7 +257,7 @@ impl QMatrix {
 
     /// `dst_a = lhs · aᵀ` and `dst_b = lhs · bᵀ` for two matrices taking the
     /// same input: one activation quantization and one pool dispatch when
-    /// both are Q5_0 or both Q8_0.
+    /// both have the same one of our own types.
     pub fn matmul_pair(
         a: &Self,
         b: &Self,
@@ -239,6 +273,15 @@ impl QMatrix {
             )));
         }
         match (&a.storage, &b.storage) {
+            (Storage::Q4_1(wa), Storage::Q4_1(wb)) if m > 0 => {
+                matmul_q8_act(
+                    m,
+                    a.cols,
+                    lhs,
+                    &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)],
+                );
+                Ok(())
+            }
             (Storage::Q5_0(wa), Storage::Q5_0(wb)) if m > 0 => {
                 matmul_q8_act(
                     m,
@@ -274,6 +317,15 @@ impl QMatrix {
             )));
         }
         match &self.storage {
+            Storage::Q4_1(w) => {
+                let bpr = self.cols / QK;
+                for (b, o) in w[row * bpr..(row + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    dequant_q4_1(b, o);
+                }
+            }
             Storage::Q5_0(w) => {
                 let bpr = self.cols / QK;
                 for (b, o) in w[row * bpr..(row + 1) * bpr]
@@ -312,6 +364,14 @@ impl QMatrix {
     }
 }
 
+fn dequant_q4_1(b: &BlockQ4_1, out: &mut [f32]) {
+    let (d, m) = (b.d.to_f32(), b.m.to_f32());
+    for j in 0..QK / 2 {
+        out[j] = (b.qs[j] & 0x0f) as f32 * d + m;
+        out[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
+    }
+}
+
 fn dequant_q5_0(b: &BlockQ5_0, out: &mut [f32]) {
     let d = b.d.to_f32();
     let qh = u32::from_le_bytes(b.qh);
@@ -327,15 +387,19 @@ fn dequant_q5_0(b: &BlockQ5_0, out: &mut [f32]) {
 
 /// Quantizes one activation row to Q8_0 exactly as ggml's CPU backend does
 /// (scale `127 / max`, round half to even, scale stored as f16), so products
-/// match llama.cpp's.
+/// match llama.cpp's; `s` as its AVX2 Q8_1 quantization sets it.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [ActQ8]) {
     for (xs, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        o.d = f16::from_f32(amax / 127.0).to_f32();
+        let d = amax / 127.0;
+        o.d = f16::from_f32(d).to_f32();
+        let mut sum = 0i32;
         for (q, v) in o.qs.iter_mut().zip(xs) {
             *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
         }
+        o.s = f16::from_f32(d * sum as f32).to_f32();
     }
 }
 
@@ -382,6 +446,7 @@ macro_rules! q8_dot {
 }
 
 q8_dot!(BlockQ8_0, dot_rows_q8_0, vec_dot_q8_0_q8_0_scalar);
+q8_dot!(BlockQ4_1, dot_rows_q4_1, vec_dot_q4_1_q8_1_scalar);
 q8_dot!(BlockQ5_0, dot_rows_q5_0, vec_dot_q5_0_q8_0_scalar);
 
 /// Activation rows one work item covers at most (a block that stays in cache).
@@ -403,6 +468,7 @@ fn matmul_q8_act<W: Q8Dot>(
     let bpr = k / QK;
     let zero = ActQ8 {
         d: 0.0,
+        s: 0.0,
         qs: [0; QK],
     };
     let mut lhs_q = vec![zero; m * bpr];
@@ -519,6 +585,26 @@ pub fn vec_dot_q8_0_q8_0_scalar(x: &[BlockQ8_0], y: &[ActQ8]) -> f32 {
         .sum()
 }
 
+/// Dot product of a Q4_1 row with a Q8 activation row.
+#[inline]
+pub fn vec_dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[ActQ8]) -> f32 {
+    BlockQ4_1::dot_rows(x, [y])[0]
+}
+
+/// The reference (scalar) Q4_1 · Q8_1 dot product: `d_x d_y Σ q_x q_y + m_x s_y` per block.
+pub fn vec_dot_q4_1_q8_1_scalar(x: &[BlockQ4_1], y: &[ActQ8]) -> f32 {
+    let mut sum = 0f32;
+    for (b, q) in x.iter().zip(y) {
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            s += (b.qs[j] & 0x0f) as i32 * q.qs[j] as i32
+                + (b.qs[j] >> 4) as i32 * q.qs[j + QK / 2] as i32;
+        }
+        sum += s as f32 * (b.d.to_f32() * q.d) + b.m.to_f32() * q.s;
+    }
+    sum
+}
+
 /// The reference (scalar) Q5_0 · Q8_0 dot product.
 pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
     let mut sum = 0f32;
@@ -543,7 +629,7 @@ pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{ActQ8, BlockQ5_0, BlockQ8_0};
+    use super::{ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0};
     use std::arch::x86_64::*;
 
     /// Spreads the 32 bits of `qh` to 32 bytes: byte j is 0x10 when bit j is set.
@@ -610,6 +696,39 @@ mod avx2 {
         })
     }
 
+    /// Q4_1: the nibbles are unsigned, so they meet the activations in
+    /// maddubs directly; the minimum adds `m · s` per block.
+    #[inline(always)]
+    pub(super) unsafe fn dot_rows_q4_1<const R: usize>(
+        x: &[BlockQ4_1],
+        ys: [&[ActQ8]; R],
+    ) -> [f32; R] {
+        let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for b in 0..n {
+            let bx = x.get_unchecked(b);
+            let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
+            let xs = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+            let (dx, mx) = (bx.d.to_f32(), bx.m.to_f32());
+            for r in 0..R {
+                let y = ys[r].get_unchecked(b);
+                let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                let p16 = _mm256_maddubs_epi16(xs, yv);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * y.d), p, acc[r]);
+                mins[r] += mx * y.s;
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + mins[r];
+        }
+        out
+    }
+
     #[inline(always)]
     pub(super) unsafe fn dot_rows_q5_0<const R: usize>(
         x: &[BlockQ5_0],
@@ -662,6 +781,7 @@ mod tests {
         let mut y = vec![
             ActQ8 {
                 d: 0.0,
+                s: 0.0,
                 qs: [0; QK]
             };
             blocks
@@ -701,17 +821,25 @@ mod tests {
     fn grouped_rows_match_the_scalar_reference_for_every_type() {
         let mut s = 99u64;
         let (rows, cols, m) = (37, 64, 6);
-        // random Q5_0 and Q8_0 weight bytes with sane scales
+        // random Q4_1, Q5_0 and Q8_0 weight bytes with sane scales
+        let mut q4 = Vec::new();
         let mut q5 = Vec::new();
         let mut q8 = Vec::new();
         for _ in 0..rows * cols / QK {
+            q4.extend(f16::from_f32(rng(&mut s) * 0.1).to_le_bytes());
+            q4.extend(f16::from_f32(rng(&mut s) * 0.5).to_le_bytes());
+            q4.extend((0..16).map(|_| (rng(&mut s) * 127.0 + 128.0) as u8));
             q5.extend(f16::from_f32(rng(&mut s) * 0.1).to_le_bytes());
             q5.extend((0..20).map(|_| (rng(&mut s) * 127.0 + 128.0) as u8));
             q8.extend(f16::from_f32(rng(&mut s) * 0.1).to_le_bytes());
             q8.extend((0..32).map(|_| (rng(&mut s) * 127.0) as i8 as u8));
         }
         let x: Vec<f32> = (0..m * cols).map(|_| rng(&mut s)).collect();
-        for (dtype, bytes) in [(GgmlDType::Q5_0, q5), (GgmlDType::Q8_0, q8)] {
+        for (dtype, bytes) in [
+            (GgmlDType::Q4_1, q4),
+            (GgmlDType::Q5_0, q5),
+            (GgmlDType::Q8_0, q8),
+        ] {
             let w = QMatrix::from_bytes("w", dtype, rows, cols, &bytes).unwrap();
             let mut y = vec![0f32; m * rows];
             w.matmul(m, &x, &mut y).unwrap();
@@ -720,6 +848,7 @@ mod tests {
                 let mut xq = vec![
                     ActQ8 {
                         d: 0.0,
+                        s: 0.0,
                         qs: [0; QK]
                     };
                     bpr
@@ -727,6 +856,9 @@ mod tests {
                 quantize_row_q8_0(&x[r * cols..(r + 1) * cols], &mut xq);
                 for c in 0..rows {
                     let exact = match &w.storage {
+                        Storage::Q4_1(b) => {
+                            vec_dot_q4_1_q8_1_scalar(&b[c * bpr..(c + 1) * bpr], &xq)
+                        }
                         Storage::Q5_0(b) => {
                             vec_dot_q5_0_q8_0_scalar(&b[c * bpr..(c + 1) * bpr], &xq)
                         }
@@ -742,6 +874,32 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_q4_1_product_agrees_with_the_dequantized_f32_product() {
+        let mut s = 7u64;
+        let (rows, cols) = (5, 128);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK {
+            bytes.extend(f16::from_f32(rng(&mut s) * 0.05).to_le_bytes());
+            bytes.extend(f16::from_f32(rng(&mut s) * 0.4).to_le_bytes());
+            bytes.extend((0..16).map(|_| (rng(&mut s) * 127.0 + 128.0) as u8));
+        }
+        let w = QMatrix::from_bytes("w", GgmlDType::Q4_1, rows, cols, &bytes).unwrap();
+        let x: Vec<f32> = (0..cols).map(|_| rng(&mut s)).collect();
+        let mut y = vec![0f32; rows];
+        w.matmul(1, &x, &mut y).unwrap();
+        let mut row = vec![0f32; cols];
+        for (c, got) in y.iter().enumerate() {
+            w.row_f32(c, &mut row).unwrap();
+            let exact = dot_f32(&row, &x);
+            // up to the activations' quantization
+            assert!(
+                (got - exact).abs() <= 0.02 * exact.abs().max(1.0),
+                "row {c}: {got} vs {exact}"
+            );
         }
     }
 }

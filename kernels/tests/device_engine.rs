@@ -11,13 +11,13 @@ use std::sync::Arc;
 use weft_kernels::testing::load_tiny_model;
 use weft_kernels::{
     Chunk, ChunkOutput, Completion, DeviceForward, DeviceOutput, Engine, EngineConfig,
-    FinishReason, Gemma3, KvCache, LoadedModel, Pick, Request, Result, SamplingParams, TopOfRow,
+    FinishReason, KvCache, LoadedModel, Model, Pick, Request, Result, SamplingParams, TopOfRow,
 };
 
 /// A "device" that runs the CPU model with a cache of its own, checking
 /// that the engine's block tables are what it is given.
 struct HostDevice {
-    model: Arc<Gemma3>,
+    model: Arc<Model>,
     kv: KvCache,
     blocks: usize,
     steps: usize,

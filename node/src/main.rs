@@ -626,10 +626,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let tok = lm.tokenizer.clone();
     let prompt = if a.chat {
-        tok.encode_chat(&[ChatMessage {
-            role: "user".into(),
-            content: a.prompt.clone(),
-        }])
+        tok.encode_chat(&[ChatMessage::new("user", a.prompt.clone())], None)
+            .context(
+                "rendering the chat prompt (without --chat the prompt is a plain completion)",
+            )?
     } else {
         tok.encode(&a.prompt, true, false)
     };

@@ -169,7 +169,7 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         .context("getting the model")?;
     let gguf = weft_kernels::GgufFile::open(&stored.path)?;
     let tokenizer = Arc::new(weft_kernels::Tokenizer::from_gguf(&gguf)?);
-    let model_cfg = weft_kernels::GemmaConfig::from_gguf(&gguf)?;
+    let model_cfg = weft_kernels::ModelConfig::from_gguf(&gguf)?;
     drop(gguf);
     let mut cfg = cfg;
     cfg.max_context = cfg.max_context.min(model_cfg.context_length);

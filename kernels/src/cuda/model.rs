@@ -26,10 +26,10 @@ use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig
 use super::{device_error, Gpu, ROW_THREADS};
 use crate::engine::{DeviceForward, DeviceOutput, Pick};
 use crate::error::{KernelError, Result};
-use crate::gguf::GemmaConfig;
+use crate::gguf::ModelConfig;
 use crate::kv::{KvCache, KV_BLOCK_TOKENS};
 use crate::layout::StepLayout;
-use crate::model::{Chunk, ChunkInput, Gemma3};
+use crate::model::{Chunk, ChunkInput, Model};
 use crate::quant::QMatrix;
 use crate::sampling::TopOfRow;
 
@@ -122,7 +122,7 @@ struct Buffers {
 
 impl Buffers {
     /// Bytes the buffers take for `rows` rows and `logit_rows` logit rows.
-    fn bytes(cfg: &GemmaConfig, rows: usize, logit_rows: usize) -> usize {
+    fn bytes(cfg: &ModelConfig, rows: usize, logit_rows: usize) -> usize {
         let (h, q, kv, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
         let f32s = rows * (3 * h + 2 * q + 2 * kv + 2 * f) + logit_rows * (h + cfg.vocab);
         let u16s = rows * h.max(q).max(f) + logit_rows * h;
@@ -134,7 +134,7 @@ impl Buffers {
 /// A whole model on a CUDA device. See the module's documentation.
 pub struct CudaModel {
     gpu: Gpu,
-    cfg: GemmaConfig,
+    cfg: ModelConfig,
     embed: CudaSlice<u16>,
     /// The output projection when it is not the embedding.
     output: Option<CudaSlice<u16>>,
@@ -189,13 +189,13 @@ fn oom(what: &str, need: usize, budget: usize) -> KernelError {
 
 impl CudaModel {
     /// Uploads `model` (all of its layers) to CUDA device `ordinal`.
-    pub fn load(model: &Gemma3, ordinal: usize, opts: CudaOptions) -> Result<Self> {
+    pub fn load(model: &Model, ordinal: usize, opts: CudaOptions) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;
         Self::load_on(gpu, model, opts)
     }
 
     /// Uploads `model` to an open device.
-    pub fn load_on(gpu: Gpu, model: &Gemma3, opts: CudaOptions) -> Result<Self> {
+    pub fn load_on(gpu: Gpu, model: &Model, opts: CudaOptions) -> Result<Self> {
         let cfg = model.config().clone();
         if !model.is_first() || !model.is_last() {
             return Err(KernelError::BadInput(
@@ -207,6 +207,14 @@ impl CudaModel {
                 "the CUDA attention needs a head size that is a multiple of 32 up to 512 (this model has {}), and whole query groups",
                 cfg.head_dim
             )));
+        }
+        // the device kernels are Gemma 3's block (q/k norms, post norms,
+        // GELU, NeoX RoPE); other families run on the CPU
+        if cfg.arch != crate::gguf::Arch::Gemma3 {
+            return Err(KernelError::ArchitectureNotOnBackend {
+                arch: cfg.arch.to_string(),
+                backend: "CUDA",
+            });
         }
         let (embed, output, norm, layers, freqs) = model.parts();
         let embed =
@@ -266,20 +274,24 @@ impl CudaModel {
         };
         let mut dev_layers = Vec::with_capacity(layers.len());
         for l in layers {
+            let g = l
+                .gemma
+                .as_ref()
+                .ok_or_else(|| KernelError::BadInput("a Gemma 3 layer without its norms".into()))?;
             dev_layers.push(DevLayer {
                 attn_norm: up32(&l.attn_norm)?,
                 q: up16(&l.q)?,
                 k: up16(&l.k)?,
                 v: up16(&l.v)?,
                 o: up16(&l.o)?,
-                q_norm: up32(&l.q_norm)?,
-                k_norm: up32(&l.k_norm)?,
-                post_attn_norm: up32(&l.post_attn_norm)?,
+                q_norm: up32(&g.q_norm)?,
+                k_norm: up32(&g.k_norm)?,
+                post_attn_norm: up32(&g.post_attn_norm)?,
                 ffn_norm: up32(&l.ffn_norm)?,
                 gate: up16(&l.gate)?,
                 up: up16(&l.up)?,
                 down: up16(&l.down)?,
-                post_ffw_norm: up32(&l.post_ffw_norm)?,
+                post_ffw_norm: up32(&g.post_ffw_norm)?,
                 sliding: l.sliding,
             });
         }
@@ -370,7 +382,7 @@ impl CudaModel {
 /// The device and the model's shape: what every launch needs.
 struct Dev<'a> {
     gpu: &'a Gpu,
-    cfg: &'a GemmaConfig,
+    cfg: &'a ModelConfig,
 }
 
 impl Dev<'_> {

@@ -112,11 +112,18 @@ pub(crate) struct ContentPart {
 pub(crate) struct MessageField {
     pub(crate) role: String,
     pub(crate) content: Option<ContentField>,
+    /// An assistant message's tool calls, handed to the chat template.
+    pub(crate) tool_calls: Option<serde_json::Value>,
+    /// The call a `tool` message answers.
+    pub(crate) tool_call_id: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct ChatBody {
     pub(crate) messages: Vec<MessageField>,
+    /// The tools the model may call, handed to the chat template.
+    pub(crate) tools: Option<serde_json::Value>,
     #[serde(default)]
     pub(crate) logprobs: bool,
     pub(crate) top_logprobs: Option<u32>,

@@ -318,12 +318,34 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
             messages.push(ChatMessage {
                 role: m.role,
                 content,
+                tool_calls: m.tool_calls,
+                tool_call_id: m.tool_call_id,
+                name: m.name,
             });
+        }
+        if body
+            .tools
+            .as_ref()
+            .is_some_and(|t| !t.is_array() && !t.is_null())
+        {
+            return Err(ApiError::bad("tools must be an array").param("tools"));
         }
         let logprobs = body
             .logprobs
             .then(|| (body.top_logprobs.unwrap_or(0), "top_logprobs"));
-        let prompt = prepared.model.tokenizer.encode_chat(&messages);
+        let prompt = prepared
+            .model
+            .tokenizer
+            .encode_chat(&messages, body.tools.as_ref())
+            .map_err(|e| {
+                let no_template = matches!(e, weft_kernels::KernelError::NoChatTemplate);
+                let err = ApiError::bad(format!("{e}")).param("messages");
+                if no_template {
+                    err.code("model_has_no_chat_template")
+                } else {
+                    err
+                }
+            })?;
         job(
             &s,
             Kind::Chat,

@@ -138,12 +138,14 @@ impl AppState {
                             .shared_prefixes
                             .iter()
                             .flat_map(|text| {
-                                let system = weft_kernels::ChatMessage {
-                                    role: "system".into(),
-                                    content: text.clone(),
-                                };
-                                [t.encode(text, true, false), t.encode_chat(&[system])]
+                                let system = weft_kernels::ChatMessage::new("system", text);
+                                // a model without a chat template has only the plain form
+                                [
+                                    Some(t.encode(text, true, false)),
+                                    t.encode_chat(&[system], None).ok(),
+                                ]
                             })
+                            .flatten()
                             .collect(),
                     )
                 })

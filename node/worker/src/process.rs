@@ -461,7 +461,7 @@ fn serve(args: WorkerArgs) -> Result<()> {
 /// a time, until the node closes the socket.
 fn serve_shard(
     channel: Channel,
-    shard: std::sync::Arc<weft_kernels::Gemma3>,
+    shard: std::sync::Arc<weft_kernels::Model>,
     kv_budget: usize,
     confinement: Confinement,
     reached_node: bool,
