@@ -60,7 +60,7 @@ done
 sleep 1
 "$W" node --config "$D/gw-1.toml" >"$D/gw-1.log" 2>&1 &
 "$W" node --config "$D/gw-2.toml" >"$D/gw-2.log" 2>&1 &
-"$W" cluster model-add --config "$D/c1.toml" --source default --name gemma >/dev/null
+"$W" cluster model-add --config "$D/c1.toml" --source gemma-3-270m-q4_k_m --name gemma >/dev/null
 "$W" cluster replan --config "$D/c1.toml" --demand edge-b:gemma:50:200:64 >/dev/null
 python3 - "$API1" "$API2" "$N" <<'PY'
 import json, sys, time, urllib.request, statistics

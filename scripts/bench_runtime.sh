@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# The model-runtime benchmark: weft vs llama.cpp on the default model, same
-# GGUF, same thread counts, same machine, one run. Writes
-# bench/results/runtime.{json,md}. Needs `pip install llama-cpp-python numpy`.
+# The model-runtime benchmark: weft vs llama.cpp on each real model (SmolLM2
+# 135M Instruct, the default, and Gemma 3 270M), same GGUF, same thread
+# counts, same machine, one run. Writes bench/results/runtime-<model>.jsonl
+# and bench/results/runtime.md (one table per model). Needs `pip install
+# llama-cpp-python numpy`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${THREADS:-1 2}"
+models="${MODELS:-smollm2 gemma-3-270m-q4_k_m}"
 # This machine's speed drifts between runs (shared host): each engine runs
 # REPEATS times, alternating, and the table takes the median of each figure.
 repeats="${REPEATS:-3}"
 cargo build --release -q -p weft-bench -p weft-node
-model="$(target/release/weft model pull default | awk '{print $2}')"
 out=bench/results
 mkdir -p "$out"
-: > "$out/runtime.jsonl"
-for r in $(seq "$repeats"); do
-  for t in $threads; do
-    target/release/weft-bench runtime --threads "$t" --decode-tokens 32 >> "$out/runtime.jsonl"
-    python3 bench/llamacpp_bench.py "$model" "$t" 512 32 >> "$out/runtime.jsonl"
+: > "$out/runtime.md"
+for m in $models; do
+  model="$(target/release/weft model pull "$m" | awk '{print $2}')"
+  jsonl="$out/runtime-$m.jsonl"
+  : > "$jsonl"
+  for r in $(seq "$repeats"); do
+    for t in $threads; do
+      target/release/weft-bench runtime --model "$m" --threads "$t" --decode-tokens 32 >> "$jsonl"
+      python3 bench/llamacpp_bench.py "$model" "$t" 512 32 >> "$jsonl"
+    done
   done
+  python3 bench/format_runtime.py "$jsonl" "$(stat -c %s "$model")" "$m" >> "$out/runtime.md"
 done
-python3 bench/format_runtime.py "$out/runtime.jsonl" "$(stat -c %s "$model")" > "$out/runtime.md"
 cat "$out/runtime.md"

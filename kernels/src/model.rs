@@ -548,8 +548,9 @@ impl Model {
         for row in s.normed.chunks_exact_mut(h) {
             rms_norm(row, &layer.attn_norm, eps);
         }
-        QMatrix::matmul_pair(&layer.q, &layer.k, t, &s.normed, &mut s.q, &mut s.k)?;
-        layer.v.matmul(t, &s.normed, &mut s.v)?;
+        QMatrix::matmul_triple(
+            &layer.q, &layer.k, &layer.v, t, &s.normed, &mut s.q, &mut s.k, &mut s.v,
+        )?;
         if let Some([bq, bk, bv]) = &layer.qkv_bias {
             add_bias(&mut s.q, bq);
             add_bias(&mut s.k, bk);

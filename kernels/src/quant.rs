@@ -307,6 +307,74 @@ impl QMatrix {
         }
     }
 
+    /// Three products of one input (q, k and v): one activation
+    /// quantization and one pool dispatch when all three have the same one
+    /// of our own types; else the first two paired and the third alone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_triple(
+        a: &Self,
+        b: &Self,
+        c: &Self,
+        m: usize,
+        lhs: &[f32],
+        dst_a: &mut [f32],
+        dst_b: &mut [f32],
+        dst_c: &mut [f32],
+    ) -> Result<()> {
+        if a.cols != b.cols || a.cols != c.cols {
+            return Err(KernelError::BadInput(format!(
+                "three products take {}, {} and {} inputs",
+                a.cols, b.cols, c.cols
+            )));
+        }
+        let k = a.cols;
+        match (&a.storage, &b.storage, &c.storage) {
+            (Storage::Q4_1(wa), Storage::Q4_1(wb), Storage::Q4_1(wc)) if m > 0 => {
+                matmul_q8_act(
+                    m,
+                    k,
+                    lhs,
+                    &mut [
+                        (wa, a.rows, dst_a),
+                        (wb, b.rows, dst_b),
+                        (wc, c.rows, dst_c),
+                    ],
+                );
+                Ok(())
+            }
+            (Storage::Q5_0(wa), Storage::Q5_0(wb), Storage::Q5_0(wc)) if m > 0 => {
+                matmul_q8_act(
+                    m,
+                    k,
+                    lhs,
+                    &mut [
+                        (wa, a.rows, dst_a),
+                        (wb, b.rows, dst_b),
+                        (wc, c.rows, dst_c),
+                    ],
+                );
+                Ok(())
+            }
+            (Storage::Q8_0(wa), Storage::Q8_0(wb), Storage::Q8_0(wc)) if m > 0 => {
+                matmul_q8_act(
+                    m,
+                    k,
+                    lhs,
+                    &mut [
+                        (wa, a.rows, dst_a),
+                        (wb, b.rows, dst_b),
+                        (wc, c.rows, dst_c),
+                    ],
+                );
+                Ok(())
+            }
+            _ => {
+                Self::matmul_pair(a, b, m, lhs, dst_a, dst_b)?;
+                c.matmul(m, lhs, dst_c)
+            }
+        }
+    }
+
     /// Dequantizes row `row` into `out` (embedding lookup).
     pub fn row_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
         debug_assert_eq!(out.len(), self.cols);
@@ -413,13 +481,43 @@ unsafe impl Sync for SharedMut {}
 
 /// Weight blocks whose dot partner is a Q8_0 activation block.
 pub trait Q8Dot: Copy + Sync {
-    /// Sums of one weight row with `R` activation rows.
+    /// Sums of one weight row with `R` activation rows. Each sum is the
+    /// same [`CHAINS`] chains over the blocks combined the same way,
+    /// whatever `R` is, so a row's result does not depend on the rows
+    /// batched with it.
     fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R];
 }
 
-/// Implements [`Q8Dot`] for a block type with its AVX2 kernel and scalar reference.
+/// Chains a row's blocks are summed in: block `b` goes to chain `b % 4`,
+/// the chains are added pairwise at the end. Few rows walk the chains side
+/// by side (so each fused multiply-add need not wait on the last); many
+/// rows walk them one after another (so the accumulators stay in registers);
+/// the sums are the same bits either way.
+pub const CHAINS: usize = 4;
+
+/// Whether this CPU has AVX-VNNI (`vpdpbusd` on 256-bit vectors), checked
+/// once; `WEFT_NO_VNNI` set turns it off (to compare the kernels).
+#[cfg(target_arch = "x86_64")]
+fn has_avx_vnni() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static FOUND: AtomicU8 = AtomicU8::new(0);
+    match FOUND.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let yes = std::is_x86_feature_detected!("avxvnni")
+                && std::env::var_os("WEFT_NO_VNNI").is_none();
+            FOUND.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+            yes
+        }
+    }
+}
+
+/// Implements [`Q8Dot`] for a block type: its AVX-VNNI kernel where the CPU
+/// has it (when there is one), its AVX2 kernel otherwise, and the scalar
+/// reference without AVX2.
 macro_rules! q8_dot {
-    ($block:ty, $avx2:ident, $scalar:ident) => {
+    ($block:ty, $kernel:ident, $scalar:ident, $vnni:expr) => {
         impl Q8Dot for $block {
             #[inline]
             fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
@@ -429,8 +527,13 @@ macro_rules! q8_dot {
                     target_feature = "fma"
                 ))]
                 {
-                    // SAFETY: the target features this needs are enabled at compile time.
-                    unsafe { avx2::$avx2(w, ys) }
+                    if $vnni && has_avx_vnni() {
+                        // SAFETY: the CPU has AVX-VNNI (checked above) and AVX2.
+                        unsafe { vnni::$kernel(w, ys) }
+                    } else {
+                        // SAFETY: the target features this needs are enabled at compile time.
+                        unsafe { avx2::$kernel(w, ys) }
+                    }
                 }
                 #[cfg(not(all(
                     target_arch = "x86_64",
@@ -445,9 +548,9 @@ macro_rules! q8_dot {
     };
 }
 
-q8_dot!(BlockQ8_0, dot_rows_q8_0, vec_dot_q8_0_q8_0_scalar);
-q8_dot!(BlockQ4_1, dot_rows_q4_1, vec_dot_q4_1_q8_1_scalar);
-q8_dot!(BlockQ5_0, dot_rows_q5_0, vec_dot_q5_0_q8_0_scalar);
+q8_dot!(BlockQ8_0, rows_q8_0, vec_dot_q8_0_q8_0_scalar, true);
+q8_dot!(BlockQ4_1, rows_q4_1, vec_dot_q4_1_q8_1_scalar, true);
+q8_dot!(BlockQ5_0, rows_q5_0, vec_dot_q5_0_q8_0_scalar, false);
 
 /// Activation rows one work item covers at most (a block that stays in cache).
 const ROW_BLOCK: usize = 64;
@@ -493,10 +596,10 @@ fn matmul_q8_act<W: Q8Dot>(
     barrier_pool().execute_chunked(items.len(), move |range| {
         for &(p, c0, r0) in &items[range] {
             let (w, n, out) = outs[p];
-            // SAFETY (all writes below): (r, c) of a part is written by exactly one work item.
-            let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * n + c) = v };
             let c1 = (c0 + COLS_PER_ITEM).min(n);
             let r_end = (r0 + ROW_BLOCK).min(m);
+            // SAFETY (all writes below): (r, c) of a part is written by exactly one work item.
+            let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * n + c) = v };
             let mut r = r0;
             while r + ROW_GROUP <= r_end {
                 for c in c0..c1 {
@@ -519,6 +622,14 @@ fn matmul_q8_act<W: Q8Dot>(
                     }
                 }
                 r += 4;
+            }
+            while r + 2 <= r_end {
+                for c in c0..c1 {
+                    let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], [y(r), y(r + 1)]);
+                    put(r, c, s[0]);
+                    put(r + 1, c, s[1]);
+                }
+                r += 2;
             }
             for r in r..r_end {
                 for c in c0..c1 {
@@ -623,130 +734,266 @@ pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
     sum
 }
 
+/// The kernels of one instruction set: `$feat` names the target features
+/// its functions are compiled for, `$dot` how it multiplies unsigned by
+/// signed bytes and sums them in fours into 32-bit lanes.
+macro_rules! kernels {
+    ($name:ident, $doc:literal, $feat:literal, $dot:ident) => {
+        #[doc = $doc]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        pub(super) mod $name {
+            #[allow(unused_imports)]
+            use super::{dot_avx2, dot_vnni};
+            use super::{ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0, CHAINS, QK};
+            use std::arch::x86_64::*;
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn hsum(acc: __m256) -> f32 {
+                let hi = _mm256_extractf128_ps(acc, 1);
+                let lo = _mm256_castps256_ps128(acc);
+                let s = _mm_add_ps(hi, lo);
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+
+            /// Spreads the 32 bits of `qh` to 32 bytes: byte j is 0x10 when bit j is set.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn high_bits(qh: u32) -> __m256i {
+                let v = _mm256_set1_epi32(qh as i32);
+                // byte j takes byte j/8 of qh
+                let shuf = _mm256_set_epi64x(
+                    0x0303030303030303,
+                    0x0202020202020202,
+                    0x0101010101010101,
+                    0x0000000000000000,
+                );
+                let bytes = _mm256_shuffle_epi8(v, shuf);
+                let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+            }
+
+            /// The 32 unsigned nibbles of a Q4_1 block, in element order.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
+                let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+                _mm256_and_si256(
+                    _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+                    _mm256_set1_epi8(0x0f),
+                )
+            }
+
+            /// One block's term added to a chain: `acc + d_x d_y · (x · y)`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn term(acc: __m256, p: __m256i, dxy: f32) -> __m256 {
+                _mm256_fmadd_ps(_mm256_set1_ps(dxy), _mm256_cvtepi32_ps(p), acc)
+            }
+
+            /// The chains combined: `(c0 + c1) + (c2 + c3)`, then the lanes.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn combine(c: [__m256; CHAINS]) -> f32 {
+                hsum(_mm256_add_ps(
+                    _mm256_add_ps(c[0], c[1]),
+                    _mm256_add_ps(c[2], c[3]),
+                ))
+            }
+
+            /// Sums of signed-weight blocks (Q8_0, Q5_0) with `R` rows:
+            /// `unpack(block)` gives a block's 32 values and scale.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn rows_signed<const R: usize>(
+                n: usize,
+                ys: &[&[ActQ8]; R],
+                mut unpack: impl FnMut(usize) -> (__m256i, f32),
+            ) -> [f32; R] {
+                let mut chains = [[_mm256_setzero_ps(); CHAINS]; R];
+                let mut step = |acc: &mut [__m256; R], b: usize| {
+                    let (x, dx) = unpack(b);
+                    let ax = _mm256_sign_epi8(x, x);
+                    for r in 0..R {
+                        let y = ys[r].get_unchecked(b);
+                        let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                        // |x| * sign(y, x) keeps the unsigned×signed form
+                        acc[r] = term(acc[r], $dot(ax, _mm256_sign_epi8(yv, x)), dx * y.d);
+                    }
+                };
+                if R <= 2 {
+                    let mut acc = [[_mm256_setzero_ps(); R]; CHAINS];
+                    for b0 in (0..n).step_by(CHAINS) {
+                        for (k, a) in acc.iter_mut().enumerate() {
+                            if b0 + k < n {
+                                step(a, b0 + k);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        chains[r] = std::array::from_fn(|k| acc[k][r]);
+                    }
+                } else {
+                    for k in 0..CHAINS {
+                        let mut acc = [_mm256_setzero_ps(); R];
+                        for b in (k..n).step_by(CHAINS) {
+                            step(&mut acc, b);
+                        }
+                        for r in 0..R {
+                            chains[r][k] = acc[r];
+                        }
+                    }
+                }
+                chains.map(|c| combine(c))
+            }
+
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn rows_q8_0<const R: usize>(
+                x: &[BlockQ8_0],
+                ys: [&[ActQ8]; R],
+            ) -> [f32; R] {
+                let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+                rows_signed::<R>(n, &ys, |b| {
+                    let bx = x.get_unchecked(b);
+                    (
+                        _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
+                        bx.d.to_f32(),
+                    )
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn rows_q5_0<const R: usize>(
+                x: &[BlockQ5_0],
+                ys: [&[ActQ8]; R],
+            ) -> [f32; R] {
+                let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+                let low = _mm256_set1_epi8(0x0f);
+                let sixteen = _mm256_set1_epi8(16);
+                rows_signed::<R>(n, &ys, |b| {
+                    let bx = x.get_unchecked(b);
+                    let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
+                    // positions 0..16 are the low nibbles, 16..32 the high nibbles
+                    let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+                    let q = _mm256_or_si256(nib, high_bits(u32::from_le_bytes(bx.qh)));
+                    (_mm256_sub_epi8(q, sixteen), bx.d.to_f32())
+                })
+            }
+
+            /// Q4_1: the nibbles are unsigned, so they meet the activations
+            /// directly; the minimum adds `m · s` per block, in chains too.
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn rows_q4_1<const R: usize>(
+                x: &[BlockQ4_1],
+                ys: [&[ActQ8]; R],
+            ) -> [f32; R] {
+                let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+                let mut chains = [[_mm256_setzero_ps(); CHAINS]; R];
+                let mut min_chains = [[0f32; CHAINS]; R];
+                let step = |acc: &mut [__m256; R], mins: &mut [f32; R], b: usize| {
+                    let bx = x.get_unchecked(b);
+                    // d and m widened together: one conversion for both
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                        bx as *const BlockQ4_1 as *const i32,
+                    )));
+                    let (dx, mx) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+                    let xs = nibbles(&bx.qs);
+                    for r in 0..R {
+                        let y = ys[r].get_unchecked(b);
+                        let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                        acc[r] = term(acc[r], $dot(xs, yv), dx * y.d);
+                        mins[r] += mx * y.s;
+                    }
+                };
+                if R <= 2 {
+                    let mut acc = [[_mm256_setzero_ps(); R]; CHAINS];
+                    let mut mins = [[0f32; R]; CHAINS];
+                    for b0 in (0..n).step_by(CHAINS) {
+                        for (k, (a, m)) in acc.iter_mut().zip(mins.iter_mut()).enumerate() {
+                            if b0 + k < n {
+                                step(a, m, b0 + k);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        chains[r] = std::array::from_fn(|k| acc[k][r]);
+                        min_chains[r] = std::array::from_fn(|k| mins[k][r]);
+                    }
+                } else {
+                    for k in 0..CHAINS {
+                        let mut acc = [_mm256_setzero_ps(); R];
+                        let mut mins = [0f32; R];
+                        for b in (k..n).step_by(CHAINS) {
+                            step(&mut acc, &mut mins, b);
+                        }
+                        for r in 0..R {
+                            chains[r][k] = acc[r];
+                            min_chains[r][k] = mins[r];
+                        }
+                    }
+                }
+                let mut out = [0f32; R];
+                for r in 0..R {
+                    let m = min_chains[r];
+                    out[r] = combine(chains[r]) + ((m[0] + m[1]) + (m[2] + m[3]));
+                }
+                out
+            }
+        }
+    };
+}
+
+/// `vpmaddubsw` then `vpmaddwd` by ones: the AVX2 form.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-mod avx2 {
-    use super::{ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0};
+#[inline(always)]
+unsafe fn dot_avx2(
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-
-    /// Spreads the 32 bits of `qh` to 32 bytes: byte j is 0x10 when bit j is set.
-    #[inline(always)]
-    unsafe fn high_bits(qh: u32) -> __m256i {
-        let v = _mm256_set1_epi32(qh as i32);
-        // byte j takes byte j/8 of qh
-        let shuf = _mm256_set_epi64x(
-            0x0303030303030303,
-            0x0202020202020202,
-            0x0101010101010101,
-            0x0000000000000000,
-        );
-        let bytes = _mm256_shuffle_epi8(v, shuf);
-        let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(acc: __m256) -> f32 {
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let lo = _mm256_castps256_ps128(acc);
-        let s = _mm_add_ps(hi, lo);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    #[inline(always)]
-    unsafe fn rows<const R: usize>(
-        n: usize,
-        ys: &[&[ActQ8]; R],
-        mut unpack: impl FnMut(usize) -> (__m256i, f32),
-    ) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..n {
-            let (xs, dx) = unpack(b);
-            let ax = _mm256_sign_epi8(xs, xs);
-            for r in 0..R {
-                let y = ys[r].get_unchecked(b);
-                let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                // |x| * sign(y, x) keeps maddubs' unsigned×signed form
-                let p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(yv, xs));
-                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * y.d), p, acc[r]);
-            }
-        }
-        acc.map(|a| hsum(a))
-    }
-
-    #[inline(always)]
-    pub(super) unsafe fn dot_rows_q8_0<const R: usize>(
-        x: &[BlockQ8_0],
-        ys: [&[ActQ8]; R],
-    ) -> [f32; R] {
-        let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
-        rows(n, &ys, |b| {
-            let bx = x.get_unchecked(b);
-            (
-                _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
-                bx.d.to_f32(),
-            )
-        })
-    }
-
-    /// Q4_1: the nibbles are unsigned, so they meet the activations in
-    /// maddubs directly; the minimum adds `m · s` per block.
-    #[inline(always)]
-    pub(super) unsafe fn dot_rows_q4_1<const R: usize>(
-        x: &[BlockQ4_1],
-        ys: [&[ActQ8]; R],
-    ) -> [f32; R] {
-        let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
-        let low = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [0f32; R];
-        for b in 0..n {
-            let bx = x.get_unchecked(b);
-            let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
-            let xs = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
-            let (dx, mx) = (bx.d.to_f32(), bx.m.to_f32());
-            for r in 0..R {
-                let y = ys[r].get_unchecked(b);
-                let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                let p16 = _mm256_maddubs_epi16(xs, yv);
-                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * y.d), p, acc[r]);
-                mins[r] += mx * y.s;
-            }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = hsum(acc[r]) + mins[r];
-        }
-        out
-    }
-
-    #[inline(always)]
-    pub(super) unsafe fn dot_rows_q5_0<const R: usize>(
-        x: &[BlockQ5_0],
-        ys: [&[ActQ8]; R],
-    ) -> [f32; R] {
-        let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
-        let low = _mm256_set1_epi8(0x0f);
-        let sixteen = _mm256_set1_epi8(16);
-        rows(n, &ys, |b| {
-            let bx = x.get_unchecked(b);
-            let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
-            // positions 0..16 are the low nibbles, 16..32 the high nibbles
-            let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
-            let q = _mm256_or_si256(nib, high_bits(u32::from_le_bytes(bx.qh)));
-            (_mm256_sub_epi8(q, sixteen), bx.d.to_f32())
-        })
-    }
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 }
+
+/// One `vpdpbusd`: the AVX-VNNI form (exact, where the AVX2 form's 16-bit
+/// step could saturate).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+fn dot_vnni(
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+}
+
+kernels!(
+    avx2,
+    "Our kernels with AVX2 and FMA.",
+    "avx2,fma,f16c",
+    dot_avx2
+);
+kernels!(
+    vnni,
+    "Our kernels with AVX-VNNI: one `vpdpbusd` takes the place of `vpmaddubsw` and `vpmaddwd`.",
+    "avx2,fma,f16c,avxvnni",
+    dot_vnni
+);
 
 #[cfg(test)]
 mod tests {
@@ -901,5 +1148,201 @@ mod tests {
                 "row {c}: {got} vs {exact}"
             );
         }
+    }
+
+    /// Four weight rows of random blocks of each type of our kernels, 41
+    /// blocks long, and 8 activation rows.
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[allow(clippy::type_complexity)]
+    fn variant_inputs() -> (
+        Vec<Vec<BlockQ4_1>>,
+        Vec<Vec<BlockQ8_0>>,
+        Vec<Vec<BlockQ5_0>>,
+        Vec<Vec<ActQ8>>,
+    ) {
+        let mut s = 4242u64;
+        let n = 41;
+        let mut q4 = Vec::new();
+        let mut q8 = Vec::new();
+        let mut q5 = Vec::new();
+        for _ in 0..4 {
+            q4.push(
+                (0..n)
+                    .map(|_| BlockQ4_1 {
+                        d: f16::from_f32(rng(&mut s) * 0.1),
+                        m: f16::from_f32(rng(&mut s) * 0.5),
+                        qs: std::array::from_fn(|_| (rng(&mut s) * 127.0 + 128.0) as u8),
+                    })
+                    .collect(),
+            );
+            q8.push(
+                (0..n)
+                    .map(|_| BlockQ8_0 {
+                        d: f16::from_f32(rng(&mut s) * 0.1),
+                        qs: std::array::from_fn(|_| (rng(&mut s) * 127.0) as i8),
+                    })
+                    .collect(),
+            );
+            q5.push(
+                (0..n)
+                    .map(|_| BlockQ5_0 {
+                        d: f16::from_f32(rng(&mut s) * 0.1),
+                        qh: std::array::from_fn(|_| (rng(&mut s) * 127.0 + 128.0) as u8),
+                        qs: std::array::from_fn(|_| (rng(&mut s) * 127.0 + 128.0) as u8),
+                    })
+                    .collect(),
+            );
+        }
+        let ys = (0..8)
+            .map(|_| {
+                let x: Vec<f32> = (0..n * QK).map(|_| rng(&mut s)).collect();
+                let mut y = vec![
+                    ActQ8 {
+                        d: 0.0,
+                        s: 0.0,
+                        qs: [0; QK]
+                    };
+                    n
+                ];
+                quantize_row_q8_0(&x, &mut y);
+                y
+            })
+            .collect();
+        (q4, q8, q5, ys)
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    fn close(got: f32, want: f32) -> bool {
+        (got - want).abs() <= 1e-4 * want.abs().max(1.0)
+    }
+
+    /// One kernel set with `R` rows: every sum near the scalar reference,
+    /// and bit for bit the sum of the row alone (a row's result does not
+    /// depend on what it is batched with).
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    fn check_rows<const R: usize>(vnni: bool) {
+        let (q4, q8, q5, ys) = variant_inputs();
+        let rows: [&[ActQ8]; R] = std::array::from_fn(|i| &ys[i][..]);
+        for col in 0..q4.len() {
+            let (w4, w8, w5) = (&q4[col][..], &q8[col][..], &q5[col][..]);
+            // SAFETY: AVX2 and FMA are compiled in; VNNI only where the CPU has it.
+            let (a, b, c) = unsafe {
+                if vnni {
+                    (
+                        vnni::rows_q4_1(w4, rows),
+                        vnni::rows_q8_0(w8, rows),
+                        vnni::rows_q5_0(w5, rows),
+                    )
+                } else {
+                    (
+                        avx2::rows_q4_1(w4, rows),
+                        avx2::rows_q8_0(w8, rows),
+                        avx2::rows_q5_0(w5, rows),
+                    )
+                }
+            };
+            for r in 0..R {
+                // SAFETY: as above
+                let alone = unsafe {
+                    if vnni {
+                        (
+                            vnni::rows_q4_1(w4, [rows[r]])[0],
+                            vnni::rows_q8_0(w8, [rows[r]])[0],
+                            vnni::rows_q5_0(w5, [rows[r]])[0],
+                        )
+                    } else {
+                        (
+                            avx2::rows_q4_1(w4, [rows[r]])[0],
+                            avx2::rows_q8_0(w8, [rows[r]])[0],
+                            avx2::rows_q5_0(w5, [rows[r]])[0],
+                        )
+                    }
+                };
+                let want = (
+                    vec_dot_q4_1_q8_1_scalar(w4, rows[r]),
+                    vec_dot_q8_0_q8_0_scalar(w8, rows[r]),
+                    vec_dot_q5_0_q8_0_scalar(w5, rows[r]),
+                );
+                let got = (a[r], b[r], c[r]);
+                assert!(
+                    close(got.0, want.0),
+                    "Q4_1 R={R} ({col},{r}): {} vs {}",
+                    got.0,
+                    want.0
+                );
+                assert!(
+                    close(got.1, want.1),
+                    "Q8_0 R={R} ({col},{r}): {} vs {}",
+                    got.1,
+                    want.1
+                );
+                assert!(
+                    close(got.2, want.2),
+                    "Q5_0 R={R} ({col},{r}): {} vs {}",
+                    got.2,
+                    want.2
+                );
+                assert_eq!(
+                    got.0.to_bits(),
+                    alone.0.to_bits(),
+                    "Q4_1 R={R} depends on the batch"
+                );
+                assert_eq!(
+                    got.1.to_bits(),
+                    alone.1.to_bits(),
+                    "Q8_0 R={R} depends on the batch"
+                );
+                assert_eq!(
+                    got.2.to_bits(),
+                    alone.2.to_bits(),
+                    "Q5_0 R={R} depends on the batch"
+                );
+            }
+        }
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    fn check_every_row_count(vnni: bool) {
+        check_rows::<8>(vnni);
+        check_rows::<4>(vnni);
+        check_rows::<2>(vnni);
+        check_rows::<1>(vnni);
+    }
+
+    #[test]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    fn the_avx2_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
+        check_every_row_count(false);
+    }
+
+    #[test]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[ignore = "needs a CPU with AVX-VNNI; scripts/test.sh runs it where the CPU has one (cargo test -p weft-kernels --lib -- --ignored vnni)"]
+    fn the_vnni_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
+        check_every_row_count(true);
     }
 }

@@ -155,7 +155,7 @@ enum Command {
         /// Also write the report as DIR/demo.json.
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
-        /// Model source: `default`, a known name, a .gguf path, or hf:org/repo/file.gguf.
+        /// Model source: `default` (SmolLM2 135M Instruct), a known name (smollm2, gemma-3-270m-q4_k_m), a .gguf path, or hf:org/repo/file.gguf.
         #[arg(long, env = "WEFT_MODEL", default_value = "default")]
         model: String,
         /// Keep the fabric's configs, logs and intent logs (the path is printed).
@@ -286,7 +286,7 @@ enum ClusterCommand {
 struct GenerateArgs {
     /// The prompt.
     prompt: String,
-    /// Model source: `default`, a known model name, a .gguf path, or hf:org/repo/file.gguf.
+    /// Model source: `default` (SmolLM2 135M Instruct), a known name (smollm2, gemma-3-270m-q4_k_m), a .gguf path, or hf:org/repo/file.gguf.
     #[arg(long, env = "WEFT_MODEL", default_value = "default")]
     model: String,
     /// CPU threads for the kernels (0: all cores).
@@ -307,7 +307,7 @@ struct GenerateArgs {
     /// Random seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// Treat the prompt as one user message of a chat (Gemma chat template).
+    /// Treat the prompt as one user message of a chat (the model's own chat template).
     #[arg(long)]
     chat: bool,
     /// Device: cpu, cuda or cuda:N.
@@ -320,7 +320,7 @@ struct UpArgs {
     /// Listen address HOST:PORT [env: WEFT_ADDR] [default: 127.0.0.1:8080].
     #[arg(long)]
     addr: Option<String>,
-    /// Model source: `default`, a known name, a .gguf path, or hf:org/repo/file.gguf [env: WEFT_MODEL].
+    /// Model source: `default` (SmolLM2 135M Instruct), a known name (smollm2, gemma-3-270m-q4_k_m), a .gguf path, or hf:org/repo/file.gguf [env: WEFT_MODEL].
     #[arg(long)]
     model: Option<String>,
     /// CPU threads for the model worker, 0 for all cores [env: WEFT_THREADS].
@@ -345,7 +345,7 @@ struct UpArgs {
 enum ModelCommand {
     /// Fetch a model into the cache and verify it.
     Pull {
-        /// `default`, a known model name, a .gguf path, or hf:org/repo/file.gguf.
+        /// `default` (SmolLM2 135M Instruct), a known name (smollm2, gemma-3-270m-q4_k_m), a .gguf path, or hf:org/repo/file.gguf.
         source: String,
     },
     /// List cached models with their sha256 status.

