@@ -513,7 +513,7 @@ fn d(rps: f64) -> Demand {
 /// Runs one seed; returns what it went through. Every member of the group
 /// reached the latest epoch after healing.
 fn run(seed: u64) -> Stats {
-    let voters = if seed % 2 == 0 { 3 } else { 5 };
+    let voters = if seed.is_multiple_of(2) { 3 } else { 5 };
     let mut c = Cluster::new(seed, voters);
     for t in 0..FAULT_TICKS {
         if t % 7 == 0 {

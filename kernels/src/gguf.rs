@@ -475,7 +475,7 @@ impl ModelConfig {
 
     /// Whether layer `l` attends through the sliding window.
     pub fn is_sliding(&self, layer: usize) -> bool {
-        self.swa_pattern != 0 && (layer + 1) % self.swa_pattern != 0
+        self.swa_pattern != 0 && !(layer + 1).is_multiple_of(self.swa_pattern)
     }
 
     /// Width of all key (or value) heads together.

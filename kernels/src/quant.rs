@@ -94,7 +94,7 @@ impl std::fmt::Debug for QMatrix {
 /// count is not a whole number of blocks.
 pub fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
     let bs = dtype.block_size();
-    if elems % bs != 0 {
+    if !elems.is_multiple_of(bs) {
         return None;
     }
     (elems / bs).checked_mul(dtype.type_size())
@@ -113,7 +113,7 @@ impl QMatrix {
             name: name.to_string(),
             dtype: format!("{dtype:?}"),
         };
-        if cols % dtype.block_size() != 0 {
+        if !cols.is_multiple_of(dtype.block_size()) {
             return Err(KernelError::WrongShape {
                 name: name.to_string(),
                 found: vec![rows, cols],

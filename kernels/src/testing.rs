@@ -303,7 +303,13 @@ pub fn write_tiny_model(path: &Path, spec: &TinyModelSpec) -> Result<()> {
         tiny_bpe_vocab(spec.vocab).0.len()
     };
     // k-quants need rows of a multiple of 256 values
-    let k_or = |cols: usize, k: GgmlDType| if cols % 256 == 0 { k } else { GgmlDType::Q8_0 };
+    let k_or = |cols: usize, k: GgmlDType| {
+        if cols.is_multiple_of(256) {
+            k
+        } else {
+            GgmlDType::Q8_0
+        }
+    };
     // Gemma's quantizations, or SmolLM2's (Q4_1 everywhere in the blocks)
     let pick = |g: GgmlDType| if gemma { g } else { GgmlDType::Q4_1 };
     let mut tensors: Vec<(String, QTensor)> = vec![

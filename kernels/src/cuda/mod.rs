@@ -264,7 +264,7 @@ impl Gpu {
     }
 
     fn rows(x: &[f32], cols: usize) -> Result<u32> {
-        if cols == 0 || x.len() % cols != 0 {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
             return Err(KernelError::BadInput(format!(
                 "{} values are not rows of {cols}",
                 x.len()

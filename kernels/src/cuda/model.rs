@@ -202,7 +202,10 @@ impl CudaModel {
                 "the CUDA backend runs whole models, not layer ranges".into(),
             ));
         }
-        if cfg.head_dim % 32 != 0 || cfg.head_dim > 512 || cfg.heads % cfg.kv_heads != 0 {
+        if !cfg.head_dim.is_multiple_of(32)
+            || cfg.head_dim > 512
+            || !cfg.heads.is_multiple_of(cfg.kv_heads)
+        {
             return Err(KernelError::BadInput(format!(
                 "the CUDA attention needs a head size that is a multiple of 32 up to 512 (this model has {}), and whole query groups",
                 cfg.head_dim

@@ -800,7 +800,7 @@ impl Driver {
                     self.core.tick();
                     self.ticks += 1;
                     self.expire();
-                    if self.ticks % self.settings.replan_ticks == 0 {
+                    if self.ticks.is_multiple_of(self.settings.replan_ticks) {
                         self.maybe_replan();
                     }
                 }
