@@ -355,11 +355,6 @@ impl Arch {
         self == Self::Gemma3
     }
 
-    /// Whether q, k and v projections may carry biases.
-    pub fn has_qkv_bias(self) -> bool {
-        self == Self::Qwen2
-    }
-
     /// What the embedding rows are multiplied by (Gemma: `sqrt(hidden)`).
     pub fn embed_scale(self, hidden: usize) -> f32 {
         match self {
@@ -450,6 +445,16 @@ impl ModelConfig {
             Arch::Llama | Arch::Qwen2 => (10_000.0, usize::MAX, 0),
         };
         let rope_global = f.meta_f32(&key("rope.freq_base")).unwrap_or(rope_default);
+        // position scaling other than none would change every rotation:
+        // refused rather than run wrong
+        if let Some(Value::String(kind)) = f.meta(&key("rope.scaling.type")) {
+            if kind != "none" {
+                return Err(KernelError::BadMetadata {
+                    key: key("rope.scaling.type"),
+                    reason: format!("RoPE scaling {kind:?} is not supported"),
+                });
+            }
+        }
         Ok(Self {
             arch,
             vocab,

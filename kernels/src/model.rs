@@ -99,7 +99,7 @@ pub enum ChunkOutput {
     Last(Option<Vec<f32>>),
 }
 
-/// A loaded Gemma 3 shard.
+/// A loaded shard (a layer range) of a model of any supported family.
 pub struct Model {
     cfg: ModelConfig,
     range: Range<usize>,
@@ -174,7 +174,8 @@ impl Model {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
             let bias =
                 |f: &mut GgufFile, s: &str, len: usize| f.vector(&format!("blk.{l}.{s}.bias"), len);
-            let qkv_bias = if arch.has_qkv_bias() && f.has_tensor(&format!("blk.{l}.attn_q.bias")) {
+            // Qwen2 has them; a Llama-layout file may too
+            let qkv_bias = if f.has_tensor(&format!("blk.{l}.attn_q.bias")) {
                 Some([
                     bias(f, "attn_q", q)?,
                     bias(f, "attn_k", kv)?,
@@ -257,6 +258,11 @@ impl Model {
             &self.layers,
             (self.inv_freq_local, self.inv_freq_global),
         )
+    }
+
+    /// Whether RoPE divides its angles by per-frequency factors (`rope_freqs.weight`).
+    pub fn has_rope_factors(&self) -> bool {
+        self.rope_factors.is_some()
     }
 
     /// The model's hyper-parameters.

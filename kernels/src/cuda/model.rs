@@ -219,7 +219,17 @@ impl CudaModel {
                 backend: "CUDA",
             });
         }
+        if cfg.rope_dims != cfg.head_dim || model.has_rope_factors() {
+            return Err(KernelError::BadInput(
+                "the CUDA kernels rotate whole heads without frequency factors".into(),
+            ));
+        }
         let (embed, output, norm, layers, freqs) = model.parts();
+        if layers.iter().any(|l| l.qkv_bias.is_some()) {
+            return Err(KernelError::BadInput(
+                "the CUDA kernels have no q/k/v biases".into(),
+            ));
+        }
         let embed =
             embed.ok_or_else(|| KernelError::BadInput("the model has no embedding".into()))?;
         let norm =

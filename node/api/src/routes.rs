@@ -315,8 +315,14 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
                     t
                 }
             };
+            // the names chat templates know
+            let role = match m.role.as_str() {
+                "developer" => "system".to_string(),
+                "model" => "assistant".to_string(),
+                _ => m.role,
+            };
             messages.push(ChatMessage {
-                role: m.role,
+                role,
                 content,
                 tool_calls: m.tool_calls,
                 tool_call_id: m.tool_call_id,

