@@ -366,3 +366,72 @@ fn an_unknown_architecture_is_a_typed_error_naming_it() {
     assert!(matches!(e, KernelError::UnsupportedArchitecture { .. }));
     assert!(e.to_string().contains("mamba"), "{e}");
 }
+
+/// A byte-level tokenizer with `pre`, whose vocabulary has the byte
+/// characters and the pieces `extra`, and the merges `merges`.
+fn bpe_merging(pre: &str, extra: &[&str], merges: &[&str]) -> weft_kernels::Tokenizer {
+    use weft_kernels::tokenizer::{gpt2_byte_chars, TokenKind};
+    let mut pieces: Vec<String> = vec!["<s>".into()];
+    pieces.extend(gpt2_byte_chars().iter().map(|c| c.to_string()));
+    pieces.extend(extra.iter().map(|s| s.to_string()));
+    let mut kinds = vec![TokenKind::Control];
+    kinds.resize(pieces.len(), TokenKind::Normal);
+    let merges: Vec<String> = merges.iter().map(|m| m.to_string()).collect();
+    weft_kernels::Tokenizer::new_bpe(pieces, kinds, &merges, pre, 0, 0, None).unwrap()
+}
+
+/// As [`bpe_merging`] without merges.
+fn bpe_with(pre: &str, extra: &[&str]) -> weft_kernels::Tokenizer {
+    bpe_merging(pre, extra, &[])
+}
+
+fn pieces_of(t: &weft_kernels::Tokenizer, text: &str) -> Vec<String> {
+    t.encode(text, false, false)
+        .iter()
+        .map(|&i| t.piece(i).unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_llama3_pre_tokenizer_groups_digits_in_threes_and_takes_whole_words() {
+    let t = bpe_with("llama3", &["123", "45"]);
+    assert_eq!(pieces_of(&t, "12345"), ["123", "45"]);
+}
+
+#[test]
+fn the_qwen2_pre_tokenizer_splits_every_digit() {
+    // the merges would join the digits of one word; gpt2 keeps them one word
+    let (extra, merges) = (["12", "123", "45"], ["1 2", "12 3", "4 5"]);
+    let gpt2 = bpe_merging("gpt2", &extra, &merges);
+    assert_eq!(pieces_of(&gpt2, "12345"), ["123", "45"]);
+    let qwen2 = bpe_merging("qwen2", &extra, &merges);
+    assert_eq!(pieces_of(&qwen2, "12345"), ["1", "2", "3", "4", "5"]);
+}
+
+#[test]
+fn the_llama3_pre_tokenizer_splits_contractions_in_any_case() {
+    let t = bpe_with("llama3", &["DON", "'T"]);
+    assert_eq!(pieces_of(&t, "DON'T"), ["DON", "'T"]);
+}
+
+#[test]
+fn the_gpt2_pre_tokenizer_keeps_a_space_with_the_word_after_it() {
+    let t = bpe_merging("gpt2", &["Ġa", "Ġab"], &["Ġ a", "Ġa b"]);
+    assert_eq!(pieces_of(&t, "x ab"), ["x", "Ġab"]);
+}
+
+#[test]
+fn an_unknown_pre_tokenizer_is_refused_by_name() {
+    use weft_kernels::tokenizer::TokenKind;
+    let e = weft_kernels::Tokenizer::new_bpe(
+        vec!["a".into()],
+        vec![TokenKind::Normal],
+        &[],
+        "klingon",
+        0,
+        0,
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("klingon"), "{e}");
+}
