@@ -815,7 +815,7 @@ async fn a_new_model_gets_its_finalizer_before_anything_else() {
     let m = model(false, false);
     let mut back = serde_json::to_value(&m).unwrap();
     back["metadata"]["finalizers"] = json!([controller::MODEL_FINALIZER]);
-    let calls = vec![call("PATCH", weft("weftmodels/gemma-3-270m"), 200, back)];
+    let calls = vec![call("PATCH", weft("weftmodels/smollm2-135m"), 200, back)];
     let (client, seen, task) = api_server(calls);
     let fabric = Arc::new(FakeFabric::default());
     let ctx = ctx(client, fabric.clone());
@@ -835,13 +835,13 @@ async fn a_model_is_registered_with_the_coordinators_and_its_placements_reported
     let calls = vec![
         call("GET", weft("weftclusters"), 200, cluster_list(&c)),
         call("GET", core("secrets/factory-7-admin"), 200, creds(&c).admin),
-        status_applied(weft("weftmodels/gemma-3-270m/status"), &m),
+        status_applied(weft("weftmodels/smollm2-135m/status"), &m),
     ];
     let (client, seen, task) = api_server(calls);
     let fabric = Arc::new(FakeFabric::default());
     let mut st = led();
     st.placements.insert(
-        "gemma-3-270m".into(),
+        "smollm2-135m".into(),
         vec![
             Placed {
                 node: "gw-1".into(),
@@ -871,7 +871,7 @@ async fn a_model_is_registered_with_the_coordinators_and_its_placements_reported
             .iter()
             .map(|r| r.spec.name.clone())
             .collect::<Vec<_>>(),
-        ["gemma-3-270m"]
+        ["smollm2-135m"]
     );
     // its replicas (1) are the floor weft keeps placed, where it asks
     let put = fabric.puts.lock().unwrap()[0].clone();
@@ -894,7 +894,7 @@ async fn a_model_whose_file_does_not_match_its_sha256_is_not_registered() {
     let calls = vec![
         call("GET", weft("weftclusters"), 200, cluster_list(&c)),
         call("GET", core("secrets/factory-7-admin"), 200, creds(&c).admin),
-        status_applied(weft("weftmodels/gemma-3-270m/status"), &m),
+        status_applied(weft("weftmodels/smollm2-135m/status"), &m),
     ];
     let (client, seen, task) = api_server(calls);
     let fabric = Arc::new(FakeFabric::default());
@@ -922,7 +922,7 @@ async fn a_deleted_model_is_unplaced_before_its_finalizer_is_removed() {
     let calls = vec![
         call("GET", weft("weftclusters"), 200, cluster_list(&c)),
         call("GET", core("secrets/factory-7-admin"), 200, creds(&c).admin),
-        call("PATCH", weft("weftmodels/gemma-3-270m"), 200, back),
+        call("PATCH", weft("weftmodels/smollm2-135m"), 200, back),
     ];
     let (client, seen, task) = api_server(calls);
     let fabric = Arc::new(FakeFabric::default());
@@ -931,7 +931,7 @@ async fn a_deleted_model_is_unplaced_before_its_finalizer_is_removed() {
         .await
         .unwrap();
     finish(task, ctx).await;
-    assert_eq!(*fabric.removed.lock().unwrap(), ["gemma-3-270m"]);
+    assert_eq!(*fabric.removed.lock().unwrap(), ["smollm2-135m"]);
     let patch = seen.lock().unwrap().last().unwrap().2.to_string();
     assert!(
         patch.contains("remove"),
@@ -996,7 +996,7 @@ async fn a_policy_puts_its_keys_and_limits_into_the_tenants_secret() {
     let t = &f.tenants["line-agents"];
     assert_eq!(t.requests_per_minute, Some(600));
     assert_eq!(t.max_concurrent, Some(8));
-    assert_eq!(t.models.as_deref(), Some(&["gemma-3-270m".to_string()][..]));
+    assert_eq!(t.models.as_deref(), Some(&["smollm2-135m".to_string()][..]));
     // no sandboxes in the policy: none for the tenant
     assert_eq!(t.max_sandboxes, Some(0));
     // the cluster's own keys are there too
@@ -1030,15 +1030,15 @@ async fn a_policy_naming_a_missing_secret_is_resolved_refs_false_and_its_keys_le
     );
 }
 
-/// A model registered as `record("gemma-3-270m")` with `floor`.
+/// A model registered as `record("smollm2-135m")` with `floor`.
 fn registered_with_floor(floor: u32) -> FabricStatus {
     let mut st = led();
-    let mut registered = record("gemma-3-270m");
+    let mut registered = record("smollm2-135m");
     registered.spec.min_replicas = floor;
     // as the edge example places it: the edge first, at factory-7 only
     registered.spec.prefer = Some(weft_placement::SiteKind::Edge);
     registered.sites = vec!["factory-7".into()];
-    st.models.insert("gemma-3-270m".into(), registered);
+    st.models.insert("smollm2-135m".into(), registered);
     st
 }
 
@@ -1047,7 +1047,7 @@ fn model_calls(m: &WeftModel) -> Vec<Call> {
     vec![
         call("GET", weft("weftclusters"), 200, cluster_list(&c)),
         call("GET", core("secrets/factory-7-admin"), 200, creds(&c).admin),
-        status_applied(weft("weftmodels/gemma-3-270m/status"), m),
+        status_applied(weft("weftmodels/smollm2-135m/status"), m),
     ]
 }
 
