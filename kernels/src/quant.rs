@@ -249,19 +249,11 @@ impl QMatrix {
         if m == 0 {
             return Ok(());
         }
+        if Self::fused(&[self], m, lhs, &mut [&mut *dst]) {
+            return Ok(());
+        }
         match &self.storage {
-            Storage::Q4_1(w) => {
-                matmul_q8_act(m, self.cols, lhs, &mut [(w, self.rows, dst)]);
-                Ok(())
-            }
-            Storage::Q5_0(w) => {
-                matmul_q8_act(m, self.cols, lhs, &mut [(w, self.rows, dst)]);
-                Ok(())
-            }
-            Storage::Q8_0(w) => {
-                matmul_q8_act(m, self.cols, lhs, &mut [(w, self.rows, dst)]);
-                Ok(())
-            }
+            Storage::Q4_1(_) | Storage::Q5_0(_) | Storage::Q8_0(_) => Ok(()),
             Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
             Storage::F32(w) => {
                 matmul_f32(m, self.cols, self.rows, lhs, w, dst);
@@ -283,39 +275,45 @@ impl QMatrix {
     ) -> Result<()> {
         a.check_shapes(m, lhs, dst_a)?;
         b.check_shapes(m, lhs, dst_b)?;
-        match (&a.storage, &b.storage) {
-            (Storage::Q4_1(wa), Storage::Q4_1(wb)) if m > 0 => {
-                matmul_q8_act(
-                    m,
-                    a.cols,
-                    lhs,
-                    &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)],
-                );
-                Ok(())
-            }
-            (Storage::Q5_0(wa), Storage::Q5_0(wb)) if m > 0 => {
-                matmul_q8_act(
-                    m,
-                    a.cols,
-                    lhs,
-                    &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)],
-                );
-                Ok(())
-            }
-            (Storage::Q8_0(wa), Storage::Q8_0(wb)) if m > 0 => {
-                matmul_q8_act(
-                    m,
-                    a.cols,
-                    lhs,
-                    &mut [(wa, a.rows, dst_a), (wb, b.rows, dst_b)],
-                );
-                Ok(())
-            }
-            _ => {
-                a.matmul(m, lhs, dst_a)?;
-                b.matmul(m, lhs, dst_b)
-            }
+        if !Self::fused(&[a, b], m, lhs, &mut [dst_a, &mut *dst_b]) {
+            a.matmul(m, lhs, dst_a)?;
+            b.matmul(m, lhs, dst_b)?;
         }
+        Ok(())
+    }
+
+    /// Products of one input by several matrices of one of our own types
+    /// in one activation quantization and one pool dispatch; `false` (and
+    /// nothing done) when their types differ or are candle's.
+    fn fused(ms: &[&Self], m: usize, lhs: &[f32], dsts: &mut [&mut [f32]]) -> bool {
+        macro_rules! of_type {
+            ($variant:ident) => {
+                let blocks: Option<Vec<_>> = ms
+                    .iter()
+                    .map(|q| match &q.storage {
+                        Storage::$variant(w) => Some(&w[..]),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(blocks) = blocks {
+                    let mut parts: Vec<_> = blocks
+                        .into_iter()
+                        .zip(ms)
+                        .zip(dsts.iter_mut())
+                        .map(|((w, q), d)| (w, q.rows, &mut **d))
+                        .collect();
+                    matmul_q8_act(m, ms[0].cols, lhs, &mut parts);
+                    return true;
+                }
+            };
+        }
+        if m == 0 {
+            return false;
+        }
+        of_type!(Q4_1);
+        of_type!(Q5_0);
+        of_type!(Q8_0);
+        false
     }
 
     /// Three products of one input (q, k and v): one activation
@@ -335,52 +333,11 @@ impl QMatrix {
         a.check_shapes(m, lhs, dst_a)?;
         b.check_shapes(m, lhs, dst_b)?;
         c.check_shapes(m, lhs, dst_c)?;
-        let k = a.cols;
-        match (&a.storage, &b.storage, &c.storage) {
-            (Storage::Q4_1(wa), Storage::Q4_1(wb), Storage::Q4_1(wc)) if m > 0 => {
-                matmul_q8_act(
-                    m,
-                    k,
-                    lhs,
-                    &mut [
-                        (wa, a.rows, dst_a),
-                        (wb, b.rows, dst_b),
-                        (wc, c.rows, dst_c),
-                    ],
-                );
-                Ok(())
-            }
-            (Storage::Q5_0(wa), Storage::Q5_0(wb), Storage::Q5_0(wc)) if m > 0 => {
-                matmul_q8_act(
-                    m,
-                    k,
-                    lhs,
-                    &mut [
-                        (wa, a.rows, dst_a),
-                        (wb, b.rows, dst_b),
-                        (wc, c.rows, dst_c),
-                    ],
-                );
-                Ok(())
-            }
-            (Storage::Q8_0(wa), Storage::Q8_0(wb), Storage::Q8_0(wc)) if m > 0 => {
-                matmul_q8_act(
-                    m,
-                    k,
-                    lhs,
-                    &mut [
-                        (wa, a.rows, dst_a),
-                        (wb, b.rows, dst_b),
-                        (wc, c.rows, dst_c),
-                    ],
-                );
-                Ok(())
-            }
-            _ => {
-                Self::matmul_pair(a, b, m, lhs, dst_a, dst_b)?;
-                c.matmul(m, lhs, dst_c)
-            }
+        if !Self::fused(&[a, b, c], m, lhs, &mut [dst_a, &mut *dst_b, &mut *dst_c]) {
+            Self::matmul_pair(a, b, m, lhs, dst_a, dst_b)?;
+            c.matmul(m, lhs, dst_c)?;
         }
+        Ok(())
     }
 
     /// Dequantizes row `row` into `out` (embedding lookup).

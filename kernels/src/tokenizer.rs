@@ -552,25 +552,7 @@ impl Tokenizer {
                 return;
             }
         }
-        #[derive(Clone, Copy)]
-        struct Sym {
-            start: usize,
-            len: usize,
-            prev: Option<usize>,
-            next: Option<usize>,
-        }
-        let mut syms: Vec<Sym> = Vec::new();
-        for (i, (start, ch)) in word.char_indices().enumerate() {
-            syms.push(Sym {
-                start,
-                len: ch.len_utf8(),
-                prev: i.checked_sub(1),
-                next: None,
-            });
-            if i > 0 {
-                syms[i - 1].next = Some(i);
-            }
-        }
+        let mut syms = Sym::chars_of(word);
         // (rank, left, right, bytes): a min-heap through Reverse
         let mut heap: BinaryHeap<std::cmp::Reverse<(u32, usize, usize, usize)>> = BinaryHeap::new();
         let mut key = String::new();
@@ -663,25 +645,7 @@ impl Tokenizer {
         if text.is_empty() {
             return;
         }
-        #[derive(Clone, Copy)]
-        struct Sym {
-            start: usize,
-            len: usize,
-            prev: Option<usize>,
-            next: Option<usize>,
-        }
-        let mut syms: Vec<Sym> = Vec::new();
-        for (i, (start, ch)) in text.char_indices().enumerate() {
-            syms.push(Sym {
-                start,
-                len: ch.len_utf8(),
-                prev: i.checked_sub(1),
-                next: None,
-            });
-            if i > 0 {
-                syms[i - 1].next = Some(i);
-            }
-        }
+        let mut syms = Sym::chars_of(text);
         #[derive(PartialEq)]
         struct Bigram {
             score: f32,
@@ -846,6 +810,34 @@ impl Tokenizer {
             }
         }
         Ok(out)
+    }
+}
+
+/// A symbol of a merge: a byte range of the text, linked to its neighbours.
+#[derive(Clone, Copy)]
+struct Sym {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+impl Sym {
+    /// One symbol per character of `text`, linked in order.
+    fn chars_of(text: &str) -> Vec<Sym> {
+        let mut syms: Vec<Sym> = Vec::new();
+        for (i, (start, ch)) in text.char_indices().enumerate() {
+            syms.push(Sym {
+                start,
+                len: ch.len_utf8(),
+                prev: i.checked_sub(1),
+                next: None,
+            });
+            if i > 0 {
+                syms[i - 1].next = Some(i);
+            }
+        }
+        syms
     }
 }
 

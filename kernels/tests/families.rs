@@ -4,32 +4,16 @@
 //! byte-level BPE tokenizer with its ChatML template.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use weft_kernels::testing::{relative_error, write_tiny_model, TinyModelSpec};
+use weft_kernels::testing::{relative_error, TinyModelSpec};
 use weft_kernels::{
-    load, Arch, Backend, ChatMessage, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig,
-    KernelError, LoadedModel, LocalChain, Model, Request, SamplingParams, StreamDecoder,
+    Arch, ChatMessage, Chunk, ChunkInput, ChunkOutput, Engine, EngineConfig, KernelError,
+    LoadedModel, LocalChain, Model, Request, SamplingParams, StreamDecoder,
 };
 
-struct Tiny {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    lm: LoadedModel,
-}
-
-fn tiny(spec: TinyModelSpec) -> Tiny {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_model(&path, &spec).unwrap();
-    let lm = load(&path, None, Backend::Cpu).unwrap();
-    Tiny {
-        _dir: dir,
-        path,
-        lm,
-    }
-}
+mod common;
+use common::{tiny, Tiny};
 
 fn families() -> [TinyModelSpec; 2] {
     [TinyModelSpec::llama(), TinyModelSpec::qwen2()]

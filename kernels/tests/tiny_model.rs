@@ -7,30 +7,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use weft_kernels::testing::{write_tiny_model, TinyModelSpec};
+use weft_kernels::testing::TinyModelSpec;
 use weft_kernels::{
     load, Backend, ChatMessage, Chunk, ChunkInput, ChunkOutput, Completion, Downstream, Engine,
     EngineConfig, FinishReason, KernelError, KvCache, LoadedModel, LocalChain, Model, Request,
     Resume, SamplingParams, StepEvent, StreamDecoder, Tokenizer,
 };
 
-struct Tiny {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    lm: LoadedModel,
-}
-
-fn tiny(spec: TinyModelSpec) -> Tiny {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_model(&path, &spec).unwrap();
-    let lm = load(&path, None, Backend::Cpu).unwrap();
-    Tiny {
-        _dir: dir,
-        path,
-        lm,
-    }
-}
+mod common;
+use common::{tiny, Tiny};
 
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
     let mut v = vec![2];
