@@ -102,7 +102,8 @@ pub struct ControlMetrics {
 
 /// Every `cause` `weft_placement_replans_total` counts: the control
 /// state's (see `ControlState::replan_cause`), a member not heard from
-/// (`member_down`), and an operator's `weft cluster replan` (`operator`).
+/// (`member_down`), one heard again that the last plan left out
+/// (`member_up`), and an operator's `weft cluster replan` (`operator`).
 pub const REPLAN_CAUSES: &[&str] = &[
     "first",
     "members",
@@ -110,6 +111,7 @@ pub const REPLAN_CAUSES: &[&str] = &[
     "floors",
     "demand",
     "member_down",
+    "member_up",
     "operator",
 ];
 
@@ -487,6 +489,7 @@ pub async fn start(
         ticks: 0,
         last_leader: None,
         started: Instant::now(),
+        planned_without: Default::default(),
     };
     for p in driver.peers.clone() {
         driver.ensure_sender(&p);
@@ -784,6 +787,10 @@ struct Driver {
     ticks: u64,
     last_leader: Option<u64>,
     started: Instant,
+    /// The members the last placement this leader proposed was planned
+    /// without (not heard from then): once one is heard again, it is planned
+    /// again, or a node that joined just after a re-plan would wait forever.
+    planned_without: std::collections::BTreeSet<u64>,
 }
 
 impl Driver {
@@ -1091,16 +1098,21 @@ impl Driver {
         }
         let demand_rps: f64 = demand.iter().map(|d| d.2.requests_per_s).sum();
         let down = self.down_members();
+        let back = self.planned_without.iter().any(|id| !down.contains(id));
         let cause = state
             .replan_cause(demand_rps, self.settings.replan_band)
-            .or_else(|| state.placement_uses(&down).then_some("member_down"));
+            .or_else(|| state.placement_uses(&down).then_some("member_down"))
+            .or_else(|| back.then_some("member_up"));
         if let Some(cause) = cause {
             if !down.is_empty() {
                 tracing::info!(?down, "re-planning without members not heard from");
             }
             let next = state.plan_next_measured(&demand, &self.settings.solver, &down, &links);
             match self.core.propose(&Command::CommitPlacement(next)) {
-                Ok(()) => self.metrics.replanned(cause),
+                Ok(()) => {
+                    self.metrics.replanned(cause);
+                    self.planned_without = down;
+                }
                 Err(e) => tracing::debug!("re-plan not proposed: {e}"),
             }
         }
