@@ -342,44 +342,38 @@ impl QMatrix {
 
     /// Dequantizes row `row` into `out` (embedding lookup).
     pub fn row_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
-        debug_assert_eq!(out.len(), self.cols);
+        if out.len() != self.cols {
+            return Err(KernelError::BadInput(format!(
+                "a row of {} values, not {}",
+                out.len(),
+                self.cols
+            )));
+        }
         if row >= self.rows {
             return Err(KernelError::BadInput(format!(
                 "row {row} out of range for {} rows",
                 self.rows
             )));
         }
+        // one block's 32 values at a time, for our own block types
+        fn blocks<B>(w: &[B], row: usize, out: &mut [f32], dequant: impl Fn(&B, &mut [f32])) {
+            let bpr = out.len() / QK;
+            for (b, o) in w[row * bpr..(row + 1) * bpr]
+                .iter()
+                .zip(out.chunks_exact_mut(QK))
+            {
+                dequant(b, o);
+            }
+        }
         match &self.storage {
-            Storage::Q4_1(w) => {
-                let bpr = self.cols / QK;
-                for (b, o) in w[row * bpr..(row + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    dequant_q4_1(b, o);
-                }
-            }
-            Storage::Q5_0(w) => {
-                let bpr = self.cols / QK;
-                for (b, o) in w[row * bpr..(row + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    dequant_q5_0(b, o);
-                }
-            }
-            Storage::Q8_0(w) => {
-                let bpr = self.cols / QK;
-                for (b, o) in w[row * bpr..(row + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    let d = b.d.to_f32();
-                    o.iter_mut()
-                        .zip(&b.qs)
-                        .for_each(|(o, q)| *o = *q as f32 * d);
-                }
-            }
+            Storage::Q4_1(w) => blocks(w, row, out, dequant_q4_1),
+            Storage::Q5_0(w) => blocks(w, row, out, dequant_q5_0),
+            Storage::Q8_0(w) => blocks(w, row, out, |b, o| {
+                let d = b.d.to_f32();
+                o.iter_mut()
+                    .zip(&b.qs)
+                    .for_each(|(o, q)| *o = *q as f32 * d);
+            }),
             Storage::F32(w) => out.copy_from_slice(&w[row * self.cols..(row + 1) * self.cols]),
             Storage::Candle(q) => {
                 let rows = q.embedding(&[row as u32], self.rows, self.cols)?;

@@ -357,13 +357,18 @@ fn register_tiny(c: &Coordinators, name: &str) {
         &weft_kernels::testing::TinyModelSpec::default(),
     )
     .unwrap();
+    model_add(c, &model, name);
+}
+
+/// Registers the model file at `source` as `name` through the first coordinator.
+fn model_add(c: &Coordinators, source: &Path, name: &str) {
     weft(&[
         "cluster",
         "model-add",
         "--config",
         c.config(0).to_str().unwrap(),
         "--source",
-        model.to_str().unwrap(),
+        source.to_str().unwrap(),
         "--name",
         name,
     ]);
@@ -2083,16 +2088,7 @@ async fn a_two_node_chain_of_smollm2_gives_one_nodes_tokens() {
         )
         .expect("SmolLM2 can be fetched")
         .path;
-    weft(&[
-        "cluster",
-        "model-add",
-        "--config",
-        c.config(0).to_str().unwrap(),
-        "--source",
-        path.to_str().unwrap(),
-        "--name",
-        "smollm2",
-    ]);
+    model_add(&c, &path, "smollm2");
     let rec = weft_cluster::models::model_record(path.to_str().unwrap(), Some("smollm2")).unwrap();
     let layers = rec.spec.layers;
     assert_eq!(layers, 30);
