@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::error::{KernelError, Result};
+use crate::grammar::{Constraint, Grammars};
 use crate::kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
 use crate::model::{Chunk, ChunkInput, ChunkOutput, Model};
 use crate::prefix::CacheScope;
@@ -150,6 +151,8 @@ struct Sequence {
     /// Positions in the KV cache.
     computed: usize,
     sampler: Sampler,
+    /// Its grammar's state, when its output is constrained.
+    constraint: Option<Constraint>,
     decoder: StreamDecoder,
     /// Text held back because it may begin a stop string.
     held: String,
@@ -172,6 +175,18 @@ struct Sequence {
 impl Sequence {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Its last event when its grammar cannot go on, saying why.
+    fn fail(&mut self, why: String) -> StepEvent {
+        StepEvent {
+            id: self.id,
+            token: None,
+            text: String::new(),
+            logprob: None,
+            finish: Some(FinishReason::Error(why)),
+            cached_tokens: None,
+        }
     }
 
     /// Its id, positions computed, positions left, and its tenant.
@@ -583,6 +598,9 @@ pub struct Engine {
     tenants: HashMap<Arc<str>, TenantState>,
     /// The prefix chain's seed for this model.
     seed: u64,
+    /// The tokenizer's grammar compiler, made at the first constrained
+    /// request (or shared through [`Engine::set_grammars`]).
+    grammars: Option<Arc<Grammars>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -641,6 +659,7 @@ impl Engine {
             pending: Vec::new(),
             tenants: HashMap::new(),
             seed,
+            grammars: None,
         })
     }
 
@@ -680,6 +699,21 @@ impl Engine {
         e.kv = KvCache::tables_only(c.layers, c.kv_dim(), device.kv_blocks());
         e.device = Some(device);
         Ok(e)
+    }
+
+    /// Shares a grammar compiler (and its cache) of this engine's tokenizer.
+    pub fn set_grammars(&mut self, grammars: Arc<Grammars>) {
+        self.grammars = Some(grammars);
+    }
+
+    /// The grammar compiler of this engine's tokenizer, made on first use.
+    pub fn grammars(&mut self) -> Result<Arc<Grammars>> {
+        if let Some(g) = &self.grammars {
+            return Ok(g.clone());
+        }
+        let g = Arc::new(Grammars::new(&self.tokenizer)?);
+        self.grammars = Some(g.clone());
+        Ok(g)
     }
 
     /// The device the steps run on, in words (`cpu` without one).
@@ -1009,6 +1043,21 @@ impl Engine {
                 )));
             }
         }
+        let mut constraint = match &req.params.grammar {
+            None => None,
+            Some(g) => Some(
+                self.grammars()?
+                    .compile(g)
+                    .map_err(|e| KernelError::Rejected(e.to_string()))?,
+            ),
+        };
+        if let Some(c) = constraint.as_mut() {
+            for &t in &resume.tokens {
+                c.commit(t).map_err(|e| {
+                    KernelError::Rejected(format!("the resumed tokens do not fit the grammar: {e}"))
+                })?;
+            }
+        }
         self.arrivals += 1;
         let seed = req.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.arrivals;
         let prompt_len = req.prompt.len();
@@ -1018,6 +1067,7 @@ impl Engine {
             tokens: req.prompt,
             computed: 0,
             sampler: Sampler::new(req.params, seed),
+            constraint,
             decoder: StreamDecoder::new(),
             held: String::new(),
             priority: req.priority,
@@ -1160,7 +1210,10 @@ impl Engine {
             .iter()
             .map(|&(i, _)| {
                 let p = self.running[i].sampler.params();
-                if p.wants_only_the_argmax() {
+                if self.running[i].constraint.is_some() {
+                    // the mask is applied to the whole row here
+                    Pick::Logits
+                } else if p.wants_only_the_argmax() {
                     Pick::Argmax
                 } else if p.can_sample_from_the_top() {
                     Pick::Top {
@@ -1240,7 +1293,16 @@ impl Engine {
             }
             let (tok, logprob) = match out {
                 Sampled::Nothing => continue, // a prefill chunk short of the end
-                Sampled::Logits(mut logits) => s.sampler.sample(&mut logits),
+                Sampled::Logits(mut logits) => {
+                    if let Some(c) = s.constraint.as_mut() {
+                        if let Err(e) = c.mask(&mut logits, &s.sampler.params().stop_tokens) {
+                            events.push(s.fail(e.to_string()));
+                            finished.push(i);
+                            continue;
+                        }
+                    }
+                    s.sampler.sample(&mut logits)
+                }
                 Sampled::Argmax(tok) => {
                     s.sampler.replay(tok);
                     (tok, None)
@@ -1248,7 +1310,19 @@ impl Engine {
                 Sampled::Drawn(tok) => (tok, None),
             };
             self.stats.generated_tokens += 1;
-            let mut ev = Self::accept(&self.tokenizer, s, tok, logprob, self.cfg.max_context);
+            let is_stop = s.sampler.params().stop_tokens.contains(&tok);
+            let done = match s.constraint.as_mut() {
+                Some(c) if !is_stop => match c.commit(tok) {
+                    Ok(()) => c.is_finished(),
+                    Err(e) => {
+                        events.push(s.fail(e.to_string()));
+                        finished.push(i);
+                        continue;
+                    }
+                },
+                _ => false,
+            };
+            let mut ev = Self::accept(&self.tokenizer, s, tok, logprob, self.cfg.max_context, done);
             if !s.reported {
                 s.reported = true;
                 ev.cached_tokens = Some(s.cached);
@@ -1300,6 +1374,7 @@ impl Engine {
         tok: TokenId,
         logprob: Option<TokenLogprob>,
         max_context: usize,
+        grammar_done: bool,
     ) -> StepEvent {
         let params = s.sampler.params();
         let stop_tok = params.stop_tokens.contains(&tok);
@@ -1324,6 +1399,12 @@ impl Engine {
         if let Some(at) = stops.iter().filter_map(|st| s.held.find(st.as_str())).min() {
             ev.text = s.held[..at].to_string();
             s.held.clear();
+            ev.finish = Some(FinishReason::Stop);
+            return ev;
+        }
+        if grammar_done {
+            // the grammar's output is complete: nothing may follow
+            ev.text = std::mem::take(&mut s.held) + &s.decoder.finish();
             ev.finish = Some(FinishReason::Stop);
             return ev;
         }

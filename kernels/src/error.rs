@@ -80,6 +80,10 @@ pub enum KernelError {
     /// A request that can never run (prompt over the context, empty prompt, ...).
     #[error("request rejected: {0}")]
     Rejected(String),
+    /// A grammar (JSON Schema, regex, Lark) that cannot be compiled or
+    /// enforced, or a sequence's grammar that failed.
+    #[error("{0}")]
+    Grammar(String),
     /// The device ran out of memory (or the configured budget).
     #[error("out of device memory: {0}")]
     DeviceOutOfMemory(String),

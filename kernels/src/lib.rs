@@ -31,6 +31,7 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod kv;
 pub mod layout;
 pub mod model;
@@ -50,6 +51,7 @@ pub use engine::{
     TenantUsage,
 };
 pub use error::{KernelError, Result};
+pub use grammar::{Constraint, Grammar, GrammarStats, Grammars};
 pub use gguf::{Activation, Arch, GgufFile, ModelConfig, RopeStyle};
 pub use kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
 pub use layout::StepLayout;

@@ -40,6 +40,10 @@ pub struct SamplingParams {
     pub logprobs: bool,
     /// Also report this many most likely alternatives.
     pub top_logprobs: usize,
+    /// What the output must match (structured outputs, tool calls); the
+    /// engine masks every step's logits to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<crate::grammar::Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +62,7 @@ impl Default for SamplingParams {
             stop_strings: Vec::new(),
             logprobs: false,
             top_logprobs: 0,
+            grammar: None,
         }
     }
 }
@@ -80,7 +85,7 @@ impl SamplingParams {
     /// logits matters (no penalties, no log-probabilities): a device can
     /// then pick it without sending the logits back.
     pub fn wants_only_the_argmax(&self) -> bool {
-        self.is_greedy() && !self.logprobs && !self.penalizes()
+        self.is_greedy() && !self.logprobs && !self.penalizes() && self.grammar.is_none()
     }
 
     /// Whether the token can be drawn from the row's best few logits (see
@@ -90,6 +95,7 @@ impl SamplingParams {
         !self.is_greedy()
             && !self.logprobs
             && !self.penalizes()
+            && self.grammar.is_none()
             && (self.top_k > 0 || self.top_p < 1.0 || self.min_p > 0.0)
     }
 

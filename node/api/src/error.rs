@@ -15,7 +15,7 @@ pub struct ApiError {
     pub(crate) status: StatusCode,
     kind: &'static str,
     code: Option<&'static str>,
-    param: Option<&'static str>,
+    param: Option<std::borrow::Cow<'static, str>>,
     pub(crate) message: String,
     retry_after: Option<u64>,
     /// Why a request was refused, as `weft_route_refusals_total`'s
@@ -41,8 +41,8 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
     /// Names the request field at fault.
-    pub fn param(mut self, p: &'static str) -> Self {
-        self.param = Some(p);
+    pub fn param(mut self, p: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        self.param = Some(p.into());
         self
     }
     /// Sets OpenAI's error `code`.

@@ -34,6 +34,7 @@
 pub mod affinity;
 pub mod config;
 pub mod error;
+mod fields;
 pub mod headers;
 pub mod metrics;
 pub mod remote;
@@ -43,6 +44,7 @@ pub mod routes;
 pub mod served;
 pub mod server;
 pub mod state;
+mod structured;
 pub mod tenants;
 pub mod trace;
 

@@ -64,6 +64,9 @@ pub struct RouteAsk {
     pub max_queue: usize,
     /// This node's span of the request's trace (the next node's parent).
     pub trace: crate::trace::Trace,
+    /// What constrains its output, when something does (`tools`, or a
+    /// `response_format` type): the intent log says so.
+    pub constrained: Option<String>,
 }
 
 /// Where a request went.

@@ -76,6 +76,11 @@ pub(crate) struct Common {
     #[serde(default)]
     pub(crate) stream: bool,
     pub(crate) stream_options: Option<StreamOptions>,
+    /// Structured output: `text`, `json_object`, `json_schema` (and weft's
+    /// `regex`, `choice`, `grammar`).
+    pub(crate) response_format: Option<serde_json::Value>,
+    /// The caller's end user, for the intent log.
+    pub(crate) user: Option<String>,
     pub(crate) weft: Option<IntentField>,
 }
 
@@ -122,8 +127,10 @@ pub(crate) struct MessageField {
 #[derive(Debug, Deserialize)]
 pub(crate) struct ChatBody {
     pub(crate) messages: Vec<MessageField>,
-    /// The tools the model may call, handed to the chat template.
+    /// The tools the model may call.
     pub(crate) tools: Option<serde_json::Value>,
+    pub(crate) tool_choice: Option<serde_json::Value>,
+    pub(crate) parallel_tool_calls: Option<bool>,
     #[serde(default)]
     pub(crate) logprobs: bool,
     pub(crate) top_logprobs: Option<u32>,
@@ -157,6 +164,10 @@ pub(crate) struct Job {
     pub(crate) routed_id: Option<String>,
     /// This node's span of the request's trace.
     pub(crate) trace: crate::trace::Trace,
+    /// Read tool calls out of the answer.
+    pub(crate) tool_calls: bool,
+    /// The caller's end user, for the intent log.
+    pub(crate) user: Option<String>,
 }
 
 /// Reads a request's body within the size and time limits; it must be UTF-8.
@@ -325,6 +336,7 @@ pub(crate) fn prepare(s: &AppState, c: &Common, headers: &HeaderMap) -> Result<P
         stop_strings,
         logprobs: false,
         top_logprobs: 0,
+        grammar: None,
     };
     Ok(Prepared {
         params,
@@ -401,6 +413,8 @@ pub(crate) fn job(
         token_ids: fwd.is_some_and(|f| f.token_ids),
         routed_id: fwd.and_then(|f| f.request_id.clone()),
         trace,
+        tool_calls: false,
+        user: common.user.clone(),
     })
 }
 

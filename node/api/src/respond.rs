@@ -19,6 +19,7 @@ use crate::error::{deadline_error, not_ready, replica_lost, worker_lost, ApiErro
 use crate::headers::TOKEN_IDS_FIELD;
 use crate::request::{Job, Kind};
 use crate::state::AppState;
+use crate::structured::{call_id, CallSplitter, Piece};
 use crate::tenants::{Admission, Ticket};
 
 /// Admits a validated request and answers it, whole or streamed; every
@@ -48,6 +49,11 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
                 "deadline_ms": job.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
             },
             "prompt_tokens": job.prompt.len(),
+            "constrained": job.params.grammar.as_ref().map(|g| json!({
+                "kind": if job.tool_calls { "tools" } else { g.kind() },
+                "grammar_key": hex::encode(&g.key()[..8]),
+            })),
+            "user": job.user,
             "node": "local",
             "trace_id": job.trace.trace_id,
             "span_id": job.trace.span_id,
@@ -292,12 +298,43 @@ async fn whole_response(
     }
     s.count_request(&job.model.model_id, 200, crit);
     let choice = match meta.kind {
-        Kind::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": if job.params.logprobs { json!({"content": lps.iter().map(|l| chat_logprob(&job.model.tokenizer, l)).collect::<Vec<_>>()}) } else { Value::Null },
-            "finish_reason": finish_str(&finish),
-        }),
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": text});
+            let mut reason = finish_str(&finish);
+            if job.tool_calls {
+                let mut split = CallSplitter::default();
+                let mut pieces = split.push(&text);
+                pieces.extend(split.finish());
+                let mut content = String::new();
+                let mut calls = Vec::new();
+                for p in pieces {
+                    match p {
+                        Piece::Text(t) => content.push_str(&t),
+                        Piece::Call { name, arguments, .. } => calls.push(json!({
+                            "id": call_id(),
+                            "type": "function",
+                            "function": {"name": name, "arguments": arguments},
+                        })),
+                    }
+                }
+                if !calls.is_empty() {
+                    message = json!({
+                        "role": "assistant",
+                        "content": if content.is_empty() { Value::Null } else { json!(content) },
+                        "tool_calls": calls,
+                    });
+                    if finish == FinishReason::Stop {
+                        reason = "tool_calls";
+                    }
+                }
+            }
+            json!({
+                "index": 0,
+                "message": message,
+                "logprobs": if job.params.logprobs { json!({"content": lps.iter().map(|l| chat_logprob(&job.model.tokenizer, l)).collect::<Vec<_>>()}) } else { Value::Null },
+                "finish_reason": reason,
+            })
+        }
         Kind::Completion => json!({
             "index": 0,
             "text": text,
@@ -349,6 +386,7 @@ fn stream_response(
         let resumed = job.resume.as_ref().map_or(0, |r| r.tokens.len());
         let mut tokens = 0usize;
         let mut cached: Option<usize> = None;
+        let mut split = (meta.kind == Kind::Chat && job.tool_calls).then(CallSplitter::default);
         let status;
         loop {
             let u = match next_update(&mut rx, job.deadline).await {
@@ -400,7 +438,40 @@ fn stream_response(
                         .await;
                         break;
                     }
-                    let fin = finish.as_ref().map(finish_str);
+                    let mut fin = finish.as_ref().map(finish_str);
+                    // an answer that may hold calls: its text as it becomes
+                    // final, each call when it is closed
+                    let mut text = text;
+                    if let Some(sp) = split.as_mut() {
+                        let mut pieces = sp.push(&text);
+                        if finish.is_some() {
+                            pieces.extend(sp.finish());
+                        }
+                        text = String::new();
+                        let mut ok = true;
+                        for p in pieces {
+                            let delta = match p {
+                                Piece::Text(t) => {
+                                    text.push_str(&t);
+                                    continue;
+                                }
+                                Piece::Call { index, name, arguments } => [
+                                    json!({"tool_calls": [{"index": index, "id": call_id(), "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                                    json!({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}),
+                                ],
+                            };
+                            for d in delta {
+                                ok = ok && send(chunk(json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": null}))).await;
+                            }
+                        }
+                        if !ok {
+                            status = 499;
+                            break;
+                        }
+                        if sp.calls() > 0 && finish == Some(FinishReason::Stop) {
+                            fin = Some("tool_calls");
+                        }
+                    }
                     if !text.is_empty() || logprob.is_some() || fin.is_some() {
                         let choice = match meta.kind {
                             Kind::Chat => json!({

@@ -25,6 +25,8 @@ use crate::request::{
     IntentField, Kind, PromptField,
 };
 use crate::respond::respond;
+use crate::served::Served;
+use crate::structured;
 use crate::state::AppState;
 use crate::tenants::authenticate;
 use crate::trace::Trace;
@@ -153,6 +155,9 @@ async fn elsewhere(
         #[serde(default)]
         stream: bool,
         weft: Option<IntentField>,
+        response_format: Option<Value>,
+        tools: Option<Value>,
+        tool_choice: Option<Value>,
     }
     let r = serde_json::from_slice::<Routable>(bytes).ok()?;
     let held = s.find(&r.model).is_some();
@@ -198,6 +203,7 @@ async fn elsewhere(
         request_id,
         max_queue: s.cfg.max_queue,
         trace: trace.clone(),
+        constrained: constrained(&r.tools, &r.tool_choice, &r.response_format),
     };
     let crit = intent.criticality.as_str();
     *routed_id = Some(ask.request_id.clone());
@@ -223,6 +229,48 @@ async fn elsewhere(
     }
 }
 
+/// Checks that `grammar` compiles for `model` (off the async runtime: a
+/// first compile indexes the vocabulary), or a 400 naming `param`.
+async fn checked(
+    model: &Arc<Served>,
+    grammar: Option<&weft_kernels::Grammar>,
+    param: &'static str,
+) -> Result<(), ApiError> {
+    let Some(g) = grammar.cloned() else {
+        return Ok(());
+    };
+    let m = model.clone();
+    match tokio::task::spawn_blocking(move || m.check_grammar(&g)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ApiError::bad(e.to_string())
+            .param(param)
+            .code("invalid_response_format")),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("the grammar check failed: {e}"),
+        )),
+    }
+}
+
+/// What constrains a request's output, as the intent log names it.
+fn constrained(
+    tools: &Option<Value>,
+    choice: &Option<Value>,
+    format: &Option<Value>,
+) -> Option<String> {
+    let has_tools = tools.as_ref().and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+    if has_tools && choice.as_ref().and_then(Value::as_str) != Some("none") {
+        return Some("tools".into());
+    }
+    format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str)
+        .filter(|t| *t != "text")
+        .map(String::from)
+}
+
 async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) -> Response {
     let fwd = req.extensions().get::<Forwarded>().cloned();
     let bytes = match read_bytes(&s, req).await {
@@ -236,8 +284,11 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
         };
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
+        crate::fields::check(Kind::Completion, &bytes)?;
         let body: CompletionBody = parse_body(&bytes)?;
         let prepared = prepare(&s, &body.common, &headers)?;
+        let grammar = structured::response_grammar(body.common.response_format.as_ref())?;
+        checked(&prepared.model, grammar.as_ref(), "response_format").await?;
         let text = match body.prompt {
             PromptField::Text(t) => t,
             PromptField::Texts(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
@@ -261,6 +312,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
             trace,
         )
         .map(|mut j| {
+            j.params.grammar = grammar;
             j.routed_id = j.routed_id.or(routed_id);
             // valid: this node is about to hold its prefix
             s.note_prefix(&j.tenant, &bytes);
@@ -284,6 +336,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         };
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
+        crate::fields::check(Kind::Chat, &bytes)?;
         let body: ChatBody = parse_body(&bytes)?;
         let prepared = prepare(&s, &body.common, &headers)?;
         if body.messages.is_empty() {
@@ -329,20 +382,31 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
                 name: m.name,
             });
         }
-        if body
-            .tools
-            .as_ref()
-            .is_some_and(|t| !t.is_array() && !t.is_null())
-        {
-            return Err(ApiError::bad("tools must be an array").param("tools"));
-        }
+        let tools = structured::parse_tools(body.tools.as_ref())?;
+        let choice = structured::parse_tool_choice(body.tool_choice.as_ref(), &tools)?;
+        let answer = structured::response_grammar(body.common.response_format.as_ref())?;
+        let grammar = structured::tool_grammar(
+            &tools,
+            &choice,
+            body.parallel_tool_calls.unwrap_or(true),
+            answer.as_ref(),
+        )?;
+        let calls = choice != structured::ToolChoice::None;
+        checked(
+            &prepared.model,
+            grammar.as_ref(),
+            if calls { "tools" } else { "response_format" },
+        )
+        .await?;
+        let (messages, shown) =
+            structured::conversation(&prepared.model.tokenizer, messages, &tools, &choice);
         let logprobs = body
             .logprobs
             .then(|| (body.top_logprobs.unwrap_or(0), "top_logprobs"));
         let prompt = prepared
             .model
             .tokenizer
-            .encode_chat(&messages, body.tools.as_ref())
+            .encode_chat(&messages, shown.as_ref())
             .map_err(|e| {
                 let no_template = matches!(e, weft_kernels::KernelError::NoChatTemplate);
                 let err = ApiError::bad(format!("{e}")).param("messages");
@@ -364,6 +428,8 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
             trace,
         )
         .map(|mut j| {
+            j.params.grammar = grammar;
+            j.tool_calls = calls;
             j.routed_id = j.routed_id.or(routed_id);
             // valid: this node is about to hold its prefix
             s.note_prefix(&j.tenant, &bytes);

@@ -65,11 +65,7 @@ impl AppState {
         runner: Arc<dyn Runner>,
     ) -> Arc<Self> {
         let s = Self::empty(cfg);
-        s.hold(Served {
-            model_id,
-            tokenizer,
-            runner,
-        });
+        s.hold(Served::new(model_id, tokenizer, runner));
         s
     }
 

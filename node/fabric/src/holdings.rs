@@ -330,11 +330,11 @@ impl Holder {
         };
         tracing::info!(model = %h.model, "worker started");
         Ok(Serving {
-            served: Arc::new(Served {
-                model_id: h.model.clone(),
-                tokenizer: Arc::new(tokenizer),
-                runner: Arc::new(worker.clone()),
-            }),
+            served: Arc::new(Served::new(
+                h.model.clone(),
+                Arc::new(tokenizer),
+                Arc::new(worker.clone()),
+            )),
             worker,
             hops,
         })

@@ -70,6 +70,7 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
         "prompt_tokens_estimate": prompt,
         "max_tokens": output,
         "hops": r.hops,
+        "constrained": r.constrained,
         "decision": "routed",
         "trace_id": r.trace.trace_id,
         "span_id": r.trace.span_id,
@@ -220,6 +221,7 @@ mod tests {
             request_id: "req-1".into(),
             max_queue: 16,
             trace: weft_api::trace::Trace::root(),
+        constrained: None,
         }
     }
 

@@ -125,6 +125,7 @@ fn ask(stream: bool) -> RouteAsk {
         request_id: "req-1".into(),
         max_queue: 16,
         trace: weft_api::trace::Trace::root(),
+        constrained: None,
     }
 }
 
