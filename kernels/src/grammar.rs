@@ -149,10 +149,7 @@ impl Grammar {
                         "a choice needs at least one non-empty string".into(),
                     ));
                 }
-                let alts: Vec<String> = options
-                    .iter()
-                    .map(|o| regex_syntax::escape(o))
-                    .collect();
+                let alts: Vec<String> = options.iter().map(|o| regex_syntax::escape(o)).collect();
                 TopLevelGrammar::from_regex(&format!("(?:{})", alts.join("|")))
             }
             Self::Lark { grammar } => TopLevelGrammar::from_lark(grammar.clone()),

@@ -51,8 +51,8 @@ pub use engine::{
     TenantUsage,
 };
 pub use error::{KernelError, Result};
-pub use grammar::{Constraint, Grammar, GrammarStats, Grammars};
 pub use gguf::{Activation, Arch, GgufFile, ModelConfig, RopeStyle};
+pub use grammar::{Constraint, Grammar, GrammarStats, Grammars};
 pub use kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
 pub use layout::StepLayout;
 pub use model::{Chunk, ChunkInput, ChunkOutput, Model};

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use weft_kernels::testing::TinyModelSpec;
 use weft_kernels::{
-    Engine, EngineConfig, FinishReason, Grammar, Grammars, KernelError, LocalChain, Model,
-    Request, Resume, SamplingParams,
+    Engine, EngineConfig, FinishReason, Grammar, Grammars, KernelError, LocalChain, Model, Request,
+    Resume, SamplingParams,
 };
 
 mod common;
@@ -20,7 +20,9 @@ fn families() -> Vec<TinyModelSpec> {
 }
 
 fn prompt(t: &Tiny, salt: u32) -> Vec<u32> {
-    let mut p = t.lm.tokenizer.encode(&format!("answer {salt}:"), true, false);
+    let mut p =
+        t.lm.tokenizer
+            .encode(&format!("answer {salt}:"), true, false);
     p.push(263 + salt % 40);
     p
 }
@@ -143,14 +145,23 @@ fn a_regex_constrained_answer_matches_the_expression() {
             pattern: "[a-c]{3}-[0-9]{2}".into(),
         };
         for i in 0..4u64 {
-            e.add_request(ask(i, prompt(&t, i as u32), sampled(40, i, Some(g.clone())), &t))
-                .unwrap();
+            e.add_request(ask(
+                i,
+                prompt(&t, i as u32),
+                sampled(40, i, Some(g.clone())),
+                &t,
+            ))
+            .unwrap();
         }
         for (id, c) in e.run_to_completion().unwrap() {
             let b = c.text.as_bytes();
             assert_eq!(c.finish, Some(FinishReason::Stop), "{id}");
             assert_eq!(b.len(), 6, "{:?}", c.text);
-            assert!(b[..3].iter().all(|x| (b'a'..=b'c').contains(x)), "{:?}", c.text);
+            assert!(
+                b[..3].iter().all(|x| (b'a'..=b'c').contains(x)),
+                "{:?}",
+                c.text
+            );
             assert_eq!(b[3], b'-');
             assert!(b[4..].iter().all(u8::is_ascii_digit), "{:?}", c.text);
         }

@@ -12,22 +12,29 @@ use weft_store::{KnownModel, ModelSource, ModelStore, PipFetcher, GEMMA3_270M, S
 #[test]
 fn the_openai_client_works_against_weft_serving_smollm2() {
     // llama.cpp's greedy continuation begins " Paris."
-    against(SMOLLM2_135M, "chat", " Paris.");
+    against(SMOLLM2_135M, "openai_e2e.py", &["chat", " Paris."]);
+}
+
+#[test]
+fn the_openai_client_gets_structured_outputs_and_tool_calls_from_smollm2() {
+    // 20 JSON Schemas x 3 prompts, json_object, tool calls whole and
+    // streamed, an invalid schema, a mixed batch, every request field
+    against(SMOLLM2_135M, "structured_e2e.py", &[]);
 }
 
 #[test]
 fn the_openai_client_works_against_weft_serving_gemma() {
     against(
         GEMMA3_270M,
-        "no-chat",
-        " the capital of the country of France",
+        "openai_e2e.py",
+        &["no-chat", " the capital of the country of France"],
     );
 }
 
-/// Runs `openai_e2e.py` against `weft up` serving `known`.
-fn against(known: KnownModel, chat: &str, completion_prefix: &str) {
+/// Runs `script` (in tests/) with `args` against `weft up` serving `known`.
+fn against(known: KnownModel, script: &str, args: &[&str]) {
     let has_openai = Command::new("python3")
-        .args(["-c", "import openai"])
+        .args(["-c", "import openai, jsonschema"])
         .status()
         .is_ok_and(|s| s.success());
     if !has_openai {
@@ -39,6 +46,7 @@ fn against(known: KnownModel, chat: &str, completion_prefix: &str) {
                 "-q",
                 "--disable-pip-version-check",
                 "openai",
+                "jsonschema",
             ])
             .status()
             .expect("python3 runs");
@@ -72,11 +80,10 @@ fn against(known: KnownModel, chat: &str, completion_prefix: &str) {
         std::thread::yield_now();
     }
     let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_e2e.py"))
+        .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
         .arg(&base)
         .arg(known.name)
-        .arg(chat)
-        .arg(completion_prefix)
+        .args(args)
         .output()
         .unwrap();
     let _ = child.kill();

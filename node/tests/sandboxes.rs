@@ -1066,6 +1066,34 @@ fn the_readme_agent_example_runs_the_models_command_in_a_sandbox_and_deletes_it(
     assert_eq!(st, 410, "the example left {id} behind");
 }
 
+#[test]
+fn the_readme_tool_agent_runs_the_models_call_in_a_sandbox_and_sends_back_the_result() {
+    let n = node();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tool_agent.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg("What is 2 to the power of 20?")
+        .env("WEFT_URL", &n.base)
+        .env("WEFT_API_KEY", ALPHA)
+        .output()
+        .expect("python3 (scripts/install_test_deps.sh installs it with openai and requests)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the first turn must call a tool: its call ran and its result went back
+    assert!(said.contains("call call_"), "{said}");
+    assert!(said.contains("result: {\"exit_code\""), "{said}");
+    let id = said
+        .split_whitespace()
+        .find(|w| w.starts_with("sbx_"))
+        .unwrap_or_else(|| panic!("no sandbox id in {said}"));
+    let (st, _) = api(n, "GET", &format!("/v1/sandboxes/{id}"), ALPHA, None);
+    assert_eq!(st, 410, "the example left {id} behind");
+}
+
 /// How many cgroups (of the memory controller) node `n`'s sandboxes have.
 fn sandbox_cgroups(n: &Node) -> usize {
     let prefix = format!("sandbox-{}-", n.child.id());

@@ -157,10 +157,17 @@ fn an_invalid_schema_is_a_400_naming_response_format_before_any_token() {
     let n = start("");
     let before = generated(&n);
     let rf = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}});
-    let (st, v) = post(&n, "/v1/chat/completions", &chat(json!({"response_format": rf})));
+    let (st, v) = post(
+        &n,
+        "/v1/chat/completions",
+        &chat(json!({"response_format": rf})),
+    );
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["param"], "response_format");
-    assert!(v["error"]["message"].as_str().unwrap().contains("nonsense"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("nonsense"),
+        "{v}"
+    );
     assert_eq!(generated(&n), before, "a token was generated");
 }
 
@@ -283,7 +290,9 @@ fn a_tool_choice_naming_no_tool_is_a_400() {
     let (st, v) = post(
         &n,
         "/v1/chat/completions",
-        &chat(json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "rm_rf"}}})),
+        &chat(
+            json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "rm_rf"}}}),
+        ),
     );
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["param"], "tool_choice");
@@ -363,7 +372,10 @@ fn the_fields_weft_implements_are_accepted_together() {
     }));
     let (st, v) = post(&n, "/v1/chat/completions", &body);
     assert_eq!(st, 200, "{v}");
-    assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "tool_choice none: {v}");
+    assert!(
+        v["choices"][0]["message"]["tool_calls"].is_null(),
+        "tool_choice none: {v}"
+    );
 }
 
 #[test]
@@ -377,7 +389,11 @@ fn the_intent_log_says_a_request_was_constrained() {
         &chat(json!({"tools": weather_tools(), "tool_choice": "required"})),
     );
     assert_eq!(st, 200);
-    let (st, _) = post(&node, "/v1/chat/completions", &chat(json!({"max_tokens": 2})));
+    let (st, _) = post(
+        &node,
+        "/v1/chat/completions",
+        &chat(json!({"max_tokens": 2})),
+    );
     assert_eq!(st, 200);
     Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])

@@ -51,7 +51,10 @@ const COMPLETION: &[&str] = &["prompt"];
 /// Fields refused, with why.
 const REFUSED: &[(&str, &str)] = &[
     ("logit_bias", "logit_bias is not supported"),
-    ("audio", "audio output is not supported: weft serves text models"),
+    (
+        "audio",
+        "audio output is not supported: weft serves text models",
+    ),
     ("prediction", "predicted outputs are not supported"),
     (
         "reasoning_effort",
@@ -63,7 +66,10 @@ const REFUSED: &[(&str, &str)] = &[
         "metadata",
         "metadata is kept with stored completions, and weft stores none",
     ),
-    ("functions", "functions is deprecated and not supported: use tools"),
+    (
+        "functions",
+        "functions is deprecated and not supported: use tools",
+    ),
     (
         "function_call",
         "function_call is deprecated and not supported: use tool_choice",
@@ -98,9 +104,7 @@ pub(crate) fn check(kind: Kind, body: &[u8]) -> Result<(), ApiError> {
             (Kind::Chat, "modalities") => {
                 v.is_null() || v.as_array().is_some_and(|a| a.iter().all(|m| m == "text"))
             }
-            (Kind::Chat, "service_tier") => {
-                v.is_null() || v == "auto" || v == "default"
-            }
+            (Kind::Chat, "service_tier") => v.is_null() || v == "auto" || v == "default",
             (Kind::Completion, "best_of") => v.is_null() || v == 1,
             (Kind::Completion, "echo") => v.is_null() || v == &Value::Bool(false),
             (Kind::Completion, "suffix") => v.is_null() || v == "",

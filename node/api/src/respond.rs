@@ -310,7 +310,9 @@ async fn whole_response(
                 for p in pieces {
                     match p {
                         Piece::Text(t) => content.push_str(&t),
-                        Piece::Call { name, arguments, .. } => calls.push(json!({
+                        Piece::Call {
+                            name, arguments, ..
+                        } => calls.push(json!({
                             "id": call_id(),
                             "type": "function",
                             "function": {"name": name, "arguments": arguments},
@@ -455,7 +457,11 @@ fn stream_response(
                                     text.push_str(&t);
                                     continue;
                                 }
-                                Piece::Call { index, name, arguments } => [
+                                Piece::Call {
+                                    index,
+                                    name,
+                                    arguments,
+                                } => [
                                     json!({"tool_calls": [{"index": index, "id": call_id(), "type": "function", "function": {"name": name, "arguments": ""}}]}),
                                     json!({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}),
                                 ],

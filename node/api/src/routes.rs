@@ -26,8 +26,8 @@ use crate::request::{
 };
 use crate::respond::respond;
 use crate::served::Served;
-use crate::structured;
 use crate::state::AppState;
+use crate::structured;
 use crate::tenants::authenticate;
 use crate::trace::Trace;
 
@@ -259,7 +259,10 @@ fn constrained(
     choice: &Option<Value>,
     format: &Option<Value>,
 ) -> Option<String> {
-    let has_tools = tools.as_ref().and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+    let has_tools = tools
+        .as_ref()
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty());
     if has_tools && choice.as_ref().and_then(Value::as_str) != Some("none") {
         return Some("tools".into());
     }

@@ -22,7 +22,11 @@ pub struct Served {
 
 impl Served {
     /// A model served by `runner`.
-    pub fn new(model_id: impl Into<String>, tokenizer: Arc<Tokenizer>, runner: Arc<dyn Runner>) -> Self {
+    pub fn new(
+        model_id: impl Into<String>,
+        tokenizer: Arc<Tokenizer>,
+        runner: Arc<dyn Runner>,
+    ) -> Self {
         Self {
             model_id: model_id.into(),
             tokenizer,

@@ -84,8 +84,7 @@ pub(crate) fn response_grammar(rf: Option<&Value>) -> Result<Option<Grammar>, Ap
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_NAME
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -181,9 +180,9 @@ pub(crate) fn parse_tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<Too
         ToolChoice::Required | ToolChoice::Auto if tools.is_empty() => {
             bad("tool_choice asks for a call but there are no tools".into())
         }
-        ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => {
-            bad(format!("tool_choice names {n:?}, which is not among the tools"))
-        }
+        ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => bad(format!(
+            "tool_choice names {n:?}, which is not among the tools"
+        )),
         _ => Ok(choice),
     }
 }
@@ -228,10 +227,12 @@ pub(crate) fn tool_grammar(
         Grammar::embedded_json(&body, strict)
     );
     let many = parallel && !matches!(choice, ToolChoice::Named(_));
+    // a line break may end the answer (models end a line before their
+    // end-of-turn), or begin the next call
     lark.push_str(if many {
-        "calls: call (\"\\n\" call)*\n"
+        "calls: call (\"\\n\" call)* \"\\n\"?\n"
     } else {
-        "calls: call\n"
+        "calls: call \"\\n\"?\n"
     });
     match choice {
         ToolChoice::Auto => {

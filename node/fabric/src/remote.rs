@@ -221,7 +221,7 @@ mod tests {
             request_id: "req-1".into(),
             max_queue: 16,
             trace: weft_api::trace::Trace::root(),
-        constrained: None,
+            constrained: None,
         }
     }
 
