@@ -62,6 +62,10 @@ enum Command {
     /// The agent workload through 3 gateways: prefix-aware routing, the
     /// router without the prefix term, and round-robin (a markdown table).
     PrefixFabric(agents::PrefixFabricArgs),
+    /// Constrained decoding: decode tokens/s under a JSON Schema against
+    /// the same sequences free, at 1 and 16 sequences, and the compile
+    /// time of the test schemas (one JSON object).
+    Grammar(grammar::GrammarArgs),
     /// The discrete-event simulator: `paper`, `edge` and `scale` scenarios
     /// (tables and plots under `bench/results/` unless `--out` says otherwise).
     Sim(sim::SimArgs),
@@ -122,6 +126,7 @@ struct RuntimeReport {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Runtime(a) => runtime(a),
+        Command::Grammar(a) => grammar::run(a),
         Command::Agents(a) => agents_bench(a),
         Command::PrefixFabric(a) => agents::prefix_fabric(a),
         Command::Api(a) => api::run(a),
@@ -224,11 +229,28 @@ fn engine(lm: &LoadedModel, kv_budget: usize) -> Result<Engine> {
 /// Runs `n` sequences of `prompt` tokens each for `decode` greedy tokens; returns
 /// tokens/s over the steps where every sequence was decoding.
 fn decode_rate(lm: &LoadedModel, n: usize, prompt: usize, decode: usize, kv: usize) -> Result<f64> {
+    decode_rate_under(lm, n, prompt, decode, kv, None)
+}
+
+/// Decode tokens/s of `n` sequences, each under `grammar` when given (its
+/// compiler shared, so indexing the vocabulary is not timed).
+pub(crate) fn decode_rate_under(
+    lm: &LoadedModel,
+    n: usize,
+    prompt: usize,
+    decode: usize,
+    kv: usize,
+    grammar: Option<(&weft_kernels::Grammar, &Arc<weft_kernels::Grammars>)>,
+) -> Result<f64> {
     let mut e = engine(lm, kv)?;
+    if let Some((_, g)) = grammar {
+        e.set_grammars(g.clone());
+    }
     for i in 0..n {
         // no stop tokens: every sequence runs its full length
         let params = SamplingParams {
             max_tokens: decode,
+            grammar: grammar.map(|(g, _)| g.clone()),
             ..SamplingParams::greedy(decode)
         };
         e.add_request(Request {
@@ -258,6 +280,7 @@ mod api;
 mod chain;
 mod control;
 mod failover;
+mod grammar;
 mod overlay;
 mod sandbox;
 mod tenants;

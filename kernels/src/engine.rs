@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::error::{KernelError, Result};
-use crate::grammar::{Constraint, Grammars};
+use crate::grammar::{Allowed, Constraint, Grammars};
 use crate::kv::{BlockHash, KvCache, SeqId, KV_BLOCK_TOKENS};
 use crate::model::{Chunk, ChunkInput, ChunkOutput, Model};
 use crate::prefix::CacheScope;
@@ -1166,8 +1166,55 @@ impl Engine {
                 }
             })
             .collect();
+        // the constrained sequences' masks are computed on a thread of
+        // their own while the model runs: off the step's critical path
+        let work: Vec<(usize, Constraint)> = plan
+            .iter()
+            .zip(&chunks)
+            .filter(|(_, c)| c.want_logits)
+            .filter_map(|(&(i, _), _)| self.running[i].constraint.take().map(|c| (i, c)))
+            .collect();
+        let (outs, work) = if work.is_empty() {
+            (self.outputs(&plan, chunks, &mut events), Vec::new())
+        } else {
+            std::thread::scope(|sc| {
+                let masks = sc.spawn(move || {
+                    work.into_iter()
+                        .map(|(i, mut c)| {
+                            let a = c.allowed();
+                            (i, c, a)
+                        })
+                        .collect::<Vec<_>>()
+                });
+                let outs = self.outputs(&plan, chunks, &mut events);
+                (outs, masks.join().expect("the mask thread does not panic"))
+            })
+        };
+        // the constraints go back, unless the step ended their sequences
+        let mut masks = HashMap::new();
+        if !matches!(outs, Ok(None)) {
+            for (i, c, a) in work {
+                self.running[i].constraint = Some(c);
+                masks.insert(i, a);
+            }
+        }
+        let Some(outs) = outs? else {
+            return Ok(events);
+        };
+        Ok(self.sample(&plan, outs, events, masks))
+    }
+
+    /// Runs a planned step's chunks and gives each its output to sample;
+    /// `None` when the step failed and ended its sequences (`events` says
+    /// why).
+    fn outputs(
+        &mut self,
+        plan: &[(usize, usize)],
+        chunks: Vec<Chunk>,
+        events: &mut Vec<StepEvent>,
+    ) -> Result<Option<Vec<Sampled>>> {
         if self.device.is_some() {
-            return self.device_step(plan, chunks, events);
+            return Ok(self.device_step(plan, chunks, events));
         }
         let mut outs = self.model.forward(&chunks, &mut self.kv)?;
         if let Some(rest) = self.rest.as_mut() {
@@ -1182,19 +1229,19 @@ impl Engine {
                     // the chain's caches no longer match the head's: every
                     // running sequence ends with the reason
                     let why = format!("the model's later layers failed: {why}");
-                    self.end_running(&mut events, FinishReason::Lost(why));
-                    return Ok(events);
+                    self.end_running(events, FinishReason::Lost(why));
+                    return Ok(None);
                 }
             }
         }
-        let outs = outs
-            .into_iter()
-            .map(|o| match o {
-                ChunkOutput::Logits(Some(l)) => Sampled::Logits(l),
-                _ => Sampled::Nothing,
-            })
-            .collect();
-        Ok(self.sample(&plan, outs, events))
+        Ok(Some(
+            outs.into_iter()
+                .map(|o| match o {
+                    ChunkOutput::Logits(Some(l)) => Sampled::Logits(l),
+                    _ => Sampled::Nothing,
+                })
+                .collect(),
+        ))
     }
 
     /// Runs a planned step on the device and samples its outputs. A device
@@ -1202,10 +1249,10 @@ impl Engine {
     /// sequences with the reason; the engine goes on.
     fn device_step(
         &mut self,
-        plan: Vec<(usize, usize)>,
+        plan: &[(usize, usize)],
         chunks: Vec<Chunk>,
-        mut events: Vec<StepEvent>,
-    ) -> Result<Vec<StepEvent>> {
+        events: &mut Vec<StepEvent>,
+    ) -> Option<Vec<Sampled>> {
         let picks: Vec<Pick> = plan
             .iter()
             .map(|&(i, _)| {
@@ -1230,8 +1277,8 @@ impl Engine {
             Ok(o) => o,
             Err(why) => {
                 let why = format!("the device failed: {why}");
-                self.end_running(&mut events, FinishReason::Error(why));
-                return Ok(events);
+                self.end_running(events, FinishReason::Error(why));
+                return None;
             }
         };
         // a draw from the top of a row, or the whole row where that is
@@ -1248,14 +1295,14 @@ impl Engine {
                         Ok(l) => Sampled::Logits(l),
                         Err(e) => {
                             let why = format!("the device failed: {e}");
-                            self.end_running(&mut events, FinishReason::Error(why));
-                            return Ok(events);
+                            self.end_running(events, FinishReason::Error(why));
+                            return None;
                         }
                     },
                 },
             });
         }
-        Ok(self.sample(&plan, sampled, events))
+        Some(sampled)
     }
 
     /// Ends every running sequence with `reason` (their caches no longer
@@ -1281,6 +1328,7 @@ impl Engine {
         plan: &[(usize, usize)],
         outs: Vec<Sampled>,
         mut events: Vec<StepEvent>,
+        mut masks: HashMap<usize, Result<Allowed>>,
     ) -> Vec<StepEvent> {
         let mut finished = Vec::new();
         for (&(i, n), out) in plan.iter().zip(outs) {
@@ -1295,7 +1343,10 @@ impl Engine {
                 Sampled::Nothing => continue, // a prefill chunk short of the end
                 Sampled::Logits(mut logits) => {
                     if let Some(c) = s.constraint.as_mut() {
-                        if let Err(e) = c.mask(&mut logits, &s.sampler.params().stop_tokens) {
+                        let allowed = masks.remove(&i).unwrap_or_else(|| c.allowed());
+                        let masked = allowed
+                            .and_then(|a| a.apply(&mut logits, &s.sampler.params().stop_tokens));
+                        if let Err(e) = masked {
                             events.push(s.fail(e.to_string()));
                             finished.push(i);
                             continue;

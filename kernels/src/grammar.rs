@@ -309,38 +309,24 @@ impl Constraint {
         }
     }
 
-    /// Sets every logit the grammar forbids next to −∞. `stops` (the
-    /// sequence's stop tokens) stay allowed only where the output may end.
-    /// Fails when the grammar is broken or allows nothing.
-    pub fn mask(&mut self, logits: &mut [f32], stops: &[TokenId]) -> Result<()> {
-        let allowed = self
+    /// The tokens the grammar allows next (the costly part of a step's
+    /// mask: the engine computes it while the model runs).
+    pub fn allowed(&mut self) -> Result<Allowed> {
+        let set = self
             .matcher
             .compute_mask()
             .map_err(|e| KernelError::Grammar(format!("the grammar failed: {e}")))?;
         let may_end = self.matcher.is_accepting().unwrap_or(false);
-        let n = allowed.len();
-        let mut any = false;
-        for (t, l) in logits.iter_mut().enumerate() {
-            let ok = if stops.contains(&(t as TokenId)) {
-                may_end
-            } else {
-                t < n && allowed.is_allowed(t as TokenId)
-            };
-            if ok {
-                any = true;
-            } else {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        if !any {
-            return Err(KernelError::Grammar(
-                "the grammar allows no token of this vocabulary here".into(),
-            ));
-        }
-        Ok(())
+        Ok(Allowed { set, may_end })
     }
 
-    /// Advances past a generated token (one [`Constraint::mask`] allowed).
+    /// Sets every logit the grammar forbids next to −∞ (see
+    /// [`Allowed::apply`]).
+    pub fn mask(&mut self, logits: &mut [f32], stops: &[TokenId]) -> Result<()> {
+        self.allowed()?.apply(logits, stops)
+    }
+
+    /// Advances past a generated token (one [`Constraint::allowed`] allowed).
     pub fn commit(&mut self, tok: TokenId) -> Result<()> {
         self.matcher
             .consume_token(tok)
@@ -355,6 +341,52 @@ impl Constraint {
     /// Whether the output so far may end here.
     pub fn may_end(&mut self) -> bool {
         self.matcher.is_accepting().unwrap_or(false)
+    }
+}
+
+/// The tokens one sequence's grammar allows at one step.
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    set: llguidance::toktrie::SimpleVob,
+    may_end: bool,
+}
+
+impl Allowed {
+    /// Sets every logit not allowed to −∞. `stops` (the sequence's stop
+    /// tokens) stay allowed only where the output may end. Fails when
+    /// nothing is allowed.
+    pub fn apply(&self, logits: &mut [f32], stops: &[TokenId]) -> Result<()> {
+        let kept: Vec<(usize, f32)> = stops
+            .iter()
+            .map(|&t| t as usize)
+            .filter(|&t| t < logits.len())
+            .map(|t| (t, logits[t]))
+            .collect();
+        // 32 tokens to a word of the set: most words are all-allowed or
+        // all-forbidden, and a vocabulary of 262k tokens is 8k words
+        let words = self.set.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                bits => {
+                    for (b, l) in chunk.iter_mut().enumerate() {
+                        if (bits >> b) & 1 == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+        for (t, l) in kept {
+            logits[t] = if self.may_end { l } else { f32::NEG_INFINITY };
+        }
+        if !logits.iter().any(|&l| l > f32::NEG_INFINITY) {
+            return Err(KernelError::Grammar(
+                "the grammar allows no token of this vocabulary here".into(),
+            ));
+        }
+        Ok(())
     }
 }
 

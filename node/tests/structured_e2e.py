@@ -5,6 +5,7 @@ Run by node/tests/openai_client.rs against `weft up` serving SmolLM2:
 python3 structured_e2e.py BASE_URL MODEL_ID
 """
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -28,36 +29,11 @@ def s(n=20, **kw):
     return {"type": "string", "maxLength": n, **kw}
 
 
-SCHEMAS = {
-    "person": obj({"name": s(), "age": {"type": "integer", "minimum": 0, "maximum": 120}}),
-    "colour": obj({"colour": {"enum": ["red", "green", "blue"]}}),
-    "address": obj({"name": s(), "address": obj({"street": s(30), "city": s(), "zip": {"type": "string", "pattern": "^[0-9]{5}$"}})}),
-    "fruits": obj({"fruits": {"type": "array", "items": s(15), "minItems": 1, "maxItems": 3}}),
-    "weather": obj({"temperature": {"type": "number", "minimum": -50, "maximum": 60},
-                    "humidity": {"type": "integer", "minimum": 0, "maximum": 100}}),
-    "task": obj({"done": {"type": "boolean"}, "note": s(30)}, required=["done"]),
-    "flight": obj({"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"}}),
-    "order": obj({"items": {"type": "array", "minItems": 1, "maxItems": 3,
-                            "items": obj({"name": s(15), "qty": {"type": "integer", "minimum": 1, "maximum": 10}})}}),
-    "rating": obj({"rating": {"enum": [1, 2, 3, 4, 5]}}),
-    "version": obj({"version": {"const": "1.0"}, "ok": {"type": "boolean"}}),
-    "matrix": obj({"matrix": {"type": "array", "minItems": 2, "maxItems": 2,
-                              "items": {"type": "array", "minItems": 2, "maxItems": 2,
-                                        "items": {"type": "integer", "minimum": 0, "maximum": 9}}}}),
-    "optional": obj({"a": s(10), "b": {"type": "integer", "minimum": 0, "maximum": 99}}, required=[]),
-    "either": obj({"value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 1000}, s(10)]}}),
-    "date": obj({"date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"}}),
-    "email": obj({"email": {"type": "string", "pattern": "^[a-z]{1,10}@[a-z]{1,10}\\.com$"}}),
-    "nested": obj({"a": obj({"b": obj({"c": obj({"d": {"type": "integer", "minimum": 0, "maximum": 9}})})})}),
-    "recipe": obj({"title": s(30), "ingredients": {"type": "array", "items": s(20), "minItems": 1, "maxItems": 4},
-                   "minutes": {"type": "integer", "minimum": 1, "maximum": 300}}),
-    "price": obj({"price": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
-                  "currency": {"enum": ["USD", "EUR"]}}),
-    "tags": obj({"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}),
-    "segment": {"$defs": {"point": obj({"x": {"type": "integer", "minimum": -9, "maximum": 9},
-                                        "y": {"type": "integer", "minimum": -9, "maximum": 9}})},
-                **obj({"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}})},
-}
+# nested objects, arrays with bounds, enums, required and optional fields,
+# numbers with ranges, strings with patterns, anyOf, const and $ref (the
+# benchmark compiles the same file: bench/src/grammar.rs)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "json_schemas.json")) as f:
+    SCHEMAS = json.load(f)
 assert len(SCHEMAS) == 20
 
 PROMPTS = [
