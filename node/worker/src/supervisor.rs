@@ -31,7 +31,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// What the node writes to its worker.
 #[derive(Debug)]
 enum Out {
-    Msg(ToWorker),
+    Msg(Box<ToWorker>),
     Chain(u64, Vec<u8>),
 }
 
@@ -235,7 +235,7 @@ impl Runner for Supervisor {
         }
         let (utx, urx) = mpsc::unbounded_channel();
         if tx
-            .send(Out::Msg(ToWorker::Submit {
+            .send(Out::Msg(Box::new(ToWorker::Submit {
                 id,
                 prompt: r.prompt,
                 params: r.params,
@@ -243,7 +243,7 @@ impl Runner for Supervisor {
                 resume: r.resume,
                 tenant: r.tenant,
                 shared_tokens: r.shared_tokens,
-            }))
+            })))
             .is_err()
         {
             return Err(SubmitError::NotReady);
@@ -257,7 +257,7 @@ impl Runner for Supervisor {
         let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.inflight.remove(&id).is_some() {
             if let Some(tx) = &live.tx {
-                let _ = tx.send(Out::Msg(ToWorker::Cancel { id }));
+                let _ = tx.send(Out::Msg(Box::new(ToWorker::Cancel { id })));
             }
         }
     }
