@@ -37,6 +37,10 @@ use crate::tokenizer::{TokenId, Tokenizer};
 const CACHE_ENTRIES: usize = 128;
 /// Longest description accepted (a schema or grammar is request input).
 pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
+/// Deepest nesting of a JSON Schema accepted: the grammar travels to the
+/// worker inside a message that nests it further, within serde_json's
+/// limit of 128.
+pub const MAX_SCHEMA_DEPTH: usize = 64;
 /// Longest token the trie takes; a longer one (a hostile vocabulary) is
 /// never allowed under a grammar.
 const MAX_TOKEN_BYTES: usize = 1024;
@@ -157,6 +161,21 @@ impl Grammar {
     }
 }
 
+/// How deep `v` nests (a scalar is 1), without recursion.
+fn depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Counters of a [`Grammars`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GrammarStats {
@@ -246,6 +265,14 @@ impl Grammars {
             c.stats.refused += 1;
             KernelError::Grammar(why)
         };
+        if let Grammar::JsonSchema { schema, .. } = g {
+            let d = depth(schema);
+            if d > MAX_SCHEMA_DEPTH {
+                return Err(refused(format!(
+                    "the JSON Schema nests {d} levels deep; at most {MAX_SCHEMA_DEPTH} are accepted"
+                )));
+            }
+        }
         let size = serde_json::to_vec(g).map_or(0, |v| v.len());
         if size > MAX_GRAMMAR_BYTES {
             return Err(refused(format!(

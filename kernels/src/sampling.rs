@@ -461,7 +461,12 @@ pub fn logprob_of(logits: &[f32], tok: TokenId, top: usize) -> TokenLogprob {
         idx.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
         idx.truncate(k);
         idx.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        best = idx.into_iter().map(|(i, _)| (i, lp(i as usize))).collect();
+        // tokens a grammar forbade (−∞) are no alternatives
+        best = idx
+            .into_iter()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, _)| (i, lp(i as usize)))
+            .collect();
     }
     TokenLogprob {
         token: tok,

@@ -330,3 +330,36 @@ fn a_resumed_constrained_sequence_finishes_inside_the_grammar() {
     .unwrap_err();
     assert!(err.to_string().contains("grammar"), "{err}");
 }
+
+#[test]
+fn a_schema_nested_past_the_limit_is_refused_saying_how_deep() {
+    let t = tiny(TinyModelSpec::gemma3_270m());
+    let g = Grammars::new(&t.lm.tokenizer).unwrap();
+    let mut s = json!({"type": "integer"});
+    for _ in 0..70 {
+        s = json!({"type": "array", "items": s});
+    }
+    let err = g.check(&schema(s)).unwrap_err();
+    assert!(err.to_string().contains("levels deep"), "{err}");
+}
+
+#[test]
+fn alternatives_in_the_logprobs_of_a_constrained_answer_are_allowed_tokens() {
+    let t = tiny(TinyModelSpec::gemma3_270m());
+    let mut e = engine(&t);
+    let p = SamplingParams {
+        logprobs: true,
+        top_logprobs: 5,
+        grammar: Some(Grammar::Choice {
+            options: vec!["ab".into(), "ac".into()],
+        }),
+        ..SamplingParams::greedy(8)
+    };
+    e.add_request(ask(0, prompt(&t, 2), p, &t)).unwrap();
+    let c = e.run_to_completion().unwrap().remove(&0).unwrap();
+    assert!(!c.logprobs.is_empty());
+    for lp in &c.logprobs {
+        assert!(lp.logprob.is_finite());
+        assert!(lp.top.iter().all(|(_, l)| l.is_finite()), "{:?}", lp.top);
+    }
+}

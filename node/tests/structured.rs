@@ -285,6 +285,46 @@ fn a_conversation_with_an_earlier_call_and_its_result_is_answered() {
 }
 
 #[test]
+fn a_tool_whose_parameters_use_refs_is_called_with_arguments_matching_them() {
+    let n = start("");
+    let tools = json!([{"type": "function", "function": {"name": "move_to", "parameters": {
+        "$defs": {"axis": {"enum": ["x", "y"]}},
+        "type": "object", "properties": {"axis": {"$ref": "#/$defs/axis"}}, "required": ["axis"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "noop"}}]);
+    for seed in 0..3 {
+        let (st, v) = post(
+            &n,
+            "/v1/chat/completions",
+            &chat(json!({"tools": tools, "seed": seed,
+                "tool_choice": {"type": "function", "function": {"name": "move_to"}}})),
+        );
+        assert_eq!(st, 200, "{v}");
+        let call = &v["choices"][0]["message"]["tool_calls"][0];
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(
+            ["x", "y"].contains(&args["axis"].as_str().unwrap()),
+            "{args}"
+        );
+        // a function tool_choice names ends as OpenAI ends it
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
+fn a_response_format_with_a_required_tool_call_is_a_400() {
+    let n = start("");
+    let (st, v) = post(
+        &n,
+        "/v1/chat/completions",
+        &chat(json!({"tools": weather_tools(), "tool_choice": "required",
+            "response_format": {"type": "json_object"}})),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "response_format");
+}
+
+#[test]
 fn a_tool_choice_naming_no_tool_is_a_400() {
     let n = start("");
     let (st, v) = post(

@@ -10,8 +10,8 @@ use crate::request::Kind;
 /// Fields both endpoints implement (`weft`, `top_k`, `min_p` and
 /// `repetition_penalty` are weft's own; `response_format` on completions
 /// too). `user`, `safety_identifier` and `prompt_cache_key` are
-/// identifiers for the caller's own bookkeeping: accepted, and the first
-/// two go to the intent log.
+/// identifiers for the caller's own bookkeeping: accepted, and `user` goes
+/// to the intent log.
 const COMMON: &[&str] = &[
     "model",
     "max_tokens",

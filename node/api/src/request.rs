@@ -166,6 +166,9 @@ pub(crate) struct Job {
     pub(crate) trace: crate::trace::Trace,
     /// Read tool calls out of the answer.
     pub(crate) tool_calls: bool,
+    /// The call was of a function `tool_choice` named (OpenAI then says
+    /// `finish_reason: "stop"`).
+    pub(crate) named_call: bool,
     /// The caller's end user, for the intent log.
     pub(crate) user: Option<String>,
 }
@@ -414,6 +417,7 @@ pub(crate) fn job(
         routed_id: fwd.and_then(|f| f.request_id.clone()),
         trace,
         tool_calls: false,
+        named_call: false,
         user: common.user.clone(),
     })
 }

@@ -325,7 +325,7 @@ async fn whole_response(
                         "content": if content.is_empty() { Value::Null } else { json!(content) },
                         "tool_calls": calls,
                     });
-                    if finish == FinishReason::Stop {
+                    if finish == FinishReason::Stop && !job.named_call {
                         reason = "tool_calls";
                     }
                 }
@@ -474,7 +474,7 @@ fn stream_response(
                             status = 499;
                             break;
                         }
-                        if sp.calls() > 0 && finish == Some(FinishReason::Stop) {
+                        if sp.calls() > 0 && finish == Some(FinishReason::Stop) && !job.named_call {
                             fin = Some("tool_calls");
                         }
                     }

@@ -433,6 +433,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         .map(|mut j| {
             j.params.grammar = grammar;
             j.tool_calls = calls;
+            j.named_call = matches!(choice, structured::ToolChoice::Named(_));
             j.routed_id = j.routed_id.or(routed_id);
             // valid: this node is about to hold its prefix
             s.note_prefix(&j.tenant, &bytes);

@@ -187,13 +187,36 @@ pub(crate) fn parse_tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<Too
     }
 }
 
-/// The schema of one call of `t`: its name, and arguments of its parameters.
-fn call_schema(t: &Tool) -> Value {
+/// Points `$ref`s written against the parameters' root (`#`, `#/$defs/…`)
+/// at where the parameters sit in the call grammar (`at`).
+fn rebase_refs(v: &mut Value, at: &str) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(r)) = o.get_mut("$ref") {
+                if r == "#" || r == "#/" {
+                    *r = at.to_string();
+                } else if let Some(rest) = r.strip_prefix("#/") {
+                    *r = format!("{at}/{rest}");
+                }
+            }
+            o.values_mut().for_each(|x| rebase_refs(x, at));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rebase_refs(x, at)),
+        _ => {}
+    }
+}
+
+/// The schema of one call of `t`: its name, and arguments of its
+/// parameters, whose references now point under `at` (where this schema
+/// sits in the grammar's document).
+fn call_schema(t: &Tool, at: &str) -> Value {
+    let mut parameters = t.parameters.clone();
+    rebase_refs(&mut parameters, &format!("{at}/properties/arguments"));
     json!({
         "type": "object",
         "properties": {
             "name": {"const": t.name},
-            "arguments": t.parameters,
+            "arguments": parameters,
         },
         "required": ["name", "arguments"],
         "additionalProperties": false,
@@ -215,10 +238,16 @@ pub(crate) fn tool_grammar(
         _ => tools.iter().collect(),
     };
     let strict = callable.iter().all(|t| t.strict);
+    if text.is_some() && *choice != ToolChoice::Auto {
+        return Err(ApiError::bad(
+            "a response_format applies to a text answer: it cannot be combined with tool_choice required or a named function",
+        )
+        .param("response_format"));
+    }
     let body = if callable.len() == 1 {
-        call_schema(callable[0])
+        call_schema(callable[0], "#")
     } else {
-        json!({"anyOf": callable.iter().map(|t| call_schema(t)).collect::<Vec<_>>()})
+        json!({"anyOf": callable.iter().enumerate().map(|(i, t)| call_schema(t, &format!("#/anyOf/{i}"))).collect::<Vec<_>>()})
     };
     let open = serde_json::to_string(CALL_OPEN).expect("a string serializes");
     let close = serde_json::to_string(CALL_CLOSE).expect("a string serializes");
@@ -295,6 +324,25 @@ pub(crate) fn conversation(
 ) -> (Vec<ChatMessage>, Option<Value>) {
     let shown = *choice != ToolChoice::None && !tools.is_empty();
     if template_writes_calls(tokenizer) {
+        // such templates write the arguments as JSON (`| tojson`): an
+        // object, not OpenAI's text of one
+        for m in messages.iter_mut() {
+            for c in m
+                .tool_calls
+                .iter_mut()
+                .filter_map(Value::as_array_mut)
+                .flatten()
+            {
+                if let Some(a) = c.pointer_mut("/function/arguments") {
+                    if let Some(v) = a
+                        .as_str()
+                        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+                    {
+                        *a = v;
+                    }
+                }
+            }
+        }
         let list = shown.then(|| Value::Array(tools.iter().map(|t| t.entry.clone()).collect()));
         return (messages, list);
     }
@@ -318,8 +366,11 @@ pub(crate) fn conversation(
         if m.role == "tool" {
             m.role = "user".into();
             m.content = format!("<tool_response>\n{}\n</tool_response>", m.content);
+            m.tool_call_id = None;
+            m.name = None;
         }
     }
+    let mut messages = merge_tool_results(messages);
     if shown {
         let mut sys = String::from(
             "You can call functions. They are listed in <tools></tools>, one JSON object each:\n<tools>\n",
@@ -339,6 +390,28 @@ pub(crate) fn conversation(
         }
     }
     (messages, None)
+}
+
+/// The results of parallel calls (tool results as user turns, in a row)
+/// as one user turn: templates that insist on alternating roles refuse two
+/// in a row.
+fn merge_tool_results(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
+    let mut merged: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    for m in messages {
+        match merged.last_mut() {
+            Some(prev)
+                if prev.role == "user"
+                    && m.role == "user"
+                    && prev.content.starts_with("<tool_response>")
+                    && m.content.starts_with("<tool_response>") =>
+            {
+                prev.content.push('\n');
+                prev.content.push_str(&m.content);
+            }
+            _ => merged.push(m),
+        }
+    }
+    merged
 }
 
 /// A piece of an answer that may hold calls.
@@ -454,6 +527,37 @@ mod tests {
         let mut out: Vec<Piece> = parts.iter().flat_map(|p| s.push(p)).collect();
         out.extend(s.finish());
         out
+    }
+
+    #[test]
+    fn the_results_of_parallel_calls_become_one_user_turn() {
+        let m = |r: &str, c: &str| ChatMessage::new(r, c);
+        let out = merge_tool_results(vec![
+            m("user", "q"),
+            m("assistant", "calls"),
+            m("user", "<tool_response>\n1\n</tool_response>"),
+            m("user", "<tool_response>\n2\n</tool_response>"),
+            m("user", "thanks"),
+        ]);
+        let roles: Vec<&str> = out.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "user", "user"]);
+        assert!(out[2]
+            .content
+            .contains("1\n</tool_response>\n<tool_response>\n2"));
+    }
+
+    #[test]
+    fn refs_in_a_tools_parameters_point_under_its_arguments() {
+        let mut p = json!({"$defs": {"pt": {"type": "integer"}}, "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#"}}});
+        rebase_refs(&mut p, "#/anyOf/1/properties/arguments");
+        assert_eq!(
+            p["properties"]["a"]["$ref"],
+            "#/anyOf/1/properties/arguments/$defs/pt"
+        );
+        assert_eq!(
+            p["properties"]["b"]["$ref"],
+            "#/anyOf/1/properties/arguments"
+        );
     }
 
     #[test]
