@@ -1040,58 +1040,45 @@ fn the_cli_says_why_a_call_on_a_deleted_sandbox_failed() {
     );
 }
 
-#[test]
-fn the_readme_agent_example_runs_the_models_command_in_a_sandbox_and_deletes_it() {
-    let n = node();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sandbox_agent.py");
+/// Runs the README's example `script` (in examples/) on `task` against
+/// `n`; what it printed, after checking it succeeded and deleted the
+/// sandbox it names.
+fn run_example(n: &Node, script: &str, task: &str) -> String {
+    let path = format!("{}/../examples/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg("List the files here.")
+        .arg(path)
+        .arg(task)
         .env("WEFT_URL", &n.base)
         .env("WEFT_API_KEY", ALPHA)
         .output()
         .expect("python3 (scripts/install_test_deps.sh installs it with openai and requests)");
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(said.contains("exit code"), "{said}");
     let id = said
         .split_whitespace()
         .find(|w| w.starts_with("sbx_"))
         .unwrap_or_else(|| panic!("no sandbox id in {said}"));
     let (st, _) = api(n, "GET", &format!("/v1/sandboxes/{id}"), ALPHA, None);
     assert_eq!(st, 410, "the example left {id} behind");
+    said
+}
+
+#[test]
+fn the_readme_agent_example_runs_the_models_command_in_a_sandbox_and_deletes_it() {
+    let said = run_example(node(), "sandbox_agent.py", "List the files here.");
+    assert!(said.contains("exit code"), "{said}");
 }
 
 #[test]
 fn the_readme_tool_agent_runs_the_models_call_in_a_sandbox_and_sends_back_the_result() {
-    let n = node();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tool_agent.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg("What is 2 to the power of 20?")
-        .env("WEFT_URL", &n.base)
-        .env("WEFT_API_KEY", ALPHA)
-        .output()
-        .expect("python3 (scripts/install_test_deps.sh installs it with openai and requests)");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = run_example(node(), "tool_agent.py", "What is 2 to the power of 20?");
     // the first turn must call a tool: its call ran and its result went back
     assert!(said.contains("call call_"), "{said}");
     assert!(said.contains("result: {\"exit_code\""), "{said}");
-    let id = said
-        .split_whitespace()
-        .find(|w| w.starts_with("sbx_"))
-        .unwrap_or_else(|| panic!("no sandbox id in {said}"));
-    let (st, _) = api(n, "GET", &format!("/v1/sandboxes/{id}"), ALPHA, None);
-    assert_eq!(st, 410, "the example left {id} behind");
 }
 
 /// How many cgroups (of the memory controller) node `n`'s sandboxes have.

@@ -8,15 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::{client, launch, tiny_model, wait_ready, Node, START_DEADLINE};
-
-/// Starts `weft up` with extra TOML lines (agent sandboxes off: these
-/// tests are of the model API); waits until it is ready.
-fn start(extra_toml: &str) -> Node {
-    let node = launch(&format!("{extra_toml}\n[sandboxes]\nenabled = false\n"));
-    wait_ready(&node, true);
-    node
-}
+use common::{client, launch, post, start, tiny_model, wait_ready, Node, START_DEADLINE};
 
 /// Waits until the node's /metrics text satisfies `pred`; returns that text.
 fn wait_metrics(node: &Node, pred: impl Fn(&str) -> bool) -> String {
@@ -34,16 +26,6 @@ fn wait_metrics(node: &Node, pred: impl Fn(&str) -> bool) -> String {
         assert!(Instant::now() < deadline, "metrics never matched:\n{m}");
         std::thread::yield_now();
     }
-}
-
-fn post(node: &Node, path: &str, body: &Value) -> (u16, Value) {
-    let r = client()
-        .post(format!("{}{path}", node.base))
-        .json(body)
-        .send()
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
 }
 
 /// The data payloads of an SSE response, in order.

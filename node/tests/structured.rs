@@ -7,23 +7,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 mod common;
-use common::{client, launch, wait_ready, Node};
-
-fn start(extra_toml: &str) -> Node {
-    let node = launch(&format!("{extra_toml}\n[sandboxes]\nenabled = false\n"));
-    wait_ready(&node, true);
-    node
-}
-
-fn post(node: &Node, path: &str, body: &Value) -> (u16, Value) {
-    let r = client()
-        .post(format!("{}{path}", node.base))
-        .json(body)
-        .send()
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
-}
+use common::{client, post, start, Node};
 
 /// The JSON chunks of a stream, `[DONE]` checked and left out.
 fn stream(node: &Node, body: &Value) -> Vec<Value> {

@@ -175,3 +175,23 @@ pub fn wait_ready(node: &Node, want: bool) {
         std::thread::yield_now();
     }
 }
+
+/// Starts `weft up` with extra TOML lines (agent sandboxes off: for tests
+/// of the model API); waits until it is ready.
+pub fn start(extra_toml: &str) -> Node {
+    let node = launch(&format!("{extra_toml}\n[sandboxes]\nenabled = false\n"));
+    wait_ready(&node, true);
+    node
+}
+
+/// POSTs `body` as JSON to `path`; the status and the JSON answer (null
+/// when it is not JSON).
+pub fn post(node: &Node, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(format!("{}{path}", node.base))
+        .json(body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(serde_json::Value::Null))
+}
