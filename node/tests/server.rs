@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::{client, launch, post, start, tiny_model, wait_ready, Node, START_DEADLINE};
+use common::{
+    chunks, client, launch, post, sse, start, tiny_model, wait_ready, Node, START_DEADLINE,
+};
 
 /// Waits until the node's /metrics text satisfies `pred`; returns that text.
 fn wait_metrics(node: &Node, pred: impl Fn(&str) -> bool) -> String {
@@ -28,29 +30,6 @@ fn wait_metrics(node: &Node, pred: impl Fn(&str) -> bool) -> String {
     }
 }
 
-/// The data payloads of an SSE response, in order.
-fn sse(node: &Node, path: &str, body: &Value) -> Vec<String> {
-    let r = client()
-        .post(format!("{}{path}", node.base))
-        .json(body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    assert!(r.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
-    let text = r.text().unwrap();
-    text.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
-                .to_string()
-        })
-        .collect()
-}
-
 fn assert_error(status: u16, body: &Value, want: u16) {
     assert_eq!(status, want, "{body}");
     assert!(
@@ -68,16 +47,6 @@ fn get(node: &Node, path: &str) -> reqwest::blocking::Response {
 
 fn metrics(node: &Node) -> String {
     get(node, "/metrics").text().unwrap()
-}
-
-/// The JSON payloads of an SSE response before its `[DONE]`, which must
-/// end it.
-fn chunks(events: &[String]) -> Vec<Value> {
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect()
 }
 
 #[test]

@@ -7,28 +7,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 mod common;
-use common::{client, post, start, Node};
-
-/// The JSON chunks of a stream, `[DONE]` checked and left out.
-fn stream(node: &Node, body: &Value) -> Vec<Value> {
-    let text = client()
-        .post(format!("{}/v1/chat/completions", node.base))
-        .json(body)
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    let events: Vec<&str> = text
-        .split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| e.strip_prefix("data: ").unwrap())
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"));
-    events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect()
-}
+use common::{chunks, client, post, sse, start, Node};
 
 fn generated(node: &Node) -> u64 {
     let m = client()
@@ -210,7 +189,7 @@ fn a_streamed_tool_call_reassembles_to_the_whole_answers_call() {
     let (_, whole) = post(&n, "/v1/chat/completions", &body);
     let mut b = body.clone();
     b["stream"] = json!(true);
-    let chunks = stream(&n, &b);
+    let chunks = chunks(&sse(&n, "/v1/chat/completions", &b));
     // as the official client reassembles them: by index, names and
     // argument pieces appended
     let mut calls: Vec<(String, String, String)> = Vec::new();

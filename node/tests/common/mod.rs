@@ -195,3 +195,36 @@ pub fn post(node: &Node, path: &str, body: &serde_json::Value) -> (u16, serde_js
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(serde_json::Value::Null))
 }
+
+/// The data payloads of an SSE response, in order.
+pub fn sse(node: &Node, path: &str, body: &serde_json::Value) -> Vec<String> {
+    let r = client()
+        .post(format!("{}{path}", node.base))
+        .json(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text().unwrap();
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The JSON payloads of an SSE response before its `[DONE]`, which must
+/// end it.
+pub fn chunks(events: &[String]) -> Vec<serde_json::Value> {
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
