@@ -314,6 +314,24 @@ impl Cluster {
         }
     }
 
+    /// The status once the leader has re-planned for every member (a join
+    /// starts a new epoch on a later tick).
+    async fn placed_everyone(&self) -> StatusReport {
+        let t = Instant::now();
+        loop {
+            let s = self.admin.status(&self.peers).await;
+            let members: Vec<u64> = s.state.members.keys().copied().collect();
+            if s.state.placement.as_ref().map(|p| &p.members) == Some(&members) {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no epoch placed every member: {members:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A token for node `name` valid for 10 minutes from now.
     fn token(&self, name: &str) -> String {
         self.ca
@@ -791,7 +809,7 @@ async fn a_gateway_certificate_is_refused_every_coordinator_command_and_the_stat
     assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
     let joined = c.join("gw-2").await;
     let gw = Client::new(&joined);
-    let status = c.admin.status(&c.peers).await;
+    let status = c.placed_everyone().await;
     let mut next = status.state.placement.clone().unwrap();
     next.epoch += 1;
     let before = state_of(&status);
