@@ -59,6 +59,48 @@ pub struct ActQ8 {
     pub qs: [i8; QK],
 }
 
+/// Elements per K-quant super-block (Q4_K, Q6_K, and their Q8_K activations).
+pub const QK_K: usize = 256;
+
+/// One Q4_K block as repacked at load: GGUF's 12 bytes of packed 6-bit
+/// scales and minimums are unpacked to a byte each (148 bytes against
+/// GGUF's 144), so the kernels spend no time on them. Element `e` of
+/// sub-block `j` (32 elements) is `d · sc[j] · q_e − dmin · m[j]`; the
+/// nibbles of sub-blocks `2i` and `2i + 1` share `qs[32i..32i + 32]`, low
+/// then high.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub sc: [u8; 8],
+    pub m: [u8; 8],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// One Q6_K block (210 bytes, as in GGUF): the low nibbles, the two high
+/// bits, a signed scale per 16 elements, and the super-block scale.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
+}
+
+/// A Q8_K activation block: an f32 scale, 256 signed bytes, and the sums
+/// of each 16 of them (which the K-quants' minimums and offsets meet).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct ActQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 148);
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
@@ -70,6 +112,10 @@ enum Storage {
     Q5_0(Vec<BlockQ5_0>),
     /// Our own Q8_0 kernels.
     Q8_0(Vec<BlockQ8_0>),
+    /// Our own Q4_K kernels (repacked at load).
+    Q4K(Vec<BlockQ4K>),
+    /// Our own Q6_K kernels.
+    Q6K(Vec<BlockQ6K>),
     /// Everything else through candle's CPU quantized types.
     Candle(Box<dyn QuantizedType>),
     /// Plain f32 (norm-sized or test weights).
@@ -176,6 +222,26 @@ impl QMatrix {
                     })
                     .collect(),
             ),
+            GgmlDType::Q4K => Storage::Q4K(bytes.chunks_exact(144).map(repack_q4_k).collect()),
+            GgmlDType::Q6K => Storage::Q6K(
+                bytes
+                    .chunks_exact(std::mem::size_of::<BlockQ6K>())
+                    .map(|c| {
+                        let mut b = BlockQ6K {
+                            ql: [0; QK_K / 2],
+                            qh: [0; QK_K / 4],
+                            scales: [0; QK_K / 16],
+                            d: f16::from_le_bytes([c[208], c[209]]),
+                        };
+                        b.ql.copy_from_slice(&c[..128]);
+                        b.qh.copy_from_slice(&c[128..192]);
+                        for (s, v) in b.scales.iter_mut().zip(&c[192..208]) {
+                            *s = *v as i8;
+                        }
+                        b
+                    })
+                    .collect(),
+            ),
             GgmlDType::F32 => Storage::F32(
                 bytes
                     .chunks_exact(4)
@@ -186,9 +252,7 @@ impl QMatrix {
             | GgmlDType::Q5_1
             | GgmlDType::Q2K
             | GgmlDType::Q3K
-            | GgmlDType::Q4K
             | GgmlDType::Q5K
-            | GgmlDType::Q6K
             | GgmlDType::F16
             | GgmlDType::BF16 => Storage::Candle(dtype.from_data(Cow::Borrowed(bytes))),
             _ => return Err(unsupported()),
@@ -222,6 +286,8 @@ impl QMatrix {
             Storage::Q4_1(b) => b.len() * std::mem::size_of::<BlockQ4_1>(),
             Storage::Q5_0(b) => b.len() * std::mem::size_of::<BlockQ5_0>(),
             Storage::Q8_0(b) => b.len() * std::mem::size_of::<BlockQ8_0>(),
+            Storage::Q4K(b) => b.len() * std::mem::size_of::<BlockQ4K>(),
+            Storage::Q6K(b) => b.len() * std::mem::size_of::<BlockQ6K>(),
             Storage::Candle(q) => q.storage_size_in_bytes(),
             Storage::F32(v) => v.len() * 4,
         }
@@ -253,7 +319,11 @@ impl QMatrix {
             return Ok(());
         }
         match &self.storage {
-            Storage::Q4_1(_) | Storage::Q5_0(_) | Storage::Q8_0(_) => Ok(()),
+            Storage::Q4_1(_)
+            | Storage::Q5_0(_)
+            | Storage::Q8_0(_)
+            | Storage::Q4K(_)
+            | Storage::Q6K(_) => Ok(()),
             Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
             Storage::F32(w) => {
                 matmul_f32(m, self.cols, self.rows, lhs, w, dst);
@@ -313,6 +383,8 @@ impl QMatrix {
         of_type!(Q4_1);
         of_type!(Q5_0);
         of_type!(Q8_0);
+        of_type!(Q4K);
+        of_type!(Q6K);
         false
     }
 
@@ -356,11 +428,16 @@ impl QMatrix {
             )));
         }
         // one block's 32 values at a time, for our own block types
-        fn blocks<B>(w: &[B], row: usize, out: &mut [f32], dequant: impl Fn(&B, &mut [f32])) {
-            let bpr = out.len() / QK;
+        fn blocks<B: Q8Dot>(
+            w: &[B],
+            row: usize,
+            out: &mut [f32],
+            dequant: impl Fn(&B, &mut [f32]),
+        ) {
+            let bpr = out.len() / B::ELEMS;
             for (b, o) in w[row * bpr..(row + 1) * bpr]
                 .iter()
-                .zip(out.chunks_exact_mut(QK))
+                .zip(out.chunks_exact_mut(B::ELEMS))
             {
                 dequant(b, o);
             }
@@ -374,6 +451,8 @@ impl QMatrix {
                     .zip(&b.qs)
                     .for_each(|(o, q)| *o = *q as f32 * d);
             }),
+            Storage::Q4K(w) => blocks(w, row, out, dequant_q4_k),
+            Storage::Q6K(w) => blocks(w, row, out, dequant_q6_k),
             Storage::F32(w) => out.copy_from_slice(&w[row * self.cols..(row + 1) * self.cols]),
             Storage::Candle(q) => {
                 let rows = q.embedding(&[row as u32], self.rows, self.cols)?;
@@ -396,6 +475,72 @@ fn dequant_q4_1(b: &BlockQ4_1, out: &mut [f32]) {
     for j in 0..QK / 2 {
         out[j] = (b.qs[j] & 0x0f) as f32 * d + m;
         out[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
+    }
+}
+
+/// A GGUF Q4_K block (144 bytes) with its 6-bit scales and minimums
+/// unpacked, as llama.cpp's `get_scale_min_k4` reads them.
+fn repack_q4_k(c: &[u8]) -> BlockQ4K {
+    let q = &c[4..16];
+    let mut b = BlockQ4K {
+        d: f16::from_le_bytes([c[0], c[1]]),
+        dmin: f16::from_le_bytes([c[2], c[3]]),
+        sc: [0; 8],
+        m: [0; 8],
+        qs: [0; QK_K / 2],
+    };
+    for j in 0..8 {
+        (b.sc[j], b.m[j]) = if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            (
+                (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            )
+        };
+    }
+    b.qs.copy_from_slice(&c[16..144]);
+    b
+}
+
+/// The 4-bit value of element `e` of a Q4_K block.
+#[inline]
+fn q4_k_value(b: &BlockQ4K, e: usize) -> u8 {
+    let byte = b.qs[32 * (e / 64) + e % 32];
+    if (e / 32) % 2 == 0 {
+        byte & 0x0f
+    } else {
+        byte >> 4
+    }
+}
+
+/// The 6-bit value (0..64, before the offset of 32) of element `e` of a
+/// Q6_K block, and its scale.
+#[inline]
+fn q6_k_value(b: &BlockQ6K, e: usize) -> (i32, i32) {
+    let (h, k, l) = (e / 128, (e % 128) / 32, e % 32);
+    let ql = b.ql[64 * h + 32 * (k % 2) + l];
+    let lo = if k < 2 { ql & 0x0f } else { ql >> 4 };
+    let hi = (b.qh[32 * h + l] >> (2 * k)) & 3;
+    (
+        (lo | (hi << 4)) as i32,
+        b.scales[8 * h + 2 * k + l / 16] as i32,
+    )
+}
+
+fn dequant_q4_k(b: &BlockQ4K, out: &mut [f32]) {
+    let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+    for (e, o) in out.iter_mut().enumerate() {
+        let j = e / 32;
+        *o = d * b.sc[j] as f32 * q4_k_value(b, e) as f32 - dmin * b.m[j] as f32;
+    }
+}
+
+fn dequant_q6_k(b: &BlockQ6K, out: &mut [f32]) {
+    let d = b.d.to_f32();
+    for (e, o) in out.iter_mut().enumerate() {
+        let (q, sc) = q6_k_value(b, e);
+        *o = d * sc as f32 * (q - 32) as f32;
     }
 }
 
@@ -430,6 +575,81 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [ActQ8]) {
     }
 }
 
+/// Quantizes one activation row to Q8_K exactly as ggml does (scale
+/// `−127 / max` where `max` is the value of largest magnitude, round half
+/// to even, the scale kept in f32), with the sums of each 16.
+pub fn quantize_row_q8_k(x: &[f32], out: &mut [ActQ8K]) {
+    for (xs, o) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in xs {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *o = ZERO_Q8K;
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, v) in o.qs.iter_mut().zip(xs) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, qs) in o.bsums.iter_mut().zip(o.qs.chunks_exact(16)) {
+            *s = qs.iter().map(|q| *q as i16).sum();
+        }
+        o.d = 1.0 / iscale;
+    }
+}
+
+/// The reference (scalar) Q4_K · Q8_K dot product: per block,
+/// `d d_y Σ_j sc_j (q · y)_j − dmin d_y Σ_j m_j (Σ y)_j`.
+pub fn vec_dot_q4_k_q8_k_scalar(x: &[BlockQ4K], y: &[ActQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for j in 0..8 {
+            let s: i32 = (32 * j..32 * j + 32)
+                .map(|e| q4_k_value(b, e) as i32 * a.qs[e] as i32)
+                .sum();
+            sumi += s * b.sc[j] as i32;
+        }
+        let summ: i32 = (0..8)
+            .map(|j| b.m[j] as i32 * (a.bsums[2 * j] as i32 + a.bsums[2 * j + 1] as i32))
+            .sum();
+        sum += b.d.to_f32() * a.d * sumi as f32 - b.dmin.to_f32() * a.d * summ as f32;
+    }
+    sum
+}
+
+/// The reference (scalar) Q6_K · Q8_K dot product: per block,
+/// `d d_y Σ_e sc_e (q_e − 32) y_e`.
+pub fn vec_dot_q6_k_q8_k_scalar(x: &[BlockQ6K], y: &[ActQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in x.iter().zip(y) {
+        let sumi: i32 = (0..QK_K)
+            .map(|e| {
+                let (q, sc) = q6_k_value(b, e);
+                sc * (q - 32) * a.qs[e] as i32
+            })
+            .sum();
+        sum += b.d.to_f32() * a.d * sumi as f32;
+    }
+    sum
+}
+
+/// Activation rows from which a product quantizes its input on every thread.
+const QUANTIZE_SPLIT: usize = 16;
+
+/// A raw pointer to activation blocks that may cross to pool workers; each
+/// worker writes disjoint rows.
+#[derive(Clone, Copy)]
+struct SharedPtr<T>(*mut T);
+// SAFETY: users guarantee that concurrent workers write disjoint ranges.
+unsafe impl<T: Send> Send for SharedPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedPtr<T> {}
+
 /// A raw pointer that may cross to pool workers; each worker writes disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
@@ -438,13 +658,27 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
-/// Weight blocks whose dot partner is a Q8_0 activation block.
+/// Weight blocks whose dot partner is a quantized activation block
+/// ([`ActQ8`] for the 32-element types, [`ActQ8K`] for the K-quants).
 pub trait Q8Dot: Copy + Sync {
-    /// Sums of one weight row with `R` activation rows. Each sum is the
-    /// same [`CHAINS`] chains over the blocks combined the same way,
-    /// whatever `R` is, so a row's result does not depend on the rows
-    /// batched with it.
-    fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R];
+    /// The activation block this weight block meets.
+    type Act: Copy + Sync + Send;
+    /// Elements per block.
+    const ELEMS: usize;
+    /// An all-zero activation block.
+    const ZERO: Self::Act;
+    /// Quantizes one activation row as llama.cpp does for this type.
+    fn quantize(x: &[f32], out: &mut [Self::Act]);
+    /// Sums of one weight row with `R` activation rows on the chosen
+    /// [`CpuPath`]. Each sum is the same [`CHAINS`] chains over the blocks
+    /// combined the same way, whatever `R` is, so a row's result does not
+    /// depend on the rows batched with it.
+    #[inline]
+    fn dot_rows<const R: usize>(w: &[Self], ys: [&[Self::Act]; R]) -> [f32; R] {
+        Self::dot_rows_on(cpu_path(), w, ys)
+    }
+    /// [`Q8Dot::dot_rows`] on `path`, which the CPU must have.
+    fn dot_rows_on<const R: usize>(path: CpuPath, w: &[Self], ys: [&[Self::Act]; R]) -> [f32; R];
 }
 
 /// Chains a row's blocks are summed in: block `b` goes to chain `b % 4`,
@@ -454,32 +688,181 @@ pub trait Q8Dot: Copy + Sync {
 /// the sums are the same bits either way.
 pub const CHAINS: usize = 4;
 
-/// Whether this CPU has AVX-VNNI (`vpdpbusd` on 256-bit vectors), checked
-/// once; `WEFT_NO_VNNI` set turns it off (to compare the kernels).
-#[cfg(target_arch = "x86_64")]
-fn has_avx_vnni() -> bool {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    static FOUND: AtomicU8 = AtomicU8::new(0);
-    match FOUND.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let yes = std::is_x86_feature_detected!("avxvnni")
-                && std::env::var_os("WEFT_NO_VNNI").is_none();
-            FOUND.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
-            yes
+/// The instruction sets our kernels are built for, chosen once at run time
+/// from what the CPU reports. Every path gives the same tokens: the integer
+/// parts of the products are exact on each, and the float parts are summed
+/// in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuPath {
+    /// Plain Rust loops (the scalar reference), for any architecture.
+    Portable,
+    /// AVX2 and FMA: `vpmaddubsw` and `vpmaddwd` for the byte products.
+    Avx2,
+    /// AVX-VNNI: one `vpdpbusd` for both (and `vpdpwssd` for the scaled sums).
+    AvxVnni,
+    /// AVX-512 F/BW/VL with AVX-512 VNNI: the VNNI instructions in their
+    /// EVEX form, with 32 vector registers.
+    Avx512Vnni,
+}
+
+impl CpuPath {
+    /// Every path, slowest first.
+    pub const ALL: [CpuPath; 4] = [
+        CpuPath::Portable,
+        CpuPath::Avx2,
+        CpuPath::AvxVnni,
+        CpuPath::Avx512Vnni,
+    ];
+
+    /// The name `WEFT_CPU_PATH` takes and the logs and `/metrics` show.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuPath::Portable => "portable",
+            CpuPath::Avx2 => "avx2",
+            CpuPath::AvxVnni => "avx-vnni",
+            CpuPath::Avx512Vnni => "avx512-vnni",
         }
+    }
+
+    /// The path called `name`.
+    pub fn from_name(name: &str) -> Option<CpuPath> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Whether this build and this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            CpuPath::Portable => true,
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma",
+                target_feature = "f16c"
+            ))]
+            CpuPath::Avx2 => true,
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma",
+                target_feature = "f16c"
+            ))]
+            CpuPath::AvxVnni => std::is_x86_feature_detected!("avxvnni"),
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma",
+                target_feature = "f16c"
+            ))]
+            CpuPath::Avx512Vnni => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512vnni")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The paths this build and CPU can run, slowest first.
+    pub fn supported() -> Vec<CpuPath> {
+        Self::ALL.into_iter().filter(|p| p.is_supported()).collect()
+    }
+
+    /// The fastest supported path.
+    pub fn best() -> CpuPath {
+        *Self::supported()
+            .last()
+            .expect("the portable path is always there")
     }
 }
 
-/// Implements [`Q8Dot`] for a block type: its AVX-VNNI kernel where the CPU
-/// has it (when there is one), its AVX2 kernel otherwise, and the scalar
-/// reference without AVX2.
+impl std::fmt::Display for CpuPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path chosen: 0 until chosen, else 1 + its index in [`CpuPath::ALL`].
+static CHOSEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Chooses the kernels' path from `WEFT_CPU_PATH` (a [`CpuPath::name`]),
+/// or the fastest the CPU has when it is unset. A name that is unknown or
+/// that this CPU cannot run is an error naming the paths it can. Call it
+/// once at start; [`cpu_path`] calls it when nobody did (and takes the
+/// fastest path on an error).
+pub fn init_cpu_path() -> Result<CpuPath> {
+    let path = match std::env::var("WEFT_CPU_PATH") {
+        Err(_) => CpuPath::best(),
+        Ok(name) => {
+            let can = CpuPath::supported()
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let p = CpuPath::from_name(name.trim()).ok_or_else(|| {
+                KernelError::BadInput(format!(
+                    "WEFT_CPU_PATH={name} names no kernel path; this CPU can run {can}"
+                ))
+            })?;
+            if !p.is_supported() {
+                return Err(KernelError::BadInput(format!(
+                    "WEFT_CPU_PATH={name}: this CPU cannot run it; it can run {can}"
+                )));
+            }
+            p
+        }
+    };
+    set_cpu_path(path)?;
+    Ok(path)
+}
+
+/// Sets the kernels' path (benchmarks compare them in one process); an
+/// error when the CPU cannot run it.
+pub fn set_cpu_path(path: CpuPath) -> Result<()> {
+    if !path.is_supported() {
+        return Err(KernelError::BadInput(format!(
+            "this CPU cannot run the {path} kernels"
+        )));
+    }
+    let i = CpuPath::ALL.iter().position(|p| *p == path).unwrap_or(0);
+    CHOSEN.store(i as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The kernels' path (chosen by [`init_cpu_path`] on first use).
+#[inline]
+pub fn cpu_path() -> CpuPath {
+    match CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => init_cpu_path().unwrap_or_else(|_| {
+            let best = CpuPath::best();
+            let _ = set_cpu_path(best);
+            best
+        }),
+        i => CpuPath::ALL[i as usize - 1],
+    }
+}
+
+/// Implements [`Q8Dot`] for a block type. `$kernel` is its kernel in each
+/// x86 module (`avx2`, `vnni`, `avx512`); `$scalar` the reference, which
+/// is the portable path.
 macro_rules! q8_dot {
-    ($block:ty, $kernel:ident, $scalar:ident, $vnni:expr) => {
+    ($block:ty, $act:ty, $elems:expr, $zero:expr, $quantize:path, $kernel:ident, $scalar:ident) => {
         impl Q8Dot for $block {
+            type Act = $act;
+            const ELEMS: usize = $elems;
+            const ZERO: $act = $zero;
+
+            fn quantize(x: &[f32], out: &mut [$act]) {
+                $quantize(x, out)
+            }
+
             #[inline]
-            fn dot_rows<const R: usize>(w: &[Self], ys: [&[ActQ8]; R]) -> [f32; R] {
+            fn dot_rows_on<const R: usize>(
+                path: CpuPath,
+                w: &[Self],
+                ys: [&[$act]; R],
+            ) -> [f32; R] {
                 #[cfg(all(
                     target_arch = "x86_64",
                     target_feature = "avx2",
@@ -487,31 +870,79 @@ macro_rules! q8_dot {
                     target_feature = "f16c"
                 ))]
                 {
-                    if $vnni && has_avx_vnni() {
-                        // SAFETY: the CPU has AVX-VNNI (checked above) and AVX2.
-                        unsafe { vnni::$kernel(w, ys) }
-                    } else {
-                        // SAFETY: AVX2, FMA and F16C are enabled at compile time (the cfg above).
-                        unsafe { avx2::$kernel(w, ys) }
+                    match path {
+                        // SAFETY: AVX2, FMA and F16C are enabled at compile
+                        // time (the cfg above); the other paths are chosen
+                        // only where `CpuPath::is_supported` found them.
+                        CpuPath::Avx2 => return unsafe { avx2::$kernel(w, ys) },
+                        CpuPath::AvxVnni => return unsafe { vnni::$kernel(w, ys) },
+                        CpuPath::Avx512Vnni => return unsafe { avx512::$kernel(w, ys) },
+                        CpuPath::Portable => {}
                     }
                 }
-                #[cfg(not(all(
-                    target_arch = "x86_64",
-                    target_feature = "avx2",
-                    target_feature = "fma",
-                    target_feature = "f16c"
-                )))]
-                {
-                    ys.map(|y| $scalar(w, y))
-                }
+                let _ = path;
+                ys.map(|y| $scalar(w, y))
             }
         }
     };
 }
 
-q8_dot!(BlockQ8_0, rows_q8_0, vec_dot_q8_0_q8_0_scalar, true);
-q8_dot!(BlockQ4_1, rows_q4_1, vec_dot_q4_1_q8_1_scalar, true);
-q8_dot!(BlockQ5_0, rows_q5_0, vec_dot_q5_0_q8_0_scalar, false);
+const ZERO_Q8: ActQ8 = ActQ8 {
+    d: 0.0,
+    s: 0.0,
+    qs: [0; QK],
+};
+const ZERO_Q8K: ActQ8K = ActQ8K {
+    d: 0.0,
+    qs: [0; QK_K],
+    bsums: [0; QK_K / 16],
+};
+
+q8_dot!(
+    BlockQ8_0,
+    ActQ8,
+    QK,
+    ZERO_Q8,
+    quantize_row_q8_0,
+    rows_q8_0,
+    vec_dot_q8_0_q8_0_scalar
+);
+q8_dot!(
+    BlockQ4_1,
+    ActQ8,
+    QK,
+    ZERO_Q8,
+    quantize_row_q8_0,
+    rows_q4_1,
+    vec_dot_q4_1_q8_1_scalar
+);
+q8_dot!(
+    BlockQ5_0,
+    ActQ8,
+    QK,
+    ZERO_Q8,
+    quantize_row_q8_0,
+    rows_q5_0,
+    vec_dot_q5_0_q8_0_scalar
+);
+q8_dot!(
+    BlockQ4K,
+    ActQ8K,
+    QK_K,
+    ZERO_Q8K,
+    quantize_row_q8_k,
+    rows_q4_k,
+    vec_dot_q4_k_q8_k_scalar
+);
+q8_dot!(
+    BlockQ6K,
+    ActQ8K,
+    QK_K,
+    ZERO_Q8K,
+    quantize_row_q8_k,
+    rows_q6_k,
+    vec_dot_q6_k_q8_k_scalar
+);
 
 /// Activation rows one work item covers at most (a block that stays in cache).
 const ROW_BLOCK: usize = 64;
@@ -529,15 +960,23 @@ fn matmul_q8_act<W: Q8Dot>(
     lhs: &[f32],
     parts: &mut [(&[W], usize, &mut [f32])],
 ) {
-    let bpr = k / QK;
-    let zero = ActQ8 {
-        d: 0.0,
-        s: 0.0,
-        qs: [0; QK],
-    };
-    let mut lhs_q = vec![zero; m * bpr];
-    for r in 0..m {
-        quantize_row_q8_0(&lhs[r * k..(r + 1) * k], &mut lhs_q[r * bpr..(r + 1) * bpr]);
+    let bpr = k / W::ELEMS;
+    let mut lhs_q = vec![W::ZERO; m * bpr];
+    if m >= QUANTIZE_SPLIT {
+        // a prefill chunk's rows are quantized on every thread
+        let out = SharedPtr(lhs_q.as_mut_ptr());
+        barrier_pool().execute_chunked(m, move |range| {
+            let out = out;
+            for r in range {
+                // SAFETY: each row's blocks are written by exactly one work item.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * bpr), bpr) };
+                W::quantize(&lhs[r * k..(r + 1) * k], row);
+            }
+        });
+    } else {
+        for r in 0..m {
+            W::quantize(&lhs[r * k..(r + 1) * k], &mut lhs_q[r * bpr..(r + 1) * bpr]);
+        }
     }
     // (part, first column, first row) of every work item: row blocks outer,
     // so a worker keeps one block of quantized activations hot while it walks
@@ -564,7 +1003,7 @@ fn matmul_q8_act<W: Q8Dot>(
             let mut r = r0;
             while r + ROW_GROUP <= r_end {
                 for c in c0..c1 {
-                    let ys: [&[ActQ8]; ROW_GROUP] = std::array::from_fn(|i| y(r + i));
+                    let ys: [&[W::Act]; ROW_GROUP] = std::array::from_fn(|i| y(r + i));
                     let s = W::dot_rows(&w[c * bpr..(c + 1) * bpr], ys);
                     for (i, v) in s.into_iter().enumerate() {
                         put(r + i, c, v);
@@ -699,7 +1138,7 @@ pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
 /// its functions are compiled for, `$dot` how it multiplies unsigned by
 /// signed bytes and sums them in fours into 32-bit lanes.
 macro_rules! kernels {
-    ($name:ident, $doc:literal, $feat:literal, $dot:ident) => {
+    ($name:ident, $doc:literal, $feat:literal, $dot:ident, $dot_q5:ident, $madd_acc:ident) => {
         #[doc = $doc]
         #[cfg(all(
             target_arch = "x86_64",
@@ -709,8 +1148,11 @@ macro_rules! kernels {
         ))]
         pub(super) mod $name {
             #[allow(unused_imports)]
-            use super::{dot_avx2, dot_vnni};
-            use super::{ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0, CHAINS, QK};
+            use super::{dot_avx2, dot_avx512, dot_vnni};
+            #[allow(unused_imports)]
+            use super::{madd_acc_avx2, madd_acc_avx512, madd_acc_vnni};
+            use super::{ActQ8, ActQ8K, BlockQ4K, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0};
+            use super::{CHAINS, QK};
             use std::arch::x86_64::*;
 
             #[inline]
@@ -770,26 +1212,18 @@ macro_rules! kernels {
                 ))
             }
 
-            /// Sums of signed-weight blocks (Q8_0, Q5_0) with `R` rows:
-            /// `unpack(block)` gives a block's 32 values and scale.
+            /// The chains of `R` rows over `n` blocks: `step(acc, b)` adds
+            /// block `b`'s term of every row to `acc`. Few rows walk the
+            /// chains side by side (so each fused multiply-add need not wait
+            /// on the last), many one after another (so the accumulators stay
+            /// in registers); the sums are the same bits either way.
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn rows_signed<const R: usize>(
+            fn walk<const R: usize>(
                 n: usize,
-                ys: &[&[ActQ8]; R],
-                mut unpack: impl FnMut(usize) -> (__m256i, f32),
-            ) -> [f32; R] {
+                mut step: impl FnMut(&mut [__m256; R], usize),
+            ) -> [[__m256; CHAINS]; R] {
                 let mut chains = [[_mm256_setzero_ps(); CHAINS]; R];
-                let mut step = |acc: &mut [__m256; R], b: usize| {
-                    let (x, dx) = unpack(b);
-                    let ax = _mm256_sign_epi8(x, x);
-                    for r in 0..R {
-                        let y = ys[r].get_unchecked(b);
-                        let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                        // |x| * sign(y, x) keeps the unsigned×signed form
-                        acc[r] = term(acc[r], $dot(ax, _mm256_sign_epi8(yv, x)), dx * y.d);
-                    }
-                };
                 if R <= 2 {
                     let mut acc = [[_mm256_setzero_ps(); R]; CHAINS];
                     for b0 in (0..n).step_by(CHAINS) {
@@ -813,7 +1247,30 @@ macro_rules! kernels {
                         }
                     }
                 }
-                chains.map(|c| combine(c))
+                chains
+            }
+
+            /// Sums of signed-weight blocks (Q8_0, Q5_0) with `R` rows:
+            /// `unpack(block)` gives a block's 32 values and scale.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn rows_signed<const R: usize>(
+                n: usize,
+                ys: &[&[ActQ8]; R],
+                dot: impl Fn(__m256i, __m256i) -> __m256i,
+                mut unpack: impl FnMut(usize) -> (__m256i, f32),
+            ) -> [f32; R] {
+                walk::<R>(n, |acc, b| {
+                    let (x, dx) = unpack(b);
+                    let ax = _mm256_sign_epi8(x, x);
+                    for r in 0..R {
+                        let y = ys[r].get_unchecked(b);
+                        let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                        // |x| * sign(y, x) keeps the unsigned×signed form
+                        acc[r] = term(acc[r], dot(ax, _mm256_sign_epi8(yv, x)), dx * y.d);
+                    }
+                })
+                .map(|c| combine(c))
             }
 
             #[target_feature(enable = $feat)]
@@ -822,13 +1279,18 @@ macro_rules! kernels {
                 ys: [&[ActQ8]; R],
             ) -> [f32; R] {
                 let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
-                rows_signed::<R>(n, &ys, |b| {
-                    let bx = x.get_unchecked(b);
-                    (
-                        _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
-                        bx.d.to_f32(),
-                    )
-                })
+                rows_signed::<R>(
+                    n,
+                    &ys,
+                    |u, s| $dot(u, s),
+                    |b| {
+                        let bx = x.get_unchecked(b);
+                        (
+                            _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
+                            bx.d.to_f32(),
+                        )
+                    },
+                )
             }
 
             #[target_feature(enable = $feat)]
@@ -839,14 +1301,20 @@ macro_rules! kernels {
                 let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
                 let low = _mm256_set1_epi8(0x0f);
                 let sixteen = _mm256_set1_epi8(16);
-                rows_signed::<R>(n, &ys, |b| {
-                    let bx = x.get_unchecked(b);
-                    let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
-                    // positions 0..16 are the low nibbles, 16..32 the high nibbles
-                    let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
-                    let q = _mm256_or_si256(nib, high_bits(u32::from_le_bytes(bx.qh)));
-                    (_mm256_sub_epi8(q, sixteen), bx.d.to_f32())
-                })
+                rows_signed::<R>(
+                    n,
+                    &ys,
+                    |u, s| $dot_q5(u, s),
+                    |b| {
+                        let bx = x.get_unchecked(b);
+                        let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
+                        // positions 0..16 are the low nibbles, 16..32 the high nibbles
+                        let nib =
+                            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+                        let q = _mm256_or_si256(nib, high_bits(u32::from_le_bytes(bx.qh)));
+                        (_mm256_sub_epi8(q, sixteen), bx.d.to_f32())
+                    },
+                )
             }
 
             /// Q4_1: the nibbles are unsigned, so they meet the activations
@@ -908,6 +1376,138 @@ macro_rules! kernels {
                 }
                 out
             }
+
+            /// Q4_K: each sub-block's byte products are scaled by its 6-bit
+            /// scale in the 16-bit to 32-bit step; the minimums meet the
+            /// activations' sums of 16.
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn rows_q4_k<const R: usize>(
+                x: &[BlockQ4K],
+                ys: [&[ActQ8K]; R],
+            ) -> [f32; R] {
+                let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+                let low = _mm256_set1_epi8(0x0f);
+                // m0 m0 m1 m1 … m7 m7 from bytes 8..16 of `sc` then `m`
+                let dup = _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+                walk::<R>(n, |acc, b| {
+                    let bx = x.get_unchecked(b);
+                    let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                        bx as *const BlockQ4K as *const i32,
+                    )));
+                    let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+                    let scm = _mm_loadu_si128(bx.sc.as_ptr() as *const __m128i);
+                    let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, dup));
+                    let mut sumi = [_mm256_setzero_si256(); R];
+                    for i in 0..4 {
+                        let v = _mm256_loadu_si256(bx.qs.as_ptr().add(32 * i) as *const __m256i);
+                        let halves = [
+                            _mm256_and_si256(v, low),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                        ];
+                        for (h, q) in halves.into_iter().enumerate() {
+                            let j = 2 * i + h;
+                            let sc = _mm256_set1_epi16(bx.sc[j] as i16);
+                            for r in 0..R {
+                                let y = ys[r].get_unchecked(b);
+                                let yv =
+                                    _mm256_loadu_si256(y.qs.as_ptr().add(32 * j) as *const __m256i);
+                                sumi[r] = $madd_acc(sumi[r], _mm256_maddubs_epi16(q, yv), sc);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        let y = ys[r].get_unchecked(b);
+                        let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+                        let summ = _mm256_madd_epi16(bs, mins);
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * y.d),
+                            _mm256_cvtepi32_ps(sumi[r]),
+                            acc[r],
+                        );
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(-dmin * y.d),
+                            _mm256_cvtepi32_ps(summ),
+                            acc[r],
+                        );
+                    }
+                })
+                .map(|c| combine(c))
+            }
+
+            /// Q6_K: the 6-bit values meet the activations unsigned, each
+            /// 16's products scaled by its signed scale; the offset of 32
+            /// comes off through the activations' sums of 16.
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn rows_q6_k<const R: usize>(
+                x: &[BlockQ6K],
+                ys: [&[ActQ8K]; R],
+            ) -> [f32; R] {
+                let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+                let low = _mm256_set1_epi8(0x0f);
+                let high = _mm256_set1_epi8(0x30);
+                // a 32-bit unit's first 16 bits to the low lane, its second to the high
+                let spread = _mm256_set_epi8(
+                    3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0,
+                    1, 0, 1, 0, 1, 0,
+                );
+                walk::<R>(n, |acc, b| {
+                    let bx = x.get_unchecked(b);
+                    let d = bx.d.to_f32();
+                    let s16 =
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(bx.scales.as_ptr() as *const __m128i));
+                    let mut sumi = [_mm256_setzero_si256(); R];
+                    for h in 0..2 {
+                        let ql0 = _mm256_loadu_si256(bx.ql.as_ptr().add(64 * h) as *const __m256i);
+                        let ql1 =
+                            _mm256_loadu_si256(bx.ql.as_ptr().add(64 * h + 32) as *const __m256i);
+                        let qh = _mm256_loadu_si256(bx.qh.as_ptr().add(32 * h) as *const __m256i);
+                        let q = [
+                            _mm256_or_si256(
+                                _mm256_and_si256(ql0, low),
+                                _mm256_and_si256(_mm256_slli_epi16(qh, 4), high),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(ql1, low),
+                                _mm256_and_si256(_mm256_slli_epi16(qh, 2), high),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                                _mm256_and_si256(qh, high),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), high),
+                            ),
+                        ];
+                        for (k, qk) in q.into_iter().enumerate() {
+                            let kk = 4 * h + k;
+                            // scale 2kk on the first 16 elements, 2kk + 1 on the next
+                            let sc = _mm256_shuffle_epi8(
+                                _mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(kk as i32)),
+                                spread,
+                            );
+                            for r in 0..R {
+                                let y = ys[r].get_unchecked(b);
+                                let yv = _mm256_loadu_si256(
+                                    y.qs.as_ptr().add(32 * kk) as *const __m256i
+                                );
+                                sumi[r] = $madd_acc(sumi[r], _mm256_maddubs_epi16(qk, yv), sc);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        let y = ys[r].get_unchecked(b);
+                        let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+                        let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, s16), 5);
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * y.d),
+                            _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[r], off)),
+                            acc[r],
+                        );
+                    }
+                })
+                .map(|c| combine(c))
+            }
         }
     };
 }
@@ -946,17 +1546,97 @@ fn dot_vnni(
     _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
 }
 
+/// `acc + vpmaddwd(a, b)`: the AVX2 form.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[inline(always)]
+unsafe fn madd_acc_avx2(
+    acc: std::arch::x86_64::__m256i,
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+}
+
+/// One `vpdpwssd`: the AVX-VNNI form of [`madd_acc_avx2`] (the same sums).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[inline]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+fn madd_acc_vnni(
+    acc: std::arch::x86_64::__m256i,
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_dpwssd_avx_epi32(acc, a, b)
+}
+
+/// One `vpdpbusd` in its AVX-512 VNNI (EVEX) form.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dot_avx512(
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+}
+
+/// One `vpdpwssd` in its AVX-512 VNNI (EVEX) form.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn madd_acc_avx512(
+    acc: std::arch::x86_64::__m256i,
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_dpwssd_epi32(acc, a, b)
+}
+
 kernels!(
     avx2,
     "Our kernels with AVX2 and FMA.",
     "avx2,fma,f16c",
-    dot_avx2
+    dot_avx2,
+    dot_avx2,
+    madd_acc_avx2
 );
 kernels!(
     vnni,
-    "Our kernels with AVX-VNNI: one `vpdpbusd` takes the place of `vpmaddubsw` and `vpmaddwd`.",
+    "Our kernels with AVX-VNNI: one `vpdpbusd` takes the place of `vpmaddubsw` and `vpmaddwd`, one `vpdpwssd` of `vpmaddwd` and the add.",
     "avx2,fma,f16c,avxvnni",
-    dot_vnni
+    dot_vnni,
+    dot_avx2,
+    madd_acc_vnni
+);
+kernels!(
+    avx512,
+    "Our kernels with AVX-512 VNNI: the VNNI instructions in their EVEX form, and 32 vector registers for the accumulators and unpacked weights.",
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_avx512,
+    dot_avx2,
+    madd_acc_avx512
 );
 
 #[cfg(test)]
@@ -1114,209 +1794,294 @@ mod tests {
         }
     }
 
-    /// Four weight rows of random blocks of each type of our kernels, 41
-    /// blocks long, and 8 activation rows.
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    #[allow(clippy::type_complexity)]
-    fn variant_inputs() -> (
-        Vec<Vec<BlockQ4_1>>,
-        Vec<Vec<BlockQ8_0>>,
-        Vec<Vec<BlockQ5_0>>,
-        Vec<Vec<ActQ8>>,
-    ) {
-        let mut s = 4242u64;
-        let n = 41;
-        let mut q4 = Vec::new();
-        let mut q8 = Vec::new();
-        let mut q5 = Vec::new();
-        for _ in 0..4 {
-            q4.push(
-                (0..n)
-                    .map(|_| BlockQ4_1 {
-                        d: f16::from_f32(rng(&mut s) * 0.1),
-                        m: f16::from_f32(rng(&mut s) * 0.5),
-                        qs: std::array::from_fn(|_| (rng(&mut s) * 127.0 + 128.0) as u8),
-                    })
-                    .collect(),
-            );
-            q8.push(
-                (0..n)
-                    .map(|_| BlockQ8_0 {
-                        d: f16::from_f32(rng(&mut s) * 0.1),
-                        qs: std::array::from_fn(|_| (rng(&mut s) * 127.0) as i8),
-                    })
-                    .collect(),
-            );
-            q5.push(
-                (0..n)
-                    .map(|_| BlockQ5_0 {
-                        d: f16::from_f32(rng(&mut s) * 0.1),
-                        qh: std::array::from_fn(|_| (rng(&mut s) * 127.0 + 128.0) as u8),
-                        qs: std::array::from_fn(|_| (rng(&mut s) * 127.0 + 128.0) as u8),
-                    })
-                    .collect(),
-            );
-        }
-        let ys = (0..8)
-            .map(|_| {
-                let x: Vec<f32> = (0..n * QK).map(|_| rng(&mut s)).collect();
-                let mut y = vec![
-                    ActQ8 {
-                        d: 0.0,
-                        s: 0.0,
-                        qs: [0; QK]
-                    };
-                    n
-                ];
-                quantize_row_q8_0(&x, &mut y);
-                y
-            })
-            .collect();
-        (q4, q8, q5, ys)
+    /// Random blocks of every type of our kernels.
+    struct Blocks {
+        s: u64,
     }
 
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    impl Blocks {
+        fn byte(&mut self) -> u8 {
+            (rng(&mut self.s) * 127.0 + 128.0) as u8
+        }
+        fn scale(&mut self, k: f32) -> f16 {
+            f16::from_f32(rng(&mut self.s) * k)
+        }
+        fn q4_1(&mut self) -> BlockQ4_1 {
+            BlockQ4_1 {
+                d: self.scale(0.1),
+                m: self.scale(0.5),
+                qs: std::array::from_fn(|_| self.byte()),
+            }
+        }
+        fn q8_0(&mut self) -> BlockQ8_0 {
+            BlockQ8_0 {
+                d: self.scale(0.1),
+                qs: std::array::from_fn(|_| self.byte() as i8),
+            }
+        }
+        fn q5_0(&mut self) -> BlockQ5_0 {
+            BlockQ5_0 {
+                d: self.scale(0.1),
+                qh: std::array::from_fn(|_| self.byte()),
+                qs: std::array::from_fn(|_| self.byte()),
+            }
+        }
+        /// GGUF's 144 bytes of a Q4_K block.
+        fn q4_k_bytes(&mut self) -> Vec<u8> {
+            let mut b = Vec::with_capacity(144);
+            b.extend(self.scale(0.01).to_le_bytes());
+            b.extend(self.scale(0.01).to_le_bytes());
+            b.extend((0..140).map(|_| self.byte()));
+            b
+        }
+        fn q4_k(&mut self) -> BlockQ4K {
+            repack_q4_k(&self.q4_k_bytes())
+        }
+        fn q6_k(&mut self) -> BlockQ6K {
+            BlockQ6K {
+                ql: std::array::from_fn(|_| self.byte()),
+                qh: std::array::from_fn(|_| self.byte()),
+                scales: std::array::from_fn(|_| self.byte() as i8),
+                d: self.scale(0.01),
+            }
+        }
+        fn act(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| rng(&mut self.s)).collect()
+        }
+    }
+
+    /// `ys` quantized for `W`.
+    fn quantized<W: Q8Dot>(x: &[f32]) -> Vec<W::Act> {
+        let mut out = vec![W::ZERO; x.len() / W::ELEMS];
+        W::quantize(x, &mut out);
+        out
+    }
+
     fn close(got: f32, want: f32) -> bool {
         (got - want).abs() <= 1e-4 * want.abs().max(1.0)
     }
 
-    /// One kernel set with `R` rows: every sum near the scalar reference,
-    /// and bit for bit the sum of the row alone (a row's result does not
-    /// depend on what it is batched with).
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    fn check_rows<const R: usize>(vnni: bool) {
-        let (q4, q8, q5, ys) = variant_inputs();
-        let rows: [&[ActQ8]; R] = std::array::from_fn(|i| &ys[i][..]);
-        for col in 0..q4.len() {
-            let (w4, w8, w5) = (&q4[col][..], &q8[col][..], &q5[col][..]);
-            // SAFETY: AVX2 and FMA are compiled in; VNNI only where the CPU has it.
-            let (a, b, c) = unsafe {
-                if vnni {
-                    (
-                        vnni::rows_q4_1(w4, rows),
-                        vnni::rows_q8_0(w8, rows),
-                        vnni::rows_q5_0(w5, rows),
-                    )
-                } else {
-                    (
-                        avx2::rows_q4_1(w4, rows),
-                        avx2::rows_q8_0(w8, rows),
-                        avx2::rows_q5_0(w5, rows),
-                    )
-                }
-            };
+    /// Four weight rows of `n` random blocks and 8 activation rows: on
+    /// `path`, with `R` rows at a time, every sum near the scalar
+    /// reference and bit for bit the sum of the row alone.
+    fn check_type<W: Q8Dot, const R: usize>(
+        path: CpuPath,
+        what: &str,
+        n: usize,
+        mut block: impl FnMut(&mut Blocks) -> W,
+        scalar: impl Fn(&[W], &[W::Act]) -> f32,
+    ) {
+        let mut g = Blocks { s: 4242 };
+        let ws: Vec<Vec<W>> = (0..4)
+            .map(|_| (0..n).map(|_| block(&mut g)).collect())
+            .collect();
+        let ys: Vec<Vec<W::Act>> = (0..8)
+            .map(|_| quantized::<W>(&g.act(n * W::ELEMS)))
+            .collect();
+        let rows: [&[W::Act]; R] = std::array::from_fn(|i| &ys[i][..]);
+        for (col, w) in ws.iter().enumerate() {
+            let got = W::dot_rows_on(path, w, rows);
             for r in 0..R {
-                // SAFETY: as above
-                let alone = unsafe {
-                    if vnni {
-                        (
-                            vnni::rows_q4_1(w4, [rows[r]])[0],
-                            vnni::rows_q8_0(w8, [rows[r]])[0],
-                            vnni::rows_q5_0(w5, [rows[r]])[0],
-                        )
-                    } else {
-                        (
-                            avx2::rows_q4_1(w4, [rows[r]])[0],
-                            avx2::rows_q8_0(w8, [rows[r]])[0],
-                            avx2::rows_q5_0(w5, [rows[r]])[0],
-                        )
-                    }
-                };
-                let want = (
-                    vec_dot_q4_1_q8_1_scalar(w4, rows[r]),
-                    vec_dot_q8_0_q8_0_scalar(w8, rows[r]),
-                    vec_dot_q5_0_q8_0_scalar(w5, rows[r]),
-                );
-                let got = (a[r], b[r], c[r]);
+                let alone = W::dot_rows_on(path, w, [rows[r]])[0];
+                let want = scalar(w, rows[r]);
                 assert!(
-                    close(got.0, want.0),
-                    "Q4_1 R={R} ({col},{r}): {} vs {}",
-                    got.0,
-                    want.0
-                );
-                assert!(
-                    close(got.1, want.1),
-                    "Q8_0 R={R} ({col},{r}): {} vs {}",
-                    got.1,
-                    want.1
-                );
-                assert!(
-                    close(got.2, want.2),
-                    "Q5_0 R={R} ({col},{r}): {} vs {}",
-                    got.2,
-                    want.2
+                    close(got[r], want),
+                    "{what} on {path}, R={R} ({col},{r}): {} vs {want}",
+                    got[r]
                 );
                 assert_eq!(
-                    got.0.to_bits(),
-                    alone.0.to_bits(),
-                    "Q4_1 R={R} depends on the batch"
-                );
-                assert_eq!(
-                    got.1.to_bits(),
-                    alone.1.to_bits(),
-                    "Q8_0 R={R} depends on the batch"
-                );
-                assert_eq!(
-                    got.2.to_bits(),
-                    alone.2.to_bits(),
-                    "Q5_0 R={R} depends on the batch"
+                    got[r].to_bits(),
+                    alone.to_bits(),
+                    "{what} on {path}, R={R}: a row's sum depends on its batch"
                 );
             }
         }
     }
 
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    fn check_every_row_count(vnni: bool) {
-        check_rows::<8>(vnni);
-        check_rows::<4>(vnni);
-        check_rows::<2>(vnni);
-        check_rows::<1>(vnni);
+    fn check_every_row_count<W: Q8Dot>(
+        path: CpuPath,
+        what: &str,
+        n: usize,
+        mut block: impl FnMut(&mut Blocks) -> W,
+        scalar: impl Fn(&[W], &[W::Act]) -> f32 + Copy,
+    ) {
+        check_type::<W, 8>(path, what, n, &mut block, scalar);
+        check_type::<W, 4>(path, what, n, &mut block, scalar);
+        check_type::<W, 2>(path, what, n, &mut block, scalar);
+        check_type::<W, 1>(path, what, n, &mut block, scalar);
     }
 
-    #[test]
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    fn the_avx2_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
-        check_every_row_count(false);
-    }
-
-    #[test]
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    #[ignore = "needs a CPU with AVX-VNNI; scripts/test.sh runs it where the CPU has one (cargo test -p weft-kernels --lib -- --ignored vnni)"]
-    fn the_vnni_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
+    /// Every type's kernel on `path` (41 blocks of 32, 7 of 256).
+    fn check_path(path: CpuPath) {
         assert!(
-            std::is_x86_feature_detected!("avxvnni"),
-            "this CPU has no AVX-VNNI: the test cannot run here"
+            path.is_supported(),
+            "this CPU cannot run the {path} kernels: the test cannot run here"
         );
-        check_every_row_count(true);
+        check_every_row_count(path, "Q4_1", 41, Blocks::q4_1, vec_dot_q4_1_q8_1_scalar);
+        check_every_row_count(path, "Q8_0", 41, Blocks::q8_0, vec_dot_q8_0_q8_0_scalar);
+        check_every_row_count(path, "Q5_0", 41, Blocks::q5_0, vec_dot_q5_0_q8_0_scalar);
+        check_every_row_count(path, "Q4_K", 7, Blocks::q4_k, vec_dot_q4_k_q8_k_scalar);
+        check_every_row_count(path, "Q6_K", 7, Blocks::q6_k, vec_dot_q6_k_q8_k_scalar);
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(all(target_arch = "x86_64", target_feature = "avx2")),
+        ignore = "an x86-64 build with AVX2 runs it"
+    )]
+    fn the_avx2_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
+        check_path(CpuPath::Avx2);
+    }
+
+    #[test]
+    #[ignore = "needs a CPU with AVX-VNNI; scripts/test.sh runs it where the CPU has one (cargo test -p weft-kernels --lib -- --ignored kernels_match)"]
+    fn the_avx_vnni_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
+        check_path(CpuPath::AvxVnni);
+    }
+
+    #[test]
+    #[ignore = "needs a CPU with AVX-512 F/BW/VL and VNNI; scripts/test.sh runs it where the CPU has them (cargo test -p weft-kernels --lib -- --ignored kernels_match)"]
+    fn the_avx512_vnni_kernels_match_the_scalar_reference_at_every_row_count_and_batch_alike() {
+        check_path(CpuPath::Avx512Vnni);
+    }
+
+    /// Candle's dequantization of GGUF bytes of `dtype`, an independent
+    /// reading of the format.
+    fn candle_dequant(dtype: GgmlDType, bytes: &[u8], elems: usize) -> Vec<f32> {
+        let q = dtype.from_data(Cow::Borrowed(bytes));
+        match q.dequantize(elems).unwrap() {
+            candle_core::CpuStorage::F32(v) => v,
+            _ => unreachable!("dequantize gives f32"),
+        }
+    }
+
+    #[test]
+    fn q4_k_repacked_at_load_dequantizes_as_candle_reads_the_gguf_bytes() {
+        let mut g = Blocks { s: 77 };
+        let (rows, cols) = (3, 2 * QK_K);
+        let bytes: Vec<u8> = (0..rows * cols / QK_K)
+            .flat_map(|_| g.q4_k_bytes())
+            .collect();
+        let w = QMatrix::from_bytes("w", GgmlDType::Q4K, rows, cols, &bytes).unwrap();
+        let want = candle_dequant(GgmlDType::Q4K, &bytes, rows * cols);
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            w.row_f32(r, &mut row).unwrap();
+            for (c, (a, b)) in row.iter().zip(&want[r * cols..]).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "({r},{c}): {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q6_k_dequantizes_as_candle_reads_the_gguf_bytes() {
+        let mut g = Blocks { s: 78 };
+        let (rows, cols) = (3, 2 * QK_K);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK_K {
+            bytes.extend((0..208).map(|_| g.byte()));
+            bytes.extend(g.scale(0.01).to_le_bytes());
+        }
+        let w = QMatrix::from_bytes("w", GgmlDType::Q6K, rows, cols, &bytes).unwrap();
+        let want = candle_dequant(GgmlDType::Q6K, &bytes, rows * cols);
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            w.row_f32(r, &mut row).unwrap();
+            for (c, (a, b)) in row.iter().zip(&want[r * cols..]).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "({r},{c}): {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// `matmul` of a K-quant matrix against the f32 product of its
+    /// dequantized rows with the dequantized Q8_K activations (the same
+    /// sum up to float rounding).
+    fn check_k_product(dtype: GgmlDType, bytes: &[u8], rows: usize, cols: usize) {
+        let w = QMatrix::from_bytes("w", dtype, rows, cols, bytes).unwrap();
+        let mut g = Blocks { s: 5 };
+        let m = 19;
+        let x = g.act(m * cols);
+        let mut y = vec![0f32; m * rows];
+        w.matmul(m, &x, &mut y).unwrap();
+        let mut x_deq = Vec::with_capacity(x.len());
+        for b in quantized::<BlockQ4K>(&x) {
+            x_deq.extend(b.qs.iter().map(|q| *q as f32 * b.d));
+        }
+        let mut row = vec![0f32; cols];
+        for c in 0..rows {
+            w.row_f32(c, &mut row).unwrap();
+            let scale: f32 = row.iter().map(|v| v.abs()).sum::<f32>() / cols as f32;
+            for r in 0..m {
+                let exact = dot_f32(&row, &x_deq[r * cols..(r + 1) * cols]);
+                let got = y[r * rows + c];
+                assert!(
+                    (got - exact).abs() <= 1e-4 * exact.abs().max(scale),
+                    "{dtype:?} ({r},{c}): {got} vs {exact}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_q4_k_product_agrees_with_the_dequantized_f32_product() {
+        let mut g = Blocks { s: 11 };
+        let (rows, cols) = (9, 3 * QK_K);
+        let bytes: Vec<u8> = (0..rows * cols / QK_K)
+            .flat_map(|_| g.q4_k_bytes())
+            .collect();
+        check_k_product(GgmlDType::Q4K, &bytes, rows, cols);
+    }
+
+    #[test]
+    fn the_q6_k_product_agrees_with_the_dequantized_f32_product() {
+        let mut g = Blocks { s: 12 };
+        let (rows, cols) = (9, 3 * QK_K);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK_K {
+            bytes.extend((0..208).map(|_| g.byte()));
+            bytes.extend(g.scale(0.01).to_le_bytes());
+        }
+        check_k_product(GgmlDType::Q6K, &bytes, rows, cols);
+    }
+
+    #[test]
+    fn q8_k_quantization_maps_the_largest_magnitude_to_minus_127_and_sums_each_16() {
+        let mut g = Blocks { s: 13 };
+        let mut x = g.act(2 * QK_K);
+        x[300] = 3.0;
+        let q = quantized::<BlockQ4K>(&x);
+        assert_eq!(q[1].qs[300 - QK_K], -127);
+        assert!((q[1].d - -3.0 / 127.0).abs() < 1e-7);
+        for b in &q {
+            for (i, s) in b.bsums.iter().enumerate() {
+                let want: i16 = b.qs[16 * i..16 * i + 16].iter().map(|v| *v as i16).sum();
+                assert_eq!(*s, want);
+            }
+        }
+        let zero = quantized::<BlockQ4K>(&[0.0; QK_K]);
+        assert_eq!(zero[0].d, 0.0);
+        assert!(zero[0].qs.iter().all(|v| *v == 0));
+    }
+
+    #[test]
+    fn an_unknown_or_unsupported_cpu_path_is_refused_by_name() {
+        assert!(CpuPath::from_name("avx9000").is_none());
+        for p in CpuPath::ALL {
+            assert_eq!(CpuPath::from_name(p.name()), Some(p));
+            if !p.is_supported() {
+                assert!(
+                    set_cpu_path(p).is_err(),
+                    "{p} was taken on a CPU without it"
+                );
+            }
+        }
+        assert!(CpuPath::supported().contains(&CpuPath::Portable));
+        assert!(CpuPath::best().is_supported());
     }
 }
