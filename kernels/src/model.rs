@@ -479,13 +479,28 @@ impl Model {
         let rope_global = rope(self.inv_freq_global);
 
         let mut scratch = Scratch::new(t, cfg);
+        // the last shard's output is each chunk's last row, where it wants
+        // one: past the last layer's keys and values, only those rows count
+        let needed: Option<Vec<usize>> = self.is_last().then(|| {
+            let mut keep = Vec::new();
+            let mut r = 0;
+            for c in chunks {
+                r += c.input.rows(h);
+                if c.want_logits {
+                    keep.push(r - 1);
+                }
+            }
+            keep
+        });
+        let last = self.layers.len().saturating_sub(1);
         for (li, layer) in self.layers.iter().enumerate() {
             let tables = if layer.sliding {
                 &rope_local
             } else {
                 &rope_global
             };
-            self.layer_forward(li, layer, chunks, &rows, &mut x, tables, kv, &mut scratch)?;
+            let keep = needed.as_deref().filter(|k| li == last && k.len() < t);
+            self.layer_forward(li, layer, chunks, &rows, &mut x, tables, kv, &mut scratch, keep)?;
         }
         for c in chunks {
             let n = c.input.rows(h);
@@ -541,6 +556,7 @@ impl Model {
         rope: &[(f32, f32)],
         kv: &mut KvCache,
         s: &mut Scratch,
+        keep: Option<&[usize]>,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (h, hd, t) = (cfg.hidden, cfg.head_dim, rows.len());
@@ -592,6 +608,40 @@ impl Model {
         } else {
             usize::MAX
         };
+        let Some(keep) = keep else {
+            return self.layer_rest(li, layer, chunks, rows, x, kv, s, window);
+        };
+        // only the rows in `keep` go on: gathered, finished, put back
+        let mut sub = Scratch::new(keep.len(), cfg);
+        let mut xs = Vec::with_capacity(keep.len() * h);
+        for (i, &r) in keep.iter().enumerate() {
+            sub.q[i * qd..(i + 1) * qd].copy_from_slice(&s.q[r * qd..(r + 1) * qd]);
+            xs.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let sub_rows: Vec<(usize, usize)> = keep.iter().map(|&r| rows[r]).collect();
+        self.layer_rest(li, layer, chunks, &sub_rows, &mut xs, kv, &mut sub, window)?;
+        for (i, &r) in keep.iter().enumerate() {
+            x[r * h..(r + 1) * h].copy_from_slice(&xs[i * h..(i + 1) * h]);
+        }
+        Ok(())
+    }
+
+    /// A layer past its keys and values: attention, the output
+    /// projection, the MLP, for `rows` (whose queries are in `s.q`).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_rest(
+        &self,
+        li: usize,
+        layer: &Layer,
+        chunks: &[Chunk],
+        rows: &[(usize, usize)],
+        x: &mut [f32],
+        kv: &KvCache,
+        s: &mut Scratch,
+        window: usize,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, t, eps) = (cfg.hidden, rows.len(), cfg.rms_eps);
         attention(cfg, kv, li, chunks, rows, &s.q, &mut s.attn, window)?;
         layer.o.matmul(t, &s.attn, &mut s.proj)?;
         let post_attn = layer.gemma.as_ref().map(|g| &g.post_attn_norm[..]);

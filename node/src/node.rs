@@ -283,6 +283,7 @@ async fn hold_and_serve(
     use weft_fabric::holdings::WATCH_EVERY;
     let addr = serve.validate()?;
     crate::up::check_device(&serve)?;
+    tracing::info!("{}", crate::up::cpu_kernels_line()?);
     tracing::info!("{}", crate::up::check_sandbox(&serve)?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

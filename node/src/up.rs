@@ -24,6 +24,20 @@ async fn shutdown_signal() {
     }
 }
 
+/// The CPU kernels' path, chosen now (a `WEFT_CPU_PATH` this CPU cannot
+/// run is an error at start), and the line that says so.
+pub fn cpu_kernels_line() -> Result<String> {
+    let path = weft_kernels::quant::init_cpu_path()?;
+    let all: Vec<&str> = weft_kernels::quant::CpuPath::supported()
+        .iter()
+        .map(|p| p.name())
+        .collect();
+    Ok(format!(
+        "cpu kernels: {path} (this CPU runs {}; WEFT_CPU_PATH chooses)",
+        all.join(", ")
+    ))
+}
+
 /// Checks that the configured device can run here (a GPU that is not
 /// there is a clear error at start, not a worker that keeps failing).
 pub fn check_device(cfg: &NodeConfig) -> Result<()> {
@@ -156,6 +170,8 @@ pub fn start_sandboxes(
 pub async fn up(cfg: NodeConfig) -> Result<()> {
     let addr = cfg.validate()?;
     check_device(&cfg)?;
+    let cpu_line = cpu_kernels_line()?;
+    tracing::info!("{cpu_line}");
     let sandbox_line = check_sandbox(&cfg)?;
     let source = ModelSource::parse(&cfg.model)?;
     let stored = ModelStore::default_location()
@@ -212,6 +228,7 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         ));
     }
     println!("weft serving {model_id} on http://{bound}  (ready at http://{bound}/readyz once the model is loaded)");
+    println!("{cpu_line}");
     println!(
         "try:\n  curl http://{bound}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'"
     );

@@ -87,6 +87,7 @@ pub(crate) struct ScrapeGauges {
     sandbox_info: IntGaugeVec,
     sandbox_relaxed: IntGauge,
     sandbox_missing: IntGaugeVec,
+    cpu_kernels: IntGaugeVec,
     tenant: [IntGaugeVec; 5],
 }
 
@@ -105,6 +106,11 @@ impl ScrapeGauges {
             kv_used: unregistered_gauge("weft_kv_blocks_used", "KV cache blocks in use."),
             kv_total: unregistered_gauge("weft_kv_blocks_capacity", "KV cache blocks in the pool."),
             ready: unregistered_gauge("weft_ready", "1 when the model worker serves."),
+            cpu_kernels: unregistered_gauge_vec(
+                "weft_cpu_kernels_info",
+                "The instruction path (1) the CPU kernels run on, chosen at start from what the CPU reports (or WEFT_CPU_PATH).",
+                &["path"],
+            ),
             sandbox_info: unregistered_gauge_vec(
                 "weft_sandbox_info",
                 "A model worker's sandbox tier (1), and whether it is relaxed.",
@@ -146,6 +152,7 @@ impl ScrapeGauges {
             Box::new(self.sandbox_info.clone()),
             Box::new(self.sandbox_relaxed.clone()),
             Box::new(self.sandbox_missing.clone()),
+            Box::new(self.cpu_kernels.clone()),
         ];
         v.extend(
             self.tenant
@@ -162,6 +169,10 @@ impl ScrapeGauges {
         self.kv_used.set(g.kv_used as i64);
         self.kv_total.set(g.kv_total as i64);
         self.ready.set(i64::from(g.ready));
+        self.cpu_kernels.reset();
+        self.cpu_kernels
+            .with_label_values(&[weft_kernels::quant::cpu_path().name()])
+            .set(1);
         self.sandbox_info.reset();
         self.sandbox_missing.reset();
         for (model, tier, relaxed, missing) in &g.sandboxes {

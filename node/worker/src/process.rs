@@ -151,6 +151,8 @@ pub fn confine(args: &WorkerArgs, with_seccomp: bool) -> Result<Confined> {
     };
     let channel = Channel::adopt(args.channel)?;
     weft_kernels::set_threads(args.threads);
+    let path = weft_kernels::quant::init_cpu_path()?;
+    tracing::info!(%path, "CPU kernels");
     if args.device != Backend::Cpu && args.layers.is_some() {
         anyhow::bail!(
             "the {} backend runs whole models, not layer ranges",

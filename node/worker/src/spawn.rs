@@ -184,7 +184,7 @@ fn worker_args(spec: &WorkerSpec, model: &std::path::Path, extra: &[String]) -> 
 /// The environment a worker is given (nothing else of the node's).
 fn worker_env(plan: Option<&Plan>) -> Result<Vec<(String, String)>> {
     let mut env = Vec::new();
-    for k in ["WEFT_LOG", "RUST_BACKTRACE"] {
+    for k in ["WEFT_LOG", "RUST_BACKTRACE", "WEFT_CPU_PATH"] {
         if let Ok(v) = std::env::var(k) {
             env.push((k.to_string(), v));
         }
