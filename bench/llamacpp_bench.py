@@ -3,7 +3,8 @@
 `weft-bench runtime`: load, prefill, single-sequence decode, aggregate decode
 over N sequences in one batch, peak RSS. Prints one JSON object.
 
-Usage: python3 bench/llamacpp_bench.py MODEL.gguf THREADS [PREFILL] [DECODE] [BATCHES]
+Usage: python3 bench/llamacpp_bench.py MODEL.gguf THREADS [PREFILLS] [DECODE] [BATCHES]
+(PREFILLS and BATCHES are comma-separated: 512,2048 and 4,16,64 by default)
 """
 import ctypes
 import json
@@ -26,7 +27,7 @@ def prompt_tokens(n, salt):
 
 def main():
     path, threads = sys.argv[1], int(sys.argv[2])
-    prefill_n = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+    prefills = [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "512,2048").split(",")]
     decode_n = int(sys.argv[4]) if len(sys.argv) > 4 else 64
     batches = [int(x) for x in (sys.argv[5] if len(sys.argv) > 5 else "4,16,64").split(",")]
     max_seqs = max(batches)
@@ -36,7 +37,7 @@ def main():
     t = time.perf_counter()
     model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
     cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx = max(8192, max_seqs * (16 + decode_n) + 64)
+    cp.n_ctx = max(8192, max(prefills) + 64, max_seqs * (16 + decode_n) + 64)
     cp.n_batch = 512
     cp.n_ubatch = 512
     cp.n_seq_max = max_seqs
@@ -72,16 +73,18 @@ def main():
         arr = (ctypes.c_float * n_vocab).from_address(ctypes.addressof(ptr.contents))
         return int(np.frombuffer(arr, dtype=np.float32).argmax())
 
-    # prefill
+    # prefill, in llama.cpp's 512-token batches
     clear()
     decode([(t, p, 0, p == 7) for p, t in enumerate(prompt_tokens(8, 99))])  # warm-up
-    clear()
-    toks = prompt_tokens(prefill_n, 1)
-    t = time.perf_counter()
-    for s in range(0, len(toks), 512):
-        chunk = toks[s:s + 512]
-        decode([(tok, s + i, 0, s + i == len(toks) - 1) for i, tok in enumerate(chunk)])
-    prefill = prefill_n / (time.perf_counter() - t)
+    prefill = []
+    for prefill_n in prefills:
+        clear()
+        toks = prompt_tokens(prefill_n, 1)
+        t = time.perf_counter()
+        for s in range(0, len(toks), 512):
+            chunk = toks[s:s + 512]
+            decode([(tok, s + i, 0, s + i == len(toks) - 1) for i, tok in enumerate(chunk)])
+        prefill.append([prefill_n, prefill_n / (time.perf_counter() - t)])
 
     def decode_rate(n, prompt, steps):
         clear()

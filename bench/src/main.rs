@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Model runtime speed on one thread count: load, prefill, decode at several batch sizes, peak RSS.
     Runtime(RuntimeArgs),
+    /// The CPU kernel paths this CPU runs, one per line, slowest first.
+    CpuPaths,
     /// The HTTP API path against the engine driven directly: time to first
     /// token, per-token overhead, and 64 concurrent streams.
     Api(ApiArgs),
@@ -95,9 +97,13 @@ pub(crate) struct RuntimeArgs {
     /// CPU threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Prompt tokens for the prefill measurement.
-    #[arg(long, default_value_t = 512)]
-    prefill_tokens: usize,
+    /// Prompt lengths for the prefill measurements.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    prefill_tokens: Vec<usize>,
+    /// The CPU kernels' path (`portable`, `avx2`, `avx-vnni`,
+    /// `avx512-vnni`); the fastest this CPU runs when not given.
+    #[arg(long)]
+    cpu_path: Option<String>,
     /// Tokens decoded per sequence.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
@@ -116,7 +122,8 @@ struct RuntimeReport {
     model_bytes: u64,
     verify_s: f64,
     load_s: f64,
-    prefill_tokens_per_s: f64,
+    cpu_path: &'static str,
+    prefill_tokens_per_s: Vec<(usize, f64)>,
     decode_tokens_per_s: f64,
     aggregate_decode_tokens_per_s: Vec<(usize, f64)>,
     peak_rss_bytes: u64,
@@ -126,6 +133,12 @@ struct RuntimeReport {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Runtime(a) => runtime(a),
+        Command::CpuPaths => {
+            for p in weft_kernels::quant::CpuPath::supported() {
+                println!("{p}");
+            }
+            Ok(())
+        }
         Command::Grammar(a) => grammar::run(a),
         Command::Agents(a) => agents_bench(a),
         Command::PrefixFabric(a) => agents::prefix_fabric(a),
@@ -339,6 +352,11 @@ fn agents_bench(a: agents::AgentsArgs) -> Result<()> {
 
 fn runtime(a: RuntimeArgs) -> Result<()> {
     weft_kernels::set_threads(a.threads);
+    if let Some(name) = &a.cpu_path {
+        let path = weft_kernels::quant::CpuPath::from_name(name)
+            .with_context(|| format!("--cpu-path {name}: no such path"))?;
+        weft_kernels::quant::set_cpu_path(path)?;
+    }
     let src = ModelSource::parse(&a.model)?;
     ModelStore::default_location().resolve(&src, &PipFetcher::default())?;
     // the page cache is warm now; time the sha256 check every load does, then the load
@@ -365,19 +383,20 @@ fn runtime(a: RuntimeArgs) -> Result<()> {
         })?;
         e.run_to_completion()?;
     }
-    let prefill = {
+    let mut prefill = Vec::new();
+    for &n in &a.prefill_tokens {
         let mut e = engine(&lm, a.kv_budget)?;
         e.add_request(Request {
             id: 1,
-            prompt: prompt_tokens(a.prefill_tokens, 1),
+            prompt: prompt_tokens(n, 1),
             params: SamplingParams::greedy(1),
             priority: 0,
             tenant: String::new(),
         })?;
         let t = Instant::now();
         e.run_to_completion()?;
-        a.prefill_tokens as f64 / t.elapsed().as_secs_f64()
-    };
+        prefill.push((n, n as f64 / t.elapsed().as_secs_f64()));
+    }
 
     let decode = decode_rate(&lm, 1, 16, a.decode_tokens * 2, a.kv_budget)?;
     let mut agg = Vec::new();
@@ -390,6 +409,7 @@ fn runtime(a: RuntimeArgs) -> Result<()> {
         model_bytes: stored.bytes,
         verify_s,
         load_s,
+        cpu_path: weft_kernels::quant::cpu_path().name(),
         prefill_tokens_per_s: prefill,
         decode_tokens_per_s: decode,
         aggregate_decode_tokens_per_s: agg,

@@ -500,7 +500,17 @@ impl Model {
                 &rope_global
             };
             let keep = needed.as_deref().filter(|k| li == last && k.len() < t);
-            self.layer_forward(li, layer, chunks, &rows, &mut x, tables, kv, &mut scratch, keep)?;
+            self.layer_forward(
+                li,
+                layer,
+                chunks,
+                &rows,
+                &mut x,
+                tables,
+                kv,
+                &mut scratch,
+                keep,
+            )?;
         }
         for c in chunks {
             let n = c.input.rows(h);

@@ -57,6 +57,10 @@ pub struct ActQ8 {
     pub d: f32,
     pub s: f32,
     pub qs: [i8; QK],
+    /// For weights the VNNI kernels make unsigned by an offset (128 for
+    /// Q8_0, 16 for Q5_0): minus the offset times the sum of each 4 quants,
+    /// the start of each 32-bit lane's sum; 0 for the other types.
+    pub off: [i32; 8],
 }
 
 /// Elements per K-quant super-block (Q4_K, Q6_K, and their Q8_K activations).
@@ -572,6 +576,18 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [ActQ8]) {
             sum += *q as i32;
         }
         o.s = f16::from_f32(d * sum as f32).to_f32();
+        o.off = [0; 8];
+    }
+}
+
+/// [`quantize_row_q8_0`] with `off` for weights offset by `O` (see
+/// [`ActQ8::off`]).
+pub fn quantize_row_q8_0_offset<const O: i32>(x: &[f32], out: &mut [ActQ8]) {
+    quantize_row_q8_0(x, out);
+    for o in out.iter_mut() {
+        for (l, q) in o.off.iter_mut().zip(o.qs.chunks_exact(4)) {
+            *l = -O * q.iter().map(|v| *v as i32).sum::<i32>();
+        }
     }
 }
 
@@ -891,6 +907,7 @@ const ZERO_Q8: ActQ8 = ActQ8 {
     d: 0.0,
     s: 0.0,
     qs: [0; QK],
+    off: [0; 8],
 };
 const ZERO_Q8K: ActQ8K = ActQ8K {
     d: 0.0,
@@ -903,7 +920,7 @@ q8_dot!(
     ActQ8,
     QK,
     ZERO_Q8,
-    quantize_row_q8_0,
+    quantize_row_q8_0_offset::<128>,
     rows_q8_0,
     vec_dot_q8_0_q8_0_scalar
 );
@@ -921,7 +938,7 @@ q8_dot!(
     ActQ8,
     QK,
     ZERO_Q8,
-    quantize_row_q8_0,
+    quantize_row_q8_0_offset::<16>,
     rows_q5_0,
     vec_dot_q5_0_q8_0_scalar
 );
@@ -1069,13 +1086,15 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Dot product of a Q5_0 row with a Q8_0 activation row.
+/// Dot product of a Q5_0 row with a Q8_0 activation row quantized by
+/// `quantize_row_q8_0_offset::<16>` (as [`Q8Dot::quantize`] does).
 #[inline]
 pub fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
     BlockQ5_0::dot_rows(x, [y])[0]
 }
 
-/// Dot product of a Q8_0 row with a Q8_0 activation row.
+/// Dot product of a Q8_0 row with a Q8_0 activation row quantized by
+/// `quantize_row_q8_0_offset::<128>` (as [`Q8Dot::quantize`] does).
 #[inline]
 pub fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[ActQ8]) -> f32 {
     BlockQ8_0::dot_rows(x, [y])[0]
@@ -1138,7 +1157,7 @@ pub fn vec_dot_q5_0_q8_0_scalar(x: &[BlockQ5_0], y: &[ActQ8]) -> f32 {
 /// its functions are compiled for, `$dot` how it multiplies unsigned by
 /// signed bytes and sums them in fours into 32-bit lanes.
 macro_rules! kernels {
-    ($name:ident, $doc:literal, $feat:literal, $dot:ident, $dot_q5:ident, $madd_acc:ident) => {
+    ($name:ident, $doc:literal, $feat:literal, $dot:ident, $madd_acc:ident, $signed:ident, $dpbusd_acc:ident) => {
         #[doc = $doc]
         #[cfg(all(
             target_arch = "x86_64",
@@ -1150,9 +1169,14 @@ macro_rules! kernels {
             #[allow(unused_imports)]
             use super::{dot_avx2, dot_avx512, dot_vnni};
             #[allow(unused_imports)]
+            use super::{dpbusd_acc_avx2, dpbusd_acc_avx512, dpbusd_acc_vnni};
+            #[allow(unused_imports)]
             use super::{madd_acc_avx2, madd_acc_avx512, madd_acc_vnni};
             use super::{ActQ8, ActQ8K, BlockQ4K, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0};
             use super::{CHAINS, QK};
+
+            /// Whether signed weights are summed by offset ([`rows_offset`]).
+            const OFFSET: bool = matches!(stringify!($signed).as_bytes(), b"rows_offset");
             use std::arch::x86_64::*;
 
             #[inline]
@@ -1250,6 +1274,7 @@ macro_rules! kernels {
                 chains
             }
 
+            #[allow(dead_code)]
             /// Sums of signed-weight blocks (Q8_0, Q5_0) with `R` rows:
             /// `unpack(block)` gives a block's 32 values and scale.
             #[inline]
@@ -1273,22 +1298,48 @@ macro_rules! kernels {
                 .map(|c| combine(c))
             }
 
+            /// Sums of signed-weight blocks with `R` rows by offset:
+            /// `unpack(block)` gives a block's 32 values plus the offset
+            /// (unsigned) and its scale; each lane starts from the
+            /// activations' `off`, so one `vpdpbusd` per row and block gives
+            /// exactly the lanes of [`rows_signed`].
+            #[allow(dead_code)]
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn rows_offset<const R: usize>(
+                n: usize,
+                ys: &[&[ActQ8]; R],
+                _dot: impl Fn(__m256i, __m256i) -> __m256i,
+                mut unpack: impl FnMut(usize) -> (__m256i, f32),
+            ) -> [f32; R] {
+                walk::<R>(n, |acc, b| {
+                    let (xu, dx) = unpack(b);
+                    for r in 0..R {
+                        let y = ys[r].get_unchecked(b);
+                        let yv = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                        let off = _mm256_loadu_si256(y.off.as_ptr() as *const __m256i);
+                        acc[r] = term(acc[r], $dpbusd_acc(off, xu, yv), dx * y.d);
+                    }
+                })
+                .map(|c| combine(c))
+            }
+
             #[target_feature(enable = $feat)]
             pub(crate) unsafe fn rows_q8_0<const R: usize>(
                 x: &[BlockQ8_0],
                 ys: [&[ActQ8]; R],
             ) -> [f32; R] {
                 let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
-                rows_signed::<R>(
+                // + 128 where the offset form runs
+                let flip = _mm256_set1_epi8(if OFFSET { -128 } else { 0 });
+                $signed::<R>(
                     n,
                     &ys,
                     |u, s| $dot(u, s),
                     |b| {
                         let bx = x.get_unchecked(b);
-                        (
-                            _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
-                            bx.d.to_f32(),
-                        )
+                        let q = _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i);
+                        (_mm256_xor_si256(q, flip), bx.d.to_f32())
                     },
                 )
             }
@@ -1300,11 +1351,12 @@ macro_rules! kernels {
             ) -> [f32; R] {
                 let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
                 let low = _mm256_set1_epi8(0x0f);
-                let sixteen = _mm256_set1_epi8(16);
-                rows_signed::<R>(
+                // the offset form keeps the values unsigned (0..32)
+                let sixteen = _mm256_set1_epi8(if OFFSET { 0 } else { 16 });
+                $signed::<R>(
                     n,
                     &ys,
-                    |u, s| $dot_q5(u, s),
+                    |u, s| $dot(u, s),
                     |b| {
                         let bx = x.get_unchecked(b);
                         let qs = _mm_loadu_si128(bx.qs.as_ptr() as *const __m128i);
@@ -1614,29 +1666,85 @@ fn madd_acc_avx512(
     std::arch::x86_64::_mm256_dpwssd_epi32(acc, a, b)
 }
 
+/// `acc + vpmaddubsw·vpmaddwd(u, s)`: not exact where a pair of products
+/// passes 16 bits, which is why the AVX2 kernels sum signed weights with
+/// `rows_signed` and never call this.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[allow(dead_code)]
+#[inline(always)]
+unsafe fn dpbusd_acc_avx2(
+    acc: std::arch::x86_64::__m256i,
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_add_epi32(acc, dot_avx2(u, s))
+}
+
+/// One `vpdpbusd` with its accumulator (AVX-VNNI).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[inline]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+fn dpbusd_acc_vnni(
+    acc: std::arch::x86_64::__m256i,
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_dpbusd_avx_epi32(acc, u, s)
+}
+
+/// One `vpdpbusd` with its accumulator (AVX-512 VNNI).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dpbusd_acc_avx512(
+    acc: std::arch::x86_64::__m256i,
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_dpbusd_epi32(acc, u, s)
+}
+
 kernels!(
     avx2,
     "Our kernels with AVX2 and FMA.",
     "avx2,fma,f16c",
     dot_avx2,
-    dot_avx2,
-    madd_acc_avx2
+    madd_acc_avx2,
+    rows_signed,
+    dpbusd_acc_avx2
 );
 kernels!(
     vnni,
-    "Our kernels with AVX-VNNI: one `vpdpbusd` takes the place of `vpmaddubsw` and `vpmaddwd`, one `vpdpwssd` of `vpmaddwd` and the add.",
+    "Our kernels with AVX-VNNI: one `vpdpbusd` takes the place of `vpmaddubsw` and `vpmaddwd` (signed weights made unsigned by an offset the activations take off), one `vpdpwssd` of `vpmaddwd` and the add.",
     "avx2,fma,f16c,avxvnni",
     dot_vnni,
-    dot_avx2,
-    madd_acc_vnni
+    madd_acc_vnni,
+    rows_offset,
+    dpbusd_acc_vnni
 );
 kernels!(
     avx512,
-    "Our kernels with AVX-512 VNNI: the VNNI instructions in their EVEX form, and 32 vector registers for the accumulators and unpacked weights.",
+    "Our kernels with AVX-512 VNNI: the AVX-VNNI kernels' instructions in their EVEX form, with 32 vector registers for the accumulators and unpacked weights.",
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     dot_avx512,
-    dot_avx2,
-    madd_acc_avx512
+    madd_acc_avx512,
+    rows_offset,
+    dpbusd_acc_avx512
 );
 
 #[cfg(test)]
@@ -1673,11 +1781,12 @@ mod tests {
             ActQ8 {
                 d: 0.0,
                 s: 0.0,
-                qs: [0; QK]
+                qs: [0; QK],
+                off: [0; 8]
             };
             blocks
         ];
-        quantize_row_q8_0(&act, &mut y);
+        quantize_row_q8_0_offset::<16>(&act, &mut y);
         (x, act, y)
     }
 
@@ -1740,7 +1849,8 @@ mod tests {
                     ActQ8 {
                         d: 0.0,
                         s: 0.0,
-                        qs: [0; QK]
+                        qs: [0; QK],
+                        off: [0; 8]
                     };
                     bpr
                 ];
@@ -1881,6 +1991,15 @@ mod tests {
         let rows: [&[W::Act]; R] = std::array::from_fn(|i| &ys[i][..]);
         for (col, w) in ws.iter().enumerate() {
             let got = W::dot_rows_on(path, w, rows);
+            if path != CpuPath::Portable {
+                // the SIMD paths sum the same lanes in the same order
+                let avx2 = W::dot_rows_on(CpuPath::Avx2, w, rows);
+                assert_eq!(
+                    got.map(f32::to_bits),
+                    avx2.map(f32::to_bits),
+                    "{what} on {path}, R={R}: not the AVX2 path's bits"
+                );
+            }
             for r in 0..R {
                 let alone = W::dot_rows_on(path, w, [rows[r]])[0];
                 let want = scalar(w, rows[r]);
