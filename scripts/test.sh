@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_test_deps.sh
 cargo test --workspace --features cuda "$@"
-# kernels that need a CPU feature run where the CPU has it
-if grep -qw avx_vnni /proc/cpuinfo; then
-  cargo test -p weft-kernels --features cuda --lib "$@" -- --ignored vnni
+# the kernel paths that need a CPU feature run where the CPU has it
+flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+has() { for f in "$@"; do grep -qw "$f" <<<"$flags" || return 1; done; }
+if has avx_vnni; then
+  cargo test -p weft-kernels --features cuda --lib "$@" -- --ignored the_avx_vnni_kernels
+fi
+if has avx512f avx512bw avx512vl avx512_vnni; then
+  cargo test -p weft-kernels --features cuda --lib "$@" -- --ignored the_avx512_vnni_kernels
 fi

@@ -511,7 +511,7 @@ fn repack_q4_k(c: &[u8]) -> BlockQ4K {
 #[inline]
 fn q4_k_value(b: &BlockQ4K, e: usize) -> u8 {
     let byte = b.qs[32 * (e / 64) + e % 32];
-    if (e / 32) % 2 == 0 {
+    if (e / 32).is_multiple_of(2) {
         byte & 0x0f
     } else {
         byte >> 4

@@ -1222,6 +1222,11 @@ fn weft_generate_on_cuda_runs_there_or_says_what_is_missing() {
 
 /// What `weft up` says as it refuses to start with `extra` config lines.
 fn refused_to_start(extra: &str) -> String {
+    refused_to_start_with(extra, &[])
+}
+
+/// [`refused_to_start`] with `env` set for the node.
+fn refused_to_start_with(extra: &str, env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let cfg = dir.path().join("node.toml");
@@ -1238,10 +1243,20 @@ fn refused_to_start(extra: &str) -> String {
         .arg(&cfg)
         .env("WEFT_CACHE_DIR", dir.path().join("cache"))
         .env_remove("WEFT_DEVICE")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(!out.status.success());
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_node_told_to_run_cpu_kernels_that_do_not_exist_refuses_to_start_naming_what_it_can_run() {
+    let err = refused_to_start_with("", &[("WEFT_CPU_PATH", "avx9000")]);
+    assert!(
+        err.contains("WEFT_CPU_PATH=avx9000") && err.contains("portable"),
+        "{err}"
+    );
 }
 
 #[test]
