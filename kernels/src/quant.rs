@@ -226,8 +226,14 @@ impl QMatrix {
                     })
                     .collect(),
             ),
-            GgmlDType::Q4K => Storage::Q4K(bytes.chunks_exact(144).map(repack_q4_k).collect()),
-            GgmlDType::Q6K => Storage::Q6K(
+            // Our K-quant kernels are built and tested (`own_k_quants`), but
+            // not chosen at load yet: their float sums run in another order
+            // than llama.cpp's, and Gemma's greedy fixture then parts from
+            // llama.cpp's text at its 12th token. Candle's order matches it.
+            GgmlDType::Q4K if own_k_quants() => {
+                Storage::Q4K(bytes.chunks_exact(144).map(repack_q4_k).collect())
+            }
+            GgmlDType::Q6K if own_k_quants() => Storage::Q6K(
                 bytes
                     .chunks_exact(std::mem::size_of::<BlockQ6K>())
                     .map(|c| {
@@ -256,7 +262,9 @@ impl QMatrix {
             | GgmlDType::Q5_1
             | GgmlDType::Q2K
             | GgmlDType::Q3K
+            | GgmlDType::Q4K
             | GgmlDType::Q5K
+            | GgmlDType::Q6K
             | GgmlDType::F16
             | GgmlDType::BF16 => Storage::Candle(dtype.from_data(Cow::Borrowed(bytes))),
             _ => return Err(unsupported()),
@@ -480,6 +488,13 @@ fn dequant_q4_1(b: &BlockQ4_1, out: &mut [f32]) {
         out[j] = (b.qs[j] & 0x0f) as f32 * d + m;
         out[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
     }
+}
+
+/// Whether Q4_K and Q6_K weights load into our own kernels: in this
+/// crate's tests, or with `WEFT_OWN_K_QUANTS=1` (for the benchmark); else
+/// candle's, whose sums give llama.cpp's greedy tokens on Gemma.
+fn own_k_quants() -> bool {
+    cfg!(test) || std::env::var_os("WEFT_OWN_K_QUANTS").is_some_and(|v| v == "1")
 }
 
 /// A GGUF Q4_K block (144 bytes) with its 6-bit scales and minimums
