@@ -141,6 +141,10 @@ pub enum Command {
         /// The credential's fingerprint.
         fingerprint: String,
     },
+    /// A node's signed checkpoint of its intent log (the leader checked
+    /// that the node itself signed it): kept as its latest, the one before
+    /// it joining a sparse history. One going backwards is refused.
+    Checkpoint(weft_audit::Checkpoint),
     /// A node joins with a token the leader checked: the token's nonce is
     /// consumed (refused if it was before) and the member put, at once.
     Join {
@@ -205,6 +209,42 @@ pub struct ControlState {
     /// their expiry (unix seconds).
     #[serde(default)]
     pub tokens_used: BTreeMap<String, u64>,
+    /// Each node's intent-log checkpoints, by node name.
+    #[serde(default)]
+    pub checkpoints: BTreeMap<String, NodeCheckpoints>,
+}
+
+/// A node's checkpoints as the coordinators hold them: a record its
+/// writer cannot change, to check its log against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCheckpoints {
+    /// The latest.
+    pub latest: weft_audit::Checkpoint,
+    /// Earlier ones, oldest first, thinned to at most
+    /// [`CHECKPOINT_HISTORY`] spread over the log.
+    pub history: Vec<weft_audit::Checkpoint>,
+}
+
+impl NodeCheckpoints {
+    /// All of them, oldest first.
+    pub fn all(&self) -> impl Iterator<Item = &weft_audit::Checkpoint> {
+        self.history.iter().chain(std::iter::once(&self.latest))
+    }
+}
+
+/// Earlier checkpoints kept per node.
+pub const CHECKPOINT_HISTORY: usize = 32;
+
+/// Drops the checkpoint whose neighbours are closest together (never the
+/// first or the last), until `h` fits: what is kept stays spread over
+/// the whole log, dense near its end.
+fn thin(h: &mut Vec<weft_audit::Checkpoint>) {
+    while h.len() > CHECKPOINT_HISTORY {
+        let i = (1..h.len() - 1)
+            .min_by_key(|&i| h[i + 1].seq - h[i - 1].seq)
+            .expect("more than two");
+        h.remove(i);
+    }
 }
 
 /// Committed epochs remembered in [`ControlState::history`].
@@ -331,6 +371,36 @@ impl ControlState {
             Command::Revoke { fingerprint } => {
                 self.revoked.insert(fingerprint.clone());
             }
+            Command::Checkpoint(cp) => match self.checkpoints.get_mut(&cp.node) {
+                None => {
+                    self.checkpoints.insert(
+                        cp.node.clone(),
+                        NodeCheckpoints {
+                            latest: cp.clone(),
+                            history: Vec::new(),
+                        },
+                    );
+                }
+                Some(n) if cp.seq < n.latest.seq => {
+                    return Applied::Refused(format!(
+                        "{}'s checkpoint of seq {} goes back before the one held (seq {})",
+                        cp.node, cp.seq, n.latest.seq
+                    ));
+                }
+                Some(n) if cp.seq == n.latest.seq => {
+                    if cp.head != n.latest.head {
+                        return Applied::Refused(format!(
+                            "{}'s checkpoint of seq {} names another head than the one held",
+                            cp.node, cp.seq
+                        ));
+                    }
+                }
+                Some(n) => {
+                    let before = std::mem::replace(&mut n.latest, cp.clone());
+                    n.history.push(before);
+                    thin(&mut n.history);
+                }
+            },
             Command::Join {
                 member,
                 nonce,
@@ -1086,5 +1156,45 @@ mod tests {
     #[test]
     fn bytes_that_are_not_a_command_do_not_decode() {
         assert!(Command::decode(b"{not json").is_err());
+    }
+
+    fn checkpoint(node: &str, seq: u64, head: &str) -> Command {
+        Command::Checkpoint(weft_audit::Checkpoint {
+            node: node.into(),
+            seq,
+            head: head.into(),
+            at_unix_ms: seq,
+            reason: "interval".into(),
+            cert: String::new(),
+            sig: String::new(),
+        })
+    }
+
+    #[test]
+    fn a_checkpoint_going_back_is_refused() {
+        let mut s = ControlState::default();
+        assert_eq!(s.apply(1, &checkpoint("gw-1", 10, "a")), Applied::Done);
+        assert!(matches!(
+            s.apply(2, &checkpoint("gw-1", 9, "b")),
+            Applied::Refused(_)
+        ));
+        assert!(matches!(
+            s.apply(3, &checkpoint("gw-1", 10, "c")),
+            Applied::Refused(_)
+        ));
+        assert_eq!(s.checkpoints["gw-1"].latest.seq, 10);
+    }
+
+    #[test]
+    fn a_nodes_checkpoint_history_stays_bounded_and_spans_its_log() {
+        let mut s = ControlState::default();
+        for i in 1..=500u64 {
+            assert_eq!(s.apply(i, &checkpoint("gw-1", i * 10, "h")), Applied::Done);
+        }
+        let held = &s.checkpoints["gw-1"];
+        assert_eq!(held.latest.seq, 5000);
+        assert_eq!(held.history.len(), CHECKPOINT_HISTORY);
+        assert_eq!(held.history[0].seq, 10, "the oldest is kept");
+        assert!(held.history.windows(2).all(|w| w[0].seq < w[1].seq));
     }
 }

@@ -25,6 +25,7 @@ pub fn request_kind(req: &Request) -> &'static str {
             Command::CommitPlacement(_) => "propose commit-placement",
             Command::Revoke { .. } => "propose revoke",
             Command::Join { .. } => "propose join",
+            Command::Checkpoint(_) => "propose checkpoint",
         },
         Request::Status => "status",
         Request::AddCoordinator { .. } => "add-coordinator",
@@ -49,11 +50,17 @@ pub fn authorize(who: Option<&PeerIdentity>, req: &Request) -> Result<(), String
             Request::Propose {
                 command: Command::Join { .. },
             } => Err("a join is proposed by the leader that checked its token".into()),
+            Request::Propose {
+                command: Command::Checkpoint(cp),
+            } => own_checkpoint(who, cp),
             _ => Ok(()),
         };
     }
     match req {
         Request::Status | Request::Join { .. } => Ok(()),
+        Request::Propose {
+            command: Command::Checkpoint(cp),
+        } => own_checkpoint(who, cp),
         Request::Propose {
             command: Command::PutMember(m),
         } if m.name == who.name && m.id == member_id(&who.name) => Ok(()),
@@ -68,6 +75,26 @@ pub fn authorize(who: Option<&PeerIdentity>, req: &Request) -> Result<(), String
             request_kind(req)
         )),
     }
+}
+
+/// A checkpoint a member may commit: its own log's, signed with the key
+/// of the certificate it connected with (so a stolen checkpoint cannot be
+/// replayed under another name, nor one made with a key it does not hold).
+fn own_checkpoint(who: &PeerIdentity, cp: &weft_audit::Checkpoint) -> Result<(), String> {
+    if cp.node != who.name {
+        return Err(format!(
+            "{who} may commit only its own checkpoints, not {:?}'s",
+            cp.node
+        ));
+    }
+    let cert = cp.cert_der()?;
+    if crate::credentials::fingerprint(&cert) != who.fingerprint {
+        return Err(format!(
+            "{who}'s checkpoint is signed with another certificate than the one it connected with"
+        ));
+    }
+    cp.check(None)
+        .map_err(|why| format!("{who}'s checkpoint of seq {} is not good: {why}", cp.seq))
 }
 
 /// Whether a raft message may come from `who`: only a coordinator's
@@ -204,5 +231,71 @@ mod tests {
             &names
         ));
         assert!(!may_send_raft(None, &names));
+    }
+
+    fn checkpoint_by(id: &crate::credentials::NodeIdentity) -> weft_audit::Checkpoint {
+        weft_audit::Checkpoint::sign(id, 7, &"ab".repeat(32), 1, weft_audit::reason::INTERVAL)
+            .unwrap()
+    }
+
+    fn identity_of(id: &crate::credentials::NodeIdentity) -> PeerIdentity {
+        crate::credentials::cert_identity(id.cert_der()).unwrap()
+    }
+
+    #[test]
+    fn a_node_may_commit_its_own_checkpoint() {
+        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
+        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let gw = ca.issue_identity("gw-1", Role::Node).unwrap();
+        let cp = checkpoint_by(&gw);
+        assert!(authorize(Some(&identity_of(&gw)), &propose(Command::Checkpoint(cp))).is_ok());
+    }
+
+    #[test]
+    fn a_node_may_not_commit_another_nodes_checkpoint() {
+        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
+        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let (gw1, gw2) = (
+            ca.issue_identity("gw-1", Role::Node).unwrap(),
+            ca.issue_identity("gw-2", Role::Node).unwrap(),
+        );
+        let stolen = checkpoint_by(&gw1);
+        let err = authorize(
+            Some(&identity_of(&gw2)),
+            &propose(Command::Checkpoint(stolen)),
+        )
+        .unwrap_err();
+        assert!(err.contains("only its own"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_signed_with_another_certificate_of_the_same_name_is_refused() {
+        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
+        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let (old, now) = (
+            ca.issue_identity("gw-1", Role::Node).unwrap(),
+            ca.issue_identity("gw-1", Role::Node).unwrap(),
+        );
+        let err = authorize(
+            Some(&identity_of(&now)),
+            &propose(Command::Checkpoint(checkpoint_by(&old))),
+        )
+        .unwrap_err();
+        assert!(err.contains("another certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_coordinator_may_not_commit_a_nodes_checkpoint_either() {
+        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
+        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let (gw, coord) = (
+            ca.issue_identity("gw-1", Role::Node).unwrap(),
+            ca.issue_identity("coord-1", Role::Coordinator).unwrap(),
+        );
+        assert!(authorize(
+            Some(&identity_of(&coord)),
+            &propose(Command::Checkpoint(checkpoint_by(&gw)))
+        )
+        .is_err());
     }
 }

@@ -946,6 +946,79 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// A node's identity signs its intent log's checkpoints.
+impl weft_audit::Signer for NodeIdentity {
+    fn node(&self) -> &str {
+        &self.name
+    }
+
+    fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        NodeIdentity::sign(self, msg).map_err(|e| e.to_string())
+    }
+}
+
+/// Trusts the certificates this cluster's CA issued and has not revoked:
+/// what `weft audit verify` checks each checkpoint's key against.
+pub struct ClusterTrust {
+    ca_der: Vec<u8>,
+    revoked: Revoked,
+}
+
+impl ClusterTrust {
+    /// Trust in the CA `ca_pem`, less the `revoked` fingerprints.
+    pub fn new(ca_pem: &str, revoked: impl IntoIterator<Item = String>) -> Result<Self> {
+        let r = Revoked::default();
+        r.set(revoked);
+        Ok(Self {
+            ca_der: pem_to_der(ca_pem)?,
+            revoked: r,
+        })
+    }
+}
+
+impl weft_audit::Trust for ClusterTrust {
+    fn check(&self, cert_der: &[u8]) -> std::result::Result<String, String> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca_der.clone()))
+            .map_err(|e| format!("the CA certificate: {e}"))?;
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let v = RevokingClientVerifier {
+            inner,
+            revoked: self.revoked.clone(),
+        };
+        v.verify_client_cert(
+            &CertificateDer::from(cert_der.to_vec()),
+            &[],
+            UnixTime::now(),
+        )
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+                "the certificate was revoked".to_string()
+            }
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => {
+                "the certificate has expired".to_string()
+            }
+            rustls::Error::InvalidCertificate(why) => {
+                format!("not issued by this cluster's CA (a foreign key): {why:?}")
+            }
+            other => other.to_string(),
+        })?;
+        cert_identity(cert_der)
+            .map(|p| p.name)
+            .ok_or_else(|| "the certificate names no node".into())
+    }
+}
+
 /// Checks an ECDSA P-256 signature by the key in `cert_der` over `msg`.
 pub fn verify_signature(cert_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<()> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(cert_err)?;
@@ -1319,5 +1392,37 @@ mod tests {
         let long = node_name_for(&"X.".repeat(100));
         assert!(check_name(&long).is_ok(), "{long}");
         assert!(check_name(&node_name_for("...")).is_ok());
+    }
+
+    fn a_ca() -> ClusterCa {
+        let (c, k) = ClusterCa::generate("t").unwrap();
+        ClusterCa::from_pem(c, &k).unwrap()
+    }
+
+    #[test]
+    fn cluster_trust_names_the_holder_of_a_certificate_its_ca_issued() {
+        use weft_audit::Trust;
+        let ca = a_ca();
+        let gw = ca.issue_identity("gw-1", Role::Node).unwrap();
+        let t = ClusterTrust::new(ca.cert_pem(), []).unwrap();
+        assert_eq!(t.check(gw.cert_der()).unwrap(), "gw-1");
+    }
+
+    #[test]
+    fn cluster_trust_refuses_a_certificate_of_another_ca() {
+        use weft_audit::Trust;
+        let (ours, theirs) = (a_ca(), a_ca());
+        let gw = theirs.issue_identity("gw-1", Role::Node).unwrap();
+        let t = ClusterTrust::new(ours.cert_pem(), []).unwrap();
+        assert!(t.check(gw.cert_der()).unwrap_err().contains("foreign"));
+    }
+
+    #[test]
+    fn cluster_trust_refuses_a_revoked_certificate() {
+        use weft_audit::Trust;
+        let ca = a_ca();
+        let gw = ca.issue_identity("gw-1", Role::Node).unwrap();
+        let t = ClusterTrust::new(ca.cert_pem(), [gw.fingerprint()]).unwrap();
+        assert!(t.check(gw.cert_der()).unwrap_err().contains("revoked"));
     }
 }
