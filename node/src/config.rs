@@ -38,6 +38,12 @@ pub const DEFAULT_READ_TIMEOUT_S: u64 = 30;
 pub const DEFAULT_GRACE_S: u64 = 30;
 /// Default first kernel uid dedicated to sandboxed workers.
 pub const DEFAULT_SANDBOX_UID_BASE: u32 = 200_000;
+/// Default most bytes an intent log keeps.
+pub const DEFAULT_INTENT_LOG_MAX_BYTES: u64 = 1 << 30;
+/// Default seconds between signed intent-log checkpoints.
+pub const DEFAULT_INTENT_CHECKPOINT_S: u64 = 60;
+/// Default `weft up` decode capacity the router predicts from (tokens/s).
+pub const DEFAULT_TOKENS_PER_S: f64 = 200.0;
 /// Default number of uids sandboxed workers draw from.
 pub const DEFAULT_SANDBOX_UIDS: u32 = 65_536;
 /// Default memory a worker may use beyond its model and KV budget.
@@ -177,6 +183,22 @@ pub struct NodeConfig {
     pub intent_log: Option<PathBuf>,
     /// Size at which an intent-log file is closed and the next begun.
     pub intent_log_file_bytes: u64,
+    /// Most bytes the intent log keeps (0: no limit): the oldest files go
+    /// first, and a signed boundary keeps what remains verifiable.
+    pub intent_log_max_bytes: u64,
+    /// Oldest an intent-log file may get, in seconds since its last line
+    /// (0: no limit).
+    pub intent_log_max_age_s: u64,
+    /// Seconds between signed checkpoints of the intent log (committed to
+    /// the coordinators; `weft up`'s embedded one).
+    pub intent_checkpoint_s: u64,
+    /// `weft up`: the price of a token served here, which the router
+    /// weighs against a request's `max_cost` (a cluster node's is its
+    /// `[node]` one).
+    pub cost_per_token: f64,
+    /// `weft up`: the aggregate decode rate at full batch (tokens/s) the
+    /// router predicts latency from (a cluster node's is its `[node]` one).
+    pub tokens_per_s: f64,
     /// Cluster nodes: where peers' forwarded requests arrive (UDP, QUIC);
     /// unset: the node's cluster address, unless it is a coordinator (whose
     /// cluster address carries Raft), then none.
@@ -229,6 +251,11 @@ impl Default for NodeConfig {
             tenants_file: None,
             intent_log: None,
             intent_log_file_bytes: weft_audit::DEFAULT_MAX_FILE_BYTES,
+            intent_log_max_bytes: DEFAULT_INTENT_LOG_MAX_BYTES,
+            intent_log_max_age_s: 0,
+            intent_checkpoint_s: DEFAULT_INTENT_CHECKPOINT_S,
+            cost_per_token: 0.0,
+            tokens_per_s: DEFAULT_TOKENS_PER_S,
             prefix_cache: true,
             shared_prefixes: Vec::new(),
             prefix_routing: true,
@@ -371,6 +398,24 @@ impl NodeConfig {
                 )
             }
         };
+        if self.intent_checkpoint_s == 0 {
+            return bad(
+                "intent_checkpoint_s",
+                "must be at least 1 (seconds between signed checkpoints)".into(),
+            );
+        }
+        if !(self.cost_per_token.is_finite() && self.cost_per_token >= 0.0) {
+            return bad(
+                "cost_per_token",
+                format!("{} is not a price (a number >= 0)", self.cost_per_token),
+            );
+        }
+        if !(self.tokens_per_s.is_finite() && self.tokens_per_s > 0.0) {
+            return bad(
+                "tokens_per_s",
+                format!("{} is not a rate (a number > 0)", self.tokens_per_s),
+            );
+        }
         if self.kv_budget < 1 << 20 {
             return bad(
                 "kv_budget",
@@ -529,6 +574,20 @@ impl NodeConfig {
         }
     }
 
+    /// How much of its intent log the node keeps.
+    pub fn intent_retention(&self) -> weft_audit::Retention {
+        weft_audit::Retention {
+            max_bytes: (self.intent_log_max_bytes > 0).then_some(self.intent_log_max_bytes),
+            max_age: (self.intent_log_max_age_s > 0)
+                .then(|| std::time::Duration::from_secs(self.intent_log_max_age_s)),
+        }
+    }
+
+    /// Seconds between signed checkpoints, as a duration.
+    pub fn checkpoint_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.intent_checkpoint_s)
+    }
+
     /// What the API enforces and how its listener behaves.
     pub fn api_config(&self) -> ApiConfig {
         ApiConfig {
@@ -543,6 +602,7 @@ impl NodeConfig {
             read_timeout_s: self.read_timeout_s,
             grace_s: self.grace_s,
             shared_prefixes: self.shared_prefixes.clone(),
+            node_name: "local".into(),
         }
     }
 

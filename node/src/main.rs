@@ -21,6 +21,7 @@
 //! (data plane, holdings), and `weft-tools` (`weft demo`, `weft gpu-bench`).
 #![forbid(unsafe_code)]
 
+mod audit_cli;
 mod cluster_config;
 mod config;
 mod node;
@@ -131,7 +132,7 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:8081")]
         health_addr: std::net::SocketAddr,
     },
-    /// The intent log: check its hash chain.
+    /// The intent log: verify it, find decisions in it, explain one.
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Show the cluster: leader, term, placement epoch, members and what
@@ -166,13 +167,78 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
-    /// Check that no line of an intent log was edited, removed or
-    /// reordered: a directory, or its files in order. Exits 1 at the first
-    /// broken link, naming the file and line.
+    /// Check an intent log: its hash chain (no line edited, removed or
+    /// reordered), its signed checkpoints (a line rewritten with the chain
+    /// recomputed, a checkpoint by a foreign or revoked key), its start
+    /// after pruning, and, with --cluster, the checkpoints the coordinators
+    /// hold (lines cut off the end). Exits 1 naming the first bad sequence
+    /// number.
     Verify {
         /// The log's directory, or files in chain order.
         #[arg(required = true)]
         paths: Vec<std::path::PathBuf>,
+        /// A node's cluster config (`weft up` prints its own): the
+        /// coordinators' checkpoints and revocations are read from there,
+        /// and signatures checked against its CA.
+        #[arg(long, value_name = "CONFIG")]
+        cluster: Option<std::path::PathBuf>,
+        /// The cluster CA's certificate, to check signatures against when
+        /// the coordinators cannot be reached.
+        #[arg(long, value_name = "PEM", conflicts_with = "cluster")]
+        ca: Option<std::path::PathBuf>,
+        /// Whose log it is (default: the signer of its checkpoints).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Find decisions in intent logs (every rotated file of each directory
+    /// given), oldest first: as a table, or JSON lines with --json.
+    Query {
+        /// Logs: directories (one per node) or files.
+        #[arg(required = true)]
+        logs: Vec<std::path::PathBuf>,
+        /// Written at or after: 2026-12-02T10:00:00Z, Unix seconds or ms,
+        /// or an age (15m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Written before (the same forms).
+        #[arg(long)]
+        until: Option<String>,
+        /// The tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The model.
+        #[arg(long)]
+        model: Option<String>,
+        /// The request id (the routing node's or the serving node's).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// The decision (routed, admitted, refused, rerouted) or event
+        /// (sandbox.create, control-refused, control-applied, checkpoint).
+        #[arg(long)]
+        decision: Option<String>,
+        /// Words of the refusal reason (case-insensitive).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The node that wrote, was chosen for, or served it.
+        #[arg(long)]
+        node: Option<String>,
+        /// JSON lines (each line as stored, with its node) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only the last N matches.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Tell the story of one request: each routing decision with every
+    /// candidate's score term by term, the choice and its utility, and what
+    /// happened next (served, resumed elsewhere, refused). Exits 1 if no
+    /// line names it.
+    Explain {
+        /// The request id (`x-weft-request-id` of its answer).
+        request_id: String,
+        /// Logs: directories (one per node, every node it passed) or files.
+        #[arg(required = true)]
+        logs: Vec<std::path::PathBuf>,
     },
 }
 
@@ -518,19 +584,47 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(node::run_node(cfg, shutdown_signal()))
         }
-        Command::Audit(AuditCommand::Verify { paths }) => match weft_audit::verify(&paths) {
-            Ok(v) => {
-                println!(
-                    "ok: {} lines from sequence {}, chain intact; head {}",
-                    v.lines, v.first_seq, v.head
-                );
-                Ok(())
-            }
-            Err(e) => {
-                eprintln!("intent log broken: {e}");
-                std::process::exit(1);
-            }
-        },
+        Command::Audit(AuditCommand::Verify {
+            paths,
+            cluster,
+            ca,
+            node,
+        }) => {
+            init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
+            let code = audit_cli::verify(&paths, audit_cli::Against { cluster, ca, node })?;
+            std::process::exit(code)
+        }
+        Command::Audit(AuditCommand::Query {
+            logs,
+            since,
+            until,
+            tenant,
+            model,
+            request_id,
+            decision,
+            reason,
+            node,
+            json,
+            limit,
+        }) => audit_cli::query(
+            &logs,
+            audit_cli::QueryArgs {
+                since,
+                until,
+                tenant,
+                model,
+                request_id,
+                decision,
+                reason,
+                node,
+                json,
+                limit,
+            },
+        ),
+        Command::Audit(AuditCommand::Explain { request_id, logs }) => {
+            let code = audit_cli::explain(&request_id, &logs)?;
+            std::process::exit(code)
+        }
         Command::Status { config, json } => {
             init_logs(cli.log_format.as_deref().unwrap_or("text"), "warn");
             let config = match config {

@@ -73,6 +73,12 @@ pub async fn run_node(
         }
         None => None,
     };
+    // the node's intent log, signed with its identity; a coordinator in the
+    // same process writes its control-plane records there too
+    let node_log = match &cfg.serve {
+        Some(serve) => Some(open_intent_log(serve, &cfg.node.data_dir, &identity)?),
+        None => None,
+    };
     let handle = match &cfg.coordinator {
         Some(c) => {
             let ca = match &c.ca_dir {
@@ -92,6 +98,7 @@ pub async fn run_node(
             s.bootstrap = c.bootstrap;
             s.live = overlay.as_ref().map(|o| o.table.clone());
             s.registry = registry.clone();
+            s.shared_log = node_log.clone();
             let h = member::start(s, identity.clone(), ca).await?;
             tracing::info!(id = c.id, addr = %h.local_addr, "coordinator member started");
             Some(h)
@@ -183,9 +190,9 @@ pub async fn run_node(
             }
             hold_and_serve(
                 serve,
+                node_log.clone().expect("a serving node has an intent log"),
                 &identity,
                 &revoked,
-                cfg.node.data_dir.clone(),
                 me.id,
                 base,
                 Caller::new(&identity)?,
@@ -269,9 +276,9 @@ fn base_report(cfg: &ClusterConfig) -> LoadReport {
 #[allow(clippy::too_many_arguments)]
 async fn hold_and_serve(
     serve: NodeConfig,
+    log: member::SharedLog,
     identity: &NodeIdentity,
     revoked: &Revoked,
-    data_dir: std::path::PathBuf,
     me: u64,
     base: LoadReport,
     caller: Caller,
@@ -289,18 +296,23 @@ async fn hold_and_serve(
         .await
         .with_context(|| format!("[serve] cannot listen on {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "serving the API for the models this node is assigned");
-    let intent_dir = serve
-        .intent_log
-        .clone()
-        .unwrap_or_else(|| data_dir.join("intent"));
-    let log = weft_audit::IntentLog::open(&intent_dir, serve.intent_log_file_bytes)
-        .with_context(|| format!("opening the intent log in {}", intent_dir.display()))?;
     let data_addr = serve.data_addr;
-    let app = AppState::empty_in(serve.api_config(), registry);
+    let mut api = serve.api_config();
+    api.node_name = identity.name.clone();
+    let app = AppState::empty_in(api, registry);
     if let Some(f) = &serve.tenants_file {
         crate::tenants_file::watch(app.clone(), f.clone());
     }
-    app.set_intent_log(log);
+    app.share_intent_log(log.clone());
+    // signed checkpoints of the log, committed to the coordinators
+    let (checkpoints_stop, checkpoints_stop_rx) = tokio::sync::watch::channel(false);
+    let checkpoints = tokio::spawn(weft_cluster::checkpoints::run(
+        log,
+        serve.checkpoint_every(),
+        Caller::new(identity)?,
+        coordinators.clone(),
+        checkpoints_stop_rx,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut base = base;
     let shards = Shards::default();
@@ -406,8 +418,29 @@ async fn hold_and_serve(
         s.shutdown();
     }
     holder.shutdown();
+    // the log ends with a signed checkpoint, committed if the coordinators answer
+    let _ = checkpoints_stop.send(true);
+    let _ = checkpoints.await;
     app.sync_intent_log();
     Ok(())
+}
+
+/// Opens the intent log `serve` names (or `data_dir/intent`), signing its
+/// checkpoints with `identity` and keeping to its retention limits.
+fn open_intent_log(
+    serve: &NodeConfig,
+    data_dir: &std::path::Path,
+    identity: &NodeIdentity,
+) -> Result<member::SharedLog> {
+    let dir = serve
+        .intent_log
+        .clone()
+        .unwrap_or_else(|| data_dir.join("intent"));
+    let mut log = weft_audit::IntentLog::open(&dir, serve.intent_log_file_bytes)
+        .with_context(|| format!("opening the intent log in {}", dir.display()))?;
+    log.set_signer(std::sync::Arc::new(identity.clone()));
+    log.set_retention(serve.intent_retention());
+    Ok(std::sync::Arc::new(std::sync::Mutex::new(log)))
 }
 
 /// Asks the coordinators for the cluster's state (a linearizable read).

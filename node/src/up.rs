@@ -218,24 +218,30 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         crate::tenants_file::watch(state.clone(), f.clone());
     }
     let mut intent_line = None;
-    if let Some(dir) = intent_dir {
-        let log = weft_audit::IntentLog::open(&dir, intent_file_bytes)
+    let mut shared_log = None;
+    if let Some(dir) = &intent_dir {
+        let mut log = weft_audit::IntentLog::open(dir, intent_file_bytes)
             .with_context(|| format!("opening the intent log in {}", dir.display()))?;
-        state.set_intent_log(log);
-        intent_line = Some(format!(
-            "intent log: {} (check it with `weft audit verify`)",
-            dir.display()
-        ));
+        log.set_retention(cfg.intent_retention());
+        shared_log = Some(state.set_intent_log(log));
     }
+    // the router over this node alone: its prediction goes back to the
+    // agent, and a budget below its price is refused
+    state.set_predictor(Arc::new(weft_fabric::alone::Alone::new(
+        embedded::NAME,
+        weft_cluster::overlay::LoadReport {
+            capacity_tokens_per_s: cfg.tokens_per_s,
+            slots: cfg.max_running.min(u32::MAX as usize) as u32,
+            cost_per_token: cfg.cost_per_token,
+            ..Default::default()
+        },
+    )));
     println!("weft serving {model_id} on http://{bound}  (ready at http://{bound}/readyz once the model is loaded)");
     println!("{cpu_line}");
     println!(
         "try:\n  curl http://{bound}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'"
     );
 
-    if let Some(l) = intent_line {
-        println!("{l}");
-    }
     println!("{sandbox_line}");
     // the control plane of one: this node, its model, the epoch placing it here
     let embedded = embedded::start(
@@ -247,15 +253,39 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
             api: bound,
             kv_budget,
             registry: state.registry(),
+            log: shared_log.clone(),
         },
     )
     .await;
+    let (checkpoints_stop, checkpoints_stop_rx) = tokio::sync::watch::channel(false);
+    let mut checkpoints = None;
     let embedded = match embedded {
         Ok(e) => {
             println!(
                 "cluster state: weft status --config {}",
                 e.config_path.display()
             );
+            // the log's checkpoints, signed with the embedded identity and
+            // kept in the embedded coordinator's replicated state
+            if let (Some(log), Some(dir)) = (&shared_log, &intent_dir) {
+                log.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_signer(Arc::new(e.identity.clone()));
+                checkpoints = Some(tokio::spawn(weft_cluster::checkpoints::run(
+                    log.clone(),
+                    cfg.checkpoint_every(),
+                    weft_cluster::transport::Caller::new(&e.identity)?,
+                    vec![e.peer.clone()],
+                    checkpoints_stop_rx,
+                )));
+                intent_line = Some(format!(
+                    "intent log: {} (signed every {} s; check it with `weft audit verify {} --cluster {}`)",
+                    dir.display(),
+                    cfg.intent_checkpoint_s,
+                    dir.display(),
+                    e.config_path.display()
+                ));
+            }
             Some(e)
         }
         Err(e) => {
@@ -263,6 +293,16 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
             None
         }
     };
+    if let Some(dir) = &intent_dir {
+        let l = intent_line.unwrap_or_else(|| {
+            format!(
+                "intent log: {} (unsigned: the embedded coordinator did not start; check it with `weft audit verify {}`)",
+                dir.display(),
+                dir.display()
+            )
+        });
+        println!("{l}");
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -283,6 +323,11 @@ pub async fn up(cfg: NodeConfig) -> Result<()> {
         s.shutdown();
     }
     supervisor.shutdown();
+    // the log ends with a signed checkpoint the embedded coordinator holds
+    let _ = checkpoints_stop.send(true);
+    if let Some(c) = checkpoints {
+        let _ = c.await;
+    }
     state.sync_intent_log();
     if let Some(e) = embedded {
         e.stop().await?;

@@ -203,6 +203,9 @@ pub struct ApiConfig {
     /// whose cached KV blocks every tenant may share; any other cached
     /// block serves only the tenant that computed it.
     pub shared_prefixes: Vec<String>,
+    /// This node's name, as answers (`x-weft-served-by`) and its intent
+    /// log name it.
+    pub node_name: String,
 }
 
 impl ApiConfig {

@@ -7,8 +7,15 @@
 
 use axum::http::HeaderMap;
 
-/// The response header naming the node that served a forwarded request.
+/// The response header naming the node that served the request.
 pub const SERVED_BY_HEADER: &str = "x-weft-served-by";
+/// The response header of the router's predicted latency (ms); between
+/// nodes, the routing node's prediction for the one serving.
+pub const PREDICTED_LATENCY_HEADER: &str = "x-weft-predicted-latency-ms";
+/// The response header of the router's estimated cost.
+pub const ESTIMATED_COST_HEADER: &str = "x-weft-estimated-cost";
+/// The response header of the router's utility of its choice.
+pub const UTILITY_HEADER: &str = "x-weft-utility";
 /// The request header asking for each streamed chunk's token ids (in
 /// [`TOKEN_IDS_FIELD`]), so the forwarding node can resume the stream on
 /// another replica.
@@ -25,7 +32,7 @@ pub const DEADLINE_HEADER: &str = "x-weft-deadline-ms";
 
 /// What the data plane says of a request it hands this node's API: set
 /// only by the fabric, as a request extension.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Forwarded {
     /// How often it was forwarded already (1: once, to here).
     pub hops: u32,
@@ -36,6 +43,8 @@ pub struct Forwarded {
     pub token_ids: bool,
     /// The id the routing node gave it.
     pub request_id: Option<String>,
+    /// What the routing node's router predicted of serving it here.
+    pub prediction: Option<crate::remote::Prediction>,
 }
 
 /// A header's value as text, if it is there and is text.

@@ -50,7 +50,7 @@ pub mod trace;
 
 pub use config::{ApiConfig, ApiKeys, KeyMap, Policy, TenantLimits, TenantsFile};
 pub use error::ApiError;
-pub use remote::{LocalLoad, LocalNode, Remote, RouteAsk, Routing};
+pub use remote::{LocalLoad, LocalNode, Predict, Prediction, Remote, RouteAsk, Routing};
 pub use routes::router;
 pub use served::Served;
 pub use server::serve_api;

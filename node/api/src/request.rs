@@ -171,6 +171,10 @@ pub(crate) struct Job {
     pub(crate) named_call: bool,
     /// The caller's end user, for the intent log.
     pub(crate) user: Option<String>,
+    /// The most the caller would pay (`weft.max_cost`).
+    pub(crate) max_cost: Option<f64>,
+    /// What the router predicted of serving it here.
+    pub(crate) prediction: Option<crate::remote::Prediction>,
 }
 
 /// Reads a request's body within the size and time limits; it must be UTF-8.
@@ -419,6 +423,8 @@ pub(crate) fn job(
         tool_calls: false,
         named_call: false,
         user: common.user.clone(),
+        max_cost: common.weft.as_ref().and_then(|w| w.max_cost),
+        prediction: fwd.and_then(|f| f.prediction),
     })
 }
 

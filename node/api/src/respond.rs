@@ -25,7 +25,7 @@ use crate::tenants::{Admission, Ticket};
 /// Admits a validated request and answers it, whole or streamed; every
 /// decision goes to the intent log.
 pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Response {
-    let job = match job {
+    let mut job = match job {
         Ok(j) => j,
         Err(e) => {
             s.metrics
@@ -37,6 +37,34 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
     let received = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    // a node alone asks its router what serving it here would take (a
+    // cluster node's router did, where it routed the request)
+    let mut route = None;
+    let mut over_budget = None;
+    if s.remote().is_none() && job.routed_id.is_none() && job.prediction.is_none() {
+        if let Some(p) = s.predictor() {
+            let intent = weft_placement::Intent {
+                criticality: job.criticality,
+                deadline_ms: job
+                    .deadline
+                    .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+                max_cost: job.max_cost,
+            };
+            let (prediction, refused, record) = p.predict(
+                &job.model.model_id,
+                intent,
+                job.prompt.len() as u32,
+                job.params.max_tokens.min(u32::MAX as usize) as u32,
+                crate::remote::LocalNode::load(&*s, &job.model.model_id),
+            );
+            job.prediction = prediction;
+            route = Some(record);
+            // alone, it keeps to the cost budget; deadlines it meets or
+            // cancels as it serves
+            over_budget =
+                refused.filter(|r| matches!(r, weft_placement::Rejection::OverBudget { .. }));
+        }
+    }
     let decision = |id: Option<&str>, outcome: &str, reason: Option<&str>| {
         json!({
             "request_id": id,
@@ -47,14 +75,17 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
             "intent": {
                 "criticality": crit,
                 "deadline_ms": job.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+                "max_cost": job.max_cost,
             },
+            "prediction": job.prediction,
+            "route": route,
             "prompt_tokens": job.prompt.len(),
             "constrained": job.params.grammar.as_ref().map(|g| json!({
                 "kind": if job.tool_calls { "tools" } else { g.kind() },
                 "grammar_key": hex::encode(&g.key()[..8]),
             })),
             "user": job.user,
-            "node": "local",
+            "node": s.cfg.node_name,
             "trace_id": job.trace.trace_id,
             "span_id": job.trace.span_id,
             "parent_span_id": job.trace.parent_id,
@@ -73,18 +104,36 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
     // a node without a data plane routes every request to itself (a
     // cluster node's router counted its own choice), before admission
     if s.remote().is_none() && job.routed_id.is_none() {
-        s.metrics.routed("local", crit, None);
+        s.metrics
+            .routed("local", crit, job.prediction.map(|p| p.utility));
+    }
+    // a refused request's id in the log, given back with the refusal
+    let refused_id = || {
+        job.routed_id
+            .clone()
+            .unwrap_or_else(crate::request::new_request_id)
+    };
+    if let Some(rej) = over_budget {
+        let e = crate::error::refusal(&rej);
+        let id = refused_id();
+        s.record(decision(Some(&id), "refused", Some(&e.message)));
+        s.metrics
+            .request(&job.model.model_id, e.status.as_u16(), crit);
+        s.metrics
+            .refused(crate::error::rejection_reason(&rej), crit);
+        return with_request_id(e.into_response(), &id);
     }
     let mut ticket = match s.tenants.admit(&s.cfg, &s.policy(), admission) {
         Ok(t) => t,
         Err(e) => {
-            s.record(decision(None, "refused", Some(&e.message)));
+            let id = refused_id();
+            s.record(decision(Some(&id), "refused", Some(&e.message)));
             s.metrics
                 .request(&job.model.model_id, e.status.as_u16(), crit);
             if let Some(reason) = e.refused_because {
                 s.metrics.refused(reason, crit);
             }
-            return e.into_response();
+            return with_request_id(e.into_response(), &id);
         }
     };
     let prompt_tokens = job.prompt.len();
@@ -137,7 +186,16 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
         model: job.model.model_id.clone(),
         kind: job.kind,
         prompt_tokens,
+        weft: json!({}),
     };
+    let mut meta = meta;
+    meta.weft = json!({
+        "request_id": job.routed_id.clone().unwrap_or_else(|| meta.id.clone()),
+        "served_by": s.cfg.node_name,
+        "predicted_latency_ms": job.prediction.map(|p| p.latency_ms),
+        "estimated_cost": job.prediction.map(|p| p.cost),
+        "utility": job.prediction.map(|p| p.utility),
+    });
     s.record(decision(Some(&meta.id), "admitted", None));
     tracing::info!(
         request_id = %meta.id,
@@ -150,11 +208,51 @@ pub(crate) async fn respond(s: Arc<AppState>, job: Result<Job, ApiError>) -> Res
         criticality = crit,
         "admitted"
     );
-    if job.stream {
+    let headers = decision_headers(&s, &job, &meta);
+    let mut resp = if job.stream {
         stream_response(s, job, ticket, rx, meta)
     } else {
         whole_response(s, job, ticket, rx, meta).await
+    };
+    for (k, v) in headers {
+        resp.headers_mut().insert(k, v);
     }
+    resp
+}
+
+/// `resp` with the id its refusal is logged under.
+fn with_request_id(mut resp: Response, id: &str) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::try_from(id) {
+        resp.headers_mut()
+            .insert(crate::headers::REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+/// The decision given back to the agent: the id its records are under,
+/// the node serving it, and the router's prediction.
+fn decision_headers(
+    s: &AppState,
+    job: &Job,
+    meta: &Meta,
+) -> Vec<(axum::http::HeaderName, axum::http::HeaderValue)> {
+    use crate::headers::{REQUEST_ID_HEADER, SERVED_BY_HEADER};
+    let id = job.routed_id.clone().unwrap_or_else(|| meta.id.clone());
+    let mut out: Vec<(&str, String)> = vec![
+        (REQUEST_ID_HEADER, id),
+        (SERVED_BY_HEADER, s.cfg.node_name.clone()),
+    ];
+    if let Some(p) = job.prediction {
+        out.extend(p.headers());
+    }
+    out.into_iter()
+        .filter_map(|(k, v)| {
+            Some((
+                axum::http::HeaderName::from_static(k),
+                axum::http::HeaderValue::try_from(v).ok()?,
+            ))
+        })
+        .collect()
 }
 
 struct Meta {
@@ -163,6 +261,9 @@ struct Meta {
     model: String,
     kind: Kind,
     prompt_tokens: usize,
+    /// `usage.weft`: the request's id in the intent log, the node serving
+    /// it, and the router's prediction.
+    weft: Value,
 }
 
 impl Meta {
@@ -174,6 +275,7 @@ impl Meta {
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached.min(self.prompt_tokens)},
+            "weft": self.weft,
         })
     }
 }

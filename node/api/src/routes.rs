@@ -113,6 +113,8 @@ struct Here {
     trace: Trace,
     /// The id its routing decision was logged under, when this node routed it.
     routed_id: Option<String>,
+    /// What the router predicted of serving it here.
+    prediction: Option<crate::remote::Prediction>,
 }
 
 /// Starts this node's span of the request's trace and routes it (see
@@ -127,9 +129,25 @@ async fn route_first(
 ) -> Result<Here, Response> {
     let trace = Trace::from_headers(headers);
     let mut routed_id = None;
-    match elsewhere(s, headers, fwd, uri, bytes, &trace, &mut routed_id).await {
+    let mut prediction = None;
+    match elsewhere(
+        s,
+        headers,
+        fwd,
+        uri,
+        bytes,
+        &trace,
+        &mut routed_id,
+        &mut prediction,
+    )
+    .await
+    {
         Some(answered) => Err(answered),
-        None => Ok(Here { trace, routed_id }),
+        None => Ok(Here {
+            trace,
+            routed_id,
+            prediction,
+        }),
     }
 }
 
@@ -144,6 +162,7 @@ async fn elsewhere(
     bytes: &axum::body::Bytes,
     trace: &Trace,
     routed_id: &mut Option<String>,
+    prediction: &mut Option<crate::remote::Prediction>,
 ) -> Option<Response> {
     let remote = s.remote()?;
     /// Only the fields routing needs; the rest is checked where it is served.
@@ -208,7 +227,10 @@ async fn elsewhere(
     let crit = intent.criticality.as_str();
     *routed_id = Some(ask.request_id.clone());
     match remote.route(ask, s.clone()).await {
-        Routing::Here => None,
+        Routing::Here(p) => {
+            *prediction = p;
+            None
+        }
         Routing::Answered(resp) => Some(resp),
         Routing::Refused(rej) => {
             let e = refusal(&rej);
@@ -280,11 +302,14 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    let Here { trace, routed_id } =
-        match route_first(&s, &headers, fwd.as_ref(), "/v1/completions", &bytes).await {
-            Ok(h) => h,
-            Err(answered) => return answered,
-        };
+    let Here {
+        trace,
+        routed_id,
+        prediction,
+    } = match route_first(&s, &headers, fwd.as_ref(), "/v1/completions", &bytes).await {
+        Ok(h) => h,
+        Err(answered) => return answered,
+    };
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         crate::fields::check(Kind::Completion, &bytes)?;
@@ -317,6 +342,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Re
         .map(|mut j| {
             j.params.grammar = grammar;
             j.routed_id = j.routed_id.or(routed_id);
+            j.prediction = j.prediction.or(prediction);
             // valid: this node is about to hold its prefix
             s.note_prefix(&j.tenant, &bytes);
             j
@@ -332,11 +358,14 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
         Ok(b) => b,
         Err(e) => return respond(s, Err(e)).await,
     };
-    let Here { trace, routed_id } =
-        match route_first(&s, &headers, fwd.as_ref(), "/v1/chat/completions", &bytes).await {
-            Ok(h) => h,
-            Err(answered) => return answered,
-        };
+    let Here {
+        trace,
+        routed_id,
+        prediction,
+    } = match route_first(&s, &headers, fwd.as_ref(), "/v1/chat/completions", &bytes).await {
+        Ok(h) => h,
+        Err(answered) => return answered,
+    };
     let r = async {
         let tenant = authenticate(&s.policy(), &headers)?;
         crate::fields::check(Kind::Chat, &bytes)?;
@@ -435,6 +464,7 @@ async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request) 
             j.tool_calls = calls;
             j.named_call = matches!(choice, structured::ToolChoice::Named(_));
             j.routed_id = j.routed_id.or(routed_id);
+            j.prediction = j.prediction.or(prediction);
             // valid: this node is about to hold its prefix
             s.note_prefix(&j.tenant, &bytes);
             j

@@ -27,8 +27,12 @@ pub struct AppState {
     models: RwLock<Vec<Arc<Served>>>,
     /// Tenants' requests in flight and tokens this minute.
     pub(crate) tenants: Arc<Tenants>,
-    /// Where admission decisions are recorded, if anywhere.
-    intent: Mutex<Option<IntentLog>>,
+    /// Where admission decisions are recorded, if anywhere (shared with
+    /// the sandbox service and, on a node that runs one, the coordinator).
+    intent: RwLock<Option<Arc<Mutex<IntentLog>>>>,
+    /// What this node alone predicts of serving a request (a node with no
+    /// data plane).
+    predictor: RwLock<Option<Arc<dyn crate::remote::Predict>>>,
     /// Routes requests across the cluster (cluster nodes).
     remote: RwLock<Option<Arc<dyn Remote>>>,
     /// API keys and tenant limits as they are now (they start as `cfg`'s
@@ -84,7 +88,8 @@ impl AppState {
             metrics: Metrics::new(registry),
             models: RwLock::default(),
             tenants: Arc::default(),
-            intent: Mutex::default(),
+            intent: RwLock::default(),
+            predictor: RwLock::default(),
             remote: RwLock::default(),
             shared: Mutex::default(),
             affinity: Mutex::default(),
@@ -186,26 +191,57 @@ impl AppState {
         *self.remote.write().unwrap_or_else(|e| e.into_inner()) = Some(r);
     }
 
-    /// Records every admission decision from now on in `log`.
-    pub fn set_intent_log(&self, log: IntentLog) {
-        *self.intent.lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
+    /// Records every admission decision from now on in `log`; returns it
+    /// shared, for the other writers of this node (its sandbox service,
+    /// its coordinator) and its checkpoints.
+    pub fn set_intent_log(&self, log: IntentLog) -> Arc<Mutex<IntentLog>> {
+        let log = Arc::new(Mutex::new(log));
+        self.share_intent_log(log.clone());
+        log
+    }
+
+    /// Records every admission decision from now on in `log`, which other
+    /// writers of this node share.
+    pub fn share_intent_log(&self, log: Arc<Mutex<IntentLog>>) {
+        *self.intent.write().unwrap_or_else(|e| e.into_inner()) = Some(log);
+    }
+
+    /// The intent log, if there is one.
+    pub fn intent_log(&self) -> Option<Arc<Mutex<IntentLog>>> {
+        self.intent
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Predicts what serving a request here costs with `p` from now on
+    /// (a node with no data plane; a cluster node's router predicts).
+    pub fn set_predictor(&self, p: Arc<dyn crate::remote::Predict>) {
+        *self.predictor.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    }
+
+    pub(crate) fn predictor(&self) -> Option<Arc<dyn crate::remote::Predict>> {
+        self.predictor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Appends a decision to the intent log, if there is one. A log that
     /// cannot be written is reported, and serving goes on.
     pub fn record(&self, record: Value) {
-        let mut g = self.intent.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(log) = g.as_mut() {
-            if let Err(e) = log.append(record) {
-                tracing::error!("intent log: {e}");
-            }
+        let Some(log) = self.intent_log() else { return };
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = log.append(record) {
+            tracing::error!("intent log: {e}");
         }
     }
 
     /// Forces the intent log to disk (on shutdown).
     pub fn sync_intent_log(&self) {
-        let g = self.intent.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Err(e)) = g.as_ref().map(|l| l.sync()) {
+        let Some(log) = self.intent_log() else { return };
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = log.sync() {
             tracing::error!("intent log: {e}");
         }
     }

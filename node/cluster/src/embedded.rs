@@ -45,6 +45,10 @@ pub struct Embedded {
     handle: MemberHandle,
     /// The config `weft status --config` takes.
     pub config_path: PathBuf,
+    /// The member's identity (it signs the node's intent-log checkpoints).
+    pub identity: NodeIdentity,
+    /// Where to reach it.
+    pub peer: Peer,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -69,6 +73,8 @@ pub struct Served<'a> {
     pub kv_budget: usize,
     /// The node's metrics registry: the coordinator's metrics go there too.
     pub registry: &'a weft_metrics::Registry,
+    /// The node's intent log: the coordinator's records go there too.
+    pub log: Option<crate::member::SharedLog>,
 }
 
 /// Starts the embedded coordinator in `state_dir` (a temporary directory
@@ -96,6 +102,7 @@ pub async fn start(state_dir: Option<PathBuf>, served: Served<'_>) -> Result<Emb
     );
     settings.tick = Duration::from_millis(20);
     settings.registry = served.registry.clone();
+    settings.shared_log = served.log.clone();
     let handle = member::start(settings, identity.clone(), Some(ca)).await?;
     let me = Peer {
         id: 1,
@@ -107,6 +114,8 @@ pub async fn start(state_dir: Option<PathBuf>, served: Served<'_>) -> Result<Emb
     let embedded = Embedded {
         handle,
         config_path,
+        identity: identity.clone(),
+        peer: me.clone(),
         _temp: temp,
     };
     register(&identity, &me, &served).await?;

@@ -15,12 +15,15 @@
 //!   failure detection, RTT samples, mDNS and bootstrap peers.
 //! - [`models`]: a model's record for placement, read from its GGUF file.
 //! - [`embedded`]: `weft up`'s coordinator of one.
+//! - [`checkpoints`]: a node's intent-log checkpoints, signed and
+//!   committed to the coordinators.
 //!
 //! It serves no requests and runs no models: what a node holds and how
 //! requests cross between nodes is `weft-fabric`'s.
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod checkpoints;
 pub mod credentials;
 pub mod embedded;
 pub mod member;

@@ -26,7 +26,7 @@ use crate::transport::{self, read_frame, write_frame, Peer, Reply, Request, Stat
 use weft_metrics::{IntCounter, IntCounterVec, IntGauge};
 
 /// How a coordinator member runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MemberSettings {
     /// This member's raft id.
     pub id: u64,
@@ -56,9 +56,35 @@ pub struct MemberSettings {
     /// Where refused commands and joins are logged, with who was refused
     /// (an intent log; `None`: counted only).
     pub intent_log: Option<PathBuf>,
+    /// The node's own intent log, when the same process serves the API:
+    /// control-plane records go there, and the node signs and commits its
+    /// checkpoints (`intent_log` is then unused).
+    pub shared_log: Option<SharedLog>,
+    /// How often the member signs a checkpoint of its own control log and
+    /// commits it (not of a shared one: its node does).
+    pub checkpoint_every: Duration,
     /// The registry its metrics go in (the node's one).
     pub registry: weft_metrics::Registry,
 }
+
+impl std::fmt::Debug for MemberSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberSettings")
+            .field("id", &self.id)
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("peers", &self.peers)
+            .field("intent_log", &self.intent_log)
+            .field("shared_log", &self.shared_log.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An intent log several parts of one process write.
+pub type SharedLog = Arc<Mutex<weft_audit::IntentLog>>;
+
+/// How often a checkpoint is signed by default.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 
 impl MemberSettings {
     /// Defaults for member `id` listening on `listen`.
@@ -75,6 +101,8 @@ impl MemberSettings {
             bootstrap: true,
             live: None,
             intent_log: Some(data_dir.join("control-intent")),
+            shared_log: None,
+            checkpoint_every: CHECKPOINT_EVERY,
             data_dir,
             registry: weft_metrics::Registry::new(),
         }
@@ -214,26 +242,67 @@ impl ControlMetrics {
 const REFUSALS_LOGGED_PER_S: u32 = 20;
 
 /// Refused requests: counted by kind, and logged in the control plane's
-/// intent log with the peer's identity.
+/// intent log with the peer's identity; and the commands this member
+/// applied.
 #[derive(Clone)]
 struct Refusals {
     metrics: Arc<ControlMetrics>,
-    log: Option<Arc<Mutex<(weft_audit::IntentLog, u64, u32)>>>,
+    log: Option<SharedLog>,
+    /// Whether the log is this member's own (it signs and commits its
+    /// checkpoints) rather than its node's.
+    own: bool,
+    /// The second refusals are being counted in, and how many were logged.
+    rate: Arc<Mutex<(u64, u32)>>,
 }
 
 impl Refusals {
-    fn open(metrics: Arc<ControlMetrics>, dir: Option<&std::path::Path>) -> Result<Self> {
-        let log = match dir {
-            Some(d) => Some(Arc::new(Mutex::new((
-                weft_audit::IntentLog::open(d, weft_audit::DEFAULT_MAX_FILE_BYTES).with_context(
-                    || format!("opening the control intent log in {}", d.display()),
-                )?,
-                0,
-                0,
-            )))),
-            None => None,
+    fn open(
+        metrics: Arc<ControlMetrics>,
+        dir: Option<&std::path::Path>,
+        shared: Option<SharedLog>,
+        identity: &NodeIdentity,
+    ) -> Result<Self> {
+        let (log, own) = match (shared, dir) {
+            (Some(l), _) => (Some(l), false),
+            (None, Some(d)) => {
+                let mut log = weft_audit::IntentLog::open(d, weft_audit::DEFAULT_MAX_FILE_BYTES)
+                    .with_context(|| {
+                        format!("opening the control intent log in {}", d.display())
+                    })?;
+                log.set_signer(Arc::new(identity.clone()));
+                (Some(Arc::new(Mutex::new(log))), true)
+            }
+            (None, None) => (None, false),
         };
-        Ok(Self { metrics, log })
+        Ok(Self {
+            metrics,
+            log,
+            own,
+            rate: Arc::new(Mutex::new((0, 0))),
+        })
+    }
+
+    /// Appends `record` to the log, forced to disk.
+    fn write(&self, record: serde_json::Value) {
+        let Some(log) = &self.log else { return };
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = log.append(record).and_then(|_| log.sync()) {
+            tracing::error!("the control intent log: {e}");
+        }
+    }
+
+    /// Signs a checkpoint of this member's own log (`None` for a shared
+    /// one, or with nothing new).
+    fn checkpoint(&self, why: &str) -> Option<weft_audit::Checkpoint> {
+        let log = self.log.as_ref().filter(|_| self.own)?;
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        match log.checkpoint(why) {
+            Ok(cp) => cp,
+            Err(e) => {
+                tracing::error!("checkpointing the control intent log: {e}");
+                None
+            }
+        }
     }
 
     /// Counts and logs that `req` from `who` (at `remote`) was refused.
@@ -251,18 +320,22 @@ impl Refusals {
             request = kind,
             "refused: {why}"
         );
-        let Some(log) = &self.log else { return };
-        let mut g = log.lock().expect("intent log lock");
-        let (log, second, logged) = &mut *g;
-        let now = now_unix();
-        if *second != now {
-            (*second, *logged) = (now, 0);
-        }
-        if *logged >= REFUSALS_LOGGED_PER_S {
+        if self.log.is_none() {
             return;
         }
-        *logged += 1;
-        let record = serde_json::json!({
+        {
+            let mut g = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+            let (second, logged) = &mut *g;
+            let now = now_unix();
+            if *second != now {
+                (*second, *logged) = (now, 0);
+            }
+            if *logged >= REFUSALS_LOGGED_PER_S {
+                return;
+            }
+            *logged += 1;
+        }
+        self.write(serde_json::json!({
             "event": "control-refused",
             "request": kind,
             "reason": why,
@@ -270,10 +343,42 @@ impl Refusals {
             "role": who.map(|w| w.role.as_str()),
             "fingerprint": who.map(|w| w.fingerprint.clone()),
             "remote": remote.to_string(),
-        });
-        if let Err(e) = log.append(record).and_then(|_| log.sync()) {
-            tracing::error!("the control intent log: {e}");
+        }));
+    }
+
+    /// Logs a command this member applied (placements, revocations,
+    /// members and models; not descriptions a node refreshes, nor
+    /// checkpoints, which would call for checkpoints of their own).
+    fn applied(&self, index: u64, cmd: &Command, result: &Applied) {
+        let what = match cmd {
+            Command::CommitPlacement(p) => serde_json::json!({
+                "op": "commit-placement",
+                "epoch": p.epoch,
+                "members": p.members,
+                "models": p.models,
+            }),
+            Command::Revoke { fingerprint } => {
+                serde_json::json!({"op": "revoke", "fingerprint": fingerprint})
+            }
+            Command::RemoveMember { id } => serde_json::json!({"op": "remove-member", "id": id}),
+            Command::PutModel(m) => serde_json::json!({"op": "put-model", "model": m.spec.name}),
+            Command::RemoveModel { name } => {
+                serde_json::json!({"op": "remove-model", "model": name})
+            }
+            Command::Join { member, .. } => {
+                serde_json::json!({"op": "join", "member": member.name, "id": member.id})
+            }
+            Command::PutMember(_) | Command::Checkpoint(_) => return,
+        };
+        let mut record = serde_json::json!({"event": "control-applied", "index": index});
+        if let (Some(r), Some(w)) = (record.as_object_mut(), what.as_object()) {
+            r.extend(w.clone());
         }
+        if let Applied::Refused(why) = result {
+            record["decision"] = "refused".into();
+            record["reason"] = why.clone().into();
+        }
+        self.write(record);
     }
 }
 
@@ -437,7 +542,12 @@ pub async fn start(
     let endpoint = transport::endpoint(&identity, &revoked, settings.listen, ca.is_some())?;
     let local_addr = endpoint.local_addr()?;
     let metrics = Arc::new(ControlMetrics::new(&settings.registry));
-    let refusals = Refusals::open(metrics.clone(), settings.intent_log.as_deref())?;
+    let refusals = Refusals::open(
+        metrics.clone(),
+        settings.intent_log.as_deref(),
+        settings.shared_log.clone(),
+        &identity,
+    )?;
     let (events_tx, events_rx) = mpsc::channel(4096);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -801,6 +911,8 @@ impl Driver {
     ) -> Result<()> {
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checkpoint = tokio::time::interval(self.settings.checkpoint_every);
+        checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -811,6 +923,14 @@ impl Driver {
                         self.maybe_replan();
                     }
                 }
+                _ = checkpoint.tick() => {
+                    if let Some(cp) = self.refusals.checkpoint(weft_audit::reason::INTERVAL) {
+                        // a follower's proposal goes to the leader
+                        if let Err(e) = self.core.propose(&Command::Checkpoint(cp)) {
+                            tracing::debug!("the control log's checkpoint was not proposed: {e}");
+                        }
+                    }
+                }
                 e = events.recv() => {
                     let Some(e) = e else { return Ok(()) };
                     self.event(e);
@@ -819,7 +939,14 @@ impl Driver {
                         self.event(e);
                     }
                 }
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.changed() => {
+                    // the log ends signed (the coordinators may be gone by now)
+                    if let Some(cp) = self.refusals.checkpoint(weft_audit::reason::SHUTDOWN) {
+                        let _ = self.core.propose(&Command::Checkpoint(cp));
+                        let _ = self.process().await;
+                    }
+                    return Ok(());
+                }
             }
             self.process().await?;
         }
@@ -1196,6 +1323,9 @@ impl Driver {
             }
         }
         for a in &out.applied {
+            if let Some(c) = &a.command {
+                self.refusals.applied(a.index, c, &a.result);
+            }
             if let Some(p) = self.pending.remove(&a.context) {
                 self.metrics
                     .commit_latency

@@ -574,6 +574,12 @@ impl Forwarder {
                             .iter()
                             .find(|(k, _)| k == REQUEST_ID_HEADER)
                             .map(|(_, v)| v.clone()),
+                        prediction: weft_api::Prediction::from_headers(|k| {
+                            headers
+                                .iter()
+                                .find(|(h, _)| h == k)
+                                .map(|(_, v)| v.as_str())
+                        }),
                     });
                 for (k, v) in &headers {
                     if !k.starts_with("x-weft-") || k == CRITICALITY_HEADER || k == DEADLINE_HEADER

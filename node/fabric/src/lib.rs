@@ -29,6 +29,7 @@
 //! `weft-cluster`'s; the HTTP surface is `weft-api`'s.
 #![forbid(unsafe_code)]
 
+pub mod alone;
 pub mod chain;
 pub mod failover;
 pub mod forwarder;

@@ -97,11 +97,11 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
         Ok(Target::Local) if r.stream && r.hops == 0 => Target::Local,
         Ok(Target::Local) => {
             local.routed("local", intent.criticality.as_str(), routed.utility);
-            return Routing::Here;
+            return Routing::Here(routed.prediction);
         }
         Ok(t) => t,
         // no node serves it: the local checks say so
-        Err(Rejection::NoReplica) => return Routing::Here,
+        Err(Rejection::NoReplica) => return Routing::Here(None),
         Err(rej) => return Routing::Refused(rej),
     };
     if r.hops >= MAX_HOPS {
@@ -117,6 +117,11 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
     let mut out = Outgoing::new(r.uri, &r.headers, r.body.clone(), r.hops, r.stream);
     out.headers
         .push((REQUEST_ID_HEADER.into(), request_id.clone()));
+    // the serving node gives the agent this router's prediction
+    if let Some(p) = routed.prediction {
+        out.headers
+            .extend(p.headers().map(|(k, v)| (k.to_string(), v)));
+    }
     // the next node's span is a child of this one's
     out.headers
         .push((TRACEPARENT_HEADER.into(), r.trace.header()));

@@ -78,6 +78,8 @@ pub struct Routed {
     pub target_kind: &'static str,
     /// The chosen candidate's utility (none when refused).
     pub utility: Option<f64>,
+    /// What the router expects of the chosen candidate (none when refused).
+    pub prediction: Option<weft_api::Prediction>,
 }
 
 /// The `target` label of a node at a site of `kind` (`local` for this one).
@@ -227,6 +229,11 @@ pub fn route_request(
         record,
         target_kind: d.choice.as_ref().map_or("local", |n| kinds[n.0 as usize]),
         utility: d.choice.is_ok().then_some(d.utility),
+        prediction: d.chosen().map(|c| weft_api::Prediction {
+            latency_ms: c.expected_ms,
+            cost: c.cost,
+            utility: c.utility,
+        }),
     }
 }
 

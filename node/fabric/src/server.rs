@@ -313,6 +313,12 @@ pub fn parse_request(head: Vec<u8>, body: Vec<u8>, peer: &str) -> anyhow::Result
                 .iter()
                 .find(|(k, _)| k == REQUEST_ID_HEADER)
                 .map(|(_, v)| v.clone()),
+            prediction: weft_api::Prediction::from_headers(|k| {
+                head.headers
+                    .iter()
+                    .find(|(h, _)| h == k)
+                    .map(|(_, v)| v.as_str())
+            }),
         });
     // the client's own headers; the data plane's own ride in the extension
     for (k, v) in &head.headers {

@@ -239,6 +239,7 @@ async fn the_data_plane_drops_a_peer_that_sends_no_request() {
         read_timeout_s: 1,
         grace_s: 1,
         shared_prefixes: Vec::new(),
+        node_name: "local".into(),
     });
     tokio::spawn(weft_fabric::serve(
         ep,

@@ -140,6 +140,7 @@ fn world() -> &'static World {
                 read_timeout_s: 1,
                 grace_s: 1,
                 shared_prefixes: Vec::new(),
+                node_name: "local".into(),
             },
             "tiny".into(),
             tokenizer,
