@@ -620,3 +620,19 @@ fn a_budget_above_the_price_is_served_and_recorded_in_the_intent() {
         .expect("the admission is in the log");
     assert_eq!(logged["intent"]["max_cost"], 1.0);
 }
+
+#[test]
+fn the_embedded_coordinators_placements_are_in_the_same_signed_log() {
+    let (u, _quiet) = shared();
+    let (ok, out) = weft_audit_cli(
+        &["query", "--decision", "control-applied", "--json"],
+        &u.log,
+    );
+    assert!(ok, "{out}");
+    let ops: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["record"]["op"].clone())
+        .collect();
+    assert!(ops.iter().any(|o| o == "commit-placement"), "{out}");
+    assert!(ops.iter().any(|o| o == "put-model"), "{out}");
+}

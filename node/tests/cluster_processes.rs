@@ -276,7 +276,7 @@ impl Gateway {
         std::fs::write(
             &cfg,
             format!(
-                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = {memory_bytes}\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n",
+                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = {memory_bytes}\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\nintent_checkpoint_s = 1\n",
                 c.dir.path().join(name).display(),
                 free_udp(),
                 c.peers[0].name,
@@ -1221,6 +1221,16 @@ struct Forwarded {
     traced: (u16, Vec<serde_json::Value>, Vec<serde_json::Value>),
     /// The front's `/metrics` after it forwarded.
     front_metrics: String,
+    /// The `x-weft-*` headers of the front's answer.
+    via_headers: Vec<(String, String)>,
+    /// `weft audit explain` of that request over the front's and the
+    /// holder's logs: success, output.
+    explained: (bool, String),
+    /// `weft audit query --decision routed` over the front's log.
+    queried: String,
+    /// `weft audit verify --cluster` of the holder's log once the
+    /// coordinators hold its checkpoints: success, output.
+    holder_verified: (bool, String),
 }
 
 static FORWARDED: tokio::sync::OnceCell<Forwarded> = tokio::sync::OnceCell::const_new();
@@ -1269,7 +1279,13 @@ async fn forward_through_a_front() -> Forwarded {
                 .headers()
                 .get("x-weft-served-by")
                 .map(|v| v.to_str().unwrap().to_string());
-            break (r.json::<serde_json::Value>().await.unwrap(), by);
+            let weft: Vec<(String, String)> = r
+                .headers()
+                .iter()
+                .filter(|(k, _)| k.as_str().starts_with("x-weft-"))
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+                .collect();
+            break (r.json::<serde_json::Value>().await.unwrap(), by, weft);
         }
         assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
         assert!(
@@ -1279,6 +1295,8 @@ async fn forward_through_a_front() -> Forwarded {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let (via_body, via_by, via_headers) = via;
+    let via = (via_body, via_by);
     let mut stream = body.clone();
     stream["stream"] = serde_json::json!(true);
     let streamed = ask(front.api, stream).await.unwrap().text().await.unwrap();
@@ -1357,6 +1375,52 @@ async fn forward_through_a_front() -> Forwarded {
     );
     // the front's intent log holds the forwarding decisions, chained
     drop(front);
+    let weft = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .arg("audit")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (front_log, holder_log) = (
+        c.dir.path().join("gw-2/intent"),
+        c.dir.path().join("gw-1/intent"),
+    );
+    let id = via_headers
+        .iter()
+        .find(|(k, _)| k == "x-weft-request-id")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let explained = weft(&[
+        "explain",
+        &id,
+        front_log.to_str().unwrap(),
+        holder_log.to_str().unwrap(),
+    ]);
+    let queried = weft(&["query", "--decision", "routed", front_log.to_str().unwrap()]).1;
+    // the holder's checkpoints reach the coordinators within a few seconds
+    let holder_cfg = c.dir.path().join("gw-1.toml");
+    let holder_verified = {
+        let t = Instant::now();
+        loop {
+            let v = weft(&[
+                "verify",
+                holder_log.to_str().unwrap(),
+                "--cluster",
+                holder_cfg.to_str().unwrap(),
+            ]);
+            if (v.0 && !v.1.contains("coordinators: 0 of")) || t.elapsed() > Duration::from_secs(20)
+            {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
     let log_dir = c.dir.path().join("gw-2/intent");
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["audit", "verify"])
@@ -1385,7 +1449,62 @@ async fn forward_through_a_front() -> Forwarded {
         records: (records, all),
         traced,
         front_metrics,
+        via_headers,
+        explained,
+        queried,
+        holder_verified,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_answer_carries_the_routers_prediction_and_the_routing_id() {
+    let f = forwarded().await;
+    let h: std::collections::BTreeMap<&str, &str> = f
+        .via_headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert!(h["x-weft-request-id"].starts_with("req-"), "{h:?}");
+    assert_eq!(h["x-weft-served-by"], "gw-1", "{h:?}");
+    assert!(
+        h["x-weft-predicted-latency-ms"].parse::<f64>().unwrap() > 0.0,
+        "{h:?}"
+    );
+    assert_eq!(
+        f.via.0["usage"]["weft"]["request_id"], h["x-weft-request-id"],
+        "{}",
+        f.via.0
+    );
+    assert_eq!(f.via.0["usage"]["weft"]["served_by"], "gw-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_follows_a_forwarded_request_from_the_router_to_the_node_that_served_it() {
+    let (ok, text) = &forwarded().await.explained;
+    assert!(ok, "{text}");
+    assert!(text.contains("gw-1 *"), "{text}");
+    assert!(text.contains("chose gw-1 at utility"), "{text}");
+    assert!(text.contains("outcome: served by gw-1"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_lists_the_fronts_routing_decisions() {
+    let table = &forwarded().await.queried;
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert!(!rows.is_empty(), "{table}");
+    assert!(rows.iter().all(|r| r.contains("routed")), "{table}");
+    assert!(rows.iter().any(|r| r.contains("gw-1")), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_log_verifies_against_the_checkpoints_the_coordinators_hold() {
+    let (ok, said) = &forwarded().await.holder_verified;
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("signed:") && said.contains("by gw-1"),
+        "{said}"
+    );
+    assert!(!said.contains("coordinators: 0 of"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1441,7 +1560,10 @@ async fn a_forwarded_request_gets_the_holders_answer_and_names_it() {
     let (via, served_by) = &f.via;
     assert_eq!(served_by.as_deref(), Some("gw-1"));
     assert_eq!(via["choices"][0]["text"], f.direct["choices"][0]["text"]);
-    assert_eq!(via["usage"], f.direct["usage"]);
+    // the same tokens; each answer's own decision (usage.weft) apart
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(via["usage"][k], f.direct["usage"][k], "{k}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,25 +128,13 @@ async fn route_first(
     bytes: &axum::body::Bytes,
 ) -> Result<Here, Response> {
     let trace = Trace::from_headers(headers);
-    let mut routed_id = None;
-    let mut prediction = None;
-    match elsewhere(
-        s,
-        headers,
-        fwd,
-        uri,
-        bytes,
-        &trace,
-        &mut routed_id,
-        &mut prediction,
-    )
-    .await
-    {
+    let mut routed = (None, None);
+    match elsewhere(s, headers, fwd, uri, bytes, &trace, &mut routed).await {
         Some(answered) => Err(answered),
         None => Ok(Here {
             trace,
-            routed_id,
-            prediction,
+            routed_id: routed.0,
+            prediction: routed.1,
         }),
     }
 }
@@ -161,8 +149,8 @@ async fn elsewhere(
     uri: &'static str,
     bytes: &axum::body::Bytes,
     trace: &Trace,
-    routed_id: &mut Option<String>,
-    prediction: &mut Option<crate::remote::Prediction>,
+    // the id its decision is logged under, and the router's prediction
+    routed: &mut (Option<String>, Option<crate::remote::Prediction>),
 ) -> Option<Response> {
     let remote = s.remote()?;
     /// Only the fields routing needs; the rest is checked where it is served.
@@ -225,10 +213,10 @@ async fn elsewhere(
         constrained: constrained(&r.tools, &r.tool_choice, &r.response_format),
     };
     let crit = intent.criticality.as_str();
-    *routed_id = Some(ask.request_id.clone());
+    routed.0 = Some(ask.request_id.clone());
     match remote.route(ask, s.clone()).await {
         Routing::Here(p) => {
-            *prediction = p;
+            routed.1 = p;
             None
         }
         Routing::Answered(resp) => Some(resp),

@@ -591,6 +591,7 @@ pub async fn start(
         metrics: metrics.clone(),
         refusals,
         pending: HashMap::new(),
+        caller: Arc::new(transport::Caller::new(&identity)?),
         reads: Vec::new(),
         revocations,
         revoked_synced_at: 0,
@@ -873,6 +874,8 @@ const READ_TIMEOUT: Duration = Duration::from_millis(700);
 
 struct Driver {
     core: Coordinator,
+    /// Sends this member's own checkpoints to the leader.
+    caller: Arc<transport::Caller>,
     /// Every coordinator this member knows (configured and added).
     peers: Vec<Peer>,
     names: Names,
@@ -925,10 +928,7 @@ impl Driver {
                 }
                 _ = checkpoint.tick() => {
                     if let Some(cp) = self.refusals.checkpoint(weft_audit::reason::INTERVAL) {
-                        // a follower's proposal goes to the leader
-                        if let Err(e) = self.core.propose(&Command::Checkpoint(cp)) {
-                            tracing::debug!("the control log's checkpoint was not proposed: {e}");
-                        }
+                        self.commit_checkpoint(cp);
                     }
                 }
                 e = events.recv() => {
@@ -942,7 +942,7 @@ impl Driver {
                 _ = shutdown.changed() => {
                     // the log ends signed (the coordinators may be gone by now)
                     if let Some(cp) = self.refusals.checkpoint(weft_audit::reason::SHUTDOWN) {
-                        let _ = self.core.propose(&Command::Checkpoint(cp));
+                        self.commit_checkpoint(cp);
                         let _ = self.process().await;
                     }
                     return Ok(());
@@ -950,6 +950,24 @@ impl Driver {
             }
             self.process().await?;
         }
+    }
+
+    /// Commits a checkpoint of this member's own control log: proposed
+    /// here on the leader, else sent to the coordinators as any member's
+    /// (they check it is this member's own, signed with its certificate).
+    fn commit_checkpoint(&mut self, cp: weft_audit::Checkpoint) {
+        if self.core.is_leader() {
+            if let Err(e) = self.core.propose(&Command::Checkpoint(cp)) {
+                tracing::debug!("the control log's checkpoint was not proposed: {e}");
+            }
+            return;
+        }
+        let (caller, peers) = (self.caller.clone(), self.peers.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::checkpoints::commit(&caller, &peers, cp).await {
+                tracing::debug!("the control log's checkpoint was not committed: {e:#}");
+            }
+        });
     }
 
     fn peer(&self, id: Option<u64>) -> Option<&Peer> {

@@ -165,6 +165,7 @@ async fn start(
         peers.to_vec(),
     );
     s.tick = Duration::from_millis(50);
+    s.checkpoint_every = Duration::from_millis(300);
     member::start(s, ids[i].clone(), Some(ClusterCa::load(ca_dir).unwrap()))
         .await
         .unwrap()
@@ -871,6 +872,75 @@ async fn a_refused_command_is_counted_and_logged_with_the_peers_identity() {
     assert_eq!(hit["peer"], "gw-2");
     assert_eq!(hit["role"], "node");
     assert_eq!(hit["fingerprint"], joined.fingerprint());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinators_control_log_records_what_it_applied_and_verifies_against_its_committed_checkpoints(
+) {
+    let c = Cluster::start().await;
+    let gone =
+        c.ca.issue_identity("gw-9", weft_cluster::credentials::Role::Node)
+            .unwrap();
+    let r = c
+        .admin
+        .ask(
+            &c.peers,
+            &Request::Propose {
+                command: Command::Revoke {
+                    fingerprint: gone.fingerprint(),
+                },
+            },
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
+    let dir = c.dirs[0].path().join("control-intent");
+    let name = c.ids[0].name.clone();
+    let t = std::time::Instant::now();
+    let report = loop {
+        let s = c.admin.status(&c.peers).await;
+        let anchors: Vec<weft_audit::Checkpoint> = s
+            .state
+            .checkpoints
+            .get(&name)
+            .map(|n| n.all().cloned().collect())
+            .unwrap_or_default();
+        let trust = weft_cluster::credentials::ClusterTrust::new(
+            c.ca.cert_pem(),
+            s.state.revoked.iter().cloned(),
+        )
+        .unwrap();
+        let r = weft_audit::check(
+            std::slice::from_ref(&dir),
+            &weft_audit::Options {
+                trust: Some(&trust),
+                anchors: &anchors,
+                node: Some(&name),
+            },
+        )
+        .unwrap();
+        if r.anchors_checked > 0 && r.checkpoints > 0 {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no checkpoint committed: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let records: Vec<serde_json::Value> = weft_audit::query::read(&[dir])
+        .unwrap()
+        .into_iter()
+        .map(|f| f.line.record)
+        .collect();
+    assert!(
+        records.iter().any(|r| r["event"] == "control-applied"
+            && r["op"] == "revoke"
+            && r["fingerprint"] == gone.fingerprint()),
+        "{records:?}"
+    );
     c.stop().await;
 }
 
