@@ -6,6 +6,7 @@
 //! authenticated data plane; from a client they mean nothing.
 
 use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
 
 /// The response header naming the node that served the request.
 pub const SERVED_BY_HEADER: &str = "x-weft-served-by";
@@ -44,10 +45,44 @@ pub struct Forwarded {
     /// The id the routing node gave it.
     pub request_id: Option<String>,
     /// What the routing node's router predicted of serving it here.
-    pub prediction: Option<crate::remote::Prediction>,
+    pub prediction: Option<Prediction>,
 }
 
 /// A header's value as text, if it is there and is text.
 pub fn header_str<'a>(h: &'a HeaderMap, k: &str) -> Option<&'a str> {
     h.get(k).and_then(|v| v.to_str().ok())
+}
+
+/// What the router predicted of serving a request where it chose: given
+/// back to the agent (headers and `usage.weft`) and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// Expected latency (ms).
+    pub latency_ms: f64,
+    /// Estimated cost.
+    pub cost: f64,
+    /// The utility of that outcome.
+    pub utility: f64,
+}
+
+impl Prediction {
+    /// Its headers, as the routing node hands them to the serving one and
+    /// the serving one to the agent.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        [
+            (PREDICTED_LATENCY_HEADER, format!("{:.1}", self.latency_ms)),
+            (ESTIMATED_COST_HEADER, format!("{:.6e}", self.cost)),
+            (UTILITY_HEADER, format!("{:.4}", self.utility)),
+        ]
+    }
+
+    /// One from those headers (from the authenticated data plane only).
+    pub fn from_headers<'a>(mut get: impl FnMut(&str) -> Option<&'a str>) -> Option<Self> {
+        let mut num = |k| get(k).and_then(|v| v.trim().parse::<f64>().ok());
+        Some(Self {
+            latency_ms: num(PREDICTED_LATENCY_HEADER)?,
+            cost: num(ESTIMATED_COST_HEADER)?,
+            utility: num(UTILITY_HEADER)?,
+        })
+    }
 }

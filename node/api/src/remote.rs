@@ -9,7 +9,6 @@ use axum::body::Bytes;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use weft_placement::{Intent, Rejection};
 
@@ -70,41 +69,7 @@ pub struct RouteAsk {
     pub constrained: Option<String>,
 }
 
-/// What the router predicted of serving a request where it chose: given
-/// back to the agent (headers and `usage.weft`) and logged.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Prediction {
-    /// Expected latency (ms).
-    pub latency_ms: f64,
-    /// Estimated cost.
-    pub cost: f64,
-    /// The utility of that outcome.
-    pub utility: f64,
-}
-
-impl Prediction {
-    /// Its headers, as the routing node hands them to the serving one and
-    /// the serving one to the agent.
-    pub fn headers(&self) -> [(&'static str, String); 3] {
-        use crate::headers::*;
-        [
-            (PREDICTED_LATENCY_HEADER, format!("{:.1}", self.latency_ms)),
-            (ESTIMATED_COST_HEADER, format!("{:.6e}", self.cost)),
-            (UTILITY_HEADER, format!("{:.4}", self.utility)),
-        ]
-    }
-
-    /// One from those headers (from the authenticated data plane only).
-    pub fn from_headers<'a>(mut get: impl FnMut(&str) -> Option<&'a str>) -> Option<Self> {
-        use crate::headers::*;
-        let mut num = |k| get(k).and_then(|v| v.trim().parse::<f64>().ok());
-        Some(Self {
-            latency_ms: num(PREDICTED_LATENCY_HEADER)?,
-            cost: num(ESTIMATED_COST_HEADER)?,
-            utility: num(UTILITY_HEADER)?,
-        })
-    }
-}
+pub use crate::headers::Prediction;
 
 /// What a node alone predicts of serving a request itself (a node with no
 /// data plane: `weft up`), and whether its cost budget refuses it.

@@ -9,8 +9,10 @@ use tokio::sync::watch;
 use weft_audit::{reason, Checkpoint};
 use weft_coordinator::Command;
 
-use crate::member::SharedLog;
 use crate::transport::{Caller, Peer, Reply, Request};
+
+/// An intent log several parts of one process write.
+pub type SharedLog = std::sync::Arc<std::sync::Mutex<weft_audit::IntentLog>>;
 
 /// How long committing one checkpoint may take.
 const COMMIT_DEADLINE: Duration = Duration::from_secs(5);

@@ -80,8 +80,7 @@ impl std::fmt::Debug for MemberSettings {
     }
 }
 
-/// An intent log several parts of one process write.
-pub type SharedLog = Arc<Mutex<weft_audit::IntentLog>>;
+pub use crate::checkpoints::SharedLog;
 
 /// How often a checkpoint is signed by default.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
