@@ -636,3 +636,23 @@ fn the_embedded_coordinators_placements_are_in_the_same_signed_log() {
     assert!(ops.iter().any(|o| o == "commit-placement"), "{out}");
     assert!(ops.iter().any(|o| o == "put-model"), "{out}");
 }
+
+#[test]
+fn a_client_cannot_set_the_prediction_or_the_request_id_it_is_given() {
+    let (u, _quiet) = shared();
+    let r = client()
+        .post(format!("{}/v1/completions", u.node.base))
+        .bearer_auth("sk-alpha-000001")
+        .header("x-weft-request-id", "spoofed")
+        .header("x-weft-utility", "99")
+        .header("x-weft-estimated-cost", "0")
+        .header("x-weft-predicted-latency-ms", "0")
+        .json(&json!({"model": "tiny-gemma", "prompt": "hello", "max_tokens": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_ne!(h["x-weft-request-id"], "spoofed");
+    assert_ne!(h["x-weft-utility"], "99");
+    assert_ne!(h["x-weft-estimated-cost"], "0");
+}
