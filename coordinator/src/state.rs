@@ -226,24 +226,54 @@ pub struct NodeCheckpoints {
 }
 
 impl NodeCheckpoints {
-    /// All of them, oldest first.
-    pub fn all(&self) -> impl Iterator<Item = &weft_audit::Checkpoint> {
-        self.history.iter().chain(std::iter::once(&self.latest))
+    /// All of them, oldest first, each with its certificate.
+    pub fn all(&self) -> Vec<weft_audit::Checkpoint> {
+        let mut out: Vec<_> = self
+            .history
+            .iter()
+            .chain(std::iter::once(&self.latest))
+            .cloned()
+            .collect();
+        // the history keeps a certificate only where the next one's differs
+        let mut cert = String::new();
+        for c in out.iter_mut().rev() {
+            if c.cert.is_empty() {
+                c.cert = cert.clone();
+            } else {
+                cert = c.cert.clone();
+            }
+        }
+        out
+    }
+
+    /// Makes `cp` the latest, the one before it joining the history.
+    fn push(&mut self, cp: &weft_audit::Checkpoint) {
+        let mut before = std::mem::replace(&mut self.latest, cp.clone());
+        // every node's status read carries these: one certificate per key
+        if before.cert == self.latest.cert {
+            before.cert.clear();
+        }
+        self.history.push(before);
+        thin(&mut self.history);
     }
 }
 
 /// Earlier checkpoints kept per node.
-pub const CHECKPOINT_HISTORY: usize = 32;
+pub const CHECKPOINT_HISTORY: usize = 16;
 
 /// Drops the checkpoint whose neighbours are closest together (never the
 /// first or the last), until `h` fits: what is kept stays spread over
-/// the whole log, dense near its end.
+/// the whole log, dense near its end. A certificate the dropped one held
+/// passes to the one before it, if that one relied on it.
 fn thin(h: &mut Vec<weft_audit::Checkpoint>) {
     while h.len() > CHECKPOINT_HISTORY {
         let i = (1..h.len() - 1)
             .min_by_key(|&i| h[i + 1].seq - h[i - 1].seq)
             .expect("more than two");
-        h.remove(i);
+        let gone = h.remove(i);
+        if !gone.cert.is_empty() && h[i - 1].cert.is_empty() {
+            h[i - 1].cert = gone.cert;
+        }
     }
 }
 
@@ -395,11 +425,7 @@ impl ControlState {
                         ));
                     }
                 }
-                Some(n) => {
-                    let before = std::mem::replace(&mut n.latest, cp.clone());
-                    n.history.push(before);
-                    thin(&mut n.history);
-                }
+                Some(n) => n.push(cp),
             },
             Command::Join {
                 member,
@@ -1196,5 +1222,26 @@ mod tests {
         assert_eq!(held.history.len(), CHECKPOINT_HISTORY);
         assert_eq!(held.history[0].seq, 10, "the oldest is kept");
         assert!(held.history.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[test]
+    fn each_held_checkpoint_comes_back_with_the_certificate_it_was_signed_with() {
+        let mut s = ControlState::default();
+        for i in 1..=100u64 {
+            let Command::Checkpoint(mut cp) = checkpoint("gw-1", i, "h") else {
+                unreachable!()
+            };
+            // the node's key is renewed after seq 30, 60 and 90
+            cp.cert = format!("cert-{}", (i - 1) / 30);
+            assert_eq!(s.apply(i, &Command::Checkpoint(cp)), Applied::Done);
+        }
+        for cp in s.checkpoints["gw-1"].all() {
+            assert_eq!(
+                cp.cert,
+                format!("cert-{}", (cp.seq - 1) / 30),
+                "seq {}",
+                cp.seq
+            );
+        }
     }
 }

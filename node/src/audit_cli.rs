@@ -40,7 +40,7 @@ pub fn verify(paths: &[PathBuf], against: Against) -> Result<i32> {
             .block_on(crate::node::status(&cfg))
             .context("reading the coordinators' checkpoints and revocations")?;
         for n in status.state.checkpoints.values() {
-            anchors.extend(n.all().cloned());
+            anchors.extend(n.all());
         }
         trust = Some(ClusterTrust::new(
             &identity.ca_pem,

@@ -904,7 +904,7 @@ async fn a_coordinators_control_log_records_what_it_applied_and_verifies_against
             .state
             .checkpoints
             .get(&name)
-            .map(|n| n.all().cloned().collect())
+            .map(|n| n.all())
             .unwrap_or_default();
         let trust = weft_cluster::credentials::ClusterTrust::new(
             c.ca.cert_pem(),
