@@ -67,12 +67,17 @@ pub fn verify(paths: &[PathBuf], against: Against) -> Result<i32> {
         node: node.as_deref(),
     };
     let first = weft_audit::check(paths, &opts)?;
-    let whose = node.clone().or(first.node.clone()).or_else(|| {
-        // a log stripped of its checkpoints: the only node the coordinators hold
-        let mut names: Vec<&str> = anchors.iter().map(|a| a.node.as_str()).collect();
-        names.dedup();
-        (names.len() == 1).then(|| names[0].to_string())
-    });
+    // whose log it is: as asked, else its checkpoints' signer, else the
+    // node its records name (a log stripped of its checkpoints)
+    let whose = node
+        .clone()
+        .or(first.node.clone())
+        .or_else(|| record_node(paths));
+    if whose.is_none() && !anchors.is_empty() {
+        anyhow::bail!(
+            "the log names no node (no checkpoint, no record with a node): pass --node NAME to check it against the coordinators' checkpoints"
+        );
+    }
     let mine: Vec<Checkpoint> = anchors
         .into_iter()
         .filter(|a| whose.as_deref() == Some(a.node.as_str()))
@@ -125,6 +130,22 @@ pub fn verify(paths: &[PathBuf], against: Against) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// The node the log's records name, if they name one.
+fn record_node(paths: &[PathBuf]) -> Option<String> {
+    let files = weft_audit::resolve(paths).ok()?;
+    let mut found = None;
+    let _ = weft_audit::read_lines(&files, |_, _, _, parsed| {
+        found = parsed.ok().and_then(|l| {
+            l.record
+                .get("node")
+                .and_then(serde_json::Value::as_str)
+                .map(String::from)
+        });
+        found.is_none()
+    });
+    found
 }
 
 /// The filters and output of `weft audit query`.

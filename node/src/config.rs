@@ -398,6 +398,15 @@ impl NodeConfig {
                 )
             }
         };
+        if self.intent_log_max_bytes > 0 && self.intent_log_max_bytes < self.intent_log_file_bytes {
+            return bad(
+                "intent_log_max_bytes",
+                format!(
+                    "{} is less than one file ({} bytes, intent_log_file_bytes): the log would keep nothing closed",
+                    self.intent_log_max_bytes, self.intent_log_file_bytes
+                ),
+            );
+        }
         if self.intent_checkpoint_s == 0 {
             return bad(
                 "intent_checkpoint_s",

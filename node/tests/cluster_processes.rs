@@ -260,6 +260,11 @@ impl Gateway {
 
     /// `name`, offering `memory_bytes` to the placement.
     fn start_as(c: &Coordinators, name: &str, memory_bytes: u64) -> Self {
+        Self::start_with(c, name, memory_bytes, "")
+    }
+
+    /// As [`Gateway::start_as`], with more `[serve]` lines.
+    fn start_with(c: &Coordinators, name: &str, memory_bytes: u64, serve: &str) -> Self {
         let token = ca(c.dir.path())
             .issue_token(
                 std::time::SystemTime::now()
@@ -276,7 +281,7 @@ impl Gateway {
         std::fs::write(
             &cfg,
             format!(
-                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = {memory_bytes}\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\nintent_checkpoint_s = 1\n",
+                "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\nsite = \"edge-b\"\nmemory_bytes = {memory_bytes}\ntokens_per_s = 800.0\n\n[join]\ntoken = \"{token}\"\ncoordinators = [{{ id = 1, name = \"{}\", addr = \"{}\" }}]\n\n[overlay]\nlisten = \"/ip4/127.0.0.1/udp/0/quic-v1\"\nbootstrap = [\"{}\"]\nmdns = false\n\n[serve]\naddr = \"{api}\"\nsandbox = false\nthreads = 1\nkv_budget = 16777216\n{serve}\n",
                 c.dir.path().join(name).display(),
                 free_udp(),
                 c.peers[0].name,
@@ -1241,7 +1246,8 @@ async fn forwarded() -> &'static Forwarded {
 
 async fn forward_through_a_front() -> Forwarded {
     let c = setup();
-    let holder = Gateway::start_as(&c, "gw-1", 4 << 30);
+    // checkpoints every second, for the audit of the holder's log
+    let holder = Gateway::start_with(&c, "gw-1", 4 << 30, "intent_checkpoint_s = 1");
     // too small to be given the model
     let front = Gateway::start_as(&c, "gw-2", 1);
     register_tiny(&c, "tiny");

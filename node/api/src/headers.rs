@@ -68,12 +68,24 @@ pub struct Prediction {
 impl Prediction {
     /// Its headers, as the routing node hands them to the serving one and
     /// the serving one to the agent.
-    pub fn headers(&self) -> [(&'static str, String); 3] {
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        // a value the router could not give (a utility where it refused) is left out
         [
-            (PREDICTED_LATENCY_HEADER, format!("{:.1}", self.latency_ms)),
-            (ESTIMATED_COST_HEADER, format!("{:.6e}", self.cost)),
-            (UTILITY_HEADER, format!("{:.4}", self.utility)),
+            (PREDICTED_LATENCY_HEADER, self.latency_ms, 1),
+            (ESTIMATED_COST_HEADER, self.cost, 0),
+            (UTILITY_HEADER, self.utility, 4),
         ]
+        .into_iter()
+        .filter(|(_, v, _)| v.is_finite())
+        .map(|(k, v, places)| {
+            let v = if places == 0 {
+                format!("{v:.6e}")
+            } else {
+                format!("{v:.places$}")
+            };
+            (k, v)
+        })
+        .collect()
     }
 
     /// One from those headers (from the authenticated data plane only).

@@ -225,7 +225,17 @@ async fn elsewhere(
             s.count_request(&r.model, e.status.as_u16(), crit);
             s.metrics
                 .refused(crate::error::rejection_reason(&rej), crit);
-            Some(e.into_response())
+            // the id the refusal is logged under
+            let mut resp = e.into_response();
+            if let Some(v) = routed
+                .0
+                .as_deref()
+                .and_then(|id| axum::http::HeaderValue::try_from(id).ok())
+            {
+                resp.headers_mut()
+                    .insert(crate::headers::REQUEST_ID_HEADER, v);
+            }
+            Some(resp)
         }
         Routing::Looped(why) => {
             s.metrics.refused("looped", crit);

@@ -64,8 +64,8 @@ pub trait Signer: Send + Sync {
 /// revocations) and says whose it is.
 pub trait Trust {
     /// The node the certificate names, or why it is not to be trusted
-    /// (foreign, revoked, expired).
-    fn check(&self, cert_der: &[u8]) -> Result<String, String>;
+    /// (foreign, revoked, or not valid at `at_unix_ms`, when it signed).
+    fn check(&self, cert_der: &[u8], at_unix_ms: u64) -> Result<String, String>;
 }
 
 impl Checkpoint {
@@ -121,7 +121,7 @@ impl Checkpoint {
             .map_err(|_| "its signature does not match its certificate".to_string())?;
         if let Some(t) = trust {
             let name = t
-                .check(&cert)
+                .check(&cert, self.at_unix_ms)
                 .map_err(|why| format!("its key is not trusted: {why}"))?;
             if name != self.node {
                 return Err(format!(

@@ -204,13 +204,12 @@ impl IntentLog {
                 last.clone(),
             ),
         };
-        let (next_seq, prev, latest) = match tail {
-            None => (0, GENESIS.to_string(), None),
-            Some((line, h)) => (
-                line.seq + 1,
-                h,
-                Checkpoint::from_record(&line.record).and_then(|c| c.ok()),
-            ),
+        // a checkpoint found at the end is not taken as this run's: it may
+        // be a boundary, or signed with a key since renewed; the first
+        // checkpoint of this run signs the head again
+        let (next_seq, prev) = match tail {
+            None => (0, GENESIS.to_string()),
+            Some((line, h)) => (line.seq.saturating_add(1), h),
         };
         let file = OpenOptions::new()
             .create(true)
@@ -226,8 +225,8 @@ impl IntentLog {
             file_bytes,
             next_seq,
             prev,
-            signed_head: latest.is_some(),
-            latest,
+            signed_head: false,
+            latest: None,
             signer: None,
             retention: Retention::default(),
         })
@@ -254,7 +253,7 @@ impl IntentLog {
         self.next_seq
     }
 
-    /// The latest checkpoint written (or found at the end on opening).
+    /// The latest checkpoint written since it was opened.
     pub fn latest_checkpoint(&self) -> Option<&Checkpoint> {
         self.latest.as_ref()
     }
@@ -271,15 +270,21 @@ impl IntentLog {
     fn write(&mut self, record: serde_json::Value) -> Result<u64> {
         let line = Line {
             seq: self.next_seq,
-            prev: std::mem::take(&mut self.prev),
+            prev: self.prev.clone(),
             at_unix_ms: now_ms(),
             record,
         };
         let mut bytes = serde_json::to_vec(&line).expect("a line serializes");
-        self.prev = hash(&bytes);
+        let h = hash(&bytes);
         bytes.push(b'\n');
         let path = self.dir.join(file_name(self.file_no));
-        self.file.write_all(&bytes).map_err(io(&path))?;
+        if let Err(e) = self.file.write_all(&bytes) {
+            // nothing of a line that failed stays: the chain goes on from
+            // the last one written
+            let _ = self.file.set_len(self.file_bytes);
+            return Err(io(&path)(e));
+        }
+        self.prev = h;
         self.file_bytes += bytes.len() as u64;
         self.next_seq += 1;
         Ok(line.seq)
@@ -332,9 +337,10 @@ impl IntentLog {
         Ok(())
     }
 
-    /// Removes closed files past the retention limits, oldest first, then
-    /// appends the signed boundary: a checkpoint of the line before the
-    /// first one kept.
+    /// Removes closed files past the retention limits, oldest first. The
+    /// signed boundary (a checkpoint of the line before the first one
+    /// kept) is appended and forced to disk before any file goes, so a
+    /// crash in between leaves a log that still verifies.
     fn prune(&mut self, now_unix_ms: u64) -> Result<usize> {
         let Retention { max_bytes, max_age } = self.retention;
         if max_bytes.is_none() && max_age.is_none() {
@@ -353,7 +359,7 @@ impl IntentLog {
         }
         let mut total: u64 = sized.iter().map(|s| s.1).sum();
         let current = self.dir.join(file_name(self.file_no));
-        let mut removed = 0;
+        let mut doomed = Vec::new();
         for (f, len, written) in &sized {
             if *f == current {
                 break;
@@ -364,41 +370,41 @@ impl IntentLog {
             if !too_big && !too_old {
                 break;
             }
-            fs::remove_file(f).map_err(io(f))?;
+            doomed.push(f.clone());
             total -= len;
-            removed += 1;
         }
-        if removed == 0 {
+        if doomed.is_empty() {
             return Ok(0);
         }
-        tracing::info!(files = removed, dir = %self.dir.display(), "pruned the intent log");
-        let first = files(&self.dir)?
-            .into_iter()
-            .find_map(|f| first_line(&f).transpose())
-            .transpose()?;
-        if let Some(first) = first {
-            match self.signer.clone() {
-                Some(signer) if first.seq > 0 => {
-                    let cp = Checkpoint::sign(
-                        &*signer,
-                        first.seq - 1,
-                        &first.prev,
-                        now_ms(),
-                        reason::PRUNED,
-                    )
-                    .map_err(AuditError::Sign)?;
-                    self.write(cp.record())?;
-                    // the head itself is not vouched for by this one
-                    self.signed_head = false;
-                }
-                _ => {
-                    self.write(serde_json::json!({"event": "pruned", "before_seq": first.seq}))?;
-                    self.signed_head = false;
-                }
+        // the first line kept: the next file's first, or (everything closed
+        // going) the one about to be written
+        let mut first = None;
+        for f in all.iter().skip(doomed.len()) {
+            if let Some(l) = first_line(f)? {
+                first = Some((l.seq, l.prev));
+                break;
             }
+        }
+        let (first_seq, before) = first.unwrap_or((self.next_seq, self.prev.clone()));
+        if first_seq > 0 {
+            let record = match self.signer.clone() {
+                Some(signer) => {
+                    Checkpoint::sign(&*signer, first_seq - 1, &before, now_ms(), reason::PRUNED)
+                        .map_err(AuditError::Sign)?
+                        .record()
+                }
+                None => serde_json::json!({"event": "pruned", "before_seq": first_seq}),
+            };
+            self.write(record)?;
+            // the head itself is not vouched for by this one
+            self.signed_head = false;
             self.sync()?;
         }
-        Ok(removed)
+        for f in &doomed {
+            fs::remove_file(f).map_err(io(f))?;
+        }
+        tracing::info!(files = doomed.len(), dir = %self.dir.display(), "pruned the intent log");
+        Ok(doomed.len())
     }
 }
 
@@ -580,6 +586,75 @@ mod tests {
     }
 
     #[test]
+    fn an_edited_line_is_named_by_its_own_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 6, 1 << 20);
+        let file = files(dir.path()).unwrap()[0].clone();
+        let mut ls = lines(&file);
+        ls[2] = ls[2].replace("\"r2\"", "\"r9\"");
+        put(&file, &ls);
+        match verify(&[file]).unwrap_err() {
+            AuditError::Broken { seq, .. } => assert_eq!(seq, 2),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn pruning_every_closed_file_still_leaves_a_signed_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key::new("gw-1");
+        let mut log = IntentLog::open(dir.path(), 600).unwrap();
+        log.set_signer(key.clone());
+        // smaller than one file: every closed file goes at each rotation
+        log.set_retention(Retention {
+            max_bytes: Some(100),
+            max_age: None,
+        });
+        for i in 0..30 {
+            log.append(json!({"request_id": format!("r{i}")})).unwrap();
+        }
+        log.checkpoint(reason::INTERVAL).unwrap();
+        let r = report(dir.path(), &trusting(&key), &[]);
+        assert!(r.first_seq > 0 && r.pruned_boundary, "{r:?}");
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_chain_unbroken() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = IntentLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(json!({"request_id": "a"})).unwrap();
+        // the file is read-only for a moment: the write fails
+        let path = files(dir.path()).unwrap()[0].clone();
+        let ro = OpenOptions::new().read(true).open(&path).unwrap();
+        let good = std::mem::replace(&mut log.file, ro);
+        assert!(log.append(json!({"request_id": "lost"})).is_err());
+        log.file = good;
+        log.append(json!({"request_id": "b"})).unwrap();
+        log.sync().unwrap();
+        assert_eq!(verify(&[dir.path().to_path_buf()]).unwrap().lines, 2);
+    }
+
+    #[test]
+    fn a_log_whose_first_kept_line_is_a_checkpoint_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key::new("gw-1");
+        signed(dir.path(), &key, 8, 4, 1 << 20);
+        let file = files(dir.path()).unwrap()[0].clone();
+        let ls = lines(&file);
+        // from the second checkpoint's line on, as a later file would start
+        let at = ls
+            .iter()
+            .rposition(|l| l.contains("\"event\":\"checkpoint\""))
+            .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join(file_name(3));
+        put(&f, &ls[at..]);
+        let r = check(std::slice::from_ref(&f), &Options::default()).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
+
+    #[test]
     fn a_removed_line_is_reported_as_removed() {
         let (line, why) = tampered(|ls| {
             ls.remove(3);
@@ -677,7 +752,7 @@ mod tests {
     }
 
     impl Trust for Cluster {
-        fn check(&self, cert: &[u8]) -> std::result::Result<String, String> {
+        fn check(&self, cert: &[u8], _at: u64) -> std::result::Result<String, String> {
             if self.revoked.iter().any(|r| r == cert) {
                 return Err("the certificate was revoked".into());
             }

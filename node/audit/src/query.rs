@@ -171,7 +171,7 @@ pub fn parse_time(t: &str, now_ms: u64) -> std::result::Result<u64, String> {
         .map(|i| (&t[..i], &t[i..]))
     {
         let n: u64 = n.parse().map_err(|_| bad())?;
-        let ms = match unit {
+        let ms: u64 = match unit {
             "s" => 1000,
             "m" => 60_000,
             "h" => 3_600_000,
@@ -201,7 +201,13 @@ pub fn parse_time(t: &str, now_ms: u64) -> std::result::Result<u64, String> {
         [h, m, s] => (num(h)?, num(m)?, num(s)?),
         _ => return Err(bad()),
     };
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&d)
+        || !(0..=23).contains(&hh)
+        || !(0..=59).contains(&mm)
+        || !(0..=60).contains(&ss)
+    {
         return Err(bad());
     }
     let ms_frac = if frac.is_empty() {

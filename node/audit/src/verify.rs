@@ -172,9 +172,15 @@ pub fn check(paths: &[PathBuf], opts: &Options<'_>) -> Result<Report> {
                     ));
                 }
                 if &line.prev != prev {
-                    return broken(
-                        "it does not carry the hash of the line before it: that line was edited, or lines were removed or reordered".into(),
-                    );
+                    // the line before it is the one edited
+                    problems.push(Problem {
+                        seq: due.saturating_sub(1),
+                        file: file.to_path_buf(),
+                        line: n,
+                        why: "it does not carry the hash of the line before it: that line was edited, or lines were removed or reordered".into(),
+                    });
+                    chain_broken = true;
+                    return false;
                 }
             }
         }
@@ -205,8 +211,11 @@ pub fn check(paths: &[PathBuf], opts: &Options<'_>) -> Result<Report> {
                             ));
                         } else if cp.reason == reason::PRUNED {
                             boundaries.push((cp, file.to_path_buf(), n));
-                        } else if cp.seq + 1 != line.seq
-                            || expect.as_ref().map(|(_, p)| p) != Some(&cp.head)
+                        } else if cp.seq.checked_add(1) != Some(line.seq)
+                            || expect
+                                .as_ref()
+                                .map_or(first_prev.as_ref(), |(_, p)| Some(p))
+                                != Some(&cp.head)
                         {
                             doubt(format!(
                                 "the checkpoint signed at seq {} does not match the lines before it: lines {since}..={} were rewritten (and the chain recomputed)",
@@ -225,7 +234,7 @@ pub fn check(paths: &[PathBuf], opts: &Options<'_>) -> Result<Report> {
         hashes.push(raw);
         r.lines += 1;
         r.last_seq = Some(line.seq);
-        expect = Some((line.seq + 1, h));
+        expect = Some((line.seq.saturating_add(1), h));
         true
     })?;
     if let Some((_, h)) = &expect {
@@ -237,9 +246,9 @@ pub fn check(paths: &[PathBuf], opts: &Options<'_>) -> Result<Report> {
     };
     // the boundary a pruned log starts at
     for (cp, file, line) in &boundaries {
-        let ok = if cp.seq + 1 == r.first_seq {
+        let ok = if cp.seq.saturating_add(1) == r.first_seq {
             first_prev.as_deref() == Some(cp.head.as_str())
-        } else if cp.seq + 1 < r.first_seq {
+        } else if cp.seq.saturating_add(1) < r.first_seq {
             true // an older boundary, its lines pruned since
         } else {
             hash_at(cp.seq).as_deref() == Some(cp.head.as_str())
@@ -255,7 +264,7 @@ pub fn check(paths: &[PathBuf], opts: &Options<'_>) -> Result<Report> {
                 ),
             });
         }
-        if cp.seq + 1 == r.first_seq && ok {
+        if cp.seq.saturating_add(1) == r.first_seq && ok {
             r.pruned_boundary = true;
         }
     }

@@ -981,7 +981,7 @@ impl ClusterTrust {
 }
 
 impl weft_audit::Trust for ClusterTrust {
-    fn check(&self, cert_der: &[u8]) -> std::result::Result<String, String> {
+    fn check(&self, cert_der: &[u8], at_unix_ms: u64) -> std::result::Result<String, String> {
         let mut roots = RootCertStore::empty();
         roots
             .add(CertificateDer::from(self.ca_der.clone()))
@@ -996,23 +996,22 @@ impl weft_audit::Trust for ClusterTrust {
             inner,
             revoked: self.revoked.clone(),
         };
-        v.verify_client_cert(
-            &CertificateDer::from(cert_der.to_vec()),
-            &[],
-            UnixTime::now(),
-        )
-        .map_err(|e| match e {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
-                "the certificate was revoked".to_string()
-            }
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => {
-                "the certificate has expired".to_string()
-            }
-            rustls::Error::InvalidCertificate(why) => {
-                format!("not issued by this cluster's CA (a foreign key): {why:?}")
-            }
-            other => other.to_string(),
-        })?;
+        // valid when it signed (a certificate renewed or expired since
+        // still vouches for what it signed then)
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_millis(at_unix_ms));
+        v.verify_client_cert(&CertificateDer::from(cert_der.to_vec()), &[], at)
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+                    "the certificate was revoked".to_string()
+                }
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => {
+                    "the certificate has expired".to_string()
+                }
+                rustls::Error::InvalidCertificate(why) => {
+                    format!("not issued by this cluster's CA (a foreign key): {why:?}")
+                }
+                other => other.to_string(),
+            })?;
         cert_identity(cert_der)
             .map(|p| p.name)
             .ok_or_else(|| "the certificate names no node".into())
@@ -1394,6 +1393,13 @@ mod tests {
         assert!(check_name(&node_name_for("...")).is_ok());
     }
 
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
     fn a_ca() -> ClusterCa {
         let (c, k) = ClusterCa::generate("t").unwrap();
         ClusterCa::from_pem(c, &k).unwrap()
@@ -1405,7 +1411,7 @@ mod tests {
         let ca = a_ca();
         let gw = ca.issue_identity("gw-1", Role::Node).unwrap();
         let t = ClusterTrust::new(ca.cert_pem(), []).unwrap();
-        assert_eq!(t.check(gw.cert_der()).unwrap(), "gw-1");
+        assert_eq!(t.check(gw.cert_der(), now_ms()).unwrap(), "gw-1");
     }
 
     #[test]
@@ -1414,7 +1420,10 @@ mod tests {
         let (ours, theirs) = (a_ca(), a_ca());
         let gw = theirs.issue_identity("gw-1", Role::Node).unwrap();
         let t = ClusterTrust::new(ours.cert_pem(), []).unwrap();
-        assert!(t.check(gw.cert_der()).unwrap_err().contains("foreign"));
+        assert!(t
+            .check(gw.cert_der(), now_ms())
+            .unwrap_err()
+            .contains("foreign"));
     }
 
     #[test]
@@ -1423,6 +1432,19 @@ mod tests {
         let ca = a_ca();
         let gw = ca.issue_identity("gw-1", Role::Node).unwrap();
         let t = ClusterTrust::new(ca.cert_pem(), [gw.fingerprint()]).unwrap();
-        assert!(t.check(gw.cert_der()).unwrap_err().contains("revoked"));
+        assert!(t
+            .check(gw.cert_der(), now_ms())
+            .unwrap_err()
+            .contains("revoked"));
+    }
+
+    #[test]
+    fn cluster_trust_refuses_what_a_certificate_signed_outside_its_validity() {
+        use weft_audit::Trust;
+        let ca = a_ca();
+        let gw = ca.issue_identity("gw-1", Role::Node).unwrap();
+        let t = ClusterTrust::new(ca.cert_pem(), []).unwrap();
+        let in_ten_years = now_ms() + 10 * 365 * 86_400_000;
+        assert!(t.check(gw.cert_der(), in_ten_years).is_err());
     }
 }

@@ -304,6 +304,13 @@ impl Refusals {
         }
     }
 
+    /// The latest checkpoint of this member's own log.
+    fn latest(&self) -> Option<weft_audit::Checkpoint> {
+        let log = self.log.as_ref().filter(|_| self.own)?;
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        log.latest_checkpoint().cloned()
+    }
+
     /// Counts and logs that `req` from `who` (at `remote`) was refused.
     fn refuse(
         &self,
@@ -577,6 +584,7 @@ pub async fn start(
         },
         shutdown_rx.clone(),
     ));
+    let logged_through = core.commit_index();
     let mut driver = Driver {
         core,
         peers,
@@ -591,6 +599,7 @@ pub async fn start(
         refusals,
         pending: HashMap::new(),
         caller: Arc::new(transport::Caller::new(&identity)?),
+        logged_through,
         reads: Vec::new(),
         revocations,
         revoked_synced_at: 0,
@@ -873,6 +882,9 @@ const READ_TIMEOUT: Duration = Duration::from_millis(700);
 
 struct Driver {
     core: Coordinator,
+    /// Entries up to this index were committed before this start: their
+    /// records are in the log already.
+    logged_through: u64,
     /// Sends this member's own checkpoints to the leader.
     caller: Arc<transport::Caller>,
     /// Every coordinator this member knows (configured and added).
@@ -926,8 +938,14 @@ impl Driver {
                     }
                 }
                 _ = checkpoint.tick() => {
-                    if let Some(cp) = self.refusals.checkpoint(weft_audit::reason::INTERVAL) {
-                        self.commit_checkpoint(cp);
+                    self.refusals.checkpoint(weft_audit::reason::INTERVAL);
+                    // the latest, until the replicated state holds it
+                    // (a proposal may be lost to a leader change)
+                    if let Some(cp) = self.refusals.latest() {
+                        let held = self.core.state().checkpoints.get(&cp.node).map(|n| n.latest.seq);
+                        if held.is_none_or(|h| h < cp.seq) {
+                            self.commit_checkpoint(cp);
+                        }
                     }
                 }
                 e = events.recv() => {
@@ -1340,7 +1358,8 @@ impl Driver {
             }
         }
         for a in &out.applied {
-            if let Some(c) = &a.command {
+            // entries replayed after a restart were logged before it
+            if let Some(c) = a.command.as_ref().filter(|_| a.index > self.logged_through) {
                 self.refusals.applied(a.index, c, &a.result);
             }
             if let Some(p) = self.pending.remove(&a.context) {

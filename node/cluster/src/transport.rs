@@ -284,11 +284,22 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, limit: usize) -> Result<Op
 /// How much of a frame is read (and allocated) at a time.
 const READ_CHUNK: usize = 1 << 20;
 
+/// Streams a peer may have open to an endpoint that takes only
+/// certificates at once: every forwarded request is one, and a front sends
+/// all of its own to a replica over one connection (QUIC's default of 100
+/// made the 101st request wait for one to end, past the forwarder's
+/// patience). An endpoint that lets joiners in keeps QUIC's default.
+pub const MAX_STREAMS: u32 = 4096;
+
 fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_config())
+}
+
+fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    Arc::new(t)
+    t
 }
 
 /// A QUIC endpoint: accepts members (and, with `allow_joiners`, joiners
@@ -305,7 +316,11 @@ pub fn endpoint(
         .map_err(|e| setup(&e))?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport());
+    let mut t = transport_config();
+    if !allow_joiners {
+        t.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    }
+    server.transport_config(Arc::new(t));
     let mut ep = quinn::Endpoint::server(server, listen).map_err(|e| setup(&e))?;
     ep.set_default_client_config(client_config(identity, revoked)?);
     Ok(ep)

@@ -120,7 +120,7 @@ async fn route(fwd: Arc<Forwarder>, r: RouteAsk, local: Arc<dyn LocalNode>) -> R
     // the serving node gives the agent this router's prediction
     if let Some(p) = routed.prediction {
         out.headers
-            .extend(p.headers().map(|(k, v)| (k.to_string(), v)));
+            .extend(p.headers().into_iter().map(|(k, v)| (k.to_string(), v)));
     }
     // the next node's span is a child of this one's
     out.headers
