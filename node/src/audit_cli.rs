@@ -149,16 +149,39 @@ fn record_node(paths: &[PathBuf]) -> Option<String> {
 }
 
 /// The filters and output of `weft audit query`.
+#[derive(clap::Args, Debug)]
 pub struct QueryArgs {
+    /// Written at or after: 2026-12-02T10:00:00Z, Unix seconds or ms, or
+    /// an age (15m, 2h, 7d).
+    #[arg(long)]
     pub since: Option<String>,
+    /// Written before (the same forms).
+    #[arg(long)]
     pub until: Option<String>,
+    /// The tenant.
+    #[arg(long)]
     pub tenant: Option<String>,
+    /// The model.
+    #[arg(long)]
     pub model: Option<String>,
+    /// The request id (the routing node's or the serving node's).
+    #[arg(long)]
     pub request_id: Option<String>,
+    /// The decision (routed, admitted, refused, rerouted) or event
+    /// (sandbox.create, control-refused, control-applied, checkpoint).
+    #[arg(long)]
     pub decision: Option<String>,
+    /// Words of the refusal reason (case-insensitive).
+    #[arg(long)]
     pub reason: Option<String>,
+    /// The node that wrote, was chosen for, or served it.
+    #[arg(long)]
     pub node: Option<String>,
+    /// JSON lines (each line as stored, with its node) instead of a table.
+    #[arg(long)]
     pub json: bool,
+    /// Only the last N matches.
+    #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
 }
 

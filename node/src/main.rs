@@ -196,38 +196,8 @@ enum AuditCommand {
         /// Logs: directories (one per node) or files.
         #[arg(required = true)]
         logs: Vec<std::path::PathBuf>,
-        /// Written at or after: 2026-12-02T10:00:00Z, Unix seconds or ms,
-        /// or an age (15m, 2h, 7d).
-        #[arg(long)]
-        since: Option<String>,
-        /// Written before (the same forms).
-        #[arg(long)]
-        until: Option<String>,
-        /// The tenant.
-        #[arg(long)]
-        tenant: Option<String>,
-        /// The model.
-        #[arg(long)]
-        model: Option<String>,
-        /// The request id (the routing node's or the serving node's).
-        #[arg(long)]
-        request_id: Option<String>,
-        /// The decision (routed, admitted, refused, rerouted) or event
-        /// (sandbox.create, control-refused, control-applied, checkpoint).
-        #[arg(long)]
-        decision: Option<String>,
-        /// Words of the refusal reason (case-insensitive).
-        #[arg(long)]
-        reason: Option<String>,
-        /// The node that wrote, was chosen for, or served it.
-        #[arg(long)]
-        node: Option<String>,
-        /// JSON lines (each line as stored, with its node) instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Only the last N matches.
-        #[arg(long, value_name = "N")]
-        limit: Option<usize>,
+        #[command(flatten)]
+        args: audit_cli::QueryArgs,
     },
     /// Tell the story of one request: each routing decision with every
     /// candidate's score term by term, the choice and its utility, and what
@@ -594,33 +564,7 @@ fn main() -> Result<()> {
             let code = audit_cli::verify(&paths, audit_cli::Against { cluster, ca, node })?;
             std::process::exit(code)
         }
-        Command::Audit(AuditCommand::Query {
-            logs,
-            since,
-            until,
-            tenant,
-            model,
-            request_id,
-            decision,
-            reason,
-            node,
-            json,
-            limit,
-        }) => audit_cli::query(
-            &logs,
-            audit_cli::QueryArgs {
-                since,
-                until,
-                tenant,
-                model,
-                request_id,
-                decision,
-                reason,
-                node,
-                json,
-                limit,
-            },
-        ),
+        Command::Audit(AuditCommand::Query { logs, args }) => audit_cli::query(&logs, args),
         Command::Audit(AuditCommand::Explain { request_id, logs }) => {
             let code = audit_cli::explain(&request_id, &logs)?;
             std::process::exit(code)

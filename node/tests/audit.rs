@@ -127,6 +127,16 @@ fn settled(u: &Up) {
     }
 }
 
+/// A copy of the log to tamper with, taken after `n` more answers once the
+/// coordinator holds the log's last checkpoint: its one file and lines.
+fn settled_copy(u: &Up, n: usize) -> (tempfile::TempDir, PathBuf, Vec<Raw>) {
+    served(u, n);
+    settled(u);
+    let copied = copy(&u.log);
+    let (file, lines) = one_file(copied.path());
+    (copied, file, lines)
+}
+
 /// A copy of the log to tamper with.
 fn copy(dir: &Path) -> tempfile::TempDir {
     let to = tempfile::tempdir().unwrap();
@@ -249,10 +259,7 @@ fn a_running_nodes_log_verifies_against_the_checkpoints_its_coordinator_holds() 
 #[test]
 fn a_line_rewritten_with_its_chain_recomputed_is_found_after_the_last_good_checkpoint() {
     let (u, _quiet) = shared();
-    served(u, 2);
-    settled(u);
-    let copied = copy(&u.log);
-    let (file, mut lines) = one_file(copied.path());
+    let (copied, file, mut lines) = settled_copy(u, 2);
     // the attacker edits an admitted request's tenant and recomputes every hash after it
     let at = lines
         .iter()
@@ -279,10 +286,7 @@ fn a_line_rewritten_with_its_chain_recomputed_is_found_after_the_last_good_check
 #[test]
 fn lines_cut_off_after_the_last_checkpoint_left_are_found() {
     let (u, _quiet) = shared();
-    served(u, 1);
-    settled(u);
-    let copied = copy(&u.log);
-    let (file, lines) = one_file(copied.path());
+    let (copied, file, lines) = settled_copy(u, 1);
     // keep the log up to an earlier checkpoint: what follows it is gone
     let cps: Vec<usize> = (0..lines.len())
         .filter(|&i| is_checkpoint(&lines[i]))
@@ -298,10 +302,7 @@ fn lines_cut_off_after_the_last_checkpoint_left_are_found() {
 #[test]
 fn a_checkpoint_signed_with_a_foreign_key_is_found() {
     let (u, _quiet) = shared();
-    served(u, 1);
-    settled(u);
-    let copied = copy(&u.log);
-    let (file, lines) = one_file(copied.path());
+    let (copied, file, lines) = settled_copy(u, 1);
     let (cert, key) = weft_cluster::credentials::ClusterCa::generate("elsewhere").unwrap();
     let stranger = weft_cluster::credentials::ClusterCa::from_pem(cert, &key)
         .unwrap()

@@ -156,6 +156,7 @@ async fn start(
     ids: &[NodeIdentity],
     dirs: &[tempfile::TempDir],
     ca_dir: &std::path::Path,
+    checkpoint_every: Duration,
 ) -> MemberHandle {
     let p = &peers[i];
     let mut s = MemberSettings::new(
@@ -165,7 +166,7 @@ async fn start(
         peers.to_vec(),
     );
     s.tick = Duration::from_millis(50);
-    s.checkpoint_every = Duration::from_millis(300);
+    s.checkpoint_every = checkpoint_every;
     member::start(s, ids[i].clone(), Some(ClusterCa::load(ca_dir).unwrap()))
         .await
         .unwrap()
@@ -185,6 +186,11 @@ struct Cluster {
 impl Cluster {
     /// Three members, started.
     async fn start() -> Self {
+        Self::start_checkpointing(member::CHECKPOINT_EVERY).await
+    }
+
+    /// Three members that sign their control logs' checkpoints `every`.
+    async fn start_checkpointing(every: Duration) -> Self {
         let ca_dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::init(ca_dir.path(), "test").unwrap();
         let names = ["coord-1", "coord-2", "coord-3"];
@@ -204,7 +210,9 @@ impl Cluster {
         let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
         let mut handles = Vec::new();
         for i in 0..3 {
-            handles.push(Some(start(i, &peers, &ids, &dirs, ca_dir.path()).await));
+            handles.push(Some(
+                start(i, &peers, &ids, &dirs, ca_dir.path(), every).await,
+            ));
         }
         let admin = Client::new(&ca.issue_identity("admin", Role::Admin).unwrap());
         Self {
@@ -504,7 +512,17 @@ async fn a_restarted_member_catches_up_from_its_disk() {
     let r = c.replan(&rest, 300.0).await;
     assert!(matches!(r, Reply::Committed { refused: None, .. }), "{r:?}");
     let i = leader as usize - 1;
-    c.handles[i] = Some(start(i, &c.peers, &c.ids, &c.dirs, c.ca_dir.path()).await);
+    c.handles[i] = Some(
+        start(
+            i,
+            &c.peers,
+            &c.ids,
+            &c.dirs,
+            c.ca_dir.path(),
+            member::CHECKPOINT_EVERY,
+        )
+        .await,
+    );
     let latest = c.admin.status(&rest).await.state.epoch();
     let t = Instant::now();
     loop {
@@ -878,7 +896,7 @@ async fn a_refused_command_is_counted_and_logged_with_the_peers_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinators_control_log_records_what_it_applied_and_verifies_against_its_committed_checkpoints(
 ) {
-    let c = Cluster::start().await;
+    let c = Cluster::start_checkpointing(Duration::from_millis(300)).await;
     let gone =
         c.ca.issue_identity("gw-9", weft_cluster::credentials::Role::Node)
             .unwrap();
