@@ -59,33 +59,23 @@ pub fn verify(paths: &[PathBuf], against: Against) -> Result<i32> {
             ca.display()
         );
     }
-    // the coordinators hold every node's checkpoints: only this log's count
-    let node = against.node.clone();
-    let opts = Options {
-        trust: trust.as_ref().map(|t| t as &dyn weft_audit::Trust),
-        anchors: &[],
-        node: node.as_deref(),
-    };
-    let first = weft_audit::check(paths, &opts)?;
     // whose log it is: as asked, else its checkpoints' signer, else the
     // node its records name (a log stripped of its checkpoints)
-    let whose = node
-        .clone()
-        .or(first.node.clone())
-        .or_else(|| record_node(paths));
+    let whose = against.node.clone().or_else(|| log_node(paths));
     if whose.is_none() && !anchors.is_empty() {
         anyhow::bail!(
             "the log names no node (no checkpoint, no record with a node): pass --node NAME to check it against the coordinators' checkpoints"
         );
     }
+    // the coordinators hold every node's checkpoints: only this log's count
     let mine: Vec<Checkpoint> = anchors
         .into_iter()
         .filter(|a| whose.as_deref() == Some(a.node.as_str()))
         .collect();
     let opts = Options {
+        trust: trust.as_ref().map(|t| t as &dyn weft_audit::Trust),
         anchors: &mine,
         node: whose.as_deref(),
-        ..opts
     };
     let r = weft_audit::check(paths, &opts)?;
     if let Some(first_bad) = r.first_problem() {
@@ -132,20 +122,27 @@ pub fn verify(paths: &[PathBuf], against: Against) -> Result<i32> {
     Ok(0)
 }
 
-/// The node the log's records name, if they name one.
-fn record_node(paths: &[PathBuf]) -> Option<String> {
+/// Whose log `paths` is: the signer of its first checkpoint, else the
+/// node its first record naming one names. Reads up to the first
+/// checkpoint only.
+fn log_node(paths: &[PathBuf]) -> Option<String> {
     let files = weft_audit::resolve(paths).ok()?;
-    let mut found = None;
+    let (mut signer, mut named) = (None, None);
     let _ = weft_audit::read_lines(&files, |_, _, _, parsed| {
-        found = parsed.ok().and_then(|l| {
-            l.record
+        let Ok(l) = parsed else { return true };
+        signer = Checkpoint::from_record(&l.record)
+            .and_then(|c| c.ok())
+            .map(|c| c.node);
+        if named.is_none() {
+            named = l
+                .record
                 .get("node")
                 .and_then(serde_json::Value::as_str)
-                .map(String::from)
-        });
-        found.is_none()
+                .map(String::from);
+        }
+        signer.is_none()
     });
-    found
+    signer.or(named)
 }
 
 /// The filters and output of `weft audit query`.

@@ -156,6 +156,18 @@ fn verify(dir: &Path, cluster: &Path) -> Output {
         .unwrap()
 }
 
+/// What `weft audit verify` said of a log it passed.
+fn verified(dir: &Path, cluster: &Path) -> String {
+    let out = verify(dir, cluster);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
 /// The first bad sequence number `weft audit verify` named (it exited 1).
 fn first_bad(out: &Output) -> (u64, String) {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -245,13 +257,7 @@ fn a_running_nodes_log_verifies_against_the_checkpoints_its_coordinator_holds() 
     let (u, _quiet) = shared();
     served(u, 3);
     settled(u);
-    let out = verify(&u.log, &u.cluster);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = verified(&u.log, &u.cluster);
     assert!(said.contains("checked against the cluster's CA"), "{said}");
     assert!(!said.contains("coordinators: 0 of"), "{said}");
 }
@@ -382,13 +388,7 @@ fn a_pruned_log_still_verifies_from_its_signed_boundary() {
         !files[0].ends_with("intent-000000.jsonl"),
         "nothing was pruned ({total} bytes)"
     );
-    let out = verify(&u.log, &u.cluster);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = verified(&u.log, &u.cluster);
     assert!(said.contains("pruned: it starts at seq"), "{said}");
 }
 

@@ -233,6 +233,11 @@ mod tests {
         assert!(!may_send_raft(None, &names));
     }
 
+    fn a_ca() -> crate::credentials::ClusterCa {
+        let (cert, key) = crate::credentials::ClusterCa::generate("t").unwrap();
+        crate::credentials::ClusterCa::from_pem(cert, &key).unwrap()
+    }
+
     fn checkpoint_by(id: &crate::credentials::NodeIdentity) -> weft_audit::Checkpoint {
         weft_audit::Checkpoint::sign(id, 7, &"ab".repeat(32), 1, weft_audit::reason::INTERVAL)
             .unwrap()
@@ -244,8 +249,7 @@ mod tests {
 
     #[test]
     fn a_node_may_commit_its_own_checkpoint() {
-        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
-        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let ca = a_ca();
         let gw = ca.issue_identity("gw-1", Role::Node).unwrap();
         let cp = checkpoint_by(&gw);
         assert!(authorize(Some(&identity_of(&gw)), &propose(Command::Checkpoint(cp))).is_ok());
@@ -253,8 +257,7 @@ mod tests {
 
     #[test]
     fn a_node_may_not_commit_another_nodes_checkpoint() {
-        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
-        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let ca = a_ca();
         let (gw1, gw2) = (
             ca.issue_identity("gw-1", Role::Node).unwrap(),
             ca.issue_identity("gw-2", Role::Node).unwrap(),
@@ -270,8 +273,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_signed_with_another_certificate_of_the_same_name_is_refused() {
-        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
-        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let ca = a_ca();
         let (old, now) = (
             ca.issue_identity("gw-1", Role::Node).unwrap(),
             ca.issue_identity("gw-1", Role::Node).unwrap(),
@@ -286,8 +288,7 @@ mod tests {
 
     #[test]
     fn a_coordinator_may_not_commit_a_nodes_checkpoint_either() {
-        let ca = crate::credentials::ClusterCa::generate("t").unwrap();
-        let ca = crate::credentials::ClusterCa::from_pem(ca.0, &ca.1).unwrap();
+        let ca = a_ca();
         let (gw, coord) = (
             ca.issue_identity("gw-1", Role::Node).unwrap(),
             ca.issue_identity("coord-1", Role::Coordinator).unwrap(),
