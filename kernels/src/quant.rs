@@ -14,6 +14,7 @@ use candle_core::utils::barrier_pool;
 use half::f16;
 
 use crate::error::{KernelError, Result};
+use crate::tile::{self, Q4_1x8, Q5_0x8, Q8_0x8, TileGroup, Tiled, TILE_ROWS};
 
 /// Elements per Q8_0 / Q5_0 block.
 pub const QK: usize = 32;
@@ -124,6 +125,12 @@ enum Storage {
     Candle(Box<dyn QuantizedType>),
     /// Plain f32 (norm-sized or test weights).
     F32(Vec<f32>),
+    /// Q8_0 repacked 8 rows to a group, for the tiled kernels.
+    Q8_0x8(Vec<Q8_0x8>),
+    /// Q5_0 repacked 8 rows to a group.
+    Q5_0x8(Vec<Q5_0x8>),
+    /// Q4_1 repacked 8 rows to a group.
+    Q4_1x8(Vec<Q4_1x8>),
 }
 
 /// A weight matrix `[rows, cols]` in its GGUF quantization.
@@ -269,6 +276,20 @@ impl QMatrix {
             | GgmlDType::BF16 => Storage::Candle(dtype.from_data(Cow::Borrowed(bytes))),
             _ => return Err(unsupported()),
         };
+        // rows in whole groups of 8 are repacked for the tiled kernels
+        let bpr = cols / QK;
+        let storage = match storage {
+            Storage::Q8_0(b) if rows.is_multiple_of(TILE_ROWS) && !row_kernels() => {
+                Storage::Q8_0x8(tile::repack_q8_0(&b, bpr))
+            }
+            Storage::Q5_0(b) if rows.is_multiple_of(TILE_ROWS) && !row_kernels() => {
+                Storage::Q5_0x8(tile::repack_q5_0(&b, bpr))
+            }
+            Storage::Q4_1(b) if rows.is_multiple_of(TILE_ROWS) && !row_kernels() => {
+                Storage::Q4_1x8(tile::repack_q4_1(&b, bpr))
+            }
+            s => s,
+        };
         Ok(Self {
             rows,
             cols,
@@ -302,6 +323,9 @@ impl QMatrix {
             Storage::Q6K(b) => b.len() * std::mem::size_of::<BlockQ6K>(),
             Storage::Candle(q) => q.storage_size_in_bytes(),
             Storage::F32(v) => v.len() * 4,
+            Storage::Q8_0x8(g) => std::mem::size_of_val(&g[..]),
+            Storage::Q5_0x8(g) => std::mem::size_of_val(&g[..]),
+            Storage::Q4_1x8(g) => std::mem::size_of_val(&g[..]),
         }
     }
 
@@ -335,7 +359,10 @@ impl QMatrix {
             | Storage::Q5_0(_)
             | Storage::Q8_0(_)
             | Storage::Q4K(_)
-            | Storage::Q6K(_) => Ok(()),
+            | Storage::Q6K(_)
+            | Storage::Q8_0x8(_)
+            | Storage::Q5_0x8(_)
+            | Storage::Q4_1x8(_) => Ok(()),
             Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
             Storage::F32(w) => {
                 matmul_f32(m, self.cols, self.rows, lhs, w, dst);
@@ -391,6 +418,25 @@ impl QMatrix {
         }
         if m == 0 {
             return false;
+        }
+        // repacked matrices of any of the three types share one quantization
+        let tiled: Option<Vec<Tiled<'_>>> = ms
+            .iter()
+            .map(|q| match &q.storage {
+                Storage::Q8_0x8(g) => Some(Tiled::Q8_0(&g[..])),
+                Storage::Q5_0x8(g) => Some(Tiled::Q5_0(&g[..])),
+                Storage::Q4_1x8(g) => Some(Tiled::Q4_1(&g[..])),
+                _ => None,
+            })
+            .collect();
+        if let Some(tiled) = tiled {
+            let mut parts: Vec<_> = tiled
+                .into_iter()
+                .zip(dsts.iter_mut())
+                .map(|(w, d)| (w, &mut **d))
+                .collect();
+            tile::matmul(m, ms[0].cols, lhs, &mut parts);
+            return true;
         }
         of_type!(Q4_1);
         of_type!(Q5_0);
@@ -466,6 +512,9 @@ impl QMatrix {
             Storage::Q4K(w) => blocks(w, row, out, dequant_q4_k),
             Storage::Q6K(w) => blocks(w, row, out, dequant_q6_k),
             Storage::F32(w) => out.copy_from_slice(&w[row * self.cols..(row + 1) * self.cols]),
+            Storage::Q8_0x8(g) => group_row(g, row, out),
+            Storage::Q5_0x8(g) => group_row(g, row, out),
+            Storage::Q4_1x8(g) => group_row(g, row, out),
             Storage::Candle(q) => {
                 let rows = q.embedding(&[row as u32], self.rows, self.cols)?;
                 match rows {
@@ -493,6 +542,28 @@ fn dequant_q4_1(b: &BlockQ4_1, out: &mut [f32]) {
 /// Whether Q4_K and Q6_K weights load into our own kernels: in this
 /// crate's tests, or with `WEFT_OWN_K_QUANTS=1` (for the benchmark); else
 /// candle's, whose sums give llama.cpp's greedy tokens on Gemma.
+/// Row `row` of a repacked matrix, dequantized block by block.
+fn group_row<G: TileGroup>(groups: &[G], row: usize, out: &mut [f32]) {
+    let bpr = out.len() / QK;
+    let (g, r) = (row / TILE_ROWS, row % TILE_ROWS);
+    for (b, o) in groups[g * bpr..(g + 1) * bpr]
+        .iter()
+        .zip(out.chunks_exact_mut(QK))
+    {
+        b.dequant_row(r, o);
+    }
+}
+
+/// Whether Q8_0, Q5_0 and Q4_1 weights stay row by row for the row
+/// kernels. The tiled kernels (`tile`) are opt-in with
+/// `WEFT_TILED_KERNELS=1` (and always on in unit tests) until the
+/// real-model greedy fixtures have been checked against their float order.
+fn row_kernels() -> bool {
+    static ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !cfg!(test)
+        && !*ROWS.get_or_init(|| std::env::var("WEFT_TILED_KERNELS").is_ok_and(|v| v == "1"))
+}
+
 fn own_k_quants() -> bool {
     cfg!(test) || std::env::var_os("WEFT_OWN_K_QUANTS").is_some_and(|v| v == "1")
 }
