@@ -746,7 +746,7 @@ const QUANTIZE_SPLIT: usize = 16;
 /// A raw pointer to activation blocks that may cross to pool workers; each
 /// worker writes disjoint rows.
 #[derive(Clone, Copy)]
-struct SharedPtr<T>(*mut T);
+pub(crate) struct SharedPtr<T>(pub(crate) *mut T);
 // SAFETY: users guarantee that concurrent workers write disjoint ranges.
 unsafe impl<T: Send> Send for SharedPtr<T> {}
 // SAFETY: as above.

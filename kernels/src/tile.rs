@@ -32,7 +32,8 @@ use candle_core::utils::barrier_pool;
 use half::f16;
 
 use crate::quant::{
-    cpu_path, quantize_row_q8_0, ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0, CpuPath, QK,
+    cpu_path, quantize_row_q8_0, ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0, CpuPath, SharedMut,
+    SharedPtr, QK,
 };
 
 /// Weight rows per repacked group (the lanes of one vector of i32).
@@ -415,6 +416,23 @@ macro_rules! tiles {
                 ))
             }
 
+            /// The 8 rows' integer sums of a block of small (below 32)
+            /// unsigned runs `x` with activation block `a`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn small_sum(x: &[__m256i; 8], a: &ActT) -> __m256i {
+                let isum = $small4(
+                    _mm256_setzero_si256(),
+                    [x[0], x[1], x[2], x[3]],
+                    [run(a, 0), run(a, 1), run(a, 2), run(a, 3)],
+                );
+                $small4(
+                    isum,
+                    [x[4], x[5], x[6], x[7]],
+                    [run(a, 4), run(a, 5), run(a, 6), run(a, 7)],
+                )
+            }
+
             /// The 8 f16 row scales widened.
             #[inline]
             #[target_feature(enable = $feat)]
@@ -506,16 +524,7 @@ macro_rules! tiles {
                     });
                     for t in 0..T {
                         let a = ys[t].get_unchecked(b);
-                        let mut isum = $small4(
-                            _mm256_setzero_si256(),
-                            [x[0], x[1], x[2], x[3]],
-                            [run(a, 0), run(a, 1), run(a, 2), run(a, 3)],
-                        );
-                        isum = $small4(
-                            isum,
-                            [x[4], x[5], x[6], x[7]],
-                            [run(a, 4), run(a, 5), run(a, 6), run(a, 7)],
-                        );
+                        let isum = small_sum(&x, a);
                         let isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(16 * a.sum));
                         let sc = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
                         acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), acc[t]);
@@ -539,16 +548,7 @@ macro_rules! tiles {
                     let x = nibble_runs(&g.qs);
                     for t in 0..T {
                         let a = ys[t].get_unchecked(b);
-                        let mut isum = $small4(
-                            _mm256_setzero_si256(),
-                            [x[0], x[1], x[2], x[3]],
-                            [run(a, 0), run(a, 1), run(a, 2), run(a, 3)],
-                        );
-                        isum = $small4(
-                            isum,
-                            [x[4], x[5], x[6], x[7]],
-                            [run(a, 4), run(a, 5), run(a, 6), run(a, 7)],
-                        );
+                        let isum = small_sum(&x, a);
                         let sc = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
                         acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), acc[t]);
                         acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s), acc[t]);
@@ -627,7 +627,7 @@ fn dot4_vnni(
     std::arch::x86_64::_mm256_dpbusd_avx_epi32(acc, u, s)
 }
 
-/// Four `vpdpbusd` (AVX-VNNI).
+/// Four `vpdpbusd`, one after another.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -641,10 +641,9 @@ fn small4_vnni(
     u: [std::arch::x86_64::__m256i; 4],
     s: [std::arch::x86_64::__m256i; 4],
 ) -> std::arch::x86_64::__m256i {
-    let acc = dot4_vnni(acc, u[0], s[0]);
-    let acc = dot4_vnni(acc, u[1], s[1]);
-    let acc = dot4_vnni(acc, u[2], s[2]);
-    dot4_vnni(acc, u[3], s[3])
+    u.into_iter()
+        .zip(s)
+        .fold(acc, |acc, (u, s)| dot4_vnni(acc, u, s))
 }
 
 /// One `vpdpbusd` (AVX-512 VNNI, EVEX form).
@@ -664,7 +663,7 @@ fn dot4_avx512(
     std::arch::x86_64::_mm256_dpbusd_epi32(acc, u, s)
 }
 
-/// Four `vpdpbusd` (AVX-512 VNNI, EVEX form).
+/// Four `vpdpbusd`, one after another.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -678,10 +677,9 @@ fn small4_avx512(
     u: [std::arch::x86_64::__m256i; 4],
     s: [std::arch::x86_64::__m256i; 4],
 ) -> std::arch::x86_64::__m256i {
-    let acc = dot4_avx512(acc, u[0], s[0]);
-    let acc = dot4_avx512(acc, u[1], s[1]);
-    let acc = dot4_avx512(acc, u[2], s[2]);
-    dot4_avx512(acc, u[3], s[3])
+    u.into_iter()
+        .zip(s)
+        .fold(acc, |acc, (u, s)| dot4_avx512(acc, u, s))
 }
 
 tiles!(
@@ -714,24 +712,6 @@ pub(crate) enum Tiled<'a> {
     Q4_1(&'a [Q4_1x8]),
 }
 
-/// A raw pointer to outputs that crosses to the pool's threads; each thread
-/// writes disjoint elements.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the threads write disjoint (row, column) elements (static split
-// over the groups below).
-unsafe impl Send for Out {}
-// SAFETY: as above.
-unsafe impl Sync for Out {}
-
-/// A raw pointer to activation blocks, written by disjoint rows.
-#[derive(Clone, Copy)]
-struct Acts(*mut ActT);
-// SAFETY: as for `Out`.
-unsafe impl Send for Acts {}
-// SAFETY: as above.
-unsafe impl Sync for Acts {}
-
 /// `T` token rows starting at `t0` over group `g` of `w`, on `path`,
 /// written to `out` (`n` columns per row).
 #[inline]
@@ -743,7 +723,7 @@ fn tile_into<G: TileGroup, const T: usize>(
     bpr: usize,
     acts: &[ActT],
     t0: usize,
-    out: Out,
+    out: SharedMut,
     n: usize,
 ) {
     let ys: [&[ActT]; T] = std::array::from_fn(|i| &acts[(t0 + i) * bpr..(t0 + i + 1) * bpr]);
@@ -771,7 +751,7 @@ fn rows_into<G: TileGroup>(
     acts: &[ActT],
     t0: usize,
     t1: usize,
-    out: Out,
+    out: SharedMut,
     n: usize,
 ) {
     let mut t = t0;
@@ -804,7 +784,7 @@ pub(crate) fn matmul(m: usize, k: usize, lhs: &[f32], parts: &mut [(Tiled<'_>, &
     let pool = barrier_pool();
     let threads = pool.n_workers() + 1;
     if m >= QUANTIZE_SPLIT && threads > 1 {
-        let ptr = Acts(acts.as_mut_ptr());
+        let ptr = SharedPtr(acts.as_mut_ptr());
         pool.execute(move |tid| {
             let ptr = ptr;
             let (r0, r1) = (m * tid / threads, m * (tid + 1) / threads);
@@ -837,11 +817,11 @@ pub(crate) fn matmul(m: usize, k: usize, lhs: &[f32], parts: &mut [(Tiled<'_>, &
         total += groups;
     }
     starts.push(total);
-    let outs: Vec<(&Tiled<'_>, Out, usize)> = parts
+    let outs: Vec<(&Tiled<'_>, SharedMut, usize)> = parts
         .iter_mut()
         .map(|(w, d)| {
             let n = d.len() / m.max(1);
-            (&*w, Out(d.as_mut_ptr()), n)
+            (&*w, SharedMut(d.as_mut_ptr()), n)
         })
         .collect();
     let (acts, starts, outs) = (&acts[..], &starts[..], &outs[..]);
