@@ -39,7 +39,6 @@ pub mod prefix;
 pub mod quant;
 pub mod sampling;
 pub mod testing;
-pub mod tile;
 pub mod tokenizer;
 
 use std::path::Path;

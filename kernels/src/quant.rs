@@ -14,7 +14,9 @@ use candle_core::utils::barrier_pool;
 use half::f16;
 
 use crate::error::{KernelError, Result};
-use crate::tile::{self, Q4_1x8, Q5_0x8, Q8_0x8, TileGroup, Tiled, TILE_ROWS};
+use tile::{Q4_1x8, Q5_0x8, Q8_0x8, TileGroup, Tiled, TILE_ROWS};
+
+pub mod tile;
 
 /// Elements per Q8_0 / Q5_0 block.
 pub const QK: usize = 32;

@@ -31,7 +31,7 @@
 use candle_core::utils::barrier_pool;
 use half::f16;
 
-use crate::quant::{
+use super::{
     cpu_path, quantize_row_q8_0, ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0, CpuPath, SharedMut,
     SharedPtr, QK,
 };
