@@ -19,8 +19,16 @@ name = sys.argv[3] if len(sys.argv) > 3 else "default"
 smollm = "smollm" in name
 
 
+def rows_kernels(r):
+    """A weft run with WEFT_ROW_KERNELS=1: the row-by-row kernels the tiled
+    ones replaced, measured for comparison."""
+    return r["engine"] == "weft" and r.get("kernels") == "rows"
+
+
 def engine(r):
-    return f"weft {r['cpu_path']}" if r["engine"] == "weft" else r["engine"]
+    if r["engine"] != "weft":
+        return r["engine"]
+    return f"weft {r['cpu_path']}" + (" rows" if rows_kernels(r) else "")
 
 
 runs = {}
@@ -47,9 +55,10 @@ def median_run(rs):
 
 by = {k: median_run(v) for k, v in runs.items()}
 threads = sorted({r["threads"] for r in rows})
-paths = sorted({r["cpu_path"] for r in rows if r["engine"] == "weft"}, key=ORDER.index)
+paths = sorted({r["cpu_path"] for r in rows if r["engine"] == "weft" and not rows_kernels(r)}, key=ORDER.index)
+row_paths = sorted({r["cpu_path"] for r in rows if rows_kernels(r)}, key=ORDER.index)
 default = paths[-1]
-cols = [f"weft {p}" for p in paths] + ["llama.cpp"]
+cols = [f"weft {p} rows" for p in row_paths] + [f"weft {p}" for p in paths] + ["llama.cpp"]
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 flags = subprocess.run(["sh", "-c", "grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\\n' | grep -E '^(avx2|fma|avx512f|avx512bw|avx512vl|avx512_vnni|avx_vnni|amx_int8)$' | sort -u | xargs"], capture_output=True, text=True).stdout.strip()
 label = "SmolLM2 135M Instruct Q4_1 (Llama architecture)" if smollm else "Gemma 3 270M Q4_K_M"
@@ -57,7 +66,9 @@ print(f"# Model runtime: weft vs llama.cpp, {label}\n")
 print(f"`{name}` ({label}, {model_bytes / 2**20:.1f} MiB), {cpu} ({flags}), {platform.machine()}, "
       f"`scripts/bench_runtime.sh`, median of {min(len(v) for v in runs.values())} alternating runs per engine and path; "
       f"llama.cpp through llama-cpp-python {next((r.get('llama_cpp_python') for r in rows if r.get('llama_cpp_python')), '?')} "
-      f"(built on this machine). weft's kernel paths measured: {', '.join(paths)}; `{default}` is the one it picks here.\n")
+      f"(built on this machine). weft's kernel paths measured: {', '.join(paths)}; `{default}` is the one it picks here"
+      + (f"; `rows` columns are the row-by-row kernels the tiled ones replaced (`WEFT_ROW_KERNELS=1`), on {', '.join(row_paths)}" if row_paths else "")
+      + ".\n")
 print("| threads | metric | " + " | ".join(cols) + f" | weft {default} / llama.cpp |")
 print("|---|---|" + "---|" * (len(cols) + 1))
 
@@ -88,7 +99,7 @@ for t in threads:
         vals = [fig(by[(c, t)], m) if (c, t) in by else None for c in cols]
         fmt = "{:.2f}" if m[0] == "load" else ("{:.0f}" if m[0] == "rss" else "{:.1f}")
         cells = [fmt.format(v) if v is not None else "—" for v in vals]
-        w, l = vals[len(paths) - 1], vals[-1]
+        w, l = vals[cols.index(f"weft {default}")], vals[-1]
         ratio = f"{w / l:.2f}x" if w and l else "—"
         print(f"| {t} | {label_} | " + " | ".join(cells) + f" | {ratio} |")
 print()

@@ -123,6 +123,9 @@ struct RuntimeReport {
     verify_s: f64,
     load_s: f64,
     cpu_path: &'static str,
+    /// `tiled` (the default) or `rows` (`WEFT_ROW_KERNELS=1`, the kernels
+    /// before the repacked tiles, kept for comparison).
+    kernels: &'static str,
     prefill_tokens_per_s: Vec<(usize, f64)>,
     decode_tokens_per_s: f64,
     aggregate_decode_tokens_per_s: Vec<(usize, f64)>,
@@ -410,6 +413,7 @@ fn runtime(a: RuntimeArgs) -> Result<()> {
         verify_s,
         load_s,
         cpu_path: weft_kernels::quant::cpu_path().name(),
+        kernels: weft_kernels::quant::kernels_name(),
         prefill_tokens_per_s: prefill,
         decode_tokens_per_s: decode,
         aggregate_decode_tokens_per_s: agg,

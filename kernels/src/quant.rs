@@ -50,6 +50,41 @@ pub struct BlockQ4_1 {
     pub qs: [u8; QK / 2],
 }
 
+impl BlockQ8_0 {
+    /// Decodes one block from its 34 GGUF bytes.
+    pub fn read(c: &[u8]) -> Self {
+        let c: &[u8; 34] = c[..34].try_into().expect("a whole block");
+        BlockQ8_0 {
+            d: f16::from_le_bytes([c[0], c[1]]),
+            qs: std::array::from_fn(|i| c[2 + i] as i8),
+        }
+    }
+}
+
+impl BlockQ5_0 {
+    /// Decodes one block from its 22 GGUF bytes.
+    pub fn read(c: &[u8]) -> Self {
+        let c: &[u8; 22] = c[..22].try_into().expect("a whole block");
+        BlockQ5_0 {
+            d: f16::from_le_bytes([c[0], c[1]]),
+            qh: [c[2], c[3], c[4], c[5]],
+            qs: std::array::from_fn(|i| c[6 + i]),
+        }
+    }
+}
+
+impl BlockQ4_1 {
+    /// Decodes one block from its 20 GGUF bytes.
+    pub fn read(c: &[u8]) -> Self {
+        let c: &[u8; 20] = c[..20].try_into().expect("a whole block");
+        BlockQ4_1 {
+            d: f16::from_le_bytes([c[0], c[1]]),
+            m: f16::from_le_bytes([c[2], c[3]]),
+            qs: std::array::from_fn(|i| c[4 + i]),
+        }
+    }
+}
+
 /// A Q8-quantized activation block with its scale already in f32 (the
 /// f16-rounded value ggml stores, so products are the same). `s` is what
 /// ggml's Q8_1 adds for weights with a minimum (Q4_1): the f32 scale times
@@ -189,52 +224,33 @@ impl QMatrix {
                 reason: format!("tensor holds {} bytes, expected {expected}", bytes.len()),
             });
         }
+        // Rows in whole groups of 8 are repacked for the tiled kernels,
+        // straight from the file's bytes (no row-major copy in between).
+        let bpr = cols / QK;
+        let tiled = rows.is_multiple_of(TILE_ROWS) && !row_kernels();
+        fn block<'a, B: 'a>(bytes: &'a [u8], read: fn(&[u8]) -> B) -> impl Fn(usize) -> B + 'a {
+            let size = std::mem::size_of::<B>();
+            move |i| read(&bytes[i * size..(i + 1) * size])
+        }
+        fn blocks<B>(bytes: &[u8], read: fn(&[u8]) -> B) -> Vec<B> {
+            bytes
+                .chunks_exact(std::mem::size_of::<B>())
+                .map(read)
+                .collect()
+        }
         let storage = match dtype {
-            GgmlDType::Q5_0 => {
-                let n = bytes.len() / std::mem::size_of::<BlockQ5_0>();
-                let mut blocks = Vec::with_capacity(n);
-                for chunk in bytes.chunks_exact(std::mem::size_of::<BlockQ5_0>()) {
-                    let mut qh = [0u8; 4];
-                    qh.copy_from_slice(&chunk[2..6]);
-                    let mut qs = [0u8; QK / 2];
-                    qs.copy_from_slice(&chunk[6..22]);
-                    blocks.push(BlockQ5_0 {
-                        d: f16::from_le_bytes([chunk[0], chunk[1]]),
-                        qh,
-                        qs,
-                    });
-                }
-                Storage::Q5_0(blocks)
+            GgmlDType::Q5_0 if tiled => {
+                Storage::Q5_0x8(tile::repack_q5_0(rows, bpr, block(bytes, BlockQ5_0::read)))
             }
-            GgmlDType::Q4_1 => Storage::Q4_1(
-                bytes
-                    .chunks_exact(std::mem::size_of::<BlockQ4_1>())
-                    .map(|c| {
-                        let mut qs = [0u8; QK / 2];
-                        qs.copy_from_slice(&c[4..20]);
-                        BlockQ4_1 {
-                            d: f16::from_le_bytes([c[0], c[1]]),
-                            m: f16::from_le_bytes([c[2], c[3]]),
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ),
-            GgmlDType::Q8_0 => Storage::Q8_0(
-                bytes
-                    .chunks_exact(std::mem::size_of::<BlockQ8_0>())
-                    .map(|c| {
-                        let mut qs = [0i8; QK];
-                        for (q, b) in qs.iter_mut().zip(&c[2..34]) {
-                            *q = *b as i8;
-                        }
-                        BlockQ8_0 {
-                            d: f16::from_le_bytes([c[0], c[1]]),
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ),
+            GgmlDType::Q5_0 => Storage::Q5_0(blocks(bytes, BlockQ5_0::read)),
+            GgmlDType::Q4_1 if tiled => {
+                Storage::Q4_1x8(tile::repack_q4_1(rows, bpr, block(bytes, BlockQ4_1::read)))
+            }
+            GgmlDType::Q4_1 => Storage::Q4_1(blocks(bytes, BlockQ4_1::read)),
+            GgmlDType::Q8_0 if tiled => {
+                Storage::Q8_0x8(tile::repack_q8_0(rows, bpr, block(bytes, BlockQ8_0::read)))
+            }
+            GgmlDType::Q8_0 => Storage::Q8_0(blocks(bytes, BlockQ8_0::read)),
             // Our K-quant kernels are built and tested (`own_k_quants`), but
             // not chosen at load yet: their float sums run in another order
             // than llama.cpp's, and Gemma's greedy fixture then parts from
@@ -277,20 +293,6 @@ impl QMatrix {
             | GgmlDType::F16
             | GgmlDType::BF16 => Storage::Candle(dtype.from_data(Cow::Borrowed(bytes))),
             _ => return Err(unsupported()),
-        };
-        // rows in whole groups of 8 are repacked for the tiled kernels
-        let bpr = cols / QK;
-        let storage = match storage {
-            Storage::Q8_0(b) if rows.is_multiple_of(TILE_ROWS) && !row_kernels() => {
-                Storage::Q8_0x8(tile::repack_q8_0(&b, bpr))
-            }
-            Storage::Q5_0(b) if rows.is_multiple_of(TILE_ROWS) && !row_kernels() => {
-                Storage::Q5_0x8(tile::repack_q5_0(&b, bpr))
-            }
-            Storage::Q4_1(b) if rows.is_multiple_of(TILE_ROWS) && !row_kernels() => {
-                Storage::Q4_1x8(tile::repack_q4_1(&b, bpr))
-            }
-            s => s,
         };
         Ok(Self {
             rows,
@@ -557,13 +559,22 @@ fn group_row<G: TileGroup>(groups: &[G], row: usize, out: &mut [f32]) {
 }
 
 /// Whether Q8_0, Q5_0 and Q4_1 weights stay row by row for the row
-/// kernels. The tiled kernels (`tile`) are opt-in with
-/// `WEFT_TILED_KERNELS=1` (and always on in unit tests) until the
-/// real-model greedy fixtures have been checked against their float order.
+/// kernels instead of being repacked for the tiled ones (`tile`), the
+/// default. `WEFT_ROW_KERNELS=1` keeps the row kernels, for benchmarks that
+/// set the two side by side; unit tests always take the tiled ones.
+/// Which kernels the Q8_0, Q5_0 and Q4_1 weights loaded now run: `tiled`
+/// (the default) or `rows` (`WEFT_ROW_KERNELS=1`).
+pub fn kernels_name() -> &'static str {
+    if row_kernels() {
+        "rows"
+    } else {
+        "tiled"
+    }
+}
+
 fn row_kernels() -> bool {
     static ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !cfg!(test)
-        && !*ROWS.get_or_init(|| std::env::var("WEFT_TILED_KERNELS").is_ok_and(|v| v == "1"))
+    !cfg!(test) && *ROWS.get_or_init(|| std::env::var("WEFT_ROW_KERNELS").is_ok_and(|v| v == "1"))
 }
 
 fn own_k_quants() -> bool {

@@ -288,7 +288,8 @@ fn greedy_continuations_match_llama_cpp(r: &Real) {
     }
 }
 
-/// The engine, free-running, produces llama.cpp's text for a plain prompt.
+/// The engine, free-running, produces llama.cpp's text for a plain prompt,
+/// parting from it only at a close call.
 fn the_engine_generates_llama_cpp_text(r: &Real) {
     let f = r.fixture();
     let m = r.model();
@@ -308,15 +309,20 @@ fn the_engine_generates_llama_cpp_text(r: &Real) {
     })
     .unwrap();
     let out = e.run_to_completion().unwrap().remove(&1).unwrap();
-    // free-running only holds while no near-tie occurs in the window
-    let n = c
-        .top2_gap
-        .iter()
-        .take(24)
-        .position(|g| *g < NEAR_TIE)
-        .unwrap_or(24);
-    assert!(n >= 8, "the short prompt should have a clear start");
-    assert_eq!(out.tokens[..n], c.greedy[..n]);
+    assert!(!out.tokens.is_empty(), "the engine generated nothing");
+    // Free-running, the text is llama.cpp's until the first token where the
+    // two part; from there on their contexts differ. They may part only
+    // where llama.cpp's own two best logits were within CLEAR_GAP, the close
+    // calls the teacher-forced comparison accepts too.
+    if let Some(i) = out.tokens.iter().zip(&c.greedy).position(|(a, b)| a != b) {
+        assert!(
+            c.top2_gap[i] < CLEAR_GAP,
+            "token {i}: ours {}, llama.cpp {} although its top two were {:.3} apart",
+            out.tokens[i],
+            c.greedy[i],
+            c.top2_gap[i]
+        );
+    }
     assert_eq!(out.text, m.tokenizer.decode(&out.tokens));
 }
 

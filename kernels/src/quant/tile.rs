@@ -128,18 +128,33 @@ const _: () = assert!(std::mem::size_of::<Q8_0x8>() == 8 * 34);
 const _: () = assert!(std::mem::size_of::<Q5_0x8>() == 8 * 22);
 const _: () = assert!(std::mem::size_of::<Q4_1x8>() == 8 * 20);
 
-/// Reorders row-major blocks (`rows` rows of `bpr` blocks) into groups:
-/// group `g · bpr + b` is block `b` of rows `8g..8g + 8`.
-fn regroup<B: Copy, G>(blocks: &[B], bpr: usize, pack: impl Fn([&B; TILE_ROWS]) -> G) -> Vec<G> {
-    let groups = blocks.len() / bpr / TILE_ROWS;
-    let mut out = Vec::with_capacity(groups * bpr);
-    for g in 0..groups {
-        for b in 0..bpr {
-            out.push(pack(std::array::from_fn(|r| {
-                &blocks[(g * TILE_ROWS + r) * bpr + b]
-            })));
+/// Reorders row-major blocks (`rows` rows of `bpr` blocks, block `i` read by
+/// `block(i)`, so the caller can decode them straight from the file's bytes)
+/// into groups: group `g · bpr + b` is block `b` of rows `8g..8g + 8`.
+fn regroup<B, G: Send>(
+    rows: usize,
+    bpr: usize,
+    block: impl Fn(usize) -> B + Sync,
+    pack: impl Fn([B; TILE_ROWS]) -> G + Sync,
+) -> Vec<G> {
+    let n = rows / TILE_ROWS * bpr;
+    let mut out: Vec<G> = Vec::with_capacity(n);
+    let dst = SharedPtr(out.as_mut_ptr());
+    // the pool's threads each pack a share of the groups
+    let dst = &dst;
+    barrier_pool().execute_chunked(n, |range| {
+        for i in range {
+            let (g, b) = (i / bpr, i % bpr);
+            let group = pack(std::array::from_fn(|r| {
+                block((g * TILE_ROWS + r) * bpr + b)
+            }));
+            // SAFETY: `i < n` is within the capacity, and each index is
+            // written by exactly one worker.
+            unsafe { dst.0.add(i).write(group) };
         }
-    }
+    });
+    // SAFETY: every index below `n` was written above.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -169,9 +184,13 @@ fn nibbles_of(qs: &[u8; QK / 2]) -> [u8; QK] {
     })
 }
 
-/// Repacks Q8_0 rows (their count a multiple of 8).
-pub fn repack_q8_0(blocks: &[BlockQ8_0], bpr: usize) -> Vec<Q8_0x8> {
-    regroup(blocks, bpr, |rows| {
+/// Repacks `rows` Q8_0 rows (a multiple of 8) of `bpr` blocks each.
+pub fn repack_q8_0(
+    rows: usize,
+    bpr: usize,
+    block: impl Fn(usize) -> BlockQ8_0 + Sync,
+) -> Vec<Q8_0x8> {
+    regroup(rows, bpr, block, |rows| {
         let mut qs = [0i8; QK * TILE_ROWS];
         for (r, b) in rows.iter().enumerate() {
             for (k, v) in b.qs.iter().enumerate() {
@@ -185,18 +204,26 @@ pub fn repack_q8_0(blocks: &[BlockQ8_0], bpr: usize) -> Vec<Q8_0x8> {
     })
 }
 
-/// Repacks Q5_0 rows (their count a multiple of 8).
-pub fn repack_q5_0(blocks: &[BlockQ5_0], bpr: usize) -> Vec<Q5_0x8> {
-    regroup(blocks, bpr, |rows| Q5_0x8 {
+/// Repacks `rows` Q5_0 rows (a multiple of 8) of `bpr` blocks each.
+pub fn repack_q5_0(
+    rows: usize,
+    bpr: usize,
+    block: impl Fn(usize) -> BlockQ5_0 + Sync,
+) -> Vec<Q5_0x8> {
+    regroup(rows, bpr, block, |rows| Q5_0x8 {
         d: rows.map(|b| b.d),
         qh: rows.map(|b| u32::from_le_bytes(b.qh)),
         qs: pack_nibbles(&rows.map(|b| nibbles_of(&b.qs))),
     })
 }
 
-/// Repacks Q4_1 rows (their count a multiple of 8).
-pub fn repack_q4_1(blocks: &[BlockQ4_1], bpr: usize) -> Vec<Q4_1x8> {
-    regroup(blocks, bpr, |rows| Q4_1x8 {
+/// Repacks `rows` Q4_1 rows (a multiple of 8) of `bpr` blocks each.
+pub fn repack_q4_1(
+    rows: usize,
+    bpr: usize,
+    block: impl Fn(usize) -> BlockQ4_1 + Sync,
+) -> Vec<Q4_1x8> {
+    regroup(rows, bpr, block, |rows| Q4_1x8 {
         d: rows.map(|b| b.d),
         m: rows.map(|b| b.m),
         qs: pack_nibbles(&rows.map(|b| nibbles_of(&b.qs))),
@@ -958,36 +985,34 @@ mod tests {
             let bytes = gguf_blocks(dtype, TILE_ROWS * bpr, &mut rng);
             match dtype {
                 GgmlDType::Q8_0 => {
-                    let b: Vec<BlockQ8_0> = bytes
-                        .chunks_exact(34)
-                        .map(|c| BlockQ8_0 {
-                            d: f16::from_le_bytes([c[0], c[1]]),
-                            qs: std::array::from_fn(|i| c[2 + i] as i8),
-                        })
-                        .collect();
-                    tiles(path, &repack_q8_0(&b, bpr), &a, bpr, "Q8_0");
+                    let b: Vec<BlockQ8_0> = bytes.chunks_exact(34).map(BlockQ8_0::read).collect();
+                    tiles(
+                        path,
+                        &repack_q8_0(TILE_ROWS, bpr, |i| b[i]),
+                        &a,
+                        bpr,
+                        "Q8_0",
+                    );
                 }
                 GgmlDType::Q5_0 => {
-                    let b: Vec<BlockQ5_0> = bytes
-                        .chunks_exact(22)
-                        .map(|c| BlockQ5_0 {
-                            d: f16::from_le_bytes([c[0], c[1]]),
-                            qh: [c[2], c[3], c[4], c[5]],
-                            qs: std::array::from_fn(|i| c[6 + i]),
-                        })
-                        .collect();
-                    tiles(path, &repack_q5_0(&b, bpr), &a, bpr, "Q5_0");
+                    let b: Vec<BlockQ5_0> = bytes.chunks_exact(22).map(BlockQ5_0::read).collect();
+                    tiles(
+                        path,
+                        &repack_q5_0(TILE_ROWS, bpr, |i| b[i]),
+                        &a,
+                        bpr,
+                        "Q5_0",
+                    );
                 }
                 _ => {
-                    let b: Vec<BlockQ4_1> = bytes
-                        .chunks_exact(20)
-                        .map(|c| BlockQ4_1 {
-                            d: f16::from_le_bytes([c[0], c[1]]),
-                            m: f16::from_le_bytes([c[2], c[3]]),
-                            qs: std::array::from_fn(|i| c[4 + i]),
-                        })
-                        .collect();
-                    tiles(path, &repack_q4_1(&b, bpr), &a, bpr, "Q4_1");
+                    let b: Vec<BlockQ4_1> = bytes.chunks_exact(20).map(BlockQ4_1::read).collect();
+                    tiles(
+                        path,
+                        &repack_q4_1(TILE_ROWS, bpr, |i| b[i]),
+                        &a,
+                        bpr,
+                        "Q4_1",
+                    );
                 }
             }
         }
