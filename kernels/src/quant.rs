@@ -14,7 +14,7 @@ use candle_core::utils::barrier_pool;
 use half::f16;
 
 use crate::error::{KernelError, Result};
-use tile::{Q4_1x8, Q5_0x8, Q8_0x8, TileGroup, Tiled, TILE_ROWS};
+use tile::{Q4Kx8, Q4_1x8, Q5_0x8, Q6Kx8, Q8_0x8, TileGroup, Tiled, TILE_ROWS};
 
 pub mod tile;
 
@@ -141,6 +141,24 @@ pub struct ActQ8K {
     pub bsums: [i16; QK_K / 16],
 }
 
+impl BlockQ6K {
+    /// A block from its 210 GGUF bytes.
+    pub fn read(c: &[u8]) -> Self {
+        let mut b = BlockQ6K {
+            ql: [0; QK_K / 2],
+            qh: [0; QK_K / 4],
+            scales: [0; QK_K / 16],
+            d: f16::from_le_bytes([c[208], c[209]]),
+        };
+        b.ql.copy_from_slice(&c[..128]);
+        b.qh.copy_from_slice(&c[128..192]);
+        for (s, v) in b.scales.iter_mut().zip(&c[192..208]) {
+            *s = *v as i8;
+        }
+        b
+    }
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 148);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
@@ -168,6 +186,10 @@ enum Storage {
     Q5_0x8(Vec<Q5_0x8>),
     /// Q4_1 repacked 8 rows to a group.
     Q4_1x8(Vec<Q4_1x8>),
+    /// Q4_K repacked 8 rows to a group.
+    Q4Kx8(Vec<Q4Kx8>),
+    /// Q6_K repacked 8 rows to a group.
+    Q6Kx8(Vec<Q6Kx8>),
 }
 
 /// A weight matrix `[rows, cols]` in its GGUF quantization.
@@ -251,32 +273,22 @@ impl QMatrix {
                 Storage::Q8_0x8(tile::repack_q8_0(rows, bpr, block(bytes, BlockQ8_0::read)))
             }
             GgmlDType::Q8_0 => Storage::Q8_0(blocks(bytes, BlockQ8_0::read)),
-            // Our K-quant kernels are built and tested (`own_k_quants`), but
-            // not chosen at load yet: their float sums run in another order
-            // than llama.cpp's, and Gemma's greedy fixture then parts from
-            // llama.cpp's text at its 12th token. Candle's order matches it.
+            GgmlDType::Q4K if tiled => {
+                Storage::Q4Kx8(tile::k_quant::repack_q4_k(rows, cols / QK_K, |i| {
+                    repack_q4_k(&bytes[i * 144..(i + 1) * 144])
+                }))
+            }
+            GgmlDType::Q6K if tiled => Storage::Q6Kx8(tile::k_quant::repack_q6_k(
+                rows,
+                cols / QK_K,
+                block(bytes, BlockQ6K::read),
+            )),
+            // With the row kernels (`WEFT_ROW_KERNELS=1`), the K-quants go
+            // through candle's, unless `WEFT_OWN_K_QUANTS=1` asks for ours.
             GgmlDType::Q4K if own_k_quants() => {
                 Storage::Q4K(bytes.chunks_exact(144).map(repack_q4_k).collect())
             }
-            GgmlDType::Q6K if own_k_quants() => Storage::Q6K(
-                bytes
-                    .chunks_exact(std::mem::size_of::<BlockQ6K>())
-                    .map(|c| {
-                        let mut b = BlockQ6K {
-                            ql: [0; QK_K / 2],
-                            qh: [0; QK_K / 4],
-                            scales: [0; QK_K / 16],
-                            d: f16::from_le_bytes([c[208], c[209]]),
-                        };
-                        b.ql.copy_from_slice(&c[..128]);
-                        b.qh.copy_from_slice(&c[128..192]);
-                        for (s, v) in b.scales.iter_mut().zip(&c[192..208]) {
-                            *s = *v as i8;
-                        }
-                        b
-                    })
-                    .collect(),
-            ),
+            GgmlDType::Q6K if own_k_quants() => Storage::Q6K(blocks(bytes, BlockQ6K::read)),
             GgmlDType::F32 => Storage::F32(
                 bytes
                     .chunks_exact(4)
@@ -330,6 +342,8 @@ impl QMatrix {
             Storage::Q8_0x8(g) => std::mem::size_of_val(&g[..]),
             Storage::Q5_0x8(g) => std::mem::size_of_val(&g[..]),
             Storage::Q4_1x8(g) => std::mem::size_of_val(&g[..]),
+            Storage::Q4Kx8(g) => std::mem::size_of_val(&g[..]),
+            Storage::Q6Kx8(g) => std::mem::size_of_val(&g[..]),
         }
     }
 
@@ -366,7 +380,9 @@ impl QMatrix {
             | Storage::Q6K(_)
             | Storage::Q8_0x8(_)
             | Storage::Q5_0x8(_)
-            | Storage::Q4_1x8(_) => Ok(()),
+            | Storage::Q4_1x8(_)
+            | Storage::Q4Kx8(_)
+            | Storage::Q6Kx8(_) => Ok(()),
             Storage::Candle(q) => Ok(q.matmul_t((m, self.cols, self.rows), lhs, dst)?),
             Storage::F32(w) => {
                 matmul_f32(m, self.cols, self.rows, lhs, w, dst);
@@ -423,16 +439,20 @@ impl QMatrix {
         if m == 0 {
             return false;
         }
-        // repacked matrices of any of the three types share one quantization
+        // repacked matrices of any of the 32-element types share one
+        // quantization, and so do the K-quants
         let tiled: Option<Vec<Tiled<'_>>> = ms
             .iter()
             .map(|q| match &q.storage {
                 Storage::Q8_0x8(g) => Some(Tiled::Q8_0(&g[..])),
                 Storage::Q5_0x8(g) => Some(Tiled::Q5_0(&g[..])),
                 Storage::Q4_1x8(g) => Some(Tiled::Q4_1(&g[..])),
+                Storage::Q4Kx8(g) => Some(Tiled::Q4K(&g[..])),
+                Storage::Q6Kx8(g) => Some(Tiled::Q6K(&g[..])),
                 _ => None,
             })
             .collect();
+        let tiled = tiled.filter(|t| t.iter().all(|w| w.k_quant() == t[0].k_quant()));
         if let Some(tiled) = tiled {
             let mut parts: Vec<_> = tiled
                 .into_iter()
@@ -519,6 +539,8 @@ impl QMatrix {
             Storage::Q8_0x8(g) => group_row(g, row, out),
             Storage::Q5_0x8(g) => group_row(g, row, out),
             Storage::Q4_1x8(g) => group_row(g, row, out),
+            Storage::Q4Kx8(g) => group_row(g, row, out),
+            Storage::Q6Kx8(g) => group_row(g, row, out),
             Storage::Candle(q) => {
                 let rows = q.embedding(&[row as u32], self.rows, self.cols)?;
                 match rows {
@@ -548,11 +570,11 @@ fn dequant_q4_1(b: &BlockQ4_1, out: &mut [f32]) {
 /// candle's, whose sums give llama.cpp's greedy tokens on Gemma.
 /// Row `row` of a repacked matrix, dequantized block by block.
 fn group_row<G: TileGroup>(groups: &[G], row: usize, out: &mut [f32]) {
-    let bpr = out.len() / QK;
+    let bpr = out.len() / G::ELEMS;
     let (g, r) = (row / TILE_ROWS, row % TILE_ROWS);
     for (b, o) in groups[g * bpr..(g + 1) * bpr]
         .iter()
-        .zip(out.chunks_exact_mut(QK))
+        .zip(out.chunks_exact_mut(G::ELEMS))
     {
         b.dequant_row(r, o);
     }

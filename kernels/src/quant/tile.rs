@@ -33,8 +33,11 @@ use half::f16;
 
 use super::{
     cpu_path, quantize_row_q8_0, ActQ8, BlockQ4_1, BlockQ5_0, BlockQ8_0, CpuPath, SharedMut,
-    SharedPtr, QK,
+    SharedPtr, QK, QK_K,
 };
+
+pub mod k_quant;
+pub use k_quant::{Q4Kx8, Q6Kx8};
 
 /// Weight rows per repacked group (the lanes of one vector of i32).
 pub const TILE_ROWS: usize = 8;
@@ -244,33 +247,42 @@ fn nibble(qs: &[u8; QK / 2 * TILE_ROWS], r: usize, k: usize) -> u8 {
 
 /// A repacked weight group type.
 pub trait TileGroup: Copy + Sync + Send {
-    /// Writes row `r`'s 32 dequantized values of this group's block.
+    /// The activation block its products take.
+    type Act: Copy + Sync + Send;
+    /// Elements of a row in one group's block.
+    const ELEMS: usize;
+    /// Writes row `r`'s [`TileGroup::ELEMS`] dequantized values of this
+    /// group's block.
     fn dequant_row(&self, r: usize, out: &mut [f32]);
-    /// Row `r`'s exact integer dot product with activation block `a`.
-    fn integer_dot(&self, r: usize, a: &ActT) -> i32;
-    /// The scalar reference of [`TileGroup::tile`]: `T` token rows' sums
-    /// over `w` (one group's blocks along a row), 8 rows each.
-    fn tile_scalar<const T: usize>(w: &[Self], ys: [&[ActT]; T]) -> [[f32; TILE_ROWS]; T];
+    /// The scalar reference of [`TileGroup::tile_on`]: `T` token rows'
+    /// sums over `w` (one group's blocks along a row), 8 rows each.
+    fn tile_scalar<const T: usize>(w: &[Self], ys: [&[Self::Act]; T]) -> [[f32; TILE_ROWS]; T];
     /// [`TileGroup::tile_scalar`] on `path`, which the CPU must have.
     fn tile_on<const T: usize>(
         path: CpuPath,
         w: &[Self],
-        ys: [&[ActT]; T],
+        ys: [&[Self::Act]; T],
     ) -> [[f32; TILE_ROWS]; T];
 }
 
+impl Q8_0x8 {
+    /// Row `r`'s exact integer dot product with activation block `a`.
+    fn integer_dot(&self, r: usize, a: &ActT) -> i32 {
+        (0..QK)
+            .map(|k| self.qs[32 * (k % 8) + 4 * r + k / 8] as i32 * a.qp[permuted(k)] as i32)
+            .sum()
+    }
+}
+
 impl TileGroup for Q8_0x8 {
+    type Act = ActT;
+    const ELEMS: usize = QK;
+
     fn dequant_row(&self, r: usize, out: &mut [f32]) {
         let d = self.d[r].to_f32();
         for (k, o) in out.iter_mut().enumerate().take(QK) {
             *o = self.qs[32 * (k % 8) + 4 * r + k / 8] as f32 * d;
         }
-    }
-
-    fn integer_dot(&self, r: usize, a: &ActT) -> i32 {
-        (0..QK)
-            .map(|k| self.qs[32 * (k % 8) + 4 * r + k / 8] as i32 * a.qp[permuted(k)] as i32)
-            .sum()
     }
 
     fn tile_scalar<const T: usize>(w: &[Self], ys: [&[ActT]; T]) -> [[f32; TILE_ROWS]; T] {
@@ -290,17 +302,14 @@ impl TileGroup for Q8_0x8 {
 }
 
 impl TileGroup for Q5_0x8 {
+    type Act = ActT;
+    const ELEMS: usize = QK;
+
     fn dequant_row(&self, r: usize, out: &mut [f32]) {
         let d = self.d[r].to_f32();
         for (k, o) in out.iter_mut().enumerate().take(QK) {
             *o = (self.value(r, k) - 16) as f32 * d;
         }
-    }
-
-    fn integer_dot(&self, r: usize, a: &ActT) -> i32 {
-        (0..QK)
-            .map(|k| (self.value(r, k) - 16) * a.qp[permuted(k)] as i32)
-            .sum()
     }
 
     fn tile_scalar<const T: usize>(w: &[Self], ys: [&[ActT]; T]) -> [[f32; TILE_ROWS]; T] {
@@ -324,20 +333,33 @@ impl Q5_0x8 {
     fn value(&self, r: usize, k: usize) -> i32 {
         (nibble(&self.qs, r, k) as u32 | ((self.qh[r] >> k) & 1) << 4) as i32
     }
+
+    /// Row `r`'s exact integer dot product with activation block `a`.
+    fn integer_dot(&self, r: usize, a: &ActT) -> i32 {
+        (0..QK)
+            .map(|k| (self.value(r, k) - 16) * a.qp[permuted(k)] as i32)
+            .sum()
+    }
+}
+
+impl Q4_1x8 {
+    /// Row `r`'s exact integer dot product with activation block `a`.
+    fn integer_dot(&self, r: usize, a: &ActT) -> i32 {
+        (0..QK)
+            .map(|k| nibble(&self.qs, r, k) as i32 * a.qp[permuted(k)] as i32)
+            .sum()
+    }
 }
 
 impl TileGroup for Q4_1x8 {
+    type Act = ActT;
+    const ELEMS: usize = QK;
+
     fn dequant_row(&self, r: usize, out: &mut [f32]) {
         let (d, m) = (self.d[r].to_f32(), self.m[r].to_f32());
         for (k, o) in out.iter_mut().enumerate().take(QK) {
             *o = nibble(&self.qs, r, k) as f32 * d + m;
         }
-    }
-
-    fn integer_dot(&self, r: usize, a: &ActT) -> i32 {
-        (0..QK)
-            .map(|k| nibble(&self.qs, r, k) as i32 * a.qp[permuted(k)] as i32)
-            .sum()
     }
 
     fn tile_scalar<const T: usize>(w: &[Self], ys: [&[ActT]; T]) -> [[f32; TILE_ROWS]; T] {
@@ -732,11 +754,31 @@ tiles!(
 );
 
 /// One repacked matrix in a product: its groups (`rows / 8` groups of
-/// `bpr` blocks), its output columns, and where they go.
+/// `bpr` blocks each).
 pub(crate) enum Tiled<'a> {
     Q8_0(&'a [Q8_0x8]),
     Q5_0(&'a [Q5_0x8]),
     Q4_1(&'a [Q4_1x8]),
+    Q4K(&'a [Q4Kx8]),
+    Q6K(&'a [Q6Kx8]),
+}
+
+impl Tiled<'_> {
+    /// Whether its products take Q8_K activations (super-blocks of 256)
+    /// rather than Q8_0 ones.
+    pub(crate) fn k_quant(&self) -> bool {
+        matches!(self, Tiled::Q4K(_) | Tiled::Q6K(_))
+    }
+
+    fn blocks(&self) -> usize {
+        match self {
+            Tiled::Q8_0(g) => g.len(),
+            Tiled::Q5_0(g) => g.len(),
+            Tiled::Q4_1(g) => g.len(),
+            Tiled::Q4K(g) => g.len(),
+            Tiled::Q6K(g) => g.len(),
+        }
+    }
 }
 
 /// `T` token rows starting at `t0` over group `g` of `w`, on `path`,
@@ -748,12 +790,12 @@ fn tile_into<G: TileGroup, const T: usize>(
     w: &[G],
     g: usize,
     bpr: usize,
-    acts: &[ActT],
+    acts: &[G::Act],
     t0: usize,
     out: SharedMut,
     n: usize,
 ) {
-    let ys: [&[ActT]; T] = std::array::from_fn(|i| &acts[(t0 + i) * bpr..(t0 + i + 1) * bpr]);
+    let ys: [&[G::Act]; T] = std::array::from_fn(|i| &acts[(t0 + i) * bpr..(t0 + i + 1) * bpr]);
     let sums = G::tile_on(path, &w[g * bpr..(g + 1) * bpr], ys);
     for (i, s) in sums.iter().enumerate() {
         // SAFETY: row t0 + i, columns 8g..8g + 8 belong to this group, which
@@ -775,7 +817,7 @@ fn rows_into<G: TileGroup>(
     w: &[G],
     g: usize,
     bpr: usize,
-    acts: &[ActT],
+    acts: &[G::Act],
     t0: usize,
     t1: usize,
     out: SharedMut,
@@ -799,15 +841,18 @@ fn rows_into<G: TileGroup>(
     }
 }
 
-/// `dst = lhs · wᵀ` for every part (all taking the same `m × k` input):
-/// the activations are quantized once, then one parallel region splits
-/// all parts' groups statically over the threads; a thread walks its
-/// groups [`GROUP_CHUNK`] at a time, each chunk over every tile of token
-/// rows.
-pub(crate) fn matmul(m: usize, k: usize, lhs: &[f32], parts: &mut [(Tiled<'_>, &mut [f32])]) {
-    let bpr = k / QK;
-    let path = cpu_path();
-    let mut acts = vec![ZERO_ACT; m * bpr];
+/// The `m` rows of `lhs` (`k` columns each) quantized by `quantize` into
+/// blocks of `elems`, on every thread when there are enough rows.
+fn quantize_rows<A: Copy + Send>(
+    m: usize,
+    k: usize,
+    elems: usize,
+    lhs: &[f32],
+    zero: A,
+    quantize: fn(&[f32], &mut [A]),
+) -> Vec<A> {
+    let bpr = k / elems;
+    let mut acts = vec![zero; m * bpr];
     let pool = barrier_pool();
     let threads = pool.n_workers() + 1;
     if m >= QUANTIZE_SPLIT && threads > 1 {
@@ -818,24 +863,48 @@ pub(crate) fn matmul(m: usize, k: usize, lhs: &[f32], parts: &mut [(Tiled<'_>, &
             for r in r0..r1 {
                 // SAFETY: row r's blocks are written by this thread alone.
                 let row = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r * bpr), bpr) };
-                quantize_row(&lhs[r * k..(r + 1) * k], row);
+                quantize(&lhs[r * k..(r + 1) * k], row);
             }
         });
     } else {
         for r in 0..m {
-            quantize_row(&lhs[r * k..(r + 1) * k], &mut acts[r * bpr..(r + 1) * bpr]);
+            quantize(&lhs[r * k..(r + 1) * k], &mut acts[r * bpr..(r + 1) * bpr]);
         }
     }
+    acts
+}
+
+/// `dst = lhs · wᵀ` for every part (all taking the same `m × k` input, and
+/// all Q8_0-activated types or all K-quants): the activations are
+/// quantized once, then one parallel region splits all parts' groups
+/// statically over the threads; a thread walks its groups
+/// [`GROUP_CHUNK`] at a time, each chunk over every tile of token rows.
+pub(crate) fn matmul(m: usize, k: usize, lhs: &[f32], parts: &mut [(Tiled<'_>, &mut [f32])]) {
+    let path = cpu_path();
+    let k_quants = parts.first().is_some_and(|(w, _)| w.k_quant());
+    assert!(
+        parts.iter().all(|(w, _)| w.k_quant() == k_quants),
+        "the parts of one tiled product take one kind of activations"
+    );
+    let (acts, acts_k) = if k_quants {
+        let zero = k_quant::ZERO_ACT_K;
+        (
+            Vec::new(),
+            quantize_rows(m, k, QK_K, lhs, zero, k_quant::quantize_row),
+        )
+    } else {
+        (
+            quantize_rows(m, k, QK, lhs, ZERO_ACT, quantize_row),
+            Vec::new(),
+        )
+    };
+    let bpr = k / if k_quants { QK_K } else { QK };
     // every part's groups, one after another
     let mut starts = Vec::with_capacity(parts.len() + 1);
     let mut total = 0;
     for (w, dst) in parts.iter() {
         starts.push(total);
-        let groups = match w {
-            Tiled::Q8_0(g) => g.len(),
-            Tiled::Q5_0(g) => g.len(),
-            Tiled::Q4_1(g) => g.len(),
-        } / bpr.max(1);
+        let groups = w.blocks() / bpr.max(1);
         assert_eq!(
             dst.len(),
             m * groups * TILE_ROWS,
@@ -851,7 +920,7 @@ pub(crate) fn matmul(m: usize, k: usize, lhs: &[f32], parts: &mut [(Tiled<'_>, &
             (&*w, SharedMut(d.as_mut_ptr()), n)
         })
         .collect();
-    let (acts, starts, outs) = (&acts[..], &starts[..], &outs[..]);
+    let (acts, acts_k, starts, outs) = (&acts[..], &acts_k[..], &starts[..], &outs[..]);
     let work = move |g0: usize, g1: usize| {
         for c0 in (g0..g1).step_by(GROUP_CHUNK) {
             let c1 = (c0 + GROUP_CHUNK).min(g1);
@@ -865,11 +934,15 @@ pub(crate) fn matmul(m: usize, k: usize, lhs: &[f32], parts: &mut [(Tiled<'_>, &
                         Tiled::Q8_0(w) => rows_into(path, w, g, bpr, acts, t0, t1, out, n),
                         Tiled::Q5_0(w) => rows_into(path, w, g, bpr, acts, t0, t1, out, n),
                         Tiled::Q4_1(w) => rows_into(path, w, g, bpr, acts, t0, t1, out, n),
+                        Tiled::Q4K(w) => rows_into(path, w, g, bpr, acts_k, t0, t1, out, n),
+                        Tiled::Q6K(w) => rows_into(path, w, g, bpr, acts_k, t0, t1, out, n),
                     }
                 }
             }
         }
     };
+    let pool = barrier_pool();
+    let threads = pool.n_workers() + 1;
     if threads == 1 || total < 2 {
         work(0, total);
     } else {
@@ -884,6 +957,7 @@ mod tests {
     use candle_core::quantized::GgmlDType;
 
     use super::*;
+    use crate::quant::BlockQ6K;
     use crate::quant::QMatrix;
 
     struct Rng(u64);
@@ -907,11 +981,11 @@ mod tests {
         }
     }
 
-    /// GGUF bytes of `blocks` random blocks of `dtype` (every byte value,
-    /// -128 among the Q8_0 quants).
-    fn gguf_blocks(dtype: GgmlDType, blocks: usize, rng: &mut Rng) -> Vec<u8> {
+    /// GGUF bytes of `elems` random elements of `dtype` (every byte value,
+    /// -128 among the Q8_0 quants and the Q6_K scales).
+    fn gguf_blocks(dtype: GgmlDType, elems: usize, rng: &mut Rng) -> Vec<u8> {
         let mut out = Vec::new();
-        for _ in 0..blocks {
+        for _ in 0..elems / dtype.block_size() {
             match dtype {
                 GgmlDType::Q8_0 => {
                     out.extend(rng.half(0.02));
@@ -926,19 +1000,43 @@ mod tests {
                     out.extend(rng.half(0.4));
                     out.extend((0..16).map(|_| rng.byte()));
                 }
+                GgmlDType::Q4K => {
+                    out.extend(rng.half(0.01));
+                    out.extend(rng.half(0.02));
+                    out.extend((0..140).map(|_| rng.byte()));
+                }
+                GgmlDType::Q6K => {
+                    out.extend((0..208).map(|_| rng.byte()));
+                    out.extend(rng.half(0.002));
+                }
                 _ => unreachable!("only the repacked types"),
             }
         }
         out
     }
 
-    const TYPES: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_1];
+    const TYPES: [GgmlDType; 5] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
 
     fn random_acts(rows: usize, cols: usize, rng: &mut Rng) -> (Vec<f32>, Vec<ActT>) {
         let x: Vec<f32> = (0..rows * cols).map(|_| rng.unit() * 2.0).collect();
         let mut a = vec![ZERO_ACT; rows * cols / QK];
         for (xr, ar) in x.chunks_exact(cols).zip(a.chunks_exact_mut(cols / QK)) {
             quantize_row(xr, ar);
+        }
+        (x, a)
+    }
+
+    fn random_acts_k(rows: usize, cols: usize, rng: &mut Rng) -> (Vec<f32>, Vec<k_quant::ActK>) {
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.unit() * 2.0).collect();
+        let mut a = vec![k_quant::ZERO_ACT_K; rows * cols / QK_K];
+        for (xr, ar) in x.chunks_exact(cols).zip(a.chunks_exact_mut(cols / QK_K)) {
+            k_quant::quantize_row(xr, ar);
         }
         (x, a)
     }
@@ -950,15 +1048,15 @@ mod tests {
             path.is_supported(),
             "this CPU cannot run the {path} kernels: the test cannot run here"
         );
-        fn tiles<G: TileGroup>(path: CpuPath, w: &[G], a: &[ActT], bpr: usize, what: &str) {
+        fn tiles<G: TileGroup>(path: CpuPath, w: &[G], a: &[G::Act], bpr: usize, what: &str) {
             fn one<G: TileGroup, const T: usize>(
                 path: CpuPath,
                 w: &[G],
-                a: &[ActT],
+                a: &[G::Act],
                 bpr: usize,
                 what: &str,
             ) {
-                let ys: [&[ActT]; T] = std::array::from_fn(|i| &a[i * bpr..(i + 1) * bpr]);
+                let ys: [&[G::Act]; T] = std::array::from_fn(|i| &a[i * bpr..(i + 1) * bpr]);
                 let got = G::tile_on(path, w, ys);
                 let want = G::tile_scalar(w, ys);
                 for t in 0..T {
@@ -981,10 +1079,13 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let bpr = 37;
         let (_, a) = random_acts(8, bpr * QK, &mut rng);
+        let kbpr = 5;
+        let (_, ak) = random_acts_k(8, kbpr * QK_K, &mut rng);
         for dtype in TYPES {
-            let bytes = gguf_blocks(dtype, TILE_ROWS * bpr, &mut rng);
+            let elems = TILE_ROWS * bpr * QK;
             match dtype {
                 GgmlDType::Q8_0 => {
+                    let bytes = gguf_blocks(dtype, elems, &mut rng);
                     let b: Vec<BlockQ8_0> = bytes.chunks_exact(34).map(BlockQ8_0::read).collect();
                     tiles(
                         path,
@@ -995,6 +1096,7 @@ mod tests {
                     );
                 }
                 GgmlDType::Q5_0 => {
+                    let bytes = gguf_blocks(dtype, elems, &mut rng);
                     let b: Vec<BlockQ5_0> = bytes.chunks_exact(22).map(BlockQ5_0::read).collect();
                     tiles(
                         path,
@@ -1004,7 +1106,8 @@ mod tests {
                         "Q5_0",
                     );
                 }
-                _ => {
+                GgmlDType::Q4_1 => {
+                    let bytes = gguf_blocks(dtype, elems, &mut rng);
                     let b: Vec<BlockQ4_1> = bytes.chunks_exact(20).map(BlockQ4_1::read).collect();
                     tiles(
                         path,
@@ -1013,6 +1116,21 @@ mod tests {
                         bpr,
                         "Q4_1",
                     );
+                }
+                GgmlDType::Q4K => {
+                    let bytes = gguf_blocks(dtype, TILE_ROWS * kbpr * QK_K, &mut rng);
+                    let b: Vec<_> = bytes
+                        .chunks_exact(144)
+                        .map(crate::quant::repack_q4_k)
+                        .collect();
+                    let w = k_quant::repack_q4_k(TILE_ROWS, kbpr, |i| b[i]);
+                    tiles(path, &w, &ak, kbpr, "Q4_K");
+                }
+                _ => {
+                    let bytes = gguf_blocks(dtype, TILE_ROWS * kbpr * QK_K, &mut rng);
+                    let b: Vec<_> = bytes.chunks_exact(210).map(BlockQ6K::read).collect();
+                    let w = k_quant::repack_q6_k(TILE_ROWS, kbpr, |i| b[i]);
+                    tiles(path, &w, &ak, kbpr, "Q6_K");
                 }
             }
         }
@@ -1042,9 +1160,9 @@ mod tests {
     #[test]
     fn repacking_keeps_every_value_of_every_row() {
         let mut rng = Rng(41);
-        let (rows, cols) = (16, 96);
+        let (rows, cols) = (16, 512);
         for dtype in TYPES {
-            let bytes = gguf_blocks(dtype, rows * cols / QK, &mut rng);
+            let bytes = gguf_blocks(dtype, rows * cols, &mut rng);
             let want = match dtype
                 .from_data(Cow::Borrowed(&bytes[..]))
                 .dequantize(rows * cols)
@@ -1054,7 +1172,12 @@ mod tests {
                 _ => unreachable!("dequantize gives f32"),
             };
             let w = QMatrix::from_bytes("w", dtype, rows, cols, &bytes).unwrap();
-            assert_eq!(w.size_in_bytes(), bytes.len(), "{dtype:?} repacked size");
+            // Q4_K's 12 bytes of 6-bit scales and minimums take 16 unpacked
+            let held = match dtype {
+                GgmlDType::Q4K => bytes.len() / 144 * 148,
+                _ => bytes.len(),
+            };
+            assert_eq!(w.size_in_bytes(), held, "{dtype:?} repacked size");
             let mut row = vec![0f32; cols];
             for r in 0..rows {
                 w.row_f32(r, &mut row).unwrap();
@@ -1066,9 +1189,9 @@ mod tests {
     #[test]
     fn the_tiled_product_agrees_with_the_dequantized_f32_product() {
         let mut rng = Rng(7);
-        let (rows, cols, m) = (24, 160, 11);
+        let (rows, cols, m) = (24, 768, 11);
         for dtype in TYPES {
-            let bytes = gguf_blocks(dtype, rows * cols / QK, &mut rng);
+            let bytes = gguf_blocks(dtype, rows * cols, &mut rng);
             let w = QMatrix::from_bytes("w", dtype, rows, cols, &bytes).unwrap();
             let (x, _) = random_acts(m, cols, &mut rng);
             let mut y = vec![0f32; m * rows];
@@ -1101,9 +1224,9 @@ mod tests {
     #[test]
     fn a_token_rows_products_do_not_depend_on_the_rows_beside_it() {
         let mut rng = Rng(99);
-        let (rows, cols, m) = (32, 128, 13);
+        let (rows, cols, m) = (32, 512, 13);
         for dtype in TYPES {
-            let bytes = gguf_blocks(dtype, rows * cols / QK, &mut rng);
+            let bytes = gguf_blocks(dtype, rows * cols, &mut rng);
             let w = QMatrix::from_bytes("w", dtype, rows, cols, &bytes).unwrap();
             let (x, _) = random_acts(m, cols, &mut rng);
             let mut all = vec![0f32; m * rows];
@@ -1121,21 +1244,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn products_of_several_types_sharing_an_input_match_each_alone() {
-        let mut rng = Rng(5);
-        let (cols, m) = (64, 9);
-        let ws: Vec<QMatrix> = [
-            (GgmlDType::Q5_0, 16),
-            (GgmlDType::Q8_0, 8),
-            (GgmlDType::Q4_1, 24),
-        ]
-        .into_iter()
-        .map(|(dt, rows)| {
-            let bytes = gguf_blocks(dt, rows * cols / QK, &mut rng);
-            QMatrix::from_bytes("w", dt, rows, cols, &bytes).unwrap()
-        })
-        .collect();
+    /// Three products of one input through `matmul_triple` against each
+    /// alone, bit for bit.
+    fn check_fused(parts: [(GgmlDType, usize); 3], cols: usize, seed: u64) {
+        let mut rng = Rng(seed);
+        let m = 9;
+        let ws: Vec<QMatrix> = parts
+            .into_iter()
+            .map(|(dt, rows)| {
+                let bytes = gguf_blocks(dt, rows * cols, &mut rng);
+                QMatrix::from_bytes("w", dt, rows, cols, &bytes).unwrap()
+            })
+            .collect();
         let (x, _) = random_acts(m, cols, &mut rng);
         let mut fused: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
         let [a, b, c] = &mut fused[..] else {
@@ -1147,5 +1267,23 @@ mod tests {
             w.matmul(m, &x, &mut alone).unwrap();
             assert_eq!(&alone, got, "{:?} fused with the others", w.dtype());
         }
+    }
+
+    #[test]
+    fn products_of_several_types_sharing_an_input_match_each_alone() {
+        use GgmlDType::*;
+        check_fused([(Q5_0, 16), (Q8_0, 8), (Q4_1, 24)], 64, 5);
+    }
+
+    #[test]
+    fn k_quant_products_sharing_an_input_match_each_alone() {
+        use GgmlDType::*;
+        check_fused([(Q4K, 16), (Q6K, 8), (Q4K, 24)], 512, 6);
+    }
+
+    #[test]
+    fn a_k_quant_beside_a_32_element_type_on_one_input_matches_each_alone() {
+        use GgmlDType::*;
+        check_fused([(Q5_0, 16), (Q6K, 8), (Q8_0, 24)], 256, 8);
     }
 }
