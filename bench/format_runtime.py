@@ -64,7 +64,7 @@ flags = subprocess.run(["sh", "-c", "grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\
 label = "SmolLM2 135M Instruct Q4_1 (Llama architecture)" if smollm else "Gemma 3 270M Q4_K_M"
 print(f"# Model runtime: weft vs llama.cpp, {label}\n")
 print(f"`{name}` ({label}, {model_bytes / 2**20:.1f} MiB), {cpu} ({flags}), {platform.machine()}, "
-      f"`scripts/bench_runtime.sh`, median of {min(len(v) for v in runs.values())} alternating runs per engine and path; "
+      f"`scripts/bench_runtime.sh`, median of {min(len(v) for v in runs.values())} alternating runs per engine and path, each after the same 512-token warm-up prompt; "
       f"llama.cpp through llama-cpp-python {next((r.get('llama_cpp_python') for r in rows if r.get('llama_cpp_python')), '?')} "
       f"(built on this machine). weft's kernel paths measured: {', '.join(paths)}; `{default}` is the one it picks here"
       + (f"; `rows` columns are the row-by-row kernels the tiled ones replaced (`WEFT_ROW_KERNELS=1`), on {', '.join(row_paths)}" if row_paths else "")
